@@ -1,0 +1,82 @@
+"""Shared test helpers: the published model's parity fixture and reference files."""
+
+from __future__ import annotations
+
+import json
+import math
+import zlib
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+DATA = Path(__file__).parent / "data"
+
+
+@lru_cache(maxsize=None)
+def official(variant: str) -> dict:
+    """The published model's state_dict layout and parity figures for a variant."""
+    return json.loads((DATA / f"official_{variant}.json").read_text())
+
+
+def fixture_value(key: str, like: torch.Tensor, seed_base: int) -> torch.Tensor:
+    """Deterministic value of one state_dict entry under the parity fixture rule."""
+    g = torch.Generator().manual_seed(seed_base + zlib.crc32(key.encode()))
+    shape = like.shape
+
+    def randn() -> torch.Tensor:
+        return torch.randn(shape, generator=g)
+
+    if key.endswith("running_var"):
+        v = 0.5 + torch.rand(shape, generator=g)
+    elif key.endswith("running_mean"):
+        v = 0.1 * randn()
+    elif key.endswith("relative_position_bias_table"):
+        v = 0.5 * randn()
+    elif like.dim() == 1 and key.endswith("weight"):
+        v = 1 + 0.1 * randn()
+    elif like.dim() == 1 and key.endswith("bias"):
+        v = 0.02 * randn()
+    else:
+        v = randn() / math.sqrt(math.prod(shape[1:]))
+    return v.to(like.dtype)
+
+
+def apply_fixture(model: torch.nn.Module, seed_base: int = 0) -> torch.nn.Module:
+    """Fill every floating state_dict entry of ``model`` by the fixture rule (in place)."""
+    state = model.state_dict()
+    new = {
+        k: fixture_value(k, v, seed_base) if v.is_floating_point() else v for k, v in state.items()
+    }
+    model.load_state_dict(new)
+    return model
+
+
+def fixture_input(expr: str) -> torch.Tensor:
+    """Evaluate the fixture's input expression (only torch is in scope)."""
+    return eval(expr, {"__builtins__": {}}, {"torch": torch})  # noqa: S307 - test data we ship
+
+
+def module_stats(model: torch.nn.Module, names, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """Run model(x) and collect per-sample sum and sum of squares of each named module's output."""
+    stats = {}
+    modules = dict(model.named_modules())
+    hooks = []
+    for name in names:
+
+        def hook(_m, _inp, out, name=name):
+            out = out[0] if isinstance(out, tuple) else out
+            flat = out.reshape(out.shape[0], -1).double()
+            stats[name] = {
+                "sum": flat.sum(1).tolist(),
+                "sumsq": (flat * flat).sum(1).tolist(),
+                "shape": list(out.shape),
+            }
+
+        hooks.append(modules[name].register_forward_hook(hook))
+    try:
+        out = model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return out, stats
