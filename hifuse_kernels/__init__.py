@@ -1,0 +1,11 @@
+"""Fused kernels for HiFuse: Triton kernels and native (C++/CUDA) ops in the `hifuse` namespace.
+
+Importing this package never needs the compiled extension; the ops that need it
+raise an ImportError saying what is missing and how to build it.
+"""
+
+from . import _ext, layer_norm_cf
+from ._ext import available as native_available
+from ._ext import load_error as native_load_error
+
+__all__ = ["layer_norm_cf", "native_available", "native_load_error"]

@@ -1,0 +1,60 @@
+"""Loading the compiled native ops (hifuse_kernels/_C*.so), with reasons when they are missing."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import torch
+
+BUILD_HINT = (
+    "build it from the project folder with `pip install --no-build-isolation -e .` "
+    "(a CUDA toolkit is needed for the CUDA ops; set CUDA_HOME to it)"
+)
+
+
+def library_path() -> Path | None:
+    found = sorted(Path(__file__).parent.glob("_C*.so"))
+    return found[0] if found else None
+
+
+@functools.lru_cache(maxsize=None)
+def load_error() -> str | None:
+    """None when the native library is loaded, else why it is not."""
+    path = library_path()
+    if path is None:
+        return f"the compiled hifuse extension (hifuse_kernels/_C*.so) is missing; {BUILD_HINT}"
+    try:
+        torch.ops.load_library(str(path))
+    except (OSError, RuntimeError) as err:
+        return f"the compiled hifuse extension {path.name} does not load ({err}); rebuild it: {BUILD_HINT}"
+    return None
+
+
+def available() -> bool:
+    return load_error() is None
+
+
+def require(op: str) -> None:
+    """Raise ImportError naming what is missing when native op ``op`` cannot be used."""
+    error = load_error()
+    if error is not None:
+        raise ImportError(f"hifuse::{op} is a native op: {error}")
+
+
+def has_kernel(op: str, device_type: str) -> bool:
+    """Whether native op hifuse::op has an implementation for device_type ('cpu', 'cuda')."""
+    if not available():
+        return False
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
+    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"hifuse::{op}", key)
+
+
+def unsupported_device_reason(op: str, tensor: torch.Tensor) -> str | None:
+    """Why hifuse::op cannot run on tensor's device, or None when it can."""
+    error = load_error()
+    if error is not None:
+        return error
+    if not has_kernel(op, tensor.device.type):
+        return f"hifuse::{op} has no {tensor.device.type} implementation in this build"
+    return None

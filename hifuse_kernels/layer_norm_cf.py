@@ -1,0 +1,117 @@
+"""Channels-first LayerNorm as one native op (C++ on CPU, CUDA on GPU).
+
+The eager model normalises (N, C, H, W) over C with five elementwise kernels and
+keeps their intermediates for backward. The native op reads x once for the
+statistics and once to write the output, saves only per-position mean and rstd
+(fp32, or fp64 for fp64 input) and computes the input, weight and bias gradients
+in one backward op. NCHW and channels-last inputs are both taken as they are.
+The output dtype is promote(x, weight), as in the eager formula.
+
+Layers: reference, capability check, registered op (schema in csrc/layer_norm_cf.cpp,
+fake and autograd here), functional entry point. The module using it is
+``hifuse.layers.LayerNorm2d``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.flop_counter import register_flop_formula
+
+from hifuse.layers import layer_norm_2d_eager as layer_norm_cf_ref
+
+from . import _ext
+
+OP = "layer_norm_cf"
+SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+__all__ = ["layer_norm_cf", "layer_norm_cf_ref", "unsupported_reason"]
+
+
+def unsupported_reason(x: torch.Tensor, weight: torch.Tensor) -> str | None:
+    """Why the native op cannot take these inputs, or None when it can."""
+    reason = _ext.unsupported_device_reason(OP, x)
+    if reason is not None:
+        return reason
+    if x.dim() != 4:
+        return f"x must be 4-D, got {x.dim()}-D"
+    if x.dtype not in SUPPORTED_DTYPES or weight.dtype not in SUPPORTED_DTYPES:
+        return f"unsupported dtypes x={x.dtype}, weight={weight.dtype}"
+    out = torch.promote_types(x.dtype, weight.dtype)
+    if out not in (x.dtype, torch.float32):
+        return f"x of {x.dtype} with weight of {weight.dtype} (result {out}) is not supported"
+    if weight.device != x.device:
+        return f"x on {x.device} but weight on {weight.device}"
+    return None
+
+
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _stat_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _fake_forward(x, weight, bias, eps):
+    torch._check(x.dim() == 4, lambda: f"hifuse::layer_norm_cf: x must be 4-D, got {x.dim()}-D")
+    out = torch.empty_like(
+        x, dtype=torch.promote_types(x.dtype, weight.dtype), memory_format=_memory_format(x)
+    )
+    stat = x.new_empty((x.shape[0], x.shape[2], x.shape[3]), dtype=_stat_dtype(x))
+    return out, stat, torch.empty_like(stat)
+
+
+def _fake_backward(grad_out, x, weight, mean, rstd):
+    dx = torch.empty_like(x, memory_format=_memory_format(x))
+    return dx, torch.empty_like(weight), torch.empty_like(weight)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, _bias, _eps = inputs
+    _out, mean, rstd = output
+    ctx.save_for_backward(x, weight, mean, rstd)
+
+
+def _backward(ctx, grad_out, _grad_mean, _grad_rstd):
+    x, weight, mean, rstd = ctx.saved_tensors
+    if grad_out is None:
+        return None, None, None, None
+    dx, dw, db = torch.ops.hifuse.layer_norm_cf_backward(grad_out, x, weight, mean, rstd)
+    return dx, dw, db, None
+
+
+def _flops(*_args, **_kwargs) -> int:
+    # FlopCounterMode counts only matrix products and convolutions; the eager
+    # LayerNorm counts zero, and so does this op, so fused and eager totals agree.
+    return 0
+
+
+def _register() -> None:
+    torch.library.register_fake(f"hifuse::{OP}")(_fake_forward)
+    torch.library.register_fake(f"hifuse::{OP}_backward")(_fake_backward)
+    torch.library.register_autograd(f"hifuse::{OP}", _backward, setup_context=_setup_context)
+    register_flop_formula([torch.ops.hifuse.layer_norm_cf, torch.ops.hifuse.layer_norm_cf_backward])(
+        _flops
+    )
+
+
+if _ext.available():
+    _register()
+
+
+def layer_norm_cf(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-6
+) -> torch.Tensor:
+    """LayerNorm over dim 1 of an (N, C, H, W) tensor (NCHW or channels-last memory).
+
+    Raises:
+        ImportError: the compiled extension is missing.
+        RuntimeError: bad shapes, dtypes or devices (from the op's checks).
+    """
+    _ext.require(OP)
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a tensor, got {type(x).__name__}")
+    out, _mean, _rstd = torch.ops.hifuse.layer_norm_cf(x, weight, bias, float(eps))
+    return out

@@ -1,0 +1,121 @@
+"""Build and install hifuse with its native ops.
+
+The native library (hifuse_kernels/_C*.so) is built by CMakeLists.txt. Settings,
+all optional, come from the environment:
+
+  HIFUSE_NO_EXTENSION=1   install the Python package only (native ops unavailable)
+  HIFUSE_NO_CUDA=1        build the CPU ops only
+  HIFUSE_CUDA_ARCHS       CUDA architectures, CMake syntax ("80;90", "90a");
+                          TORCH_CUDA_ARCH_LIST ("8.0;9.0+PTX") is read when unset.
+                          Default: the local GPUs' archs, else "80;90".
+  CUDA_HOME               CUDA toolkit folder (found from nvcc on PATH when unset)
+  MAX_JOBS                parallel compile jobs
+  CMAKE_BUILD_TYPE        Release (default) or Debug
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = Path(__file__).parent.resolve()
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _log(msg: str) -> None:
+    print(f"hifuse build: {msg}", file=sys.stderr, flush=True)
+
+
+def find_cuda_home() -> Path | None:
+    """The toolkit root: $CUDA_HOME, else what nvcc on PATH reports (it may be a wrapper)."""
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(var):
+            return Path(os.environ[var])
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return None
+    try:
+        out = subprocess.run(
+            [nvcc, "--dryrun", "-c", "-x", "cu", os.devnull, "-o", os.devnull],
+            capture_output=True, text=True, timeout=60,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    match = re.search(r"^#\$ TOP=(.+)$", out.stdout + out.stderr, re.M)
+    return Path(match.group(1).strip()).resolve() if match else Path(nvcc).resolve().parent.parent
+
+
+def cuda_archs() -> str:
+    archs = os.environ.get("HIFUSE_CUDA_ARCHS")
+    if archs:
+        return archs
+    torch_list = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    if torch_list:
+        out = []
+        for item in re.split(r"[;\s,]+", torch_list.strip()):
+            if not item:
+                continue
+            ptx = item.endswith("+PTX")
+            num = item.replace("+PTX", "").replace(".", "")
+            out.append(num if ptx else f"{num}-real")
+        return ";".join(out)
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            caps = {torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())}
+            return ";".join(f"{a}{b}" for a, b in sorted(caps))
+    except Exception:  # noqa: BLE001 - any failure just means: use the default
+        pass
+    return "80;90"
+
+
+class CMakeBuild(build_ext):
+    def build_extension(self, ext: Extension) -> None:
+        import torch
+
+        target = Path(self.get_ext_fullpath(ext.name)).resolve()
+        build_dir = Path(self.build_temp).resolve() / "cmake"
+        build_dir.mkdir(parents=True, exist_ok=True)
+
+        use_cuda = not _flag("HIFUSE_NO_CUDA") and torch.version.cuda is not None
+        cuda_home = find_cuda_home() if use_cuda else None
+        if use_cuda and (cuda_home is None or not (cuda_home / "bin" / "nvcc").exists()):
+            _log("no CUDA toolkit found (set CUDA_HOME): building the CPU ops only")
+            use_cuda = False
+        args = [
+            f"-DHIFUSE_PYTHON={sys.executable}",
+            f"-DHIFUSE_OUTPUT_FILE={target.name}",
+            f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={target.parent}",
+            f"-DCMAKE_BUILD_TYPE={os.environ.get('CMAKE_BUILD_TYPE', 'Release')}",
+            f"-DHIFUSE_CUDA={'ON' if use_cuda else 'OFF'}",
+        ]
+        if shutil.which("ninja"):
+            args.append("-GNinja")
+        env = dict(os.environ)
+        if use_cuda:
+            archs = cuda_archs()
+            args += [f"-DCMAKE_CUDA_COMPILER={cuda_home / 'bin' / 'nvcc'}", f"-DHIFUSE_CUDA_ARCHS={archs}"]
+            env["CUDA_HOME"] = str(cuda_home)
+            env["CUDAToolkit_ROOT"] = str(cuda_home)
+            _log(f"CUDA ops for archs {archs} with the toolkit at {cuda_home}")
+        else:
+            _log("CPU ops only")
+        jobs = os.environ.get("MAX_JOBS") or str(os.cpu_count() or 1)
+        subprocess.run(["cmake", "-S", str(ROOT), "-B", str(build_dir), *args], check=True, env=env)
+        subprocess.run(["cmake", "--build", str(build_dir), "--parallel", jobs], check=True, env=env)
+
+
+ext_modules = [] if _flag("HIFUSE_NO_EXTENSION") else [Extension("hifuse_kernels._C", sources=[])]
+
+setup(ext_modules=ext_modules, cmdclass={"build_ext": CMakeBuild})
