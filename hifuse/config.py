@@ -136,6 +136,8 @@ _logged: set[tuple[str, str]] = set()
 
 def log_fallback(part: str, reason: str) -> None:
     """Log once per (part, reason) that a fused part runs eager instead."""
+    if torch.compiler.is_compiling():
+        return
     key = (part, reason)
     if key not in _logged:
         _logged.add(key)

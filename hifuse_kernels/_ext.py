@@ -19,8 +19,7 @@ def library_path() -> Path | None:
 
 
 @functools.lru_cache(maxsize=None)
-def load_error() -> str | None:
-    """None when the native library is loaded, else why it is not."""
+def _load() -> str | None:
     path = library_path()
     if path is None:
         return f"the compiled hifuse extension (hifuse_kernels/_C*.so) is missing; {BUILD_HINT}"
@@ -29,6 +28,12 @@ def load_error() -> str | None:
     except (OSError, RuntimeError) as err:
         return f"the compiled hifuse extension {path.name} does not load ({err}); rebuild it: {BUILD_HINT}"
     return None
+
+
+@torch.compiler.assume_constant_result
+def load_error() -> str | None:
+    """None when the native library is loaded, else why it is not (fixed for the process)."""
+    return _load()
 
 
 def available() -> bool:
@@ -50,11 +55,15 @@ def has_kernel(op: str, device_type: str) -> bool:
     return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"hifuse::{op}", key)
 
 
-def unsupported_device_reason(op: str, tensor: torch.Tensor) -> str | None:
-    """Why hifuse::op cannot run on tensor's device, or None when it can."""
+@torch.compiler.assume_constant_result
+def unsupported_device_reason(op: str, device_type: str) -> str | None:
+    """Why hifuse::op cannot run on device_type ('cpu', 'cuda'), or None when it can.
+
+    Fixed for the life of the process, so torch.compile takes it as a constant.
+    """
     error = load_error()
     if error is not None:
         return error
-    if not has_kernel(op, tensor.device.type):
-        return f"hifuse::{op} has no {tensor.device.type} implementation in this build"
+    if not has_kernel(op, device_type):
+        return f"hifuse::{op} has no {device_type} implementation in this build"
     return None

@@ -29,7 +29,7 @@ __all__ = ["layer_norm_cf", "layer_norm_cf_ref", "unsupported_reason"]
 
 def unsupported_reason(x: torch.Tensor, weight: torch.Tensor) -> str | None:
     """Why the native op cannot take these inputs, or None when it can."""
-    reason = _ext.unsupported_device_reason(OP, x)
+    reason = _ext.unsupported_device_reason(OP, x.device.type)
     if reason is not None:
         return reason
     if x.dim() != 4:

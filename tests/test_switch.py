@@ -1,0 +1,160 @@
+"""hifuse.use_fused(): call and context manager, environment override, fallback logging."""
+
+import logging
+
+import pytest
+import torch
+
+import hifuse
+import hifuse_kernels
+from hifuse import config
+from hifuse_kernels import _ext
+
+
+def test_default_is_eager():
+    assert config.fused_parts() == hifuse.FusedParts()
+    assert not any(hifuse.is_fused(p) for p in hifuse.FusedParts.names())
+
+
+def test_plain_call_persists_and_can_be_undone():
+    hifuse.use_fused()
+    assert all(hifuse.is_fused(p) for p in hifuse.FusedParts.names())
+    hifuse.use_fused(attention=False)
+    assert not hifuse.is_fused("attention") and hifuse.is_fused("norm")
+    hifuse.use_fused(False)
+    assert not any(hifuse.is_fused(p) for p in hifuse.FusedParts.names())
+
+
+def test_context_manager_restores():
+    hifuse.use_fused(norm=False)
+    with hifuse.use_fused(attention=False, local=False, fusion=False, norm=True):
+        assert hifuse.is_fused("norm") and not hifuse.is_fused("local")
+        with hifuse.use_fused(False):
+            assert not hifuse.is_fused("norm")
+        assert hifuse.is_fused("norm")
+    assert hifuse.is_fused("local") and not hifuse.is_fused("norm")
+
+
+@pytest.mark.parametrize(
+    "value, expect",
+    [("1", {"attention", "local", "fusion", "norm"}), ("0", set()), ("attention, norm", {"attention", "norm"})],
+)
+def test_environment_overrides_calls(monkeypatch, value, expect):
+    monkeypatch.setenv(config.ENV_VAR, value)
+    hifuse.use_fused(False)
+    assert {p for p in hifuse.FusedParts.names() if hifuse.is_fused(p)} == expect
+    hifuse.use_fused()
+    assert {p for p in hifuse.FusedParts.names() if hifuse.is_fused(p)} == expect
+
+
+def test_environment_rejects_unknown_parts(monkeypatch):
+    monkeypatch.setenv(config.ENV_VAR, "attention,flash")
+    with pytest.raises(ValueError, match="flash"):
+        hifuse.is_fused("attention")
+
+
+def _count_native_calls(monkeypatch):
+    from hifuse_kernels import layer_norm_cf
+
+    calls = []
+    real = layer_norm_cf.layer_norm_cf
+
+    def spy(*args, **kwargs):
+        calls.append(args[0].shape)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(layer_norm_cf, "layer_norm_cf", spy)
+    return calls
+
+
+@pytest.mark.skipif(not hifuse_kernels.native_available(), reason="native extension not built")
+def test_switch_is_read_at_forward_time_and_keeps_state(monkeypatch):
+    torch.manual_seed(0)
+    model = hifuse.create_model("hifuse_tiny", num_classes=3).eval()  # built before the switch
+    x = torch.randn(1, 3, 64, 64)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    calls = _count_native_calls(monkeypatch)
+    with torch.no_grad():
+        eager = model(x)
+        assert calls == []
+        with hifuse.use_fused(attention=False, local=False, fusion=False, norm=True):
+            fused = model(x)
+    # 4 local stem/downsample norms + fu1's norm2 and norm3 + norm1 and norm3 in fu2..fu4
+    assert len(calls) == 4 + 2 + 3 * 2
+    torch.testing.assert_close(fused, eager, rtol=1e-4, atol=1e-4)
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_fallback_when_extension_missing(monkeypatch, caplog):
+    monkeypatch.setattr(_ext, "load_error", lambda: "the compiled hifuse extension is missing; build it")
+    config._logged.clear()
+    torch.manual_seed(0)
+    model = hifuse.create_model("hifuse_tiny", num_classes=3).eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        eager = model(x)
+        with caplog.at_level(logging.WARNING, logger="hifuse"), hifuse.use_fused():
+            fused = model(x)
+            model(x)
+    torch.testing.assert_close(fused, eager, rtol=0, atol=0)
+    notes = [r.getMessage() for r in caplog.records if "fused norm runs eager" in r.getMessage()]
+    assert len(notes) == 1 and "extension is missing" in notes[0]
+
+
+def test_native_op_without_extension_raises_import_error(monkeypatch):
+    from hifuse_kernels import layer_norm_cf
+
+    monkeypatch.setattr(_ext, "load_error", lambda: "the compiled hifuse extension is missing; build it with pip")
+    with pytest.raises(ImportError, match="hifuse::layer_norm_cf is a native op: .*missing; build it"):
+        layer_norm_cf.layer_norm_cf(torch.randn(1, 4, 2, 2), torch.ones(4), torch.zeros(4))
+
+
+def test_package_imports_without_extension(tmp_path):
+    """A copy of the packages without the compiled library imports, runs eager, and says why."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    for pkg in (hifuse, hifuse_kernels):
+        src = Path(pkg.__file__).parent
+        shutil.copytree(src, tmp_path / src.name, ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+    code = (
+        "import hifuse, hifuse_kernels, torch\n"
+        "assert hifuse_kernels.__file__.startswith(%r)\n"
+        "assert not hifuse_kernels.native_available()\n"
+        "print(hifuse_kernels.native_load_error())\n"
+        "m = hifuse.create_model('hifuse_tiny', num_classes=2).eval()\n"
+        "hifuse.use_fused()\n"
+        "print(m(torch.randn(1, 3, 32, 32)).shape)\n"
+        "from hifuse_kernels.layer_norm_cf import layer_norm_cf\n"
+        "layer_norm_cf(torch.randn(1, 4, 2, 2), torch.ones(4), torch.zeros(4))\n"
+    ) % str(tmp_path)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path,
+        env={**__import__("os").environ, "PYTHONPATH": str(tmp_path)},
+    )
+    assert "torch.Size([1, 2])" in out.stdout, out.stderr
+    assert "missing" in out.stdout and "pip install" in out.stdout
+    assert "ImportError: hifuse::layer_norm_cf is a native op" in out.stderr
+    assert "fused norm runs eager" in out.stderr
+
+
+def test_triton_capability(monkeypatch):
+    from hifuse_kernels import _triton
+
+    cpu = torch.zeros(1)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    reason = _triton.unsupported_reason(cpu)
+    assert reason is not None and ("TRITON_INTERPRET=1" in reason or "not installed" in reason)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    reason = _triton.unsupported_reason(cpu)
+    assert reason is None or "not installed" in reason
+
+
+def test_fused_and_eager_flops_agree():
+    model = hifuse.create_model("hifuse_tiny", num_classes=3).eval()
+    eager = hifuse.count_flops(model, (3, 64, 64))
+    with hifuse.use_fused():
+        assert hifuse.count_flops(model, (3, 64, 64)) == eager
