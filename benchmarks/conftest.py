@@ -1,0 +1,129 @@
+"""Benchmark options, parametrisation and the timing helper shared by every benchmark.
+
+Sizes follow the machine: on a GPU the published setting (224x224, batch 32 and 128,
+bf16 autocast); on a CPU-only machine small sizes that finish in minutes. Every option
+can be set on the command line; compile baselines run only with --compile.
+"""
+
+from __future__ import annotations
+
+import platform
+
+import pytest
+import torch
+
+import hifuse
+
+ON_GPU = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if ON_GPU else "cpu")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("hifuse")
+    add = group.addoption
+    add("--variant", default="hifuse_tiny", help="model variant (hifuse_tiny, hifuse_small, hifuse_base)")
+    add("--irmlp", default="full", help="IRMLP conv1: full (published) or depthwise")
+    add("--batch", default=None, help="comma list of batch sizes (GPU: 32,128; CPU: 2)")
+    add("--image-size", type=int, default=None, help="image side (GPU: 224; CPU: 64)")
+    add("--dtype", default=None, help="comma list of fp32, bf16, fp16 (autocast) (GPU: bf16,fp32; CPU: fp32)")
+    add("--memory-format", default=None, help="comma list of contiguous, channels_last (GPU: both; CPU: contiguous)")
+    add("--providers", default="eager,fused", help="comma list of eager, fused (compile ones need --compile)")
+    add("--compile", action="store_true", help="also run torch.compile baselines (minutes each on a GPU)")
+    add("--compile-ops", action="store_true", help="also run torch.compile baselines of single ops")
+    add("--modes", default="train,infer", help="comma list of train, infer")
+    add("--rounds", type=int, default=None, help="timed rounds per benchmark (GPU: 20, CPU: 3)")
+
+
+def _opt(config, name, gpu_default, cpu_default):
+    value = config.getoption(name)
+    if value is None:
+        value = gpu_default if ON_GPU else cpu_default
+    return value
+
+
+def _csv(value):
+    return [v.strip() for v in str(value).split(",") if v.strip()]
+
+
+def settings(config) -> dict:
+    providers = _csv(config.getoption("--providers"))
+    if config.getoption("--compile"):
+        providers += [p for p in ("compile", "fused_compile") if p not in providers]
+    return {
+        "variant": config.getoption("--variant"),
+        "irmlp": config.getoption("--irmlp"),
+        "batch": [int(b) for b in _csv(_opt(config, "--batch", "32,128", "2"))],
+        "image_size": _opt(config, "--image-size", 224, 64),
+        "dtype": _csv(_opt(config, "--dtype", "bf16,fp32", "fp32")),
+        "memory_format": _csv(_opt(config, "--memory-format", "contiguous,channels_last", "contiguous")),
+        "provider": providers,
+        "mode": _csv(config.getoption("--modes")),
+        "rounds": _opt(config, "--rounds", 20, 3),
+        "compile_ops": config.getoption("--compile-ops"),
+    }
+
+
+def pytest_generate_tests(metafunc):
+    s = settings(metafunc.config)
+    for name in ("batch", "dtype", "memory_format", "provider", "mode"):
+        if name in metafunc.fixturenames:
+            values = s[name]
+            if name == "provider":
+                allowed = getattr(metafunc.function, "providers", None)
+                values = [v for v in values if allowed is None or v in allowed]
+            metafunc.parametrize(name, values)
+
+
+@pytest.fixture(scope="session")
+def bench_settings(request) -> dict:
+    return settings(request.config)
+
+
+def versions() -> dict:
+    info = {
+        "device": torch.cuda.get_device_name() if ON_GPU else f"cpu ({platform.processor() or platform.machine()})",
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+    }
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    return info
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    machine_info["hifuse"] = versions()
+
+
+def sync():
+    if ON_GPU:
+        torch.cuda.synchronize()
+
+
+def run_timed(benchmark, fn, rounds: int, warmup: int = 3):
+    """Time fn (which must finish its GPU work) with pytest-benchmark; returns median seconds."""
+
+    def call():
+        fn()
+        sync()
+
+    if ON_GPU:
+        torch.cuda.reset_peak_memory_stats()
+    benchmark.pedantic(call, rounds=rounds, iterations=1, warmup_rounds=warmup)
+    median = benchmark.stats.stats.median
+    benchmark.extra_info.update(versions())
+    benchmark.extra_info["median_ms"] = median * 1e3
+    if ON_GPU:
+        benchmark.extra_info["peak_mem_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    return median
+
+
+def fused_setting(provider: str):
+    """The use_fused() setting of a provider (context manager)."""
+    return hifuse.use_fused(provider.startswith("fused"))

@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# One call on a GPU machine: build the extension, run the tests (GPU ones included),
+# then the benchmarks, writing logs and pytest-benchmark JSON to an output folder.
+#
+#   scripts/gpu_check.sh [OUTDIR]        (default: $OUT, else benchmarks/results/local)
+#
+# Environment: HIFUSE_COMPILE=0 skips the torch.compile baselines (minutes each);
+# HIFUSE_BATCHES (default "32,128"); TORCH_CUDA_ARCH_LIST (default 9.0); MAX_JOBS.
+# Without a GPU it builds, tests and runs the small CPU benchmarks, and skips the rest.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${1:-${OUT:-benchmarks/results/local}}
+mkdir -p "$out"
+log="$out/log.txt"
+: >"$log"
+export PYTHONUNBUFFERED=1
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+export MAX_JOBS=${MAX_JOBS:-$(nproc)}
+batches=${HIFUSE_BATCHES:-32,128}
+status=0
+
+step() { echo "== $(date -u +%H:%M:%S) $*" | tee -a "$log"; }
+run() { "$@" 2>&1 | tee -a "$log"; local rc=${PIPESTATUS[0]}; [ "$rc" = 0 ] || { echo "!! exit $rc: $*" | tee -a "$log"; status=1; }; return 0; }
+
+step "machine"
+run python -c "import torch, platform; print(platform.python_version(), torch.__version__, torch.version.cuda, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')"
+command -v nvidia-smi >/dev/null && run nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+
+step "build"
+if ! pip install --no-build-isolation --no-deps -e . >>"$log" 2>&1; then
+  echo "pip install failed; building in place" | tee -a "$log"
+  run python setup.py build_ext --inplace
+fi
+run python -c "import hifuse_kernels as k, hifuse_kernels._ext as e; print('native:', k.native_load_error() or 'loaded', '| cuda ops:', e.has_kernel('layer_norm_cf', 'cuda'))"
+
+step "tests"
+run python -m pytest tests -q -p no:cacheprovider -rs
+
+gpu=$(python -c "import torch; print(int(torch.cuda.is_available()))")
+bench() {  # bench NAME ARGS...: one pytest-benchmark run writing $out/NAME.json
+  local name=$1; shift
+  step "benchmark $name"
+  run python -m pytest benchmarks -q -p no:cacheprovider --benchmark-only \
+    --benchmark-json "$out/$name.json" --benchmark-columns=median,iqr,rounds "$@"
+}
+
+if [ "$gpu" != 1 ]; then
+  bench cpu_small
+  step "no GPU: GPU benchmarks skipped"
+  run python scripts/summarize.py "$out"/*.json --out "$out/summary.md"
+  exit $status
+fi
+
+bench model -k "test_model" --dtype bf16 --batch "$batches" --memory-format contiguous,channels_last --providers eager,fused
+bench layer_norm_cf -k "test_layer_norm_cf" --dtype bf16,fp32 --batch 128
+if [ "${HIFUSE_COMPILE:-1}" = 1 ]; then
+  for spec in train_step:128 inference:128 inference:32 train_step:32; do
+    mode=${spec%%:*}; b=${spec##*:}
+    case ",$batches," in *",$b,"*) ;; *) continue ;; esac
+    bench "compile_${mode}_$b" -k "test_model and $mode" --dtype bf16 --batch "$b" \
+      --memory-format channels_last --providers compile --rounds 20
+  done
+fi
+
+step "summary"
+run python scripts/summarize.py "$out"/*.json --out "$out/summary.md"
+exit $status

@@ -1,0 +1,50 @@
+"""Print a table of pytest-benchmark JSON files written by the HiFuse benchmarks."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def rows(path: Path):
+    data = json.loads(path.read_text())
+    machine = data.get("machine_info", {}).get("hifuse", {})
+    for bench in data.get("benchmarks", []):
+        info = bench.get("extra_info", {})
+        median_ms = bench["stats"]["median"] * 1e3
+        if "mode" in info:
+            what = f"{info['mode']} {info['variant']} b{info['batch']} {info['dtype']} {info['memory_format']}"
+            figure = f"{info['images_per_s']:.0f} img/s, {info['tflops_per_s']:.1f} TFLOP/s"
+            impl = info["provider"]
+        else:
+            what = f"layer_norm_cf {info.get('direction')} {info.get('dtype')} {tuple(info.get('shape', ()))}"
+            figure = f"{info.get('gb_per_s', 0):.0f} GB/s"
+            impl = info.get("impl", "")
+        mem = info.get("peak_mem_mib")
+        yield (what, impl, median_ms, figure, f"{mem:.0f}" if mem else "", machine.get("device", "?"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("files", nargs="+", type=Path)
+    parser.add_argument("--out", type=Path, help="also write the table here (markdown)")
+    args = parser.parse_args()
+    lines = ["| benchmark | impl | median ms | throughput | peak MiB | device |", "|---|---|---|---|---|---|"]
+    versions = set()
+    for path in args.files:
+        if not path.exists():
+            continue
+        data = json.loads(path.read_text())
+        h = data.get("machine_info", {}).get("hifuse", {})
+        versions.add(f"{h.get('device')}, torch {h.get('torch')}, CUDA {h.get('cuda')}, triton {h.get('triton')}")
+        for what, impl, ms, fig, mem, dev in sorted(rows(path)):
+            lines.append(f"| {what} | {impl} | {ms:.3f} | {fig} | {mem} | {dev} |")
+    text = "\n".join(["Measured on: " + "; ".join(sorted(versions)), "", *lines]) + "\n"
+    print(text)
+    if args.out:
+        args.out.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
