@@ -3,6 +3,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/AccumulateType.h>
+#include <ATen/Dispatch.h>
 
 #include <cstdint>
 #include <string>
@@ -53,6 +54,25 @@ inline at::ScalarType stat_dtype(at::ScalarType x) {
 
 inline bool is_supported_float(at::ScalarType t) {
   return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
+}
+
+template <typename T>
+struct Tag {
+  using type = T;
+};
+
+// Calls body(Tag<input type>{}, Tag<output type>{}) for x's floating dtype and an
+// output dtype that is either x's own or float32 (what promote(x, fp32 weight) gives).
+template <typename F>
+void dispatch_in_out(at::ScalarType in, at::ScalarType out, const char* name, F&& body) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in, "hifuse_dispatch_in_out", [&] {
+    if (out == in) {
+      body(Tag<scalar_t>{}, Tag<scalar_t>{});
+    } else {
+      TORCH_CHECK(out == at::kFloat, name, ": unsupported output dtype ", out);
+      body(Tag<scalar_t>{}, Tag<float>{});
+    }
+  });
 }
 
 }  // namespace hifuse

@@ -179,20 +179,6 @@ void backward_cpu(const NCSView& v, const out_t* dy, const double* w, const stat
   });
 }
 
-// Runs `body.template operator()<scalar_t, out_t>()` for x's dtype and an output
-// dtype that is either x's or float32.
-template <typename F>
-void dispatch_in_out(at::ScalarType in, at::ScalarType out, const char* name, F&& body) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in, "hifuse_dispatch_in_out", [&] {
-    if (out == in) {
-      body.template operator()<scalar_t, scalar_t>();
-    } else {
-      TORCH_CHECK(out == at::kFloat, name, ": unsupported output dtype ", out);
-      body.template operator()<scalar_t, float>();
-    }
-  });
-}
-
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_cf_cpu(
@@ -205,7 +191,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_cf_cpu(
   auto rstd = at::empty_like(mean);
   const auto w = weight.to(at::kDouble).contiguous();
   const auto b = bias.to(at::kDouble).contiguous();
-  dispatch_in_out(x.scalar_type(), out_dtype, "hifuse::layer_norm_cf", [&]<typename T, typename O>() {
+  dispatch_in_out(x.scalar_type(), out_dtype, "hifuse::layer_norm_cf", [&](auto x_tag, auto out_tag) {
+    using T = typename decltype(x_tag)::type;
+    using O = typename decltype(out_tag)::type;
     if (sdt == at::kDouble) {
       forward_cpu<T, O, double>(v, w.const_data_ptr<double>(), b.const_data_ptr<double>(),
                                 y.mutable_data_ptr<O>(), mean.mutable_data_ptr<double>(),
@@ -233,7 +221,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_cf_backward_cpu(
   const auto w = weight.to(at::kDouble).contiguous();
   const auto sdt = stat_dtype(x.scalar_type());
   dispatch_in_out(x.scalar_type(), dy.scalar_type(), "hifuse::layer_norm_cf_backward",
-                  [&]<typename T, typename O>() {
+                  [&](auto x_tag, auto out_tag) {
+    using T = typename decltype(x_tag)::type;
+    using O = typename decltype(out_tag)::type;
                     if (sdt == at::kDouble) {
                       backward_cpu<T, O, double>(v, dy.const_data_ptr<O>(), w.const_data_ptr<double>(),
                                                  mean_c.const_data_ptr<double>(),

@@ -1,11 +1,14 @@
 // Channels-first LayerNorm, CUDA implementation.
 //
-// Forward and input gradient: one thread per position (n, h, w), looping over C.
-// In NCHW neighbouring threads read neighbouring positions, so every load is
-// coalesced; in channels-last each thread walks a contiguous row. Statistics use
-// Welford in the accumulation type. Weight and bias gradients are reduced
-// deterministically: fixed position chunks write per-chunk partial sums, then a
-// second kernel adds the chunks in order (no atomics).
+// Forward and input gradient: a block of 256 threads covers `tp` positions x `g`
+// channel lanes (tp * g = 256). The lane index that varies fastest follows the
+// contiguous dimension (positions in NCHW, channels in channels-last), so loads
+// coalesce in both layouts, and splitting C over `g` lanes keeps enough threads
+// busy when there are few positions and many channels (the 7x7 stage at C=2304).
+// Each thread keeps a Welford (forward) or plain (backward) partial over its
+// channels; partials of one position are combined in shared memory in a fixed
+// order. Weight and bias gradients are reduced deterministically: fixed position
+// chunks write per-chunk partial sums, then a second kernel adds them in order.
 #include "layer_norm_cf.h"
 
 #include <ATen/Dispatch.h>
@@ -15,12 +18,14 @@
 #include <cuda_runtime.h>
 #include <torch/library.h>
 
+#include <limits>
+
 namespace hifuse {
 
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kPartialBlocks = 512;  // target number of position chunks per channel tile
+constexpr int kPartialBlocks = 512;  // target number of position chunks x channel tiles
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -31,11 +36,6 @@ inline int64_t sm_count() {
   return count;
 }
 
-inline unsigned grid_for(int64_t work) {
-  const int64_t max_blocks = sm_count() * 32;
-  return static_cast<unsigned>(std::max<int64_t>(1, std::min(ceil_div(work, kThreads), max_blocks)));
-}
-
 struct Layout {
   int64_t n, c, s, stride_n, stride_c, stride_s;
 };
@@ -44,31 +44,85 @@ inline Layout layout_of(const NCSView& v) {
   return {v.n, v.c, v.s, v.stride_n, v.stride_c, v.stride_s};
 }
 
+// Positions per block: channels-contiguous rows take one warp of channel lanes per
+// position; otherwise as many positions per block as keep ~4 blocks per SM busy.
+inline int positions_per_block(const Layout& L) {
+  if (L.stride_c == 1) return kThreads / 32;
+  const int64_t positions = L.n * L.s;
+  const int64_t want_blocks = 4 * sm_count();
+  for (int tp : {32, 16}) {
+    if (ceil_div(positions, tp) >= want_blocks) return tp;
+  }
+  return 8;
+}
+
+struct Lanes {
+  int pos, chan, chan_lanes;
+};
+
+__device__ inline Lanes lanes_of(int tp, bool chan_fast) {
+  const int g = blockDim.x / tp;
+  const int tid = threadIdx.x;
+  return chan_fast ? Lanes{tid / g, tid % g, g} : Lanes{tid % tp, tid / tp, g};
+}
+
+// Channels handled by lane `lane` of `lanes` when channel c goes to lane c % lanes.
+__device__ inline int64_t lane_count(int64_t C, int lane, int lanes) {
+  return lane < C ? (C - lane + lanes - 1) / lanes : 0;
+}
+
 template <typename scalar_t, typename out_t, typename acc_t>
 __global__ void forward_kernel(const scalar_t* __restrict__ x, const acc_t* __restrict__ w,
                                const acc_t* __restrict__ b, out_t* __restrict__ y,
                                acc_t* __restrict__ mean_out, acc_t* __restrict__ rstd_out,
-                               Layout L, acc_t eps) {
-  const int64_t positions = L.n * L.s;
-  for (int64_t p = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; p < positions;
-       p += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t n = p / L.s, s = p % L.s;
-    const scalar_t* row = x + n * L.stride_n + s * L.stride_s;
-    acc_t mean = 0, m2 = 0;
-    for (int64_t c = 0; c < L.c; ++c) {
-      const acc_t v = static_cast<acc_t>(row[c * L.stride_c]);
+                               Layout L, acc_t eps, int tp) {
+  __shared__ acc_t s_mean[kThreads];
+  __shared__ acc_t s_m2[kThreads];
+  const Lanes ln = lanes_of(tp, L.stride_c == 1);
+  const int64_t p = static_cast<int64_t>(blockIdx.x) * tp + ln.pos;
+  const bool active = p < L.n * L.s;
+  const int64_t base = active ? (p / L.s) * L.stride_n + (p % L.s) * L.stride_s : 0;
+
+  acc_t mean = 0, m2 = 0;
+  if (active) {
+    acc_t count = 0;
+    for (int64_t c = ln.chan; c < L.c; c += ln.chan_lanes) {
+      const acc_t v = static_cast<acc_t>(x[base + c * L.stride_c]);
+      count += 1;
       const acc_t d = v - mean;
-      mean += d / static_cast<acc_t>(c + 1);
+      mean += d / count;
       m2 += d * (v - mean);
     }
-    const acc_t rstd = rsqrt(m2 / static_cast<acc_t>(L.c) + eps);
-    out_t* out = y + n * L.stride_n + s * L.stride_s;
-    for (int64_t c = 0; c < L.c; ++c) {
-      const acc_t v = static_cast<acc_t>(row[c * L.stride_c]);
-      out[c * L.stride_c] = static_cast<out_t>((v - mean) * rstd * w[c] + b[c]);
+  }
+  const int slot = ln.pos * ln.chan_lanes;
+  s_mean[slot + ln.chan] = mean;
+  s_m2[slot + ln.chan] = m2;
+  __syncthreads();
+  if (active && ln.chan == 0) {
+    // Chan et al.'s pairwise combination, lanes in order.
+    acc_t n_a = 0, mean_a = 0, m2_a = 0;
+    for (int g = 0; g < ln.chan_lanes; ++g) {
+      const acc_t n_b = static_cast<acc_t>(lane_count(L.c, g, ln.chan_lanes));
+      if (n_b == 0) continue;
+      const acc_t n_ab = n_a + n_b;
+      const acc_t delta = s_mean[slot + g] - mean_a;
+      mean_a += delta * n_b / n_ab;
+      m2_a += s_m2[slot + g] + delta * delta * n_a * n_b / n_ab;
+      n_a = n_ab;
     }
-    mean_out[p] = mean;
+    const acc_t rstd = rsqrt(m2_a / static_cast<acc_t>(L.c) + eps);
+    s_mean[slot] = mean_a;
+    s_m2[slot] = rstd;
+    mean_out[p] = mean_a;
     rstd_out[p] = rstd;
+  }
+  __syncthreads();
+  if (!active) return;
+  mean = s_mean[slot];
+  const acc_t rstd = s_m2[slot];
+  for (int64_t c = ln.chan; c < L.c; c += ln.chan_lanes) {
+    const int64_t o = base + c * L.stride_c;
+    y[o] = static_cast<out_t>((static_cast<acc_t>(x[o]) - mean) * rstd * w[c] + b[c]);
   }
 }
 
@@ -76,44 +130,66 @@ template <typename scalar_t, typename out_t, typename acc_t>
 __global__ void backward_input_kernel(const out_t* __restrict__ dy, const scalar_t* __restrict__ x,
                                       const acc_t* __restrict__ w, const acc_t* __restrict__ mean,
                                       const acc_t* __restrict__ rstd, scalar_t* __restrict__ dx,
-                                      Layout L) {
-  const int64_t positions = L.n * L.s;
-  const acc_t inv_c = acc_t(1) / static_cast<acc_t>(L.c);
-  for (int64_t p = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; p < positions;
-       p += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t n = p / L.s, s = p % L.s;
-    const int64_t base = n * L.stride_n + s * L.stride_s;
-    const acc_t mu = mean[p], rs = rstd[p];
-    acc_t a = 0, bsum = 0;
-    for (int64_t c = 0; c < L.c; ++c) {
+                                      Layout L, int tp) {
+  __shared__ acc_t s_a[kThreads];
+  __shared__ acc_t s_b[kThreads];
+  const Lanes ln = lanes_of(tp, L.stride_c == 1);
+  const int64_t p = static_cast<int64_t>(blockIdx.x) * tp + ln.pos;
+  const bool active = p < L.n * L.s;
+  const int64_t base = active ? (p / L.s) * L.stride_n + (p % L.s) * L.stride_s : 0;
+  const acc_t mu = active ? mean[p] : acc_t(0);
+  const acc_t rs = active ? rstd[p] : acc_t(0);
+
+  acc_t a = 0, bsum = 0;
+  if (active) {
+    for (int64_t c = ln.chan; c < L.c; c += ln.chan_lanes) {
       const int64_t o = base + c * L.stride_c;
       const acc_t g = static_cast<acc_t>(dy[o]) * w[c];
       a += g;
       bsum += g * (static_cast<acc_t>(x[o]) - mu) * rs;
     }
-    for (int64_t c = 0; c < L.c; ++c) {
-      const int64_t o = base + c * L.stride_c;
-      const acc_t xhat = (static_cast<acc_t>(x[o]) - mu) * rs;
-      dx[o] = static_cast<scalar_t>(rs * (static_cast<acc_t>(dy[o]) * w[c] - (a + xhat * bsum) * inv_c));
+  }
+  const int slot = ln.pos * ln.chan_lanes;
+  s_a[slot + ln.chan] = a;
+  s_b[slot + ln.chan] = bsum;
+  __syncthreads();
+  if (active && ln.chan == 0) {
+    acc_t ta = 0, tb = 0;
+    for (int g = 0; g < ln.chan_lanes; ++g) {
+      ta += s_a[slot + g];
+      tb += s_b[slot + g];
     }
+    s_a[slot] = ta;
+    s_b[slot] = tb;
+  }
+  __syncthreads();
+  if (!active) return;
+  const acc_t inv_c = acc_t(1) / static_cast<acc_t>(L.c);
+  a = s_a[slot];
+  bsum = s_b[slot];
+  for (int64_t c = ln.chan; c < L.c; c += ln.chan_lanes) {
+    const int64_t o = base + c * L.stride_c;
+    const acc_t xhat = (static_cast<acc_t>(x[o]) - mu) * rs;
+    dx[o] = static_cast<scalar_t>(rs * (static_cast<acc_t>(dy[o]) * w[c] - (a + xhat * bsum) * inv_c));
   }
 }
 
-// Block = 256 threads covering kTileC channels x (256 / kTileC) position lanes. The lane
-// that varies fastest follows the contiguous dimension, so loads coalesce in both layouts.
+// Block = 256 threads covering tile_c channels x (256 / tile_c) position lanes, the
+// fastest lane along the contiguous dimension.
 template <typename scalar_t, typename out_t, typename acc_t>
 __global__ void backward_params_partial_kernel(const out_t* __restrict__ dy,
                                                const scalar_t* __restrict__ x,
                                                const acc_t* __restrict__ mean,
                                                const acc_t* __restrict__ rstd,
                                                acc_t* __restrict__ part_w, acc_t* __restrict__ part_b,
-                                               Layout L, int64_t chunk, int tile_c, bool channels_last) {
+                                               Layout L, int64_t chunk, int tile_c) {
   __shared__ acc_t sw[kThreads];
   __shared__ acc_t sb[kThreads];
+  const bool chan_fast = L.stride_c == 1;
   const int lanes_p = kThreads / tile_c;
   const int tid = threadIdx.x;
-  const int lane_c = channels_last ? tid % tile_c : tid / lanes_p;
-  const int lane_p = channels_last ? tid / tile_c : tid % lanes_p;
+  const int lane_c = chan_fast ? tid % tile_c : tid / lanes_p;
+  const int lane_p = chan_fast ? tid / tile_c : tid % lanes_p;
   const int64_t c = static_cast<int64_t>(blockIdx.x) * tile_c + lane_c;
   const int64_t positions = L.n * L.s;
   const int64_t start = static_cast<int64_t>(blockIdx.y) * chunk;
@@ -121,8 +197,7 @@ __global__ void backward_params_partial_kernel(const out_t* __restrict__ dy,
   acc_t aw = 0, ab = 0;
   if (c < L.c) {
     for (int64_t p = start + lane_p; p < stop; p += lanes_p) {
-      const int64_t n = p / L.s, s = p % L.s;
-      const int64_t o = n * L.stride_n + c * L.stride_c + s * L.stride_s;
+      const int64_t o = (p / L.s) * L.stride_n + c * L.stride_c + (p % L.s) * L.stride_s;
       const acc_t g = static_cast<acc_t>(dy[o]);
       aw += g * (static_cast<acc_t>(x[o]) - mean[p]) * rstd[p];
       ab += g;
@@ -158,16 +233,10 @@ __global__ void backward_params_final_kernel(const acc_t* __restrict__ part_w,
   db[c] = static_cast<param_t>(tb);
 }
 
-template <typename F>
-void dispatch_in_out(at::ScalarType in, at::ScalarType out, const char* name, F&& body) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in, "hifuse_dispatch_in_out", [&] {
-    if (out == in) {
-      body.template operator()<scalar_t, scalar_t>();
-    } else {
-      TORCH_CHECK(out == at::kFloat, name, ": unsupported output dtype ", out);
-      body.template operator()<scalar_t, float>();
-    }
-  });
+unsigned position_blocks(const Layout& L, int tp) {
+  const int64_t blocks = ceil_div(L.n * L.s, tp);
+  TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "hifuse::layer_norm_cf: tensor too large");
+  return static_cast<unsigned>(blocks);
 }
 
 }  // namespace
@@ -185,13 +254,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_cf_cuda(
   const auto w = weight.to(sdt).contiguous();
   const auto b = bias.to(sdt).contiguous();
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  const unsigned grid = grid_for(v.n * v.s);
-  dispatch_in_out(x.scalar_type(), out_dtype, "hifuse::layer_norm_cf", [&]<typename T, typename O>() {
+  const Layout L = layout_of(v);
+  const int tp = positions_per_block(L);
+  dispatch_in_out(x.scalar_type(), out_dtype, "hifuse::layer_norm_cf", [&](auto x_tag, auto out_tag) {
+    using T = typename decltype(x_tag)::type;
+    using O = typename decltype(out_tag)::type;
     using acc_t = at::acc_type<T, true>;
-    forward_kernel<T, O, acc_t><<<grid, kThreads, 0, stream>>>(
+    forward_kernel<T, O, acc_t><<<position_blocks(L, tp), kThreads, 0, stream>>>(
         v.t.const_data_ptr<T>(), w.const_data_ptr<acc_t>(), b.const_data_ptr<acc_t>(),
-        y.mutable_data_ptr<O>(), mean.mutable_data_ptr<acc_t>(), rstd.mutable_data_ptr<acc_t>(),
-        layout_of(v), static_cast<acc_t>(eps));
+        y.mutable_data_ptr<O>(), mean.mutable_data_ptr<acc_t>(), rstd.mutable_data_ptr<acc_t>(), L,
+        static_cast<acc_t>(eps), tp);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {y, mean, rstd};
@@ -214,28 +286,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_cf_backward_cuda(
   if (positions == 0) return {dx, dw.zero_(), db.zero_()};
   const auto w = weight.to(sdt).contiguous();
   const auto stream = c10::cuda::getCurrentCUDAStream();
+  const Layout L = layout_of(v);
+  const int tp = positions_per_block(L);
 
-  const int tile_c = v.channels_last ? 32 : 8;
+  const int tile_c = L.stride_c == 1 ? 32 : 8;
   const int64_t c_tiles = ceil_div(v.c, tile_c);
   const int64_t chunk = std::max<int64_t>(kThreads, ceil_div(positions, std::max<int64_t>(1, kPartialBlocks / c_tiles)));
   const int64_t chunks = ceil_div(positions, chunk);
-  TORCH_CHECK(chunks < 65536 && c_tiles < (int64_t{1} << 31), "hifuse::layer_norm_cf_backward: tensor too large");
+  TORCH_CHECK(chunks < 65536 && c_tiles <= std::numeric_limits<int32_t>::max(),
+              "hifuse::layer_norm_cf_backward: tensor too large");
   auto part_w = at::empty({chunks, v.c}, x.options().dtype(sdt));
   auto part_b = at::empty_like(part_w);
 
   dispatch_in_out(x.scalar_type(), dy.scalar_type(), "hifuse::layer_norm_cf_backward",
-                  [&]<typename T, typename O>() {
+                  [&](auto x_tag, auto out_tag) {
+    using T = typename decltype(x_tag)::type;
+    using O = typename decltype(out_tag)::type;
     using acc_t = at::acc_type<T, true>;
-    backward_input_kernel<T, O, acc_t><<<grid_for(positions), kThreads, 0, stream>>>(
+    backward_input_kernel<T, O, acc_t><<<position_blocks(L, tp), kThreads, 0, stream>>>(
         dy.const_data_ptr<O>(), v.t.const_data_ptr<T>(), w.const_data_ptr<acc_t>(),
-        mean_c.const_data_ptr<acc_t>(), rstd_c.const_data_ptr<acc_t>(), dx.mutable_data_ptr<T>(),
-        layout_of(v));
+        mean_c.const_data_ptr<acc_t>(), rstd_c.const_data_ptr<acc_t>(), dx.mutable_data_ptr<T>(), L,
+        tp);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     const dim3 grid(static_cast<unsigned>(c_tiles), static_cast<unsigned>(chunks));
     backward_params_partial_kernel<T, O, acc_t><<<grid, kThreads, 0, stream>>>(
         dy.const_data_ptr<O>(), v.t.const_data_ptr<T>(), mean_c.const_data_ptr<acc_t>(),
         rstd_c.const_data_ptr<acc_t>(), part_w.mutable_data_ptr<acc_t>(),
-        part_b.mutable_data_ptr<acc_t>(), layout_of(v), chunk, tile_c, v.channels_last);
+        part_b.mutable_data_ptr<acc_t>(), L, chunk, tile_c);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(),
                                     "hifuse::layer_norm_cf_backward_params", [&] {

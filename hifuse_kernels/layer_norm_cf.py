@@ -75,9 +75,10 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_out, _grad_mean, _grad_rstd):
+    # mean and rstd are saved statistics, not differentiable outputs: their grads are ignored.
     x, weight, mean, rstd = ctx.saved_tensors
     if grad_out is None:
-        return None, None, None, None
+        grad_out = torch.zeros_like(x, dtype=torch.promote_types(x.dtype, weight.dtype))
     dx, dw, db = torch.ops.hifuse.layer_norm_cf_backward(grad_out, x, weight, mean, rstd)
     return dx, dw, db, None
 

@@ -27,7 +27,7 @@ run python -c "import torch, platform; print(platform.python_version(), torch.__
 command -v nvidia-smi >/dev/null && run nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
 
 step "build"
-if ! pip install --no-build-isolation --no-deps -e . >>"$log" 2>&1; then
+if ! python -m pip install --no-build-isolation --no-deps -e . >>"$log" 2>&1; then
   echo "pip install failed; building in place" | tee -a "$log"
   run python setup.py build_ext --inplace
 fi
