@@ -60,7 +60,7 @@ class LayerNorm2d(nn.Module):
         if config.is_fused("norm"):
             from hifuse_kernels import layer_norm_cf
 
-            reason = layer_norm_cf.unsupported_reason(x, self.weight)
+            reason = layer_norm_cf.unsupported_reason(x, self.weight, self.bias)
             if reason is None:
                 return layer_norm_cf.layer_norm_cf(x, self.weight, self.bias, self.eps)
             config.log_fallback("norm", reason)

@@ -27,21 +27,38 @@ SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 __all__ = ["layer_norm_cf", "layer_norm_cf_ref", "unsupported_reason"]
 
 
-def unsupported_reason(x: torch.Tensor, weight: torch.Tensor) -> str | None:
+def _argument_problem(x, weight, bias) -> tuple[type[Exception], str] | None:
+    """The error bad arguments deserve, or None. Checked in Python so that bad input
+    never reaches the C++ checks, which are only the last line of defence."""
+    for name, t in (("x", x), ("weight", weight), ("bias", bias)):
+        if not isinstance(t, torch.Tensor):
+            return TypeError, f"{name} must be a tensor, got {type(t).__name__}"
+    if x.dim() != 4:
+        return ValueError, f"x must be 4-D (N, C, H, W), got shape {tuple(x.shape)}"
+    c = x.shape[1]
+    if weight.shape != (c,) or bias.shape != (c,):
+        return ValueError, (
+            f"weight and bias must be 1-D with C = {c} entries, got {tuple(weight.shape)} and {tuple(bias.shape)}"
+        )
+    if x.dtype not in SUPPORTED_DTYPES:
+        return TypeError, f"x must be float32, float64, float16 or bfloat16, got {x.dtype}"
+    if weight.dtype != bias.dtype or weight.dtype not in SUPPORTED_DTYPES:
+        return TypeError, f"weight and bias must share a floating dtype, got {weight.dtype} and {bias.dtype}"
+    out = torch.promote_types(x.dtype, weight.dtype)
+    if out not in (x.dtype, torch.float32):
+        return TypeError, f"x of {x.dtype} with weight of {weight.dtype} (result {out}) is not supported"
+    if weight.device != x.device or bias.device != x.device:
+        return ValueError, f"x, weight and bias must be on one device, got {x.device}, {weight.device}, {bias.device}"
+    return None
+
+
+def unsupported_reason(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> str | None:
     """Why the native op cannot take these inputs, or None when it can."""
     reason = _ext.unsupported_device_reason(OP, x.device.type)
     if reason is not None:
         return reason
-    if x.dim() != 4:
-        return f"x must be 4-D, got {x.dim()}-D"
-    if x.dtype not in SUPPORTED_DTYPES or weight.dtype not in SUPPORTED_DTYPES:
-        return f"unsupported dtypes x={x.dtype}, weight={weight.dtype}"
-    out = torch.promote_types(x.dtype, weight.dtype)
-    if out not in (x.dtype, torch.float32):
-        return f"x of {x.dtype} with weight of {weight.dtype} (result {out}) is not supported"
-    if weight.device != x.device:
-        return f"x on {x.device} but weight on {weight.device}"
-    return None
+    problem = _argument_problem(x, weight, weight if bias is None else bias)
+    return None if problem is None else problem[1]
 
 
 def _memory_format(x: torch.Tensor) -> torch.memory_format:
@@ -109,10 +126,12 @@ def layer_norm_cf(
 
     Raises:
         ImportError: the compiled extension is missing.
-        RuntimeError: bad shapes, dtypes or devices (from the op's checks).
+        TypeError: arguments that are not tensors, or unsupported dtypes.
+        ValueError: mismatched shapes or devices.
     """
     _ext.require(OP)
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a tensor, got {type(x).__name__}")
+    problem = _argument_problem(x, weight, bias)
+    if problem is not None:
+        raise problem[0](f"layer_norm_cf: {problem[1]}")
     out, _mean, _rstd = torch.ops.hifuse.layer_norm_cf(x, weight, bias, float(eps))
     return out

@@ -34,7 +34,10 @@ fi
 run python -c "import hifuse_kernels as k, hifuse_kernels._ext as e; print('native:', k.native_load_error() or 'loaded', '| cuda ops:', e.has_kernel('layer_norm_cf', 'cuda'))"
 
 step "tests"
-run python -m pytest tests -q -p no:cacheprovider -rs
+run python -m pytest tests -q -p no:cacheprovider -rs -m "not native_errors"
+# C++ error paths in a process of their own, so a crash there cannot hide other results.
+step "tests: native error paths"
+run python -m pytest tests -q -p no:cacheprovider -m native_errors
 
 gpu=$(python -c "import torch; print(int(torch.cuda.is_available()))")
 bench() {  # bench NAME ARGS...: one pytest-benchmark run writing $out/NAME.json

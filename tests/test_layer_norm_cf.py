@@ -117,18 +117,37 @@ def test_opcheck(fmt):
 def test_bad_input_errors():
     x = torch.randn(2, 8, 3, 3)
     w, b = torch.ones(8), torch.zeros(8)
-    with pytest.raises(RuntimeError, match="must be 4-D"):
+    with pytest.raises(ValueError, match="must be 4-D"):
         layer_norm_cf(x[0], w, b)
-    with pytest.raises(RuntimeError, match="C = 8"):
+    with pytest.raises(ValueError, match="C = 8"):
         layer_norm_cf(x, torch.ones(7), b)
-    with pytest.raises(RuntimeError, match="float32, float64, float16 or bfloat16"):
+    with pytest.raises(TypeError, match="float32, float64, float16 or bfloat16"):
         layer_norm_cf(x.int(), w, b)
-    with pytest.raises(RuntimeError, match="is not supported"):
+    with pytest.raises(TypeError, match="is not supported"):
         layer_norm_cf(x, w.double(), b.double())
-    with pytest.raises(RuntimeError, match="share a floating dtype"):
+    with pytest.raises(TypeError, match="share a floating dtype"):
         layer_norm_cf(x, w, b.double())
     with pytest.raises(TypeError, match="must be a tensor"):
         layer_norm_cf([1.0], w, b)
+    with pytest.raises(ValueError, match="one device"):
+        layer_norm_cf(x, w, b.to("meta"))
+
+
+@pytest.mark.native_errors
+def test_raw_op_checks():
+    """The C++ checks behind the Python ones, for callers of torch.ops.hifuse directly."""
+    op = torch.ops.hifuse.layer_norm_cf
+    x = torch.randn(2, 8, 3, 3)
+    w, b = torch.ones(8), torch.zeros(8)
+    with pytest.raises(RuntimeError, match="must be 4-D"):
+        op(x[0], w, b, 1e-6)
+    with pytest.raises(RuntimeError, match="C = 8"):
+        op(x, torch.ones(7), b, 1e-6)
+    with pytest.raises(RuntimeError, match="float32, float64, float16 or bfloat16"):
+        op(x.int(), w, b, 1e-6)
+    mean, rstd = op(x, w, b, 1e-6)[1:]
+    with pytest.raises(RuntimeError, match="grad_out shape"):
+        torch.ops.hifuse.layer_norm_cf_backward(x[:1], x, w, mean, rstd)
 
 
 def test_module_uses_op_and_compiles_without_graph_breaks():
