@@ -5,6 +5,7 @@ all optional, come from the environment:
 
   HIFUSE_NO_EXTENSION=1   install the Python package only (native ops unavailable)
   HIFUSE_NO_CUDA=1        build the CPU ops only
+  HIFUSE_REQUIRE_CUDA=1   fail instead of falling back to CPU-only when no CUDA toolkit is found
   HIFUSE_CUDA_ARCHS       CUDA architectures, CMake syntax ("80;90", "90a");
                           TORCH_CUDA_ARCH_LIST ("8.0;9.0+PTX") is read when unset.
                           Default: the local GPUs' archs, else "80;90".
@@ -93,6 +94,15 @@ class CMakeBuild(build_ext):
         if use_cuda and (cuda_home is None or not (cuda_home / "bin" / "nvcc").exists()):
             _log("no CUDA toolkit found (set CUDA_HOME): building the CPU ops only")
             use_cuda = False
+        if _flag("HIFUSE_REQUIRE_CUDA") and not use_cuda:
+            raise RuntimeError(
+                "HIFUSE_REQUIRE_CUDA=1 but the CUDA ops cannot be built: "
+                + (
+                    "HIFUSE_NO_CUDA is set" if _flag("HIFUSE_NO_CUDA")
+                    else "torch is a CPU build" if torch.version.cuda is None
+                    else "no CUDA toolkit (set CUDA_HOME)"
+                )
+            )
         args = [
             f"-DHIFUSE_PYTHON={sys.executable}",
             f"-DHIFUSE_OUTPUT_FILE={target.name}",

@@ -21,6 +21,9 @@ logger = logging.getLogger("hifuse")
 
 ENV_VAR = "HIFUSE_FUSED"
 
+# Parts that have fused kernels in this version; the others accept the switch and run eager.
+IMPLEMENTED = frozenset({"norm"})
+
 
 @dataclass(frozen=True)
 class FusedParts:
@@ -113,6 +116,9 @@ class use_fused:
         _requested = parts if enabled else FusedParts.all(False)
         if _env_override() is not None:
             logger.info("%s is set: it overrides use_fused(%s)", ENV_VAR, _requested)
+        pending = [p for p in FusedParts.names() if getattr(_requested, p) and p not in IMPLEMENTED]
+        if pending:
+            logger.info("hifuse: no fused kernels yet for %s; those parts run eager", ", ".join(pending))
 
     def __enter__(self) -> "use_fused":
         return self
