@@ -66,6 +66,23 @@ __device__ inline Lanes lanes_of(int tp, bool chan_fast) {
   return chan_fast ? Lanes{tid / g, tid % g, g} : Lanes{tid % tp, tid / tp, g};
 }
 
+// The position this thread works on and where its row starts.
+struct Row {
+  Lanes ln;
+  int64_t p;
+  bool active;
+  int64_t base;
+};
+
+__device__ inline Row row_of(const Layout& L, int tp) {
+  Row r;
+  r.ln = lanes_of(tp, L.stride_c == 1);
+  r.p = static_cast<int64_t>(blockIdx.x) * tp + r.ln.pos;
+  r.active = r.p < L.n * L.s;
+  r.base = r.active ? (r.p / L.s) * L.stride_n + (r.p % L.s) * L.stride_s : 0;
+  return r;
+}
+
 // Channels handled by lane `lane` of `lanes` when channel c goes to lane c % lanes.
 __device__ inline int64_t lane_count(int64_t C, int lane, int lanes) {
   return lane < C ? (C - lane + lanes - 1) / lanes : 0;
@@ -78,10 +95,10 @@ __global__ void forward_kernel(const scalar_t* __restrict__ x, const acc_t* __re
                                Layout L, acc_t eps, int tp) {
   __shared__ acc_t s_mean[kThreads];
   __shared__ acc_t s_m2[kThreads];
-  const Lanes ln = lanes_of(tp, L.stride_c == 1);
-  const int64_t p = static_cast<int64_t>(blockIdx.x) * tp + ln.pos;
-  const bool active = p < L.n * L.s;
-  const int64_t base = active ? (p / L.s) * L.stride_n + (p % L.s) * L.stride_s : 0;
+  const Row row = row_of(L, tp);
+  const Lanes ln = row.ln;
+  const int64_t p = row.p, base = row.base;
+  const bool active = row.active;
 
   acc_t mean = 0, m2 = 0;
   if (active) {
@@ -133,10 +150,10 @@ __global__ void backward_input_kernel(const out_t* __restrict__ dy, const scalar
                                       Layout L, int tp) {
   __shared__ acc_t s_a[kThreads];
   __shared__ acc_t s_b[kThreads];
-  const Lanes ln = lanes_of(tp, L.stride_c == 1);
-  const int64_t p = static_cast<int64_t>(blockIdx.x) * tp + ln.pos;
-  const bool active = p < L.n * L.s;
-  const int64_t base = active ? (p / L.s) * L.stride_n + (p % L.s) * L.stride_s : 0;
+  const Row row = row_of(L, tp);
+  const Lanes ln = row.ln;
+  const int64_t p = row.p, base = row.base;
+  const bool active = row.active;
   const acc_t mu = active ? mean[p] : acc_t(0);
   const acc_t rs = active ? rstd[p] : acc_t(0);
 

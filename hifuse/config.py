@@ -132,7 +132,7 @@ class use_fused:
 
 
 def set_parts(parts: FusedParts) -> None:
-    """Set the requested parts directly (used by benchmarks)."""
+    """Set the requested parts directly (the environment variable still overrides)."""
     global _requested
     _requested = replace(parts)
 

@@ -24,7 +24,8 @@ def count_flops(
         backward: count the backward of ``output.sum()`` too.
 
     FlopCounterMode counts matrix products and convolutions; normalisations and
-    elementwise work count zero, in eager and fused mode alike.
+    elementwise work count zero, in eager and fused mode alike. The model runs in eval mode
+    for the count (same FLOPs), so BatchNorm running statistics are left untouched.
     """
     if len(input_size) == 3:
         input_size = (1, *input_size)
@@ -33,10 +34,17 @@ def count_flops(
     param = next(model.parameters())
     x = torch.zeros(input_size, device=param.device, dtype=param.dtype)
     counter = FlopCounterMode(display=False)
-    with counter, torch.set_grad_enabled(backward):
-        out = model(x)
+    was_training = model.training
+    model.eval()
+    try:
+        with counter, torch.set_grad_enabled(backward):
+            out = model(x)
+            if backward:
+                out.sum().backward()
+    finally:
+        model.train(was_training)
         if backward:
-            out.sum().backward()
+            model.zero_grad(set_to_none=True)
     if not by_operator:
         return counter.get_total_flops()
     totals: dict[str, int] = defaultdict(int)

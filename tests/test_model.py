@@ -38,6 +38,16 @@ def test_tiny_flops_by_operator():
     assert hifuse.count_flops(model, (2, 3, 224, 224)) == 2 * sum(flops.values())
 
 
+def test_count_flops_leaves_model_as_it_was():
+    model = hifuse.create_model("hifuse_tiny", num_classes=3).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fwd = hifuse.count_flops(model, (3, 64, 64))
+    both = hifuse.count_flops(model, (3, 64, 64), backward=True)
+    assert model.training and all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert 2.5 * fwd < both < 3.5 * fwd  # backward costs about twice the forward
+
+
 def test_count_flops_rejects_bad_size():
     model = hifuse.create_model("hifuse_tiny", num_classes=3)
     with pytest.raises(ValueError, match="input_size"):
