@@ -20,3 +20,6 @@ __all__ = [
 ]
 
 __version__ = "0.1.0"
+
+# Register the fused ops (and their FLOP formulas) now, not at a model's first fused forward.
+import hifuse_kernels  # noqa: E402,F401

@@ -205,6 +205,11 @@ class GlobalBlock(nn.Module):
         b, length, c = x.shape
         if length != h * w:
             raise ValueError(f"GlobalBlock got {length} tokens for a {h}x{w} grid")
+        if config.is_fused("attention"):
+            reason = self.fused_unsupported_reason(x)
+            if reason is None:
+                return self.forward_fused(x, h, w)
+            config.log_fallback("attention", reason)
         ws = self.window
         shortcut = x
         x = self.norm1(x).view(b, h, w, c)
@@ -225,6 +230,33 @@ class GlobalBlock(nn.Module):
             x = x[:, :h, :w, :].contiguous()
         x = self.act(self.fc1(x.view(b, h * w, c)))
         return shortcut + self.drop_path(x)
+
+    def fused_unsupported_reason(self, x: torch.Tensor) -> str | None:
+        """Why forward_fused cannot run on x, or None when it can."""
+        from hifuse_kernels import window_attention as wa
+
+        reason = wa._triton.unsupported_reason(x)
+        if reason is not None:
+            return reason
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        if dtype not in wa.SUPPORTED_DTYPES:
+            return f"dtype {dtype} is not supported (supported: {wa.SUPPORTED_DTYPES})"
+        if self.dim // self.num_heads not in wa.HEAD_DIMS:
+            return f"head_dim {self.dim // self.num_heads} is not supported (supported: {wa.HEAD_DIMS})"
+        if self.window > wa.MAX_WINDOW:
+            return f"window {self.window} is larger than {wa.MAX_WINDOW}"
+        return None
+
+    def forward_fused(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        """The same block with shift, padding, partition, bias, mask and merge in one kernel."""
+        from hifuse_kernels.window_attention import window_attention
+
+        b, length, c = x.shape
+        attn = self.attn
+        qkv = attn.qkv(self.norm1(x)).view(b, h, w, 3 * c)
+        y = window_attention(qkv, attn.qkv.bias, attn.relative_position_bias_table, self.num_heads, self.window, self.shift)
+        y = self.act(self.fc1(attn.proj(y.view(b, length, c))))
+        return x + self.drop_path(y)
 
 
 class GlobalStage(nn.Module):

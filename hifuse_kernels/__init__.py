@@ -4,13 +4,14 @@ Importing this package never needs the compiled extension; the ops that need it
 raise an ImportError saying what is missing and how to build it.
 """
 
-from . import _ext, _triton, layer_norm_cf
+from . import _ext, _triton, layer_norm_cf, window_attention
 from ._ext import available as native_available
 from ._ext import load_error as native_load_error
 from ._triton import unsupported_reason as triton_unsupported_reason
 
 __all__ = [
     "layer_norm_cf",
+    "window_attention",
     "native_available",
     "native_load_error",
     "triton_unsupported_reason",

@@ -1,0 +1,441 @@
+"""Shifted-window attention of the global branch in one Triton kernel, forward and backward.
+
+Eager HiFuse pads, rolls and partitions the (B, H, W, C) tokens into 7x7 windows, runs
+attention with a gathered (heads, 49, 49) relative bias and a (windows, 49, 49) shift mask,
+then merges, rolls back and crops: six full passes over memory around 5% of real math.
+Here one program handles one (window, head): it computes, for each of its 49 tokens, where
+that token sits in the unshifted, unpadded grid and loads q, k, v straight from the qkv
+projection (B, H, W, 3C). Tokens that fall in the zero padding get q = k = v = the qkv bias,
+which is what the linear layer gives a zero input; they are not masked. The bias comes from
+the (169, heads) table and the -100 shift mask from region labels, both computed in the
+kernel. The output of each real token is written to its own position; nothing rolled,
+padded or partitioned is ever stored.
+
+Backward recomputes the scores from the saved log-sum-exp. Every real token belongs to one
+window, so dq, dk, dv are written without collisions; padded tokens feed the qkv bias
+gradient and all windows feed the bias table gradient, both through per-program partial
+sums that are added in a fixed order afterwards, so two backward passes give identical bits.
+
+Layers: reference, kernels, launchers, registered op, autograd, functional entry point.
+The module using it is ``hifuse.model.GlobalBlock``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch.library import triton_op, wrap_triton
+
+from . import _triton
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the package imports without triton; the op then reports why it cannot run
+    triton = None
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MAX_WINDOW = 11  # window**2 tokens must fit the 128-row tile
+HEAD_DIMS = (16, 32, 64)
+
+__all__ = ["window_attention", "window_attention_ref", "unsupported_reason"]
+
+
+# --------------------------------------------------------------------------- reference
+
+
+def window_attention_ref(
+    qkv: torch.Tensor,
+    qkv_bias: torch.Tensor | None,
+    table: torch.Tensor,
+    num_heads: int,
+    window: int,
+    shift: int,
+) -> torch.Tensor:
+    """What the eager GlobalBlock computes between its qkv and proj layers.
+
+    Args:
+        qkv: (B, H, W, 3C) output of the qkv projection of the unpadded tokens.
+        qkv_bias: (3C,) bias of that projection (what padded tokens carry), or None.
+        table: ((2w-1)**2, heads) relative position bias table.
+    Returns:
+        (B, H, W, C) attention output, before proj.
+    """
+    from hifuse.model import relative_position_index, shift_mask, window_merge, window_partition
+
+    b, h, w, c3 = qkv.shape
+    c = c3 // 3
+    pad_r, pad_b = (window - w % window) % window, (window - h % window) % window
+    hp, wp = h + pad_b, w + pad_r
+    full = qkv.new_zeros(b, hp, wp, c3) if qkv_bias is None else qkv_bias.to(qkv.dtype).expand(b, hp, wp, c3).clone()
+    full[:, :h, :w] = qkv
+    if shift:
+        full = torch.roll(full, shifts=(-shift, -shift), dims=(1, 2))
+    n = window * window
+    windows = window_partition(full, window).view(-1, n, 3, num_heads, c // num_heads)
+    q, k, v = windows.permute(2, 0, 3, 1, 4).unbind(0)
+    attn = (q * (c // num_heads) ** -0.5) @ k.transpose(-2, -1)
+    index = relative_position_index(window).to(table.device)
+    attn = attn + table[index.view(-1)].view(n, n, -1).permute(2, 0, 1).unsqueeze(0)
+    if shift:
+        mask = shift_mask(hp, wp, window, shift, qkv.device)
+        nw = mask.shape[0]
+        attn = (attn.view(-1, nw, num_heads, n, n) + mask.unsqueeze(1).unsqueeze(0)).view(-1, num_heads, n, n)
+    out = (attn.softmax(-1) @ v).transpose(1, 2).reshape(-1, window, window, c)
+    out = window_merge(out, window, hp, wp)
+    if shift:
+        out = torch.roll(out, shifts=(shift, shift), dims=(1, 2))
+    return out[:, :h, :w].contiguous()
+
+
+# --------------------------------------------------------------------------- kernels
+
+if triton is not None:
+
+    @triton.jit
+    def _tokens(wid, H, W, Hp, Wp, n_win_w, n_win, shift, WS: tl.constexpr, BN: tl.constexpr):
+        """Per token of window `wid`: batch, source row/col, in-window index, validity, realness."""
+        b = wid // n_win
+        w_in = wid % n_win
+        wr = w_in // n_win_w
+        wc = w_in % n_win_w
+        t = tl.arange(0, BN)
+        valid = t < WS * WS
+        ti = t // WS
+        tj = t % WS
+        ys = wr * WS + ti  # position in the shifted, padded grid
+        xs = wc * WS + tj
+        yo = (ys + shift) % Hp  # position before the roll
+        xo = (xs + shift) % Wp
+        real = valid & (yo < H) & (xo < W)
+        return b.to(tl.int64), ys, xs, yo, xo, ti, tj, valid, real
+
+    @triton.jit
+    def _load_part(ptr, bias_ptr, row_off, part_off, d, dmask, valid, real):
+        """q, k or v of a window: real tokens from qkv, padded ones from the bias."""
+        x = tl.load(ptr + row_off[:, None] + (part_off + d)[None, :], mask=real[:, None] & dmask[None, :], other=0.0)
+        pb = tl.load(bias_ptr + part_off + d, mask=dmask, other=0.0)
+        pad = valid & (real == 0)
+        return tl.where(pad[:, None], pb[None, :].to(x.dtype), x)
+
+    @triton.jit
+    def _scores(q, k, table_ptr, head, heads, ys, xs, ti, tj, valid, Hp, Wp, shift, scale,
+                WS: tl.constexpr, SHIFTED: tl.constexpr):
+        s = tl.dot(q, tl.trans(k), out_dtype=tl.float32) * scale
+        ridx = (ti[:, None] - ti[None, :] + WS - 1) * (2 * WS - 1) + (tj[:, None] - tj[None, :] + WS - 1)
+        both = valid[:, None] & valid[None, :]
+        s += tl.load(table_ptr + ridx * heads + head, mask=both, other=0.0).to(tl.float32)
+        if SHIFTED:
+            lr = tl.where(ys < Hp - WS, 0, tl.where(ys < Hp - shift, 1, 2))
+            lc = tl.where(xs < Wp - WS, 0, tl.where(xs < Wp - shift, 1, 2))
+            lab = lr * 3 + lc
+            s += tl.where(lab[:, None] != lab[None, :], -100.0, 0.0)
+        return tl.where(valid[None, :], s, float("-inf"))
+
+    @triton.jit
+    def _fwd_kernel(QKV, BIAS, TABLE, OUT, LSE,
+                    H, W, Hp, Wp, n_win_w, n_win, C, heads, shift, scale,
+                    s_b, s_h, s_w, o_b, o_h, o_w,
+                    WS: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
+                    SHIFTED: tl.constexpr):
+        wid = tl.program_id(0)
+        head = tl.program_id(1)
+        b, ys, xs, yo, xo, ti, tj, valid, real = _tokens(wid, H, W, Hp, Wp, n_win_w, n_win, shift, WS, BN)
+        d = tl.arange(0, BD)
+        dmask = d < D
+        row = b * s_b + yo.to(tl.int64) * s_h + xo.to(tl.int64) * s_w
+        q = _load_part(QKV, BIAS, row, head * D, d, dmask, valid, real)
+        k = _load_part(QKV, BIAS, row, C + head * D, d, dmask, valid, real)
+        v = _load_part(QKV, BIAS, row, 2 * C + head * D, d, dmask, valid, real)
+        s = _scores(q, k, TABLE, head, heads, ys, xs, ti, tj, valid, Hp, Wp, shift, scale, WS, SHIFTED)
+        m = tl.max(s, 1)
+        p = tl.exp(s - m[:, None])
+        l = tl.sum(p, 1)
+        o = tl.dot((p / l[:, None]).to(v.dtype), v, out_dtype=tl.float32)
+        orow = b * o_b + yo.to(tl.int64) * o_h + xo.to(tl.int64) * o_w
+        tl.store(OUT + orow[:, None] + (head * D + d)[None, :], o.to(OUT.dtype.element_ty),
+                 mask=real[:, None] & dmask[None, :])
+        t = tl.arange(0, BN)
+        tl.store(LSE + (wid.to(tl.int64) * heads + head) * BN + t, m + tl.log(l), mask=valid)
+
+    @triton.jit
+    def _bwd_kernel(QKV, BIAS, TABLE, OUT, DOUT, LSE, DQKV, DBIAS_PART, DS_PART,
+                    H, W, Hp, Wp, n_win_w, n_win, n_total, per_prog, C, heads, shift, scale,
+                    s_b, s_h, s_w, o_b, o_h, o_w, g_b, g_h, g_w,
+                    WS: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
+                    SHIFTED: tl.constexpr):
+        prog = tl.program_id(0)
+        head = tl.program_id(1)
+        d = tl.arange(0, BD)
+        dmask = d < D
+        t = tl.arange(0, BN)
+        ds_sum = tl.zeros((BN, BN), dtype=tl.float32)
+        dqb = tl.zeros((BD,), dtype=tl.float32)
+        dkb = tl.zeros((BD,), dtype=tl.float32)
+        dvb = tl.zeros((BD,), dtype=tl.float32)
+        for i in range(0, per_prog):
+            wid = prog * per_prog + i
+            if wid < n_total:
+                b, ys, xs, yo, xo, ti, tj, valid, real = _tokens(wid, H, W, Hp, Wp, n_win_w, n_win, shift, WS, BN)
+                row = b * s_b + yo.to(tl.int64) * s_h + xo.to(tl.int64) * s_w
+                q = _load_part(QKV, BIAS, row, head * D, d, dmask, valid, real)
+                k = _load_part(QKV, BIAS, row, C + head * D, d, dmask, valid, real)
+                v = _load_part(QKV, BIAS, row, 2 * C + head * D, d, dmask, valid, real)
+                s = _scores(q, k, TABLE, head, heads, ys, xs, ti, tj, valid, Hp, Wp, shift, scale, WS, SHIFTED)
+                lse = tl.load(LSE + (wid.to(tl.int64) * heads + head) * BN + t, mask=valid, other=0.0)
+                p = tl.exp(s - lse[:, None])
+                p = tl.where(valid[:, None], p, 0.0)
+                orow = b * o_b + yo.to(tl.int64) * o_h + xo.to(tl.int64) * o_w
+                omask = real[:, None] & dmask[None, :]
+                ocol = (head * D + d)[None, :]
+                do = tl.load(DOUT + orow[:, None] + ocol, mask=omask, other=0.0)
+                o = tl.load(OUT + orow[:, None] + ocol, mask=omask, other=0.0)
+                delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+                dv = tl.dot(tl.trans(p).to(do.dtype), do, out_dtype=tl.float32)
+                dp = tl.dot(do, tl.trans(v), out_dtype=tl.float32)
+                ds = p * (dp - delta[:, None])
+                ds_sum += ds
+                dsq = ds.to(q.dtype)
+                dq = tl.dot(dsq, k, out_dtype=tl.float32) * scale
+                dk = tl.dot(tl.trans(dsq), q, out_dtype=tl.float32) * scale
+                grow = b * g_b + yo.to(tl.int64) * g_h + xo.to(tl.int64) * g_w
+                gty = DQKV.dtype.element_ty
+                tl.store(DQKV + grow[:, None] + (head * D + d)[None, :], dq.to(gty), mask=omask)
+                tl.store(DQKV + grow[:, None] + (C + head * D + d)[None, :], dk.to(gty), mask=omask)
+                tl.store(DQKV + grow[:, None] + (2 * C + head * D + d)[None, :], dv.to(gty), mask=omask)
+                pad = (valid & (real == 0))[:, None]
+                dqb += tl.sum(tl.where(pad, dq, 0.0), 0)
+                dkb += tl.sum(tl.where(pad, dk, 0.0), 0)
+                dvb += tl.sum(tl.where(pad, dv, 0.0), 0)
+        part = (prog.to(tl.int64) * heads + head)
+        tl.store(DS_PART + part * BN * BN + t[:, None] * BN + t[None, :], ds_sum)
+        tl.store(DBIAS_PART + part * 3 * BD + d, dqb)
+        tl.store(DBIAS_PART + part * 3 * BD + BD + d, dkb)
+        tl.store(DBIAS_PART + part * 3 * BD + 2 * BD + d, dvb)
+
+
+# --------------------------------------------------------------------------- launchers
+
+
+def _geometry(qkv: torch.Tensor, num_heads: int, window: int) -> dict:
+    b, h, w, c3 = qkv.shape
+    c = c3 // 3
+    hp, wp = -(-h // window) * window, -(-w // window) * window
+    n_win = (hp // window) * (wp // window)
+    d = c // num_heads
+    return dict(b=b, h=h, w=w, c=c, hp=hp, wp=wp, n_win_w=wp // window, n_win=n_win, d=d,
+                bd=max(16, triton.next_power_of_2(d)), bn=max(16, triton.next_power_of_2(window * window)))
+
+
+def _check(qkv, qkv_bias, table, num_heads, window, shift) -> None:
+    problem = _argument_problem(qkv, qkv_bias, table, num_heads, window, shift)
+    if problem is not None:
+        raise problem[0](f"window_attention: {problem[1]}")
+
+
+def _argument_problem(qkv, qkv_bias, table, num_heads, window, shift):
+    if not isinstance(qkv, torch.Tensor) or not isinstance(table, torch.Tensor):
+        return TypeError, "qkv and table must be tensors"
+    if qkv.dim() != 4:
+        return ValueError, f"qkv must be (B, H, W, 3C), got shape {tuple(qkv.shape)}"
+    if qkv.dtype not in SUPPORTED_DTYPES:
+        return TypeError, f"qkv must be float32, float16 or bfloat16, got {qkv.dtype}"
+    if qkv.stride(-1) != 1:
+        return ValueError, "qkv must have a contiguous last dimension"
+    if not 1 <= window <= MAX_WINDOW:
+        return ValueError, f"window must be in 1..{MAX_WINDOW}, got {window}"
+    if not 0 <= shift < window:
+        return ValueError, f"shift must be in [0, {window}), got {shift}"
+    c3 = qkv.shape[-1]
+    if c3 % 3 or (c3 // 3) % num_heads:
+        return ValueError, f"last dim {c3} must be 3 * C with C divisible by num_heads={num_heads}"
+    d = c3 // 3 // num_heads
+    if d not in HEAD_DIMS:
+        return ValueError, f"head_dim {d} is not supported (supported: {HEAD_DIMS})"
+    if table.shape != ((2 * window - 1) ** 2, num_heads):
+        return ValueError, f"table must be ({(2 * window - 1) ** 2}, {num_heads}), got {tuple(table.shape)}"
+    if qkv_bias is not None and (not isinstance(qkv_bias, torch.Tensor) or qkv_bias.shape != (c3,)):
+        return ValueError, f"qkv_bias must be ({c3},) or None"
+    devices = {t.device for t in (qkv, table, qkv_bias) if isinstance(t, torch.Tensor)}
+    if len(devices) > 1:
+        return ValueError, f"qkv, qkv_bias and table must be on one device, got {sorted(map(str, devices))}"
+    return None
+
+
+def unsupported_reason(qkv, qkv_bias, table, num_heads, window, shift) -> str | None:
+    """Why the fused kernel cannot take these inputs, or None when it can."""
+    reason = _triton.unsupported_reason(qkv)
+    if reason is not None:
+        return reason
+    problem = _argument_problem(qkv, qkv_bias, table, num_heads, window, shift)
+    return None if problem is None else problem[1]
+
+
+def _bias_or_zeros(qkv, qkv_bias):
+    if qkv_bias is None:
+        return qkv.new_zeros(qkv.shape[-1])
+    return qkv_bias.to(qkv.dtype).contiguous()
+
+
+# torch.compile traces into a triton_op and sees its kernels; the interpreter's kernels cannot
+# be traced, so under TRITON_INTERPRET=1 the ops are opaque custom ops instead.
+_define_op = torch.library.custom_op if _triton.interpreting() else triton_op
+
+
+@_define_op("hifuse::window_attention", mutates_args=())
+def _window_attention_op(
+    qkv: torch.Tensor, qkv_bias: torch.Tensor, table: torch.Tensor, num_heads: int, window: int, shift: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    g = _geometry(qkv, num_heads, window)
+    out = qkv.new_empty(g["b"], g["h"], g["w"], g["c"])
+    lse = torch.empty(g["b"] * g["n_win"], num_heads, g["bn"], device=qkv.device, dtype=torch.float32)
+    grid = (g["b"] * g["n_win"], num_heads)
+    wrap_triton(_fwd_kernel)[grid](
+        qkv, qkv_bias, table.contiguous(), out, lse,
+        g["h"], g["w"], g["hp"], g["wp"], g["n_win_w"], g["n_win"], g["c"], num_heads, shift,
+        g["d"] ** -0.5,
+        qkv.stride(0), qkv.stride(1), qkv.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        WS=window, BN=g["bn"], D=g["d"], BD=g["bd"], SHIFTED=shift > 0,
+    )
+    return out, lse
+
+
+@_define_op("hifuse::window_attention_backward", mutates_args=())
+def _window_attention_backward_op(
+    grad_out: torch.Tensor, qkv: torch.Tensor, qkv_bias: torch.Tensor, table: torch.Tensor,
+    out: torch.Tensor, lse: torch.Tensor, num_heads: int, window: int, shift: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = _geometry(qkv, num_heads, window)
+    grad_out = grad_out.contiguous()
+    dqkv = torch.empty_like(qkv, memory_format=torch.contiguous_format)
+    n_total = g["b"] * g["n_win"]
+    # Enough programs to fill a GPU, few enough that the partial sums stay small.
+    per_prog = max(1, -(-n_total * num_heads // 1024))
+    progs = -(-n_total // per_prog)
+    ds_part = torch.empty(progs, num_heads, g["bn"], g["bn"], device=qkv.device, dtype=torch.float32)
+    dbias_part = torch.empty(progs, num_heads, 3, g["bd"], device=qkv.device, dtype=torch.float32)
+    wrap_triton(_bwd_kernel)[(progs, num_heads)](
+        qkv, qkv_bias, table.contiguous(), out, grad_out, lse, dqkv, dbias_part, ds_part,
+        g["h"], g["w"], g["hp"], g["wp"], g["n_win_w"], g["n_win"], n_total, per_prog, g["c"], num_heads,
+        shift, g["d"] ** -0.5,
+        qkv.stride(0), qkv.stride(1), qkv.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        dqkv.stride(0), dqkv.stride(1), dqkv.stride(2),
+        WS=window, BN=g["bn"], D=g["d"], BD=g["bd"], SHIFTED=shift > 0,
+    )
+    n = window * window
+    ds = ds_part.sum(0)[:, :n, :n].reshape(num_heads, n * n)
+    dtable = (_bias_scatter(window, qkv.device) @ ds.t()).to(table.dtype)
+    # (progs, heads, 3, BD) -> (3, heads, D) -> (3C,) in the qkv layout
+    dbias = dbias_part.sum(0)[..., : g["d"]].permute(1, 0, 2).reshape(-1).to(qkv.dtype)
+    return dqkv, dbias, dtable
+
+
+# Explicit fake implementations: shapes only, so tracing never enters the kernels (under
+# TRITON_INTERPRET=1 the interpreter would otherwise be handed fake tensors).
+@_window_attention_op.register_fake
+def _(qkv, qkv_bias, table, num_heads, window, shift):
+    b, h, w, c3 = qkv.shape
+    hp, wp = -(-h // window) * window, -(-w // window) * window
+    bn = max(16, 1 << (window * window - 1).bit_length())
+    lse = qkv.new_empty(b * (hp // window) * (wp // window), num_heads, bn, dtype=torch.float32)
+    return qkv.new_empty(b, h, w, c3 // 3), lse
+
+
+@_window_attention_backward_op.register_fake
+def _(grad_out, qkv, qkv_bias, table, out, lse, num_heads, window, shift):
+    return torch.empty_like(qkv, memory_format=torch.contiguous_format), torch.empty_like(qkv_bias), torch.empty_like(table)
+
+
+@functools.lru_cache(maxsize=None)
+def _bias_scatter_cached(window: int, device: torch.device) -> torch.Tensor:
+    from hifuse.model import relative_position_index
+
+    index = relative_position_index(window).view(-1).to(device)
+    return F.one_hot(index, (2 * window - 1) ** 2).t().to(torch.float32).contiguous()
+
+
+def _bias_scatter(window: int, device: torch.device) -> torch.Tensor:
+    """((2w-1)**2, w**4) 0/1 matrix adding each score position into its table entry
+    (a matmul, not index_add_, whose CUDA version adds in no fixed order)."""
+    if torch.compiler.is_compiling():
+        return _bias_scatter_cached.__wrapped__(window, device)
+    return _bias_scatter_cached(window, device)
+
+
+# --------------------------------------------------------------------------- autograd
+
+
+def _setup_context(ctx, inputs, output):
+    qkv, qkv_bias, table, num_heads, window, shift = inputs
+    out, lse = output
+    ctx.save_for_backward(qkv, qkv_bias, table, out, lse)
+    ctx.config = (num_heads, window, shift)
+
+
+def _backward(ctx, grad_out, _grad_lse):
+    qkv, qkv_bias, table, out, lse = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    dqkv, dbias, dtable = torch.ops.hifuse.window_attention_backward(
+        grad_out, qkv, qkv_bias, table, out, lse, *ctx.config
+    )
+    return dqkv, dbias, dtable, None, None, None
+
+
+_window_attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _flops(qkv_shape, bias_shape, table_shape, num_heads, window, shift, out_shape=None, **_kwargs) -> int:
+    b, h, w, c3 = qkv_shape
+    c = c3 // 3
+    hp, wp = -(-h // window) * window, -(-w // window) * window
+    n = window * window
+    windows = b * (hp // window) * (wp // window)
+    return 2 * 2 * windows * n * n * c  # q @ k^T and p @ v over all heads
+
+
+def _backward_flops(grad_shape, qkv_shape, *args, out_shape=None, **kwargs) -> int:
+    # As eager counts its backward: the four matmuls (dv, dp, dq, dk), not the recompute.
+    return 2 * _flops(qkv_shape, *args[:2], *args[4:])
+
+
+def _register_flops() -> None:
+    from torch.utils.flop_counter import register_flop_formula
+
+    register_flop_formula(torch.ops.hifuse.window_attention)(_flops)
+    register_flop_formula(torch.ops.hifuse.window_attention_backward)(_backward_flops)
+
+
+_register_flops()
+
+
+# --------------------------------------------------------------------------- functional
+
+
+def window_attention(
+    qkv: torch.Tensor,
+    qkv_bias: torch.Tensor | None,
+    table: torch.Tensor,
+    num_heads: int,
+    window: int = 7,
+    shift: int = 0,
+) -> torch.Tensor:
+    """Shifted-window attention with relative position bias on (B, H, W, 3C) qkv.
+
+    Equivalent to ``window_attention_ref``: pads to multiples of ``window`` (padded tokens
+    carry ``qkv_bias``), rolls by ``-shift``, masks across shift regions with -100, and
+    returns the (B, H, W, C) output at the original token positions.
+
+    Raises:
+        TypeError, ValueError: unsupported dtypes, shapes, window, shift or head_dim.
+        RuntimeError: triton is missing or the tensors are on CPU without TRITON_INTERPRET=1.
+    """
+    _check(qkv, qkv_bias, table, num_heads, window, shift)
+    reason = _triton.unsupported_reason(qkv)
+    if reason is not None:
+        raise RuntimeError(f"window_attention: {reason}")
+    out, _lse = torch.ops.hifuse.window_attention(qkv, _bias_or_zeros(qkv, qkv_bias), table, num_heads, window, shift)
+    return out
+
