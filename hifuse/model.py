@@ -255,8 +255,32 @@ class GlobalBlock(nn.Module):
         attn = self.attn
         qkv = attn.qkv(self.norm1(x)).view(b, h, w, 3 * c)
         y = window_attention(qkv, attn.qkv.bias, attn.relative_position_bias_table, self.num_heads, self.window, self.shift)
-        y = self.act(self.fc1(attn.proj(y.view(b, length, c))))
-        return x + self.drop_path(y)
+        y = y.view(b, length, c)
+        if self._needs_grad():
+            y = self.fc1(attn.proj(y))
+        else:
+            # Nothing non-linear between proj and fc1: one GEMM with the product weight.
+            # Same value; in low precision it rounds once instead of at proj's output.
+            weight, bias = self._merged_proj_fc1()
+            y = F.linear(y, weight, bias)
+        return x + self.drop_path(self.act(y))
+
+    def _needs_grad(self) -> bool:
+        return torch.is_grad_enabled() and (self.fc1.weight.requires_grad or self.attn.proj.weight.requires_grad)
+
+    def _merged_proj_fc1(self) -> tuple[torch.Tensor, torch.Tensor]:
+        proj, fc1 = self.attn.proj, self.fc1
+        params = (proj.weight, proj.bias, fc1.weight, fc1.bias)
+        key = tuple((p.data_ptr(), p._version) for p in params)
+        cached = getattr(self, "_merged", None)
+        if torch.compiler.is_compiling() or cached is None or cached[0] != key:
+            with torch.no_grad():
+                weight = fc1.weight @ proj.weight
+                bias = fc1.weight @ proj.bias + fc1.bias
+            if torch.compiler.is_compiling():
+                return weight, bias
+            self._merged = cached = (key, weight, bias)
+        return cached[1], cached[2]
 
 
 class GlobalStage(nn.Module):

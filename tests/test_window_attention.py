@@ -90,6 +90,22 @@ def test_global_block_matches_eager(h, w, heads, shift):
         torch.testing.assert_close(pf.grad, pe.grad, rtol=1e-4, atol=2e-4, msg=name)
 
 
+@pytest.mark.parametrize("shift", [0, 3])
+def test_inference_merges_proj_and_fc1(shift):
+    eager, fused = _blocks(96, 3, shift)
+    x = torch.randn(2, 81, 96, device=DEVICE)
+    with torch.no_grad():
+        ref = eager(x, 9, 9)
+        with hifuse.use_fused(attention=True, local=False, fusion=False, norm=False):
+            out = fused(x, 9, 9)
+            assert fused._merged is not None
+            # A changed weight is seen: the merged weight is rebuilt.
+            fused.fc1.weight.mul_(2)
+            eager.fc1.weight.mul_(2)
+            torch.testing.assert_close(fused(x, 9, 9), eager(x, 9, 9), **TOL)
+    torch.testing.assert_close(out, ref, **TOL)
+
+
 def test_whole_model_with_attention_fused():
     torch.manual_seed(0)
     model = hifuse.create_model("hifuse_tiny", num_classes=3).to(DEVICE)
@@ -181,16 +197,19 @@ def test_fused_block_compiles_without_graph_breaks():
 
 
 def test_flops_match_eager():
-    # At 224 no stage needs padding; elsewhere the fused path skips the padded tokens'
-    # projections that eager computes, and counts fewer FLOPs.
+    # With gradients (training), at 224x224, where no stage pads its windows, fused and eager
+    # count the same. In inference the fused block merges proj and fc1 into one GEMM, and with
+    # padding it skips the padded tokens' projections: fewer FLOPs.
     model = hifuse.create_model("hifuse_tiny", num_classes=3).to(DEVICE)
     eager = hifuse.count_flops(model, (3, 224, 224), backward=True, by_operator=True)
     with hifuse.use_fused(attention=True, local=False, fusion=False, norm=False):
         fused = hifuse.count_flops(model, (3, 224, 224), backward=True, by_operator=True)
-        padded = hifuse.count_flops(model, (3, 64, 64))
+        with torch.no_grad():
+            model(torch.zeros(1, 3, 64, 64, device=DEVICE))  # builds the merged weights
+        inference = hifuse.count_flops(model, (3, 64, 64))
     assert sum(fused.values()) == sum(eager.values())
     assert fused["window_attention"] == eager["bmm"] // 3  # forward share of eager's bmm
-    assert padded < hifuse.count_flops(model, (3, 64, 64))
+    assert inference < hifuse.count_flops(model, (3, 64, 64))
 
 
 @pytest.mark.gpu
