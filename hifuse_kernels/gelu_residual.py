@@ -1,0 +1,123 @@
+"""GELU and residual add in one pass: ``shortcut + gelu(y)`` (exact, erf GELU).
+
+Eager writes gelu(y) and reads it back for the add: five passes over the activation
+(read y, write g, read g, read shortcut, write out). One Triton kernel does it in three and
+keeps nothing but y for backward, which is one more fused pass: grad_y = grad * gelu'(y);
+the shortcut's gradient is the incoming gradient itself. The result dtype is
+promote(y, shortcut), as in eager (under autocast: a bf16 y and an fp32 residual stream
+give fp32).
+
+Layers: reference, kernels, registered ops, autograd, functional entry point. Used by
+``hifuse.model.GlobalBlock.forward_fused``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.library import triton_op, wrap_triton
+
+from . import _triton
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+BLOCK = 1024
+
+__all__ = ["gelu_residual", "gelu_residual_ref"]
+
+
+def gelu_residual_ref(y: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
+    return shortcut + F.gelu(y)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _fwd_kernel(Y, S, OUT, n, BLOCK: tl.constexpr):
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        y = tl.load(Y + offs, mask=mask, other=0.0).to(tl.float32)
+        s = tl.load(S + offs, mask=mask, other=0.0).to(tl.float32)
+        g = 0.5 * y * (1.0 + tl.math.erf(y * 0.7071067811865476))
+        tl.store(OUT + offs, (s + g).to(OUT.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _bwd_kernel(G, Y, DY, n, BLOCK: tl.constexpr):
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        y = tl.load(Y + offs, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
+        cdf = 0.5 * (1.0 + tl.math.erf(y * 0.7071067811865476))
+        pdf = tl.exp(-0.5 * y * y) * 0.3989422804014327
+        tl.store(DY + offs, (g * (cdf + y * pdf)).to(DY.dtype.element_ty), mask=mask)
+
+
+# See window_attention: opaque custom ops under the interpreter, which cannot be traced.
+_define_op = torch.library.custom_op if _triton.interpreting() else triton_op
+
+
+@_define_op("hifuse::gelu_residual", mutates_args=())
+def _gelu_residual_op(y: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
+    out = torch.empty(y.shape, device=y.device, dtype=torch.promote_types(y.dtype, shortcut.dtype))
+    n = y.numel()
+    wrap_triton(_fwd_kernel)[(triton.cdiv(n, BLOCK),)](y, shortcut, out, n, BLOCK=BLOCK)
+    return out
+
+
+@_define_op("hifuse::gelu_backward", mutates_args=())
+def _gelu_backward_op(grad: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    dy = torch.empty_like(y)
+    n = y.numel()
+    wrap_triton(_bwd_kernel)[(triton.cdiv(n, BLOCK),)](grad, y, dy, n, BLOCK=BLOCK)
+    return dy
+
+
+@_gelu_residual_op.register_fake
+def _(y, shortcut):
+    return y.new_empty(y.shape, dtype=torch.promote_types(y.dtype, shortcut.dtype))
+
+
+@_gelu_backward_op.register_fake
+def _(grad, y):
+    return torch.empty_like(y)
+
+
+def _setup_context(ctx, inputs, output):
+    y, shortcut = inputs
+    ctx.save_for_backward(y)
+    ctx.shortcut_dtype = shortcut.dtype
+
+
+def _backward(ctx, grad):
+    (y,) = ctx.saved_tensors
+    grad = grad.contiguous()
+    return torch.ops.hifuse.gelu_backward(grad, y), grad.to(ctx.shortcut_dtype)
+
+
+_gelu_residual_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def unsupported_reason(y: torch.Tensor, shortcut: torch.Tensor) -> str | None:
+    reason = _triton.unsupported_reason(y, shortcut)
+    if reason is not None:
+        return reason
+    if y.dtype not in SUPPORTED_DTYPES or shortcut.dtype not in SUPPORTED_DTYPES:
+        return f"dtypes {y.dtype} and {shortcut.dtype} are not supported"
+    return None
+
+
+def gelu_residual(y: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
+    """``shortcut + gelu(y)`` in one pass (same shapes; any strides)."""
+    if not isinstance(y, torch.Tensor) or not isinstance(shortcut, torch.Tensor):
+        raise TypeError("gelu_residual: y and shortcut must be tensors")
+    if y.shape != shortcut.shape:
+        raise ValueError(f"gelu_residual: y {tuple(y.shape)} and shortcut {tuple(shortcut.shape)} differ")
+    reason = unsupported_reason(y, shortcut)
+    if reason is not None:
+        raise RuntimeError(f"gelu_residual: {reason}")
+    return torch.ops.hifuse.gelu_residual(y.contiguous(), shortcut.contiguous())
