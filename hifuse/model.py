@@ -332,10 +332,43 @@ class LocalBlock(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if config.is_fused("local"):
+            reason = self.fused_unsupported_reason(x)
+            if reason is None:
+                return self.forward_fused(x)
+            config.log_fallback("local", reason)
         shortcut = x
         x = self.dwconv(x).permute(0, 2, 3, 1)
         x = self.act(self.pwconv(self.norm(x))).permute(0, 3, 1, 2)
         return shortcut + self.drop_path(x)
+
+    def fused_unsupported_reason(self, x: torch.Tensor) -> str | None:
+        """Why forward_fused cannot run on x, or None when it can."""
+        from hifuse_kernels import dwconv_layer_norm as dln
+
+        if x.dim() != 4:
+            return f"x must be 4-D, got {x.dim()}-D"
+        return dln.unsupported_reason(
+            x.permute(0, 2, 3, 1), self.dwconv.weight, self.dwconv.bias, self.norm.weight, self.norm.bias
+        )
+
+    def forward_fused(self, x: torch.Tensor) -> torch.Tensor:
+        """dwconv + LayerNorm in one kernel, then pwconv and GELU + residual in one pass.
+
+        Works channels-last throughout: the result is an NCHW-shaped view of channels-last
+        memory, so the next block's permutes are free.
+        """
+        from hifuse_kernels.dwconv_layer_norm import dwconv_layer_norm
+        from hifuse_kernels.gelu_residual import gelu_residual
+
+        nhwc = x.permute(0, 2, 3, 1)
+        y = dwconv_layer_norm(nhwc, self.dwconv.weight, self.dwconv.bias, self.norm.weight, self.norm.bias, self.norm.eps)
+        y = self.pwconv(y)
+        if isinstance(self.drop_path, nn.Identity) or not self.training:
+            out = gelu_residual(y, nhwc)
+        else:
+            out = nhwc + self.drop_path(self.act(y))
+        return out.permute(0, 3, 1, 2)
 
 
 # --------------------------------------------------------------------------- fusion path

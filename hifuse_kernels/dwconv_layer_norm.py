@@ -1,0 +1,320 @@
+"""Depthwise 3x3 convolution + LayerNorm over channels, channels-last, in one Triton pass.
+
+The local block's eager path convolves (cuDNN, NCHW), permutes to channels-last and runs a
+LayerNorm: three passes over the activation plus a permute copy, and two saved tensors.
+Here one program takes a tile of positions of one image row with all C channels: it sums the
+nine shifted, zero-padded neighbours times the per-channel taps (plus bias), normalises over
+C and writes the normalised result. Only per-position mean and rstd are saved.
+
+Backward first recomputes the convolution to get the LayerNorm input and writes the
+gradient of the convolution output (one pass), then a second kernel gathers, for every
+position, the nine neighbours of that gradient for the input gradient and accumulates the
+tap, conv-bias and LayerNorm weight/bias gradients into per-program partial sums. The
+partials are added in a fixed order afterwards: no atomics, identical bits on every run.
+
+Layers: reference, kernels, registered ops, autograd, functional entry point. The module
+using it is ``hifuse.model.LocalBlock``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.library import triton_op, wrap_triton
+
+from . import _triton
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MAX_CHANNELS = 1024
+BLOCK_P = 8  # positions of one row per program
+
+__all__ = ["dwconv_layer_norm", "dwconv_layer_norm_ref", "unsupported_reason"]
+
+
+def dwconv_layer_norm_ref(x, conv_weight, conv_bias, ln_weight, ln_bias, eps: float = 1e-6):
+    """LayerNorm_C(dwconv3x3(x)) on channels-last (N, H, W, C) input, (N, H, W, C) output."""
+    c = x.shape[-1]
+    y = F.conv2d(x.permute(0, 3, 1, 2), conv_weight, conv_bias, padding=1, groups=c)
+    return F.layer_norm(y.permute(0, 2, 3, 1), (c,), ln_weight, ln_bias, eps)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _conv_tile(X, CW, CB, n, h, w0, H, W, C, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+        """Depthwise 3x3 conv of positions (n, h, w0 .. w0+BLOCK_P-1), all channels, fp32."""
+        p = tl.arange(0, BLOCK_P)
+        c = tl.arange(0, BLOCK_C)
+        cmask = c < C
+        acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+        acc += tl.load(CB + c, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        for dy in tl.static_range(3):
+            hh = h + dy - 1
+            for dx in tl.static_range(3):
+                ww = w0 + p + dx - 1
+                ok = (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
+                row = ((n * H + hh) * W + ww).to(tl.int64) * C
+                v = tl.load(X + row[:, None] + c[None, :], mask=ok[:, None] & cmask[None, :], other=0.0)
+                tap = tl.load(CW + c * 9 + dy * 3 + dx, mask=cmask, other=0.0).to(tl.float32)
+                acc += v.to(tl.float32) * tap[None, :]
+        return acc
+
+    @triton.jit
+    def _fwd_kernel(X, CW, CB, LW, LB, OUT, MEAN, RSTD, H, W, C, eps,
+                    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+        row_id = tl.program_id(0)  # n * H + h
+        w0 = tl.program_id(1) * BLOCK_P
+        n = row_id // H
+        h = row_id % H
+        y = _conv_tile(X, CW, CB, n, h, w0, H, W, C, BLOCK_P, BLOCK_C)
+        p = tl.arange(0, BLOCK_P)
+        c = tl.arange(0, BLOCK_C)
+        cmask = c < C
+        pmask = (w0 + p) < W
+        y = tl.where(cmask[None, :], y, 0.0)
+        mean = tl.sum(y, 1) / C
+        d = tl.where(cmask[None, :], y - mean[:, None], 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(d * d, 1) / C + eps)
+        lw = tl.load(LW + c, mask=cmask, other=0.0).to(tl.float32)
+        lb = tl.load(LB + c, mask=cmask, other=0.0).to(tl.float32)
+        out = d * rstd[:, None] * lw[None, :] + lb[None, :]
+        pos = (row_id * W + w0 + p).to(tl.int64)
+        tl.store(OUT + pos[:, None] * C + c[None, :], out.to(OUT.dtype.element_ty), mask=pmask[:, None] & cmask[None, :])
+        tl.store(MEAN + pos, mean, mask=pmask)
+        tl.store(RSTD + pos, rstd, mask=pmask)
+
+    @triton.jit
+    def _bwd_norm_kernel(X, CW, CB, LW, GRAD, MEAN, RSTD, DY, PART_LW, PART_LB, H, W, C,
+                         BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+        """Gradient of the conv output (fp32), and partial LayerNorm weight/bias gradients."""
+        row_id = tl.program_id(0)
+        col = tl.program_id(1)
+        w0 = col * BLOCK_P
+        n = row_id // H
+        h = row_id % H
+        y = _conv_tile(X, CW, CB, n, h, w0, H, W, C, BLOCK_P, BLOCK_C)
+        p = tl.arange(0, BLOCK_P)
+        c = tl.arange(0, BLOCK_C)
+        cmask = c < C
+        pmask = (w0 + p) < W
+        m2 = pmask[:, None] & cmask[None, :]
+        pos = (row_id * W + w0 + p).to(tl.int64)
+        mean = tl.load(MEAN + pos, mask=pmask, other=0.0)
+        rstd = tl.load(RSTD + pos, mask=pmask, other=0.0)
+        xhat = tl.where(m2, (y - mean[:, None]) * rstd[:, None], 0.0)
+        g = tl.load(GRAD + pos[:, None] * C + c[None, :], mask=m2, other=0.0).to(tl.float32)
+        lw = tl.load(LW + c, mask=cmask, other=0.0).to(tl.float32)
+        gw = g * lw[None, :]
+        a = tl.sum(gw, 1) / C
+        b = tl.sum(gw * xhat, 1) / C
+        dy = tl.where(m2, rstd[:, None] * (gw - a[:, None] - xhat * b[:, None]), 0.0)
+        tl.store(DY + pos[:, None] * C + c[None, :], dy, mask=m2)
+        part = (row_id * tl.num_programs(1) + col).to(tl.int64) * C
+        tl.store(PART_LW + part + c, tl.sum(g * xhat, 0), mask=cmask)
+        tl.store(PART_LB + part + c, tl.sum(g, 0), mask=cmask)
+
+    @triton.jit
+    def _bwd_conv_kernel(X, CW, DY, DX, PART_CW, PART_CB, H, W, C,
+                         BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+        """Input gradient (transposed depthwise conv of DY) and partial tap/bias gradients."""
+        row_id = tl.program_id(0)
+        col = tl.program_id(1)
+        w0 = col * BLOCK_P
+        n = row_id // H
+        h = row_id % H
+        p = tl.arange(0, BLOCK_P)
+        c = tl.arange(0, BLOCK_C)
+        cmask = c < C
+        pmask = (w0 + p) < W
+        m2 = pmask[:, None] & cmask[None, :]
+        pos = (row_id * W + w0 + p).to(tl.int64)
+        prog = (row_id * tl.num_programs(1) + col).to(tl.int64)
+        dy_here = tl.load(DY + pos[:, None] * C + c[None, :], mask=m2, other=0.0)
+        tl.store(PART_CB + prog * C + c, tl.sum(dy_here, 0), mask=cmask)
+        dx = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+        for ky in tl.static_range(3):
+            for kx in tl.static_range(3):
+                # Output (h', w') = (h - ky + 1, w - kx + 1) read this input through tap (ky, kx).
+                hh = h - ky + 1
+                ww = w0 + p - kx + 1
+                ok = (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W) & pmask
+                src = ((n * H + hh) * W + ww).to(tl.int64) * C
+                g = tl.load(DY + src[:, None] + c[None, :], mask=ok[:, None] & cmask[None, :], other=0.0)
+                tap = tl.load(CW + c * 9 + ky * 3 + kx, mask=cmask, other=0.0).to(tl.float32)
+                dx += g * tap[None, :]
+                # Tap gradient: dy at these positions times the input they read through (ky, kx).
+                hi = h + ky - 1
+                wi = w0 + p + kx - 1
+                oki = (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W) & pmask
+                xs = ((n * H + hi) * W + wi).to(tl.int64) * C
+                xv = tl.load(X + xs[:, None] + c[None, :], mask=oki[:, None] & cmask[None, :], other=0.0)
+                tl.store(PART_CW + (prog * 9 + ky * 3 + kx) * C + c, tl.sum(dy_here * xv.to(tl.float32), 0), mask=cmask)
+        tl.store(DX + pos[:, None] * C + c[None, :], dx.to(DX.dtype.element_ty), mask=m2)
+
+
+# See window_attention: opaque custom ops under the interpreter, which cannot be traced.
+_define_op = torch.library.custom_op if _triton.interpreting() else triton_op
+
+
+def _grid(x):
+    n, h, w, _c = x.shape
+    return (n * h, triton.cdiv(w, BLOCK_P))
+
+
+def _block_c(c):
+    return max(16, triton.next_power_of_2(c))
+
+
+@_define_op("hifuse::dwconv_layer_norm", mutates_args=())
+def _fwd_op(
+    x: torch.Tensor, conv_weight: torch.Tensor, conv_bias: torch.Tensor, ln_weight: torch.Tensor,
+    ln_bias: torch.Tensor, eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    n, h, w, c = x.shape
+    out = torch.empty_like(x)
+    mean = torch.empty(n, h, w, device=x.device, dtype=torch.float32)
+    rstd = torch.empty_like(mean)
+    wrap_triton(_fwd_kernel)[_grid(x)](
+        x, conv_weight, conv_bias, ln_weight, ln_bias, out, mean, rstd, h, w, c, eps,
+        BLOCK_P=BLOCK_P, BLOCK_C=_block_c(c),
+    )
+    return out, mean, rstd
+
+
+@_define_op("hifuse::dwconv_layer_norm_backward", mutates_args=())
+def _bwd_op(
+    grad: torch.Tensor, x: torch.Tensor, conv_weight: torch.Tensor, conv_bias: torch.Tensor,
+    ln_weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    n, h, w, c = x.shape
+    grid = _grid(x)
+    progs = grid[0] * grid[1]
+    f32 = dict(device=x.device, dtype=torch.float32)
+    dy = torch.empty(n, h, w, c, **f32)
+    part_lw, part_lb = torch.empty(progs, c, **f32), torch.empty(progs, c, **f32)
+    wrap_triton(_bwd_norm_kernel)[grid](
+        x, conv_weight, conv_bias, ln_weight, grad, mean, rstd, dy, part_lw, part_lb, h, w, c,
+        BLOCK_P=BLOCK_P, BLOCK_C=_block_c(c),
+    )
+    dx = torch.empty_like(x)
+    part_cw, part_cb = torch.empty(progs, 9, c, **f32), torch.empty(progs, c, **f32)
+    wrap_triton(_bwd_conv_kernel)[grid](
+        x, conv_weight, dy, dx, part_cw, part_cb, h, w, c, BLOCK_P=BLOCK_P, BLOCK_C=_block_c(c),
+    )
+    d_cw = part_cw.sum(0).t().reshape(c, 1, 3, 3).to(conv_weight.dtype)
+    return (dx, d_cw, part_cb.sum(0).to(conv_bias.dtype), part_lw.sum(0).to(ln_weight.dtype),
+            part_lb.sum(0).to(ln_weight.dtype))
+
+
+@_fwd_op.register_fake
+def _(x, conv_weight, conv_bias, ln_weight, ln_bias, eps):
+    stat = x.new_empty(x.shape[:3], dtype=torch.float32)
+    return torch.empty_like(x), stat, torch.empty_like(stat)
+
+
+@_bwd_op.register_fake
+def _(grad, x, conv_weight, conv_bias, ln_weight, mean, rstd):
+    return (torch.empty_like(x), torch.empty_like(conv_weight), torch.empty_like(conv_bias),
+            torch.empty_like(ln_weight), torch.empty_like(ln_weight))
+
+
+def _setup_context(ctx, inputs, output):
+    x, conv_weight, conv_bias, ln_weight, _ln_bias, _eps = inputs
+    _out, mean, rstd = output
+    ctx.save_for_backward(x, conv_weight, conv_bias, ln_weight, mean, rstd)
+
+
+def _backward(ctx, grad, _gm, _gr):
+    x, conv_weight, conv_bias, ln_weight, mean, rstd = ctx.saved_tensors
+    grad = torch.zeros_like(x) if grad is None else grad.contiguous()
+    dx, d_cw, d_cb, d_lw, d_lb = torch.ops.hifuse.dwconv_layer_norm_backward(
+        grad, x, conv_weight, conv_bias, ln_weight, mean, rstd
+    )
+    return dx, d_cw, d_cb, d_lw, d_lb, None
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _flops(x_shape, *_args, out_shape=None, **_kwargs) -> int:
+    n, h, w, c = x_shape
+    return 2 * 9 * n * h * w * c  # the depthwise convolution, as FlopCounterMode counts eager's
+
+
+def _backward_flops(grad_shape, x_shape, w_shape, bias_shape, *_args, out_shape=None, **_kwargs) -> int:
+    # Counted by torch's own convolution_backward formula, so fused and eager totals agree
+    # (that formula's weight-gradient term does not divide by the groups).
+    from torch.utils.flop_counter import conv_backward_flop
+
+    n, h, w, c = x_shape
+    nchw = (n, c, h, w)
+    return conv_backward_flop(
+        nchw, nchw, w_shape, bias_shape, [1, 1], [1, 1], [1, 1], False, [0, 0], c, [True, True, True],
+        out_val=[nchw, w_shape, bias_shape],
+    )
+
+
+def _register_flops() -> None:
+    from torch.utils.flop_counter import register_flop_formula
+
+    register_flop_formula(torch.ops.hifuse.dwconv_layer_norm)(_flops)
+    register_flop_formula(torch.ops.hifuse.dwconv_layer_norm_backward)(_backward_flops)
+
+
+_register_flops()
+
+
+def _argument_problem(x, conv_weight, conv_bias, ln_weight, ln_bias):
+    tensors = (x, conv_weight, conv_bias, ln_weight, ln_bias)
+    if not all(isinstance(t, torch.Tensor) for t in tensors):
+        return TypeError, "all arguments but eps must be tensors"
+    if x.dim() != 4:
+        return ValueError, f"x must be channels-last (N, H, W, C), got shape {tuple(x.shape)}"
+    c = x.shape[-1]
+    if c > MAX_CHANNELS:
+        return ValueError, f"C = {c} channels is more than the {MAX_CHANNELS} supported"
+    if conv_weight.shape != (c, 1, 3, 3):
+        return ValueError, f"conv_weight must be ({c}, 1, 3, 3), got {tuple(conv_weight.shape)}"
+    if any(t.shape != (c,) for t in (conv_bias, ln_weight, ln_bias)):
+        return ValueError, f"conv_bias, ln_weight and ln_bias must be ({c},)"
+    if x.dtype not in SUPPORTED_DTYPES:
+        return TypeError, f"x must be float32, float16 or bfloat16, got {x.dtype}"
+    if len({t.device for t in tensors}) > 1:
+        return ValueError, "all tensors must be on one device"
+    return None
+
+
+def unsupported_reason(x, conv_weight, conv_bias, ln_weight, ln_bias) -> str | None:
+    reason = _triton.unsupported_reason(x)
+    if reason is not None:
+        return reason
+    problem = _argument_problem(x, conv_weight, conv_bias, ln_weight, ln_bias)
+    return None if problem is None else problem[1]
+
+
+def dwconv_layer_norm(x, conv_weight, conv_bias, ln_weight, ln_bias, eps: float = 1e-6) -> torch.Tensor:
+    """LayerNorm over C of a depthwise 3x3 convolution (zero padding 1), channels-last.
+
+    Args:
+        x: (N, H, W, C) input (any strides; made contiguous).
+        conv_weight: (C, 1, 3, 3) taps; conv_bias: (C,).
+        ln_weight, ln_bias: (C,) LayerNorm affine parameters.
+    Returns:
+        (N, H, W, C) in x's dtype.
+    """
+    problem = _argument_problem(x, conv_weight, conv_bias, ln_weight, ln_bias)
+    if problem is not None:
+        raise problem[0](f"dwconv_layer_norm: {problem[1]}")
+    reason = _triton.unsupported_reason(x)
+    if reason is not None:
+        raise RuntimeError(f"dwconv_layer_norm: {reason}")
+    out, _mean, _rstd = torch.ops.hifuse.dwconv_layer_norm(
+        x.contiguous(), conv_weight.contiguous(), conv_bias, ln_weight, ln_bias, float(eps)
+    )
+    return out

@@ -1,0 +1,145 @@
+"""Fused depthwise 3x3 conv + LayerNorm and the fused local block, against eager."""
+
+import pytest
+import torch
+
+import hifuse
+from hifuse.model import LocalBlock
+from hifuse_kernels import _triton
+from hifuse_kernels.dwconv_layer_norm import dwconv_layer_norm, dwconv_layer_norm_ref
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.skipif(
+    _triton.unsupported_reason(torch.zeros(1, device=DEVICE)) is not None,
+    reason=str(_triton.unsupported_reason(torch.zeros(1, device=DEVICE))),
+)
+NAMES = ("x", "conv_weight", "conv_bias", "ln_weight", "ln_bias")
+
+
+def _inputs(shape, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    c = shape[-1]
+    ts = [
+        torch.randn(shape, generator=g),
+        0.3 * torch.randn(c, 1, 3, 3, generator=g),
+        0.1 * torch.randn(c, generator=g),
+        1 + 0.1 * torch.randn(c, generator=g),
+        0.1 * torch.randn(c, generator=g),
+    ]
+    return [t.to(DEVICE, dtype if i == 0 else torch.float32).requires_grad_() for i, t in enumerate(ts)]
+
+
+# (N, H, W, C): batch 1, odd and prime sides, 1x1, every stage width
+@pytest.mark.parametrize("shape", [(1, 5, 7, 96), (2, 9, 13, 192), (1, 1, 1, 96), (1, 3, 3, 768), (1, 7, 2, 384), (3, 11, 3, 100)])
+def test_matches_reference(shape):
+    inputs = _inputs(shape)
+    out = dwconv_layer_norm(*inputs)
+    ref = dwconv_layer_norm_ref(*inputs)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    grad = torch.randn_like(ref)
+    for name, a, r in zip(NAMES, torch.autograd.grad(out, inputs, grad), torch.autograd.grad(ref, inputs, grad)):
+        torch.testing.assert_close(a, r, rtol=1e-4, atol=5e-5, msg=name)
+
+
+def test_backward_deterministic_and_expanded_gradient():
+    inputs = _inputs((2, 9, 13, 192))
+    first = torch.autograd.grad(dwconv_layer_norm(*inputs).sum(), inputs)
+    second = torch.autograd.grad(dwconv_layer_norm(*inputs).sum(), inputs)
+    ref = torch.autograd.grad(dwconv_layer_norm_ref(*inputs).sum(), inputs)
+    for a, b, r in zip(first, second, ref):
+        assert torch.equal(a, b)
+        torch.testing.assert_close(a, r, rtol=1e-4, atol=5e-5)
+
+
+def test_bad_input():
+    x, cw, cb, lw, lb = _inputs((1, 3, 3, 96))
+    with pytest.raises(ValueError, match="channels-last"):
+        dwconv_layer_norm(x[0], cw, cb, lw, lb)
+    with pytest.raises(ValueError, match="conv_weight"):
+        dwconv_layer_norm(x, cw[:, :, :2], cb, lw, lb)
+    with pytest.raises(ValueError, match="more than"):
+        big = _inputs((1, 1, 1, 1100))
+        dwconv_layer_norm(*big)
+    with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
+        dwconv_layer_norm(x.double(), cw, cb, lw, lb)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_local_block_matches_eager(channels_last):
+    torch.manual_seed(0)
+    eager = LocalBlock(96).to(DEVICE)
+    with torch.no_grad():
+        eager.norm.weight.add_(0.1 * torch.randn(96, device=DEVICE))
+        eager.norm.bias.add_(0.1 * torch.randn(96, device=DEVICE))
+    fused = LocalBlock(96).to(DEVICE)
+    fused.load_state_dict(eager.state_dict())
+    x = torch.randn(2, 96, 9, 7, device=DEVICE)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    xe, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ref = eager(xe)
+    with hifuse.use_fused(attention=False, local=True, fusion=False, norm=False):
+        out = fused(xf)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    grad = torch.randn_like(ref)
+    ref.backward(grad)
+    out.backward(grad)
+    torch.testing.assert_close(xf.grad, xe.grad, rtol=1e-4, atol=5e-5)
+    for (name, pe), (_, pf) in zip(eager.named_parameters(), fused.named_parameters()):
+        torch.testing.assert_close(pf.grad, pe.grad, rtol=1e-4, atol=1e-4, msg=name)
+
+
+def test_whole_model_with_local_fused():
+    torch.manual_seed(0)
+    model = hifuse.create_model("hifuse_tiny", num_classes=3).to(DEVICE)
+    x = torch.randn(1, 3, 64, 64, device=DEVICE)
+    ref = model(x)
+    ref.sum().backward()
+    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    with hifuse.use_fused(attention=False, local=True, fusion=False, norm=False):
+        out = model(x)
+        out.sum().backward()
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    params = dict(model.named_parameters())
+    for name, g in ref_grads.items():
+        torch.testing.assert_close(params[name].grad, g, rtol=1e-3, atol=1e-4, msg=name)
+
+
+def test_fused_block_compiles_without_graph_breaks():
+    block = LocalBlock(96).to(DEVICE)
+    x = torch.randn(1, 96, 5, 6, device=DEVICE, requires_grad=True)
+    ref = block(x)
+    with hifuse.use_fused(attention=False, local=True, fusion=False, norm=False):
+        out = torch.compile(block, fullgraph=True, backend="aot_eager")(x)
+        out.sum().backward()
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert block.dwconv.weight.grad is not None
+
+
+def test_flops_match_eager():
+    model = hifuse.create_model("hifuse_tiny", num_classes=3).to(DEVICE)
+    eager = hifuse.count_flops(model, (3, 64, 64), backward=True)
+    with hifuse.use_fused(attention=False, local=True, fusion=False, norm=False):
+        assert hifuse.count_flops(model, (3, 64, 64), backward=True) == eager
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(128, 56, 56, 96), (128, 28, 28, 192), (128, 14, 14, 384), (128, 7, 7, 768)])
+def test_low_precision_cuda(dtype, shape):
+    inputs = _inputs(shape)
+    grad = torch.randn(shape, device=DEVICE)
+    ref_in = [t.detach().double().requires_grad_() for t in inputs]
+    ref = dwconv_layer_norm_ref(*ref_in)
+    ref_grads = torch.autograd.grad(ref, ref_in, grad.double())
+    low = [inputs[0].detach().to(dtype).requires_grad_()] + [t.detach().to(dtype).requires_grad_() for t in inputs[1:]]
+    pt = dwconv_layer_norm_ref(*low)
+    pt_grads = torch.autograd.grad(pt, low, grad.to(dtype))
+    out = dwconv_layer_norm(*low)
+    grads = torch.autograd.grad(out, low, grad.to(dtype))
+    for name, a, p, r in zip(("out",) + NAMES, (out, *grads), (pt, *pt_grads), (ref, *ref_grads)):
+        err = (a.double() - r).abs().max().item()
+        pt_err = (p.double() - r).abs().max().item()
+        assert err <= 2 * pt_err + 1e-5 * max(1.0, r.abs().max().item()), f"{name}: {err:.3g} vs eager {pt_err:.3g}"
