@@ -57,6 +57,7 @@ fi
 bench model -k "test_model" --dtype bf16 --batch "$batches" --memory-format contiguous,channels_last --providers eager,fused
 bench layer_norm_cf -k "test_layer_norm_cf" --dtype bf16,fp32 --batch 128
 bench window_attention -k "test_window_attention or test_global_blocks_tiny" --dtype bf16 --batch 128 --compile-ops
+bench dwconv_layer_norm -k "test_dwconv_layer_norm or test_local_blocks_tiny" --dtype bf16 --batch 128 --compile-ops
 if [ "${HIFUSE_COMPILE:-1}" = 1 ]; then
   for spec in train_step:128 inference:128 inference:32 train_step:32; do
     mode=${spec%%:*}; b=${spec##*:}
