@@ -37,7 +37,14 @@ step "tests"
 run python -m pytest tests -q -p no:cacheprovider -rs -m "not native_errors"
 # C++ error paths in a process of their own, so a crash there cannot hide other results.
 step "tests: native error paths"
-run python -m pytest tests -q -p no:cacheprovider -m native_errors
+python -m pytest tests -q -p no:cacheprovider -m native_errors 2>&1 | tee -a "$log"
+if [ "${PIPESTATUS[0]}" != 0 ]; then
+  status=1
+  if command -v gdb >/dev/null; then  # a crash here has been seen on one GPU machine: get a native stack
+    step "native error paths under gdb"
+    gdb -q -batch -ex run -ex bt --args python -m pytest tests -q -p no:cacheprovider -m native_errors -x 2>&1 | tail -60 | tee -a "$log"
+  fi
+fi
 
 gpu=$(python -c "import torch; print(int(torch.cuda.is_available()))")
 bench() {  # bench NAME ARGS...: one pytest-benchmark run writing $out/NAME.json
