@@ -122,8 +122,8 @@ if triton is not None:
 
     @triton.jit
     def _scores(q, k, table_ptr, head, heads, ys, xs, ti, tj, valid, Hp, Wp, shift, scale,
-                WS: tl.constexpr, SHIFTED: tl.constexpr):
-        s = tl.dot(q, tl.trans(k), out_dtype=tl.float32) * scale
+                WS: tl.constexpr, SHIFTED: tl.constexpr, PRECISION: tl.constexpr):
+        s = tl.dot(q, tl.trans(k), out_dtype=tl.float32, input_precision=PRECISION) * scale
         ridx = (ti[:, None] - ti[None, :] + WS - 1) * (2 * WS - 1) + (tj[:, None] - tj[None, :] + WS - 1)
         both = valid[:, None] & valid[None, :]
         s += tl.load(table_ptr + ridx * heads + head, mask=both, other=0.0).to(tl.float32)
@@ -139,7 +139,7 @@ if triton is not None:
                     H, W, Hp, Wp, n_win_w, n_win, C, heads, shift, scale,
                     s_b, s_h, s_w, o_b, o_h, o_w,
                     WS: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
-                    SHIFTED: tl.constexpr):
+                    SHIFTED: tl.constexpr, PRECISION: tl.constexpr):
         wid = tl.program_id(0)
         head = tl.program_id(1)
         b, ys, xs, yo, xo, ti, tj, valid, real = _tokens(wid, H, W, Hp, Wp, n_win_w, n_win, shift, WS, BN)
@@ -149,11 +149,11 @@ if triton is not None:
         q = _load_part(QKV, BIAS, row, head * D, d, dmask, valid, real)
         k = _load_part(QKV, BIAS, row, C + head * D, d, dmask, valid, real)
         v = _load_part(QKV, BIAS, row, 2 * C + head * D, d, dmask, valid, real)
-        s = _scores(q, k, TABLE, head, heads, ys, xs, ti, tj, valid, Hp, Wp, shift, scale, WS, SHIFTED)
+        s = _scores(q, k, TABLE, head, heads, ys, xs, ti, tj, valid, Hp, Wp, shift, scale, WS, SHIFTED, PRECISION)
         m = tl.max(s, 1)
         p = tl.exp(s - m[:, None])
         l = tl.sum(p, 1)
-        o = tl.dot((p / l[:, None]).to(v.dtype), v, out_dtype=tl.float32)
+        o = tl.dot((p / l[:, None]).to(v.dtype), v, out_dtype=tl.float32, input_precision=PRECISION)
         orow = b * o_b + yo.to(tl.int64) * o_h + xo.to(tl.int64) * o_w
         tl.store(OUT + orow[:, None] + (head * D + d)[None, :], o.to(OUT.dtype.element_ty),
                  mask=real[:, None] & dmask[None, :])
@@ -165,7 +165,7 @@ if triton is not None:
                     H, W, Hp, Wp, n_win_w, n_win, n_total, per_prog, C, heads, shift, scale,
                     s_b, s_h, s_w, o_b, o_h, o_w, g_b, g_h, g_w,
                     WS: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
-                    SHIFTED: tl.constexpr):
+                    SHIFTED: tl.constexpr, PRECISION: tl.constexpr):
         prog = tl.program_id(0)
         head = tl.program_id(1)
         d = tl.arange(0, BD)
@@ -183,7 +183,7 @@ if triton is not None:
                 q = _load_part(QKV, BIAS, row, head * D, d, dmask, valid, real)
                 k = _load_part(QKV, BIAS, row, C + head * D, d, dmask, valid, real)
                 v = _load_part(QKV, BIAS, row, 2 * C + head * D, d, dmask, valid, real)
-                s = _scores(q, k, TABLE, head, heads, ys, xs, ti, tj, valid, Hp, Wp, shift, scale, WS, SHIFTED)
+                s = _scores(q, k, TABLE, head, heads, ys, xs, ti, tj, valid, Hp, Wp, shift, scale, WS, SHIFTED, PRECISION)
                 lse = tl.load(LSE + (wid.to(tl.int64) * heads + head) * BN + t, mask=valid, other=0.0)
                 p = tl.exp(s - lse[:, None])
                 p = tl.where(valid[:, None], p, 0.0)
@@ -193,13 +193,13 @@ if triton is not None:
                 do = tl.load(DOUT + orow[:, None] + ocol, mask=omask, other=0.0)
                 o = tl.load(OUT + orow[:, None] + ocol, mask=omask, other=0.0)
                 delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
-                dv = tl.dot(tl.trans(p).to(do.dtype), do, out_dtype=tl.float32)
-                dp = tl.dot(do, tl.trans(v), out_dtype=tl.float32)
+                dv = tl.dot(tl.trans(p).to(do.dtype), do, out_dtype=tl.float32, input_precision=PRECISION)
+                dp = tl.dot(do, tl.trans(v), out_dtype=tl.float32, input_precision=PRECISION)
                 ds = p * (dp - delta[:, None])
                 ds_sum += ds
                 dsq = ds.to(q.dtype)
-                dq = tl.dot(dsq, k, out_dtype=tl.float32) * scale
-                dk = tl.dot(tl.trans(dsq), q, out_dtype=tl.float32) * scale
+                dq = tl.dot(dsq, k, out_dtype=tl.float32, input_precision=PRECISION) * scale
+                dk = tl.dot(tl.trans(dsq), q, out_dtype=tl.float32, input_precision=PRECISION) * scale
                 grow = b * g_b + yo.to(tl.int64) * g_h + xo.to(tl.int64) * g_w
                 gty = DQKV.dtype.element_ty
                 tl.store(DQKV + grow[:, None] + (head * D + d)[None, :], dq.to(gty), mask=omask)
@@ -227,6 +227,11 @@ def _geometry(qkv: torch.Tensor, num_heads: int, window: int) -> dict:
     d = c // num_heads
     return dict(b=b, h=h, w=w, c=c, hp=hp, wp=wp, n_win_w=wp // window, n_win=n_win, d=d,
                 bd=max(16, triton.next_power_of_2(d)), bn=max(16, triton.next_power_of_2(window * window)))
+
+
+def _precision(qkv: torch.Tensor) -> str:
+    # fp32 inputs get full-precision products, as eager's fp32 matmuls (no TF32).
+    return "ieee" if qkv.dtype == torch.float32 else "tf32"
 
 
 def _check(qkv, qkv_bias, table, num_heads, window, shift) -> None:
@@ -297,7 +302,7 @@ def _window_attention_op(
         g["h"], g["w"], g["hp"], g["wp"], g["n_win_w"], g["n_win"], g["c"], num_heads, shift,
         g["d"] ** -0.5,
         qkv.stride(0), qkv.stride(1), qkv.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        WS=window, BN=g["bn"], D=g["d"], BD=g["bd"], SHIFTED=shift > 0,
+        WS=window, BN=g["bn"], D=g["d"], BD=g["bd"], SHIFTED=shift > 0, PRECISION=_precision(qkv),
     )
     return out, lse
 
@@ -322,7 +327,7 @@ def _window_attention_backward_op(
         shift, g["d"] ** -0.5,
         qkv.stride(0), qkv.stride(1), qkv.stride(2), out.stride(0), out.stride(1), out.stride(2),
         dqkv.stride(0), dqkv.stride(1), dqkv.stride(2),
-        WS=window, BN=g["bn"], D=g["d"], BD=g["bd"], SHIFTED=shift > 0,
+        WS=window, BN=g["bn"], D=g["d"], BD=g["bd"], SHIFTED=shift > 0, PRECISION=_precision(qkv),
     )
     n = window * window
     ds = ds_part.sum(0)[:, :n, :n].reshape(num_heads, n * n)

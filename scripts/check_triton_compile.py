@@ -1,0 +1,93 @@
+"""Compile every Triton kernel of hifuse_kernels for a GPU target, without a GPU.
+
+Catches what the CPU interpreter cannot: type errors, unsupported operations and layout
+problems that only show when Triton lowers a kernel to PTX and a cubin. Usage:
+
+    python scripts/check_triton_compile.py [--arch 90]
+
+Must run without TRITON_INTERPRET=1 (kernels defined for the interpreter cannot be compiled).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    sys.exit("unset TRITON_INTERPRET: interpreted kernels cannot be compiled")
+
+from triton import compile as triton_compile  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+import hifuse_kernels.dwconv_layer_norm as dln  # noqa: E402
+import hifuse_kernels.gelu_residual as gr  # noqa: E402
+import hifuse_kernels.window_attention as wa  # noqa: E402
+
+FLOATS = {"scale", "eps"}
+DTYPES = {"fp32": "fp32", "bf16": "bf16", "fp16": "fp16"}
+
+
+def cases(dtype: str):
+    """(kernel, pointer dtypes by name ('dt' = the activation dtype), constexprs)."""
+    prec = "ieee" if dtype == "fp32" else "tf32"
+    attn = dict(WS=7, BN=64, D=32, BD=32, SHIFTED=True, PRECISION=prec)
+    f32 = "fp32"
+    yield wa._fwd_kernel, dict(QKV="dt", BIAS="dt", TABLE=f32, OUT="dt", LSE=f32), attn
+    yield wa._fwd_kernel, dict(QKV="dt", BIAS="dt", TABLE=f32, OUT="dt", LSE=f32), {**attn, "SHIFTED": False, "D": 64, "BD": 64}
+    yield wa._bwd_kernel, dict(QKV="dt", BIAS="dt", TABLE=f32, OUT="dt", DOUT="dt", LSE=f32, DQKV="dt",
+                               DBIAS_PART=f32, DS_PART=f32), attn
+    for block_c in (128, 1024):
+        tiles = dict(BLOCK_P=dln.BLOCK_P, BLOCK_C=block_c)  # launched with dln._warps(C) warps
+        yield dln._fwd_kernel, dict(X="dt", CW=f32, CB=f32, LW=f32, LB=f32, OUT="dt", MEAN=f32, RSTD=f32), tiles
+        yield dln._bwd_norm_kernel, dict(X="dt", CW=f32, CB=f32, LW=f32, GRAD="dt", MEAN=f32, RSTD=f32, DY=f32,
+                                         PART_LW=f32, PART_LB=f32), tiles
+        yield dln._bwd_conv_kernel, dict(X="dt", CW=f32, DY=f32, DX="dt", PART_CW=f32, PART_CB=f32), tiles
+    yield gr._fwd_kernel, dict(Y="dt", S=f32, OUT=f32), dict(BLOCK=gr.BLOCK)
+    yield gr._bwd_kernel, dict(G="dt", Y="dt", DY="dt"), dict(BLOCK=gr.BLOCK)
+
+
+def signature(kernel, pointers: dict, constexprs: dict, dtype: str) -> dict:
+    sig = {}
+    for p in kernel.params:
+        if p.is_constexpr:
+            sig[p.name] = "constexpr"
+        elif p.name in pointers:
+            kind = pointers[p.name]
+            sig[p.name] = "*" + (DTYPES[dtype] if kind == "dt" else kind)
+        elif p.name in FLOATS:
+            sig[p.name] = "fp32"
+        else:
+            sig[p.name] = "i32"
+    missing = set(constexprs) ^ {p.name for p in kernel.params if p.is_constexpr}
+    if missing:
+        raise SystemExit(f"{kernel.fn.__name__}: constexprs out of date: {sorted(missing)}")
+    return sig
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, default=90)
+    args = parser.parse_args()
+    target = GPUTarget("cuda", args.arch, 32)
+    failures = 0
+    for dtype in DTYPES:
+        for kernel, pointers, constexprs in cases(dtype):
+            name = f"{kernel.fn.__module__.split('.')[-1]}.{kernel.fn.__name__} {dtype} {constexprs}"
+            start = time.time()
+            try:
+                src = ASTSource(fn=kernel, signature=signature(kernel, pointers, constexprs, dtype), constexprs=constexprs)
+                options = {"num_warps": dln._warps(constexprs["BLOCK_C"])} if "BLOCK_C" in constexprs else {}
+                compiled = triton_compile(src, target=target, options=options)
+                print(f"ok   {name} ({time.time() - start:.1f}s, shared {compiled.metadata.shared} B)")
+            except Exception as err:  # noqa: BLE001 - report every kernel, then fail
+                failures += 1
+                print(f"FAIL {name}: {type(err).__name__}: {err}")
+    print(f"{failures} failed")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
