@@ -80,6 +80,15 @@ class PatchMerging(nn.Module):
         b, length, c = x.shape
         if length != h * w:
             raise ValueError(f"PatchMerging got {length} tokens for a {h}x{w} grid")
+        if config.is_fused("local"):
+            from hifuse_kernels import patch_merge
+
+            reason = patch_merge.unsupported_reason(x, h, w, self.norm.weight, self.norm.bias)
+            if reason is None:
+                return self.reduction(
+                    patch_merge.patch_merge_norm(x, h, w, self.norm.weight, self.norm.bias, self.norm.eps)
+                )
+            config.log_fallback("local", reason)
         x = x.view(b, h, w, c)
         if h % 2 or w % 2:
             x = F.pad(x, (0, 0, 0, w % 2, 0, h % 2))
