@@ -18,6 +18,8 @@
 #include <cuda_runtime.h>
 #include <torch/library.h>
 
+#include "partial_sums.cuh"
+
 #include <limits>
 
 namespace hifuse {
@@ -234,22 +236,6 @@ __global__ void backward_params_partial_kernel(const out_t* __restrict__ dy,
   }
 }
 
-template <typename acc_t, typename param_t>
-__global__ void backward_params_final_kernel(const acc_t* __restrict__ part_w,
-                                             const acc_t* __restrict__ part_b, int64_t chunks,
-                                             int64_t C, param_t* __restrict__ dw,
-                                             param_t* __restrict__ db) {
-  const int64_t c = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (c >= C) return;
-  acc_t tw = 0, tb = 0;
-  for (int64_t i = 0; i < chunks; ++i) {
-    tw += part_w[i * C + c];
-    tb += part_b[i * C + c];
-  }
-  dw[c] = static_cast<param_t>(tw);
-  db[c] = static_cast<param_t>(tb);
-}
-
 unsigned position_blocks(const Layout& L, int tp) {
   const int64_t blocks = ceil_div(L.n * L.s, tp);
   TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "hifuse::layer_norm_cf: tensor too large");
@@ -333,7 +319,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_cf_backward_cuda(
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(),
                                     "hifuse::layer_norm_cf_backward_params", [&] {
-      backward_params_final_kernel<acc_t, scalar_t>
+      sum_partials_kernel<acc_t, scalar_t>
           <<<static_cast<unsigned>(ceil_div(v.c, kThreads)), kThreads, 0, stream>>>(
               part_w.const_data_ptr<acc_t>(), part_b.const_data_ptr<acc_t>(), chunks, v.c,
               dw.mutable_data_ptr<scalar_t>(), db.mutable_data_ptr<scalar_t>());

@@ -29,6 +29,15 @@ MergeGeometry patch_merge_check(const at::Tensor& x, int64_t H, int64_t W, const
   return {x.size(0), H, W, c, (H + 1) / 2, (W + 1) / 2};
 }
 
+MergeGeometry patch_merge_check_backward(const at::Tensor& grad_out, const at::Tensor& x, int64_t H,
+                                         int64_t W, const at::Tensor& weight) {
+  const MergeGeometry g = patch_merge_check(x, H, W, weight, weight);
+  TORCH_CHECK(grad_out.dim() == 3 && grad_out.size(0) == g.b && grad_out.size(1) == g.h2 * g.w2 &&
+                  grad_out.size(2) == 4 * g.c,
+              "hifuse::patch_merge_norm_backward: grad_out shape ", grad_out.sizes(), " does not match");
+  return g;
+}
+
 namespace {
 
 template <typename scalar_t, typename stat_t>
@@ -128,10 +137,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> patch_merge_norm_cpu(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> patch_merge_norm_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& x_in, int64_t H, int64_t W, const at::Tensor& weight,
     const at::Tensor& mean_in, const at::Tensor& rstd_in) {
-  const MergeGeometry g = patch_merge_check(x_in, H, W, weight, weight);
-  TORCH_CHECK(grad_out.dim() == 3 && grad_out.size(0) == g.b && grad_out.size(1) == g.h2 * g.w2 &&
-                  grad_out.size(2) == 4 * g.c,
-              "hifuse::patch_merge_norm_backward: grad_out shape ", grad_out.sizes(), " does not match");
+  const MergeGeometry g = patch_merge_check_backward(grad_out, x_in, H, W, weight);
   const auto x = x_in.contiguous();
   const auto dy = grad_out.to(x.scalar_type()).contiguous();
   const auto mean = mean_in.contiguous();

@@ -13,6 +13,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "partial_sums.cuh"
+
 #include <limits>
 
 namespace hifuse {
@@ -134,21 +136,6 @@ __global__ void backward_params_partial_kernel(const scalar_t* __restrict__ dy, 
   }
 }
 
-template <typename acc_t, typename param_t>
-__global__ void backward_params_final_kernel(const acc_t* __restrict__ part_w, const acc_t* __restrict__ part_b,
-                                             int64_t chunks, int64_t n, param_t* __restrict__ dw,
-                                             param_t* __restrict__ db) {
-  const int64_t k = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (k >= n) return;
-  acc_t tw = 0, tb = 0;
-  for (int64_t i = 0; i < chunks; ++i) {
-    tw += part_w[i * n + k];
-    tb += part_b[i * n + k];
-  }
-  dw[k] = static_cast<param_t>(tw);
-  db[k] = static_cast<param_t>(tb);
-}
-
 unsigned row_blocks(const MergeGeometry& g) {
   const int64_t blocks = ceil_div(g.rows(), kWarpsPerBlock);
   TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "hifuse::patch_merge_norm: tensor too large");
@@ -185,10 +172,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> patch_merge_norm_cuda(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> patch_merge_norm_backward_cuda(
     const at::Tensor& grad_out, const at::Tensor& x_in, int64_t H, int64_t W, const at::Tensor& weight,
     const at::Tensor& mean_in, const at::Tensor& rstd_in) {
-  const MergeGeometry g = patch_merge_check(x_in, H, W, weight, weight);
-  TORCH_CHECK(grad_out.dim() == 3 && grad_out.size(0) == g.b && grad_out.size(1) == g.h2 * g.w2 &&
-                  grad_out.size(2) == 4 * g.c,
-              "hifuse::patch_merge_norm_backward: grad_out shape ", grad_out.sizes(), " does not match");
+  const MergeGeometry g = patch_merge_check_backward(grad_out, x_in, H, W, weight);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const auto x = x_in.contiguous();
   const auto dy = grad_out.to(x.scalar_type()).contiguous();
@@ -221,7 +205,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> patch_merge_norm_backward_cuda(
             chunk);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "hifuse::patch_merge_params", [&] {
-      backward_params_final_kernel<acc_t, scalar_t><<<static_cast<unsigned>(ceil_div(n, 256)), 256, 0, stream>>>(
+      sum_partials_kernel<acc_t, scalar_t><<<static_cast<unsigned>(ceil_div(n, 256)), 256, 0, stream>>>(
           part_w.const_data_ptr<acc_t>(), part_b.const_data_ptr<acc_t>(), chunks, n,
           dw.mutable_data_ptr<scalar_t>(), db.mutable_data_ptr<scalar_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();

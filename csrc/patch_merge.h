@@ -25,6 +25,9 @@ struct MergeGeometry {
 MergeGeometry patch_merge_check(const at::Tensor& x, int64_t H, int64_t W, const at::Tensor& weight,
                                 const at::Tensor& bias);
 
+MergeGeometry patch_merge_check_backward(const at::Tensor& grad_out, const at::Tensor& x, int64_t H,
+                                         int64_t W, const at::Tensor& weight);
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> patch_merge_norm_cpu(
     const at::Tensor& x, int64_t H, int64_t W, const at::Tensor& weight, const at::Tensor& bias,
     double eps);

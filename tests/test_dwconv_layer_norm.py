@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import hifuse
+from helpers import assert_model_matches_eager
 from hifuse.model import LocalBlock
 from hifuse_kernels import _triton
 from hifuse_kernels.dwconv_layer_norm import dwconv_layer_norm, dwconv_layer_norm_ref
@@ -91,20 +92,7 @@ def test_local_block_matches_eager(channels_last):
 
 
 def test_whole_model_with_local_fused():
-    torch.manual_seed(0)
-    model = hifuse.create_model("hifuse_tiny", num_classes=3).to(DEVICE)
-    x = torch.randn(1, 3, 64, 64, device=DEVICE)
-    ref = model(x)
-    ref.sum().backward()
-    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    model.zero_grad()
-    with hifuse.use_fused(attention=False, local=True, fusion=False, norm=False):
-        out = model(x)
-        out.sum().backward()
-    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
-    params = dict(model.named_parameters())
-    for name, g in ref_grads.items():
-        torch.testing.assert_close(params[name].grad, g, rtol=1e-3, atol=1e-4, msg=name)
+    assert_model_matches_eager(DEVICE, attention=False, local=True, fusion=False, norm=False)
 
 
 def test_fused_block_compiles_without_graph_breaks():

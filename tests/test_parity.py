@@ -41,29 +41,23 @@ def test_parity_with_published_model(variant, mode):
     _check(out, stats, parity, mode)
 
 
+NATIVE_SETTINGS = {
+    "norm": dict(attention=False, local=False, fusion=False, norm=True),
+    # The Triton kernels take no float64, so here only patch merging runs natively in the
+    # local part; the rest of it falls back to eager.
+    "merging_and_norm": dict(attention=False, local=True, fusion=False, norm=True),
+}
+
+
+@pytest.mark.parametrize("setting", list(NATIVE_SETTINGS))
 @pytest.mark.parametrize("mode", ["eval", "train_mode"])
-def test_parity_with_native_norm(mode):
+def test_parity_with_native_ops(mode, setting):
     from hifuse_kernels import native_available
 
     if not native_available():
         pytest.skip("native extension not built")
     model, x, parity = _fixture_model("tiny")
     model.train(mode == "train_mode")
-    with torch.no_grad(), hifuse.use_fused(attention=False, local=False, fusion=False, norm=True):
-        out, stats = module_stats(model, parity[f"module_output_stats_{mode}"].keys(), x)
-    _check(out, stats, parity, mode)
-
-
-@pytest.mark.parametrize("mode", ["eval", "train_mode"])
-def test_parity_with_native_merging_and_norm(mode):
-    """Float64 through the native patch merging and LayerNorm ops (the Triton kernels take no
-    float64, so the other local parts fall back to eager here)."""
-    from hifuse_kernels import native_available
-
-    if not native_available():
-        pytest.skip("native extension not built")
-    model, x, parity = _fixture_model("tiny")
-    model.train(mode == "train_mode")
-    with torch.no_grad(), hifuse.use_fused(attention=False, local=True, fusion=False, norm=True):
+    with torch.no_grad(), hifuse.use_fused(**NATIVE_SETTINGS[setting]):
         out, stats = module_stats(model, parity[f"module_output_stats_{mode}"].keys(), x)
     _check(out, stats, parity, mode)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import hifuse
+from helpers import assert_model_matches_eager
 from hifuse.model import GlobalBlock
 from hifuse_kernels import _triton
 from hifuse_kernels.window_attention import window_attention, window_attention_ref
@@ -107,20 +108,7 @@ def test_inference_merges_proj_and_fc1(shift):
 
 
 def test_whole_model_with_attention_fused():
-    torch.manual_seed(0)
-    model = hifuse.create_model("hifuse_tiny", num_classes=3).to(DEVICE)
-    x = torch.randn(1, 3, 64, 64, device=DEVICE)  # grids 16, 8, 4, 2: padding in every stage
-    ref = model(x)
-    ref.sum().backward()
-    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    model.zero_grad()
-    with hifuse.use_fused(attention=True, local=False, fusion=False, norm=False):
-        out = model(x)
-        out.sum().backward()
-    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
-    for name, g in ref_grads.items():
-        p = dict(model.named_parameters())[name]
-        torch.testing.assert_close(p.grad, g, rtol=1e-3, atol=1e-4, msg=name)
+    assert_model_matches_eager(DEVICE, attention=True, local=False, fusion=False, norm=False)
 
 
 def test_backward_is_deterministic():
