@@ -48,10 +48,13 @@ void forward_cpu(const MergeGeometry& g, const scalar_t* x, const double* w, con
     std::vector<double> v(n);
     for (int64_t row = begin; row < end; ++row) {
       double sum = 0;
-      for (int64_t k = 0; k < n; ++k) {
-        const int64_t src = merge_source(g, row, k);
-        v[k] = src < 0 ? 0.0 : static_cast<double>(x[src]);
-        sum += v[k];
+      for (int64_t q = 0; q < 4; ++q) {
+        const int64_t base = merge_source(g, row, q * g.c);  // a slot's C channels are contiguous
+        for (int64_t ch = 0; ch < g.c; ++ch) {
+          const double value = base < 0 ? 0.0 : static_cast<double>(x[base + ch]);
+          v[q * g.c + ch] = value;
+          sum += value;
+        }
       }
       const double mean = sum / n;
       double var = 0;
@@ -75,20 +78,31 @@ void backward_cpu(const MergeGeometry& g, const scalar_t* dy, const scalar_t* x,
     return (v - static_cast<double>(mean[row])) * static_cast<double>(rstd[row]);
   };
   at::parallel_for(0, g.rows(), 1, [&](int64_t begin, int64_t end) {
+    std::vector<double> xhat(n);
+    int64_t base[4];
     for (int64_t row = begin; row < end; ++row) {
       const scalar_t* grow = dy + row * n;
+      const double mu = static_cast<double>(mean[row]), rs = static_cast<double>(rstd[row]);
+      for (int64_t q = 0; q < 4; ++q) {
+        base[q] = merge_source(g, row, q * g.c);  // a slot's C channels are contiguous
+        for (int64_t ch = 0; ch < g.c; ++ch) {
+          const double v = base[q] < 0 ? 0.0 : static_cast<double>(x[base[q] + ch]);
+          xhat[q * g.c + ch] = (v - mu) * rs;
+        }
+      }
       double a = 0, bsum = 0;
       for (int64_t k = 0; k < n; ++k) {
         const double gw = static_cast<double>(grow[k]) * w[k];
         a += gw;
-        bsum += gw * xhat_of(row, k);
+        bsum += gw * xhat[k];
       }
-      const double rs = static_cast<double>(rstd[row]);
-      for (int64_t k = 0; k < n; ++k) {
-        const int64_t src = merge_source(g, row, k);
-        if (src < 0) continue;
-        const double gw = static_cast<double>(grow[k]) * w[k];
-        dx[src] = static_cast<scalar_t>(rs * (gw - (a + xhat_of(row, k) * bsum) / n));
+      for (int64_t q = 0; q < 4; ++q) {
+        if (base[q] < 0) continue;
+        for (int64_t ch = 0; ch < g.c; ++ch) {
+          const int64_t k = q * g.c + ch;
+          const double gw = static_cast<double>(grow[k]) * w[k];
+          dx[base[q] + ch] = static_cast<scalar_t>(rs * (gw - (a + xhat[k] * bsum) / n));
+        }
       }
     }
   });

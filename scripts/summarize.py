@@ -18,8 +18,17 @@ def rows(path: Path):
             figure = f"{info['images_per_s']:.0f} img/s, {info['tflops_per_s']:.1f} TFLOP/s"
             impl = info["provider"]
         else:
-            what = f"layer_norm_cf {info.get('direction')} {info.get('dtype')} {tuple(info.get('shape', ()))}"
-            figure = f"{info.get('gb_per_s', 0):.0f} GB/s"
+            what = bench["name"].split("[")[0].removeprefix("test_")
+            params = {k: v for k, v in bench.get("params", {}).items() if k != "impl"}
+            if "shape" in info:
+                params["shape"] = tuple(info["shape"])
+            what += " " + " ".join(str(v) for v in params.values())
+            parts = []
+            if "tflops_per_s" in info:
+                parts.append(f"{info['tflops_per_s']:.1f} TFLOP/s")
+            if "gb_per_s" in info:
+                parts.append(f"{info['gb_per_s']:.0f} GB/s")
+            figure = ", ".join(parts)
             impl = info.get("impl", "")
         mem = info.get("peak_mem_mib")
         yield (what, impl, median_ms, figure, f"{mem:.0f}" if mem else "", machine.get("device", "?"))
