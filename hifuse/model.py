@@ -288,7 +288,8 @@ class GlobalBlock(nn.Module):
         key = tuple((p.data_ptr(), p._version) for p in params)
         cached = getattr(self, "_merged", None)
         if torch.compiler.is_compiling() or cached is None or cached[0] != key:
-            with torch.no_grad():
+            # In the parameters' own precision: the cache outlives any autocast region.
+            with torch.no_grad(), torch.autocast(fc1.weight.device.type, enabled=False):
                 weight = fc1.weight @ proj.weight
                 bias = fc1.weight @ proj.bias + fc1.bias
             if torch.compiler.is_compiling():

@@ -105,6 +105,11 @@ def test_inference_merges_proj_and_fc1(shift):
             eager.fc1.weight.mul_(2)
             torch.testing.assert_close(fused(x, 9, 9), eager(x, 9, 9), **TOL)
     torch.testing.assert_close(out, ref, **TOL)
+    # Built under autocast, the merged weight still keeps the parameters' precision.
+    fused._merged = None
+    with torch.no_grad(), torch.autocast(DEVICE, dtype=torch.bfloat16), hifuse.use_fused(attention=True):
+        fused(x, 9, 9)
+    assert fused._merged[1].dtype == torch.float32
 
 
 def test_whole_model_with_attention_fused():
