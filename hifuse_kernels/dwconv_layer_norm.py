@@ -47,10 +47,18 @@ def dwconv_layer_norm_ref(x, conv_weight, conv_bias, ln_weight, ln_bias, eps: fl
 if triton is not None:
 
     @triton.jit
-    def _conv_tile(X, CW, CB, n, h, w0, H, W, C, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-        """Depthwise 3x3 conv of positions (n, h, w0 .. w0+BLOCK_P-1), all channels, fp32."""
+    def _tile(H, W, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+        """This program's positions (n, h, w0 .. w0+BLOCK_P-1) of one image row, all channels."""
+        row_id = tl.program_id(0)  # n * H + h
+        prog = row_id * tl.num_programs(1) + tl.program_id(1)
+        w0 = tl.program_id(1) * BLOCK_P
         p = tl.arange(0, BLOCK_P)
-        c = tl.arange(0, BLOCK_C)
+        pos = (row_id * W + w0 + p).to(tl.int64)
+        return prog.to(tl.int64), row_id // H, row_id % H, w0, p, tl.arange(0, BLOCK_C), pos, (w0 + p) < W
+
+    @triton.jit
+    def _conv_tile(X, CW, CB, n, h, w0, p, c, H, W, C, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+        """Depthwise 3x3 conv of positions (n, h, w0 + p), channels c, fp32."""
         cmask = c < C
         acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
         acc += tl.load(CB + c, mask=cmask, other=0.0).to(tl.float32)[None, :]
@@ -68,15 +76,9 @@ if triton is not None:
     @triton.jit
     def _fwd_kernel(X, CW, CB, LW, LB, OUT, MEAN, RSTD, H, W, C, eps,
                     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-        row_id = tl.program_id(0)  # n * H + h
-        w0 = tl.program_id(1) * BLOCK_P
-        n = row_id // H
-        h = row_id % H
-        y = _conv_tile(X, CW, CB, n, h, w0, H, W, C, BLOCK_P, BLOCK_C)
-        p = tl.arange(0, BLOCK_P)
-        c = tl.arange(0, BLOCK_C)
+        _prog, n, h, w0, p, c, pos, pmask = _tile(H, W, BLOCK_P, BLOCK_C)
         cmask = c < C
-        pmask = (w0 + p) < W
+        y = _conv_tile(X, CW, CB, n, h, w0, p, c, H, W, C, BLOCK_P, BLOCK_C)
         y = tl.where(cmask[None, :], y, 0.0)
         mean = tl.sum(y, 1) / C
         d = tl.where(cmask[None, :], y - mean[:, None], 0.0)
@@ -84,7 +86,6 @@ if triton is not None:
         lw = tl.load(LW + c, mask=cmask, other=0.0).to(tl.float32)
         lb = tl.load(LB + c, mask=cmask, other=0.0).to(tl.float32)
         out = d * rstd[:, None] * lw[None, :] + lb[None, :]
-        pos = (row_id * W + w0 + p).to(tl.int64)
         tl.store(OUT + pos[:, None] * C + c[None, :], out.to(OUT.dtype.element_ty), mask=pmask[:, None] & cmask[None, :])
         tl.store(MEAN + pos, mean, mask=pmask)
         tl.store(RSTD + pos, rstd, mask=pmask)
@@ -93,18 +94,10 @@ if triton is not None:
     def _bwd_norm_kernel(X, CW, CB, LW, GRAD, MEAN, RSTD, DY, PART_LW, PART_LB, H, W, C,
                          BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
         """Gradient of the conv output (fp32), and partial LayerNorm weight/bias gradients."""
-        row_id = tl.program_id(0)
-        col = tl.program_id(1)
-        w0 = col * BLOCK_P
-        n = row_id // H
-        h = row_id % H
-        y = _conv_tile(X, CW, CB, n, h, w0, H, W, C, BLOCK_P, BLOCK_C)
-        p = tl.arange(0, BLOCK_P)
-        c = tl.arange(0, BLOCK_C)
+        prog, n, h, w0, p, c, pos, pmask = _tile(H, W, BLOCK_P, BLOCK_C)
         cmask = c < C
-        pmask = (w0 + p) < W
         m2 = pmask[:, None] & cmask[None, :]
-        pos = (row_id * W + w0 + p).to(tl.int64)
+        y = _conv_tile(X, CW, CB, n, h, w0, p, c, H, W, C, BLOCK_P, BLOCK_C)
         mean = tl.load(MEAN + pos, mask=pmask, other=0.0)
         rstd = tl.load(RSTD + pos, mask=pmask, other=0.0)
         xhat = tl.where(m2, (y - mean[:, None]) * rstd[:, None], 0.0)
@@ -115,26 +108,16 @@ if triton is not None:
         b = tl.sum(gw * xhat, 1) / C
         dy = tl.where(m2, rstd[:, None] * (gw - a[:, None] - xhat * b[:, None]), 0.0)
         tl.store(DY + pos[:, None] * C + c[None, :], dy, mask=m2)
-        part = (row_id * tl.num_programs(1) + col).to(tl.int64) * C
-        tl.store(PART_LW + part + c, tl.sum(g * xhat, 0), mask=cmask)
-        tl.store(PART_LB + part + c, tl.sum(g, 0), mask=cmask)
+        tl.store(PART_LW + prog * C + c, tl.sum(g * xhat, 0), mask=cmask)
+        tl.store(PART_LB + prog * C + c, tl.sum(g, 0), mask=cmask)
 
     @triton.jit
     def _bwd_conv_kernel(X, CW, DY, DX, PART_CW, PART_CB, H, W, C,
                          BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
         """Input gradient (transposed depthwise conv of DY) and partial tap/bias gradients."""
-        row_id = tl.program_id(0)
-        col = tl.program_id(1)
-        w0 = col * BLOCK_P
-        n = row_id // H
-        h = row_id % H
-        p = tl.arange(0, BLOCK_P)
-        c = tl.arange(0, BLOCK_C)
+        prog, n, h, w0, p, c, pos, pmask = _tile(H, W, BLOCK_P, BLOCK_C)
         cmask = c < C
-        pmask = (w0 + p) < W
         m2 = pmask[:, None] & cmask[None, :]
-        pos = (row_id * W + w0 + p).to(tl.int64)
-        prog = (row_id * tl.num_programs(1) + col).to(tl.int64)
         dy_here = tl.load(DY + pos[:, None] * C + c[None, :], mask=m2, other=0.0)
         tl.store(PART_CB + prog * C + c, tl.sum(dy_here, 0), mask=cmask)
         dx = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
