@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import hifuse_kernels
-from conftest import DEVICE, DTYPES, ON_GPU, run_timed
+from conftest import DEVICE, DTYPES, run_timed
 from hifuse_kernels.layer_norm_cf import layer_norm_cf, layer_norm_cf_ref
 
 PROVIDERS = ("eager", "compile", "native")

@@ -67,3 +67,22 @@ def unsupported_device_reason(op: str, device_type: str) -> str | None:
     if not has_kernel(op, device_type):
         return f"hifuse::{op} has no {device_type} implementation in this build"
     return None
+
+
+def _no_flops(*_args, **_kwargs) -> int:
+    # FlopCounterMode counts only matrix products and convolutions; eager's norms, gathers
+    # and elementwise work count zero, and so do the native ops that replace them.
+    return 0
+
+
+def register_python_parts(op: str, fake, fake_backward, backward, setup_context) -> None:
+    """Fake kernels, autograd and a zero FLOP formula for hifuse::op and hifuse::op_backward,
+    whose schemas and kernels the compiled library defines. No-op when it is not loaded."""
+    if not available():
+        return
+    from torch.utils.flop_counter import register_flop_formula
+
+    torch.library.register_fake(f"hifuse::{op}")(fake)
+    torch.library.register_fake(f"hifuse::{op}_backward")(fake_backward)
+    torch.library.register_autograd(f"hifuse::{op}", backward, setup_context=setup_context)
+    register_flop_formula([getattr(torch.ops.hifuse, op), getattr(torch.ops.hifuse, f"{op}_backward")])(_no_flops)

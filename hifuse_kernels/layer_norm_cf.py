@@ -15,7 +15,6 @@ fake and autograd here), functional entry point. The module using it is
 from __future__ import annotations
 
 import torch
-from torch.utils.flop_counter import register_flop_formula
 
 from hifuse.layers import layer_norm_2d_eager as layer_norm_cf_ref
 
@@ -100,23 +99,7 @@ def _backward(ctx, grad_out, _grad_mean, _grad_rstd):
     return dx, dw, db, None
 
 
-def _flops(*_args, **_kwargs) -> int:
-    # FlopCounterMode counts only matrix products and convolutions; the eager
-    # LayerNorm counts zero, and so does this op, so fused and eager totals agree.
-    return 0
-
-
-def _register() -> None:
-    torch.library.register_fake(f"hifuse::{OP}")(_fake_forward)
-    torch.library.register_fake(f"hifuse::{OP}_backward")(_fake_backward)
-    torch.library.register_autograd(f"hifuse::{OP}", _backward, setup_context=_setup_context)
-    register_flop_formula([torch.ops.hifuse.layer_norm_cf, torch.ops.hifuse.layer_norm_cf_backward])(
-        _flops
-    )
-
-
-if _ext.available():
-    _register()
+_ext.register_python_parts(OP, _fake_forward, _fake_backward, _backward, _setup_context)
 
 
 def layer_norm_cf(

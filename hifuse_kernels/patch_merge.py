@@ -6,8 +6,8 @@ Eager pads the (B, H, W, C) grid, takes four strided slices, concatenates them i
 it normalised; backward scatters the row gradient back to the tokens. The reduction GEMM
 stays a Linear.
 
-Layers: reference, capability check, registered op (schema in C++; fake, autograd and
-FLOP formula here), functional entry point. The module using it is
+Layers: reference, capability check, registered op (schema in C++; fake and autograd here, registered with a zero
+FLOP formula by `_ext.register_python_parts`), functional entry point. The module using it is
 ``hifuse.model.PatchMerging``.
 """
 
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.utils.flop_counter import register_flop_formula
 
 from . import _ext
 
@@ -91,20 +90,7 @@ def _backward(ctx, grad_out, _grad_mean, _grad_rstd):
     return dx, None, None, dw, db, None
 
 
-def _flops(*_args, **_kwargs) -> int:
-    # Gather and normalisation: FlopCounterMode counts eager's as zero, and so does this op.
-    return 0
-
-
-def _register() -> None:
-    torch.library.register_fake(f"hifuse::{OP}")(_fake_forward)
-    torch.library.register_fake(f"hifuse::{OP}_backward")(_fake_backward)
-    torch.library.register_autograd(f"hifuse::{OP}", _backward, setup_context=_setup_context)
-    register_flop_formula([torch.ops.hifuse.patch_merge_norm, torch.ops.hifuse.patch_merge_norm_backward])(_flops)
-
-
-if _ext.available():
-    _register()
+_ext.register_python_parts(OP, _fake_forward, _fake_backward, _backward, _setup_context)
 
 
 def patch_merge_norm(x: torch.Tensor, h: int, w: int, weight: torch.Tensor, bias: torch.Tensor,
