@@ -24,6 +24,7 @@ __all__ = [
     "GlobalBlock",
     "GlobalStage",
     "LocalBlock",
+    "LocalDownsample",
     "ConvBN",
     "IRMLP",
     "HFFBlock",
@@ -61,6 +62,17 @@ class PatchEmbed(nn.Module):
         p = self.patch_size
         if h % p or w % p:
             x = F.pad(x, (0, (p - w % p) % p, 0, (p - h % p) % p))
+        if config.is_fused("local"):
+            from hifuse_kernels import patch_conv
+
+            nhwc = x.permute(0, 2, 3, 1)
+            reason = patch_conv.unsupported_reason(nhwc, self.proj.weight)
+            if reason is None:
+                # one GEMM over gathered patches writes the tokens: no conv output to transpose
+                y = patch_conv.patch_conv(nhwc, self.proj.weight, self.proj.bias)
+                b, h, w, c = y.shape
+                return self.norm(y.reshape(b, h * w, c)), h, w
+            config.log_fallback("local", reason)
         x = self.proj(x)
         _, _, h, w = x.shape
         x = self.norm(x.flatten(2).transpose(1, 2))
@@ -381,6 +393,61 @@ class LocalBlock(nn.Module):
         return out.permute(0, 3, 1, 2)
 
 
+class LocalDownsample(nn.Sequential):
+    """A stride-k layer of the local branch: the stem (conv 4x4/4, LayerNorm2d) or a
+    downsample (LayerNorm2d, conv 2x2/2).
+
+    An ``nn.Sequential`` with the published children (0 and 1), so checkpoints load as
+    they are. The fused path works channels-last: the LayerNorm is a last-dim LayerNorm and
+    the convolution one GEMM over gathered patches (``hifuse_kernels.patch_conv``); its
+    result is an NCHW-shaped view of channels-last memory, which the local blocks take
+    without copies.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, stride: int, norm_first: bool) -> None:
+        conv = nn.Conv2d(in_dim, out_dim, stride, stride=stride)
+        if norm_first:
+            super().__init__(LayerNorm2d(in_dim, eps=1e-6), conv)
+        else:
+            super().__init__(conv, LayerNorm2d(out_dim, eps=1e-6))
+        self.norm_first = norm_first
+
+    @property
+    def conv(self) -> nn.Conv2d:
+        return self[1] if self.norm_first else self[0]
+
+    @property
+    def norm(self) -> LayerNorm2d:
+        return self[0] if self.norm_first else self[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if config.is_fused("local"):
+            reason = self.fused_unsupported_reason(x)
+            if reason is None:
+                return self.forward_fused(x)
+            config.log_fallback("local", reason)
+        return super().forward(x)
+
+    def fused_unsupported_reason(self, x: torch.Tensor) -> str | None:
+        from hifuse_kernels import patch_conv
+
+        if x.dim() != 4 or x.shape[1] != self.conv.in_channels:
+            return f"x must be (B, {self.conv.in_channels}, H, W), got {tuple(x.shape)}"
+        return patch_conv.unsupported_reason(x.permute(0, 2, 3, 1), self.conv.weight)
+
+    def forward_fused(self, x: torch.Tensor) -> torch.Tensor:
+        from hifuse_kernels.patch_conv import patch_conv
+
+        nhwc = x.permute(0, 2, 3, 1)
+        norm = self.norm
+        if self.norm_first:
+            nhwc = F.layer_norm(nhwc, (norm.dim,), norm.weight, norm.bias, norm.eps)
+        y = patch_conv(nhwc, self.conv.weight, self.conv.bias)
+        if not self.norm_first:
+            y = F.layer_norm(y, (norm.dim,), norm.weight, norm.bias, norm.eps)
+        return y.permute(0, 3, 1, 2)
+
+
 # --------------------------------------------------------------------------- fusion path
 
 
@@ -553,14 +620,9 @@ class HiFuse(nn.Module):
         self.num_features = dims[-1]
 
         # local branch
-        self.downsample_layers = nn.ModuleList()
-        self.downsample_layers.append(
-            nn.Sequential(nn.Conv2d(in_chans, dims[0], 4, stride=4), LayerNorm2d(dims[0], eps=1e-6))
-        )
+        self.downsample_layers = nn.ModuleList([LocalDownsample(in_chans, dims[0], 4, norm_first=False)])
         for i in range(3):
-            self.downsample_layers.append(
-                nn.Sequential(LayerNorm2d(dims[i], eps=1e-6), nn.Conv2d(dims[i], dims[i + 1], 2, stride=2))
-            )
+            self.downsample_layers.append(LocalDownsample(dims[i], dims[i + 1], 2, norm_first=True))
         local_dpr = torch.linspace(0, local_drop_path_rate, sum(depths)).tolist()
         self.stages = nn.ModuleList()
         start = 0

@@ -4,7 +4,16 @@ Importing this package never needs the compiled extension; the ops that need it
 raise an ImportError saying what is missing and how to build it.
 """
 
-from . import _ext, _triton, dwconv_layer_norm, gelu_residual, layer_norm_cf, patch_merge, window_attention
+from . import (
+    _ext,
+    _triton,
+    dwconv_layer_norm,
+    gelu_residual,
+    layer_norm_cf,
+    patch_conv,
+    patch_merge,
+    window_attention,
+)
 from ._ext import available as native_available
 from ._ext import load_error as native_load_error
 from ._triton import unsupported_reason as triton_unsupported_reason
@@ -13,6 +22,7 @@ __all__ = [
     "dwconv_layer_norm",
     "gelu_residual",
     "layer_norm_cf",
+    "patch_conv",
     "patch_merge",
     "window_attention",
     "native_available",

@@ -1,0 +1,67 @@
+"""Non-overlapping k x k / k convolutions as one GEMM over gathered patches, channels-last.
+
+The stems of both branches (4x4/4) and the local downsample layers (2x2/2) are
+convolutions whose windows never overlap, so each output pixel is a dot product of one
+contiguous k*k*C patch with the weight. On channels-last data the patch gather is one
+copy with contiguous runs of C, the GEMM writes (B, H/k, W/k, Cout) directly, and the
+LayerNorm around it is PyTorch's one-pass last-dim LayerNorm: no NCHW <-> NHWC copies
+and none of the five elementwise kernels of the channels-first LayerNorm formula.
+
+Plain PyTorch ops (gather, ``F.linear``, ``F.layer_norm``), so autograd, FLOP counting
+(``mm``/``addmm``: the same FLOPs as the convolution) and torch.compile come for free.
+The modules using them are ``hifuse.model.PatchEmbed`` and ``hifuse.model.LocalDownsample``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["patch_conv", "patch_conv_ref", "unsupported_reason"]
+
+
+def patch_conv_ref(x_nhwc: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The convolution as nn.Conv2d computes it, in and out as (B, H, W, C)."""
+    k = weight.shape[-1]
+    out = F.conv2d(x_nhwc.permute(0, 3, 1, 2), weight, bias, stride=k)
+    return out.permute(0, 2, 3, 1)
+
+
+def unsupported_reason(x_nhwc: torch.Tensor, weight: torch.Tensor) -> str | None:
+    """Why patch_conv cannot take these inputs, or None when it can."""
+    if not isinstance(x_nhwc, torch.Tensor) or not isinstance(weight, torch.Tensor):
+        return "x and weight must be tensors"
+    if x_nhwc.dim() != 4:
+        return f"x must be 4-D (B, H, W, C), got shape {tuple(x_nhwc.shape)}"
+    if weight.dim() != 4 or weight.shape[-1] != weight.shape[-2]:
+        return f"weight must be (Cout, C, k, k), got {tuple(weight.shape)}"
+    if weight.shape[1] != x_nhwc.shape[-1]:
+        return f"weight takes {weight.shape[1]} channels, x has {x_nhwc.shape[-1]}"
+    if not x_nhwc.is_floating_point():
+        return f"x must be floating point, got {x_nhwc.dtype}"
+    if x_nhwc.device != weight.device:
+        return f"x is on {x_nhwc.device}, weight on {weight.device}"
+    return None
+
+
+def patch_conv(x_nhwc: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """k x k, stride k convolution of (B, H, W, C) with a (Cout, C, k, k) weight -> (B, H/k, W/k, Cout).
+
+    Trailing rows and columns that do not fill a window are dropped, as nn.Conv2d drops
+    them. Any strides are accepted (an NCHW image passed as ``x.permute(0, 2, 3, 1)`` too).
+
+    Raises:
+        TypeError, ValueError: bad arguments (see ``unsupported_reason``).
+    """
+    reason = unsupported_reason(x_nhwc, weight)
+    if reason is not None:
+        raise (TypeError if "tensor" in reason or "floating" in reason else ValueError)(f"patch_conv: {reason}")
+    b, h, w, c = x_nhwc.shape
+    cout, _, k, _ = weight.shape
+    ho, wo = h // k, w // k
+    if ho == 0 or wo == 0:
+        raise ValueError(f"patch_conv: a {h}x{w} input has no full {k}x{k} window")
+    x = x_nhwc[:, : ho * k, : wo * k]
+    # (B, Ho, k, Wo, k, C) -> (B, Ho, Wo, k, k, C): each patch is (kh, kw, C) with C contiguous.
+    patches = x.reshape(b, ho, k, wo, k, c).permute(0, 1, 3, 2, 4, 5).reshape(b, ho, wo, k * k * c)
+    return F.linear(patches, weight.permute(0, 2, 3, 1).reshape(cout, k * k * c), bias)
