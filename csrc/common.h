@@ -7,45 +7,93 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 namespace hifuse {
 
-// An (N, C, H, W) tensor viewed as (N, C, S = H * W) with its element strides. Only
-// the two dense layouts are kept as they are; anything else is copied to NCHW.
-struct NCSView {
-  at::Tensor t;
+#if defined(__CUDACC__)
+#define HIFUSE_HD __host__ __device__
+#else
+#define HIFUSE_HD
+#endif
+
+constexpr int kMaxParts = 3;
+
+// Up to kMaxParts (N, C_k, H, W) tensors read as their concatenation along C, an
+// (N, C = sum C_k, H, W) tensor that is never built. Positions p = n * S + s (S = H * W).
+// All parts share one dense memory format: channels-last when some part is
+// channels-last (and not also NCHW-contiguous), NCHW otherwise; parts in any other
+// layout are copied to it. A single part is a plain channels-first tensor.
+struct CatLayout {
   int64_t n, c, s;
-  int64_t stride_n, stride_c, stride_s;
+  int num;
   bool channels_last;
-  at::MemoryFormat format;
+  int64_t start[kMaxParts + 1];  // part k holds channels [start[k], start[k + 1])
+
+  HIFUSE_HD int64_t width(int k) const { return start[k + 1] - start[k]; }
+  // Stride between channels, the same in every part and in the concatenation.
+  HIFUSE_HD int64_t stride_c() const { return channels_last ? 1 : s; }
+  // Element offset of (p, channel 0) in a tensor of `ck` channels.
+  HIFUSE_HD int64_t row_base(int64_t p, int64_t ck) const {
+    return channels_last ? p * ck : (p / s) * ck * s + p % s;
+  }
+  // The part holding channel c, searching up from part k (channels are visited in order).
+  HIFUSE_HD int part_from(int k, int64_t c) const {
+    while (k + 1 < num && c >= start[k + 1]) ++k;
+    return k;
+  }
 };
 
-inline NCSView as_ncs(const at::Tensor& x) {
-  NCSView v;
-  v.n = x.size(0);
-  v.c = x.size(1);
-  v.s = x.size(2) * x.size(3);
-  if (x.is_contiguous()) {
-    v.t = x;
-    v.channels_last = false;
-  } else if (x.is_contiguous(at::MemoryFormat::ChannelsLast)) {
-    v.t = x;
-    v.channels_last = true;
-  } else {
-    v.t = x.contiguous();
-    v.channels_last = false;
+struct CatView {
+  std::vector<at::Tensor> parts;  // each dense in `format`
+  CatLayout L;
+  at::MemoryFormat format;
+  std::vector<int64_t> sizes;  // (N, C, H, W) of the concatenation
+};
+
+inline CatView as_cat(at::TensorList parts) {
+  CatView v;
+  TORCH_CHECK(!parts.empty() && parts.size() <= static_cast<size_t>(kMaxParts),
+              "hifuse: 1 to ", kMaxParts, " parts are supported, got ", parts.size());
+  bool cl = false;
+  for (const auto& t : parts) {
+    cl = cl || (!t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast));
   }
-  v.format = v.channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
-  v.stride_n = v.c * v.s;
-  v.stride_c = v.channels_last ? 1 : v.s;
-  v.stride_s = v.channels_last ? v.c : 1;
+  v.format = cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  const auto& first = parts[0];
+  v.L.n = first.size(0);
+  v.L.s = first.size(2) * first.size(3);
+  v.L.num = static_cast<int>(parts.size());
+  v.L.channels_last = cl;
+  v.L.start[0] = 0;
+  for (int k = 0; k < v.L.num; ++k) {
+    v.parts.push_back(parts[k].contiguous(v.format));
+    v.L.start[k + 1] = v.L.start[k] + parts[k].size(1);
+  }
+  for (int k = v.L.num + 1; k <= kMaxParts; ++k) v.L.start[k] = v.L.start[v.L.num];
+  v.L.c = v.L.start[v.L.num];
+  v.sizes = {v.L.n, v.L.c, first.size(2), first.size(3)};
   return v;
 }
 
-// A tensor with the same logical layout as `v` (same strides), for outputs and
-// for incoming gradients, which may be expanded or strided in other ways.
-inline at::Tensor like_layout(const at::Tensor& t, const NCSView& v) {
-  return t.contiguous(v.format);
+// Pointers to the parts' data, passed to kernels by value.
+template <typename T>
+struct PartPtrs {
+  T* p[kMaxParts];
+};
+
+template <typename T>
+PartPtrs<const T> const_ptrs(const std::vector<at::Tensor>& parts) {
+  PartPtrs<const T> r{};
+  for (size_t k = 0; k < parts.size(); ++k) r.p[k] = parts[k].const_data_ptr<T>();
+  return r;
+}
+
+template <typename T>
+PartPtrs<T> mutable_ptrs(std::vector<at::Tensor>& parts) {
+  PartPtrs<T> r{};
+  for (size_t k = 0; k < parts.size(); ++k) r.p[k] = parts[k].mutable_data_ptr<T>();
+  return r;
 }
 
 inline at::ScalarType stat_dtype(at::ScalarType x) {

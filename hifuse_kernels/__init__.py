@@ -9,6 +9,7 @@ from . import (
     _triton,
     dwconv_layer_norm,
     gelu_residual,
+    layer_norm_cat,
     layer_norm_cf,
     patch_conv,
     patch_merge,
@@ -21,6 +22,7 @@ from ._triton import unsupported_reason as triton_unsupported_reason
 __all__ = [
     "dwconv_layer_norm",
     "gelu_residual",
+    "layer_norm_cat",
     "layer_norm_cf",
     "patch_conv",
     "patch_merge",

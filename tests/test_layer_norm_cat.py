@@ -1,0 +1,151 @@
+"""hifuse::layer_norm_cat (LayerNorm over a concatenation never built) against the eager formula."""
+
+import pytest
+import torch
+from torch.library import opcheck
+
+import hifuse_kernels
+from hifuse_kernels.layer_norm_cat import layer_norm_cat, layer_norm_cat_ref
+from hifuse_kernels.layer_norm_cf import layer_norm_cf
+
+pytestmark = pytest.mark.skipif(not hifuse_kernels.native_available(), reason="native extension not built")
+
+# (N, H, W) and the parts' channels: the fusion blocks' norm2 (C, C) and norm1 (C, C, C),
+# uneven splits, a single part, odd and prime sides, 1x1, batch 1
+CASES = [
+    ((1, 7, 5), (96, 96)),
+    ((2, 3, 13), (24, 24, 24)),
+    ((1, 1, 1), (8, 3, 5)),
+    ((3, 5, 2), (1, 30)),
+    ((2, 4, 3), (77,)),
+    ((1, 2, 3), (768, 768, 768)),
+]
+FORMATS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
+TOL = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=2e-5, atol=2e-5)}
+
+
+def _inputs(nhw, widths, dtype, fmts, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    n, h, w = nhw
+    parts = [
+        (torch.randn(n, c, h, w, generator=g, dtype=dtype) * (k + 1) + k).to(device, memory_format=FORMATS[f])
+        for k, (c, f) in enumerate(zip(widths, fmts))
+    ]
+    total = sum(widths)
+    weight = (1 + 0.1 * torch.randn(total, generator=g, dtype=dtype)).to(device)
+    bias = (0.1 * torch.randn(total, generator=g, dtype=dtype)).to(device)
+    return [t.requires_grad_() for t in parts], weight.requires_grad_(), bias.requires_grad_()
+
+
+def _grads(fn, parts, weight, bias, grad):
+    out = fn(parts, weight, bias, 1e-6)
+    return (out, *torch.autograd.grad(out, (*parts, weight, bias), grad))
+
+
+@pytest.mark.parametrize("nhw, widths", CASES)
+@pytest.mark.parametrize("fmt", ["nchw", "nhwc", "mixed"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_matches_reference_cpu(nhw, widths, fmt, dtype):
+    fmts = [("nhwc" if k % 2 else "nchw") if fmt == "mixed" else fmt for k in range(len(widths))]
+    parts, w, b = _inputs(nhw, widths, dtype, fmts)
+    grad = torch.randn(nhw[0], sum(widths), *nhw[1:], dtype=dtype)
+    got = _grads(layer_norm_cat, parts, w, b, grad)
+    ref = _grads(layer_norm_cat_ref, parts, w, b, grad)
+    names = ["out"] + [f"dpart{k}" for k in range(len(parts))] + ["dweight", "dbias"]
+    for name, a, r in zip(names, got, ref):
+        torch.testing.assert_close(a, r, **TOL[dtype], msg=name)
+    if "nhwc" in fmts and min(nhw[1:]) > 1:
+        assert got[0].is_contiguous(memory_format=torch.channels_last)
+
+
+def test_same_as_layer_norm_cf_of_the_concatenation():
+    parts, w, b = _inputs((2, 5, 3), (96, 96, 96), torch.float32, ["nhwc"] * 3)
+    whole = torch.cat([t.detach() for t in parts], 1).requires_grad_()
+    grad = torch.randn(whole.shape).contiguous(memory_format=torch.channels_last)
+    got = _grads(layer_norm_cat, parts, w, b, grad)
+    one = _grads(lambda p, *a: layer_norm_cf(p[0], *a), [whole], w, b, grad)
+    assert torch.equal(got[0], one[0])
+    assert torch.equal(torch.cat(got[1:4], 1), one[1])
+    assert torch.equal(got[4], one[2]) and torch.equal(got[5], one[3])
+
+
+def test_expanded_gradient_and_determinism():
+    parts, w, b = _inputs((2, 5, 7), (16, 8), torch.float64, ["nchw", "nchw"])
+    layer_norm_cat(parts, w, b).sum().backward()
+    got = [t.grad.clone() for t in (*parts, w, b)]
+    for t in (*parts, w, b):
+        t.grad = None
+    layer_norm_cat_ref(parts, w, b).sum().backward()
+    for a, t in zip(got, (*parts, w, b)):
+        torch.testing.assert_close(a, t.grad, **TOL[torch.float64])
+    grad = torch.randn(2, 24, 5, 7)
+    parts, w, b = _inputs((2, 5, 7), (16, 8), torch.float32, ["nhwc", "nhwc"])
+    first, second = _grads(layer_norm_cat, parts, w, b, grad), _grads(layer_norm_cat, parts, w, b, grad)
+    assert all(torch.equal(a, c) for a, c in zip(first, second))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_opcheck(fmt):
+    parts, w, b = _inputs((2, 3, 5), (8, 4, 6), torch.float32, [fmt] * 3)
+    opcheck(torch.ops.hifuse.layer_norm_cat.default, (parts, w, b, 1e-6))
+    parts = [t.detach() for t in parts]
+    mean_rstd = torch.ops.hifuse.layer_norm_cat(parts, w.detach(), b.detach(), 1e-6)[1:]
+    opcheck(torch.ops.hifuse.layer_norm_cat_backward.default, (torch.randn(2, 18, 3, 5), parts, w.detach(), *mean_rstd),
+            test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+
+
+def test_compiles_without_graph_breaks():
+    parts, w, b = _inputs((2, 3, 5), (8, 4), torch.float32, ["nhwc", "nhwc"])
+    ref = layer_norm_cat_ref(parts, w, b)
+    out = torch.compile(layer_norm_cat, fullgraph=True, backend="aot_eager")(parts, w, b)
+    out.sum().backward()
+    torch.testing.assert_close(out, ref, **TOL[torch.float32])
+    assert all(t.grad is not None for t in parts)
+
+
+def test_bad_input_errors():
+    parts, w, b = _inputs((2, 3, 3), (4, 4), torch.float32, ["nchw", "nchw"])
+    with pytest.raises(ValueError, match="share N, H and W"):
+        layer_norm_cat([parts[0], parts[1][:, :, :2]], w, b)
+    with pytest.raises(ValueError, match="1 to 3 parts"):
+        layer_norm_cat(parts * 2, torch.ones(16), torch.zeros(16))
+    with pytest.raises(ValueError, match="C = 8"):
+        layer_norm_cat(parts, torch.ones(7), torch.zeros(7))
+    with pytest.raises(TypeError, match="share a dtype"):
+        layer_norm_cat([parts[0], parts[1].double()], w, b)
+    with pytest.raises(TypeError, match="list of tensors"):
+        layer_norm_cat(parts[0], w, b)
+    with pytest.raises(ValueError, match="4-D"):
+        layer_norm_cat([parts[0][0]], torch.ones(4), torch.zeros(4))
+
+
+@pytest.mark.native_errors
+def test_raw_op_checks():
+    op = torch.ops.hifuse.layer_norm_cat
+    x = torch.randn(2, 4, 3, 3)
+    with pytest.raises(RuntimeError, match="share N, H and W"):
+        op([x, x[:, :, :2]], torch.ones(8), torch.zeros(8), 1e-6)
+    with pytest.raises(RuntimeError, match="C = 8"):
+        op([x, x], torch.ones(4), torch.zeros(4), 1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("nhw, widths", CASES + [((128, 56, 56), (96, 96, 96)), ((128, 7, 7), (768, 768))])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_matches_reference_cuda(nhw, widths, dtype):
+    if not hifuse_kernels._ext.has_kernel("layer_norm_cat", "cuda"):
+        pytest.skip("extension built without CUDA ops")
+    parts64, w64, b64 = _inputs(nhw, widths, torch.float64, ["nhwc"] * len(widths), "cuda")
+    grad64 = torch.randn(nhw[0], sum(widths), *nhw[1:], dtype=torch.float64, device="cuda")
+    ref = _grads(layer_norm_cat_ref, parts64, w64, b64, grad64)
+
+    def cast(t):
+        return t.detach().to(dtype).requires_grad_()
+
+    parts, w, b = [cast(t) for t in parts64], cast(w64), cast(b64)
+    got = _grads(layer_norm_cat, parts, w, b, grad64.to(dtype))
+    pt = _grads(layer_norm_cat_ref, parts, w, b, grad64.to(dtype))
+    for k, (a, p, r) in enumerate(zip(got, pt, ref)):
+        err = (a.double() - r).abs().max().item()
+        pt_err = (p.double() - r).abs().max().item()
+        assert err <= 2 * pt_err + 1e-5 * max(1.0, r.abs().max().item()), f"output {k}: {err:.3g} vs eager {pt_err:.3g}"
