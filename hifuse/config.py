@@ -22,7 +22,7 @@ logger = logging.getLogger("hifuse")
 ENV_VAR = "HIFUSE_FUSED"
 
 # Parts that have fused kernels in this version; the others accept the switch and run eager.
-IMPLEMENTED = frozenset({"attention", "local", "norm"})
+IMPLEMENTED = frozenset({"attention", "local", "fusion", "norm"})
 
 
 @dataclass(frozen=True)

@@ -486,6 +486,44 @@ class ConvBN(nn.Module):
             x = self.relu(x)
         return x
 
+    def forward_fused(self, x: torch.Tensor) -> torch.Tensor:
+        """The fusion block's fused path: a 1x1 convolution is a GEMM over channels-last
+        pixels; in eval mode the BatchNorm is folded into the weight and bias (one rounding
+        of the folded weight instead of a separate normalisation pass); in training the
+        BatchNorm module runs as is, so batch statistics and running-statistic updates are
+        exactly nn.BatchNorm2d's."""
+        weight, bias = self.conv.weight, self.conv.bias
+        bn = self.bn
+        fold = bn is not None and not bn.training and bn.running_var is not None
+        if fold:
+            weight, bias = fold_batch_norm(weight, bias, bn)
+        x = conv_channels_last(x, weight, bias, self.conv)
+        if bn is not None and not fold:
+            x = bn(x)
+        return F.relu(x) if self.relu is not None else x
+
+
+def fold_batch_norm(
+    weight: torch.Tensor, bias: torch.Tensor | None, bn: nn.BatchNorm2d
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight and bias of conv followed by an eval-mode BatchNorm, as one convolution."""
+    scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+    shift = bn.bias - bn.running_mean * scale
+    if bias is not None:
+        shift = shift + bias * scale
+    return weight * scale.view(-1, 1, 1, 1), shift
+
+
+def conv_channels_last(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, conv: nn.Conv2d
+) -> torch.Tensor:
+    """``conv`` (its padding and groups) with the given weight; a dense 1x1 convolution runs
+    as one GEMM on the channels-last pixels and returns an NCHW view of channels-last memory."""
+    if conv.kernel_size == (1, 1) and conv.groups == 1 and conv.stride == (1, 1):
+        y = F.linear(x.permute(0, 2, 3, 1), weight.flatten(1), bias)
+        return y.permute(0, 3, 1, 2)
+    return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+
 
 class IRMLP(nn.Module):
     """Inverted residual MLP: 3x3 conv + GELU + residual, BN, 1x1 expand x4 + GELU, 1x1 + BN.
@@ -509,6 +547,30 @@ class IRMLP(nn.Module):
         out = self.gelu(self.conv1(x)) + x
         out = self.gelu(self.conv2(self.bn1(out)))
         return self.conv3(out)
+
+    def forward_fused(self, x: torch.Tensor) -> torch.Tensor:
+        """conv1 on channels-last memory with GELU + residual in one pass; in eval mode
+        ``bn1`` folds into conv2 (an affine map before a linear one) and conv3's BatchNorm
+        into conv3; the 1x1 convolutions are GEMMs over the pixels."""
+        from hifuse_kernels import gelu_residual as gr
+
+        x = x.contiguous(memory_format=torch.channels_last)
+        y = F.conv2d(x, self.conv1.conv.weight, None, padding=self.conv1.conv.padding, groups=self.conv1.conv.groups)
+        y_nhwc, x_nhwc = y.permute(0, 2, 3, 1), x.permute(0, 2, 3, 1)
+        if gr.unsupported_reason(y_nhwc, x_nhwc) is None and y_nhwc.is_contiguous():
+            out = gr.gelu_residual(y_nhwc, x_nhwc).permute(0, 3, 1, 2)
+        else:
+            out = self.gelu(y) + x
+        w2 = self.conv2.conv.weight
+        if self.bn1.training or self.bn1.running_var is None:
+            out = conv_channels_last(self.bn1(out), w2, None, self.conv2.conv)
+        else:
+            bn = self.bn1
+            scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+            shift = bn.bias - bn.running_mean * scale
+            w = w2.flatten(1)
+            out = conv_channels_last(out, w2 * scale.view(1, -1, 1, 1), w @ shift, self.conv2.conv)
+        return self.conv3.forward_fused(self.gelu(out))
 
 
 class HFFBlock(nn.Module):
@@ -556,6 +618,11 @@ class HFFBlock(nn.Module):
 
     def forward(self, l: torch.Tensor, g: torch.Tensor, f: torch.Tensor | None = None) -> torch.Tensor:
         self.check_inputs(l, g, f)
+        if config.is_fused("fusion"):
+            reason = self.fused_unsupported_reason(l, g, f)
+            if reason is None:
+                return self.forward_fused(l, g, f)
+            config.log_fallback("fusion", reason)
         w_local = self.W_l(l)
         w_global = self.W_g(g)
         if f is not None:
@@ -576,6 +643,47 @@ class HFFBlock(nn.Module):
 
         fuse = self.residual(self.norm3(torch.cat([g, l, x], 1)))
         return shortcut + self.drop_path(fuse)
+
+    def fused_unsupported_reason(self, l: torch.Tensor, g: torch.Tensor, f: torch.Tensor | None) -> str | None:
+        """Why forward_fused cannot run on these inputs, or None when it can."""
+        from hifuse_kernels import fusion_gate, layer_norm_cat
+
+        norm = self.norm1 if f is not None else self.norm2
+        parts = [l, g] if f is None else [l, l, g]
+        reason = layer_norm_cat.unsupported_reason(parts, norm.weight, norm.bias)
+        if reason is not None:
+            return reason
+        return fusion_gate.unsupported_reason(l, g, l, self.norm3.weight, self.norm3.bias)
+
+    def forward_fused(self, l: torch.Tensor, g: torch.Tensor, f: torch.Tensor | None = None) -> torch.Tensor:
+        """Concat-free LayerNorms (native ``hifuse::layer_norm_cat``), one-pass gating
+        statistics and the gate multiplications inside the norm3 LayerNorm (Triton
+        ``hifuse_kernels.fusion_gate``), 1x1 convolutions as channels-last GEMMs with the
+        BatchNorms folded in eval mode, and the IRMLP's fused path. Tensors stay channels-last."""
+        from hifuse_kernels.fusion_gate import channel_pool, gated_layer_norm, spatial_pool
+        from hifuse_kernels.layer_norm_cat import layer_norm_cat
+
+        w_local = self.W_l.forward_fused(l)
+        w_global = self.W_g.forward_fused(g)
+        if f is not None:
+            w_f = F.avg_pool2d(self.Updim.forward_fused(f), 2, stride=2)
+            shortcut = w_f
+            parts, norm, proj = [w_f, w_local, w_global], self.norm1, self.W3
+        else:
+            shortcut = 0
+            parts, norm, proj = [w_local, w_global], self.norm2, self.W
+        dtype = parts[0].dtype
+        for t in parts[1:]:
+            dtype = torch.promote_types(dtype, t.dtype)
+        parts = [t.to(dtype) for t in parts]
+        x = self.gelu(proj.forward_fused(layer_norm_cat(parts, norm.weight, norm.bias, norm.eps)))
+
+        spatial_gate = torch.sigmoid(self.spatial.forward_fused(spatial_pool(l)))
+        avg, best = channel_pool(g)
+        channel_gate = torch.sigmoid(self.se(best) + self.se(avg))
+
+        fused = gated_layer_norm(g, channel_gate, l, spatial_gate, x, self.norm3.weight, self.norm3.bias, self.norm3.eps)
+        return shortcut + self.drop_path(self.residual.forward_fused(fused))
 
 
 # --------------------------------------------------------------------------- the model

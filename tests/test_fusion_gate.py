@@ -1,0 +1,313 @@
+"""Fusion-block gating kernels and the fused fusion block, against eager."""
+
+import copy
+
+import pytest
+import torch
+
+import hifuse
+from helpers import assert_model_matches_eager
+from hifuse.model import HFFBlock
+from hifuse_kernels import _triton
+from hifuse_kernels.fusion_gate import (
+    channel_pool,
+    channel_pool_ref,
+    gated_layer_norm,
+    gated_layer_norm_ref,
+    spatial_pool,
+    spatial_pool_ref,
+)
+from hifuse_kernels.layer_norm_cat import unsupported_reason as layer_norm_cat_unsupported
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.skipif(
+    _triton.unsupported_reason(torch.zeros(1, device=DEVICE)) is not None,
+    reason=str(_triton.unsupported_reason(torch.zeros(1, device=DEVICE))),
+)
+FUSION_ONLY = dict(attention=False, local=False, fusion=True, norm=False)
+# (N, C, H, W): batch 1, odd and prime sides, 1x1, every stage width
+SHAPES = [(1, 96, 7, 5), (2, 192, 3, 13), (1, 768, 1, 1), (2, 384, 2, 3), (3, 20, 4, 4)]
+
+
+def _feature(shape, seed, channels_last=True, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    t = torch.randn(shape, generator=g).to(DEVICE, dtype)
+    if channels_last:
+        t = t.contiguous(memory_format=torch.channels_last)
+    return t.requires_grad_()
+
+
+def _check_grads(out, ref, inputs, rtol=1e-5, atol=1e-5, grad=None):
+    torch.testing.assert_close(out, ref, rtol=rtol, atol=atol)
+    grad = torch.randn_like(ref) if grad is None else grad
+    for k, (a, r) in enumerate(zip(torch.autograd.grad(out, inputs, grad), torch.autograd.grad(ref, inputs, grad))):
+        torch.testing.assert_close(a, r, rtol=10 * rtol, atol=10 * atol, msg=f"gradient {k}")
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_channel_pool(shape, channels_last):
+    g = _feature(shape, 0, channels_last)
+    avg, best = channel_pool(g)
+    ravg, rbest = channel_pool_ref(g)
+    torch.testing.assert_close(avg, ravg)
+    assert torch.equal(best, rbest)
+    da, dm = torch.randn_like(avg), torch.randn_like(best)
+    got = torch.autograd.grad((avg, best), g, (da, dm))[0]
+    ref = torch.autograd.grad((ravg, rbest), g, (da, dm))[0]
+    torch.testing.assert_close(got, ref)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_spatial_pool(shape, channels_last):
+    l = _feature(shape, 1, channels_last)
+    _check_grads(spatial_pool(l), spatial_pool_ref(l), [l])
+
+
+def test_pool_ties_follow_eager():
+    # ReLU-like data: many equal maxima per channel and per position
+    g = torch.randn(2, 24, 5, 3, device=DEVICE).clamp(max=0.0).round().requires_grad_()
+    avg, best = channel_pool(g)
+    ravg, rbest = channel_pool_ref(g)
+    got = torch.autograd.grad((avg, best), g, (torch.ones_like(avg), torch.ones_like(best)))[0]
+    ref = torch.autograd.grad((ravg, rbest), g, (torch.ones_like(avg), torch.ones_like(best)))[0]
+    torch.testing.assert_close(got, ref)
+    _check_grads(spatial_pool(g), spatial_pool_ref(g), [g])
+
+
+def _gated_inputs(shape, seed=0):
+    n, c, h, w = shape
+    g, l, x = (_feature(shape, seed + k) for k in range(3))
+    gen = torch.Generator().manual_seed(seed + 3)
+    cg = torch.rand(n, c, 1, 1, generator=gen).to(DEVICE).requires_grad_()
+    sg = torch.rand(n, 1, h, w, generator=gen).to(DEVICE).requires_grad_()
+    weight = (1 + 0.1 * torch.randn(3 * c, generator=gen)).to(DEVICE).requires_grad_()
+    bias = (0.1 * torch.randn(3 * c, generator=gen)).to(DEVICE).requires_grad_()
+    return [g, cg, l, sg, x, weight, bias]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_gated_layer_norm(shape):
+    inputs = _gated_inputs(shape)
+    out = gated_layer_norm(*inputs)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    _check_grads(out, gated_layer_norm_ref(*inputs), inputs)
+
+
+def test_gated_layer_norm_expanded_gradient_and_determinism():
+    inputs = _gated_inputs((2, 96, 5, 7))
+    gated_layer_norm(*inputs).sum().backward()
+    got = [t.grad.clone() for t in inputs]
+    for t in inputs:
+        t.grad = None
+    gated_layer_norm_ref(*inputs).sum().backward()
+    for k, (a, t) in enumerate(zip(got, inputs)):
+        torch.testing.assert_close(a, t.grad, rtol=1e-4, atol=1e-4, msg=f"gradient {k}")
+    grad = torch.randn(2, 288, 5, 7, device=DEVICE)
+    first = torch.autograd.grad(gated_layer_norm(*inputs), inputs, grad)
+    second = torch.autograd.grad(gated_layer_norm(*inputs), inputs, grad)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+def test_gated_layer_norm_mixed_dtypes_promote_like_eager():
+    inputs = _gated_inputs((1, 16, 3, 3))
+    inputs[4] = inputs[4].detach().to(torch.bfloat16).requires_grad_()  # X in bf16, as under autocast
+    out = gated_layer_norm(*inputs)
+    ref = gated_layer_norm_ref(*inputs)
+    assert out.dtype == ref.dtype == torch.float32
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    grad = torch.randn_like(ref)
+    got, want = torch.autograd.grad(out, inputs, grad), torch.autograd.grad(ref, inputs, grad)
+    for k, (a, r) in enumerate(zip(got, want)):
+        assert a.dtype == r.dtype
+        tol = dict(rtol=2e-2, atol=2e-2) if a.dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(a, r, **tol, msg=f"gradient {k}")
+
+
+def test_bad_input():
+    g, cg, l, sg, x, w, b = _gated_inputs((1, 16, 3, 3))
+    with pytest.raises(ValueError, match="one shape"):
+        gated_layer_norm(g, cg, l[:, :, :2], sg, x, w, b)
+    with pytest.raises(ValueError, match="channel_gate must be"):
+        gated_layer_norm(g, cg[:, :8], l, sg, x, w, b)
+    with pytest.raises(ValueError, match="spatial_gate must be"):
+        gated_layer_norm(g, cg, l, sg[:, :, :2], x, w, b)
+    with pytest.raises(ValueError, match=r"\(48,\)"):
+        gated_layer_norm(g, cg, l, sg, x, w[:10], b)
+    with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
+        gated_layer_norm(g.double(), cg, l, sg, x, w, b)
+    with pytest.raises(ValueError, match="more than the 1024"):
+        channel_pool(torch.zeros(1, 1100, 1, 1, device=DEVICE))
+    with pytest.raises(ValueError, match="4-D"):
+        spatial_pool(g[0])
+
+
+def test_ops_compile_without_graph_breaks():
+    inputs = _gated_inputs((1, 16, 3, 5))
+
+    def gate(g, cg, l, sg, x, w, b):
+        avg, best = channel_pool(g)
+        return gated_layer_norm(g, cg * avg.sigmoid(), l, sg * spatial_pool(l)[:, :1], x, w, b)
+
+    ref = gate(*inputs)
+    out = torch.compile(gate, fullgraph=True, backend="aot_eager")(*inputs)
+    out.sum().backward()
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert inputs[0].grad is not None
+
+
+# --------------------------------------------------------------------------- the block
+
+
+def _randomise_batch_norms(module, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.copy_(0.1 * torch.randn(m.running_mean.shape, generator=gen))
+                m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=gen))
+                m.weight.copy_(1 + 0.1 * torch.randn(m.weight.shape, generator=gen))
+                m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=gen))
+
+
+def _block_inputs(dim, b, h, w, with_f, channels_last):
+    shapes = [(b, dim, h, w), (b, dim, h, w)] + ([(b, dim // 2, 2 * h, 2 * w)] if with_f else [])
+    return [_feature(s, k, channels_last) for k, s in enumerate(shapes)]
+
+
+def _assert_close_scaled(a, r, tol, name):
+    """max |a - r| within tol of max |r|: BatchNorm over a few pixels makes element-wise
+    comparisons of small entries meaningless, the scale of the whole tensor is what counts."""
+    err = (a - r).abs().max().item()
+    assert err <= tol * max(1.0, r.abs().max().item()), f"{name}: max error {err:.3g}, max {r.abs().max().item():.3g}"
+
+
+def _skip_without_native():
+    reason = layer_norm_cat_unsupported([torch.zeros(1, 1, 1, 1, device=DEVICE)], torch.ones(1, device=DEVICE))
+    if reason is not None:
+        pytest.skip(reason)
+
+
+@pytest.mark.parametrize("position", ["fu1", "fu2", "fu3", "fu4"])
+@pytest.mark.parametrize("train", [True, False])
+def test_block_matches_eager(position, train):
+    _skip_without_native()
+    dim, b, h, w = {"fu1": (96, 2, 7, 5), "fu2": (192, 1, 3, 5), "fu3": (384, 2, 3, 1), "fu4": (768, 2, 3, 1)}[position]
+    torch.manual_seed(0)
+    eager = HFFBlock(dim).to(DEVICE)
+    _randomise_batch_norms(eager)
+    eager.train(train)
+    fused = copy.deepcopy(eager)
+    inputs = _block_inputs(dim, b, h, w, position != "fu1", channels_last=position != "fu2")
+    inputs_f = [t.detach().clone().requires_grad_() for t in inputs]
+    ref = eager(*inputs)
+    with hifuse.use_fused(**FUSION_ONLY):
+        out = fused(*inputs_f)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    _assert_close_scaled(out, ref, 2e-5, "output")
+    grad = torch.randn_like(ref)
+    ref.backward(grad)
+    out.backward(grad)
+    for k, (a, t) in enumerate(zip(inputs_f, inputs)):
+        _assert_close_scaled(a.grad, t.grad, 2e-5, f"input {k}")
+    for (name, pe), pf in zip(eager.named_parameters(), fused.parameters()):
+        assert (pe.grad is None) == (pf.grad is None), name
+        if pe.grad is not None:
+            _assert_close_scaled(pf.grad, pe.grad, 2e-5, name)
+    for (name, be), bf in zip(eager.named_buffers(), fused.buffers()):
+        torch.testing.assert_close(bf, be, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_adamw_steps_match_eager():
+    _skip_without_native()
+    torch.manual_seed(0)
+    eager = HFFBlock(32).to(DEVICE)
+    fused = copy.deepcopy(eager)
+    gen = torch.Generator().manual_seed(1)
+    # Biases in front of a training-mode BatchNorm (and norm1's, which only feeds one) have an
+    # exactly zero gradient; AdamW would blow its rounding noise up to steps of about lr in
+    # either implementation (and the running means with them), so they are frozen in both.
+    frozen = {f"{n}.conv.bias" for n, m in eager.named_modules() if getattr(m, "bn", None) is not None}
+    for model in (eager, fused):
+        for n, p in model.named_parameters():
+            if n in frozen or n in ("norm1.bias", "norm2.bias"):
+                p.requires_grad_(False)
+    opts = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-3) for m in (eager, fused)]
+    for step in range(3):
+        l, g, f = (torch.randn(s, generator=gen).to(DEVICE) for s in ((2, 32, 5, 3), (2, 32, 5, 3), (2, 16, 10, 6)))
+        for model, opt, fuse in zip((eager, fused), opts, (False, True)):
+            opt.zero_grad()
+            with hifuse.use_fused(fuse, **FUSION_ONLY):
+                loss = model(l, g, f).square().mean()
+            loss.backward()
+            opt.step()
+    for (name, pe), pf in zip(eager.named_parameters(), fused.parameters()):
+        if pe.requires_grad:
+            # AdamW moves every entry by about lr per step whatever its gradient's size, so
+            # entries with near-zero gradients move apart by rounding: allow 2% of that path.
+            torch.testing.assert_close(pf, pe, rtol=0, atol=0.02 * 3 * 1e-3, msg=name)
+    for (name, be), bf in zip(eager.named_buffers(), fused.buffers()):
+        torch.testing.assert_close(bf, be, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_whole_model_with_fusion_fused():
+    _skip_without_native()
+    assert_model_matches_eager(DEVICE, **FUSION_ONLY)
+
+
+def test_block_falls_back_with_reason(caplog, monkeypatch):
+    from hifuse_kernels import fusion_gate
+
+    monkeypatch.setattr(fusion_gate, "unsupported_reason", lambda *a: "no gating kernels here")
+    block = HFFBlock(32).to(DEVICE)
+    l, g = torch.randn(1, 32, 3, 3, device=DEVICE), torch.randn(1, 32, 3, 3, device=DEVICE)
+    ref = block(l, g)
+    with caplog.at_level("WARNING", logger="hifuse"), hifuse.use_fused(**FUSION_ONLY):
+        out = block(l, g)
+    if layer_norm_cat_unsupported([l], torch.ones(32, device=DEVICE)) is None:
+        assert "no gating kernels here" in caplog.text
+    torch.testing.assert_close(out, ref)
+
+
+def test_flops_match_eager():
+    _skip_without_native()
+    model = hifuse.create_model("hifuse_tiny", num_classes=3).to(DEVICE)
+    eager = hifuse.count_flops(model, (3, 64, 64), backward=True)
+    with hifuse.use_fused(**FUSION_ONLY):
+        assert hifuse.count_flops(model, (3, 64, 64), backward=True) == eager
+
+
+def test_block_compiles_without_graph_breaks():
+    _skip_without_native()
+    block = HFFBlock(32).to(DEVICE)
+    l, g, f = (torch.randn(s, device=DEVICE, requires_grad=True) for s in ((1, 32, 3, 5), (1, 32, 3, 5), (1, 16, 6, 10)))
+    ref = block(l, g, f)
+    with hifuse.use_fused(**FUSION_ONLY):
+        out = torch.compile(block, fullgraph=True, backend="aot_eager")(l, g, f)
+        out.sum().backward()
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    assert block.residual.conv1.conv.weight.grad is not None
+
+
+# --------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(128, 96, 56, 56), (128, 768, 7, 7)])
+def test_low_precision_cuda(dtype, shape):
+    inputs = _gated_inputs(shape)
+    grad = torch.randn(shape[0], 3 * shape[1], *shape[2:], device=DEVICE)
+    ref_in = [t.detach().double().requires_grad_() for t in inputs]
+    ref = gated_layer_norm_ref(*ref_in)
+    ref_grads = torch.autograd.grad(ref, ref_in, grad.double())
+    low = [t.detach().to(dtype).requires_grad_() for t in inputs]
+    pt = gated_layer_norm_ref(*low)
+    pt_grads = torch.autograd.grad(pt, low, grad.to(dtype))
+    out = gated_layer_norm(*low)
+    grads = torch.autograd.grad(out, low, grad.to(dtype))
+    for k, (a, p, r) in enumerate(zip((out, *grads), (pt, *pt_grads), (ref, *ref_grads))):
+        err = (a.double() - r).abs().max().item()
+        pt_err = (p.double() - r).abs().max().item()
+        assert err <= 2 * pt_err + 1e-5 * max(1.0, r.abs().max().item()), f"output {k}: {err:.3g} vs eager {pt_err:.3g}"
