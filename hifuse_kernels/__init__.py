@@ -8,6 +8,7 @@ from . import (
     _ext,
     _triton,
     dwconv_layer_norm,
+    fusion_gate,
     gelu_residual,
     layer_norm_cat,
     layer_norm_cf,
@@ -21,6 +22,7 @@ from ._triton import unsupported_reason as triton_unsupported_reason
 
 __all__ = [
     "dwconv_layer_norm",
+    "fusion_gate",
     "gelu_residual",
     "layer_norm_cat",
     "layer_norm_cf",

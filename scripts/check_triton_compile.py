@@ -23,6 +23,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 import hifuse_kernels.dwconv_layer_norm as dln  # noqa: E402
+import hifuse_kernels.fusion_gate as fg  # noqa: E402
 import hifuse_kernels.gelu_residual as gr  # noqa: E402
 import hifuse_kernels.window_attention as wa  # noqa: E402
 
@@ -47,6 +48,19 @@ def cases(dtype: str):
         yield dln._bwd_conv_kernel, dict(X="dt", CW=f32, DY=f32, DX="dt", PART_CW=f32, PART_CB=f32), tiles
     yield gr._fwd_kernel, dict(Y="dt", S=f32, OUT=f32), dict(BLOCK=gr.BLOCK)
     yield gr._bwd_kernel, dict(G="dt", Y="dt", DY="dt"), dict(BLOCK=gr.BLOCK)
+    pool = dict(BLOCK_S=fg.BLOCK_S, BLOCK_C=64)
+    yield fg._channel_pool_kernel, dict(G="dt", AVG="dt", MAX="dt", ARG="i32"), pool
+    yield fg._channel_pool_bwd_kernel, dict(D_AVG="dt", D_MAX="dt", ARG="i32", DG="dt"), pool
+    for c in (96, 768):  # launched as the op launches them, fp32 g and l with dt gates and X (autocast)
+        rows = dict(BLOCK_P=fg._rows_per_program(c, 1), BLOCK_C=fg._block_c(c), WARPS=fg._warps(c))
+        yield fg._spatial_pool_kernel, dict(L="dt", OUT="dt"), rows
+        yield fg._spatial_pool_bwd_kernel, dict(L="dt", D_OUT="dt", DL="dt"), rows
+        rows = dict(BLOCK_P=fg._rows_per_program(c, 3), BLOCK_C=fg._block_c(c), WARPS=fg._warps(c))
+        yield fg._gated_ln_kernel, dict(G=f32, CG="dt", L=f32, SG="dt", X="dt", W=f32, B=f32, OUT=f32, MEAN=f32,
+                                        RSTD=f32), rows
+        yield fg._gated_ln_bwd_kernel, dict(GRAD=f32, G=f32, CG="dt", L=f32, SG="dt", X="dt", W=f32, MEAN=f32,
+                                            RSTD=f32, DG=f32, DL=f32, DSG=f32, DX="dt", PART_CG=f32, PART_W=f32,
+                                            PART_B=f32), rows
 
 
 def signature(kernel, pointers: dict, constexprs: dict, dtype: str) -> dict:
@@ -61,7 +75,7 @@ def signature(kernel, pointers: dict, constexprs: dict, dtype: str) -> dict:
             sig[p.name] = "fp32"
         else:
             sig[p.name] = "i32"
-    missing = set(constexprs) ^ {p.name for p in kernel.params if p.is_constexpr}
+    missing = (set(constexprs) - {"WARPS"}) ^ {p.name for p in kernel.params if p.is_constexpr}
     if missing:
         raise SystemExit(f"{kernel.fn.__name__}: constexprs out of date: {sorted(missing)}")
     return sig
@@ -78,8 +92,12 @@ def main() -> int:
             name = f"{kernel.fn.__module__.split('.')[-1]}.{kernel.fn.__name__} {dtype} {constexprs}"
             start = time.time()
             try:
+                constexprs = dict(constexprs)
+                warps = constexprs.pop("WARPS", None)
+                if warps is None and "BLOCK_C" in constexprs:
+                    warps = dln._warps(constexprs["BLOCK_C"])
                 src = ASTSource(fn=kernel, signature=signature(kernel, pointers, constexprs, dtype), constexprs=constexprs)
-                options = {"num_warps": dln._warps(constexprs["BLOCK_C"])} if "BLOCK_C" in constexprs else {}
+                options = {"num_warps": warps} if warps else {}
                 compiled = triton_compile(src, target=target, options=options)
                 print(f"ok   {name} ({time.time() - start:.1f}s, shared {compiled.metadata.shared} B)")
             except Exception as err:  # noqa: BLE001 - report every kernel, then fail
