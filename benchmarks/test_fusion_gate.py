@@ -1,0 +1,162 @@
+"""Fusion block: gated norm3, concat LayerNorm, gating statistics and the four blocks of
+HiFuse-Tiny, eager vs torch.compile vs fused.
+
+Shapes are the four fusion stages (56x56x96 .. 7x7x768 at 224x224, scaled with the
+benchmark image size) at the largest benchmark batch, channels-last activations.
+Bytes count what an ideal kernel moves: the parts read and the output written (backward:
+also the output gradient read, the parts read again and their gradients written).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import hifuse
+import hifuse_kernels
+from conftest import DEVICE, DTYPES, run_timed
+from hifuse.model import HFFBlock
+from hifuse_kernels import _triton
+from hifuse_kernels.fusion_gate import (
+    channel_pool,
+    channel_pool_ref,
+    gated_layer_norm,
+    gated_layer_norm_ref,
+    spatial_pool,
+    spatial_pool_ref,
+)
+from hifuse_kernels.layer_norm_cat import layer_norm_cat, layer_norm_cat_ref
+
+STAGES = {"fu1": (4, 96), "fu2": (8, 192), "fu3": (16, 384), "fu4": (32, 768)}
+
+
+def _skip(impl, settings):
+    if impl == "fused":
+        reason = _triton.unsupported_reason(torch.zeros(1, device=DEVICE))
+        if reason is None and not hifuse_kernels.native_available():
+            reason = hifuse_kernels.native_load_error()
+        return reason
+    if impl == "compile" and not settings["compile_ops"]:
+        return "op compile baselines need --compile-ops"
+    return None
+
+
+def _feature(b, c, side, dtype, grad):
+    t = torch.randn(b, c, side, side, device=DEVICE, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    return t.requires_grad_(grad)
+
+
+def _time_op(benchmark, settings, fn, inputs, nbytes, direction, **info):
+    grad_on = direction == "fwd_bwd"
+    dy = []
+
+    def run():
+        out = fn(*inputs)
+        outs = out if isinstance(out, tuple) else (out,)
+        if grad_on:
+            if not dy:
+                dy.extend(torch.randn_like(o) for o in outs)
+            torch.autograd.grad(outs, [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad], dy)
+
+    median = run_timed(benchmark, run, settings["rounds"])
+    moved = nbytes * (2 if grad_on else 1)
+    benchmark.extra_info.update(direction=direction, bytes=moved, gb_per_s=moved / median / 1e9, **info)
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
+@pytest.mark.parametrize("impl", ["eager", "compile", "fused"])
+@pytest.mark.parametrize("direction", ["fwd", "fwd_bwd"])
+def test_gated_layer_norm(benchmark, bench_settings, stage, impl, direction, dtype):
+    reason = _skip(impl, bench_settings)
+    if reason:
+        pytest.skip(reason)
+    div, c = STAGES[stage]
+    b, side, dt = max(bench_settings["batch"]), bench_settings["image_size"] // div, DTYPES[dtype]
+    grad = direction == "fwd_bwd"
+    g, l, x = (_feature(b, c, side, dt, grad) for _ in range(3))
+    cg = torch.rand(b, c, 1, 1, device=DEVICE, dtype=dt, requires_grad=grad)
+    sg = torch.rand(b, 1, side, side, device=DEVICE, dtype=dt, requires_grad=grad)
+    w = torch.ones(3 * c, device=DEVICE, dtype=dt, requires_grad=grad)
+    bias = torch.zeros(3 * c, device=DEVICE, dtype=dt, requires_grad=grad)
+    fn = {"eager": gated_layer_norm_ref, "fused": gated_layer_norm}.get(impl)
+    if impl == "compile":
+        fn = torch.compile(gated_layer_norm_ref, dynamic=False)
+    nbytes = 6 * g.numel() * g.element_size()  # three parts in, 3C out
+    _time_op(benchmark, bench_settings, fn, [g, cg, l, sg, x, w, bias], nbytes, direction,
+             stage=stage, batch=b, impl=impl, dtype=dtype)
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
+@pytest.mark.parametrize("parts", [2, 3])
+@pytest.mark.parametrize("impl", ["eager", "compile", "fused"])
+@pytest.mark.parametrize("direction", ["fwd", "fwd_bwd"])
+def test_layer_norm_cat(benchmark, bench_settings, stage, parts, impl, direction, dtype):
+    reason = _skip(impl, bench_settings)
+    if reason:
+        pytest.skip(reason)
+    div, c = STAGES[stage]
+    b, side, dt = max(bench_settings["batch"]), bench_settings["image_size"] // div, DTYPES[dtype]
+    grad = direction == "fwd_bwd"
+    xs = [_feature(b, c, side, dt, grad) for _ in range(parts)]
+    w = torch.ones(parts * c, device=DEVICE, dtype=dt, requires_grad=grad)
+    bias = torch.zeros(parts * c, device=DEVICE, dtype=dt, requires_grad=grad)
+
+    def make(f):
+        return lambda *a: f(list(a[:parts]), a[parts], a[parts + 1])
+
+    fn = make({"eager": layer_norm_cat_ref, "fused": layer_norm_cat, "compile": torch.compile(layer_norm_cat_ref, dynamic=False)}[impl])
+    nbytes = 2 * parts * xs[0].numel() * xs[0].element_size()
+    _time_op(benchmark, bench_settings, fn, [*xs, w, bias], nbytes, direction,
+             stage=stage, parts=parts, batch=b, impl=impl, dtype=dtype)
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
+@pytest.mark.parametrize("which", ["channel_pool", "spatial_pool"])
+@pytest.mark.parametrize("impl", ["eager", "compile", "fused"])
+@pytest.mark.parametrize("direction", ["fwd", "fwd_bwd"])
+def test_gate_pooling(benchmark, bench_settings, stage, which, impl, direction, dtype):
+    reason = _skip(impl, bench_settings)
+    if reason:
+        pytest.skip(reason)
+    div, c = STAGES[stage]
+    b, side = max(bench_settings["batch"]), bench_settings["image_size"] // div
+    x = _feature(b, c, side, DTYPES[dtype], direction == "fwd_bwd")
+    ref = {"channel_pool": channel_pool_ref, "spatial_pool": spatial_pool_ref}[which]
+    fn = {"eager": ref, "fused": {"channel_pool": channel_pool, "spatial_pool": spatial_pool}[which]}.get(impl)
+    if impl == "compile":
+        fn = torch.compile(ref, dynamic=False)
+    _time_op(benchmark, bench_settings, fn, [x], x.numel() * x.element_size(), direction,
+             stage=stage, op=which, batch=b, impl=impl, dtype=dtype)
+
+
+@pytest.mark.parametrize("impl", ["eager", "compile", "fused"])
+@pytest.mark.parametrize("direction", ["fwd", "fwd_bwd"])
+def test_fusion_blocks_tiny(benchmark, bench_settings, impl, direction, dtype):
+    """The 4 fusion blocks of HiFuse-Tiny, each on its stage's inputs, in training mode under autocast."""
+    reason = _skip(impl, bench_settings) if impl != "compile" else None
+    if reason:
+        pytest.skip(reason)
+    torch.manual_seed(0)
+    b, size = max(bench_settings["batch"]), bench_settings["image_size"]
+    grad = direction == "fwd_bwd"
+    blocks, inputs = [], []
+    for i, (div, c) in enumerate(STAGES.values()):
+        block = HFFBlock(c).to(DEVICE)
+        blocks.append(torch.compile(block, dynamic=False) if impl == "compile" else block)
+        side = size // div
+        ins = [_feature(b, c, side, torch.float32, grad), _feature(b, c, side, torch.float32, grad)]
+        if i:
+            ins.append(_feature(b, c // 2, 2 * side, torch.float32, grad))
+        inputs.append(ins)
+    autocast = torch.autocast(DEVICE.type, dtype=DTYPES[dtype], enabled=dtype != "fp32")
+
+    def run():
+        with autocast, hifuse.use_fused(impl == "fused", attention=False, local=False, norm=False):
+            outs = [blk(*ins) for blk, ins in zip(blocks, inputs)]
+        if grad:
+            torch.autograd.backward([o.float().sum() for o in outs])
+
+    median = run_timed(benchmark, run, bench_settings["rounds"])
+    benchmark.extra_info.update(batch=b, impl=impl, direction=direction, dtype=dtype, blocks=len(blocks),
+                                median_ms=median * 1e3)
+
