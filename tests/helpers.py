@@ -82,13 +82,13 @@ def module_stats(model: torch.nn.Module, names, x: torch.Tensor) -> tuple[torch.
     return out, stats
 
 
-def assert_model_matches_eager(device, rtol=1e-4, atol=1e-4, grad_rtol=1e-3, grad_atol=1e-4, **parts):
+def assert_model_matches_eager(device, rtol=1e-4, atol=1e-4, grad_rtol=1e-3, grad_atol=1e-4, train=True, **parts):
     """HiFuse-Tiny at 64x64 (every window grid padded) with ``parts`` fused vs eager:
-    logits and the gradient of every parameter."""
+    logits and the gradient of every parameter, in training or eval mode."""
     import hifuse
 
     torch.manual_seed(0)
-    model = hifuse.create_model("hifuse_tiny", num_classes=3).to(device)
+    model = hifuse.create_model("hifuse_tiny", num_classes=3).to(device).train(train)
     x = torch.randn(1, 3, 64, 64, device=device)
     ref = model(x)
     ref.sum().backward()

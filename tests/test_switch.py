@@ -159,3 +159,19 @@ def test_fused_and_eager_flops_agree():
     eager = hifuse.count_flops(model, (3, 64, 64))
     with hifuse.use_fused(attention=False):
         assert hifuse.count_flops(model, (3, 64, 64)) == eager
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_whole_model_with_everything_fused(train):
+    """All parts fused together, training (batch statistics) and eval (folded BatchNorms)."""
+    from helpers import assert_model_matches_eager
+
+    if not hifuse_kernels.native_available() or _triton_reason() is not None:
+        pytest.skip("needs the native extension and runnable Triton kernels")
+    assert_model_matches_eager("cuda" if torch.cuda.is_available() else "cpu", train=train)
+
+
+def _triton_reason():
+    from hifuse_kernels import _triton
+
+    return _triton.unsupported_reason(torch.zeros(1, device="cuda" if torch.cuda.is_available() else "cpu"))
