@@ -486,12 +486,18 @@ class ConvBN(nn.Module):
             x = self.relu(x)
         return x
 
-    def forward_fused(self, x: torch.Tensor) -> torch.Tensor:
-        """The fusion block's fused path: a 1x1 convolution is a GEMM over channels-last
-        pixels; in eval mode the BatchNorm is folded into the weight and bias (one rounding
-        of the folded weight instead of a separate normalisation pass); in training the
-        BatchNorm module runs as is, so batch statistics and running-statistic updates are
-        exactly nn.BatchNorm2d's."""
+    def forward_fused(self, x: torch.Tensor, then: str | None = None) -> torch.Tensor:
+        """The fusion block's fused path, followed by activation ``then`` ("gelu" or None).
+
+        A 1x1 convolution is a GEMM over channels-last pixels. In eval mode the BatchNorm is
+        folded into the weight and bias (the folded weight is rounded once instead of
+        normalising in a separate pass); in training the BatchNorm (batch statistics,
+        running-statistic updates as nn.BatchNorm2d) and the activation run as one Triton
+        op (``hifuse_kernels.batch_norm_act``).
+        """
+        if self.relu is not None and then is not None:
+            raise ValueError("ConvBN with its own ReLU takes no further activation")
+        act = "relu" if self.relu is not None else then
         weight, bias = self.conv.weight, self.conv.bias
         bn = self.bn
         fold = bn is not None and not bn.training and bn.running_var is not None
@@ -499,8 +505,12 @@ class ConvBN(nn.Module):
             weight, bias = fold_batch_norm(weight, bias, bn)
         x = conv_channels_last(x, weight, bias, self.conv)
         if bn is not None and not fold:
+            from hifuse_kernels import batch_norm_act as bna
+
+            if bna.unsupported_reason(x, bn) is None:
+                return bna.batch_norm_act(x, bn, act)
             x = bn(x)
-        return F.relu(x) if self.relu is not None else x
+        return {None: lambda t: t, "relu": F.relu, "gelu": F.gelu}[act](x)
 
 
 def fold_batch_norm(
@@ -549,28 +559,38 @@ class IRMLP(nn.Module):
         return self.conv3(out)
 
     def forward_fused(self, x: torch.Tensor) -> torch.Tensor:
-        """conv1 on channels-last memory with GELU + residual in one pass; in eval mode
-        ``bn1`` folds into conv2 (an affine map before a linear one) and conv3's BatchNorm
-        into conv3; the 1x1 convolutions are GEMMs over the pixels."""
-        from hifuse_kernels import gelu_residual as gr
-
+        """conv1 on channels-last memory; in training GELU, residual and ``bn1`` in one op
+        (``batch_norm_act``); in eval mode GELU + residual in one pass, ``bn1`` folded into
+        conv2 (an affine map before a linear one) and conv3's BatchNorm into conv3; the 1x1
+        convolutions are GEMMs over the pixels."""
         x = x.contiguous(memory_format=torch.channels_last)
         y = F.conv2d(x, self.conv1.conv.weight, None, padding=self.conv1.conv.padding, groups=self.conv1.conv.groups)
-        y_nhwc, x_nhwc = y.permute(0, 2, 3, 1), x.permute(0, 2, 3, 1)
-        if gr.unsupported_reason(y_nhwc, x_nhwc) is None and y_nhwc.is_contiguous():
-            out = gr.gelu_residual(y_nhwc, x_nhwc).permute(0, 3, 1, 2)
-        else:
-            out = self.gelu(y) + x
         w2 = self.conv2.conv.weight
         if self.bn1.training or self.bn1.running_var is None:
-            out = conv_channels_last(self.bn1(out), w2, None, self.conv2.conv)
+            from hifuse_kernels import batch_norm_act as bna
+
+            if bna.unsupported_reason(y, self.bn1, residual=x) is None:
+                # gelu(conv1(x)) + x and bn1 in one op: the sum is never written
+                normed = bna.batch_norm_act(y, self.bn1, None, residual=x)
+            else:
+                normed = self.bn1(self.gelu(y) + x)
+            out = conv_channels_last(normed, w2, None, self.conv2.conv)
         else:
+            out = self._gelu_residual(y, x)
             bn = self.bn1
             scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
             shift = bn.bias - bn.running_mean * scale
             w = w2.flatten(1)
             out = conv_channels_last(out, w2 * scale.view(1, -1, 1, 1), w @ shift, self.conv2.conv)
         return self.conv3.forward_fused(self.gelu(out))
+
+    def _gelu_residual(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        from hifuse_kernels import gelu_residual as gr
+
+        y_nhwc, x_nhwc = y.permute(0, 2, 3, 1), x.permute(0, 2, 3, 1)
+        if gr.unsupported_reason(y_nhwc, x_nhwc) is None and y_nhwc.is_contiguous():
+            return gr.gelu_residual(y_nhwc, x_nhwc).permute(0, 3, 1, 2)
+        return self.gelu(y) + x
 
 
 class HFFBlock(nn.Module):
@@ -676,7 +696,7 @@ class HFFBlock(nn.Module):
         for t in parts[1:]:
             dtype = torch.promote_types(dtype, t.dtype)
         parts = [t.to(dtype) for t in parts]
-        x = self.gelu(proj.forward_fused(layer_norm_cat(parts, norm.weight, norm.bias, norm.eps)))
+        x = proj.forward_fused(layer_norm_cat(parts, norm.weight, norm.bias, norm.eps), then="gelu")
 
         spatial_gate = torch.sigmoid(self.spatial.forward_fused(spatial_pool(l)))
         avg, best = channel_pool(g)

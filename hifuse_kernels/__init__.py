@@ -7,6 +7,7 @@ raise an ImportError saying what is missing and how to build it.
 from . import (
     _ext,
     _triton,
+    batch_norm_act,
     dwconv_layer_norm,
     fusion_gate,
     gelu_residual,
@@ -21,6 +22,7 @@ from ._ext import load_error as native_load_error
 from ._triton import unsupported_reason as triton_unsupported_reason
 
 __all__ = [
+    "batch_norm_act",
     "dwconv_layer_norm",
     "fusion_gate",
     "gelu_residual",

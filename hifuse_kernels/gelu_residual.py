@@ -38,13 +38,23 @@ def gelu_residual_ref(y: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
 if triton is not None:
 
     @triton.jit
+    def gelu(y):
+        """Exact (erf) GELU of fp32 y; shared with the other kernels that fuse a GELU."""
+        return 0.5 * y * (1.0 + tl.math.erf(y * 0.7071067811865476))
+
+    @triton.jit
+    def gelu_grad(y):
+        """d gelu(y) / dy for fp32 y."""
+        cdf = 0.5 * (1.0 + tl.math.erf(y * 0.7071067811865476))
+        return cdf + y * tl.exp(-0.5 * y * y) * 0.3989422804014327
+
+    @triton.jit
     def _fwd_kernel(Y, S, OUT, n, BLOCK: tl.constexpr):
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
         y = tl.load(Y + offs, mask=mask, other=0.0).to(tl.float32)
         s = tl.load(S + offs, mask=mask, other=0.0).to(tl.float32)
-        g = 0.5 * y * (1.0 + tl.math.erf(y * 0.7071067811865476))
-        tl.store(OUT + offs, (s + g).to(OUT.dtype.element_ty), mask=mask)
+        tl.store(OUT + offs, (s + gelu(y)).to(OUT.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _bwd_kernel(G, Y, DY, n, BLOCK: tl.constexpr):
@@ -52,9 +62,7 @@ if triton is not None:
         mask = offs < n
         y = tl.load(Y + offs, mask=mask, other=0.0).to(tl.float32)
         g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
-        cdf = 0.5 * (1.0 + tl.math.erf(y * 0.7071067811865476))
-        pdf = tl.exp(-0.5 * y * y) * 0.3989422804014327
-        tl.store(DY + offs, (g * (cdf + y * pdf)).to(DY.dtype.element_ty), mask=mask)
+        tl.store(DY + offs, (g * gelu_grad(y)).to(DY.dtype.element_ty), mask=mask)
 
 
 # See window_attention: opaque custom ops under the interpreter, which cannot be traced.

@@ -22,6 +22,7 @@ from triton import compile as triton_compile  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+import hifuse_kernels.batch_norm_act as bna  # noqa: E402
 import hifuse_kernels.dwconv_layer_norm as dln  # noqa: E402
 import hifuse_kernels.fusion_gate as fg  # noqa: E402
 import hifuse_kernels.gelu_residual as gr  # noqa: E402
@@ -48,6 +49,18 @@ def cases(dtype: str):
         yield dln._bwd_conv_kernel, dict(X="dt", CW=f32, DY=f32, DX="dt", PART_CW=f32, PART_CB=f32), tiles
     yield gr._fwd_kernel, dict(Y="dt", S=f32, OUT=f32), dict(BLOCK=gr.BLOCK)
     yield gr._bwd_kernel, dict(G="dt", Y="dt", DY="dt"), dict(BLOCK=gr.BLOCK)
+    tile = dict(BLOCK_M=bna.BLOCK_M, BLOCK_C=bna.BLOCK_C, WARPS=4)
+    for prologue in (False, True):  # with the prologue: bf16 conv output, fp32 residual stream
+        io = dict(Y="dt", R=f32 if prologue else "dt")
+        yield bna._stats_kernel, dict(**io, MEAN_PART=f32, M2_PART=f32), {**tile, "PROLOGUE": prologue}
+        for act in (0, 1, 2):
+            flags = {**tile, "PROLOGUE": prologue, "ACT": act}
+            out = f32 if prologue else "dt"
+            yield bna._apply_kernel, dict(**io, MEAN=f32, INVSTD=f32, W=f32, B=f32, OUT=out), flags
+            yield bna._bwd_reduce_kernel, dict(G=out, **io, MEAN=f32, INVSTD=f32, W=f32, B=f32, SUM_DZ_PART=f32,
+                                               SUM_DZXH_PART=f32), flags
+            yield bna._bwd_apply_kernel, dict(G=out, **io, MEAN=f32, INVSTD=f32, W=f32, B=f32, SUM_DZ=f32,
+                                              SUM_DZXH=f32, DY="dt", DR=io["R"]), flags
     pool = dict(BLOCK_S=fg.BLOCK_S, BLOCK_C=64)
     yield fg._channel_pool_kernel, dict(G="dt", AVG="dt", MAX="dt", ARG="i32"), pool
     yield fg._channel_pool_bwd_kernel, dict(D_AVG="dt", D_MAX="dt", ARG="i32", DG="dt"), pool

@@ -70,7 +70,7 @@ bench window_attention -k "test_window_attention or test_global_blocks_tiny" --d
 bench dwconv_layer_norm -k "test_dwconv_layer_norm or test_local_blocks_tiny" --dtype bf16 --batch 128 "${compile_ops[@]}"
 bench patch_merge -k "test_patch_merge" --dtype bf16 --batch 128 "${compile_ops[@]}"
 bench patch_conv -k "test_stem_layer" --dtype bf16 --batch 128 "${compile_ops[@]}"
-bench fusion_gate -k "test_gated_layer_norm or test_layer_norm_cat or test_gate_pooling or test_fusion_blocks_tiny" --dtype bf16 --batch 128 "${compile_ops[@]}"
+bench fusion_gate -k "test_gated_layer_norm or test_layer_norm_cat or test_gate_pooling or test_fusion_blocks_tiny or test_batch_norm_act" --dtype bf16 --batch 128 "${compile_ops[@]}"
 if [ "${HIFUSE_COMPILE:-0}" = 1 ]; then
   for spec in train_step:128 inference:128 inference:32 train_step:32; do
     mode=${spec%%:*}; b=${spec##*:}

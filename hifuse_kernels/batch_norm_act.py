@@ -1,0 +1,310 @@
+"""Training-mode BatchNorm fused with what surrounds it, channels-last, in Triton.
+
+In the fusion block every BatchNorm in training mode sits between elementwise work: the
+1x1 convolutions' BatchNorm is followed by ReLU (Updim) or GELU (W3, W), and the IRMLP's
+``bn1`` normalises ``gelu(conv1(x)) + x``. Eager runs the statistics and the normalisation
+(cuDNN, two passes), then each elementwise op as its own pass, and keeps every
+intermediate for backward. Here:
+
+- a statistics pass computes, per program, the exact mean and M2 of its tile of rows
+  (for ``bn1`` of ``gelu(y) + r``, computed on load: that sum is never written);
+- the per-program partials are combined in a fixed order with Chan's formula (no atomics,
+  numerically stable for large means), giving the batch mean and biased variance;
+- an apply pass writes ``act(weight * x_hat + bias)``, only that.
+
+Backward recomputes x_hat and the activation's derivative from the saved input, reduces
+``sum(dz)`` and ``sum(dz * x_hat)`` per program (then in a fixed order), and writes the input
+gradient (for the ``gelu(y) + r`` prologue: the gradients of y and r). Running statistics
+are updated in ``batch_norm_act`` exactly as ``nn.BatchNorm2d`` updates them (momentum or
+cumulative average, unbiased variance, ``num_batches_tracked``).
+
+Layers: reference, kernels, registered ops, autograd, functional entry point. Used by the
+fusion block's ``ConvBN`` and ``IRMLP`` fused paths in ``hifuse.model``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.library import triton_op, wrap_triton
+
+from . import _triton
+from .gelu_residual import gelu, gelu_grad
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+ACTIVATIONS = {None: 0, "relu": 1, "gelu": 2}
+BLOCK_M = 64  # rows (pixels) per program
+BLOCK_C = 64  # channels per program
+
+__all__ = ["batch_norm_act", "batch_norm_act_ref", "unsupported_reason"]
+
+
+def batch_norm_act_ref(x, bn: torch.nn.BatchNorm2d, act: str | None = None, residual=None) -> torch.Tensor:
+    """What eager computes: act(bn(x)), or act(bn(gelu(x) + residual)) with a residual."""
+    if residual is not None:
+        x = F.gelu(x) + residual
+    x = bn(x)
+    return {None: lambda t: t, "relu": F.relu, "gelu": F.gelu}[act](x)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _load_input(Y, R, rows, c, m, C, PROLOGUE: tl.constexpr):
+        """The BatchNorm input of a tile in fp32: y, or gelu(y) + r."""
+        offs = rows[:, None] * C + c[None, :]
+        v = tl.load(Y + offs, mask=m, other=0.0).to(tl.float32)
+        if PROLOGUE:
+            v = gelu(v) + tl.load(R + offs, mask=m, other=0.0).to(tl.float32)
+        return v, offs
+
+    @triton.jit
+    def _tile(M, C, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+        rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+        c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        cmask = c < C
+        return rows, c, cmask, (rows < M)[:, None] & cmask[None, :]
+
+    @triton.jit
+    def _act(z, ACT: tl.constexpr):
+        if ACT == 1:
+            z = tl.maximum(z, 0.0)
+        elif ACT == 2:
+            z = gelu(z)
+        return z
+
+    @triton.jit
+    def _act_grad(z, ACT: tl.constexpr):
+        if ACT == 1:
+            d = tl.where(z > 0.0, 1.0, 0.0)
+        elif ACT == 2:
+            d = gelu_grad(z)
+        else:
+            d = tl.full(z.shape, 1.0, tl.float32)
+        return d
+
+    @triton.jit
+    def _stats_kernel(Y, R, MEAN_PART, M2_PART, M, C,
+                      PROLOGUE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+        rows, c, cmask, m = _tile(M, C, BLOCK_M, BLOCK_C)
+        v, _offs = _load_input(Y, R, rows, c, m, C, PROLOGUE)
+        count = tl.sum((rows < M).to(tl.float32), 0)
+        mean = tl.sum(v, 0) / count
+        d = tl.where(m, v - mean[None, :], 0.0)
+        part = tl.program_id(0).to(tl.int64) * C + c
+        tl.store(MEAN_PART + part, mean, mask=cmask)
+        tl.store(M2_PART + part, tl.sum(d * d, 0), mask=cmask)
+
+    @triton.jit
+    def _apply_kernel(Y, R, MEAN, INVSTD, W, B, OUT, M, C,
+                      PROLOGUE: tl.constexpr, ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+        rows, c, cmask, m = _tile(M, C, BLOCK_M, BLOCK_C)
+        v, offs = _load_input(Y, R, rows, c, m, C, PROLOGUE)
+        mean = tl.load(MEAN + c, mask=cmask, other=0.0)
+        scale = tl.load(INVSTD + c, mask=cmask, other=0.0) * tl.load(W + c, mask=cmask, other=0.0).to(tl.float32)
+        shift = tl.load(B + c, mask=cmask, other=0.0).to(tl.float32)
+        z = (v - mean[None, :]) * scale[None, :] + shift[None, :]
+        tl.store(OUT + offs, _act(z, ACT).to(OUT.dtype.element_ty), mask=m)
+
+    @triton.jit
+    def _bwd_reduce_kernel(G, Y, R, MEAN, INVSTD, W, B, SUM_DZ_PART, SUM_DZXH_PART, M, C,
+                           PROLOGUE: tl.constexpr, ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+        rows, c, cmask, m = _tile(M, C, BLOCK_M, BLOCK_C)
+        v, offs = _load_input(Y, R, rows, c, m, C, PROLOGUE)
+        mean = tl.load(MEAN + c, mask=cmask, other=0.0)
+        invstd = tl.load(INVSTD + c, mask=cmask, other=0.0)
+        w = tl.load(W + c, mask=cmask, other=0.0).to(tl.float32)
+        b = tl.load(B + c, mask=cmask, other=0.0).to(tl.float32)
+        xhat = (v - mean[None, :]) * invstd[None, :]
+        dz = tl.load(G + offs, mask=m, other=0.0).to(tl.float32) * _act_grad(xhat * w[None, :] + b[None, :], ACT)
+        dz = tl.where(m, dz, 0.0)
+        part = tl.program_id(0).to(tl.int64) * C + c
+        tl.store(SUM_DZ_PART + part, tl.sum(dz, 0), mask=cmask)
+        tl.store(SUM_DZXH_PART + part, tl.sum(dz * xhat, 0), mask=cmask)
+
+    @triton.jit
+    def _bwd_apply_kernel(G, Y, R, MEAN, INVSTD, W, B, SUM_DZ, SUM_DZXH, DY, DR, M, C,
+                          PROLOGUE: tl.constexpr, ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+        rows, c, cmask, m = _tile(M, C, BLOCK_M, BLOCK_C)
+        v, offs = _load_input(Y, R, rows, c, m, C, PROLOGUE)
+        mean = tl.load(MEAN + c, mask=cmask, other=0.0)
+        invstd = tl.load(INVSTD + c, mask=cmask, other=0.0)
+        w = tl.load(W + c, mask=cmask, other=0.0).to(tl.float32)
+        b = tl.load(B + c, mask=cmask, other=0.0).to(tl.float32)
+        xhat = (v - mean[None, :]) * invstd[None, :]
+        dz = tl.load(G + offs, mask=m, other=0.0).to(tl.float32) * _act_grad(xhat * w[None, :] + b[None, :], ACT)
+        sum_dz = tl.load(SUM_DZ + c, mask=cmask, other=0.0)
+        sum_dzxh = tl.load(SUM_DZXH + c, mask=cmask, other=0.0)
+        dv = (w * invstd)[None, :] * (dz - (sum_dz[None, :] + xhat * sum_dzxh[None, :]) / M)
+        if PROLOGUE:
+            tl.store(DR + offs, dv.to(DR.dtype.element_ty), mask=m)
+            y = tl.load(Y + offs, mask=m, other=0.0).to(tl.float32)
+            dv = dv * gelu_grad(y)
+        tl.store(DY + offs, dv.to(DY.dtype.element_ty), mask=m)
+
+
+# See window_attention: opaque custom ops under the interpreter, which cannot be traced.
+_define_op = torch.library.custom_op if _triton.interpreting() else triton_op
+
+
+def _grid(m: int, c: int) -> tuple[int, int]:
+    return triton.cdiv(m, BLOCK_M), triton.cdiv(c, BLOCK_C)
+
+
+def _out_dtype(y: torch.Tensor, residual: torch.Tensor | None) -> torch.dtype:
+    return y.dtype if residual is None else torch.promote_types(y.dtype, residual.dtype)
+
+
+@_define_op("hifuse::batch_norm_stats", mutates_args=())
+def _stats_op(y: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batch mean and biased variance (fp32, (C,)) of y or gelu(y) + residual, rows (M, C)."""
+    m, c = y.shape
+    grid = _grid(m, c)
+    mean_part = torch.empty((grid[0], c), device=y.device, dtype=torch.float32)
+    m2_part = torch.empty_like(mean_part)
+    wrap_triton(_stats_kernel)[grid](
+        y, y if residual is None else residual, mean_part, m2_part, m, c,
+        PROLOGUE=residual is not None, BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C,
+    )
+    # Chan et al.: combine the per-block (count, mean, M2) in a fixed order.
+    counts = torch.full((grid[0], 1), float(BLOCK_M), device=y.device)
+    counts[-1] = m - (grid[0] - 1) * BLOCK_M
+    mean = (counts * mean_part).sum(0) / m
+    m2 = m2_part.sum(0) + (counts * (mean_part - mean).square()).sum(0)
+    return mean, m2 / m
+
+
+@_define_op("hifuse::batch_norm_act", mutates_args=())
+def _apply_op(
+    y: torch.Tensor, residual: torch.Tensor | None, mean: torch.Tensor, invstd: torch.Tensor,
+    weight: torch.Tensor, bias: torch.Tensor, act: int,
+) -> torch.Tensor:
+    m, c = y.shape
+    out = torch.empty((m, c), device=y.device, dtype=_out_dtype(y, residual))
+    wrap_triton(_apply_kernel)[_grid(m, c)](
+        y, y if residual is None else residual, mean, invstd, weight, bias, out, m, c,
+        PROLOGUE=residual is not None, ACT=act, BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C,
+    )
+    return out
+
+
+@_define_op("hifuse::batch_norm_act_backward", mutates_args=())
+def _backward_op(
+    grad: torch.Tensor, y: torch.Tensor, residual: torch.Tensor | None, mean: torch.Tensor,
+    invstd: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, act: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    m, c = y.shape
+    grid = _grid(m, c)
+    sum_dz_part = torch.empty((grid[0], c), device=y.device, dtype=torch.float32)
+    sum_dzxh_part = torch.empty_like(sum_dz_part)
+    r = y if residual is None else residual
+    flags = dict(PROLOGUE=residual is not None, ACT=act, BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C)
+    wrap_triton(_bwd_reduce_kernel)[grid](
+        grad, y, r, mean, invstd, weight, bias, sum_dz_part, sum_dzxh_part, m, c, **flags
+    )
+    sum_dz, sum_dzxh = sum_dz_part.sum(0), sum_dzxh_part.sum(0)
+    dy = torch.empty_like(y)
+    dr = torch.empty_like(r) if residual is not None else torch.empty(0, device=y.device, dtype=y.dtype)
+    wrap_triton(_bwd_apply_kernel)[grid](
+        grad, y, r, mean, invstd, weight, bias, sum_dz, sum_dzxh, dy, dr, m, c, **flags
+    )
+    return dy, dr, sum_dzxh.to(weight.dtype), sum_dz.to(bias.dtype)
+
+
+@_stats_op.register_fake
+def _(y, residual):
+    c = y.shape[1]
+    return y.new_empty((c,), dtype=torch.float32), y.new_empty((c,), dtype=torch.float32)
+
+
+@_apply_op.register_fake
+def _(y, residual, mean, invstd, weight, bias, act):
+    return y.new_empty(y.shape, dtype=_out_dtype(y, residual))
+
+
+@_backward_op.register_fake
+def _(grad, y, residual, mean, invstd, weight, bias, act):
+    dr = torch.empty_like(residual) if residual is not None else y.new_empty((0,))
+    return torch.empty_like(y), dr, torch.empty_like(weight), torch.empty_like(bias)
+
+
+def _setup_context(ctx, inputs, output):
+    y, residual, mean, invstd, weight, bias, act = inputs
+    ctx.save_for_backward(y, residual, mean, invstd, weight, bias)
+    ctx.act = act
+    ctx.has_residual = residual is not None
+
+
+def _backward(ctx, grad):
+    y, residual, mean, invstd, weight, bias = ctx.saved_tensors
+    dy, dr, dw, db = torch.ops.hifuse.batch_norm_act_backward(
+        grad.contiguous(), y, residual, mean, invstd, weight, bias, ctx.act
+    )
+    # mean and invstd are batch statistics: their gradients flow through the reduction
+    # terms of dy above, not through these inputs.
+    return dy, (dr if ctx.has_residual else None), None, None, dw, db, None
+
+
+_apply_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def unsupported_reason(x: torch.Tensor, bn: torch.nn.BatchNorm2d, residual: torch.Tensor | None = None) -> str | None:
+    """Why the fused training BatchNorm cannot take x (and residual), or None when it can."""
+    if x.dim() != 4 or x.shape[1] != bn.num_features:
+        return f"x must be (N, {bn.num_features}, H, W), got {tuple(x.shape)}"
+    if residual is not None and residual.shape != x.shape:
+        return f"residual {tuple(residual.shape)} must match x {tuple(x.shape)}"
+    if x.dtype not in SUPPORTED_DTYPES or (residual is not None and residual.dtype not in SUPPORTED_DTYPES):
+        return f"x must be float32, float16 or bfloat16, got {x.dtype}"
+    if not bn.affine:
+        return "BatchNorm without affine parameters is not fused"
+    if x.numel() // x.shape[1] < 2:
+        return "BatchNorm needs more than one value per channel when training"
+    tensors = (x, bn.weight) if residual is None else (x, residual, bn.weight)
+    return _triton.unsupported_reason(*tensors)
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    n, c, h, w = t.shape
+    return t.permute(0, 2, 3, 1).reshape(n * h * w, c).contiguous()
+
+
+def batch_norm_act(
+    x: torch.Tensor, bn: torch.nn.BatchNorm2d, act: str | None = None, residual: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``act(bn(x))`` (or ``act(bn(gelu(x) + residual))``) with ``bn`` in training mode.
+
+    Normalises with the batch statistics and updates ``bn``'s running statistics and
+    ``num_batches_tracked`` as ``nn.BatchNorm2d`` does. x is (N, C, H, W), any strides
+    (channels-last memory is read without copies); the result is channels-last.
+
+    Args:
+        act: None, "relu" or "gelu" (exact).
+        residual: with it, the BatchNorm input is gelu(x) + residual, never materialised.
+    """
+    if act not in ACTIVATIONS:
+        raise ValueError(f"batch_norm_act: act must be one of {list(ACTIVATIONS)}, got {act!r}")
+    reason = unsupported_reason(x, bn, residual)
+    if reason is not None:
+        raise ValueError(f"batch_norm_act: {reason}")
+    n, c, h, w = x.shape
+    y = _rows(x)
+    r = None if residual is None else _rows(residual)
+    with torch.no_grad():
+        mean, var = torch.ops.hifuse.batch_norm_stats(y.detach(), None if r is None else r.detach())
+        invstd = torch.rsqrt(var + bn.eps)
+        if bn.track_running_stats and bn.running_mean is not None:
+            bn.num_batches_tracked.add_(1)
+            momentum = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+            count = y.shape[0]
+            bn.running_mean.mul_(1 - momentum).add_(mean.to(bn.running_mean.dtype), alpha=momentum)
+            unbiased = var * (count / (count - 1))
+            bn.running_var.mul_(1 - momentum).add_(unbiased.to(bn.running_var.dtype), alpha=momentum)
+    out = torch.ops.hifuse.batch_norm_act(y, r, mean, invstd, bn.weight, bn.bias, ACTIVATIONS[act])
+    return out.view(n, h, w, c).permute(0, 3, 1, 2)

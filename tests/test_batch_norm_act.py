@@ -1,0 +1,138 @@
+"""Training-mode BatchNorm fused with its activation (and the IRMLP's GELU + residual prologue)."""
+
+import copy
+
+import pytest
+import torch
+
+from hifuse_kernels import _triton
+from hifuse_kernels.batch_norm_act import batch_norm_act, batch_norm_act_ref
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.skipif(
+    _triton.unsupported_reason(torch.zeros(1, device=DEVICE)) is not None,
+    reason=str(_triton.unsupported_reason(torch.zeros(1, device=DEVICE))),
+)
+# (N, C, H, W): batch 1 and 2, odd sides, 1x1 with batch 2, channel counts around the tile
+SHAPES = [(2, 40, 9, 7), (1, 96, 5, 3), (4, 288, 1, 1), (3, 1, 4, 5), (1, 65, 11, 13)]
+
+
+def _bn(c, seed=0, momentum=0.1):
+    gen = torch.Generator().manual_seed(seed)
+    bn = torch.nn.BatchNorm2d(c, momentum=momentum)
+    with torch.no_grad():
+        bn.weight.copy_(1 + 0.1 * torch.randn(c, generator=gen))
+        bn.bias.copy_(0.1 * torch.randn(c, generator=gen))
+        bn.running_mean.copy_(torch.randn(c, generator=gen))
+        bn.running_var.copy_(0.5 + torch.rand(c, generator=gen))
+    return bn.to(DEVICE)
+
+
+def _run_both(shape, act, residual, channels_last=True, momentum=0.1, steps=1):
+    bn = _bn(shape[1], momentum=momentum)
+    ref_bn = copy.deepcopy(bn)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        x = (3 * torch.randn(shape, generator=gen) + 5).to(DEVICE)  # a large mean tests stability
+        r = torch.randn(shape, generator=gen).to(DEVICE) if residual else None
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        xs = [x.clone().requires_grad_(), x.clone().requires_grad_()]
+        rs = [r.clone().requires_grad_(), r.clone().requires_grad_()] if residual else [None, None]
+        out = batch_norm_act(xs[0], bn, act, rs[0])
+        ref = batch_norm_act_ref(xs[1], ref_bn, act, rs[1])
+    return out, ref, bn, ref_bn, xs, rs
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("act", [None, "relu", "gelu"])
+@pytest.mark.parametrize("residual", [False, True])
+def test_matches_batch_norm_module(shape, act, residual):
+    out, ref, bn, ref_bn, xs, rs = _run_both(shape, act, residual)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    # fp32 statistics of a few values with a large mean: cancellation limits both sides to ~1e-5
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    grad = torch.randn_like(ref)
+    inputs = [xs[0], *([rs[0]] if residual else []), bn.weight, bn.bias]
+    ref_inputs = [xs[1], *([rs[1]] if residual else []), ref_bn.weight, ref_bn.bias]
+    for k, (a, r) in enumerate(zip(torch.autograd.grad(out, inputs, grad), torch.autograd.grad(ref, ref_inputs, grad))):
+        torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-4, msg=f"gradient {k}")
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(getattr(bn, name), getattr(ref_bn, name), rtol=1e-6, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_running_statistics_over_steps(momentum):
+    # momentum None is nn.BatchNorm2d's cumulative moving average
+    _, _, bn, ref_bn, _, _ = _run_both((2, 24, 5, 3), "relu", False, momentum=momentum, steps=3)
+    assert int(bn.num_batches_tracked) == 3
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(getattr(bn, name), getattr(ref_bn, name), rtol=1e-6, atol=1e-6, msg=name)
+
+
+def test_nchw_input_and_expanded_gradient():
+    out, ref, bn, ref_bn, xs, _ = _run_both((2, 40, 5, 3), "gelu", False, channels_last=False)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    out.sum().backward()
+    ref.sum().backward()
+    torch.testing.assert_close(xs[0].grad, xs[1].grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(bn.weight.grad, ref_bn.weight.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_backward_is_deterministic():
+    out, _, bn, _, xs, rs = _run_both((2, 96, 9, 7), "gelu", True)
+    grad = torch.randn_like(out)
+    first = torch.autograd.grad(out, [xs[0], rs[0], bn.weight, bn.bias], grad, retain_graph=True)
+    second = torch.autograd.grad(out, [xs[0], rs[0], bn.weight, bn.bias], grad)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+def test_bad_input():
+    bn = _bn(8)
+    x = torch.randn(2, 8, 3, 3, device=DEVICE)
+    with pytest.raises(ValueError, match="act must be"):
+        batch_norm_act(x, bn, "tanh")
+    with pytest.raises(ValueError, match=r"\(N, 8, H, W\)"):
+        batch_norm_act(x[:, :4], bn)
+    with pytest.raises(ValueError, match="must match"):
+        batch_norm_act(x, bn, residual=x[:, :, :2])
+    with pytest.raises(ValueError, match="more than one value"):
+        batch_norm_act(x[:1, :, :1, :1], bn)
+    with pytest.raises(ValueError, match="float32, float16 or bfloat16"):
+        batch_norm_act(x.double(), bn)
+
+
+def test_compiles_without_graph_breaks():
+    bn = _bn(16)
+    ref_bn = copy.deepcopy(bn)
+    x = torch.randn(2, 16, 3, 5, device=DEVICE, requires_grad=True)
+    out = torch.compile(lambda t: batch_norm_act(t, bn, "relu"), fullgraph=True, backend="aot_eager")(x)
+    ref = batch_norm_act_ref(x, ref_bn, "relu")
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(bn.running_mean, ref_bn.running_mean)
+    out.sum().backward()
+    assert x.grad is not None and bn.weight.grad is not None
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape, residual", [((128, 96, 56, 56), False), ((128, 288, 56, 56), True), ((128, 768, 7, 7), False)])
+def test_low_precision_cuda(dtype, shape, residual):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=gen).to(DEVICE).contiguous(memory_format=torch.channels_last)
+    r = torch.randn(shape, generator=gen).to(DEVICE).contiguous(memory_format=torch.channels_last) if residual else None
+    grad = torch.randn(shape, generator=gen).to(DEVICE)
+
+    def run(fn, dt):
+        bn = _bn(shape[1]).to(dt)
+        ins = [x.to(dt).requires_grad_()] + ([r.to(dt).requires_grad_()] if residual else [])
+        out = fn(ins[0], bn, "gelu", ins[1] if residual else None)
+        return (out, *torch.autograd.grad(out, [*ins, bn.weight, bn.bias], grad.to(out.dtype)))
+
+    ref = run(batch_norm_act_ref, torch.float64)
+    pt = run(batch_norm_act_ref, dtype)
+    got = run(batch_norm_act, dtype)
+    for k, (a, p, rf) in enumerate(zip(got, pt, ref)):
+        err = (a.double() - rf).abs().max().item()
+        pt_err = (p.double() - rf).abs().max().item()
+        assert err <= 2 * pt_err + 1e-5 * max(1.0, rf.abs().max().item()), f"output {k}: {err:.3g} vs eager {pt_err:.3g}"
