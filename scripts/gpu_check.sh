@@ -6,7 +6,10 @@
 #
 # Environment: HIFUSE_COMPILE=1 adds the torch.compile baselines of the model and of single
 # ops (minutes each; the model's are in benchmarks/results/); FlexAttention always runs;
-# HIFUSE_BATCHES (default "32,128"); TORCH_CUDA_ARCH_LIST (default 9.0); MAX_JOBS.
+# HIFUSE_BATCHES (default "32,128"); TORCH_CUDA_ARCH_LIST (default 9.0); MAX_JOBS;
+# HIFUSE_DEADLINE (seconds from the start, default 540): benchmarks run in order of
+# importance (whole model, blocks, single ops, block compile baselines) and each is cut at
+# the deadline, so a time-limited call still returns what finished.
 # Without a GPU it builds, tests and runs the small CPU benchmarks, and skips the rest.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -18,6 +21,7 @@ export PYTHONUNBUFFERED=1
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 batches=${HIFUSE_BATCHES:-32,128}
+deadline=$(( $(date +%s) + ${HIFUSE_DEADLINE:-540} ))
 status=0
 
 step() { echo "== $(date -u +%H:%M:%S) $*" | tee -a "$log"; }
@@ -48,10 +52,15 @@ if [ "${PIPESTATUS[0]}" != 0 ]; then
 fi
 
 gpu=$(python -c "import torch; print(int(torch.cuda.is_available()))")
-bench() {  # bench NAME ARGS...: one pytest-benchmark run writing $out/NAME.json
+bench() {  # bench NAME ARGS...: one pytest-benchmark run writing $out/NAME.json, cut at the deadline
   local name=$1; shift
-  step "benchmark $name"
-  run python -m pytest benchmarks -q -p no:cacheprovider --benchmark-only \
+  local left=$(( deadline - $(date +%s) ))
+  if [ "$left" -lt 30 ]; then
+    step "benchmark $name skipped: deadline reached"
+    return 0
+  fi
+  step "benchmark $name (${left}s left)"
+  run timeout "$left" python -m pytest benchmarks -q -p no:cacheprovider --benchmark-only \
     --benchmark-json "$out/$name.json" --benchmark-columns=median,iqr,rounds "$@"
 }
 
@@ -62,15 +71,18 @@ if [ "$gpu" != 1 ]; then
   exit $status
 fi
 
-bench model -k "test_model" --dtype bf16 --batch "$batches" --memory-format contiguous,channels_last --providers eager,fused
-bench layer_norm_cf -k "test_layer_norm_cf" --dtype bf16,fp32 --batch 128
 compile_ops=()
 [ "${HIFUSE_COMPILE:-0}" = 1 ] && compile_ops=(--compile-ops)
-bench window_attention -k "test_window_attention or test_global_blocks_tiny" --dtype bf16 --batch 128 "${compile_ops[@]}"
-bench dwconv_layer_norm -k "test_dwconv_layer_norm or test_local_blocks_tiny" --dtype bf16 --batch 128 "${compile_ops[@]}"
-bench patch_merge -k "test_patch_merge" --dtype bf16 --batch 128 "${compile_ops[@]}"
-bench patch_conv -k "test_stem_layer" --dtype bf16 --batch 128 "${compile_ops[@]}"
-bench fusion_gate -k "test_gated_layer_norm or test_layer_norm_cat or test_gate_pooling or test_fusion_blocks_tiny or test_batch_norm_act" --dtype bf16 --batch 128 "${compile_ops[@]}"
+ops=(--dtype bf16 --batch 128 "${compile_ops[@]}")
+bench model -k "test_model" --dtype bf16 --batch "$batches" --memory-format contiguous,channels_last --providers eager,fused
+blocks="test_global_blocks_tiny or test_local_blocks_tiny or test_fusion_blocks_tiny or test_stem_layer"
+bench blocks -k "($blocks) and not compile" "${ops[@]}"
+bench window_attention -k "test_window_attention and not blocks" "${ops[@]}"
+bench dwconv_layer_norm -k "test_dwconv_layer_norm and not blocks" "${ops[@]}"
+bench fusion_ops -k "test_gated_layer_norm or test_layer_norm_cat or test_gate_pooling or test_batch_norm_act" "${ops[@]}"
+bench layer_norm_cf -k "test_layer_norm_cf" --dtype bf16,fp32 --batch 128
+bench patch_merge -k "test_patch_merge" "${ops[@]}"
+bench blocks_compile -k "($blocks) and compile" "${ops[@]}"
 if [ "${HIFUSE_COMPILE:-0}" = 1 ]; then
   for spec in train_step:128 inference:128 inference:32 train_step:32; do
     mode=${spec%%:*}; b=${spec##*:}
