@@ -45,6 +45,7 @@ except ImportError:
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_CHANNELS = 1024
 BLOCK_S = 32  # positions per step of the channel pooling loop
+POOL_CHUNKS = 8  # position chunks per image and channel block in the channel pooling
 
 __all__ = [
     "channel_pool",
@@ -78,16 +79,20 @@ def gated_layer_norm_ref(g, channel_gate, l, spatial_gate, x, weight, bias, eps:
 if triton is not None:
 
     @triton.jit
-    def _channel_pool_kernel(G, AVG, MAX, ARG, S, C, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+    def _channel_pool_kernel(G, SUM, MAX, ARG, S, C, CHUNK, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+        """Partial sum, maximum and first position of the maximum over one chunk of positions."""
         n = tl.program_id(0).to(tl.int64)
         c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        chunk = tl.program_id(2)
         cmask = c < C
         total = tl.zeros((BLOCK_C,), dtype=tl.float32)
         best = tl.full((BLOCK_C,), float("-inf"), dtype=tl.float32)
         where = tl.zeros((BLOCK_C,), dtype=tl.int32)
-        for s0 in range(0, S, BLOCK_S):
+        start = chunk * CHUNK
+        stop = tl.minimum(start + CHUNK, S)
+        for s0 in range(start, stop, BLOCK_S):
             s = s0 + tl.arange(0, BLOCK_S)
-            m = (s < S)[:, None] & cmask[None, :]
+            m = (s < stop)[:, None] & cmask[None, :]
             v = tl.load(G + (n * S + s.to(tl.int64))[:, None] * C + c[None, :], mask=m, other=0.0).to(tl.float32)
             total += tl.sum(v, 0)
             v = tl.where(m, v, float("-inf"))
@@ -95,9 +100,10 @@ if triton is not None:
             better = tile_best > best  # strictly: the first position of a maximum wins
             where = tl.where(better, s0 + tile_where, where)
             best = tl.where(better, tile_best, best)
-        tl.store(AVG + n * C + c, (total / S).to(AVG.dtype.element_ty), mask=cmask)
-        tl.store(MAX + n * C + c, best.to(MAX.dtype.element_ty), mask=cmask)
-        tl.store(ARG + n * C + c, where, mask=cmask)
+        part = (n * tl.num_programs(2) + chunk) * C + c
+        tl.store(SUM + part, total, mask=cmask)
+        tl.store(MAX + part, best, mask=cmask)
+        tl.store(ARG + part, where, mask=cmask)
 
     @triton.jit
     def _channel_pool_bwd_kernel(D_AVG, D_MAX, ARG, DG, S, C, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -256,14 +262,21 @@ def _warps(c: int) -> int:
 @_define_op("hifuse::channel_pool", mutates_args=())
 def _channel_pool_op(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     n, s, c = g.shape
-    avg = g.new_empty((n, c))
-    best = g.new_empty((n, c))
-    arg = torch.empty((n, c), device=g.device, dtype=torch.int32)
     block_c = min(64, _block_c(c))
-    wrap_triton(_channel_pool_kernel)[(n, triton.cdiv(c, block_c))](
-        g, avg, best, arg, s, c, BLOCK_S=BLOCK_S, BLOCK_C=block_c
+    # Chunks of positions keep enough programs busy at small N * C; partials are combined
+    # below in a fixed order (the first chunk holding the maximum gives its position).
+    chunk = max(BLOCK_S, triton.cdiv(triton.cdiv(s, POOL_CHUNKS), BLOCK_S) * BLOCK_S)
+    chunks = triton.cdiv(s, chunk)
+    f32 = dict(device=g.device, dtype=torch.float32)
+    part_sum, part_max = torch.empty((n, chunks, c), **f32), torch.empty((n, chunks, c), **f32)
+    part_arg = torch.empty((n, chunks, c), device=g.device, dtype=torch.int32)
+    wrap_triton(_channel_pool_kernel)[(n, triton.cdiv(c, block_c), chunks)](
+        g, part_sum, part_max, part_arg, s, c, chunk, BLOCK_S=BLOCK_S, BLOCK_C=block_c
     )
-    return avg, best, arg
+    best = part_max.amax(1)
+    first = (part_max == best[:, None]).to(torch.int8).argmax(1, keepdim=True)
+    arg = part_arg.gather(1, first).squeeze(1)
+    return (part_sum.sum(1) / s).to(g.dtype), best.to(g.dtype), arg
 
 
 @_define_op("hifuse::channel_pool_backward", mutates_args=())

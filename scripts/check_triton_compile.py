@@ -62,7 +62,7 @@ def cases(dtype: str):
             yield bna._bwd_apply_kernel, dict(G=out, **io, MEAN=f32, INVSTD=f32, W=f32, B=f32, SUM_DZ=f32,
                                               SUM_DZXH=f32, DY="dt", DR=io["R"]), flags
     pool = dict(BLOCK_S=fg.BLOCK_S, BLOCK_C=64)
-    yield fg._channel_pool_kernel, dict(G="dt", AVG="dt", MAX="dt", ARG="i32"), pool
+    yield fg._channel_pool_kernel, dict(G="dt", SUM=f32, MAX=f32, ARG="i32"), pool
     yield fg._channel_pool_bwd_kernel, dict(D_AVG="dt", D_MAX="dt", ARG="i32", DG="dt"), pool
     for c in (96, 768):  # launched as the op launches them, fp32 g and l with dt gates and X (autocast)
         rows = dict(BLOCK_P=fg._rows_per_program(c, 1), BLOCK_C=fg._block_c(c), WARPS=fg._warps(c))

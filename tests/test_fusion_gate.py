@@ -65,9 +65,10 @@ def test_spatial_pool(shape, channels_last):
     _check_grads(spatial_pool(l), spatial_pool_ref(l), [l])
 
 
-def test_pool_ties_follow_eager():
+@pytest.mark.parametrize("shape", [(2, 24, 5, 3), (1, 8, 20, 21)])  # the second spans several position chunks
+def test_pool_ties_follow_eager(shape):
     # ReLU-like data: many equal maxima per channel and per position
-    g = torch.randn(2, 24, 5, 3, device=DEVICE).clamp(max=0.0).round().requires_grad_()
+    g = torch.randn(shape, device=DEVICE).clamp(max=0.0).round().requires_grad_()
     avg, best = channel_pool(g)
     ravg, rbest = channel_pool_ref(g)
     got = torch.autograd.grad((avg, best), g, (torch.ones_like(avg), torch.ones_like(best)))[0]
