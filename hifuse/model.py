@@ -486,8 +486,9 @@ class ConvBN(nn.Module):
             x = self.relu(x)
         return x
 
-    def forward_fused(self, x: torch.Tensor, then: str | None = None) -> torch.Tensor:
-        """The fusion block's fused path, followed by activation ``then`` ("gelu" or None).
+    def forward_fused(self, x: torch.Tensor, then: str | None = None, pool: bool = False) -> torch.Tensor:
+        """The fusion block's fused path, followed by activation ``then`` ("gelu" or None)
+        and, with ``pool``, a 2x2/2 average pooling (fused into the training BatchNorm).
 
         A 1x1 convolution is a GEMM over channels-last pixels. In eval mode the BatchNorm is
         folded into the weight and bias (the folded weight is rounded once instead of
@@ -507,10 +508,11 @@ class ConvBN(nn.Module):
         if bn is not None and not fold:
             from hifuse_kernels import batch_norm_act as bna
 
-            if bna.unsupported_reason(x, bn) is None:
-                return bna.batch_norm_act(x, bn, act)
+            if bna.unsupported_reason(x, bn) is None and (not pool or min(x.shape[-2:]) >= 2):
+                return bna.batch_norm_act(x, bn, act, pool=pool)
             x = bn(x)
-        return {None: lambda t: t, "relu": F.relu, "gelu": F.gelu}[act](x)
+        x = {None: lambda t: t, "relu": F.relu, "gelu": F.gelu}[act](x)
+        return F.avg_pool2d(x, 2, stride=2) if pool else x
 
 
 def fold_batch_norm(
@@ -686,7 +688,7 @@ class HFFBlock(nn.Module):
         w_local = self.W_l.forward_fused(l)
         w_global = self.W_g.forward_fused(g)
         if f is not None:
-            w_f = F.avg_pool2d(self.Updim.forward_fused(f), 2, stride=2)
+            w_f = self.Updim.forward_fused(f, pool=True)
             shortcut = w_f
             parts, norm, proj = [w_f, w_local, w_global], self.norm1, self.W3
         else:

@@ -10,7 +10,9 @@ intermediate for backward. Here:
   (for ``bn1`` of ``gelu(y) + r``, computed on load: that sum is never written);
 - the per-program partials are combined in a fixed order with Chan's formula (no atomics,
   numerically stable for large means), giving the batch mean and biased variance;
-- an apply pass writes ``act(weight * x_hat + bias)``, only that.
+- an apply pass writes ``act(weight * x_hat + bias)``, only that; for ``Updim`` averaged
+  over 2x2 windows on the way (the pooling that follows it), so the full-resolution
+  activation is never written.
 
 Backward recomputes x_hat and the activation's derivative from the saved input, reduces
 ``sum(dz)`` and ``sum(dz * x_hat)`` per program (then in a fixed order), and writes the input
@@ -45,12 +47,13 @@ BLOCK_C = 64  # channels per program
 __all__ = ["batch_norm_act", "batch_norm_act_ref", "unsupported_reason"]
 
 
-def batch_norm_act_ref(x, bn: torch.nn.BatchNorm2d, act: str | None = None, residual=None) -> torch.Tensor:
-    """What eager computes: act(bn(x)), or act(bn(gelu(x) + residual)) with a residual."""
+def batch_norm_act_ref(x, bn: torch.nn.BatchNorm2d, act: str | None = None, residual=None, pool: bool = False):
+    """What eager computes: act(bn(x)), or act(bn(gelu(x) + residual)) with a residual,
+    then a 2x2/2 average pooling with ``pool``."""
     if residual is not None:
         x = F.gelu(x) + residual
-    x = bn(x)
-    return {None: lambda t: t, "relu": F.relu, "gelu": F.gelu}[act](x)
+    x = {None: lambda t: t, "relu": F.relu, "gelu": F.gelu}[act](bn(x))
+    return F.avg_pool2d(x, 2, stride=2) if pool else x
 
 
 if triton is not None:
@@ -90,6 +93,23 @@ if triton is not None:
         return d
 
     @triton.jit
+    def _load_grad(G, rows, c, m, C, H, W, POOL: tl.constexpr):
+        """The output gradient at full-resolution rows; with POOL, a quarter of the pooled
+        row's gradient (zero for the odd last row or column that pooling drops)."""
+        if POOL:
+            ho = H // 2
+            wo = W // 2
+            w = rows % W
+            h = (rows // W) % H
+            n = rows // (W * H)
+            ok = (h < 2 * ho) & (w < 2 * wo)
+            q = (n * ho + h // 2) * wo + w // 2
+            g = tl.load(G + q[:, None] * C + c[None, :], mask=m & ok[:, None], other=0.0).to(tl.float32) * 0.25
+        else:
+            g = tl.load(G + rows[:, None] * C + c[None, :], mask=m, other=0.0).to(tl.float32)
+        return g
+
+    @triton.jit
     def _stats_kernel(Y, R, MEAN_PART, M2_PART, M, C,
                       PROLOGUE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
         rows, c, cmask, m = _tile(M, C, BLOCK_M, BLOCK_C)
@@ -113,8 +133,28 @@ if triton is not None:
         tl.store(OUT + offs, _act(z, ACT).to(OUT.dtype.element_ty), mask=m)
 
     @triton.jit
-    def _bwd_reduce_kernel(G, Y, R, MEAN, INVSTD, W, B, SUM_DZ_PART, SUM_DZXH_PART, M, C,
+    def _apply_pool_kernel(Y, R, MEAN, INVSTD, W, B, OUT, Q, C, H, WIDTH,
                            PROLOGUE: tl.constexpr, ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+        """act(bn(.)) averaged over 2x2 windows: only the pooled rows are written."""
+        q, c, cmask, m = _tile(Q, C, BLOCK_M, BLOCK_C)
+        ho = H // 2
+        wo = WIDTH // 2
+        n = q // (ho * wo)
+        top = ((n * H + 2 * ((q // wo) % ho)) * WIDTH + 2 * (q % wo)).to(tl.int64)
+        mean = tl.load(MEAN + c, mask=cmask, other=0.0)
+        scale = tl.load(INVSTD + c, mask=cmask, other=0.0) * tl.load(W + c, mask=cmask, other=0.0).to(tl.float32)
+        shift = tl.load(B + c, mask=cmask, other=0.0).to(tl.float32)
+        acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
+        for i in tl.static_range(2):
+            for j in tl.static_range(2):
+                v, _offs = _load_input(Y, R, top + i * WIDTH + j, c, m, C, PROLOGUE)
+                acc += _act((v - mean[None, :]) * scale[None, :] + shift[None, :], ACT)
+        tl.store(OUT + q[:, None] * C + c[None, :], (acc * 0.25).to(OUT.dtype.element_ty), mask=m)
+
+    @triton.jit
+    def _bwd_reduce_kernel(G, Y, R, MEAN, INVSTD, W, B, SUM_DZ_PART, SUM_DZXH_PART, M, C, H, WIDTH,
+                           PROLOGUE: tl.constexpr, ACT: tl.constexpr, POOL: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
         rows, c, cmask, m = _tile(M, C, BLOCK_M, BLOCK_C)
         v, offs = _load_input(Y, R, rows, c, m, C, PROLOGUE)
         mean = tl.load(MEAN + c, mask=cmask, other=0.0)
@@ -122,15 +162,16 @@ if triton is not None:
         w = tl.load(W + c, mask=cmask, other=0.0).to(tl.float32)
         b = tl.load(B + c, mask=cmask, other=0.0).to(tl.float32)
         xhat = (v - mean[None, :]) * invstd[None, :]
-        dz = tl.load(G + offs, mask=m, other=0.0).to(tl.float32) * _act_grad(xhat * w[None, :] + b[None, :], ACT)
+        dz = _load_grad(G, rows, c, m, C, H, WIDTH, POOL) * _act_grad(xhat * w[None, :] + b[None, :], ACT)
         dz = tl.where(m, dz, 0.0)
         part = tl.program_id(0).to(tl.int64) * C + c
         tl.store(SUM_DZ_PART + part, tl.sum(dz, 0), mask=cmask)
         tl.store(SUM_DZXH_PART + part, tl.sum(dz * xhat, 0), mask=cmask)
 
     @triton.jit
-    def _bwd_apply_kernel(G, Y, R, MEAN, INVSTD, W, B, SUM_DZ, SUM_DZXH, DY, DR, M, C,
-                          PROLOGUE: tl.constexpr, ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    def _bwd_apply_kernel(G, Y, R, MEAN, INVSTD, W, B, SUM_DZ, SUM_DZXH, DY, DR, M, C, H, WIDTH,
+                          PROLOGUE: tl.constexpr, ACT: tl.constexpr, POOL: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
         rows, c, cmask, m = _tile(M, C, BLOCK_M, BLOCK_C)
         v, offs = _load_input(Y, R, rows, c, m, C, PROLOGUE)
         mean = tl.load(MEAN + c, mask=cmask, other=0.0)
@@ -138,7 +179,7 @@ if triton is not None:
         w = tl.load(W + c, mask=cmask, other=0.0).to(tl.float32)
         b = tl.load(B + c, mask=cmask, other=0.0).to(tl.float32)
         xhat = (v - mean[None, :]) * invstd[None, :]
-        dz = tl.load(G + offs, mask=m, other=0.0).to(tl.float32) * _act_grad(xhat * w[None, :] + b[None, :], ACT)
+        dz = _load_grad(G, rows, c, m, C, H, WIDTH, POOL) * _act_grad(xhat * w[None, :] + b[None, :], ACT)
         sum_dz = tl.load(SUM_DZ + c, mask=cmask, other=0.0)
         sum_dzxh = tl.load(SUM_DZXH + c, mask=cmask, other=0.0)
         dv = (w * invstd)[None, :] * (dz - (sum_dz[None, :] + xhat * sum_dzxh[None, :]) / M)
@@ -180,39 +221,50 @@ def _stats_op(y: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Ten
     return mean, m2 / m
 
 
+def _pooled_rows(m: int, height: int, width: int) -> int:
+    return m // (height * width) * (height // 2) * (width // 2)
+
+
 @_define_op("hifuse::batch_norm_act", mutates_args=())
 def _apply_op(
     y: torch.Tensor, residual: torch.Tensor | None, mean: torch.Tensor, invstd: torch.Tensor,
-    weight: torch.Tensor, bias: torch.Tensor, act: int,
+    weight: torch.Tensor, bias: torch.Tensor, act: int, height: int, width: int, pool: bool,
 ) -> torch.Tensor:
     m, c = y.shape
+    r = y if residual is None else residual
+    flags = dict(PROLOGUE=residual is not None, ACT=act, BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C)
+    if pool:
+        q = _pooled_rows(m, height, width)
+        out = torch.empty((q, c), device=y.device, dtype=_out_dtype(y, residual))
+        wrap_triton(_apply_pool_kernel)[_grid(q, c)](
+            y, r, mean, invstd, weight, bias, out, q, c, height, width, **flags
+        )
+        return out
     out = torch.empty((m, c), device=y.device, dtype=_out_dtype(y, residual))
-    wrap_triton(_apply_kernel)[_grid(m, c)](
-        y, y if residual is None else residual, mean, invstd, weight, bias, out, m, c,
-        PROLOGUE=residual is not None, ACT=act, BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C,
-    )
+    wrap_triton(_apply_kernel)[_grid(m, c)](y, r, mean, invstd, weight, bias, out, m, c, **flags)
     return out
 
 
 @_define_op("hifuse::batch_norm_act_backward", mutates_args=())
 def _backward_op(
     grad: torch.Tensor, y: torch.Tensor, residual: torch.Tensor | None, mean: torch.Tensor,
-    invstd: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, act: int,
+    invstd: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, act: int, height: int, width: int,
+    pool: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     m, c = y.shape
     grid = _grid(m, c)
     sum_dz_part = torch.empty((grid[0], c), device=y.device, dtype=torch.float32)
     sum_dzxh_part = torch.empty_like(sum_dz_part)
     r = y if residual is None else residual
-    flags = dict(PROLOGUE=residual is not None, ACT=act, BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C)
+    flags = dict(PROLOGUE=residual is not None, ACT=act, POOL=pool, BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C)
     wrap_triton(_bwd_reduce_kernel)[grid](
-        grad, y, r, mean, invstd, weight, bias, sum_dz_part, sum_dzxh_part, m, c, **flags
+        grad, y, r, mean, invstd, weight, bias, sum_dz_part, sum_dzxh_part, m, c, height, width, **flags
     )
     sum_dz, sum_dzxh = sum_dz_part.sum(0), sum_dzxh_part.sum(0)
     dy = torch.empty_like(y)
     dr = torch.empty_like(r) if residual is not None else torch.empty(0, device=y.device, dtype=y.dtype)
     wrap_triton(_bwd_apply_kernel)[grid](
-        grad, y, r, mean, invstd, weight, bias, sum_dz, sum_dzxh, dy, dr, m, c, **flags
+        grad, y, r, mean, invstd, weight, bias, sum_dz, sum_dzxh, dy, dr, m, c, height, width, **flags
     )
     return dy, dr, sum_dzxh.to(weight.dtype), sum_dz.to(bias.dtype)
 
@@ -224,31 +276,32 @@ def _(y, residual):
 
 
 @_apply_op.register_fake
-def _(y, residual, mean, invstd, weight, bias, act):
-    return y.new_empty(y.shape, dtype=_out_dtype(y, residual))
+def _(y, residual, mean, invstd, weight, bias, act, height, width, pool):
+    rows = _pooled_rows(y.shape[0], height, width) if pool else y.shape[0]
+    return y.new_empty((rows, y.shape[1]), dtype=_out_dtype(y, residual))
 
 
 @_backward_op.register_fake
-def _(grad, y, residual, mean, invstd, weight, bias, act):
+def _(grad, y, residual, mean, invstd, weight, bias, act, height, width, pool):
     dr = torch.empty_like(residual) if residual is not None else y.new_empty((0,))
     return torch.empty_like(y), dr, torch.empty_like(weight), torch.empty_like(bias)
 
 
 def _setup_context(ctx, inputs, output):
-    y, residual, mean, invstd, weight, bias, act = inputs
+    y, residual, mean, invstd, weight, bias, act, height, width, pool = inputs
     ctx.save_for_backward(y, residual, mean, invstd, weight, bias)
-    ctx.act = act
+    ctx.args = (act, height, width, pool)
     ctx.has_residual = residual is not None
 
 
 def _backward(ctx, grad):
     y, residual, mean, invstd, weight, bias = ctx.saved_tensors
     dy, dr, dw, db = torch.ops.hifuse.batch_norm_act_backward(
-        grad.contiguous(), y, residual, mean, invstd, weight, bias, ctx.act
+        grad.contiguous(), y, residual, mean, invstd, weight, bias, *ctx.args
     )
     # mean and invstd are batch statistics: their gradients flow through the reduction
     # terms of dy above, not through these inputs.
-    return dy, (dr if ctx.has_residual else None), None, None, dw, db, None
+    return dy, (dr if ctx.has_residual else None), None, None, dw, db, None, None, None, None
 
 
 _apply_op.register_autograd(_backward, setup_context=_setup_context)
@@ -276,7 +329,11 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 
 
 def batch_norm_act(
-    x: torch.Tensor, bn: torch.nn.BatchNorm2d, act: str | None = None, residual: torch.Tensor | None = None
+    x: torch.Tensor,
+    bn: torch.nn.BatchNorm2d,
+    act: str | None = None,
+    residual: torch.Tensor | None = None,
+    pool: bool = False,
 ) -> torch.Tensor:
     """``act(bn(x))`` (or ``act(bn(gelu(x) + residual))``) with ``bn`` in training mode.
 
@@ -287,6 +344,8 @@ def batch_norm_act(
     Args:
         act: None, "relu" or "gelu" (exact).
         residual: with it, the BatchNorm input is gelu(x) + residual, never materialised.
+        pool: average the result over 2x2 windows (stride 2, an odd last row or column
+            dropped, as ``F.avg_pool2d``); the full-resolution result is never written.
     """
     if act not in ACTIVATIONS:
         raise ValueError(f"batch_norm_act: act must be one of {list(ACTIVATIONS)}, got {act!r}")
@@ -294,6 +353,8 @@ def batch_norm_act(
     if reason is not None:
         raise ValueError(f"batch_norm_act: {reason}")
     n, c, h, w = x.shape
+    if pool and (h < 2 or w < 2):
+        raise ValueError(f"batch_norm_act: cannot pool a {h}x{w} map over 2x2 windows")
     y = _rows(x)
     r = None if residual is None else _rows(residual)
     with torch.no_grad():
@@ -306,5 +367,7 @@ def batch_norm_act(
             bn.running_mean.mul_(1 - momentum).add_(mean.to(bn.running_mean.dtype), alpha=momentum)
             unbiased = var * (count / (count - 1))
             bn.running_var.mul_(1 - momentum).add_(unbiased.to(bn.running_var.dtype), alpha=momentum)
-    out = torch.ops.hifuse.batch_norm_act(y, r, mean, invstd, bn.weight, bn.bias, ACTIVATIONS[act])
+    out = torch.ops.hifuse.batch_norm_act(y, r, mean, invstd, bn.weight, bn.bias, ACTIVATIONS[act], h, w, pool)
+    if pool:
+        h, w = h // 2, w // 2
     return out.view(n, h, w, c).permute(0, 3, 1, 2)

@@ -57,10 +57,13 @@ def cases(dtype: str):
             flags = {**tile, "PROLOGUE": prologue, "ACT": act}
             out = f32 if prologue else "dt"
             yield bna._apply_kernel, dict(**io, MEAN=f32, INVSTD=f32, W=f32, B=f32, OUT=out), flags
-            yield bna._bwd_reduce_kernel, dict(G=out, **io, MEAN=f32, INVSTD=f32, W=f32, B=f32, SUM_DZ_PART=f32,
-                                               SUM_DZXH_PART=f32), flags
-            yield bna._bwd_apply_kernel, dict(G=out, **io, MEAN=f32, INVSTD=f32, W=f32, B=f32, SUM_DZ=f32,
-                                              SUM_DZXH=f32, DY="dt", DR=io["R"]), flags
+            yield bna._apply_pool_kernel, dict(**io, MEAN=f32, INVSTD=f32, W=f32, B=f32, OUT=out), flags
+            for pool in (False, True):
+                bwd = {**flags, "POOL": pool}
+                yield bna._bwd_reduce_kernel, dict(G=out, **io, MEAN=f32, INVSTD=f32, W=f32, B=f32,
+                                                   SUM_DZ_PART=f32, SUM_DZXH_PART=f32), bwd
+                yield bna._bwd_apply_kernel, dict(G=out, **io, MEAN=f32, INVSTD=f32, W=f32, B=f32, SUM_DZ=f32,
+                                                  SUM_DZXH=f32, DY="dt", DR=io["R"]), bwd
     pool = dict(BLOCK_S=fg.BLOCK_S, BLOCK_C=64)
     yield fg._channel_pool_kernel, dict(G="dt", SUM=f32, MAX=f32, ARG="i32"), pool
     yield fg._channel_pool_bwd_kernel, dict(D_AVG="dt", D_MAX="dt", ARG="i32", DG="dt"), pool

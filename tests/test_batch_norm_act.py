@@ -61,6 +61,25 @@ def test_matches_batch_norm_module(shape, act, residual):
         torch.testing.assert_close(getattr(bn, name), getattr(ref_bn, name), rtol=1e-6, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("shape", [(2, 40, 6, 8), (1, 96, 7, 5), (3, 16, 2, 3)])
+@pytest.mark.parametrize("act", ["relu", "gelu"])
+def test_pooled_output(shape, act):
+    bn = _bn(shape[1])
+    ref_bn = copy.deepcopy(bn)
+    x = (3 * torch.randn(shape) + 1).to(DEVICE).contiguous(memory_format=torch.channels_last)
+    xs = [x.clone().requires_grad_(), x.clone().requires_grad_()]
+    out = batch_norm_act(xs[0], bn, act, pool=True)
+    ref = batch_norm_act_ref(xs[1], ref_bn, act, pool=True)
+    assert out.shape == ref.shape
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    grad = torch.randn_like(ref)
+    got = torch.autograd.grad(out, [xs[0], bn.weight, bn.bias], grad)
+    want = torch.autograd.grad(ref, [xs[1], ref_bn.weight, ref_bn.bias], grad)
+    for k, (a, r) in enumerate(zip(got, want)):
+        torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-5, msg=f"gradient {k}")
+    torch.testing.assert_close(bn.running_var, ref_bn.running_var)
+
+
 @pytest.mark.parametrize("momentum", [0.1, None])
 def test_running_statistics_over_steps(momentum):
     # momentum None is nn.BatchNorm2d's cumulative moving average
@@ -100,6 +119,8 @@ def test_bad_input():
         batch_norm_act(x[:1, :, :1, :1], bn)
     with pytest.raises(ValueError, match="float32, float16 or bfloat16"):
         batch_norm_act(x.double(), bn)
+    with pytest.raises(ValueError, match="cannot pool"):
+        batch_norm_act(x[:, :, :1], bn, pool=True)
 
 
 def test_compiles_without_graph_breaks():
