@@ -41,6 +41,12 @@ def _skip(impl, settings):
     return None
 
 
+def _stage(settings, stage):
+    """(batch, channels, side) of a fusion stage at the benchmark size."""
+    div, c = STAGES[stage]
+    return max(settings["batch"]), c, settings["image_size"] // div
+
+
 def _feature(b, c, side, dtype, grad):
     t = torch.randn(b, c, side, side, device=DEVICE, dtype=dtype).contiguous(memory_format=torch.channels_last)
     return t.requires_grad_(grad)
@@ -70,8 +76,8 @@ def test_gated_layer_norm(benchmark, bench_settings, stage, impl, direction, dty
     reason = _skip(impl, bench_settings)
     if reason:
         pytest.skip(reason)
-    div, c = STAGES[stage]
-    b, side, dt = max(bench_settings["batch"]), bench_settings["image_size"] // div, DTYPES[dtype]
+    b, c, side = _stage(bench_settings, stage)
+    dt = DTYPES[dtype]
     grad = direction == "fwd_bwd"
     g, l, x = (_feature(b, c, side, dt, grad) for _ in range(3))
     cg = torch.rand(b, c, 1, 1, device=DEVICE, dtype=dt, requires_grad=grad)
@@ -94,8 +100,8 @@ def test_layer_norm_cat(benchmark, bench_settings, stage, parts, impl, direction
     reason = _skip(impl, bench_settings)
     if reason:
         pytest.skip(reason)
-    div, c = STAGES[stage]
-    b, side, dt = max(bench_settings["batch"]), bench_settings["image_size"] // div, DTYPES[dtype]
+    b, c, side = _stage(bench_settings, stage)
+    dt = DTYPES[dtype]
     grad = direction == "fwd_bwd"
     xs = [_feature(b, c, side, dt, grad) for _ in range(parts)]
     w = torch.ones(parts * c, device=DEVICE, dtype=dt, requires_grad=grad)
@@ -118,8 +124,7 @@ def test_gate_pooling(benchmark, bench_settings, stage, which, impl, direction, 
     reason = _skip(impl, bench_settings)
     if reason:
         pytest.skip(reason)
-    div, c = STAGES[stage]
-    b, side = max(bench_settings["batch"]), bench_settings["image_size"] // div
+    b, c, side = _stage(bench_settings, stage)
     x = _feature(b, c, side, DTYPES[dtype], direction == "fwd_bwd")
     ref = {"channel_pool": channel_pool_ref, "spatial_pool": spatial_pool_ref}[which]
     fn = {"eager": ref, "fused": {"channel_pool": channel_pool, "spatial_pool": spatial_pool}[which]}.get(impl)

@@ -148,3 +148,16 @@ def log_fallback(part: str, reason: str) -> None:
     if key not in _logged:
         _logged.add(key)
         logger.warning("hifuse: fused %s runs eager: %s", part, reason)
+
+
+def run_fused(part: str, module, *args):
+    """``module.forward_fused(*args)`` when ``part`` is switched on and
+    ``module.fused_unsupported_reason(*args)`` finds nothing against it; otherwise None
+    (after logging the reason once), and the module runs its eager code."""
+    if not is_fused(part):
+        return None
+    reason = module.fused_unsupported_reason(*args)
+    if reason is not None:
+        log_fallback(part, reason)
+        return None
+    return module.forward_fused(*args)

@@ -226,11 +226,9 @@ class GlobalBlock(nn.Module):
         b, length, c = x.shape
         if length != h * w:
             raise ValueError(f"GlobalBlock got {length} tokens for a {h}x{w} grid")
-        if config.is_fused("attention"):
-            reason = self.fused_unsupported_reason(x)
-            if reason is None:
-                return self.forward_fused(x, h, w)
-            config.log_fallback("attention", reason)
+        out = config.run_fused("attention", self, x, h, w)
+        if out is not None:
+            return out
         ws = self.window
         shortcut = x
         x = self.norm1(x).view(b, h, w, c)
@@ -252,8 +250,8 @@ class GlobalBlock(nn.Module):
         x = self.act(self.fc1(x.view(b, h * w, c)))
         return shortcut + self.drop_path(x)
 
-    def fused_unsupported_reason(self, x: torch.Tensor) -> str | None:
-        """Why forward_fused cannot run on x, or None when it can."""
+    def fused_unsupported_reason(self, x: torch.Tensor, h: int, w: int) -> str | None:
+        """Why forward_fused cannot run on x, or None when it can (any h x w grid can)."""
         from hifuse_kernels import window_attention as wa
 
         reason = wa._triton.unsupported_reason(x)
@@ -354,11 +352,9 @@ class LocalBlock(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if config.is_fused("local"):
-            reason = self.fused_unsupported_reason(x)
-            if reason is None:
-                return self.forward_fused(x)
-            config.log_fallback("local", reason)
+        out = config.run_fused("local", self, x)
+        if out is not None:
+            return out
         shortcut = x
         x = self.dwconv(x).permute(0, 2, 3, 1)
         x = self.act(self.pwconv(self.norm(x))).permute(0, 3, 1, 2)
@@ -421,11 +417,9 @@ class LocalDownsample(nn.Sequential):
         return self[0] if self.norm_first else self[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if config.is_fused("local"):
-            reason = self.fused_unsupported_reason(x)
-            if reason is None:
-                return self.forward_fused(x)
-            config.log_fallback("local", reason)
+        out = config.run_fused("local", self, x)
+        if out is not None:
+            return out
         return super().forward(x)
 
     def fused_unsupported_reason(self, x: torch.Tensor) -> str | None:
@@ -640,11 +634,9 @@ class HFFBlock(nn.Module):
 
     def forward(self, l: torch.Tensor, g: torch.Tensor, f: torch.Tensor | None = None) -> torch.Tensor:
         self.check_inputs(l, g, f)
-        if config.is_fused("fusion"):
-            reason = self.fused_unsupported_reason(l, g, f)
-            if reason is None:
-                return self.forward_fused(l, g, f)
-            config.log_fallback("fusion", reason)
+        out = config.run_fused("fusion", self, l, g, f)
+        if out is not None:
+            return out
         w_local = self.W_l(l)
         w_global = self.W_g(g)
         if f is not None:

@@ -152,9 +152,9 @@ if triton is not None:
         tl.store(OUT + q[:, None] * C + c[None, :], (acc * 0.25).to(OUT.dtype.element_ty), mask=m)
 
     @triton.jit
-    def _bwd_reduce_kernel(G, Y, R, MEAN, INVSTD, W, B, SUM_DZ_PART, SUM_DZXH_PART, M, C, H, WIDTH,
-                           PROLOGUE: tl.constexpr, ACT: tl.constexpr, POOL: tl.constexpr,
-                           BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    def _bwd_recompute(G, Y, R, MEAN, INVSTD, W, B, M, C, H, WIDTH, PROLOGUE: tl.constexpr, ACT: tl.constexpr,
+                       POOL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+        """A tile's x_hat and dz = grad * act'(z), recomputed from the saved input."""
         rows, c, cmask, m = _tile(M, C, BLOCK_M, BLOCK_C)
         v, offs = _load_input(Y, R, rows, c, m, C, PROLOGUE)
         mean = tl.load(MEAN + c, mask=cmask, other=0.0)
@@ -163,7 +163,15 @@ if triton is not None:
         b = tl.load(B + c, mask=cmask, other=0.0).to(tl.float32)
         xhat = (v - mean[None, :]) * invstd[None, :]
         dz = _load_grad(G, rows, c, m, C, H, WIDTH, POOL) * _act_grad(xhat * w[None, :] + b[None, :], ACT)
-        dz = tl.where(m, dz, 0.0)
+        return c, cmask, m, offs, xhat, tl.where(m, dz, 0.0), w * invstd
+
+    @triton.jit
+    def _bwd_reduce_kernel(G, Y, R, MEAN, INVSTD, W, B, SUM_DZ_PART, SUM_DZXH_PART, M, C, H, WIDTH,
+                           PROLOGUE: tl.constexpr, ACT: tl.constexpr, POOL: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+        c, cmask, _m, _offs, xhat, dz, _scale = _bwd_recompute(
+            G, Y, R, MEAN, INVSTD, W, B, M, C, H, WIDTH, PROLOGUE, ACT, POOL, BLOCK_M, BLOCK_C
+        )
         part = tl.program_id(0).to(tl.int64) * C + c
         tl.store(SUM_DZ_PART + part, tl.sum(dz, 0), mask=cmask)
         tl.store(SUM_DZXH_PART + part, tl.sum(dz * xhat, 0), mask=cmask)
@@ -172,17 +180,12 @@ if triton is not None:
     def _bwd_apply_kernel(G, Y, R, MEAN, INVSTD, W, B, SUM_DZ, SUM_DZXH, DY, DR, M, C, H, WIDTH,
                           PROLOGUE: tl.constexpr, ACT: tl.constexpr, POOL: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
-        rows, c, cmask, m = _tile(M, C, BLOCK_M, BLOCK_C)
-        v, offs = _load_input(Y, R, rows, c, m, C, PROLOGUE)
-        mean = tl.load(MEAN + c, mask=cmask, other=0.0)
-        invstd = tl.load(INVSTD + c, mask=cmask, other=0.0)
-        w = tl.load(W + c, mask=cmask, other=0.0).to(tl.float32)
-        b = tl.load(B + c, mask=cmask, other=0.0).to(tl.float32)
-        xhat = (v - mean[None, :]) * invstd[None, :]
-        dz = _load_grad(G, rows, c, m, C, H, WIDTH, POOL) * _act_grad(xhat * w[None, :] + b[None, :], ACT)
+        c, cmask, m, offs, xhat, dz, scale = _bwd_recompute(
+            G, Y, R, MEAN, INVSTD, W, B, M, C, H, WIDTH, PROLOGUE, ACT, POOL, BLOCK_M, BLOCK_C
+        )
         sum_dz = tl.load(SUM_DZ + c, mask=cmask, other=0.0)
         sum_dzxh = tl.load(SUM_DZXH + c, mask=cmask, other=0.0)
-        dv = (w * invstd)[None, :] * (dz - (sum_dz[None, :] + xhat * sum_dzxh[None, :]) / M)
+        dv = scale[None, :] * (dz - (sum_dz[None, :] + xhat * sum_dzxh[None, :]) / M)
         if PROLOGUE:
             tl.store(DR + offs, dv.to(DR.dtype.element_ty), mask=m)
             y = tl.load(Y + offs, mask=m, other=0.0).to(tl.float32)
