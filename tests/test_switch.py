@@ -1,5 +1,6 @@
 """hifuse.use_fused(): call and context manager, environment override, fallback logging."""
 
+import copy
 import logging
 
 import pytest
@@ -175,3 +176,32 @@ def _triton_reason():
     from hifuse_kernels import _triton
 
     return _triton.unsupported_reason(torch.zeros(1, device="cuda" if torch.cuda.is_available() else "cpu"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_whole_model_low_precision_cuda(dtype):
+    """Everything fused under autocast against an fp64 eager reference, allowing twice the
+    error of eager under the same autocast (logits and every parameter gradient)."""
+    torch.manual_seed(0)
+    model = hifuse.create_model("hifuse_tiny", num_classes=10).cuda()
+    x = torch.randn(8, 3, 224, 224, device="cuda")
+
+    def run(m, fused, autocast, inp):
+        m.zero_grad()
+        with torch.autocast("cuda", dtype=dtype, enabled=autocast), hifuse.use_fused(fused):
+            out = m(inp)
+        out.float().square().mean().backward()
+        return out.double(), {n: p.grad.double() for n, p in m.named_parameters() if p.grad is not None}
+
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    ref = run(copy.deepcopy(model).double(), False, False, x.double())
+    model.load_state_dict(state)
+    pt = run(model, False, True, x)
+    model.load_state_dict(state)
+    got = run(model, True, True, x)
+    pairs = [("logits", got[0], pt[0], ref[0])] + [(n, got[1][n], pt[1][n], ref[1][n]) for n in ref[1]]
+    for name, a, p, r in pairs:
+        err = (a - r).abs().max().item()
+        pt_err = (p - r).abs().max().item()
+        assert err <= 2 * pt_err + 1e-3 * r.abs().max().item(), f"{name}: fused {err:.3g} vs eager {pt_err:.3g}"
