@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 import hifuse
 from conftest import DEVICE, DTYPES, ON_GPU, run_timed
-from hifuse.model import GlobalBlock, relative_position_index, shift_mask
+from hifuse.model import GlobalStage, relative_position_index, shift_mask
 from hifuse_kernels import _triton
 from hifuse_kernels.window_attention import window_attention
 
@@ -133,36 +133,34 @@ def test_window_attention(benchmark, bench_settings, stage, impl, direction, dty
                                 gb_per_s=moved / median / 1e9)
 
 
-def _tiny_blocks(dtype):
-    """The 8 global blocks of HiFuse-Tiny (2 per stage, shift 0 then 3), with stage inputs."""
+def _tiny_stages():
+    """The 8 global blocks of HiFuse-Tiny as their 4 stages without patch merging (2 blocks
+    each, shift 0 then 3, so the fused path chains each block's norm1 into the block
+    before), with the stages' input shapes."""
     torch.manual_seed(0)
-    blocks, shapes = [], []
-    for side, heads in STAGES.values():
-        for shift in (0, SHIFT):
-            blocks.append(GlobalBlock(heads * 32, heads, WINDOW, shift).to(DEVICE))
-            shapes.append((side, heads * 32))
-    return blocks, shapes
+    stages = [GlobalStage(heads * 32, 2, heads, WINDOW).to(DEVICE) for _side, heads in STAGES.values()]
+    return stages, [(side, heads * 32) for side, heads in STAGES.values()]
 
 
 @pytest.mark.parametrize("impl", BLOCK_IMPLS)
 @pytest.mark.parametrize("direction", ["fwd", "fwd_bwd"])
 def test_global_blocks_tiny(benchmark, bench_settings, impl, direction, dtype):
-    """All 8 global blocks of HiFuse-Tiny, each on its stage's input, under autocast."""
+    """All 8 global blocks of HiFuse-Tiny, each stage's pair on its input, under autocast."""
     reason = _skip_reason(impl, {**bench_settings, "compile_ops": bench_settings["compile_ops"] or impl != "compile"})
     if reason:
         pytest.skip(reason)
     batch = max(bench_settings["batch"])
-    blocks, shapes = _tiny_blocks(dtype)
+    stages, shapes = _tiny_stages()
     xs = [torch.randn(batch, side * side, c, device=DEVICE, requires_grad=direction == "fwd_bwd") for side, c in shapes]
-    calls = [torch.compile(b, dynamic=False) if impl == "compile" else b for b in blocks]
+    calls = [torch.compile(s, dynamic=False) if impl == "compile" else s for s in stages]
     autocast = torch.autocast(DEVICE.type, dtype=DTYPES[dtype], enabled=dtype != "fp32")
 
     def run():
         with autocast, hifuse.use_fused(impl == "fused", local=False, fusion=False, norm=False):
-            outs = [call(x, side, side) for call, x, (side, _c) in zip(calls, xs, shapes)]
+            outs = [call(x, side, side)[0] for call, x, (side, _c) in zip(calls, xs, shapes)]
         if direction == "fwd_bwd":
             torch.autograd.backward([o.float().sum() for o in outs])
 
     median = run_timed(benchmark, run, bench_settings["rounds"])
-    benchmark.extra_info.update(batch=batch, impl=impl, direction=direction, dtype=dtype, blocks=len(blocks),
-                                median_ms=median * 1e3)
+    benchmark.extra_info.update(batch=batch, impl=impl, direction=direction, dtype=dtype,
+                                blocks=sum(len(s.blocks) for s in stages), median_ms=median * 1e3)

@@ -222,10 +222,22 @@ class GlobalBlock(nn.Module):
         self.fc1 = nn.Linear(dim, dim)
         self.act = nn.GELU()
 
-    def forward(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, h: int, w: int, normed: torch.Tensor | None = None,
+        next_norm: nn.LayerNorm | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """The block on (B, h*w, C) tokens.
+
+        ``normed`` and ``next_norm`` are for ``GlobalStage``, which passes them only when it
+        has checked that every block of the stage runs fused: ``normed`` is this block's
+        ``norm1(x)`` computed by the block before, and with ``next_norm`` the block returns
+        (output, next_norm(output)) computed in one pass.
+        """
         b, length, c = x.shape
         if length != h * w:
             raise ValueError(f"GlobalBlock got {length} tokens for a {h}x{w} grid")
+        if normed is not None or next_norm is not None:
+            return self.forward_fused(x, h, w, normed, next_norm)
         out = config.run_fused("attention", self, x, h, w)
         if out is not None:
             return out
@@ -266,13 +278,28 @@ class GlobalBlock(nn.Module):
             return f"window {self.window} is larger than {wa.MAX_WINDOW}"
         return None
 
-    def forward_fused(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
-        """The same block with shift, padding, partition, bias, mask and merge in one kernel."""
+    def forward_fused(
+        self, x: torch.Tensor, h: int, w: int, normed: torch.Tensor | None = None,
+        next_norm: nn.LayerNorm | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """The same block with shift, padding, partition, bias, mask and merge in one kernel.
+
+        ``norm1`` writes its result in the dtype the qkv GEMM takes (under autocast, the
+        cast autocast would make); see ``forward`` for ``normed`` and ``next_norm``.
+        """
+        from hifuse_kernels import residual_layer_norm as rln
         from hifuse_kernels.window_attention import window_attention
 
         b, length, c = x.shape
         attn = self.attn
-        qkv = attn.qkv(self.norm1(x)).view(b, h, w, 3 * c)
+        gemm_dtype = self._gemm_dtype(x)
+        if normed is None:
+            norm = self.norm1
+            if rln.unsupported_reason(x, norm.weight) is None:
+                normed = rln.layer_norm_to(x, norm.weight, norm.bias, norm.eps, gemm_dtype)
+            else:
+                normed = norm(x)
+        qkv = attn.qkv(normed).view(b, h, w, 3 * c)
         y = window_attention(qkv, attn.qkv.bias, attn.relative_position_bias_table, self.num_heads, self.window, self.shift)
         y = y.view(b, length, c)
         if self._needs_grad():
@@ -282,12 +309,24 @@ class GlobalBlock(nn.Module):
             # Same value; in low precision it rounds once instead of at proj's output.
             weight, bias = self._merged_proj_fc1()
             y = F.linear(y, weight, bias)
-        if isinstance(self.drop_path, nn.Identity) or not self.training:
+        if next_norm is not None:
+            return rln.gelu_residual_layer_norm(y, x, next_norm.weight, next_norm.bias, next_norm.eps, gemm_dtype)
+        if self.residual_fusable():
             from hifuse_kernels.gelu_residual import gelu_residual, unsupported_reason
 
             if unsupported_reason(y, x) is None:
                 return gelu_residual(y, x)
         return x + self.drop_path(self.act(y))
+
+    def residual_fusable(self) -> bool:
+        """Whether GELU and the residual add may run as one kernel (no stochastic depth now)."""
+        return isinstance(self.drop_path, nn.Identity) or not self.training
+
+    def _gemm_dtype(self, x: torch.Tensor) -> torch.dtype:
+        device = x.device.type
+        if torch.is_autocast_enabled(device):
+            return torch.get_autocast_dtype(device)
+        return torch.promote_types(x.dtype, self.norm1.weight.dtype)
 
     def _needs_grad(self) -> bool:
         return torch.is_grad_enabled() and (self.fc1.weight.requires_grad or self.attn.proj.weight.requires_grad)
@@ -332,9 +371,29 @@ class GlobalStage(nn.Module):
         if self.downsample is not None:
             x = self.downsample(x, h, w)
             h, w = (h + 1) // 2, (w + 1) // 2
-        for block in self.blocks:
-            x = block(x, h, w)
+        if not self.chains_norms(x, h, w):
+            for block in self.blocks:
+                x = block(x, h, w)
+            return x, h, w
+        # Every block runs fused: each one's residual pass also writes the next one's norm1.
+        normed = None
+        for i, block in enumerate(self.blocks):
+            nxt = self.blocks[i + 1].norm1 if i + 1 < len(self.blocks) else None
+            out = block(x, h, w, normed=normed, next_norm=nxt)
+            x, normed = out if nxt is not None else (out, None)
         return x, h, w
+
+    def chains_norms(self, x: torch.Tensor, h: int, w: int) -> bool:
+        """Whether every block runs fused with GELU + residual in one pass, so that each
+        block's residual pass can also compute the next block's norm1."""
+        from hifuse_kernels import residual_layer_norm as rln
+
+        if not config.is_fused("attention") or len(self.blocks) < 2:
+            return False
+        for block in self.blocks:
+            if block.fused_unsupported_reason(x, h, w) is not None or not block.residual_fusable():
+                return False
+        return rln.unsupported_reason(x, self.blocks[0].norm1.weight) is None
 
 
 # --------------------------------------------------------------------------- local branch

@@ -15,6 +15,7 @@ from . import (
     layer_norm_cf,
     patch_conv,
     patch_merge,
+    residual_layer_norm,
     window_attention,
 )
 from ._ext import available as native_available
@@ -30,6 +31,7 @@ __all__ = [
     "layer_norm_cf",
     "patch_conv",
     "patch_merge",
+    "residual_layer_norm",
     "window_attention",
     "native_available",
     "native_load_error",

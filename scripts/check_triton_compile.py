@@ -26,6 +26,7 @@ import hifuse_kernels.batch_norm_act as bna  # noqa: E402
 import hifuse_kernels.dwconv_layer_norm as dln  # noqa: E402
 import hifuse_kernels.fusion_gate as fg  # noqa: E402
 import hifuse_kernels.gelu_residual as gr  # noqa: E402
+import hifuse_kernels.residual_layer_norm as rln  # noqa: E402
 import hifuse_kernels.window_attention as wa  # noqa: E402
 
 FLOATS = {"scale", "eps"}
@@ -64,6 +65,13 @@ def cases(dtype: str):
                                                    SUM_DZ_PART=f32, SUM_DZXH_PART=f32), bwd
                 yield bna._bwd_apply_kernel, dict(G=out, **io, MEAN=f32, INVSTD=f32, W=f32, B=f32, SUM_DZ=f32,
                                                   SUM_DZXH=f32, DY="dt", DR=io["R"]), bwd
+    for c in (96, 768):  # fp32 residual stream, dt GEMM output and normalised rows (autocast)
+        rows = dict(BLOCK_M=rln._block_m(c), BLOCK_C=rln._block_c(c), WARPS=rln._warps(c))
+        for prologue in (False, True):
+            yield rln._fwd_kernel, dict(Y="dt", S=f32, W=f32, B=f32, OUT=f32, NORMED="dt", MEAN=f32, RSTD=f32), \
+                {**rows, "PROLOGUE": prologue}
+            yield rln._bwd_kernel, dict(DOUT=f32, DNORMED="dt", Y="dt", S=f32, W=f32, MEAN=f32, RSTD=f32, DY="dt",
+                                        DS=f32, PART_W=f32, PART_B=f32), {**rows, "PROLOGUE": prologue, "HAS_DOUT": prologue}
     pool = dict(BLOCK_S=fg.BLOCK_S, BLOCK_C=64)
     yield fg._channel_pool_kernel, dict(G="dt", SUM=f32, MAX=f32, ARG="i32"), pool
     yield fg._channel_pool_bwd_kernel, dict(D_AVG="dt", D_MAX="dt", ARG="i32", DG="dt"), pool
