@@ -439,7 +439,11 @@ class LocalBlock(nn.Module):
         from hifuse_kernels.gelu_residual import gelu_residual
 
         nhwc = x.permute(0, 2, 3, 1)
-        y = dwconv_layer_norm(nhwc, self.dwconv.weight, self.dwconv.bias, self.norm.weight, self.norm.bias, self.norm.eps)
+        device = x.device.type
+        gemm_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        y = dwconv_layer_norm(
+            nhwc, self.dwconv.weight, self.dwconv.bias, self.norm.weight, self.norm.bias, self.norm.eps, gemm_dtype
+        )
         y = self.pwconv(y)
         if isinstance(self.drop_path, nn.Identity) or not self.training:
             out = gelu_residual(y, nhwc)

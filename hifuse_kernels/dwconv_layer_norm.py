@@ -4,7 +4,9 @@ The local block's eager path convolves (cuDNN, NCHW), permutes to channels-last 
 LayerNorm: three passes over the activation plus a permute copy, and two saved tensors.
 Here one program takes a tile of positions of one image row with all C channels: it sums the
 nine shifted, zero-padded neighbours times the per-channel taps (plus bias), normalises over
-C and writes the normalised result. Only per-position mean and rstd are saved.
+C and writes the normalised result, in the dtype of the GEMM that consumes it (under
+autocast the cast autocast would make happens in the store). Only per-position mean and
+rstd are saved.
 
 Backward first recomputes the convolution to get the LayerNorm input and writes the
 gradient of the convolution output (one pass), then a second kernel gathers, for every
@@ -162,10 +164,10 @@ def _warps(c):
 @_define_op("hifuse::dwconv_layer_norm", mutates_args=())
 def _fwd_op(
     x: torch.Tensor, conv_weight: torch.Tensor, conv_bias: torch.Tensor, ln_weight: torch.Tensor,
-    ln_bias: torch.Tensor, eps: float,
+    ln_bias: torch.Tensor, eps: float, out_dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     n, h, w, c = x.shape
-    out = torch.empty_like(x)
+    out = torch.empty_like(x, dtype=out_dtype)
     mean = torch.empty(n, h, w, device=x.device, dtype=torch.float32)
     rstd = torch.empty_like(mean)
     wrap_triton(_fwd_kernel)[_grid(x)](
@@ -202,9 +204,9 @@ def _bwd_op(
 
 
 @_fwd_op.register_fake
-def _(x, conv_weight, conv_bias, ln_weight, ln_bias, eps):
+def _(x, conv_weight, conv_bias, ln_weight, ln_bias, eps, out_dtype):
     stat = x.new_empty(x.shape[:3], dtype=torch.float32)
-    return torch.empty_like(x), stat, torch.empty_like(stat)
+    return torch.empty_like(x, dtype=out_dtype), stat, torch.empty_like(stat)
 
 
 @_bwd_op.register_fake
@@ -214,7 +216,7 @@ def _(grad, x, conv_weight, conv_bias, ln_weight, mean, rstd):
 
 
 def _setup_context(ctx, inputs, output):
-    x, conv_weight, conv_bias, ln_weight, _ln_bias, _eps = inputs
+    x, conv_weight, conv_bias, ln_weight, _ln_bias, _eps, _out_dtype = inputs
     _out, mean, rstd = output
     ctx.save_for_backward(x, conv_weight, conv_bias, ln_weight, mean, rstd)
 
@@ -225,7 +227,7 @@ def _backward(ctx, grad, _gm, _gr):
     dx, d_cw, d_cb, d_lw, d_lb = torch.ops.hifuse.dwconv_layer_norm_backward(
         grad, x, conv_weight, conv_bias, ln_weight, mean, rstd
     )
-    return dx, d_cw, d_cb, d_lw, d_lb, None
+    return dx, d_cw, d_cb, d_lw, d_lb, None, None
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -287,23 +289,30 @@ def unsupported_reason(x, conv_weight, conv_bias, ln_weight, ln_bias) -> str | N
     return None if problem is None else problem[1]
 
 
-def dwconv_layer_norm(x, conv_weight, conv_bias, ln_weight, ln_bias, eps: float = 1e-6) -> torch.Tensor:
+def dwconv_layer_norm(
+    x, conv_weight, conv_bias, ln_weight, ln_bias, eps: float = 1e-6, out_dtype: torch.dtype | None = None
+) -> torch.Tensor:
     """LayerNorm over C of a depthwise 3x3 convolution (zero padding 1), channels-last.
 
     Args:
         x: (N, H, W, C) input (any strides; made contiguous).
         conv_weight: (C, 1, 3, 3) taps; conv_bias: (C,).
         ln_weight, ln_bias: (C,) LayerNorm affine parameters.
+        out_dtype: the result's dtype (default x's); the fused local block asks for the
+            dtype its pwconv GEMM takes, so no cast pass follows.
     Returns:
-        (N, H, W, C) in x's dtype.
+        (N, H, W, C) in ``out_dtype``.
     """
     problem = _argument_problem(x, conv_weight, conv_bias, ln_weight, ln_bias)
     if problem is not None:
         raise problem[0](f"dwconv_layer_norm: {problem[1]}")
+    out_dtype = x.dtype if out_dtype is None else out_dtype
+    if out_dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"dwconv_layer_norm: out_dtype must be float32, float16 or bfloat16, got {out_dtype}")
     reason = _triton.unsupported_reason(x)
     if reason is not None:
         raise RuntimeError(f"dwconv_layer_norm: {reason}")
     out, _mean, _rstd = torch.ops.hifuse.dwconv_layer_norm(
-        x.contiguous(), conv_weight.contiguous(), conv_bias, ln_weight, ln_bias, float(eps)
+        x.contiguous(), conv_weight.contiguous(), conv_bias, ln_weight, ln_bias, float(eps), out_dtype
     )
     return out

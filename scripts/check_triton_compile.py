@@ -45,6 +45,8 @@ def cases(dtype: str):
     for block_c in (128, 1024):
         tiles = dict(BLOCK_P=dln.BLOCK_P, BLOCK_C=block_c)  # launched with dln._warps(C) warps
         yield dln._fwd_kernel, dict(X="dt", CW=f32, CB=f32, LW=f32, LB=f32, OUT="dt", MEAN=f32, RSTD=f32), tiles
+        # under autocast: the fp32 stream in, the GEMM's dtype out
+        yield dln._fwd_kernel, dict(X=f32, CW=f32, CB=f32, LW=f32, LB=f32, OUT="dt", MEAN=f32, RSTD=f32), tiles
         yield dln._bwd_norm_kernel, dict(X="dt", CW=f32, CB=f32, LW=f32, GRAD="dt", MEAN=f32, RSTD=f32, DY=f32,
                                          PART_LW=f32, PART_LB=f32), tiles
         yield dln._bwd_conv_kernel, dict(X="dt", CW=f32, DY=f32, DX="dt", PART_CW=f32, PART_CB=f32), tiles

@@ -42,6 +42,21 @@ def test_matches_reference(shape):
         torch.testing.assert_close(a, r, rtol=1e-4, atol=5e-5, msg=name)
 
 
+def test_out_dtype_is_the_cast_result():
+    inputs = _inputs((2, 5, 7, 96))
+    out = dwconv_layer_norm(*inputs, out_dtype=torch.bfloat16)
+    ref = dwconv_layer_norm_ref(*inputs)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, ref.to(torch.bfloat16), rtol=1e-2, atol=1e-2)
+    grad = torch.randn(ref.shape, device=DEVICE)
+    got = torch.autograd.grad(out, inputs, grad.to(torch.bfloat16))
+    want = torch.autograd.grad(ref, inputs, grad.to(torch.bfloat16).float())
+    for k, (a, r) in enumerate(zip(got, want)):
+        torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-4, msg=NAMES[k])
+    with pytest.raises(TypeError, match="out_dtype"):
+        dwconv_layer_norm(*inputs, out_dtype=torch.float64)
+
+
 def test_backward_deterministic_and_expanded_gradient():
     inputs = _inputs((2, 9, 13, 192))
     first = torch.autograd.grad(dwconv_layer_norm(*inputs).sum(), inputs)
