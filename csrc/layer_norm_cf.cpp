@@ -294,7 +294,9 @@ TORCH_LIBRARY_FRAGMENT(hifuse, m) {
   m.def(
       "layer_norm_cf_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor mean, Tensor rstd)"
       " -> (Tensor, Tensor, Tensor)");
-  m.def("layer_norm_cat(Tensor[] parts, Tensor weight, Tensor bias, float eps) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "layer_norm_cat(Tensor[] parts, Tensor weight, Tensor bias, float eps, ScalarType? out_dtype=None)"
+      " -> (Tensor, Tensor, Tensor)");
   m.def(
       "layer_norm_cat_backward(Tensor grad_out, Tensor[] parts, Tensor weight, Tensor mean, Tensor rstd)"
       " -> (Tensor[], Tensor, Tensor)");

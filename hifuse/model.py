@@ -753,7 +753,11 @@ class HFFBlock(nn.Module):
         for t in parts[1:]:
             dtype = torch.promote_types(dtype, t.dtype)
         parts = [t.to(dtype) for t in parts]
-        x = proj.forward_fused(layer_norm_cat(parts, norm.weight, norm.bias, norm.eps), then="gelu")
+        # Written in the dtype the projection GEMM takes under autocast (its cast, done in the store).
+        device = l.device.type
+        gemm_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        normed = layer_norm_cat(parts, norm.weight, norm.bias, norm.eps, gemm_dtype if gemm_dtype == dtype else None)
+        x = proj.forward_fused(normed, then="gelu")
 
         spatial_gate = torch.sigmoid(self.spatial.forward_fused(spatial_pool(l)))
         avg, best = channel_pool(g)

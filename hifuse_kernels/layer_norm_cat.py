@@ -70,10 +70,11 @@ def _format(parts) -> torch.memory_format:
     return torch.channels_last if cl else torch.contiguous_format
 
 
-def _fake_forward(parts, weight, bias, eps):
+def _fake_forward(parts, weight, bias, eps, out_dtype=None):
     first = parts[0]
     shape = (first.shape[0], sum(t.shape[1] for t in parts), first.shape[2], first.shape[3])
-    out = first.new_empty(shape, dtype=torch.promote_types(first.dtype, weight.dtype)).contiguous(
+    dtype = torch.promote_types(first.dtype, weight.dtype) if out_dtype is None else out_dtype
+    out = first.new_empty(shape, dtype=dtype).contiguous(
         memory_format=_format(parts)
     )
     stat = first.new_empty((first.shape[0], first.shape[2], first.shape[3]), dtype=_stat_dtype(first))
@@ -86,9 +87,10 @@ def _fake_backward(grad_out, parts, weight, mean, rstd):
 
 
 def _setup_context(ctx, inputs, output):
-    parts, weight, _bias, _eps = inputs
-    _out, mean, rstd = output
+    parts, weight, _bias, _eps, _out_dtype = inputs
+    out, mean, rstd = output
     ctx.num_parts = len(parts)
+    ctx.out_dtype = out.dtype
     ctx.save_for_backward(*parts, weight, mean, rstd)
 
 
@@ -99,20 +101,27 @@ def _backward(ctx, grad_out, _grad_mean, _grad_rstd):
     if grad_out is None:
         first = parts[0]
         shape = (first.shape[0], sum(t.shape[1] for t in parts), first.shape[2], first.shape[3])
-        grad_out = first.new_zeros(shape, dtype=torch.promote_types(first.dtype, weight.dtype))
+        grad_out = first.new_zeros(shape, dtype=ctx.out_dtype)
     dparts, dw, db = torch.ops.hifuse.layer_norm_cat_backward(grad_out, parts, weight, mean, rstd)
-    return list(dparts), dw, db, None
+    return list(dparts), dw, db, None, None
 
 
 _ext.register_python_parts(OP, _fake_forward, _fake_backward, _backward, _setup_context)
 
 
 def layer_norm_cat(
-    parts: Sequence[torch.Tensor], weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-6
+    parts: Sequence[torch.Tensor],
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    eps: float = 1e-6,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """LayerNorm over dim 1 of torch.cat(parts, 1), for 1 to 3 (N, C_k, H, W) parts.
 
     The parts may be NCHW or channels-last; the result is channels-last when a part is.
+    Its dtype is promote(parts, weight), as in the eager formula, or ``out_dtype`` (the
+    parts' dtype or float32): the fused fusion block asks for the dtype of the GEMM that
+    consumes the result, so no cast pass follows.
 
     Raises:
         ImportError: the compiled extension is missing.
@@ -123,6 +132,7 @@ def layer_norm_cat(
     problem = _parts_problem(parts, weight, bias)
     if problem is not None:
         raise problem[0](f"layer_norm_cat: {problem[1]}")
-    out, _mean, _rstd = torch.ops.hifuse.layer_norm_cat(list(parts), weight, bias, float(eps))
+    if out_dtype is not None and out_dtype not in (parts[0].dtype, torch.float32):
+        raise TypeError(f"layer_norm_cat: out_dtype must be the parts' dtype or float32, got {out_dtype}")
+    out, _mean, _rstd = torch.ops.hifuse.layer_norm_cat(list(parts), weight, bias, float(eps), out_dtype)
     return out
-

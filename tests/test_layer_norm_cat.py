@@ -69,6 +69,25 @@ def test_same_as_layer_norm_cf_of_the_concatenation():
     assert torch.equal(got[4], one[2]) and torch.equal(got[5], one[3])
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_out_dtype(fmt):
+    # bf16 parts (as under autocast): the result in bf16 is the fp32 result rounded once
+    parts, w, b = _inputs((2, 3, 5), (8, 4, 6), torch.float32, [fmt] * 3)
+    low = [t.detach().to(torch.bfloat16).requires_grad_() for t in parts]
+    out = layer_norm_cat(low, w, b, out_dtype=torch.bfloat16)
+    ref = layer_norm_cat_ref(low, w, b)
+    assert out.dtype == torch.bfloat16 and ref.dtype == torch.float32
+    torch.testing.assert_close(out, ref.to(torch.bfloat16), rtol=1e-2, atol=1e-2)
+    grad = torch.randn(ref.shape).to(torch.bfloat16)
+    got = torch.autograd.grad(out, (*low, w, b), grad)
+    want = torch.autograd.grad(ref, (*low, w, b), grad.float())
+    for k, (a, r) in enumerate(zip(got, want)):
+        torch.testing.assert_close(a, r, rtol=2e-2, atol=2e-2, msg=f"gradient {k}")
+    with pytest.raises(TypeError, match="out_dtype"):
+        layer_norm_cat(parts, w, b, out_dtype=torch.bfloat16)
+    opcheck(torch.ops.hifuse.layer_norm_cat.default, ([t.detach() for t in low], w.detach(), b.detach(), 1e-6, torch.bfloat16))
+
+
 def test_expanded_gradient_and_determinism():
     parts, w, b = _inputs((2, 5, 7), (16, 8), torch.float64, ["nchw", "nchw"])
     layer_norm_cat(parts, w, b).sum().backward()
