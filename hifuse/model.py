@@ -498,11 +498,22 @@ class LocalDownsample(nn.Sequential):
         nhwc = x.permute(0, 2, 3, 1)
         norm = self.norm
         if self.norm_first:
-            nhwc = F.layer_norm(nhwc, (norm.dim,), norm.weight, norm.bias, norm.eps)
+            nhwc = self._norm_for_gemm(nhwc)
         y = patch_conv(nhwc, self.conv.weight, self.conv.bias)
         if not self.norm_first:
             y = F.layer_norm(y, (norm.dim,), norm.weight, norm.bias, norm.eps)
         return y.permute(0, 3, 1, 2)
+
+    def _norm_for_gemm(self, nhwc: torch.Tensor) -> torch.Tensor:
+        """The LayerNorm before the patch GEMM, written in the GEMM's dtype under autocast (so
+        the patch gather moves half the bytes and no cast pass follows) when Triton can run."""
+        from hifuse_kernels import residual_layer_norm as rln
+
+        norm = self.norm
+        device = nhwc.device.type
+        if torch.is_autocast_enabled(device) and rln.unsupported_reason(nhwc, norm.weight) is None:
+            return rln.layer_norm_to(nhwc, norm.weight, norm.bias, norm.eps, torch.get_autocast_dtype(device))
+        return F.layer_norm(nhwc, (norm.dim,), norm.weight, norm.bias, norm.eps)
 
 
 # --------------------------------------------------------------------------- fusion path
