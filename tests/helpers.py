@@ -101,3 +101,34 @@ def assert_model_matches_eager(device, rtol=1e-4, atol=1e-4, grad_rtol=1e-3, gra
     params = dict(model.named_parameters())
     for name, g in ref_grads.items():
         torch.testing.assert_close(params[name].grad, g, rtol=grad_rtol, atol=grad_atol, msg=name)
+
+
+def assert_autocast_within_eager_error(module, inputs, dtype=torch.bfloat16, **parts):
+    """``module`` with ``parts`` fused under autocast against a float64 eager reference:
+    the output and every input and parameter gradient may be off by at most twice what
+    eager under the same autocast is off, plus one rounding step of ``dtype`` at the
+    reference's scale (results rounded to bf16 differ by an ulp whichever way they went)."""
+    import copy
+
+    import hifuse
+
+    device = inputs[0].device.type
+
+    def run(m, xs, fused, autocast):
+        xs = [t.detach().clone().requires_grad_() for t in xs]
+        with torch.autocast(device, dtype=dtype, enabled=autocast), hifuse.use_fused(fused, **parts):
+            out = m(*xs)
+        out = out[0] if isinstance(out, tuple) else out
+        grads = torch.autograd.grad(out.float().square().sum(), [*xs, *m.parameters()], allow_unused=True)
+        return [out.double()] + [g.double() if g is not None else None for g in grads]
+
+    ref = run(copy.deepcopy(module).double(), [t.double() for t in inputs], False, False)
+    eager = run(copy.deepcopy(module), inputs, False, True)
+    fused = run(copy.deepcopy(module), inputs, True, True)
+    for k, (a, p, r) in enumerate(zip(fused, eager, ref)):
+        if r is None:
+            continue
+        err = (a - r).abs().max().item()
+        eager_err = (p - r).abs().max().item()
+        ulp = torch.finfo(dtype).eps * r.abs().max().item()
+        assert err <= 2 * eager_err + ulp, f"output {k}: fused {err:.3g} vs eager {eager_err:.3g} (ulp {ulp:.3g})"

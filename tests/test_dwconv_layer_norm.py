@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import hifuse
-from helpers import assert_model_matches_eager
+from helpers import assert_autocast_within_eager_error, assert_model_matches_eager
 from hifuse.model import LocalBlock
 from hifuse_kernels import _triton
 from hifuse_kernels.dwconv_layer_norm import dwconv_layer_norm, dwconv_layer_norm_ref
@@ -104,6 +104,12 @@ def test_local_block_matches_eager(channels_last):
     torch.testing.assert_close(xf.grad, xe.grad, rtol=1e-4, atol=5e-5)
     for (name, pe), (_, pf) in zip(eager.named_parameters(), fused.named_parameters()):
         torch.testing.assert_close(pf.grad, pe.grad, rtol=1e-4, atol=1e-4, msg=name)
+
+
+def test_local_block_under_autocast():
+    torch.manual_seed(0)
+    x = torch.randn(2, 96, 7, 5, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    assert_autocast_within_eager_error(LocalBlock(96).to(DEVICE), [x], attention=False, local=True, fusion=False, norm=False)
 
 
 def test_whole_model_with_local_fused():

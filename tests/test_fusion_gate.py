@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import hifuse
-from helpers import assert_model_matches_eager
+from helpers import assert_autocast_within_eager_error, assert_model_matches_eager
 from hifuse.model import HFFBlock
 from hifuse_kernels import _triton
 from hifuse_kernels.fusion_gate import (
@@ -218,6 +218,16 @@ def test_block_matches_eager(position, train):
             _assert_close_scaled(pf.grad, pe.grad, 2e-5, name)
     for (name, be), bf in zip(eager.named_buffers(), fused.buffers()):
         torch.testing.assert_close(bf, be, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_block_under_autocast(train):
+    _skip_without_native()
+    torch.manual_seed(0)
+    block = HFFBlock(32).to(DEVICE).train(train)
+    _randomise_batch_norms(block)
+    inputs = _block_inputs(32, 2, 6, 5, True, channels_last=True)
+    assert_autocast_within_eager_error(block, inputs, **FUSION_ONLY)
 
 
 def test_adamw_steps_match_eager():

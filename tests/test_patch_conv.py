@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import hifuse
+from helpers import assert_autocast_within_eager_error
 from hifuse.model import LocalDownsample, PatchEmbed
 from hifuse_kernels.patch_conv import patch_conv, patch_conv_ref
 
@@ -90,6 +91,12 @@ def test_patch_embed_matches_eager(hw):
     x = torch.randn(1, 3, *hw, device=DEVICE, dtype=torch.float64)
     out, ref = _compare_modules(eager, x, patch_size=4, in_chans=3, embed_dim=96)
     assert out[1:] == ref[1:]
+
+
+def test_downsample_under_autocast():
+    torch.manual_seed(0)
+    x = torch.randn(2, 96, 8, 6, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    assert_autocast_within_eager_error(LocalDownsample(96, 192, 2, norm_first=True).to(DEVICE), [x], **LOCAL_ONLY)
 
 
 def test_state_dict_keys_unchanged():
