@@ -245,7 +245,7 @@ def test_adamw_steps_match_eager():
             if n in frozen or n in ("norm1.bias", "norm2.bias"):
                 p.requires_grad_(False)
     opts = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-3) for m in (eager, fused)]
-    for step in range(3):
+    for _step in range(3):
         l, g, f = (torch.randn(s, generator=gen).to(DEVICE) for s in ((2, 32, 5, 3), (2, 32, 5, 3), (2, 16, 10, 6)))
         for model, opt, fuse in zip((eager, fused), opts, (False, True)):
             opt.zero_grad()
