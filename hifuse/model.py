@@ -35,6 +35,14 @@ WINDOW = 7
 SIZE_MULTIPLE = 32
 
 
+def autocast_dtype(t: torch.Tensor) -> torch.dtype | None:
+    """The dtype autocast gives GEMMs on t's device now, or None outside autocast. Fused
+    kernels whose result only feeds a GEMM write it in this dtype: the cast autocast would
+    make, done in their store instead of in a pass of its own."""
+    device = t.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+
+
 def check_input_size(height: int, width: int) -> None:
     """HiFuse needs sides that are multiples of 32 (four halvings after a stride-4 stem)."""
     if height % SIZE_MULTIPLE or width % SIZE_MULTIPLE or height <= 0 or width <= 0:
@@ -269,7 +277,7 @@ class GlobalBlock(nn.Module):
         reason = wa._triton.unsupported_reason(x)
         if reason is not None:
             return reason
-        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        dtype = autocast_dtype(x) or x.dtype
         if dtype not in wa.SUPPORTED_DTYPES:
             return f"dtype {dtype} is not supported (supported: {wa.SUPPORTED_DTYPES})"
         if self.dim // self.num_heads not in wa.HEAD_DIMS:
@@ -323,10 +331,7 @@ class GlobalBlock(nn.Module):
         return isinstance(self.drop_path, nn.Identity) or not self.training
 
     def _gemm_dtype(self, x: torch.Tensor) -> torch.dtype:
-        device = x.device.type
-        if torch.is_autocast_enabled(device):
-            return torch.get_autocast_dtype(device)
-        return torch.promote_types(x.dtype, self.norm1.weight.dtype)
+        return autocast_dtype(x) or torch.promote_types(x.dtype, self.norm1.weight.dtype)
 
     def _needs_grad(self) -> bool:
         return torch.is_grad_enabled() and (self.fc1.weight.requires_grad or self.attn.proj.weight.requires_grad)
@@ -439,8 +444,7 @@ class LocalBlock(nn.Module):
         from hifuse_kernels.gelu_residual import gelu_residual
 
         nhwc = x.permute(0, 2, 3, 1)
-        device = x.device.type
-        gemm_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        gemm_dtype = autocast_dtype(x)
         y = dwconv_layer_norm(
             nhwc, self.dwconv.weight, self.dwconv.bias, self.norm.weight, self.norm.bias, self.norm.eps, gemm_dtype
         )
@@ -510,9 +514,9 @@ class LocalDownsample(nn.Sequential):
         from hifuse_kernels import residual_layer_norm as rln
 
         norm = self.norm
-        device = nhwc.device.type
-        if torch.is_autocast_enabled(device) and rln.unsupported_reason(nhwc, norm.weight) is None:
-            return rln.layer_norm_to(nhwc, norm.weight, norm.bias, norm.eps, torch.get_autocast_dtype(device))
+        gemm_dtype = autocast_dtype(nhwc)
+        if gemm_dtype is not None and rln.unsupported_reason(nhwc, norm.weight) is None:
+            return rln.layer_norm_to(nhwc, norm.weight, norm.bias, norm.eps, gemm_dtype)
         return F.layer_norm(nhwc, (norm.dim,), norm.weight, norm.bias, norm.eps)
 
 
@@ -640,8 +644,9 @@ class IRMLP(nn.Module):
             from hifuse_kernels import batch_norm_act as bna
 
             if bna.unsupported_reason(y, self.bn1, residual=x) is None:
-                # gelu(conv1(x)) + x and bn1 in one op: the sum is never written
-                normed = bna.batch_norm_act(y, self.bn1, None, residual=x)
+                # gelu(conv1(x)) + x and bn1 in one op: the sum is never written, and the
+                # result comes in the dtype conv2's GEMM takes under autocast
+                normed = bna.batch_norm_act(y, self.bn1, None, residual=x, out_dtype=autocast_dtype(x))
             else:
                 normed = self.bn1(self.gelu(y) + x)
             out = conv_channels_last(normed, w2, None, self.conv2.conv)
@@ -764,9 +769,8 @@ class HFFBlock(nn.Module):
         for t in parts[1:]:
             dtype = torch.promote_types(dtype, t.dtype)
         parts = [t.to(dtype) for t in parts]
-        # Written in the dtype the projection GEMM takes under autocast (its cast, done in the store).
-        device = l.device.type
-        gemm_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        # Written in the dtype the projection GEMM takes under autocast.
+        gemm_dtype = autocast_dtype(l)
         normed = layer_norm_cat(parts, norm.weight, norm.bias, norm.eps, gemm_dtype if gemm_dtype == dtype else None)
         x = proj.forward_fused(normed, then="gelu")
 

@@ -201,7 +201,9 @@ def _grid(m: int, c: int) -> tuple[int, int]:
     return triton.cdiv(m, BLOCK_M), triton.cdiv(c, BLOCK_C)
 
 
-def _out_dtype(y: torch.Tensor, residual: torch.Tensor | None) -> torch.dtype:
+def _out_dtype(y: torch.Tensor, residual: torch.Tensor | None, out_dtype: torch.dtype | None = None) -> torch.dtype:
+    if out_dtype is not None:
+        return out_dtype
     return y.dtype if residual is None else torch.promote_types(y.dtype, residual.dtype)
 
 
@@ -232,18 +234,19 @@ def _pooled_rows(m: int, height: int, width: int) -> int:
 def _apply_op(
     y: torch.Tensor, residual: torch.Tensor | None, mean: torch.Tensor, invstd: torch.Tensor,
     weight: torch.Tensor, bias: torch.Tensor, act: int, height: int, width: int, pool: bool,
+    out_dtype: torch.dtype | None,
 ) -> torch.Tensor:
     m, c = y.shape
     r = y if residual is None else residual
     flags = dict(PROLOGUE=residual is not None, ACT=act, BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C)
     if pool:
         q = _pooled_rows(m, height, width)
-        out = torch.empty((q, c), device=y.device, dtype=_out_dtype(y, residual))
+        out = torch.empty((q, c), device=y.device, dtype=_out_dtype(y, residual, out_dtype))
         wrap_triton(_apply_pool_kernel)[_grid(q, c)](
             y, r, mean, invstd, weight, bias, out, q, c, height, width, **flags
         )
         return out
-    out = torch.empty((m, c), device=y.device, dtype=_out_dtype(y, residual))
+    out = torch.empty((m, c), device=y.device, dtype=_out_dtype(y, residual, out_dtype))
     wrap_triton(_apply_kernel)[_grid(m, c)](y, r, mean, invstd, weight, bias, out, m, c, **flags)
     return out
 
@@ -279,9 +282,9 @@ def _(y, residual):
 
 
 @_apply_op.register_fake
-def _(y, residual, mean, invstd, weight, bias, act, height, width, pool):
+def _(y, residual, mean, invstd, weight, bias, act, height, width, pool, out_dtype):
     rows = _pooled_rows(y.shape[0], height, width) if pool else y.shape[0]
-    return y.new_empty((rows, y.shape[1]), dtype=_out_dtype(y, residual))
+    return y.new_empty((rows, y.shape[1]), dtype=_out_dtype(y, residual, out_dtype))
 
 
 @_backward_op.register_fake
@@ -291,7 +294,7 @@ def _(grad, y, residual, mean, invstd, weight, bias, act, height, width, pool):
 
 
 def _setup_context(ctx, inputs, output):
-    y, residual, mean, invstd, weight, bias, act, height, width, pool = inputs
+    y, residual, mean, invstd, weight, bias, act, height, width, pool, _out_dtype_arg = inputs
     ctx.save_for_backward(y, residual, mean, invstd, weight, bias)
     ctx.args = (act, height, width, pool)
     ctx.has_residual = residual is not None
@@ -304,7 +307,7 @@ def _backward(ctx, grad):
     )
     # mean and invstd are batch statistics: their gradients flow through the reduction
     # terms of dy above, not through these inputs.
-    return dy, (dr if ctx.has_residual else None), None, None, dw, db, None, None, None, None
+    return dy, (dr if ctx.has_residual else None), None, None, dw, db, None, None, None, None, None
 
 
 _apply_op.register_autograd(_backward, setup_context=_setup_context)
@@ -337,6 +340,7 @@ def batch_norm_act(
     act: str | None = None,
     residual: torch.Tensor | None = None,
     pool: bool = False,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """``act(bn(x))`` (or ``act(bn(gelu(x) + residual))``) with ``bn`` in training mode.
 
@@ -349,6 +353,8 @@ def batch_norm_act(
         residual: with it, the BatchNorm input is gelu(x) + residual, never materialised.
         pool: average the result over 2x2 windows (stride 2, an odd last row or column
             dropped, as ``F.avg_pool2d``); the full-resolution result is never written.
+        out_dtype: the result's dtype (default: x's, promoted with the residual's); the
+            IRMLP asks for its conv2 GEMM's dtype, so no cast pass follows.
     """
     if act not in ACTIVATIONS:
         raise ValueError(f"batch_norm_act: act must be one of {list(ACTIVATIONS)}, got {act!r}")
@@ -356,6 +362,8 @@ def batch_norm_act(
     if reason is not None:
         raise ValueError(f"batch_norm_act: {reason}")
     n, c, h, w = x.shape
+    if out_dtype is not None and out_dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"batch_norm_act: out_dtype must be float32, float16 or bfloat16, got {out_dtype}")
     if pool and (h < 2 or w < 2):
         raise ValueError(f"batch_norm_act: cannot pool a {h}x{w} map over 2x2 windows")
     y = _rows(x)
@@ -370,7 +378,7 @@ def batch_norm_act(
             bn.running_mean.mul_(1 - momentum).add_(mean.to(bn.running_mean.dtype), alpha=momentum)
             unbiased = var * (count / (count - 1))
             bn.running_var.mul_(1 - momentum).add_(unbiased.to(bn.running_var.dtype), alpha=momentum)
-    out = torch.ops.hifuse.batch_norm_act(y, r, mean, invstd, bn.weight, bn.bias, ACTIVATIONS[act], h, w, pool)
+    out = torch.ops.hifuse.batch_norm_act(y, r, mean, invstd, bn.weight, bn.bias, ACTIVATIONS[act], h, w, pool, out_dtype)
     if pool:
         h, w = h // 2, w // 2
     return out.view(n, h, w, c).permute(0, 3, 1, 2)

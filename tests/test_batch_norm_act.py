@@ -80,6 +80,21 @@ def test_pooled_output(shape, act):
     torch.testing.assert_close(bn.running_var, ref_bn.running_var)
 
 
+def test_out_dtype_is_the_cast_result():
+    out, ref, bn, ref_bn, xs, rs = _run_both((2, 40, 5, 3), None, True)
+    bn2 = copy.deepcopy(ref_bn)
+    low = batch_norm_act(xs[0], bn2, None, rs[0], out_dtype=torch.bfloat16)
+    assert low.dtype == torch.bfloat16
+    torch.testing.assert_close(low, ref.detach().to(torch.bfloat16), rtol=1e-2, atol=1e-2)
+    grad = torch.randn_like(ref).to(torch.bfloat16)
+    got = torch.autograd.grad(low, [xs[0], rs[0], bn2.weight], grad)
+    want = torch.autograd.grad(ref, [xs[1], rs[1], ref_bn.weight], grad.float())
+    for k, (a, r) in enumerate(zip(got, want)):
+        torch.testing.assert_close(a, r, rtol=1e-3, atol=1e-3, msg=f"gradient {k}")
+    with pytest.raises(ValueError, match="out_dtype"):
+        batch_norm_act(xs[0], bn2, None, out_dtype=torch.float64)
+
+
 @pytest.mark.parametrize("momentum", [0.1, None])
 def test_running_statistics_over_steps(momentum):
     # momentum None is nn.BatchNorm2d's cumulative moving average
