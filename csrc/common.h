@@ -7,6 +7,7 @@
 
 #include <cstdint>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 namespace hifuse {
@@ -110,15 +111,21 @@ struct Tag {
 };
 
 // Calls body(Tag<input type>{}, Tag<output type>{}) for x's floating dtype and an
-// output dtype that is either x's own or float32 (what promote(x, fp32 weight) gives).
+// output dtype that is either x's own, float32 (what promote(x, fp32 weight) gives), or
+// for float32 input a 16-bit float (a result written in the dtype of the GEMM after it).
 template <typename F>
 void dispatch_in_out(at::ScalarType in, at::ScalarType out, const char* name, F&& body) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in, "hifuse_dispatch_in_out", [&] {
     if (out == in) {
       body(Tag<scalar_t>{}, Tag<scalar_t>{});
-    } else {
-      TORCH_CHECK(out == at::kFloat, name, ": unsupported output dtype ", out);
+    } else if (out == at::kFloat) {
       body(Tag<scalar_t>{}, Tag<float>{});
+    } else {
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        if (out == at::kBFloat16) return body(Tag<float>{}, Tag<at::BFloat16>{});
+        if (out == at::kHalf) return body(Tag<float>{}, Tag<at::Half>{});
+      }
+      TORCH_CHECK(false, name, ": unsupported output dtype ", out, " for input ", in);
     }
   });
 }

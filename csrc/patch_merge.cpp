@@ -29,6 +29,14 @@ MergeGeometry patch_merge_check(const at::Tensor& x, int64_t H, int64_t W, const
   return {x.size(0), H, W, c, (H + 1) / 2, (W + 1) / 2};
 }
 
+at::ScalarType patch_merge_out_dtype(const at::Tensor& x, std::optional<at::ScalarType> out_dtype) {
+  if (!out_dtype.has_value() || *out_dtype == x.scalar_type()) return x.scalar_type();
+  TORCH_CHECK(x.scalar_type() == at::kFloat && (*out_dtype == at::kBFloat16 || *out_dtype == at::kHalf),
+              "hifuse::patch_merge_norm: out_dtype must be x's dtype, or bfloat16/float16 for float32 x; got ",
+              *out_dtype, " for ", x.scalar_type());
+  return *out_dtype;
+}
+
 MergeGeometry patch_merge_check_backward(const at::Tensor& grad_out, const at::Tensor& x, int64_t H,
                                          int64_t W, const at::Tensor& weight) {
   const MergeGeometry g = patch_merge_check(x, H, W, weight, weight);
@@ -40,9 +48,9 @@ MergeGeometry patch_merge_check_backward(const at::Tensor& grad_out, const at::T
 
 namespace {
 
-template <typename scalar_t, typename stat_t>
+template <typename scalar_t, typename out_t, typename stat_t>
 void forward_cpu(const MergeGeometry& g, const scalar_t* x, const double* w, const double* b,
-                 scalar_t* y, stat_t* mean_out, stat_t* rstd_out, double eps) {
+                 out_t* y, stat_t* mean_out, stat_t* rstd_out, double eps) {
   const int64_t n = 4 * g.c;
   at::parallel_for(0, g.rows(), 1, [&](int64_t begin, int64_t end) {
     std::vector<double> v(n);
@@ -60,8 +68,8 @@ void forward_cpu(const MergeGeometry& g, const scalar_t* x, const double* w, con
       double var = 0;
       for (int64_t k = 0; k < n; ++k) var += (v[k] - mean) * (v[k] - mean);
       const double rstd = 1.0 / std::sqrt(var / n + eps);
-      scalar_t* out = y + row * n;
-      for (int64_t k = 0; k < n; ++k) out[k] = static_cast<scalar_t>((v[k] - mean) * rstd * w[k] + b[k]);
+      out_t* out = y + row * n;
+      for (int64_t k = 0; k < n; ++k) out[k] = static_cast<out_t>((v[k] - mean) * rstd * w[k] + b[k]);
       mean_out[row] = static_cast<stat_t>(mean);
       rstd_out[row] = static_cast<stat_t>(rstd);
     }
@@ -125,24 +133,27 @@ void backward_cpu(const MergeGeometry& g, const scalar_t* dy, const scalar_t* x,
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> patch_merge_norm_cpu(
     const at::Tensor& x_in, int64_t H, int64_t W, const at::Tensor& weight, const at::Tensor& bias,
-    double eps) {
+    double eps, std::optional<at::ScalarType> out_dtype) {
   const MergeGeometry g = patch_merge_check(x_in, H, W, weight, bias);
+  const auto odt = patch_merge_out_dtype(x_in, out_dtype);
   const auto x = x_in.contiguous();
-  auto y = at::empty({g.b, g.h2 * g.w2, 4 * g.c}, x.options());
+  auto y = at::empty({g.b, g.h2 * g.w2, 4 * g.c}, x.options().dtype(odt));
   const auto sdt = stat_dtype(x.scalar_type());
   auto mean = at::empty({g.b, g.h2 * g.w2}, x.options().dtype(sdt));
   auto rstd = at::empty_like(mean);
   const auto w = weight.to(at::kDouble).contiguous();
   const auto b = bias.to(at::kDouble).contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "hifuse::patch_merge_norm", [&] {
+  dispatch_in_out(x.scalar_type(), odt, "hifuse::patch_merge_norm", [&](auto x_tag, auto out_tag) {
+    using T = typename decltype(x_tag)::type;
+    using O = typename decltype(out_tag)::type;
     if (sdt == at::kDouble) {
-      forward_cpu<scalar_t, double>(g, x.const_data_ptr<scalar_t>(), w.const_data_ptr<double>(),
-                                    b.const_data_ptr<double>(), y.mutable_data_ptr<scalar_t>(),
-                                    mean.mutable_data_ptr<double>(), rstd.mutable_data_ptr<double>(), eps);
+      forward_cpu<T, O, double>(g, x.const_data_ptr<T>(), w.const_data_ptr<double>(), b.const_data_ptr<double>(),
+                                y.mutable_data_ptr<O>(), mean.mutable_data_ptr<double>(),
+                                rstd.mutable_data_ptr<double>(), eps);
     } else {
-      forward_cpu<scalar_t, float>(g, x.const_data_ptr<scalar_t>(), w.const_data_ptr<double>(),
-                                   b.const_data_ptr<double>(), y.mutable_data_ptr<scalar_t>(),
-                                   mean.mutable_data_ptr<float>(), rstd.mutable_data_ptr<float>(), eps);
+      forward_cpu<T, O, float>(g, x.const_data_ptr<T>(), w.const_data_ptr<double>(), b.const_data_ptr<double>(),
+                               y.mutable_data_ptr<O>(), mean.mutable_data_ptr<float>(),
+                               rstd.mutable_data_ptr<float>(), eps);
     }
   });
   return {y, mean, rstd};
@@ -177,7 +188,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> patch_merge_norm_backward_cpu(
 }
 
 TORCH_LIBRARY_FRAGMENT(hifuse, m) {
-  m.def("patch_merge_norm(Tensor x, int H, int W, Tensor weight, Tensor bias, float eps) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "patch_merge_norm(Tensor x, int H, int W, Tensor weight, Tensor bias, float eps, ScalarType? out_dtype=None)"
+      " -> (Tensor, Tensor, Tensor)");
   m.def(
       "patch_merge_norm_backward(Tensor grad_out, Tensor x, int H, int W, Tensor weight, Tensor mean, "
       "Tensor rstd) -> (Tensor, Tensor, Tensor)");

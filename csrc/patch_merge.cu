@@ -32,9 +32,9 @@ __device__ inline acc_t gather(const scalar_t* x, const MergeGeometry& g, int64_
   return src < 0 ? acc_t(0) : static_cast<acc_t>(x[src]);
 }
 
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename out_t, typename acc_t>
 __global__ void forward_kernel(const scalar_t* __restrict__ x, const acc_t* __restrict__ w,
-                               const acc_t* __restrict__ b, scalar_t* __restrict__ y,
+                               const acc_t* __restrict__ b, out_t* __restrict__ y,
                                acc_t* __restrict__ mean_out, acc_t* __restrict__ rstd_out, MergeGeometry g,
                                acc_t eps) {
   const int lane = threadIdx.x % 32;
@@ -62,9 +62,9 @@ __global__ void forward_kernel(const scalar_t* __restrict__ x, const acc_t* __re
     count = n_ab;
   }
   const acc_t rstd = rsqrt(m2 / static_cast<acc_t>(n) + eps);
-  scalar_t* out = y + row * n;
+  out_t* out = y + row * n;
   for (int64_t k = lane; k < n; k += 32) {
-    out[k] = static_cast<scalar_t>((gather<scalar_t, acc_t>(x, g, row, k) - mean) * rstd * w[k] + b[k]);
+    out[k] = static_cast<out_t>((gather<scalar_t, acc_t>(x, g, row, k) - mean) * rstd * w[k] + b[k]);
   }
   if (lane == 0) {
     mean_out[row] = mean;
@@ -146,11 +146,12 @@ unsigned row_blocks(const MergeGeometry& g) {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> patch_merge_norm_cuda(
     const at::Tensor& x_in, int64_t H, int64_t W, const at::Tensor& weight, const at::Tensor& bias,
-    double eps) {
+    double eps, std::optional<at::ScalarType> out_dtype) {
   const MergeGeometry g = patch_merge_check(x_in, H, W, weight, bias);
+  const auto odt = patch_merge_out_dtype(x_in, out_dtype);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const auto x = x_in.contiguous();
-  auto y = at::empty({g.b, g.h2 * g.w2, 4 * g.c}, x.options());
+  auto y = at::empty({g.b, g.h2 * g.w2, 4 * g.c}, x.options().dtype(odt));
   const auto sdt = stat_dtype(x.scalar_type());
   auto mean = at::empty({g.b, g.h2 * g.w2}, x.options().dtype(sdt));
   auto rstd = at::empty_like(mean);
@@ -158,12 +159,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> patch_merge_norm_cuda(
   const auto w = weight.to(sdt).contiguous();
   const auto b = bias.to(sdt).contiguous();
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "hifuse::patch_merge_norm", [&] {
-    using acc_t = at::acc_type<scalar_t, true>;
-    forward_kernel<scalar_t, acc_t><<<row_blocks(g), kWarpsPerBlock * 32, 0, stream>>>(
-        x.const_data_ptr<scalar_t>(), w.const_data_ptr<acc_t>(), b.const_data_ptr<acc_t>(),
-        y.mutable_data_ptr<scalar_t>(), mean.mutable_data_ptr<acc_t>(), rstd.mutable_data_ptr<acc_t>(), g,
-        static_cast<acc_t>(eps));
+  dispatch_in_out(x.scalar_type(), odt, "hifuse::patch_merge_norm", [&](auto x_tag, auto out_tag) {
+    using T = typename decltype(x_tag)::type;
+    using O = typename decltype(out_tag)::type;
+    using acc_t = at::acc_type<T, true>;
+    forward_kernel<T, O, acc_t><<<row_blocks(g), kWarpsPerBlock * 32, 0, stream>>>(
+        x.const_data_ptr<T>(), w.const_data_ptr<acc_t>(), b.const_data_ptr<acc_t>(), y.mutable_data_ptr<O>(),
+        mean.mutable_data_ptr<acc_t>(), rstd.mutable_data_ptr<acc_t>(), g, static_cast<acc_t>(eps));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {y, mean, rstd};

@@ -7,6 +7,7 @@
 
 #include "common.h"
 
+#include <optional>
 #include <tuple>
 
 namespace hifuse {
@@ -25,12 +26,15 @@ struct MergeGeometry {
 MergeGeometry patch_merge_check(const at::Tensor& x, int64_t H, int64_t W, const at::Tensor& weight,
                                 const at::Tensor& bias);
 
+// The output dtype: x's, or out_dtype when given (x's, or a 16-bit float for float32 x).
+at::ScalarType patch_merge_out_dtype(const at::Tensor& x, std::optional<at::ScalarType> out_dtype);
+
 MergeGeometry patch_merge_check_backward(const at::Tensor& grad_out, const at::Tensor& x, int64_t H,
                                          int64_t W, const at::Tensor& weight);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> patch_merge_norm_cpu(
     const at::Tensor& x, int64_t H, int64_t W, const at::Tensor& weight, const at::Tensor& bias,
-    double eps);
+    double eps, std::optional<at::ScalarType> out_dtype);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> patch_merge_norm_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& x, int64_t H, int64_t W, const at::Tensor& weight,

@@ -105,9 +105,10 @@ class PatchMerging(nn.Module):
 
             reason = patch_merge.unsupported_reason(x, h, w, self.norm.weight, self.norm.bias)
             if reason is None:
-                return self.reduction(
-                    patch_merge.patch_merge_norm(x, h, w, self.norm.weight, self.norm.bias, self.norm.eps)
-                )
+                # under autocast the result comes in the reduction GEMM's dtype (no cast pass)
+                gemm_dtype = autocast_dtype(x) if x.dtype == torch.float32 else None
+                merged = patch_merge.patch_merge_norm(x, h, w, self.norm.weight, self.norm.bias, self.norm.eps, gemm_dtype)
+                return self.reduction(merged)
             config.log_fallback("local", reason)
         x = x.view(b, h, w, c)
         if h % 2 or w % 2:

@@ -64,11 +64,11 @@ def _stat_dtype(x):
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _fake_forward(x, h, w, weight, bias, eps):
+def _fake_forward(x, h, w, weight, bias, eps, out_dtype=None):
     b, _length, c = x.shape
     rows = ((h + 1) // 2) * ((w + 1) // 2)
     stat = x.new_empty((b, rows), dtype=_stat_dtype(x))
-    return x.new_empty((b, rows, 4 * c)), stat, torch.empty_like(stat)
+    return x.new_empty((b, rows, 4 * c), dtype=out_dtype or x.dtype), stat, torch.empty_like(stat)
 
 
 def _fake_backward(grad_out, x, h, w, weight, mean, rstd):
@@ -76,7 +76,7 @@ def _fake_backward(grad_out, x, h, w, weight, mean, rstd):
 
 
 def _setup_context(ctx, inputs, output):
-    x, h, w, weight, _bias, _eps = inputs
+    x, h, w, weight, _bias, _eps, _out_dtype = inputs
     _out, mean, rstd = output
     ctx.save_for_backward(x, weight, mean, rstd)
     ctx.grid = (h, w)
@@ -87,15 +87,18 @@ def _backward(ctx, grad_out, _grad_mean, _grad_rstd):
     if grad_out is None:
         grad_out = x.new_zeros(mean.shape + (4 * x.shape[-1],))
     dx, dw, db = torch.ops.hifuse.patch_merge_norm_backward(grad_out, x, *ctx.grid, weight, mean, rstd)
-    return dx, None, None, dw, db, None
+    return dx, None, None, dw, db, None, None
 
 
 _ext.register_python_parts(OP, _fake_forward, _fake_backward, _backward, _setup_context)
 
 
 def patch_merge_norm(x: torch.Tensor, h: int, w: int, weight: torch.Tensor, bias: torch.Tensor,
-                     eps: float = 1e-5) -> torch.Tensor:
+                     eps: float = 1e-5, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """2x2 patch gather (zero-padded odd sides) of (B, h*w, C) tokens and LayerNorm over the 4C.
+
+    The result is in x's dtype, or ``out_dtype`` (x's, or bfloat16/float16 for float32 x):
+    PatchMerging asks for its reduction GEMM's dtype under autocast, so no cast pass follows.
 
     Raises:
         ImportError: the compiled extension is missing.
@@ -105,5 +108,7 @@ def patch_merge_norm(x: torch.Tensor, h: int, w: int, weight: torch.Tensor, bias
     problem = _argument_problem(x, h, w, weight, bias)
     if problem is not None:
         raise problem[0](f"patch_merge_norm: {problem[1]}")
-    out, _mean, _rstd = torch.ops.hifuse.patch_merge_norm(x, int(h), int(w), weight, bias, float(eps))
+    if out_dtype not in (None, x.dtype) and not (x.dtype == torch.float32 and out_dtype in (torch.bfloat16, torch.float16)):
+        raise TypeError(f"patch_merge_norm: out_dtype must be x's dtype, or bfloat16/float16 for float32 x; got {out_dtype}")
+    out, _mean, _rstd = torch.ops.hifuse.patch_merge_norm(x, int(h), int(w), weight, bias, float(eps), out_dtype)
     return out

@@ -75,10 +75,10 @@ def test_out_dtype(fmt):
     parts, w, b = _inputs((2, 3, 5), (8, 4, 6), torch.float32, [fmt] * 3)
     low = [t.detach().to(torch.bfloat16).requires_grad_() for t in parts]
     out = layer_norm_cat(low, w, b, out_dtype=torch.bfloat16)
-    ref = layer_norm_cat_ref(low, w, b)
+    ref = layer_norm_cat_ref([t.float() for t in low], w, b)  # the eager formula in bf16 would round its statistics
     assert out.dtype == torch.bfloat16 and ref.dtype == torch.float32
     torch.testing.assert_close(out, ref.to(torch.bfloat16), rtol=1e-2, atol=1e-2)
-    grad = torch.randn(ref.shape).to(torch.bfloat16)
+    grad = torch.randn(ref.shape, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
     got = torch.autograd.grad(out, (*low, w, b), grad)
     want = torch.autograd.grad(ref, (*low, w, b), grad.float())
     for k, (a, r) in enumerate(zip(got, want)):

@@ -57,6 +57,25 @@ def test_expanded_gradient_and_determinism():
         torch.testing.assert_close(a, r, **TOL[torch.float64])
 
 
+def test_out_dtype_is_the_cast_result():
+    torch.manual_seed(0)
+    x = torch.randn(2, 35, 24, requires_grad=True)
+    weight = (1 + 0.1 * torch.randn(96)).requires_grad_()
+    bias = (0.1 * torch.randn(96)).requires_grad_()
+    out = patch_merge_norm(x, 5, 7, weight, bias, out_dtype=torch.bfloat16)
+    ref = patch_merge_norm_ref(x, 5, 7, weight, bias)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, ref.to(torch.bfloat16), rtol=1e-2, atol=1e-2)
+    grad = torch.randn(ref.shape).to(torch.bfloat16)
+    got = torch.autograd.grad(out, (x, weight, bias), grad)
+    want = torch.autograd.grad(ref, (x, weight, bias), grad.float())
+    for a, r in zip(got, want):
+        torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-4)
+    with pytest.raises(TypeError, match="out_dtype"):
+        patch_merge_norm(x.double(), 5, 7, weight.double(), bias.double(), out_dtype=torch.bfloat16)
+    opcheck(torch.ops.hifuse.patch_merge_norm.default, (x.detach(), 5, 7, weight.detach(), bias.detach(), 1e-5, torch.bfloat16))
+
+
 def test_opcheck():
     x, weight, bias = _inputs(2, 5, 3, 8, torch.float32)
     opcheck(torch.ops.hifuse.patch_merge_norm.default, (x, 5, 3, weight, bias, 1e-5))
