@@ -752,8 +752,10 @@ class HFFBlock(nn.Module):
     def forward_fused(self, l: torch.Tensor, g: torch.Tensor, f: torch.Tensor | None = None) -> torch.Tensor:
         """Concat-free LayerNorms (native ``hifuse::layer_norm_cat``), one-pass gating
         statistics and the gate multiplications inside the norm3 LayerNorm (Triton
-        ``hifuse_kernels.fusion_gate``), 1x1 convolutions as channels-last GEMMs with the
-        BatchNorms folded in eval mode, and the IRMLP's fused path. Tensors stay channels-last."""
+        ``hifuse_kernels.fusion_gate``), 1x1 convolutions as channels-last GEMMs whose
+        BatchNorm is folded in eval mode and, in training, runs with the activation (and
+        Updim's pooling) as one op (``hifuse_kernels.batch_norm_act``), and the IRMLP's fused
+        path. Tensors stay channels-last."""
         from hifuse_kernels.fusion_gate import channel_pool, gated_layer_norm, spatial_pool
         from hifuse_kernels.layer_norm_cat import layer_norm_cat
 
