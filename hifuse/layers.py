@@ -30,6 +30,14 @@ class DropPath(nn.Module):
         return f"rate={self.rate}"
 
 
+def activation(name: str | None):
+    """The elementwise function a fused op names: None (identity), "relu" or "gelu" (exact)."""
+    functions = {None: lambda t: t, "relu": torch.nn.functional.relu, "gelu": torch.nn.functional.gelu}
+    if name not in functions:
+        raise ValueError(f"activation must be one of {list(functions)}, got {name!r}")
+    return functions[name]
+
+
 def layer_norm_2d_eager(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
 ) -> torch.Tensor:

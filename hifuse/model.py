@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import config
-from .layers import DropPath, LayerNorm2d, trunc_normal_
+from .layers import DropPath, LayerNorm2d, activation, trunc_normal_
 
 __all__ = [
     "HiFuse",
@@ -584,16 +584,21 @@ class ConvBN(nn.Module):
             if bna.unsupported_reason(x, bn) is None and (not pool or min(x.shape[-2:]) >= 2):
                 return bna.batch_norm_act(x, bn, act, pool=pool)
             x = bn(x)
-        x = {None: lambda t: t, "relu": F.relu, "gelu": F.gelu}[act](x)
+        x = activation(act)(x)
         return F.avg_pool2d(x, 2, stride=2) if pool else x
+
+
+def batch_norm_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift) with eval-mode ``bn(x) == x * scale + shift`` per channel."""
+    scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+    return scale, bn.bias - bn.running_mean * scale
 
 
 def fold_batch_norm(
     weight: torch.Tensor, bias: torch.Tensor | None, bn: nn.BatchNorm2d
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Weight and bias of conv followed by an eval-mode BatchNorm, as one convolution."""
-    scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
-    shift = bn.bias - bn.running_mean * scale
+    scale, shift = batch_norm_affine(bn)
     if bias is not None:
         shift = shift + bias * scale
     return weight * scale.view(-1, 1, 1, 1), shift
@@ -652,12 +657,10 @@ class IRMLP(nn.Module):
                 normed = self.bn1(self.gelu(y) + x)
             out = conv_channels_last(normed, w2, None, self.conv2.conv)
         else:
+            # conv2(bn1(t)) = conv2 with its input channels scaled, plus conv2 of the shift
+            scale, shift = batch_norm_affine(self.bn1)
             out = self._gelu_residual(y, x)
-            bn = self.bn1
-            scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
-            shift = bn.bias - bn.running_mean * scale
-            w = w2.flatten(1)
-            out = conv_channels_last(out, w2 * scale.view(1, -1, 1, 1), w @ shift, self.conv2.conv)
+            out = conv_channels_last(out, w2 * scale.view(1, -1, 1, 1), w2.flatten(1) @ shift, self.conv2.conv)
         return self.conv3.forward_fused(self.gelu(out))
 
     def _gelu_residual(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch.library import triton_op, wrap_triton
 
+from hifuse.layers import activation
+
 from . import _triton
 from .gelu_residual import gelu, gelu_grad
 
@@ -52,7 +54,7 @@ def batch_norm_act_ref(x, bn: torch.nn.BatchNorm2d, act: str | None = None, resi
     then a 2x2/2 average pooling with ``pool``."""
     if residual is not None:
         x = F.gelu(x) + residual
-    x = {None: lambda t: t, "relu": F.relu, "gelu": F.gelu}[act](bn(x))
+    x = activation(act)(bn(x))
     return F.avg_pool2d(x, 2, stride=2) if pool else x
 
 
