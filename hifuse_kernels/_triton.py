@@ -24,3 +24,27 @@ def unsupported_reason(*tensors: torch.Tensor) -> str | None:
         hint = "" if interpreting() else " (set TRITON_INTERPRET=1 to run them on CPU tensors)"
         return f"Triton kernels need CUDA tensors{hint}; got {', '.join(sorted(devices))}"
     return None
+
+
+# Launch shapes of the row kernels (a program holds whole rows of C channels in registers).
+
+
+def block_channels(c: int) -> int:
+    """The power-of-two channel block that holds a row of c channels."""
+    return max(16, 1 << (c - 1).bit_length())
+
+
+def rows_per_program(c: int, tiles: int = 1) -> int:
+    """Rows per program: a power of two, at most 16, keeping about 4K fp32 values in each
+    program's ``tiles`` loaded row tiles."""
+    rows = max(1, min(16, 4096 // (block_channels(c) * tiles)))
+    return 1 << (rows.bit_length() - 1)
+
+
+def row_warps(c: int) -> int:
+    return 4 if c <= 256 else 8
+
+
+def row_tile(c: int) -> dict:
+    """BLOCK_C and num_warps of a row kernel launch over c channels."""
+    return {"BLOCK_C": block_channels(c), "num_warps": row_warps(c)}

@@ -152,10 +152,6 @@ def _grid(x):
     return (n * h, triton.cdiv(w, BLOCK_P))
 
 
-def _block_c(c):
-    return max(16, triton.next_power_of_2(c))
-
-
 def _warps(c):
     # A (BLOCK_P x BLOCK_C) fp32 tile per program: more warps for wide rows, fewer registers each.
     return 4 if c <= 256 else 8 if c <= 512 else 16
@@ -172,7 +168,7 @@ def _fwd_op(
     rstd = torch.empty_like(mean)
     wrap_triton(_fwd_kernel)[_grid(x)](
         x, conv_weight, conv_bias, ln_weight, ln_bias, out, mean, rstd, h, w, c, eps,
-        BLOCK_P=BLOCK_P, BLOCK_C=_block_c(c), num_warps=_warps(c),
+        BLOCK_P=BLOCK_P, BLOCK_C=_triton.block_channels(c), num_warps=_warps(c),
     )
     return out, mean, rstd
 
@@ -190,12 +186,12 @@ def _bwd_op(
     part_lw, part_lb = torch.empty(progs, c, **f32), torch.empty(progs, c, **f32)
     wrap_triton(_bwd_norm_kernel)[grid](
         x, conv_weight, conv_bias, ln_weight, grad, mean, rstd, dy, part_lw, part_lb, h, w, c,
-        BLOCK_P=BLOCK_P, BLOCK_C=_block_c(c), num_warps=_warps(c),
+        BLOCK_P=BLOCK_P, BLOCK_C=_triton.block_channels(c), num_warps=_warps(c),
     )
     dx = torch.empty_like(x)
     part_cw, part_cb = torch.empty(progs, 9, c, **f32), torch.empty(progs, c, **f32)
     wrap_triton(_bwd_conv_kernel)[grid](
-        x, conv_weight, dy, dx, part_cw, part_cb, h, w, c, BLOCK_P=BLOCK_P, BLOCK_C=_block_c(c),
+        x, conv_weight, dy, dx, part_cw, part_cb, h, w, c, BLOCK_P=BLOCK_P, BLOCK_C=_triton.block_channels(c),
         num_warps=_warps(c),
     )
     d_cw = part_cw.sum(0).t().reshape(c, 1, 3, 3).to(conv_weight.dtype)

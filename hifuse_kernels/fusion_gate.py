@@ -242,27 +242,13 @@ if triton is not None:
 _define_op = torch.library.custom_op if _triton.interpreting() else triton_op
 
 
-def _block_c(c: int) -> int:
-    return max(16, triton.next_power_of_2(c))
-
-
-def _rows_per_program(c: int, parts: int) -> int:
-    # A power of two, at most 16, keeping about 4K fp32 values per loaded set of tiles.
-    rows = max(1, min(16, 4096 // (_block_c(c) * parts)))
-    return 1 << (rows.bit_length() - 1)
-
-
-def _warps(c: int) -> int:
-    return 4 if c <= 256 else 8
-
-
 # --------------------------------------------------------------------------- channel pooling
 
 
 @_define_op("hifuse::channel_pool", mutates_args=())
 def _channel_pool_op(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     n, s, c = g.shape
-    block_c = min(64, _block_c(c))
+    block_c = min(64, _triton.block_channels(c))
     # Chunks of positions keep enough programs busy at small N * C; partials are combined
     # below in a fixed order (the first chunk holding the maximum gives its position).
     chunk = max(BLOCK_S, triton.cdiv(triton.cdiv(s, POOL_CHUNKS), BLOCK_S) * BLOCK_S)
@@ -285,7 +271,7 @@ def _channel_pool_backward_op(
 ) -> torch.Tensor:
     n, s, c = g.shape
     dg = torch.empty_like(g)
-    block_c = min(64, _block_c(c))
+    block_c = min(64, _triton.block_channels(c))
     wrap_triton(_channel_pool_bwd_kernel)[(n, triton.cdiv(s, BLOCK_S), triton.cdiv(c, block_c))](
         d_avg, d_max, arg, dg, s, c, BLOCK_S=BLOCK_S, BLOCK_C=block_c
     )
@@ -326,9 +312,9 @@ _channel_pool_op.register_autograd(_channel_pool_backward, setup_context=_channe
 def _spatial_pool_op(l: torch.Tensor) -> torch.Tensor:
     n, s, c = l.shape
     out = l.new_empty((n, 2, s))
-    rows = _rows_per_program(c, 1)
+    rows = _triton.rows_per_program(c, 1)
     wrap_triton(_spatial_pool_kernel)[(triton.cdiv(n * s, rows),)](
-        l, out, n * s, s, c, BLOCK_P=rows, BLOCK_C=_block_c(c), num_warps=_warps(c)
+        l, out, n * s, s, c, BLOCK_P=rows, **_triton.row_tile(c)
     )
     return out
 
@@ -337,9 +323,9 @@ def _spatial_pool_op(l: torch.Tensor) -> torch.Tensor:
 def _spatial_pool_backward_op(d_out: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
     n, s, c = l.shape
     dl = torch.empty_like(l)
-    rows = _rows_per_program(c, 1)
+    rows = _triton.rows_per_program(c, 1)
     wrap_triton(_spatial_pool_bwd_kernel)[(triton.cdiv(n * s, rows),)](
-        l, d_out, dl, n * s, s, c, BLOCK_P=rows, BLOCK_C=_block_c(c), num_warps=_warps(c)
+        l, d_out, dl, n * s, s, c, BLOCK_P=rows, **_triton.row_tile(c)
     )
     return dl
 
@@ -387,10 +373,10 @@ def _gated_ln_op(
                       dtype=_gated_out_dtype(g, channel_gate, l, spatial_gate, x, weight))
     mean = torch.empty((n, s), device=g.device, dtype=torch.float32)
     rstd = torch.empty_like(mean)
-    rows = _rows_per_program(c, 3)
+    rows = _triton.rows_per_program(c, 3)
     wrap_triton(_gated_ln_kernel)[(n, triton.cdiv(s, rows))](
         g, channel_gate, l, spatial_gate, x, weight, bias, out, mean, rstd, s, c, eps,
-        BLOCK_P=rows, BLOCK_C=_block_c(c), num_warps=_warps(c),
+        BLOCK_P=rows, **_triton.row_tile(c),
     )
     return out, mean, rstd
 
@@ -402,7 +388,7 @@ def _gated_ln_backward_op(
     rstd: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     n, s, c = g.shape
-    rows = _rows_per_program(c, 3)
+    rows = _triton.rows_per_program(c, 3)
     blocks = triton.cdiv(s, rows)
     f32 = dict(device=g.device, dtype=torch.float32)
     dg, dl, dx = torch.empty_like(g), torch.empty_like(l), torch.empty_like(x)
@@ -411,7 +397,7 @@ def _gated_ln_backward_op(
     part_w, part_b = torch.empty((n * blocks, 3 * c), **f32), torch.empty((n * blocks, 3 * c), **f32)
     wrap_triton(_gated_ln_bwd_kernel)[(n, blocks)](
         grad, g, channel_gate, l, spatial_gate, x, weight, mean, rstd, dg, dl, dsg, dx,
-        part_cg, part_w, part_b, s, c, BLOCK_P=rows, BLOCK_C=_block_c(c), num_warps=_warps(c),
+        part_cg, part_w, part_b, s, c, BLOCK_P=rows, **_triton.row_tile(c),
     )
     return (dg, part_cg.sum(1).to(channel_gate.dtype), dl, dsg.to(spatial_gate.dtype), dx,
             part_w.sum(0).to(weight.dtype), part_b.sum(0).to(weight.dtype))

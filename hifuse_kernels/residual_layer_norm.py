@@ -107,19 +107,6 @@ if triton is not None:
 _define_op = torch.library.custom_op if _triton.interpreting() else triton_op
 
 
-def _block_c(c: int) -> int:
-    return max(16, triton.next_power_of_2(c))
-
-
-def _block_m(c: int) -> int:
-    rows = max(1, min(16, 4096 // _block_c(c)))
-    return 1 << (rows.bit_length() - 1)
-
-
-def _warps(c: int) -> int:
-    return 4 if c <= 256 else 8
-
-
 def _empty(like: torch.Tensor) -> torch.Tensor:
     return like.new_empty((0,))
 
@@ -131,14 +118,16 @@ def _fwd_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     m, c = shortcut.shape
     prologue = y is not None
-    out = torch.empty((m, c), device=shortcut.device, dtype=torch.promote_types(y.dtype, shortcut.dtype)) if prologue else _empty(shortcut)
+    out = _empty(shortcut)
+    if prologue:
+        out = torch.empty((m, c), device=shortcut.device, dtype=torch.promote_types(y.dtype, shortcut.dtype))
     normed = torch.empty((m, c), device=shortcut.device, dtype=norm_dtype)
     mean = torch.empty((m,), device=shortcut.device, dtype=torch.float32)
     rstd = torch.empty_like(mean)
-    block_m = _block_m(c)
+    block_m = _triton.rows_per_program(c)
     wrap_triton(_fwd_kernel)[(triton.cdiv(m, block_m),)](
         y if prologue else shortcut, shortcut, weight, bias, out, normed, mean, rstd, m, c, eps,
-        PROLOGUE=prologue, BLOCK_M=block_m, BLOCK_C=_block_c(c), num_warps=_warps(c),
+        PROLOGUE=prologue, BLOCK_M=block_m, **_triton.row_tile(c),
     )
     return out, normed, mean, rstd
 
@@ -150,7 +139,7 @@ def _bwd_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     m, c = shortcut.shape
     prologue = y is not None
-    block_m = _block_m(c)
+    block_m = _triton.rows_per_program(c)
     programs = triton.cdiv(m, block_m)
     ds = torch.empty_like(shortcut)
     dy = torch.empty_like(y) if prologue else _empty(shortcut)
@@ -159,7 +148,7 @@ def _bwd_op(
     wrap_triton(_bwd_kernel)[(programs,)](
         grad_normed if grad_out is None else grad_out, grad_normed, y if prologue else shortcut, shortcut, weight,
         mean, rstd, dy, ds, part_w, part_b, m, c,
-        PROLOGUE=prologue, HAS_DOUT=grad_out is not None, BLOCK_M=block_m, BLOCK_C=_block_c(c), num_warps=_warps(c),
+        PROLOGUE=prologue, HAS_DOUT=grad_out is not None, BLOCK_M=block_m, **_triton.row_tile(c),
     )
     return dy, ds, part_w.sum(0).to(weight.dtype), part_b.sum(0).to(weight.dtype)
 
@@ -167,7 +156,7 @@ def _bwd_op(
 @_fwd_op.register_fake
 def _(y, shortcut, weight, bias, eps, norm_dtype):
     m, c = shortcut.shape
-    out = shortcut.new_empty((m, c), dtype=torch.promote_types(y.dtype, shortcut.dtype)) if y is not None else _empty(shortcut)
+    out = _empty(shortcut) if y is None else shortcut.new_empty((m, c), dtype=torch.promote_types(y.dtype, shortcut.dtype))
     stat = shortcut.new_empty((m,), dtype=torch.float32)
     return out, shortcut.new_empty((m, c), dtype=norm_dtype), stat, torch.empty_like(stat)
 

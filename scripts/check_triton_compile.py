@@ -22,6 +22,7 @@ from triton import compile as triton_compile  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+import hifuse_kernels._triton as _triton  # noqa: E402
 import hifuse_kernels.batch_norm_act as bna  # noqa: E402
 import hifuse_kernels.dwconv_layer_norm as dln  # noqa: E402
 import hifuse_kernels.fusion_gate as fg  # noqa: E402
@@ -68,7 +69,7 @@ def cases(dtype: str):
                 yield bna._bwd_apply_kernel, dict(G=out, **io, MEAN=f32, INVSTD=f32, W=f32, B=f32, SUM_DZ=f32,
                                                   SUM_DZXH=f32, DY="dt", DR=io["R"]), bwd
     for c in (96, 768):  # fp32 residual stream, dt GEMM output and normalised rows (autocast)
-        rows = dict(BLOCK_M=rln._block_m(c), BLOCK_C=rln._block_c(c), WARPS=rln._warps(c))
+        rows = dict(BLOCK_M=_triton.rows_per_program(c), BLOCK_C=_triton.block_channels(c), WARPS=_triton.row_warps(c))
         for prologue in (False, True):
             yield rln._fwd_kernel, dict(Y="dt", S=f32, W=f32, B=f32, OUT=f32, NORMED="dt", MEAN=f32, RSTD=f32), \
                 {**rows, "PROLOGUE": prologue}
@@ -78,10 +79,10 @@ def cases(dtype: str):
     yield fg._channel_pool_kernel, dict(G="dt", SUM=f32, MAX=f32, ARG="i32"), pool
     yield fg._channel_pool_bwd_kernel, dict(D_AVG="dt", D_MAX="dt", ARG="i32", DG="dt"), pool
     for c in (96, 768):  # launched as the op launches them, fp32 g and l with dt gates and X (autocast)
-        rows = dict(BLOCK_P=fg._rows_per_program(c, 1), BLOCK_C=fg._block_c(c), WARPS=fg._warps(c))
+        rows = dict(BLOCK_P=_triton.rows_per_program(c, 1), BLOCK_C=_triton.block_channels(c), WARPS=_triton.row_warps(c))
         yield fg._spatial_pool_kernel, dict(L="dt", OUT="dt"), rows
         yield fg._spatial_pool_bwd_kernel, dict(L="dt", D_OUT="dt", DL="dt"), rows
-        rows = dict(BLOCK_P=fg._rows_per_program(c, 3), BLOCK_C=fg._block_c(c), WARPS=fg._warps(c))
+        rows = dict(BLOCK_P=_triton.rows_per_program(c, 3), BLOCK_C=_triton.block_channels(c), WARPS=_triton.row_warps(c))
         yield fg._gated_ln_kernel, dict(G=f32, CG="dt", L=f32, SG="dt", X="dt", W=f32, B=f32, OUT=f32, MEAN=f32,
                                         RSTD=f32), rows
         yield fg._gated_ln_bwd_kernel, dict(GRAD=f32, G=f32, CG="dt", L=f32, SG="dt", X="dt", W=f32, MEAN=f32,
