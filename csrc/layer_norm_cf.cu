@@ -5,7 +5,7 @@
 // contiguous dimension (positions in NCHW, channels in channels-last), so loads
 // coalesce in both layouts, and splitting C over `g` lanes keeps enough threads
 // busy when there are few positions and many channels (the 7x7 stage at C=2304).
-// Each thread keeps a Welford (forward) or plain (backward) partial over its
+// Each thread keeps shifted sums (forward) or plain sums (backward) over its
 // channels; partials of one position are combined in shared memory in a fixed
 // order. Weight and bias gradients are reduced deterministically: fixed position
 // chunks write per-chunk partial sums, then a second kernel adds them in order.
@@ -111,14 +111,21 @@ __global__ void forward_kernel(PartPtrs<const scalar_t> x, const acc_t* __restri
 
   acc_t mean = 0, m2 = 0;
   if (active) {
-    acc_t count = 0;
+    // Sums shifted by the lane's first value (no division per element, unlike Welford's
+    // update), turned into the lane's mean and M2 once; lanes combine below.
+    acc_t count = 0, shift = 0, s1 = 0, s2 = 0;
     each_lane_channel(L, p, ln.chan, ln.chan_lanes, [&](int k, int64_t, int64_t o) {
       const acc_t v = static_cast<acc_t>(x.p[k][o]);
+      if (count == 0) shift = v;
+      const acc_t d = v - shift;
+      s1 += d;
+      s2 += d * d;
       count += 1;
-      const acc_t d = v - mean;
-      mean += d / count;
-      m2 += d * (v - mean);
     });
+    if (count > 0) {
+      mean = shift + s1 / count;
+      m2 = max(s2 - s1 * s1 / count, acc_t(0));
+    }
   }
   const int slot = ln.pos * ln.chan_lanes;
   s_mean[slot + ln.chan] = mean;

@@ -41,13 +41,20 @@ __global__ void forward_kernel(const scalar_t* __restrict__ x, const acc_t* __re
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
   if (row >= g.rows()) return;
   const int64_t n = 4 * g.c;
-  acc_t count = 0, mean = 0, m2 = 0;
+  // Sums shifted by the lane's first value (no division per element), then the lane's
+  // mean and M2, combined across the warp with Chan's formula.
+  acc_t count = 0, mean = 0, m2 = 0, shift = 0, s1 = 0, s2 = 0;
   for (int64_t k = lane; k < n; k += 32) {
     const acc_t v = gather<scalar_t, acc_t>(x, g, row, k);
+    if (count == 0) shift = v;
+    const acc_t d = v - shift;
+    s1 += d;
+    s2 += d * d;
     count += 1;
-    const acc_t d = v - mean;
-    mean += d / count;
-    m2 += d * (v - mean);
+  }
+  if (count > 0) {
+    mean = shift + s1 / count;
+    m2 = max(s2 - s1 * s1 / count, acc_t(0));
   }
   for (int offset = 16; offset > 0; offset /= 2) {
     const acc_t n_b = __shfl_xor_sync(0xffffffff, count, offset);
