@@ -22,6 +22,7 @@
 #include <torch/library.h>
 
 #include "partial_sums.cuh"
+#include "row_stats.cuh"
 
 #include <limits>
 
@@ -111,21 +112,10 @@ __global__ void forward_kernel(PartPtrs<const scalar_t> x, const acc_t* __restri
 
   acc_t mean = 0, m2 = 0;
   if (active) {
-    // Sums shifted by the lane's first value (no division per element, unlike Welford's
-    // update), turned into the lane's mean and M2 once; lanes combine below.
-    acc_t count = 0, shift = 0, s1 = 0, s2 = 0;
-    each_lane_channel(L, p, ln.chan, ln.chan_lanes, [&](int k, int64_t, int64_t o) {
-      const acc_t v = static_cast<acc_t>(x.p[k][o]);
-      if (count == 0) shift = v;
-      const acc_t d = v - shift;
-      s1 += d;
-      s2 += d * d;
-      count += 1;
-    });
-    if (count > 0) {
-      mean = shift + s1 / count;
-      m2 = max(s2 - s1 * s1 / count, acc_t(0));
-    }
+    ShiftedSums<acc_t> sums;
+    each_lane_channel(L, p, ln.chan, ln.chan_lanes,
+                      [&](int k, int64_t, int64_t o) { sums.add(static_cast<acc_t>(x.p[k][o])); });
+    sums.finish(mean, m2);
   }
   const int slot = ln.pos * ln.chan_lanes;
   s_mean[slot + ln.chan] = mean;

@@ -14,6 +14,7 @@
 #include <torch/library.h>
 
 #include "partial_sums.cuh"
+#include "row_stats.cuh"
 
 #include <limits>
 
@@ -41,21 +42,10 @@ __global__ void forward_kernel(const scalar_t* __restrict__ x, const acc_t* __re
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
   if (row >= g.rows()) return;
   const int64_t n = 4 * g.c;
-  // Sums shifted by the lane's first value (no division per element), then the lane's
-  // mean and M2, combined across the warp with Chan's formula.
-  acc_t count = 0, mean = 0, m2 = 0, shift = 0, s1 = 0, s2 = 0;
-  for (int64_t k = lane; k < n; k += 32) {
-    const acc_t v = gather<scalar_t, acc_t>(x, g, row, k);
-    if (count == 0) shift = v;
-    const acc_t d = v - shift;
-    s1 += d;
-    s2 += d * d;
-    count += 1;
-  }
-  if (count > 0) {
-    mean = shift + s1 / count;
-    m2 = max(s2 - s1 * s1 / count, acc_t(0));
-  }
+  ShiftedSums<acc_t> sums;
+  for (int64_t k = lane; k < n; k += 32) sums.add(gather<scalar_t, acc_t>(x, g, row, k));
+  acc_t count = sums.count, mean = 0, m2 = 0;
+  sums.finish(mean, m2);
   for (int offset = 16; offset > 0; offset /= 2) {
     const acc_t n_b = __shfl_xor_sync(0xffffffff, count, offset);
     const acc_t mean_b = __shfl_xor_sync(0xffffffff, mean, offset);
