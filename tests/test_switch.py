@@ -205,3 +205,18 @@ def test_whole_model_low_precision_cuda(dtype):
         err = (a - r).abs().max().item()
         pt_err = (p - r).abs().max().item()
         assert err <= 2 * pt_err + 1e-3 * r.abs().max().item(), f"{name}: fused {err:.3g} vs eager {pt_err:.3g}"
+
+
+def test_whole_model_inference_with_everything_fused():
+    """eval + no_grad: merged proj/fc1 GEMMs, chained norms and folded BatchNorms together."""
+    if not hifuse_kernels.native_available() or _triton_reason() is not None:
+        pytest.skip("needs the native extension and runnable Triton kernels")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    model = hifuse.create_model("hifuse_tiny", num_classes=5).to(device).eval()
+    x = torch.randn(2, 3, 64, 96, device=device)
+    with torch.no_grad():
+        ref = model(x)
+        with hifuse.use_fused():
+            out = model(x)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
