@@ -41,10 +41,19 @@ def _skip(impl, settings):
     return None
 
 
-def _stage(settings, stage):
-    """(batch, channels, side) of a fusion stage at the benchmark size."""
+def _op_case(settings, stage, impl):
+    """(batch, channels, side) of a fusion stage at the benchmark size; skips impls that
+    cannot run here."""
+    reason = _skip(impl, settings)
+    if reason:
+        pytest.skip(reason)
     div, c = STAGES[stage]
     return max(settings["batch"]), c, settings["image_size"] // div
+
+
+def _pick(impl, ref, fused):
+    """The function an impl times: the reference, the fused op, or the compiled reference."""
+    return {"eager": ref, "fused": fused}.get(impl) or torch.compile(ref, dynamic=False)
 
 
 def _feature(b, c, side, dtype, grad):
@@ -73,10 +82,7 @@ def _time_op(benchmark, settings, fn, inputs, nbytes, direction, **info):
 @pytest.mark.parametrize("impl", ["eager", "compile", "fused"])
 @pytest.mark.parametrize("direction", ["fwd", "fwd_bwd"])
 def test_gated_layer_norm(benchmark, bench_settings, stage, impl, direction, dtype):
-    reason = _skip(impl, bench_settings)
-    if reason:
-        pytest.skip(reason)
-    b, c, side = _stage(bench_settings, stage)
+    b, c, side = _op_case(bench_settings, stage, impl)
     dt = DTYPES[dtype]
     grad = direction == "fwd_bwd"
     g, l, x = (_feature(b, c, side, dt, grad) for _ in range(3))
@@ -84,9 +90,7 @@ def test_gated_layer_norm(benchmark, bench_settings, stage, impl, direction, dty
     sg = torch.rand(b, 1, side, side, device=DEVICE, dtype=dt, requires_grad=grad)
     w = torch.ones(3 * c, device=DEVICE, dtype=dt, requires_grad=grad)
     bias = torch.zeros(3 * c, device=DEVICE, dtype=dt, requires_grad=grad)
-    fn = {"eager": gated_layer_norm_ref, "fused": gated_layer_norm}.get(impl)
-    if impl == "compile":
-        fn = torch.compile(gated_layer_norm_ref, dynamic=False)
+    fn = _pick(impl, gated_layer_norm_ref, gated_layer_norm)
     nbytes = 6 * g.numel() * g.element_size()  # three parts in, 3C out
     _time_op(benchmark, bench_settings, fn, [g, cg, l, sg, x, w, bias], nbytes, direction,
              stage=stage, batch=b, impl=impl, dtype=dtype)
@@ -97,10 +101,7 @@ def test_gated_layer_norm(benchmark, bench_settings, stage, impl, direction, dty
 @pytest.mark.parametrize("impl", ["eager", "compile", "fused"])
 @pytest.mark.parametrize("direction", ["fwd", "fwd_bwd"])
 def test_layer_norm_cat(benchmark, bench_settings, stage, parts, impl, direction, dtype):
-    reason = _skip(impl, bench_settings)
-    if reason:
-        pytest.skip(reason)
-    b, c, side = _stage(bench_settings, stage)
+    b, c, side = _op_case(bench_settings, stage, impl)
     dt = DTYPES[dtype]
     grad = direction == "fwd_bwd"
     xs = [_feature(b, c, side, dt, grad) for _ in range(parts)]
@@ -110,7 +111,7 @@ def test_layer_norm_cat(benchmark, bench_settings, stage, parts, impl, direction
     def make(f):
         return lambda *a: f(list(a[:parts]), a[parts], a[parts + 1])
 
-    fn = make({"eager": layer_norm_cat_ref, "fused": layer_norm_cat, "compile": torch.compile(layer_norm_cat_ref, dynamic=False)}[impl])
+    fn = _pick(impl, make(layer_norm_cat_ref), make(layer_norm_cat))
     nbytes = 2 * parts * xs[0].numel() * xs[0].element_size()
     _time_op(benchmark, bench_settings, fn, [*xs, w, bias], nbytes, direction,
              stage=stage, parts=parts, batch=b, impl=impl, dtype=dtype)
@@ -121,15 +122,10 @@ def test_layer_norm_cat(benchmark, bench_settings, stage, parts, impl, direction
 @pytest.mark.parametrize("impl", ["eager", "compile", "fused"])
 @pytest.mark.parametrize("direction", ["fwd", "fwd_bwd"])
 def test_gate_pooling(benchmark, bench_settings, stage, which, impl, direction, dtype):
-    reason = _skip(impl, bench_settings)
-    if reason:
-        pytest.skip(reason)
-    b, c, side = _stage(bench_settings, stage)
+    b, c, side = _op_case(bench_settings, stage, impl)
     x = _feature(b, c, side, DTYPES[dtype], direction == "fwd_bwd")
-    ref = {"channel_pool": channel_pool_ref, "spatial_pool": spatial_pool_ref}[which]
-    fn = {"eager": ref, "fused": {"channel_pool": channel_pool, "spatial_pool": spatial_pool}[which]}.get(impl)
-    if impl == "compile":
-        fn = torch.compile(ref, dynamic=False)
+    ops = {"channel_pool": (channel_pool_ref, channel_pool), "spatial_pool": (spatial_pool_ref, spatial_pool)}
+    fn = _pick(impl, *ops[which])
     _time_op(benchmark, bench_settings, fn, [x], x.numel() * x.element_size(), direction,
              stage=stage, op=which, batch=b, impl=impl, dtype=dtype)
 
