@@ -12,10 +12,18 @@ all optional, come from the environment:
   CUDA_HOME               CUDA toolkit folder (found from nvcc on PATH when unset)
   MAX_JOBS                parallel compile jobs
   CMAKE_BUILD_TYPE        Release (default) or Debug
+  HIFUSE_BUILD_DIR        CMake build folder (default build/cmake-<python>-torch<version>, kept
+                          between installs so an unchanged tree rebuilds in seconds; delete it,
+                          or set HIFUSE_CLEAN_BUILD=1, for a build from nothing)
+
+The library is built against the torch of the environment it is installed into, also under
+pip's build isolation (which hides that environment from this script): a library built
+against another torch would not load. torch must therefore be installed first.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -56,6 +64,28 @@ def find_cuda_home() -> Path | None:
     return Path(match.group(1).strip()).resolve() if match else Path(nvcc).resolve().parent.parent
 
 
+TORCH_QUERY = (
+    "import json, os, torch; print(json.dumps(dict(dir=os.path.dirname(torch.__file__), "
+    "version=torch.__version__, cuda=torch.version.cuda or '', abi=int(torch._C._GLIBCXX_USE_CXX11_ABI))))"
+)
+INSTALL_TORCH_FIRST = (
+    "hifuse builds its native ops against the torch of the environment it installs into, and "
+    "found none there: install torch first (`pip install torch`), then `pip install .`"
+)
+
+
+def target_torch() -> dict:
+    """The torch of the environment being installed into: this interpreter run without the
+    PYTHONPATH overlay by which pip's isolated builds hide that environment's packages."""
+    hidden = ("PYTHONPATH", "PYTHONNOUSERSITE", "PYTHONHOME")
+    clean = {k: v for k, v in os.environ.items() if k not in hidden}
+    for env in (clean, dict(os.environ)):
+        out = subprocess.run([sys.executable, "-c", TORCH_QUERY], capture_output=True, text=True, env=env)
+        if out.returncode == 0:
+            return json.loads(out.stdout.strip().splitlines()[-1])
+    raise RuntimeError(INSTALL_TORCH_FIRST)
+
+
 def cuda_archs() -> str:
     archs = os.environ.get("HIFUSE_CUDA_ARCHS")
     if archs:
@@ -70,26 +100,36 @@ def cuda_archs() -> str:
             num = item.replace("+PTX", "").replace(".", "")
             out.append(num if ptx else f"{num}-real")
         return ";".join(out)
-    try:
-        import torch
+    code = (
+        "import torch; n = torch.cuda.device_count() if torch.cuda.is_available() else 0; "
+        "print(';'.join(sorted({'%d%d' % torch.cuda.get_device_capability(i) for i in range(n)})))"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONNOUSERSITE")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    local = out.stdout.strip().splitlines()[-1] if out.returncode == 0 and out.stdout.strip() else ""
+    return local or "80;90"
 
-        if torch.cuda.is_available():
-            caps = {torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())}
-            return ";".join(f"{a}{b}" for a, b in sorted(caps))
-    except Exception:  # noqa: BLE001 - any failure just means: use the default
-        pass
-    return "80;90"
+
+def build_dir(torch_info: dict) -> Path:
+    """A build folder kept between installs, one per Python and torch (CMake's incremental
+    build then recompiles only what changed)."""
+    if os.environ.get("HIFUSE_BUILD_DIR"):
+        return Path(os.environ["HIFUSE_BUILD_DIR"]).resolve()
+    tag = re.sub(r"[^A-Za-z0-9.]+", "_", torch_info["version"])
+    return ROOT / "build" / f"cmake-py{sys.version_info[0]}{sys.version_info[1]}-torch{tag}"
 
 
 class CMakeBuild(build_ext):
     def build_extension(self, ext: Extension) -> None:
-        import torch
-
+        torch_info = target_torch()
+        _log(f"building against torch {torch_info['version']} at {torch_info['dir']}")
         target = Path(self.get_ext_fullpath(ext.name)).resolve()
-        build_dir = Path(self.build_temp).resolve() / "cmake"
-        build_dir.mkdir(parents=True, exist_ok=True)
+        folder = build_dir(torch_info)
+        if _flag("HIFUSE_CLEAN_BUILD") and folder.exists():
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True, exist_ok=True)
 
-        use_cuda = not _flag("HIFUSE_NO_CUDA") and torch.version.cuda is not None
+        use_cuda = not _flag("HIFUSE_NO_CUDA") and bool(torch_info["cuda"])
         cuda_home = find_cuda_home() if use_cuda else None
         if use_cuda and (cuda_home is None or not (cuda_home / "bin" / "nvcc").exists()):
             _log("no CUDA toolkit found (set CUDA_HOME): building the CPU ops only")
@@ -99,12 +139,15 @@ class CMakeBuild(build_ext):
                 "HIFUSE_REQUIRE_CUDA=1 but the CUDA ops cannot be built: "
                 + (
                     "HIFUSE_NO_CUDA is set" if _flag("HIFUSE_NO_CUDA")
-                    else "torch is a CPU build" if torch.version.cuda is None
+                    else "torch is a CPU build" if not torch_info["cuda"]
                     else "no CUDA toolkit (set CUDA_HOME)"
                 )
             )
         args = [
             f"-DHIFUSE_PYTHON={sys.executable}",
+            f"-DHIFUSE_TORCH_DIR={torch_info['dir']}",
+            f"-DHIFUSE_TORCH_CXX11_ABI={torch_info['abi']}",
+            f"-DHIFUSE_TORCH_CUDA={torch_info['cuda']}",
             f"-DHIFUSE_OUTPUT_FILE={target.name}",
             f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={target.parent}",
             f"-DCMAKE_BUILD_TYPE={os.environ.get('CMAKE_BUILD_TYPE', 'Release')}",
@@ -122,8 +165,11 @@ class CMakeBuild(build_ext):
         else:
             _log("CPU ops only")
         jobs = os.environ.get("MAX_JOBS") or str(os.cpu_count() or 1)
-        subprocess.run(["cmake", "-S", str(ROOT), "-B", str(build_dir), *args], check=True, env=env)
-        subprocess.run(["cmake", "--build", str(build_dir), "--parallel", jobs], check=True, env=env)
+        subprocess.run(["cmake", "-S", str(ROOT), "-B", str(folder), *args], check=True, env=env)
+        subprocess.run(["cmake", "--build", str(folder), "--parallel", jobs], check=True, env=env)
+        # The torch it was built against: the package refuses to load it under another one.
+        info = {"torch": torch_info["version"], "cuda": use_cuda}
+        target.with_name("_C.build.json").write_text(json.dumps(info) + "\n")
 
 
 ext_modules = [] if _flag("HIFUSE_NO_EXTENSION") else [Extension("hifuse_kernels._C", sources=[])]

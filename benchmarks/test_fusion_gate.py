@@ -17,14 +17,9 @@ import hifuse_kernels
 from conftest import DEVICE, DTYPES, run_timed
 from hifuse.model import HFFBlock
 from hifuse_kernels import _triton
-from hifuse_kernels.fusion_gate import (
-    channel_pool,
-    channel_pool_ref,
-    gated_layer_norm,
-    gated_layer_norm_ref,
-    spatial_pool,
-    spatial_pool_ref,
-)
+from hifuse_kernels.channel_pool import channel_pool, channel_pool_ref
+from hifuse_kernels.gated_layer_norm import gated_layer_norm, gated_layer_norm_ref
+from hifuse_kernels.spatial_pool import spatial_pool, spatial_pool_ref
 from hifuse_kernels.layer_norm_cat import layer_norm_cat, layer_norm_cat_ref
 
 STAGES = {"fu1": (4, 96), "fu2": (8, 192), "fu3": (16, 384), "fu4": (32, 768)}
@@ -152,7 +147,7 @@ def test_fusion_blocks_tiny(benchmark, bench_settings, impl, direction, dtype):
     autocast = torch.autocast(DEVICE.type, dtype=DTYPES[dtype], enabled=dtype != "fp32")
 
     def run():
-        with autocast, hifuse.use_fused(impl == "fused", attention=False, local=False, norm=False):
+        with autocast, hifuse.use_fused(impl == "fused", attention=False, local=False, patches=False, norm=False):
             outs = [blk(*ins) for blk, ins in zip(blocks, inputs)]
         if grad:
             torch.autograd.backward([o.float().sum() for o in outs])

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 
 import hifuse
 from conftest import DEVICE, DTYPES, ON_GPU, run_timed
-from hifuse.model import GlobalStage, relative_position_index, shift_mask
+from hifuse.model import GlobalStage
+from hifuse_kernels.reference import relative_position_index, shift_mask
 from hifuse_kernels import _triton
 from hifuse_kernels.window_attention import window_attention
 
@@ -156,7 +157,7 @@ def test_global_blocks_tiny(benchmark, bench_settings, impl, direction, dtype):
     autocast = torch.autocast(DEVICE.type, dtype=DTYPES[dtype], enabled=dtype != "fp32")
 
     def run():
-        with autocast, hifuse.use_fused(impl == "fused", local=False, fusion=False, norm=False):
+        with autocast, hifuse.use_fused(impl == "fused", local=False, patches=False, fusion=False, norm=False):
             outs = [call(x, side, side)[0] for call, x, (side, _c) in zip(calls, xs, shapes)]
         if direction == "fwd_bwd":
             torch.autograd.backward([o.float().sum() for o in outs])

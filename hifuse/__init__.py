@@ -16,10 +16,12 @@ __all__ = [
     "fused_parts",
     "is_fused",
     "load_checkpoint",
+    "prepare",
     "use_fused",
 ]
 
 __version__ = "0.1.0"
 
-# Register the fused ops (and their FLOP formulas) now, not at a model's first fused forward.
-import hifuse_kernels  # noqa: E402,F401
+# The fused forwards (they register themselves with config), and with them the fused ops.
+from . import fused  # noqa: E402
+from .fused import prepare  # noqa: E402

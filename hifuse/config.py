@@ -1,7 +1,18 @@
-"""The fused-kernel switch: which parts of HiFuse run on fused kernels.
+"""The fused-kernel switch, and the one way a module hands its forward to fused kernels.
 
 The setting is global and read by every module at forward time, so it acts on
 models built before the call and never touches parameters or state_dict.
+
+A module's ``forward`` starts with::
+
+    if config.runs_fused(self, x):
+        return config.forward_fused(self, x)
+
+The fused-execution layer (``hifuse.fused``) registers, per module class, the part that
+switches it, a check that says why the fused path cannot take given inputs, and the fused
+forward. The check runs once per module and input signature (shapes, dtypes, devices,
+strides, training mode, grad mode, autocast state); the answer is cached, so repeated
+forwards of the same shape do no checks beyond a dictionary lookup.
 
 The environment variable ``HIFUSE_FUSED`` overrides whatever the program asked
 for: ``1``/``all`` enables every part, ``0``/``none`` disables all of them, and a
@@ -13,6 +24,8 @@ from __future__ import annotations
 
 import logging
 import os
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 
 import torch
@@ -21,16 +34,23 @@ logger = logging.getLogger("hifuse")
 
 ENV_VAR = "HIFUSE_FUSED"
 
-# Parts that have fused kernels in this version; the others accept the switch and run eager.
-IMPLEMENTED = frozenset({"attention", "local", "fusion", "norm"})
-
-
 @dataclass(frozen=True)
 class FusedParts:
-    attention: bool = False  # global-branch window attention blocks
-    local: bool = False  # local branch: dwconv+LN blocks, stems, patch merging
-    fusion: bool = False  # hierarchical feature fusion blocks
-    norm: bool = False  # native LayerNorm ops (channels-first LayerNorms)
+    """Which parts run fused.
+
+    attention: the global branch's blocks (window attention, its LayerNorms, GELU + residual).
+    local: the local branch's blocks (dwconv + LayerNorm, GELU + residual).
+    patches: the strided patch layers of both branches: the local stem and downsamples, the
+        global patch embedding and patch merging.
+    fusion: the hierarchical feature fusion blocks.
+    norm: the channels-first LayerNorms elsewhere (native ``hifuse::layer_norm_cf``).
+    """
+
+    attention: bool = False
+    local: bool = False
+    patches: bool = False
+    fusion: bool = False
+    norm: bool = False
 
     @classmethod
     def names(cls) -> tuple[str, ...]:
@@ -98,7 +118,8 @@ class use_fused:
 
     Args:
         enabled: master switch; False turns every part off.
-        attention, local, fusion, norm: per-part switches (used when enabled).
+        attention, local, patches, fusion, norm: per-part switches (used when enabled);
+            see ``FusedParts``.
     """
 
     def __init__(
@@ -107,18 +128,16 @@ class use_fused:
         *,
         attention: bool = True,
         local: bool = True,
+        patches: bool = True,
         fusion: bool = True,
         norm: bool = True,
     ) -> None:
         global _requested
         self._previous = _requested
-        parts = FusedParts(attention=attention, local=local, fusion=fusion, norm=norm)
+        parts = FusedParts(attention=attention, local=local, patches=patches, fusion=fusion, norm=norm)
         _requested = parts if enabled else FusedParts.all(False)
         if _env_override() is not None:
             logger.info("%s is set: it overrides use_fused(%s)", ENV_VAR, _requested)
-        pending = [p for p in FusedParts.names() if getattr(_requested, p) and p not in IMPLEMENTED]
-        if pending:
-            logger.info("hifuse: no fused kernels yet for %s; those parts run eager", ", ".join(pending))
 
     def __enter__(self) -> "use_fused":
         return self
@@ -150,14 +169,90 @@ def log_fallback(part: str, reason: str) -> None:
         logger.warning("hifuse: fused %s runs eager: %s", part, reason)
 
 
-def run_fused(part: str, module, *args):
-    """``module.forward_fused(*args)`` when ``part`` is switched on and
-    ``module.fused_unsupported_reason(*args)`` finds nothing against it; otherwise None
-    (after logging the reason once), and the module runs its eager code."""
-    if not is_fused(part):
-        return None
-    reason = module.fused_unsupported_reason(*args)
+@dataclass(frozen=True)
+class Route:
+    """How a module class runs fused: the part that switches it, ``check(module, *args)``
+    (why the fused path cannot take these inputs, or None) and ``forward(module, *args)``."""
+
+    part: str
+    check: Callable[..., str | None]
+    forward: Callable
+
+
+_routes: dict[type, Route] = {}
+# module -> {input signature: reason it cannot run fused, or None}
+_decisions: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# how often a route's check ran (each is one decision, then cached)
+checks_run = 0
+
+
+_preparers: list[Callable] = []
+
+
+def register_prepare(fn: Callable) -> None:
+    """``fn(model)`` runs when a HiFuse model enters eval mode (see ``prepare``)."""
+    _preparers.append(fn)
+
+
+def prepare(model) -> None:
+    """Let the fused-execution layer compute what eval-mode forwards derive from the weights,
+    when a fused part is switched on (``HiFuse.train(False)`` calls it)."""
+    if any(getattr(fused_parts(), p) for p in FusedParts.names()):
+        for fn in _preparers:
+            fn(model)
+
+
+def register(cls: type, part: str, check: Callable[..., str | None], forward: Callable) -> None:
+    """Route ``cls``'s forward to ``forward`` when ``part`` is on and ``check`` finds nothing."""
+    if part not in FusedParts.names():
+        raise ValueError(f"unknown part {part!r}; parts are {FusedParts.names()}")
+    _routes[cls] = Route(part, check, forward)
+
+
+def _signature(module, args: tuple) -> tuple:
+    param = next(module.parameters(), None)  # a module moved or cast after a decision
+    key = [module.training, torch.is_grad_enabled(), None if param is None else (param.dtype, param.device)]
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            device = a.device.type
+            autocast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+            key.append((tuple(a.shape), a.stride(), a.dtype, a.device, autocast))
+        else:
+            key.append(a)
+    return tuple(key)
+
+
+def _decide(route: Route, module, args: tuple) -> str | None:
+    global checks_run
+    checks_run += 1
+    return route.check(module, *args)
+
+
+def runs_fused(module, *args) -> bool:
+    """Whether ``module`` runs its fused forward on ``args`` now: its part is switched on and
+    its check (run once per input signature, then cached) finds nothing against it. A
+    fallback is logged once per reason."""
+    route = _routes.get(type(module))
+    if route is None or not is_fused(route.part):
+        return False
+    if torch.compiler.is_compiling():
+        # traced once per compiled graph; dynamo guards on what the check read
+        reason = route.check(module, *args)
+    else:
+        decisions = _decisions.get(module)
+        if decisions is None:
+            decisions = _decisions[module] = {}
+        key = _signature(module, args)
+        if key in decisions:
+            reason = decisions[key]
+        else:
+            reason = decisions[key] = _decide(route, module, args)
     if reason is not None:
-        log_fallback(part, reason)
-        return None
-    return module.forward_fused(*args)
+        log_fallback(route.part, reason)
+        return False
+    return True
+
+
+def forward_fused(module, *args):
+    """The fused forward registered for ``module``'s class (call after ``runs_fused``)."""
+    return _routes[type(module)].forward(module, *args)

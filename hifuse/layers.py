@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from hifuse_kernels.reference import layer_norm_cf_ref
+
 from . import config
 
 trunc_normal_ = nn.init.trunc_normal_
@@ -30,30 +32,9 @@ class DropPath(nn.Module):
         return f"rate={self.rate}"
 
 
-def activation(name: str | None):
-    """The elementwise function a fused op names: None (identity), "relu" or "gelu" (exact)."""
-    functions = {None: lambda t: t, "relu": torch.nn.functional.relu, "gelu": torch.nn.functional.gelu}
-    if name not in functions:
-        raise ValueError(f"activation must be one of {list(functions)}, got {name!r}")
-    return functions[name]
-
-
-def layer_norm_2d_eager(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
-) -> torch.Tensor:
-    """LayerNorm over the channels of (N, C, H, W), written as the published model writes it."""
-    u = x.mean(1, keepdim=True)
-    s = (x - u).pow(2).mean(1, keepdim=True)
-    x = (x - u) / torch.sqrt(s + eps)
-    return weight[:, None, None] * x + bias[:, None, None]
-
-
-class LayerNorm2d(nn.Module):
-    """Channels-first LayerNorm (mean and biased variance over C of (N, C, H, W)).
-
-    Runs the native ``hifuse::layer_norm_cf`` op when ``use_fused(norm=True)`` and the op
-    can run on the input; otherwise the eager formula.
-    """
+class LayerNormCF(nn.Module):
+    """Channels-first LayerNorm: mean and biased variance over C of (N, C, H, W)
+    (the published ``LayerNorm`` with ``data_format="channels_first"``)."""
 
     def __init__(self, dim: int, eps: float = 1e-6) -> None:
         super().__init__()
@@ -64,15 +45,10 @@ class LayerNorm2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] != self.dim:
-            raise ValueError(f"LayerNorm2d({self.dim}) expects (N, {self.dim}, H, W), got {tuple(x.shape)}")
-        if config.is_fused("norm"):
-            from hifuse_kernels import layer_norm_cf
-
-            reason = layer_norm_cf.unsupported_reason(x, self.weight, self.bias)
-            if reason is None:
-                return layer_norm_cf.layer_norm_cf(x, self.weight, self.bias, self.eps)
-            config.log_fallback("norm", reason)
-        return layer_norm_2d_eager(x, self.weight, self.bias, self.eps)
+            raise ValueError(f"LayerNormCF({self.dim}) expects (N, {self.dim}, H, W), got {tuple(x.shape)}")
+        if config.runs_fused(self, x):
+            return config.forward_fused(self, x)
+        return layer_norm_cf_ref(x, self.weight, self.bias, self.eps)
 
     def extra_repr(self) -> str:
         return f"{self.dim}, eps={self.eps}"

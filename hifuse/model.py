@@ -2,9 +2,9 @@
 
 The eager modules here are the numerical reference of every fused kernel. Module
 names, registration order and state_dict layout follow the published model, so its
-checkpoints load with ``strict=True``. Each module that has a fused path picks it
-at forward time from ``hifuse.config`` and falls back to its eager code (logging
-why, once) when the fused kernel cannot run.
+checkpoints load with ``strict=True``. A module with a fused path asks ``hifuse.config``
+at the top of its forward whether it runs fused and hands over in one line; the fused
+forwards live in ``hifuse.fused``. This file holds eager code only.
 """
 
 from __future__ import annotations
@@ -13,8 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hifuse_kernels.reference import relative_position_index, shift_mask, window_merge, window_partition
+
 from . import config
-from .layers import DropPath, LayerNorm2d, activation, trunc_normal_
+from .layers import DropPath, LayerNormCF, trunc_normal_
 
 __all__ = [
     "HiFuse",
@@ -33,14 +35,6 @@ __all__ = [
 
 WINDOW = 7
 SIZE_MULTIPLE = 32
-
-
-def autocast_dtype(t: torch.Tensor) -> torch.dtype | None:
-    """The dtype autocast gives GEMMs on t's device now, or None outside autocast. Fused
-    kernels whose result only feeds a GEMM write it in this dtype: the cast autocast would
-    make, done in their store instead of in a pass of its own."""
-    device = t.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
 
 
 def check_input_size(height: int, width: int) -> None:
@@ -70,17 +64,8 @@ class PatchEmbed(nn.Module):
         p = self.patch_size
         if h % p or w % p:
             x = F.pad(x, (0, (p - w % p) % p, 0, (p - h % p) % p))
-        if config.is_fused("local"):
-            from hifuse_kernels import patch_conv
-
-            nhwc = x.permute(0, 2, 3, 1)
-            reason = patch_conv.unsupported_reason(nhwc, self.proj.weight)
-            if reason is None:
-                # one GEMM over gathered patches writes the tokens: no conv output to transpose
-                y = patch_conv.patch_conv(nhwc, self.proj.weight, self.proj.bias)
-                b, h, w, c = y.shape
-                return self.norm(y.reshape(b, h * w, c)), h, w
-            config.log_fallback("local", reason)
+        if config.runs_fused(self, x):
+            return config.forward_fused(self, x)
         x = self.proj(x)
         _, _, h, w = x.shape
         x = self.norm(x.flatten(2).transpose(1, 2))
@@ -100,16 +85,8 @@ class PatchMerging(nn.Module):
         b, length, c = x.shape
         if length != h * w:
             raise ValueError(f"PatchMerging got {length} tokens for a {h}x{w} grid")
-        if config.is_fused("local"):
-            from hifuse_kernels import patch_merge
-
-            reason = patch_merge.unsupported_reason(x, h, w, self.norm.weight, self.norm.bias)
-            if reason is None:
-                # under autocast the result comes in the reduction GEMM's dtype (no cast pass)
-                gemm_dtype = autocast_dtype(x) if x.dtype == torch.float32 else None
-                merged = patch_merge.patch_merge_norm(x, h, w, self.norm.weight, self.norm.bias, self.norm.eps, gemm_dtype)
-                return self.reduction(merged)
-            config.log_fallback("local", reason)
+        if config.runs_fused(self, x, h, w):
+            return config.forward_fused(self, x, h, w)
         x = x.view(b, h, w, c)
         if h % 2 or w % 2:
             x = F.pad(x, (0, 0, 0, w % 2, 0, h % 2))
@@ -119,56 +96,6 @@ class PatchMerging(nn.Module):
         x3 = x[:, 1::2, 1::2, :]
         x = torch.cat([x0, x1, x2, x3], -1).view(b, -1, 4 * c)
         return self.reduction(self.norm(x))
-
-
-def relative_position_index(window: int) -> torch.Tensor:
-    """index[i, j] = (hi - hj + w - 1) * (2w - 1) + (wi - wj + w - 1) for tokens i, j of a window."""
-    coords = torch.stack(torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij"))
-    coords = coords.flatten(1)
-    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (window - 1)
-    return rel[..., 0] * (2 * window - 1) + rel[..., 1]
-
-
-_mask_cache: dict[tuple, torch.Tensor] = {}
-
-
-def shift_mask(hp: int, wp: int, window: int, shift: int, device: torch.device) -> torch.Tensor:
-    """(windows, window**2, window**2) mask: -100 between tokens of different shift regions.
-
-    Float32 as in the published code (it promotes the scores it is added to).
-    Cached per (padded size, window, shift, device).
-    """
-    key = (hp, wp, window, shift, device)
-    if not torch.compiler.is_compiling():
-        cached = _mask_cache.get(key)
-        if cached is not None:
-            return cached
-    labels = torch.zeros(hp, wp, device=device)
-    cuts = (slice(0, -window), slice(-window, -shift), slice(-shift, None))
-    label = 0
-    for rows in cuts:
-        for cols in cuts:
-            labels[rows, cols] = label
-            label += 1
-    windows = labels.view(hp // window, window, wp // window, window).transpose(1, 2)
-    windows = windows.reshape(-1, window * window)
-    diff = windows[:, None, :] - windows[:, :, None]
-    mask = torch.zeros_like(diff).masked_fill_(diff != 0, -100.0)
-    if not torch.compiler.is_compiling():
-        _mask_cache[key] = mask
-    return mask
-
-
-def window_partition(x: torch.Tensor, window: int) -> torch.Tensor:
-    b, h, w, c = x.shape
-    x = x.view(b, h // window, window, w // window, window, c)
-    return x.permute(0, 1, 3, 2, 4, 5).contiguous().view(-1, window, window, c)
-
-
-def window_merge(windows: torch.Tensor, window: int, h: int, w: int) -> torch.Tensor:
-    b = windows.shape[0] // ((h // window) * (w // window))
-    x = windows.view(b, h // window, w // window, window, window, -1)
-    return x.permute(0, 1, 3, 2, 4, 5).contiguous().view(b, h, w, -1)
 
 
 class WindowAttention(nn.Module):
@@ -231,25 +158,13 @@ class GlobalBlock(nn.Module):
         self.fc1 = nn.Linear(dim, dim)
         self.act = nn.GELU()
 
-    def forward(
-        self, x: torch.Tensor, h: int, w: int, normed: torch.Tensor | None = None,
-        next_norm: nn.LayerNorm | None = None,
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """The block on (B, h*w, C) tokens.
-
-        ``normed`` and ``next_norm`` are for ``GlobalStage``, which passes them only when it
-        has checked that every block of the stage runs fused: ``normed`` is this block's
-        ``norm1(x)`` computed by the block before, and with ``next_norm`` the block returns
-        (output, next_norm(output)) computed in one pass.
-        """
+    def forward(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        """The block on (B, h*w, C) tokens."""
         b, length, c = x.shape
         if length != h * w:
             raise ValueError(f"GlobalBlock got {length} tokens for a {h}x{w} grid")
-        if normed is not None or next_norm is not None:
-            return self.forward_fused(x, h, w, normed, next_norm)
-        out = config.run_fused("attention", self, x, h, w)
-        if out is not None:
-            return out
+        if config.runs_fused(self, x, h, w):
+            return config.forward_fused(self, x, h, w)
         ws = self.window
         shortcut = x
         x = self.norm1(x).view(b, h, w, c)
@@ -270,88 +185,6 @@ class GlobalBlock(nn.Module):
             x = x[:, :h, :w, :].contiguous()
         x = self.act(self.fc1(x.view(b, h * w, c)))
         return shortcut + self.drop_path(x)
-
-    def fused_unsupported_reason(self, x: torch.Tensor, h: int, w: int) -> str | None:
-        """Why forward_fused cannot run on x, or None when it can (any h x w grid can)."""
-        from hifuse_kernels import window_attention as wa
-
-        reason = wa._triton.unsupported_reason(x)
-        if reason is not None:
-            return reason
-        dtype = autocast_dtype(x) or x.dtype
-        if dtype not in wa.SUPPORTED_DTYPES:
-            return f"dtype {dtype} is not supported (supported: {wa.SUPPORTED_DTYPES})"
-        if self.dim // self.num_heads not in wa.HEAD_DIMS:
-            return f"head_dim {self.dim // self.num_heads} is not supported (supported: {wa.HEAD_DIMS})"
-        if self.window > wa.MAX_WINDOW:
-            return f"window {self.window} is larger than {wa.MAX_WINDOW}"
-        return None
-
-    def forward_fused(
-        self, x: torch.Tensor, h: int, w: int, normed: torch.Tensor | None = None,
-        next_norm: nn.LayerNorm | None = None,
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """The same block with shift, padding, partition, bias, mask and merge in one kernel.
-
-        ``norm1`` writes its result in the dtype the qkv GEMM takes (under autocast, the
-        cast autocast would make); see ``forward`` for ``normed`` and ``next_norm``.
-        """
-        from hifuse_kernels import residual_layer_norm as rln
-        from hifuse_kernels.window_attention import window_attention
-
-        b, length, c = x.shape
-        attn = self.attn
-        gemm_dtype = self._gemm_dtype(x)
-        if normed is None:
-            norm = self.norm1
-            if rln.unsupported_reason(x, norm.weight) is None:
-                normed = rln.layer_norm_to(x, norm.weight, norm.bias, norm.eps, gemm_dtype)
-            else:
-                normed = norm(x)
-        qkv = attn.qkv(normed).view(b, h, w, 3 * c)
-        y = window_attention(qkv, attn.qkv.bias, attn.relative_position_bias_table, self.num_heads, self.window, self.shift)
-        y = y.view(b, length, c)
-        if self._needs_grad():
-            y = self.fc1(attn.proj(y))
-        else:
-            # Nothing non-linear between proj and fc1: one GEMM with the product weight.
-            # Same value; in low precision it rounds once instead of at proj's output.
-            weight, bias = self._merged_proj_fc1()
-            y = F.linear(y, weight, bias)
-        if next_norm is not None:
-            return rln.gelu_residual_layer_norm(y, x, next_norm.weight, next_norm.bias, next_norm.eps, gemm_dtype)
-        if self.residual_fusable():
-            from hifuse_kernels.gelu_residual import gelu_residual, unsupported_reason
-
-            if unsupported_reason(y, x) is None:
-                return gelu_residual(y, x)
-        return x + self.drop_path(self.act(y))
-
-    def residual_fusable(self) -> bool:
-        """Whether GELU and the residual add may run as one kernel (no stochastic depth now)."""
-        return isinstance(self.drop_path, nn.Identity) or not self.training
-
-    def _gemm_dtype(self, x: torch.Tensor) -> torch.dtype:
-        return autocast_dtype(x) or torch.promote_types(x.dtype, self.norm1.weight.dtype)
-
-    def _needs_grad(self) -> bool:
-        return torch.is_grad_enabled() and (self.fc1.weight.requires_grad or self.attn.proj.weight.requires_grad)
-
-    def _merged_proj_fc1(self) -> tuple[torch.Tensor, torch.Tensor]:
-        proj, fc1 = self.attn.proj, self.fc1
-        params = (proj.weight, proj.bias, fc1.weight, fc1.bias)
-        key = tuple((p.data_ptr(), p._version) for p in params)
-        cached = getattr(self, "_merged", None)
-        if torch.compiler.is_compiling() or cached is None or cached[0] != key:
-            # In the parameters' own precision: the cache outlives any autocast region.
-            with torch.no_grad(), torch.autocast(fc1.weight.device.type, enabled=False):
-                weight = fc1.weight @ proj.weight
-                bias = fc1.weight @ proj.bias + fc1.bias
-            if torch.compiler.is_compiling():
-                return weight, bias
-            self._merged = cached = (key, weight, bias)
-        return cached[1], cached[2]
-
 
 class GlobalStage(nn.Module):
     """Optional patch merging, then blocks alternating shift 0 and window // 2."""
@@ -374,32 +207,14 @@ class GlobalStage(nn.Module):
         self.downsample = PatchMerging(dim // 2) if downsample else None
 
     def forward(self, x: torch.Tensor, h: int, w: int) -> tuple[torch.Tensor, int, int]:
+        if config.runs_fused(self, x, h, w):
+            return config.forward_fused(self, x, h, w)
         if self.downsample is not None:
             x = self.downsample(x, h, w)
             h, w = (h + 1) // 2, (w + 1) // 2
-        if not self.chains_norms(x, h, w):
-            for block in self.blocks:
-                x = block(x, h, w)
-            return x, h, w
-        # Every block runs fused: each one's residual pass also writes the next one's norm1.
-        normed = None
-        for i, block in enumerate(self.blocks):
-            nxt = self.blocks[i + 1].norm1 if i + 1 < len(self.blocks) else None
-            out = block(x, h, w, normed=normed, next_norm=nxt)
-            x, normed = out if nxt is not None else (out, None)
-        return x, h, w
-
-    def chains_norms(self, x: torch.Tensor, h: int, w: int) -> bool:
-        """Whether every block runs fused with GELU + residual in one pass, so that each
-        block's residual pass can also compute the next block's norm1."""
-        from hifuse_kernels import residual_layer_norm as rln
-
-        if not config.is_fused("attention") or len(self.blocks) < 2:
-            return False
         for block in self.blocks:
-            if block.fused_unsupported_reason(x, h, w) is not None or not block.residual_fusable():
-                return False
-        return rln.unsupported_reason(x, self.blocks[0].norm1.weight) is None
+            x = block(x, h, w)
+        return x, h, w
 
 
 # --------------------------------------------------------------------------- local branch
@@ -417,63 +232,27 @@ class LocalBlock(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = config.run_fused("local", self, x)
-        if out is not None:
-            return out
+        if config.runs_fused(self, x):
+            return config.forward_fused(self, x)
         shortcut = x
         x = self.dwconv(x).permute(0, 2, 3, 1)
         x = self.act(self.pwconv(self.norm(x))).permute(0, 3, 1, 2)
         return shortcut + self.drop_path(x)
-
-    def fused_unsupported_reason(self, x: torch.Tensor) -> str | None:
-        """Why forward_fused cannot run on x, or None when it can."""
-        from hifuse_kernels import dwconv_layer_norm as dln
-
-        if x.dim() != 4:
-            return f"x must be 4-D, got {x.dim()}-D"
-        return dln.unsupported_reason(
-            x.permute(0, 2, 3, 1), self.dwconv.weight, self.dwconv.bias, self.norm.weight, self.norm.bias
-        )
-
-    def forward_fused(self, x: torch.Tensor) -> torch.Tensor:
-        """dwconv + LayerNorm in one kernel, then pwconv and GELU + residual in one pass.
-
-        Works channels-last throughout: the result is an NCHW-shaped view of channels-last
-        memory, so the next block's permutes are free.
-        """
-        from hifuse_kernels.dwconv_layer_norm import dwconv_layer_norm
-        from hifuse_kernels.gelu_residual import gelu_residual
-
-        nhwc = x.permute(0, 2, 3, 1)
-        gemm_dtype = autocast_dtype(x)
-        y = dwconv_layer_norm(
-            nhwc, self.dwconv.weight, self.dwconv.bias, self.norm.weight, self.norm.bias, self.norm.eps, gemm_dtype
-        )
-        y = self.pwconv(y)
-        if isinstance(self.drop_path, nn.Identity) or not self.training:
-            out = gelu_residual(y, nhwc)
-        else:
-            out = nhwc + self.drop_path(self.act(y))
-        return out.permute(0, 3, 1, 2)
-
 
 class LocalDownsample(nn.Sequential):
     """A stride-k layer of the local branch: the stem (conv 4x4/4, LayerNorm2d) or a
     downsample (LayerNorm2d, conv 2x2/2).
 
     An ``nn.Sequential`` with the published children (0 and 1), so checkpoints load as
-    they are. The fused path works channels-last: the LayerNorm is a last-dim LayerNorm and
-    the convolution one GEMM over gathered patches (``hifuse_kernels.patch_conv``); its
-    result is an NCHW-shaped view of channels-last memory, which the local blocks take
-    without copies.
+    they are.
     """
 
     def __init__(self, in_dim: int, out_dim: int, stride: int, norm_first: bool) -> None:
         conv = nn.Conv2d(in_dim, out_dim, stride, stride=stride)
         if norm_first:
-            super().__init__(LayerNorm2d(in_dim, eps=1e-6), conv)
+            super().__init__(LayerNormCF(in_dim, eps=1e-6), conv)
         else:
-            super().__init__(conv, LayerNorm2d(out_dim, eps=1e-6))
+            super().__init__(conv, LayerNormCF(out_dim, eps=1e-6))
         self.norm_first = norm_first
 
     @property
@@ -481,45 +260,13 @@ class LocalDownsample(nn.Sequential):
         return self[1] if self.norm_first else self[0]
 
     @property
-    def norm(self) -> LayerNorm2d:
+    def norm(self) -> LayerNormCF:
         return self[0] if self.norm_first else self[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = config.run_fused("local", self, x)
-        if out is not None:
-            return out
+        if config.runs_fused(self, x):
+            return config.forward_fused(self, x)
         return super().forward(x)
-
-    def fused_unsupported_reason(self, x: torch.Tensor) -> str | None:
-        from hifuse_kernels import patch_conv
-
-        if x.dim() != 4 or x.shape[1] != self.conv.in_channels:
-            return f"x must be (B, {self.conv.in_channels}, H, W), got {tuple(x.shape)}"
-        return patch_conv.unsupported_reason(x.permute(0, 2, 3, 1), self.conv.weight)
-
-    def forward_fused(self, x: torch.Tensor) -> torch.Tensor:
-        from hifuse_kernels.patch_conv import patch_conv
-
-        nhwc = x.permute(0, 2, 3, 1)
-        norm = self.norm
-        if self.norm_first:
-            nhwc = self._norm_for_gemm(nhwc)
-        y = patch_conv(nhwc, self.conv.weight, self.conv.bias)
-        if not self.norm_first:
-            y = F.layer_norm(y, (norm.dim,), norm.weight, norm.bias, norm.eps)
-        return y.permute(0, 3, 1, 2)
-
-    def _norm_for_gemm(self, nhwc: torch.Tensor) -> torch.Tensor:
-        """The LayerNorm before the patch GEMM, written in the GEMM's dtype under autocast (so
-        the patch gather moves half the bytes and no cast pass follows) when Triton can run."""
-        from hifuse_kernels import residual_layer_norm as rln
-
-        norm = self.norm
-        gemm_dtype = autocast_dtype(nhwc)
-        if gemm_dtype is not None and rln.unsupported_reason(nhwc, norm.weight) is None:
-            return rln.layer_norm_to(nhwc, norm.weight, norm.bias, norm.eps, gemm_dtype)
-        return F.layer_norm(nhwc, (norm.dim,), norm.weight, norm.bias, norm.eps)
-
 
 # --------------------------------------------------------------------------- fusion path
 
@@ -559,62 +306,6 @@ class ConvBN(nn.Module):
             x = self.relu(x)
         return x
 
-    def forward_fused(self, x: torch.Tensor, then: str | None = None, pool: bool = False) -> torch.Tensor:
-        """The fusion block's fused path, followed by activation ``then`` ("gelu" or None)
-        and, with ``pool``, a 2x2/2 average pooling (fused into the training BatchNorm).
-
-        A 1x1 convolution is a GEMM over channels-last pixels. In eval mode the BatchNorm is
-        folded into the weight and bias (the folded weight is rounded once instead of
-        normalising in a separate pass); in training the BatchNorm (batch statistics,
-        running-statistic updates as nn.BatchNorm2d) and the activation run as one Triton
-        op (``hifuse_kernels.batch_norm_act``).
-        """
-        if self.relu is not None and then is not None:
-            raise ValueError("ConvBN with its own ReLU takes no further activation")
-        act = "relu" if self.relu is not None else then
-        weight, bias = self.conv.weight, self.conv.bias
-        bn = self.bn
-        fold = bn is not None and not bn.training and bn.running_var is not None
-        if fold:
-            weight, bias = fold_batch_norm(weight, bias, bn)
-        x = conv_channels_last(x, weight, bias, self.conv)
-        if bn is not None and not fold:
-            from hifuse_kernels import batch_norm_act as bna
-
-            if bna.unsupported_reason(x, bn) is None and (not pool or min(x.shape[-2:]) >= 2):
-                return bna.batch_norm_act(x, bn, act, pool=pool)
-            x = bn(x)
-        x = activation(act)(x)
-        return F.avg_pool2d(x, 2, stride=2) if pool else x
-
-
-def batch_norm_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scale, shift) with eval-mode ``bn(x) == x * scale + shift`` per channel."""
-    scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
-    return scale, bn.bias - bn.running_mean * scale
-
-
-def fold_batch_norm(
-    weight: torch.Tensor, bias: torch.Tensor | None, bn: nn.BatchNorm2d
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Weight and bias of conv followed by an eval-mode BatchNorm, as one convolution."""
-    scale, shift = batch_norm_affine(bn)
-    if bias is not None:
-        shift = shift + bias * scale
-    return weight * scale.view(-1, 1, 1, 1), shift
-
-
-def conv_channels_last(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, conv: nn.Conv2d
-) -> torch.Tensor:
-    """``conv`` (its padding and groups) with the given weight; a dense 1x1 convolution runs
-    as one GEMM on the channels-last pixels and returns an NCHW view of channels-last memory."""
-    if conv.kernel_size == (1, 1) and conv.groups == 1 and conv.stride == (1, 1):
-        y = F.linear(x.permute(0, 2, 3, 1), weight.flatten(1), bias)
-        return y.permute(0, 3, 1, 2)
-    return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
-
-
 class IRMLP(nn.Module):
     """Inverted residual MLP: 3x3 conv + GELU + residual, BN, 1x1 expand x4 + GELU, 1x1 + BN.
 
@@ -638,40 +329,6 @@ class IRMLP(nn.Module):
         out = self.gelu(self.conv2(self.bn1(out)))
         return self.conv3(out)
 
-    def forward_fused(self, x: torch.Tensor) -> torch.Tensor:
-        """conv1 on channels-last memory; in training GELU, residual and ``bn1`` in one op
-        (``batch_norm_act``); in eval mode GELU + residual in one pass, ``bn1`` folded into
-        conv2 (an affine map before a linear one) and conv3's BatchNorm into conv3; the 1x1
-        convolutions are GEMMs over the pixels."""
-        x = x.contiguous(memory_format=torch.channels_last)
-        y = F.conv2d(x, self.conv1.conv.weight, None, padding=self.conv1.conv.padding, groups=self.conv1.conv.groups)
-        w2 = self.conv2.conv.weight
-        if self.bn1.training or self.bn1.running_var is None:
-            from hifuse_kernels import batch_norm_act as bna
-
-            if bna.unsupported_reason(y, self.bn1, residual=x) is None:
-                # gelu(conv1(x)) + x and bn1 in one op: the sum is never written, and the
-                # result comes in the dtype conv2's GEMM takes under autocast
-                normed = bna.batch_norm_act(y, self.bn1, None, residual=x, out_dtype=autocast_dtype(x))
-            else:
-                normed = self.bn1(self.gelu(y) + x)
-            out = conv_channels_last(normed, w2, None, self.conv2.conv)
-        else:
-            # conv2(bn1(t)) = conv2 with its input channels scaled, plus conv2 of the shift
-            scale, shift = batch_norm_affine(self.bn1)
-            out = self._gelu_residual(y, x)
-            out = conv_channels_last(out, w2 * scale.view(1, -1, 1, 1), w2.flatten(1) @ shift, self.conv2.conv)
-        return self.conv3.forward_fused(self.gelu(out))
-
-    def _gelu_residual(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        from hifuse_kernels import gelu_residual as gr
-
-        y_nhwc, x_nhwc = y.permute(0, 2, 3, 1), x.permute(0, 2, 3, 1)
-        if gr.unsupported_reason(y_nhwc, x_nhwc) is None and y_nhwc.is_contiguous():
-            return gr.gelu_residual(y_nhwc, x_nhwc).permute(0, 3, 1, 2)
-        return self.gelu(y) + x
-
-
 class HFFBlock(nn.Module):
     """Hierarchical feature fusion block.
 
@@ -694,9 +351,9 @@ class HFFBlock(nn.Module):
         self.W_l = ConvBN(dim, dim, 1, bn=True, relu=False)
         self.W_g = ConvBN(dim, dim, 1, bn=True, relu=False)
         self.Updim = ConvBN(dim // 2, dim, 1, bn=True, relu=True)
-        self.norm1 = LayerNorm2d(dim * 3, eps=1e-6)
-        self.norm2 = LayerNorm2d(dim * 2, eps=1e-6)
-        self.norm3 = LayerNorm2d(dim * 3, eps=1e-6)
+        self.norm1 = LayerNormCF(dim * 3, eps=1e-6)
+        self.norm2 = LayerNormCF(dim * 2, eps=1e-6)
+        self.norm3 = LayerNormCF(dim * 3, eps=1e-6)
         self.W3 = ConvBN(dim * 3, dim, 1, bn=True, relu=False)
         self.W = ConvBN(dim * 2, dim, 1, bn=True, relu=False)
         self.gelu = nn.GELU()
@@ -717,9 +374,8 @@ class HFFBlock(nn.Module):
 
     def forward(self, l: torch.Tensor, g: torch.Tensor, f: torch.Tensor | None = None) -> torch.Tensor:
         self.check_inputs(l, g, f)
-        out = config.run_fused("fusion", self, l, g, f)
-        if out is not None:
-            return out
+        if config.runs_fused(self, l, g, f):
+            return config.forward_fused(self, l, g, f)
         w_local = self.W_l(l)
         w_global = self.W_g(g)
         if f is not None:
@@ -740,53 +396,6 @@ class HFFBlock(nn.Module):
 
         fuse = self.residual(self.norm3(torch.cat([g, l, x], 1)))
         return shortcut + self.drop_path(fuse)
-
-    def fused_unsupported_reason(self, l: torch.Tensor, g: torch.Tensor, f: torch.Tensor | None) -> str | None:
-        """Why forward_fused cannot run on these inputs, or None when it can."""
-        from hifuse_kernels import fusion_gate, layer_norm_cat
-
-        norm = self.norm1 if f is not None else self.norm2
-        parts = [l, g] if f is None else [l, l, g]
-        reason = layer_norm_cat.unsupported_reason(parts, norm.weight, norm.bias)
-        if reason is not None:
-            return reason
-        return fusion_gate.unsupported_reason(l, g, l, self.norm3.weight, self.norm3.bias)
-
-    def forward_fused(self, l: torch.Tensor, g: torch.Tensor, f: torch.Tensor | None = None) -> torch.Tensor:
-        """Concat-free LayerNorms (native ``hifuse::layer_norm_cat``), one-pass gating
-        statistics and the gate multiplications inside the norm3 LayerNorm (Triton
-        ``hifuse_kernels.fusion_gate``), 1x1 convolutions as channels-last GEMMs whose
-        BatchNorm is folded in eval mode and, in training, runs with the activation (and
-        Updim's pooling) as one op (``hifuse_kernels.batch_norm_act``), and the IRMLP's fused
-        path. Tensors stay channels-last."""
-        from hifuse_kernels.fusion_gate import channel_pool, gated_layer_norm, spatial_pool
-        from hifuse_kernels.layer_norm_cat import layer_norm_cat
-
-        w_local = self.W_l.forward_fused(l)
-        w_global = self.W_g.forward_fused(g)
-        if f is not None:
-            w_f = self.Updim.forward_fused(f, pool=True)
-            shortcut = w_f
-            parts, norm, proj = [w_f, w_local, w_global], self.norm1, self.W3
-        else:
-            shortcut = 0
-            parts, norm, proj = [w_local, w_global], self.norm2, self.W
-        dtype = parts[0].dtype
-        for t in parts[1:]:
-            dtype = torch.promote_types(dtype, t.dtype)
-        parts = [t.to(dtype) for t in parts]
-        # Written in the dtype the projection GEMM takes under autocast.
-        gemm_dtype = autocast_dtype(l)
-        normed = layer_norm_cat(parts, norm.weight, norm.bias, norm.eps, gemm_dtype if gemm_dtype == dtype else None)
-        x = proj.forward_fused(normed, then="gelu")
-
-        spatial_gate = torch.sigmoid(self.spatial.forward_fused(spatial_pool(l)))
-        avg, best = channel_pool(g)
-        channel_gate = torch.sigmoid(self.se(best) + self.se(avg))
-
-        fused = gated_layer_norm(g, channel_gate, l, spatial_gate, x, self.norm3.weight, self.norm3.bias, self.norm3.eps)
-        return shortcut + self.drop_path(self.residual.forward_fused(fused))
-
 
 # --------------------------------------------------------------------------- the model
 
@@ -901,6 +510,13 @@ class HiFuse(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
+
+    def train(self, mode: bool = True) -> "HiFuse":
+        super().train(mode)
+        if not mode:
+            # weight-derived tensors of the fused eval paths, computed now rather than per forward
+            config.prepare(self)
+        return self
 
     def get_classifier(self) -> nn.Module:
         return self.conv_head

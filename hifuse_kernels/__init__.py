@@ -1,21 +1,25 @@
 """Fused kernels for HiFuse: Triton kernels and native (C++/CUDA) ops in the `hifuse` namespace.
 
-Importing this package never needs the compiled extension; the ops that need it
-raise an ImportError saying what is missing and how to build it.
+Importing this package needs neither triton nor the compiled extension; an op that needs
+what is missing raises an error saying what it is and how to get it. This package imports
+torch and triton only: the model (``hifuse``) sits above it.
 """
 
 from . import (
     _ext,
     _triton,
     batch_norm_act,
+    channel_pool,
     dwconv_layer_norm,
-    fusion_gate,
+    gated_layer_norm,
     gelu_residual,
     layer_norm_cat,
     layer_norm_cf,
     patch_conv,
-    patch_merge,
+    patch_merge_norm,
+    reference,
     residual_layer_norm,
+    spatial_pool,
     window_attention,
 )
 from ._ext import available as native_available
@@ -24,14 +28,17 @@ from ._triton import unsupported_reason as triton_unsupported_reason
 
 __all__ = [
     "batch_norm_act",
+    "channel_pool",
     "dwconv_layer_norm",
-    "fusion_gate",
+    "gated_layer_norm",
     "gelu_residual",
     "layer_norm_cat",
     "layer_norm_cf",
     "patch_conv",
-    "patch_merge",
+    "patch_merge_norm",
+    "reference",
     "residual_layer_norm",
+    "spatial_pool",
     "window_attention",
     "native_available",
     "native_load_error",

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import functools
+import json
 from pathlib import Path
 
 import torch
 
 BUILD_HINT = (
-    "build it from the project folder with `pip install --no-build-isolation -e .` "
-    "(a CUDA toolkit is needed for the CUDA ops; set CUDA_HOME to it)"
+    "build it from the project folder with `pip install .` (or `pip install --no-build-isolation -e .` "
+    "for development; a CUDA toolkit is needed for the CUDA ops: set CUDA_HOME to it)"
 )
 
 
@@ -18,11 +19,27 @@ def library_path() -> Path | None:
     return found[0] if found else None
 
 
+def built_for() -> str | None:
+    """The torch version the library was built against (None when unknown)."""
+    info = Path(__file__).with_name("_C.build.json")
+    try:
+        return json.loads(info.read_text())["torch"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
 @functools.lru_cache(maxsize=None)
 def _load() -> str | None:
     path = library_path()
     if path is None:
         return f"the compiled hifuse extension (hifuse_kernels/_C*.so) is missing; {BUILD_HINT}"
+    built = built_for()
+    if built is not None and built != torch.__version__:
+        # loading it could crash the process: torch's C++ ABI changes between releases
+        return (
+            f"the compiled hifuse extension was built against torch {built}, but this is torch "
+            f"{torch.__version__}; rebuild it for this torch: {BUILD_HINT}"
+        )
     try:
         torch.ops.load_library(str(path))
     except (OSError, RuntimeError) as err:
@@ -67,6 +84,11 @@ def unsupported_device_reason(op: str, device_type: str) -> str | None:
     if not has_kernel(op, device_type):
         return f"hifuse::{op} has no {device_type} implementation in this build"
     return None
+
+
+def stat_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype of the native LayerNorms' saved statistics: float64 for float64 input, else float32."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _no_flops(*_args, **_kwargs) -> int:

@@ -1,20 +1,39 @@
-"""When Triton kernels can run: on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1."""
+"""When Triton kernels can run (on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1),
+their launch shapes, and the jitted helpers several kernels share.
+
+Importing this module never needs triton: ``triton`` is None when it is missing, and the
+kernel modules define their kernels only when it is not.
+"""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 
 import torch
+from torch.library import triton_op
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = tl = None
 
 
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def define_op(name: str, *, mutates_args=()):
+    """``triton_op`` for a Triton-backed op, so Inductor sees its kernels; a plain
+    ``custom_op`` under the interpreter, whose kernels cannot be traced, and without triton
+    (the op then exists, and its entry point says why it cannot run)."""
+    define = torch.library.custom_op if interpreting() or triton is None else triton_op
+    return define(name, mutates_args=mutates_args)
+
+
 def unsupported_reason(*tensors: torch.Tensor) -> str | None:
     """Why a Triton kernel cannot take these tensors, or None when it can."""
-    if importlib.util.find_spec("triton") is None:
+    if triton is None:
         return "triton is not installed (pip install triton)"
     devices = {t.device.type for t in tensors}
     if len({t.device for t in tensors}) > 1:
@@ -26,12 +45,17 @@ def unsupported_reason(*tensors: torch.Tensor) -> str | None:
     return None
 
 
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1)."""
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
 # Launch shapes of the row kernels (a program holds whole rows of C channels in registers).
 
 
 def block_channels(c: int) -> int:
     """The power-of-two channel block that holds a row of c channels."""
-    return max(16, 1 << (c - 1).bit_length())
+    return max(16, next_power_of_2(c))
 
 
 def rows_per_program(c: int, tiles: int = 1) -> int:
@@ -48,3 +72,17 @@ def row_warps(c: int) -> int:
 def row_tile(c: int) -> dict:
     """BLOCK_C and num_warps of a row kernel launch over c channels."""
     return {"BLOCK_C": block_channels(c), "num_warps": row_warps(c)}
+
+
+if triton is not None:
+
+    @triton.jit
+    def gelu(y):
+        """Exact (erf) GELU of fp32 y."""
+        return 0.5 * y * (1.0 + tl.math.erf(y * 0.7071067811865476))
+
+    @triton.jit
+    def gelu_grad(y):
+        """d gelu(y) / dy for fp32 y."""
+        cdf = 0.5 * (1.0 + tl.math.erf(y * 0.7071067811865476))
+        return cdf + y * tl.exp(-0.5 * y * y) * 0.3989422804014327

@@ -28,18 +28,12 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.library import triton_op, wrap_triton
-
-from hifuse.layers import activation
+from torch.library import wrap_triton
 
 from . import _triton
-from .gelu_residual import gelu, gelu_grad
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:
-    triton = None
+from ._features import nhwc
+from ._triton import tl, triton
+from .reference import activation
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 ACTIVATIONS = {None: 0, "relu": 1, "gelu": 2}
@@ -59,6 +53,7 @@ def batch_norm_act_ref(x, bn: torch.nn.BatchNorm2d, act: str | None = None, resi
 
 
 if triton is not None:
+    from ._triton import gelu, gelu_grad
 
     @triton.jit
     def _load_input(Y, R, rows, c, m, C, PROLOGUE: tl.constexpr):
@@ -79,7 +74,7 @@ if triton is not None:
     @triton.jit
     def _act(z, ACT: tl.constexpr):
         if ACT == 1:
-            z = tl.maximum(z, 0.0)
+            z = tl.where(z < 0.0, 0.0, z)  # not tl.maximum, which turns NaN into 0
         elif ACT == 2:
             z = gelu(z)
         return z
@@ -195,8 +190,6 @@ if triton is not None:
         tl.store(DY + offs, dv.to(DY.dtype.element_ty), mask=m)
 
 
-# See window_attention: opaque custom ops under the interpreter, which cannot be traced.
-_define_op = torch.library.custom_op if _triton.interpreting() else triton_op
 
 
 def _grid(m: int, c: int) -> tuple[int, int]:
@@ -209,7 +202,7 @@ def _out_dtype(y: torch.Tensor, residual: torch.Tensor | None, out_dtype: torch.
     return y.dtype if residual is None else torch.promote_types(y.dtype, residual.dtype)
 
 
-@_define_op("hifuse::batch_norm_stats", mutates_args=())
+@_triton.define_op("hifuse::batch_norm_stats", mutates_args=())
 def _stats_op(y: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Batch mean and biased variance (fp32, (C,)) of y or gelu(y) + residual, rows (M, C)."""
     m, c = y.shape
@@ -232,7 +225,7 @@ def _pooled_rows(m: int, height: int, width: int) -> int:
     return m // (height * width) * (height // 2) * (width // 2)
 
 
-@_define_op("hifuse::batch_norm_act", mutates_args=())
+@_triton.define_op("hifuse::batch_norm_act", mutates_args=())
 def _apply_op(
     y: torch.Tensor, residual: torch.Tensor | None, mean: torch.Tensor, invstd: torch.Tensor,
     weight: torch.Tensor, bias: torch.Tensor, act: int, height: int, width: int, pool: bool,
@@ -253,7 +246,7 @@ def _apply_op(
     return out
 
 
-@_define_op("hifuse::batch_norm_act_backward", mutates_args=())
+@_triton.define_op("hifuse::batch_norm_act_backward", mutates_args=())
 def _backward_op(
     grad: torch.Tensor, y: torch.Tensor, residual: torch.Tensor | None, mean: torch.Tensor,
     invstd: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, act: int, height: int, width: int,
@@ -331,9 +324,22 @@ def unsupported_reason(x: torch.Tensor, bn: torch.nn.BatchNorm2d, residual: torc
     return _triton.unsupported_reason(*tensors)
 
 
+def _check(x, bn, act, residual, pool, out_dtype) -> None:
+    if act not in ACTIVATIONS:
+        raise ValueError(f"batch_norm_act: act must be one of {list(ACTIVATIONS)}, got {act!r}")
+    reason = unsupported_reason(x, bn, residual)
+    if reason is not None:
+        raise ValueError(f"batch_norm_act: {reason}")
+    if out_dtype is not None and out_dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"batch_norm_act: out_dtype must be float32, float16 or bfloat16, got {out_dtype}")
+    h, w = x.shape[-2:]
+    if pool and (h < 2 or w < 2):
+        raise ValueError(f"batch_norm_act: cannot pool a {h}x{w} map over 2x2 windows")
+
+
 def _rows(t: torch.Tensor) -> torch.Tensor:
-    n, c, h, w = t.shape
-    return t.permute(0, 2, 3, 1).reshape(n * h * w, c).contiguous()
+    """(N, C, H, W) -> contiguous (N*H*W, C) rows; free for channels-last memory."""
+    return nhwc(t).flatten(0, 1)
 
 
 def batch_norm_act(
@@ -343,6 +349,7 @@ def batch_norm_act(
     residual: torch.Tensor | None = None,
     pool: bool = False,
     out_dtype: torch.dtype | None = None,
+    check: bool = True,
 ) -> torch.Tensor:
     """``act(bn(x))`` (or ``act(bn(gelu(x) + residual))``) with ``bn`` in training mode.
 
@@ -357,17 +364,11 @@ def batch_norm_act(
             dropped, as ``F.avg_pool2d``); the full-resolution result is never written.
         out_dtype: the result's dtype (default: x's, promoted with the residual's); the
             IRMLP asks for its conv2 GEMM's dtype, so no cast pass follows.
+        check: False skips the argument checks, for callers that made them once already.
     """
-    if act not in ACTIVATIONS:
-        raise ValueError(f"batch_norm_act: act must be one of {list(ACTIVATIONS)}, got {act!r}")
-    reason = unsupported_reason(x, bn, residual)
-    if reason is not None:
-        raise ValueError(f"batch_norm_act: {reason}")
     n, c, h, w = x.shape
-    if out_dtype is not None and out_dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"batch_norm_act: out_dtype must be float32, float16 or bfloat16, got {out_dtype}")
-    if pool and (h < 2 or w < 2):
-        raise ValueError(f"batch_norm_act: cannot pool a {h}x{w} map over 2x2 windows")
+    if check:
+        _check(x, bn, act, residual, pool, out_dtype)
     y = _rows(x)
     r = None if residual is None else _rows(residual)
     with torch.no_grad():
@@ -375,11 +376,12 @@ def batch_norm_act(
         invstd = torch.rsqrt(var + bn.eps)
         if bn.track_running_stats and bn.running_mean is not None:
             bn.num_batches_tracked.add_(1)
-            momentum = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+            # a cumulative average (momentum None) divides by the count on the device: no host sync
+            momentum = 1.0 / bn.num_batches_tracked if bn.momentum is None else bn.momentum
             count = y.shape[0]
-            bn.running_mean.mul_(1 - momentum).add_(mean.to(bn.running_mean.dtype), alpha=momentum)
             unbiased = var * (count / (count - 1))
-            bn.running_var.mul_(1 - momentum).add_(unbiased.to(bn.running_var.dtype), alpha=momentum)
+            for running, batch in ((bn.running_mean, mean), (bn.running_var, unbiased)):
+                running.mul_(1 - momentum).add_(batch.to(running.dtype) * momentum)
     out = torch.ops.hifuse.batch_norm_act(y, r, mean, invstd, bn.weight, bn.bias, ACTIVATIONS[act], h, w, pool, out_dtype)
     if pool:
         h, w = h // 2, w // 2

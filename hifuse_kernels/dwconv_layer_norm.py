@@ -22,15 +22,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.library import triton_op, wrap_triton
+from torch.library import wrap_triton
 
 from . import _triton
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:
-    triton = None
+from ._triton import tl, triton
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_CHANNELS = 1024
@@ -143,8 +138,6 @@ if triton is not None:
         tl.store(DX + pos[:, None] * C + c[None, :], dx.to(DX.dtype.element_ty), mask=m2)
 
 
-# See window_attention: opaque custom ops under the interpreter, which cannot be traced.
-_define_op = torch.library.custom_op if _triton.interpreting() else triton_op
 
 
 def _grid(x):
@@ -157,7 +150,7 @@ def _warps(c):
     return 4 if c <= 256 else 8 if c <= 512 else 16
 
 
-@_define_op("hifuse::dwconv_layer_norm", mutates_args=())
+@_triton.define_op("hifuse::dwconv_layer_norm", mutates_args=())
 def _fwd_op(
     x: torch.Tensor, conv_weight: torch.Tensor, conv_bias: torch.Tensor, ln_weight: torch.Tensor,
     ln_bias: torch.Tensor, eps: float, out_dtype: torch.dtype,
@@ -173,7 +166,7 @@ def _fwd_op(
     return out, mean, rstd
 
 
-@_define_op("hifuse::dwconv_layer_norm_backward", mutates_args=())
+@_triton.define_op("hifuse::dwconv_layer_norm_backward", mutates_args=())
 def _bwd_op(
     grad: torch.Tensor, x: torch.Tensor, conv_weight: torch.Tensor, conv_bias: torch.Tensor,
     ln_weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
@@ -286,7 +279,8 @@ def unsupported_reason(x, conv_weight, conv_bias, ln_weight, ln_bias) -> str | N
 
 
 def dwconv_layer_norm(
-    x, conv_weight, conv_bias, ln_weight, ln_bias, eps: float = 1e-6, out_dtype: torch.dtype | None = None
+    x, conv_weight, conv_bias, ln_weight, ln_bias, eps: float = 1e-6, out_dtype: torch.dtype | None = None,
+    check: bool = True,
 ) -> torch.Tensor:
     """LayerNorm over C of a depthwise 3x3 convolution (zero padding 1), channels-last.
 
@@ -296,18 +290,20 @@ def dwconv_layer_norm(
         ln_weight, ln_bias: (C,) LayerNorm affine parameters.
         out_dtype: the result's dtype (default x's); the fused local block asks for the
             dtype its pwconv GEMM takes, so no cast pass follows.
+        check: False skips the argument checks, for callers that made them once already.
     Returns:
         (N, H, W, C) in ``out_dtype``.
     """
-    problem = _argument_problem(x, conv_weight, conv_bias, ln_weight, ln_bias)
-    if problem is not None:
-        raise problem[0](f"dwconv_layer_norm: {problem[1]}")
     out_dtype = x.dtype if out_dtype is None else out_dtype
-    if out_dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"dwconv_layer_norm: out_dtype must be float32, float16 or bfloat16, got {out_dtype}")
-    reason = _triton.unsupported_reason(x)
-    if reason is not None:
-        raise RuntimeError(f"dwconv_layer_norm: {reason}")
+    if check:
+        problem = _argument_problem(x, conv_weight, conv_bias, ln_weight, ln_bias)
+        if problem is not None:
+            raise problem[0](f"dwconv_layer_norm: {problem[1]}")
+        if out_dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"dwconv_layer_norm: out_dtype must be float32, float16 or bfloat16, got {out_dtype}")
+        reason = _triton.unsupported_reason(x)
+        if reason is not None:
+            raise RuntimeError(f"dwconv_layer_norm: {reason}")
     out, _mean, _rstd = torch.ops.hifuse.dwconv_layer_norm(
         x.contiguous(), conv_weight.contiguous(), conv_bias, ln_weight, ln_bias, float(eps), out_dtype
     )

@@ -15,15 +15,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.library import triton_op, wrap_triton
+from torch.library import wrap_triton
 
 from . import _triton
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:
-    triton = None
+from ._triton import tl, triton
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 BLOCK = 1024
@@ -36,17 +31,7 @@ def gelu_residual_ref(y: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
 
 
 if triton is not None:
-
-    @triton.jit
-    def gelu(y):
-        """Exact (erf) GELU of fp32 y; shared with the other kernels that fuse a GELU."""
-        return 0.5 * y * (1.0 + tl.math.erf(y * 0.7071067811865476))
-
-    @triton.jit
-    def gelu_grad(y):
-        """d gelu(y) / dy for fp32 y."""
-        cdf = 0.5 * (1.0 + tl.math.erf(y * 0.7071067811865476))
-        return cdf + y * tl.exp(-0.5 * y * y) * 0.3989422804014327
+    from ._triton import gelu, gelu_grad
 
     @triton.jit
     def _fwd_kernel(Y, S, OUT, n, BLOCK: tl.constexpr):
@@ -65,11 +50,9 @@ if triton is not None:
         tl.store(DY + offs, (g * gelu_grad(y)).to(DY.dtype.element_ty), mask=mask)
 
 
-# See window_attention: opaque custom ops under the interpreter, which cannot be traced.
-_define_op = torch.library.custom_op if _triton.interpreting() else triton_op
 
 
-@_define_op("hifuse::gelu_residual", mutates_args=())
+@_triton.define_op("hifuse::gelu_residual", mutates_args=())
 def _gelu_residual_op(y: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
     out = torch.empty(y.shape, device=y.device, dtype=torch.promote_types(y.dtype, shortcut.dtype))
     n = y.numel()
@@ -77,7 +60,7 @@ def _gelu_residual_op(y: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
     return out
 
 
-@_define_op("hifuse::gelu_backward", mutates_args=())
+@_triton.define_op("hifuse::gelu_backward", mutates_args=())
 def _gelu_backward_op(grad: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     dy = torch.empty_like(y)
     n = y.numel()
@@ -119,13 +102,15 @@ def unsupported_reason(y: torch.Tensor, shortcut: torch.Tensor) -> str | None:
     return None
 
 
-def gelu_residual(y: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
-    """``shortcut + gelu(y)`` in one pass (same shapes; any strides)."""
-    if not isinstance(y, torch.Tensor) or not isinstance(shortcut, torch.Tensor):
-        raise TypeError("gelu_residual: y and shortcut must be tensors")
-    if y.shape != shortcut.shape:
-        raise ValueError(f"gelu_residual: y {tuple(y.shape)} and shortcut {tuple(shortcut.shape)} differ")
-    reason = unsupported_reason(y, shortcut)
-    if reason is not None:
-        raise RuntimeError(f"gelu_residual: {reason}")
+def gelu_residual(y: torch.Tensor, shortcut: torch.Tensor, check: bool = True) -> torch.Tensor:
+    """``shortcut + gelu(y)`` in one pass (same shapes; any strides). ``check`` False skips the
+    argument checks, for callers that made them once already."""
+    if check:
+        if not isinstance(y, torch.Tensor) or not isinstance(shortcut, torch.Tensor):
+            raise TypeError("gelu_residual: y and shortcut must be tensors")
+        if y.shape != shortcut.shape:
+            raise ValueError(f"gelu_residual: y {tuple(y.shape)} and shortcut {tuple(shortcut.shape)} differ")
+        reason = unsupported_reason(y, shortcut)
+        if reason is not None:
+            raise RuntimeError(f"gelu_residual: {reason}")
     return torch.ops.hifuse.gelu_residual(y.contiguous(), shortcut.contiguous())

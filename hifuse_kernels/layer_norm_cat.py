@@ -17,10 +17,9 @@ from collections.abc import Sequence
 
 import torch
 
-from hifuse.layers import layer_norm_2d_eager
-
 from . import _ext
-from .layer_norm_cf import _argument_problem, _stat_dtype
+from .layer_norm_cf import _argument_problem
+from .reference import layer_norm_cf_ref
 
 OP = "layer_norm_cat"
 MAX_PARTS = 3
@@ -30,7 +29,7 @@ __all__ = ["layer_norm_cat", "layer_norm_cat_ref", "unsupported_reason"]
 
 def layer_norm_cat_ref(parts: Sequence[torch.Tensor], weight, bias, eps: float = 1e-6) -> torch.Tensor:
     """What the eager fusion block computes: the channels-first LayerNorm of torch.cat(parts, 1)."""
-    return layer_norm_2d_eager(torch.cat(list(parts), 1), weight, bias, eps)
+    return layer_norm_cf_ref(torch.cat(list(parts), 1), weight, bias, eps)
 
 
 def _parts_problem(parts, weight, bias) -> tuple[type[Exception], str] | None:
@@ -77,7 +76,7 @@ def _fake_forward(parts, weight, bias, eps, out_dtype=None):
     out = first.new_empty(shape, dtype=dtype).contiguous(
         memory_format=_format(parts)
     )
-    stat = first.new_empty((first.shape[0], first.shape[2], first.shape[3]), dtype=_stat_dtype(first))
+    stat = first.new_empty((first.shape[0], first.shape[2], first.shape[3]), dtype=_ext.stat_dtype(first))
     return out, stat, torch.empty_like(stat)
 
 
@@ -115,24 +114,27 @@ def layer_norm_cat(
     bias: torch.Tensor,
     eps: float = 1e-6,
     out_dtype: torch.dtype | None = None,
+    check: bool = True,
 ) -> torch.Tensor:
     """LayerNorm over dim 1 of torch.cat(parts, 1), for 1 to 3 (N, C_k, H, W) parts.
 
     The parts may be NCHW or channels-last; the result is channels-last when a part is.
     Its dtype is promote(parts, weight), as in the eager formula, or ``out_dtype`` (the
     parts' dtype or float32): the fused fusion block asks for the dtype of the GEMM that
-    consumes the result, so no cast pass follows.
+    consumes the result, so no cast pass follows. ``check`` False skips the argument checks,
+    for callers that made them once already.
 
     Raises:
         ImportError: the compiled extension is missing.
         TypeError: arguments that are not tensors, or unsupported dtypes.
         ValueError: mismatched shapes or devices, or a wrong number of parts.
     """
-    _ext.require(OP)
-    problem = _parts_problem(parts, weight, bias)
-    if problem is not None:
-        raise problem[0](f"layer_norm_cat: {problem[1]}")
-    if out_dtype is not None and out_dtype not in (parts[0].dtype, torch.float32):
-        raise TypeError(f"layer_norm_cat: out_dtype must be the parts' dtype or float32, got {out_dtype}")
+    if check:
+        _ext.require(OP)
+        problem = _parts_problem(parts, weight, bias)
+        if problem is not None:
+            raise problem[0](f"layer_norm_cat: {problem[1]}")
+        if out_dtype is not None and out_dtype not in (parts[0].dtype, torch.float32):
+            raise TypeError(f"layer_norm_cat: out_dtype must be the parts' dtype or float32, got {out_dtype}")
     out, _mean, _rstd = torch.ops.hifuse.layer_norm_cat(list(parts), weight, bias, float(eps), out_dtype)
     return out

@@ -16,9 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from hifuse.layers import layer_norm_2d_eager as layer_norm_cf_ref
-
 from . import _ext
+from .reference import layer_norm_cf_ref
 
 OP = "layer_norm_cf"
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -66,16 +65,12 @@ def _memory_format(x: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
-def _stat_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 def _fake_forward(x, weight, bias, eps):
     torch._check(x.dim() == 4, lambda: f"hifuse::layer_norm_cf: x must be 4-D, got {x.dim()}-D")
     out = torch.empty_like(
         x, dtype=torch.promote_types(x.dtype, weight.dtype), memory_format=_memory_format(x)
     )
-    stat = x.new_empty((x.shape[0], x.shape[2], x.shape[3]), dtype=_stat_dtype(x))
+    stat = x.new_empty((x.shape[0], x.shape[2], x.shape[3]), dtype=_ext.stat_dtype(x))
     return out, stat, torch.empty_like(stat)
 
 
@@ -103,18 +98,21 @@ _ext.register_python_parts(OP, _fake_forward, _fake_backward, _backward, _setup_
 
 
 def layer_norm_cf(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-6
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-6, check: bool = True
 ) -> torch.Tensor:
     """LayerNorm over dim 1 of an (N, C, H, W) tensor (NCHW or channels-last memory).
+
+    ``check`` False skips the argument checks, for callers that made them once already.
 
     Raises:
         ImportError: the compiled extension is missing.
         TypeError: arguments that are not tensors, or unsupported dtypes.
         ValueError: mismatched shapes or devices.
     """
-    _ext.require(OP)
-    problem = _argument_problem(x, weight, bias)
-    if problem is not None:
-        raise problem[0](f"layer_norm_cf: {problem[1]}")
+    if check:
+        _ext.require(OP)
+        problem = _argument_problem(x, weight, bias)
+        if problem is not None:
+            raise problem[0](f"layer_norm_cf: {problem[1]}")
     out, _mean, _rstd = torch.ops.hifuse.layer_norm_cf(x, weight, bias, float(eps))
     return out

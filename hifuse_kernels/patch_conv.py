@@ -44,22 +44,26 @@ def unsupported_reason(x_nhwc: torch.Tensor, weight: torch.Tensor) -> str | None
     return None
 
 
-def patch_conv(x_nhwc: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def patch_conv(
+    x_nhwc: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, check: bool = True
+) -> torch.Tensor:
     """k x k, stride k convolution of (B, H, W, C) with a (Cout, C, k, k) weight -> (B, H/k, W/k, Cout).
 
     Trailing rows and columns that do not fill a window are dropped, as nn.Conv2d drops
     them. Any strides are accepted (an NCHW image passed as ``x.permute(0, 2, 3, 1)`` too).
+    ``check`` False skips the argument checks, for callers that made them once already.
 
     Raises:
         TypeError, ValueError: bad arguments (see ``unsupported_reason``).
     """
-    reason = unsupported_reason(x_nhwc, weight)
-    if reason is not None:
-        raise (TypeError if "tensor" in reason or "floating" in reason else ValueError)(f"patch_conv: {reason}")
+    if check:
+        reason = unsupported_reason(x_nhwc, weight)
+        if reason is not None:
+            raise (TypeError if "tensor" in reason or "floating" in reason else ValueError)(f"patch_conv: {reason}")
     b, h, w, c = x_nhwc.shape
     cout, _, k, _ = weight.shape
     ho, wo = h // k, w // k
-    if ho == 0 or wo == 0:
+    if check and (ho == 0 or wo == 0):
         raise ValueError(f"patch_conv: a {h}x{w} input has no full {k}x{k} window")
     x = x_nhwc[:, : ho * k, : wo * k]
     # (B, Ho, k, Wo, k, C) -> (B, Ho, Wo, k, k, C): each patch is (kh, kw, C) with C contiguous.

@@ -22,16 +22,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.library import triton_op, wrap_triton
+from torch.library import wrap_triton
 
 from . import _triton
-from .gelu_residual import gelu, gelu_grad
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:
-    triton = None
+from ._triton import tl, triton
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_CHANNELS = 1024
@@ -46,6 +40,7 @@ def gelu_residual_layer_norm_ref(y, shortcut, weight, bias, eps: float, norm_dty
 
 
 if triton is not None:
+    from ._triton import gelu, gelu_grad
 
     @triton.jit
     def _rows(M, C, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -103,15 +98,13 @@ if triton is not None:
         tl.store(PART_B + part, tl.sum(g, 0), mask=cmask)
 
 
-# See window_attention: opaque custom ops under the interpreter, which cannot be traced.
-_define_op = torch.library.custom_op if _triton.interpreting() else triton_op
 
 
 def _empty(like: torch.Tensor) -> torch.Tensor:
     return like.new_empty((0,))
 
 
-@_define_op("hifuse::residual_layer_norm", mutates_args=())
+@_triton.define_op("hifuse::residual_layer_norm", mutates_args=())
 def _fwd_op(
     y: torch.Tensor | None, shortcut: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
     norm_dtype: torch.dtype,
@@ -132,7 +125,7 @@ def _fwd_op(
     return out, normed, mean, rstd
 
 
-@_define_op("hifuse::residual_layer_norm_backward", mutates_args=())
+@_triton.define_op("hifuse::residual_layer_norm_backward", mutates_args=())
 def _bwd_op(
     grad_out: torch.Tensor | None, grad_normed: torch.Tensor, y: torch.Tensor | None, shortcut: torch.Tensor,
     weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
@@ -215,13 +208,15 @@ def _check(x, weight, *others) -> None:
 
 def gelu_residual_layer_norm(
     y: torch.Tensor, shortcut: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
-    norm_dtype: torch.dtype,
+    norm_dtype: torch.dtype, check: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``out = shortcut + gelu(y)`` and ``layer_norm(out)`` in ``norm_dtype``, one pass.
 
-    y and shortcut are (..., C) of one shape; out has dtype promote(y, shortcut).
+    y and shortcut are (..., C) of one shape; out has dtype promote(y, shortcut). ``check``
+    False skips the argument checks, for callers that made them once already.
     """
-    _check(shortcut, weight, y)
+    if check:
+        _check(shortcut, weight, y)
     shape = shortcut.shape
     c = shape[-1]
     out, normed, _mean, _rstd = torch.ops.hifuse.residual_layer_norm(
@@ -230,9 +225,13 @@ def gelu_residual_layer_norm(
     return out.view(shape), normed.view(shape)
 
 
-def layer_norm_to(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, dtype: torch.dtype) -> torch.Tensor:
-    """``F.layer_norm`` over the last dim, computed in fp32 and written in ``dtype``."""
-    _check(x, weight)
+def layer_norm_to(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, dtype: torch.dtype, check: bool = True
+) -> torch.Tensor:
+    """``F.layer_norm`` over the last dim, computed in fp32 and written in ``dtype`` (``check``:
+    as in ``gelu_residual_layer_norm``)."""
+    if check:
+        _check(x, weight)
     c = x.shape[-1]
     _out, normed, _mean, _rstd = torch.ops.hifuse.residual_layer_norm(
         None, x.reshape(-1, c).contiguous(), weight, bias, float(eps), dtype

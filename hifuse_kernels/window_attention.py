@@ -26,15 +26,16 @@ import functools
 
 import torch
 import torch.nn.functional as F
-from torch.library import triton_op, wrap_triton
+from torch.library import wrap_triton
 
 from . import _triton
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # the package imports without triton; the op then reports why it cannot run
-    triton = None
+from ._triton import tl, triton
+from .reference import (
+    relative_position_index,
+    shift_mask,
+    window_merge,
+    window_partition,
+)
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_WINDOW = 11  # window**2 tokens must fit the 128-row tile
@@ -63,8 +64,6 @@ def window_attention_ref(
     Returns:
         (B, H, W, C) attention output, before proj.
     """
-    from hifuse.model import relative_position_index, shift_mask, window_merge, window_partition
-
     b, h, w, c3 = qkv.shape
     c = c3 // 3
     pad_r, pad_b = (window - w % window) % window, (window - h % window) % window
@@ -226,7 +225,7 @@ def _geometry(qkv: torch.Tensor, num_heads: int, window: int) -> dict:
     n_win = (hp // window) * (wp // window)
     d = c // num_heads
     return dict(b=b, h=h, w=w, c=c, hp=hp, wp=wp, n_win_w=wp // window, n_win=n_win, d=d,
-                bd=max(16, triton.next_power_of_2(d)), bn=max(16, triton.next_power_of_2(window * window)))
+                bd=max(16, _triton.next_power_of_2(d)), bn=max(16, _triton.next_power_of_2(window * window)))
 
 
 def _precision(qkv: torch.Tensor) -> str:
@@ -284,12 +283,9 @@ def _bias_or_zeros(qkv, qkv_bias):
     return qkv_bias.to(qkv.dtype).contiguous()
 
 
-# torch.compile traces into a triton_op and sees its kernels; the interpreter's kernels cannot
-# be traced, so under TRITON_INTERPRET=1 the ops are opaque custom ops instead.
-_define_op = torch.library.custom_op if _triton.interpreting() else triton_op
 
 
-@_define_op("hifuse::window_attention", mutates_args=())
+@_triton.define_op("hifuse::window_attention", mutates_args=())
 def _window_attention_op(
     qkv: torch.Tensor, qkv_bias: torch.Tensor, table: torch.Tensor, num_heads: int, window: int, shift: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -307,7 +303,7 @@ def _window_attention_op(
     return out, lse
 
 
-@_define_op("hifuse::window_attention_backward", mutates_args=())
+@_triton.define_op("hifuse::window_attention_backward", mutates_args=())
 def _window_attention_backward_op(
     grad_out: torch.Tensor, qkv: torch.Tensor, qkv_bias: torch.Tensor, table: torch.Tensor,
     out: torch.Tensor, lse: torch.Tensor, num_heads: int, window: int, shift: int,
@@ -343,7 +339,7 @@ def _window_attention_backward_op(
 def _(qkv, qkv_bias, table, num_heads, window, shift):
     b, h, w, c3 = qkv.shape
     hp, wp = -(-h // window) * window, -(-w // window) * window
-    bn = max(16, 1 << (window * window - 1).bit_length())
+    bn = max(16, _triton.next_power_of_2(window * window))
     lse = qkv.new_empty(b * (hp // window) * (wp // window), num_heads, bn, dtype=torch.float32)
     return qkv.new_empty(b, h, w, c3 // 3), lse
 
@@ -355,8 +351,6 @@ def _(grad_out, qkv, qkv_bias, table, out, lse, num_heads, window, shift):
 
 @functools.lru_cache(maxsize=None)
 def _bias_scatter_cached(window: int, device: torch.device) -> torch.Tensor:
-    from hifuse.model import relative_position_index
-
     index = relative_position_index(window).view(-1).to(device)
     return F.one_hot(index, (2 * window - 1) ** 2).t().to(torch.float32).contiguous()
 
@@ -426,21 +420,24 @@ def window_attention(
     num_heads: int,
     window: int = 7,
     shift: int = 0,
+    check: bool = True,
 ) -> torch.Tensor:
     """Shifted-window attention with relative position bias on (B, H, W, 3C) qkv.
 
     Equivalent to ``window_attention_ref``: pads to multiples of ``window`` (padded tokens
     carry ``qkv_bias``), rolls by ``-shift``, masks across shift regions with -100, and
-    returns the (B, H, W, C) output at the original token positions.
+    returns the (B, H, W, C) output at the original token positions. ``check`` False skips
+    the argument checks, for callers that made them once already.
 
     Raises:
         TypeError, ValueError: unsupported dtypes, shapes, window, shift or head_dim.
         RuntimeError: triton is missing or the tensors are on CPU without TRITON_INTERPRET=1.
     """
-    _check(qkv, qkv_bias, table, num_heads, window, shift)
-    reason = _triton.unsupported_reason(qkv)
-    if reason is not None:
-        raise RuntimeError(f"window_attention: {reason}")
+    if check:
+        _check(qkv, qkv_bias, table, num_heads, window, shift)
+        reason = _triton.unsupported_reason(qkv)
+        if reason is not None:
+            raise RuntimeError(f"window_attention: {reason}")
     out, _lse = torch.ops.hifuse.window_attention(qkv, _bias_or_zeros(qkv, qkv_bias), table, num_heads, window, shift)
     return out
 

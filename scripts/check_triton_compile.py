@@ -25,7 +25,9 @@ from triton.compiler import ASTSource  # noqa: E402
 import hifuse_kernels._triton as _triton  # noqa: E402
 import hifuse_kernels.batch_norm_act as bna  # noqa: E402
 import hifuse_kernels.dwconv_layer_norm as dln  # noqa: E402
-import hifuse_kernels.fusion_gate as fg  # noqa: E402
+import hifuse_kernels.channel_pool as cp  # noqa: E402
+import hifuse_kernels.gated_layer_norm as gln  # noqa: E402
+import hifuse_kernels.spatial_pool as sp  # noqa: E402
 import hifuse_kernels.gelu_residual as gr  # noqa: E402
 import hifuse_kernels.residual_layer_norm as rln  # noqa: E402
 import hifuse_kernels.window_attention as wa  # noqa: E402
@@ -75,17 +77,17 @@ def cases(dtype: str):
                 {**rows, "PROLOGUE": prologue}
             yield rln._bwd_kernel, dict(DOUT=f32, DNORMED="dt", Y="dt", S=f32, W=f32, MEAN=f32, RSTD=f32, DY="dt",
                                         DS=f32, PART_W=f32, PART_B=f32), {**rows, "PROLOGUE": prologue, "HAS_DOUT": prologue}
-    pool = dict(BLOCK_S=fg.BLOCK_S, BLOCK_C=64)
-    yield fg._channel_pool_kernel, dict(G="dt", SUM=f32, MAX=f32, ARG="i32"), pool
-    yield fg._channel_pool_bwd_kernel, dict(D_AVG="dt", D_MAX="dt", ARG="i32", DG="dt"), pool
+    pool = dict(BLOCK_S=cp.BLOCK_S, BLOCK_C=64)
+    yield cp._channel_pool_kernel, dict(G="dt", SUM=f32, MAX=f32, ARG="i32"), pool
+    yield cp._channel_pool_bwd_kernel, dict(D_AVG="dt", D_MAX="dt", ARG="i32", DG="dt"), pool
     for c in (96, 768):  # launched as the op launches them, fp32 g and l with dt gates and X (autocast)
         rows = dict(BLOCK_P=_triton.rows_per_program(c, 1), BLOCK_C=_triton.block_channels(c), WARPS=_triton.row_warps(c))
-        yield fg._spatial_pool_kernel, dict(L="dt", OUT="dt"), rows
-        yield fg._spatial_pool_bwd_kernel, dict(L="dt", D_OUT="dt", DL="dt"), rows
+        yield sp._spatial_pool_kernel, dict(L="dt", OUT="dt"), rows
+        yield sp._spatial_pool_bwd_kernel, dict(L="dt", D_OUT="dt", DL="dt"), rows
         rows = dict(BLOCK_P=_triton.rows_per_program(c, 3), BLOCK_C=_triton.block_channels(c), WARPS=_triton.row_warps(c))
-        yield fg._gated_ln_kernel, dict(G=f32, CG="dt", L=f32, SG="dt", X="dt", W=f32, B=f32, OUT=f32, MEAN=f32,
+        yield gln._gated_ln_kernel, dict(G=f32, CG="dt", L=f32, SG="dt", X="dt", W=f32, B=f32, OUT=f32, MEAN=f32,
                                         RSTD=f32), rows
-        yield fg._gated_ln_bwd_kernel, dict(GRAD=f32, G=f32, CG="dt", L=f32, SG="dt", X="dt", W=f32, MEAN=f32,
+        yield gln._gated_ln_bwd_kernel, dict(GRAD=f32, G=f32, CG="dt", L=f32, SG="dt", X="dt", W=f32, MEAN=f32,
                                             RSTD=f32, DG=f32, DL=f32, DSG=f32, DX="dt", PART_CG=f32, PART_W=f32,
                                             PART_B=f32), rows
 

@@ -94,7 +94,7 @@ def test_local_block_matches_eager(channels_last):
         x = x.to(memory_format=torch.channels_last)
     xe, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
     ref = eager(xe)
-    with hifuse.use_fused(attention=False, local=True, fusion=False, norm=False):
+    with hifuse.use_fused(attention=False, local=True, patches=True, fusion=False, norm=False):
         out = fused(xf)
     assert out.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
@@ -109,18 +109,18 @@ def test_local_block_matches_eager(channels_last):
 def test_local_block_under_autocast():
     torch.manual_seed(0)
     x = torch.randn(2, 96, 7, 5, device=DEVICE).contiguous(memory_format=torch.channels_last)
-    assert_autocast_within_eager_error(LocalBlock(96).to(DEVICE), [x], attention=False, local=True, fusion=False, norm=False)
+    assert_autocast_within_eager_error(LocalBlock(96).to(DEVICE), [x], attention=False, local=True, patches=True, fusion=False, norm=False)
 
 
 def test_whole_model_with_local_fused():
-    assert_model_matches_eager(DEVICE, attention=False, local=True, fusion=False, norm=False)
+    assert_model_matches_eager(DEVICE, attention=False, local=True, patches=True, fusion=False, norm=False)
 
 
 def test_fused_block_compiles_without_graph_breaks():
     block = LocalBlock(96).to(DEVICE)
     x = torch.randn(1, 96, 5, 6, device=DEVICE, requires_grad=True)
     ref = block(x)
-    with hifuse.use_fused(attention=False, local=True, fusion=False, norm=False):
+    with hifuse.use_fused(attention=False, local=True, patches=True, fusion=False, norm=False):
         out = torch.compile(block, fullgraph=True, backend="aot_eager")(x)
         out.sum().backward()
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
@@ -130,7 +130,7 @@ def test_fused_block_compiles_without_graph_breaks():
 def test_flops_match_eager():
     model = hifuse.create_model("hifuse_tiny", num_classes=3).to(DEVICE)
     eager = hifuse.count_flops(model, (3, 64, 64), backward=True)
-    with hifuse.use_fused(attention=False, local=True, fusion=False, norm=False):
+    with hifuse.use_fused(attention=False, local=True, patches=True, fusion=False, norm=False):
         assert hifuse.count_flops(model, (3, 64, 64), backward=True) == eager
 
 

@@ -9,14 +9,9 @@ import hifuse
 from helpers import assert_autocast_within_eager_error, assert_model_matches_eager
 from hifuse.model import HFFBlock
 from hifuse_kernels import _triton
-from hifuse_kernels.fusion_gate import (
-    channel_pool,
-    channel_pool_ref,
-    gated_layer_norm,
-    gated_layer_norm_ref,
-    spatial_pool,
-    spatial_pool_ref,
-)
+from hifuse_kernels.channel_pool import channel_pool, channel_pool_ref
+from hifuse_kernels.gated_layer_norm import gated_layer_norm, gated_layer_norm_ref
+from hifuse_kernels.spatial_pool import spatial_pool, spatial_pool_ref
 from hifuse_kernels.layer_norm_cat import unsupported_reason as layer_norm_cat_unsupported
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -24,7 +19,7 @@ pytestmark = pytest.mark.skipif(
     _triton.unsupported_reason(torch.zeros(1, device=DEVICE)) is not None,
     reason=str(_triton.unsupported_reason(torch.zeros(1, device=DEVICE))),
 )
-FUSION_ONLY = dict(attention=False, local=False, fusion=True, norm=False)
+FUSION_ONLY = dict(attention=False, local=False, patches=False, fusion=True, norm=False)
 # (N, C, H, W): batch 1, odd and prime sides, 1x1, every stage width
 SHAPES = [(1, 96, 7, 5), (2, 192, 3, 13), (1, 768, 1, 1), (2, 384, 2, 3), (3, 20, 4, 4)]
 
@@ -268,9 +263,9 @@ def test_whole_model_with_fusion_fused():
 
 
 def test_block_falls_back_with_reason(caplog, monkeypatch):
-    from hifuse_kernels import fusion_gate
+    from hifuse_kernels import gated_layer_norm
 
-    monkeypatch.setattr(fusion_gate, "unsupported_reason", lambda *a: "no gating kernels here")
+    monkeypatch.setattr(gated_layer_norm, "unsupported_reason", lambda *a: "no gating kernels here")
     block = HFFBlock(32).to(DEVICE)
     l, g = torch.randn(1, 32, 3, 3, device=DEVICE), torch.randn(1, 32, 3, 3, device=DEVICE)
     ref = block(l, g)

@@ -6,7 +6,7 @@ from torch.library import opcheck
 
 import hifuse
 import hifuse_kernels
-from hifuse.layers import LayerNorm2d
+from hifuse.layers import LayerNormCF
 from hifuse_kernels.layer_norm_cf import layer_norm_cf, layer_norm_cf_ref
 
 pytestmark = pytest.mark.skipif(not hifuse_kernels.native_available(), reason="native extension not built")
@@ -152,7 +152,7 @@ def test_raw_op_checks():
 
 def test_module_uses_op_and_compiles_without_graph_breaks():
     torch.manual_seed(0)
-    norm = LayerNorm2d(96)
+    norm = LayerNormCF(96)
     with torch.no_grad():
         norm.weight.normal_(1, 0.1)
         norm.bias.normal_(0, 0.1)

@@ -89,7 +89,7 @@ def test_bad_rank_rejected():
 
 
 def test_shift_masks_cached_per_size():
-    from hifuse.model import _mask_cache, shift_mask
+    from hifuse_kernels.reference import _mask_cache, shift_mask
 
     a = shift_mask(14, 21, 7, 3, torch.device("cpu"))
     assert shift_mask(14, 21, 7, 3, torch.device("cpu")) is a
@@ -101,7 +101,7 @@ def test_shift_masks_cached_per_size():
 
 
 def test_shift_mask_regions():
-    from hifuse.model import shift_mask
+    from hifuse_kernels.reference import shift_mask
 
     # A 7x7 grid: one window; rows/cols split at 0 and 4 give 4 regions of sizes 4x4, 4x3, 3x4, 3x3.
     mask = shift_mask(7, 7, 7, 3, torch.device("cpu"))[0]
@@ -113,7 +113,7 @@ def test_shift_mask_regions():
 
 
 def test_relative_position_index():
-    from hifuse.model import relative_position_index
+    from hifuse_kernels.reference import relative_position_index
 
     idx = relative_position_index(7)
     assert idx.shape == (49, 49) and idx.dtype == torch.int64

@@ -42,10 +42,10 @@ def test_parity_with_published_model(variant, mode):
 
 
 NATIVE_SETTINGS = {
-    "norm": dict(attention=False, local=False, fusion=False, norm=True),
+    "norm": dict(attention=False, local=False, patches=False, fusion=False, norm=True),
     # The Triton kernels take no float64, so here only patch merging runs natively in the
     # local part; the rest of it falls back to eager.
-    "merging_and_norm": dict(attention=False, local=True, fusion=False, norm=True),
+    "merging_and_norm": dict(attention=False, local=True, patches=True, fusion=False, norm=True),
 }
 
 

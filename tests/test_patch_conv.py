@@ -9,7 +9,7 @@ from hifuse.model import LocalDownsample, PatchEmbed
 from hifuse_kernels.patch_conv import patch_conv, patch_conv_ref
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-LOCAL_ONLY = dict(attention=False, local=True, fusion=False, norm=False)
+LOCAL_ONLY = dict(attention=False, local=True, patches=True, fusion=False, norm=False)
 
 
 @pytest.mark.parametrize(

@@ -107,9 +107,9 @@ def test_stage_chains_norms_and_matches_eager(monkeypatch, downsample, hw):
     x = torch.randn(2, hw[0] * hw[1], c_in, device=DEVICE)
     xe, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
     calls = []
-    monkeypatch.setattr(rln, "gelu_residual_layer_norm", lambda *a: calls.append(1) or gelu_residual_layer_norm(*a))
+    monkeypatch.setattr(rln, "gelu_residual_layer_norm", lambda *a, **k: calls.append(1) or gelu_residual_layer_norm(*a, **k))
     ref, h, w = eager(xe, *hw)
-    with hifuse.use_fused(attention=True, local=downsample, fusion=False, norm=False):
+    with hifuse.use_fused(attention=True, local=downsample, patches=downsample, fusion=False, norm=False):
         out, h2, w2 = fused(xf, *hw)
     assert calls and (h, w) == (h2, w2)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)

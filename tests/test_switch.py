@@ -28,7 +28,7 @@ def test_plain_call_persists_and_can_be_undone():
 
 def test_context_manager_restores():
     hifuse.use_fused(norm=False)
-    with hifuse.use_fused(attention=False, local=False, fusion=False, norm=True):
+    with hifuse.use_fused(attention=False, local=False, patches=False, fusion=False, norm=True):
         assert hifuse.is_fused("norm") and not hifuse.is_fused("local")
         with hifuse.use_fused(False):
             assert not hifuse.is_fused("norm")
@@ -78,7 +78,7 @@ def test_switch_is_read_at_forward_time_and_keeps_state(monkeypatch):
     with torch.no_grad():
         eager = model(x)
         assert calls == []
-        with hifuse.use_fused(attention=False, local=False, fusion=False, norm=True):
+        with hifuse.use_fused(attention=False, local=False, patches=False, fusion=False, norm=True):
             fused = model(x)
     # 4 local stem/downsample norms + fu1's norm2 and norm3 + norm1 and norm3 in fu2..fu4
     assert len(calls) == 4 + 2 + 3 * 2
@@ -95,7 +95,7 @@ def test_fallback_when_extension_missing(monkeypatch, caplog):
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         eager = model(x)
-        with caplog.at_level(logging.WARNING, logger="hifuse"), hifuse.use_fused(attention=False, local=False):
+        with caplog.at_level(logging.WARNING, logger="hifuse"), hifuse.use_fused(attention=False, local=False, patches=False):
             fused = model(x)
             model(x)
     torch.testing.assert_close(fused, eager, rtol=0, atol=0)

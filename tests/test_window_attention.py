@@ -77,7 +77,7 @@ def test_global_block_matches_eager(h, w, heads, shift):
     x = torch.randn(2, h * w, dim, device=DEVICE)
     xe, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
     ref = eager(xe, h, w)
-    with hifuse.use_fused(attention=True, local=False, fusion=False, norm=False):
+    with hifuse.use_fused(attention=True, local=False, patches=False, fusion=False, norm=False):
         out = fused(xf, h, w)
     torch.testing.assert_close(out, ref, **TOL)
     grad = torch.randn_like(ref)
@@ -97,23 +97,23 @@ def test_inference_merges_proj_and_fc1(shift):
     x = torch.randn(2, 81, 96, device=DEVICE)
     with torch.no_grad():
         ref = eager(x, 9, 9)
-        with hifuse.use_fused(attention=True, local=False, fusion=False, norm=False):
+        with hifuse.use_fused(attention=True, local=False, patches=False, fusion=False, norm=False):
             out = fused(x, 9, 9)
-            assert fused._merged is not None
+            assert "proj_fc1" in fused._hifuse_derived
             # A changed weight is seen: the merged weight is rebuilt.
             fused.fc1.weight.mul_(2)
             eager.fc1.weight.mul_(2)
             torch.testing.assert_close(fused(x, 9, 9), eager(x, 9, 9), **TOL)
     torch.testing.assert_close(out, ref, **TOL)
     # Built under autocast, the merged weight still keeps the parameters' precision.
-    fused._merged = None
+    fused._hifuse_derived.clear()
     with torch.no_grad(), torch.autocast(DEVICE, dtype=torch.bfloat16), hifuse.use_fused(attention=True):
         fused(x, 9, 9)
-    assert fused._merged[1].dtype == torch.float32
+    assert fused._hifuse_derived["proj_fc1"][1][0].dtype == torch.float32
 
 
 def test_whole_model_with_attention_fused():
-    assert_model_matches_eager(DEVICE, attention=True, local=False, fusion=False, norm=False)
+    assert_model_matches_eager(DEVICE, attention=True, local=False, patches=False, fusion=False, norm=False)
 
 
 def test_backward_is_deterministic():
@@ -180,7 +180,7 @@ def test_block_falls_back_for_unsupported_head_dim(caplog):
 def test_fused_block_compiles_without_graph_breaks():
     _eager, fused = _blocks(96, 3, 3)
     x = torch.randn(1, 81, 96, device=DEVICE, requires_grad=True)
-    with hifuse.use_fused(attention=True, local=False, fusion=False, norm=False):
+    with hifuse.use_fused(attention=True, local=False, patches=False, fusion=False, norm=False):
         ref = fused(x, 9, 9)
         compiled = torch.compile(fused, fullgraph=True, backend="aot_eager")
         out = compiled(x, 9, 9)
@@ -195,7 +195,7 @@ def test_flops_match_eager():
     # padding it skips the padded tokens' projections: fewer FLOPs.
     model = hifuse.create_model("hifuse_tiny", num_classes=3).to(DEVICE)
     eager = hifuse.count_flops(model, (3, 224, 224), backward=True, by_operator=True)
-    with hifuse.use_fused(attention=True, local=False, fusion=False, norm=False):
+    with hifuse.use_fused(attention=True, local=False, patches=False, fusion=False, norm=False):
         fused = hifuse.count_flops(model, (3, 224, 224), backward=True, by_operator=True)
         with torch.no_grad():
             model(torch.zeros(1, 3, 64, 64, device=DEVICE))  # builds the merged weights

@@ -60,14 +60,10 @@ def unsupported_reason(x, h, w, weight, bias) -> str | None:
     return None if problem is None else problem[1]
 
 
-def _stat_dtype(x):
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 def _fake_forward(x, h, w, weight, bias, eps, out_dtype=None):
     b, _length, c = x.shape
     rows = ((h + 1) // 2) * ((w + 1) // 2)
-    stat = x.new_empty((b, rows), dtype=_stat_dtype(x))
+    stat = x.new_empty((b, rows), dtype=_ext.stat_dtype(x))
     return x.new_empty((b, rows, 4 * c), dtype=out_dtype or x.dtype), stat, torch.empty_like(stat)
 
 
@@ -94,21 +90,23 @@ _ext.register_python_parts(OP, _fake_forward, _fake_backward, _backward, _setup_
 
 
 def patch_merge_norm(x: torch.Tensor, h: int, w: int, weight: torch.Tensor, bias: torch.Tensor,
-                     eps: float = 1e-5, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+                     eps: float = 1e-5, out_dtype: torch.dtype | None = None, check: bool = True) -> torch.Tensor:
     """2x2 patch gather (zero-padded odd sides) of (B, h*w, C) tokens and LayerNorm over the 4C.
 
     The result is in x's dtype, or ``out_dtype`` (x's, or bfloat16/float16 for float32 x):
     PatchMerging asks for its reduction GEMM's dtype under autocast, so no cast pass follows.
+    ``check`` False skips the argument checks, for callers that made them once already.
 
     Raises:
         ImportError: the compiled extension is missing.
         TypeError, ValueError: unsupported dtypes, mismatched shapes or devices.
     """
-    _ext.require(OP)
-    problem = _argument_problem(x, h, w, weight, bias)
-    if problem is not None:
-        raise problem[0](f"patch_merge_norm: {problem[1]}")
-    if out_dtype not in (None, x.dtype) and not (x.dtype == torch.float32 and out_dtype in (torch.bfloat16, torch.float16)):
-        raise TypeError(f"patch_merge_norm: out_dtype must be x's dtype, or bfloat16/float16 for float32 x; got {out_dtype}")
+    if check:
+        _ext.require(OP)
+        problem = _argument_problem(x, h, w, weight, bias)
+        if problem is not None:
+            raise problem[0](f"patch_merge_norm: {problem[1]}")
+        if out_dtype not in (None, x.dtype) and not (x.dtype == torch.float32 and out_dtype in (torch.bfloat16, torch.float16)):
+            raise TypeError(f"patch_merge_norm: out_dtype must be x's dtype, or bfloat16/float16 for float32 x; got {out_dtype}")
     out, _mean, _rstd = torch.ops.hifuse.patch_merge_norm(x, int(h), int(w), weight, bias, float(eps), out_dtype)
     return out

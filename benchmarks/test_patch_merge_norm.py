@@ -12,7 +12,7 @@ import torch
 
 import hifuse_kernels
 from conftest import DEVICE, DTYPES, run_timed
-from hifuse_kernels.patch_merge import patch_merge_norm, patch_merge_norm_ref
+from hifuse_kernels.patch_merge_norm import patch_merge_norm, patch_merge_norm_ref
 
 MERGES = {"merge1": (56, 96), "merge2": (28, 192), "merge3": (14, 384)}
 

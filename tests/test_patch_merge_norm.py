@@ -7,7 +7,7 @@ from torch.library import opcheck
 import hifuse
 import hifuse_kernels
 from hifuse.model import PatchMerging
-from hifuse_kernels.patch_merge import patch_merge_norm, patch_merge_norm_ref
+from hifuse_kernels.patch_merge_norm import patch_merge_norm, patch_merge_norm_ref
 
 pytestmark = pytest.mark.skipif(not hifuse_kernels.native_available(), reason="native extension not built")
 TOL = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=2e-5, atol=2e-5)}
@@ -116,7 +116,7 @@ def test_module_matches_eager(h, w):
     x = torch.randn(2, h * w, 48)
     xe, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
     ref = eager(xe, h, w)
-    with hifuse.use_fused(attention=False, local=True, fusion=False, norm=False):
+    with hifuse.use_fused(attention=False, local=True, patches=True, fusion=False, norm=False):
         out = fused(xf, h, w)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     ref.sum().backward()

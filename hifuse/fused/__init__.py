@@ -1,0 +1,43 @@
+"""The fused-execution layer: the fused forward of every HiFuse module that has one.
+
+Importing it registers, per module class, the part of ``use_fused()`` that switches it, the
+check of what its kernels can take, and its fused forward (``hifuse.config.register``).
+The model's modules reach them through ``config.runs_fused`` / ``config.forward_fused``
+only; nothing here changes a module's parameters, names or state_dict.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .. import config
+from . import fusion_block, global_branch, local_branch
+from .fusion_block import bn1_into_conv2, folded_weights
+from .global_branch import merged_proj_fc1
+
+__all__ = ["fusion_block", "global_branch", "local_branch", "prepare"]
+
+
+def prepare(model: nn.Module) -> nn.Module:
+    """Compute the weight-derived tensors of ``model``'s eval-mode fused paths now (BatchNorms
+    folded into their convolutions, the proj x fc1 product), so that no forward computes
+    them, also under torch.compile. ``HiFuse.eval()`` calls it; call it again after
+    changing weights in place while in eval mode and compiled (eager forwards notice such
+    changes by themselves)."""
+    from ..model import IRMLP, ConvBN, GlobalBlock
+
+    with torch.no_grad():
+        for m in model.modules():
+            if m.training:
+                continue
+            if isinstance(m, GlobalBlock):
+                merged_proj_fc1(m)
+            elif isinstance(m, ConvBN) and m.bn is not None and m.bn.running_var is not None:
+                folded_weights(m)
+            elif isinstance(m, IRMLP) and m.bn1.running_var is not None:
+                bn1_into_conv2(m)
+    return model
+
+
+config.register_prepare(prepare)

@@ -1,0 +1,93 @@
+"""Helpers the fused forwards share: the GEMM dtype under autocast, tensors derived from
+weights (computed when the weights change, not per forward), BatchNorm folding, 1x1
+convolutions as channels-last GEMMs, and the GELU + residual tail."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hifuse_kernels import gelu_residual as gr
+from hifuse_kernels import residual_layer_norm as rln
+
+
+def autocast_dtype(t: torch.Tensor) -> torch.dtype | None:
+    """The dtype autocast gives GEMMs on t's device now, or None outside autocast. Fused
+    kernels whose result only feeds a GEMM write it in this dtype: the cast autocast would
+    make, done in their store instead of in a pass of its own."""
+    device = t.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+
+
+def derived(module: nn.Module, name: str, sources: tuple[torch.Tensor, ...], compute):
+    """``compute()`` (a tensor or tuple of tensors made from ``sources``, in the sources' own
+    precision, without autograd) cached on ``module``.
+
+    Recomputed when a source changes (an in-place update bumps its version; a new tensor
+    has a new storage). Under torch.compile the cache is read as it is and the graph holds
+    no recomputation; ``prepare`` (which ``HiFuse.eval()`` runs) fills it beforehand.
+    """
+    store = module.__dict__.setdefault("_hifuse_derived", {})
+    cached = store.get(name)
+    if torch.compiler.is_compiling():
+        if cached is not None:
+            return cached[1]
+        return _compute(sources, compute)
+    key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in sources)
+    if cached is None or cached[0] != key:
+        store[name] = cached = (key, _compute(sources, compute))
+    return cached[1]
+
+
+def _compute(sources, compute):
+    device = sources[0].device.type
+    with torch.no_grad(), torch.autocast(device, enabled=False):
+        return compute()
+
+
+def needs_grad(*tensors: torch.Tensor) -> bool:
+    """Whether autograd tracks a computation on these tensors now."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def batch_norm_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift) with eval-mode ``bn(x) == x * scale + shift`` per channel."""
+    scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+    return scale, bn.bias - bn.running_mean * scale
+
+
+def fold_batch_norm(weight: torch.Tensor, bias: torch.Tensor | None, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight and bias of a convolution followed by an eval-mode BatchNorm, as one convolution."""
+    scale, shift = batch_norm_affine(bn)
+    if bias is not None:
+        shift = shift + bias * scale
+    return weight * scale.view(-1, 1, 1, 1), shift
+
+
+def conv_channels_last(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, conv: nn.Conv2d) -> torch.Tensor:
+    """``conv`` (its padding and groups) with the given weight; a dense 1x1 convolution runs
+    as one GEMM on the channels-last pixels and returns an NCHW view of channels-last memory."""
+    if conv.kernel_size == (1, 1) and conv.groups == 1 and conv.stride == (1, 1):
+        y = F.linear(x.permute(0, 2, 3, 1), weight.flatten(1), bias)
+        return y.permute(0, 3, 1, 2)
+    return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
+def drop_path_inactive(module: nn.Module) -> bool:
+    """Whether ``module.drop_path`` is the identity now (none configured, or eval mode)."""
+    return isinstance(module.drop_path, nn.Identity) or not module.training
+
+
+def gelu_residual(module: nn.Module, y: torch.Tensor, shortcut: torch.Tensor, act: nn.Module) -> torch.Tensor:
+    """``shortcut + module.drop_path(act(y))``: one Triton pass when drop path is inactive and
+    the tensors are contiguous in one layout (checked by the module's route)."""
+    if drop_path_inactive(module):
+        return gr.gelu_residual(y, shortcut, check=False)
+    return shortcut + module.drop_path(act(y))
+
+
+def layer_norm_for_gemm(x: torch.Tensor, norm: nn.Module, gemm_dtype: torch.dtype) -> torch.Tensor:
+    """LayerNorm over the last dim of x written in the dtype of the GEMM that reads it (one
+    Triton pass; the cast autocast would make is done in its store)."""
+    return rln.layer_norm_to(x, norm.weight, norm.bias, norm.eps, gemm_dtype, check=False)

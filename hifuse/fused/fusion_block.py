@@ -1,0 +1,142 @@
+"""Fused forward of the hierarchical feature fusion block (HFFBlock) and its parts.
+
+Concat-free LayerNorms (native ``hifuse::layer_norm_cat``), one-pass gating statistics and
+the gate multiplications inside the norm3 LayerNorm (Triton ``channel_pool``,
+``spatial_pool``, ``gated_layer_norm``), 1x1 convolutions as channels-last GEMMs whose
+BatchNorm is folded in eval mode and, in training, runs with its activation (and Updim's
+pooling) as one op (``batch_norm_act``), and the IRMLP's fused path. Tensors stay
+channels-last.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from hifuse_kernels import batch_norm_act as bna
+from hifuse_kernels import gated_layer_norm as gln
+from hifuse_kernels import gelu_residual as gr
+from hifuse_kernels import layer_norm_cat as lnc
+from hifuse_kernels.channel_pool import channel_pool
+from hifuse_kernels.reference import activation
+from hifuse_kernels.spatial_pool import spatial_pool
+
+from .. import config
+from ..model import IRMLP, ConvBN, HFFBlock
+from .common import autocast_dtype, batch_norm_affine, conv_channels_last, derived, fold_batch_norm, needs_grad
+
+
+def _folds(bn) -> bool:
+    """Whether an eval-mode BatchNorm is folded into the convolution before it."""
+    return bn is not None and not bn.training and bn.running_var is not None
+
+
+def folded_weights(m: ConvBN) -> tuple[torch.Tensor, torch.Tensor]:
+    """conv + eval BatchNorm as one convolution's (weight, bias); cached while no gradient
+    flows through them (in inference), recomputed when a parameter or statistic changes."""
+    conv, bn = m.conv, m.bn
+    sources = (conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+    if conv.bias is not None:
+        sources += (conv.bias,)
+    if needs_grad(*sources):
+        return fold_batch_norm(conv.weight, conv.bias, bn)
+    return derived(m, "folded", sources, lambda: fold_batch_norm(conv.weight, conv.bias, bn))
+
+
+def conv_bn_forward(m: ConvBN, x: torch.Tensor, then: str | None = None, pool: bool = False) -> torch.Tensor:
+    """ConvBN followed by activation ``then`` ("gelu" or None) and, with ``pool``, a 2x2/2
+    average pooling (fused into the training BatchNorm). Checked by ``fusion_check``."""
+    act = "relu" if m.relu is not None else then
+    bn = m.bn
+    if _folds(bn):
+        weight, bias = folded_weights(m)
+        x = activation(act)(conv_channels_last(x, weight, bias, m.conv))
+        return F.avg_pool2d(x, 2, stride=2) if pool else x
+    x = conv_channels_last(x, m.conv.weight, m.conv.bias, m.conv)
+    if bn is None:
+        return activation(act)(x)
+    return bna.batch_norm_act(x, bn, act, pool=pool, check=False)
+
+
+def irmlp_forward(m: IRMLP, x: torch.Tensor) -> torch.Tensor:
+    """conv1 on channels-last memory; in training GELU, residual and ``bn1`` in one op (the
+    sum is never written, and the result comes in conv2's GEMM dtype under autocast); in
+    eval mode GELU + residual in one pass, ``bn1`` folded into conv2 (an affine map before
+    a linear one) and conv3's BatchNorm into conv3; the 1x1 convolutions are GEMMs."""
+    x = x.contiguous(memory_format=torch.channels_last)
+    y = F.conv2d(x, m.conv1.conv.weight, None, padding=m.conv1.conv.padding, groups=m.conv1.conv.groups)
+    if not _folds(m.bn1):
+        normed = bna.batch_norm_act(y, m.bn1, None, residual=x, out_dtype=autocast_dtype(x), check=False)
+        out = conv_channels_last(normed, m.conv2.conv.weight, None, m.conv2.conv)
+    else:
+        out = gr.gelu_residual(y.permute(0, 2, 3, 1), x.permute(0, 2, 3, 1), check=False).permute(0, 3, 1, 2)
+        weight, bias = bn1_into_conv2(m)
+        out = conv_channels_last(out, weight, bias, m.conv2.conv)
+    return conv_bn_forward(m.conv3, m.gelu(out))
+
+
+def bn1_into_conv2(m: IRMLP) -> tuple[torch.Tensor, torch.Tensor]:
+    """conv2(bn1(t)) = conv2 with its input channels scaled, plus conv2 of the shift."""
+    w2, bn = m.conv2.conv.weight, m.bn1
+
+    def compute():
+        scale, shift = batch_norm_affine(bn)
+        return w2 * scale.view(1, -1, 1, 1), w2.flatten(1) @ shift
+
+    sources = (w2, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+    if needs_grad(*sources):
+        return compute()
+    return derived(m, "bn1_conv2", sources, compute)
+
+
+def fusion_check(m: HFFBlock, l: torch.Tensor, g: torch.Tensor, f: torch.Tensor | None) -> str | None:
+    """Checked on tensors of the shapes and dtypes the block's ops will be given: the 1x1
+    convolutions' outputs come in autocast's GEMM dtype (else promote(input, weight))."""
+    for bn in (m.W_l.bn, m.W_g.bn, m.W.bn if f is None else m.W3.bn, m.residual.bn1, m.residual.conv3.bn):
+        if not _folds(bn) and not bn.affine:
+            return "BatchNorm without affine parameters is not fused"
+    n, c, h, w = l.shape
+    if not _folds(m.W_l.bn) and n * h * w < 2:
+        return "BatchNorm needs more than one value per channel when training"
+    if f is not None and not _folds(m.Updim.bn) and min(f.shape[-2:]) < 2:
+        return "Updim's pooling needs a map of at least 2x2"
+    dtype = autocast_dtype(l) or torch.promote_types(l.dtype, m.W_l.conv.weight.dtype)
+    part = torch.empty((n, c, h, w), dtype=dtype, device=l.device)
+    norm = m.norm1 if f is not None else m.norm2
+    reason = lnc.unsupported_reason([part] * (3 if f is not None else 2), norm.weight, norm.bias)
+    if reason is not None:
+        return reason
+    # The training BatchNorms take what these take: float32/16/bf16 tensors on a Triton device.
+    return gln.unsupported_reason(l, g, part, m.norm3.weight, m.norm3.bias)
+
+
+def fusion_forward(m: HFFBlock, l: torch.Tensor, g: torch.Tensor, f: torch.Tensor | None = None) -> torch.Tensor:
+    w_local = conv_bn_forward(m.W_l, l)
+    w_global = conv_bn_forward(m.W_g, g)
+    if f is not None:
+        w_f = conv_bn_forward(m.Updim, f, pool=True)
+        shortcut = w_f
+        parts, norm, proj = [w_f, w_local, w_global], m.norm1, m.W3
+    else:
+        shortcut = 0
+        parts, norm, proj = [w_local, w_global], m.norm2, m.W
+    dtype = parts[0].dtype
+    for t in parts[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    parts = [t.to(dtype) for t in parts]
+    # Written in the dtype the projection GEMM takes under autocast.
+    gemm_dtype = autocast_dtype(l)
+    normed = lnc.layer_norm_cat(parts, norm.weight, norm.bias, norm.eps, gemm_dtype if gemm_dtype == dtype else None, check=False)
+    x = conv_bn_forward(proj, normed, then="gelu")
+
+    spatial_gate = torch.sigmoid(conv_bn_forward(m.spatial, spatial_pool(l, check=False)))
+    avg, best = channel_pool(g, check=False)
+    channel_gate = torch.sigmoid(m.se(best) + m.se(avg))
+
+    fused = gln.gated_layer_norm(
+        g, channel_gate, l, spatial_gate, x, m.norm3.weight, m.norm3.bias, m.norm3.eps, check=False
+    )
+    return shortcut + m.drop_path(irmlp_forward(m.residual, fused))
+
+
+config.register(HFFBlock, "fusion", fusion_check, fusion_forward)

@@ -1,0 +1,143 @@
+"""Fused forwards of the global branch: patch embedding, patch merging, the window-attention
+blocks and their stages."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from hifuse_kernels import patch_conv, patch_merge_norm
+from hifuse_kernels import residual_layer_norm as rln
+from hifuse_kernels import window_attention as wa
+
+from .. import config
+from ..model import GlobalBlock, GlobalStage, PatchEmbed, PatchMerging
+from .common import autocast_dtype, derived, drop_path_inactive, gelu_residual, layer_norm_for_gemm, needs_grad
+
+# --------------------------------------------------------------------------- patch embedding
+
+
+def patch_embed_check(m: PatchEmbed, x: torch.Tensor) -> str | None:
+    return patch_conv.unsupported_reason(x.permute(0, 2, 3, 1), m.proj.weight)
+
+
+def patch_embed_forward(m: PatchEmbed, x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """One GEMM over gathered patches writes the tokens: no conv output to transpose."""
+    y = patch_conv.patch_conv(x.permute(0, 2, 3, 1), m.proj.weight, m.proj.bias, check=False)
+    b, h, w, c = y.shape
+    return m.norm(y.reshape(b, h * w, c)), h, w
+
+
+# --------------------------------------------------------------------------- patch merging
+
+
+def patch_merging_check(m: PatchMerging, x: torch.Tensor, h: int, w: int) -> str | None:
+    return patch_merge_norm.unsupported_reason(x, h, w, m.norm.weight, m.norm.bias)
+
+
+def patch_merging_forward(m: PatchMerging, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Gather and LayerNorm(4C) in one native op; under autocast it writes the reduction
+    GEMM's dtype, so no cast pass follows."""
+    gemm_dtype = autocast_dtype(x) if x.dtype == torch.float32 else None
+    merged = patch_merge_norm.patch_merge_norm(x, h, w, m.norm.weight, m.norm.bias, m.norm.eps, gemm_dtype, check=False)
+    return m.reduction(merged)
+
+
+# --------------------------------------------------------------------------- blocks
+
+
+def gemm_dtype(m: GlobalBlock, x: torch.Tensor) -> torch.dtype:
+    return autocast_dtype(x) or torch.promote_types(x.dtype, m.norm1.weight.dtype)
+
+
+def block_check(m: GlobalBlock, x: torch.Tensor, h: int, w: int) -> str | None:
+    """The attention kernel takes any h x w grid; the block also needs the Triton LayerNorm
+    and GELU + residual passes, which take what the attention kernel takes."""
+    reason = wa._triton.unsupported_reason(x)
+    if reason is not None:
+        return reason
+    dtype = autocast_dtype(x) or x.dtype
+    if dtype not in wa.SUPPORTED_DTYPES:
+        return f"dtype {dtype} is not supported (supported: {wa.SUPPORTED_DTYPES})"
+    if m.dim // m.num_heads not in wa.HEAD_DIMS:
+        return f"head_dim {m.dim // m.num_heads} is not supported (supported: {wa.HEAD_DIMS})"
+    if m.window > wa.MAX_WINDOW:
+        return f"window {m.window} is larger than {wa.MAX_WINDOW}"
+    return rln.unsupported_reason(x, m.norm1.weight)
+
+
+def block_forward(
+    m: GlobalBlock, x: torch.Tensor, h: int, w: int, normed: torch.Tensor | None = None, next_norm=None
+):
+    """The block with shift, padding, partition, bias, mask and merge in one kernel.
+
+    ``normed`` is this block's norm1(x) when the block before computed it; with
+    ``next_norm`` the block returns (output, next_norm(output)) from one pass.
+    """
+    b, length, c = x.shape
+    attn = m.attn
+    dtype = gemm_dtype(m, x)
+    if normed is None:
+        normed = layer_norm_for_gemm(x, m.norm1, dtype)
+    qkv = attn.qkv(normed).view(b, h, w, 3 * c)
+    y = wa.window_attention(qkv, attn.qkv.bias, attn.relative_position_bias_table, m.num_heads, m.window, m.shift, check=False)
+    y = y.view(b, length, c)
+    if needs_grad(m.fc1.weight, attn.proj.weight, attn.proj.bias, m.fc1.bias):
+        y = m.fc1(attn.proj(y))
+    else:
+        # Nothing non-linear between proj and fc1: one GEMM with the product weight.
+        # Same value; in low precision it rounds once instead of at proj's output.
+        weight, bias = merged_proj_fc1(m)
+        y = F.linear(y, weight, bias)
+    if next_norm is not None:
+        return rln.gelu_residual_layer_norm(y, x, next_norm.weight, next_norm.bias, next_norm.eps, dtype, check=False)
+    return gelu_residual(m, y, x, m.act)
+
+
+def merged_proj_fc1(m: GlobalBlock) -> tuple[torch.Tensor, torch.Tensor]:
+    """fc1 after proj as one linear map (fc1.W @ proj.W, fc1.W @ proj.b + fc1.b)."""
+    proj, fc1 = m.attn.proj, m.fc1
+
+    def compute():
+        return fc1.weight @ proj.weight, fc1.weight @ proj.bias + fc1.bias
+
+    return derived(m, "proj_fc1", (proj.weight, proj.bias, fc1.weight, fc1.bias), compute)
+
+
+# --------------------------------------------------------------------------- stages
+
+
+def stage_check(m: GlobalStage, x: torch.Tensor, h: int, w: int) -> str | None:
+    """A stage runs fused when it can chain its LayerNorms: at least two blocks, and no
+    stochastic depth active now (each block's residual pass then writes the next block's
+    norm1). Whether each block runs fused is its own decision, taken in the stage's forward."""
+    if len(m.blocks) < 2:
+        return "a single block has no LayerNorm to chain"
+    if not all(drop_path_inactive(block) for block in m.blocks):
+        return "stochastic depth is active, so the blocks' residual passes cannot be chained"
+    return None
+
+
+def stage_forward(m: GlobalStage, x: torch.Tensor, h: int, w: int) -> tuple[torch.Tensor, int, int]:
+    if m.downsample is not None:
+        x = m.downsample(x, h, w)
+        h, w = (h + 1) // 2, (w + 1) // 2
+    if not all(config.runs_fused(block, x, h, w) for block in m.blocks):
+        for block in m.blocks:
+            x = block(x, h, w)
+        return x, h, w
+    # Every block runs fused: each one's residual pass also writes the next one's norm1.
+    normed = None
+    last = len(m.blocks) - 1
+    for i, block in enumerate(m.blocks):
+        if i < last:
+            x, normed = block_forward(block, x, h, w, normed, m.blocks[i + 1].norm1)
+        else:
+            x = block_forward(block, x, h, w, normed)
+    return x, h, w
+
+
+config.register(PatchEmbed, "patches", patch_embed_check, patch_embed_forward)
+config.register(PatchMerging, "patches", patch_merging_check, patch_merging_forward)
+config.register(GlobalBlock, "attention", block_check, block_forward)
+config.register(GlobalStage, "attention", stage_check, stage_forward)

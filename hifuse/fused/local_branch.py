@@ -1,0 +1,77 @@
+"""Fused forwards of the local branch: the dwconv + LayerNorm blocks, the stem and
+downsamples, and the channels-first LayerNorm."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from hifuse_kernels import dwconv_layer_norm as dln
+from hifuse_kernels import layer_norm_cf, patch_conv
+from hifuse_kernels import residual_layer_norm as rln
+
+from .. import config
+from ..layers import LayerNormCF
+from ..model import LocalBlock, LocalDownsample
+from .common import autocast_dtype, gelu_residual, layer_norm_for_gemm
+
+
+def local_block_check(m: LocalBlock, x: torch.Tensor) -> str | None:
+    if x.dim() != 4:
+        return f"x must be 4-D, got {x.dim()}-D"
+    return dln.unsupported_reason(x.permute(0, 2, 3, 1), m.dwconv.weight, m.dwconv.bias, m.norm.weight, m.norm.bias)
+
+
+def local_block_forward(m: LocalBlock, x: torch.Tensor) -> torch.Tensor:
+    """dwconv + LayerNorm in one kernel, then pwconv and GELU + residual in one pass.
+
+    Works channels-last throughout: the result is an NCHW-shaped view of channels-last
+    memory, so the next block's permutes are free.
+    """
+    nhwc = x.permute(0, 2, 3, 1)
+    y = dln.dwconv_layer_norm(
+        nhwc, m.dwconv.weight, m.dwconv.bias, m.norm.weight, m.norm.bias, m.norm.eps, autocast_dtype(x), check=False
+    )
+    return gelu_residual(m, m.pwconv(y), nhwc, m.act).permute(0, 3, 1, 2)
+
+
+def downsample_check(m: LocalDownsample, x: torch.Tensor) -> str | None:
+    if x.dim() != 4 or x.shape[1] != m.conv.in_channels:
+        return f"x must be (B, {m.conv.in_channels}, H, W), got {tuple(x.shape)}"
+    nhwc = x.permute(0, 2, 3, 1)
+    reason = patch_conv.unsupported_reason(nhwc, m.conv.weight)
+    if reason is None and m.norm_first and autocast_dtype(x) is not None:
+        reason = rln.unsupported_reason(nhwc, m.norm.weight)
+    return reason
+
+
+def downsample_forward(m: LocalDownsample, x: torch.Tensor) -> torch.Tensor:
+    """Channels-last: the LayerNorm is a last-dim LayerNorm and the convolution one GEMM over
+    gathered patches; the result is an NCHW-shaped view of channels-last memory, which the
+    local blocks take without copies. Under autocast the LayerNorm before the GEMM writes
+    the GEMM's dtype, so the gather moves half the bytes and no cast pass follows."""
+    nhwc = x.permute(0, 2, 3, 1)
+    norm = m.norm
+    if m.norm_first:
+        gemm_dtype = autocast_dtype(x)
+        if gemm_dtype is None:
+            nhwc = F.layer_norm(nhwc, (norm.dim,), norm.weight, norm.bias, norm.eps)
+        else:
+            nhwc = layer_norm_for_gemm(nhwc, norm, gemm_dtype)
+    y = patch_conv.patch_conv(nhwc, m.conv.weight, m.conv.bias, check=False)
+    if not m.norm_first:
+        y = F.layer_norm(y, (norm.dim,), norm.weight, norm.bias, norm.eps)
+    return y.permute(0, 3, 1, 2)
+
+
+def layer_norm_cf_check(m: LayerNormCF, x: torch.Tensor) -> str | None:
+    return layer_norm_cf.unsupported_reason(x, m.weight, m.bias)
+
+
+def layer_norm_cf_forward(m: LayerNormCF, x: torch.Tensor) -> torch.Tensor:
+    return layer_norm_cf.layer_norm_cf(x, m.weight, m.bias, m.eps, check=False)
+
+
+config.register(LocalBlock, "local", local_block_check, local_block_forward)
+config.register(LocalDownsample, "patches", downsample_check, downsample_forward)
+config.register(LayerNormCF, "norm", layer_norm_cf_check, layer_norm_cf_forward)

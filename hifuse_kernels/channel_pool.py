@@ -1,0 +1,163 @@
+"""Channel pooling of the fusion block: per-channel average and maximum of g in one pass.
+
+The eager fusion block pools g twice (adaptive average and max pooling) before the shared
+SE MLP. Here one pass over channels-last g (N, S, C) gives both, with the first position of
+each maximum kept for backward (ties go to the first position, as adaptive_max_pool2d does).
+Positions are split into chunks so that small N * C still fills the GPU; the partials are
+combined in a fixed order, so reruns give identical bits.
+
+Layers: reference, kernels, registered ops, autograd, functional entry point.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.library import wrap_triton
+
+from . import _triton
+from ._features import (
+    check_device,
+    feature_problem,
+    nhwc,
+    raise_problem,
+)
+from ._triton import tl, triton
+
+BLOCK_S = 32  # positions per step of the channel pooling loop
+POOL_CHUNKS = 8  # position chunks per image and channel block
+
+__all__ = ["channel_pool", "channel_pool_ref"]
+
+
+def channel_pool_ref(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(average, maximum) over positions of (N, C, H, W), each (N, C, 1, 1), as eager pools."""
+    return F.adaptive_avg_pool2d(g, 1), F.adaptive_max_pool2d(g, 1)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _channel_pool_kernel(G, SUM, MAX, ARG, S, C, CHUNK, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+        """Partial sum, maximum and first position of the maximum over one chunk of positions."""
+        n = tl.program_id(0).to(tl.int64)
+        c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        chunk = tl.program_id(2)
+        cmask = c < C
+        total = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        best = tl.full((BLOCK_C,), float("-inf"), dtype=tl.float32)
+        where = tl.zeros((BLOCK_C,), dtype=tl.int32)
+        start = chunk * CHUNK
+        stop = tl.minimum(start + CHUNK, S)
+        for s0 in range(start, stop, BLOCK_S):
+            s = s0 + tl.arange(0, BLOCK_S)
+            m = (s < stop)[:, None] & cmask[None, :]
+            v = tl.load(G + (n * S + s.to(tl.int64))[:, None] * C + c[None, :], mask=m, other=0.0).to(tl.float32)
+            total += tl.sum(v, 0)
+            # NaN is the maximum once seen (as in eager); tl.max would drop it, so it is
+            # tracked apart and the max taken over the other values
+            isnan = (v != v) & m
+            first_nan = tl.min(tl.where(isnan, s[:, None], S), 0)
+            v = tl.where(m & ~isnan, v, float("-inf"))
+            tile_best, tile_where = tl.max(v, 0, return_indices=True, return_indices_tie_break_left=True)
+            better = tile_best > best  # strictly: the first position of a maximum wins; never past a NaN
+            where = tl.where(better, s0 + tile_where, where)
+            best = tl.where(better, tile_best, best)
+            new_nan = (first_nan < S) & (best == best)
+            where = tl.where(new_nan, first_nan, where)
+            best = tl.where(new_nan, float("nan"), best)
+        part = (n * tl.num_programs(2) + chunk) * C + c
+        tl.store(SUM + part, total, mask=cmask)
+        tl.store(MAX + part, best, mask=cmask)
+        tl.store(ARG + part, where, mask=cmask)
+
+    @triton.jit
+    def _channel_pool_bwd_kernel(D_AVG, D_MAX, ARG, DG, S, C, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+        n = tl.program_id(0).to(tl.int64)
+        s = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
+        c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+        cmask = c < C
+        m = (s < S)[:, None] & cmask[None, :]
+        d_avg = tl.load(D_AVG + n * C + c, mask=cmask, other=0.0).to(tl.float32)
+        d_max = tl.load(D_MAX + n * C + c, mask=cmask, other=0.0).to(tl.float32)
+        arg = tl.load(ARG + n * C + c, mask=cmask, other=-1)
+        dg = d_avg[None, :] / S + tl.where(s[:, None] == arg[None, :], d_max[None, :], 0.0)
+        tl.store(DG + (n * S + s.to(tl.int64))[:, None] * C + c[None, :], dg.to(DG.dtype.element_ty), mask=m)
+
+
+# --------------------------------------------------------------------------- ops
+
+
+@_triton.define_op("hifuse::channel_pool", mutates_args=())
+def _channel_pool_op(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    n, s, c = g.shape
+    block_c = min(64, _triton.block_channels(c))
+    # Chunks of positions keep enough programs busy at small N * C; partials are combined
+    # below in a fixed order (the first chunk holding the maximum gives its position).
+    chunk = max(BLOCK_S, triton.cdiv(triton.cdiv(s, POOL_CHUNKS), BLOCK_S) * BLOCK_S)
+    chunks = triton.cdiv(s, chunk)
+    f32 = dict(device=g.device, dtype=torch.float32)
+    part_sum, part_max = torch.empty((n, chunks, c), **f32), torch.empty((n, chunks, c), **f32)
+    part_arg = torch.empty((n, chunks, c), device=g.device, dtype=torch.int32)
+    wrap_triton(_channel_pool_kernel)[(n, triton.cdiv(c, block_c), chunks)](
+        g, part_sum, part_max, part_arg, s, c, chunk, BLOCK_S=BLOCK_S, BLOCK_C=block_c
+    )
+    best = part_max.amax(1)
+    # the first chunk holding the maximum (or a NaN, which is then the maximum)
+    hit = (part_max == best[:, None]) | part_max.isnan()
+    first = hit.to(torch.int8).argmax(1, keepdim=True)
+    arg = part_arg.gather(1, first).squeeze(1)
+    return (part_sum.sum(1) / s).to(g.dtype), best.to(g.dtype), arg
+
+
+@_triton.define_op("hifuse::channel_pool_backward", mutates_args=())
+def _channel_pool_backward_op(
+    d_avg: torch.Tensor, d_max: torch.Tensor, arg: torch.Tensor, g: torch.Tensor
+) -> torch.Tensor:
+    n, s, c = g.shape
+    dg = torch.empty_like(g)
+    block_c = min(64, _triton.block_channels(c))
+    wrap_triton(_channel_pool_bwd_kernel)[(n, triton.cdiv(s, BLOCK_S), triton.cdiv(c, block_c))](
+        d_avg, d_max, arg, dg, s, c, BLOCK_S=BLOCK_S, BLOCK_C=block_c
+    )
+    return dg
+
+
+@_channel_pool_op.register_fake
+def _(g):
+    n, _s, c = g.shape
+    return g.new_empty((n, c)), g.new_empty((n, c)), g.new_empty((n, c), dtype=torch.int32)
+
+
+@_channel_pool_backward_op.register_fake
+def _(d_avg, d_max, arg, g):
+    return torch.empty_like(g)
+
+
+def _channel_pool_setup(ctx, inputs, output):
+    (g,) = inputs
+    ctx.save_for_backward(g, output[2])
+    ctx.mark_non_differentiable(output[2])
+
+
+def _channel_pool_backward(ctx, d_avg, d_max, _d_arg):
+    g, arg = ctx.saved_tensors
+    d_avg = torch.zeros(arg.shape, device=g.device, dtype=g.dtype) if d_avg is None else d_avg.contiguous()
+    d_max = torch.zeros(arg.shape, device=g.device, dtype=g.dtype) if d_max is None else d_max.contiguous()
+    return torch.ops.hifuse.channel_pool_backward(d_avg, d_max, arg, g)
+
+
+_channel_pool_op.register_autograd(_channel_pool_backward, setup_context=_channel_pool_setup)
+
+
+# --------------------------------------------------------------------------- functional
+
+
+def channel_pool(g: torch.Tensor, check: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(average, maximum) over the positions of (N, C, H, W) g, each (N, C, 1, 1), in one pass."""
+    if check:  # False: the caller made the checks once already
+        raise_problem("channel_pool", feature_problem("g", g))
+        check_device("channel_pool", g)
+    n, c = g.shape[:2]
+    avg, best, _arg = torch.ops.hifuse.channel_pool(nhwc(g))
+    return avg.view(n, c, 1, 1), best.view(n, c, 1, 1)

@@ -1,0 +1,275 @@
+"""norm3 of the fusion block with the attention gates applied on load, in Triton.
+
+Eager multiplies g and l by their gates, concatenates [g * channel_gate, l * spatial_gate, X]
+and runs the channels-first LayerNorm (norm3) on it. Here the gate multiplications happen
+while loading, in a LayerNorm over the virtual concatenation: neither the gated tensors nor
+the 3C concatenation is ever written. Backward returns the gradients of g, l, X, both gates
+and the affine parameters; the channel-gate, weight and bias gradients are per-program
+partial sums added in a fixed order (programs never span two images), so reruns give
+identical bits.
+
+Layers: reference, kernels, registered ops, autograd, functional entry point.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.library import wrap_triton
+
+from . import _triton
+from ._features import (
+    SUPPORTED_DTYPES,
+    check_device,
+    feature_problem,
+    nhwc,
+    raise_problem,
+)
+from ._triton import tl, triton
+from .reference import layer_norm_cf_ref
+
+__all__ = ["gated_layer_norm", "gated_layer_norm_ref", "unsupported_reason"]
+
+
+def gated_layer_norm_ref(g, channel_gate, l, spatial_gate, x, weight, bias, eps: float = 1e-6):
+    """norm3 of the eager block: LayerNorm2d(cat([g * channel_gate, l * spatial_gate, x], 1)).
+
+    g, l, x: (N, C, H, W); channel_gate: (N, C, 1, 1); spatial_gate: (N, 1, H, W).
+    """
+    return layer_norm_cf_ref(torch.cat([g * channel_gate, l * spatial_gate, x], 1), weight, bias, eps)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _gated_parts(G, CG, L, SG, X, n, p, c, m, cmask, C):
+        """The three parts of one tile of rows, gated, in fp32 (zero outside the masks)."""
+        rows = p[:, None] * C + c[None, :]
+        cg = tl.load(CG + n * C + c, mask=cmask, other=0.0).to(tl.float32)
+        sg = tl.load(SG + p).to(tl.float32)  # p is clamped to a valid row by the caller
+        g = tl.load(G + rows, mask=m, other=0.0).to(tl.float32)
+        lv = tl.load(L + rows, mask=m, other=0.0).to(tl.float32)
+        xv = tl.load(X + rows, mask=m, other=0.0).to(tl.float32)
+        return g, cg, lv, sg, xv
+
+    @triton.jit
+    def _gated_ln_kernel(G, CG, L, SG, X, W, B, OUT, MEAN, RSTD, S, C, eps,
+                         BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+        # grid (N, position blocks): a program's rows all belong to image n
+        n = tl.program_id(0).to(tl.int64)
+        s = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+        c = tl.arange(0, BLOCK_C)
+        cmask = c < C
+        smask = s < S
+        m = smask[:, None] & cmask[None, :]
+        p = n * S + s.to(tl.int64)
+        g, cg, lv, sg, xv = _gated_parts(G, CG, L, SG, X, n, tl.where(smask, p, 0), c, m, cmask, C)
+        za = g * cg[None, :]
+        zb = lv * sg[:, None]
+        mean = (tl.sum(za, 1) + tl.sum(zb, 1) + tl.sum(xv, 1)) / (3 * C)
+        da = tl.where(m, za - mean[:, None], 0.0)
+        db = tl.where(m, zb - mean[:, None], 0.0)
+        dx = tl.where(m, xv - mean[:, None], 0.0)
+        var = (tl.sum(da * da, 1) + tl.sum(db * db, 1) + tl.sum(dx * dx, 1)) / (3 * C)
+        rstd = 1.0 / tl.sqrt(var + eps)
+        out = p[:, None] * (3 * C) + c[None, :]
+        for k in tl.static_range(3):
+            d = da if k == 0 else (db if k == 1 else dx)
+            w = tl.load(W + k * C + c, mask=cmask, other=0.0).to(tl.float32)
+            b = tl.load(B + k * C + c, mask=cmask, other=0.0).to(tl.float32)
+            y = d * rstd[:, None] * w[None, :] + b[None, :]
+            tl.store(OUT + out + k * C, y.to(OUT.dtype.element_ty), mask=m)
+        tl.store(MEAN + p, mean, mask=smask)
+        tl.store(RSTD + p, rstd, mask=smask)
+
+    @triton.jit
+    def _gated_ln_bwd_kernel(GRAD, G, CG, L, SG, X, W, MEAN, RSTD, DG, DL, DSG, DX,
+                             PART_CG, PART_W, PART_B, S, C,
+                             BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+        n = tl.program_id(0).to(tl.int64)
+        blk = tl.program_id(1)
+        prog = n * tl.num_programs(1) + blk
+        s = blk * BLOCK_P + tl.arange(0, BLOCK_P)
+        c = tl.arange(0, BLOCK_C)
+        cmask = c < C
+        smask = s < S
+        m = smask[:, None] & cmask[None, :]
+        p = tl.where(smask, n * S + s.to(tl.int64), 0)
+        g, cg, lv, sg, xv = _gated_parts(G, CG, L, SG, X, n, p, c, m, cmask, C)
+        mean = tl.load(MEAN + p, mask=smask, other=0.0)
+        rstd = tl.load(RSTD + p, mask=smask, other=0.0)
+        out = p[:, None] * (3 * C) + c[None, :]
+        # zhat and w * dy of the three parts
+        ha = tl.where(m, (g * cg[None, :] - mean[:, None]) * rstd[:, None], 0.0)
+        hb = tl.where(m, (lv * sg[:, None] - mean[:, None]) * rstd[:, None], 0.0)
+        hx = tl.where(m, (xv - mean[:, None]) * rstd[:, None], 0.0)
+        dya = tl.load(GRAD + out, mask=m, other=0.0).to(tl.float32)
+        dyb = tl.load(GRAD + out + C, mask=m, other=0.0).to(tl.float32)
+        dyx = tl.load(GRAD + out + 2 * C, mask=m, other=0.0).to(tl.float32)
+        wa = tl.load(W + c, mask=cmask, other=0.0).to(tl.float32)
+        wb = tl.load(W + C + c, mask=cmask, other=0.0).to(tl.float32)
+        wx = tl.load(W + 2 * C + c, mask=cmask, other=0.0).to(tl.float32)
+        ga, gb, gx = dya * wa[None, :], dyb * wb[None, :], dyx * wx[None, :]
+        a = (tl.sum(ga, 1) + tl.sum(gb, 1) + tl.sum(gx, 1)) / (3 * C)
+        b = (tl.sum(ga * ha, 1) + tl.sum(gb * hb, 1) + tl.sum(gx * hx, 1)) / (3 * C)
+        za = tl.where(m, rstd[:, None] * (ga - a[:, None] - ha * b[:, None]), 0.0)
+        zb = tl.where(m, rstd[:, None] * (gb - a[:, None] - hb * b[:, None]), 0.0)
+        zx = tl.where(m, rstd[:, None] * (gx - a[:, None] - hx * b[:, None]), 0.0)
+        rows = p[:, None] * C + c[None, :]
+        tl.store(DG + rows, (za * cg[None, :]).to(DG.dtype.element_ty), mask=m)
+        tl.store(DL + rows, (zb * sg[:, None]).to(DL.dtype.element_ty), mask=m)
+        tl.store(DX + rows, zx.to(DX.dtype.element_ty), mask=m)
+        tl.store(DSG + p, tl.sum(zb * lv, 1), mask=smask)
+        tl.store(PART_CG + prog * C + c, tl.sum(za * g, 0), mask=cmask)
+        for k in tl.static_range(3):
+            h = ha if k == 0 else (hb if k == 1 else hx)
+            dy = dya if k == 0 else (dyb if k == 1 else dyx)
+            tl.store(PART_W + prog * 3 * C + k * C + c, tl.sum(dy * h, 0), mask=cmask)
+            tl.store(PART_B + prog * 3 * C + k * C + c, tl.sum(dy, 0), mask=cmask)
+
+
+# --------------------------------------------------------------------------- ops
+
+
+def _gated_out_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    out = tensors[0].dtype
+    for t in tensors[1:]:
+        out = torch.promote_types(out, t.dtype)
+    return out
+
+
+@_triton.define_op("hifuse::gated_layer_norm", mutates_args=())
+def _gated_ln_op(
+    g: torch.Tensor, channel_gate: torch.Tensor, l: torch.Tensor, spatial_gate: torch.Tensor,
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    n, s, c = g.shape
+    out = torch.empty((n, s, 3 * c), device=g.device,
+                      dtype=_gated_out_dtype(g, channel_gate, l, spatial_gate, x, weight))
+    mean = torch.empty((n, s), device=g.device, dtype=torch.float32)
+    rstd = torch.empty_like(mean)
+    rows = _triton.rows_per_program(c, 3)
+    wrap_triton(_gated_ln_kernel)[(n, triton.cdiv(s, rows))](
+        g, channel_gate, l, spatial_gate, x, weight, bias, out, mean, rstd, s, c, eps,
+        BLOCK_P=rows, **_triton.row_tile(c),
+    )
+    return out, mean, rstd
+
+
+@_triton.define_op("hifuse::gated_layer_norm_backward", mutates_args=())
+def _gated_ln_backward_op(
+    grad: torch.Tensor, g: torch.Tensor, channel_gate: torch.Tensor, l: torch.Tensor,
+    spatial_gate: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
+    rstd: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    n, s, c = g.shape
+    rows = _triton.rows_per_program(c, 3)
+    blocks = triton.cdiv(s, rows)
+    f32 = dict(device=g.device, dtype=torch.float32)
+    dg, dl, dx = torch.empty_like(g), torch.empty_like(l), torch.empty_like(x)
+    dsg = torch.empty((n, s), **f32)
+    part_cg = torch.empty((n, blocks, c), **f32)
+    part_w, part_b = torch.empty((n * blocks, 3 * c), **f32), torch.empty((n * blocks, 3 * c), **f32)
+    wrap_triton(_gated_ln_bwd_kernel)[(n, blocks)](
+        grad, g, channel_gate, l, spatial_gate, x, weight, mean, rstd, dg, dl, dsg, dx,
+        part_cg, part_w, part_b, s, c, BLOCK_P=rows, **_triton.row_tile(c),
+    )
+    return (dg, part_cg.sum(1).to(channel_gate.dtype), dl, dsg.to(spatial_gate.dtype), dx,
+            part_w.sum(0).to(weight.dtype), part_b.sum(0).to(weight.dtype))
+
+
+@_gated_ln_op.register_fake
+def _(g, channel_gate, l, spatial_gate, x, weight, bias, eps):
+    n, s, c = g.shape
+    out = g.new_empty((n, s, 3 * c), dtype=_gated_out_dtype(g, channel_gate, l, spatial_gate, x, weight))
+    stat = g.new_empty((n, s), dtype=torch.float32)
+    return out, stat, torch.empty_like(stat)
+
+
+@_gated_ln_backward_op.register_fake
+def _(grad, g, channel_gate, l, spatial_gate, x, weight, mean, rstd):
+    return (torch.empty_like(g), torch.empty_like(channel_gate), torch.empty_like(l),
+            torch.empty_like(spatial_gate), torch.empty_like(x), torch.empty_like(weight),
+            torch.empty_like(weight))
+
+
+def _gated_ln_setup(ctx, inputs, output):
+    g, channel_gate, l, spatial_gate, x, weight, _bias, _eps = inputs
+    _out, mean, rstd = output
+    ctx.save_for_backward(g, channel_gate, l, spatial_gate, x, weight, mean, rstd)
+    ctx.out_dtype = output[0].dtype
+
+
+def _gated_ln_backward(ctx, grad, _gm, _gr):
+    g, channel_gate, l, spatial_gate, x, weight, mean, rstd = ctx.saved_tensors
+    if grad is None:
+        grad = g.new_zeros((*g.shape[:2], 3 * g.shape[2]), dtype=ctx.out_dtype)
+    dg, dcg, dl, dsg, dx, dw, db = torch.ops.hifuse.gated_layer_norm_backward(
+        grad.contiguous(), g, channel_gate, l, spatial_gate, x, weight, mean, rstd
+    )
+    return dg, dcg, dl, dsg, dx, dw, db, None
+
+
+_gated_ln_op.register_autograd(_gated_ln_backward, setup_context=_gated_ln_setup)
+
+
+# --------------------------------------------------------------------------- functional
+
+
+def _gated_problem(g, channel_gate, l, spatial_gate, x, weight, bias):
+    for name, t in (("g", g), ("l", l), ("x", x)):
+        problem = feature_problem(name, t)
+        if problem is not None:
+            return problem
+    for name, t in (("channel_gate", channel_gate), ("spatial_gate", spatial_gate), ("weight", weight), ("bias", bias)):
+        if not isinstance(t, torch.Tensor):
+            return TypeError, f"{name} must be a tensor, got {type(t).__name__}"
+        if t.dtype not in SUPPORTED_DTYPES:
+            return TypeError, f"{name} must be float32, float16 or bfloat16, got {t.dtype}"
+    n, c, h, w = g.shape
+    if l.shape != g.shape or x.shape != g.shape:
+        return ValueError, f"g, l and x must have one shape, got {tuple(g.shape)}, {tuple(l.shape)}, {tuple(x.shape)}"
+    if channel_gate.shape != (n, c, 1, 1):
+        return ValueError, f"channel_gate must be {(n, c, 1, 1)}, got {tuple(channel_gate.shape)}"
+    if spatial_gate.shape != (n, 1, h, w):
+        return ValueError, f"spatial_gate must be {(n, 1, h, w)}, got {tuple(spatial_gate.shape)}"
+    if weight.shape != (3 * c,) or bias.shape != (3 * c,):
+        return ValueError, f"weight and bias must be ({3 * c},), got {tuple(weight.shape)} and {tuple(bias.shape)}"
+    if len({t.device for t in (g, channel_gate, l, spatial_gate, x, weight, bias)}) > 1:
+        return ValueError, "all tensors must be on one device"
+    return None
+
+
+def unsupported_reason(l, g, x, weight, bias) -> str | None:
+    """Why the gating kernels cannot take a fusion block's l, g, X and norm3 parameters."""
+    for name, t in (("l", l), ("g", g), ("x", x)):
+        problem = feature_problem(name, t)
+        if problem is not None:
+            return problem[1]
+    if l.shape != g.shape or x.shape != g.shape:
+        return f"l, g and x must have one shape, got {tuple(l.shape)}, {tuple(g.shape)}, {tuple(x.shape)}"
+    c = g.shape[1]
+    if weight.shape != (3 * c,) or bias.shape != (3 * c,) or weight.dtype not in SUPPORTED_DTYPES:
+        return f"norm3 weight and bias must be ({3 * c},) float32, float16 or bfloat16"
+    return _triton.unsupported_reason(l, g, x, weight, bias)
+
+
+def gated_layer_norm(g, channel_gate, l, spatial_gate, x, weight, bias, eps: float = 1e-6, check: bool = True) -> torch.Tensor:
+    """LayerNorm over C of cat([g * channel_gate, l * spatial_gate, x], 1), never built.
+
+    Args:
+        g, l, x: (N, C, H, W), any strides (channels-last memory is read without copies).
+        channel_gate: (N, C, 1, 1); spatial_gate: (N, 1, H, W).
+        weight, bias: (3C,).
+        check: False skips the argument checks, for callers that made them once already.
+    Returns:
+        (N, 3C, H, W) with channels-last memory, in the dtype eager's formula gives.
+    """
+    if check:
+        raise_problem("gated_layer_norm", _gated_problem(g, channel_gate, l, spatial_gate, x, weight, bias))
+        check_device("gated_layer_norm", g, channel_gate, l, spatial_gate, x, weight, bias)
+    n, c, h, w = g.shape
+    out, _mean, _rstd = torch.ops.hifuse.gated_layer_norm(
+        nhwc(g), channel_gate.reshape(n, c).contiguous(), nhwc(l), spatial_gate.reshape(n, h * w).contiguous(),
+        nhwc(x), weight.contiguous(), bias.contiguous(), float(eps),
+    )
+    return out.view(n, h, w, 3 * c).permute(0, 3, 1, 2)

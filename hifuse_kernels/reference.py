@@ -1,0 +1,92 @@
+"""Reference formulas shared by the model and the fused ops' references.
+
+Written as the published HiFuse code computes them. The eager model (``hifuse.model``)
+imports them from here, and each op's ``*_ref`` is built from them, so an op is tested
+against exactly what the model would compute. Plain PyTorch: no Triton, no native library.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "activation",
+    "layer_norm_cf_ref",
+    "relative_position_index",
+    "shift_mask",
+    "window_merge",
+    "window_partition",
+]
+
+
+def activation(name: str | None):
+    """The elementwise function a fused op names: None (identity), "relu" or "gelu" (exact)."""
+    functions = {None: _identity, "relu": F.relu, "gelu": F.gelu}
+    if name not in functions:
+        raise ValueError(f"activation must be one of {list(functions)}, got {name!r}")
+    return functions[name]
+
+
+def _identity(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def layer_norm_cf_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    """Channels-first LayerNorm over C of (N, C, H, W), written as the published model writes it."""
+    u = x.mean(1, keepdim=True)
+    s = (x - u).pow(2).mean(1, keepdim=True)
+    x = (x - u) / torch.sqrt(s + eps)
+    return weight[:, None, None] * x + bias[:, None, None]
+
+
+def relative_position_index(window: int) -> torch.Tensor:
+    """index[i, j] = (hi - hj + w - 1) * (2w - 1) + (wi - wj + w - 1) for tokens i, j of a window."""
+    coords = torch.stack(torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij"))
+    coords = coords.flatten(1)
+    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (window - 1)
+    return rel[..., 0] * (2 * window - 1) + rel[..., 1]
+
+
+_mask_cache: dict[tuple, torch.Tensor] = {}
+
+
+def shift_mask(hp: int, wp: int, window: int, shift: int, device: torch.device) -> torch.Tensor:
+    """(windows, window**2, window**2) mask: -100 between tokens of different shift regions.
+
+    Float32 as in the published code (it promotes the scores it is added to).
+    Cached per (padded size, window, shift, device); built in the graph under torch.compile.
+    """
+    key = (hp, wp, window, shift, device)
+    if not torch.compiler.is_compiling():
+        cached = _mask_cache.get(key)
+        if cached is not None:
+            return cached
+    labels = torch.zeros(hp, wp, device=device)
+    cuts = (slice(0, -window), slice(-window, -shift), slice(-shift, None))
+    label = 0
+    for rows in cuts:
+        for cols in cuts:
+            labels[rows, cols] = label
+            label += 1
+    windows = labels.view(hp // window, window, wp // window, window).transpose(1, 2)
+    windows = windows.reshape(-1, window * window)
+    diff = windows[:, None, :] - windows[:, :, None]
+    mask = torch.zeros_like(diff).masked_fill_(diff != 0, -100.0)
+    if not torch.compiler.is_compiling():
+        _mask_cache[key] = mask
+    return mask
+
+
+def window_partition(x: torch.Tensor, window: int) -> torch.Tensor:
+    """(B, H, W, C) -> (B * windows, window, window, C), windows in row-major order."""
+    b, h, w, c = x.shape
+    x = x.view(b, h // window, window, w // window, window, c)
+    return x.permute(0, 1, 3, 2, 4, 5).contiguous().view(-1, window, window, c)
+
+
+def window_merge(windows: torch.Tensor, window: int, h: int, w: int) -> torch.Tensor:
+    """The inverse of ``window_partition``."""
+    b = windows.shape[0] // ((h // window) * (w // window))
+    x = windows.view(b, h // window, w // window, window, window, -1)
+    return x.permute(0, 1, 3, 2, 4, 5).contiguous().view(b, h, w, -1)

@@ -1,0 +1,135 @@
+"""Spatial pooling of the fusion block: per-position channel maximum and mean of l in one pass.
+
+The eager block reduces l twice over channels (amax, mean) and concatenates the two maps.
+Here one pass over channels-last l (N, S, C) writes the (N, 2, H, W) map the spatial
+attention convolution takes. A position's channel-max gradient is shared evenly among the
+channels holding the maximum, as amax does.
+
+Layers: reference, kernels, registered ops, autograd, functional entry point.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.library import wrap_triton
+
+from . import _triton
+from ._features import (
+    check_device,
+    feature_problem,
+    nhwc,
+    raise_problem,
+)
+from ._triton import tl, triton
+
+__all__ = ["spatial_pool", "spatial_pool_ref"]
+
+
+def spatial_pool_ref(l: torch.Tensor) -> torch.Tensor:
+    """The (N, 2, H, W) map [channel max, channel mean] of (N, C, H, W), as eager builds it."""
+    return torch.cat([l.amax(dim=1, keepdim=True), l.mean(dim=1, keepdim=True)], 1)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _rows(P, C, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+        """This program's rows (positions) and channel lanes, with their masks."""
+        p = (tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)).to(tl.int64)
+        c = tl.arange(0, BLOCK_C)
+        pmask = p < P
+        cmask = c < C
+        return p, c, pmask, cmask, pmask[:, None] & cmask[None, :]
+
+    @triton.jit
+    def _max_nan(v, m):
+        """Row maximum over the masked lanes, NaN when a lane holds NaN (as amax; tl.max
+        would drop it)."""
+        nan = tl.sum(((v != v) & m).to(tl.int32), 1) > 0
+        best = tl.max(tl.where(m & (v == v), v, float("-inf")), 1)
+        return tl.where(nan, float("nan"), best)
+
+    @triton.jit
+    def _spatial_pool_kernel(L, OUT, P, S, C, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+        p, c, pmask, cmask, m = _rows(P, C, BLOCK_P, BLOCK_C)
+        v = tl.load(L + p[:, None] * C + c[None, :], mask=m, other=0.0).to(tl.float32)
+        mean = tl.sum(v, 1) / C
+        best = _max_nan(v, m)
+        out = (p // S) * 2 * S + p % S  # (N, 2, S): channel 0 the max, 1 the mean
+        tl.store(OUT + out, best.to(OUT.dtype.element_ty), mask=pmask)
+        tl.store(OUT + out + S, mean.to(OUT.dtype.element_ty), mask=pmask)
+
+    @triton.jit
+    def _spatial_pool_bwd_kernel(L, D_OUT, DL, P, S, C, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+        p, c, pmask, cmask, m = _rows(P, C, BLOCK_P, BLOCK_C)
+        v = tl.load(L + p[:, None] * C + c[None, :], mask=m, other=0.0).to(tl.float32)
+        best = _max_nan(v, m)
+        hit = (v == best[:, None]) & m
+        ties = tl.sum(hit.to(tl.float32), 1)
+        out = (p // S) * 2 * S + p % S
+        d_max = tl.load(D_OUT + out, mask=pmask, other=0.0).to(tl.float32)
+        d_mean = tl.load(D_OUT + out + S, mask=pmask, other=0.0).to(tl.float32)
+        # a NaN maximum is held by no channel: amax's gradient is then 0/0, NaN, as here
+        share = tl.where(best != best, float("nan"), d_max / tl.maximum(ties, 1.0))
+        dl = tl.where(hit | (best != best)[:, None], share[:, None], 0.0) + (d_mean / C)[:, None]
+        tl.store(DL + p[:, None] * C + c[None, :], dl.to(DL.dtype.element_ty), mask=m)
+
+
+# --------------------------------------------------------------------------- ops
+
+
+@_triton.define_op("hifuse::spatial_pool", mutates_args=())
+def _spatial_pool_op(l: torch.Tensor) -> torch.Tensor:
+    n, s, c = l.shape
+    out = l.new_empty((n, 2, s))
+    rows = _triton.rows_per_program(c, 1)
+    wrap_triton(_spatial_pool_kernel)[(triton.cdiv(n * s, rows),)](
+        l, out, n * s, s, c, BLOCK_P=rows, **_triton.row_tile(c)
+    )
+    return out
+
+
+@_triton.define_op("hifuse::spatial_pool_backward", mutates_args=())
+def _spatial_pool_backward_op(d_out: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
+    n, s, c = l.shape
+    dl = torch.empty_like(l)
+    rows = _triton.rows_per_program(c, 1)
+    wrap_triton(_spatial_pool_bwd_kernel)[(triton.cdiv(n * s, rows),)](
+        l, d_out, dl, n * s, s, c, BLOCK_P=rows, **_triton.row_tile(c)
+    )
+    return dl
+
+
+@_spatial_pool_op.register_fake
+def _(l):
+    n, s, _c = l.shape
+    return l.new_empty((n, 2, s))
+
+
+@_spatial_pool_backward_op.register_fake
+def _(d_out, l):
+    return torch.empty_like(l)
+
+
+def _spatial_pool_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0])
+
+
+def _spatial_pool_backward(ctx, d_out):
+    (l,) = ctx.saved_tensors
+    return torch.ops.hifuse.spatial_pool_backward(d_out.contiguous(), l)
+
+
+_spatial_pool_op.register_autograd(_spatial_pool_backward, setup_context=_spatial_pool_setup)
+
+
+# --------------------------------------------------------------------------- functional
+
+
+def spatial_pool(l: torch.Tensor, check: bool = True) -> torch.Tensor:
+    """(N, 2, H, W) map of the channel maximum and mean of (N, C, H, W) l, in one pass."""
+    if check:  # False: the caller made the checks once already
+        raise_problem("spatial_pool", feature_problem("l", l))
+        check_device("spatial_pool", l)
+    n, _c, h, w = l.shape
+    return torch.ops.hifuse.spatial_pool(nhwc(l)).view(n, 2, h, w)

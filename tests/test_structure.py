@@ -1,0 +1,244 @@
+"""How the packages hang together: dependencies point down, fused decisions are made once,
+a fused step never waits on the device, and the package runs where kernels cannot."""
+
+import ast
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import hifuse
+from hifuse import config
+from hifuse_kernels import _triton
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("hifuse", "hifuse_kernels")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+KERNELS = _triton.unsupported_reason(torch.zeros(1, device=DEVICE)) is None
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports() -> dict[str, set[str]]:
+    """module -> the project modules it imports (at any level, function bodies included)."""
+    modules = {_module_name(p): p for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py")}
+    graph = {}
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    anchor = package.split(".")
+                    anchor = anchor[: len(anchor) - node.level + 1]
+                    base = ".".join(anchor + ([base] if base else []))
+                targets = [base] + [f"{base}.{a.name}" for a in node.names]
+            else:
+                continue
+            found |= {t for t in targets if t in modules and t != name}
+        graph[name] = found
+    return graph
+
+
+def test_kernels_never_import_the_model():
+    bad = {m: sorted(d for d in deps if d.split(".")[0] == "hifuse")
+           for m, deps in _imports().items() if m.split(".")[0] == "hifuse_kernels"}
+    assert not {m: d for m, d in bad.items() if d}
+
+
+def test_no_import_cycles():
+    graph = _imports()
+    # A package imports its own submodules to register them; that edge is not a cycle.
+    for name, deps in graph.items():
+        graph[name] = {d for d in deps if not (d.startswith(name + ".") or name.startswith(d + "."))}
+    state: dict[str, int] = {}
+
+    def visit(node, path):
+        state[node] = 1
+        for dep in sorted(graph[node]):
+            if state.get(dep) == 1:
+                pytest.fail("import cycle: " + " -> ".join(path[path.index(dep):] + [dep]))
+            if dep not in state:
+                visit(dep, path + [dep])
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+
+
+def test_model_file_is_eager_only():
+    source = (ROOT / "hifuse" / "model.py").read_text()
+    assert "hifuse_kernels." not in source.replace("hifuse_kernels.reference", "")
+    assert "def forward_fused" not in source and "fused_unsupported_reason" not in source
+
+
+needs_kernels = pytest.mark.skipif(not KERNELS, reason="no Triton device (CUDA, or TRITON_INTERPRET=1 on CPU)")
+
+
+def _small_model(**kwargs):
+    torch.manual_seed(0)
+    return hifuse.create_model("hifuse_tiny", num_classes=3, **kwargs).to(DEVICE)
+
+
+@needs_kernels
+def test_fused_decisions_are_made_once_per_signature():
+    model = _small_model()
+    x = torch.randn(1, 3, 32, 32, device=DEVICE)
+    with hifuse.use_fused(), torch.no_grad():
+        model.eval()
+        start = config.checks_run
+        model(x)
+        first = config.checks_run - start
+        model(x)
+        assert config.checks_run - start == first, "a repeated forward evaluated capabilities again"
+        # every routed module decided once: 1 patch embedding, 3 mergings, 8 blocks, 4 stages,
+        # 4 local downsamples (their LayerNormCFs are not reached when they run fused), 8 local
+        # blocks, 4 fusion blocks
+        assert first == 1 + 3 + 8 + 4 + 4 + 8 + 4
+        model(torch.randn(1, 3, 32, 64, device=DEVICE))  # a new signature decides again
+        assert config.checks_run - start == 2 * first
+
+
+class _FailOnSync(TorchDispatchMode):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            raise AssertionError("host synchronisation: a tensor value was read on the host")
+        return func(*args, **(kwargs or {}))
+
+
+@needs_kernels
+def test_fused_step_never_reads_tensor_values():
+    model = _small_model()
+    for k, m in enumerate(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+        m.momentum = None if k % 2 else 0.1  # None: a cumulative average over the batches seen
+    x = torch.randn(2, 3, 32, 32, device=DEVICE)
+    target = torch.tensor([0, 2], device=DEVICE)
+    with hifuse.use_fused():
+        with _FailOnSync():
+            loss = torch.nn.functional.cross_entropy(model(x), target)
+            loss.backward()
+        model.eval()
+        with torch.no_grad(), _FailOnSync():
+            model(x)
+
+
+@needs_kernels
+def test_weight_derived_tensors_are_computed_once():
+    model = _small_model()
+    x = torch.randn(1, 3, 32, 32, device=DEVICE)
+    calls = []
+    from hifuse.fused import common
+
+    original = common._compute
+
+    def counting(sources, compute):
+        calls.append(1)
+        return original(sources, compute)
+
+    with hifuse.use_fused(), torch.no_grad(), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(common, "_compute", counting)
+        model.eval()  # prepares them
+        prepared = len(calls)
+        assert prepared > 0
+        ref = model(x)
+        assert len(calls) == prepared
+        # a changed weight is seen and that tensor alone recomputed
+        model.fu4.W3.bn.running_var.mul_(2)
+        out = model(x)
+        assert len(calls) == prepared + 1
+        assert not torch.equal(out, ref)
+    with torch.no_grad(), hifuse.use_fused(False):
+        torch.testing.assert_close(out, model(x), rtol=1e-4, atol=1e-4)
+
+
+@needs_kernels
+def test_compiled_eval_graph_holds_no_weight_folding():
+    block = hifuse.HFFBlock(32).to(DEVICE).eval()
+    l, g = torch.randn(1, 32, 4, 4, device=DEVICE), torch.randn(1, 32, 4, 4, device=DEVICE)
+    seen = []
+
+    def backend(gm, _inputs):
+        seen.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm
+
+    with hifuse.use_fused(), torch.no_grad():
+        hifuse.prepare(block)
+        expected = block(l, g)
+        out = torch.compile(block, backend=backend, fullgraph=True)(l, g)
+    torch.testing.assert_close(out, expected)
+    assert seen and not any("rsqrt" in t for t in seen), "the BatchNorm folding ran inside the graph"
+
+
+BLOCK_TRITON = """
+import importlib.abc, sys
+class _NoTriton(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "triton" or name.startswith("triton."):
+            raise ImportError("triton is blocked in this test")
+sys.meta_path.insert(0, _NoTriton())
+"""
+
+RUN_EVERYWHERE = """
+import logging
+logging.basicConfig(level=logging.WARNING, format="%(message)s")
+import torch, hifuse, hifuse_kernels
+model = hifuse.create_model("hifuse_tiny", num_classes=4)
+x = torch.randn(1, 3, 64, 64)
+with torch.no_grad():
+    ref = model(x)
+    with hifuse.use_fused():
+        out = model(x)
+assert torch.equal(out, ref), "fused fallback changed the result"
+print("native:", hifuse_kernels.native_load_error() is None)
+"""
+
+
+@pytest.mark.parametrize("missing", ["triton", "native", "both"])
+def test_runs_without_triton_or_native_library(tmp_path, missing):
+    """import, create_model, an eager forward and use_fused() (falling back, with the reason
+    logged) where triton cannot be imported and/or the compiled library is absent."""
+    root = ROOT
+    if missing in ("native", "both"):
+        # a copy of the sources without the compiled library
+        root = tmp_path / "src"
+        for pkg in PACKAGES:
+            for path in (ROOT / pkg).rglob("*.py"):
+                dest = root / path.relative_to(ROOT)
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                dest.write_text(path.read_text())
+    code = (BLOCK_TRITON if missing in ("triton", "both") else "") + RUN_EVERYWHERE
+    env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(root)
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                            env=env, cwd=tmp_path, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = result.stderr
+    if missing in ("triton", "both"):
+        assert "triton is not installed" in log
+    if missing in ("native", "both"):
+        assert "native: False" in result.stdout and "extension" in log
+    assert "runs eager" in log
+
+
+def test_library_built_for_another_torch_is_refused(monkeypatch):
+    """Loading a library built against another torch could crash the process: it is not
+    loaded, and the reason names both versions and the command that rebuilds it."""
+    from hifuse_kernels import _ext
+
+    if _ext.library_path() is None:
+        pytest.skip("native extension not built")
+    monkeypatch.setattr(_ext, "built_for", lambda: "0.0.1")
+    reason = _ext._load.__wrapped__()
+    assert reason is not None and "built against torch 0.0.1" in reason and torch.__version__ in reason
+    assert "pip install ." in reason
