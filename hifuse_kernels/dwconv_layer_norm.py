@@ -187,7 +187,8 @@ def _bwd_op(
         x, conv_weight, dy, dx, part_cw, part_cb, h, w, c, BLOCK_P=BLOCK_P, BLOCK_C=_triton.block_channels(c),
         num_warps=_warps(c),
     )
-    d_cw = part_cw.sum(0).t().reshape(c, 1, 3, 3).to(conv_weight.dtype)
+    # contiguous, as the fake kernel (and so Inductor) expects
+    d_cw = part_cw.sum(0).t().contiguous().view(c, 1, 3, 3).to(conv_weight.dtype)
     return (dx, d_cw, part_cb.sum(0).to(conv_bias.dtype), part_lw.sum(0).to(ln_weight.dtype),
             part_lb.sum(0).to(ln_weight.dtype))
 

@@ -132,3 +132,32 @@ def assert_autocast_within_eager_error(module, inputs, dtype=torch.bfloat16, **p
         eager_err = (p - r).abs().max().item()
         ulp = torch.finfo(dtype).eps * r.abs().max().item()
         assert err <= 2 * eager_err + ulp, f"output {k}: fused {err:.3g} vs eager {eager_err:.3g} (ulp {ulp:.3g})"
+
+
+def feature(shape, seed, channels_last=True, dtype=torch.float32, device="cpu"):
+    """A random (N, C, H, W) feature map that requires grad, channels-last by default."""
+    g = torch.Generator().manual_seed(seed)
+    t = torch.randn(shape, generator=g).to(device, dtype)
+    if channels_last:
+        t = t.contiguous(memory_format=torch.channels_last)
+    return t.requires_grad_()
+
+
+def check_grads(out, ref, inputs, rtol=1e-5, atol=1e-5, grad=None):
+    """out against ref, then the gradients of inputs for one upstream gradient."""
+    torch.testing.assert_close(out, ref, rtol=rtol, atol=atol)
+    grad = torch.randn_like(ref) if grad is None else grad
+    for k, (a, r) in enumerate(zip(torch.autograd.grad(out, inputs, grad), torch.autograd.grad(ref, inputs, grad))):
+        torch.testing.assert_close(a, r, rtol=10 * rtol, atol=10 * atol, msg=f"gradient {k}")
+
+
+def gated_inputs(shape, seed=0, device="cpu"):
+    """Inputs of gated_layer_norm: g, channel_gate, l, spatial_gate, x, weight, bias."""
+    n, c, h, w = shape
+    g, l, x = (feature(shape, seed + k, device=device) for k in range(3))
+    gen = torch.Generator().manual_seed(seed + 3)
+    cg = torch.rand(n, c, 1, 1, generator=gen).to(device).requires_grad_()
+    sg = torch.rand(n, 1, h, w, generator=gen).to(device).requires_grad_()
+    weight = (1 + 0.1 * torch.randn(3 * c, generator=gen)).to(device).requires_grad_()
+    bias = (0.1 * torch.randn(3 * c, generator=gen)).to(device).requires_grad_()
+    return [g, cg, l, sg, x, weight, bias]

@@ -181,25 +181,22 @@ def test_compiled_eval_graph_holds_no_weight_folding():
 
 
 BLOCK_TRITON = """
-import importlib.abc, sys
-class _NoTriton(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name == "triton" or name.startswith("triton."):
-            raise ImportError("triton is blocked in this test")
-sys.meta_path.insert(0, _NoTriton())
+import sys
+sys.modules["triton"] = None  # `import triton` now raises ImportError; find_spec finds nothing
 """
 
 RUN_EVERYWHERE = """
 import logging
 logging.basicConfig(level=logging.WARNING, format="%(message)s")
 import torch, hifuse, hifuse_kernels
-model = hifuse.create_model("hifuse_tiny", num_classes=4)
-x = torch.randn(1, 3, 64, 64)
+model = hifuse.create_model("hifuse_tiny", num_classes=4).eval()
+x = torch.randn(1, 3, 32, 32)
 with torch.no_grad():
     ref = model(x)
     with hifuse.use_fused():
         out = model(x)
-assert torch.equal(out, ref), "fused fallback changed the result"
+# what cannot run fused runs eager; what can (pure-PyTorch patch GEMMs, native ops) agrees
+torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
 print("native:", hifuse_kernels.native_load_error() is None)
 """
 

@@ -38,7 +38,7 @@ def test_context_manager_restores():
 
 @pytest.mark.parametrize(
     "value, expect",
-    [("1", {"attention", "local", "fusion", "norm"}), ("0", set()), ("attention, norm", {"attention", "norm"})],
+    [("1", {"attention", "local", "patches", "fusion", "norm"}), ("0", set()), ("attention, norm", {"attention", "norm"})],
 )
 def test_environment_overrides_calls(monkeypatch, value, expect):
     monkeypatch.setenv(config.ENV_VAR, value)

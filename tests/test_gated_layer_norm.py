@@ -1,0 +1,115 @@
+"""gated_layer_norm (norm3 with the gates applied on load) against eager, and the gating ops together."""
+
+import pytest
+import torch
+
+from helpers import check_grads, gated_inputs
+from hifuse_kernels import _triton
+from hifuse_kernels.channel_pool import channel_pool
+from hifuse_kernels.gated_layer_norm import gated_layer_norm, gated_layer_norm_ref
+from hifuse_kernels.spatial_pool import spatial_pool
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.skipif(
+    _triton.unsupported_reason(torch.zeros(1, device=DEVICE)) is not None,
+    reason=str(_triton.unsupported_reason(torch.zeros(1, device=DEVICE))),
+)
+# (N, C, H, W): batch 1, odd and prime sides, 1x1, every stage width
+SHAPES = [(1, 96, 7, 5), (2, 192, 3, 13), (1, 768, 1, 1), (2, 384, 2, 3), (3, 20, 4, 4)]
+
+
+def gated_inputs_(shape, seed=0):
+    return gated_inputs(shape, seed, device=DEVICE)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_gated_layer_norm(shape):
+    inputs = gated_inputs_(shape)
+    out = gated_layer_norm(*inputs)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    check_grads(out, gated_layer_norm_ref(*inputs), inputs)
+
+
+def test_gated_layer_norm_expanded_gradient_and_determinism():
+    inputs = gated_inputs_((2, 96, 5, 7))
+    gated_layer_norm(*inputs).sum().backward()
+    got = [t.grad.clone() for t in inputs]
+    for t in inputs:
+        t.grad = None
+    gated_layer_norm_ref(*inputs).sum().backward()
+    for k, (a, t) in enumerate(zip(got, inputs)):
+        torch.testing.assert_close(a, t.grad, rtol=1e-4, atol=1e-4, msg=f"gradient {k}")
+    grad = torch.randn(2, 288, 5, 7, device=DEVICE)
+    first = torch.autograd.grad(gated_layer_norm(*inputs), inputs, grad)
+    second = torch.autograd.grad(gated_layer_norm(*inputs), inputs, grad)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+def test_gated_layer_norm_mixed_dtypes_promote_like_eager():
+    inputs = gated_inputs_((1, 16, 3, 3))
+    inputs[4] = inputs[4].detach().to(torch.bfloat16).requires_grad_()  # X in bf16, as under autocast
+    out = gated_layer_norm(*inputs)
+    ref = gated_layer_norm_ref(*inputs)
+    assert out.dtype == ref.dtype == torch.float32
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    grad = torch.randn_like(ref)
+    got, want = torch.autograd.grad(out, inputs, grad), torch.autograd.grad(ref, inputs, grad)
+    for k, (a, r) in enumerate(zip(got, want)):
+        assert a.dtype == r.dtype
+        tol = dict(rtol=2e-2, atol=2e-2) if a.dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(a, r, **tol, msg=f"gradient {k}")
+
+
+def test_bad_input():
+    g, cg, l, sg, x, w, b = gated_inputs_((1, 16, 3, 3))
+    with pytest.raises(ValueError, match="one shape"):
+        gated_layer_norm(g, cg, l[:, :, :2], sg, x, w, b)
+    with pytest.raises(ValueError, match="channel_gate must be"):
+        gated_layer_norm(g, cg[:, :8], l, sg, x, w, b)
+    with pytest.raises(ValueError, match="spatial_gate must be"):
+        gated_layer_norm(g, cg, l, sg[:, :, :2], x, w, b)
+    with pytest.raises(ValueError, match=r"\(48,\)"):
+        gated_layer_norm(g, cg, l, sg, x, w[:10], b)
+    with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
+        gated_layer_norm(g.double(), cg, l, sg, x, w, b)
+    with pytest.raises(ValueError, match="more than the 1024"):
+        channel_pool(torch.zeros(1, 1100, 1, 1, device=DEVICE))
+    with pytest.raises(ValueError, match="4-D"):
+        spatial_pool(g[0])
+
+
+def test_ops_compile_without_graph_breaks():
+    inputs = gated_inputs_((1, 16, 3, 5))
+
+    def gate(g, cg, l, sg, x, w, b):
+        avg, best = channel_pool(g)
+        return gated_layer_norm(g, cg * avg.sigmoid(), l, sg * spatial_pool(l)[:, :1], x, w, b)
+
+    ref = gate(*inputs)
+    out = torch.compile(gate, fullgraph=True, backend="aot_eager")(*inputs)
+    out.sum().backward()
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert inputs[0].grad is not None
+
+
+# --------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(128, 96, 56, 56), (128, 768, 7, 7)])
+def test_low_precision_cuda(dtype, shape):
+    inputs = gated_inputs_(shape)
+    grad = torch.randn(shape[0], 3 * shape[1], *shape[2:], device=DEVICE)
+    ref_in = [t.detach().double().requires_grad_() for t in inputs]
+    ref = gated_layer_norm_ref(*ref_in)
+    ref_grads = torch.autograd.grad(ref, ref_in, grad.double())
+    low = [t.detach().to(dtype).requires_grad_() for t in inputs]
+    pt = gated_layer_norm_ref(*low)
+    pt_grads = torch.autograd.grad(pt, low, grad.to(dtype))
+    out = gated_layer_norm(*low)
+    grads = torch.autograd.grad(out, low, grad.to(dtype))
+    for k, (a, p, r) in enumerate(zip((out, *grads), (pt, *pt_grads), (ref, *ref_grads))):
+        err = (a.double() - r).abs().max().item()
+        pt_err = (p.double() - r).abs().max().item()
+        assert err <= 2 * pt_err + 1e-5 * max(1.0, r.abs().max().item()), f"output {k}: {err:.3g} vs eager {pt_err:.3g}"
