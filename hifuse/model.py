@@ -240,8 +240,8 @@ class LocalBlock(nn.Module):
         return shortcut + self.drop_path(x)
 
 class LocalDownsample(nn.Sequential):
-    """A stride-k layer of the local branch: the stem (conv 4x4/4, LayerNorm2d) or a
-    downsample (LayerNorm2d, conv 2x2/2).
+    """A stride-k layer of the local branch: the stem (conv 4x4/4, LayerNormCF) or a
+    downsample (LayerNormCF, conv 2x2/2).
 
     An ``nn.Sequential`` with the published children (0 and 1), so checkpoints load as
     they are.

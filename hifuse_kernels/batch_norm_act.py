@@ -21,7 +21,7 @@ are updated in ``batch_norm_act`` exactly as ``nn.BatchNorm2d`` updates them (mo
 cumulative average, unbiased variance, ``num_batches_tracked``).
 
 Layers: reference, kernels, registered ops, autograd, functional entry point. Used by the
-fusion block's ``ConvBN`` and ``IRMLP`` fused paths in ``hifuse.model``.
+fusion block's fused ``ConvBN`` and ``IRMLP`` paths (``hifuse.fused.fusion_block``).
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ tap, conv-bias and LayerNorm weight/bias gradients into per-program partial sums
 partials are added in a fixed order afterwards: no atomics, identical bits on every run.
 
 Layers: reference, kernels, registered ops, autograd, functional entry point. The module
-using it is ``hifuse.model.LocalBlock``.
+using it is the fused ``LocalBlock`` (``hifuse.fused.local_branch``).
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ __all__ = ["gated_layer_norm", "gated_layer_norm_ref", "unsupported_reason"]
 
 
 def gated_layer_norm_ref(g, channel_gate, l, spatial_gate, x, weight, bias, eps: float = 1e-6):
-    """norm3 of the eager block: LayerNorm2d(cat([g * channel_gate, l * spatial_gate, x], 1)).
+    """norm3 of the eager block: LayerNormCF(cat([g * channel_gate, l * spatial_gate, x], 1)).
 
     g, l, x: (N, C, H, W); channel_gate: (N, C, 1, 1); spatial_gate: (N, 1, H, W).
     """

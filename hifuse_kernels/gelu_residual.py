@@ -8,7 +8,7 @@ promote(y, shortcut), as in eager (under autocast: a bf16 y and an fp32 residual
 give fp32).
 
 Layers: reference, kernels, registered ops, autograd, functional entry point. Used by
-``hifuse.model.GlobalBlock.forward_fused``.
+the fused blocks' tails (``hifuse.fused``).
 """
 
 from __future__ import annotations

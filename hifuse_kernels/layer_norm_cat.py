@@ -8,7 +8,7 @@ It runs the kernels of ``hifuse::layer_norm_cf`` (csrc/layer_norm_cf.cpp, .cu), 
 a plain tensor is a one-part concatenation, so the two ops give identical results.
 
 Layers: reference, capability check, registered op (schema in C++; fake and autograd here),
-functional entry point. The module using it is ``hifuse.model.HFFBlock``.
+functional entry point. Its user is the fused ``HFFBlock`` (``hifuse.fused.fusion_block``).
 """
 
 from __future__ import annotations

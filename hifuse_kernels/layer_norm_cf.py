@@ -9,7 +9,7 @@ The output dtype is promote(x, weight), as in the eager formula.
 
 Layers: reference, capability check, registered op (schema in csrc/layer_norm_cf.cpp,
 fake and autograd here), functional entry point. The module using it is
-``hifuse.layers.LayerNorm2d``.
+``hifuse.layers.LayerNormCF`` (through ``hifuse.fused.local_branch``).
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ and none of the five elementwise kernels of the channels-first LayerNorm formula
 
 Plain PyTorch ops (gather, ``F.linear``, ``F.layer_norm``), so autograd, FLOP counting
 (``mm``/``addmm``: the same FLOPs as the convolution) and torch.compile come for free.
-The modules using them are ``hifuse.model.PatchEmbed`` and ``hifuse.model.LocalDownsample``.
+Their users are the fused ``PatchEmbed`` and ``LocalDownsample`` (``hifuse.fused``).
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ stays a Linear.
 
 Layers: reference, capability check, registered op (schema in C++; fake and autograd here, registered with a zero
 FLOP formula by `_ext.register_python_parts`), functional entry point. The module using it is
-``hifuse.model.PatchMerging``.
+the fused ``PatchMerging`` (``hifuse.fused.global_branch``).
 """
 
 from __future__ import annotations

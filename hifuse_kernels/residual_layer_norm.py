@@ -15,7 +15,7 @@ stream's gradient, then multiplied by gelu'(y) for y. Weight and bias gradients 
 per-program partial sums added in a fixed order.
 
 Layers: reference, kernels, registered ops, autograd, functional entry points. Used by
-``hifuse.model.GlobalStage`` / ``GlobalBlock.forward_fused``.
+the fused ``GlobalStage`` and ``GlobalBlock`` (``hifuse.fused.global_branch``).
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ gradient and all windows feed the bias table gradient, both through per-program 
 sums that are added in a fixed order afterwards, so two backward passes give identical bits.
 
 Layers: reference, kernels, launchers, registered op, autograd, functional entry point.
-The module using it is ``hifuse.model.GlobalBlock``.
+Its user is the fused ``GlobalBlock`` (``hifuse.fused.global_branch``).
 """
 
 from __future__ import annotations

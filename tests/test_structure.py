@@ -133,6 +133,32 @@ def test_fused_step_never_reads_tensor_values():
             model(x)
 
 
+@pytest.mark.gpu
+def test_fused_cuda_step_has_no_sync():
+    """On a GPU: a fused bf16 training step and an eval forward under
+    torch.cuda.set_sync_debug_mode("error") (after one warm-up step)."""
+    model = _small_model()
+    x = torch.randn(4, 3, 64, 64, device="cuda")
+    target = torch.tensor([0, 1, 2, 0], device="cuda")
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = torch.nn.functional.cross_entropy(model(x), target)
+        loss.backward()
+
+    with hifuse.use_fused():
+        step()
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            step()
+            model.eval()
+            with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+                model(x)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+
 @needs_kernels
 def test_weight_derived_tensors_are_computed_once():
     model = _small_model()
