@@ -8,9 +8,21 @@ import zlib
 from functools import lru_cache
 from pathlib import Path
 
+import pytest
 import torch
 
 DATA = Path(__file__).parent / "data"
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# (N, C, H, W) feature maps: batch 1, odd and prime sides, 1x1, every stage width
+FEATURE_SHAPES = [(1, 96, 7, 5), (2, 192, 3, 13), (1, 768, 1, 1), (2, 384, 2, 3), (3, 20, 4, 4)]
+
+
+def triton_device_or_skip():
+    """A module mark that skips where Triton kernels cannot run on DEVICE's tensors."""
+    from hifuse_kernels import _triton
+
+    reason = _triton.unsupported_reason(torch.zeros(1, device=DEVICE))
+    return pytest.mark.skipif(reason is not None, reason=str(reason))
 
 
 @lru_cache(maxsize=None)

@@ -127,6 +127,24 @@ def test_fused_block_compiles_without_graph_breaks():
     assert block.dwconv.weight.grad is not None
 
 
+def test_fused_block_trains_under_inductor():
+    """Inductor checks that each op's fake kernel gives the real kernel's strides (the
+    depthwise weight gradient once came back with other strides than its fake said)."""
+    torch.manual_seed(0)
+    block = LocalBlock(16).to(DEVICE)
+    x = torch.randn(2, 16, 5, 6, device=DEVICE)
+    with hifuse.use_fused(attention=False, local=True, patches=False, fusion=False, norm=False):
+        ref = block(x)
+        ref.sum().backward()
+        want = [p.grad.clone() for p in block.parameters()]
+        block.zero_grad()
+        out = torch.compile(block, fullgraph=True)(x)
+        out.sum().backward()
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    for p, g in zip(block.parameters(), want):
+        torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-5)
+
+
 def test_flops_match_eager():
     model = hifuse.create_model("hifuse_tiny", num_classes=3).to(DEVICE)
     eager = hifuse.count_flops(model, (3, 64, 64), backward=True)

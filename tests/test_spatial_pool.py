@@ -2,18 +2,12 @@
 
 import pytest
 import torch
+from helpers import DEVICE, FEATURE_SHAPES, check_grads, feature, triton_device_or_skip
 
-from helpers import check_grads, feature
-from hifuse_kernels import _triton
 from hifuse_kernels.spatial_pool import spatial_pool, spatial_pool_ref
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-pytestmark = pytest.mark.skipif(
-    _triton.unsupported_reason(torch.zeros(1, device=DEVICE)) is not None,
-    reason=str(_triton.unsupported_reason(torch.zeros(1, device=DEVICE))),
-)
-# (N, C, H, W): batch 1, odd and prime sides, 1x1, every stage width
-SHAPES = [(1, 96, 7, 5), (2, 192, 3, 13), (1, 768, 1, 1), (2, 384, 2, 3), (3, 20, 4, 4)]
+pytestmark = triton_device_or_skip()
+SHAPES = FEATURE_SHAPES
 
 
 @pytest.mark.parametrize("shape", SHAPES)
