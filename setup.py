@@ -119,13 +119,27 @@ def build_dir(torch_info: dict) -> Path:
     return ROOT / "build" / f"cmake-py{sys.version_info[0]}{sys.version_info[1]}-torch{tag}"
 
 
+def stale_tools(folder: Path) -> bool:
+    """Whether the CMake cache in ``folder`` names a cmake or ninja that is gone (pip's isolated
+    builds run tools from a temporary environment); such a folder cannot be reused."""
+    cache = folder / "CMakeCache.txt"
+    if not cache.exists():
+        return False
+    for line in cache.read_text(errors="replace").splitlines():
+        key, _, value = line.partition("=")
+        if key.split(":")[0] in ("CMAKE_COMMAND", "CMAKE_MAKE_PROGRAM") and value and not Path(value).exists():
+            _log(f"{folder.name} was configured with {value}, which is gone: building from nothing")
+            return True
+    return False
+
+
 class CMakeBuild(build_ext):
     def build_extension(self, ext: Extension) -> None:
         torch_info = target_torch()
         _log(f"building against torch {torch_info['version']} at {torch_info['dir']}")
         target = Path(self.get_ext_fullpath(ext.name)).resolve()
         folder = build_dir(torch_info)
-        if _flag("HIFUSE_CLEAN_BUILD") and folder.exists():
+        if folder.exists() and (_flag("HIFUSE_CLEAN_BUILD") or stale_tools(folder)):
             shutil.rmtree(folder)
         folder.mkdir(parents=True, exist_ok=True)
 
@@ -168,8 +182,12 @@ class CMakeBuild(build_ext):
         subprocess.run(["cmake", "-S", str(ROOT), "-B", str(folder), *args], check=True, env=env)
         subprocess.run(["cmake", "--build", str(folder), "--parallel", jobs], check=True, env=env)
         # The torch it was built against: the package refuses to load it under another one.
-        info = {"torch": torch_info["version"], "cuda": use_cuda}
-        target.with_name("_C.build.json").write_text(json.dumps(info) + "\n")
+        info = json.dumps({"torch": torch_info["version"], "cuda": use_cuda}) + "\n"
+        target.with_name("_C.build.json").write_text(info)
+        if self.inplace or getattr(self, "editable_mode", False):
+            # an editable install loads the library from the source tree, where setuptools
+            # copies only the library itself
+            (ROOT / "hifuse_kernels" / "_C.build.json").write_text(info)
 
 
 ext_modules = [] if _flag("HIFUSE_NO_EXTENSION") else [Extension("hifuse_kernels._C", sources=[])]
