@@ -381,7 +381,11 @@ def batch_norm_act(
             count = y.shape[0]
             unbiased = var * (count / (count - 1))
             for running, batch in ((bn.running_mean, mean), (bn.running_var, unbiased)):
-                running.mul_(1 - momentum).add_(batch.to(running.dtype) * momentum)
+                batch = batch.to(running.dtype)
+                if bn.momentum is None:  # a tensor momentum cannot be an alpha
+                    running.mul_(1 - momentum).add_(batch * momentum)
+                else:
+                    running.mul_(1 - momentum).add_(batch, alpha=momentum)
     out = torch.ops.hifuse.batch_norm_act(y, r, mean, invstd, bn.weight, bn.bias, ACTIVATIONS[act], h, w, pool, out_dtype)
     if pool:
         h, w = h // 2, w // 2

@@ -12,8 +12,9 @@ import torch
 from torch import nn
 
 from .. import config
+from ..model import IRMLP, ConvBN, GlobalBlock
 from . import fusion_block, global_branch, local_branch
-from .fusion_block import bn1_into_conv2, folded_weights
+from .fusion_block import bn1_into_conv2, folded_weights, folds
 from .global_branch import merged_proj_fc1
 
 __all__ = ["fusion_block", "global_branch", "local_branch", "prepare"]
@@ -25,17 +26,13 @@ def prepare(model: nn.Module) -> nn.Module:
     them, also under torch.compile. ``HiFuse.eval()`` calls it; call it again after
     changing weights in place while in eval mode and compiled (eager forwards notice such
     changes by themselves)."""
-    from ..model import IRMLP, ConvBN, GlobalBlock
-
     with torch.no_grad():
         for m in model.modules():
-            if m.training:
-                continue
-            if isinstance(m, GlobalBlock):
+            if isinstance(m, GlobalBlock) and not m.training:
                 merged_proj_fc1(m)
-            elif isinstance(m, ConvBN) and m.bn is not None and m.bn.running_var is not None:
+            elif isinstance(m, ConvBN) and folds(m.bn):
                 folded_weights(m)
-            elif isinstance(m, IRMLP) and m.bn1.running_var is not None:
+            elif isinstance(m, IRMLP) and folds(m.bn1):
                 bn1_into_conv2(m)
     return model
 

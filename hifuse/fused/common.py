@@ -26,8 +26,11 @@ def derived(module: nn.Module, name: str, sources: tuple[torch.Tensor, ...], com
 
     Recomputed when a source changes (an in-place update bumps its version; a new tensor
     has a new storage). Under torch.compile the cache is read as it is and the graph holds
-    no recomputation; ``prepare`` (which ``HiFuse.eval()`` runs) fills it beforehand.
+    no recomputation; ``prepare`` (which ``HiFuse.eval()`` runs) fills it beforehand. Where
+    gradients flow into the sources, ``compute()`` runs in the graph every time, uncached.
     """
+    if needs_grad(*sources):
+        return compute()
     store = module.__dict__.setdefault("_hifuse_derived", {})
     cached = store.get(name)
     if torch.compiler.is_compiling():
@@ -80,8 +83,8 @@ def drop_path_inactive(module: nn.Module) -> bool:
 
 
 def gelu_residual(module: nn.Module, y: torch.Tensor, shortcut: torch.Tensor, act: nn.Module) -> torch.Tensor:
-    """``shortcut + module.drop_path(act(y))``: one Triton pass when drop path is inactive and
-    the tensors are contiguous in one layout (checked by the module's route)."""
+    """``shortcut + module.drop_path(act(y))`` (``act`` a GELU): one Triton pass when drop path
+    is inactive."""
     if drop_path_inactive(module):
         return gr.gelu_residual(y, shortcut, check=False)
     return shortcut + module.drop_path(act(y))

@@ -23,10 +23,10 @@ from hifuse_kernels.spatial_pool import spatial_pool
 
 from .. import config
 from ..model import IRMLP, ConvBN, HFFBlock
-from .common import autocast_dtype, batch_norm_affine, conv_channels_last, derived, fold_batch_norm, needs_grad
+from .common import autocast_dtype, batch_norm_affine, conv_channels_last, derived, fold_batch_norm
 
 
-def _folds(bn) -> bool:
+def folds(bn) -> bool:
     """Whether an eval-mode BatchNorm is folded into the convolution before it."""
     return bn is not None and not bn.training and bn.running_var is not None
 
@@ -38,8 +38,6 @@ def folded_weights(m: ConvBN) -> tuple[torch.Tensor, torch.Tensor]:
     sources = (conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var)
     if conv.bias is not None:
         sources += (conv.bias,)
-    if needs_grad(*sources):
-        return fold_batch_norm(conv.weight, conv.bias, bn)
     return derived(m, "folded", sources, lambda: fold_batch_norm(conv.weight, conv.bias, bn))
 
 
@@ -48,7 +46,7 @@ def conv_bn_forward(m: ConvBN, x: torch.Tensor, then: str | None = None, pool: b
     average pooling (fused into the training BatchNorm). Checked by ``fusion_check``."""
     act = "relu" if m.relu is not None else then
     bn = m.bn
-    if _folds(bn):
+    if folds(bn):
         weight, bias = folded_weights(m)
         x = activation(act)(conv_channels_last(x, weight, bias, m.conv))
         return F.avg_pool2d(x, 2, stride=2) if pool else x
@@ -65,7 +63,7 @@ def irmlp_forward(m: IRMLP, x: torch.Tensor) -> torch.Tensor:
     a linear one) and conv3's BatchNorm into conv3; the 1x1 convolutions are GEMMs."""
     x = x.contiguous(memory_format=torch.channels_last)
     y = F.conv2d(x, m.conv1.conv.weight, None, padding=m.conv1.conv.padding, groups=m.conv1.conv.groups)
-    if not _folds(m.bn1):
+    if not folds(m.bn1):
         normed = bna.batch_norm_act(y, m.bn1, None, residual=x, out_dtype=autocast_dtype(x), check=False)
         out = conv_channels_last(normed, m.conv2.conv.weight, None, m.conv2.conv)
     else:
@@ -83,22 +81,19 @@ def bn1_into_conv2(m: IRMLP) -> tuple[torch.Tensor, torch.Tensor]:
         scale, shift = batch_norm_affine(bn)
         return w2 * scale.view(1, -1, 1, 1), w2.flatten(1) @ shift
 
-    sources = (w2, bn.weight, bn.bias, bn.running_mean, bn.running_var)
-    if needs_grad(*sources):
-        return compute()
-    return derived(m, "bn1_conv2", sources, compute)
+    return derived(m, "bn1_conv2", (w2, bn.weight, bn.bias, bn.running_mean, bn.running_var), compute)
 
 
 def fusion_check(m: HFFBlock, l: torch.Tensor, g: torch.Tensor, f: torch.Tensor | None) -> str | None:
     """Checked on tensors of the shapes and dtypes the block's ops will be given: the 1x1
     convolutions' outputs come in autocast's GEMM dtype (else promote(input, weight))."""
     for bn in (m.W_l.bn, m.W_g.bn, m.W.bn if f is None else m.W3.bn, m.residual.bn1, m.residual.conv3.bn):
-        if not _folds(bn) and not bn.affine:
+        if not folds(bn) and not bn.affine:
             return "BatchNorm without affine parameters is not fused"
     n, c, h, w = l.shape
-    if not _folds(m.W_l.bn) and n * h * w < 2:
+    if not folds(m.W_l.bn) and n * h * w < 2:
         return "BatchNorm needs more than one value per channel when training"
-    if f is not None and not _folds(m.Updim.bn) and min(f.shape[-2:]) < 2:
+    if f is not None and not folds(m.Updim.bn) and min(f.shape[-2:]) < 2:
         return "Updim's pooling needs a map of at least 2x2"
     dtype = autocast_dtype(l) or torch.promote_types(l.dtype, m.W_l.conv.weight.dtype)
     part = torch.empty((n, c, h, w), dtype=dtype, device=l.device)
