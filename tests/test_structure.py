@@ -56,6 +56,13 @@ def test_kernels_never_import_the_model():
     assert not {m: d for m, d in bad.items() if d}
 
 
+def test_command_line_sits_on_top():
+    """Only the command line (and ``python -m hifuse``) imports the command line."""
+    bad = {m: sorted(d for d in deps if d == "hifuse.cli" or d.startswith("hifuse.cli."))
+           for m, deps in _imports().items() if not (m.startswith("hifuse.cli") or m == "hifuse.__main__")}
+    assert not {m: d for m, d in bad.items() if d}
+
+
 def test_no_import_cycles():
     graph = _imports()
     # A package imports its own submodules to register them; that edge is not a cycle.

@@ -87,6 +87,11 @@ def bn1_into_conv2(m: IRMLP) -> tuple[torch.Tensor, torch.Tensor]:
 def fusion_check(m: HFFBlock, l: torch.Tensor, g: torch.Tensor, f: torch.Tensor | None) -> str | None:
     """Checked on tensors of the shapes and dtypes the block's ops will be given: the 1x1
     convolutions' outputs come in autocast's GEMM dtype (else promote(input, weight))."""
+    bns = (m.W_l.bn, m.W_g.bn, m.Updim.bn, m.W.bn, m.W3.bn, m.residual.bn1, m.residual.conv3.bn, m.spatial.bn)
+    for bn in bns:
+        if type(bn) is not torch.nn.BatchNorm2d:
+            # SyncBatchNorm and other subclasses compute their statistics differently
+            return f"{type(bn).__name__} is not fused (only nn.BatchNorm2d)"
     for bn in (m.W_l.bn, m.W_g.bn, m.W.bn if f is None else m.W3.bn, m.residual.bn1, m.residual.conv3.bn):
         if not folds(bn) and not bn.affine:
             return "BatchNorm without affine parameters is not fused"

@@ -1,0 +1,84 @@
+"""Whole-model training steps and inference calls as the benchmarks time them; shared by
+``benchmarks/test_model.py`` and ``hifuse benchmark``.
+
+Providers: ``eager``; ``fused`` (``use_fused()``); ``compile`` and ``fused_compile``
+(``torch.compile`` of the eager or fused model).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+
+from .. import config
+from ..model import create_model
+
+PROVIDERS = ("eager", "fused", "compile", "fused_compile")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
+
+
+def no_decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    rest = [p for p in model.parameters() if p.ndim <= 1]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+
+
+def model_call(
+    variant: str, irmlp: str, batch: int, size: int, dtype: str, memory_format: str, provider: str,
+    train: bool, device: torch.device, num_classes: int = 7,
+) -> Callable[[], None]:
+    """One training step (forward, cross-entropy, backward, AdamW) or one inference call, as a
+    function of no arguments. Run it under ``fused_setting(provider)``."""
+    if provider not in PROVIDERS:
+        raise ValueError(f"unknown provider {provider!r}; choose from {PROVIDERS}")
+    torch.manual_seed(0)
+    fmt = FORMATS[memory_format]
+    model = create_model(variant, num_classes=num_classes, irmlp=irmlp).to(device, memory_format=fmt).train(train)
+    x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=fmt)
+    y = torch.randint(0, num_classes, (batch,), device=device)
+    run = torch.compile(model, dynamic=False) if provider.endswith("compile") else model
+    autocast = dict(device_type=device.type, dtype=DTYPES[dtype], enabled=dtype != "fp32")
+    if not train:
+        def infer():
+            with torch.no_grad(), torch.autocast(**autocast):
+                run(x)
+
+        return infer
+
+    opt = torch.optim.AdamW(no_decay_groups(model, 0.01), lr=1e-4)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(**autocast):
+            loss = torch.nn.functional.cross_entropy(run(x), y)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def fused_setting(provider: str):
+    """The use_fused() setting of a provider (context manager)."""
+    return config.use_fused(provider.startswith("fused"))
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_seconds(fn: Callable[[], None], device: torch.device, rounds: int, warmup: int) -> float:
+    """Median wall time of fn, each call synchronised, after warm-up calls (compilation)."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]

@@ -1,0 +1,443 @@
+"""``hifuse train``: the paper's recipe on an image folder, on one device or many (torchrun).
+
+Reproducible by construction: the shuffling order and each image's augmentation depend only on
+(seed, epoch, index), and every epoch starts from RNG states seeded by (seed, epoch), so a run
+resumed from ``last.pth`` ends with the weights of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from .. import config
+from . import data as data_
+from . import metrics as metrics_
+from . import models
+from .errors import CliError
+
+RUN_FILES = ("last.pth", "best_model.pth", "metrics.jsonl", "classes.json", "settings.json", "tensorboard")
+# what defines a run; the rest (workers, device, ...) may change on --resume
+RUN_SETTINGS = (
+    "data", "images", "labels", "val_split", "model", "irmlp", "depths", "dims", "heads", "img_size",
+    "epochs", "batch_size", "lr", "min_lr", "weight_decay", "warmup_epochs", "amp", "fused", "compile",
+    "channels_last", "seed", "init", "select", "sync_bn", "strict",
+)
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("train", help="train HiFuse on an image folder or an ISIC CSV",
+                       description="Train HiFuse with the paper's recipe (AdamW, warm-up + cosine, 224x224).")
+    p.add_argument("--data", help="DIR with train/<class>/* and val/<class>/* (or class folders and --val-split)")
+    p.add_argument("--images", help="image folder of the ISIC CSV form (with --labels)")
+    p.add_argument("--labels", help="CSV: image name, then one-hot class columns or a 'label' column")
+    p.add_argument("--val-split", type=float, help="fraction of train kept for validation (seeded, per class)")
+    p.add_argument("--out", required=True, help="run folder: checkpoints, metrics.jsonl, TensorBoard logs")
+    p.add_argument("--model", default="hifuse_tiny", help="hifuse_tiny, hifuse_small or hifuse_base")
+    p.add_argument("--irmlp", default="full", choices=["full", "depthwise"], help="IRMLP conv1 (full: published)")
+    p.add_argument("--depths", type=_ints, help="architecture override: blocks per stage, e.g. 1,1,1,1")
+    p.add_argument("--dims", type=_ints, help="architecture override: channels per stage, e.g. 32,64,128,256")
+    p.add_argument("--heads", type=_ints, help="architecture override: attention heads per stage")
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--epochs", type=int, default=100)
+    p.add_argument("--batch-size", type=int, default=32, help="images per step and process")
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--min-lr", type=float, default=1e-6)
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--warmup-epochs", type=float, default=1.0)
+    p.add_argument("--amp", choices=["bf16", "fp16", "none"], help="autocast dtype (default: bf16 on a GPU, none on CPU)")
+    p.add_argument("--fused", action=argparse.BooleanOptionalAction, default=None,
+                   help="fused kernels (default: on with a GPU; on CPU they are for testing, not speed)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--channels-last", action="store_true", help="channels_last model and inputs")
+    p.add_argument("--workers", type=int, default=data_.default_workers(), help="data loading processes")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--init", help="weights to start from (the classifier is left new: fine-tuning)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pth")
+    p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    p.add_argument("--select", choices=["acc", "f1"], default="acc", help="validation metric choosing best_model.pth")
+    p.add_argument("--sync-bn", action="store_true", help="BatchNorm statistics over all processes (DDP)")
+    p.add_argument("--strict", action="store_true", help="unreadable images are an error, not skipped")
+    p.add_argument("--device", help="cuda, cuda:1 or cpu (default: cuda when present; under torchrun the local rank's GPU)")
+    p.set_defaults(run=run)
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise CliError(f"expected four comma-separated integers, got {text!r}") from None
+    if len(values) != 4 or min(values) <= 0:
+        raise CliError(f"expected four positive comma-separated integers, got {text!r}")
+    return values
+
+
+# ----------------------------------------------------------------------------- set-up
+
+
+class Dist:
+    """This process's place in a torchrun job (or a job of one)."""
+
+    def __init__(self, device_choice: str | None) -> None:
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if self.world > 1 and device_choice is None and torch.cuda.is_available():
+            device_choice = f"cuda:{local}"
+        self.device = models.device_of(device_choice)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        if self.world > 1:
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def sum(self, values: list[float]) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64, device=self.device if self.device.type == "cuda" else "cpu")
+        if self.world > 1:
+            dist.all_reduce(t)
+        return t.tolist()
+
+    def close(self) -> None:
+        if self.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def seed_all(seed: int, epoch: int) -> None:
+    s = seed * 100_003 + epoch
+    random.seed(s)
+    torch.manual_seed(s)
+    try:
+        import numpy as np
+
+        np.random.seed(s % 2**32)
+    except ImportError:
+        pass
+
+
+def rng_states() -> dict:
+    states = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def prepare_out(out: Path, resume: bool, overwrite: bool, main: bool) -> None:
+    existing = [name for name in RUN_FILES if (out / name).exists()]
+    if resume:
+        if not (out / "last.pth").is_file():
+            raise CliError(f"--resume: {out} holds no last.pth to continue from")
+        return
+    if existing and not overwrite:
+        raise CliError(f"{out} already holds a run ({', '.join(existing)}): pass --resume to continue it or --overwrite to replace it")
+    if main:
+        for name in existing:
+            target = out / name
+            shutil.rmtree(target) if target.is_dir() else target.unlink()
+        out.mkdir(parents=True, exist_ok=True)
+
+
+def optimizer_for(model: torch.nn.Module, s: dict) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on norms and biases (parameters of one dimension)."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
+    rest = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": s["weight_decay"]}, {"params": rest, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=s["lr"], betas=(0.9, 0.999))
+
+
+def schedule(s: dict, steps_per_epoch: int):
+    """Learning rate factor per step: linear warm-up, then cosine from lr to min_lr."""
+    total = max(1, s["epochs"] * steps_per_epoch)
+    warmup = min(total, round(s["warmup_epochs"] * steps_per_epoch))
+    floor = s["min_lr"] / s["lr"]
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+class Shard(torch.utils.data.Sampler):
+    """Validation indices of one rank (rank, rank + world, ...): no padding, so metrics summed
+    over ranks count every image once."""
+
+    def __init__(self, n: int, rank: int, world: int) -> None:
+        self.index = list(range(rank, n, world))
+
+    def __iter__(self):
+        return iter(self.index)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+
+def settings_of(args) -> dict:
+    s = {k: getattr(args, k) for k in RUN_SETTINGS}
+    for k in ("data", "images", "labels", "init"):
+        if s[k]:
+            s[k] = str(Path(s[k]).resolve())
+    return s
+
+
+def check_settings(s: dict) -> None:
+    data_.check_img_size(s["img_size"])
+    for name in ("epochs", "batch_size"):
+        if s[name] <= 0:
+            raise CliError(f"--{name.replace('_', '-')} must be positive, got {s[name]}")
+    if s["lr"] <= 0 or s["min_lr"] < 0 or s["min_lr"] > s["lr"]:
+        raise CliError(f"need 0 <= --min-lr <= --lr and --lr > 0 (got lr {s['lr']}, min-lr {s['min_lr']})")
+    if s["warmup_epochs"] < 0:
+        raise CliError("--warmup-epochs must not be negative")
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def run(args) -> int:
+    out = Path(args.out)
+    d = Dist(args.device)
+    try:
+        return _run(args, out, d)
+    finally:
+        d.close()
+
+
+def _run(args, out: Path, d: Dist) -> int:
+    prepare_out(out, args.resume, args.overwrite, d.main)
+    state = None
+    if args.resume:
+        state = torch.load(out / "last.pth", map_location="cpu", weights_only=False)
+        s = state["settings"]
+    else:
+        s = settings_of(args)
+    check_settings(s)
+    if s["amp"] is None:
+        s["amp"] = "bf16" if d.device.type == "cuda" else "none"
+    if s["fused"] is None:
+        s["fused"] = d.device.type == "cuda"
+
+    ns = _Namespace(s, workers=args.workers)
+    train_samples, val_samples = data_.load_splits(ns)
+    train_samples = data_.check_images(train_samples, s["strict"], args.workers, "train")
+    val_samples = data_.check_images(val_samples, s["strict"], args.workers, "val")
+    classes = train_samples.classes
+    if state is not None and state["classes"] != classes:
+        raise CliError(f"--resume: the data's classes {classes} differ from the run's {state['classes']}")
+    if d.main:
+        (out / "classes.json").write_text(json.dumps(classes, indent=1) + "\n")
+        (out / "settings.json").write_text(json.dumps(s, indent=1) + "\n")
+
+    seed_all(s["seed"], 0)
+    model = models.build(s, len(classes))
+    if s["init"] and state is None:
+        models.load_init(model, s["init"])
+    if state is not None:
+        model.load_state_dict(state["model"])
+    if s["sync_bn"] and d.world > 1:
+        if d.device.type == "cuda":
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        else:
+            from .sync_batch_norm import convert
+
+            model = convert(model)
+    fmt = torch.channels_last if s["channels_last"] else torch.contiguous_format
+    model = model.to(d.device, memory_format=fmt)
+    config.use_fused(bool(s["fused"]))
+
+    net = model
+    if d.world > 1:
+        # static graph: the same modules every step, some parameters never used (the published
+        # model's unused global head, fu1's Updim); DDP then reduces every gradient bucket
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[d.device.index] if d.device.type == "cuda" else None, static_graph=True
+        )
+    if s["compile"]:
+        net = torch.compile(net)
+
+    train_set = data_.ImageDataset(train_samples, data_.transforms(s["img_size"], True), seed=s["seed"])
+    val_set = data_.ImageDataset(val_samples, data_.transforms(s["img_size"], False))
+    sampler = torch.utils.data.DistributedSampler(train_set, d.world, d.rank, shuffle=True, seed=s["seed"])
+    loader_args = dict(num_workers=args.workers, pin_memory=d.device.type == "cuda", persistent_workers=False)
+    per_rank = len(sampler)
+    train_loader = torch.utils.data.DataLoader(
+        train_set, s["batch_size"], sampler=sampler, drop_last=per_rank % s["batch_size"] == 1, **loader_args
+    )
+    val_loader = torch.utils.data.DataLoader(val_set, s["batch_size"], sampler=Shard(len(val_set), d.rank, d.world), **loader_args)
+
+    opt = optimizer_for(model, s)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule(s, len(train_loader)))
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(s["amp"])
+    scaler = torch.amp.GradScaler(d.device.type, enabled=s["amp"] == "fp16")
+    start, best = 0, None
+    if state is not None:
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        start, best = state["epoch"] + 1, state["best"]
+        _restore_rng(state["rng"])
+        if d.main:
+            _truncate_metrics(out / "metrics.jsonl", start)
+        if start >= s["epochs"]:
+            if d.main:
+                print(f"hifuse train: {out} finished all {s['epochs']} epochs already")
+            return 0
+
+    writer = None
+    if d.main:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(out / "tensorboard")
+        print(
+            f"hifuse train: {models.variant_name(model_arch(model))} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters), "
+            f"{len(classes)} classes, {len(train_set)} train / {len(val_set)} val images, {d.world} process(es) on {d.device}, "
+            f"amp {s['amp']}, fused {'on' if s['fused'] else 'off'}" + (f", resuming at epoch {start + 1}" if start else "")
+        )
+    autocast = dict(device_type=d.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
+
+    for epoch in range(start, s["epochs"]):
+        seed_all(s["seed"], epoch)
+        sampler.set_epoch(epoch)
+        train_set.epoch = epoch
+        t0 = time.perf_counter()
+        train_loss, train_acc = _train_epoch(net, train_loader, opt, sched, scaler, autocast, fmt, d, epoch, s["epochs"])
+        val = _validate(net, val_loader, classes, autocast, fmt, d)
+        seconds = time.perf_counter() - t0
+        score = val["accuracy"] if s["select"] == "acc" else val["f1"]
+        improved = best is None or score > best
+        if improved:
+            best = score
+        if d.main:
+            record = {
+                "epoch": epoch + 1, "train_loss": train_loss, "train_accuracy": train_acc, "val_loss": val["loss"],
+                "val_accuracy": val["accuracy"], "val_precision": val["precision"], "val_recall": val["recall"],
+                "val_f1": val["f1"], "val_per_class": val["per_class"], "lr": opt.param_groups[0]["lr"],
+                "seconds": seconds, "best": improved,
+            }
+            _report(record, val, writer, epoch, s["epochs"])
+            if improved:
+                _save_atomic({k: v.detach().cpu() for k, v in model.state_dict().items()}, out / "best_model.pth")
+            with open(out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+            checkpoint = {
+                "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                "scaler": scaler.state_dict(), "epoch": epoch, "best": best, "rng": rng_states(),
+                "settings": s, "classes": classes,
+            }
+            _save_atomic(checkpoint, out / "last.pth")
+        if d.world > 1:
+            dist.barrier()
+    if writer is not None:
+        writer.close()
+        print(f"hifuse train: done; best val {s['select']} {best:.4f}, weights in {out / 'best_model.pth'}")
+    return 0
+
+
+class _Namespace:
+    def __init__(self, s: dict, **extra) -> None:
+        self.__dict__.update(s)
+        self.__dict__.update(extra)
+
+
+def model_arch(model) -> dict:
+    return models.architecture(model.state_dict())
+
+
+def _restore_rng(states: dict) -> None:
+    torch.set_rng_state(states["torch"])
+    random.setstate(states["python"])
+    if "cuda" in states and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def _truncate_metrics(path: Path, epochs_done: int) -> None:
+    """Drop records of an epoch that was in progress when the run stopped (written before its
+    checkpoint); the resumed run writes them again."""
+    if path.is_file():
+        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["epoch"] <= epochs_done]
+        path.write_text("".join(line + "\n" for line in kept))
+
+
+def _save_atomic(obj, path: Path) -> None:
+    """Written beside the target and renamed over it: a killed run never leaves half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _train_epoch(net, loader, opt, sched, scaler, autocast, fmt, d: Dist, epoch: int, epochs: int):
+    from tqdm import tqdm
+
+    net.train()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=d.device)
+    correct = torch.zeros((), dtype=torch.int64, device=d.device)
+    seen = 0
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", disable=not d.main, leave=False, dynamic_ncols=True)
+    t0 = time.perf_counter()
+    for step, (x, y) in enumerate(bar):
+        x = x.to(d.device, non_blocking=True).contiguous(memory_format=fmt)
+        y = y.to(d.device, non_blocking=True)
+        with torch.autocast(**autocast):
+            logits = net(x)
+            loss = torch.nn.functional.cross_entropy(logits, y)
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        sched.step()
+        loss_sum += loss.detach().double() * len(y)
+        correct += (logits.detach().argmax(1) == y).sum()
+        seen += len(y)
+        if d.main and (step % 10 == 0 or step == len(loader) - 1):
+            # one host sync every ten steps, for the bar
+            bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{opt.param_groups[0]['lr']:.2e}",
+                            img_s=f"{seen * d.world / (time.perf_counter() - t0):.1f}")
+    total_loss, total_correct, total_seen = d.sum([float(loss_sum), float(correct), float(seen)])
+    return total_loss / max(1, total_seen), total_correct / max(1, total_seen)
+
+
+@torch.no_grad()
+def _validate(net, loader, classes, autocast, fmt, d: Dist) -> dict:
+    net.eval()
+    m = metrics_.make(len(classes), d.device)
+    loss_sum, seen = 0.0, 0
+    for x, y in loader:
+        x = x.to(d.device, non_blocking=True).contiguous(memory_format=fmt)
+        y = y.to(d.device, non_blocking=True)
+        with torch.autocast(**autocast):
+            logits = net(x)
+        loss_sum += float(torch.nn.functional.cross_entropy(logits.float(), y, reduction="sum"))
+        seen += len(y)
+        m.update(logits.float(), y)
+    res = metrics_.result(m, classes)  # torchmetrics reduces over ranks
+    total, count = d.sum([loss_sum, seen])
+    res["loss"] = total / max(1, count)
+    return res
+
+
+def _report(record: dict, val: dict, writer, epoch: int, epochs: int) -> None:
+    print(
+        f"epoch {epoch + 1}/{epochs}  train loss {record['train_loss']:.4f} acc {record['train_accuracy']:.4f}  |  "
+        f"val loss {record['val_loss']:.4f} acc {record['val_accuracy']:.4f} precision {record['val_precision']:.4f} "
+        f"recall {record['val_recall']:.4f} f1 {record['val_f1']:.4f}  |  lr {record['lr']:.2e}  "
+        f"{record['seconds']:.1f} s" + ("  (best)" if record["best"] else ""),
+        flush=True,
+    )
+    print(metrics_.table(val), flush=True)
+    for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_precision", "val_recall", "val_f1", "lr"):
+        group, _, name = key.partition("_")
+        writer.add_scalar(f"{group}/{name}" if name else key, record[key], epoch + 1)
+    writer.flush()
