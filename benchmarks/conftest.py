@@ -12,12 +12,10 @@ import platform
 import pytest
 import torch
 
-import hifuse
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
+from hifuse.cli.bench import DTYPES, FORMATS, fused_setting  # noqa: E402,F401  (one definition for both)
 
 
 def pytest_addoption(parser):
@@ -122,8 +120,3 @@ def run_timed(benchmark, fn, rounds: int, warmup: int = 3):
     if ON_GPU:
         benchmark.extra_info["peak_mem_mib"] = torch.cuda.max_memory_allocated() / 2**20
     return median
-
-
-def fused_setting(provider: str):
-    """The use_fused() setting of a provider (context manager)."""
-    return hifuse.use_fused(provider.startswith("fused"))

@@ -8,28 +8,16 @@ from __future__ import annotations
 
 import functools
 
-import torch
 
 import hifuse
-from conftest import DEVICE, DTYPES, FORMATS, fused_setting, run_timed
+from conftest import DEVICE, run_timed
+from hifuse.cli.bench import fused_setting, model_call
 
 
 @functools.lru_cache(maxsize=None)
 def flops_per_image(variant: str, irmlp: str, size: int, train: bool) -> int:
     model = hifuse.create_model(variant, num_classes=7, irmlp=irmlp).to(DEVICE)
     return hifuse.count_flops(model, (3, size, size), backward=train)
-
-
-def _setup(bench_settings, batch, dtype, memory_format, provider, train):
-    torch.manual_seed(0)
-    model = hifuse.create_model(bench_settings["variant"], num_classes=7, irmlp=bench_settings["irmlp"])
-    model = model.to(DEVICE, memory_format=FORMATS[memory_format]).train(train)
-    size = bench_settings["image_size"]
-    x = torch.randn(batch, 3, size, size, device=DEVICE).to(memory_format=FORMATS[memory_format])
-    y = torch.randint(0, 7, (batch,), device=DEVICE)
-    run = torch.compile(model, dynamic=False) if provider.endswith("compile") else model
-    autocast = torch.autocast(DEVICE.type, dtype=DTYPES[dtype], enabled=dtype != "fp32")
-    return model, run, x, y, autocast
 
 
 def _record(benchmark, bench_settings, median, batch, dtype, memory_format, provider, train):
@@ -43,31 +31,17 @@ def _record(benchmark, bench_settings, median, batch, dtype, memory_format, prov
     )
 
 
-def test_train_step(benchmark, bench_settings, batch, dtype, memory_format, provider):
-    model, run, x, y, autocast = _setup(bench_settings, batch, dtype, memory_format, provider, True)
-    decay = [p for n, p in model.named_parameters() if p.ndim > 1 and not n.endswith(".bias")]
-    rest = [p for n, p in model.named_parameters() if not (p.ndim > 1 and not n.endswith(".bias"))]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": rest, "weight_decay": 0.0}], lr=1e-4)
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        with autocast:
-            loss = torch.nn.functional.cross_entropy(run(x), y)
-        loss.backward()
-        opt.step()
-
+def _time(benchmark, bench_settings, batch, dtype, memory_format, provider, train):
+    s = bench_settings
+    call = model_call(s["variant"], s["irmlp"], batch, s["image_size"], dtype, memory_format, provider, train, DEVICE)
     with fused_setting(provider):
-        median = run_timed(benchmark, step, bench_settings["rounds"])
-    _record(benchmark, bench_settings, median, batch, dtype, memory_format, provider, True)
+        median = run_timed(benchmark, call, s["rounds"])
+    _record(benchmark, s, median, batch, dtype, memory_format, provider, train)
+
+
+def test_train_step(benchmark, bench_settings, batch, dtype, memory_format, provider):
+    _time(benchmark, bench_settings, batch, dtype, memory_format, provider, True)
 
 
 def test_inference(benchmark, bench_settings, batch, dtype, memory_format, provider):
-    _model, run, x, _y, autocast = _setup(bench_settings, batch, dtype, memory_format, provider, False)
-
-    def infer():
-        with torch.no_grad(), autocast:
-            run(x)
-
-    with fused_setting(provider):
-        median = run_timed(benchmark, infer, bench_settings["rounds"])
-    _record(benchmark, bench_settings, median, batch, dtype, memory_format, provider, False)
+    _time(benchmark, bench_settings, batch, dtype, memory_format, provider, False)
