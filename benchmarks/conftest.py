@@ -12,10 +12,10 @@ import platform
 import pytest
 import torch
 
+from hifuse.cli.bench import DTYPES, FORMATS, fused_setting  # noqa: F401  (shared with hifuse benchmark)
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
-from hifuse.cli.bench import DTYPES, FORMATS, fused_setting  # noqa: E402,F401  (one definition for both)
 
 
 def pytest_addoption(parser):
