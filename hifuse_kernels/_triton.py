@@ -66,7 +66,8 @@ def rows_per_program(c: int, tiles: int = 1) -> int:
 
 
 def row_warps(c: int) -> int:
-    return 4 if c <= 256 else 8
+    # at most 8 values of each loaded tile per thread: the backward kernels hold several tiles
+    return 8 if c <= 512 else 16
 
 
 def row_tile(c: int) -> dict:

@@ -39,6 +39,11 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 ACTIVATIONS = {None: 0, "relu": 1, "gelu": 2}
 BLOCK_M = 64  # rows (pixels) per program
 BLOCK_C = 64  # channels per program
+WARPS = 8  # 16 elements of each tile per thread: no spills, fewer registers
+# The pooled apply reads four input rows per output row, the backward passes several tensors
+# per element: smaller tiles keep them near 128 registers (scripts/check_triton_compile.py).
+POOL_BLOCK_M = 16
+BWD_BLOCK_M = 32
 
 __all__ = ["batch_norm_act", "batch_norm_act_ref", "unsupported_reason"]
 
@@ -192,8 +197,8 @@ if triton is not None:
 
 
 
-def _grid(m: int, c: int) -> tuple[int, int]:
-    return triton.cdiv(m, BLOCK_M), triton.cdiv(c, BLOCK_C)
+def _grid(m: int, c: int, block_m: int = BLOCK_M) -> tuple[int, int]:
+    return triton.cdiv(m, block_m), triton.cdiv(c, BLOCK_C)
 
 
 def _out_dtype(y: torch.Tensor, residual: torch.Tensor | None, out_dtype: torch.dtype | None = None) -> torch.dtype:
@@ -211,7 +216,7 @@ def _stats_op(y: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Ten
     m2_part = torch.empty_like(mean_part)
     wrap_triton(_stats_kernel)[grid](
         y, y if residual is None else residual, mean_part, m2_part, m, c,
-        PROLOGUE=residual is not None, BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C,
+        PROLOGUE=residual is not None, BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C, num_warps=WARPS,
     )
     # Chan et al.: combine the per-block (count, mean, M2) in a fixed order.
     counts = torch.full((grid[0], 1), float(BLOCK_M), device=y.device)
@@ -233,12 +238,12 @@ def _apply_op(
 ) -> torch.Tensor:
     m, c = y.shape
     r = y if residual is None else residual
-    flags = dict(PROLOGUE=residual is not None, ACT=act, BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C)
+    flags = dict(PROLOGUE=residual is not None, ACT=act, BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C, num_warps=WARPS)
     if pool:
         q = _pooled_rows(m, height, width)
         out = torch.empty((q, c), device=y.device, dtype=_out_dtype(y, residual, out_dtype))
-        wrap_triton(_apply_pool_kernel)[_grid(q, c)](
-            y, r, mean, invstd, weight, bias, out, q, c, height, width, **flags
+        wrap_triton(_apply_pool_kernel)[_grid(q, c, POOL_BLOCK_M)](
+            y, r, mean, invstd, weight, bias, out, q, c, height, width, **{**flags, "BLOCK_M": POOL_BLOCK_M}
         )
         return out
     out = torch.empty((m, c), device=y.device, dtype=_out_dtype(y, residual, out_dtype))
@@ -253,11 +258,11 @@ def _backward_op(
     pool: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     m, c = y.shape
-    grid = _grid(m, c)
+    grid = _grid(m, c, BWD_BLOCK_M)
     sum_dz_part = torch.empty((grid[0], c), device=y.device, dtype=torch.float32)
     sum_dzxh_part = torch.empty_like(sum_dz_part)
     r = y if residual is None else residual
-    flags = dict(PROLOGUE=residual is not None, ACT=act, POOL=pool, BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C)
+    flags = dict(PROLOGUE=residual is not None, ACT=act, POOL=pool, BLOCK_M=BWD_BLOCK_M, BLOCK_C=BLOCK_C, num_warps=WARPS)
     wrap_triton(_bwd_reduce_kernel)[grid](
         grad, y, r, mean, invstd, weight, bias, sum_dz_part, sum_dzxh_part, m, c, height, width, **flags
     )

@@ -29,7 +29,7 @@ from ._triton import tl, triton
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_CHANNELS = 1024
-BLOCK_P = 8  # positions of one row per program
+BLOCK_P = 8  # positions of one row per program (2 for rows wider than 512 channels)
 
 __all__ = ["dwconv_layer_norm", "dwconv_layer_norm_ref", "unsupported_reason"]
 
@@ -140,14 +140,19 @@ if triton is not None:
 
 
 
+def _block_p(c: int) -> int:
+    return BLOCK_P if c <= 512 else BLOCK_P // 4
+
+
 def _grid(x):
-    n, h, w, _c = x.shape
-    return (n * h, triton.cdiv(w, BLOCK_P))
+    n, h, w, c = x.shape
+    return (n * h, triton.cdiv(w, _block_p(c)))
 
 
 def _warps(c):
-    # A (BLOCK_P x BLOCK_C) fp32 tile per program: more warps for wide rows, fewer registers each.
-    return 4 if c <= 256 else 8 if c <= 512 else 16
+    # A (BLOCK_P x BLOCK_C) fp32 tile per program, at most 8 values of it per thread, so the
+    # backward holds its tiles and nine taps without spilling.
+    return 8 if c <= 512 else 16
 
 
 @_triton.define_op("hifuse::dwconv_layer_norm", mutates_args=())
@@ -161,7 +166,7 @@ def _fwd_op(
     rstd = torch.empty_like(mean)
     wrap_triton(_fwd_kernel)[_grid(x)](
         x, conv_weight, conv_bias, ln_weight, ln_bias, out, mean, rstd, h, w, c, eps,
-        BLOCK_P=BLOCK_P, BLOCK_C=_triton.block_channels(c), num_warps=_warps(c),
+        BLOCK_P=_block_p(c), BLOCK_C=_triton.block_channels(c), num_warps=_warps(c),
     )
     return out, mean, rstd
 
@@ -179,12 +184,12 @@ def _bwd_op(
     part_lw, part_lb = torch.empty(progs, c, **f32), torch.empty(progs, c, **f32)
     wrap_triton(_bwd_norm_kernel)[grid](
         x, conv_weight, conv_bias, ln_weight, grad, mean, rstd, dy, part_lw, part_lb, h, w, c,
-        BLOCK_P=BLOCK_P, BLOCK_C=_triton.block_channels(c), num_warps=_warps(c),
+        BLOCK_P=_block_p(c), BLOCK_C=_triton.block_channels(c), num_warps=_warps(c),
     )
     dx = torch.empty_like(x)
     part_cw, part_cb = torch.empty(progs, 9, c, **f32), torch.empty(progs, c, **f32)
     wrap_triton(_bwd_conv_kernel)[grid](
-        x, conv_weight, dy, dx, part_cw, part_cb, h, w, c, BLOCK_P=BLOCK_P, BLOCK_C=_triton.block_channels(c),
+        x, conv_weight, dy, dx, part_cw, part_cb, h, w, c, BLOCK_P=_block_p(c), BLOCK_C=_triton.block_channels(c),
         num_warps=_warps(c),
     )
     # contiguous, as the fake kernel (and so Inductor) expects

@@ -132,7 +132,7 @@ def _bwd_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     m, c = shortcut.shape
     prologue = y is not None
-    block_m = _triton.rows_per_program(c)
+    block_m = _triton.rows_per_program(c, 4)  # the backward holds more tiles
     programs = triton.cdiv(m, block_m)
     ds = torch.empty_like(shortcut)
     dy = torch.empty_like(y) if prologue else _empty(shortcut)

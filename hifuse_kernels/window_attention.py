@@ -285,6 +285,16 @@ def _bias_or_zeros(qkv, qkv_bias):
 
 
 
+# Warps per program, chosen so that no variant spills registers (scripts/check_triton_compile.py):
+# the backward holds q, k, v, dO and two (BN x BN) score tiles; fp32 (IEEE) dots need more
+# registers than bf16/fp16 ones.
+BWD_WARPS = 8
+
+
+def fwd_warps(dtype: torch.dtype) -> int:
+    return 8 if dtype == torch.float32 else 4
+
+
 @_triton.define_op("hifuse::window_attention", mutates_args=())
 def _window_attention_op(
     qkv: torch.Tensor, qkv_bias: torch.Tensor, table: torch.Tensor, num_heads: int, window: int, shift: int
@@ -299,6 +309,7 @@ def _window_attention_op(
         g["d"] ** -0.5,
         qkv.stride(0), qkv.stride(1), qkv.stride(2), out.stride(0), out.stride(1), out.stride(2),
         WS=window, BN=g["bn"], D=g["d"], BD=g["bd"], SHIFTED=shift > 0, PRECISION=_precision(qkv),
+        num_warps=fwd_warps(qkv.dtype),
     )
     return out, lse
 
@@ -324,6 +335,7 @@ def _window_attention_backward_op(
         qkv.stride(0), qkv.stride(1), qkv.stride(2), out.stride(0), out.stride(1), out.stride(2),
         dqkv.stride(0), dqkv.stride(1), dqkv.stride(2),
         WS=window, BN=g["bn"], D=g["d"], BD=g["bd"], SHIFTED=shift > 0, PRECISION=_precision(qkv),
+        num_warps=BWD_WARPS,
     )
     n = window * window
     ds = ds_part.sum(0)[:, :n, :n].reshape(num_heads, n * n)

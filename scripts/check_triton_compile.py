@@ -1,9 +1,11 @@
 """Compile every Triton kernel of hifuse_kernels for a GPU target, without a GPU.
 
 Catches what the CPU interpreter cannot: type errors, unsupported operations and layout
-problems that only show when Triton lowers a kernel to PTX and a cubin. Usage:
+problems that only show when Triton lowers a kernel to PTX and a cubin. Reports each kernel's
+registers per thread and spilled bytes (``ptxas -v`` on its PTX), and fails when a kernel
+spills or a memory-bound kernel needs more than MEMORY_BOUND_REGS registers. Usage:
 
-    python scripts/check_triton_compile.py [--arch 90]
+    python scripts/check_triton_compile.py [--arch 90] [--jobs N]
 
 Must run without TRITON_INTERPRET=1 (kernels defined for the interpreter cannot be compiled).
 """
@@ -12,8 +14,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
+import subprocess
 import sys
+import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
+
+import torch
 
 if os.environ.get("TRITON_INTERPRET") == "1":
     sys.exit("unset TRITON_INTERPRET: interpreted kernels cannot be compiled")
@@ -33,6 +41,22 @@ import hifuse_kernels.residual_layer_norm as rln  # noqa: E402
 import hifuse_kernels.window_attention as wa  # noqa: E402
 
 FLOATS = {"scale", "eps"}
+# Every kernel but the window attention's streams memory and needs many resident warps to hide
+# its latency: 65536 registers per SM leave room for 16 warps at 128 registers per thread, 12
+# at 160. Memory-bound kernels aim at about 128; more than this fails.
+MEMORY_BOUND_REGS = 160
+COMPUTE_KERNELS = {"window_attention"}
+# Variants that still spill, with the spill-store bytes measured (sm_90a, triton 3.8): a check
+# fails when one of them spills more, or any other variant spills at all. The window attention
+# backward holds q, k, v, dO, the score tiles and the bias-gradient partials of a whole
+# window; it needs splitting (dq apart from dk/dv) to fit. fp32 is the CPU-testing dtype.
+KNOWN_SPILLS = {
+    "window_attention._bwd_kernel bf16": 168,
+    "window_attention._bwd_kernel fp16": 140,
+    "window_attention._bwd_kernel fp32": 816,
+    "window_attention._fwd_kernel fp32": 420,
+    "residual_layer_norm._fwd_kernel fp32": 8,
+}
 DTYPES = {"fp32": "fp32", "bf16": "bf16", "fp16": "fp16"}
 
 
@@ -41,12 +65,13 @@ def cases(dtype: str):
     prec = "ieee" if dtype == "fp32" else "tf32"
     attn = dict(WS=7, BN=64, D=32, BD=32, SHIFTED=True, PRECISION=prec)
     f32 = "fp32"
-    yield wa._fwd_kernel, dict(QKV="dt", BIAS="dt", TABLE=f32, OUT="dt", LSE=f32), attn
-    yield wa._fwd_kernel, dict(QKV="dt", BIAS="dt", TABLE=f32, OUT="dt", LSE=f32), {**attn, "SHIFTED": False, "D": 64, "BD": 64}
+    fwd = {**attn, "WARPS": wa.fwd_warps(getattr(torch, {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[dtype]))}
+    yield wa._fwd_kernel, dict(QKV="dt", BIAS="dt", TABLE=f32, OUT="dt", LSE=f32), fwd
+    yield wa._fwd_kernel, dict(QKV="dt", BIAS="dt", TABLE=f32, OUT="dt", LSE=f32), {**fwd, "SHIFTED": False, "D": 64, "BD": 64}
     yield wa._bwd_kernel, dict(QKV="dt", BIAS="dt", TABLE=f32, OUT="dt", DOUT="dt", LSE=f32, DQKV="dt",
-                               DBIAS_PART=f32, DS_PART=f32), attn
+                               DBIAS_PART=f32, DS_PART=f32), {**attn, "WARPS": wa.BWD_WARPS}
     for block_c in (128, 1024):
-        tiles = dict(BLOCK_P=dln.BLOCK_P, BLOCK_C=block_c)  # launched with dln._warps(C) warps
+        tiles = dict(BLOCK_P=dln._block_p(block_c), BLOCK_C=block_c, WARPS=dln._warps(block_c))
         yield dln._fwd_kernel, dict(X="dt", CW=f32, CB=f32, LW=f32, LB=f32, OUT="dt", MEAN=f32, RSTD=f32), tiles
         # under autocast: the fp32 stream in, the GEMM's dtype out
         yield dln._fwd_kernel, dict(X=f32, CW=f32, CB=f32, LW=f32, LB=f32, OUT="dt", MEAN=f32, RSTD=f32), tiles
@@ -55,7 +80,7 @@ def cases(dtype: str):
         yield dln._bwd_conv_kernel, dict(X="dt", CW=f32, DY=f32, DX="dt", PART_CW=f32, PART_CB=f32), tiles
     yield gr._fwd_kernel, dict(Y="dt", S=f32, OUT=f32), dict(BLOCK=gr.BLOCK)
     yield gr._bwd_kernel, dict(G="dt", Y="dt", DY="dt"), dict(BLOCK=gr.BLOCK)
-    tile = dict(BLOCK_M=bna.BLOCK_M, BLOCK_C=bna.BLOCK_C, WARPS=4)
+    tile = dict(BLOCK_M=bna.BLOCK_M, BLOCK_C=bna.BLOCK_C, WARPS=bna.WARPS)
     for prologue in (False, True):  # with the prologue: bf16 conv output, fp32 residual stream
         io = dict(Y="dt", R=f32 if prologue else "dt")
         yield bna._stats_kernel, dict(**io, MEAN_PART=f32, M2_PART=f32), {**tile, "PROLOGUE": prologue}
@@ -63,9 +88,10 @@ def cases(dtype: str):
             flags = {**tile, "PROLOGUE": prologue, "ACT": act}
             out = "dt"  # with the prologue too: the IRMLP's bn1 writes conv2's GEMM dtype
             yield bna._apply_kernel, dict(**io, MEAN=f32, INVSTD=f32, W=f32, B=f32, OUT=out), flags
-            yield bna._apply_pool_kernel, dict(**io, MEAN=f32, INVSTD=f32, W=f32, B=f32, OUT=out), flags
+            yield bna._apply_pool_kernel, dict(**io, MEAN=f32, INVSTD=f32, W=f32, B=f32, OUT=out), \
+                {**flags, "BLOCK_M": bna.POOL_BLOCK_M}
             for pool in (False, True):
-                bwd = {**flags, "POOL": pool}
+                bwd = {**flags, "POOL": pool, "BLOCK_M": bna.BWD_BLOCK_M}
                 yield bna._bwd_reduce_kernel, dict(G=out, **io, MEAN=f32, INVSTD=f32, W=f32, B=f32,
                                                    SUM_DZ_PART=f32, SUM_DZXH_PART=f32), bwd
                 yield bna._bwd_apply_kernel, dict(G=out, **io, MEAN=f32, INVSTD=f32, W=f32, B=f32, SUM_DZ=f32,
@@ -76,7 +102,8 @@ def cases(dtype: str):
             yield rln._fwd_kernel, dict(Y="dt", S=f32, W=f32, B=f32, OUT=f32, NORMED="dt", MEAN=f32, RSTD=f32), \
                 {**rows, "PROLOGUE": prologue}
             yield rln._bwd_kernel, dict(DOUT=f32, DNORMED="dt", Y="dt", S=f32, W=f32, MEAN=f32, RSTD=f32, DY="dt",
-                                        DS=f32, PART_W=f32, PART_B=f32), {**rows, "PROLOGUE": prologue, "HAS_DOUT": prologue}
+                                        DS=f32, PART_W=f32, PART_B=f32), \
+                {**rows, "BLOCK_M": _triton.rows_per_program(c, 4), "PROLOGUE": prologue, "HAS_DOUT": prologue}
     pool = dict(BLOCK_S=cp.BLOCK_S, BLOCK_C=64)
     yield cp._channel_pool_kernel, dict(G="dt", SUM=f32, MAX=f32, ARG="i32"), pool
     yield cp._channel_pool_bwd_kernel, dict(D_AVG="dt", D_MAX="dt", ARG="i32", DG="dt"), pool
@@ -110,29 +137,72 @@ def signature(kernel, pointers: dict, constexprs: dict, dtype: str) -> dict:
     return sig
 
 
+def resources(ptx: str, arch: int) -> dict[str, int]:
+    """Registers, stack frame and spill bytes of the kernel, as ``ptxas -v`` reports them."""
+    from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
+
+    ptxas = get_ptxas(arch).path
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        run = subprocess.run([ptxas, "-v", f"--gpu-name={sm_arch_from_capability(arch)}", src, "-o", os.path.join(tmp, "k.o")],
+                             capture_output=True, text=True, check=True)
+    text = run.stdout + run.stderr
+    found = {
+        "regs": re.search(r"Used (\d+) registers", text),
+        "stack": re.search(r"(\d+) bytes stack frame", text),
+        "spill_stores": re.search(r"(\d+) bytes spill stores", text),
+        "spill_loads": re.search(r"(\d+) bytes spill loads", text),
+    }
+    return {k: int(m.group(1)) if m else 0 for k, m in found.items()}
+
+
+def compile_case(job: tuple[int, str, int]) -> tuple[bool, str]:
+    """(passed, report line) of case ``index`` of ``cases(dtype)``."""
+    arch, dtype, index = job
+    kernel, pointers, constexprs = list(cases(dtype))[index]
+    module = kernel.fn.__module__.split(".")[-1]
+    name = f"{module}.{kernel.fn.__name__} {dtype} {constexprs}"
+    start = time.time()
+    try:
+        constexprs = dict(constexprs)
+        warps = constexprs.pop("WARPS", None)
+        if warps is None and "BLOCK_C" in constexprs:
+            warps = dln._warps(constexprs["BLOCK_C"])
+        src = ASTSource(fn=kernel, signature=signature(kernel, pointers, constexprs, dtype), constexprs=constexprs)
+        options = {"num_warps": warps} if warps else {}
+        compiled = triton_compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+        use = resources(compiled.asm["ptx"], arch)
+    except Exception as err:  # noqa: BLE001 - report every kernel, then fail
+        return False, f"FAIL {name}: {type(err).__name__}: {err}"
+    usage = (f"{use['regs']:3d} regs, {use['spill_stores']}/{use['spill_loads']} B spilled (stores/loads), "
+             f"{use['stack']} B stack, {compiled.metadata.shared} B shared, {compiled.metadata.num_warps} warps")
+    problems = []
+    known = KNOWN_SPILLS.get(f"{module}.{kernel.fn.__name__} {dtype}", 0)
+    if use["spill_stores"] > known or (use["spill_loads"] and not known):
+        problems.append("spills registers to local memory" + (f" (more than the known {known} B)" if known else ""))
+    if module not in COMPUTE_KERNELS and use["regs"] > MEMORY_BOUND_REGS:
+        problems.append(f"memory-bound kernel over {MEMORY_BOUND_REGS} registers")
+    status = "FAIL" if problems else "ok  "
+    return not problems, f"{status} {usage}  {name} ({time.time() - start:.1f}s){': ' + '; '.join(problems) if problems else ''}"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90)
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compiler processes")
+    parser.add_argument("--dtypes", default=",".join(DTYPES), help="comma list of fp32, bf16, fp16")
+    parser.add_argument("--only", help="kernels of this op file only (batch_norm_act, window_attention, ...)")
     args = parser.parse_args()
-    target = GPUTarget("cuda", args.arch, 32)
+    jobs = [(args.arch, dtype, i) for dtype in args.dtypes.split(",") for i, case in enumerate(cases(dtype))
+            if args.only is None or case[0].fn.__module__.endswith("." + args.only)]
     failures = 0
-    for dtype in DTYPES:
-        for kernel, pointers, constexprs in cases(dtype):
-            name = f"{kernel.fn.__module__.split('.')[-1]}.{kernel.fn.__name__} {dtype} {constexprs}"
-            start = time.time()
-            try:
-                constexprs = dict(constexprs)
-                warps = constexprs.pop("WARPS", None)
-                if warps is None and "BLOCK_C" in constexprs:
-                    warps = dln._warps(constexprs["BLOCK_C"])
-                src = ASTSource(fn=kernel, signature=signature(kernel, pointers, constexprs, dtype), constexprs=constexprs)
-                options = {"num_warps": warps} if warps else {}
-                compiled = triton_compile(src, target=target, options=options)
-                print(f"ok   {name} ({time.time() - start:.1f}s, shared {compiled.metadata.shared} B)")
-            except Exception as err:  # noqa: BLE001 - report every kernel, then fail
-                failures += 1
-                print(f"FAIL {name}: {type(err).__name__}: {err}")
-    print(f"{failures} failed")
+    with ProcessPoolExecutor(max(1, args.jobs)) as pool:
+        for passed, line in pool.map(compile_case, jobs):
+            failures += not passed
+            print(line, flush=True)
+    print(f"{len(jobs)} kernel variants, {failures} failed")
     return 1 if failures else 0
 
 
