@@ -193,7 +193,7 @@ def test_flops_match_eager():
     # With gradients (training), at 224x224, where no stage pads its windows, fused and eager
     # count the same. In inference the fused block merges proj and fc1 into one GEMM, and with
     # padding it skips the padded tokens' projections: fewer FLOPs.
-    model = hifuse.create_model("hifuse_tiny", num_classes=3).to(DEVICE)
+    model = hifuse.create_model("hifuse_tiny", num_classes=3, depths=(1, 2, 1, 1)).to(DEVICE)
     eager = hifuse.count_flops(model, (3, 224, 224), backward=True, by_operator=True)
     with hifuse.use_fused(attention=True, local=False, patches=False, fusion=False, norm=False):
         fused = hifuse.count_flops(model, (3, 224, 224), backward=True, by_operator=True)
