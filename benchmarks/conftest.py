@@ -48,7 +48,7 @@ def _csv(value):
 def settings(config) -> dict:
     providers = _csv(config.getoption("--providers"))
     if config.getoption("--compile"):
-        providers += [p for p in ("compile", "fused_compile") if p not in providers]
+        providers += [p for p in ("compile", "fused_compile", "fused_cudagraphs") if p not in providers]
     return {
         "variant": config.getoption("--variant"),
         "irmlp": config.getoption("--irmlp"),

@@ -1,16 +1,19 @@
 """The whole model: training step (forward, cross-entropy, backward, AdamW) and inference.
 
 Providers: eager, fused (whatever use_fused() enables today), compile and fused_compile
-(torch.compile of the eager or fused model; with --compile).
+(torch.compile of the eager or fused model) and fused_cudagraphs (the fused model under
+torch.compile(mode="reduce-overhead")); the compiled ones with --compile. ``first_call_s`` in
+extra_info is the first call's time (compilation for the compiled providers).
 """
 
 from __future__ import annotations
 
 import functools
+import time
 
 
 import hifuse
-from conftest import DEVICE, run_timed
+from conftest import DEVICE, run_timed, sync
 from hifuse.cli.bench import fused_setting, model_call
 
 
@@ -35,7 +38,12 @@ def _time(benchmark, bench_settings, batch, dtype, memory_format, provider, trai
     s = bench_settings
     call = model_call(s["variant"], s["irmlp"], batch, s["image_size"], dtype, memory_format, provider, train, DEVICE)
     with fused_setting(provider):
+        start = time.perf_counter()
+        call()
+        sync()
+        first = time.perf_counter() - start
         median = run_timed(benchmark, call, s["rounds"])
+    benchmark.extra_info["first_call_s"] = first
     _record(benchmark, s, median, batch, dtype, memory_format, provider, train)
 
 

@@ -90,6 +90,13 @@ if [ "${HIFUSE_COMPILE:-0}" = 1 ]; then
     bench "compile_${mode}_$b" -k "test_model and $mode" --dtype bf16 --batch "$b" \
       --memory-format channels_last --providers compile --rounds 20
   done
+  # the fused model compiled, then compiled with CUDA graphs (channels_last, as the peer)
+  for spec in train_step:128 inference:128 inference:32 train_step:32; do
+    mode=${spec%%:*}; b=${spec##*:}
+    case ",$batches," in *",$b,"*) ;; *) continue ;; esac
+    bench "fused_compile_${mode}_$b" -k "test_model and $mode" --dtype bf16 --batch "$b" \
+      --memory-format channels_last --providers fused_compile,fused_cudagraphs --rounds 20
+  done
 fi
 
 step "summary"
