@@ -23,6 +23,7 @@ from .. import config
 from . import data as data_
 from . import metrics as metrics_
 from . import models
+from .bench import no_decay_groups
 from .errors import CliError
 
 RUN_FILES = ("last.pth", "best_model.pth", "metrics.jsonl", "classes.json", "settings.json", "tensorboard")
@@ -150,10 +151,7 @@ def prepare_out(out: Path, resume: bool, overwrite: bool, main: bool) -> None:
 
 def optimizer_for(model: torch.nn.Module, s: dict) -> torch.optim.Optimizer:
     """AdamW; no weight decay on norms and biases (parameters of one dimension)."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
-    rest = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": s["weight_decay"]}, {"params": rest, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=s["lr"], betas=(0.9, 0.999))
+    return torch.optim.AdamW(no_decay_groups(model, s["weight_decay"]), lr=s["lr"], betas=(0.9, 0.999))
 
 
 def schedule(s: dict, steps_per_epoch: int):
