@@ -107,17 +107,12 @@ def read_classes(path: str | Path, required: bool) -> list[str] | None:
 
 def load_init(model: HiFuse, path: str) -> None:
     """--init: weights for fine-tuning; the classifier is the model's own."""
-    state = read_state(path)
+    read_state(path)  # a clear message for a missing or unreadable file
     try:
-        own = model.state_dict()
-        keep = {k: v for k, v in state.items() if not k.startswith(ckpt.HEAD_PREFIXES)}
-        keep.update({k: v for k, v in own.items() if k.startswith(ckpt.HEAD_PREFIXES)})
-        bad = [k for k in own if k not in keep or keep[k].shape != own[k].shape]
-        if bad or len(keep) != len(own):
-            raise CliError(f"--init {path} does not fit --model (first difference: {(bad or sorted(set(keep) - set(own)))[0]})")
-        model.load_state_dict(keep, strict=True)
-    except RuntimeError as e:
-        raise CliError(f"--init {path}: {str(e).splitlines()[0]}") from None
+        ckpt.load_checkpoint(model, path, drop_head=True)
+    except ckpt.CheckpointMismatchError as e:
+        title, first = (line.strip() for line in str(e).splitlines()[1:3])
+        raise CliError(f"--init {path} does not fit --model: {title} first {first}") from None
 
 
 def device_of(choice: str | None) -> torch.device:
