@@ -45,7 +45,7 @@ WARPS = 8  # 16 elements of each tile per thread: no spills, fewer registers
 POOL_BLOCK_M = 16
 BWD_BLOCK_M = 32
 
-__all__ = ["batch_norm_act", "batch_norm_act_ref", "unsupported_reason"]
+__all__ = ["apply_args", "batch_norm_act", "batch_norm_act_ref", "unsupported_reason"]
 
 
 def batch_norm_act_ref(x, bn: torch.nn.BatchNorm2d, act: str | None = None, residual=None, pool: bool = False):
@@ -374,6 +374,26 @@ def batch_norm_act(
     n, c, h, w = x.shape
     if check:
         _check(x, bn, act, residual, pool, out_dtype)
+    args = apply_args(x, bn, act, residual, pool, out_dtype)
+    out = torch.ops.hifuse.batch_norm_act(*args)
+    if pool:
+        h, w = h // 2, w // 2
+    return out.view(n, h, w, c).permute(0, 3, 1, 2)
+
+
+def apply_args(
+    x: torch.Tensor,
+    bn: torch.nn.BatchNorm2d,
+    act: str | None = None,
+    residual: torch.Tensor | None = None,
+    pool: bool = False,
+    out_dtype: torch.dtype | None = None,
+) -> tuple:
+    """The batch statistics of ``x`` (updating ``bn``'s running statistics as
+    ``batch_norm_act`` does) and the arguments of hifuse::batch_norm_act that applies them:
+    for callers that apply them later, or again in backward (``recompute.BatchNormApply``).
+    Unchecked: ``batch_norm_act``'s checks apply."""
+    h, w = x.shape[-2:]
     y = _rows(x)
     r = None if residual is None else _rows(residual)
     with torch.no_grad():
@@ -391,7 +411,4 @@ def batch_norm_act(
                     running.mul_(1 - momentum).add_(batch * momentum)
                 else:
                     running.mul_(1 - momentum).add_(batch, alpha=momentum)
-    out = torch.ops.hifuse.batch_norm_act(y, r, mean, invstd, bn.weight, bn.bias, ACTIVATIONS[act], h, w, pool, out_dtype)
-    if pool:
-        h, w = h // 2, w // 2
-    return out.view(n, h, w, c).permute(0, 3, 1, 2)
+    return y, r, mean, invstd, bn.weight, bn.bias, ACTIVATIONS[act], h, w, pool, out_dtype

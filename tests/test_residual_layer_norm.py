@@ -10,6 +10,7 @@ import hifuse
 from hifuse.model import GlobalStage
 from hifuse_kernels import _triton
 from hifuse_kernels import residual_layer_norm as rln
+from hifuse_kernels import recompute
 from hifuse_kernels.residual_layer_norm import gelu_residual_layer_norm, gelu_residual_layer_norm_ref, layer_norm_to
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -107,11 +108,13 @@ def test_stage_chains_norms_and_matches_eager(monkeypatch, downsample, hw):
     x = torch.randn(2, hw[0] * hw[1], c_in, device=DEVICE)
     xe, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
     calls = []
-    monkeypatch.setattr(rln, "gelu_residual_layer_norm", lambda *a, **k: calls.append(1) or gelu_residual_layer_norm(*a, **k))
+    chained = recompute.residual_layer_norm_linear
+    # a block's residual output is written by the next block's norm1 pass: called with its y
+    monkeypatch.setattr(recompute, "residual_layer_norm_linear", lambda y, *a: calls.append(y is not None) or chained(y, *a))
     ref, h, w = eager(xe, *hw)
     with hifuse.use_fused(attention=True, local=downsample, patches=downsample, fusion=False, norm=False):
         out, h2, w2 = fused(xf, *hw)
-    assert calls and (h, w) == (h2, w2)
+    assert any(calls) and (h, w) == (h2, w2)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
     grad = torch.randn_like(ref)
     ref.backward(grad)

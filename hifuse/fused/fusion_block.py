@@ -17,6 +17,7 @@ from hifuse_kernels import batch_norm_act as bna
 from hifuse_kernels import gated_layer_norm as gln
 from hifuse_kernels import gelu_residual as gr
 from hifuse_kernels import layer_norm_cat as lnc
+from hifuse_kernels import recompute
 from hifuse_kernels.channel_pool import channel_pool
 from hifuse_kernels.reference import activation
 from hifuse_kernels.spatial_pool import spatial_pool
@@ -56,16 +57,31 @@ def conv_bn_forward(m: ConvBN, x: torch.Tensor, then: str | None = None, pool: b
     return bna.batch_norm_act(x, bn, act, pool=pool, check=False)
 
 
+def conv_bn_recomputed(m: ConvBN, producer, args, then: str | None = None) -> torch.Tensor:
+    """Training-mode 1x1 ConvBN (then activation ``then``) on ``producer.make(*args)``, channels-last
+    pixels that backward rebuilds instead of keeping (``hifuse_kernels.recompute``)."""
+    act = "relu" if m.relu is not None else then
+    y = recompute.linear(producer, args, m.conv.weight.flatten(1), m.conv.bias).permute(0, 3, 1, 2)
+    return bna.batch_norm_act(y, m.bn, act, check=False)
+
+
 def irmlp_forward(m: IRMLP, x: torch.Tensor) -> torch.Tensor:
     """conv1 on channels-last memory; in training GELU, residual and ``bn1`` in one op (the
-    sum is never written, and the result comes in conv2's GEMM dtype under autocast); in
-    eval mode GELU + residual in one pass, ``bn1`` folded into conv2 (an affine map before
-    a linear one) and conv3's BatchNorm into conv3; the 1x1 convolutions are GEMMs."""
+    sum is never written, and the result comes in conv2's GEMM dtype under autocast), and
+    neither conv2's input nor conv3's (the expansion's GELU) kept for backward: each is
+    rebuilt there from what its producer keeps. In eval mode GELU + residual in one pass,
+    ``bn1`` folded into conv2 (an affine map before a linear one) and conv3's BatchNorm into
+    conv3. The 1x1 convolutions are GEMMs."""
     x = x.contiguous(memory_format=torch.channels_last)
     y = F.conv2d(x, m.conv1.conv.weight, None, padding=m.conv1.conv.padding, groups=m.conv1.conv.groups)
     if not folds(m.bn1):
-        normed = bna.batch_norm_act(y, m.bn1, None, residual=x, out_dtype=autocast_dtype(x), check=False)
-        out = conv_channels_last(normed, m.conv2.conv.weight, None, m.conv2.conv)
+        n, _, h, w = x.shape
+        args = bna.apply_args(y, m.bn1, None, residual=x, out_dtype=autocast_dtype(x))
+        expanded = recompute.linear(recompute.BatchNormApply, args, m.conv2.conv.weight.flatten(1))
+        expanded = expanded.view(n, h, w, -1)
+        if not folds(m.conv3.bn):
+            return conv_bn_recomputed(m.conv3, recompute.Gelu, (expanded,))
+        out = expanded.permute(0, 3, 1, 2)
     else:
         out = gr.gelu_residual(y.permute(0, 2, 3, 1), x.permute(0, 2, 3, 1), check=False).permute(0, 3, 1, 2)
         weight, bias = bn1_into_conv2(m)
@@ -126,8 +142,14 @@ def fusion_forward(m: HFFBlock, l: torch.Tensor, g: torch.Tensor, f: torch.Tenso
     parts = [t.to(dtype) for t in parts]
     # Written in the dtype the projection GEMM takes under autocast.
     gemm_dtype = autocast_dtype(l)
-    normed = lnc.layer_norm_cat(parts, norm.weight, norm.bias, norm.eps, gemm_dtype if gemm_dtype == dtype else None, check=False)
-    x = conv_bn_forward(proj, normed, then="gelu")
+    out_dtype = gemm_dtype if gemm_dtype == dtype else None
+    if folds(proj.bn):
+        normed = lnc.layer_norm_cat(parts, norm.weight, norm.bias, norm.eps, out_dtype, check=False)
+        x = conv_bn_forward(proj, normed, then="gelu")
+    else:
+        # the normalised concatenation is rebuilt in backward from the parts it keeps anyway
+        args = (*parts, norm.weight, norm.bias, float(norm.eps), out_dtype)
+        x = conv_bn_recomputed(proj, recompute.LayerNormCat, args, then="gelu")
 
     spatial_gate = torch.sigmoid(conv_bn_forward(m.spatial, spatial_pool(l, check=False)))
     avg, best = channel_pool(g, check=False)

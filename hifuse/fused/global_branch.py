@@ -6,13 +6,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from hifuse_kernels import patch_conv, patch_merge_norm
+from hifuse_kernels import patch_conv, patch_merge_norm, recompute
 from hifuse_kernels import residual_layer_norm as rln
 from hifuse_kernels import window_attention as wa
 
 from .. import config
 from ..model import GlobalBlock, GlobalStage, PatchEmbed, PatchMerging
-from .common import autocast_dtype, derived, drop_path_inactive, gelu_residual, layer_norm_for_gemm, needs_grad
+from .common import autocast_dtype, derived, drop_path_inactive, gelu_residual, needs_grad
 
 # --------------------------------------------------------------------------- patch embedding
 
@@ -66,32 +66,43 @@ def block_check(m: GlobalBlock, x: torch.Tensor, h: int, w: int) -> str | None:
     return rln.unsupported_reason(x, m.norm1.weight)
 
 
-def block_forward(
-    m: GlobalBlock, x: torch.Tensor, h: int, w: int, normed: torch.Tensor | None = None, next_norm=None
-):
+def block_forward(m: GlobalBlock, x: torch.Tensor | None, h: int, w: int, tail=None, chain: bool = False):
     """The block with shift, padding, partition, bias, mask and merge in one kernel.
 
-    ``normed`` is this block's norm1(x) when the block before computed it; with
-    ``next_norm`` the block returns (output, next_norm(output)) from one pass.
+    ``tail`` is (y, shortcut) of the block before, whose output ``shortcut + gelu(y)`` this
+    block writes in the pass of its norm1 (x is None then). With ``chain`` the block returns
+    its own (y, shortcut) for the next block instead of its output. The normalised rows are
+    not kept for backward (``recompute.residual_layer_norm_linear``).
     """
-    b, length, c = x.shape
     attn = m.attn
-    dtype = gemm_dtype(m, x)
-    if normed is None:
-        normed = layer_norm_for_gemm(x, m.norm1, dtype)
-    qkv = attn.qkv(normed).view(b, h, w, 3 * c)
-    y = wa.window_attention(qkv, attn.qkv.bias, attn.relative_position_bias_table, m.num_heads, m.window, m.shift, check=False)
-    y = y.view(b, length, c)
+    if tail is None:
+        b, length, c = x.shape
+        dtype = gemm_dtype(m, x)
+        tail_y, stream = None, x.reshape(-1, c).contiguous()
+    else:
+        (tail_y, stream), c = tail, tail[1].shape[-1]
+        b, length = stream.shape[0] // (h * w), h * w
+        dtype = gemm_dtype(m, stream)
+    norm = m.norm1
+    out, qkv = recompute.residual_layer_norm_linear(
+        tail_y, stream, norm.weight, norm.bias, norm.eps, dtype, attn.qkv.weight, attn.qkv.bias
+    )
+    if tail_y is not None:
+        stream = out
+    y = wa.window_attention(qkv.view(b, h, w, 3 * c), attn.qkv.bias, attn.relative_position_bias_table, m.num_heads,
+                            m.window, m.shift, check=False)
+    y = y.view(-1, c)
     if needs_grad(m.fc1.weight, attn.proj.weight, attn.proj.bias, m.fc1.bias):
-        y = m.fc1(attn.proj(y))
+        # the middle tensor is not kept for backward (recompute.linear_pair)
+        y = recompute.linear_pair(y, attn.proj.weight, attn.proj.bias, m.fc1.weight, m.fc1.bias)
     else:
         # Nothing non-linear between proj and fc1: one GEMM with the product weight.
         # Same value; in low precision it rounds once instead of at proj's output.
         weight, bias = merged_proj_fc1(m)
         y = F.linear(y, weight, bias)
-    if next_norm is not None:
-        return rln.gelu_residual_layer_norm(y, x, next_norm.weight, next_norm.bias, next_norm.eps, dtype, check=False)
-    return gelu_residual(m, y, x, m.act)
+    if chain:
+        return y, stream
+    return gelu_residual(m, y.view(b, length, c), stream.view(b, length, c), m.act)
 
 
 def merged_proj_fc1(m: GlobalBlock) -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,14 +137,14 @@ def stage_forward(m: GlobalStage, x: torch.Tensor, h: int, w: int) -> tuple[torc
         for block in m.blocks:
             x = block(x, h, w)
         return x, h, w
-    # Every block runs fused: each one's residual pass also writes the next one's norm1.
-    normed = None
+    # Every block runs fused: each one's residual output is written by the next one's norm1 pass.
+    tail = None
     last = len(m.blocks) - 1
     for i, block in enumerate(m.blocks):
         if i < last:
-            x, normed = block_forward(block, x, h, w, normed, m.blocks[i + 1].norm1)
+            tail = block_forward(block, x if tail is None else None, h, w, tail, chain=True)
         else:
-            x = block_forward(block, x, h, w, normed)
+            x = block_forward(block, x if tail is None else None, h, w, tail)
     return x, h, w
 
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from hifuse_kernels import dwconv_layer_norm as dln
-from hifuse_kernels import layer_norm_cf, patch_conv
+from hifuse_kernels import layer_norm_cf, patch_conv, recompute
 from hifuse_kernels import residual_layer_norm as rln
 
 from .. import config
@@ -29,10 +29,11 @@ def local_block_forward(m: LocalBlock, x: torch.Tensor) -> torch.Tensor:
     memory, so the next block's permutes are free.
     """
     nhwc = x.permute(0, 2, 3, 1)
-    y = dln.dwconv_layer_norm(
-        nhwc, m.dwconv.weight, m.dwconv.bias, m.norm.weight, m.norm.bias, m.norm.eps, autocast_dtype(x), check=False
-    )
-    return gelu_residual(m, m.pwconv(y), nhwc, m.act).permute(0, 3, 1, 2)
+    # the normalised map is rebuilt in backward from x, which the block keeps anyway
+    args = (nhwc.contiguous(), m.dwconv.weight.contiguous(), m.dwconv.bias, m.norm.weight, m.norm.bias,
+            float(m.norm.eps), autocast_dtype(x) or x.dtype)
+    y = recompute.linear(recompute.DwconvLayerNorm, args, m.pwconv.weight, m.pwconv.bias)
+    return gelu_residual(m, y, nhwc, m.act).permute(0, 3, 1, 2)
 
 
 def downsample_check(m: LocalDownsample, x: torch.Tensor) -> str | None:

@@ -1,0 +1,235 @@
+"""GEMMs whose input is rebuilt in backward instead of saved.
+
+A linear layer keeps its input for the weight gradient. When that input is a cheap function
+of tensors that backward keeps anyway (the GELU of an expansion, a LayerNorm or a BatchNorm
+apply of saved inputs), keeping it as well stores the same information twice: the IRMLP's
+GELU output alone is as large as its expansion. Here the GEMM keeps only the producer's
+inputs and rebuilds its own input in backward with the same op on the same tensors (so the
+same values), one elementwise pass before the weight gradient. The GEMM itself is never
+recomputed.
+
+A producer is a class with two static methods:
+- ``make(*args) -> (a, aux)``: the GEMM input ``a`` and what its backward needs besides
+  ``args`` (statistics the producer's op returns), without autograd;
+- ``grad(grad_a, aux, *args)``: the gradients of ``args`` (None for non-tensors).
+
+``linear(producer, args, weight, bias)`` applies the GEMM to ``make``'s result. Two more
+functions keep less by the same rule: ``linear_pair`` (proj then fc1 keeps proj's input
+only) and ``residual_layer_norm_linear`` (the next block's qkv GEMM keeps the residual
+LayerNorm's inputs, not its normalised rows).
+
+Under autocast a GEMM runs in autocast's dtype as ``F.linear`` would; backward computes in
+the dtype of the incoming gradient (the GEMM's) and casts gradients to the dtypes of what
+they belong to, as autocast's casts do. Dynamo traces these autograd.Functions, so under
+torch.compile the GEMMs stay visible to Inductor and the hifuse ops stay opaque nodes.
+
+Layers: producers, autograd, functional entry points. Used by the fused blocks' training
+paths (``hifuse.fused``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import batch_norm_act as bna  # noqa: F401 - registers hifuse::batch_norm_act
+from . import dwconv_layer_norm as dln  # noqa: F401 - registers hifuse::dwconv_layer_norm
+from . import layer_norm_cat as lnc  # noqa: F401 - registers hifuse::layer_norm_cat
+
+__all__ = ["BatchNormApply", "DwconvLayerNorm", "Gelu", "LayerNormCat", "linear", "linear_pair", "residual_layer_norm_linear"]
+
+# --------------------------------------------------------------------------- producers
+
+
+class Gelu:
+    """``gelu(h)`` (exact), rebuilt from the pre-activation that GELU's backward keeps anyway."""
+
+    @staticmethod
+    def make(h):
+        return F.gelu(h), ()
+
+    @staticmethod
+    def grad(grad_a, aux, h):
+        return (torch.ops.aten.gelu_backward(grad_a, h),)
+
+
+class BatchNormApply:
+    """hifuse::batch_norm_act's apply with given batch statistics, (M, C) rows out; args as
+    the op's: (y, residual, mean, invstd, weight, bias, act, height, width, pool, out_dtype)."""
+
+    @staticmethod
+    def make(*args):
+        return torch.ops.hifuse.batch_norm_act(*args), ()
+
+    @staticmethod
+    def grad(grad_a, aux, y, residual, mean, invstd, weight, bias, act, height, width, pool, out_dtype):
+        dy, dr, dw, db = torch.ops.hifuse.batch_norm_act_backward(
+            grad_a.contiguous(), y, residual, mean, invstd, weight, bias, act, height, width, pool
+        )
+        # mean and invstd are batch statistics: their gradients are in dy's reduction terms
+        return dy, (dr if residual is not None else None), None, None, dw, db, None, None, None, None, None
+
+
+class LayerNormCat:
+    """hifuse::layer_norm_cat over 1 to 3 NCHW parts, as channels-last pixels (N, H, W, C);
+    args: (*parts, weight, bias, eps, out_dtype)."""
+
+    @staticmethod
+    def make(*args):
+        parts, (weight, bias, eps, out_dtype) = list(args[:-4]), args[-4:]
+        out, mean, rstd = torch.ops.hifuse.layer_norm_cat(parts, weight, bias, eps, out_dtype)
+        return out.permute(0, 2, 3, 1), (mean, rstd)
+
+    @staticmethod
+    def grad(grad_a, aux, *args):
+        parts, weight = list(args[:-4]), args[-4]
+        dparts, dw, db = torch.ops.hifuse.layer_norm_cat_backward(grad_a.permute(0, 3, 1, 2), parts, weight, *aux)
+        return (*dparts, dw, db, None, None)
+
+
+class DwconvLayerNorm:
+    """hifuse::dwconv_layer_norm on (N, H, W, C) pixels; args as the op's."""
+
+    @staticmethod
+    def make(*args):
+        out, mean, rstd = torch.ops.hifuse.dwconv_layer_norm(*args)
+        return out, (mean, rstd)
+
+    @staticmethod
+    def grad(grad_a, aux, x, conv_weight, conv_bias, ln_weight, ln_bias, eps, out_dtype):
+        grads = torch.ops.hifuse.dwconv_layer_norm_backward(
+            grad_a.contiguous(), x, conv_weight, conv_bias, ln_weight, *aux
+        )
+        return (*grads, None, None)
+
+
+# --------------------------------------------------------------------------- autograd
+
+
+def _split(args):
+    """Tensors (saved) and the rest (kept on ctx), position by position."""
+    tensors = [a if isinstance(a, torch.Tensor) else None for a in args]
+    consts = [None if isinstance(a, torch.Tensor) else a for a in args]
+    return tensors, consts
+
+
+def _join(tensors, consts):
+    return [t if t is not None else c for t, c in zip(tensors, consts)]
+
+
+def _function(producer):
+    class Recomputed(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, weight, bias, *args):
+            a, _aux = producer.make(*args)
+            tensors, ctx.consts = _split(args)
+            ctx.save_for_backward(weight, bias, *tensors)
+            return F.linear(a, weight, bias)
+
+        @staticmethod
+        def backward(ctx, grad):
+            weight, bias, *tensors = ctx.saved_tensors
+            args = _join(tensors, ctx.consts)
+            a, aux = producer.make(*args)
+            dtype = grad.dtype  # the GEMM's (autocast's, under autocast)
+            rows = grad.reshape(-1, grad.shape[-1])
+            da = (rows @ weight.to(dtype)).view(a.shape).to(a.dtype)
+            dw = (rows.t() @ a.to(dtype).reshape(-1, a.shape[-1])).to(weight.dtype)
+            db = rows.sum(0).to(bias.dtype) if bias is not None else None
+            return (dw, db, *producer.grad(da, aux, *args))
+
+    Recomputed.__name__ = Recomputed.__qualname__ = f"{producer.__name__}Linear"
+    return Recomputed
+
+
+_FUNCTIONS = {p: _function(p) for p in (Gelu, BatchNormApply, DwconvLayerNorm, LayerNormCat)}
+
+
+# --------------------------------------------------------------------------- functional
+
+
+def linear(producer, args, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(producer.make(*args)[0], weight, bias)``, keeping ``args`` instead of the input."""
+    return _FUNCTIONS[producer].apply(weight, bias, *args)
+
+
+class _LinearPair(torch.autograd.Function):
+    """``F.linear(F.linear(x, w1, b1), w2, b2)`` keeping x only. The second weight's gradient
+    dz^T mid is rebuilt from x: as (dz^T x) w1^T + colsum(dz) b1^T when there are more rows
+    than channels (one small extra product), else by rebuilding mid (one GEMM over the few
+    rows). Both are the same product in exact arithmetic; in low precision they round at
+    another point than the kept middle tensor would."""
+
+    @staticmethod
+    def forward(ctx, x, w1, b1, w2, b2):
+        ctx.save_for_backward(x, w1, b1, w2, b2)
+        return F.linear(F.linear(x, w1, b1), w2, b2)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, w1, b1, w2, b2 = ctx.saved_tensors
+        dtype = grad.dtype
+        dz = grad.reshape(-1, grad.shape[-1])
+        rows = x.reshape(-1, x.shape[-1]).to(dtype)
+        w1_gemm = w1.to(dtype)
+        b1_gemm = b1.to(dtype) if b1 is not None else None
+        dmid = dz @ w2.to(dtype)
+        dx = (dmid @ w1_gemm).view(x.shape).to(x.dtype)
+        dw1 = (dmid.t() @ rows).to(w1.dtype)
+        sum_dz = dz.sum(0)
+        if rows.shape[0] < w2.shape[0]:
+            dw2 = dz.t() @ F.linear(rows, w1_gemm, b1_gemm)
+        else:
+            dw2 = (dz.t() @ rows).float() @ w1_gemm.float().t()
+            if b1 is not None:
+                dw2 = dw2 + sum_dz.float()[:, None] * b1_gemm.float()[None, :]
+        db1 = dmid.sum(0).to(b1.dtype) if b1 is not None else None
+        db2 = sum_dz.to(b2.dtype) if b2 is not None else None
+        return dx, dw1, db1, dw2.to(w2.dtype), db2
+
+
+def linear_pair(x, w1, b1, w2, b2) -> torch.Tensor:
+    """Two linear layers in a row, keeping only x for backward (``_LinearPair``)."""
+    return _LinearPair.apply(x, w1, b1, w2, b2)
+
+
+class _ResidualLayerNormLinear(torch.autograd.Function):
+    """hifuse::residual_layer_norm's stream and ``F.linear`` of its normalised rows, which are
+    not kept: backward rebuilds them with the same op from its inputs (kept by that op's
+    backward anyway)."""
+
+    @staticmethod
+    def forward(ctx, y, shortcut, ln_weight, ln_bias, eps, norm_dtype, weight, bias):
+        out, normed, mean, rstd = torch.ops.hifuse.residual_layer_norm(y, shortcut, ln_weight, ln_bias, eps, norm_dtype)
+        ctx.save_for_backward(y, shortcut, ln_weight, ln_bias, mean, rstd, weight, bias)
+        ctx.eps, ctx.norm_dtype = eps, norm_dtype
+        if y is None:
+            ctx.mark_non_differentiable(out)
+        return out, F.linear(normed, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out, grad):
+        y, shortcut, ln_weight, ln_bias, mean, rstd, weight, bias = ctx.saved_tensors
+        _out, normed, _mean, _rstd = torch.ops.hifuse.residual_layer_norm(
+            y, shortcut, ln_weight, ln_bias, ctx.eps, ctx.norm_dtype
+        )
+        dtype = grad.dtype
+        rows = grad.reshape(-1, grad.shape[-1])
+        dnormed = (rows @ weight.to(dtype)).to(normed.dtype)
+        dw = (rows.t() @ normed.to(dtype)).to(weight.dtype)
+        db = rows.sum(0).to(bias.dtype) if bias is not None else None
+        if y is None or grad_out is None:
+            grad_out = None
+        else:
+            grad_out = grad_out.contiguous()
+        dy, ds, dlw, dlb = torch.ops.hifuse.residual_layer_norm_backward(
+            grad_out, dnormed.contiguous(), y, shortcut, ln_weight, mean, rstd
+        )
+        return (dy if y is not None else None), ds, dlw, dlb, None, None, dw, db
+
+
+def residual_layer_norm_linear(y, shortcut, ln_weight, ln_bias, eps: float, norm_dtype, weight, bias):
+    """(``shortcut + gelu(y)``, ``F.linear(layer_norm(that), weight, bias)``) on (M, C) rows,
+    without keeping the normalised rows; y None: (an empty tensor, the linear of
+    ``layer_norm(shortcut)``)."""
+    return _ResidualLayerNormLinear.apply(y, shortcut, ln_weight, ln_bias, float(eps), norm_dtype, weight, bias)
