@@ -195,24 +195,33 @@ def linear_pair(x, w1, b1, w2, b2) -> torch.Tensor:
 
 class _ResidualLayerNormLinear(torch.autograd.Function):
     """hifuse::residual_layer_norm's stream and ``F.linear`` of its normalised rows, which are
-    not kept: backward rebuilds them with the same op from its inputs (kept by that op's
-    backward anyway)."""
+    not kept: backward rebuilds them with the LayerNorm alone from the stream where that is
+    kept anyway (the input, or an fp32 stream a later op keeps: half the traffic of the whole
+    op), else with the whole op from its inputs."""
 
     @staticmethod
-    def forward(ctx, y, shortcut, ln_weight, ln_bias, eps, norm_dtype, weight, bias):
+    def forward(ctx, y, shortcut, ln_weight, ln_bias, eps, norm_dtype, weight, bias, stream_kept):
         out, normed, mean, rstd = torch.ops.hifuse.residual_layer_norm(y, shortcut, ln_weight, ln_bias, eps, norm_dtype)
-        ctx.save_for_backward(y, shortcut, ln_weight, ln_bias, mean, rstd, weight, bias)
-        ctx.eps, ctx.norm_dtype = eps, norm_dtype
         if y is None:
             ctx.mark_non_differentiable(out)
+            source = shortcut
+        else:
+            source = out if stream_kept and out.dtype == torch.float32 else None
+        ctx.save_for_backward(y, shortcut, ln_weight, ln_bias, mean, rstd, weight, bias, source)
+        ctx.eps, ctx.norm_dtype = eps, norm_dtype
         return out, F.linear(normed, weight, bias)
 
     @staticmethod
     def backward(ctx, grad_out, grad):
-        y, shortcut, ln_weight, ln_bias, mean, rstd, weight, bias = ctx.saved_tensors
-        _out, normed, _mean, _rstd = torch.ops.hifuse.residual_layer_norm(
-            y, shortcut, ln_weight, ln_bias, ctx.eps, ctx.norm_dtype
-        )
+        y, shortcut, ln_weight, ln_bias, mean, rstd, weight, bias, source = ctx.saved_tensors
+        if source is not None:
+            _out, normed, _mean, _rstd = torch.ops.hifuse.residual_layer_norm(
+                None, source, ln_weight, ln_bias, ctx.eps, ctx.norm_dtype
+            )
+        else:
+            _out, normed, _mean, _rstd = torch.ops.hifuse.residual_layer_norm(
+                y, shortcut, ln_weight, ln_bias, ctx.eps, ctx.norm_dtype
+            )
         dtype = grad.dtype
         rows = grad.reshape(-1, grad.shape[-1])
         dnormed = (rows @ weight.to(dtype)).to(normed.dtype)
@@ -225,11 +234,13 @@ class _ResidualLayerNormLinear(torch.autograd.Function):
         dy, ds, dlw, dlb = torch.ops.hifuse.residual_layer_norm_backward(
             grad_out, dnormed.contiguous(), y, shortcut, ln_weight, mean, rstd
         )
-        return (dy if y is not None else None), ds, dlw, dlb, None, None, dw, db
+        return (dy if y is not None else None), ds, dlw, dlb, None, None, dw, db, None
 
 
-def residual_layer_norm_linear(y, shortcut, ln_weight, ln_bias, eps: float, norm_dtype, weight, bias):
+def residual_layer_norm_linear(y, shortcut, ln_weight, ln_bias, eps: float, norm_dtype, weight, bias,
+                               stream_kept: bool = False):
     """(``shortcut + gelu(y)``, ``F.linear(layer_norm(that), weight, bias)``) on (M, C) rows,
     without keeping the normalised rows; y None: (an empty tensor, the linear of
-    ``layer_norm(shortcut)``)."""
-    return _ResidualLayerNormLinear.apply(y, shortcut, ln_weight, ln_bias, float(eps), norm_dtype, weight, bias)
+    ``layer_norm(shortcut)``). ``stream_kept``: a later op keeps the stream for its backward."""
+    return _ResidualLayerNormLinear.apply(y, shortcut, ln_weight, ln_bias, float(eps), norm_dtype, weight, bias,
+                                          stream_kept)

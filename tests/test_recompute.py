@@ -123,23 +123,27 @@ def test_linear_pair(rows):
              lambda: second(first(x)), leaves)
 
 
-@pytest.mark.parametrize("with_y", [False, True])
-def test_residual_layer_norm_linear(with_y):
+# backward normalises a kept fp32 stream again; it reruns the whole op for a stream nobody
+# keeps or one kept rounded (bf16)
+@pytest.mark.parametrize("with_y, stream, kept", [
+    (False, torch.float32, False), (True, torch.float32, True), (True, torch.float32, False), (True, torch.bfloat16, True),
+])
+def test_residual_layer_norm_linear(with_y, stream, kept):
     torch.manual_seed(0)
-    y, s = _leaf(7, 12), _leaf(7, 12)
+    y, s = (_leaf(7, 12).to(stream).detach().requires_grad_() for _ in range(2))
     lw, lb = _leaf(12), _leaf(12)
     lin = _dense(12, 36)
     leaves = [s, lw, lb, lin.weight, lin.bias] + ([y] if with_y else [])
 
     def fused():
         out, qkv = recompute.residual_layer_norm_linear(y if with_y else None, s, lw, lb, 1e-5, torch.float32,
-                                                        lin.weight, lin.bias)
-        return torch.cat([out, qkv], 1) if with_y else qkv
+                                                        lin.weight, lin.bias, kept)
+        return torch.cat([out.float(), qkv], 1) if with_y else qkv
 
     def plain():
         if with_y:
             out, normed = rln.gelu_residual_layer_norm(y, s, lw, lb, 1e-5, torch.float32)
-            return torch.cat([out, lin(normed)], 1)
+            return torch.cat([out.float(), lin(normed)], 1)
         return lin(rln.layer_norm_to(s, lw, lb, 1e-5, torch.float32))
 
     _compare(fused, plain, leaves)
