@@ -9,7 +9,6 @@ import torch.nn.functional as F
 import hifuse
 from hifuse.model import GlobalStage
 from hifuse_kernels import _triton
-from hifuse_kernels import residual_layer_norm as rln
 from hifuse_kernels import recompute
 from hifuse_kernels.residual_layer_norm import gelu_residual_layer_norm, gelu_residual_layer_norm_ref, layer_norm_to
 
