@@ -95,20 +95,25 @@ def module_stats(model: torch.nn.Module, names, x: torch.Tensor) -> tuple[torch.
 
 
 # Whole-model tests on the CPU (Triton interpreter): one block per stage but two in the second,
-# whose grid still shifts its windows at 32x32 and 64x64 inputs: every module kind and the
-# block-to-block hand-over, at about half the time of Tiny's eight blocks per branch.
+# whose grid still shifts its windows at 32x32 and 64x64 inputs, and narrow stages (head dim
+# 16): every module kind and the block-to-block hand-over, at a fraction of Tiny's time.
 CPU_DEPTHS = (1, 2, 1, 1)
+CPU_MODEL = {"depths": CPU_DEPTHS, "dims": (32, 64, 128, 256), "num_heads": (2, 4, 8, 16)}
+
+
+def whole_model_kwargs(device) -> dict:
+    """create_model arguments of the whole-model tests: Tiny on a GPU, ``CPU_MODEL`` on a CPU."""
+    return {} if torch.device(device).type == "cuda" else dict(CPU_MODEL)
 
 
 def assert_model_matches_eager(device, rtol=1e-4, atol=1e-4, grad_rtol=1e-3, grad_atol=1e-4, train=True, **parts):
     """HiFuse-Tiny at 64x64 (every window grid padded) with ``parts`` fused vs eager:
     logits and the gradient of every parameter, in training or eval mode. On the CPU with
-    fewer blocks (see ``CPU_DEPTHS``)."""
+    fewer, narrower blocks (see ``CPU_MODEL``)."""
     import hifuse
 
     torch.manual_seed(0)
-    depths = (2, 2, 2, 2) if torch.device(device).type == "cuda" else CPU_DEPTHS
-    model = hifuse.create_model("hifuse_tiny", num_classes=3, depths=depths).to(device).train(train)
+    model = hifuse.create_model("hifuse_tiny", num_classes=3, **whole_model_kwargs(device)).to(device).train(train)
     x = torch.randn(1, 3, 64, 64, device=device)
     ref = model(x)
     ref.sum().backward()

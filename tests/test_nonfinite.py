@@ -21,7 +21,7 @@ from hifuse_kernels.residual_layer_norm import gelu_residual_layer_norm, gelu_re
 from hifuse_kernels.spatial_pool import spatial_pool, spatial_pool_ref
 from hifuse_kernels.window_attention import window_attention, window_attention_ref
 
-from helpers import CPU_DEPTHS
+from helpers import whole_model_kwargs
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TRITON = _triton.unsupported_reason(torch.zeros(1, device=DEVICE)) is None
@@ -170,8 +170,7 @@ def test_patch_conv(value):
 def test_whole_model_carries_non_finite_input(train, value):
     """One bad pixel: logits and every parameter gradient non-finite where eager's are."""
     torch.manual_seed(0)
-    depths = (2, 2, 2, 2) if DEVICE == "cuda" else CPU_DEPTHS
-    model = hifuse.create_model("hifuse_tiny", num_classes=3, depths=depths).to(DEVICE).train(train)
+    model = hifuse.create_model("hifuse_tiny", num_classes=3, **whole_model_kwargs(DEVICE)).to(DEVICE).train(train)
     x = torch.randn(2, 3, 32, 32, device=DEVICE)
     x[0, 1, 10, 20] = value
 

@@ -211,9 +211,11 @@ def test_whole_model_inference_with_everything_fused():
     """eval + no_grad: merged proj/fc1 GEMMs, chained norms and folded BatchNorms together."""
     if not hifuse_kernels.native_available() or _triton_reason() is not None:
         pytest.skip("needs the native extension and runnable Triton kernels")
+    from helpers import whole_model_kwargs
+
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
-    model = hifuse.create_model("hifuse_tiny", num_classes=5).to(device).eval()
+    model = hifuse.create_model("hifuse_tiny", num_classes=5, **whole_model_kwargs(device)).to(device).eval()
     x = torch.randn(2, 3, 64, 96, device=device)
     with torch.no_grad():
         ref = model(x)
