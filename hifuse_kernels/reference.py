@@ -8,6 +8,7 @@ against exactly what the model would compute. Plain PyTorch: no Triton, no nativ
 from __future__ import annotations
 
 import torch
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 import torch.nn.functional as F
 
 __all__ = [
@@ -51,6 +52,12 @@ def relative_position_index(window: int) -> torch.Tensor:
 _mask_cache: dict[tuple, torch.Tensor] = {}
 
 
+def caching_allowed() -> bool:
+    """Whether a tensor made now may go into a process-wide cache: not while tracing, nor under
+    a dispatch mode (fake tensors), whose tensors would be handed to later real calls."""
+    return not torch.compiler.is_compiling() and not is_in_torch_dispatch_mode()
+
+
 def shift_mask(hp: int, wp: int, window: int, shift: int, device: torch.device) -> torch.Tensor:
     """(windows, window**2, window**2) mask: -100 between tokens of different shift regions.
 
@@ -58,7 +65,7 @@ def shift_mask(hp: int, wp: int, window: int, shift: int, device: torch.device) 
     Cached per (padded size, window, shift, device); built in the graph under torch.compile.
     """
     key = (hp, wp, window, shift, device)
-    if not torch.compiler.is_compiling():
+    if caching_allowed():
         cached = _mask_cache.get(key)
         if cached is not None:
             return cached
@@ -73,7 +80,7 @@ def shift_mask(hp: int, wp: int, window: int, shift: int, device: torch.device) 
     windows = windows.reshape(-1, window * window)
     diff = windows[:, None, :] - windows[:, :, None]
     mask = torch.zeros_like(diff).masked_fill_(diff != 0, -100.0)
-    if not torch.compiler.is_compiling():
+    if caching_allowed():
         _mask_cache[key] = mask
     return mask
 

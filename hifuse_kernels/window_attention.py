@@ -31,6 +31,7 @@ from torch.library import wrap_triton
 from . import _triton
 from ._triton import tl, triton
 from .reference import (
+    caching_allowed,
     relative_position_index,
     shift_mask,
     window_merge,
@@ -370,7 +371,7 @@ def _bias_scatter_cached(window: int, device: torch.device) -> torch.Tensor:
 def _bias_scatter(window: int, device: torch.device) -> torch.Tensor:
     """((2w-1)**2, w**4) 0/1 matrix adding each score position into its table entry
     (a matmul, not index_add_, whose CUDA version adds in no fixed order)."""
-    if torch.compiler.is_compiling():
+    if not caching_allowed():
         return _bias_scatter_cached.__wrapped__(window, device)
     return _bias_scatter_cached(window, device)
 
