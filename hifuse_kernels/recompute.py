@@ -117,6 +117,17 @@ def _join(tensors, consts):
     return [t if t is not None else c for t, c in zip(tensors, consts)]
 
 
+def _linear_backward(grad, a, weight, bias):
+    """Gradients of ``F.linear(a, weight, bias)``: computed in grad's dtype (the GEMM's, under
+    autocast), each cast to the dtype of what it belongs to."""
+    dtype = grad.dtype
+    rows = grad.reshape(-1, grad.shape[-1])
+    da = (rows @ weight.to(dtype)).view(a.shape).to(a.dtype)
+    dw = (rows.t() @ a.to(dtype).reshape(-1, a.shape[-1])).to(weight.dtype)
+    db = rows.sum(0).to(bias.dtype) if bias is not None else None
+    return da, dw, db
+
+
 def _function(producer):
     class Recomputed(torch.autograd.Function):
         @staticmethod
@@ -131,11 +142,7 @@ def _function(producer):
             weight, bias, *tensors = ctx.saved_tensors
             args = _join(tensors, ctx.consts)
             a, aux = producer.make(*args)
-            dtype = grad.dtype  # the GEMM's (autocast's, under autocast)
-            rows = grad.reshape(-1, grad.shape[-1])
-            da = (rows @ weight.to(dtype)).view(a.shape).to(a.dtype)
-            dw = (rows.t() @ a.to(dtype).reshape(-1, a.shape[-1])).to(weight.dtype)
-            db = rows.sum(0).to(bias.dtype) if bias is not None else None
+            da, dw, db = _linear_backward(grad, a, weight, bias)
             return (dw, db, *producer.grad(da, aux, *args))
 
     Recomputed.__name__ = Recomputed.__qualname__ = f"{producer.__name__}Linear"
@@ -214,23 +221,10 @@ class _ResidualLayerNormLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out, grad):
         y, shortcut, ln_weight, ln_bias, mean, rstd, weight, bias, source = ctx.saved_tensors
-        if source is not None:
-            _out, normed, _mean, _rstd = torch.ops.hifuse.residual_layer_norm(
-                None, source, ln_weight, ln_bias, ctx.eps, ctx.norm_dtype
-            )
-        else:
-            _out, normed, _mean, _rstd = torch.ops.hifuse.residual_layer_norm(
-                y, shortcut, ln_weight, ln_bias, ctx.eps, ctx.norm_dtype
-            )
-        dtype = grad.dtype
-        rows = grad.reshape(-1, grad.shape[-1])
-        dnormed = (rows @ weight.to(dtype)).to(normed.dtype)
-        dw = (rows.t() @ normed.to(dtype)).to(weight.dtype)
-        db = rows.sum(0).to(bias.dtype) if bias is not None else None
-        if y is None or grad_out is None:
-            grad_out = None
-        else:
-            grad_out = grad_out.contiguous()
+        inputs = (y, shortcut) if source is None else (None, source)
+        normed = torch.ops.hifuse.residual_layer_norm(*inputs, ln_weight, ln_bias, ctx.eps, ctx.norm_dtype)[1]
+        dnormed, dw, db = _linear_backward(grad, normed, weight, bias)
+        grad_out = grad_out.contiguous() if y is not None and grad_out is not None else None
         dy, ds, dlw, dlb = torch.ops.hifuse.residual_layer_norm_backward(
             grad_out, dnormed.contiguous(), y, shortcut, ln_weight, mean, rstd
         )
