@@ -6,15 +6,19 @@ then merges, rolls back and crops: six full passes over memory around 5% of real
 Here one program handles one (window, head): it computes, for each of its 49 tokens, where
 that token sits in the unshifted, unpadded grid and loads q, k, v straight from the qkv
 projection (B, H, W, 3C). Tokens that fall in the zero padding get q = k = v = the qkv bias,
-which is what the linear layer gives a zero input; they are not masked. The bias comes from
-the (169, heads) table and the -100 shift mask from region labels, both computed in the
-kernel. The output of each real token is written to its own position; nothing rolled,
+which is what the linear layer gives a zero input; they are not masked. The bias is the
+(169, heads) table spread to one dense (heads, 64, 64) tile per call (a contiguous load; a
+gather from the table costs the kernels registers), and the -100 shift mask comes from region
+labels computed in the kernel. The output of each real token is written to its own position; nothing rolled,
 padded or partitioned is ever stored.
 
 Backward recomputes the scores from the saved log-sum-exp. Every real token belongs to one
 window, so dq, dk, dv are written without collisions; padded tokens feed the qkv bias
 gradient and all windows feed the bias table gradient, both through per-program partial
 sums that are added in a fixed order afterwards, so two backward passes give identical bits.
+The bias-table partial of a program is a (64, 64) fp32 sum over its windows kept in its own
+slot of global memory (it stays in L2): held in registers across windows it made the
+backward spill.
 
 Layers: reference, kernels, launchers, registered op, autograd, functional entry point.
 Its user is the fused ``GlobalBlock`` (``hifuse.fused.global_branch``).
@@ -121,21 +125,20 @@ if triton is not None:
         return tl.where(pad[:, None], pb[None, :].to(x.dtype), x)
 
     @triton.jit
-    def _scores(q, k, table_ptr, head, heads, ys, xs, ti, tj, valid, Hp, Wp, shift, scale,
-                WS: tl.constexpr, SHIFTED: tl.constexpr, PRECISION: tl.constexpr):
+    def _scores(q, k, rel_ptr, t, ys, xs, Hp, Wp, shift, scale,
+                WS: tl.constexpr, BN: tl.constexpr, SHIFTED: tl.constexpr, PRECISION: tl.constexpr):
         s = tl.dot(q, tl.trans(k), out_dtype=tl.float32, input_precision=PRECISION) * scale
-        ridx = (ti[:, None] - ti[None, :] + WS - 1) * (2 * WS - 1) + (tj[:, None] - tj[None, :] + WS - 1)
-        both = valid[:, None] & valid[None, :]
-        s += tl.load(table_ptr + ridx * heads + head, mask=both, other=0.0).to(tl.float32)
+        # the head's dense bias: -inf in the padding columns, so no gather and no mask here
+        s += tl.load(rel_ptr + t[:, None] * BN + t[None, :])
         if SHIFTED:
             lr = tl.where(ys < Hp - WS, 0, tl.where(ys < Hp - shift, 1, 2))
             lc = tl.where(xs < Wp - WS, 0, tl.where(xs < Wp - shift, 1, 2))
             lab = lr * 3 + lc
             s += tl.where(lab[:, None] != lab[None, :], -100.0, 0.0)
-        return tl.where(valid[None, :], s, float("-inf"))
+        return s
 
     @triton.jit
-    def _fwd_kernel(QKV, BIAS, TABLE, OUT, LSE,
+    def _fwd_kernel(QKV, BIAS, REL, OUT, LSE,
                     H, W, Hp, Wp, n_win_w, n_win, C, heads, shift, scale,
                     s_b, s_h, s_w, o_b, o_h, o_w,
                     WS: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
@@ -149,7 +152,7 @@ if triton is not None:
         q = _load_part(QKV, BIAS, row, head * D, d, dmask, valid, real)
         k = _load_part(QKV, BIAS, row, C + head * D, d, dmask, valid, real)
         v = _load_part(QKV, BIAS, row, 2 * C + head * D, d, dmask, valid, real)
-        s = _scores(q, k, TABLE, head, heads, ys, xs, ti, tj, valid, Hp, Wp, shift, scale, WS, SHIFTED, PRECISION)
+        s = _scores(q, k, REL + head * BN * BN, tl.arange(0, BN), ys, xs, Hp, Wp, shift, scale, WS, BN, SHIFTED, PRECISION)
         m = tl.max(s, 1)
         p = tl.exp(s - m[:, None])
         l = tl.sum(p, 1)
@@ -161,7 +164,7 @@ if triton is not None:
         tl.store(LSE + (wid.to(tl.int64) * heads + head) * BN + t, m + tl.log(l), mask=valid)
 
     @triton.jit
-    def _bwd_kernel(QKV, BIAS, TABLE, OUT, DOUT, LSE, DQKV, DBIAS_PART, DS_PART,
+    def _bwd_kernel(QKV, BIAS, REL, OUT, DOUT, LSE, DQKV, DBIAS_PART, DS_PART,
                     H, W, Hp, Wp, n_win_w, n_win, n_total, per_prog, C, heads, shift, scale,
                     s_b, s_h, s_w, o_b, o_h, o_w, g_b, g_h, g_w,
                     WS: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
@@ -171,7 +174,9 @@ if triton is not None:
         d = tl.arange(0, BD)
         dmask = d < D
         t = tl.arange(0, BN)
-        ds_sum = tl.zeros((BN, BN), dtype=tl.float32)
+        part = (prog.to(tl.int64) * heads + head)
+        ds_ptr = DS_PART + part * BN * BN + t[:, None] * BN + t[None, :]
+        tl.store(ds_ptr, tl.zeros((BN, BN), dtype=tl.float32))
         dqb = tl.zeros((BD,), dtype=tl.float32)
         dkb = tl.zeros((BD,), dtype=tl.float32)
         dvb = tl.zeros((BD,), dtype=tl.float32)
@@ -183,7 +188,7 @@ if triton is not None:
                 q = _load_part(QKV, BIAS, row, head * D, d, dmask, valid, real)
                 k = _load_part(QKV, BIAS, row, C + head * D, d, dmask, valid, real)
                 v = _load_part(QKV, BIAS, row, 2 * C + head * D, d, dmask, valid, real)
-                s = _scores(q, k, TABLE, head, heads, ys, xs, ti, tj, valid, Hp, Wp, shift, scale, WS, SHIFTED, PRECISION)
+                s = _scores(q, k, REL + head * BN * BN, tl.arange(0, BN), ys, xs, Hp, Wp, shift, scale, WS, BN, SHIFTED, PRECISION)
                 lse = tl.load(LSE + (wid.to(tl.int64) * heads + head) * BN + t, mask=valid, other=0.0)
                 p = tl.exp(s - lse[:, None])
                 p = tl.where(valid[:, None], p, 0.0)
@@ -196,7 +201,8 @@ if triton is not None:
                 dv = tl.dot(tl.trans(p).to(do.dtype), do, out_dtype=tl.float32, input_precision=PRECISION)
                 dp = tl.dot(do, tl.trans(v), out_dtype=tl.float32, input_precision=PRECISION)
                 ds = p * (dp - delta[:, None])
-                ds_sum += ds
+                tl.debug_barrier()  # the last window's store is seen by every thread
+                tl.store(ds_ptr, tl.load(ds_ptr) + ds)
                 dsq = ds.to(q.dtype)
                 dq = tl.dot(dsq, k, out_dtype=tl.float32, input_precision=PRECISION) * scale
                 dk = tl.dot(tl.trans(dsq), q, out_dtype=tl.float32, input_precision=PRECISION) * scale
@@ -209,8 +215,6 @@ if triton is not None:
                 dqb += tl.sum(tl.where(pad, dq, 0.0), 0)
                 dkb += tl.sum(tl.where(pad, dk, 0.0), 0)
                 dvb += tl.sum(tl.where(pad, dv, 0.0), 0)
-        part = (prog.to(tl.int64) * heads + head)
-        tl.store(DS_PART + part * BN * BN + t[:, None] * BN + t[None, :], ds_sum)
         tl.store(DBIAS_PART + part * 3 * BD + d, dqb)
         tl.store(DBIAS_PART + part * 3 * BD + BD + d, dkb)
         tl.store(DBIAS_PART + part * 3 * BD + 2 * BD + d, dvb)
@@ -278,6 +282,25 @@ def unsupported_reason(qkv, qkv_bias, table, num_heads, window, shift) -> str | 
     return None if problem is None else problem[1]
 
 
+@functools.lru_cache(maxsize=None)
+def _dense_index_cached(window: int, bn: int, device: torch.device) -> torch.Tensor:
+    n, entries = window * window, (2 * window - 1) ** 2
+    index = torch.full((bn, bn), entries + 1, dtype=torch.long)  # padding columns: -inf
+    index[n:, :n] = entries  # padding rows: 0 (never stored)
+    index[:n, :n] = relative_position_index(window)
+    return index.view(-1).to(device)
+
+
+def _dense_bias(table: torch.Tensor, window: int, bn: int) -> torch.Tensor:
+    """(heads, bn, bn) float32 bias of each head's scores, -inf in the padding columns: the
+    kernels load it as one contiguous tile (a gather from the table costs them registers)."""
+    key = (window, bn, table.device)
+    index = _dense_index_cached(*key) if caching_allowed() else _dense_index_cached.__wrapped__(*key)
+    extra = torch.tensor([0.0, float("-inf")], device=table.device).expand(table.shape[1], 2)
+    rows = torch.cat([table.t().float(), extra], 1)
+    return rows[:, index].view(table.shape[1], bn, bn).contiguous()
+
+
 def _bias_or_zeros(qkv, qkv_bias):
     if qkv_bias is None:
         return qkv.new_zeros(qkv.shape[-1])
@@ -286,10 +309,12 @@ def _bias_or_zeros(qkv, qkv_bias):
 
 
 
-# Warps per program, chosen so that no variant spills registers (scripts/check_triton_compile.py):
-# the backward holds q, k, v, dO and two (BN x BN) score tiles; fp32 (IEEE) dots need more
-# registers than bf16/fp16 ones.
+# Warps per program, the fewest spills over every variant (scripts/check_triton_compile.py lists
+# those left): 4 warps spill more, and 16 cap a thread at 128 registers.
 BWD_WARPS = 8
+# (window, head) programs of the backward at most: enough to fill a GPU, few enough that the
+# per-program partial sums stay small; more windows are looped over inside a program.
+BWD_PROGRAMS = 1024
 
 
 def fwd_warps(dtype: torch.dtype) -> int:
@@ -305,7 +330,7 @@ def _window_attention_op(
     lse = torch.empty(g["b"] * g["n_win"], num_heads, g["bn"], device=qkv.device, dtype=torch.float32)
     grid = (g["b"] * g["n_win"], num_heads)
     wrap_triton(_fwd_kernel)[grid](
-        qkv, qkv_bias, table.contiguous(), out, lse,
+        qkv, qkv_bias, _dense_bias(table, window, g["bn"]), out, lse,
         g["h"], g["w"], g["hp"], g["wp"], g["n_win_w"], g["n_win"], g["c"], num_heads, shift,
         g["d"] ** -0.5,
         qkv.stride(0), qkv.stride(1), qkv.stride(2), out.stride(0), out.stride(1), out.stride(2),
@@ -324,13 +349,12 @@ def _window_attention_backward_op(
     grad_out = grad_out.contiguous()
     dqkv = torch.empty_like(qkv, memory_format=torch.contiguous_format)
     n_total = g["b"] * g["n_win"]
-    # Enough programs to fill a GPU, few enough that the partial sums stay small.
-    per_prog = max(1, -(-n_total * num_heads // 1024))
+    per_prog = max(1, -(-n_total * num_heads // BWD_PROGRAMS))
     progs = -(-n_total // per_prog)
     ds_part = torch.empty(progs, num_heads, g["bn"], g["bn"], device=qkv.device, dtype=torch.float32)
     dbias_part = torch.empty(progs, num_heads, 3, g["bd"], device=qkv.device, dtype=torch.float32)
     wrap_triton(_bwd_kernel)[(progs, num_heads)](
-        qkv, qkv_bias, table.contiguous(), out, grad_out, lse, dqkv, dbias_part, ds_part,
+        qkv, qkv_bias, _dense_bias(table, window, g["bn"]), out, grad_out, lse, dqkv, dbias_part, ds_part,
         g["h"], g["w"], g["hp"], g["wp"], g["n_win_w"], g["n_win"], n_total, per_prog, g["c"], num_heads,
         shift, g["d"] ** -0.5,
         qkv.stride(0), qkv.stride(1), qkv.stride(2), out.stride(0), out.stride(1), out.stride(2),

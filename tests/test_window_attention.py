@@ -36,9 +36,9 @@ CASES = [
 ]
 
 
-def _op_inputs(b, h, w, heads, seed=0, dtype=torch.float32):
+def _op_inputs(b, h, w, heads, seed=0, dtype=torch.float32, head_dim=32):
     g = torch.Generator().manual_seed(seed)
-    c = heads * 32
+    c = heads * head_dim
     qkv = torch.randn(b, h, w, 3 * c, generator=g).to(DEVICE, dtype).requires_grad_()
     bias = torch.randn(3 * c, generator=g).to(DEVICE, dtype).requires_grad_()
     table = (0.5 * torch.randn(169, heads, generator=g)).to(DEVICE).requires_grad_()
@@ -50,6 +50,24 @@ def test_op_matches_reference(b, h, w, heads, shift):
     qkv, bias, table = _op_inputs(b, h, w, heads)
     out = window_attention(qkv, bias, table, heads, 7, shift)
     ref = window_attention_ref(qkv, bias, table, heads, 7, shift)
+    torch.testing.assert_close(out, ref, **TOL)
+    grad = torch.randn_like(ref)
+    got = torch.autograd.grad(out, (qkv, bias, table), grad)
+    want = torch.autograd.grad(ref, (qkv, bias, table), grad)
+    for name, a, r in zip(("qkv", "qkv_bias", "table"), got, want):
+        torch.testing.assert_close(a, r, rtol=1e-4, atol=2e-4, msg=name)
+
+
+@pytest.mark.parametrize("head_dim, shift", [(16, 3), (64, 0), (32, 3)])
+def test_backward_loops_over_windows(monkeypatch, head_dim, shift):
+    # Few backward programs, so each sums the bias gradient over several windows (2 x 3 x 4
+    # windows, 5 programs per head: the last one has fewer) at every supported head dim.
+    import hifuse_kernels.window_attention as wa
+
+    monkeypatch.setattr(wa, "BWD_PROGRAMS", 5 * 2)
+    qkv, bias, table = _op_inputs(2, 20, 26, 2, head_dim=head_dim, seed=3)
+    out = window_attention(qkv, bias, table, 2, 7, shift)
+    ref = window_attention_ref(qkv, bias, table, 2, 7, shift)
     torch.testing.assert_close(out, ref, **TOL)
     grad = torch.randn_like(ref)
     got = torch.autograd.grad(out, (qkv, bias, table), grad)
