@@ -8,8 +8,9 @@
 # ops (minutes each; the model's are in benchmarks/results/); FlexAttention always runs;
 # HIFUSE_BATCHES (default "32,128"); TORCH_CUDA_ARCH_LIST (default 9.0); MAX_JOBS;
 # HIFUSE_DEADLINE (seconds from the start, default 540): benchmarks run in order of
-# importance (whole model, blocks, single ops, block compile baselines) and each is cut at
-# the deadline, so a time-limited call still returns what finished.
+# importance (whole model, its profile, blocks, single ops, block compile baselines,
+# memcheck) and each is cut at the deadline, so a time-limited call still returns what
+# finished.
 # Without a GPU it builds, tests and runs the small CPU benchmarks, and skips the rest.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -75,11 +76,23 @@ compile_ops=()
 [ "${HIFUSE_COMPILE:-0}" = 1 ] && compile_ops=(--compile-ops)
 ops=(--dtype bf16 --batch 128 "${compile_ops[@]}")
 bench model -k "test_model" --dtype bf16 --batch "$batches" --memory-format contiguous,channels_last --providers eager,fused
+# What to tune next: one profiled fused bf16 step at batch 128, training and inference (the 25
+# kernels with the most GPU time, their share and launch count) as text in $out.
+for mode in --train ""; do
+  left=$(( deadline - $(date +%s) ))
+  [ "$left" -lt 60 ] && { step "profile skipped: deadline reached"; break; }
+  step "profile fused ${mode:-inference} (${left}s left)"
+  run timeout "$left" python -m hifuse benchmark $mode --batch 128 --amp bf16 --channels-last --providers fused \
+    --rounds 5 --warmup 3 --profile "$out"
+done
 blocks="test_global_blocks_tiny or test_local_blocks_tiny or test_fusion_blocks_tiny or test_stem_layer"
 bench blocks -k "($blocks) and not compile" "${ops[@]}"
 bench window_attention -k "test_window_attention and not blocks" "${ops[@]}"
 bench dwconv_layer_norm -k "test_dwconv_layer_norm and not blocks" "${ops[@]}"
 bench fusion_ops -k "test_gated_layer_norm or test_layer_norm_cat or test_gate_pooling or test_batch_norm_act" "${ops[@]}"
+# the copy bandwidth the memory-bound ops are held to (summarize.py: "% of copy"), and the
+# residual epilogues
+bench copy_residual -k "test_copy or test_gelu_residual or test_residual_layer_norm" "${ops[@]}"
 bench layer_norm_cf -k "test_layer_norm_cf" --dtype bf16,fp32 --batch 128
 bench patch_merge -k "test_patch_merge" "${ops[@]}"
 bench blocks_compile -k "($blocks) and compile" "${ops[@]}"
@@ -97,6 +110,18 @@ if [ "${HIFUSE_COMPILE:-0}" = 1 ]; then
     bench "fused_compile_${mode}_$b" -k "test_model and $mode" --dtype bf16 --batch "$b" \
       --memory-format channels_last --providers fused_compile,fused_cudagraphs --rounds 20
   done
+fi
+
+# Out-of-bounds accesses: the GPU tests of the fused ops under compute-sanitizer (slow; last).
+left=$(( deadline - $(date +%s) ))
+if ! command -v compute-sanitizer >/dev/null; then
+  step "memcheck skipped: compute-sanitizer is not on this machine"
+elif [ "$left" -lt 60 ]; then
+  step "memcheck skipped: deadline reached"
+else
+  step "memcheck (${left}s left)"
+  run timeout "$left" compute-sanitizer --tool memcheck --error-exitcode 1 python -m pytest tests -q -p no:cacheprovider \
+    -m gpu -k "not model and not compile and not cuda_graph and not reduce_overhead"
 fi
 
 step "summary"

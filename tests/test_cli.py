@@ -399,6 +399,17 @@ def test_benchmark_command():
     assert rc == 0, err
     assert re.search(r"^eager\s+[\d.]+\s+[\d.]+", out, re.M)
     one_line_error(cli("benchmark", "--providers", "magic"), "magic")
+    one_line_error(cli("benchmark", "--train", "--batch", "1", "--img-size", "32"), "at least 2")
+
+
+def test_benchmark_profile(tmp_path):
+    rc, out, err = cli("benchmark", "--batch", "2", "--img-size", "32", "--providers", "eager", "--rounds", "1",
+                       "--warmup", "0", "--train", "--profile", tmp_path / "prof")
+    assert rc == 0, err
+    text = (tmp_path / "prof" / "profile_eager_train_b2.txt").read_text()
+    assert "train step, batch 2" in text and "# of Calls" in text
+    # 25 rows of ops between the header's rules and the closing one
+    assert "aten::" in text and len([line for line in text.splitlines() if "aten::" in line]) <= 25
 
 
 def test_readme_train_on_your_images(tmp_path):

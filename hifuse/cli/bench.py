@@ -77,6 +77,20 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def profile_table(fn: Callable[[], None], device: torch.device, rows: int = 25) -> str:
+    """torch.profiler table of one call of fn (warmed up already): the ``rows`` kernels (on a
+    CPU: ops) with the most self time, with their share of the call and their call count."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sync(device)
+    with profile(activities=activities) as prof:
+        fn()
+        sync(device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=90)
+
+
 def median_seconds(fn: Callable[[], None], device: torch.device, rounds: int, warmup: int) -> float:
     """Median wall time of fn, each call synchronised, after warm-up calls (compilation)."""
     for _ in range(warmup):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import platform
 import time
+from pathlib import Path
 
 import torch
 
@@ -25,6 +26,9 @@ def add_parser(sub) -> None:
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--device", help="cuda or cpu (default: cuda when present)")
+    p.add_argument("--profile", type=Path, metavar="DIR",
+                   help="also profile one call per provider (torch.profiler) and write the 25 kernels with the "
+                        "most time, their share and call count, to DIR/profile_<provider>_<train|infer>_b<batch>.txt")
     p.set_defaults(run=run)
 
 
@@ -41,13 +45,20 @@ def run(args) -> int:
         raise CliError(f"--providers: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(bench.PROVIDERS)}")
     if args.batch <= 0 or args.rounds <= 0 or args.warmup < 0:
         raise CliError("--batch and --rounds must be positive, --warmup not negative")
+    if args.train and args.batch * (args.img_size // 32) ** 2 < 2:
+        # the last fusion block's BatchNorms see batch x (size/32)^2 values per channel
+        raise CliError("--train needs batch x (img-size/32)^2 of at least 2 (BatchNorm statistics); "
+                       f"got batch {args.batch} at {args.img_size}")
     device = models.device_of(args.device)
     amp = args.amp or ("bf16" if device.type == "cuda" else "none")
     dtype = {"none": "fp32"}.get(amp, amp)
     fmt = "channels_last" if args.channels_last else "contiguous"
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.machine()})"
-    print(f"{args.model}, {'train step' if args.train else 'inference'}, batch {args.batch}, "
-          f"{args.img_size}x{args.img_size}, {dtype}, {fmt}; {name}, torch {torch.__version__}")
+    header = (f"{args.model}, {'train step' if args.train else 'inference'}, batch {args.batch}, "
+              f"{args.img_size}x{args.img_size}, {dtype}, {fmt}; {name}, torch {torch.__version__}")
+    print(header)
+    if args.profile is not None:
+        args.profile.mkdir(parents=True, exist_ok=True)
     print(f"{'provider':<14} {'ms':>10} {'images/s':>10}  first call")
     for provider in providers:
         try:
@@ -60,5 +71,10 @@ def run(args) -> int:
             bench.sync(device)
             first = time.perf_counter() - t0
             median = bench.median_seconds(fn, device, args.rounds, max(0, args.warmup - 1))
+            table = bench.profile_table(fn, device) if args.profile is not None else None
         print(f"{provider:<14} {median * 1e3:10.2f} {args.batch / median:10.1f}  {first:.1f} s", flush=True)
+        if table is not None:
+            path = args.profile / f"profile_{provider}_{'train' if args.train else 'infer'}_b{args.batch}.txt"
+            path.write_text(f"{header}\n{provider}: median {median * 1e3:.2f} ms per call\n\n{table}\n")
+            print(f"  profile: {path}", flush=True)
     return 0
