@@ -56,12 +56,9 @@ def run(args) -> int:
     )
     amp = args.amp or ("bf16" if device.type == "cuda" else "none")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
-    m = metrics_.make(len(classes), device)
-    with config.use_fused(args.fused), torch.no_grad():
-        for x, y in loader:
-            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                logits = model(x.to(device))
-            m.update(logits.float(), y.to(device))
+    autocast = dict(device_type=device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+    with config.use_fused(args.fused):
+        m, _loss, _seen = metrics_.run_over(model, loader, len(classes), device, autocast)
     res = metrics_.result(m, classes)
     print(metrics_.table(res))
     split = root.name

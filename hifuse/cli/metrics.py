@@ -32,6 +32,24 @@ def make(num_classes: int, device: torch.device):
     ).to(device)
 
 
+def run_over(model, loader, num_classes: int, device: torch.device, autocast: dict,
+             memory_format=torch.contiguous_format):
+    """The metrics (``make``) updated with ``model``'s logits on every batch of ``loader``, and
+    the summed cross-entropy and the number of samples (this process's share). No gradients."""
+    m = make(num_classes, device)
+    loss_sum, seen = 0.0, 0
+    with torch.no_grad():
+        for x, y in loader:
+            x = x.to(device, non_blocking=True).contiguous(memory_format=memory_format)
+            y = y.to(device, non_blocking=True)
+            with torch.autocast(**autocast):
+                logits = model(x).float()
+            loss_sum += float(torch.nn.functional.cross_entropy(logits, y, reduction="sum"))
+            seen += len(y)
+            m.update(logits, y)
+    return m, loss_sum, seen
+
+
 def result(metrics, classes: list[str]) -> dict:
     """Plain numbers: overall metrics, a per-class table and the confusion matrix (rows: true)."""
     values = {k: v.cpu() for k, v in metrics.compute().items()}

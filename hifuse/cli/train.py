@@ -410,16 +410,7 @@ def _train_epoch(net, loader, opt, sched, scaler, autocast, fmt, d: Dist, epoch:
 @torch.no_grad()
 def _validate(net, loader, classes, autocast, fmt, d: Dist) -> dict:
     net.eval()
-    m = metrics_.make(len(classes), d.device)
-    loss_sum, seen = 0.0, 0
-    for x, y in loader:
-        x = x.to(d.device, non_blocking=True).contiguous(memory_format=fmt)
-        y = y.to(d.device, non_blocking=True)
-        with torch.autocast(**autocast):
-            logits = net(x)
-        loss_sum += float(torch.nn.functional.cross_entropy(logits.float(), y, reduction="sum"))
-        seen += len(y)
-        m.update(logits.float(), y)
+    m, loss_sum, seen = metrics_.run_over(net, loader, len(classes), d.device, autocast, fmt)
     res = metrics_.result(m, classes)  # torchmetrics reduces over ranks
     total, count = d.sum([loss_sum, seen])
     res["loss"] = total / max(1, count)
