@@ -36,7 +36,8 @@ from . import batch_norm_act as bna  # noqa: F401 - registers hifuse::batch_norm
 from . import dwconv_layer_norm as dln  # noqa: F401 - registers hifuse::dwconv_layer_norm
 from . import layer_norm_cat as lnc  # noqa: F401 - registers hifuse::layer_norm_cat
 
-__all__ = ["BatchNormApply", "DwconvLayerNorm", "Gelu", "LayerNormCat", "linear", "linear_pair", "residual_layer_norm_linear"]
+__all__ = ["BatchNormApply", "DwconvLayerNorm", "Gelu", "LayerNormCat", "linear", "linear_pair", "norm_cat_linear",
+           "residual_layer_norm_linear"]
 
 # --------------------------------------------------------------------------- producers
 
@@ -238,3 +239,52 @@ def residual_layer_norm_linear(y, shortcut, ln_weight, ln_bias, eps: float, norm
     ``layer_norm(shortcut)``). ``stream_kept``: a later op keeps the stream for its backward."""
     return _ResidualLayerNormLinear.apply(y, shortcut, ln_weight, ln_bias, float(eps), norm_dtype, weight, bias,
                                           stream_kept)
+
+
+def _apply_part(source):
+    """A part of the concatenation as its BatchNorm apply made it: (N, C, H, W), channels-last."""
+    y, height, width, pool = source[0], source[7], source[8], source[9]
+    if pool:
+        height, width = height // 2, width // 2
+    n = y.shape[0] // (source[7] * source[8])
+    return torch.ops.hifuse.batch_norm_act(*source).view(n, height, width, -1).permute(0, 3, 1, 2)
+
+
+class _NormCatLinear(torch.autograd.Function):
+    """``F.linear`` of hifuse::layer_norm_cat over parts that are BatchNorm applies, keeping
+    neither the parts nor the normalised concatenation: both are rebuilt in backward from the
+    BatchNorms' inputs and statistics, which their own backward keeps anyway. The parts stay
+    inputs, so their gradients flow to the BatchNorms as before."""
+
+    @staticmethod
+    def forward(ctx, weight, bias, ln_weight, ln_bias, eps, out_dtype, sizes, *parts_and_sources):
+        parts, flat = parts_and_sources[:len(sizes)], parts_and_sources[len(sizes):]
+        a, _aux = LayerNormCat.make(*parts, ln_weight, ln_bias, eps, out_dtype)
+        tensors, ctx.consts = _split(flat)
+        ctx.save_for_backward(weight, bias, ln_weight, ln_bias, *tensors)
+        ctx.eps, ctx.out_dtype, ctx.sizes = eps, out_dtype, sizes
+        return F.linear(a, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        weight, bias, ln_weight, ln_bias, *tensors = ctx.saved_tensors
+        flat = _join(tensors, ctx.consts)
+        parts, start = [], 0
+        for size in ctx.sizes:
+            parts.append(_apply_part(flat[start:start + size]))
+            start += size
+        args = (*parts, ln_weight, ln_bias, ctx.eps, ctx.out_dtype)
+        a, aux = LayerNormCat.make(*args)
+        da, dw, db = _linear_backward(grad, a, weight, bias)
+        dparts_etc = LayerNormCat.grad(da, aux, *args)
+        dparts, dlw, dlb = dparts_etc[:len(parts)], dparts_etc[len(parts)], dparts_etc[len(parts) + 1]
+        return (dw, db, dlw, dlb, None, None, None, *dparts, *[None] * len(flat))
+
+
+def norm_cat_linear(parts, sources, ln_weight, ln_bias, eps: float, out_dtype, weight, bias=None) -> torch.Tensor:
+    """``linear(LayerNormCat, (*parts, ln_weight, ln_bias, eps, out_dtype), weight, bias)`` where
+    each part is ``hifuse::batch_norm_act(*source)`` as an (N, C, H, W) view (``sources``: the
+    ``batch_norm_act.apply_args`` of each part), keeping the sources instead of the parts."""
+    sizes = tuple(len(source) for source in sources)
+    flat = [t for source in sources for t in source]
+    return _NormCatLinear.apply(weight, bias, ln_weight, ln_bias, float(eps), out_dtype, sizes, *parts, *flat)

@@ -10,6 +10,8 @@ channels-last.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -57,12 +59,27 @@ def conv_bn_forward(m: ConvBN, x: torch.Tensor, then: str | None = None, pool: b
     return bna.batch_norm_act(x, bn, act, pool=pool, check=False)
 
 
+def conv_bn_sourced(m: ConvBN, x: torch.Tensor, pool: bool = False) -> tuple[torch.Tensor, tuple]:
+    """Training-mode ConvBN (no activation after it) as ``conv_bn_forward`` computes it, with the
+    ``batch_norm_act.apply_args`` that make its result (``recompute.norm_cat_linear`` rebuilds it
+    from them)."""
+    y = conv_channels_last(x, m.conv.weight, m.conv.bias, m.conv)
+    n, c, h, w = y.shape
+    source = bna.apply_args(y, m.bn, "relu" if m.relu is not None else None, pool=pool)
+    if pool:
+        h, w = h // 2, w // 2
+    return torch.ops.hifuse.batch_norm_act(*source).view(n, h, w, c).permute(0, 3, 1, 2), source
+
+
 def conv_bn_recomputed(m: ConvBN, producer, args, then: str | None = None) -> torch.Tensor:
     """Training-mode 1x1 ConvBN (then activation ``then``) on ``producer.make(*args)``, channels-last
     pixels that backward rebuilds instead of keeping (``hifuse_kernels.recompute``)."""
-    act = "relu" if m.relu is not None else then
-    y = recompute.linear(producer, args, m.conv.weight.flatten(1), m.conv.bias).permute(0, 3, 1, 2)
-    return bna.batch_norm_act(y, m.bn, act, check=False)
+    return bn_after_gemm(m, recompute.linear(producer, args, m.conv.weight.flatten(1), m.conv.bias), then)
+
+
+def bn_after_gemm(m: ConvBN, y: torch.Tensor, then: str | None = None) -> torch.Tensor:
+    """The training BatchNorm (then activation ``then``) of ConvBN ``m`` on its GEMM's (N, H, W, C) output."""
+    return bna.batch_norm_act(y.permute(0, 3, 1, 2), m.bn, "relu" if m.relu is not None else then, check=False)
 
 
 def irmlp_forward(m: IRMLP, x: torch.Tensor) -> torch.Tensor:
@@ -127,25 +144,31 @@ def fusion_check(m: HFFBlock, l: torch.Tensor, g: torch.Tensor, f: torch.Tensor 
 
 
 def fusion_forward(m: HFFBlock, l: torch.Tensor, g: torch.Tensor, f: torch.Tensor | None = None) -> torch.Tensor:
-    w_local = conv_bn_forward(m.W_l, l)
-    w_global = conv_bn_forward(m.W_g, g)
-    if f is not None:
-        w_f = conv_bn_forward(m.Updim, f, pool=True)
-        shortcut = w_f
-        parts, norm, proj = [w_f, w_local, w_global], m.norm1, m.W3
+    convs = [m.Updim] if f is not None else []
+    convs += [m.W_l, m.W_g]
+    inputs = ([f] if f is not None else []) + [l, g]
+    norm, proj = (m.norm1, m.W3) if f is not None else (m.norm2, m.W)
+    sources = None
+    if not any(folds(c.bn) for c in (*convs, proj)):
+        # training: the parts are rebuilt in backward from their BatchNorms' inputs
+        pairs = [conv_bn_sourced(c, t, pool=c is m.Updim) for c, t in zip(convs, inputs)]
+        parts, sources = [p for p, _ in pairs], [s for _, s in pairs]
     else:
-        shortcut = 0
-        parts, norm, proj = [w_local, w_global], m.norm2, m.W
-    dtype = parts[0].dtype
-    for t in parts[1:]:
-        dtype = torch.promote_types(dtype, t.dtype)
-    parts = [t.to(dtype) for t in parts]
+        parts = [conv_bn_forward(c, t, pool=c is m.Updim) for c, t in zip(convs, inputs)]
+    shortcut = parts[0] if f is not None else 0
+    dtype = functools.reduce(torch.promote_types, [t.dtype for t in parts])
+    if any(t.dtype != dtype for t in parts):
+        parts, sources = [t.to(dtype) for t in parts], None  # promoted copies are kept
     # Written in the dtype the projection GEMM takes under autocast.
     gemm_dtype = autocast_dtype(l)
     out_dtype = gemm_dtype if gemm_dtype == dtype else None
     if folds(proj.bn):
         normed = lnc.layer_norm_cat(parts, norm.weight, norm.bias, norm.eps, out_dtype, check=False)
         x = conv_bn_forward(proj, normed, then="gelu")
+    elif sources is not None:
+        y = recompute.norm_cat_linear(parts, sources, norm.weight, norm.bias, norm.eps, out_dtype,
+                                      proj.conv.weight.flatten(1), proj.conv.bias)
+        x = bn_after_gemm(proj, y, then="gelu")
     else:
         # the normalised concatenation is rebuilt in backward from the parts it keeps anyway
         args = (*parts, norm.weight, norm.bias, float(norm.eps), out_dtype)
