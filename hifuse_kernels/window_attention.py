@@ -16,9 +16,11 @@ Backward recomputes the scores from the saved log-sum-exp. Every real token belo
 window, so dq, dk, dv are written without collisions; padded tokens feed the qkv bias
 gradient and all windows feed the bias table gradient, both through per-program partial
 sums that are added in a fixed order afterwards, so two backward passes give identical bits.
-The bias-table partial of a program is a (64, 64) fp32 sum over its windows kept in its own
-slot of global memory (it stays in L2): held in registers across windows it made the
-backward spill.
+A backward program keeps a window's keys and values loaded and takes its queries in blocks
+of 16 rows (dk and dv accumulate over the blocks), so its score tiles are (16, 64): with whole
+(64, 64) tiles the kernel spilled registers. For the same reason the bias-table partial of a
+program, a (64, 64) fp32 sum over its windows, lives in its own slot of global memory (it
+stays in L2), not in registers.
 
 Layers: reference, kernels, launchers, registered op, autograd, functional entry point.
 Its user is the fused ``GlobalBlock`` (``hifuse.fused.global_branch``).
@@ -99,22 +101,20 @@ def window_attention_ref(
 if triton is not None:
 
     @triton.jit
-    def _tokens(wid, H, W, Hp, Wp, n_win_w, n_win, shift, WS: tl.constexpr, BN: tl.constexpr):
-        """Per token of window `wid`: batch, source row/col, in-window index, validity, realness."""
+    def _tokens(wid, t, H, W, Hp, Wp, n_win_w, n_win, shift, WS: tl.constexpr):
+        """Per token ``t`` of window `wid`: batch, shifted-grid row/col, source row/col, validity,
+        realness (a source position inside the image)."""
         b = wid // n_win
         w_in = wid % n_win
         wr = w_in // n_win_w
         wc = w_in % n_win_w
-        t = tl.arange(0, BN)
         valid = t < WS * WS
-        ti = t // WS
-        tj = t % WS
-        ys = wr * WS + ti  # position in the shifted, padded grid
-        xs = wc * WS + tj
+        ys = wr * WS + t // WS  # position in the shifted, padded grid
+        xs = wc * WS + t % WS
         yo = (ys + shift) % Hp  # position before the roll
         xo = (xs + shift) % Wp
         real = valid & (yo < H) & (xo < W)
-        return b.to(tl.int64), ys, xs, yo, xo, ti, tj, valid, real
+        return b.to(tl.int64), ys, xs, yo, xo, valid, real
 
     @triton.jit
     def _load_part(ptr, bias_ptr, row_off, part_off, d, dmask, valid, real):
@@ -125,94 +125,122 @@ if triton is not None:
         return tl.where(pad[:, None], pb[None, :].to(x.dtype), x)
 
     @triton.jit
-    def _scores(q, k, rel_ptr, t, ys, xs, Hp, Wp, shift, scale,
-                WS: tl.constexpr, BN: tl.constexpr, SHIFTED: tl.constexpr, PRECISION: tl.constexpr):
+    def _labels(ys, xs, Hp, Wp, shift, WS: tl.constexpr):
+        """Shift region (0..8) of each token: scores across regions get -100."""
+        lr = tl.where(ys < Hp - WS, 0, tl.where(ys < Hp - shift, 1, 2))
+        lc = tl.where(xs < Wp - WS, 0, tl.where(xs < Wp - shift, 1, 2))
+        return lr * 3 + lc
+
+    @triton.jit
+    def _scores(q, k, rel_ptr, tq, tk, lab_q, lab_k, scale,
+                BN: tl.constexpr, SHIFTED: tl.constexpr, PRECISION: tl.constexpr):
+        """Scores of query tokens ``tq`` against key tokens ``tk``."""
         s = tl.dot(q, tl.trans(k), out_dtype=tl.float32, input_precision=PRECISION) * scale
         # the head's dense bias: -inf in the padding columns, so no gather and no mask here
-        s += tl.load(rel_ptr + t[:, None] * BN + t[None, :])
+        s += tl.load(rel_ptr + tq[:, None] * BN + tk[None, :])
         if SHIFTED:
-            lr = tl.where(ys < Hp - WS, 0, tl.where(ys < Hp - shift, 1, 2))
-            lc = tl.where(xs < Wp - WS, 0, tl.where(xs < Wp - shift, 1, 2))
-            lab = lr * 3 + lc
-            s += tl.where(lab[:, None] != lab[None, :], -100.0, 0.0)
+            s += tl.where(lab_q[:, None] != lab_k[None, :], -100.0, 0.0)
         return s
 
     @triton.jit
     def _fwd_kernel(QKV, BIAS, REL, OUT, LSE,
                     H, W, Hp, Wp, n_win_w, n_win, C, heads, shift, scale,
                     s_b, s_h, s_w, o_b, o_h, o_w,
-                    WS: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
+                    WS: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
                     SHIFTED: tl.constexpr, PRECISION: tl.constexpr):
+        # keys and values of the window stay loaded; queries go in blocks of BM rows
         wid = tl.program_id(0)
         head = tl.program_id(1)
-        b, ys, xs, yo, xo, ti, tj, valid, real = _tokens(wid, H, W, Hp, Wp, n_win_w, n_win, shift, WS, BN)
+        t = tl.arange(0, BN)
+        b, ys, xs, yo, xo, valid, real = _tokens(wid, t, H, W, Hp, Wp, n_win_w, n_win, shift, WS)
         d = tl.arange(0, BD)
         dmask = d < D
         row = b * s_b + yo.to(tl.int64) * s_h + xo.to(tl.int64) * s_w
-        q = _load_part(QKV, BIAS, row, head * D, d, dmask, valid, real)
         k = _load_part(QKV, BIAS, row, C + head * D, d, dmask, valid, real)
         v = _load_part(QKV, BIAS, row, 2 * C + head * D, d, dmask, valid, real)
-        s = _scores(q, k, REL + head * BN * BN, tl.arange(0, BN), ys, xs, Hp, Wp, shift, scale, WS, BN, SHIFTED, PRECISION)
-        m = tl.max(s, 1)
-        p = tl.exp(s - m[:, None])
-        l = tl.sum(p, 1)
-        o = tl.dot((p / l[:, None]).to(v.dtype), v, out_dtype=tl.float32, input_precision=PRECISION)
-        orow = b * o_b + yo.to(tl.int64) * o_h + xo.to(tl.int64) * o_w
-        tl.store(OUT + orow[:, None] + (head * D + d)[None, :], o.to(OUT.dtype.element_ty),
-                 mask=real[:, None] & dmask[None, :])
-        t = tl.arange(0, BN)
-        tl.store(LSE + (wid.to(tl.int64) * heads + head) * BN + t, m + tl.log(l), mask=valid)
+        lab = _labels(ys, xs, Hp, Wp, shift, WS)
+        for qb in range(0, BN, BM):
+            tq = qb + tl.arange(0, BM)
+            bq, ysq, xsq, yoq, xoq, validq, realq = _tokens(wid, tq, H, W, Hp, Wp, n_win_w, n_win, shift, WS)
+            rowq = bq * s_b + yoq.to(tl.int64) * s_h + xoq.to(tl.int64) * s_w
+            q = _load_part(QKV, BIAS, rowq, head * D, d, dmask, validq, realq)
+            s = _scores(q, k, REL + head * BN * BN, tq, t, _labels(ysq, xsq, Hp, Wp, shift, WS), lab, scale,
+                        BN, SHIFTED, PRECISION)
+            m = tl.max(s, 1)
+            p = tl.exp(s - m[:, None])
+            l = tl.sum(p, 1)
+            o = tl.dot((p / l[:, None]).to(v.dtype), v, out_dtype=tl.float32, input_precision=PRECISION)
+            orow = bq * o_b + yoq.to(tl.int64) * o_h + xoq.to(tl.int64) * o_w
+            tl.store(OUT + orow[:, None] + (head * D + d)[None, :], o.to(OUT.dtype.element_ty),
+                     mask=realq[:, None] & dmask[None, :])
+            tl.store(LSE + (wid.to(tl.int64) * heads + head) * BN + tq, m + tl.log(l), mask=validq)
 
     @triton.jit
     def _bwd_kernel(QKV, BIAS, REL, OUT, DOUT, LSE, DQKV, DBIAS_PART, DS_PART,
                     H, W, Hp, Wp, n_win_w, n_win, n_total, per_prog, C, heads, shift, scale,
                     s_b, s_h, s_w, o_b, o_h, o_w, g_b, g_h, g_w,
-                    WS: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
+                    WS: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
                     SHIFTED: tl.constexpr, PRECISION: tl.constexpr):
+        # Keys and values of a window stay loaded; queries go in blocks of BM rows, so the score
+        # tiles are (BM, BN) and dk, dv accumulate over the blocks.
         prog = tl.program_id(0)
         head = tl.program_id(1)
         d = tl.arange(0, BD)
         dmask = d < D
         t = tl.arange(0, BN)
-        part = (prog.to(tl.int64) * heads + head)
-        ds_ptr = DS_PART + part * BN * BN + t[:, None] * BN + t[None, :]
-        tl.store(ds_ptr, tl.zeros((BN, BN), dtype=tl.float32))
+        part = prog.to(tl.int64) * heads + head
+        ds_base = DS_PART + part * BN * BN
+        for mb in tl.static_range(0, BN, BM):
+            tq = mb + tl.arange(0, BM)
+            tl.store(ds_base + tq[:, None] * BN + t[None, :], tl.zeros((BM, BN), dtype=tl.float32))
+        rel = REL + head * BN * BN
+        gty = DQKV.dtype.element_ty
         dqb = tl.zeros((BD,), dtype=tl.float32)
         dkb = tl.zeros((BD,), dtype=tl.float32)
         dvb = tl.zeros((BD,), dtype=tl.float32)
         for i in range(0, per_prog):
             wid = prog * per_prog + i
             if wid < n_total:
-                b, ys, xs, yo, xo, ti, tj, valid, real = _tokens(wid, H, W, Hp, Wp, n_win_w, n_win, shift, WS, BN)
+                b, ys, xs, yo, xo, valid, real = _tokens(wid, t, H, W, Hp, Wp, n_win_w, n_win, shift, WS)
                 row = b * s_b + yo.to(tl.int64) * s_h + xo.to(tl.int64) * s_w
-                q = _load_part(QKV, BIAS, row, head * D, d, dmask, valid, real)
                 k = _load_part(QKV, BIAS, row, C + head * D, d, dmask, valid, real)
                 v = _load_part(QKV, BIAS, row, 2 * C + head * D, d, dmask, valid, real)
-                s = _scores(q, k, REL + head * BN * BN, tl.arange(0, BN), ys, xs, Hp, Wp, shift, scale, WS, BN, SHIFTED, PRECISION)
-                lse = tl.load(LSE + (wid.to(tl.int64) * heads + head) * BN + t, mask=valid, other=0.0)
-                p = tl.exp(s - lse[:, None])
-                p = tl.where(valid[:, None], p, 0.0)
-                orow = b * o_b + yo.to(tl.int64) * o_h + xo.to(tl.int64) * o_w
-                omask = real[:, None] & dmask[None, :]
-                ocol = (head * D + d)[None, :]
-                do = tl.load(DOUT + orow[:, None] + ocol, mask=omask, other=0.0)
-                o = tl.load(OUT + orow[:, None] + ocol, mask=omask, other=0.0)
-                delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
-                dv = tl.dot(tl.trans(p).to(do.dtype), do, out_dtype=tl.float32, input_precision=PRECISION)
-                dp = tl.dot(do, tl.trans(v), out_dtype=tl.float32, input_precision=PRECISION)
-                ds = p * (dp - delta[:, None])
-                tl.debug_barrier()  # the last window's store is seen by every thread
-                tl.store(ds_ptr, tl.load(ds_ptr) + ds)
-                dsq = ds.to(q.dtype)
-                dq = tl.dot(dsq, k, out_dtype=tl.float32, input_precision=PRECISION) * scale
-                dk = tl.dot(tl.trans(dsq), q, out_dtype=tl.float32, input_precision=PRECISION) * scale
+                lab = _labels(ys, xs, Hp, Wp, shift, WS)
+                dk = tl.zeros((BN, BD), dtype=tl.float32)
+                dv = tl.zeros((BN, BD), dtype=tl.float32)
+                for qb in range(0, BN, BM):
+                    tq = qb + tl.arange(0, BM)
+                    bq, ysq, xsq, yoq, xoq, validq, realq = _tokens(wid, tq, H, W, Hp, Wp, n_win_w, n_win, shift, WS)
+                    rowq = bq * s_b + yoq.to(tl.int64) * s_h + xoq.to(tl.int64) * s_w
+                    q = _load_part(QKV, BIAS, rowq, head * D, d, dmask, validq, realq)
+                    s = _scores(q, k, rel, tq, t, _labels(ysq, xsq, Hp, Wp, shift, WS), lab, scale,
+                                BN, SHIFTED, PRECISION)
+                    lse = tl.load(LSE + (wid.to(tl.int64) * heads + head) * BN + tq, mask=validq, other=0.0)
+                    p = tl.where(validq[:, None], tl.exp(s - lse[:, None]), 0.0)
+                    orow = bq * o_b + yoq.to(tl.int64) * o_h + xoq.to(tl.int64) * o_w
+                    qmask = realq[:, None] & dmask[None, :]
+                    ocol = (head * D + d)[None, :]
+                    do = tl.load(DOUT + orow[:, None] + ocol, mask=qmask, other=0.0)
+                    o = tl.load(OUT + orow[:, None] + ocol, mask=qmask, other=0.0)
+                    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+                    dv += tl.dot(tl.trans(p).to(do.dtype), do, out_dtype=tl.float32, input_precision=PRECISION)
+                    dp = tl.dot(do, tl.trans(v), out_dtype=tl.float32, input_precision=PRECISION)
+                    ds = p * (dp - delta[:, None])
+                    ds_ptr = ds_base + tq[:, None] * BN + t[None, :]
+                    tl.debug_barrier()  # the last window's store is seen by every thread
+                    tl.store(ds_ptr, tl.load(ds_ptr) + ds)
+                    dsq = ds.to(q.dtype)
+                    dk += tl.dot(tl.trans(dsq), q, out_dtype=tl.float32, input_precision=PRECISION)
+                    dq = tl.dot(dsq, k, out_dtype=tl.float32, input_precision=PRECISION) * scale
+                    growq = bq * g_b + yoq.to(tl.int64) * g_h + xoq.to(tl.int64) * g_w
+                    tl.store(DQKV + growq[:, None] + (head * D + d)[None, :], dq.to(gty), mask=qmask)
+                    dqb += tl.sum(tl.where((validq & (realq == 0))[:, None], dq, 0.0), 0)
+                dk = dk * scale
                 grow = b * g_b + yo.to(tl.int64) * g_h + xo.to(tl.int64) * g_w
-                gty = DQKV.dtype.element_ty
-                tl.store(DQKV + grow[:, None] + (head * D + d)[None, :], dq.to(gty), mask=omask)
-                tl.store(DQKV + grow[:, None] + (C + head * D + d)[None, :], dk.to(gty), mask=omask)
-                tl.store(DQKV + grow[:, None] + (2 * C + head * D + d)[None, :], dv.to(gty), mask=omask)
+                kmask = real[:, None] & dmask[None, :]
+                tl.store(DQKV + grow[:, None] + (C + head * D + d)[None, :], dk.to(gty), mask=kmask)
+                tl.store(DQKV + grow[:, None] + (2 * C + head * D + d)[None, :], dv.to(gty), mask=kmask)
                 pad = (valid & (real == 0))[:, None]
-                dqb += tl.sum(tl.where(pad, dq, 0.0), 0)
                 dkb += tl.sum(tl.where(pad, dk, 0.0), 0)
                 dvb += tl.sum(tl.where(pad, dv, 0.0), 0)
         tl.store(DBIAS_PART + part * 3 * BD + d, dqb)
@@ -309,16 +337,20 @@ def _bias_or_zeros(qkv, qkv_bias):
 
 
 
-# Warps per program, the fewest spills over every variant (scripts/check_triton_compile.py lists
-# those left): 4 warps spill more, and 16 cap a thread at 128 registers.
+# Warps and query rows per block of the backward: no bf16/fp16 variant spills with these
+# (scripts/check_triton_compile.py); 32 or 64 rows, or 4 warps, spill.
 BWD_WARPS = 8
+BWD_ROWS = 16
 # (window, head) programs of the backward at most: enough to fill a GPU, few enough that the
 # per-program partial sums stay small; more windows are looped over inside a program.
 BWD_PROGRAMS = 1024
+# The forward's: queries in blocks of 16 rows keep every variant at 128 registers or fewer
+# (whole 64-row tiles needed up to 255 and spilled in fp32).
+FWD_WARPS = 4
+FWD_ROWS = 16
 
 
-def fwd_warps(dtype: torch.dtype) -> int:
-    return 8 if dtype == torch.float32 else 4
+
 
 
 @_triton.define_op("hifuse::window_attention", mutates_args=())
@@ -334,8 +366,8 @@ def _window_attention_op(
         g["h"], g["w"], g["hp"], g["wp"], g["n_win_w"], g["n_win"], g["c"], num_heads, shift,
         g["d"] ** -0.5,
         qkv.stride(0), qkv.stride(1), qkv.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        WS=window, BN=g["bn"], D=g["d"], BD=g["bd"], SHIFTED=shift > 0, PRECISION=_precision(qkv),
-        num_warps=fwd_warps(qkv.dtype),
+        WS=window, BN=g["bn"], BM=min(FWD_ROWS, g["bn"]), D=g["d"], BD=g["bd"], SHIFTED=shift > 0,
+        PRECISION=_precision(qkv), num_warps=FWD_WARPS,
     )
     return out, lse
 
@@ -359,8 +391,8 @@ def _window_attention_backward_op(
         shift, g["d"] ** -0.5,
         qkv.stride(0), qkv.stride(1), qkv.stride(2), out.stride(0), out.stride(1), out.stride(2),
         dqkv.stride(0), dqkv.stride(1), dqkv.stride(2),
-        WS=window, BN=g["bn"], D=g["d"], BD=g["bd"], SHIFTED=shift > 0, PRECISION=_precision(qkv),
-        num_warps=BWD_WARPS,
+        WS=window, BN=g["bn"], BM=min(BWD_ROWS, g["bn"]), D=g["d"], BD=g["bd"], SHIFTED=shift > 0,
+        PRECISION=_precision(qkv), num_warps=BWD_WARPS,
     )
     n = window * window
     ds = ds_part.sum(0)[:, :n, :n].reshape(num_heads, n * n)
