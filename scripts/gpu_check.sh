@@ -121,7 +121,7 @@ elif [ "$left" -lt 60 ]; then
 else
   step "memcheck (${left}s left)"
   run timeout "$left" compute-sanitizer --tool memcheck --error-exitcode 1 python -m pytest tests -q -p no:cacheprovider \
-    -m gpu -k "not model and not compile and not cuda_graph and not reduce_overhead"
+    -m gpu -k "not model and not compile and not cuda_graph and not reduce_overhead and not past_2_31"
 fi
 
 step "summary"

@@ -1,0 +1,175 @@
+"""One call per kernel family on a tensor past 2**31 elements (GPU only).
+
+Offsets past 2**31 need 64-bit index arithmetic; a kernel that computes them in 32 bits reads
+or writes the wrong place only there. Each test builds stage-1 HiFuse tensors in bf16 at a
+batch of a few thousand images, runs the fused op on all of them, and compares the last
+image (the one whose offsets pass 2**31) with the eager reference run on that image alone
+(every op here treats images independently, except the BatchNorm, whose reference runs on
+the whole batch). Backward is checked the same way, with the gradient zero except on the
+last image. Skipped where the GPU has too little free memory.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+
+import pytest
+import torch
+
+import hifuse_kernels
+from hifuse_kernels.batch_norm_act import batch_norm_act, batch_norm_act_ref
+from hifuse_kernels.channel_pool import channel_pool, channel_pool_ref
+from hifuse_kernels.dwconv_layer_norm import dwconv_layer_norm, dwconv_layer_norm_ref
+from hifuse_kernels.gated_layer_norm import gated_layer_norm, gated_layer_norm_ref
+from hifuse_kernels.gelu_residual import gelu_residual, gelu_residual_ref
+from hifuse_kernels.layer_norm_cat import layer_norm_cat, layer_norm_cat_ref
+from hifuse_kernels.layer_norm_cf import layer_norm_cf
+from hifuse_kernels.reference import layer_norm_cf_ref
+from hifuse_kernels.residual_layer_norm import gelu_residual_layer_norm, gelu_residual_layer_norm_ref
+from hifuse_kernels.spatial_pool import spatial_pool, spatial_pool_ref
+from hifuse_kernels.window_attention import window_attention, window_attention_ref
+
+pytestmark = pytest.mark.gpu
+LIMIT = 2**31
+SIDE, C = 56, 96  # stage 1 of HiFuse-Tiny at 224x224
+BF16 = dict(rtol=2e-2, atol=2e-2)
+
+
+@pytest.fixture(autouse=True)
+def _release():
+    yield
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def _images(per_image: int) -> int:
+    """Images whose tensor of ``per_image`` elements each passes 2**31 elements."""
+    return LIMIT // per_image + 2
+
+
+def _need(gib: float) -> None:
+    free, _total = torch.cuda.mem_get_info()
+    if free < gib * 2**30:
+        pytest.skip(f"needs {gib:.0f} GiB of free GPU memory, {free / 2**30:.0f} GiB free")
+
+
+def _randn(*shape, dtype=torch.bfloat16, channels_last=False):
+    t = torch.empty(shape, device="cuda", dtype=dtype).normal_()
+    return t.contiguous(memory_format=torch.channels_last) if channels_last else t
+
+
+def _small(*shape, scale=0.5):
+    return (scale * torch.randn(*shape, device="cuda")).requires_grad_()
+
+
+def _last_image_grad(out):
+    grad = torch.zeros_like(out)
+    grad[-1] = torch.randn_like(out[-1])
+    return grad
+
+
+def test_window_attention_past_2_31():
+    n = _images(SIDE * SIDE * 3 * C)
+    _need(20)
+    qkv = _randn(n, SIDE, SIDE, 3 * C).requires_grad_()
+    bias, table = _small(3 * C), _small(169, 3)
+    out = window_attention(qkv, bias, table, 3, 7, 3)
+    grad = _last_image_grad(out)
+    got = torch.autograd.grad(out, (qkv, bias, table), grad)
+    one = qkv.detach()[-1:].float().requires_grad_()
+    ref = window_attention_ref(one, bias, table, 3, 7, 3)
+    want = torch.autograd.grad(ref, (one, bias, table), grad[-1:].float())
+    torch.testing.assert_close(out[-1].float(), ref[0], **BF16)
+    torch.testing.assert_close(got[0][-1].float(), want[0][0], **BF16)
+    torch.testing.assert_close(got[1].float(), want[1], rtol=2e-2, atol=5e-2)
+    torch.testing.assert_close(got[2].float(), want[2], rtol=2e-2, atol=5e-2)
+
+
+def test_dwconv_layer_norm_past_2_31():
+    n = _images(SIDE * SIDE * C)
+    _need(24)
+    x = _randn(n, SIDE, SIDE, C).requires_grad_()
+    cw, cb, lw, lb = _small(C, 1, 3, 3), _small(C), _small(C), _small(C)
+    out = dwconv_layer_norm(x, cw, cb, lw, lb, 1e-6)
+    grad = _last_image_grad(out)
+    got = torch.autograd.grad(out, (x, cw, cb, lw, lb), grad)
+    one = x.detach()[-1:].float().requires_grad_()
+    ref = dwconv_layer_norm_ref(one, cw, cb, lw, lb, 1e-6)
+    want = torch.autograd.grad(ref, (one, cw, cb, lw, lb), grad[-1:].float())
+    torch.testing.assert_close(out[-1].float(), ref[0], **BF16)
+    torch.testing.assert_close(got[0][-1].float(), want[0][0], **BF16)
+    for a, b in zip(got[1:], want[1:]):
+        torch.testing.assert_close(a.float(), b, rtol=2e-2, atol=5e-2)
+
+
+def test_gated_layer_norm_past_2_31():
+    n = _images(SIDE * SIDE * 3 * C)
+    _need(24)
+    g, l, x = (_randn(n, C, SIDE, SIDE, channels_last=True) for _ in range(3))
+    cg = torch.rand(n, C, 1, 1, device="cuda", dtype=torch.bfloat16)
+    sg = torch.rand(n, 1, SIDE, SIDE, device="cuda", dtype=torch.bfloat16)
+    w, b = _small(3 * C), _small(3 * C)
+    out = gated_layer_norm(g, cg, l, sg, x, w, b, 1e-6)
+    ref = gated_layer_norm_ref(*(t[-1:].float() for t in (g, cg, l, sg, x)), w, b, 1e-6)
+    torch.testing.assert_close(out[-1].float(), ref[0].detach(), **BF16)
+
+
+def test_pools_past_2_31():
+    n = _images(SIDE * SIDE * C)
+    _need(12)
+    t = _randn(n, C, SIDE, SIDE, channels_last=True)
+    avg, best = channel_pool(t)
+    ref_avg, ref_best = channel_pool_ref(t[-1:].float())
+    torch.testing.assert_close(avg[-1].float(), ref_avg[0], **BF16)
+    torch.testing.assert_close(best[-1].float(), ref_best[0], rtol=0, atol=0)
+    pooled = spatial_pool(t)
+    torch.testing.assert_close(pooled[-1].float(), spatial_pool_ref(t[-1:].float())[0], **BF16)
+
+
+def test_batch_norm_act_past_2_31():
+    n = _images(SIDE * SIDE * C)
+    _need(40)
+    x = _randn(n, C, SIDE, SIDE, channels_last=True)
+    bn = torch.nn.BatchNorm2d(C).cuda().train()
+    twin = copy.deepcopy(bn)
+    out = batch_norm_act(x, bn, "gelu")
+    ref = batch_norm_act_ref(x.float(), twin, "gelu")
+    torch.testing.assert_close(out[-1].float(), ref[-1].detach(), **BF16)
+    torch.testing.assert_close(bn.running_mean, twin.running_mean, rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(bn.running_var, twin.running_var, rtol=1e-3, atol=1e-4)
+
+
+def test_residual_epilogues_past_2_31():
+    rows = LIMIT // C + 2
+    _need(40)
+    y = _randn(rows, C).requires_grad_()
+    s = _randn(rows, C, dtype=torch.float32)
+    out = gelu_residual(y, s)
+    torch.testing.assert_close(out[-1], gelu_residual_ref(y.detach()[-1:].float(), s[-1:])[0], **BF16)
+    grad = _last_image_grad(out)
+    (dy,) = torch.autograd.grad(out, (y,), grad)
+    one = y.detach()[-1:].float().requires_grad_()
+    (want,) = torch.autograd.grad(gelu_residual_ref(one, s[-1:]), (one,), grad[-1:])
+    torch.testing.assert_close(dy[-1].float(), want[0], **BF16)
+    del out, grad, dy
+    w, b = _small(C), _small(C)
+    stream, normed = gelu_residual_layer_norm(y.detach(), s, w, b, 1e-5, torch.bfloat16)
+    ref_stream, ref_normed = gelu_residual_layer_norm_ref(y.detach()[-1:].float(), s[-1:], w, b, 1e-5, torch.float32)
+    torch.testing.assert_close(stream[-1], ref_stream[0].detach(), **BF16)
+    torch.testing.assert_close(normed[-1].float(), ref_normed[0].detach(), **BF16)
+
+
+@pytest.mark.skipif(not hifuse_kernels.native_available(), reason="native extension not built")
+def test_native_layer_norms_past_2_31():
+    n = _images(SIDE * SIDE * 2 * C)
+    _need(30)
+    a, b = (_randn(n, C, SIDE, SIDE, channels_last=True) for _ in range(2))
+    w, bias = _small(2 * C), _small(2 * C)
+    out = layer_norm_cat([a, b], w, bias, 1e-6)
+    ref = layer_norm_cat_ref([a[-1:].float(), b[-1:].float()], w, bias, 1e-6)
+    torch.testing.assert_close(out[-1].float(), ref[0].detach(), **BF16)
+    del out, ref
+    x = torch.cat([a, b], 1)
+    out = layer_norm_cf(x, w, bias, 1e-6)
+    torch.testing.assert_close(out[-1].float(), layer_norm_cf_ref(x[-1:].float(), w, bias, 1e-6)[0].detach(), **BF16)
