@@ -14,6 +14,14 @@ import torch
 DATA = Path(__file__).parent / "data"
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # (N, C, H, W) feature maps: batch 1, odd and prime sides, 1x1, every stage width
+# Error-path tests run on both; a CUDA run also mixes in a CPU tensor ("meta" on a CPU run).
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+def other_device(device: str) -> str:
+    return "meta" if device == "cpu" else "cpu"
+
+
 FEATURE_SHAPES = [(1, 96, 7, 5), (2, 192, 3, 13), (1, 768, 1, 1), (2, 384, 2, 3), (3, 20, 4, 4)]
 
 

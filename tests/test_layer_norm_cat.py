@@ -7,6 +7,7 @@ from torch.library import opcheck
 import hifuse_kernels
 from hifuse_kernels.layer_norm_cat import layer_norm_cat, layer_norm_cat_ref
 from hifuse_kernels.layer_norm_cf import layer_norm_cf
+from helpers import DEVICES, other_device
 
 pytestmark = pytest.mark.skipif(not hifuse_kernels.native_available(), reason="native extension not built")
 
@@ -122,30 +123,40 @@ def test_compiles_without_graph_breaks():
     assert all(t.grad is not None for t in parts)
 
 
-def test_bad_input_errors():
-    parts, w, b = _inputs((2, 3, 3), (4, 4), torch.float32, ["nchw", "nchw"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_bad_input_errors(device):
+    parts, w, b = _inputs((2, 3, 3), (4, 4), torch.float32, ["nchw", "nchw"], device)
+    ones = lambda n: torch.ones(n, device=device)  # noqa: E731
+    with pytest.raises(ValueError, match="one device"):
+        layer_norm_cat([parts[0], parts[1].detach().to(other_device(device))], w, b)
+    with pytest.raises(ValueError, match="one device"):
+        layer_norm_cat(parts, w.detach().to(other_device(device)), b)
     with pytest.raises(ValueError, match="share N, H and W"):
         layer_norm_cat([parts[0], parts[1][:, :, :2]], w, b)
     with pytest.raises(ValueError, match="1 to 3 parts"):
-        layer_norm_cat(parts * 2, torch.ones(16), torch.zeros(16))
+        layer_norm_cat(parts * 2, ones(16), 0 * ones(16))
     with pytest.raises(ValueError, match="C = 8"):
-        layer_norm_cat(parts, torch.ones(7), torch.zeros(7))
+        layer_norm_cat(parts, ones(7), 0 * ones(7))
     with pytest.raises(TypeError, match="share a dtype"):
         layer_norm_cat([parts[0], parts[1].double()], w, b)
     with pytest.raises(TypeError, match="list of tensors"):
         layer_norm_cat(parts[0], w, b)
     with pytest.raises(ValueError, match="4-D"):
-        layer_norm_cat([parts[0][0]], torch.ones(4), torch.zeros(4))
+        layer_norm_cat([parts[0][0]], ones(4), 0 * ones(4))
 
 
 @pytest.mark.native_errors
-def test_raw_op_checks():
+@pytest.mark.parametrize("device", DEVICES)
+def test_raw_op_checks(device):
+    if not hifuse_kernels._ext.has_kernel("layer_norm_cat", device):
+        pytest.skip(f"no {device} kernel")
     op = torch.ops.hifuse.layer_norm_cat
-    x = torch.randn(2, 4, 3, 3)
+    x = torch.randn(2, 4, 3, 3, device=device)
+    ones = lambda n: torch.ones(n, device=device)  # noqa: E731
     with pytest.raises(RuntimeError, match="share N, H and W"):
-        op([x, x[:, :, :2]], torch.ones(8), torch.zeros(8), 1e-6)
+        op([x, x[:, :, :2]], ones(8), 0 * ones(8), 1e-6)
     with pytest.raises(RuntimeError, match="C = 8"):
-        op([x, x], torch.ones(4), torch.zeros(4), 1e-6)
+        op([x, x], ones(4), 0 * ones(4), 1e-6)
 
 
 @pytest.mark.gpu

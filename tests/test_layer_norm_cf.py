@@ -8,6 +8,7 @@ import hifuse
 import hifuse_kernels
 from hifuse.layers import LayerNormCF
 from hifuse_kernels.layer_norm_cf import layer_norm_cf, layer_norm_cf_ref
+from helpers import DEVICES, other_device
 
 pytestmark = pytest.mark.skipif(not hifuse_kernels.native_available(), reason="native extension not built")
 
@@ -114,13 +115,14 @@ def test_opcheck(fmt):
             test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
 
 
-def test_bad_input_errors():
-    x = torch.randn(2, 8, 3, 3)
-    w, b = torch.ones(8), torch.zeros(8)
+@pytest.mark.parametrize("device", DEVICES)
+def test_bad_input_errors(device):
+    x = torch.randn(2, 8, 3, 3, device=device)
+    w, b = torch.ones(8, device=device), torch.zeros(8, device=device)
     with pytest.raises(ValueError, match="must be 4-D"):
         layer_norm_cf(x[0], w, b)
     with pytest.raises(ValueError, match="C = 8"):
-        layer_norm_cf(x, torch.ones(7), b)
+        layer_norm_cf(x, torch.ones(7, device=device), b)
     with pytest.raises(TypeError, match="float32, float64, float16 or bfloat16"):
         layer_norm_cf(x.int(), w, b)
     with pytest.raises(TypeError, match="is not supported"):
@@ -130,19 +132,22 @@ def test_bad_input_errors():
     with pytest.raises(TypeError, match="must be a tensor"):
         layer_norm_cf([1.0], w, b)
     with pytest.raises(ValueError, match="one device"):
-        layer_norm_cf(x, w, b.to("meta"))
+        layer_norm_cf(x, w, b.to(other_device(device)))
 
 
 @pytest.mark.native_errors
-def test_raw_op_checks():
+@pytest.mark.parametrize("device", DEVICES)
+def test_raw_op_checks(device):
     """The C++ checks behind the Python ones, for callers of torch.ops.hifuse directly."""
+    if not hifuse_kernels._ext.has_kernel("layer_norm_cf", device):
+        pytest.skip(f"no {device} kernel")
     op = torch.ops.hifuse.layer_norm_cf
-    x = torch.randn(2, 8, 3, 3)
-    w, b = torch.ones(8), torch.zeros(8)
+    x = torch.randn(2, 8, 3, 3, device=device)
+    w, b = torch.ones(8, device=device), torch.zeros(8, device=device)
     with pytest.raises(RuntimeError, match="must be 4-D"):
         op(x[0], w, b, 1e-6)
     with pytest.raises(RuntimeError, match="C = 8"):
-        op(x, torch.ones(7), b, 1e-6)
+        op(x, torch.ones(7, device=device), b, 1e-6)
     with pytest.raises(RuntimeError, match="float32, float64, float16 or bfloat16"):
         op(x.int(), w, b, 1e-6)
     mean, rstd = op(x, w, b, 1e-6)[1:]

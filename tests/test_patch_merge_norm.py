@@ -8,6 +8,7 @@ import hifuse
 import hifuse_kernels
 from hifuse.model import PatchMerging
 from hifuse_kernels.patch_merge_norm import patch_merge_norm, patch_merge_norm_ref
+from helpers import DEVICES, other_device
 
 pytestmark = pytest.mark.skipif(not hifuse_kernels.native_available(), reason="native extension not built")
 TOL = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=2e-5, atol=2e-5)}
@@ -86,8 +87,11 @@ def test_opcheck():
             test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
 
 
-def test_bad_input():
-    x, weight, bias = _inputs(1, 4, 4, 8, torch.float32)
+@pytest.mark.parametrize("device", DEVICES)
+def test_bad_input(device):
+    x, weight, bias = _inputs(1, 4, 4, 8, torch.float32, device)
+    with pytest.raises(ValueError, match="one device"):
+        patch_merge_norm(x, 4, 4, weight.detach().to(other_device(device)), bias)
     with pytest.raises(ValueError, match="not H\\*W"):
         patch_merge_norm(x, 4, 5, weight, bias)
     with pytest.raises(ValueError, match="\\(32,\\)"):
@@ -99,8 +103,11 @@ def test_bad_input():
 
 
 @pytest.mark.native_errors
-def test_raw_op_checks():
-    x, weight, bias = _inputs(1, 4, 4, 8, torch.float32)
+@pytest.mark.parametrize("device", DEVICES)
+def test_raw_op_checks(device):
+    if not hifuse_kernels._ext.has_kernel("patch_merge_norm", device):
+        pytest.skip(f"no {device} kernel")
+    x, weight, bias = _inputs(1, 4, 4, 8, torch.float32, device)
     with pytest.raises(RuntimeError, match="tokens, not H\\*W"):
         torch.ops.hifuse.patch_merge_norm(x, 4, 5, weight, bias, 1e-5)
     with pytest.raises(RuntimeError, match="4C = 32"):
