@@ -268,8 +268,13 @@ def gated_layer_norm(g, channel_gate, l, spatial_gate, x, weight, bias, eps: flo
         raise_problem("gated_layer_norm", _gated_problem(g, channel_gate, l, spatial_gate, x, weight, bias))
         check_device("gated_layer_norm", g, channel_gate, l, spatial_gate, x, weight, bias)
     n, c, h, w = g.shape
-    out, _mean, _rstd = torch.ops.hifuse.gated_layer_norm(
-        nhwc(g), channel_gate.reshape(n, c).contiguous(), nhwc(l), spatial_gate.reshape(n, h * w).contiguous(),
-        nhwc(x), weight.contiguous(), bias.contiguous(), float(eps),
-    )
+    out, _mean, _rstd = torch.ops.hifuse.gated_layer_norm(*op_args(g, channel_gate, l, spatial_gate, x, weight, bias, eps))
     return out.view(n, h, w, 3 * c).permute(0, 3, 1, 2)
+
+
+def op_args(g, channel_gate, l, spatial_gate, x, weight, bias, eps: float) -> tuple:
+    """The arguments of hifuse::gated_layer_norm for ``gated_layer_norm``'s (unchecked), whose
+    (N*H*W, 3C) result is (N, 3C, H, W) channels-last memory."""
+    n, c, h, w = g.shape
+    return (nhwc(g), channel_gate.reshape(n, c).contiguous(), nhwc(l), spatial_gate.reshape(n, h * w).contiguous(),
+            nhwc(x), weight.contiguous(), bias.contiguous(), float(eps))

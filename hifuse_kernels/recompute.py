@@ -34,9 +34,12 @@ import torch.nn.functional as F
 
 from . import batch_norm_act as bna  # noqa: F401 - registers hifuse::batch_norm_act
 from . import dwconv_layer_norm as dln  # noqa: F401 - registers hifuse::dwconv_layer_norm
+from . import gated_layer_norm as gln  # noqa: F401 - registers hifuse::gated_layer_norm
+from ._features import nhwc
 from . import layer_norm_cat as lnc  # noqa: F401 - registers hifuse::layer_norm_cat
 
-__all__ = ["BatchNormApply", "DwconvLayerNorm", "Gelu", "LayerNormCat", "linear", "linear_pair", "norm_cat_linear",
+__all__ = ["BatchNormApply", "DwconvLayerNorm", "GatedLayerNorm", "GatedLayerNormRows", "Gelu", "LayerNormCat",
+           "conv2d", "gated_layer_norm", "gated_layer_norm_source", "linear", "linear_pair", "norm_cat_linear",
            "residual_layer_norm_linear"]
 
 # --------------------------------------------------------------------------- producers
@@ -104,6 +107,34 @@ class DwconvLayerNorm:
         return (*grads, None, None)
 
 
+class GatedLayerNorm:
+    """hifuse::gated_layer_norm's result as (N, 3C, H, W) channels-last, from a source
+    ``(N, H, W, g, channel_gate, l, spatial_gate, weight, bias, eps, *bn_args)``: the op's
+    arguments with its x given as the ``hifuse::batch_norm_act`` apply that made it (the W/W3
+    projection's BatchNorm + GELU), so neither x nor the result has to be kept. Only a source
+    (``make``): gradients go through ``gated_layer_norm``."""
+
+    @staticmethod
+    def op_args(n, h, w, g, channel_gate, l, spatial_gate, weight, bias, eps, *bn_args):
+        x = torch.ops.hifuse.batch_norm_act(*bn_args).view(n, h * w, -1)
+        return g, channel_gate, l, spatial_gate, x, weight, bias, eps
+
+    @staticmethod
+    def make(*src):
+        n, h, w = src[:3]
+        out, mean, rstd = torch.ops.hifuse.gated_layer_norm(*GatedLayerNorm.op_args(*src))
+        return out.view(n, h, w, -1).permute(0, 3, 1, 2), (mean, rstd)
+
+
+class GatedLayerNormRows:
+    """The same result as (N*H*W, 3C) rows (what ``batch_norm_act.apply_args`` makes of it)."""
+
+    @staticmethod
+    def make(*src):
+        out, mean, rstd = torch.ops.hifuse.gated_layer_norm(*GatedLayerNorm.op_args(*src))
+        return out.view(-1, out.shape[-1]), (mean, rstd)
+
+
 # --------------------------------------------------------------------------- autograd
 
 
@@ -129,36 +160,124 @@ def _linear_backward(grad, a, weight, bias):
     return da, dw, db
 
 
-def _function(producer):
+def _function(producer, source=None):
+    """The autograd.Function of ``linear``; with ``source``, the producer argument at ``index``
+    is not kept either but rebuilt as ``source.make(*src)[0]`` (the last ``n_src`` inputs)."""
+
     class Recomputed(torch.autograd.Function):
         @staticmethod
-        def forward(ctx, weight, bias, *args):
+        def forward(ctx, weight, bias, index, n_src, *flat):
+            args, src = flat[:len(flat) - n_src], flat[len(flat) - n_src:]
             a, _aux = producer.make(*args)
-            tensors, ctx.consts = _split(args)
+            kept = list(args)
+            if source is not None:
+                kept[index] = None
+            tensors, ctx.consts = _split([*kept, *src])
             ctx.save_for_backward(weight, bias, *tensors)
+            ctx.index, ctx.n_src = index, n_src
             return F.linear(a, weight, bias)
 
         @staticmethod
         def backward(ctx, grad):
             weight, bias, *tensors = ctx.saved_tensors
-            args = _join(tensors, ctx.consts)
+            flat = _join(tensors, ctx.consts)
+            args, src = flat[:len(flat) - ctx.n_src], flat[len(flat) - ctx.n_src:]
+            if source is not None:
+                args[ctx.index] = source.make(*src)[0]
             a, aux = producer.make(*args)
             da, dw, db = _linear_backward(grad, a, weight, bias)
-            return (dw, db, *producer.grad(da, aux, *args))
+            return (dw, db, None, None, *producer.grad(da, aux, *args), *[None] * ctx.n_src)
 
-    Recomputed.__name__ = Recomputed.__qualname__ = f"{producer.__name__}Linear"
+    name = producer.__name__ + ("" if source is None else "From" + source.__name__)
+    Recomputed.__name__ = Recomputed.__qualname__ = f"{name}Linear"
     return Recomputed
 
 
-_FUNCTIONS = {p: _function(p) for p in (Gelu, BatchNormApply, DwconvLayerNorm, LayerNormCat)}
+_FUNCTIONS = {(p, None): _function(p) for p in (Gelu, BatchNormApply, DwconvLayerNorm, LayerNormCat)}
+_FUNCTIONS[BatchNormApply, GatedLayerNormRows] = _function(BatchNormApply, GatedLayerNormRows)
+
+
+class _Conv2dFromGatedLayerNorm(torch.autograd.Function):
+    """``F.conv2d(x, weight)`` (stride 1, no bias) keeping the gated LayerNorm's arguments
+    instead of x, its output: backward reruns that elementwise op to get x back."""
+
+    @staticmethod
+    def forward(ctx, x, weight, padding, groups, *src):
+        y = F.conv2d(x, weight, None, padding=padding, groups=groups)
+        tensors, ctx.consts = _split(src)
+        ctx.save_for_backward(weight, *tensors)
+        ctx.padding, ctx.groups, ctx.x_dtype = padding, groups, x.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        weight, *tensors = ctx.saved_tensors
+        x = GatedLayerNorm.make(*_join(tensors, ctx.consts))[0]
+        dtype = grad.dtype  # the convolution's, under autocast
+        dx, dw, _ = torch.ops.aten.convolution_backward(
+            grad, x.to(dtype), weight.to(dtype), None, [1, 1], list(ctx.padding), [1, 1], False, [0, 0],
+            ctx.groups, [True, True, False],
+        )
+        return (dx.to(ctx.x_dtype), dw.to(weight.dtype), None, None, *[None] * len(ctx.consts))
 
 
 # --------------------------------------------------------------------------- functional
 
 
-def linear(producer, args, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear(producer.make(*args)[0], weight, bias)``, keeping ``args`` instead of the input."""
-    return _FUNCTIONS[producer].apply(weight, bias, *args)
+def linear(producer, args, weight: torch.Tensor, bias: torch.Tensor | None = None, rebuilt=None) -> torch.Tensor:
+    """``F.linear(producer.make(*args)[0], weight, bias)``, keeping ``args`` instead of the input.
+
+    ``rebuilt``: ``(source, index, src)`` where ``args[index]`` is ``source.make(*src)[0]`` (the
+    gated LayerNorm's output): kept as ``src`` only, its gradient still returned to it."""
+    if rebuilt is None:
+        return _FUNCTIONS[producer, None].apply(weight, bias, 0, 0, *args)
+    source, index, src = rebuilt
+    return _FUNCTIONS[producer, source].apply(weight, bias, index, len(src), *args, *src)
+
+
+class _GatedLayerNorm(torch.autograd.Function):
+    """hifuse::gated_layer_norm of a ``GatedLayerNorm`` source, with the BatchNorm apply that
+    makes its x: neither x nor the result is kept; backward rebuilds x with the same apply.
+    (One Function for both: Dynamo traces no Function given one tensor twice.)"""
+
+    @staticmethod
+    def forward(ctx, *src):
+        out, mean, rstd = torch.ops.hifuse.gated_layer_norm(*GatedLayerNorm.op_args(*src))
+        tensors, ctx.consts = _split(src)
+        ctx.save_for_backward(mean, rstd, *tensors)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        mean, rstd, *tensors = ctx.saved_tensors
+        src = _join(tensors, ctx.consts)
+        g, channel_gate, l, spatial_gate, x, weight, _bias, _eps = GatedLayerNorm.op_args(*src)
+        dg, dcg, dl, dsg, dx, dw, db = torch.ops.hifuse.gated_layer_norm_backward(
+            grad.contiguous(), g, channel_gate, l, spatial_gate, x, weight, mean, rstd
+        )
+        dbn = BatchNormApply.grad(dx.view(-1, dx.shape[-1]), (), *src[10:])
+        return (None, None, None, dg, dcg, dl, dsg, dw, db, None, *dbn)
+
+
+def gated_layer_norm_source(g, channel_gate, l, spatial_gate, weight, bias, eps: float, bn_args) -> tuple:
+    """The ``GatedLayerNorm`` source of norm3 over (N, C, H, W) g and l whose x is
+    ``hifuse::batch_norm_act(*bn_args)`` ((N*H*W, C) rows)."""
+    n, c, h, w = g.shape
+    return (n, h, w, nhwc(g), channel_gate.reshape(n, c).contiguous(), nhwc(l),
+            spatial_gate.reshape(n, h * w).contiguous(), weight.contiguous(), bias.contiguous(), float(eps), *bn_args)
+
+
+def gated_layer_norm(src) -> torch.Tensor:
+    """``GatedLayerNorm.make(*src)[0]`` with gradients for g, the gates, l, the LayerNorm's
+    parameters and, through the BatchNorm apply that makes x, its input and parameters."""
+    n, h, w = src[:3]
+    return _GatedLayerNorm.apply(*src).view(n, h, w, -1).permute(0, 3, 1, 2)
+
+
+def conv2d(x: torch.Tensor, weight: torch.Tensor, padding, groups: int, src) -> torch.Tensor:
+    """``F.conv2d(x, weight, padding=padding, groups=groups)`` where x is
+    ``GatedLayerNorm.make(*src)[0]``, keeping ``src`` instead of x."""
+    return _Conv2dFromGatedLayerNorm.apply(x, weight, tuple(padding), groups, *src)
 
 
 class _LinearPair(torch.autograd.Function):

@@ -15,6 +15,7 @@ import hifuse_kernels
 from helpers import DEVICE, triton_device_or_skip
 from hifuse_kernels import batch_norm_act as bna
 from hifuse_kernels import dwconv_layer_norm as dln
+from hifuse_kernels import gated_layer_norm as gln
 from hifuse_kernels import layer_norm_cat as lnc
 from hifuse_kernels import recompute
 from hifuse_kernels import residual_layer_norm as rln
@@ -140,6 +141,47 @@ def test_norm_cat_linear(pool):
     _compare(fused, plain, leaves)
 
 
+def _bn(c):
+    bn = torch.nn.BatchNorm2d(c, device=DEVICE)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-0.5, 0.5)
+    twin = copy.deepcopy(bn)
+    twin.weight, twin.bias = bn.weight, bn.bias  # the twin's statistics, the same parameters
+    return bn, twin
+
+
+def test_irmlp_front_from_gated_layer_norm():
+    # The fusion block's norm3 (whose x is the projection's BatchNorm + GELU) feeding the
+    # IRMLP's conv1 and bn1 residual: none of x, norm3's output or conv2's input is kept
+    torch.manual_seed(0)
+    n, c, h, w = 2, 4, 3, 5
+    cl = dict(memory_format=torch.channels_last)
+    y_proj = _leaf(n, c, h, w)
+    g, l = (_leaf(n, c, h, w).detach().contiguous(**cl).requires_grad_() for _ in range(2))
+    cg, sg = _leaf(n, c, 1, 1), _leaf(n, 1, h, w)
+    w3, b3 = _leaf(3 * c, scale=0.5), _leaf(3 * c, scale=0.5)
+    w1, w2 = _leaf(3 * c, 3 * c, 3, 3, scale=0.2), _leaf(12 * c, 3 * c, scale=0.3)
+    bn_proj, bn1 = _bn(c), _bn(3 * c)
+    leaves = [y_proj, g, l, cg, sg, w3, b3, w1, w2] + [p for bn in (bn_proj[0], bn1[0]) for p in (bn.weight, bn.bias)]
+
+    def fused():
+        bn_args = bna.apply_args(y_proj, bn_proj[0], "gelu")
+        src = recompute.gated_layer_norm_source(g, cg, l, sg, w3, b3, 1e-6, bn_args)
+        x = recompute.gated_layer_norm(src)
+        y = recompute.conv2d(x, w1, (1, 1), 1, src)
+        args = bna.apply_args(y, bn1[0], None, residual=x)
+        return recompute.linear(recompute.BatchNormApply, args, w2, rebuilt=(recompute.GatedLayerNormRows, 1, src))
+
+    def plain():
+        x = gln.gated_layer_norm(g, cg, l, sg, bna.batch_norm_act(y_proj, bn_proj[1], "gelu"), w3, b3, 1e-6)
+        a = bna.batch_norm_act(F.conv2d(x, w1, padding=1), bn1[1], None, residual=x)
+        return F.linear(a.permute(0, 2, 3, 1).reshape(-1, 3 * c), w2)
+
+    _compare(fused, plain, leaves)
+    torch.testing.assert_close(bn1[0].running_var, bn1[1].running_var)
+
+
 def test_dwconv_layer_norm_linear():
     torch.manual_seed(0)
     x = _leaf(2, 5, 3, 6)
@@ -190,31 +232,30 @@ def test_residual_layer_norm_linear(with_y, stream, kept):
 def saved_bytes_per_image(model: torch.nn.Module, size: int, fused: bool) -> float:
     """Bytes autograd keeps for backward per image in a training forward, parameters and
     buffers left out, each storage once: the difference between batches 4 and 2, halved, so
-    per-model tensors cancel. Runs on fake tensors (shapes only, nothing computed)."""
+    per-model tensors cancel. Runs on fake tensors (shapes only, nothing computed); every saved
+    tensor is held until counted, so no storage address is reused by another meanwhile."""
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     totals = []
     with mode:
-        kept = {mode.from_tensor(t).untyped_storage()._cdata for t in [*model.parameters(), *model.buffers()]}
+        params = [mode.from_tensor(t) for t in [*model.parameters(), *model.buffers()]]
+        kept = {t.untyped_storage()._cdata for t in params}
         for batch in (2, 4):
-            seen = {}
-
-            def pack(t):
-                storage = t.untyped_storage()
-                if storage._cdata not in kept:
-                    seen[storage._cdata] = storage.nbytes()
-                return t
-
-            with hifuse.use_fused(fused), saved_tensors_hooks(pack, lambda t: t):
+            saved = []
+            with hifuse.use_fused(fused), saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
                 model(torch.randn(batch, 3, size, size, device=DEVICE))
-            totals.append(sum(seen.values()))
+            storages = {t.untyped_storage()._cdata: t.untyped_storage().nbytes() for t in saved}
+            totals.append(sum(n for key, n in storages.items() if key not in kept))
     return (totals[1] - totals[0]) / 2
 
 
-def test_fused_training_keeps_at_most_40_percent_of_eager():
+# HiFuse-Tiny, fp32, bytes per image: eager 23.5 MB at 64x64, fused 7.9 MB (33.5%); eager
+# 229.7 MB at 224x224, fused 95.9 MB (41.7%). 64x64 is held to the 40% goal, 224x224 to what
+# it reaches today.
+@pytest.mark.parametrize("size, share", [(64, 0.40), (224, 0.42)])
+def test_fused_training_keeps_at_most_40_percent_of_eager(size, share):
     if not hifuse_kernels.native_available():
         pytest.skip("native extension not built")
     model = hifuse.create_model("hifuse_tiny", num_classes=3).to(DEVICE).train()
-    eager = saved_bytes_per_image(model, 64, fused=False)
-    fused = saved_bytes_per_image(model, 64, fused=True)
-    # HiFuse-Tiny at 64x64, fp32: eager keeps 23.6 MB per image; fused 8.4 MB (35.8%)
-    assert fused <= 0.40 * eager, (fused / eager, fused, eager)
+    eager = saved_bytes_per_image(model, size, fused=False)
+    fused = saved_bytes_per_image(model, size, fused=True)
+    assert fused <= share * eager, (fused / eager, fused, eager)

@@ -74,27 +74,32 @@ def conv_bn_sourced(m: ConvBN, x: torch.Tensor, pool: bool = False) -> tuple[tor
 def conv_bn_recomputed(m: ConvBN, producer, args, then: str | None = None) -> torch.Tensor:
     """Training-mode 1x1 ConvBN (then activation ``then``) on ``producer.make(*args)``, channels-last
     pixels that backward rebuilds instead of keeping (``hifuse_kernels.recompute``)."""
-    return bn_after_gemm(m, recompute.linear(producer, args, m.conv.weight.flatten(1), m.conv.bias), then)
+    act = "relu" if m.relu is not None else then
+    y = recompute.linear(producer, args, m.conv.weight.flatten(1), m.conv.bias).permute(0, 3, 1, 2)
+    return bna.batch_norm_act(y, m.bn, act, check=False)
 
 
-def bn_after_gemm(m: ConvBN, y: torch.Tensor, then: str | None = None) -> torch.Tensor:
-    """The training BatchNorm (then activation ``then``) of ConvBN ``m`` on its GEMM's (N, H, W, C) output."""
-    return bna.batch_norm_act(y.permute(0, 3, 1, 2), m.bn, "relu" if m.relu is not None else then, check=False)
-
-
-def irmlp_forward(m: IRMLP, x: torch.Tensor) -> torch.Tensor:
+def irmlp_forward(m: IRMLP, x: torch.Tensor, src: tuple | None = None) -> torch.Tensor:
     """conv1 on channels-last memory; in training GELU, residual and ``bn1`` in one op (the
     sum is never written, and the result comes in conv2's GEMM dtype under autocast), and
     neither conv2's input nor conv3's (the expansion's GELU) kept for backward: each is
     rebuilt there from what its producer keeps. In eval mode GELU + residual in one pass,
     ``bn1`` folded into conv2 (an affine map before a linear one) and conv3's BatchNorm into
-    conv3. The 1x1 convolutions are GEMMs."""
+    conv3. The 1x1 convolutions are GEMMs. ``src``: x is ``recompute.GatedLayerNorm.make(*src)[0]``
+    (the fusion block's norm3), and in training neither conv1 nor ``bn1`` keeps x either: both
+    rerun that elementwise op in backward."""
     x = x.contiguous(memory_format=torch.channels_last)
-    y = F.conv2d(x, m.conv1.conv.weight, None, padding=m.conv1.conv.padding, groups=m.conv1.conv.groups)
+    conv1 = m.conv1.conv
+    if src is not None and not folds(m.bn1):
+        y = recompute.conv2d(x, conv1.weight, conv1.padding, conv1.groups, src)
+    else:
+        y = F.conv2d(x, conv1.weight, None, padding=conv1.padding, groups=conv1.groups)
     if not folds(m.bn1):
         n, _, h, w = x.shape
         args = bna.apply_args(y, m.bn1, None, residual=x, out_dtype=autocast_dtype(x))
-        expanded = recompute.linear(recompute.BatchNormApply, args, m.conv2.conv.weight.flatten(1))
+        # the residual (apply_args' second) is x as rows
+        rebuilt = None if src is None else (recompute.GatedLayerNormRows, 1, src)
+        expanded = recompute.linear(recompute.BatchNormApply, args, m.conv2.conv.weight.flatten(1), rebuilt=rebuilt)
         expanded = expanded.view(n, h, w, -1)
         if not folds(m.conv3.bn):
             return conv_bn_recomputed(m.conv3, recompute.Gelu, (expanded,))
@@ -162,13 +167,14 @@ def fusion_forward(m: HFFBlock, l: torch.Tensor, g: torch.Tensor, f: torch.Tenso
     # Written in the dtype the projection GEMM takes under autocast.
     gemm_dtype = autocast_dtype(l)
     out_dtype = gemm_dtype if gemm_dtype == dtype else None
+    bn_args = None  # training: x is rebuilt from the projection BatchNorm's apply
     if folds(proj.bn):
         normed = lnc.layer_norm_cat(parts, norm.weight, norm.bias, norm.eps, out_dtype, check=False)
         x = conv_bn_forward(proj, normed, then="gelu")
     elif sources is not None:
         y = recompute.norm_cat_linear(parts, sources, norm.weight, norm.bias, norm.eps, out_dtype,
                                       proj.conv.weight.flatten(1), proj.conv.bias)
-        x = bn_after_gemm(proj, y, then="gelu")
+        bn_args = bna.apply_args(y.permute(0, 3, 1, 2), proj.bn, "relu" if proj.relu is not None else "gelu")
     else:
         # the normalised concatenation is rebuilt in backward from the parts it keeps anyway
         args = (*parts, norm.weight, norm.bias, float(norm.eps), out_dtype)
@@ -178,10 +184,15 @@ def fusion_forward(m: HFFBlock, l: torch.Tensor, g: torch.Tensor, f: torch.Tenso
     avg, best = channel_pool(g, check=False)
     channel_gate = torch.sigmoid(m.se(best) + m.se(avg))
 
-    fused = gln.gated_layer_norm(
-        g, channel_gate, l, spatial_gate, x, m.norm3.weight, m.norm3.bias, m.norm3.eps, check=False
-    )
-    return shortcut + m.drop_path(irmlp_forward(m.residual, fused))
+    if bn_args is None:
+        fused = gln.gated_layer_norm(
+            g, channel_gate, l, spatial_gate, x, m.norm3.weight, m.norm3.bias, m.norm3.eps, check=False
+        )
+        return shortcut + m.drop_path(irmlp_forward(m.residual, fused))
+    # neither norm3's x nor its output is kept: backward rebuilds both from what it keeps anyway
+    src = recompute.gated_layer_norm_source(g, channel_gate, l, spatial_gate, m.norm3.weight, m.norm3.bias,
+                                            m.norm3.eps, bn_args)
+    return shortcut + m.drop_path(irmlp_forward(m.residual, recompute.gated_layer_norm(src), src))
 
 
 config.register(HFFBlock, "fusion", fusion_check, fusion_forward)
