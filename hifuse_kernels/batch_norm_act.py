@@ -381,6 +381,24 @@ def batch_norm_act(
     return out.view(n, h, w, c).permute(0, 3, 1, 2)
 
 
+def update_running(bn: torch.nn.BatchNorm2d, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:
+    """``bn``'s running statistics and ``num_batches_tracked`` updated with batch statistics
+    (biased ``var`` over ``count`` values) as ``nn.BatchNorm2d`` updates them."""
+    if not bn.track_running_stats or bn.running_mean is None:
+        return
+    with torch.no_grad():
+        bn.num_batches_tracked.add_(1)
+        # a cumulative average (momentum None) divides by the count on the device: no host sync
+        momentum = 1.0 / bn.num_batches_tracked if bn.momentum is None else bn.momentum
+        unbiased = var * (count / (count - 1))
+        for running, batch in ((bn.running_mean, mean), (bn.running_var, unbiased)):
+            batch = batch.to(running.dtype)
+            if bn.momentum is None:  # a tensor momentum cannot be an alpha
+                running.mul_(1 - momentum).add_(batch * momentum)
+            else:
+                running.mul_(1 - momentum).add_(batch, alpha=momentum)
+
+
 def apply_args(
     x: torch.Tensor,
     bn: torch.nn.BatchNorm2d,
@@ -399,16 +417,5 @@ def apply_args(
     with torch.no_grad():
         mean, var = torch.ops.hifuse.batch_norm_stats(y.detach(), None if r is None else r.detach())
         invstd = torch.rsqrt(var + bn.eps)
-        if bn.track_running_stats and bn.running_mean is not None:
-            bn.num_batches_tracked.add_(1)
-            # a cumulative average (momentum None) divides by the count on the device: no host sync
-            momentum = 1.0 / bn.num_batches_tracked if bn.momentum is None else bn.momentum
-            count = y.shape[0]
-            unbiased = var * (count / (count - 1))
-            for running, batch in ((bn.running_mean, mean), (bn.running_var, unbiased)):
-                batch = batch.to(running.dtype)
-                if bn.momentum is None:  # a tensor momentum cannot be an alpha
-                    running.mul_(1 - momentum).add_(batch * momentum)
-                else:
-                    running.mul_(1 - momentum).add_(batch, alpha=momentum)
+    update_running(bn, mean, var, y.shape[0])
     return y, r, mean, invstd, bn.weight, bn.bias, ACTIVATIONS[act], h, w, pool, out_dtype

@@ -39,8 +39,8 @@ from ._features import nhwc
 from . import layer_norm_cat as lnc  # noqa: F401 - registers hifuse::layer_norm_cat
 
 __all__ = ["BatchNormApply", "DwconvLayerNorm", "GatedLayerNorm", "GatedLayerNormRows", "Gelu", "LayerNormCat",
-           "conv2d", "gated_layer_norm", "gated_layer_norm_source", "linear", "linear_pair", "norm_cat_linear",
-           "residual_layer_norm_linear"]
+           "LinearBatchNorm", "conv2d", "gated_layer_norm", "gated_layer_norm_source", "linear", "linear_batch_norm",
+           "linear_pair", "norm_cat_linear", "residual_layer_norm_linear"]
 
 # --------------------------------------------------------------------------- producers
 
@@ -105,6 +105,26 @@ class DwconvLayerNorm:
             grad_a.contiguous(), x, conv_weight, conv_bias, ln_weight, *aux
         )
         return (*grads, None, None)
+
+
+class LinearBatchNorm:
+    """A training BatchNorm apply (``hifuse::batch_norm_act``, no residual) of a GEMM's output,
+    as (M, C) rows; args: (x, weight, bias, mean, invstd, bn_weight, bn_bias, act, height, width,
+    pool, out_dtype, gemm_dtype), x the GEMM's (N, H, W, C_in) input. The GEMM output itself is
+    never kept: ``make`` runs the GEMM again (in ``gemm_dtype``, as autocast ran it)."""
+
+    @staticmethod
+    def gemm(x, weight, bias, gemm_dtype):
+        if gemm_dtype is not None:
+            x, weight = x.to(gemm_dtype), weight.to(gemm_dtype)
+            bias = None if bias is None else bias.to(gemm_dtype)
+        return F.linear(x, weight, bias).reshape(-1, weight.shape[0])
+
+    @staticmethod
+    def make(x, weight, bias, mean, invstd, bn_weight, bn_bias, act, height, width, pool, out_dtype, gemm_dtype):
+        y = LinearBatchNorm.gemm(x, weight, bias, gemm_dtype)
+        return torch.ops.hifuse.batch_norm_act(y, None, mean, invstd, bn_weight, bn_bias, act, height, width, pool,
+                                               out_dtype), (y,)
 
 
 class GatedLayerNorm:
@@ -361,19 +381,58 @@ def residual_layer_norm_linear(y, shortcut, ln_weight, ln_bias, eps: float, norm
 
 
 def _apply_part(source):
-    """A part of the concatenation as its BatchNorm apply made it: (N, C, H, W), channels-last."""
-    y, height, width, pool = source[0], source[7], source[8], source[9]
-    if pool:
+    """A part of the concatenation as its ``LinearBatchNorm`` made it: (N, C, H, W), channels-last."""
+    n, height, width = source[0].shape[:3]
+    if source[10]:  # pooled
         height, width = height // 2, width // 2
-    n = y.shape[0] // (source[7] * source[8])
-    return torch.ops.hifuse.batch_norm_act(*source).view(n, height, width, -1).permute(0, 3, 1, 2)
+    return LinearBatchNorm.make(*source)[0].view(n, height, width, -1).permute(0, 3, 1, 2)
+
+
+class _LinearBatchNorm(torch.autograd.Function):
+    """``LinearBatchNorm`` with the batch statistics computed here: keeps the GEMM's input, not
+    its output (backward runs the GEMM again), nor the result."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, bn_weight, bn_bias, eps, act, height, width, pool, out_dtype, gemm_dtype):
+        y = LinearBatchNorm.gemm(x, weight, bias, gemm_dtype)
+        mean, var = torch.ops.hifuse.batch_norm_stats(y, None)
+        invstd = torch.rsqrt(var + eps)
+        out = torch.ops.hifuse.batch_norm_act(y, None, mean, invstd, bn_weight, bn_bias, act, height, width, pool,
+                                              out_dtype)
+        ctx.save_for_backward(x, weight, bias, mean, invstd, bn_weight, bn_bias)
+        ctx.consts = (act, height, width, pool, gemm_dtype)
+        ctx.mark_non_differentiable(mean, invstd, var)
+        return out, mean, invstd, var
+
+    @staticmethod
+    def backward(ctx, grad, _mean, _invstd, _var):
+        x, weight, bias, mean, invstd, bn_weight, bn_bias = ctx.saved_tensors
+        act, height, width, pool, gemm_dtype = ctx.consts
+        y = LinearBatchNorm.gemm(x, weight, bias, gemm_dtype)
+        dy, _dr, dbw, dbb = torch.ops.hifuse.batch_norm_act_backward(
+            grad.contiguous(), y, None, mean, invstd, bn_weight, bn_bias, act, height, width, pool
+        )
+        dx, dw, db = _linear_backward(dy, x, weight, bias)
+        return dx, dw, db, dbw, dbb, None, None, None, None, None, None, None
+
+
+def linear_batch_norm(x, weight, bias, bn, act: str | None = None, pool: bool = False, gemm_dtype=None):
+    """Training ``act(bn(F.linear(x, weight, bias)))`` (then a 2x2 average pooling with ``pool``)
+    on (N, H, W, C_in) pixels, as (M, C) rows, updating ``bn``'s running statistics; keeps the
+    GEMM's input only. Returns the rows and their ``LinearBatchNorm`` source."""
+    n, height, width = x.shape[:3]
+    code = bna.ACTIVATIONS[act]
+    out, mean, invstd, var = _LinearBatchNorm.apply(x, weight, bias, bn.weight, bn.bias, float(bn.eps), code, height,
+                                                    width, pool, None, gemm_dtype)
+    bna.update_running(bn, mean, var, n * height * width)
+    return out, (x, weight, bias, mean, invstd, bn.weight, bn.bias, code, height, width, pool, None, gemm_dtype)
 
 
 class _NormCatLinear(torch.autograd.Function):
-    """``F.linear`` of hifuse::layer_norm_cat over parts that are BatchNorm applies, keeping
-    neither the parts nor the normalised concatenation: both are rebuilt in backward from the
-    BatchNorms' inputs and statistics, which their own backward keeps anyway. The parts stay
-    inputs, so their gradients flow to the BatchNorms as before."""
+    """``F.linear`` of hifuse::layer_norm_cat over parts that are GEMMs with their BatchNorm
+    (``LinearBatchNorm``), keeping neither the parts nor the normalised concatenation: both are
+    rebuilt in backward from the GEMMs' inputs and the statistics, which their own backward
+    keeps anyway. The parts stay inputs, so their gradients flow as before."""
 
     @staticmethod
     def forward(ctx, weight, bias, ln_weight, ln_bias, eps, out_dtype, sizes, *parts_and_sources):
@@ -402,8 +461,8 @@ class _NormCatLinear(torch.autograd.Function):
 
 def norm_cat_linear(parts, sources, ln_weight, ln_bias, eps: float, out_dtype, weight, bias=None) -> torch.Tensor:
     """``linear(LayerNormCat, (*parts, ln_weight, ln_bias, eps, out_dtype), weight, bias)`` where
-    each part is ``hifuse::batch_norm_act(*source)`` as an (N, C, H, W) view (``sources``: the
-    ``batch_norm_act.apply_args`` of each part), keeping the sources instead of the parts."""
+    each part is ``LinearBatchNorm.make(*source)[0]`` as an (N, C, H, W) view (``sources``: as
+    ``linear_batch_norm`` returns them), keeping the sources instead of the parts."""
     sizes = tuple(len(source) for source in sources)
     flat = [t for source in sources for t in source]
     return _NormCatLinear.apply(weight, bias, ln_weight, ln_bias, float(eps), out_dtype, sizes, *parts, *flat)

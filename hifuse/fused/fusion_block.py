@@ -59,16 +59,23 @@ def conv_bn_forward(m: ConvBN, x: torch.Tensor, then: str | None = None, pool: b
     return bna.batch_norm_act(x, bn, act, pool=pool, check=False)
 
 
+def dense_1x1(conv: torch.nn.Conv2d) -> bool:
+    return conv.kernel_size == (1, 1) and conv.groups == 1 and conv.stride == (1, 1)
+
+
 def conv_bn_sourced(m: ConvBN, x: torch.Tensor, pool: bool = False) -> tuple[torch.Tensor, tuple]:
-    """Training-mode ConvBN (no activation after it) as ``conv_bn_forward`` computes it, with the
-    ``batch_norm_act.apply_args`` that make its result (``recompute.norm_cat_linear`` rebuilds it
-    from them)."""
-    y = conv_channels_last(x, m.conv.weight, m.conv.bias, m.conv)
-    n, c, h, w = y.shape
-    source = bna.apply_args(y, m.bn, "relu" if m.relu is not None else None, pool=pool)
+    """Training-mode dense 1x1 ConvBN (no activation after it), as ``conv_bn_forward`` computes
+    it, keeping neither the GEMM's output nor the result (``recompute.linear_batch_norm``), with
+    the source that rebuilds the result (for ``recompute.norm_cat_linear``)."""
+    conv = m.conv
+    n, _, h, w = x.shape
+    rows, source = recompute.linear_batch_norm(
+        x.permute(0, 2, 3, 1), conv.weight.flatten(1), conv.bias, m.bn, "relu" if m.relu is not None else None,
+        pool=pool, gemm_dtype=autocast_dtype(x),
+    )
     if pool:
         h, w = h // 2, w // 2
-    return torch.ops.hifuse.batch_norm_act(*source).view(n, h, w, c).permute(0, 3, 1, 2), source
+    return rows.view(n, h, w, -1).permute(0, 3, 1, 2), source
 
 
 def conv_bn_recomputed(m: ConvBN, producer, args, then: str | None = None) -> torch.Tensor:
@@ -154,8 +161,8 @@ def fusion_forward(m: HFFBlock, l: torch.Tensor, g: torch.Tensor, f: torch.Tenso
     inputs = ([f] if f is not None else []) + [l, g]
     norm, proj = (m.norm1, m.W3) if f is not None else (m.norm2, m.W)
     sources = None
-    if not any(folds(c.bn) for c in (*convs, proj)):
-        # training: the parts are rebuilt in backward from their BatchNorms' inputs
+    if not any(folds(c.bn) for c in (*convs, proj)) and all(dense_1x1(c.conv) for c in convs):
+        # training: the parts are rebuilt in backward from their GEMMs' inputs
         pairs = [conv_bn_sourced(c, t, pool=c is m.Updim) for c, t in zip(convs, inputs)]
         parts, sources = [p for p, _ in pairs], [s for _, s in pairs]
     else:
