@@ -5,18 +5,27 @@ of tensors that backward keeps anyway (the GELU of an expansion, a LayerNorm or 
 apply of saved inputs), keeping it as well stores the same information twice: the IRMLP's
 GELU output alone is as large as its expansion. Here the GEMM keeps only the producer's
 inputs and rebuilds its own input in backward with the same op on the same tensors (so the
-same values), one elementwise pass before the weight gradient. The GEMM itself is never
-recomputed.
+same values), one elementwise pass before the weight gradient. The large GEMMs are never
+recomputed; only the fusion block's small 1x1 input GEMMs are (``linear_batch_norm``).
 
 A producer is a class with two static methods:
 - ``make(*args) -> (a, aux)``: the GEMM input ``a`` and what its backward needs besides
   ``args`` (statistics the producer's op returns), without autograd;
 - ``grad(grad_a, aux, *args)``: the gradients of ``args`` (None for non-tensors).
 
-``linear(producer, args, weight, bias)`` applies the GEMM to ``make``'s result. Two more
-functions keep less by the same rule: ``linear_pair`` (proj then fc1 keeps proj's input
-only) and ``residual_layer_norm_linear`` (the next block's qkv GEMM keeps the residual
-LayerNorm's inputs, not its normalised rows).
+A source is a producer used only for ``make``: it rebuilds a tensor that an autograd op made
+in forward (gradients go through that op), for consumers that would otherwise keep it.
+
+``linear(producer, args, weight, bias)`` applies the GEMM to ``make``'s result (``rebuilt``:
+one of ``args`` comes from a source too). More functions keep less by the same rule:
+- ``linear_pair``: proj then fc1 keeps proj's input only;
+- ``residual_layer_norm_linear``: the next block's qkv GEMM keeps the residual LayerNorm's
+  inputs, not its normalised rows;
+- ``linear_batch_norm`` and ``norm_cat_linear``: the fusion block's 1x1 input GEMMs with
+  their BatchNorm keep the GEMM input only, and the LayerNorm over their concatenation keeps
+  neither the parts nor its rows;
+- ``gated_layer_norm`` and ``conv2d``: norm3 and the IRMLP's conv1 (and, through
+  ``rebuilt``, its ``bn1``) keep norm3's source, not its input or output.
 
 Under autocast a GEMM runs in autocast's dtype as ``F.linear`` would; backward computes in
 the dtype of the incoming gradient (the GEMM's) and casts gradients to the dtypes of what
