@@ -274,7 +274,8 @@ def gated_layer_norm(g, channel_gate, l, spatial_gate, x, weight, bias, eps: flo
 
 def op_args(g, channel_gate, l, spatial_gate, x, weight, bias, eps: float) -> tuple:
     """The arguments of hifuse::gated_layer_norm for ``gated_layer_norm``'s (unchecked), whose
-    (N*H*W, 3C) result is (N, 3C, H, W) channels-last memory."""
+    (N*H*W, 3C) result is (N, 3C, H, W) channels-last memory; x None stays None (for callers
+    that supply it later, ``recompute.GatedLayerNormRows``)."""
     n, c, h, w = g.shape
     return (nhwc(g), channel_gate.reshape(n, c).contiguous(), nhwc(l), spatial_gate.reshape(n, h * w).contiguous(),
-            nhwc(x), weight.contiguous(), bias.contiguous(), float(eps))
+            None if x is None else nhwc(x), weight.contiguous(), bias.contiguous(), float(eps))

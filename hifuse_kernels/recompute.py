@@ -43,8 +43,7 @@ import torch.nn.functional as F
 
 from . import batch_norm_act as bna  # noqa: F401 - registers hifuse::batch_norm_act
 from . import dwconv_layer_norm as dln  # noqa: F401 - registers hifuse::dwconv_layer_norm
-from . import gated_layer_norm as gln  # noqa: F401 - registers hifuse::gated_layer_norm
-from ._features import nhwc
+from . import gated_layer_norm as gln
 from . import layer_norm_cat as lnc  # noqa: F401 - registers hifuse::layer_norm_cat
 
 __all__ = ["BatchNormApply", "DwconvLayerNorm", "GatedLayerNorm", "GatedLayerNormRows", "Gelu", "LayerNormCat",
@@ -116,11 +115,21 @@ class DwconvLayerNorm:
         return (*grads, None, None)
 
 
+def _as_map(rows, x, pool):
+    """(M, C) rows of a 1x1 GEMM of (N, H, W, C_in) x (halved by ``pool``) as (N, C, H, W) channels-last."""
+    n, height, width = x.shape[:3]
+    if pool:
+        height, width = height // 2, width // 2
+    return rows.view(n, height, width, -1).permute(0, 3, 1, 2)
+
+
 class LinearBatchNorm:
-    """A training BatchNorm apply (``hifuse::batch_norm_act``, no residual) of a GEMM's output,
-    as (M, C) rows; args: (x, weight, bias, mean, invstd, bn_weight, bn_bias, act, height, width,
-    pool, out_dtype, gemm_dtype), x the GEMM's (N, H, W, C_in) input. The GEMM output itself is
-    never kept: ``make`` runs the GEMM again (in ``gemm_dtype``, as autocast ran it)."""
+    """A training BatchNorm apply (``hifuse::batch_norm_act``, no residual) of a 1x1 GEMM's
+    output, as an (N, C, H, W) channels-last map; args: (x, weight, bias, mean, invstd,
+    bn_weight, bn_bias, act, height, width, pool, out_dtype, gemm_dtype), x the GEMM's
+    (N, H, W, C_in) input. The GEMM output itself is never kept: ``make`` runs the GEMM again
+    (in ``gemm_dtype``, as autocast ran it). Only a source (``linear_batch_norm`` is its
+    autograd)."""
 
     @staticmethod
     def gemm(x, weight, bias, gemm_dtype):
@@ -132,36 +141,38 @@ class LinearBatchNorm:
     @staticmethod
     def make(x, weight, bias, mean, invstd, bn_weight, bn_bias, act, height, width, pool, out_dtype, gemm_dtype):
         y = LinearBatchNorm.gemm(x, weight, bias, gemm_dtype)
-        return torch.ops.hifuse.batch_norm_act(y, None, mean, invstd, bn_weight, bn_bias, act, height, width, pool,
-                                               out_dtype), (y,)
+        rows = torch.ops.hifuse.batch_norm_act(y, None, mean, invstd, bn_weight, bn_bias, act, height, width, pool,
+                                               out_dtype)
+        return _as_map(rows, x, pool), (y,)
+
+
+class GatedLayerNormRows:
+    """hifuse::gated_layer_norm's result as (N*H*W, 3C) rows (what ``batch_norm_act.apply_args``
+    makes of it), from a source ``(N, H, W, *gated_layer_norm.op_args(..., x=None, ...),
+    *bn_args)``: the op's arguments with its x given as the ``hifuse::batch_norm_act`` apply
+    that made it (the W/W3 projection's BatchNorm + GELU), so neither x nor the result has to
+    be kept. Only a source: gradients go through ``recompute.gated_layer_norm``."""
+
+    @staticmethod
+    def op_args(n, h, w, *src):
+        args = list(src[:8])
+        args[4] = torch.ops.hifuse.batch_norm_act(*src[8:]).view(n, h * w, -1)
+        return args
+
+    @staticmethod
+    def make(*src):
+        out, mean, rstd = torch.ops.hifuse.gated_layer_norm(*GatedLayerNormRows.op_args(*src))
+        return out.view(-1, out.shape[-1]), (mean, rstd)
 
 
 class GatedLayerNorm:
-    """hifuse::gated_layer_norm's result as (N, 3C, H, W) channels-last, from a source
-    ``(N, H, W, g, channel_gate, l, spatial_gate, weight, bias, eps, *bn_args)``: the op's
-    arguments with its x given as the ``hifuse::batch_norm_act`` apply that made it (the W/W3
-    projection's BatchNorm + GELU), so neither x nor the result has to be kept. Only a source
-    (``make``): gradients go through ``gated_layer_norm``."""
-
-    @staticmethod
-    def op_args(n, h, w, g, channel_gate, l, spatial_gate, weight, bias, eps, *bn_args):
-        x = torch.ops.hifuse.batch_norm_act(*bn_args).view(n, h * w, -1)
-        return g, channel_gate, l, spatial_gate, x, weight, bias, eps
+    """The same result as (N, 3C, H, W) channels-last."""
 
     @staticmethod
     def make(*src):
         n, h, w = src[:3]
-        out, mean, rstd = torch.ops.hifuse.gated_layer_norm(*GatedLayerNorm.op_args(*src))
-        return out.view(n, h, w, -1).permute(0, 3, 1, 2), (mean, rstd)
-
-
-class GatedLayerNormRows:
-    """The same result as (N*H*W, 3C) rows (what ``batch_norm_act.apply_args`` makes of it)."""
-
-    @staticmethod
-    def make(*src):
-        out, mean, rstd = torch.ops.hifuse.gated_layer_norm(*GatedLayerNorm.op_args(*src))
-        return out.view(-1, out.shape[-1]), (mean, rstd)
+        rows, stats = GatedLayerNormRows.make(*src)
+        return rows.view(n, h, w, -1).permute(0, 3, 1, 2), stats
 
 
 # --------------------------------------------------------------------------- autograd
@@ -189,41 +200,46 @@ def _linear_backward(grad, a, weight, bias):
     return da, dw, db
 
 
-def _function(producer, source=None):
-    """The autograd.Function of ``linear``; with ``source``, the producer argument at ``index``
-    is not kept either but rebuilt as ``source.make(*src)[0]`` (the last ``n_src`` inputs)."""
+def _function(producer, sources=()):
+    """The autograd.Function of ``linear``; with ``sources``, the producer argument at each
+    ``index`` of ``layout`` is not kept either but rebuilt as ``source.make(*src)[0]`` from the
+    ``n_src`` inputs that follow the producer's arguments."""
 
     class Recomputed(torch.autograd.Function):
         @staticmethod
-        def forward(ctx, weight, bias, index, n_src, *flat):
-            args, src = flat[:len(flat) - n_src], flat[len(flat) - n_src:]
-            a, _aux = producer.make(*args)
-            kept = list(args)
-            if source is not None:
+        def forward(ctx, weight, bias, layout, *flat):
+            n_args = len(flat) - sum(n_src for _index, n_src in layout)
+            a, _aux = producer.make(*flat[:n_args])
+            kept = list(flat)
+            for index, _n_src in layout:
                 kept[index] = None
-            tensors, ctx.consts = _split([*kept, *src])
+            tensors, ctx.consts = _split(kept)
             ctx.save_for_backward(weight, bias, *tensors)
-            ctx.index, ctx.n_src = index, n_src
+            ctx.layout, ctx.n_args = layout, n_args
             return F.linear(a, weight, bias)
 
         @staticmethod
         def backward(ctx, grad):
             weight, bias, *tensors = ctx.saved_tensors
             flat = _join(tensors, ctx.consts)
-            args, src = flat[:len(flat) - ctx.n_src], flat[len(flat) - ctx.n_src:]
-            if source is not None:
-                args[ctx.index] = source.make(*src)[0]
+            args, start = flat[:ctx.n_args], ctx.n_args
+            for source, (index, n_src) in zip(sources, ctx.layout):
+                args[index] = source.make(*flat[start:start + n_src])[0]
+                start += n_src
             a, aux = producer.make(*args)
             da, dw, db = _linear_backward(grad, a, weight, bias)
-            return (dw, db, None, None, *producer.grad(da, aux, *args), *[None] * ctx.n_src)
+            return (dw, db, None, *producer.grad(da, aux, *args), *[None] * (len(flat) - ctx.n_args))
 
-    name = producer.__name__ + ("" if source is None else "From" + source.__name__)
+    name = producer.__name__ + "".join("From" + source.__name__ for source in dict.fromkeys(sources))
     Recomputed.__name__ = Recomputed.__qualname__ = f"{name}Linear"
     return Recomputed
 
 
-_FUNCTIONS = {(p, None): _function(p) for p in (Gelu, BatchNormApply, DwconvLayerNorm, LayerNormCat)}
-_FUNCTIONS[BatchNormApply, GatedLayerNormRows] = _function(BatchNormApply, GatedLayerNormRows)
+# Built at import: Dynamo traces a Function class made before tracing.
+_FUNCTIONS = {(p, ()): _function(p) for p in (Gelu, BatchNormApply, DwconvLayerNorm, LayerNormCat)}
+for _key in ((BatchNormApply, (GatedLayerNormRows,)), (LayerNormCat, (LinearBatchNorm,) * 2),
+             (LayerNormCat, (LinearBatchNorm,) * 3)):
+    _FUNCTIONS[_key] = _function(*_key)
 
 
 class _Conv2dFromGatedLayerNorm(torch.autograd.Function):
@@ -253,25 +269,25 @@ class _Conv2dFromGatedLayerNorm(torch.autograd.Function):
 # --------------------------------------------------------------------------- functional
 
 
-def linear(producer, args, weight: torch.Tensor, bias: torch.Tensor | None = None, rebuilt=None) -> torch.Tensor:
+def linear(producer, args, weight: torch.Tensor, bias: torch.Tensor | None = None, rebuilt=()) -> torch.Tensor:
     """``F.linear(producer.make(*args)[0], weight, bias)``, keeping ``args`` instead of the input.
 
-    ``rebuilt``: ``(source, index, src)`` where ``args[index]`` is ``source.make(*src)[0]`` (the
-    gated LayerNorm's output): kept as ``src`` only, its gradient still returned to it."""
-    if rebuilt is None:
-        return _FUNCTIONS[producer, None].apply(weight, bias, 0, 0, *args)
-    source, index, src = rebuilt
-    return _FUNCTIONS[producer, source].apply(weight, bias, index, len(src), *args, *src)
+    ``rebuilt``: ``(source, index, src)`` triples where ``args[index]`` is
+    ``source.make(*src)[0]``: kept as ``src`` only, its gradient still returned to it."""
+    sources = tuple(source for source, _index, _src in rebuilt)
+    layout = tuple((index, len(src)) for _source, index, src in rebuilt)
+    srcs = [t for _source, _index, src in rebuilt for t in src]
+    return _FUNCTIONS[producer, sources].apply(weight, bias, layout, *args, *srcs)
 
 
 class _GatedLayerNorm(torch.autograd.Function):
-    """hifuse::gated_layer_norm of a ``GatedLayerNorm`` source, with the BatchNorm apply that
-    makes its x: neither x nor the result is kept; backward rebuilds x with the same apply.
+    """hifuse::gated_layer_norm of a ``GatedLayerNormRows`` source, with the BatchNorm apply
+    that makes its x: neither x nor the result is kept; backward rebuilds x with the same apply.
     (One Function for both: Dynamo traces no Function given one tensor twice.)"""
 
     @staticmethod
     def forward(ctx, *src):
-        out, mean, rstd = torch.ops.hifuse.gated_layer_norm(*GatedLayerNorm.op_args(*src))
+        out, mean, rstd = torch.ops.hifuse.gated_layer_norm(*GatedLayerNormRows.op_args(*src))
         tensors, ctx.consts = _split(src)
         ctx.save_for_backward(mean, rstd, *tensors)
         return out
@@ -280,20 +296,19 @@ class _GatedLayerNorm(torch.autograd.Function):
     def backward(ctx, grad):
         mean, rstd, *tensors = ctx.saved_tensors
         src = _join(tensors, ctx.consts)
-        g, channel_gate, l, spatial_gate, x, weight, _bias, _eps = GatedLayerNorm.op_args(*src)
+        g, channel_gate, l, spatial_gate, x, weight, _bias, _eps = GatedLayerNormRows.op_args(*src)
         dg, dcg, dl, dsg, dx, dw, db = torch.ops.hifuse.gated_layer_norm_backward(
             grad.contiguous(), g, channel_gate, l, spatial_gate, x, weight, mean, rstd
         )
-        dbn = BatchNormApply.grad(dx.view(-1, dx.shape[-1]), (), *src[10:])
-        return (None, None, None, dg, dcg, dl, dsg, dw, db, None, *dbn)
+        dbn = BatchNormApply.grad(dx.view(-1, dx.shape[-1]), (), *src[11:])
+        return (None, None, None, dg, dcg, dl, dsg, None, dw, db, None, *dbn)
 
 
 def gated_layer_norm_source(g, channel_gate, l, spatial_gate, weight, bias, eps: float, bn_args) -> tuple:
-    """The ``GatedLayerNorm`` source of norm3 over (N, C, H, W) g and l whose x is
+    """The ``GatedLayerNormRows`` source of norm3 over (N, C, H, W) g and l whose x is
     ``hifuse::batch_norm_act(*bn_args)`` ((N*H*W, C) rows)."""
-    n, c, h, w = g.shape
-    return (n, h, w, nhwc(g), channel_gate.reshape(n, c).contiguous(), nhwc(l),
-            spatial_gate.reshape(n, h * w).contiguous(), weight.contiguous(), bias.contiguous(), float(eps), *bn_args)
+    n, _c, h, w = g.shape
+    return (n, h, w, *gln.op_args(g, channel_gate, l, spatial_gate, None, weight, bias, eps), *bn_args)
 
 
 def gated_layer_norm(src) -> torch.Tensor:
@@ -389,14 +404,6 @@ def residual_layer_norm_linear(y, shortcut, ln_weight, ln_bias, eps: float, norm
                                           stream_kept)
 
 
-def _apply_part(source):
-    """A part of the concatenation as its ``LinearBatchNorm`` made it: (N, C, H, W), channels-last."""
-    n, height, width = source[0].shape[:3]
-    if source[10]:  # pooled
-        height, width = height // 2, width // 2
-    return LinearBatchNorm.make(*source)[0].view(n, height, width, -1).permute(0, 3, 1, 2)
-
-
 class _LinearBatchNorm(torch.autograd.Function):
     """``LinearBatchNorm`` with the batch statistics computed here: keeps the GEMM's input, not
     its output (backward runs the GEMM again), nor the result."""
@@ -406,12 +413,12 @@ class _LinearBatchNorm(torch.autograd.Function):
         y = LinearBatchNorm.gemm(x, weight, bias, gemm_dtype)
         mean, var = torch.ops.hifuse.batch_norm_stats(y, None)
         invstd = torch.rsqrt(var + eps)
-        out = torch.ops.hifuse.batch_norm_act(y, None, mean, invstd, bn_weight, bn_bias, act, height, width, pool,
-                                              out_dtype)
+        rows = torch.ops.hifuse.batch_norm_act(y, None, mean, invstd, bn_weight, bn_bias, act, height, width, pool,
+                                               out_dtype)
         ctx.save_for_backward(x, weight, bias, mean, invstd, bn_weight, bn_bias)
         ctx.consts = (act, height, width, pool, gemm_dtype)
         ctx.mark_non_differentiable(mean, invstd, var)
-        return out, mean, invstd, var
+        return _as_map(rows, x, pool), mean, invstd, var
 
     @staticmethod
     def backward(ctx, grad, _mean, _invstd, _var):
@@ -419,7 +426,8 @@ class _LinearBatchNorm(torch.autograd.Function):
         act, height, width, pool, gemm_dtype = ctx.consts
         y = LinearBatchNorm.gemm(x, weight, bias, gemm_dtype)
         dy, _dr, dbw, dbb = torch.ops.hifuse.batch_norm_act_backward(
-            grad.contiguous(), y, None, mean, invstd, bn_weight, bn_bias, act, height, width, pool
+            grad.permute(0, 2, 3, 1).contiguous().view(-1, grad.shape[1]), y, None, mean, invstd, bn_weight, bn_bias,
+            act, height, width, pool,
         )
         dx, dw, db = _linear_backward(dy, x, weight, bias)
         return dx, dw, db, dbw, dbb, None, None, None, None, None, None, None
@@ -427,8 +435,8 @@ class _LinearBatchNorm(torch.autograd.Function):
 
 def linear_batch_norm(x, weight, bias, bn, act: str | None = None, pool: bool = False, gemm_dtype=None):
     """Training ``act(bn(F.linear(x, weight, bias)))`` (then a 2x2 average pooling with ``pool``)
-    on (N, H, W, C_in) pixels, as (M, C) rows, updating ``bn``'s running statistics; keeps the
-    GEMM's input only. Returns the rows and their ``LinearBatchNorm`` source."""
+    on (N, H, W, C_in) pixels, as an (N, C, H, W) channels-last map, updating ``bn``'s running
+    statistics; keeps the GEMM's input only. Returns the map and its ``LinearBatchNorm`` source."""
     n, height, width = x.shape[:3]
     code = bna.ACTIVATIONS[act]
     out, mean, invstd, var = _LinearBatchNorm.apply(x, weight, bias, bn.weight, bn.bias, float(bn.eps), code, height,
@@ -437,41 +445,10 @@ def linear_batch_norm(x, weight, bias, bn, act: str | None = None, pool: bool = 
     return out, (x, weight, bias, mean, invstd, bn.weight, bn.bias, code, height, width, pool, None, gemm_dtype)
 
 
-class _NormCatLinear(torch.autograd.Function):
-    """``F.linear`` of hifuse::layer_norm_cat over parts that are GEMMs with their BatchNorm
-    (``LinearBatchNorm``), keeping neither the parts nor the normalised concatenation: both are
-    rebuilt in backward from the GEMMs' inputs and the statistics, which their own backward
-    keeps anyway. The parts stay inputs, so their gradients flow as before."""
-
-    @staticmethod
-    def forward(ctx, weight, bias, ln_weight, ln_bias, eps, out_dtype, sizes, *parts_and_sources):
-        parts, flat = parts_and_sources[:len(sizes)], parts_and_sources[len(sizes):]
-        a, _aux = LayerNormCat.make(*parts, ln_weight, ln_bias, eps, out_dtype)
-        tensors, ctx.consts = _split(flat)
-        ctx.save_for_backward(weight, bias, ln_weight, ln_bias, *tensors)
-        ctx.eps, ctx.out_dtype, ctx.sizes = eps, out_dtype, sizes
-        return F.linear(a, weight, bias)
-
-    @staticmethod
-    def backward(ctx, grad):
-        weight, bias, ln_weight, ln_bias, *tensors = ctx.saved_tensors
-        flat = _join(tensors, ctx.consts)
-        parts, start = [], 0
-        for size in ctx.sizes:
-            parts.append(_apply_part(flat[start:start + size]))
-            start += size
-        args = (*parts, ln_weight, ln_bias, ctx.eps, ctx.out_dtype)
-        a, aux = LayerNormCat.make(*args)
-        da, dw, db = _linear_backward(grad, a, weight, bias)
-        dparts_etc = LayerNormCat.grad(da, aux, *args)
-        dparts, dlw, dlb = dparts_etc[:len(parts)], dparts_etc[len(parts)], dparts_etc[len(parts) + 1]
-        return (dw, db, dlw, dlb, None, None, None, *dparts, *[None] * len(flat))
-
-
 def norm_cat_linear(parts, sources, ln_weight, ln_bias, eps: float, out_dtype, weight, bias=None) -> torch.Tensor:
     """``linear(LayerNormCat, (*parts, ln_weight, ln_bias, eps, out_dtype), weight, bias)`` where
-    each part is ``LinearBatchNorm.make(*source)[0]`` as an (N, C, H, W) view (``sources``: as
-    ``linear_batch_norm`` returns them), keeping the sources instead of the parts."""
-    sizes = tuple(len(source) for source in sources)
-    flat = [t for source in sources for t in source]
-    return _NormCatLinear.apply(weight, bias, ln_weight, ln_bias, float(eps), out_dtype, sizes, *parts, *flat)
+    each part is ``LinearBatchNorm.make(*source)[0]`` (``sources``: as ``linear_batch_norm``
+    returns them), keeping the sources instead of the parts: neither they nor the normalised
+    rows are kept."""
+    rebuilt = [(LinearBatchNorm, i, source) for i, source in enumerate(sources)]
+    return linear(LayerNormCat, (*parts, ln_weight, ln_bias, float(eps), out_dtype), weight, bias, rebuilt)

@@ -125,10 +125,8 @@ def test_norm_cat_linear(pool):
     def fused():
         parts, sources = [], []
         for x, (gw, gb), (bn, _), act, p in zip(xs, gemms, bns, acts, pools):
-            rows, source = recompute.linear_batch_norm(x, gw, gb, bn, act, pool=p)
-            n, h, wd = x.shape[:3]
-            h, wd = (h // 2, wd // 2) if p else (h, wd)
-            parts.append(rows.view(n, h, wd, -1).permute(0, 3, 1, 2))
+            part, source = recompute.linear_batch_norm(x, gw, gb, bn, act, pool=p)
+            parts.append(part)
             sources.append(source)
         out = recompute.norm_cat_linear(parts, sources, w, b, 1e-6, None, lin.weight, lin.bias)
         return out + parts[0].permute(0, 2, 3, 1).sum(-1, keepdim=True)
@@ -176,7 +174,7 @@ def test_irmlp_front_from_gated_layer_norm():
         x = recompute.gated_layer_norm(src)
         y = recompute.conv2d(x, w1, (1, 1), 1, src)
         args = bna.apply_args(y, bn1[0], None, residual=x)
-        return recompute.linear(recompute.BatchNormApply, args, w2, rebuilt=(recompute.GatedLayerNormRows, 1, src))
+        return recompute.linear(recompute.BatchNormApply, args, w2, rebuilt=[(recompute.GatedLayerNormRows, 1, src)])
 
     def plain():
         x = gln.gated_layer_norm(g, cg, l, sg, bna.batch_norm_act(y_proj, bn_proj[1], "gelu"), w3, b3, 1e-6)

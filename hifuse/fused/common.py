@@ -68,10 +68,15 @@ def fold_batch_norm(weight: torch.Tensor, bias: torch.Tensor | None, bn: nn.Batc
     return weight * scale.view(-1, 1, 1, 1), shift
 
 
+def dense_1x1(conv: nn.Conv2d) -> bool:
+    """Whether ``conv`` is one GEMM over the channels-last pixels."""
+    return conv.kernel_size == (1, 1) and conv.groups == 1 and conv.stride == (1, 1)
+
+
 def conv_channels_last(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, conv: nn.Conv2d) -> torch.Tensor:
     """``conv`` (its padding and groups) with the given weight; a dense 1x1 convolution runs
     as one GEMM on the channels-last pixels and returns an NCHW view of channels-last memory."""
-    if conv.kernel_size == (1, 1) and conv.groups == 1 and conv.stride == (1, 1):
+    if dense_1x1(conv):
         y = F.linear(x.permute(0, 2, 3, 1), weight.flatten(1), bias)
         return y.permute(0, 3, 1, 2)
     return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)

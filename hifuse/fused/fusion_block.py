@@ -26,7 +26,7 @@ from hifuse_kernels.spatial_pool import spatial_pool
 
 from .. import config
 from ..model import IRMLP, ConvBN, HFFBlock
-from .common import autocast_dtype, batch_norm_affine, conv_channels_last, derived, fold_batch_norm
+from .common import autocast_dtype, batch_norm_affine, conv_channels_last, dense_1x1, derived, fold_batch_norm
 
 
 def folds(bn) -> bool:
@@ -59,23 +59,14 @@ def conv_bn_forward(m: ConvBN, x: torch.Tensor, then: str | None = None, pool: b
     return bna.batch_norm_act(x, bn, act, pool=pool, check=False)
 
 
-def dense_1x1(conv: torch.nn.Conv2d) -> bool:
-    return conv.kernel_size == (1, 1) and conv.groups == 1 and conv.stride == (1, 1)
-
-
 def conv_bn_sourced(m: ConvBN, x: torch.Tensor, pool: bool = False) -> tuple[torch.Tensor, tuple]:
     """Training-mode dense 1x1 ConvBN (no activation after it), as ``conv_bn_forward`` computes
     it, keeping neither the GEMM's output nor the result (``recompute.linear_batch_norm``), with
     the source that rebuilds the result (for ``recompute.norm_cat_linear``)."""
-    conv = m.conv
-    n, _, h, w = x.shape
-    rows, source = recompute.linear_batch_norm(
-        x.permute(0, 2, 3, 1), conv.weight.flatten(1), conv.bias, m.bn, "relu" if m.relu is not None else None,
+    return recompute.linear_batch_norm(
+        x.permute(0, 2, 3, 1), m.conv.weight.flatten(1), m.conv.bias, m.bn, "relu" if m.relu is not None else None,
         pool=pool, gemm_dtype=autocast_dtype(x),
     )
-    if pool:
-        h, w = h // 2, w // 2
-    return rows.view(n, h, w, -1).permute(0, 3, 1, 2), source
 
 
 def conv_bn_recomputed(m: ConvBN, producer, args, then: str | None = None) -> torch.Tensor:
@@ -105,7 +96,7 @@ def irmlp_forward(m: IRMLP, x: torch.Tensor, src: tuple | None = None) -> torch.
         n, _, h, w = x.shape
         args = bna.apply_args(y, m.bn1, None, residual=x, out_dtype=autocast_dtype(x))
         # the residual (apply_args' second) is x as rows
-        rebuilt = None if src is None else (recompute.GatedLayerNormRows, 1, src)
+        rebuilt = () if src is None else [(recompute.GatedLayerNormRows, 1, src)]
         expanded = recompute.linear(recompute.BatchNormApply, args, m.conv2.conv.weight.flatten(1), rebuilt=rebuilt)
         expanded = expanded.view(n, h, w, -1)
         if not folds(m.conv3.bn):
