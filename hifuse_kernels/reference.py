@@ -58,6 +58,11 @@ def caching_allowed() -> bool:
     return not torch.compiler.is_compiling() and not is_in_torch_dispatch_mode()
 
 
+def cached(fn, *key):
+    """``fn(*key)`` from ``fn``'s ``functools.lru_cache`` where ``caching_allowed``, else made anew."""
+    return fn(*key) if caching_allowed() else fn.__wrapped__(*key)
+
+
 def shift_mask(hp: int, wp: int, window: int, shift: int, device: torch.device) -> torch.Tensor:
     """(windows, window**2, window**2) mask: -100 between tokens of different shift regions.
 

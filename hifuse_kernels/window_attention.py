@@ -9,8 +9,8 @@ projection (B, H, W, 3C). Tokens that fall in the zero padding get q = k = v = t
 which is what the linear layer gives a zero input; they are not masked. The bias is the
 (169, heads) table spread to one dense (heads, 64, 64) tile per call (a contiguous load; a
 gather from the table costs the kernels registers), and the -100 shift mask comes from region
-labels computed in the kernel. The output of each real token is written to its own position; nothing rolled,
-padded or partitioned is ever stored.
+labels computed in the kernel. The output of each real token is written to its own position;
+nothing rolled, padded or partitioned is ever stored.
 
 Backward recomputes the scores from the saved log-sum-exp. Every real token belongs to one
 window, so dq, dk, dv are written without collisions; padded tokens feed the qkv bias
@@ -37,7 +37,7 @@ from torch.library import wrap_triton
 from . import _triton
 from ._triton import tl, triton
 from .reference import (
-    caching_allowed,
+    cached,
     relative_position_index,
     shift_mask,
     window_merge,
@@ -322,8 +322,7 @@ def _dense_index_cached(window: int, bn: int, device: torch.device) -> torch.Ten
 def _dense_bias(table: torch.Tensor, window: int, bn: int) -> torch.Tensor:
     """(heads, bn, bn) float32 bias of each head's scores, -inf in the padding columns: the
     kernels load it as one contiguous tile (a gather from the table costs them registers)."""
-    key = (window, bn, table.device)
-    index = _dense_index_cached(*key) if caching_allowed() else _dense_index_cached.__wrapped__(*key)
+    index = cached(_dense_index_cached, window, bn, table.device)
     extra = torch.tensor([0.0, float("-inf")], device=table.device).expand(table.shape[1], 2)
     rows = torch.cat([table.t().float(), extra], 1)
     return rows[:, index].view(table.shape[1], bn, bn).contiguous()
@@ -333,8 +332,6 @@ def _bias_or_zeros(qkv, qkv_bias):
     if qkv_bias is None:
         return qkv.new_zeros(qkv.shape[-1])
     return qkv_bias.to(qkv.dtype).contiguous()
-
-
 
 
 # Warps and query rows per block of the backward: no bf16/fp16 variant spills with these
@@ -348,9 +345,6 @@ BWD_PROGRAMS = 1024
 # (whole 64-row tiles needed up to 255 and spilled in fp32).
 FWD_WARPS = 4
 FWD_ROWS = 16
-
-
-
 
 
 @_triton.define_op("hifuse::window_attention", mutates_args=())
@@ -427,9 +421,7 @@ def _bias_scatter_cached(window: int, device: torch.device) -> torch.Tensor:
 def _bias_scatter(window: int, device: torch.device) -> torch.Tensor:
     """((2w-1)**2, w**4) 0/1 matrix adding each score position into its table entry
     (a matmul, not index_add_, whose CUDA version adds in no fixed order)."""
-    if not caching_allowed():
-        return _bias_scatter_cached.__wrapped__(window, device)
-    return _bias_scatter_cached(window, device)
+    return cached(_bias_scatter_cached, window, device)
 
 
 # --------------------------------------------------------------------------- autograd

@@ -45,9 +45,7 @@ def _op_inputs(b, h, w, heads, seed=0, dtype=torch.float32, head_dim=32):
     return qkv, bias, table
 
 
-@pytest.mark.parametrize("b, h, w, heads, shift", CASES)
-def test_op_matches_reference(b, h, w, heads, shift):
-    qkv, bias, table = _op_inputs(b, h, w, heads)
+def _assert_op_matches_reference(qkv, bias, table, heads, shift):
     out = window_attention(qkv, bias, table, heads, 7, shift)
     ref = window_attention_ref(qkv, bias, table, heads, 7, shift)
     torch.testing.assert_close(out, ref, **TOL)
@@ -58,6 +56,11 @@ def test_op_matches_reference(b, h, w, heads, shift):
         torch.testing.assert_close(a, r, rtol=1e-4, atol=2e-4, msg=name)
 
 
+@pytest.mark.parametrize("b, h, w, heads, shift", CASES)
+def test_op_matches_reference(b, h, w, heads, shift):
+    _assert_op_matches_reference(*_op_inputs(b, h, w, heads), heads, shift)
+
+
 @pytest.mark.parametrize("head_dim, shift", [(16, 3), (64, 0), (32, 3)])
 def test_backward_loops_over_windows(monkeypatch, head_dim, shift):
     # Few backward programs, so each sums the bias gradient over several windows (2 x 3 x 4
@@ -65,15 +68,7 @@ def test_backward_loops_over_windows(monkeypatch, head_dim, shift):
     import hifuse_kernels.window_attention as wa
 
     monkeypatch.setattr(wa, "BWD_PROGRAMS", 5 * 2)
-    qkv, bias, table = _op_inputs(2, 20, 26, 2, head_dim=head_dim, seed=3)
-    out = window_attention(qkv, bias, table, 2, 7, shift)
-    ref = window_attention_ref(qkv, bias, table, 2, 7, shift)
-    torch.testing.assert_close(out, ref, **TOL)
-    grad = torch.randn_like(ref)
-    got = torch.autograd.grad(out, (qkv, bias, table), grad)
-    want = torch.autograd.grad(ref, (qkv, bias, table), grad)
-    for name, a, r in zip(("qkv", "qkv_bias", "table"), got, want):
-        torch.testing.assert_close(a, r, rtol=1e-4, atol=2e-4, msg=name)
+    _assert_op_matches_reference(*_op_inputs(2, 20, 26, 2, head_dim=head_dim, seed=3), 2, shift)
 
 
 def _blocks(dim, heads, shift, seed=0):
