@@ -99,6 +99,19 @@ def pytest_benchmark_update_machine_info(config, machine_info):
     machine_info["hifuse"] = versions()
 
 
+def skip_unavailable(impl: str, settings: dict) -> None:
+    """Skip a fused Triton op where Triton cannot run here, and an op's torch.compile baseline
+    unless --compile-ops asked for it."""
+    if impl == "fused":
+        from hifuse_kernels import _triton
+
+        reason = _triton.unsupported_reason(torch.zeros(1, device=DEVICE))
+        if reason:
+            pytest.skip(reason)
+    if impl == "compile" and not settings["compile_ops"]:
+        pytest.skip("op compile baselines need --compile-ops")
+
+
 def sync():
     if ON_GPU:
         torch.cuda.synchronize()

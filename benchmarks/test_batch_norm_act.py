@@ -12,8 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import DEVICE, DTYPES, run_timed
-from hifuse_kernels import _triton
+from conftest import DEVICE, DTYPES, run_timed, skip_unavailable
 from hifuse_kernels.batch_norm_act import batch_norm_act, batch_norm_act_ref
 
 STAGES = {"fu1": (4, 96), "fu2": (8, 192), "fu3": (16, 384), "fu4": (32, 768)}
@@ -25,12 +24,7 @@ CASES = {"irmlp_bn1": (3, True, None), "convbn_gelu": (1, False, "gelu")}
 @pytest.mark.parametrize("impl", ["eager", "compile", "fused"])
 @pytest.mark.parametrize("direction", ["fwd", "fwd_bwd"])
 def test_batch_norm_act(benchmark, bench_settings, stage, case, impl, direction, dtype):
-    if impl == "fused":
-        reason = _triton.unsupported_reason(torch.zeros(1, device=DEVICE))
-        if reason:
-            pytest.skip(reason)
-    if impl == "compile" and not bench_settings["compile_ops"]:
-        pytest.skip("op compile baselines need --compile-ops")
+    skip_unavailable(impl, bench_settings)
     div, c = STAGES[stage]
     mult, residual, act = CASES[case]
     b, side, dt = max(bench_settings["batch"]), bench_settings["image_size"] // div, DTYPES[dtype]

@@ -13,24 +13,22 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import DEVICE, DTYPES, run_timed
-from hifuse_kernels import _triton
+from conftest import DEVICE, DTYPES, run_timed, skip_unavailable
 from hifuse_kernels.gelu_residual import gelu_residual, gelu_residual_ref
 from hifuse_kernels.residual_layer_norm import gelu_residual_layer_norm, gelu_residual_layer_norm_ref
 
 STAGES = {"s1": (4, 96), "s2": (8, 192), "s3": (16, 384), "s4": (32, 768)}
 
 
-def _skip(impl, bench_settings):
-    if impl == "fused":
-        reason = _triton.unsupported_reason(torch.zeros(1, device=DEVICE))
-        if reason:
-            pytest.skip(reason)
-    if impl == "compile" and not bench_settings["compile_ops"]:
-        pytest.skip("op compile baselines need --compile-ops")
+def _case(bench_settings, stage, impl, direction):
+    """(batch, side, channels, with backward) of a stage at the benchmark size."""
+    skip_unavailable(impl, bench_settings)
+    div, c = STAGES[stage]
+    return max(bench_settings["batch"]), bench_settings["image_size"] // div, c, direction == "fwd_bwd"
 
 
-def _time(benchmark, bench_settings, fn, inputs, direction):
+def _time(benchmark, bench_settings, fn, inputs, direction, moved, **info):
+    """Times fn on inputs (with backward for fwd_bwd) and records ``moved`` bytes as GB/s."""
     grads = []
 
     def run():
@@ -41,34 +39,30 @@ def _time(benchmark, bench_settings, fn, inputs, direction):
                 grads.extend(torch.randn_like(o) for o in outs)
             torch.autograd.grad(outs, [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad], grads)
 
-    return run_timed(benchmark, run, bench_settings["rounds"])
+    median = run_timed(benchmark, run, bench_settings["rounds"])
+    benchmark.extra_info.update(direction=direction, bytes=moved, gb_per_s=moved / median / 1e9, **info)
 
 
 @pytest.mark.parametrize("stage", list(STAGES))
 @pytest.mark.parametrize("impl", ["eager", "compile", "fused"])
 @pytest.mark.parametrize("direction", ["fwd", "fwd_bwd"])
 def test_gelu_residual(benchmark, bench_settings, stage, impl, direction, dtype):
-    _skip(impl, bench_settings)
-    div, c = STAGES[stage]
-    b, side, grad = max(bench_settings["batch"]), bench_settings["image_size"] // div, direction == "fwd_bwd"
+    b, side, c, grad = _case(bench_settings, stage, impl, direction)
     shape = (b, side, side, 3 * c)
     y = torch.randn(shape, device=DEVICE, dtype=DTYPES[dtype], requires_grad=grad)
     s = torch.randn(shape, device=DEVICE, requires_grad=grad)
     fn = {"eager": gelu_residual_ref, "fused": gelu_residual}.get(impl) or torch.compile(gelu_residual_ref, dynamic=False)
-    median = _time(benchmark, bench_settings, fn, (y, s), direction)
     moved = y.numel() * (y.element_size() + 4 + 4)  # y, stream in; fp32 sum out
     moved += y.numel() * (4 + y.element_size() + y.element_size() + 4) if grad else 0  # dout, y in; dy, ds out
-    benchmark.extra_info.update(stage=stage, batch=b, impl=impl, direction=direction, dtype=dtype, shape=list(shape),
-                                bytes=moved, gb_per_s=moved / median / 1e9)
+    _time(benchmark, bench_settings, fn, (y, s), direction, moved, stage=stage, batch=b, impl=impl, dtype=dtype,
+          shape=list(shape))
 
 
 @pytest.mark.parametrize("stage", list(STAGES))
 @pytest.mark.parametrize("impl", ["eager", "compile", "fused"])
 @pytest.mark.parametrize("direction", ["fwd", "fwd_bwd"])
 def test_residual_layer_norm(benchmark, bench_settings, stage, impl, direction, dtype):
-    _skip(impl, bench_settings)
-    div, c = STAGES[stage]
-    b, side, grad = max(bench_settings["batch"]), bench_settings["image_size"] // div, direction == "fwd_bwd"
+    b, side, c, grad = _case(bench_settings, stage, impl, direction)
     rows = (b * side * side, c)
     dt = DTYPES[dtype]
     y = torch.randn(rows, device=DEVICE, dtype=dt, requires_grad=grad)
@@ -77,9 +71,8 @@ def test_residual_layer_norm(benchmark, bench_settings, stage, impl, direction, 
     bias = torch.zeros(c, device=DEVICE, requires_grad=grad)
     ref = gelu_residual_layer_norm_ref
     fn = {"eager": ref, "fused": gelu_residual_layer_norm}.get(impl) or torch.compile(ref, dynamic=False)
-    median = _time(benchmark, bench_settings, fn, (y, s, w, bias, 1e-5, dt), direction)
     e = y.element_size()
     moved = y.numel() * (e + 4 + 4 + e)  # y, stream in; fp32 stream and normalised rows out
     moved += y.numel() * (4 + e + e + 4 + e + 4) if grad else 0  # two grads, y, stream in; dy, ds out
-    benchmark.extra_info.update(stage=stage, batch=b, impl=impl, direction=direction, dtype=dtype, shape=list(rows),
-                                bytes=moved, gb_per_s=moved / median / 1e9)
+    _time(benchmark, bench_settings, fn, (y, s, w, bias, 1e-5, dt), direction, moved, stage=stage, batch=b, impl=impl,
+          dtype=dtype, shape=list(rows))
