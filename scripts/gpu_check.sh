@@ -126,4 +126,8 @@ fi
 
 step "summary"
 run python scripts/summarize.py "$out"/*.json --out "$out/summary.md"
+# the targets and the bar chart for the results README: this run's figures, with the committed
+# ones of the same device for what this run did not measure (the compiled peer, say)
+run python scripts/summarize.py "$out"/*.json benchmarks/results/*/*.json --targets "$out/targets.md" \
+  --chart "$out/model.png" --device "$(python -c 'import torch; print(torch.cuda.get_device_name())')"
 exit $status

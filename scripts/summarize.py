@@ -1,10 +1,41 @@
-"""Print a table of pytest-benchmark JSON files written by the HiFuse benchmarks."""
+"""Print a table of pytest-benchmark JSON files written by the HiFuse benchmarks; with
+--targets, the performance targets with the latest figure measured for each, and with
+--chart, a bar chart of the whole model per setting (eager, the compiled peer, fused)."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 from pathlib import Path
+
+FUSED_PROVIDERS = ("fused", "fused_compile", "fused_cudagraphs")
+# whole model, bf16: (mode, batch, goal as a fraction of the compiled peer's time, the H200 goal)
+MODEL_TARGETS = [
+    ("train", 128, 32 / 68.6, "32 ms (peer 68.6)"),
+    ("infer", 128, 11 / 22.9, "11 ms (peer 22.9)"),
+    ("train", 32, 0.5, "17.5 ms (peer 35.0)"),
+    ("infer", 32, 0.5, "3.9 ms (peer 7.9)"),
+]
+PEAK_GOAL_GIB = 10
+# forward+backward at batch 128, bf16: (what, test, fused impl, the cases summed, eager and goal ms on an H200)
+BLOCK_TARGETS = [
+    ("8 global blocks", "test_global_blocks_tiny", "fused", None, 37.3, 10),
+    ("8 local blocks", "test_local_blocks_tiny", "fused", None, 22.4, 6),
+    ("stems and downsamples", "test_stem_layer", "fused",
+     ("local_stem", "local_down1", "local_down2", "local_down3"), 12.2, 4),
+    ("patch merging", "test_patch_merge_norm", "native", ("merge1", "merge2", "merge3"), 4.8, 1.5),
+    ("patch embedding", "test_stem_layer", "fused", ("patch_embed",), 3.9, 1.5),
+    ("4 fusion blocks", "test_fusion_blocks_tiny", "fused", None, 97.3, 25),
+]
+ATTENTION_STAGES = ("stage1", "stage2", "stage3", "stage4")
+# memory-bound ops held to 75% of the copy bandwidth: test -> the fused impl's name
+MEMORY_BOUND = {
+    "test_layer_norm_cf": "native", "test_layer_norm_cat": "fused", "test_gated_layer_norm": "fused",
+    "test_gate_pooling": "fused", "test_batch_norm_act": "fused", "test_dwconv_layer_norm": "fused",
+    "test_gelu_residual": "fused", "test_residual_layer_norm": "fused",
+}
+COPY_GOAL = 0.75
 
 
 def copy_bandwidth(paths) -> dict[str, float]:
@@ -51,11 +82,173 @@ def rows(path: Path, copy: dict[str, float] | None = None):
         yield (what, impl, median_ms, figure, f"{mem:.0f}" if mem else "", machine.get("device", "?"))
 
 
+def load(paths) -> list[dict]:
+    """Every benchmark of these files: test, case (the parameters), info, ms, date, device."""
+    records = []
+    for path in paths:
+        if not path.exists():
+            continue
+        data = json.loads(path.read_text())
+        when = data.get("datetime", "")
+        device = data.get("machine_info", {}).get("hifuse", {}).get("device", "?")
+        for bench in data.get("benchmarks", []):
+            test, _, case = bench["name"].partition("[")
+            records.append(dict(test=test, case=case.rstrip("]"), info=bench.get("extra_info", {}),
+                                ms=bench["stats"]["median"] * 1e3, when=when, date=when[:10], device=device))
+    return records
+
+
+def latest(records, test: str, **match):
+    """The most recent record of this test whose extra_info has these values, or None."""
+    found = [r for r in records if r["test"] == test and all(r["info"].get(k) == v for k, v in match.items())]
+    return max(found, key=lambda r: r["when"], default=None)
+
+
+def _model(records, mode, batch, provider, memory_format=None):
+    test = "test_train_step" if mode == "train" else "test_inference"
+    match = dict(batch=batch, dtype="bf16", provider=provider)
+    if memory_format:
+        match["memory_format"] = memory_format
+    if memory_format is None:  # the faster memory format of each one's latest run
+        runs = [latest(records, test, **match, memory_format=f) for f in ("contiguous", "channels_last")]
+        return min((r for r in runs if r), key=lambda r: r["ms"], default=None)
+    return latest(records, test, **match)
+
+
+def _fastest_fused(records, mode, batch):
+    runs = [_model(records, mode, batch, p) for p in FUSED_PROVIDERS]
+    return min((r for r in runs if r), key=lambda r: r["ms"], default=None)
+
+
+def _setting(r) -> str:
+    return f"{r['info']['provider']}, {r['info']['memory_format']}"
+
+
+def _verdict(value, goal, milestone=None) -> str:
+    if value <= goal:
+        return "met"
+    if milestone is not None and value <= milestone:
+        return f"peer beaten; {value / goal:.2f}x the goal"
+    return f"{value / goal:.2f}x the goal"
+
+
+def _sum_cases(records, test, impl, cases):
+    """(total ms, latest date) of the fwd_bwd bf16 runs of these cases, or None if one is missing."""
+    key = {"test_stem_layer": "layer", "test_patch_merge_norm": "merge"}.get(test)
+    runs = [latest(records, test, impl=impl, direction="fwd_bwd", dtype="bf16", **({key: c} if key else {}))
+            for c in (cases or [None])]
+    if not all(runs):
+        return None
+    return sum(r["ms"] for r in runs), max(r["date"] for r in runs)
+
+
+def targets(records) -> str:
+    """The targets as a markdown table, each with its latest figure, its date and how far off it is."""
+    lines = ["| target | goal | measured | reference in the same files | date | status |", "|---|---|---|---|---|---|"]
+    for mode, batch, fraction, goal in MODEL_TARGETS:
+        what = f"{'training step' if mode == 'train' else 'inference'}, batch {batch}"
+        fused, peer = _fastest_fused(records, mode, batch), _model(records, mode, batch, "compile", "channels_last")
+        eager = _model(records, mode, batch, "eager", "contiguous")
+        ref = ", ".join(f"{n} {r['ms']:.1f} ms" for n, r in (("compile + channels_last", peer), ("eager", eager)) if r)
+        if fused is None:
+            lines.append(f"| {what} | {goal} | not measured | {ref} | | |")
+            continue
+        status = _verdict(fused["ms"], fraction * peer["ms"], peer["ms"]) if peer else "no peer figure"
+        lines.append(f"| {what} | {goal} | {fused['ms']:.1f} ms ({_setting(fused)}) | {ref} | {fused['date']} | {status} |")
+        if (mode, batch) == ("train", 128):
+            peak = fused["info"].get("peak_mem_mib")
+            figure = f"{peak / 1024:.1f} GiB ({_setting(fused)})" if peak else "not measured"
+            status = _verdict(peak / 1024, PEAK_GOAL_GIB) if peak else ""
+            peer_peak = f"compile + channels_last {peer['info']['peak_mem_mib'] / 1024:.1f} GiB" if peer else ""
+            lines.append(f"| peak memory, training step, batch 128 | {PEAK_GOAL_GIB} GiB | {figure} | {peer_peak} | "
+                         f"{fused['date']} | {status} |")
+    for what, test, impl, cases, eager_h200, goal_ms in BLOCK_TARGETS:
+        goal = f"{goal_ms} ms (eager {eager_h200})"
+        fused, eager = _sum_cases(records, test, impl, cases), _sum_cases(records, test, "eager", cases)
+        ref = f"eager {eager[0]:.1f} ms" if eager else ""
+        if fused is None:
+            lines.append(f"| {what}, fwd+bwd | {goal} | not measured | {ref} | | |")
+            continue
+        status = _verdict(fused[0], goal_ms / eager_h200 * eager[0]) if eager else "no eager figure"
+        lines.append(f"| {what}, fwd+bwd | {goal} | {fused[0]:.2f} ms | {ref} | {fused[1]} | {status} |")
+    for stage in ATTENTION_STAGES:
+        fused, flex = (latest(records, "test_window_attention", stage=stage, impl=i, direction="fwd_bwd", dtype="bf16")
+                       for i in ("fused", "flex"))
+        ref = f"FlexAttention {flex['ms']:.2f} ms" if flex else ""
+        if fused is None:
+            lines.append(f"| window attention {stage}, fwd+bwd | half of FlexAttention | not measured | {ref} | | |")
+            continue
+        status = _verdict(fused["ms"], flex["ms"] / 2) if flex else "no FlexAttention figure"
+        lines.append(f"| window attention {stage}, fwd+bwd | half of FlexAttention | {fused['ms']:.2f} ms | {ref} | "
+                     f"{fused['date']} | {status} |")
+    copy = {}
+    for r in records:
+        if r["info"].get("impl") == "copy":
+            copy[r["device"]] = max(copy.get(r["device"], 0.0), r["info"]["gb_per_s"])
+    for test, impl in MEMORY_BOUND.items():
+        runs = [r for r in records if r["test"] == test and r["info"].get("impl") == impl
+                and r["info"].get("dtype") == "bf16" and r["device"] in copy and "gb_per_s" in r["info"]]
+        what = test.removeprefix("test_")
+        if not runs:
+            lines.append(f"| {what} | {COPY_GOAL:.0%} of copy | not measured | | | |")
+            continue
+        runs.sort(key=lambda r: r["when"])  # the latest run of each case wins
+        shares = {r["case"]: r["info"]["gb_per_s"] / copy[r["device"]] for r in runs}
+        worst = min(shares, key=shares.get)
+        figure = f"lowest {shares[worst]:.0%} ({worst}), median {statistics.median(shares.values()):.0%}"
+        status = "met" if shares[worst] >= COPY_GOAL else f"{sum(s < COPY_GOAL for s in shares.values())} of {len(shares)} cases under"
+        lines.append(f"| {what} | {COPY_GOAL:.0%} of copy | {figure} | copy {copy[runs[0]['device']]:.0f} GB/s | "
+                     f"{max(r['date'] for r in runs)} | {status} |")
+    return "\n".join(lines) + "\n"
+
+
+def chart(records, path: Path) -> None:
+    """A bar chart of the whole model (bf16): eager, the compiled peer and each fused provider per setting."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bars = [("eager", "contiguous"), ("compile", "channels_last")] + [(p, "channels_last") for p in FUSED_PROVIDERS]
+    settings = sorted({(r["info"]["mode"], r["info"]["batch"]) for r in records
+                       if "mode" in r["info"] and r["info"].get("dtype") == "bf16"}, key=lambda s: (s[0] != "train", -s[1]))
+    if not settings:
+        raise SystemExit("no whole-model bf16 benchmark in these files")
+    fig, axes = plt.subplots(1, len(settings), figsize=(3.2 * len(settings), 3.6), squeeze=False)
+    devices = set()
+    for ax, (mode, batch) in zip(axes[0], settings):
+        found = [(f"{p}\n{f}", f"C{i}", _model(records, mode, batch, p, f)) for i, (p, f) in enumerate(bars)]
+        found = [bar for bar in found if bar[2]]  # a provider keeps its colour in every panel
+        devices.update(f"{r['device']}, {r['date']}" for *_, r in found)
+        ax.bar(range(len(found)), [r["ms"] for *_, r in found], color=[colour for _, colour, _ in found])
+        for i, (*_, r) in enumerate(found):
+            ax.annotate(f"{r['ms']:.1f}", (i, r["ms"]), ha="center", va="bottom", fontsize=8)
+        ax.set_xticks(range(len(found)), [label for label, *_ in found], fontsize=7, rotation=30, ha="right")
+        ax.set_title(f"{'training step' if mode == 'train' else 'inference'}, batch {batch}", fontsize=9)
+        ax.set_ylabel("ms (median)")
+    fig.suptitle(f"HiFuse-Tiny, 224x224, bf16 autocast ({', '.join(sorted(devices))})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("files", nargs="+", type=Path)
     parser.add_argument("--out", type=Path, help="also write the table here (markdown)")
+    parser.add_argument("--targets", type=Path, help="write the targets table with the latest figures here")
+    parser.add_argument("--chart", type=Path, help="write the whole-model bar chart here (PNG; needs matplotlib)")
+    parser.add_argument("--device", help="--targets and --chart use this device's figures only "
+                        "(default: the device of the newest file)")
     args = parser.parse_args()
+    if args.targets or args.chart:
+        records = load(args.files)
+        device = args.device or max(records, key=lambda r: r["when"], default={}).get("device")
+        records = [r for r in records if r["device"] == device]
+        print(f"targets and chart: {device}, {len(records)} benchmarks")
+        if args.targets:
+            args.targets.write_text(targets(records))
+        if args.chart:
+            chart(records, args.chart)
     lines = ["| benchmark | impl | median ms | throughput | peak MiB | device |", "|---|---|---|---|---|---|"]
     versions = set()
     copy = copy_bandwidth(args.files)

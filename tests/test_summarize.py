@@ -1,0 +1,108 @@
+"""scripts/summarize.py: the targets table and the bar chart the results README is built from."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).parents[1] / "scripts" / "summarize.py"
+H200 = "NVIDIA H200"
+
+
+def _bench(name, ms, **info):
+    return {"name": name, "stats": {"median": ms / 1e3}, "extra_info": info, "params": {}}
+
+
+def _model(mode, batch, fmt, provider, ms, peak_mib=None):
+    test = "test_train_step" if mode == "train" else "test_inference"
+    info = dict(mode=mode, batch=batch, dtype="bf16", memory_format=fmt, provider=provider, variant="hifuse_tiny",
+                images_per_s=batch / ms * 1e3, tflops_per_s=1.0)
+    if peak_mib:
+        info["peak_mem_mib"] = peak_mib
+    return _bench(f"{test}[{batch}-bf16-{fmt}-{provider}]", ms, **info)
+
+
+def _write(path, when, device, benches):
+    path.write_text(json.dumps({"datetime": when, "machine_info": {"hifuse": {"device": device}},
+                                "benchmarks": benches}))
+    return path
+
+
+def _run(*args):
+    result = subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+@pytest.fixture
+def files(tmp_path):
+    old = _write(tmp_path / "old.json", "2026-11-26T05:00:00", H200, [
+        _model("train", 128, "contiguous", "eager", 167.3),
+        _model("train", 128, "channels_last", "compile", 68.6, peak_mib=15302),
+        _model("train", 128, "channels_last", "fused", 118.1, peak_mib=16488),
+        _bench("test_global_blocks_tiny[fused-fwd_bwd]", 20.0, impl="fused", direction="fwd_bwd", dtype="bf16"),
+    ])
+    new = _write(tmp_path / "new.json", "2026-12-10T05:00:00", H200, [
+        _model("train", 128, "channels_last", "fused", 60.0, peak_mib=9 * 1024),
+        _model("train", 128, "channels_last", "fused_cudagraphs", 40.0, peak_mib=9.5 * 1024),
+        _bench("test_global_blocks_tiny[eager-fwd_bwd]", 40.0, impl="eager", direction="fwd_bwd", dtype="bf16"),
+        _bench("test_window_attention[stage1-flex-fwd_bwd]", 1.6, stage="stage1", impl="flex",
+               direction="fwd_bwd", dtype="bf16"),
+        _bench("test_window_attention[stage1-fused-fwd_bwd]", 1.0, stage="stage1", impl="fused",
+               direction="fwd_bwd", dtype="bf16"),
+        _bench("test_copy[256]", 1.0, impl="copy", gb_per_s=1000.0, device=H200),
+        *[_bench(f"test_gelu_residual[{s}-fused-fwd]", 1.0, impl="fused", dtype="bf16", gb_per_s=g, device=H200)
+          for s, g in (("stage1", 800.0), ("stage2", 700.0), ("stage3", 900.0))],
+    ])
+    other = _write(tmp_path / "other.json", "2026-12-11T05:00:00", "NVIDIA H100", [
+        _model("train", 128, "channels_last", "fused", 1.0),
+    ])
+    return [old, new, other]
+
+
+def _rows(table: str) -> dict:
+    rows = {}
+    for line in table.splitlines()[2:]:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        rows[cells[0]] = cells
+    return rows
+
+
+def test_targets_take_the_latest_figure_of_the_device(files, tmp_path):
+    out = tmp_path / "targets.md"
+    printed = _run(*files, "--targets", out, "--device", H200)
+    assert H200 in printed
+    rows = _rows(out.read_text())
+    train = rows["training step, batch 128"]
+    # the fastest fused provider of the latest runs; the H100 file's 1 ms is another device's
+    assert train[2] == "40.0 ms (fused_cudagraphs, channels_last)"
+    assert "compile + channels_last 68.6 ms" in train[3] and "eager 167.3 ms" in train[3]
+    assert train[4] == "2026-12-10"
+    assert train[5] == f"peer beaten; {40.0 / 32:.2f}x the goal"
+    assert rows["peak memory, training step, batch 128"][2].startswith("9.5 GiB") \
+        and rows["peak memory, training step, batch 128"][5] == "met"
+    assert rows["inference, batch 128"][2] == "not measured"
+    # blocks: held to the goal's ratio to eager, eager from the same files
+    glob = rows["8 global blocks, fwd+bwd"]
+    assert glob[2] == "20.00 ms" and glob[3] == "eager 40.0 ms"
+    assert glob[5] == f"{20.0 / (10 / 37.3 * 40.0):.2f}x the goal"
+    assert rows["window attention stage1, fwd+bwd"][5] == f"{1.0 / 0.8:.2f}x the goal"
+    assert rows["window attention stage2, fwd+bwd"][2] == "not measured"
+    gelu = rows["gelu_residual"]
+    assert gelu[2] == "lowest 70% (stage2-fused-fwd), median 80%" and gelu[5] == "1 of 3 cases under"
+    assert rows["layer_norm_cf"][2] == "not measured"
+
+
+def test_device_defaults_to_the_newest_file(files, tmp_path):
+    out = tmp_path / "targets.md"
+    assert "NVIDIA H100" in _run(*files, "--targets", out)
+    assert _rows(out.read_text())["training step, batch 128"][2] == "1.0 ms (fused, channels_last)"
+
+
+def test_chart_is_written(files, tmp_path):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "model.png"
+    _run(*files, "--chart", out, "--device", H200)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
