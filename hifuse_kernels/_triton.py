@@ -65,14 +65,15 @@ def rows_per_program(c: int, tiles: int = 1) -> int:
     return 1 << (rows.bit_length() - 1)
 
 
-def row_warps(c: int) -> int:
-    # at most 8 values of each loaded tile per thread: the backward kernels hold several tiles
-    return 8 if c <= 512 else 16
+def row_warps(c: int, rows: int) -> int:
+    # about 4 values of each loaded (rows x block) tile per thread: the backward kernels hold
+    # several tiles, and 8 per thread already spills in places
+    return max(4, min(16, rows * block_channels(c) // 128))
 
 
-def row_tile(c: int) -> dict:
-    """BLOCK_C and num_warps of a row kernel launch over c channels."""
-    return {"BLOCK_C": block_channels(c), "num_warps": row_warps(c)}
+def row_tile(c: int, rows: int) -> dict:
+    """BLOCK_C and num_warps of a row kernel launch over c channels, ``rows`` rows per program."""
+    return {"BLOCK_C": block_channels(c), "num_warps": row_warps(c, rows)}
 
 
 if triton is not None:

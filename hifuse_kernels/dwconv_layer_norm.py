@@ -29,7 +29,7 @@ from ._triton import tl, triton
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_CHANNELS = 1024
-BLOCK_P = 8  # positions of one row per program (2 for rows wider than 512 channels)
+BLOCK_P = 8  # positions of one row per program at most (fewer for wide rows: _block_p)
 
 __all__ = ["dwconv_layer_norm", "dwconv_layer_norm_ref", "unsupported_reason"]
 
@@ -141,7 +141,11 @@ if triton is not None:
 
 
 def _block_p(c: int) -> int:
-    return BLOCK_P if c <= 512 else BLOCK_P // 4
+    # a (BLOCK_P x BLOCK_C) tile of 1024 values up to 256 channels, 2048 above: with _warps, 2 to
+    # 4 per thread, so the backward holds its tiles and nine taps in under 128 registers (8 per
+    # thread needed up to 255 at 256 and 512 channels)
+    block_c = _triton.block_channels(c)
+    return max(1, min(BLOCK_P, (1024 if block_c <= 256 else 2048) // block_c))
 
 
 def _grid(x):
@@ -150,9 +154,7 @@ def _grid(x):
 
 
 def _warps(c):
-    # A (BLOCK_P x BLOCK_C) fp32 tile per program, at most 8 values of it per thread, so the
-    # backward holds its tiles and nine taps without spilling.
-    return 8 if c <= 512 else 16
+    return max(4, min(16, _block_p(c) * _triton.block_channels(c) // 64))
 
 
 @_triton.define_op("hifuse::dwconv_layer_norm", mutates_args=())

@@ -150,7 +150,7 @@ def _gated_ln_op(
     rows = _triton.rows_per_program(c, 3)
     wrap_triton(_gated_ln_kernel)[(n, triton.cdiv(s, rows))](
         g, channel_gate, l, spatial_gate, x, weight, bias, out, mean, rstd, s, c, eps,
-        BLOCK_P=rows, **_triton.row_tile(c),
+        BLOCK_P=rows, **_triton.row_tile(c, rows),
     )
     return out, mean, rstd
 
@@ -171,7 +171,7 @@ def _gated_ln_backward_op(
     part_w, part_b = torch.empty((n * blocks, 3 * c), **f32), torch.empty((n * blocks, 3 * c), **f32)
     wrap_triton(_gated_ln_bwd_kernel)[(n, blocks)](
         grad, g, channel_gate, l, spatial_gate, x, weight, mean, rstd, dg, dl, dsg, dx,
-        part_cg, part_w, part_b, s, c, BLOCK_P=rows, **_triton.row_tile(c),
+        part_cg, part_w, part_b, s, c, BLOCK_P=rows, **_triton.row_tile(c, rows),
     )
     return (dg, part_cg.sum(1).to(channel_gate.dtype), dl, dsg.to(spatial_gate.dtype), dx,
             part_w.sum(0).to(weight.dtype), part_b.sum(0).to(weight.dtype))

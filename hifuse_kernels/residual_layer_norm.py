@@ -120,7 +120,7 @@ def _fwd_op(
     block_m = _triton.rows_per_program(c)
     wrap_triton(_fwd_kernel)[(triton.cdiv(m, block_m),)](
         y if prologue else shortcut, shortcut, weight, bias, out, normed, mean, rstd, m, c, eps,
-        PROLOGUE=prologue, BLOCK_M=block_m, **_triton.row_tile(c),
+        PROLOGUE=prologue, BLOCK_M=block_m, **_triton.row_tile(c, block_m),
     )
     return out, normed, mean, rstd
 
@@ -141,7 +141,7 @@ def _bwd_op(
     wrap_triton(_bwd_kernel)[(programs,)](
         grad_normed if grad_out is None else grad_out, grad_normed, y if prologue else shortcut, shortcut, weight,
         mean, rstd, dy, ds, part_w, part_b, m, c,
-        PROLOGUE=prologue, HAS_DOUT=grad_out is not None, BLOCK_M=block_m, **_triton.row_tile(c),
+        PROLOGUE=prologue, HAS_DOUT=grad_out is not None, BLOCK_M=block_m, **_triton.row_tile(c, block_m),
     )
     return dy, ds, part_w.sum(0).to(weight.dtype), part_b.sum(0).to(weight.dtype)
 

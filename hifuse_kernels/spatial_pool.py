@@ -84,7 +84,7 @@ def _spatial_pool_op(l: torch.Tensor) -> torch.Tensor:
     out = l.new_empty((n, 2, s))
     rows = _triton.rows_per_program(c, 1)
     wrap_triton(_spatial_pool_kernel)[(triton.cdiv(n * s, rows),)](
-        l, out, n * s, s, c, BLOCK_P=rows, **_triton.row_tile(c)
+        l, out, n * s, s, c, BLOCK_P=rows, **_triton.row_tile(c, rows)
     )
     return out
 
@@ -95,7 +95,7 @@ def _spatial_pool_backward_op(d_out: torch.Tensor, l: torch.Tensor) -> torch.Ten
     dl = torch.empty_like(l)
     rows = _triton.rows_per_program(c, 1)
     wrap_triton(_spatial_pool_bwd_kernel)[(triton.cdiv(n * s, rows),)](
-        l, d_out, dl, n * s, s, c, BLOCK_P=rows, **_triton.row_tile(c)
+        l, d_out, dl, n * s, s, c, BLOCK_P=rows, **_triton.row_tile(c, rows)
     )
     return dl
 
