@@ -21,8 +21,6 @@ import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 
-import torch
-
 if os.environ.get("TRITON_INTERPRET") == "1":
     sys.exit("unset TRITON_INTERPRET: interpreted kernels cannot be compiled")
 
