@@ -39,11 +39,17 @@ if ! python -m pip install --no-build-isolation --no-deps -e . >>"$log" 2>&1; th
 fi
 run python -c "import hifuse_kernels as k, hifuse_kernels._ext as e; print('native:', k.native_load_error() or 'loaded', '| cuda ops:', e.has_kernel('layer_norm_cf', 'cuda'))"
 
+# JUnit XML of each test run (named after the device) for summarize.py's targets table
+device=$(python -c "import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')")
+junit() { jx=(--junitxml "$out/$1.xml" -o "junit_suite_name=$device"); }  # sets jx
+
 step "tests"
-run python -m pytest tests -q -p no:cacheprovider -rs -m "not native_errors"
+junit tests
+run python -m pytest tests -q -p no:cacheprovider -rs -m "not native_errors" "${jx[@]}"
 # C++ error paths in a process of their own, so a crash there cannot hide other results.
 step "tests: native error paths"
-python -m pytest tests -q -p no:cacheprovider -m native_errors 2>&1 | tee -a "$log"
+junit tests_native_errors
+python -m pytest tests -q -p no:cacheprovider -m native_errors "${jx[@]}" 2>&1 | tee -a "$log"
 if [ "${PIPESTATUS[0]}" != 0 ]; then
   status=1
   if command -v gdb >/dev/null; then  # a crash here has been seen on one GPU machine: get a native stack
@@ -120,14 +126,20 @@ elif [ "$left" -lt 60 ]; then
   step "memcheck skipped: deadline reached"
 else
   step "memcheck (${left}s left)"
-  run timeout "$left" compute-sanitizer --tool memcheck --error-exitcode 1 python -m pytest tests -q -p no:cacheprovider \
-    -m gpu -k "not model and not compile and not cuda_graph and not reduce_overhead and not past_2_31"
+  echo "device: $device" >"$out/memcheck.log"
+  junit memcheck
+  timeout "$left" compute-sanitizer --tool memcheck --error-exitcode 1 python -m pytest tests -q -p no:cacheprovider \
+    -m gpu -k "not model and not compile and not cuda_graph and not reduce_overhead and not past_2_31" \
+    "${jx[@]}" 2>&1 | tee -a "$log" "$out/memcheck.log"
+  rc=${PIPESTATUS[0]}
+  echo "exit $rc" >>"$out/memcheck.log"
+  [ "$rc" = 0 ] || { echo "!! exit $rc: memcheck" | tee -a "$log"; status=1; }
 fi
 
 step "summary"
 run python scripts/summarize.py "$out"/*.json --out "$out/summary.md"
-# the targets and the bar chart for the results README: this run's figures, with the committed
-# ones of the same device for what this run did not measure (the compiled peer, say)
-run python scripts/summarize.py "$out"/*.json benchmarks/results/*/*.json --targets "$out/targets.md" \
-  --chart "$out/model.png" --device "$(python -c 'import torch; print(torch.cuda.get_device_name())')"
+# the targets and the bar chart for the results README: this run's figures and test results, with
+# the committed figures of the same device for what this run did not measure (the compiled peer)
+run python scripts/summarize.py "$out"/*.json "$out"/*.xml "$out"/memcheck.log benchmarks/results/*/*.json \
+  --targets "$out/targets.md" --chart "$out/model.png" --device "$device"
 exit $status

@@ -1,12 +1,16 @@
 """Print a table of pytest-benchmark JSON files written by the HiFuse benchmarks; with
 --targets, the performance targets with the latest figure measured for each, and with
---chart, a bar chart of the whole model per setting (eager, the compiled peer, fused)."""
+--chart, a bar chart of the whole model per setting (eager, the compiled peer, fused). JUnit XML
+of the test runs (``pytest --junitxml``, suite named after the device) and the memcheck log of
+``scripts/gpu_check.sh`` given among the files fill the targets' test rows."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 FUSED_PROVIDERS = ("fused", "fused_compile", "fused_cudagraphs")
@@ -98,6 +102,72 @@ def load(paths) -> list[dict]:
     return records
 
 
+def load_tests(paths) -> list[dict]:
+    """Every test case of the JUnit XML files: file (stem), name, state, date, device (suite name)."""
+    cases = []
+    for path in paths:
+        if path.suffix != ".xml" or not path.exists():
+            continue
+        for suite in ET.parse(path).getroot().iter("testsuite"):
+            for case in suite.iter("testcase"):
+                state = next((c.tag for c in case if c.tag in ("failure", "error", "skipped")), "passed")
+                cases.append(dict(file=path.stem, name=f"{case.get('classname')}::{case.get('name')}", state=state,
+                                  date=suite.get("timestamp", "")[:10], device=suite.get("name")))
+    return cases
+
+
+def load_memcheck(paths) -> list[dict]:
+    """gpu_check.sh's memcheck logs: device, errors compute-sanitizer reported, exit status."""
+    runs = []
+    for path in paths:
+        if path.suffix != ".log" or not path.exists():
+            continue
+        text = path.read_text(errors="replace")
+        device, errors, exit_ = (re.search(pattern, text, re.MULTILINE) for pattern in
+                                 (r"^device: (.*)$", r"ERROR SUMMARY: (\d+) error", r"^exit (\d+)$"))
+        if device:
+            runs.append(dict(device=device.group(1).strip(), errors=int(errors.group(1)) if errors else None,
+                             exit=int(exit_.group(1)) if exit_ else None))
+    return runs
+
+
+def _counts(cases) -> str:
+    states = [c["state"] for c in cases]
+    if not states:
+        return "none recorded"
+    return ", ".join(f"{states.count(s)} {s}" for s in ("passed", "failure", "error", "skipped") if s in states)
+
+
+def numbers_rows(cases, memcheck) -> list[str]:
+    """The numbers targets: every test passes, deterministic backwards, past 2^31, memcheck."""
+    groups = [
+        ("every test passes on the device", "no failure or error", [c for c in cases if c["file"].startswith("tests")]),
+        ("fused backwards bitwise equal in two runs", "all pass",
+         [c for c in cases if c["file"].startswith("tests") and "determinism" in c["name"].replace("deterministic", "determinism")]),
+        ("one call per kernel family past 2^31 elements", "all pass",
+         [c for c in cases if c["file"].startswith("tests") and "past_2_31" in c["name"]]),
+    ]
+    lines = []
+    for what, goal, found in groups:
+        if not found:
+            lines.append(f"| {what} | {goal} | not run | | | |")
+            continue
+        bad = [c["name"] for c in found if c["state"] in ("failure", "error")]
+        status = "met" if not bad else "failing: " + ", ".join(bad[:4]) + (" ..." if len(bad) > 4 else "")
+        lines.append(f"| {what} | {goal} | {_counts(found)} | | {max(c['date'] for c in found)} | {status} |")
+    checked = [c for c in cases if c["file"] == "memcheck"]
+    if not memcheck:
+        lines.append("| compute-sanitizer memcheck of the fused ops | no error | not run | | | |")
+    else:
+        run = memcheck[-1]
+        errors = "no error summary" if run["errors"] is None else f"{run['errors']} errors"
+        status = "met" if run["errors"] == 0 and run["exit"] == 0 and checked else f"exit {run['exit']}"
+        date = max((c["date"] for c in checked), default="")
+        lines.append(f"| compute-sanitizer memcheck of the fused ops | no error | {errors}; tests: {_counts(checked)} | "
+                     f"| {date} | {status} |")
+    return lines
+
+
 def latest(records, test: str, **match):
     """The most recent record of this test whose extra_info has these values, or None."""
     found = [r for r in records if r["test"] == test and all(r["info"].get(k) == v for k, v in match.items())]
@@ -142,7 +212,7 @@ def _sum_cases(records, test, impl, cases):
     return sum(r["ms"] for r in runs), max(r["date"] for r in runs)
 
 
-def targets(records) -> str:
+def targets(records, tests=(), memcheck=()) -> str:
     """The targets as a markdown table, each with its latest figure, its date and how far off it is."""
     lines = ["| target | goal | measured | reference in the same files | date | status |", "|---|---|---|---|---|---|"]
     for mode, batch, fraction, goal in MODEL_TARGETS:
@@ -199,6 +269,7 @@ def targets(records) -> str:
         status = "met" if shares[worst] >= COPY_GOAL else f"{sum(s < COPY_GOAL for s in shares.values())} of {len(shares)} cases under"
         lines.append(f"| {what} | {COPY_GOAL:.0%} of copy | {figure} | copy {copy[runs[0]['device']]:.0f} GB/s | "
                      f"{max(r['date'] for r in runs)} | {status} |")
+    lines += numbers_rows(list(tests), list(memcheck))
     return "\n".join(lines) + "\n"
 
 
@@ -240,21 +311,22 @@ def main() -> None:
     parser.add_argument("--device", help="--targets and --chart use this device's figures only "
                         "(default: the device of the newest file)")
     args = parser.parse_args()
+    jsons = [f for f in args.files if f.suffix == ".json" and f.exists()]  # a glob that matched nothing stays as typed
     if args.targets or args.chart:
-        records = load(args.files)
+        records = load(jsons)
         device = args.device or max(records, key=lambda r: r["when"], default={}).get("device")
         records = [r for r in records if r["device"] == device]
-        print(f"targets and chart: {device}, {len(records)} benchmarks")
+        cases = [c for c in load_tests(args.files) if c["device"] == device]
+        memcheck = [m for m in load_memcheck(args.files) if m["device"] == device]
+        print(f"targets and chart: {device}, {len(records)} benchmarks, {len(cases)} test results")
         if args.targets:
-            args.targets.write_text(targets(records))
+            args.targets.write_text(targets(records, cases, memcheck))
         if args.chart:
             chart(records, args.chart)
     lines = ["| benchmark | impl | median ms | throughput | peak MiB | device |", "|---|---|---|---|---|---|"]
     versions = set()
-    copy = copy_bandwidth(args.files)
-    for path in args.files:
-        if not path.exists():
-            continue
+    copy = copy_bandwidth(jsons)
+    for path in jsons:
         data = json.loads(path.read_text())
         h = data.get("machine_info", {}).get("hifuse", {})
         versions.add(f"{h.get('device')}, torch {h.get('torch')}, CUDA {h.get('cuda')}, triton {h.get('triton')}")

@@ -106,3 +106,50 @@ def test_chart_is_written(files, tmp_path):
     out = tmp_path / "model.png"
     _run(*files, "--chart", out, "--device", H200)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _junit(path, device, cases):
+    body = "".join(
+        f'<testcase classname="tests.{mod}" name="{name}">' + ({"passed": ""}.get(state, f"<{state} message='x'/>"))
+        + "</testcase>" for mod, name, state in cases)
+    path.write_text(f'<?xml version="1.0" encoding="utf-8"?><testsuites><testsuite name="{device}" '
+                    f'timestamp="2026-12-10T05:00:00+00:00">{body}</testsuite></testsuites>')
+    return path
+
+
+def test_numbers_rows_come_from_the_test_runs(files, tmp_path):
+    tests = _junit(tmp_path / "tests.xml", H200, [
+        ("test_window_attention", "test_backward_is_deterministic", "passed"),
+        ("test_dwconv_layer_norm", "test_backward_deterministic_and_expanded_gradient", "failure"),
+        ("test_large", "test_pools_past_2_31", "passed"),
+        ("test_large", "test_window_attention_past_2_31", "skipped"),
+        ("test_model", "test_whole_model", "passed"),
+    ])
+    memcheck = _junit(tmp_path / "memcheck.xml", H200, [("test_gelu_residual", "test_gpu", "passed")])
+    other = _junit(tmp_path / "tests_other.xml", "NVIDIA H100", [("test_model", "test_x", "error")])
+    log = tmp_path / "memcheck.log"
+    log.write_text(f"device: {H200}\n1 passed\n========= ERROR SUMMARY: 0 errors\nexit 0\n")
+    out = tmp_path / "targets.md"
+    _run(*files, tests, memcheck, other, log, "--targets", out, "--device", H200)
+    rows = _rows(out.read_text())
+    every = rows["every test passes on the device"]
+    assert every[2] == "3 passed, 1 failure, 1 skipped"  # the H100's error is another device's
+    assert every[5].startswith("failing: tests.test_dwconv_layer_norm::") and every[4] == "2026-12-10"
+    assert rows["fused backwards bitwise equal in two runs"][2] == "1 passed, 1 failure"
+    assert rows["one call per kernel family past 2^31 elements"][2] == "1 passed, 1 skipped"
+    assert rows["one call per kernel family past 2^31 elements"][5] == "met"
+    check = rows["compute-sanitizer memcheck of the fused ops"]
+    assert check[2] == "0 errors; tests: 1 passed" and check[5] == "met"
+
+    log.write_text(f"device: {H200}\n========= ERROR SUMMARY: 3 errors\nexit 1\n")
+    _run(*files, tests, memcheck, log, "--targets", out, "--device", H200)
+    check = _rows(out.read_text())["compute-sanitizer memcheck of the fused ops"]
+    assert check[2].startswith("3 errors") and check[5] == "exit 1"
+
+
+def test_numbers_rows_say_what_did_not_run(files, tmp_path):
+    out = tmp_path / "targets.md"
+    _run(*files, "--targets", out, "--device", H200)
+    rows = _rows(out.read_text())
+    assert rows["every test passes on the device"][2] == "not run"
+    assert rows["compute-sanitizer memcheck of the fused ops"][2] == "not run"
