@@ -7,7 +7,8 @@
 # Environment: HIFUSE_COMPILE=1 adds the torch.compile baselines of the model and of single
 # ops (minutes each; the model's are in benchmarks/results/); FlexAttention always runs;
 # HIFUSE_BATCHES (default "32,128"); TORCH_CUDA_ARCH_LIST (default 9.0); MAX_JOBS;
-# HIFUSE_DEADLINE (seconds from the start, default 540): benchmarks run in order of
+# HIFUSE_TESTS=0 skips the tests (a benchmark-only call); HIFUSE_TEST_WORKERS (default 4, fewer
+# on fewer cores); HIFUSE_TEST_TIMEOUT (seconds for the main test run, default 300); HIFUSE_DEADLINE (seconds from the start, default 540): benchmarks run in order of
 # importance (whole model, its profile, blocks, single ops, block compile baselines,
 # memcheck) and each is cut at the deadline, so a time-limited call still returns what
 # finished.
@@ -43,18 +44,31 @@ run python -c "import hifuse_kernels as k, hifuse_kernels._ext as e; print('nati
 device=$(python -c "import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')")
 junit() { jx=(--junitxml "$out/$1.xml" -o "junit_suite_name=$device"); }  # sets jx
 
-step "tests"
-junit tests
-run python -m pytest tests -q -p no:cacheprovider -rs -m "not native_errors" "${jx[@]}"
-# C++ error paths in a process of their own, so a crash there cannot hide other results.
-step "tests: native error paths"
-junit tests_native_errors
-python -m pytest tests -q -p no:cacheprovider -m native_errors "${jx[@]}" 2>&1 | tee -a "$log"
-if [ "${PIPESTATUS[0]}" != 0 ]; then
-  status=1
-  if command -v gdb >/dev/null; then  # a crash here has been seen on one GPU machine: get a native stack
-    step "native error paths under gdb"
-    gdb -q -batch -ex run -ex bt --args python -m pytest tests -q -p no:cacheprovider -m native_errors -x 2>&1 | tail -60 | tee -a "$log"
+# The tests in parallel (Triton and Inductor compile in each worker), cut at HIFUSE_TEST_TIMEOUT
+# so that a slow run still leaves time for the benchmarks; then the tensors past 2**31 elements
+# alone (tens of GiB each).
+workers=${HIFUSE_TEST_WORKERS:-$(( $(nproc) < 4 ? $(nproc) : 4 ))}
+if [ "${HIFUSE_TESTS:-1}" = 0 ]; then
+  step "tests skipped: HIFUSE_TESTS=0"
+else
+  step "tests ($workers workers)"
+  junit tests
+  run timeout "${HIFUSE_TEST_TIMEOUT:-300}" python -m pytest tests -q -p no:cacheprovider -rs -n "$workers" \
+    -m "not native_errors" -k "not past_2_31" "${jx[@]}"
+  step "tests: past 2**31 elements"
+  junit tests_large
+  run timeout 150 python -m pytest tests -q -p no:cacheprovider -rs -k past_2_31 "${jx[@]}"
+  # C++ error paths in a process of their own, so a crash there cannot hide other results.
+  step "tests: native error paths"
+  junit tests_native_errors
+  python -m pytest tests -q -p no:cacheprovider -m native_errors "${jx[@]}" 2>&1 | tee -a "$log"
+  if [ "${PIPESTATUS[0]}" != 0 ]; then
+    status=1
+    if command -v gdb >/dev/null; then  # a crash here has been seen on one GPU machine: get a native stack
+      step "native error paths under gdb"
+      gdb -q -batch -ex run -ex bt --args python -m pytest tests -q -p no:cacheprovider -m native_errors -x 2>&1 \
+        | tail -60 | tee -a "$log"
+    fi
   fi
 fi
 
