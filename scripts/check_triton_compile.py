@@ -44,16 +44,35 @@ FLOATS = {"scale", "eps"}
 # programs (or one of 16 warps); at 134, one 8-warp program. More than this fails.
 MEMORY_BOUND_REGS = 128
 COMPUTE_KERNELS = {"window_attention"}
-# Variants that still spill, with the spill-store bytes measured (sm_90a, triton 3.8), keyed by
-# (kernel, dtype, head dim, shifted): a check fails when one of them spills more, or any other
-# variant spills at all. Only fp32 variants (the CPU-testing dtype, whose IEEE dots need more
-# registers) are left.
+# Variants that still spill, with the spill-store bytes measured (sm_90a), per triton version
+# and keyed by (kernel, dtype, head dim, shifted): a check fails when one of them spills more, no
+# longer spills (take it off), or any other variant spills at all. Left: the fp32 window-attention
+# backward (the CPU-testing dtype, whose IEEE dots need more registers) and, under triton 3.6,
+# its bf16/fp16 backward at head dim 64 (HiFuse's heads are 32 wide). Under a triton not listed
+# here the largest figure of any version is allowed and a spill that has gone is not reported.
+_BWD = "window_attention._bwd_kernel"
 KNOWN_SPILLS = {
-    ("window_attention._bwd_kernel", "fp32", 32, True): 52,
-    ("window_attention._bwd_kernel", "fp32", 32, False): 60,
-    ("window_attention._bwd_kernel", "fp32", 64, True): 36,
-    ("window_attention._bwd_kernel", "fp32", 64, False): 80,
+    "3.8": {(_BWD, "fp32", 32, True): 52, (_BWD, "fp32", 32, False): 60, (_BWD, "fp32", 64, True): 36,
+            (_BWD, "fp32", 64, False): 80},
+    "3.6": {(_BWD, "fp32", 32, True): 64, (_BWD, "fp32", 32, False): 56, (_BWD, "fp32", 64, True): 184,
+            (_BWD, "fp32", 64, False): 144, (_BWD, "bf16", 64, True): 8, (_BWD, "fp16", 64, True): 8},
 }
+
+
+def known_spills() -> tuple[dict, bool]:
+    """(the known spills for the installed triton, whether that version is listed)."""
+    import triton
+
+    version = ".".join(triton.__version__.split(".")[:2])
+    if version in KNOWN_SPILLS:
+        return KNOWN_SPILLS[version], True
+    merged: dict = {}
+    for spills in KNOWN_SPILLS.values():
+        for key, n in spills.items():
+            merged[key] = max(merged.get(key, 0), n)
+    return merged, False
+
+
 DTYPES = {"fp32": "fp32", "bf16": "bf16", "fp16": "fp16"}
 
 
@@ -184,10 +203,11 @@ def compile_case(job: tuple[int, str, int]) -> tuple[bool, str]:
     usage = (f"{use['regs']:3d} regs, {use['spill_stores']}/{use['spill_loads']} B spilled (stores/loads), "
              f"{use['stack']} B stack, {compiled.metadata.shared} B shared, {compiled.metadata.num_warps} warps")
     problems = []
-    known = KNOWN_SPILLS.get((f"{module}.{kernel.fn.__name__}", dtype, constexprs.get("D"), constexprs.get("SHIFTED")), 0)
+    spills, listed = known_spills()
+    known = spills.get((f"{module}.{kernel.fn.__name__}", dtype, constexprs.get("D"), constexprs.get("SHIFTED")), 0)
     if use["spill_stores"] > known or (use["spill_loads"] and not known):
         problems.append("spills registers to local memory" + (f" (more than the known {known} B)" if known else ""))
-    elif known and not use["spill_stores"]:
+    elif known and listed and not use["spill_stores"]:
         problems.append("no longer spills: take it out of KNOWN_SPILLS")
     if module not in COMPUTE_KERNELS and use["regs"] > MEMORY_BOUND_REGS:
         problems.append(f"memory-bound kernel over {MEMORY_BOUND_REGS} registers")
@@ -204,6 +224,10 @@ def main() -> int:
     args = parser.parse_args()
     jobs = [(args.arch, dtype, i) for dtype in args.dtypes.split(",") for i, case in enumerate(cases(dtype))
             if args.only is None or case[0].fn.__module__.endswith("." + args.only)]
+    import triton
+
+    if not known_spills()[1]:
+        print(f"triton {triton.__version__} has no known-spill list: the largest of {sorted(KNOWN_SPILLS)} apply")
     failures = 0
     with ProcessPoolExecutor(max(1, args.jobs)) as pool:
         for passed, line in pool.map(compile_case, jobs):
