@@ -295,7 +295,9 @@ TORCH_LIBRARY_FRAGMENT(hifuse, m) {
       "layer_norm_cf_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor mean, Tensor rstd)"
       " -> (Tensor, Tensor, Tensor)");
   m.def(
-      "layer_norm_cat(Tensor[] parts, Tensor weight, Tensor bias, float eps, ScalarType? out_dtype=None)"
+      // out_dtype is required: an optional argument left None breaks torch 2.11's autograd of
+      // ops with a Tensor[] input
+      "layer_norm_cat(Tensor[] parts, Tensor weight, Tensor bias, float eps, ScalarType out_dtype)"
       " -> (Tensor, Tensor, Tensor)");
   m.def(
       "layer_norm_cat_backward(Tensor grad_out, Tensor[] parts, Tensor weight, Tensor mean, Tensor rstd)"

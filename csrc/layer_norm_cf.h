@@ -63,14 +63,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_cf_backward_op(
 template <CatForward Impl>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_cat_op(at::TensorList parts, const at::Tensor& weight,
                                                                  const at::Tensor& bias, double eps,
-                                                                 std::optional<at::ScalarType> out_dtype) {
-  auto out = layer_norm_check("hifuse::layer_norm_cat", parts, weight, bias);
-  if (out_dtype.has_value()) {
-    TORCH_CHECK(*out_dtype == parts[0].scalar_type() || *out_dtype == at::kFloat,
-                "hifuse::layer_norm_cat: out_dtype must be the inputs' dtype or float32, got ", *out_dtype);
-    out = *out_dtype;
-  }
-  return Impl(as_cat(parts), out, weight, bias, eps);
+                                                                 at::ScalarType out_dtype) {
+  layer_norm_check("hifuse::layer_norm_cat", parts, weight, bias);
+  TORCH_CHECK(out_dtype == parts[0].scalar_type() || out_dtype == at::kFloat,
+              "hifuse::layer_norm_cat: out_dtype must be the inputs' dtype or float32, got ", out_dtype);
+  return Impl(as_cat(parts), out_dtype, weight, bias, eps);
 }
 
 template <CatBackward Impl>

@@ -69,11 +69,15 @@ def _format(parts) -> torch.memory_format:
     return torch.channels_last if cl else torch.contiguous_format
 
 
-def _fake_forward(parts, weight, bias, eps, out_dtype=None):
+def out_dtype_of(parts, weight, out_dtype: torch.dtype | None) -> torch.dtype:
+    """The op's out_dtype argument: the eager formula's promote(parts, weight) when None."""
+    return torch.promote_types(parts[0].dtype, weight.dtype) if out_dtype is None else out_dtype
+
+
+def _fake_forward(parts, weight, bias, eps, out_dtype):
     first = parts[0]
     shape = (first.shape[0], sum(t.shape[1] for t in parts), first.shape[2], first.shape[3])
-    dtype = torch.promote_types(first.dtype, weight.dtype) if out_dtype is None else out_dtype
-    out = first.new_empty(shape, dtype=dtype).contiguous(
+    out = first.new_empty(shape, dtype=out_dtype).contiguous(
         memory_format=_format(parts)
     )
     stat = first.new_empty((first.shape[0], first.shape[2], first.shape[3]), dtype=_ext.stat_dtype(first))
@@ -136,5 +140,6 @@ def layer_norm_cat(
             raise problem[0](f"layer_norm_cat: {problem[1]}")
         if out_dtype is not None and out_dtype not in (parts[0].dtype, torch.float32):
             raise TypeError(f"layer_norm_cat: out_dtype must be the parts' dtype or float32, got {out_dtype}")
-    out, _mean, _rstd = torch.ops.hifuse.layer_norm_cat(list(parts), weight, bias, float(eps), out_dtype)
+    out, _mean, _rstd = torch.ops.hifuse.layer_norm_cat(list(parts), weight, bias, float(eps),
+                                                        out_dtype_of(parts, weight, out_dtype))
     return out

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from . import batch_norm_act as bna  # noqa: F401 - registers hifuse::batch_norm_act
 from . import dwconv_layer_norm as dln  # noqa: F401 - registers hifuse::dwconv_layer_norm
 from . import gated_layer_norm as gln
-from . import layer_norm_cat as lnc  # noqa: F401 - registers hifuse::layer_norm_cat
+from . import layer_norm_cat as lnc
 
 __all__ = ["BatchNormApply", "DwconvLayerNorm", "GatedLayerNorm", "GatedLayerNormRows", "Gelu", "LayerNormCat",
            "LinearBatchNorm", "conv2d", "gated_layer_norm", "gated_layer_norm_source", "linear", "linear_batch_norm",
@@ -89,7 +89,8 @@ class LayerNormCat:
     @staticmethod
     def make(*args):
         parts, (weight, bias, eps, out_dtype) = list(args[:-4]), args[-4:]
-        out, mean, rstd = torch.ops.hifuse.layer_norm_cat(parts, weight, bias, eps, out_dtype)
+        out, mean, rstd = torch.ops.hifuse.layer_norm_cat(parts, weight, bias, eps,
+                                                          lnc.out_dtype_of(parts, weight, out_dtype))
         return out.permute(0, 2, 3, 1), (mean, rstd)
 
     @staticmethod

@@ -107,9 +107,9 @@ def test_expanded_gradient_and_determinism():
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_opcheck(fmt):
     parts, w, b = _inputs((2, 3, 5), (8, 4, 6), torch.float32, [fmt] * 3)
-    opcheck(torch.ops.hifuse.layer_norm_cat.default, (parts, w, b, 1e-6))
+    opcheck(torch.ops.hifuse.layer_norm_cat.default, (parts, w, b, 1e-6, torch.float32))
     parts = [t.detach() for t in parts]
-    mean_rstd = torch.ops.hifuse.layer_norm_cat(parts, w.detach(), b.detach(), 1e-6)[1:]
+    mean_rstd = torch.ops.hifuse.layer_norm_cat(parts, w.detach(), b.detach(), 1e-6, torch.float32)[1:]
     opcheck(torch.ops.hifuse.layer_norm_cat_backward.default, (torch.randn(2, 18, 3, 5), parts, w.detach(), *mean_rstd),
             test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
 
@@ -154,9 +154,11 @@ def test_raw_op_checks(device):
     x = torch.randn(2, 4, 3, 3, device=device)
     ones = lambda n: torch.ones(n, device=device)  # noqa: E731
     with pytest.raises(RuntimeError, match="share N, H and W"):
-        op([x, x[:, :, :2]], ones(8), 0 * ones(8), 1e-6)
+        op([x, x[:, :, :2]], ones(8), 0 * ones(8), 1e-6, torch.float32)
     with pytest.raises(RuntimeError, match="C = 8"):
-        op([x, x], ones(4), 0 * ones(4), 1e-6)
+        op([x, x], ones(4), 0 * ones(4), 1e-6, torch.float32)
+    with pytest.raises(RuntimeError, match="out_dtype must be the inputs' dtype or float32"):
+        op([x, x], ones(8), 0 * ones(8), 1e-6, torch.float16)
 
 
 @pytest.mark.gpu
@@ -179,3 +181,18 @@ def test_matches_reference_cuda(nhw, widths, dtype):
         err = (a.double() - r).abs().max().item()
         pt_err = (p.double() - r).abs().max().item()
         assert err <= 2 * pt_err + 1e-5 * max(1.0, r.abs().max().item()), f"output {k}: {err:.3g} vs eager {pt_err:.3g}"
+
+
+def test_no_optional_argument_beside_a_tensor_list():
+    """An optional argument left None in an op that takes a Tensor[] breaks the op's autograd
+    under torch 2.11 (the backward's structure no longer matches the inputs'): such ops take
+    every argument explicitly."""
+    if not hifuse_kernels.native_available():
+        pytest.skip(hifuse_kernels.native_load_error())
+    schemas = [s for s in torch._C._jit_get_all_schemas() if s.name.startswith("hifuse::")]
+    assert any(s.name == "hifuse::layer_norm_cat" for s in schemas)
+    for schema in schemas:
+        types = [str(a.type) for a in schema.arguments]
+        if "List[Tensor]" in types or "Tensor[]" in types:
+            optional = [a.name for a in schema.arguments if str(a.type).endswith("?") or "Optional" in str(a.type)]
+            assert not optional, (schema, optional)
