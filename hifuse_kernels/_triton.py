@@ -31,6 +31,13 @@ def define_op(name: str, *, mutates_args=()):
     return define(name, mutates_args=mutates_args)
 
 
+def wrap_triton(kernel):
+    """``torch.library.wrap_triton(kernel)``, or the kernel itself under the interpreter, where
+    the ops are plain custom ops that nothing traces into (torch before 2.13 refuses the
+    interpreter's kernels)."""
+    return kernel if interpreting() else torch.library.wrap_triton(kernel)
+
+
 def unsupported_reason(*tensors: torch.Tensor) -> str | None:
     """Why a Triton kernel cannot take these tensors, or None when it can."""
     if triton is None:

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.library import wrap_triton
 
 from . import _triton
 from ._features import nhwc
@@ -216,7 +215,7 @@ def _stats_op(y: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Ten
     grid = _grid(m, c)
     mean_part = torch.empty((grid[0], c), device=y.device, dtype=torch.float32)
     m2_part = torch.empty_like(mean_part)
-    wrap_triton(_stats_kernel)[grid](
+    _triton.wrap_triton(_stats_kernel)[grid](
         y, y if residual is None else residual, mean_part, m2_part, m, c,
         PROLOGUE=residual is not None, BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C, num_warps=WARPS,
     )
@@ -244,12 +243,12 @@ def _apply_op(
     if pool:
         q = _pooled_rows(m, height, width)
         out = torch.empty((q, c), device=y.device, dtype=_out_dtype(y, residual, out_dtype))
-        wrap_triton(_apply_pool_kernel)[_grid(q, c, POOL_BLOCK_M)](
+        _triton.wrap_triton(_apply_pool_kernel)[_grid(q, c, POOL_BLOCK_M)](
             y, r, mean, invstd, weight, bias, out, q, c, height, width, **{**flags, "BLOCK_M": POOL_BLOCK_M}
         )
         return out
     out = torch.empty((m, c), device=y.device, dtype=_out_dtype(y, residual, out_dtype))
-    wrap_triton(_apply_kernel)[_grid(m, c)](y, r, mean, invstd, weight, bias, out, m, c, **flags)
+    _triton.wrap_triton(_apply_kernel)[_grid(m, c)](y, r, mean, invstd, weight, bias, out, m, c, **flags)
     return out
 
 
@@ -265,13 +264,13 @@ def _backward_op(
     sum_dzxh_part = torch.empty_like(sum_dz_part)
     r = y if residual is None else residual
     flags = dict(PROLOGUE=residual is not None, ACT=act, POOL=pool, BLOCK_M=BWD_BLOCK_M, BLOCK_C=BLOCK_C, num_warps=WARPS)
-    wrap_triton(_bwd_reduce_kernel)[grid](
+    _triton.wrap_triton(_bwd_reduce_kernel)[grid](
         grad, y, r, mean, invstd, weight, bias, sum_dz_part, sum_dzxh_part, m, c, height, width, **flags
     )
     sum_dz, sum_dzxh = sum_dz_part.sum(0), sum_dzxh_part.sum(0)
     dy = torch.empty_like(y)
     dr = torch.empty_like(r) if residual is not None else torch.empty(0, device=y.device, dtype=y.dtype)
-    wrap_triton(_bwd_apply_kernel)[grid](
+    _triton.wrap_triton(_bwd_apply_kernel)[grid](
         grad, y, r, mean, invstd, weight, bias, sum_dz, sum_dzxh, dy, dr, m, c, height, width, **flags
     )
     return dy, dr, sum_dzxh.to(weight.dtype), sum_dz.to(bias.dtype)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.library import wrap_triton
 
 from . import _triton
 from ._features import (
@@ -99,7 +98,7 @@ def _channel_pool_op(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch
     f32 = dict(device=g.device, dtype=torch.float32)
     part_sum, part_max = torch.empty((n, chunks, c), **f32), torch.empty((n, chunks, c), **f32)
     part_arg = torch.empty((n, chunks, c), device=g.device, dtype=torch.int32)
-    wrap_triton(_channel_pool_kernel)[(n, triton.cdiv(c, block_c), chunks)](
+    _triton.wrap_triton(_channel_pool_kernel)[(n, triton.cdiv(c, block_c), chunks)](
         g, part_sum, part_max, part_arg, s, c, chunk, BLOCK_S=BLOCK_S, BLOCK_C=block_c
     )
     best = part_max.amax(1)
@@ -117,7 +116,7 @@ def _channel_pool_backward_op(
     n, s, c = g.shape
     dg = torch.empty_like(g)
     block_c = min(64, _triton.block_channels(c))
-    wrap_triton(_channel_pool_bwd_kernel)[(n, triton.cdiv(s, BLOCK_S), triton.cdiv(c, block_c))](
+    _triton.wrap_triton(_channel_pool_bwd_kernel)[(n, triton.cdiv(s, BLOCK_S), triton.cdiv(c, block_c))](
         d_avg, d_max, arg, dg, s, c, BLOCK_S=BLOCK_S, BLOCK_C=block_c
     )
     return dg

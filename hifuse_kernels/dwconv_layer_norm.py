@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.library import wrap_triton
 
 from . import _triton
 from ._triton import tl, triton
@@ -166,7 +165,7 @@ def _fwd_op(
     out = torch.empty_like(x, dtype=out_dtype)
     mean = torch.empty(n, h, w, device=x.device, dtype=torch.float32)
     rstd = torch.empty_like(mean)
-    wrap_triton(_fwd_kernel)[_grid(x)](
+    _triton.wrap_triton(_fwd_kernel)[_grid(x)](
         x, conv_weight, conv_bias, ln_weight, ln_bias, out, mean, rstd, h, w, c, eps,
         BLOCK_P=_block_p(c), BLOCK_C=_triton.block_channels(c), num_warps=_warps(c),
     )
@@ -184,13 +183,13 @@ def _bwd_op(
     f32 = dict(device=x.device, dtype=torch.float32)
     dy = torch.empty(n, h, w, c, **f32)
     part_lw, part_lb = torch.empty(progs, c, **f32), torch.empty(progs, c, **f32)
-    wrap_triton(_bwd_norm_kernel)[grid](
+    _triton.wrap_triton(_bwd_norm_kernel)[grid](
         x, conv_weight, conv_bias, ln_weight, grad, mean, rstd, dy, part_lw, part_lb, h, w, c,
         BLOCK_P=_block_p(c), BLOCK_C=_triton.block_channels(c), num_warps=_warps(c),
     )
     dx = torch.empty_like(x)
     part_cw, part_cb = torch.empty(progs, 9, c, **f32), torch.empty(progs, c, **f32)
-    wrap_triton(_bwd_conv_kernel)[grid](
+    _triton.wrap_triton(_bwd_conv_kernel)[grid](
         x, conv_weight, dy, dx, part_cw, part_cb, h, w, c, BLOCK_P=_block_p(c), BLOCK_C=_triton.block_channels(c),
         num_warps=_warps(c),
     )

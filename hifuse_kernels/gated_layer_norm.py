@@ -14,7 +14,6 @@ Layers: reference, kernels, registered ops, autograd, functional entry point.
 from __future__ import annotations
 
 import torch
-from torch.library import wrap_triton
 
 from . import _triton
 from ._features import (
@@ -148,7 +147,7 @@ def _gated_ln_op(
     mean = torch.empty((n, s), device=g.device, dtype=torch.float32)
     rstd = torch.empty_like(mean)
     rows = _triton.rows_per_program(c, 3)
-    wrap_triton(_gated_ln_kernel)[(n, triton.cdiv(s, rows))](
+    _triton.wrap_triton(_gated_ln_kernel)[(n, triton.cdiv(s, rows))](
         g, channel_gate, l, spatial_gate, x, weight, bias, out, mean, rstd, s, c, eps,
         BLOCK_P=rows, **_triton.row_tile(c, rows),
     )
@@ -169,7 +168,7 @@ def _gated_ln_backward_op(
     dsg = torch.empty((n, s), **f32)
     part_cg = torch.empty((n, blocks, c), **f32)
     part_w, part_b = torch.empty((n * blocks, 3 * c), **f32), torch.empty((n * blocks, 3 * c), **f32)
-    wrap_triton(_gated_ln_bwd_kernel)[(n, blocks)](
+    _triton.wrap_triton(_gated_ln_bwd_kernel)[(n, blocks)](
         grad, g, channel_gate, l, spatial_gate, x, weight, mean, rstd, dg, dl, dsg, dx,
         part_cg, part_w, part_b, s, c, BLOCK_P=rows, **_triton.row_tile(c, rows),
     )

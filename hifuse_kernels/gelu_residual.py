@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.library import wrap_triton
 
 from . import _triton
 from ._triton import tl, triton
@@ -56,7 +55,7 @@ if triton is not None:
 def _gelu_residual_op(y: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
     out = torch.empty(y.shape, device=y.device, dtype=torch.promote_types(y.dtype, shortcut.dtype))
     n = y.numel()
-    wrap_triton(_fwd_kernel)[(triton.cdiv(n, BLOCK),)](y, shortcut, out, n, BLOCK=BLOCK)
+    _triton.wrap_triton(_fwd_kernel)[(triton.cdiv(n, BLOCK),)](y, shortcut, out, n, BLOCK=BLOCK)
     return out
 
 
@@ -64,7 +63,7 @@ def _gelu_residual_op(y: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
 def _gelu_backward_op(grad: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     dy = torch.empty_like(y)
     n = y.numel()
-    wrap_triton(_bwd_kernel)[(triton.cdiv(n, BLOCK),)](grad, y, dy, n, BLOCK=BLOCK)
+    _triton.wrap_triton(_bwd_kernel)[(triton.cdiv(n, BLOCK),)](grad, y, dy, n, BLOCK=BLOCK)
     return dy
 
 

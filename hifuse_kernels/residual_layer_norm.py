@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.library import wrap_triton
 
 from . import _triton
 from ._triton import tl, triton
@@ -118,7 +117,7 @@ def _fwd_op(
     mean = torch.empty((m,), device=shortcut.device, dtype=torch.float32)
     rstd = torch.empty_like(mean)
     block_m = _triton.rows_per_program(c)
-    wrap_triton(_fwd_kernel)[(triton.cdiv(m, block_m),)](
+    _triton.wrap_triton(_fwd_kernel)[(triton.cdiv(m, block_m),)](
         y if prologue else shortcut, shortcut, weight, bias, out, normed, mean, rstd, m, c, eps,
         PROLOGUE=prologue, BLOCK_M=block_m, **_triton.row_tile(c, block_m),
     )
@@ -138,7 +137,7 @@ def _bwd_op(
     dy = torch.empty_like(y) if prologue else _empty(shortcut)
     part_w = torch.empty((programs, c), device=shortcut.device, dtype=torch.float32)
     part_b = torch.empty_like(part_w)
-    wrap_triton(_bwd_kernel)[(programs,)](
+    _triton.wrap_triton(_bwd_kernel)[(programs,)](
         grad_normed if grad_out is None else grad_out, grad_normed, y if prologue else shortcut, shortcut, weight,
         mean, rstd, dy, ds, part_w, part_b, m, c,
         PROLOGUE=prologue, HAS_DOUT=grad_out is not None, BLOCK_M=block_m, **_triton.row_tile(c, block_m),

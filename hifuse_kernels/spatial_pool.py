@@ -11,7 +11,6 @@ Layers: reference, kernels, registered ops, autograd, functional entry point.
 from __future__ import annotations
 
 import torch
-from torch.library import wrap_triton
 
 from . import _triton
 from ._features import (
@@ -83,7 +82,7 @@ def _spatial_pool_op(l: torch.Tensor) -> torch.Tensor:
     n, s, c = l.shape
     out = l.new_empty((n, 2, s))
     rows = _triton.rows_per_program(c, 1)
-    wrap_triton(_spatial_pool_kernel)[(triton.cdiv(n * s, rows),)](
+    _triton.wrap_triton(_spatial_pool_kernel)[(triton.cdiv(n * s, rows),)](
         l, out, n * s, s, c, BLOCK_P=rows, **_triton.row_tile(c, rows)
     )
     return out
@@ -94,7 +93,7 @@ def _spatial_pool_backward_op(d_out: torch.Tensor, l: torch.Tensor) -> torch.Ten
     n, s, c = l.shape
     dl = torch.empty_like(l)
     rows = _triton.rows_per_program(c, 1)
-    wrap_triton(_spatial_pool_bwd_kernel)[(triton.cdiv(n * s, rows),)](
+    _triton.wrap_triton(_spatial_pool_bwd_kernel)[(triton.cdiv(n * s, rows),)](
         l, d_out, dl, n * s, s, c, BLOCK_P=rows, **_triton.row_tile(c, rows)
     )
     return dl

@@ -32,7 +32,6 @@ import functools
 
 import torch
 import torch.nn.functional as F
-from torch.library import wrap_triton
 
 from . import _triton
 from ._triton import tl, triton
@@ -355,7 +354,7 @@ def _window_attention_op(
     out = qkv.new_empty(g["b"], g["h"], g["w"], g["c"])
     lse = torch.empty(g["b"] * g["n_win"], num_heads, g["bn"], device=qkv.device, dtype=torch.float32)
     grid = (g["b"] * g["n_win"], num_heads)
-    wrap_triton(_fwd_kernel)[grid](
+    _triton.wrap_triton(_fwd_kernel)[grid](
         qkv, qkv_bias, _dense_bias(table, window, g["bn"]), out, lse,
         g["h"], g["w"], g["hp"], g["wp"], g["n_win_w"], g["n_win"], g["c"], num_heads, shift,
         g["d"] ** -0.5,
@@ -379,7 +378,7 @@ def _window_attention_backward_op(
     progs = -(-n_total // per_prog)
     ds_part = torch.empty(progs, num_heads, g["bn"], g["bn"], device=qkv.device, dtype=torch.float32)
     dbias_part = torch.empty(progs, num_heads, 3, g["bd"], device=qkv.device, dtype=torch.float32)
-    wrap_triton(_bwd_kernel)[(progs, num_heads)](
+    _triton.wrap_triton(_bwd_kernel)[(progs, num_heads)](
         qkv, qkv_bias, _dense_bias(table, window, g["bn"]), out, grad_out, lse, dqkv, dbias_part, ds_part,
         g["h"], g["w"], g["hp"], g["wp"], g["n_win_w"], g["n_win"], n_total, per_prog, g["c"], num_heads,
         shift, g["d"] ** -0.5,
