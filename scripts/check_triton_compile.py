@@ -24,6 +24,7 @@ from concurrent.futures import ProcessPoolExecutor
 if os.environ.get("TRITON_INTERPRET") == "1":
     sys.exit("unset TRITON_INTERPRET: interpreted kernels cannot be compiled")
 
+import triton  # noqa: E402
 from triton import compile as triton_compile  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
@@ -61,8 +62,6 @@ KNOWN_SPILLS = {
 
 def known_spills() -> tuple[dict, bool]:
     """(the known spills for the installed triton, whether that version is listed)."""
-    import triton
-
     version = ".".join(triton.__version__.split(".")[:2])
     if version in KNOWN_SPILLS:
         return KNOWN_SPILLS[version], True
@@ -72,6 +71,8 @@ def known_spills() -> tuple[dict, bool]:
             merged[key] = max(merged.get(key, 0), n)
     return merged, False
 
+
+SPILLS, SPILLS_LISTED = known_spills()
 
 DTYPES = {"fp32": "fp32", "bf16": "bf16", "fp16": "fp16"}
 
@@ -203,11 +204,10 @@ def compile_case(job: tuple[int, str, int]) -> tuple[bool, str]:
     usage = (f"{use['regs']:3d} regs, {use['spill_stores']}/{use['spill_loads']} B spilled (stores/loads), "
              f"{use['stack']} B stack, {compiled.metadata.shared} B shared, {compiled.metadata.num_warps} warps")
     problems = []
-    spills, listed = known_spills()
-    known = spills.get((f"{module}.{kernel.fn.__name__}", dtype, constexprs.get("D"), constexprs.get("SHIFTED")), 0)
+    known = SPILLS.get((f"{module}.{kernel.fn.__name__}", dtype, constexprs.get("D"), constexprs.get("SHIFTED")), 0)
     if use["spill_stores"] > known or (use["spill_loads"] and not known):
         problems.append("spills registers to local memory" + (f" (more than the known {known} B)" if known else ""))
-    elif known and listed and not use["spill_stores"]:
+    elif known and SPILLS_LISTED and not use["spill_stores"]:
         problems.append("no longer spills: take it out of KNOWN_SPILLS")
     if module not in COMPUTE_KERNELS and use["regs"] > MEMORY_BOUND_REGS:
         problems.append(f"memory-bound kernel over {MEMORY_BOUND_REGS} registers")
@@ -224,9 +224,7 @@ def main() -> int:
     args = parser.parse_args()
     jobs = [(args.arch, dtype, i) for dtype in args.dtypes.split(",") for i, case in enumerate(cases(dtype))
             if args.only is None or case[0].fn.__module__.endswith("." + args.only)]
-    import triton
-
-    if not known_spills()[1]:
+    if not SPILLS_LISTED:
         print(f"triton {triton.__version__} has no known-spill list: the largest of {sorted(KNOWN_SPILLS)} apply")
     failures = 0
     with ProcessPoolExecutor(max(1, args.jobs)) as pool:
