@@ -7,6 +7,7 @@ kernel modules define their kernels only when it is not.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -49,6 +50,39 @@ def unsupported_reason(*tensors: torch.Tensor) -> str | None:
     if not devices <= allowed:
         hint = "" if interpreting() else " (set TRITON_INTERPRET=1 to run them on CPU tensors)"
         return f"Triton kernels need CUDA tensors{hint}; got {', '.join(sorted(devices))}"
+    if "cpu" in devices:
+        return interpreter_problem()
+    return None
+
+
+if triton is not None:
+
+    @triton.jit
+    def _loop_probe_kernel(OUT, N):
+        total = 0
+        for _ in range(0, N):
+            total += 1
+        tl.store(OUT, total)
+
+
+@functools.cache
+def interpreter_problem() -> str | None:
+    """Why the Triton interpreter cannot run our kernels here, or None. The interpreter of
+    triton 3.6 turns a loop bound taken from a kernel argument into a Python int in a way
+    numpy 2.4 refuses ('only 0-dimensional arrays can be converted to Python scalars'); a
+    one-line kernel finds out."""
+    if triton is None or not interpreting():
+        return None
+    out = torch.zeros(1, dtype=torch.int32)
+    try:
+        _loop_probe_kernel[(1,)](out, 3)
+    except Exception as err:  # noqa: BLE001 - any failure means the kernels cannot run
+        import numpy
+
+        return (f"the Triton interpreter of triton {triton.__version__} fails with numpy {numpy.__version__} "
+                f"({type(err).__name__}: {err}); install numpy<2.4 or a newer triton")
+    if out.item() != 3:
+        return f"the Triton interpreter of triton {triton.__version__} runs loops wrongly here"
     return None
 
 

@@ -46,3 +46,10 @@ def pytest_collection_modifyitems(config, items):
 # in true fp32; the benchmarks keep PyTorch's defaults.
 torch.backends.cuda.matmul.allow_tf32 = False
 torch.backends.cudnn.allow_tf32 = False
+
+
+def pytest_report_header(config):
+    from hifuse_kernels import _triton
+
+    problem = _triton.interpreter_problem()
+    return f"hifuse: the Triton kernels cannot run: {problem}" if problem else None
