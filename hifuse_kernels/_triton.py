@@ -7,7 +7,6 @@ kernel modules define their kernels only when it is not.
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -51,7 +50,7 @@ def unsupported_reason(*tensors: torch.Tensor) -> str | None:
         hint = "" if interpreting() else " (set TRITON_INTERPRET=1 to run them on CPU tensors)"
         return f"Triton kernels need CUDA tensors{hint}; got {', '.join(sorted(devices))}"
     if "cpu" in devices:
-        return interpreter_problem()
+        return INTERPRETER_PROBLEM
     return None
 
 
@@ -65,7 +64,6 @@ if triton is not None:
         tl.store(OUT, total)
 
 
-@functools.cache
 def interpreter_problem() -> str | None:
     """Why the Triton interpreter cannot run our kernels here, or None. The interpreter of
     triton 3.6 turns a loop bound taken from a kernel argument into a Python int in a way
@@ -84,6 +82,10 @@ def interpreter_problem() -> str | None:
     if out.item() != 3:
         return f"the Triton interpreter of triton {triton.__version__} runs loops wrongly here"
     return None
+
+
+# Found once, at import (kernels are defined then too): compiled graphs read a constant.
+INTERPRETER_PROBLEM = interpreter_problem()
 
 
 def next_power_of_2(n: int) -> int:

@@ -51,5 +51,5 @@ torch.backends.cudnn.allow_tf32 = False
 def pytest_report_header(config):
     from hifuse_kernels import _triton
 
-    problem = _triton.interpreter_problem()
+    problem = _triton.INTERPRETER_PROBLEM
     return f"hifuse: the Triton kernels cannot run: {problem}" if problem else None
