@@ -151,7 +151,8 @@ def test_triton_capability(monkeypatch):
     assert reason is not None and ("TRITON_INTERPRET=1" in reason or "not installed" in reason)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     reason = _triton.unsupported_reason(cpu)
-    assert reason is None or "not installed" in reason
+    # INTERPRETER_PROBLEM: an interpreter that cannot run the kernels here, found at import
+    assert reason is None or "not installed" in reason or reason == _triton.INTERPRETER_PROBLEM
 
 
 def test_fused_and_eager_flops_agree():

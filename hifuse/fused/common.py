@@ -31,12 +31,15 @@ def derived(module: nn.Module, name: str, sources: tuple[torch.Tensor, ...], com
     """
     if needs_grad(*sources):
         return compute()
-    store = module.__dict__.setdefault("_hifuse_derived", {})
-    cached = store.get(name)
     if torch.compiler.is_compiling():
+        # read only: Dynamo before torch 2.13 cannot trace __dict__.setdefault
+        store = getattr(module, "_hifuse_derived", None)
+        cached = None if store is None else store.get(name)
         if cached is not None:
             return cached[1]
         return _compute(sources, compute)
+    store = module.__dict__.setdefault("_hifuse_derived", {})
+    cached = store.get(name)
     key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in sources)
     if cached is None or cached[0] != key:
         store[name] = cached = (key, _compute(sources, compute))
