@@ -72,6 +72,9 @@ def test_fused_model_compiles_with_inductor():
     zero but for rounding."""
     if not hifuse_kernels.native_available():
         pytest.skip("native extension not built")
+    reason = hifuse_kernels.triton_unsupported_reason(torch.zeros(1))
+    if reason is not None:  # the model would run eager: no hifuse op to find in the graph
+        pytest.skip(reason)
     from torch._inductor.compile_fx import compile_fx
 
     narrow = {"dims": (32, 64, 128, 256), "num_heads": (2, 4, 8, 16)}
