@@ -64,7 +64,7 @@ if triton is not None:
         tl.store(OUT, total)
 
 
-def interpreter_problem() -> str | None:
+def _interpreter_problem() -> str | None:
     """Why the Triton interpreter cannot run our kernels here, or None. The interpreter of
     triton 3.6 turns a loop bound taken from a kernel argument into a Python int in a way
     numpy 2.4 refuses ('only 0-dimensional arrays can be converted to Python scalars'); a
@@ -85,7 +85,7 @@ def interpreter_problem() -> str | None:
 
 
 # Found once, at import (kernels are defined then too): compiled graphs read a constant.
-INTERPRETER_PROBLEM = interpreter_problem()
+INTERPRETER_PROBLEM = _interpreter_problem()
 
 
 def next_power_of_2(n: int) -> int:
