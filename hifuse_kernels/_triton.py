@@ -93,6 +93,19 @@ def next_power_of_2(n: int) -> int:
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
 
+# CUDA's launch limits: past them a launch fails on the GPU only (the interpreter has none).
+GRID_LIMITS = (2**31 - 1, 65535, 65535)
+
+
+def grid(*dims: int) -> tuple[int, ...]:
+    """A launch grid, refused with a clear error on every device where CUDA would refuse it."""
+    for axis, (n, limit) in enumerate(zip(dims, GRID_LIMITS)):
+        if n > limit:
+            raise ValueError(f"launch grid {tuple(dims)} passes CUDA's limit of {limit} programs on axis "
+                             f"{'xyz'[axis]}: the tensor is too large for this kernel")
+    return tuple(dims)
+
+
 # Launch shapes of the row kernels (a program holds whole rows of C channels in registers).
 
 

@@ -199,7 +199,7 @@ if triton is not None:
 
 
 def _grid(m: int, c: int, block_m: int = BLOCK_M) -> tuple[int, int]:
-    return triton.cdiv(m, block_m), triton.cdiv(c, BLOCK_C)
+    return _triton.grid(triton.cdiv(m, block_m), triton.cdiv(c, BLOCK_C))
 
 
 def _out_dtype(y: torch.Tensor, residual: torch.Tensor | None, out_dtype: torch.dtype | None = None) -> torch.dtype:

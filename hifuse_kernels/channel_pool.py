@@ -72,9 +72,11 @@ if triton is not None:
 
     @triton.jit
     def _channel_pool_bwd_kernel(D_AVG, D_MAX, ARG, DG, S, C, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
-        n = tl.program_id(0).to(tl.int64)
-        s = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
-        c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+        # axis 0 holds N * position blocks (axis 1 caps at 65535 blocks on the GPU)
+        blocks = tl.cdiv(S, BLOCK_S)
+        n = (tl.program_id(0) // blocks).to(tl.int64)
+        s = tl.program_id(0) % blocks * BLOCK_S + tl.arange(0, BLOCK_S)
+        c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         cmask = c < C
         m = (s < S)[:, None] & cmask[None, :]
         d_avg = tl.load(D_AVG + n * C + c, mask=cmask, other=0.0).to(tl.float32)
@@ -98,7 +100,7 @@ def _channel_pool_op(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch
     f32 = dict(device=g.device, dtype=torch.float32)
     part_sum, part_max = torch.empty((n, chunks, c), **f32), torch.empty((n, chunks, c), **f32)
     part_arg = torch.empty((n, chunks, c), device=g.device, dtype=torch.int32)
-    _triton.wrap_triton(_channel_pool_kernel)[(n, triton.cdiv(c, block_c), chunks)](
+    _triton.wrap_triton(_channel_pool_kernel)[_triton.grid(n, triton.cdiv(c, block_c), chunks)](
         g, part_sum, part_max, part_arg, s, c, chunk, BLOCK_S=BLOCK_S, BLOCK_C=block_c
     )
     best = part_max.amax(1)
@@ -116,7 +118,8 @@ def _channel_pool_backward_op(
     n, s, c = g.shape
     dg = torch.empty_like(g)
     block_c = min(64, _triton.block_channels(c))
-    _triton.wrap_triton(_channel_pool_bwd_kernel)[(n, triton.cdiv(s, BLOCK_S), triton.cdiv(c, block_c))](
+    grid = _triton.grid(n * triton.cdiv(s, BLOCK_S), triton.cdiv(c, block_c))
+    _triton.wrap_triton(_channel_pool_bwd_kernel)[grid](
         d_avg, d_max, arg, dg, s, c, BLOCK_S=BLOCK_S, BLOCK_C=block_c
     )
     return dg

@@ -149,7 +149,7 @@ def _block_p(c: int) -> int:
 
 def _grid(x):
     n, h, w, c = x.shape
-    return (n * h, triton.cdiv(w, _block_p(c)))
+    return _triton.grid(n * h, triton.cdiv(w, _block_p(c)))
 
 
 def _warps(c):

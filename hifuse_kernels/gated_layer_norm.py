@@ -53,9 +53,11 @@ if triton is not None:
     @triton.jit
     def _gated_ln_kernel(G, CG, L, SG, X, W, B, OUT, MEAN, RSTD, S, C, eps,
                          BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-        # grid (N, position blocks): a program's rows all belong to image n
-        n = tl.program_id(0).to(tl.int64)
-        s = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+        # one axis of N * position blocks (a second axis caps an image at 65535 blocks on the
+        # GPU); a program's rows all belong to image n
+        blocks = tl.cdiv(S, BLOCK_P)
+        n = (tl.program_id(0) // blocks).to(tl.int64)
+        s = tl.program_id(0) % blocks * BLOCK_P + tl.arange(0, BLOCK_P)
         c = tl.arange(0, BLOCK_C)
         cmask = c < C
         smask = s < S
@@ -84,10 +86,10 @@ if triton is not None:
     def _gated_ln_bwd_kernel(GRAD, G, CG, L, SG, X, W, MEAN, RSTD, DG, DL, DSG, DX,
                              PART_CG, PART_W, PART_B, S, C,
                              BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-        n = tl.program_id(0).to(tl.int64)
-        blk = tl.program_id(1)
-        prog = n * tl.num_programs(1) + blk
-        s = blk * BLOCK_P + tl.arange(0, BLOCK_P)
+        prog = tl.program_id(0).to(tl.int64)  # grid as the forward's
+        blocks = tl.cdiv(S, BLOCK_P)
+        n = prog // blocks
+        s = (prog % blocks).to(tl.int32) * BLOCK_P + tl.arange(0, BLOCK_P)
         c = tl.arange(0, BLOCK_C)
         cmask = c < C
         smask = s < S
@@ -147,7 +149,7 @@ def _gated_ln_op(
     mean = torch.empty((n, s), device=g.device, dtype=torch.float32)
     rstd = torch.empty_like(mean)
     rows = _triton.rows_per_program(c, 3)
-    _triton.wrap_triton(_gated_ln_kernel)[(n, triton.cdiv(s, rows))](
+    _triton.wrap_triton(_gated_ln_kernel)[_triton.grid(n * triton.cdiv(s, rows))](
         g, channel_gate, l, spatial_gate, x, weight, bias, out, mean, rstd, s, c, eps,
         BLOCK_P=rows, **_triton.row_tile(c, rows),
     )
@@ -168,7 +170,7 @@ def _gated_ln_backward_op(
     dsg = torch.empty((n, s), **f32)
     part_cg = torch.empty((n, blocks, c), **f32)
     part_w, part_b = torch.empty((n * blocks, 3 * c), **f32), torch.empty((n * blocks, 3 * c), **f32)
-    _triton.wrap_triton(_gated_ln_bwd_kernel)[(n, blocks)](
+    _triton.wrap_triton(_gated_ln_bwd_kernel)[_triton.grid(n * blocks)](
         grad, g, channel_gate, l, spatial_gate, x, weight, mean, rstd, dg, dl, dsg, dx,
         part_cg, part_w, part_b, s, c, BLOCK_P=rows, **_triton.row_tile(c, rows),
     )

@@ -353,7 +353,7 @@ def _window_attention_op(
     g = _geometry(qkv, num_heads, window)
     out = qkv.new_empty(g["b"], g["h"], g["w"], g["c"])
     lse = torch.empty(g["b"] * g["n_win"], num_heads, g["bn"], device=qkv.device, dtype=torch.float32)
-    grid = (g["b"] * g["n_win"], num_heads)
+    grid = _triton.grid(g["b"] * g["n_win"], num_heads)
     _triton.wrap_triton(_fwd_kernel)[grid](
         qkv, qkv_bias, _dense_bias(table, window, g["bn"]), out, lse,
         g["h"], g["w"], g["hp"], g["wp"], g["n_win_w"], g["n_win"], g["c"], num_heads, shift,
@@ -378,7 +378,7 @@ def _window_attention_backward_op(
     progs = -(-n_total // per_prog)
     ds_part = torch.empty(progs, num_heads, g["bn"], g["bn"], device=qkv.device, dtype=torch.float32)
     dbias_part = torch.empty(progs, num_heads, 3, g["bd"], device=qkv.device, dtype=torch.float32)
-    _triton.wrap_triton(_bwd_kernel)[(progs, num_heads)](
+    _triton.wrap_triton(_bwd_kernel)[_triton.grid(progs, num_heads)](
         qkv, qkv_bias, _dense_bias(table, window, g["bn"]), out, grad_out, lse, dqkv, dbias_part, ds_part,
         g["h"], g["w"], g["hp"], g["wp"], g["n_win_w"], g["n_win"], n_total, per_prog, g["c"], num_heads,
         shift, g["d"] ** -0.5,

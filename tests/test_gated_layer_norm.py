@@ -10,9 +10,10 @@ from helpers import (
     triton_device_or_skip,
 )
 
-from hifuse_kernels.channel_pool import channel_pool
+from hifuse_kernels import _triton
+from hifuse_kernels.channel_pool import channel_pool, channel_pool_ref
 from hifuse_kernels.gated_layer_norm import gated_layer_norm, gated_layer_norm_ref
-from hifuse_kernels.spatial_pool import spatial_pool
+from hifuse_kernels.spatial_pool import spatial_pool, spatial_pool_ref
 
 pytestmark = triton_device_or_skip()
 SHAPES = FEATURE_SHAPES
@@ -76,6 +77,35 @@ def test_bad_input():
         channel_pool(torch.zeros(1, 1100, 1, 1, device=DEVICE))
     with pytest.raises(ValueError, match="4-D"):
         spatial_pool(g[0])
+
+
+def test_launch_grid_refuses_what_cuda_refuses():
+    assert _triton.grid(2**31 - 1, 65535, 65535) == (2**31 - 1, 65535, 65535)
+    with pytest.raises(ValueError, match="limit of 65535 programs on axis y"):
+        _triton.grid(1, 65536)
+    with pytest.raises(ValueError, match="axis x"):
+        _triton.grid(2**31)
+
+
+def test_gating_ops_launch_image_size_on_one_axis(monkeypatch):
+    # CUDA caps grid axes y and z at 65535 programs; position blocks on axis y failed on
+    # inputs past about 2900x2900 pixels. With y and z capped at the pooling's 8 chunks, the
+    # 27 position blocks of each image here must still launch.
+    monkeypatch.setattr(_triton, "GRID_LIMITS", (2**31 - 1, 8, 8))
+    inputs = gated_inputs_((2, 16, 20, 21))
+    grad = torch.randn(2, 48, 20, 21, device=DEVICE)
+    check = dict(rtol=1e-4, atol=1e-4)
+    got = torch.autograd.grad(gated_layer_norm(*inputs), inputs, grad)
+    want = torch.autograd.grad(gated_layer_norm_ref(*inputs), inputs, grad)
+    for k, (a, r) in enumerate(zip(got, want)):
+        torch.testing.assert_close(a, r, **check, msg=f"gated_layer_norm gradient {k}")
+    g, l = inputs[0], inputs[2]
+    for op, ref, x in ((channel_pool, channel_pool_ref, g), (spatial_pool, spatial_pool_ref, l)):
+        outs, refs = op(x), ref(x)
+        outs, refs = (outs, refs) if isinstance(outs, tuple) else ((outs,), (refs,))
+        grads = [torch.randn_like(r) for r in refs]
+        torch.testing.assert_close(outs, refs, **check)
+        torch.testing.assert_close(torch.autograd.grad(outs, x, grads), torch.autograd.grad(refs, x, grads), **check)
 
 
 def test_ops_compile_without_graph_breaks():

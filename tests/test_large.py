@@ -7,6 +7,9 @@ image (the one whose offsets pass 2**31) with the eager reference run on that im
 (every op here treats images independently, except the BatchNorm, whose reference runs on
 the whole batch). Backward is checked the same way, with the gradient zero except on the
 last image. Skipped where the GPU has too little free memory.
+
+One more test runs the gating ops on a single very large image, whose position blocks pass
+what one axis of a CUDA launch grid holds (65535).
 """
 
 from __future__ import annotations
@@ -125,6 +128,33 @@ def test_pools_past_2_31():
     torch.testing.assert_close(best[-1].float(), ref_best[0], rtol=0, atol=0)
     pooled = spatial_pool(t)
     torch.testing.assert_close(pooled[-1].float(), spatial_pool_ref(t[-1:].float())[0], **BF16)
+
+
+def test_gating_ops_on_a_large_image():
+    # stage 1 of a 6144x6144 image: more position blocks than a CUDA grid's axis y holds (65535)
+    side = 1536
+    _need(24)
+    g, l, x = (_randn(1, C, side, side, channels_last=True).requires_grad_() for _ in range(3))
+    cg = torch.rand(1, C, 1, 1, device="cuda", dtype=torch.bfloat16)
+    sg = torch.rand(1, 1, side, side, device="cuda", dtype=torch.bfloat16)
+    w, b = _small(3 * C), _small(3 * C)
+    out = gated_layer_norm(g, cg, l, sg, x, w, b, 1e-6)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (g, l, x), grad)
+    ref_in = [t.detach().float().requires_grad_() for t in (g, l, x)]
+    ref = gated_layer_norm_ref(ref_in[0], cg.float(), ref_in[1], sg.float(), ref_in[2], w, b, 1e-6)
+    want = torch.autograd.grad(ref, ref_in, grad.float())
+    torch.testing.assert_close(out.float(), ref.detach(), **BF16)
+    for a, r in zip(got, want):
+        torch.testing.assert_close(a.float(), r, **BF16)
+    del out, grad, got, ref, want
+    avg, best = channel_pool(g)
+    d_avg, d_max = torch.randn_like(avg), torch.randn_like(best)
+    dg = torch.autograd.grad((avg, best), g, (d_avg, d_max))[0]
+    ref_avg, ref_best = channel_pool_ref(ref_in[0])
+    want = torch.autograd.grad((ref_avg, ref_best), ref_in[0], (d_avg.float(), d_max.float()))[0]
+    torch.testing.assert_close(best.float(), ref_best.detach(), rtol=0, atol=0)
+    torch.testing.assert_close(dg.float(), want, **BF16)
 
 
 def test_batch_norm_act_past_2_31():
