@@ -52,10 +52,17 @@ def relative_position_index(window: int) -> torch.Tensor:
 _mask_cache: dict[tuple, torch.Tensor] = {}
 
 
+def capturing() -> bool:
+    """Whether a CUDA graph is being captured on the current stream: work is then recorded,
+    not run, so a tensor made now holds its values only once the graph replays."""
+    return torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
+
+
 def caching_allowed() -> bool:
     """Whether a tensor made now may go into a process-wide cache: not while tracing, nor under
-    a dispatch mode (fake tensors), whose tensors would be handed to later real calls."""
-    return not torch.compiler.is_compiling() and not is_in_torch_dispatch_mode()
+    a dispatch mode (fake tensors), whose tensors would be handed to later real calls, nor
+    while a CUDA graph is captured (the tensor would be empty until a replay)."""
+    return not torch.compiler.is_compiling() and not is_in_torch_dispatch_mode() and not capturing()
 
 
 def cached(fn, *key):

@@ -148,6 +148,29 @@ def test_cuda_graph_replays_fused_inference():
 
 
 @pytest.mark.gpu
+def test_cuda_graph_capture_caches_nothing():
+    """A weight-derived tensor that is stale when the capture starts is computed in the graph
+    (replays use the new weights) and never cached: it holds nothing until the first replay."""
+    model = _gpu_model().eval()
+    static_in = torch.randn(2, 3, 64, 64, device="cuda")
+    with hifuse.use_fused(), torch.inference_mode():
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                model(static_in)
+        torch.cuda.current_stream().wait_stream(side)
+        model.fu4.W3.bn.running_var.mul_(2)
+        stale = dict(model.fu4.W3._hifuse_derived)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = model(static_in)
+        assert all(model.fu4.W3._hifuse_derived[k] is v for k, v in stale.items())
+        graph.replay()
+        torch.testing.assert_close(static_out, model(static_in), rtol=0, atol=0)
+
+
+@pytest.mark.gpu
 def test_reduce_overhead_trains_and_infers_fused():
     """torch.compile(mode="reduce-overhead") over the fused model: training steps give the
     uncompiled fused gradients; a new batch size gets its own graph (the results say so:

@@ -201,6 +201,37 @@ def test_weight_derived_tensors_are_computed_once():
 
 
 @needs_kernels
+def test_nothing_made_while_a_cuda_graph_is_captured_is_cached(monkeypatch):
+    # captured work runs only when the graph replays: a tensor made during the capture is
+    # empty until then, so no cache may keep it for later calls
+    from hifuse.fused import common
+    from hifuse_kernels import reference
+    from hifuse_kernels import window_attention as wa
+
+    model = _small_model()
+    x = torch.randn(1, 3, 32, 32, device=DEVICE)
+    with hifuse.use_fused(), torch.no_grad():
+        model.eval()
+        model.fu4.W3.bn.running_var.mul_(2)  # its folded weights are now stale
+        stores = {m: dict(m._hifuse_derived) for m in model.modules() if hasattr(m, "_hifuse_derived")}
+        assert stores
+        monkeypatch.setattr(common, "capturing", lambda: True)
+        monkeypatch.setattr(reference, "capturing", lambda: True)
+        out = model(x)
+        for m, store in stores.items():
+            assert m._hifuse_derived.keys() == store.keys()
+            assert all(m._hifuse_derived[k] is v for k, v in store.items())
+        before = wa._dense_index_cached.cache_info().currsize
+        reference.cached(wa._dense_index_cached, 5, 32, torch.device(DEVICE))
+        assert wa._dense_index_cached.cache_info().currsize == before
+        reference.shift_mask(35, 42, 7, 3, torch.device(DEVICE))
+        assert (35, 42, 7, 3, torch.device(DEVICE)) not in reference._mask_cache
+        monkeypatch.undo()
+        with hifuse.use_fused(False):  # the stale entry was recomputed, not read
+            torch.testing.assert_close(out, model(x), rtol=1e-4, atol=1e-4)
+
+
+@needs_kernels
 def test_compiled_eval_graph_holds_no_weight_folding():
     block = hifuse.HFFBlock(32).to(DEVICE).eval()
     l, g = torch.randn(1, 32, 4, 4, device=DEVICE), torch.randn(1, 32, 4, 4, device=DEVICE)

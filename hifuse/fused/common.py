@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hifuse_kernels import gelu_residual as gr
+from hifuse_kernels.reference import capturing
 from hifuse_kernels import residual_layer_norm as rln
 
 
@@ -28,6 +29,9 @@ def derived(module: nn.Module, name: str, sources: tuple[torch.Tensor, ...], com
     has a new storage). Under torch.compile the cache is read as it is and the graph holds
     no recomputation; ``prepare`` (which ``HiFuse.eval()`` runs) fills it beforehand. Where
     gradients flow into the sources, ``compute()`` runs in the graph every time, uncached.
+    While a CUDA graph is captured, an entry that matches is read (the graph keeps reading
+    it: capture again after changing weights), and a missing or stale one is computed in the
+    graph and not cached (it holds nothing until a replay).
     """
     if needs_grad(*sources):
         return compute()
@@ -42,6 +46,8 @@ def derived(module: nn.Module, name: str, sources: tuple[torch.Tensor, ...], com
     cached = store.get(name)
     key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in sources)
     if cached is None or cached[0] != key:
+        if capturing():  # made in the graph, and never cached: it is empty until a replay
+            return _compute(sources, compute)
         store[name] = cached = (key, _compute(sources, compute))
     return cached[1]
 
