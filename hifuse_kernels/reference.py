@@ -49,7 +49,7 @@ def relative_position_index(window: int) -> torch.Tensor:
     return rel[..., 0] * (2 * window - 1) + rel[..., 1]
 
 
-_mask_cache: dict[tuple, torch.Tensor] = {}
+_cache: dict[tuple, torch.Tensor] = {}
 
 
 def capturing() -> bool:
@@ -58,16 +58,29 @@ def capturing() -> bool:
     return torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
 
 
+def _tracing() -> bool:
+    # torch.compile, or a dispatch mode (fake tensors): the cache's real tensors must not
+    # enter the trace, nor the trace's tensors the cache
+    return torch.compiler.is_compiling() or is_in_torch_dispatch_mode()
+
+
 def caching_allowed() -> bool:
     """Whether a tensor made now may go into a process-wide cache: not while tracing, nor under
-    a dispatch mode (fake tensors), whose tensors would be handed to later real calls, nor
-    while a CUDA graph is captured (the tensor would be empty until a replay)."""
-    return not torch.compiler.is_compiling() and not is_in_torch_dispatch_mode() and not capturing()
+    a dispatch mode, nor while a CUDA graph is captured (the tensor is empty until a replay)."""
+    return not _tracing() and not capturing()
 
 
-def cached(fn, *key):
-    """``fn(*key)`` from ``fn``'s ``functools.lru_cache`` where ``caching_allowed``, else made anew."""
-    return fn(*key) if caching_allowed() else fn.__wrapped__(*key)
+def cached(make, *key) -> torch.Tensor:
+    """``make(*key)``, kept in a process-wide cache. Not used while tracing or under a dispatch
+    mode; while a CUDA graph is captured an entry is read but none is added."""
+    if _tracing():
+        return make(*key)
+    hit = _cache.get((make, *key))
+    if hit is None:
+        hit = make(*key)
+        if not capturing():
+            _cache[(make, *key)] = hit
+    return hit
 
 
 def shift_mask(hp: int, wp: int, window: int, shift: int, device: torch.device) -> torch.Tensor:
@@ -76,11 +89,10 @@ def shift_mask(hp: int, wp: int, window: int, shift: int, device: torch.device) 
     Float32 as in the published code (it promotes the scores it is added to).
     Cached per (padded size, window, shift, device); built in the graph under torch.compile.
     """
-    key = (hp, wp, window, shift, device)
-    if caching_allowed():
-        cached = _mask_cache.get(key)
-        if cached is not None:
-            return cached
+    return cached(_make_shift_mask, hp, wp, window, shift, device)
+
+
+def _make_shift_mask(hp: int, wp: int, window: int, shift: int, device: torch.device) -> torch.Tensor:
     labels = torch.zeros(hp, wp, device=device)
     cuts = (slice(0, -window), slice(-window, -shift), slice(-shift, None))
     label = 0
@@ -91,10 +103,7 @@ def shift_mask(hp: int, wp: int, window: int, shift: int, device: torch.device) 
     windows = labels.view(hp // window, window, wp // window, window).transpose(1, 2)
     windows = windows.reshape(-1, window * window)
     diff = windows[:, None, :] - windows[:, :, None]
-    mask = torch.zeros_like(diff).masked_fill_(diff != 0, -100.0)
-    if caching_allowed():
-        _mask_cache[key] = mask
-    return mask
+    return torch.zeros_like(diff).masked_fill_(diff != 0, -100.0)
 
 
 def window_partition(x: torch.Tensor, window: int) -> torch.Tensor:

@@ -28,8 +28,6 @@ Its user is the fused ``GlobalBlock`` (``hifuse.fused.global_branch``).
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 
@@ -309,8 +307,7 @@ def unsupported_reason(qkv, qkv_bias, table, num_heads, window, shift) -> str | 
     return None if problem is None else problem[1]
 
 
-@functools.lru_cache(maxsize=None)
-def _dense_index_cached(window: int, bn: int, device: torch.device) -> torch.Tensor:
+def _make_dense_index(window: int, bn: int, device: torch.device) -> torch.Tensor:
     n, entries = window * window, (2 * window - 1) ** 2
     index = torch.full((bn, bn), entries + 1, dtype=torch.long)  # padding columns: -inf
     index[n:, :n] = entries  # padding rows: 0 (never stored)
@@ -321,9 +318,11 @@ def _dense_index_cached(window: int, bn: int, device: torch.device) -> torch.Ten
 def _dense_bias(table: torch.Tensor, window: int, bn: int) -> torch.Tensor:
     """(heads, bn, bn) float32 bias of each head's scores, -inf in the padding columns: the
     kernels load it as one contiguous tile (a gather from the table costs them registers)."""
-    index = cached(_dense_index_cached, window, bn, table.device)
-    extra = torch.tensor([0.0, float("-inf")], device=table.device).expand(table.shape[1], 2)
-    rows = torch.cat([table.t().float(), extra], 1)
+    index = cached(_make_dense_index, window, bn, table.device)
+    # two more columns: 0 for the padding rows, -inf for the padding columns (made on the
+    # device: a tensor from Python data would be a host copy, which a CUDA graph refuses)
+    rows = F.pad(table.t().float(), (0, 2))
+    rows[:, -1] = float("-inf")
     return rows[:, index].view(table.shape[1], bn, bn).contiguous()
 
 
@@ -411,8 +410,7 @@ def _(grad_out, qkv, qkv_bias, table, out, lse, num_heads, window, shift):
     return torch.empty_like(qkv, memory_format=torch.contiguous_format), torch.empty_like(qkv_bias), torch.empty_like(table)
 
 
-@functools.lru_cache(maxsize=None)
-def _bias_scatter_cached(window: int, device: torch.device) -> torch.Tensor:
+def _make_bias_scatter(window: int, device: torch.device) -> torch.Tensor:
     index = relative_position_index(window).view(-1).to(device)
     return F.one_hot(index, (2 * window - 1) ** 2).t().to(torch.float32).contiguous()
 
@@ -420,7 +418,7 @@ def _bias_scatter_cached(window: int, device: torch.device) -> torch.Tensor:
 def _bias_scatter(window: int, device: torch.device) -> torch.Tensor:
     """((2w-1)**2, w**4) 0/1 matrix adding each score position into its table entry
     (a matmul, not index_add_, whose CUDA version adds in no fixed order)."""
-    return cached(_bias_scatter_cached, window, device)
+    return cached(_make_bias_scatter, window, device)
 
 
 # --------------------------------------------------------------------------- autograd
