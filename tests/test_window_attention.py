@@ -61,14 +61,29 @@ def test_op_matches_reference(b, h, w, heads, shift):
     _assert_op_matches_reference(*_op_inputs(b, h, w, heads), heads, shift)
 
 
+# The backward kernels: fp32 takes keys in blocks, bf16/fp16 whole windows, which the
+# interpreter can run in fp32 only (its bf16 dot is broken): both run here.
+BACKWARDS = {"key_blocks": 16, "whole_windows": 64}
+
+
+@pytest.mark.parametrize("backward", BACKWARDS)
 @pytest.mark.parametrize("head_dim, shift", [(16, 3), (64, 0), (32, 3)])
-def test_backward_loops_over_windows(monkeypatch, head_dim, shift):
+def test_backward_loops_over_windows(monkeypatch, head_dim, shift, backward):
     # Few backward programs, so each sums the bias gradient over several windows (2 x 3 x 4
     # windows, 5 programs per head: the last one has fewer) at every supported head dim.
     import hifuse_kernels.window_attention as wa
 
     monkeypatch.setattr(wa, "BWD_PROGRAMS", 5 * 2)
+    monkeypatch.setattr(wa, "BWD_FP32_KEYS", BACKWARDS[backward])
     _assert_op_matches_reference(*_op_inputs(2, 20, 26, 2, head_dim=head_dim, seed=3), 2, shift)
+
+
+@pytest.mark.parametrize("b, h, w, heads, shift", [CASES[0], CASES[3], CASES[5], CASES[7]])
+def test_whole_window_backward(monkeypatch, b, h, w, heads, shift):
+    import hifuse_kernels.window_attention as wa
+
+    monkeypatch.setattr(wa, "BWD_FP32_KEYS", BACKWARDS["whole_windows"])
+    _assert_op_matches_reference(*_op_inputs(b, h, w, heads), heads, shift)
 
 
 def _blocks(dim, heads, shift, seed=0):
