@@ -41,9 +41,11 @@ def layer_norm_cf_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
     return weight[:, None, None] * x + bias[:, None, None]
 
 
-def relative_position_index(window: int) -> torch.Tensor:
-    """index[i, j] = (hi - hj + w - 1) * (2w - 1) + (wi - wj + w - 1) for tokens i, j of a window."""
-    coords = torch.stack(torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij"))
+def relative_position_index(window: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """index[i, j] = (hi - hj + w - 1) * (2w - 1) + (wi - wj + w - 1) for tokens i, j of a window.
+    Made on ``device`` (no host copy: it may be made inside a compiled or captured graph)."""
+    steps = torch.arange(window, device=device)
+    coords = torch.stack(torch.meshgrid(steps, steps, indexing="ij"))
     coords = coords.flatten(1)
     rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (window - 1)
     return rel[..., 0] * (2 * window - 1) + rel[..., 1]

@@ -81,7 +81,7 @@ def window_attention_ref(
     windows = window_partition(full, window).view(-1, n, 3, num_heads, c // num_heads)
     q, k, v = windows.permute(2, 0, 3, 1, 4).unbind(0)
     attn = (q * (c // num_heads) ** -0.5) @ k.transpose(-2, -1)
-    index = relative_position_index(window).to(table.device)
+    index = relative_position_index(window, table.device)
     attn = attn + table[index.view(-1)].view(n, n, -1).permute(2, 0, 1).unsqueeze(0)
     if shift:
         mask = shift_mask(hp, wp, window, shift, qkv.device)
@@ -391,10 +391,12 @@ def unsupported_reason(qkv, qkv_bias, table, num_heads, window, shift) -> str | 
 
 def _make_dense_index(window: int, bn: int, device: torch.device) -> torch.Tensor:
     n, entries = window * window, (2 * window - 1) ** 2
-    index = torch.full((bn, bn), entries + 1, dtype=torch.long)  # padding columns: -inf
+    # made on the device: under torch.compile this runs in the graph, where a host copy would
+    # synchronise and keep the graph from being captured
+    index = torch.full((bn, bn), entries + 1, dtype=torch.long, device=device)  # padding columns: -inf
     index[n:, :n] = entries  # padding rows: 0 (never stored)
-    index[:n, :n] = relative_position_index(window)
-    return index.view(-1).to(device)
+    index[:n, :n] = relative_position_index(window, device)
+    return index.view(-1)
 
 
 def _dense_bias(table: torch.Tensor, window: int, bn: int) -> torch.Tensor:
@@ -504,8 +506,9 @@ def _(grad_out, qkv, qkv_bias, table, out, lse, num_heads, window, shift):
 
 
 def _make_bias_scatter(window: int, device: torch.device) -> torch.Tensor:
-    index = relative_position_index(window).view(-1).to(device)
-    return F.one_hot(index, (2 * window - 1) ** 2).t().to(torch.float32).contiguous()
+    index = relative_position_index(window, device).view(-1)
+    entries = torch.arange((2 * window - 1) ** 2, device=device)
+    return (entries[:, None] == index[None, :]).to(torch.float32)  # one_hot(index).t(), no value read
 
 
 def _bias_scatter(window: int, device: torch.device) -> torch.Tensor:
