@@ -177,10 +177,14 @@ if triton is not None:
     def _bwd_kernel(QKV, BIAS, REL, OUT, DOUT, LSE, DQKV, DBIAS_PART, DS_PART,
                     H, W, Hp, Wp, n_win_w, n_win, n_total, per_prog, C, heads, shift, scale,
                     s_b, s_h, s_w, o_b, o_h, o_w, g_b, g_h, g_w,
-                    WS: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
-                    SHIFTED: tl.constexpr, PRECISION: tl.constexpr):
-        # Keys and values of a window stay loaded; queries go in blocks of BM rows, so the score
-        # tiles are (BM, BN) and dk, dv accumulate over the blocks.
+                    WS: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
+                    D: tl.constexpr, BD: tl.constexpr, SHIFTED: tl.constexpr, PRECISION: tl.constexpr):
+        # Keys and values go in blocks of BK (bf16/fp16: the whole window, BK = BN), queries in
+        # blocks of BM rows, so the score tiles are (BM, BK); dk and dv of a key block
+        # accumulate over the query blocks. With BK < BN (fp32, whose products run on FMA units
+        # and spilled registers with whole windows) dq of a query block accumulates over the
+        # key blocks in DQKV itself, whose rows only this program writes, in a fixed order: an
+        # fp32 DQKV only, as a low-precision one would round every partial sum.
         prog = tl.program_id(0)
         head = tl.program_id(1)
         d = tl.arange(0, BD)
@@ -193,82 +197,6 @@ if triton is not None:
             tl.store(ds_base + tq[:, None] * BN + t[None, :], tl.zeros((BM, BN), dtype=tl.float32))
         rel = REL + head * BN * BN
         gty = DQKV.dtype.element_ty
-        dqb = tl.zeros((BD,), dtype=tl.float32)
-        dkb = tl.zeros((BD,), dtype=tl.float32)
-        dvb = tl.zeros((BD,), dtype=tl.float32)
-        for i in range(0, per_prog):
-            wid = prog * per_prog + i
-            if wid < n_total:
-                b, ys, xs, yo, xo, valid, real = _tokens(wid, t, H, W, Hp, Wp, n_win_w, n_win, shift, WS)
-                row = b * s_b + yo.to(tl.int64) * s_h + xo.to(tl.int64) * s_w
-                k = _load_part(QKV, BIAS, row, C + head * D, d, dmask, valid, real)
-                v = _load_part(QKV, BIAS, row, 2 * C + head * D, d, dmask, valid, real)
-                lab = _labels(ys, xs, Hp, Wp, shift, WS)
-                dk = tl.zeros((BN, BD), dtype=tl.float32)
-                dv = tl.zeros((BN, BD), dtype=tl.float32)
-                for qb in range(0, BN, BM):
-                    tq = qb + tl.arange(0, BM)
-                    bq, ysq, xsq, yoq, xoq, validq, realq = _tokens(wid, tq, H, W, Hp, Wp, n_win_w, n_win, shift, WS)
-                    rowq = bq * s_b + yoq.to(tl.int64) * s_h + xoq.to(tl.int64) * s_w
-                    q = _load_part(QKV, BIAS, rowq, head * D, d, dmask, validq, realq)
-                    s = _scores(q, k, rel, tq, t, _labels(ysq, xsq, Hp, Wp, shift, WS), lab, scale,
-                                BN, SHIFTED, PRECISION)
-                    lse = tl.load(LSE + (wid.to(tl.int64) * heads + head) * BN + tq, mask=validq, other=0.0)
-                    p = tl.where(validq[:, None], tl.exp(s - lse[:, None]), 0.0)
-                    orow = bq * o_b + yoq.to(tl.int64) * o_h + xoq.to(tl.int64) * o_w
-                    qmask = realq[:, None] & dmask[None, :]
-                    ocol = (head * D + d)[None, :]
-                    do = tl.load(DOUT + orow[:, None] + ocol, mask=qmask, other=0.0)
-                    o = tl.load(OUT + orow[:, None] + ocol, mask=qmask, other=0.0)
-                    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
-                    dv += tl.dot(tl.trans(p).to(do.dtype), do, out_dtype=tl.float32, input_precision=PRECISION)
-                    dp = tl.dot(do, tl.trans(v), out_dtype=tl.float32, input_precision=PRECISION)
-                    ds = p * (dp - delta[:, None])
-                    ds_ptr = ds_base + tq[:, None] * BN + t[None, :]
-                    tl.debug_barrier()  # the last window's store is seen by every thread
-                    tl.store(ds_ptr, tl.load(ds_ptr) + ds)
-                    dsq = ds.to(q.dtype)
-                    dk += tl.dot(tl.trans(dsq), q, out_dtype=tl.float32, input_precision=PRECISION)
-                    dq = tl.dot(dsq, k, out_dtype=tl.float32, input_precision=PRECISION) * scale
-                    growq = bq * g_b + yoq.to(tl.int64) * g_h + xoq.to(tl.int64) * g_w
-                    tl.store(DQKV + growq[:, None] + (head * D + d)[None, :], dq.to(gty), mask=qmask)
-                    dqb += tl.sum(tl.where((validq & (realq == 0))[:, None], dq, 0.0), 0)
-                dk = dk * scale
-                grow = b * g_b + yo.to(tl.int64) * g_h + xo.to(tl.int64) * g_w
-                kmask = real[:, None] & dmask[None, :]
-                tl.store(DQKV + grow[:, None] + (C + head * D + d)[None, :], dk.to(gty), mask=kmask)
-                tl.store(DQKV + grow[:, None] + (2 * C + head * D + d)[None, :], dv.to(gty), mask=kmask)
-                pad = (valid & (real == 0))[:, None]
-                dkb += tl.sum(tl.where(pad, dk, 0.0), 0)
-                dvb += tl.sum(tl.where(pad, dv, 0.0), 0)
-        tl.store(DBIAS_PART + part * 3 * BD + d, dqb)
-        tl.store(DBIAS_PART + part * 3 * BD + BD + d, dkb)
-        tl.store(DBIAS_PART + part * 3 * BD + 2 * BD + d, dvb)
-
-
-    @triton.jit
-    def _bwd_key_blocks_kernel(QKV, BIAS, REL, OUT, DOUT, LSE, DQKV, DBIAS_PART, DS_PART,
-                               H, W, Hp, Wp, n_win_w, n_win, n_total, per_prog, C, heads, shift, scale,
-                               s_b, s_h, s_w, o_b, o_h, o_w, g_b, g_h, g_w,
-                               WS: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
-                               D: tl.constexpr, BD: tl.constexpr, SHIFTED: tl.constexpr,
-                               PRECISION: tl.constexpr):
-        # The fp32 backward: keys go in blocks of BK too, so every tile is (BM, BK) or smaller.
-        # (Whole-window keys spill registers in fp32, whose products run on FMA units.) dk and
-        # dv of a key block accumulate over the query blocks; dq of a query block accumulates
-        # over the key blocks in DQKV itself, whose rows only this program writes, in a fixed
-        # order. fp32 DQKV only: a low-precision one would round every partial sum.
-        prog = tl.program_id(0)
-        head = tl.program_id(1)
-        d = tl.arange(0, BD)
-        dmask = d < D
-        t = tl.arange(0, BN)
-        part = prog.to(tl.int64) * heads + head
-        ds_base = DS_PART + part * BN * BN
-        for mb in tl.static_range(0, BN, BM):
-            tq = mb + tl.arange(0, BM)
-            tl.store(ds_base + tq[:, None] * BN + t[None, :], tl.zeros((BM, BN), dtype=tl.float32))
-        rel = REL + head * BN * BN
         dqb = tl.zeros((BD,), dtype=tl.float32)
         dkb = tl.zeros((BD,), dtype=tl.float32)
         dvb = tl.zeros((BD,), dtype=tl.float32)
@@ -299,26 +227,28 @@ if triton is not None:
                         ocol = (head * D + d)[None, :]
                         do = tl.load(DOUT + orow[:, None] + ocol, mask=qmask, other=0.0)
                         o = tl.load(OUT + orow[:, None] + ocol, mask=qmask, other=0.0)
-                        delta = tl.sum(do * o, 1)
-                        dv += tl.dot(tl.trans(p), do, out_dtype=tl.float32, input_precision=PRECISION)
+                        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+                        dv += tl.dot(tl.trans(p).to(do.dtype), do, out_dtype=tl.float32, input_precision=PRECISION)
                         dp = tl.dot(do, tl.trans(v), out_dtype=tl.float32, input_precision=PRECISION)
                         ds = p * (dp - delta[:, None])
                         ds_ptr = ds_base + tq[:, None] * BN + tk[None, :]
-                        tl.debug_barrier()  # the last stores to ds and dq are seen by every thread
+                        tl.debug_barrier()  # the last stores to ds (and dq) are seen by every thread
                         tl.store(ds_ptr, tl.load(ds_ptr) + ds)
-                        dk += tl.dot(tl.trans(ds), q, out_dtype=tl.float32, input_precision=PRECISION)
-                        dq = tl.dot(ds, k, out_dtype=tl.float32, input_precision=PRECISION) * scale
+                        dsq = ds.to(q.dtype)
+                        dk += tl.dot(tl.trans(dsq), q, out_dtype=tl.float32, input_precision=PRECISION)
+                        dq = tl.dot(dsq, k, out_dtype=tl.float32, input_precision=PRECISION) * scale
                         dqb += tl.sum(tl.where((validq & (realq == 0))[:, None], dq, 0.0), 0)
                         growq = bq * g_b + yoq.to(tl.int64) * g_h + xoq.to(tl.int64) * g_w
                         dq_ptr = DQKV + growq[:, None] + (head * D + d)[None, :]
-                        if kb > 0:
-                            dq += tl.load(dq_ptr, mask=qmask, other=0.0)
-                        tl.store(dq_ptr, dq, mask=qmask)
+                        if BK < BN:
+                            if kb > 0:
+                                dq += tl.load(dq_ptr, mask=qmask, other=0.0).to(tl.float32)
+                        tl.store(dq_ptr, dq.to(gty), mask=qmask)
                     dk = dk * scale
                     grow = b * g_b + yo.to(tl.int64) * g_h + xo.to(tl.int64) * g_w
                     kmask = real[:, None] & dmask[None, :]
-                    tl.store(DQKV + grow[:, None] + (C + head * D + d)[None, :], dk, mask=kmask)
-                    tl.store(DQKV + grow[:, None] + (2 * C + head * D + d)[None, :], dv, mask=kmask)
+                    tl.store(DQKV + grow[:, None] + (C + head * D + d)[None, :], dk.to(gty), mask=kmask)
+                    tl.store(DQKV + grow[:, None] + (2 * C + head * D + d)[None, :], dv.to(gty), mask=kmask)
                     pad = (valid & (real == 0))[:, None]
                     dkb += tl.sum(tl.where(pad, dk, 0.0), 0)
                     dvb += tl.sum(tl.where(pad, dv, 0.0), 0)
@@ -420,8 +350,8 @@ def _bias_or_zeros(qkv, qkv_bias):
 # (scripts/check_triton_compile.py); 32 or 64 rows, or 4 warps, spill.
 BWD_WARPS = 8
 BWD_ROWS = 16
-# Keys per block of the fp32 backward (_bwd_key_blocks_kernel; 64 or more: whole windows, as
-# bf16/fp16 take them), and its warps by head dim: none of these spills (with whole windows
+# Keys per block of the fp32 backward (64 or more: whole windows, as bf16/fp16 take them),
+# and its warps by head dim: none of these spills (with whole windows
 # the fp32 backward spilled 36-184 bytes a thread; with 4 warps at head dim 16, 44 bytes).
 BWD_FP32_KEYS = 16
 BWD_FP32_WARPS = {16: 8, 32: 4, 64: 4}
@@ -475,12 +405,11 @@ def _window_attention_backward_op(
     )
     shape = dict(WS=window, BN=g["bn"], BM=min(BWD_ROWS, g["bn"]), D=g["d"], BD=g["bd"], SHIFTED=shift > 0,
                  PRECISION=_precision(qkv))
-    grid = _triton.grid(progs, num_heads)
     if qkv.dtype == torch.float32 and BWD_FP32_KEYS < g["bn"]:
-        _triton.wrap_triton(_bwd_key_blocks_kernel)[grid](*args, **shape, BK=BWD_FP32_KEYS,
-                                                           num_warps=BWD_FP32_WARPS[g["d"]])
+        launch = dict(BK=BWD_FP32_KEYS, num_warps=BWD_FP32_WARPS[g["d"]])
     else:
-        _triton.wrap_triton(_bwd_kernel)[grid](*args, **shape, num_warps=BWD_WARPS)
+        launch = dict(BK=g["bn"], num_warps=BWD_WARPS)
+    _triton.wrap_triton(_bwd_kernel)[_triton.grid(progs, num_heads)](*args, **shape, **launch)
     n = window * window
     ds = ds_part.sum(0)[:, :n, :n].reshape(num_heads, n * n)
     dtable = (_bias_scatter(window, qkv.device) @ ds.t()).to(table.dtype)

@@ -52,11 +52,10 @@ COMPUTE_KERNELS = {"window_attention"}
 # dim 64 (HiFuse's heads are 32 wide). Under a triton not listed here the largest figure of any
 # version is allowed and a spill that has gone is not reported.
 _BWD = "window_attention._bwd_kernel"
-_BWD_KEYS = "window_attention._bwd_key_blocks_kernel"
 KNOWN_SPILLS = {
     "3.8": {},
-    "3.6": {(_BWD_KEYS, "fp32", 64, True): 20, (_BWD_KEYS, "fp32", 64, False): 88, (_BWD, "bf16", 64, True): 8,
-            (_BWD, "fp16", 64, True): 8},
+    "3.6": {(_BWD, "fp32", 64, True): 20, (_BWD, "fp32", 64, False): 88, (_BWD, "bf16", 64, True): 8,
+            (_BWD, "bf16", 64, False): 16, (_BWD, "fp16", 64, True): 8, (_BWD, "fp16", 64, False): 16},
 }
 
 
@@ -96,10 +95,10 @@ def cases(dtype: str):
             ptrs = dict(QKV="dt", BIAS="dt", REL=f32, OUT="dt", DOUT="dt", LSE=f32, DQKV="dt", DBIAS_PART=f32,
                         DS_PART=f32)
             if dtype == "fp32" and wa.BWD_FP32_KEYS < shape["BN"]:  # as the op launches it
-                yield wa._bwd_key_blocks_kernel, ptrs, {**shape, "BM": wa.BWD_ROWS, "BK": wa.BWD_FP32_KEYS,
-                                                        "WARPS": wa.BWD_FP32_WARPS[d]}
+                keys = {"BK": wa.BWD_FP32_KEYS, "WARPS": wa.BWD_FP32_WARPS[d]}
             else:
-                yield wa._bwd_kernel, ptrs, {**shape, "BM": wa.BWD_ROWS, "WARPS": wa.BWD_WARPS}
+                keys = {"BK": shape["BN"], "WARPS": wa.BWD_WARPS}
+            yield wa._bwd_kernel, ptrs, {**shape, "BM": wa.BWD_ROWS, **keys}
     for block_c in (128, 256, 512, 1024):  # every channel block of HiFuse (96 .. 768 channels)
         tiles = dict(BLOCK_P=dln._block_p(block_c), BLOCK_C=block_c, WARPS=dln._warps(block_c))
         yield dln._fwd_kernel, dict(X="dt", CW=f32, CB=f32, LW=f32, LB=f32, OUT="dt", MEAN=f32, RSTD=f32), tiles
