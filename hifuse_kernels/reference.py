@@ -66,15 +66,10 @@ def _tracing() -> bool:
     return torch.compiler.is_compiling() or is_in_torch_dispatch_mode()
 
 
-def caching_allowed() -> bool:
-    """Whether a tensor made now may go into a process-wide cache: not while tracing, nor under
-    a dispatch mode, nor while a CUDA graph is captured (the tensor is empty until a replay)."""
-    return not _tracing() and not capturing()
-
-
 def cached(make, *key) -> torch.Tensor:
     """``make(*key)``, kept in a process-wide cache. Not used while tracing or under a dispatch
-    mode; while a CUDA graph is captured an entry is read but none is added."""
+    mode; while a CUDA graph is captured an entry is read but none is added (a tensor made
+    then is empty until a replay)."""
     if _tracing():
         return make(*key)
     hit = _cache.get((make, *key))

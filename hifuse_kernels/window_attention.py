@@ -351,8 +351,8 @@ def _bias_or_zeros(qkv, qkv_bias):
 BWD_WARPS = 8
 BWD_ROWS = 16
 # Keys per block of the fp32 backward (64 or more: whole windows, as bf16/fp16 take them),
-# and its warps by head dim: none of these spills (with whole windows
-# the fp32 backward spilled 36-184 bytes a thread; with 4 warps at head dim 16, 44 bytes).
+# and its warps by head dim: none of these spills (with whole windows the fp32 backward
+# spilled 36-184 bytes a thread; with 4 warps at head dim 16, 44 bytes).
 BWD_FP32_KEYS = 16
 BWD_FP32_WARPS = {16: 8, 32: 4, 64: 4}
 # (window, head) programs of the backward at most: enough to fill a GPU, few enough that the
