@@ -124,6 +124,23 @@ def _gpu_model(**kwargs):
     return hifuse.create_model("hifuse_tiny", num_classes=3, **kwargs).cuda()
 
 
+def _warm_up(model, static_in, calls):
+    """The README's warm-up before a capture: calls on a side stream."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(calls):
+            model(static_in)
+    torch.cuda.current_stream().wait_stream(side)
+
+
+def _capture(model, static_in):
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = model(static_in)
+    return graph, static_out
+
+
 @pytest.mark.gpu
 def test_cuda_graph_replays_fused_inference():
     """The README's hand-captured CUDA graph: warm-up on a side stream, capture, replay with
@@ -132,15 +149,8 @@ def test_cuda_graph_replays_fused_inference():
     static_in = torch.zeros(4, 3, 224, 224, device="cuda")
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)
     with hifuse.use_fused(), torch.inference_mode(), autocast:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(3):
-                model(static_in)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static_out = model(static_in)
+        _warm_up(model, static_in, 3)
+        graph, static_out = _capture(model, static_in)
         for seed in (1, 2):
             x = torch.randn(4, 3, 224, 224, device="cuda", generator=torch.Generator("cuda").manual_seed(seed))
             static_in.copy_(x)
@@ -155,17 +165,10 @@ def test_cuda_graph_capture_caches_nothing():
     model = _gpu_model().eval()
     static_in = torch.randn(2, 3, 64, 64, device="cuda")
     with hifuse.use_fused(), torch.inference_mode():
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                model(static_in)
-        torch.cuda.current_stream().wait_stream(side)
+        _warm_up(model, static_in, 2)
         model.fu4.W3.bn.running_var.mul_(2)
         stale = dict(model.fu4.W3._hifuse_derived)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static_out = model(static_in)
+        graph, static_out = _capture(model, static_in)
         assert all(model.fu4.W3._hifuse_derived[k] is v for k, v in stale.items())
         graph.replay()
         torch.testing.assert_close(static_out, model(static_in), rtol=0, atol=0)
