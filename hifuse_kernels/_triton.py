@@ -135,6 +135,14 @@ def row_tile(c: int, rows: int) -> dict:
 if triton is not None:
 
     @triton.jit
+    def image_block(S, BLOCK: tl.constexpr):
+        """(image n, as int64; its positions s) of this program, on a one-axis grid of N x
+        position blocks: a second axis would cap an image at 65535 blocks on the GPU."""
+        blocks = tl.cdiv(S, BLOCK)
+        n = (tl.program_id(0) // blocks).to(tl.int64)
+        return n, tl.program_id(0) % blocks * BLOCK + tl.arange(0, BLOCK)
+
+    @triton.jit
     def gelu(y):
         """Exact (erf) GELU of fp32 y."""
         return 0.5 * y * (1.0 + tl.math.erf(y * 0.7071067811865476))

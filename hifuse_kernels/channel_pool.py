@@ -35,6 +35,7 @@ def channel_pool_ref(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 if triton is not None:
+    from ._triton import image_block
 
     @triton.jit
     def _channel_pool_kernel(G, SUM, MAX, ARG, S, C, CHUNK, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -72,10 +73,7 @@ if triton is not None:
 
     @triton.jit
     def _channel_pool_bwd_kernel(D_AVG, D_MAX, ARG, DG, S, C, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
-        # axis 0 holds N * position blocks (axis 1 caps at 65535 blocks on the GPU)
-        blocks = tl.cdiv(S, BLOCK_S)
-        n = (tl.program_id(0) // blocks).to(tl.int64)
-        s = tl.program_id(0) % blocks * BLOCK_S + tl.arange(0, BLOCK_S)
+        n, s = image_block(S, BLOCK_S)
         c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         cmask = c < C
         m = (s < S)[:, None] & cmask[None, :]

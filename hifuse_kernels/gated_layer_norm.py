@@ -38,6 +38,7 @@ def gated_layer_norm_ref(g, channel_gate, l, spatial_gate, x, weight, bias, eps:
 
 
 if triton is not None:
+    from ._triton import image_block
 
     @triton.jit
     def _gated_parts(G, CG, L, SG, X, n, p, c, m, cmask, C):
@@ -53,11 +54,7 @@ if triton is not None:
     @triton.jit
     def _gated_ln_kernel(G, CG, L, SG, X, W, B, OUT, MEAN, RSTD, S, C, eps,
                          BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-        # one axis of N * position blocks (a second axis caps an image at 65535 blocks on the
-        # GPU); a program's rows all belong to image n
-        blocks = tl.cdiv(S, BLOCK_P)
-        n = (tl.program_id(0) // blocks).to(tl.int64)
-        s = tl.program_id(0) % blocks * BLOCK_P + tl.arange(0, BLOCK_P)
+        n, s = image_block(S, BLOCK_P)  # a program's rows all belong to image n
         c = tl.arange(0, BLOCK_C)
         cmask = c < C
         smask = s < S
@@ -86,10 +83,8 @@ if triton is not None:
     def _gated_ln_bwd_kernel(GRAD, G, CG, L, SG, X, W, MEAN, RSTD, DG, DL, DSG, DX,
                              PART_CG, PART_W, PART_B, S, C,
                              BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-        prog = tl.program_id(0).to(tl.int64)  # grid as the forward's
-        blocks = tl.cdiv(S, BLOCK_P)
-        n = prog // blocks
-        s = (prog % blocks).to(tl.int32) * BLOCK_P + tl.arange(0, BLOCK_P)
+        prog = tl.program_id(0).to(tl.int64)
+        n, s = image_block(S, BLOCK_P)
         c = tl.arange(0, BLOCK_C)
         cmask = c < C
         smask = s < S

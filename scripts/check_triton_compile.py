@@ -232,8 +232,9 @@ def main() -> int:
     parser.add_argument("--dtypes", default=",".join(DTYPES), help="comma list of fp32, bf16, fp16")
     parser.add_argument("--only", help="kernels of this op file only (batch_norm_act, window_attention, ...)")
     args = parser.parse_args()
+    dtypes = args.dtypes.split(",")
     jobs, keys = [], set()
-    for dtype in args.dtypes.split(","):
+    for dtype in dtypes:
         for i, (kernel, _pointers, constexprs) in enumerate(cases(dtype)):
             if args.only is None or kernel.fn.__module__.endswith("." + args.only):
                 jobs.append((args.arch, dtype, i))
@@ -243,7 +244,7 @@ def main() -> int:
     failures = 0
     for key in sorted(SPILLS.keys() - keys, key=str) if SPILLS_LISTED else ():
         kernel, dtype = key[0], key[1]
-        if dtype in args.dtypes.split(",") and (args.only is None or kernel.startswith(args.only + ".")):
+        if dtype in dtypes and (args.only is None or kernel.startswith(args.only + ".")):
             print(f"FAIL known spill {key} matches no variant compiled: take it out of KNOWN_SPILLS")
             failures += 1
     with ProcessPoolExecutor(max(1, args.jobs)) as pool:

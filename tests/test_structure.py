@@ -250,8 +250,7 @@ def test_nothing_made_while_a_cuda_graph_is_captured_is_cached(monkeypatch):
         for m, store in stores.items():
             assert m._hifuse_derived.keys() == store.keys()
             assert all(m._hifuse_derived[k] is v for k, v in store.items())
-        # process-wide caches: entries made before are read (a capture cannot make them: the
-        # window index is a host copy), new ones are not kept
+        # process-wide caches: entries made before are read, new ones are not kept
         entries = dict(reference._cache)
         assert any(key[0] is wa._make_dense_index for key in entries)
         for (make, *key), value in entries.items():
