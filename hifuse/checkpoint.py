@@ -51,7 +51,14 @@ def load_checkpoint(
         CheckpointMismatchError: listing missing keys, unexpected keys and shape differences.
     """
     raw = torch.load(path, map_location=map_location, weights_only=True)
-    state = extract_state_dict(raw)
+    return load_state(model, extract_state_dict(raw), drop_head, os.fspath(path))
+
+
+def load_state(
+    model: nn.Module, state: Mapping[str, torch.Tensor], drop_head: bool = False, source: str | os.PathLike = "state_dict"
+) -> dict[str, torch.Tensor]:
+    """``load_checkpoint`` for a state_dict already read; ``source`` names it in errors."""
+    state = dict(state)
     own = model.state_dict()
     if drop_head:
         state = {k: v for k, v in state.items() if not k.startswith(HEAD_PREFIXES)}
@@ -65,7 +72,7 @@ def load_checkpoint(
         if k in state and state[k].shape != v.shape
     ]
     if missing or unexpected or shapes:
-        lines = [f"checkpoint {os.fspath(path)!r} does not fit {type(model).__name__}:"]
+        lines = [f"checkpoint {os.fspath(source)!r} does not fit {type(model).__name__}:"]
         for title, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape differences", shapes)):
             if items:
                 lines.append(f"  {title} ({len(items)}):")

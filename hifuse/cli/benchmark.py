@@ -8,23 +8,24 @@ from pathlib import Path
 
 import torch
 
-from . import bench, models
+from . import bench, models, options
 from .errors import CliError
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("benchmark", help="images per second of eager, fused and compiled HiFuse here",
+                       formatter_class=options.Formatter,
                        description="Times the whole model with the functions the benchmark suite uses.")
-    p.add_argument("--model", default="hifuse_tiny")
-    p.add_argument("--irmlp", default="full", choices=["full", "depthwise"])
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--model", default="hifuse_tiny", help="hifuse_tiny, hifuse_small or hifuse_base")
+    p.add_argument("--irmlp", default="full", choices=["full", "depthwise"], help="IRMLP conv1 (full: published)")
+    p.add_argument("--batch-size", "--batch", dest="batch", type=int, default=32, help="images per call")
+    p.add_argument("--img-size", type=int, default=224, help="input side (a multiple of 32)")
     p.add_argument("--amp", choices=["bf16", "fp16", "none"], help="autocast dtype (default: bf16 on a GPU, none on CPU)")
     p.add_argument("--train", action="store_true", help="time training steps (forward, backward, AdamW), not inference")
-    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--channels-last", action="store_true", help="channels_last model and inputs")
     p.add_argument("--providers", default="eager,fused,compile", help=f"comma list of {', '.join(bench.PROVIDERS)}")
-    p.add_argument("--rounds", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=10, help="timed calls per provider (the median is shown)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed calls first")
     p.add_argument("--device", help="cuda or cpu (default: cuda when present)")
     p.add_argument("--profile", type=Path, metavar="DIR",
                    help="also profile one call per provider (torch.profiler) and write the 25 kernels with the "

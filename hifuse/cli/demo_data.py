@@ -20,14 +20,16 @@ CLASSES = ("checks", "spots", "stripes_horizontal", "stripes_vertical")
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("demo-data", help="write a small synthetic dataset to try the commands on",
+    from .options import Formatter
+
+    p = sub.add_parser("demo-data", help="write a small synthetic dataset to try the commands on", formatter_class=Formatter,
                        description="Writes DIR/{train,val,test}/<class>/*.png of four texture classes.")
-    p.add_argument("dir")
+    p.add_argument("dir", help="folder to write")
     p.add_argument("--size", type=int, default=64, help="image side in pixels")
     p.add_argument("--train", type=int, default=24, help="training images per class")
     p.add_argument("--val", type=int, default=8, help="validation images per class")
     p.add_argument("--test", type=int, default=8, help="test images per class")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seeds every image")
     p.set_defaults(run=run)
 
 

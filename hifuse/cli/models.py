@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -18,10 +19,13 @@ DEFAULT_DIMS = (96, 192, 384, 768)
 
 
 def build(settings: dict, num_classes: int) -> HiFuse:
-    """The model a run's settings describe (--model, --irmlp and the architecture overrides)."""
+    """The model a run's settings describe (--model, --irmlp, --drop-path and the architecture
+    overrides)."""
     overrides = {k: tuple(settings[k]) for k in ("depths", "dims") if settings.get(k)}
     if settings.get("heads"):
         overrides["num_heads"] = tuple(settings["heads"])
+    if settings.get("drop_path"):
+        overrides["drop_path_rate"] = overrides["local_drop_path_rate"] = settings["drop_path"]
     try:
         return create_model(settings["model"], num_classes=num_classes, irmlp=settings["irmlp"], **overrides)
     except ValueError as e:
@@ -59,35 +63,120 @@ def variant_name(arch: dict) -> str:
     return "custom"
 
 
-def read_state(path: str | Path) -> dict[str, torch.Tensor]:
-    """The model state_dict in a checkpoint file: a bare state_dict (best_model.pth, the
-    published format), a training checkpoint (last.pth) or ``{"net": ...}``."""
+def first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else "(no message)"
+
+
+def _untrusted_objects(e: Exception) -> str | None:
+    """The Python object a weights-only load refused, if that is why it failed."""
+    m = re.search(r"(?:Unsupported global|unsupported GLOBAL)[^\w]*(?:GLOBAL )?([\w.]+)", str(e))
+    return m.group(1) if m else None
+
+
+def load_file(path: str | Path, trust: bool = False):
+    """torch.load of a checkpoint, weights only unless ``trust`` (which warns: the file's pickled
+    objects run code)."""
+    import warnings
+
     path = Path(path)
+    if path.is_dir():
+        raise CliError(f"{path} is a folder; name a checkpoint file such as {path / 'best_model.pth'}")
     if not path.is_file():
         raise CliError(f"no such checkpoint: {path}")
+    if path.stat().st_size == 0:
+        raise CliError(f"cannot read checkpoint {path}: the file is empty")
     try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise CliError(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+        objects = _untrusted_objects(e)
+        if objects is None:
+            raise CliError(f"cannot read checkpoint {path}: {type(e).__name__}: {first_line(e)}") from None
+        if not trust:
+            raise CliError(
+                f"{path} holds Python objects besides tensors ({objects}; a torchvision reference-script checkpoint "
+                "keeps its argparse.Namespace): if you trust the file, pass --trust-checkpoint to load it, which runs "
+                "code the file names"
+            ) from None
+    warnings.warn(f"loading {path} with --trust-checkpoint: its pickled Python objects were run", stacklevel=2)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise CliError(f"cannot read checkpoint {path}: {type(e).__name__}: {first_line(e)}") from None
+
+
+def read_state(path: str | Path, trust: bool = False) -> dict[str, torch.Tensor]:
+    """The model state_dict in a checkpoint file: a bare state_dict (best_model.pth, the
+    published format), a training checkpoint (last.pth), ``{"net": ...}`` or ``{"model": ...}``
+    (torchvision's reference scripts)."""
+    raw = load_file(path, trust)
     try:
         return ckpt.extract_state_dict(raw)
     except ckpt.CheckpointMismatchError as e:
         raise CliError(f"{path}: {e}") from None
 
 
-def load_for_inference(path: str | Path, classes_file: str | None, device: torch.device) -> tuple[HiFuse, list[str] | None]:
-    """A model in eval mode with the checkpoint's weights, and its class names: from
-    ``classes_file``, else ``classes.json`` beside the checkpoint, else None."""
-    state = read_state(path)
+@dataclass
+class Loaded:
+    """A checkpoint ready for inference, with what its run knew: class names, preprocessing."""
+
+    model: HiFuse
+    classes: list[str] | None
+    settings: dict | None
+    path: Path
+
+    @property
+    def run_name(self) -> str:
+        return f"{self.path.parent.name}/{self.path.name}" if self.path.parent.name else self.path.name
+
+
+def run_context(path: Path, raw=None) -> tuple[list[str] | None, dict | None]:
+    """Class names and settings saved with a checkpoint: inside a training checkpoint, else the
+    run folder's classes.json and settings.json beside it."""
+    classes = settings = None
+    if isinstance(raw, dict):
+        classes = raw.get("classes") if isinstance(raw.get("classes"), list) else None
+        settings = raw.get("settings") if isinstance(raw.get("settings"), dict) else None
+    if classes is None:
+        classes = read_classes(path.with_name("classes.json"), required=False)
+    if settings is None and path.with_name("settings.json").is_file():
+        try:
+            settings = json.loads(path.with_name("settings.json").read_text())
+        except json.JSONDecodeError as e:
+            raise CliError(f"{path.with_name('settings.json')} is not JSON: {e}") from None
+    return classes, settings
+
+
+def load_for_inference(path: str | Path, classes_option: str | None, device: torch.device, trust: bool = False) -> Loaded:
+    """A model in eval mode with the checkpoint's weights, its class names (``--classes``, else
+    the run's) and the run's settings."""
+    path = Path(path)
+    raw = load_file(path, trust)
+    try:
+        state = ckpt.extract_state_dict(raw)
+    except ckpt.CheckpointMismatchError as e:
+        raise CliError(f"{path}: {e}") from None
     model = HiFuse(**architecture(state))
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        raise CliError(f"{path} does not fit a HiFuse model: {str(e).splitlines()[0]}") from None
-    classes = read_classes(classes_file or Path(path).with_name("classes.json"), required=classes_file is not None)
+        raise CliError(f"{path} does not fit a HiFuse model: {first_line(e)}") from None
+    saved_classes, settings = run_context(path, raw if isinstance(raw, dict) and "settings" in raw else None)
+    classes = parse_classes(classes_option) if classes_option else saved_classes
     if classes is not None and len(classes) != model.num_classes:
-        raise CliError(f"{path} has {model.num_classes} classes but the class list names {len(classes)}")
-    return model.to(device).eval(), classes
+        where = "--classes" if classes_option else "the run's class list"
+        raise CliError(f"{path} has {model.num_classes} classes but {where} names {len(classes)}")
+    return Loaded(model.to(device).eval(), classes, settings, path)
+
+
+def parse_classes(option: str) -> list[str]:
+    """--classes: a JSON list file, or names separated by commas."""
+    if Path(option).is_file() or option.endswith(".json"):
+        return read_classes(option, required=True)
+    names = [c.strip() for c in option.split(",")]
+    if len(names) < 2 or not all(names) or len(set(names)) != len(names):
+        raise CliError(f"--classes: expected a JSON file or two or more distinct names separated by commas, got {option!r}")
+    return names
 
 
 def read_classes(path: str | Path, required: bool) -> list[str] | None:
@@ -102,14 +191,16 @@ def read_classes(path: str | Path, required: bool) -> list[str] | None:
         raise CliError(f"{path} is not JSON: {e}") from None
     if not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)):
         raise CliError(f"{path} must hold a JSON list of class names")
+    if len(set(classes)) != len(classes):
+        raise CliError(f"{path} names a class twice")
     return classes
 
 
-def load_init(model: HiFuse, path: str) -> None:
+def load_init(model: HiFuse, path: str, trust: bool = False) -> None:
     """--init: weights for fine-tuning; the classifier is the model's own."""
-    read_state(path)  # a clear message for a missing or unreadable file
+    state = read_state(path, trust)
     try:
-        ckpt.load_checkpoint(model, path, drop_head=True)
+        ckpt.load_state(model, state, drop_head=True, source=path)
     except ckpt.CheckpointMismatchError as e:
         title, first = (line.strip() for line in str(e).splitlines()[1:3])
         raise CliError(f"--init {path} does not fit --model: {title} first {first}") from None

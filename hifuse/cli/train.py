@@ -22,50 +22,72 @@ import torch.distributed as dist
 from .. import config
 from . import data as data_
 from . import metrics as metrics_
-from . import models
+from . import models, options, preprocess
 from .bench import no_decay_groups
 from .errors import CliError
 
 RUN_FILES = ("last.pth", "best_model.pth", "metrics.jsonl", "classes.json", "settings.json", "tensorboard")
 # what defines a run; the rest (workers, device, ...) may change on --resume
 RUN_SETTINGS = (
-    "data", "images", "labels", "val_split", "model", "irmlp", "depths", "dims", "heads", "img_size",
+    "data", "images", "labels", "val_split", "val_labels", "val_images", "id_column", "label_column",
+    "group_column", "keep_empty_classes", "model", "irmlp", "depths", "dims", "heads", "img_size", "bit_depth",
     "epochs", "batch_size", "lr", "min_lr", "weight_decay", "warmup_epochs", "amp", "fused", "compile",
-    "channels_last", "seed", "init", "select", "sync_bn", "strict",
+    "channels_last", "seed", "init", "select", "sync_bn", "strict", "class_weights", "sampler", "label_smoothing",
+    "drop_path",
 )
+# settings added since runs were first saved, with the value older runs had
+LATER_SETTINGS = dict(
+    val_labels=None, val_images=None, id_column=None, label_column=None, group_column=None,
+    keep_empty_classes=False, bit_depth=None, class_weights="none", sampler="shuffle", label_smoothing=0.0,
+    drop_path=0.0,
+)
+# may change on --resume: where the data is now, and how fast it runs (same numbers)
+RESUME_APPLIES = ("data", "images", "labels", "val_labels", "val_images", "fused", "compile", "channels_last", "strict")
+PATHS = ("data", "images", "labels", "val_labels", "val_images", "init")
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("train", help="train HiFuse on an image folder or an ISIC CSV",
+    p = sub.add_parser("train", help="train HiFuse on an image folder or a label CSV", formatter_class=options.Formatter,
                        description="Train HiFuse with the paper's recipe (AdamW, warm-up + cosine, 224x224).")
     p.add_argument("--data", help="DIR with train/<class>/* and val/<class>/* (or class folders and --val-split)")
-    p.add_argument("--images", help="image folder of the ISIC CSV form (with --labels)")
-    p.add_argument("--labels", help="CSV: image name, then one-hot class columns or a 'label' column")
-    p.add_argument("--val-split", type=float, help="fraction of train kept for validation (seeded, per class)")
-    p.add_argument("--out", required=True, help="run folder: checkpoints, metrics.jsonl, TensorBoard logs")
+    options.add_csv(p, group=True)
+    p.add_argument("--val-split", type=float, help="fraction of train kept for validation (seeded, per class; per group with --group-column)")
+    p.add_argument("--val-labels", help="label CSV of the validation images (the CSV form), instead of --val-split")
+    p.add_argument("--val-images", help="image folder of --val-labels (default: --images)")
+    p.add_argument("--out", help="run folder: checkpoints, metrics.jsonl, TensorBoard logs (with --resume LAST_PTH: its folder)")
     p.add_argument("--model", default="hifuse_tiny", help="hifuse_tiny, hifuse_small or hifuse_base")
     p.add_argument("--irmlp", default="full", choices=["full", "depthwise"], help="IRMLP conv1 (full: published)")
     p.add_argument("--depths", type=_ints, help="architecture override: blocks per stage, e.g. 1,1,1,1")
     p.add_argument("--dims", type=_ints, help="architecture override: channels per stage, e.g. 32,64,128,256")
     p.add_argument("--heads", type=_ints, help="architecture override: attention heads per stage")
-    p.add_argument("--img-size", type=int, default=224)
-    p.add_argument("--epochs", type=int, default=100)
+    p.add_argument("--img-size", type=int, default=224, help="input side (a multiple of 32)")
+    p.add_argument("--bit-depth", type=int, help="bits of 16-bit-container images, e.g. 12 (default: the file's)")
+    p.add_argument("--epochs", type=int, default=100, help="epochs in all (with --resume: a larger number extends the run)")
     p.add_argument("--batch-size", type=int, default=32, help="images per step and process")
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--min-lr", type=float, default=1e-6)
-    p.add_argument("--weight-decay", type=float, default=0.01)
-    p.add_argument("--warmup-epochs", type=float, default=1.0)
-    p.add_argument("--amp", choices=["bf16", "fp16", "none"], help="autocast dtype (default: bf16 on a GPU, none on CPU)")
+    p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate")
+    p.add_argument("--min-lr", type=float, default=1e-6, help="learning rate at the end of the cosine")
+    p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (none on norms and biases)")
+    p.add_argument("--warmup-epochs", type=float, default=1.0, help="epochs of linear warm-up")
+    p.add_argument("--class-weights", default="none", metavar="none|balanced|FILE",
+                   help="cross-entropy class weights: none, balanced (n / (classes x count)) or a JSON file {class: weight}")
+    p.add_argument("--sampler", choices=["shuffle", "balanced"], default="shuffle",
+                   help="balanced: draw each class equally often (with replacement; seeded, DDP and resume exact)")
+    p.add_argument("--label-smoothing", type=float, default=0.0, help="cross-entropy label smoothing")
+    p.add_argument("--drop-path", type=float, default=0.0, help="stochastic depth of both branches (linear decay over blocks)")
+    p.add_argument("--amp", choices=options.AMP, help="autocast dtype (default: bf16 on a GPU, none on CPU)")
     p.add_argument("--fused", action=argparse.BooleanOptionalAction, default=None,
                    help="fused kernels (default: on with a GPU; on CPU they are for testing, not speed)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--channels-last", action="store_true", help="channels_last model and inputs")
     p.add_argument("--workers", type=int, default=data_.default_workers(), help="data loading processes")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--init", help="weights to start from (the classifier is left new: fine-tuning)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pth")
+    p.add_argument("--seed", type=int, default=0, help="seeds the split, shuffling, augmentation and weights")
+    p.add_argument("--init", "--weights", dest="init", help="weights to start from (the classifier is left new: fine-tuning)")
+    p.add_argument("--trust-checkpoint", action="store_true", help="--init may hold Python objects besides tensors (trusted files only)")
+    p.add_argument("--resume", nargs="?", const=True, default=False, metavar="LAST_PTH",
+                   help="continue the run in --out (or the one whose last.pth is named)")
     p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
-    p.add_argument("--select", choices=["acc", "f1"], default="acc", help="validation metric choosing best_model.pth")
+    p.add_argument("--select", choices=["acc", "balanced_acc", "f1", "auc"], default="acc",
+                   help="validation metric choosing best_model.pth")
     p.add_argument("--sync-bn", action="store_true", help="BatchNorm statistics over all processes (DDP)")
     p.add_argument("--strict", action="store_true", help="unreadable images are an error, not skipped")
     p.add_argument("--device", help="cuda, cuda:1 or cpu (default: cuda when present; under torchrun the local rank's GPU)")
@@ -134,19 +156,28 @@ def rng_states() -> dict:
     return states
 
 
-def prepare_out(out: Path, resume: bool, overwrite: bool, main: bool) -> None:
-    existing = [name for name in RUN_FILES if (out / name).exists()]
+def check_out(out: Path, resume: bool, overwrite: bool) -> None:
+    """Refuses an output that is a file, or holds a run that is neither resumed nor replaced."""
+    if out.exists() and not out.is_dir():
+        raise CliError(f"--out {out} is a file; name a folder for the run")
     if resume:
         if not (out / "last.pth").is_file():
             raise CliError(f"--resume: {out} holds no last.pth to continue from")
         return
+    existing = [name for name in RUN_FILES if (out / name).exists()]
     if existing and not overwrite:
         raise CliError(f"{out} already holds a run ({', '.join(existing)}): pass --resume to continue it or --overwrite to replace it")
-    if main:
-        for name in existing:
+
+
+def make_out(out: Path, resume: bool) -> None:
+    """Clears a replaced run and creates the folder; called once everything is checked, so a
+    start that fails on bad arguments leaves nothing behind."""
+    if not resume:
+        for name in RUN_FILES:
             target = out / name
-            shutil.rmtree(target) if target.is_dir() else target.unlink()
-        out.mkdir(parents=True, exist_ok=True)
+            if target.exists():
+                shutil.rmtree(target) if target.is_dir() else target.unlink()
+    out.mkdir(parents=True, exist_ok=True)
 
 
 def optimizer_for(model: torch.nn.Module, s: dict) -> torch.optim.Optimizer:
@@ -155,16 +186,43 @@ def optimizer_for(model: torch.nn.Module, s: dict) -> torch.optim.Optimizer:
 
 
 def schedule(s: dict, steps_per_epoch: int):
-    """Learning rate factor per step: linear warm-up, then cosine from lr to min_lr."""
-    total = max(1, s["epochs"] * steps_per_epoch)
-    warmup = min(total, round(s["warmup_epochs"] * steps_per_epoch))
+    """Learning rate factor per step: linear warm-up, then cosine from lr to min_lr. A run
+    extended on --resume (``s["extended"]``) keeps its curve up to the resumed epoch and from
+    there runs the cosine from that point's value down to min_lr over the new end."""
     floor = s["min_lr"] / s["lr"]
+    extended = s.get("extended", [])
+    warmup_epochs = s["warmup_epochs"]
+
+    def base(epochs: int):
+        total = max(1, epochs * steps_per_epoch)
+        warmup = min(total, round(warmup_epochs * steps_per_epoch))
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            progress = (step - warmup) / max(1, total - warmup)
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+        return factor, warmup
+
+    factor, warmup = base(extended[0]["from_epochs"] if extended else s["epochs"])
+    for e in extended:
+        at, total = e["at_epoch"] * steps_per_epoch, max(1, e["to_epochs"] * steps_per_epoch)
+        if at <= warmup:  # still warming up: the plain schedule of the new length
+            factor = base(e["to_epochs"])[0]
+            continue
+        factor = _stretched(factor, at, total, floor)
+    return factor
+
+
+def _stretched(before, at: int, total: int, floor: float):
+    start = before(at)
 
     def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total - warmup)
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        if step < at:
+            return before(step)
+        progress = (step - at) / max(1, total - at)
+        return floor + (start - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
     return factor
 
@@ -185,14 +243,15 @@ class Shard(torch.utils.data.Sampler):
 
 def settings_of(args) -> dict:
     s = {k: getattr(args, k) for k in RUN_SETTINGS}
-    for k in ("data", "images", "labels", "init"):
+    for k in PATHS:
         if s[k]:
             s[k] = str(Path(s[k]).resolve())
     return s
 
 
 def check_settings(s: dict) -> None:
-    data_.check_img_size(s["img_size"])
+    preprocess.check_img_size(s["img_size"])
+    preprocess.check_bit_depth(s["bit_depth"])
     for name in ("epochs", "batch_size"):
         if s[name] <= 0:
             raise CliError(f"--{name.replace('_', '-')} must be positive, got {s[name]}")
@@ -200,13 +259,62 @@ def check_settings(s: dict) -> None:
         raise CliError(f"need 0 <= --min-lr <= --lr and --lr > 0 (got lr {s['lr']}, min-lr {s['min_lr']})")
     if s["warmup_epochs"] < 0:
         raise CliError("--warmup-epochs must not be negative")
+    if not 0 <= s["label_smoothing"] < 1:
+        raise CliError(f"--label-smoothing must be within [0, 1), got {s['label_smoothing']}")
+    if not 0 <= s["drop_path"] < 1:
+        raise CliError(f"--drop-path must be within [0, 1), got {s['drop_path']}")
+    if s["group_column"] and s["val_split"] is None:
+        raise CliError("--group-column groups images for --val-split; give --val-split too")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def resumed_settings(saved: dict, args, done: int) -> tuple[dict, list[str]]:
+    """The run's settings with what --resume may change from the command line applied; the
+    lines saying what changed. Anything else given that differs is refused, all at once."""
+    import warnings
+
+    s = {**LATER_SETTINGS, **saved}
+    given = getattr(args, "given", set())
+    wanted = settings_of(args)
+    notes, refused = [], []
+    for k in sorted(given & set(RUN_SETTINGS)):
+        new, old = wanted[k], s.get(k)
+        if new == old or (k == "fused" and new is None):
+            continue
+        if k in RESUME_APPLIES:
+            notes.append(f"{_flag(k)} {new} (was {old})")
+            s[k] = new
+        elif k == "batch_size":
+            warnings.warn(f"--resume with --batch-size {new} (the run used {old}): steps per epoch change, the learning-rate "
+                          "schedule goes on from the same point in epochs, and the result differs from an uninterrupted run",
+                          stacklevel=2)
+            notes.append(f"--batch-size {new} (was {old})")
+            s[k] = new
+        elif k == "epochs":
+            if new < old:
+                refused.append(f"--epochs {new} (the run has {old}; --resume can only extend it)")
+                continue
+            notes.append(f"--epochs {new} (was {old}): the cosine schedule is stretched from epoch {done + 1} on")
+            s["extended"] = [*s.get("extended", []), {"at_epoch": done, "from_epochs": old, "to_epochs": new}]
+            s[k] = new
+        else:
+            refused.append(f"{_flag(k)} {new} (the run's: {old})")
+    if refused:
+        raise CliError("--resume keeps the run's settings; these differ: " + "; ".join(refused) +
+                       ". Start a new run (another --out, or --overwrite) to change them")
+    if notes:
+        s["resumed"] = [*s.get("resumed", []), {"at_epoch": done, "changed": notes}]
+    return s, notes
 
 
 # ----------------------------------------------------------------------------- the run
 
 
 def run(args) -> int:
-    out = Path(args.out)
+    out = _out_folder(args)
     d = Dist(args.device)
     try:
         return _run(args, out, d)
@@ -214,12 +322,31 @@ def run(args) -> int:
         d.close()
 
 
+def _out_folder(args) -> Path:
+    """--out, or with --resume LAST_PTH the folder that holds it."""
+    if isinstance(args.resume, str):
+        named = Path(args.resume)
+        if named.is_dir():
+            named = named / "last.pth"
+        if not named.is_file():
+            raise CliError(f"--resume {args.resume}: no such file")
+        if named.name != "last.pth":
+            raise CliError(f"--resume {args.resume}: name a run's last.pth (a training checkpoint), not {named.name}")
+        if args.out and Path(args.out).resolve() != named.parent.resolve():
+            raise CliError(f"--resume {named} continues the run in {named.parent}, not --out {args.out}")
+        return named.parent
+    if not args.out:
+        raise CliError("give --out RUN_DIR (or --resume RUN_DIR/last.pth)")
+    return Path(args.out)
+
+
 def _run(args, out: Path, d: Dist) -> int:
-    prepare_out(out, args.resume, args.overwrite, d.main)
-    state = None
-    if args.resume:
+    resume = bool(args.resume)
+    check_out(out, resume, args.overwrite)
+    state, notes = None, []
+    if resume:
         state = torch.load(out / "last.pth", map_location="cpu", weights_only=False)
-        s = state["settings"]
+        s, notes = resumed_settings(state["settings"], args, state["epoch"] + 1)
     else:
         s = settings_of(args)
     check_settings(s)
@@ -227,24 +354,33 @@ def _run(args, out: Path, d: Dist) -> int:
         s["amp"] = "bf16" if d.device.type == "cuda" else "none"
     if s["fused"] is None:
         s["fused"] = d.device.type == "cuda"
+    pre = preprocess.Preprocess(img_size=s["img_size"], bit_depth=s["bit_depth"])
+    s["preprocess"] = pre.to_dict()
 
+    # everything that can refuse the command runs before a file is written
     ns = _Namespace(s, workers=args.workers)
     train_samples, val_samples = data_.load_splits(ns)
-    train_samples = data_.check_images(train_samples, s["strict"], args.workers, "train")
-    val_samples = data_.check_images(val_samples, s["strict"], args.workers, "val")
+    train_samples = data_.check_images(train_samples, s["strict"], args.workers, "train", pre.bit_depth)
+    val_samples = data_.check_images(val_samples, s["strict"], args.workers, "val", pre.bit_depth)
     classes = train_samples.classes
     if state is not None and state["classes"] != classes:
         raise CliError(f"--resume: the data's classes {classes} differ from the run's {state['classes']}")
-    if d.main:
-        (out / "classes.json").write_text(json.dumps(classes, indent=1) + "\n")
-        (out / "settings.json").write_text(json.dumps(s, indent=1) + "\n")
-
+    weights = data_.class_weights(s["class_weights"], train_samples)
+    if weights is not None:
+        s["class_weight_values"] = dict(zip(classes, weights.tolist()))
     seed_all(s["seed"], 0)
     model = models.build(s, len(classes))
     if s["init"] and state is None:
-        models.load_init(model, s["init"])
+        models.load_init(model, s["init"], getattr(args, "trust_checkpoint", False))
     if state is not None:
         model.load_state_dict(state["model"])
+    if d.main:
+        make_out(out, resume)
+        (out / "classes.json").write_text(json.dumps(classes, indent=1) + "\n")
+        (out / "settings.json").write_text(json.dumps(s, indent=1) + "\n")
+    if d.world > 1:
+        dist.barrier()
+
     if s["sync_bn"] and d.world > 1:
         if d.device.type == "cuda":
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -266,9 +402,12 @@ def _run(args, out: Path, d: Dist) -> int:
     if s["compile"]:
         net = torch.compile(net)
 
-    train_set = data_.ImageDataset(train_samples, data_.transforms(s["img_size"], True), seed=s["seed"])
-    val_set = data_.ImageDataset(val_samples, data_.transforms(s["img_size"], False))
-    sampler = torch.utils.data.DistributedSampler(train_set, d.world, d.rank, shuffle=True, seed=s["seed"])
+    train_set = data_.ImageDataset(train_samples, preprocess.train_transform(pre), seed=s["seed"], bit_depth=pre.bit_depth)
+    val_set = data_.ImageDataset(val_samples, preprocess.eval_transform(pre), bit_depth=pre.bit_depth)
+    if s["sampler"] == "balanced":
+        sampler = data_.BalancedSampler(train_samples.labels, len(classes), s["seed"], d.rank, d.world)
+    else:
+        sampler = torch.utils.data.DistributedSampler(train_set, d.world, d.rank, shuffle=True, seed=s["seed"])
     loader_args = dict(num_workers=args.workers, pin_memory=d.device.type == "cuda", persistent_workers=False)
     per_rank = len(sampler)
     train_loader = torch.utils.data.DataLoader(
@@ -286,35 +425,42 @@ def _run(args, out: Path, d: Dist) -> int:
         sched.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         start, best = state["epoch"] + 1, state["best"]
+        sched.last_epoch = start * len(train_loader)  # the same point in epochs under a new batch size
         _restore_rng(state["rng"])
         if d.main:
             _truncate_metrics(out / "metrics.jsonl", start)
+            for note in notes:
+                print(f"hifuse train: --resume applies {note}")
         if start >= s["epochs"]:
             if d.main:
-                print(f"hifuse train: {out} finished all {s['epochs']} epochs already")
+                print(f"hifuse train: {out} finished all {s['epochs']} epochs already (a larger --epochs extends it)")
             return 0
+    if weights is not None:
+        weights = weights.to(d.device)
 
     writer = None
     if d.main:
         from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(out / "tensorboard")
+        # on resume, events of epochs past the checkpoint (a run killed after logging them) are purged
+        writer = SummaryWriter(out / "tensorboard", purge_step=start + 1 if state is not None else None)
         print(
             f"hifuse train: {models.variant_name(model_arch(model))} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters), "
             f"{len(classes)} classes, {len(train_set)} train / {len(val_set)} val images, {d.world} process(es) on {d.device}, "
             f"amp {s['amp']}, fused {'on' if s['fused'] else 'off'}" + (f", resuming at epoch {start + 1}" if start else "")
         )
     autocast = dict(device_type=d.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
+    loss_fn = dict(weight=weights, label_smoothing=s["label_smoothing"])
 
     for epoch in range(start, s["epochs"]):
         seed_all(s["seed"], epoch)
         sampler.set_epoch(epoch)
         train_set.epoch = epoch
         t0 = time.perf_counter()
-        train_loss, train_acc = _train_epoch(net, train_loader, opt, sched, scaler, autocast, fmt, d, epoch, s["epochs"])
+        train_loss, train_acc = _train_epoch(net, train_loader, opt, sched, scaler, autocast, fmt, d, epoch, s["epochs"], loss_fn)
         val = _validate(net, val_loader, classes, autocast, fmt, d)
         seconds = time.perf_counter() - t0
-        score = val["accuracy"] if s["select"] == "acc" else val["f1"]
+        score = metrics_.selection_score(val, s["select"])
         improved = best is None or score > best
         if improved:
             best = score
@@ -322,8 +468,8 @@ def _run(args, out: Path, d: Dist) -> int:
             record = {
                 "epoch": epoch + 1, "train_loss": train_loss, "train_accuracy": train_acc, "val_loss": val["loss"],
                 "val_accuracy": val["accuracy"], "val_precision": val["precision"], "val_recall": val["recall"],
-                "val_f1": val["f1"], "val_per_class": val["per_class"], "lr": opt.param_groups[0]["lr"],
-                "seconds": seconds, "best": improved,
+                "val_f1": val["f1"], "val_balanced_accuracy": val["balanced_accuracy"], "val_auc": val["auc"],
+                "val_per_class": val["per_class"], "lr": opt.param_groups[0]["lr"], "seconds": seconds, "best": improved,
             }
             _report(record, val, writer, epoch, s["epochs"])
             if improved:
@@ -376,7 +522,7 @@ def _save_atomic(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _train_epoch(net, loader, opt, sched, scaler, autocast, fmt, d: Dist, epoch: int, epochs: int):
+def _train_epoch(net, loader, opt, sched, scaler, autocast, fmt, d: Dist, epoch: int, epochs: int, loss_fn: dict):
     from tqdm import tqdm
 
     net.train()
@@ -390,7 +536,7 @@ def _train_epoch(net, loader, opt, sched, scaler, autocast, fmt, d: Dist, epoch:
         y = y.to(d.device, non_blocking=True)
         with torch.autocast(**autocast):
             logits = net(x)
-            loss = torch.nn.functional.cross_entropy(logits, y)
+            loss = torch.nn.functional.cross_entropy(logits, y, **loss_fn)
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(opt)
@@ -421,12 +567,15 @@ def _report(record: dict, val: dict, writer, epoch: int, epochs: int) -> None:
     print(
         f"epoch {epoch + 1}/{epochs}  train loss {record['train_loss']:.4f} acc {record['train_accuracy']:.4f}  |  "
         f"val loss {record['val_loss']:.4f} acc {record['val_accuracy']:.4f} precision {record['val_precision']:.4f} "
-        f"recall {record['val_recall']:.4f} f1 {record['val_f1']:.4f}  |  lr {record['lr']:.2e}  "
+        f"recall {record['val_recall']:.4f} f1 {record['val_f1']:.4f} balanced acc {record['val_balanced_accuracy']:.4f} "
+        f"auc {'-' if record['val_auc'] is None else format(record['val_auc'], '.4f')}  |  lr {record['lr']:.2e}  "
         f"{record['seconds']:.1f} s" + ("  (best)" if record["best"] else ""),
         flush=True,
     )
     print(metrics_.table(val), flush=True)
-    for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_precision", "val_recall", "val_f1", "lr"):
-        group, _, name = key.partition("_")
-        writer.add_scalar(f"{group}/{name}" if name else key, record[key], epoch + 1)
+    for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_precision", "val_recall", "val_f1",
+                "val_balanced_accuracy", "val_auc", "lr"):
+        if record[key] is not None:
+            group, _, name = key.partition("_")
+            writer.add_scalar(f"{group}/{name}" if name else key, record[key], epoch + 1)
     writer.flush()
