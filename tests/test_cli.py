@@ -6,10 +6,7 @@ epochs take seconds; the code paths are those of the published sizes.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
-import os
 import re
 import shutil
 import signal
@@ -28,60 +25,11 @@ pytest.importorskip("matplotlib")
 
 from PIL import Image  # noqa: E402
 
-from hifuse.cli import main  # noqa: E402
+from cli_helpers import ROOT, SMALL, cli, demo, env, model_state, one_line_error, run_cli, tiny_data, trained  # noqa: E402,F401
 from hifuse.cli import data as cli_data  # noqa: E402
 from hifuse.cli import demo_data  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-SMALL = ["--depths", "1,1,1,1", "--dims", "16,32,64,128", "--heads", "1,2,4,8", "--img-size", "64", "--workers", "0"]
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
-
-
-def cli(*args: str) -> tuple[int, str, str]:
-    """main() in this process: (exit status, stdout, stderr)."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = main([str(a) for a in args])
-    return rc, out.getvalue(), err.getvalue()
-
-
-def env() -> dict:
-    e = dict(os.environ)
-    e["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{e.get('PATH', '')}"
-    for name in ("HIFUSE_FUSED", "TRITON_INTERPRET"):  # set by the test session, not by a user
-        e.pop(name, None)
-    return e
-
-
-def run_cli(*args: str, cwd=None, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "hifuse", *map(str, args)], cwd=cwd, env=env(),
-                          capture_output=True, text=True, timeout=600, **kw)
-
-
-def model_state(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=False)["model"]
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("cli") / "demo"
-    rc, out, err = cli("demo-data", root)
-    assert rc == 0, err
-    return root
-
-
-@pytest.fixture(scope="module")
-def trained(demo, tmp_path_factory) -> Path:
-    """A run of four epochs on the demo data."""
-    out = tmp_path_factory.mktemp("cli") / "run"
-    rc, stdout, err = cli("train", "--data", demo, "--out", out, "--epochs", "4", "--lr", "1e-3", "--batch-size", "16", *SMALL)
-    assert rc == 0, err
-    return out
-
-
-def tiny_data(root: Path, per_class: int, val: int = 1) -> Path:
-    demo_data.write(root, 64, {"train": per_class, "val": val}, seed=1)
-    return root
 
 
 def test_training_learns_the_demo_data(trained):
@@ -198,16 +146,19 @@ def test_predict_formats_and_converts_grayscale_and_rgba(trained, demo, tmp_path
     assert len(json.loads(out)[0]["top"]) == 3
 
 
-def test_explain_writes_an_image_of_the_input_size(trained, demo, tmp_path):
+def test_explain_draws_the_image_and_the_map_with_predicts_probability(trained, demo, tmp_path):
     image = tmp_path / "wide.png"
     with Image.open(next((demo / "test" / "checks").iterdir())) as im:
         im.resize((80, 48)).save(image)
-    rc, out, err = cli("explain", image, "--checkpoint", trained / "best_model.pth", "--img-size", "64",
-                       "--out", tmp_path / "cam.png", "--class", "checks")
+    rc, out, err = cli("explain", image, "--checkpoint", trained / "best_model.pth", "--out", tmp_path / "cam.png")
     assert rc == 0, err
     with Image.open(tmp_path / "cam.png") as cam:
-        assert cam.size == (80, 48) and cam.mode == "RGB"
-    rc, _, err = cli("explain", image, "--checkpoint", trained / "best_model.pth", "--out", tmp_path / "x.png", "--class", "nope")
+        assert cam.size[0] >= 800 and cam.size[1] >= 400  # two readable panels and a colour bar, upscaled
+    rc, pred, err = cli("predict", image, "--checkpoint", trained / "best_model.pth", "--format", "json", "--topk", "1")
+    assert rc == 0, err
+    top = json.loads(pred)[0]["top"][0]
+    assert f"{top['class']} (probability {top['probability']:.4f})" in out  # the same preprocessing
+    rc, out, err = cli("explain", image, "--checkpoint", trained / "best_model.pth", "--out", tmp_path / "x.png", "--class", "nope")
     assert rc == 2 and "nope" in err
 
 
@@ -276,16 +227,6 @@ def test_distributed_step_equals_one_process_on_the_global_batch(tmp_path):
 
 
 # ----------------------------------------------------------------------------- bad input
-
-
-def one_line_error(result: tuple[int, str, str], *needles: str) -> None:
-    rc, _out, err = result
-    assert rc == 2, err
-    lines = [line for line in err.strip().splitlines() if line]
-    assert lines and lines[0].startswith("hifuse"), err
-    assert "Traceback" not in err
-    for needle in needles:
-        assert needle in err, err
 
 
 def test_missing_and_empty_folders(tmp_path):
@@ -386,7 +327,9 @@ def test_csv_labels(tmp_path):
 
 def test_augmentation_depends_only_on_seed_epoch_and_index(demo):
     samples = cli_data.scan_folder(demo / "train")
-    ds = cli_data.ImageDataset(samples, cli_data.transforms(64, True), seed=5)
+    from hifuse.cli import preprocess
+
+    ds = cli_data.ImageDataset(samples, preprocess.train_transform(preprocess.Preprocess(img_size=64)), seed=5)
     a = ds[3][0]
     torch.manual_seed(123)
     assert torch.equal(ds[3][0], a)

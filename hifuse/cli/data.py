@@ -23,7 +23,6 @@ import torch
 
 from . import preprocess
 from .errors import CliError
-from .preprocess import check_img_size  # noqa: F401  (re-exported for the commands)
 
 logger = logging.getLogger("hifuse")
 
@@ -275,9 +274,9 @@ def load_splits(args) -> tuple[Samples, Samples]:
                            f"{root / 'val'}, or move that folder away to split {train_root}")
         train, val = split(scan_folder(train_root), args.val_split, args.seed)
     else:
+        train = scan_folder(train_root)
         if not has_val:
             raise CliError(f"{root} has no val folder: add {root}/val/<class>/... or pass --val-split 0.2")
-        train = scan_folder(train_root)
         val = scan_folder(root / "val", train.classes, allow_empty=True)
     warn_missing(val, "the validation split")
     return train, val

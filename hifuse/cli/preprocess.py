@@ -95,7 +95,12 @@ def container_bits(im) -> int:
     return 16 if im.format == "PNG" else 32
 
 
-def _scale_high_depth(im, path: Path, bit_depth: int | None):
+def file_bits(im, path: Path) -> int:
+    """Bits per sample a high-bit-depth grayscale file says it holds (PNG's sBIT first)."""
+    return (png_significant_bits(path) if im.format == "PNG" else None) or container_bits(im)
+
+
+def _scale_high_depth(im, depth: int):
     import numpy as np
     from PIL import Image
 
@@ -104,7 +109,6 @@ def _scale_high_depth(im, path: Path, bit_depth: int | None):
         raise ImageError("floating-point pixels; convert the image to 8 or 16 bits first")
     if values.size and values.min() < 0:
         raise ImageError("signed pixel values (e.g. CT Hounsfield units); window them to an unsigned range first")
-    depth = bit_depth or (png_significant_bits(path) if im.format == "PNG" else None) or container_bits(im)
     if depth > 16:
         raise ImageError(f"{depth}-bit pixels; convert the image to 8 or 16 bits first")
     top = 2**depth - 1
@@ -123,9 +127,10 @@ def decode(path: Path, bit_depth: int | None = None):
         im.load()
         if im.mode == "F":
             raise ImageError("floating-point pixels; convert the image to 8 or 16 bits first")
-        im = ImageOps.exif_transpose(im)
-        if im.mode in HIGH_DEPTH_MODES:
-            return _scale_high_depth(im, Path(path), bit_depth)
+        depth = (bit_depth or file_bits(im, Path(path))) if im.mode in HIGH_DEPTH_MODES else None
+        im = ImageOps.exif_transpose(im)  # a copy, without the file's format and tags
+        if depth is not None:
+            return _scale_high_depth(im, depth)
         if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
             # transparent pixels show their stored colour; drop the alpha as PIL's convert does
             return im.convert("RGBA").convert("RGB")
