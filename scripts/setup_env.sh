@@ -29,6 +29,6 @@ command -v cmake >/dev/null || tools+=("cmake>=3.18")
 "${pip[@]}" "${tools[@]}"
 
 echo "hifuse setup: building and installing hifuse (editable) with its native extension"
-"${pip[@]}" --no-build-isolation -e "$root[test,train]"
+"${pip[@]}" --no-build-isolation -e "$root[test,train,export]"
 "$python" -c "import hifuse_kernels as k; print('hifuse setup: native ops', k.native_load_error() or 'built and loaded')"
 export HIFUSE_PYTHON="$python"
