@@ -21,7 +21,7 @@ pytest.importorskip("matplotlib")
 
 from PIL import Image  # noqa: E402
 
-from cli_helpers import ROOT, SMALL, cli, demo, env, one_line_error, trained  # noqa: E402,F401
+from cli_helpers import cli, demo, env, one_line_error, trained  # noqa: E402,F401
 from hifuse.cli import parser  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -38,10 +38,15 @@ def metrics(path: Path) -> dict:
     return json.loads((path / "metrics.json").read_text())
 
 
-def test_classes_without_names_are_refused_and_mapped_by_name_when_given(trained, demo, tmp_path):
-    rc, _, err = cli("evaluate", "--data", demo, "--checkpoint", trained / "best_model.pth", "--workers", "0",
-                     "--out", tmp_path / "run")
+def evaluate(checkpoint: Path, data: Path, out: Path, *extra) -> dict:
+    """``hifuse evaluate`` that must succeed; its metrics.json."""
+    rc, _, err = cli("evaluate", "--data", data, "--checkpoint", checkpoint, "--workers", "0", "--out", out, *extra)
     assert rc == 0, err
+    return metrics(out)
+
+
+def test_classes_without_names_are_refused_and_mapped_by_name_when_given(trained, demo, tmp_path):
+    run = evaluate(trained / "best_model.pth", demo, tmp_path / "run")
     bare = bare_copy(trained, tmp_path)
     one_line_error(cli("evaluate", "--data", demo, "--checkpoint", bare, "--img-size", "64", "--workers", "0"),
                    "no class names", "--classes")
@@ -51,27 +56,20 @@ def test_classes_without_names_are_refused_and_mapped_by_name_when_given(trained
     for i, name in enumerate(order):
         shutil.copytree(demo / "test" / name, renamed / f"{len(order) - i}_{name}")
     mapping = ",".join(f"{len(order) - i}_{name}" for i, name in enumerate(order))
-    rc, _, err = cli("evaluate", "--data", renamed, "--checkpoint", bare, "--img-size", "64", "--workers", "0",
-                     "--classes", mapping, "--out", tmp_path / "named")
-    assert rc == 0, err
-    assert metrics(tmp_path / "named")["accuracy"] == metrics(tmp_path / "run")["accuracy"] > 0.9
+    named = evaluate(bare, renamed, tmp_path / "named", "--img-size", "64", "--classes", mapping)
+    assert named["accuracy"] == run["accuracy"] > 0.9
     # with names known (classes.json beside it), folders that sort differently map by name
     shutil.copy(trained / "classes.json", tmp_path / "bare" / "classes.json")
     shuffled = tmp_path / "shuffled"
     for name in order:
         shutil.copytree(demo / "test" / name, shuffled / name)
     (tmp_path / "bare" / "classes.json").write_text(json.dumps(order))
-    rc, _, err = cli("evaluate", "--data", shuffled, "--checkpoint", bare, "--img-size", "64", "--workers", "0",
-                     "--out", tmp_path / "byname")
-    assert rc == 0, err
-    assert metrics(tmp_path / "byname")["confusion"] == metrics(tmp_path / "run")["confusion"]
+    assert evaluate(bare, shuffled, tmp_path / "byname", "--img-size", "64")["confusion"] == run["confusion"]
 
 
 def test_the_runs_image_size_is_the_default(trained, demo, tmp_path):
-    rc, out, err = cli("evaluate", "--data", demo, "--checkpoint", trained / "best_model.pth", "--workers", "0",
-                       "--out", tmp_path / "e")
-    assert rc == 0, err
-    assert metrics(tmp_path / "e")["preprocess"]["img_size"] == 64  # the run's, not 224
+    res = evaluate(trained / "best_model.pth", demo, tmp_path / "e")
+    assert res["preprocess"]["img_size"] == 64  # the run's, not 224
     with pytest.warns(UserWarning, match="--img-size 96 differs from the run's 64"):
         rc, _, err = cli("predict", demo / "test" / "spots", "--checkpoint", trained / "best_model.pth", "--img-size", "96")
     assert rc == 0, err
@@ -81,9 +79,7 @@ def test_the_runs_image_size_is_the_default(trained, demo, tmp_path):
     shutil.copy(trained / "best_model.pth", old / "best_model.pth")
     shutil.copy(trained / "classes.json", old / "classes.json")
     (old / "settings.json").write_text(json.dumps({"img_size": 64}))
-    rc, _, err = cli("evaluate", "--data", demo, "--checkpoint", old / "best_model.pth", "--workers", "0", "--out", tmp_path / "o")
-    assert rc == 0, err
-    assert metrics(tmp_path / "o")["confusion"] == metrics(tmp_path / "e")["confusion"]
+    assert evaluate(old / "best_model.pth", demo, tmp_path / "o")["confusion"] == res["confusion"]
 
 
 def test_evaluate_writes_the_fields_metrics(trained, demo, tmp_path):

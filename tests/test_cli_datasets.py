@@ -147,10 +147,13 @@ def test_val_folder_missing_a_class_warns(tmp_path):
     for f in (data / "val" / "spots").iterdir():
         f.unlink()
     with pytest.warns(UserWarning, match="validation split has no images of spots"):
-        rc, out, err = cli("train", "--data", data, "--epochs", "1", "--batch-size", "6", "--out", tmp_path / "r", *SMALL)
+        rc, out, err = cli("train", "--data", data, "--epochs", "1", "--batch-size", "6", "--select", "auc",
+                           "--out", tmp_path / "r", *SMALL)
     assert rc == 0, err
     record = json.loads((tmp_path / "r" / "metrics.jsonl").read_text())
     assert record["val_per_class"]["spots"]["auc"] is None  # not measurable, not a made-up number
+    others = [m["auc"] for name, m in record["val_per_class"].items() if name != "spots"]
+    assert record["val_auc"] == pytest.approx(sum(others) / 3) and record["best"]
 
 
 def test_class_weights():

@@ -202,6 +202,18 @@ def read_label_csv(images: Path, labels_csv: Path, form: CsvForm | None = None) 
     return samples
 
 
+def read_csv_form(args, other: str | None) -> Samples:
+    """The label-CSV form of evaluate and predict, every class kept (a split may lack some);
+    ``other`` names the other form's input when the user gave it too."""
+    if other:
+        raise CliError(f"give {other} or --images and --labels, not both")
+    if not (args.images and args.labels):
+        raise CliError("--images and --labels go together (the label-CSV form)")
+    form = csv_form(args)
+    form.keep_empty_classes = True
+    return read_label_csv(Path(args.images), Path(args.labels), form)
+
+
 # ----------------------------------------------------------------------------- splits
 
 

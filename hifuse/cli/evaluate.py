@@ -56,13 +56,7 @@ def class_list(loaded: models.Loaded, found: list[str], where: str, checkpoint: 
 def samples_of(args, loaded: models.Loaded) -> tuple[data_.Samples, str]:
     """The images to evaluate with indices into the checkpoint's classes, and the split's name."""
     if args.images or args.labels:
-        if args.data:
-            raise CliError("give --data DIR or --images and --labels, not both")
-        if not (args.images and args.labels):
-            raise CliError("--images and --labels go together (the label-CSV form)")
-        form = data_.csv_form(args)
-        form.keep_empty_classes = True  # the evaluated split may lack classes
-        samples = data_.read_label_csv(Path(args.images), Path(args.labels), form)
+        samples = data_.read_csv_form(args, "--data DIR" if args.data else None)
         found = [samples.classes[i] for i in sorted(set(samples.labels))]
         classes = class_list(loaded, found, str(args.labels), args.checkpoint)
         return samples.relabel(classes), Path(args.labels).stem

@@ -71,13 +71,7 @@ def predict(model, files, pre: preprocess.Preprocess, batch_size: int, device, a
 def inputs_of(args) -> tuple[list[Path], dict[Path, str]]:
     """The files to classify, and their true classes where a label CSV names them."""
     if args.images or args.labels:
-        if args.inputs:
-            raise CliError("give images on the command line or --images and --labels, not both")
-        if not (args.images and args.labels):
-            raise CliError("--images and --labels go together (the label-CSV form)")
-        form = data_.csv_form(args)
-        form.keep_empty_classes = True
-        s = data_.read_label_csv(Path(args.images), Path(args.labels), form)
+        s = data_.read_csv_form(args, "images on the command line" if args.inputs else None)
         return s.paths, {p: s.classes[y] for p, y in zip(s.paths, s.labels)}
     if not args.inputs:
         raise CliError("name images or folders to classify, or --images DIR --labels CSV")
