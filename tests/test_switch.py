@@ -223,3 +223,25 @@ def test_whole_model_inference_with_everything_fused():
         with hifuse.use_fused():
             out = model(x)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_one_block_stages_run_fused(caplog):
+    """--depths 1,1,1,1 (the README's demo): each stage's one block runs the fused attention;
+    nothing is logged as falling back, and the result is eager's."""
+    if _triton_reason() is not None:
+        pytest.skip("needs runnable Triton kernels")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    model = hifuse.create_model("hifuse_tiny", num_classes=3, depths=(1, 1, 1, 1), dims=(32, 64, 128, 256),
+                                num_heads=(2, 4, 8, 16)).to(device)
+    x = torch.randn(1, 3, 64, 64, device=device)
+    ref = model(x)
+    calls = []
+    stages = [m for m in model.modules() if isinstance(m, hifuse.model.GlobalStage)]
+    with caplog.at_level(logging.WARNING, logger="hifuse"), hifuse.use_fused(attention=True):
+        for stage in stages:
+            stage.register_forward_hook(lambda m, i, o: calls.append(config._decisions[m]))
+        out = model(x)
+    assert "attention runs eager" not in caplog.text
+    assert len(calls) == 4 and all(set(d.values()) == {None} for d in calls)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)

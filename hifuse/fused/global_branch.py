@@ -120,12 +120,11 @@ def merged_proj_fc1(m: GlobalBlock) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def stage_check(m: GlobalStage, x: torch.Tensor, h: int, w: int) -> str | None:
-    """A stage runs fused when it can chain its LayerNorms: at least two blocks, and no
-    stochastic depth active now (each block's residual pass then writes the next block's
-    norm1). Whether each block runs fused is its own decision, taken in the stage's forward."""
-    if len(m.blocks) < 2:
-        return "a single block has no LayerNorm to chain"
-    if not all(drop_path_inactive(block) for block in m.blocks):
+    """A stage runs fused when it can chain its LayerNorms: no stochastic depth active now
+    (each block's residual pass then writes the next block's norm1). A stage of one block has
+    nothing to chain and runs its block fused. Whether each block runs fused is its own
+    decision, taken in the stage's forward."""
+    if len(m.blocks) > 1 and not all(drop_path_inactive(block) for block in m.blocks):
         return "stochastic depth is active, so the blocks' residual passes cannot be chained"
     return None
 
