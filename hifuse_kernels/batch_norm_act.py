@@ -117,7 +117,9 @@ if triton is not None:
                       PROLOGUE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
         rows, c, cmask, m = _tile(M, C, BLOCK_M, BLOCK_C)
         v, _offs = _load_input(Y, R, rows, c, m, C, PROLOGUE)
-        count = tl.sum((rows < M).to(tl.float32), 0)
+        # float64 sums, as eager's BatchNorm accumulates on a CPU: statistics of many rows
+        v = v.to(tl.float64)
+        count = tl.sum((rows < M).to(tl.float64), 0)
         mean = tl.sum(v, 0) / count
         d = tl.where(m, v - mean[None, :], 0.0)
         part = tl.program_id(0).to(tl.int64) * C + c
@@ -176,8 +178,10 @@ if triton is not None:
             G, Y, R, MEAN, INVSTD, W, B, M, C, H, WIDTH, PROLOGUE, ACT, POOL, BLOCK_M, BLOCK_C
         )
         part = tl.program_id(0).to(tl.int64) * C + c
-        tl.store(SUM_DZ_PART + part, tl.sum(dz, 0), mask=cmask)
-        tl.store(SUM_DZXH_PART + part, tl.sum(dz * xhat, 0), mask=cmask)
+        # float64 sums: the weight and bias gradients cancel over many rows
+        dz64 = dz.to(tl.float64)
+        tl.store(SUM_DZ_PART + part, tl.sum(dz64, 0), mask=cmask)
+        tl.store(SUM_DZXH_PART + part, tl.sum(dz64 * xhat.to(tl.float64), 0), mask=cmask)
 
     @triton.jit
     def _bwd_apply_kernel(G, Y, R, MEAN, INVSTD, W, B, SUM_DZ, SUM_DZXH, DY, DR, M, C, H, WIDTH,
@@ -213,18 +217,18 @@ def _stats_op(y: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Ten
     """Batch mean and biased variance (fp32, (C,)) of y or gelu(y) + residual, rows (M, C)."""
     m, c = y.shape
     grid = _grid(m, c)
-    mean_part = torch.empty((grid[0], c), device=y.device, dtype=torch.float32)
+    mean_part = torch.empty((grid[0], c), device=y.device, dtype=torch.float64)
     m2_part = torch.empty_like(mean_part)
     _triton.wrap_triton(_stats_kernel)[grid](
         y, y if residual is None else residual, mean_part, m2_part, m, c,
         PROLOGUE=residual is not None, BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C, num_warps=WARPS,
     )
     # Chan et al.: combine the per-block (count, mean, M2) in a fixed order.
-    counts = torch.full((grid[0], 1), float(BLOCK_M), device=y.device)
+    counts = torch.full((grid[0], 1), float(BLOCK_M), device=y.device, dtype=torch.float64)
     counts[-1] = m - (grid[0] - 1) * BLOCK_M
     mean = (counts * mean_part).sum(0) / m
     m2 = m2_part.sum(0) + (counts * (mean_part - mean).square()).sum(0)
-    return mean, m2 / m
+    return mean.float(), (m2 / m).float()
 
 
 def _pooled_rows(m: int, height: int, width: int) -> int:
@@ -260,14 +264,14 @@ def _backward_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     m, c = y.shape
     grid = _grid(m, c, BWD_BLOCK_M)
-    sum_dz_part = torch.empty((grid[0], c), device=y.device, dtype=torch.float32)
+    sum_dz_part = torch.empty((grid[0], c), device=y.device, dtype=torch.float64)
     sum_dzxh_part = torch.empty_like(sum_dz_part)
     r = y if residual is None else residual
     flags = dict(PROLOGUE=residual is not None, ACT=act, POOL=pool, BLOCK_M=BWD_BLOCK_M, BLOCK_C=BLOCK_C, num_warps=WARPS)
     _triton.wrap_triton(_bwd_reduce_kernel)[grid](
         grad, y, r, mean, invstd, weight, bias, sum_dz_part, sum_dzxh_part, m, c, height, width, **flags
     )
-    sum_dz, sum_dzxh = sum_dz_part.sum(0), sum_dzxh_part.sum(0)
+    sum_dz, sum_dzxh = sum_dz_part.sum(0).float(), sum_dzxh_part.sum(0).float()
     dy = torch.empty_like(y)
     dr = torch.empty_like(r) if residual is not None else torch.empty(0, device=y.device, dtype=y.dtype)
     _triton.wrap_triton(_bwd_apply_kernel)[grid](
