@@ -7,6 +7,7 @@
 # Environment: HIFUSE_COMPILE=1 adds the torch.compile baselines of the model and of single
 # ops (minutes each; the model's are in benchmarks/results/); FlexAttention always runs;
 # HIFUSE_BATCHES (default "32,128"); TORCH_CUDA_ARCH_LIST (default 9.0); MAX_JOBS;
+# HIFUSE_CONVERGENCE_STEPS/_BATCH/_TIMEOUT (the bf16 convergence run, default 200 steps of 16, 150 s);
 # HIFUSE_TESTS=0 skips the tests (a benchmark-only call); HIFUSE_TEST_WORKERS (default 4, fewer
 # on fewer cores); HIFUSE_TEST_TIMEOUT (seconds for the main test run, default 300); HIFUSE_DEADLINE (seconds from the start, default 540): benchmarks run in order of
 # importance (whole model, its profile, blocks, single ops, block compile baselines,
@@ -54,10 +55,16 @@ else
   step "tests ($workers workers)"
   junit tests
   run timeout "${HIFUSE_TEST_TIMEOUT:-300}" python -m pytest tests -q -p no:cacheprovider -rs -n "$workers" \
-    -m "not native_errors" -k "not past_2_31" "${jx[@]}"
+    -m "not native_errors" -k "not past_2_31 and not bf16_training" "${jx[@]}"
   step "tests: past 2**31 elements"
   junit tests_large
   run timeout 150 python -m pytest tests -q -p no:cacheprovider -rs -k past_2_31 "${jx[@]}"
+  # bf16 autocast training of HiFuse-Tiny at 224x224, fused and eager against float64 eager,
+  # with the loss curves as $out/convergence_bf16.png (HIFUSE_CONVERGENCE_STEPS, _BATCH)
+  step "tests: bf16 convergence"
+  junit tests_convergence
+  HIFUSE_RESULTS="$out" run timeout "${HIFUSE_CONVERGENCE_TIMEOUT:-150}" python -m pytest tests/convergence -q \
+    -p no:cacheprovider -rs -k bf16_training "${jx[@]}"
   # C++ error paths in a process of their own, so a crash there cannot hide other results.
   step "tests: native error paths"
   junit tests_native_errors

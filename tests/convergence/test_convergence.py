@@ -1,0 +1,136 @@
+"""Fused training follows eager's trajectory over many steps, judged against float64 eager
+(see ``trajectory``): every loss, the held-out logits, every parameter and BatchNorm statistic
+after 30 AdamW steps of a narrow HiFuse with every part fused, each part alone (a divergence
+names its part), and under torch.compile; and, on a GPU, HiFuse-Tiny at 224x224 in bf16
+autocast for hundreds of steps, with a plot of the loss curves.
+
+The fused runs need Triton kernels that run at a usable speed: on a CPU the interpreter takes
+about 16 s per fused training step of the narrow model at batch 2 (32x32), so the 7 x 30 steps
+do not fit a CI run there; they run on a GPU. The rule itself is checked everywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+import hifuse
+from hifuse_kernels import _triton
+
+from . import trajectory
+
+CUDA = torch.cuda.is_available()
+pytestmark = pytest.mark.convergence
+needs_gpu = pytest.mark.skipif(
+    not CUDA or _triton.unsupported_reason(torch.zeros(1, device="cuda" if CUDA else "cpu")) is not None,
+    reason="fused trajectories run where Triton kernels are fast (a CUDA device); the CPU interpreter takes "
+           "about 16 s per fused step",
+)
+GPU_NARROW = replace(trajectory.NARROW, device="cuda")
+
+
+@pytest.fixture(scope="module")
+def narrow_reference():
+    return trajectory.reference(GPU_NARROW)
+
+
+def check(run, reference) -> None:
+    bad = trajectory.violations(run, reference)
+    assert not bad, f"{len(bad)} quantities outside the rule:\n" + "\n".join(bad[:30])
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("parts", ["all", *hifuse.FusedParts.names()])
+def test_fused_training_follows_eager(narrow_reference, parts):
+    check(trajectory.train(GPU_NARROW, torch.float32, parts), narrow_reference)
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_compiled_fused_training_follows_eager(narrow_reference):
+    check(trajectory.train(GPU_NARROW, torch.float32, "all", compile="aot_eager"), narrow_reference)
+
+
+def test_the_rule_holds_eager_and_catches_a_wrong_step():
+    """float32 eager is within its own rule; a run whose fourth loss is off by 1e-3
+    relatively (what a wrong kernel gives), or whose BatchNorm counted one batch less, is not."""
+    cfg = replace(trajectory.NARROW, steps=8, batch=4)
+    ref = trajectory.reference(cfg)
+    run = trajectory.train(cfg, torch.float32)
+    assert not trajectory.violations(run, ref)
+    worse = trajectory.Run(run.losses[:], dict(run.state), run.logits)
+    worse.losses[3] *= 1 + 1e-3
+    key = next(k for k in run.state if k.endswith("num_batches_tracked"))
+    worse.state[key] = run.state[key] - 1
+    bad = trajectory.violations(worse, ref)
+    assert any("step 4" in line for line in bad) and any(key in line for line in bad)
+    assert ref.f64.losses[-1] < ref.f64.losses[0]  # the data can be learnt
+
+
+def bf16_config() -> trajectory.Config:
+    return replace(trajectory.TINY_224, steps=int(os.environ.get("HIFUSE_CONVERGENCE_STEPS", "200")),
+                   batch=int(os.environ.get("HIFUSE_CONVERGENCE_BATCH", "16")))
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_bf16_training_follows_eager_on_tiny_224():
+    """bf16 autocast, fused and eager, each against float64 eager over hundreds of steps. bf16
+    rounding makes single steps noisy, so the rule is applied to the mean loss deviation over
+    the run and to the held-out logits at the end. The curves go to HIFUSE_RESULTS (a PNG and
+    the numbers) when it is set."""
+    cfg = bf16_config()
+    f64 = trajectory.train(cfg, torch.float64)
+    eager = trajectory.train(cfg, torch.float32, autocast=torch.bfloat16)
+    fused = trajectory.train(cfg, torch.float32, "all", autocast=torch.bfloat16)
+
+    def mean_dev(run):
+        return sum(abs(a - r) for a, r in zip(run.losses, f64.losses)) / cfg.steps
+
+    results = os.environ.get("HIFUSE_RESULTS")
+    if results:
+        write_curves(Path(results), cfg, f64, eager, fused)
+    assert mean_dev(fused) <= 2 * mean_dev(eager), (mean_dev(fused), mean_dev(eager))
+    logits = [float((r.logits - f64.logits).abs().max()) for r in (fused, eager)]
+    assert logits[0] <= 2 * logits[1], logits
+    assert fused.losses[-1] < fused.losses[0]
+
+
+def write_curves(out: Path, cfg, f64, eager, fused) -> None:
+    """convergence_bf16.png (the three loss curves and each bf16 run's distance from float64
+    per step) and convergence_bf16.json (the numbers)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    steps = range(1, cfg.steps + 1)
+    device = torch.cuda.get_device_name() if CUDA else "cpu"
+    (out / "convergence_bf16.json").write_text(json.dumps({
+        "device": device, "torch": torch.__version__, "steps": cfg.steps, "batch": cfg.batch, "side": cfg.side,
+        "float64": f64.losses, "eager_bf16": eager.losses, "fused_bf16": fused.losses,
+    }) + "\n")
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 7), dpi=100, sharex=True)
+    top.plot(steps, f64.losses, label="eager float64", color="black")
+    top.plot(steps, eager.losses, label="eager bf16 autocast", alpha=0.8)
+    top.plot(steps, fused.losses, label="fused bf16 autocast", alpha=0.8)
+    top.set_ylabel("training loss")
+    top.legend()
+    bottom.plot(steps, [abs(a - r) for a, r in zip(eager.losses, f64.losses)], label="|eager bf16 - float64|")
+    bottom.plot(steps, [abs(a - r) for a, r in zip(fused.losses, f64.losses)], label="|fused bf16 - float64|")
+    bottom.set_yscale("log")
+    bottom.set_xlabel("step")
+    bottom.set_ylabel("loss deviation")
+    bottom.legend()
+    fig.suptitle(f"HiFuse-Tiny {cfg.side}x{cfg.side}, batch {cfg.batch}, AdamW; {device}, torch {torch.__version__}",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out / "convergence_bf16.png")
+    plt.close(fig)
