@@ -42,10 +42,9 @@ def add_inference(p, batch: bool = True) -> None:
     add_device(p)
 
 
-def add_device(p, fused_default: bool | None = False) -> None:
+def add_device(p) -> None:
     p.add_argument("--amp", choices=AMP, help="autocast dtype (default: bf16 on a GPU, none on CPU)")
-    if fused_default is False:
-        p.add_argument("--fused", action="store_true", help="fused kernels")
+    p.add_argument("--fused", action="store_true", help="fused kernels")
     p.add_argument("--device", help="cuda, cuda:1 or cpu (default: cuda when present)")
 
 
