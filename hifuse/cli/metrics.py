@@ -126,6 +126,12 @@ def selection_score(res: dict, select: str) -> float:
     return -math.inf if value is None else value
 
 
+def _wrap(title: str, width: int) -> str:
+    import textwrap
+
+    return "\n".join(textwrap.wrap(title, width))
+
+
 def _fmt(v, width: int) -> str:
     return f"{'-':>{width}}" if v is None else f"{v:{width}.4f}"
 
@@ -167,7 +173,7 @@ def confusion_png(res: dict, path, title: str) -> None:
             for j in range(n):
                 ax.text(j, i, fmt.format(matrix[i][j]), ha="center", va="center", fontsize=8,
                         color="white" if matrix[i][j] > top / 2 else "black")
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(_wrap(title, 110), fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -190,7 +196,7 @@ def roc_png(res: dict, path, title: str) -> bool:
     ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
     ax.set_xlabel("false positive rate (1 - specificity)")
     ax.set_ylabel("true positive rate (sensitivity)")
-    ax.set_title(title, fontsize=9)
+    ax.set_title(_wrap(title, 80), fontsize=9)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
