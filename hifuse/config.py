@@ -253,6 +253,17 @@ def runs_fused(module, *args) -> bool:
     return True
 
 
+def part_decisions(model) -> dict[str, set[str | None]]:
+    """Per part, what its modules in ``model`` decided in the forwards run so far: None where
+    one ran fused, else the reason it did not."""
+    found: dict[str, set[str | None]] = {}
+    for m in model.modules():
+        route, decisions = _routes.get(type(m)), _decisions.get(m)
+        if route is not None and decisions:
+            found.setdefault(route.part, set()).update(decisions.values())
+    return found
+
+
 def forward_fused(module, *args):
     """The fused forward registered for ``module``'s class (call after ``runs_fused``)."""
     return _routes[type(module)].forward(module, *args)

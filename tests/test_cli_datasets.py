@@ -174,7 +174,7 @@ def test_class_weights_file(tmp_path):
 
 def test_balanced_sampler_is_seeded_balanced_and_split_over_ranks():
     labels = [0] * 90 + [1] * 9 + [2] * 1
-    a = cli_data.BalancedSampler(labels, 3, seed=7)
+    a = cli_data.BalancedSampler(labels, seed=7)
     a.set_epoch(3)
     draws = list(a)
     assert len(draws) == 100 and draws == list(a)  # the same for the same (seed, epoch)
@@ -182,7 +182,7 @@ def test_balanced_sampler_is_seeded_balanced_and_split_over_ranks():
     assert all(20 <= counts[c] <= 50 for c in range(3))  # about a third each (the majority is 90%)
     a.set_epoch(4)
     assert list(a) != draws
-    ranks = [cli_data.BalancedSampler(labels, 3, seed=7, rank=r, world=2) for r in range(2)]
+    ranks = [cli_data.BalancedSampler(labels, seed=7, rank=r, world=2) for r in range(2)]
     for r in ranks:
         r.set_epoch(3)
     merged = [i for pair in zip(*(list(r) for r in ranks)) for i in pair]

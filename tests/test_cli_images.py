@@ -75,7 +75,7 @@ def test_12_bit_png_without_sbit_is_read_as_16_bit_and_flagged(tmp_path):
     g = gray(decode(path))
     assert g.max() == 16  # 4095 of 65535: dark, never white
     assert gray(decode(path, bit_depth=12)).max() == 255
-    assert preprocess.high_depth_without_range(path)
+    assert preprocess.decode_checked(path)[1] and not preprocess.decode_checked(path, bit_depth=12)[1]
     samples = cli_data.Samples([path], [0], ["a"])
     with pytest.warns(UserWarning, match="--bit-depth 12"):
         cli_data.check_images(samples, strict=False, workers=1, what="train")

@@ -53,11 +53,12 @@ class Samples:
     def missing_classes(self) -> list[str]:
         return [name for name, n in zip(self.classes, self.counts()) if n == 0]
 
-    def relabel(self, classes: list[str]) -> "Samples":
-        """The same images with indices into ``classes`` (mapped by name)."""
+    def relabel(self, classes: list[str], source: str = "the data") -> "Samples":
+        """The same images with indices into ``classes`` (mapped by name); ``source`` names
+        where they come from when one of their classes is not in ``classes``."""
         unknown = sorted(set(self.classes[i] for i in set(self.labels)) - set(classes))
         if unknown:
-            raise CliError(f"classes unknown to the model: {', '.join(unknown)} (it knows {', '.join(classes)})")
+            raise CliError(f"{source} has classes the training labels lack: {', '.join(unknown)}")
         index = {name: classes.index(name) for name in self.classes if name in classes}
         return Samples(self.paths, [index[self.classes[i]] for i in self.labels], list(classes), self.groups)
 
@@ -263,7 +264,7 @@ def load_splits(args) -> tuple[Samples, Samples]:
                 raise CliError("--val-labels and --val-split both choose the validation images: give one")
             val = read_label_csv(Path(getattr(args, "val_images", None) or args.images), Path(val_labels),
                                  CsvForm(form.id_column, form.label_column, None, True))
-            train, val = samples, _keep_known(val, samples.classes, "--val-labels")
+            train, val = samples, val.relabel(samples.classes, "--val-labels")
         elif args.val_split is None:
             raise CliError("the CSV form needs --val-split (the fraction of images kept for validation) or --val-labels CSV")
         else:
@@ -292,13 +293,6 @@ def load_splits(args) -> tuple[Samples, Samples]:
         val = scan_folder(root / "val", train.classes, allow_empty=True)
     warn_missing(val, "the validation split")
     return train, val
-
-
-def _keep_known(val: Samples, classes: list[str], option: str) -> Samples:
-    unknown = sorted(set(val.classes[i] for i in set(val.labels)) - set(classes))
-    if unknown:
-        raise CliError(f"{option} has classes the training labels lack: {', '.join(unknown)}")
-    return val.relabel(classes)
 
 
 def _check_disjoint(train: Samples, val: Samples) -> None:
@@ -332,24 +326,23 @@ def class_folders(root: Path) -> list[str]:
 # ----------------------------------------------------------------------------- images
 
 
-def _decode_problem(path: Path, bit_depth: int | None) -> str | None:
+def _decode_problem(path: Path, bit_depth: int | None) -> tuple[str | None, bool]:
+    """Why the image cannot be read (None when it can), and whether it looks 12-bit in 16."""
     try:
-        preprocess.decode(path, bit_depth)
-        return None
+        return None, preprocess.decode_checked(path, bit_depth)[1]
     except Exception as e:  # PIL raises many types for bad files
-        return f"{type(e).__name__}: {e}"
+        return f"{type(e).__name__}: {e}", False
 
 
 def check_images(samples: Samples, strict: bool, workers: int, what: str, bit_depth: int | None = None) -> Samples:
     """Decode every image once; unreadable ones are listed and skipped (an error if strict)."""
     with ThreadPoolExecutor(max(1, workers)) as pool:
-        problems = list(pool.map(lambda p: _decode_problem(p, bit_depth), samples.paths))
-    if bit_depth is None:
-        with ThreadPoolExecutor(max(1, workers)) as pool:
-            dim = [p for p, low, why in zip(samples.paths, pool.map(_low_range, samples.paths), problems) if low and not why]
-        if dim:
-            warnings.warn(f"{len(dim)} images in {what} are 16-bit with no value above 4095 (first: {dim[0]}); "
-                          "if they are 12-bit, pass --bit-depth 12 to read them at full contrast", stacklevel=2)
+        found = list(pool.map(lambda p: _decode_problem(p, bit_depth), samples.paths))
+    problems = [why for why, _low in found]
+    dim = [p for p, (_why, low) in zip(samples.paths, found) if low]
+    if dim:
+        warnings.warn(f"{len(dim)} images in {what} are 16-bit with no value above 4095 (first: {dim[0]}); "
+                      "if they are 12-bit, pass --bit-depth 12 to read them at full contrast", stacklevel=2)
     bad = [(p, why) for p, why in zip(samples.paths, problems) if why]
     if not bad:
         return samples
@@ -362,13 +355,6 @@ def check_images(samples: Samples, strict: bool, workers: int, what: str, bit_de
     if what == "train" and kept.missing_classes():
         raise CliError(f"class without readable images in {what}: {', '.join(kept.missing_classes())}")
     return kept
-
-
-def _low_range(path: Path) -> bool:
-    try:
-        return preprocess.high_depth_without_range(path)
-    except Exception:
-        return False
 
 
 class ImageDataset(torch.utils.data.Dataset):
@@ -403,7 +389,7 @@ class BalancedSampler(torch.utils.data.Sampler):
     seeded by (seed, epoch); rank r takes draws r, r + world, ... So the order depends only on
     seed and epoch: the same under any worker count, on resume, and split over DDP ranks."""
 
-    def __init__(self, labels: list[int], num_classes: int, seed: int, rank: int = 0, world: int = 1) -> None:
+    def __init__(self, labels: list[int], seed: int, rank: int = 0, world: int = 1) -> None:
         counts = Counter(labels)
         self.weights = torch.tensor([1.0 / counts[y] for y in labels], dtype=torch.float64)
         self.seed, self.rank, self.world = seed, rank, world

@@ -12,11 +12,13 @@ from pathlib import Path
 
 import torch
 
+from .. import config
 from . import data as data_
 from . import models, options, preprocess
 from .errors import CliError
 
 FORMATS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg"}
+EXTENSION = {"png": ".png", "jpeg": ".jpg"}
 
 
 def add_parser(sub) -> None:
@@ -55,7 +57,7 @@ def grad_cam(model, x: torch.Tensor, target: int | None) -> tuple[torch.Tensor, 
         handle.remove()
     a = saved["a"]
     weights = a.grad.mean((2, 3), keepdim=True)
-    cam = torch.relu((weights * a).sum(1, keepdim=True)).detach()
+    cam = torch.relu((weights * a).sum(1, keepdim=True)).detach().float()  # float32 under autocast too
     cam = torch.nn.functional.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)[0, 0]
     cam = cam / cam.max() if cam.max() > 0 else cam
     return cam, target, logits.detach().float().softmax(1)[0]
@@ -112,7 +114,7 @@ def output_format(out: Path, fmt: str | None) -> tuple[Path, str]:
         fmt = FORMATS.get(ext, "png")
     elif ext and FORMATS[ext] != fmt:
         raise CliError(f"--out {out} has extension {ext} but --format is {fmt}")
-    return (out if ext else out.with_name(out.name + (".png" if fmt == "png" else ".jpg"))), fmt
+    return (out if ext else out.with_name(out.name + EXTENSION[fmt])), fmt
 
 
 def run(args) -> int:
@@ -124,7 +126,7 @@ def run(args) -> int:
     device = models.device_of(args.device)
     loaded = models.load_for_inference(args.checkpoint, args.classes, device, args.trust_checkpoint)
     pre = preprocess.resolve(loaded.settings, args.img_size, args.bit_depth)
-    classes = loaded.classes or [f"class_{i}" for i in range(loaded.model.num_classes)]
+    classes = loaded.names
     target = None
     if args.class_name is not None:
         if args.class_name not in classes:
@@ -135,18 +137,18 @@ def run(args) -> int:
         if out.exists() and not out.is_dir():
             raise CliError(f"--out {out} is a file; for a folder of images name a folder")
         files = data_.image_files([str(source)])
-        jobs = [(f, out / f.relative_to(source).with_suffix("").with_name(f.stem + "_cam." + ("png" if fmt == "png" else "jpg")))
-                for f in files]
+        jobs = [(f, out / f.relative_to(source).with_name(f.stem + "_cam" + EXTENSION[fmt])) for f in files]
     else:
         if out.is_dir():
-            target_path = out / f"{source.stem}_cam.{'png' if fmt == 'png' else 'jpg'}"
+            target_path = out / (source.stem + "_cam" + EXTENSION[fmt])
         else:
             target_path, fmt = output_format(out, args.format)
         jobs = [(source, target_path)]
     failed = []
     for path, dest in jobs:
         try:
-            image, cam, k, probs = explain_image(loaded.model, path, pre, target, device)
+            with config.use_fused(args.fused), torch.autocast(**options.autocast(args.amp, device)):
+                image, cam, k, probs = explain_image(loaded.model, path, pre, target, device)
         except Exception as e:  # PIL's many error types
             if len(jobs) == 1:
                 raise CliError(f"cannot read image {path}: {type(e).__name__}: {e}") from None

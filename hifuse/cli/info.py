@@ -55,13 +55,7 @@ def part_reasons(device: torch.device) -> dict[str, str | None]:
     x = torch.randn(1, 3, 64, 64, device=device)
     with config.use_fused(True), torch.no_grad():
         model(x)
-    found: dict[str, set] = {}
-    for m in model.modules():
-        route = config._routes.get(type(m))
-        decisions = config._decisions.get(m)
-        if route is None or not decisions:
-            continue
-        found.setdefault(route.part, set()).update(decisions.values())
+    found = config.part_decisions(model)
     result = {}
     for part in config.FusedParts.names():
         reasons = found.get(part, {"no module of this part ran"})

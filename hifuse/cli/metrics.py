@@ -68,11 +68,6 @@ def run_over(model, loader, num_classes: int, device: torch.device, autocast: di
     return m, loss_sum, seen
 
 
-def _number(v) -> float | None:
-    v = float(v)
-    return None if math.isnan(v) else v
-
-
 def result(metrics, classes: list[str]) -> dict:
     """Plain numbers: overall metrics, a per-class table and the confusion matrix (rows: true;
     ``confusion_normalized``: each row divided by its count). A class's AUC needs images of it

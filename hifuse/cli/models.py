@@ -109,7 +109,10 @@ def read_state(path: str | Path, trust: bool = False) -> dict[str, torch.Tensor]
     """The model state_dict in a checkpoint file: a bare state_dict (best_model.pth, the
     published format), a training checkpoint (last.pth), ``{"net": ...}`` or ``{"model": ...}``
     (torchvision's reference scripts)."""
-    raw = load_file(path, trust)
+    return _state_of(load_file(path, trust), path)
+
+
+def _state_of(raw, path) -> dict[str, torch.Tensor]:
     try:
         return ckpt.extract_state_dict(raw)
     except ckpt.CheckpointMismatchError as e:
@@ -124,6 +127,11 @@ class Loaded:
     classes: list[str] | None
     settings: dict | None
     path: Path
+
+    @property
+    def names(self) -> list[str]:
+        """The class names, or class_0, class_1, ... where the run's are unknown."""
+        return self.classes or [f"class_{i}" for i in range(self.model.num_classes)]
 
     @property
     def run_name(self) -> str:
@@ -152,10 +160,7 @@ def load_for_inference(path: str | Path, classes_option: str | None, device: tor
     the run's) and the run's settings."""
     path = Path(path)
     raw = load_file(path, trust)
-    try:
-        state = ckpt.extract_state_dict(raw)
-    except ckpt.CheckpointMismatchError as e:
-        raise CliError(f"{path}: {e}") from None
+    state = _state_of(raw, path)
     model = HiFuse(**architecture(state))
     try:
         model.load_state_dict(state, strict=True)

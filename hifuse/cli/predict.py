@@ -86,7 +86,7 @@ def run(args) -> int:
     device = models.device_of(args.device)
     loaded = models.load_for_inference(args.checkpoint, args.classes, device, args.trust_checkpoint)
     pre = preprocess.resolve(loaded.settings, args.img_size, args.bit_depth)
-    classes = loaded.classes or [f"class_{i}" for i in range(loaded.model.num_classes)]
+    classes = loaded.names
     files, truth = inputs_of(args)
     unknown = sorted(set(truth.values()) - set(classes))
     if unknown and loaded.classes is not None:

@@ -95,18 +95,10 @@ def container_bits(im) -> int:
     return 16 if im.format == "PNG" else 32
 
 
-def file_bits(im, path: Path) -> int:
-    """Bits per sample a high-bit-depth grayscale file says it holds (PNG's sBIT first)."""
-    return (png_significant_bits(path) if im.format == "PNG" else None) or container_bits(im)
-
-
-def _scale_high_depth(im, depth: int):
+def _scale_high_depth(values, depth: int):
     import numpy as np
     from PIL import Image
 
-    values = np.asarray(im)
-    if values.dtype.kind == "f":
-        raise ImageError("floating-point pixels; convert the image to 8 or 16 bits first")
     if values.size and values.min() < 0:
         raise ImageError("signed pixel values (e.g. CT Hounsfield units); window them to an unsigned range first")
     if depth > 16:
@@ -118,37 +110,35 @@ def _scale_high_depth(im, depth: int):
     return Image.fromarray(scaled, "L").convert("RGB")
 
 
-def decode(path: Path, bit_depth: int | None = None):
-    """The image as an 8-bit RGB PIL image, decoded by what it is; ImageError where that cannot
-    be done faithfully (OSError and friends for unreadable files)."""
+def decode_checked(path: Path, bit_depth: int | None = None):
+    """``decode``, and whether the image is 16-bit, does not state its depth and holds no value
+    above 4095 (a likely 12-bit-in-16 export that --bit-depth 12 would read at full contrast)."""
+    import numpy as np
     from PIL import Image, ImageOps
 
     with Image.open(path) as im:
         im.load()
         if im.mode == "F":
             raise ImageError("floating-point pixels; convert the image to 8 or 16 bits first")
-        depth = (bit_depth or file_bits(im, Path(path))) if im.mode in HIGH_DEPTH_MODES else None
+        high = im.mode in HIGH_DEPTH_MODES
+        if high:
+            stated = bit_depth or (png_significant_bits(Path(path)) if im.format == "PNG" else None)
+            depth = stated or container_bits(im)
         im = ImageOps.exif_transpose(im)  # a copy, without the file's format and tags
-        if depth is not None:
-            return _scale_high_depth(im, depth)
+        if high:
+            values = np.asarray(im)
+            low = not stated and depth == 16 and int(values.max(initial=0)) < 4096
+            return _scale_high_depth(values, depth), low
         if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
             # transparent pixels show their stored colour; drop the alpha as PIL's convert does
-            return im.convert("RGBA").convert("RGB")
-        return im.convert("RGB")
+            return im.convert("RGBA").convert("RGB"), False
+        return im.convert("RGB"), False
 
 
-def high_depth_without_range(path: Path) -> bool:
-    """A 16-bit image whose values all fit 12 bits and that does not say its depth (a likely
-    12-bit-in-16 export that --bit-depth 12 would read at full contrast)."""
-    from PIL import Image
-    import numpy as np
-
-    with Image.open(path) as im:
-        if im.mode not in HIGH_DEPTH_MODES or container_bits(im) != 16:
-            return False
-        if im.format == "PNG" and png_significant_bits(Path(path)):
-            return False
-        return int(np.asarray(im).max(initial=0)) < 4096
+def decode(path: Path, bit_depth: int | None = None):
+    """The image as an 8-bit RGB PIL image, decoded by what it is; ImageError where that cannot
+    be done faithfully (OSError and friends for unreadable files)."""
+    return decode_checked(path, bit_depth)[0]
 
 
 _INTERPOLATION = ("nearest", "bilinear", "bicubic")

@@ -282,7 +282,7 @@ def resumed_settings(saved: dict, args, done: int) -> tuple[dict, list[str]]:
     notes, refused = [], []
     for k in sorted(given & set(RUN_SETTINGS)):
         new, old = wanted[k], s.get(k)
-        if new == old or (k == "fused" and new is None):
+        if new == old:
             continue
         if k in RESUME_APPLIES:
             notes.append(f"{_flag(k)} {new} (was {old})")
@@ -405,7 +405,7 @@ def _run(args, out: Path, d: Dist) -> int:
     train_set = data_.ImageDataset(train_samples, preprocess.train_transform(pre), seed=s["seed"], bit_depth=pre.bit_depth)
     val_set = data_.ImageDataset(val_samples, preprocess.eval_transform(pre), bit_depth=pre.bit_depth)
     if s["sampler"] == "balanced":
-        sampler = data_.BalancedSampler(train_samples.labels, len(classes), s["seed"], d.rank, d.world)
+        sampler = data_.BalancedSampler(train_samples.labels, s["seed"], d.rank, d.world)
     else:
         sampler = torch.utils.data.DistributedSampler(train_set, d.world, d.rank, shuffle=True, seed=s["seed"])
     loader_args = dict(num_workers=args.workers, pin_memory=d.device.type == "cuda", persistent_workers=False)

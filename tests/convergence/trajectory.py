@@ -63,13 +63,12 @@ def images(cfg: Config, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack(out), labels
 
 
-def lr_factor(cfg: Config, step: int) -> float:
-    """The paper's schedule over cfg.steps: linear warm-up, then cosine down to min_lr."""
-    if step < cfg.warmup:
-        return (step + 1) / cfg.warmup
-    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-    floor = cfg.min_lr / cfg.lr
-    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+def lr_factor(cfg: Config):
+    """The paper's schedule over cfg.steps (``hifuse train``'s, one step an epoch): linear
+    warm-up, then cosine down to min_lr."""
+    from hifuse.cli.train import schedule
+
+    return schedule({"epochs": cfg.steps, "warmup_epochs": cfg.warmup, "lr": cfg.lr, "min_lr": cfg.min_lr}, 1)
 
 
 @dataclass
@@ -99,7 +98,7 @@ def train(cfg: Config, dtype: torch.dtype, parts=None, noise_seed: int | None = 
     rest = [p for p in model.parameters() if p.ndim <= 1]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}],
                             lr=cfg.lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(cfg, step))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg))
     pool = max(cfg.batch, cfg.steps * cfg.batch // 2)  # every image seen about twice
     x_all, y_all = images(cfg, pool, seed=1)
     held_x, _ = images(cfg, 16, seed=2)
