@@ -202,8 +202,15 @@ if triton is not None:
 
 
 
-def _grid(m: int, c: int, block_m: int = BLOCK_M) -> tuple[int, int]:
-    return _triton.grid(triton.cdiv(m, block_m), triton.cdiv(c, BLOCK_C))
+def _blocks(m: int, c: int, block_m: int = BLOCK_M) -> tuple[tuple[int, int], int, int]:
+    """(grid, rows, channels) of a launch over (m, c) rows: the GPU's tile of ``block_m``
+    rows, or a wide one."""
+    if _triton.wide():
+        block_c = _triton.block_channels(c)
+        block_m = min(_triton.next_power_of_2(m), _triton.wide_rows(block_c))
+    else:
+        block_c = BLOCK_C
+    return _triton.grid(triton.cdiv(m, block_m), triton.cdiv(c, block_c)), block_m, block_c
 
 
 def _out_dtype(y: torch.Tensor, residual: torch.Tensor | None, out_dtype: torch.dtype | None = None) -> torch.dtype:
@@ -216,16 +223,16 @@ def _out_dtype(y: torch.Tensor, residual: torch.Tensor | None, out_dtype: torch.
 def _stats_op(y: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Batch mean and biased variance (fp32, (C,)) of y or gelu(y) + residual, rows (M, C)."""
     m, c = y.shape
-    grid = _grid(m, c)
+    grid, block_m, block_c = _blocks(m, c)
     mean_part = torch.empty((grid[0], c), device=y.device, dtype=torch.float64)
     m2_part = torch.empty_like(mean_part)
     _triton.wrap_triton(_stats_kernel)[grid](
         y, y if residual is None else residual, mean_part, m2_part, m, c,
-        PROLOGUE=residual is not None, BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C, num_warps=WARPS,
+        PROLOGUE=residual is not None, BLOCK_M=block_m, BLOCK_C=block_c, num_warps=WARPS,
     )
     # Chan et al.: combine the per-block (count, mean, M2) in a fixed order.
-    counts = torch.full((grid[0], 1), float(BLOCK_M), device=y.device, dtype=torch.float64)
-    counts[-1] = m - (grid[0] - 1) * BLOCK_M
+    counts = torch.full((grid[0], 1), float(block_m), device=y.device, dtype=torch.float64)
+    counts[-1] = m - (grid[0] - 1) * block_m
     mean = (counts * mean_part).sum(0) / m
     m2 = m2_part.sum(0) + (counts * (mean_part - mean).square()).sum(0)
     return mean.float(), (m2 / m).float()
@@ -243,16 +250,20 @@ def _apply_op(
 ) -> torch.Tensor:
     m, c = y.shape
     r = y if residual is None else residual
-    flags = dict(PROLOGUE=residual is not None, ACT=act, BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C, num_warps=WARPS)
+    flags = dict(PROLOGUE=residual is not None, ACT=act, num_warps=WARPS)
     if pool:
         q = _pooled_rows(m, height, width)
         out = torch.empty((q, c), device=y.device, dtype=_out_dtype(y, residual, out_dtype))
-        _triton.wrap_triton(_apply_pool_kernel)[_grid(q, c, POOL_BLOCK_M)](
-            y, r, mean, invstd, weight, bias, out, q, c, height, width, **{**flags, "BLOCK_M": POOL_BLOCK_M}
+        grid, block_m, block_c = _blocks(q, c, POOL_BLOCK_M)
+        _triton.wrap_triton(_apply_pool_kernel)[grid](
+            y, r, mean, invstd, weight, bias, out, q, c, height, width, **flags, BLOCK_M=block_m, BLOCK_C=block_c
         )
         return out
     out = torch.empty((m, c), device=y.device, dtype=_out_dtype(y, residual, out_dtype))
-    _triton.wrap_triton(_apply_kernel)[_grid(m, c)](y, r, mean, invstd, weight, bias, out, m, c, **flags)
+    grid, block_m, block_c = _blocks(m, c)
+    _triton.wrap_triton(_apply_kernel)[grid](
+        y, r, mean, invstd, weight, bias, out, m, c, **flags, BLOCK_M=block_m, BLOCK_C=block_c
+    )
     return out
 
 
@@ -263,11 +274,12 @@ def _backward_op(
     pool: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     m, c = y.shape
-    grid = _grid(m, c, BWD_BLOCK_M)
+    grid, block_m, block_c = _blocks(m, c, BWD_BLOCK_M)
     sum_dz_part = torch.empty((grid[0], c), device=y.device, dtype=torch.float64)
     sum_dzxh_part = torch.empty_like(sum_dz_part)
     r = y if residual is None else residual
-    flags = dict(PROLOGUE=residual is not None, ACT=act, POOL=pool, BLOCK_M=BWD_BLOCK_M, BLOCK_C=BLOCK_C, num_warps=WARPS)
+    flags = dict(PROLOGUE=residual is not None, ACT=act, POOL=pool, BLOCK_M=block_m, BLOCK_C=block_c,
+                 num_warps=WARPS)
     _triton.wrap_triton(_bwd_reduce_kernel)[grid](
         grad, y, r, mean, invstd, weight, bias, sum_dz_part, sum_dzxh_part, m, c, height, width, **flags
     )

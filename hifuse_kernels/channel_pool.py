@@ -87,19 +87,28 @@ if triton is not None:
 # --------------------------------------------------------------------------- ops
 
 
+def _blocks(s: int, c: int) -> tuple[int, int]:
+    """(positions, channels) of a program's tile: the GPU's, or a wide one."""
+    if _triton.wide():
+        block_c = _triton.block_channels(c)
+        return min(_triton.next_power_of_2(s), _triton.wide_rows(block_c)), block_c
+    return BLOCK_S, min(64, _triton.block_channels(c))
+
+
 @_triton.define_op("hifuse::channel_pool", mutates_args=())
 def _channel_pool_op(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     n, s, c = g.shape
-    block_c = min(64, _triton.block_channels(c))
+    block_s, block_c = _blocks(s, c)
     # Chunks of positions keep enough programs busy at small N * C; partials are combined
     # below in a fixed order (the first chunk holding the maximum gives its position).
-    chunk = max(BLOCK_S, triton.cdiv(triton.cdiv(s, POOL_CHUNKS), BLOCK_S) * BLOCK_S)
+    chunks = 1 if _triton.wide() else POOL_CHUNKS
+    chunk = max(block_s, triton.cdiv(triton.cdiv(s, chunks), block_s) * block_s)
     chunks = triton.cdiv(s, chunk)
     f32 = dict(device=g.device, dtype=torch.float32)
     part_sum, part_max = torch.empty((n, chunks, c), **f32), torch.empty((n, chunks, c), **f32)
     part_arg = torch.empty((n, chunks, c), device=g.device, dtype=torch.int32)
     _triton.wrap_triton(_channel_pool_kernel)[_triton.grid(n, triton.cdiv(c, block_c), chunks)](
-        g, part_sum, part_max, part_arg, s, c, chunk, BLOCK_S=BLOCK_S, BLOCK_C=block_c
+        g, part_sum, part_max, part_arg, s, c, chunk, BLOCK_S=block_s, BLOCK_C=block_c
     )
     best = part_max.amax(1)
     # the first chunk holding the maximum (or a NaN, which is then the maximum)
@@ -115,10 +124,10 @@ def _channel_pool_backward_op(
 ) -> torch.Tensor:
     n, s, c = g.shape
     dg = torch.empty_like(g)
-    block_c = min(64, _triton.block_channels(c))
-    grid = _triton.grid(n * triton.cdiv(s, BLOCK_S), triton.cdiv(c, block_c))
+    block_s, block_c = _blocks(s, c)
+    grid = _triton.grid(n * triton.cdiv(s, block_s), triton.cdiv(c, block_c))
     _triton.wrap_triton(_channel_pool_bwd_kernel)[grid](
-        d_avg, d_max, arg, dg, s, c, BLOCK_S=BLOCK_S, BLOCK_C=block_c
+        d_avg, d_max, arg, dg, s, c, BLOCK_S=block_s, BLOCK_C=block_c
     )
     return dg
 

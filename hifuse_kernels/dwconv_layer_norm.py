@@ -2,7 +2,8 @@
 
 The local block's eager path convolves (cuDNN, NCHW), permutes to channels-last and runs a
 LayerNorm: three passes over the activation plus a permute copy, and two saved tensors.
-Here one program takes a tile of positions of one image row with all C channels: it sums the
+Here one program takes a tile of consecutive positions (over rows and images) with all C
+channels: it sums the
 nine shifted, zero-padded neighbours times the per-channel taps (plus bias), normalises over
 C and writes the normalised result, in the dtype of the GEMM that consumes it (under
 autocast the cast autocast would make happens in the store). Only per-position mean and
@@ -28,7 +29,7 @@ from ._triton import tl, triton
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_CHANNELS = 1024
-BLOCK_P = 8  # positions of one row per program at most (fewer for wide rows: _block_p)
+BLOCK_P = 8  # positions per program at most (fewer for many channels: _block_p)
 
 __all__ = ["dwconv_layer_norm", "dwconv_layer_norm_ref", "unsupported_reason"]
 
@@ -43,38 +44,43 @@ def dwconv_layer_norm_ref(x, conv_weight, conv_bias, ln_weight, ln_bias, eps: fl
 if triton is not None:
 
     @triton.jit
-    def _tile(H, W, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-        """This program's positions (n, h, w0 .. w0+BLOCK_P-1) of one image row, all channels."""
-        row_id = tl.program_id(0)  # n * H + h
-        prog = row_id * tl.num_programs(1) + tl.program_id(1)
-        w0 = tl.program_id(1) * BLOCK_P
-        p = tl.arange(0, BLOCK_P)
-        pos = (row_id * W + w0 + p).to(tl.int64)
-        return prog.to(tl.int64), row_id // H, row_id % H, w0, p, tl.arange(0, BLOCK_C), pos, (w0 + p) < W
+    def _tile(P, H, W, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+        """This program's positions pos (of all N * H * W, as int64; row h, column w), channels c."""
+        prog = tl.program_id(0)
+        pos = prog * BLOCK_P + tl.arange(0, BLOCK_P)  # int32 (P < 2**31): 64-bit division spilled
+        w = pos % W
+        h = pos // W % H
+        return prog.to(tl.int64), h, w, tl.arange(0, BLOCK_C), pos.to(tl.int64), pos < P
 
     @triton.jit
-    def _conv_tile(X, CW, CB, n, h, w0, p, c, H, W, C, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-        """Depthwise 3x3 conv of positions (n, h, w0 + p), channels c, fp32."""
+    def _neighbour(h, w, pmask, dy: tl.constexpr, dx: tl.constexpr, H, W, C):
+        """Offset in elements from each position to its neighbour (h + dy, w + dx), one scalar
+        for the tile, and whether that neighbour is inside the image."""
+        hh = h + dy
+        ww = w + dx
+        return (dy * W + dx) * C, pmask & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
+
+    @triton.jit
+    def _conv_tile(X, CW, CB, pos, h, w, pmask, c, H, W, C, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+        """Depthwise 3x3 conv at positions pos, channels c, fp32."""
         cmask = c < C
         acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
         acc += tl.load(CB + c, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        here = pos[:, None] * C + c[None, :]
         for dy in tl.static_range(3):
-            hh = h + dy - 1
             for dx in tl.static_range(3):
-                ww = w0 + p + dx - 1
-                ok = (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
-                row = ((n * H + hh) * W + ww).to(tl.int64) * C
-                v = tl.load(X + row[:, None] + c[None, :], mask=ok[:, None] & cmask[None, :], other=0.0)
+                off, ok = _neighbour(h, w, pmask, dy - 1, dx - 1, H, W, C)
+                v = tl.load(X + here + off, mask=ok[:, None] & cmask[None, :], other=0.0)
                 tap = tl.load(CW + c * 9 + dy * 3 + dx, mask=cmask, other=0.0).to(tl.float32)
                 acc += v.to(tl.float32) * tap[None, :]
         return acc
 
     @triton.jit
-    def _fwd_kernel(X, CW, CB, LW, LB, OUT, MEAN, RSTD, H, W, C, eps,
+    def _fwd_kernel(X, CW, CB, LW, LB, OUT, MEAN, RSTD, P, H, W, C, eps,
                     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-        _prog, n, h, w0, p, c, pos, pmask = _tile(H, W, BLOCK_P, BLOCK_C)
+        _prog, h, w, c, pos, pmask = _tile(P, H, W, BLOCK_P, BLOCK_C)
         cmask = c < C
-        y = _conv_tile(X, CW, CB, n, h, w0, p, c, H, W, C, BLOCK_P, BLOCK_C)
+        y = _conv_tile(X, CW, CB, pos, h, w, pmask, c, H, W, C, BLOCK_P, BLOCK_C)
         y = tl.where(cmask[None, :], y, 0.0)
         mean = tl.sum(y, 1) / C
         d = tl.where(cmask[None, :], y - mean[:, None], 0.0)
@@ -87,13 +93,13 @@ if triton is not None:
         tl.store(RSTD + pos, rstd, mask=pmask)
 
     @triton.jit
-    def _bwd_norm_kernel(X, CW, CB, LW, GRAD, MEAN, RSTD, DY, PART_LW, PART_LB, H, W, C,
+    def _bwd_norm_kernel(X, CW, CB, LW, GRAD, MEAN, RSTD, DY, PART_LW, PART_LB, P, H, W, C,
                          BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
         """Gradient of the conv output (fp32), and partial LayerNorm weight/bias gradients."""
-        prog, n, h, w0, p, c, pos, pmask = _tile(H, W, BLOCK_P, BLOCK_C)
+        prog, h, w, c, pos, pmask = _tile(P, H, W, BLOCK_P, BLOCK_C)
         cmask = c < C
         m2 = pmask[:, None] & cmask[None, :]
-        y = _conv_tile(X, CW, CB, n, h, w0, p, c, H, W, C, BLOCK_P, BLOCK_C)
+        y = _conv_tile(X, CW, CB, pos, h, w, pmask, c, H, W, C, BLOCK_P, BLOCK_C)
         mean = tl.load(MEAN + pos, mask=pmask, other=0.0)
         rstd = tl.load(RSTD + pos, mask=pmask, other=0.0)
         xhat = tl.where(m2, (y - mean[:, None]) * rstd[:, None], 0.0)
@@ -108,52 +114,54 @@ if triton is not None:
         tl.store(PART_LB + prog * C + c, tl.sum(g, 0), mask=cmask)
 
     @triton.jit
-    def _bwd_conv_kernel(X, CW, DY, DX, PART_CW, PART_CB, H, W, C,
+    def _bwd_conv_kernel(X, CW, DY, DX, PART_CW, PART_CB, P, H, W, C,
                          BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
         """Input gradient (transposed depthwise conv of DY) and partial tap/bias gradients."""
-        prog, n, h, w0, p, c, pos, pmask = _tile(H, W, BLOCK_P, BLOCK_C)
+        prog, h, w, c, pos, pmask = _tile(P, H, W, BLOCK_P, BLOCK_C)
         cmask = c < C
         m2 = pmask[:, None] & cmask[None, :]
-        dy_here = tl.load(DY + pos[:, None] * C + c[None, :], mask=m2, other=0.0)
+        here = pos[:, None] * C + c[None, :]
+        dy_here = tl.load(DY + here, mask=m2, other=0.0)
         tl.store(PART_CB + prog * C + c, tl.sum(dy_here, 0), mask=cmask)
         dx = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
         for ky in tl.static_range(3):
             for kx in tl.static_range(3):
                 # Output (h', w') = (h - ky + 1, w - kx + 1) read this input through tap (ky, kx).
-                hh = h - ky + 1
-                ww = w0 + p - kx + 1
-                ok = (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W) & pmask
-                src = ((n * H + hh) * W + ww).to(tl.int64) * C
-                g = tl.load(DY + src[:, None] + c[None, :], mask=ok[:, None] & cmask[None, :], other=0.0)
+                off, ok = _neighbour(h, w, pmask, 1 - ky, 1 - kx, H, W, C)
+                g = tl.load(DY + here + off, mask=ok[:, None] & cmask[None, :], other=0.0)
                 tap = tl.load(CW + c * 9 + ky * 3 + kx, mask=cmask, other=0.0).to(tl.float32)
                 dx += g * tap[None, :]
                 # Tap gradient: dy at these positions times the input they read through (ky, kx).
-                hi = h + ky - 1
-                wi = w0 + p + kx - 1
-                oki = (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W) & pmask
-                xs = ((n * H + hi) * W + wi).to(tl.int64) * C
-                xv = tl.load(X + xs[:, None] + c[None, :], mask=oki[:, None] & cmask[None, :], other=0.0)
+                off_x, oki = _neighbour(h, w, pmask, ky - 1, kx - 1, H, W, C)
+                xv = tl.load(X + here + off_x, mask=oki[:, None] & cmask[None, :], other=0.0)
                 tl.store(PART_CW + (prog * 9 + ky * 3 + kx) * C + c, tl.sum(dy_here * xv.to(tl.float32), 0), mask=cmask)
-        tl.store(DX + pos[:, None] * C + c[None, :], dx.to(DX.dtype.element_ty), mask=m2)
+        tl.store(DX + here, dx.to(DX.dtype.element_ty), mask=m2)
 
 
 
 
-def _block_p(c: int) -> int:
-    # a (BLOCK_P x BLOCK_C) tile of 1024 values up to 256 channels, 2048 above: with _warps, 2 to
+def _block_p(positions: int, c: int) -> int:
+    if _triton.wide():
+        return min(_triton.next_power_of_2(positions), _triton.wide_rows(_triton.block_channels(c)))
+    # a (BLOCK_P x BLOCK_C) tile of 1024 values up to 256 channels, 2048 above: with _launch's warps, 2 to
     # 4 per thread, so the backward holds its tiles and nine taps in under 128 registers (8 per
     # thread needed up to 255 at 256 and 512 channels)
     block_c = _triton.block_channels(c)
     return max(1, min(BLOCK_P, (1024 if block_c <= 256 else 2048) // block_c))
 
 
-def _grid(x):
+def _launch_tile(positions: int, c: int) -> dict:
+    """The tile of a launch over ``positions`` positions of c channels."""
+    block_p = _block_p(positions, c)
+    block_c = _triton.block_channels(c)
+    return dict(BLOCK_P=block_p, BLOCK_C=block_c, num_warps=max(4, min(16, block_p * block_c // 64)))
+
+
+def _launch(x) -> tuple[tuple[int], dict]:
+    """Grid and tile of a launch over x's positions."""
     n, h, w, c = x.shape
-    return _triton.grid(n * h, triton.cdiv(w, _block_p(c)))
-
-
-def _warps(c):
-    return max(4, min(16, _block_p(c) * _triton.block_channels(c) // 64))
+    tile = _launch_tile(n * h * w, c)
+    return _triton.grid(triton.cdiv(n * h * w, tile["BLOCK_P"])), tile
 
 
 @_triton.define_op("hifuse::dwconv_layer_norm", mutates_args=())
@@ -165,9 +173,9 @@ def _fwd_op(
     out = torch.empty_like(x, dtype=out_dtype)
     mean = torch.empty(n, h, w, device=x.device, dtype=torch.float32)
     rstd = torch.empty_like(mean)
-    _triton.wrap_triton(_fwd_kernel)[_grid(x)](
-        x, conv_weight, conv_bias, ln_weight, ln_bias, out, mean, rstd, h, w, c, eps,
-        BLOCK_P=_block_p(c), BLOCK_C=_triton.block_channels(c), num_warps=_warps(c),
+    grid, tile = _launch(x)
+    _triton.wrap_triton(_fwd_kernel)[grid](
+        x, conv_weight, conv_bias, ln_weight, ln_bias, out, mean, rstd, n * h * w, h, w, c, eps, **tile
     )
     return out, mean, rstd
 
@@ -178,20 +186,18 @@ def _bwd_op(
     ln_weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     n, h, w, c = x.shape
-    grid = _grid(x)
-    progs = grid[0] * grid[1]
+    grid, tile = _launch(x)
+    progs = grid[0]
     f32 = dict(device=x.device, dtype=torch.float32)
     dy = torch.empty(n, h, w, c, **f32)
     part_lw, part_lb = torch.empty(progs, c, **f32), torch.empty(progs, c, **f32)
     _triton.wrap_triton(_bwd_norm_kernel)[grid](
-        x, conv_weight, conv_bias, ln_weight, grad, mean, rstd, dy, part_lw, part_lb, h, w, c,
-        BLOCK_P=_block_p(c), BLOCK_C=_triton.block_channels(c), num_warps=_warps(c),
+        x, conv_weight, conv_bias, ln_weight, grad, mean, rstd, dy, part_lw, part_lb, n * h * w, h, w, c, **tile
     )
     dx = torch.empty_like(x)
     part_cw, part_cb = torch.empty(progs, 9, c, **f32), torch.empty(progs, c, **f32)
     _triton.wrap_triton(_bwd_conv_kernel)[grid](
-        x, conv_weight, dy, dx, part_cw, part_cb, h, w, c, BLOCK_P=_block_p(c), BLOCK_C=_triton.block_channels(c),
-        num_warps=_warps(c),
+        x, conv_weight, dy, dx, part_cw, part_cb, n * h * w, h, w, c, **tile
     )
     # contiguous, as the fake kernel (and so Inductor) expects
     d_cw = part_cw.sum(0).t().contiguous().view(c, 1, 3, 3).to(conv_weight.dtype)
@@ -266,6 +272,8 @@ def _argument_problem(x, conv_weight, conv_bias, ln_weight, ln_bias):
     c = x.shape[-1]
     if c > MAX_CHANNELS:
         return ValueError, f"C = {c} channels is more than the {MAX_CHANNELS} supported"
+    if x.numel() // max(c, 1) >= 2**31:
+        return ValueError, f"x has {x.numel() // c} positions (N * H * W); the kernels take fewer than 2**31"
     if conv_weight.shape != (c, 1, 3, 3):
         return ValueError, f"conv_weight must be ({c}, 1, 3, 3), got {tuple(conv_weight.shape)}"
     if any(t.shape != (c,) for t in (conv_bias, ln_weight, ln_bias)):

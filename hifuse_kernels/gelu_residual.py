@@ -51,11 +51,16 @@ if triton is not None:
 
 
 
+def _block(n: int) -> int:
+    return min(_triton.next_power_of_2(n), _triton.WIDE_VALUES) if _triton.wide() else BLOCK
+
+
 @_triton.define_op("hifuse::gelu_residual", mutates_args=())
 def _gelu_residual_op(y: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
     out = torch.empty(y.shape, device=y.device, dtype=torch.promote_types(y.dtype, shortcut.dtype))
     n = y.numel()
-    _triton.wrap_triton(_fwd_kernel)[(triton.cdiv(n, BLOCK),)](y, shortcut, out, n, BLOCK=BLOCK)
+    block = _block(n)
+    _triton.wrap_triton(_fwd_kernel)[(triton.cdiv(n, block),)](y, shortcut, out, n, BLOCK=block)
     return out
 
 
@@ -63,7 +68,8 @@ def _gelu_residual_op(y: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
 def _gelu_backward_op(grad: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     dy = torch.empty_like(y)
     n = y.numel()
-    _triton.wrap_triton(_bwd_kernel)[(triton.cdiv(n, BLOCK),)](grad, y, dy, n, BLOCK=BLOCK)
+    block = _block(n)
+    _triton.wrap_triton(_bwd_kernel)[(triton.cdiv(n, block),)](grad, y, dy, n, BLOCK=block)
     return dy
 
 

@@ -359,7 +359,8 @@ BWD_FP32_WARPS = {16: 8, 32: 4, 64: 4}
 # per-program partial sums stay small; more windows are looped over inside a program.
 BWD_PROGRAMS = 1024
 # The forward's: queries in blocks of 16 rows keep every variant at 128 registers or fewer
-# (whole 64-row tiles needed up to 255 and spilled in fp32).
+# (whole 64-row tiles needed up to 255 and spilled in fp32). Wide tiles (the interpreter's)
+# take whole windows everywhere.
 FWD_WARPS = 4
 FWD_ROWS = 16
 
@@ -377,7 +378,8 @@ def _window_attention_op(
         g["h"], g["w"], g["hp"], g["wp"], g["n_win_w"], g["n_win"], g["c"], num_heads, shift,
         g["d"] ** -0.5,
         qkv.stride(0), qkv.stride(1), qkv.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        WS=window, BN=g["bn"], BM=min(FWD_ROWS, g["bn"]), D=g["d"], BD=g["bd"], SHIFTED=shift > 0,
+        WS=window, BN=g["bn"], BM=g["bn"] if _triton.wide() else min(FWD_ROWS, g["bn"]), D=g["d"], BD=g["bd"],
+        SHIFTED=shift > 0,
         PRECISION=_precision(qkv), num_warps=FWD_WARPS,
     )
     return out, lse
@@ -403,9 +405,9 @@ def _window_attention_backward_op(
         qkv.stride(0), qkv.stride(1), qkv.stride(2), out.stride(0), out.stride(1), out.stride(2),
         dqkv.stride(0), dqkv.stride(1), dqkv.stride(2),
     )
-    shape = dict(WS=window, BN=g["bn"], BM=min(BWD_ROWS, g["bn"]), D=g["d"], BD=g["bd"], SHIFTED=shift > 0,
-                 PRECISION=_precision(qkv))
-    if qkv.dtype == torch.float32 and BWD_FP32_KEYS < g["bn"]:
+    shape = dict(WS=window, BN=g["bn"], BM=g["bn"] if _triton.wide() else min(BWD_ROWS, g["bn"]), D=g["d"],
+                 BD=g["bd"], SHIFTED=shift > 0, PRECISION=_precision(qkv))
+    if qkv.dtype == torch.float32 and BWD_FP32_KEYS < g["bn"] and not _triton.wide():
         launch = dict(BK=BWD_FP32_KEYS, num_warps=BWD_FP32_WARPS[g["d"]])
     else:
         launch = dict(BK=g["bn"], num_warps=BWD_WARPS)

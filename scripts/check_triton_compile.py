@@ -100,7 +100,8 @@ def cases(dtype: str):
                 keys = {"BK": shape["BN"], "WARPS": wa.BWD_WARPS}
             yield wa._bwd_kernel, ptrs, {**shape, "BM": wa.BWD_ROWS, **keys}
     for block_c in (128, 256, 512, 1024):  # every channel block of HiFuse (96 .. 768 channels)
-        tiles = dict(BLOCK_P=dln._block_p(block_c), BLOCK_C=block_c, WARPS=dln._warps(block_c))
+        tile = dln._launch_tile(1 << 20, block_c)
+        tiles = dict(BLOCK_P=tile["BLOCK_P"], BLOCK_C=block_c, WARPS=tile["num_warps"])
         yield dln._fwd_kernel, dict(X="dt", CW=f32, CB=f32, LW=f32, LB=f32, OUT="dt", MEAN=f32, RSTD=f32), tiles
         # under autocast: the fp32 stream in, the GEMM's dtype out
         yield dln._fwd_kernel, dict(X=f32, CW=f32, CB=f32, LW=f32, LB=f32, OUT="dt", MEAN=f32, RSTD=f32), tiles
@@ -202,9 +203,7 @@ def compile_case(job: tuple[int, str, int]) -> tuple[bool, str]:
     start = time.time()
     try:
         constexprs = dict(constexprs)
-        warps = constexprs.pop("WARPS", None)
-        if warps is None and "BLOCK_C" in constexprs:
-            warps = dln._warps(constexprs["BLOCK_C"])
+        warps = constexprs.pop("WARPS", None)  # None: Triton's default, as ops launching without num_warps get
         src = ASTSource(fn=kernel, signature=signature(kernel, pointers, constexprs, dtype), constexprs=constexprs)
         options = {"num_warps": warps} if warps else {}
         compiled = triton_compile(src, target=GPUTarget("cuda", arch, 32), options=options)

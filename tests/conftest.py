@@ -32,6 +32,27 @@ def eager_by_default(monkeypatch):
     config.set_parts(config.FusedParts())
 
 
+@pytest.fixture(params=["device", "wide"])
+def tiles(request):
+    """Runs a test with the GPU's launch tiles and, where the kernels run in the interpreter,
+    with its wide ones (``_triton.wide``), which the other tests there take."""
+    from hifuse_kernels import _triton
+
+    if request.param == "wide" and not _triton.interpreting():
+        pytest.skip("wide tiles are the interpreter's")
+    with _triton.device_tiles(request.param == "device"):
+        yield request.param
+
+
+@pytest.fixture
+def device_tiles():
+    """The GPU's launch tiles, in the interpreter too (for tests of their loops)."""
+    from hifuse_kernels import _triton
+
+    with _triton.device_tiles():
+        yield
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

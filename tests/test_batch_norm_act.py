@@ -47,7 +47,7 @@ def _run_both(shape, act, residual, channels_last=True, momentum=0.1, steps=1):
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("act", [None, "relu", "gelu"])
 @pytest.mark.parametrize("residual", [False, True])
-def test_matches_batch_norm_module(shape, act, residual):
+def test_matches_batch_norm_module(tiles, shape, act, residual):
     out, ref, bn, ref_bn, xs, rs = _run_both(shape, act, residual)
     assert out.is_contiguous(memory_format=torch.channels_last)
     # fp32 statistics of a few values with a large mean: cancellation limits both sides to ~1e-5
@@ -63,7 +63,7 @@ def test_matches_batch_norm_module(shape, act, residual):
 
 @pytest.mark.parametrize("shape", [(2, 40, 6, 8), (1, 96, 7, 5), (3, 16, 2, 3)])
 @pytest.mark.parametrize("act", ["relu", "gelu"])
-def test_pooled_output(shape, act):
+def test_pooled_output(tiles, shape, act):
     bn = _bn(shape[1])
     ref_bn = copy.deepcopy(bn)
     x = (3 * torch.randn(shape) + 1).to(DEVICE).contiguous(memory_format=torch.channels_last)

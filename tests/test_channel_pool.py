@@ -12,7 +12,7 @@ SHAPES = FEATURE_SHAPES
 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("channels_last", [True, False])
-def test_channel_pool(shape, channels_last):
+def test_channel_pool(tiles, shape, channels_last):
     g = feature(shape, 0, channels_last, device=DEVICE)
     avg, best = channel_pool(g)
     ravg, rbest = channel_pool_ref(g)
@@ -25,7 +25,7 @@ def test_channel_pool(shape, channels_last):
 
 
 @pytest.mark.parametrize("shape", [(2, 24, 5, 3), (1, 8, 20, 21)])  # the second spans several position chunks
-def test_ties_follow_eager(shape):
+def test_ties_follow_eager(tiles, shape):
     # ReLU-like data: many equal maxima per channel and per position
     g = torch.randn(shape, device=DEVICE).clamp(max=0.0).round().requires_grad_()
     avg, best = channel_pool(g)

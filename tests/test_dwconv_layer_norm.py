@@ -33,7 +33,7 @@ def _inputs(shape, seed=0, dtype=torch.float32):
 
 # (N, H, W, C): batch 1, odd and prime sides, 1x1, every stage width
 @pytest.mark.parametrize("shape", [(1, 5, 7, 96), (2, 9, 13, 192), (1, 1, 1, 96), (1, 3, 3, 768), (1, 7, 2, 384), (3, 11, 3, 100)])
-def test_matches_reference(shape):
+def test_matches_reference(tiles, shape):
     inputs = _inputs(shape)
     out = dwconv_layer_norm(*inputs)
     ref = dwconv_layer_norm_ref(*inputs)

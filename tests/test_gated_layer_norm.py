@@ -24,7 +24,7 @@ def gated_inputs_(shape, seed=0):
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-def test_gated_layer_norm(shape):
+def test_gated_layer_norm(tiles, shape):
     inputs = gated_inputs_(shape)
     out = gated_layer_norm(*inputs)
     assert out.is_contiguous(memory_format=torch.channels_last)
@@ -87,7 +87,7 @@ def test_launch_grid_refuses_what_cuda_refuses():
         _triton.grid(2**31)
 
 
-def test_gating_ops_launch_image_size_on_one_axis(monkeypatch):
+def test_gating_ops_launch_image_size_on_one_axis(device_tiles, monkeypatch):
     # CUDA caps grid axes y and z at 65535 programs; position blocks on axis y failed on
     # inputs past about 2900x2900 pixels. With y and z capped at the pooling's 8 chunks, the
     # 27 position blocks of each image here must still launch.

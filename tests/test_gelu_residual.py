@@ -19,7 +19,7 @@ def _grads(fn, y, s, grad):
 
 
 @pytest.mark.parametrize("shape", [(1, 49, 96), (2, 3136, 96), (3, 7, 1000), (5,)])
-def test_matches_reference(shape):
+def test_matches_reference(tiles, shape):
     y = (3 * torch.randn(shape, device=DEVICE)).requires_grad_()
     s = torch.randn(shape, device=DEVICE, requires_grad=True)
     grad = torch.randn(shape, device=DEVICE)
@@ -29,6 +29,7 @@ def test_matches_reference(shape):
 
 def test_mixed_dtypes_follow_eager():
     # Under autocast fc1 gives bf16 while the residual stream stays fp32.
+    torch.manual_seed(0)
     y = torch.randn(2, 49, 96, device=DEVICE).to(torch.bfloat16).requires_grad_()
     s = torch.randn(2, 49, 96, device=DEVICE, requires_grad=True)
     grad = torch.randn(2, 49, 96, device=DEVICE)
@@ -37,7 +38,13 @@ def test_mixed_dtypes_follow_eager():
     assert [t.dtype for t in got] == [t.dtype for t in pt] == [torch.float32, torch.bfloat16, torch.float32]
     ref = _grads(gelu_residual_ref, y.detach().double().requires_grad_(), s.detach().double().requires_grad_(), grad.double())
     for a, p, r in zip(got, pt, ref):
-        assert (a.double() - r).abs().max() <= 2 * (p.double() - r).abs().max() + 1e-6
+        err = (a.double() - r).abs()
+        if a.dtype == torch.bfloat16 and _triton.interpreting():
+            # the interpreter rounds fp32 to bf16 toward zero (a GPU, as eager, to nearest):
+            # within one bf16 step (2**-7 relatively) there, half of one on a GPU
+            assert (err <= r.abs() * 2**-7 + 1e-6).all()
+        else:
+            assert err.max() <= 2 * (p.double() - r).abs().max() + 1e-6
 
 
 def test_expanded_gradient_and_strided_input():
@@ -81,4 +88,10 @@ def test_low_precision_cuda(dtype):
     got = _grads(gelu_residual, y, s, g64.to(dtype))
     pt = _grads(gelu_residual_ref, y, s, g64.to(dtype))
     for a, p, r in zip(got, pt, ref):
-        assert (a.double() - r).abs().max() <= 2 * (p.double() - r).abs().max() + 1e-6
+        err = (a.double() - r).abs()
+        if a.dtype == torch.bfloat16 and _triton.interpreting():
+            # the interpreter rounds fp32 to bf16 toward zero (a GPU, as eager, to nearest):
+            # within one bf16 step (2**-7 relatively) there, half of one on a GPU
+            assert (err <= r.abs() * 2**-7 + 1e-6).all()
+        else:
+            assert err.max() <= 2 * (p.double() - r).abs().max() + 1e-6

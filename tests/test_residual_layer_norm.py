@@ -29,7 +29,7 @@ def _inputs(shape, seed=0):
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-def test_matches_reference(shape):
+def test_matches_reference(tiles, shape):
     y, s, w, b = _inputs(shape)
     out, normed = gelu_residual_layer_norm(y, s, w, b, 1e-5, torch.float32)
     ref_out, ref_normed = gelu_residual_layer_norm_ref(y, s, w, b, 1e-5, torch.float32)

@@ -57,7 +57,7 @@ def _assert_op_matches_reference(qkv, bias, table, heads, shift):
 
 
 @pytest.mark.parametrize("b, h, w, heads, shift", CASES)
-def test_op_matches_reference(b, h, w, heads, shift):
+def test_op_matches_reference(tiles, b, h, w, heads, shift):
     _assert_op_matches_reference(*_op_inputs(b, h, w, heads), heads, shift)
 
 
@@ -68,7 +68,7 @@ BACKWARDS = {"key_blocks": 16, "whole_windows": 64}
 
 @pytest.mark.parametrize("backward", BACKWARDS)
 @pytest.mark.parametrize("head_dim, shift", [(16, 3), (64, 0), (32, 3)])
-def test_backward_loops_over_windows(monkeypatch, head_dim, shift, backward):
+def test_backward_loops_over_windows(device_tiles, monkeypatch, head_dim, shift, backward):
     # Few backward programs, so each sums the bias gradient over several windows (2 x 3 x 4
     # windows, 5 programs per head: the last one has fewer) at every supported head dim.
     import hifuse_kernels.window_attention as wa
@@ -79,7 +79,7 @@ def test_backward_loops_over_windows(monkeypatch, head_dim, shift, backward):
 
 
 @pytest.mark.parametrize("b, h, w, heads, shift", [CASES[0], CASES[3], CASES[5], CASES[7]])
-def test_whole_window_backward(monkeypatch, b, h, w, heads, shift):
+def test_whole_window_backward(device_tiles, monkeypatch, b, h, w, heads, shift):
     import hifuse_kernels.window_attention as wa
 
     monkeypatch.setattr(wa, "BWD_FP32_KEYS", BACKWARDS["whole_windows"])

@@ -2,18 +2,28 @@
 
 ``NARROW`` keeps every module kind of the published model: shifted and unshifted window
 blocks (stage 2 has two), padded window grids (32x32 inputs: 8x8 and 4x4 grids under 7x7
-windows), all four fusion blocks and training-mode BatchNorms. A run trains with AdamW (no
-decay on norms and biases) under the paper's schedule (linear warm-up, cosine) on a seeded
-synthetic dataset it can learn: four classes of oriented stripes at a class-dependent
-frequency, with noise (not the demo data).
+windows), every head dim the kernels take (16, 32, 64), all four fusion blocks and
+training-mode BatchNorms. A run trains with AdamW (no decay on norms and biases) under the
+paper's schedule (linear warm-up, cosine) on a seeded synthetic dataset it can learn: four
+classes of oriented stripes at a class-dependent frequency, with noise (not the demo data).
 
-The rule (STYLE.md): a quantity is within the rule when its distance from the float64 eager
-run is at most twice the float32 (or autocast) eager run's, or at most how far the float64
-run itself moves when every input moves by 1e-6 relatively, whichever is larger.
+The rule (STYLE.md's, made fit for trajectories): a quantity is within the rule when its
+distance from the float64 eager run is at most twice the largest of the float32 (or
+autocast) eager runs' distances, or at most how far the float64 run itself moves when every
+input moves by 1e-6 relatively (the larger of two draws), whichever is larger. The eager runs
+are four: one on the inputs as given, three on inputs moved by about one float32 rounding
+step (1e-7 relatively). One run is not enough: a trajectory passes near ties (a max, a
+BatchNorm over eight values at 1x1 resolution) where rounding picks a side, and a single
+float32 run lands close to float64 or not by chance; a correct fused run picks sides as
+eager runs do. Losses are judged by their largest distance up to each step, as one step's
+distance can cross zero by chance. Measured before it was adopted: eight float32 eager runs
+on rounding-moved inputs, judged as fused runs are, came within 0.55 of their allowance at
+worst; under the single-run, per-step rule, most of them failed.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 
@@ -22,18 +32,21 @@ import torch.nn.functional as F
 
 import hifuse
 
-NOISE = 1e-6
+NOISE = 1e-6  # the float64 run's input noise, for its sensitivity
+ROUNDING = 1e-7  # the eager float32 runs' input moves: about one float32 rounding step
+NOISE_SEEDS = (11, 12)
+ROUNDING_SEEDS = (101, 102, 103)
 CLASSES = 4
 
 
 @dataclass(frozen=True)
 class Config:
-    model: dict = field(default_factory=lambda: dict(depths=(1, 2, 1, 1), dims=(16, 32, 64, 128), num_heads=(1, 2, 4, 8)))
+    model: dict = field(default_factory=lambda: dict(depths=(1, 2, 1, 1), dims=(16, 32, 64, 128), num_heads=(1, 1, 2, 2)))
     variant: str = "hifuse_tiny"
     side: int = 32
     batch: int = 8
     steps: int = 30
-    lr: float = 1e-3
+    lr: float = 3e-4
     min_lr: float = 1e-5
     weight_decay: float = 0.05
     warmup: int = 3
@@ -78,6 +91,30 @@ class Run:
     logits: torch.Tensor  # held-out batch, eval mode, float64
 
 
+INERT = 1e-12  # a parameter whose float64 gradient is below this share of the largest is inert
+_inert: dict[str, frozenset[str]] = {}
+
+
+def inert_parameters(cfg: Config) -> frozenset[str]:
+    """The parameters whose exact gradient is zero: biases that a BatchNorm or LayerNorm
+    right after them cancels (22 of them in HiFuse's fusion blocks), found by their float64
+    gradient on the first batch (about 1e-18; the others' are 1e-7 or more). AdamW turns a
+    rounding-noise gradient into a step of up to a tenth of the learning rate, so in float32
+    they wander at random, differently in every run, while float64 leaves them in place: no
+    run can follow float64 on them, and their wandering moves the BatchNorm statistics."""
+    key = repr(cfg)
+    if key not in _inert:
+        torch.manual_seed(0)
+        model = hifuse.create_model(cfg.variant, num_classes=CLASSES, **cfg.model).to(cfg.device, torch.float64)
+        x, y = images(cfg, cfg.batch, seed=1)
+        with hifuse.use_fused(False):
+            F.cross_entropy(model.train()(x.to(cfg.device)), y.to(cfg.device)).backward()
+        grads = {k: float(p.grad.abs().max()) for k, p in model.named_parameters() if p.grad is not None}
+        top = max(grads.values())
+        _inert[key] = frozenset(k for k, g in grads.items() if g <= INERT * top)
+    return _inert[key]
+
+
 def fused_setting(parts):
     """None: eager; "all": every part; a part's name: that part alone."""
     if parts is None:
@@ -87,26 +124,31 @@ def fused_setting(parts):
     return hifuse.use_fused(**{name: name == parts for name in hifuse.FusedParts.names()})
 
 
-def train(cfg: Config, dtype: torch.dtype, parts=None, noise_seed: int | None = None, compile: str | None = None,
-          autocast: torch.dtype | None = None) -> Run:
+def train(cfg: Config, dtype: torch.dtype, parts=None, noise_seed: int | None = None, noise: float = NOISE,
+          compile: str | None = None, autocast: torch.dtype | None = None) -> Run:
     """cfg.steps AdamW steps from the seeded initial weights, parameters in ``dtype`` (under
     ``autocast`` if given), with ``parts`` fused (see ``fused_setting``), the model compiled
-    with backend ``compile`` if given; with ``noise_seed`` every input moves by NOISE relatively."""
+    with backend ``compile`` if given; with ``noise_seed`` every input moves by ``noise``
+    relatively. Inert parameters (``inert_parameters``) are not trained."""
     torch.manual_seed(0)
     model = hifuse.create_model(cfg.variant, num_classes=CLASSES, **cfg.model).to(cfg.device, dtype).train()
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    rest = [p for p in model.parameters() if p.ndim <= 1]
+    inert = inert_parameters(cfg)
+    for name, p in model.named_parameters():
+        p.requires_grad_(name not in inert)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in trained if p.ndim > 1]
+    rest = [p for p in trained if p.ndim <= 1]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}],
                             lr=cfg.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg))
     pool = max(cfg.batch, cfg.steps * cfg.batch // 2)  # every image seen about twice
     x_all, y_all = images(cfg, pool, seed=1)
     held_x, _ = images(cfg, 16, seed=2)
-    noise = torch.Generator().manual_seed(noise_seed) if noise_seed is not None else None
+    draws = torch.Generator().manual_seed(noise_seed) if noise_seed is not None else None
 
     def jitter(x: torch.Tensor) -> torch.Tensor:
-        if noise is not None:
-            x = x * (1 + NOISE * torch.randn(x.shape, generator=noise, dtype=torch.float64))
+        if draws is not None:
+            x = x * (1 + noise * torch.randn(x.shape, generator=draws, dtype=torch.float64))
         return x.to(cfg.device, dtype)
 
     net = torch.compile(model, backend=compile, fullgraph=True) if compile else model
@@ -134,19 +176,25 @@ def train(cfg: Config, dtype: torch.dtype, parts=None, noise_seed: int | None = 
 @dataclass
 class Reference:
     f64: Run
-    eager: Run  # float32, or autocast
-    sensitivity: dict  # quantity -> how far float64 moves under NOISE (max over two draws)
+    eager: list[Run]  # float32 (or autocast): on the inputs as given, then on rounding-moved ones
+    sensitivity: dict  # quantity -> how far float64 moves under NOISE (the larger of two draws)
 
 
 def reference(cfg: Config, autocast: torch.dtype | None = None) -> Reference:
     f64 = train(cfg, torch.float64)
-    noisy = [train(cfg, torch.float64, noise_seed=s) for s in (11, 12)]
+    noisy = [train(cfg, torch.float64, noise_seed=s) for s in NOISE_SEEDS]
     sens = {"losses": [max(abs(n.losses[i] - f64.losses[i]) for n in noisy) for i in range(cfg.steps)],
             "logits": max(float((n.logits - f64.logits).abs().max()) for n in noisy)}
     for k, v in f64.state.items():
         if v.is_floating_point():
             sens[k] = max(float((n.state[k] - v).abs().max()) for n in noisy)
-    return Reference(f64, train(cfg, torch.float32, autocast=autocast), sens)
+    eager = [train(cfg, torch.float32, autocast=autocast)]
+    eager += [train(cfg, torch.float32, noise_seed=s, noise=ROUNDING, autocast=autocast) for s in ROUNDING_SEEDS]
+    return Reference(f64, eager, sens)
+
+
+def _running_max(values: list[float]) -> list[float]:
+    return list(itertools.accumulate(values, max))
 
 
 def violations(run: Run, ref: Reference) -> list[str]:
@@ -159,16 +207,24 @@ def violations(run: Run, ref: Reference) -> list[str]:
             bad.append(f"{name}: off float64 by {err:.3g}, allowed {allowed:.3g} "
                        f"(eager {eager_err:.3g}, float64 under 1e-6 input noise {sens:.3g})")
 
-    for i, (a, e, r) in enumerate(zip(run.losses, ref.eager.losses, ref.f64.losses)):
-        judge(f"loss at step {i + 1}", abs(a - r), abs(e - r), ref.sensitivity["losses"][i])
-    judge("held-out logits", float((run.logits - ref.f64.logits).abs().max()),
-          float((ref.eager.logits - ref.f64.logits).abs().max()), ref.sensitivity["logits"])
+    def loss_errors(r: Run) -> list[float]:
+        return _running_max([abs(a - b) for a, b in zip(r.losses, ref.f64.losses)])
+
+    eager_losses = [max(errs) for errs in zip(*map(loss_errors, ref.eager))]
+    for i, (err, eager_err, sens) in enumerate(zip(loss_errors(run), eager_losses,
+                                                   _running_max(ref.sensitivity["losses"]))):
+        judge(f"loss up to step {i + 1}", err, eager_err, sens)
+
+    def distance(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float((a - b).abs().max())
+
+    judge("held-out logits", distance(run.logits, ref.f64.logits),
+          max(distance(e.logits, ref.f64.logits) for e in ref.eager), ref.sensitivity["logits"])
     for k, r in ref.f64.state.items():
-        a, e = run.state[k], ref.eager.state[k]
+        a = run.state[k]
         if not r.is_floating_point():
             if not torch.equal(a, r):
                 bad.append(f"{k}: {a.tolist()} != float64's {r.tolist()}")
             continue
-        judge(k, float((a - r).abs().max()), float((e - r).abs().max()), ref.sensitivity[k])
+        judge(k, distance(a, r), max(distance(e.state[k], r) for e in ref.eager), ref.sensitivity[k])
     return bad
-
