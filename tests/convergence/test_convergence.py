@@ -5,8 +5,8 @@ names its part), and under torch.compile; and, on a GPU, HiFuse-Tiny at 224x224 
 autocast for hundreds of steps, with a plot of the loss curves.
 
 Without a GPU the Triton kernels run in the interpreter, with its wide tiles (``_triton.wide``):
-a fused step of the narrow model at batch 2 takes about 3 s there, so the seven fused runs
-take about 5 CPU minutes. On a GPU the same runs take the GPU's tiles.
+a fused step of the narrow model takes about 8 s there, so the seven fused runs take about 14
+CPU minutes. On a GPU the same runs take the GPU's tiles.
 """
 
 from __future__ import annotations
