@@ -11,6 +11,7 @@ CPU minutes. On a GPU the same runs take the GPU's tiles.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from dataclasses import replace
@@ -70,6 +71,42 @@ def test_the_rule_holds_eager_and_catches_a_wrong_step(narrow_reference):
     assert any("step 4:" in line for line in bad) and any(key in line for line in bad)
     f64 = narrow_reference.f64.losses
     assert f64[-1] < 0.8 * f64[0]  # the data can be learnt
+
+
+@needs_kernels
+def test_one_step_of_hifuse_small_at_batch_1():
+    """Every gradient of one step of HiFuse-Small (fixture weights, 7 classes) at batch 1 on a
+    64x128 input, every part fused, loss the sum of squared logits, within the rule: a shape
+    where the spatial gates' BatchNorms see few positions and float64 itself is sensitive."""
+    from helpers import apply_fixture
+
+    torch.manual_seed(0)
+    model = apply_fixture(hifuse.create_model("hifuse_small", num_classes=7)).to(DEVICE).train()
+    x = torch.randn(1, 3, 64, 128, dtype=torch.float64)
+
+    def grads(dtype, inputs, fused=False):
+        net = copy.deepcopy(model).to(dtype)
+        with hifuse.use_fused(fused):
+            net(inputs.to(DEVICE, dtype)).double().square().sum().backward()
+        return {k: p.grad.double().cpu() for k, p in net.named_parameters() if p.grad is not None}
+
+    def moved(scale, seed):
+        return x * (1 + scale * torch.randn(x.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64))
+
+    f64 = grads(torch.float64, x)
+    noisy = [grads(torch.float64, moved(trajectory.NOISE, s)) for s in trajectory.NOISE_SEEDS]
+    eager = [grads(torch.float32, x)]
+    eager += [grads(torch.float32, moved(trajectory.ROUNDING, s)) for s in trajectory.ROUNDING_SEEDS]
+    fused = grads(torch.float32, x, fused=True)
+    assert fused.keys() == f64.keys()
+    bad = []
+    for k, r in f64.items():
+        err = float((fused[k] - r).abs().max())
+        eager_err = max(float((e[k] - r).abs().max()) for e in eager)
+        sens = max(float((n[k] - r).abs().max()) for n in noisy)
+        if not err <= max(2 * eager_err, sens):
+            bad.append(f"{k}: off float64 by {err:.3g}, eager {eager_err:.3g}, float64 under noise {sens:.3g}")
+    assert not bad, "\n".join(bad)
 
 
 def bf16_config() -> trajectory.Config:
