@@ -32,6 +32,8 @@ def pytest_addoption(parser):
     add("--compile-ops", action="store_true", help="also run torch.compile baselines of single ops")
     add("--modes", default="train,infer", help="comma list of train, infer")
     add("--rounds", type=int, default=None, help="timed rounds per benchmark (GPU: 20, CPU: 3)")
+    add("--rebuilds", default="", help="comma list of rebuild settings for test_train_step_rebuilds (rebuild_all, "
+        "keep_all, keep_<name>; all: every one); none given: that benchmark does not run")
 
 
 def _opt(config, name, gpu_default, cpu_default):
@@ -60,12 +62,25 @@ def settings(config) -> dict:
         "mode": _csv(config.getoption("--modes")),
         "rounds": _opt(config, "--rounds", 20, 3),
         "compile_ops": config.getoption("--compile-ops"),
+        "rebuilds": _rebuilds(config.getoption("--rebuilds")),
     }
+
+
+def _rebuilds(value) -> list[str]:
+    from hifuse.cli.bench import REBUILD_SETTINGS
+
+    names = _csv(value)
+    if names == ["all"]:
+        return list(REBUILD_SETTINGS)
+    unknown = [n for n in names if n not in REBUILD_SETTINGS]
+    if unknown:
+        raise pytest.UsageError(f"--rebuilds: unknown {unknown}; choose from all, {', '.join(REBUILD_SETTINGS)}")
+    return names
 
 
 def pytest_generate_tests(metafunc):
     s = settings(metafunc.config)
-    for name in ("batch", "dtype", "memory_format", "provider", "mode"):
+    for name in ("batch", "dtype", "memory_format", "provider", "mode", "rebuilds"):
         if name in metafunc.fixturenames:
             values = s[name]
             if name == "provider":

@@ -6,6 +6,10 @@ torch.compile(mode="reduce-overhead")); the compiled ones with --compile. ``firs
 extra_info is the first call's time (compilation for the compiled providers); under
 fused_cudagraphs, ``cudagraph_skips`` counts the graphs Inductor ran without CUDA graphs (it
 logs why): anything but 0 means the figure is not that of graph replays.
+
+``test_train_step_rebuilds`` (with ``--rebuilds``) times the fused training step with each
+setting of ``hifuse.use_rebuilds``: which tensors backward rebuilds instead of keeping, time
+against peak memory.
 """
 
 from __future__ import annotations
@@ -17,7 +21,8 @@ from torch._dynamo.utils import counters
 
 import hifuse
 from conftest import DEVICE, run_timed, sync
-from hifuse.cli.bench import fused_setting, model_call
+from hifuse import config
+from hifuse.cli.bench import REBUILD_SETTINGS, fused_setting, model_call
 
 
 @functools.lru_cache(maxsize=None)
@@ -59,3 +64,9 @@ def test_train_step(benchmark, bench_settings, batch, dtype, memory_format, prov
 
 def test_inference(benchmark, bench_settings, batch, dtype, memory_format, provider):
     _time(benchmark, bench_settings, batch, dtype, memory_format, provider, False)
+
+
+def test_train_step_rebuilds(benchmark, bench_settings, batch, dtype, memory_format, rebuilds):
+    with config.use_rebuilds(**REBUILD_SETTINGS[rebuilds]):
+        _time(benchmark, bench_settings, batch, dtype, memory_format, "fused", True)
+    benchmark.extra_info["rebuilds"] = rebuilds

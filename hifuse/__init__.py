@@ -1,7 +1,7 @@
 """HiFuse: hierarchical multi-scale feature fusion network, with fused kernels."""
 
 from .checkpoint import CheckpointMismatchError, load_checkpoint
-from .config import FusedParts, fused_parts, is_fused, use_fused
+from .config import FusedParts, Rebuilds, fused_parts, is_fused, use_fused, use_rebuilds
 from .flops import count_flops
 from .model import HFFBlock, HiFuse, VARIANTS, create_model
 
@@ -10,6 +10,7 @@ __all__ = [
     "FusedParts",
     "HFFBlock",
     "HiFuse",
+    "Rebuilds",
     "VARIANTS",
     "count_flops",
     "create_model",
@@ -18,6 +19,7 @@ __all__ = [
     "load_checkpoint",
     "prepare",
     "use_fused",
+    "use_rebuilds",
 ]
 
 __version__ = "0.1.0"

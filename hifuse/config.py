@@ -34,8 +34,20 @@ logger = logging.getLogger("hifuse")
 
 ENV_VAR = "HIFUSE_FUSED"
 
+class _Switches:
+    """A frozen dataclass of booleans, one per switch."""
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
+
+    @classmethod
+    def all(cls, value: bool):
+        return cls(**{name: value for name in cls.names()})
+
+
 @dataclass(frozen=True)
-class FusedParts:
+class FusedParts(_Switches):
     """Which parts run fused.
 
     attention: the global branch's blocks (window attention, its LayerNorms, GELU + residual).
@@ -52,33 +64,26 @@ class FusedParts:
     fusion: bool = False
     norm: bool = False
 
-    @classmethod
-    def names(cls) -> tuple[str, ...]:
-        return tuple(f.name for f in fields(cls))
-
-    @classmethod
-    def all(cls, value: bool) -> "FusedParts":
-        return cls(**{name: value for name in cls.names()})
-
 
 _requested = FusedParts()
 _env_cache: tuple[str | None, FusedParts | None] = (None, None)
 
 
-def _parse_env(raw: str) -> FusedParts:
+def _parse_env(raw: str, cls=FusedParts, var: str = ENV_VAR):
+    """``1``/``all``, ``0``/``none`` or a comma list of ``cls``'s names, as a ``cls``."""
     text = raw.strip().lower()
     if text in ("1", "true", "yes", "on", "all"):
-        return FusedParts.all(True)
+        return cls.all(True)
     if text in ("", "0", "false", "no", "off", "none"):
-        return FusedParts.all(False)
+        return cls.all(False)
     wanted = {p.strip() for p in text.split(",") if p.strip()}
-    unknown = wanted - set(FusedParts.names())
+    unknown = wanted - set(cls.names())
     if unknown:
         raise ValueError(
-            f"{ENV_VAR}={raw!r}: unknown part(s) {sorted(unknown)}; use 0, 1 or a comma "
-            f"list of {', '.join(FusedParts.names())}"
+            f"{var}={raw!r}: unknown name(s) {sorted(unknown)}; use 0, 1 or a comma "
+            f"list of {', '.join(cls.names())}"
         )
-    return FusedParts(**{name: name in wanted for name in FusedParts.names()})
+    return cls(**{name: name in wanted for name in cls.names()})
 
 
 def _env_override() -> FusedParts | None:
@@ -154,6 +159,86 @@ def set_parts(parts: FusedParts) -> None:
     """Set the requested parts directly (the environment variable still overrides)."""
     global _requested
     _requested = replace(parts)
+
+
+# --------------------------------------------------------------------------- rebuilds
+
+REBUILD_VAR = "HIFUSE_REBUILD"
+
+
+@dataclass(frozen=True)
+class Rebuilds(_Switches):
+    """Which tensors a fused training step rebuilds in backward instead of keeping
+    (``hifuse_kernels.recompute``). Each rebuild saves memory and costs a pass in backward;
+    values and gradients are the same either way.
+
+    attention_norm: the global blocks' norm1 rows (the qkv GEMM's input).
+    attention_proj: the output of the global blocks' proj (fc1's input).
+    local_norm: the local blocks' dwconv + LayerNorm maps (pwconv's input).
+    fusion_norm: the fusion blocks' W_l/W_g/Updim GEMM outputs, their BatchNorm results and
+        the normalised concatenation before W/W3.
+    norm3: the fusion blocks' gated norm3 input (W/W3's BatchNorm + GELU) and output (the
+        IRMLP's input).
+    irmlp: the IRMLP's bn1 output and the GELU of its expansion (conv2's and conv3's inputs).
+    """
+
+    attention_norm: bool = True
+    attention_proj: bool = True
+    local_norm: bool = True
+    fusion_norm: bool = True
+    norm3: bool = True
+    irmlp: bool = True
+
+
+_rebuilds = Rebuilds()
+_rebuild_env_cache: tuple[str | None, Rebuilds | None] = (None, None)
+
+
+def rebuilds() -> Rebuilds:
+    """The rebuilds in force now (``HIFUSE_REBUILD`` taken into account)."""
+    global _rebuild_env_cache
+    raw = os.environ.get(REBUILD_VAR)
+    if raw is None:
+        return _rebuilds
+    if raw != _rebuild_env_cache[0]:
+        _rebuild_env_cache = (raw, _parse_env(raw, Rebuilds, REBUILD_VAR))
+    return _rebuild_env_cache[1]
+
+
+def rebuilding(name: str) -> bool:
+    """Whether the fused training step rebuilds ``name`` (one of ``Rebuilds.names()``)."""
+    return getattr(rebuilds(), name)
+
+
+class use_rebuilds:
+    """Which tensors fused training rebuilds in backward instead of keeping; all by default.
+
+    A plain call or a context manager, as ``use_fused``::
+
+        hifuse.use_rebuilds(False)                  # keep everything: more memory, less work
+        hifuse.use_rebuilds(irmlp=False)            # keep the IRMLP's inputs only
+
+    ``HIFUSE_REBUILD`` (``1``, ``0`` or a comma list of ``Rebuilds.names()``) overrides it.
+    Models compiled with ``torch.compile`` recompile when the setting changes.
+    """
+
+    def __init__(self, enabled: bool = True, **names: bool) -> None:
+        global _rebuilds
+        unknown = set(names) - set(Rebuilds.names())
+        if unknown:
+            raise TypeError(f"use_rebuilds: unknown name(s) {sorted(unknown)}; choose from {', '.join(Rebuilds.names())}")
+        self._previous = _rebuilds
+        _rebuilds = Rebuilds(**names) if enabled else Rebuilds.all(False)
+
+    def __enter__(self) -> "use_rebuilds":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        global _rebuilds
+        _rebuilds = self._previous
+
+    def __repr__(self) -> str:
+        return f"use_rebuilds({_rebuilds})"
 
 
 _logged: set[tuple[str, str]] = set()

@@ -208,28 +208,30 @@ def _function(producer, sources=()):
 
     class Recomputed(torch.autograd.Function):
         @staticmethod
-        def forward(ctx, weight, bias, layout, *flat):
+        def forward(ctx, weight, bias, layout, keep, *flat):
             n_args = len(flat) - sum(n_src for _index, n_src in layout)
-            a, _aux = producer.make(*flat[:n_args])
+            a, aux = producer.make(*flat[:n_args])
             kept = list(flat)
             for index, _n_src in layout:
                 kept[index] = None
             tensors, ctx.consts = _split(kept)
-            ctx.save_for_backward(weight, bias, *tensors)
-            ctx.layout, ctx.n_args = layout, n_args
+            made = (a, *aux) if keep else ()
+            ctx.save_for_backward(weight, bias, *made, *tensors)
+            ctx.layout, ctx.n_args, ctx.n_made = layout, n_args, len(made)
             return F.linear(a, weight, bias)
 
         @staticmethod
         def backward(ctx, grad):
             weight, bias, *tensors = ctx.saved_tensors
+            made, tensors = tensors[:ctx.n_made], tensors[ctx.n_made:]
             flat = _join(tensors, ctx.consts)
             args, start = flat[:ctx.n_args], ctx.n_args
             for source, (index, n_src) in zip(sources, ctx.layout):
                 args[index] = source.make(*flat[start:start + n_src])[0]
                 start += n_src
-            a, aux = producer.make(*args)
+            a, aux = (made[0], tuple(made[1:])) if made else producer.make(*args)
             da, dw, db = _linear_backward(grad, a, weight, bias)
-            return (dw, db, None, *producer.grad(da, aux, *args), *[None] * (len(flat) - ctx.n_args))
+            return (dw, db, None, None, *producer.grad(da, aux, *args), *[None] * (len(flat) - ctx.n_args))
 
     name = producer.__name__ + "".join("From" + source.__name__ for source in dict.fromkeys(sources))
     Recomputed.__name__ = Recomputed.__qualname__ = f"{name}Linear"
@@ -270,39 +272,47 @@ class _Conv2dFromGatedLayerNorm(torch.autograd.Function):
 # --------------------------------------------------------------------------- functional
 
 
-def linear(producer, args, weight: torch.Tensor, bias: torch.Tensor | None = None, rebuilt=()) -> torch.Tensor:
-    """``F.linear(producer.make(*args)[0], weight, bias)``, keeping ``args`` instead of the input.
+def linear(producer, args, weight: torch.Tensor, bias: torch.Tensor | None = None, rebuilt=(),
+           keep: bool = False) -> torch.Tensor:
+    """``F.linear(producer.make(*args)[0], weight, bias)``, keeping ``args`` instead of the input
+    (``keep``: the input as well, as plain autograd would, so backward does not rebuild it).
 
     ``rebuilt``: ``(source, index, src)`` triples where ``args[index]`` is
     ``source.make(*src)[0]``: kept as ``src`` only, its gradient still returned to it."""
     sources = tuple(source for source, _index, _src in rebuilt)
     layout = tuple((index, len(src)) for _source, index, src in rebuilt)
     srcs = [t for _source, _index, src in rebuilt for t in src]
-    return _FUNCTIONS[producer, sources].apply(weight, bias, layout, *args, *srcs)
+    return _FUNCTIONS[producer, sources].apply(weight, bias, layout, bool(keep), *args, *srcs)
 
 
 class _GatedLayerNorm(torch.autograd.Function):
     """hifuse::gated_layer_norm of a ``GatedLayerNormRows`` source, with the BatchNorm apply
-    that makes its x: neither x nor the result is kept; backward rebuilds x with the same apply.
-    (One Function for both: Dynamo traces no Function given one tensor twice.)"""
+    that makes its x: neither x nor the result is kept; backward rebuilds x with the same apply
+    (``keep``: x is kept). (One Function for both: Dynamo traces no Function given one tensor
+    twice.)"""
 
     @staticmethod
-    def forward(ctx, *src):
-        out, mean, rstd = torch.ops.hifuse.gated_layer_norm(*GatedLayerNormRows.op_args(*src))
+    def forward(ctx, keep, *src):
+        args = GatedLayerNormRows.op_args(*src)
+        out, mean, rstd = torch.ops.hifuse.gated_layer_norm(*args)
         tensors, ctx.consts = _split(src)
-        ctx.save_for_backward(mean, rstd, *tensors)
+        ctx.save_for_backward(mean, rstd, args[4] if keep else None, *tensors)
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        mean, rstd, *tensors = ctx.saved_tensors
+        mean, rstd, kept_x, *tensors = ctx.saved_tensors
         src = _join(tensors, ctx.consts)
-        g, channel_gate, l, spatial_gate, x, weight, _bias, _eps = GatedLayerNormRows.op_args(*src)
+        if kept_x is None:
+            g, channel_gate, l, spatial_gate, x, weight, _bias, _eps = GatedLayerNormRows.op_args(*src)
+        else:
+            g, channel_gate, l, spatial_gate, _none, weight, _bias, _eps = src[3:11]
+            x = kept_x
         dg, dcg, dl, dsg, dx, dw, db = torch.ops.hifuse.gated_layer_norm_backward(
             grad.contiguous(), g, channel_gate, l, spatial_gate, x, weight, mean, rstd
         )
         dbn = BatchNormApply.grad(dx.view(-1, dx.shape[-1]), (), *src[11:])
-        return (None, None, None, dg, dcg, dl, dsg, None, dw, db, None, *dbn)
+        return (None, None, None, None, dg, dcg, dl, dsg, None, dw, db, None, *dbn)
 
 
 def gated_layer_norm_source(g, channel_gate, l, spatial_gate, weight, bias, eps: float, bn_args) -> tuple:
@@ -312,11 +322,12 @@ def gated_layer_norm_source(g, channel_gate, l, spatial_gate, weight, bias, eps:
     return (n, h, w, *gln.op_args(g, channel_gate, l, spatial_gate, None, weight, bias, eps), *bn_args)
 
 
-def gated_layer_norm(src) -> torch.Tensor:
+def gated_layer_norm(src, keep: bool = False) -> torch.Tensor:
     """``GatedLayerNorm.make(*src)[0]`` with gradients for g, the gates, l, the LayerNorm's
-    parameters and, through the BatchNorm apply that makes x, its input and parameters."""
+    parameters and, through the BatchNorm apply that makes x, its input and parameters
+    (``keep``: x is kept for backward, not rebuilt)."""
     n, h, w = src[:3]
-    return _GatedLayerNorm.apply(*src).view(n, h, w, -1).permute(0, 3, 1, 2)
+    return _GatedLayerNorm.apply(bool(keep), *src).view(n, h, w, -1).permute(0, 3, 1, 2)
 
 
 def conv2d(x: torch.Tensor, weight: torch.Tensor, padding, groups: int, src) -> torch.Tensor:
@@ -330,16 +341,17 @@ class _LinearPair(torch.autograd.Function):
     dz^T mid is rebuilt from x: as (dz^T x) w1^T + colsum(dz) b1^T when there are more rows
     than channels (one small extra product), else by rebuilding mid (one GEMM over the few
     rows). Both are the same product in exact arithmetic; in low precision they round at
-    another point than the kept middle tensor would."""
+    another point than the kept middle tensor would (``keep``: mid is kept)."""
 
     @staticmethod
-    def forward(ctx, x, w1, b1, w2, b2):
-        ctx.save_for_backward(x, w1, b1, w2, b2)
-        return F.linear(F.linear(x, w1, b1), w2, b2)
+    def forward(ctx, x, w1, b1, w2, b2, keep):
+        mid = F.linear(x, w1, b1)
+        ctx.save_for_backward(x, w1, b1, w2, b2, mid if keep else None)
+        return F.linear(mid, w2, b2)
 
     @staticmethod
     def backward(ctx, grad):
-        x, w1, b1, w2, b2 = ctx.saved_tensors
+        x, w1, b1, w2, b2, mid = ctx.saved_tensors
         dtype = grad.dtype
         dz = grad.reshape(-1, grad.shape[-1])
         rows = x.reshape(-1, x.shape[-1]).to(dtype)
@@ -349,7 +361,9 @@ class _LinearPair(torch.autograd.Function):
         dx = (dmid @ w1_gemm).view(x.shape).to(x.dtype)
         dw1 = (dmid.t() @ rows).to(w1.dtype)
         sum_dz = dz.sum(0)
-        if rows.shape[0] < w2.shape[0]:
+        if mid is not None:
+            dw2 = dz.t() @ mid.reshape(-1, mid.shape[-1]).to(dtype)
+        elif rows.shape[0] < w2.shape[0]:
             dw2 = dz.t() @ F.linear(rows, w1_gemm, b1_gemm)
         else:
             dw2 = (dz.t() @ rows).float() @ w1_gemm.float().t()
@@ -357,99 +371,110 @@ class _LinearPair(torch.autograd.Function):
                 dw2 = dw2 + sum_dz.float()[:, None] * b1_gemm.float()[None, :]
         db1 = dmid.sum(0).to(b1.dtype) if b1 is not None else None
         db2 = sum_dz.to(b2.dtype) if b2 is not None else None
-        return dx, dw1, db1, dw2.to(w2.dtype), db2
+        return dx, dw1, db1, dw2.to(w2.dtype), db2, None
 
 
-def linear_pair(x, w1, b1, w2, b2) -> torch.Tensor:
-    """Two linear layers in a row, keeping only x for backward (``_LinearPair``)."""
-    return _LinearPair.apply(x, w1, b1, w2, b2)
+def linear_pair(x, w1, b1, w2, b2, keep: bool = False) -> torch.Tensor:
+    """Two linear layers in a row, keeping only x for backward (``_LinearPair``; ``keep``: and
+    the middle tensor)."""
+    return _LinearPair.apply(x, w1, b1, w2, b2, bool(keep))
 
 
 class _ResidualLayerNormLinear(torch.autograd.Function):
     """hifuse::residual_layer_norm's stream and ``F.linear`` of its normalised rows, which are
     not kept: backward rebuilds them with the LayerNorm alone from the stream where that is
     kept anyway (the input, or an fp32 stream a later op keeps: half the traffic of the whole
-    op), else with the whole op from its inputs."""
+    op), else with the whole op from its inputs (``keep``: the rows are kept)."""
 
     @staticmethod
-    def forward(ctx, y, shortcut, ln_weight, ln_bias, eps, norm_dtype, weight, bias, stream_kept):
+    def forward(ctx, y, shortcut, ln_weight, ln_bias, eps, norm_dtype, weight, bias, stream_kept, keep):
         out, normed, mean, rstd = torch.ops.hifuse.residual_layer_norm(y, shortcut, ln_weight, ln_bias, eps, norm_dtype)
         if y is None:
             ctx.mark_non_differentiable(out)
             source = shortcut
         else:
             source = out if stream_kept and out.dtype == torch.float32 else None
-        ctx.save_for_backward(y, shortcut, ln_weight, ln_bias, mean, rstd, weight, bias, source)
+        ctx.save_for_backward(y, shortcut, ln_weight, ln_bias, mean, rstd, weight, bias, source,
+                              normed if keep else None)
         ctx.eps, ctx.norm_dtype = eps, norm_dtype
         return out, F.linear(normed, weight, bias)
 
     @staticmethod
     def backward(ctx, grad_out, grad):
-        y, shortcut, ln_weight, ln_bias, mean, rstd, weight, bias, source = ctx.saved_tensors
-        inputs = (y, shortcut) if source is None else (None, source)
-        normed = torch.ops.hifuse.residual_layer_norm(*inputs, ln_weight, ln_bias, ctx.eps, ctx.norm_dtype)[1]
+        y, shortcut, ln_weight, ln_bias, mean, rstd, weight, bias, source, normed = ctx.saved_tensors
+        if normed is None:
+            inputs = (y, shortcut) if source is None else (None, source)
+            normed = torch.ops.hifuse.residual_layer_norm(*inputs, ln_weight, ln_bias, ctx.eps, ctx.norm_dtype)[1]
         dnormed, dw, db = _linear_backward(grad, normed, weight, bias)
         grad_out = grad_out.contiguous() if y is not None and grad_out is not None else None
         dy, ds, dlw, dlb = torch.ops.hifuse.residual_layer_norm_backward(
             grad_out, dnormed.contiguous(), y, shortcut, ln_weight, mean, rstd
         )
-        return (dy if y is not None else None), ds, dlw, dlb, None, None, dw, db, None
+        return (dy if y is not None else None), ds, dlw, dlb, None, None, dw, db, None, None
 
 
 def residual_layer_norm_linear(y, shortcut, ln_weight, ln_bias, eps: float, norm_dtype, weight, bias,
-                               stream_kept: bool = False):
+                               stream_kept: bool = False, keep: bool = False):
     """(``shortcut + gelu(y)``, ``F.linear(layer_norm(that), weight, bias)``) on (M, C) rows,
-    without keeping the normalised rows; y None: (an empty tensor, the linear of
-    ``layer_norm(shortcut)``). ``stream_kept``: a later op keeps the stream for its backward."""
+    without keeping the normalised rows (``keep``: keeping them); y None: (an empty tensor, the
+    linear of ``layer_norm(shortcut)``). ``stream_kept``: a later op keeps the stream for its
+    backward."""
     return _ResidualLayerNormLinear.apply(y, shortcut, ln_weight, ln_bias, float(eps), norm_dtype, weight, bias,
-                                          stream_kept)
+                                          stream_kept, bool(keep))
 
 
 class _LinearBatchNorm(torch.autograd.Function):
     """``LinearBatchNorm`` with the batch statistics computed here: keeps the GEMM's input, not
-    its output (backward runs the GEMM again), nor the result."""
+    its output (backward runs the GEMM again; ``keep``: the output is kept), nor the result."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, bn_weight, bn_bias, eps, act, height, width, pool, out_dtype, gemm_dtype):
+    def forward(ctx, x, weight, bias, bn_weight, bn_bias, eps, act, height, width, pool, out_dtype, gemm_dtype, keep):
         y = LinearBatchNorm.gemm(x, weight, bias, gemm_dtype)
         mean, var = torch.ops.hifuse.batch_norm_stats(y, None)
         invstd = torch.rsqrt(var + eps)
         rows = torch.ops.hifuse.batch_norm_act(y, None, mean, invstd, bn_weight, bn_bias, act, height, width, pool,
                                                out_dtype)
-        ctx.save_for_backward(x, weight, bias, mean, invstd, bn_weight, bn_bias)
+        ctx.save_for_backward(x, weight, bias, mean, invstd, bn_weight, bn_bias, y if keep else None)
         ctx.consts = (act, height, width, pool, gemm_dtype)
         ctx.mark_non_differentiable(mean, invstd, var)
         return _as_map(rows, x, pool), mean, invstd, var
 
     @staticmethod
     def backward(ctx, grad, _mean, _invstd, _var):
-        x, weight, bias, mean, invstd, bn_weight, bn_bias = ctx.saved_tensors
+        x, weight, bias, mean, invstd, bn_weight, bn_bias, y = ctx.saved_tensors
         act, height, width, pool, gemm_dtype = ctx.consts
-        y = LinearBatchNorm.gemm(x, weight, bias, gemm_dtype)
+        if y is None:
+            y = LinearBatchNorm.gemm(x, weight, bias, gemm_dtype)
         dy, _dr, dbw, dbb = torch.ops.hifuse.batch_norm_act_backward(
             grad.permute(0, 2, 3, 1).contiguous().view(-1, grad.shape[1]), y, None, mean, invstd, bn_weight, bn_bias,
             act, height, width, pool,
         )
         dx, dw, db = _linear_backward(dy, x, weight, bias)
-        return dx, dw, db, dbw, dbb, None, None, None, None, None, None, None
+        return dx, dw, db, dbw, dbb, None, None, None, None, None, None, None, None
 
 
-def linear_batch_norm(x, weight, bias, bn, act: str | None = None, pool: bool = False, gemm_dtype=None):
+def linear_batch_norm(x, weight, bias, bn, act: str | None = None, pool: bool = False, gemm_dtype=None,
+                      keep: bool = False):
     """Training ``act(bn(F.linear(x, weight, bias)))`` (then a 2x2 average pooling with ``pool``)
     on (N, H, W, C_in) pixels, as an (N, C, H, W) channels-last map, updating ``bn``'s running
-    statistics; keeps the GEMM's input only. Returns the map and its ``LinearBatchNorm`` source."""
+    statistics; keeps the GEMM's input only (``keep``: and its output). Returns the map and its
+    ``LinearBatchNorm`` source."""
     n, height, width = x.shape[:3]
     code = bna.ACTIVATIONS[act]
     out, mean, invstd, var = _LinearBatchNorm.apply(x, weight, bias, bn.weight, bn.bias, float(bn.eps), code, height,
-                                                    width, pool, None, gemm_dtype)
+                                                    width, pool, None, gemm_dtype, bool(keep))
     bna.update_running(bn, mean, var, n * height * width)
     return out, (x, weight, bias, mean, invstd, bn.weight, bn.bias, code, height, width, pool, None, gemm_dtype)
 
 
-def norm_cat_linear(parts, sources, ln_weight, ln_bias, eps: float, out_dtype, weight, bias=None) -> torch.Tensor:
+def norm_cat_linear(parts, sources, ln_weight, ln_bias, eps: float, out_dtype, weight, bias=None,
+                    keep: bool = False) -> torch.Tensor:
     """``linear(LayerNormCat, (*parts, ln_weight, ln_bias, eps, out_dtype), weight, bias)`` where
     each part is ``LinearBatchNorm.make(*source)[0]`` (``sources``: as ``linear_batch_norm``
     returns them), keeping the sources instead of the parts: neither they nor the normalised
-    rows are kept."""
+    rows are kept (``keep``: both are, as plain autograd would keep them)."""
+    args = (*parts, ln_weight, ln_bias, float(eps), out_dtype)
+    if keep:
+        return linear(LayerNormCat, args, weight, bias, keep=True)
     rebuilt = [(LinearBatchNorm, i, source) for i, source in enumerate(sources)]
-    return linear(LayerNormCat, (*parts, ln_weight, ln_bias, float(eps), out_dtype), weight, bias, rebuilt)
+    return linear(LayerNormCat, args, weight, bias, rebuilt)

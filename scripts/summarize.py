@@ -59,6 +59,8 @@ def rows(path: Path, copy: dict[str, float] | None = None):
         median_ms = bench["stats"]["median"] * 1e3
         if "mode" in info:
             what = f"{info['mode']} {info['variant']} b{info['batch']} {info['dtype']} {info['memory_format']}"
+            if "rebuilds" in info:
+                what += f" {info['rebuilds']}"
             figure = f"{info['images_per_s']:.0f} img/s, {info['tflops_per_s']:.1f} TFLOP/s"
             impl = info["provider"]
         else:
@@ -256,8 +258,32 @@ def targets(records, tests=(), memcheck=()) -> str:
         status = "met" if shares[worst] >= COPY_GOAL else f"{sum(s < COPY_GOAL for s in shares.values())} of {len(shares)} cases under"
         lines.append(f"| {what} | {COPY_GOAL:.0%} of copy | {figure} | copy {copy[runs[0]['device']]:.0f} GB/s | "
                      f"{max(r['date'] for r in runs)} | {status} |")
+    lines += rebuild_rows(records)
     lines += numbers_rows(list(tests), list(memcheck))
     return "\n".join(lines) + "\n"
+
+
+def rebuild_rows(records) -> list[str]:
+    """Each rebuild setting's fused training step at batch 128 (bf16) against rebuilding
+    everything: a rebuild pays for itself where keeping its tensor is slower or does not fit."""
+    runs = {}
+    for r in sorted((r for r in records if r["test"] == "test_train_step_rebuilds" and r["info"].get("batch") == 128
+                     and r["info"].get("dtype") == "bf16"), key=lambda r: r["when"]):
+        runs[r["info"]["rebuilds"]] = r
+    base = runs.pop("rebuild_all", None)
+    if base is None:
+        return ["| rebuilds in backward, training step, batch 128 | each pays for itself | not measured | | | |"]
+    peak = base["info"].get("peak_mem_mib", 0) / 1024
+    lines = [f"| training step, batch 128, rebuilding all | {PEAK_GOAL_GIB} GiB | {base['ms']:.1f} ms, {peak:.1f} GiB | "
+             f"| {base['date']} | {_verdict(peak, PEAK_GOAL_GIB)} |"]
+    for name, r in runs.items():
+        mem = r["info"].get("peak_mem_mib", 0) / 1024
+        saved = base["ms"] - r["ms"]
+        status = ("rebuild pays (keeping is slower)" if saved <= 0 else
+                  "rebuild pays (keeping does not fit)" if mem > PEAK_GOAL_GIB else f"keeping saves {saved:.1f} ms")
+        lines.append(f"| training step, batch 128, {name} | faster within {PEAK_GOAL_GIB} GiB | {r['ms']:.1f} ms, "
+                     f"{mem:.1f} GiB | rebuilding all {base['ms']:.1f} ms | {r['date']} | {status} |")
+    return lines
 
 
 def chart(records, path: Path) -> None:

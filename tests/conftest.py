@@ -25,11 +25,15 @@ from hifuse import config  # noqa: E402
 
 @pytest.fixture(autouse=True)
 def eager_by_default(monkeypatch):
-    """Every test starts eager, with no environment override, and leaves it that way."""
+    """Every test starts eager, rebuilding everything, with no environment override, and
+    leaves it that way."""
     monkeypatch.delenv(config.ENV_VAR, raising=False)
+    monkeypatch.delenv(config.REBUILD_VAR, raising=False)
     config.set_parts(config.FusedParts())
+    config.use_rebuilds()
     yield
     config.set_parts(config.FusedParts())
+    config.use_rebuilds()
 
 
 @pytest.fixture(params=["device", "wide"])

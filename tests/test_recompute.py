@@ -1,6 +1,8 @@
 """GEMMs that rebuild their input in backward: the values and every gradient of the plain
-composition (the same ops, with autograd keeping the GEMM's input), and the whole fused
-model keeping 40% or less of the bytes eager keeps for backward."""
+composition (the same ops, with autograd keeping the GEMM's input), rebuilding or keeping
+(``keep``), and the whole fused model keeping 40% or less of the bytes eager keeps for
+backward, and more with each rebuild switched off (``hifuse.use_rebuilds``), with the same
+gradients."""
 
 import copy
 
@@ -52,18 +54,23 @@ def _dense(*shape):
     return torch.nn.Linear(shape[0], shape[1], device=DEVICE)
 
 
+keeps = pytest.mark.parametrize("keep", [False, True], ids=["rebuilt", "kept"])
+
+
+@keeps
 @pytest.mark.parametrize("shape", [(2, 3, 5, 12), (1, 1, 1, 7)])
-def test_gelu_linear(shape):
+def test_gelu_linear(shape, keep):
     torch.manual_seed(0)
     h = _leaf(*shape)
     lin = _dense(shape[-1], 5)
     leaves = [h, lin.weight, lin.bias]
-    _compare(lambda: recompute.linear(recompute.Gelu, (h,), lin.weight, lin.bias),
+    _compare(lambda: recompute.linear(recompute.Gelu, (h,), lin.weight, lin.bias, keep=keep),
              lambda: lin(F.gelu(h)), leaves)
 
 
+@keeps
 @pytest.mark.parametrize("residual", [False, True])
-def test_batch_norm_apply_linear(residual):
+def test_batch_norm_apply_linear(residual, keep):
     torch.manual_seed(0)
     x = _leaf(2, 6, 3, 5)
     r = _leaf(2, 6, 3, 5) if residual else None
@@ -77,7 +84,7 @@ def test_batch_norm_apply_linear(residual):
 
     def fused():
         args = bna.apply_args(x, bns[0], None, residual=r)
-        return recompute.linear(recompute.BatchNormApply, args, lin.weight, lin.bias)
+        return recompute.linear(recompute.BatchNormApply, args, lin.weight, lin.bias, keep=keep)
 
     def plain():
         y = bna.batch_norm_act(x, bns[1], None, residual=r)
@@ -90,8 +97,9 @@ def test_batch_norm_apply_linear(residual):
     torch.testing.assert_close(bns[0].running_var, bns[1].running_var)
 
 
+@keeps
 @pytest.mark.parametrize("parts", [2, 3])
-def test_layer_norm_cat_linear(parts):
+def test_layer_norm_cat_linear(parts, keep):
     if not hifuse_kernels.native_available():
         pytest.skip("native extension not built")
     torch.manual_seed(0)
@@ -99,12 +107,13 @@ def test_layer_norm_cat_linear(parts):
     w, b = _leaf(5 * parts, scale=0.5), _leaf(5 * parts, scale=0.5)
     lin = _dense(5 * parts, 3)
     leaves = [*xs, w, b, lin.weight, lin.bias]
-    _compare(lambda: recompute.linear(recompute.LayerNormCat, (*xs, w, b, 1e-6, None), lin.weight, lin.bias),
+    _compare(lambda: recompute.linear(recompute.LayerNormCat, (*xs, w, b, 1e-6, None), lin.weight, lin.bias, keep=keep),
              lambda: lin(lnc.layer_norm_cat(xs, w, b, 1e-6).permute(0, 2, 3, 1)), leaves)
 
 
+@keeps
 @pytest.mark.parametrize("pool", [False, True])
-def test_norm_cat_linear(pool):
+def test_norm_cat_linear(pool, keep):
     # parts made by 1x1 GEMMs with their training BatchNorm (one pooled, as Updim's, one with
     # ReLU), one used elsewhere too (as the fusion block's shortcut): neither the GEMM outputs,
     # the parts nor the normalised rows are kept
@@ -125,10 +134,10 @@ def test_norm_cat_linear(pool):
     def fused():
         parts, sources = [], []
         for x, (gw, gb), (bn, _), act, p in zip(xs, gemms, bns, acts, pools):
-            part, source = recompute.linear_batch_norm(x, gw, gb, bn, act, pool=p)
+            part, source = recompute.linear_batch_norm(x, gw, gb, bn, act, pool=p, keep=keep)
             parts.append(part)
             sources.append(source)
-        out = recompute.norm_cat_linear(parts, sources, w, b, 1e-6, None, lin.weight, lin.bias)
+        out = recompute.norm_cat_linear(parts, sources, w, b, 1e-6, None, lin.weight, lin.bias, keep=keep)
         return out + parts[0].permute(0, 2, 3, 1).sum(-1, keepdim=True)
 
     def plain():
@@ -154,9 +163,12 @@ def _bn(c):
     return bn, twin
 
 
-def test_irmlp_front_from_gated_layer_norm():
+@pytest.mark.parametrize("keep_x, keep_out, keep_a", [(False, False, False), (True, False, False),
+                                                      (True, True, True), (False, True, False)])
+def test_irmlp_front_from_gated_layer_norm(keep_x, keep_out, keep_a):
     # The fusion block's norm3 (whose x is the projection's BatchNorm + GELU) feeding the
     # IRMLP's conv1 and bn1 residual: none of x, norm3's output or conv2's input is kept
+    # (or some of them, as the fusion block's rebuild switches decide)
     torch.manual_seed(0)
     n, c, h, w = 2, 4, 3, 5
     cl = dict(memory_format=torch.channels_last)
@@ -171,10 +183,14 @@ def test_irmlp_front_from_gated_layer_norm():
     def fused():
         bn_args = bna.apply_args(y_proj, bn_proj[0], "gelu")
         src = recompute.gated_layer_norm_source(g, cg, l, sg, w3, b3, 1e-6, bn_args)
-        x = recompute.gated_layer_norm(src)
-        y = recompute.conv2d(x, w1, (1, 1), 1, src)
+        x = recompute.gated_layer_norm(src, keep=keep_x)
+        if keep_out:
+            y = F.conv2d(x, w1, padding=1)
+        else:
+            y = recompute.conv2d(x, w1, (1, 1), 1, src)
         args = bna.apply_args(y, bn1[0], None, residual=x)
-        return recompute.linear(recompute.BatchNormApply, args, w2, rebuilt=[(recompute.GatedLayerNormRows, 1, src)])
+        rebuilt = [] if keep_out else [(recompute.GatedLayerNormRows, 1, src)]
+        return recompute.linear(recompute.BatchNormApply, args, w2, rebuilt=rebuilt, keep=keep_a)
 
     def plain():
         x = gln.gated_layer_norm(g, cg, l, sg, bna.batch_norm_act(y_proj, bn_proj[1], "gelu"), w3, b3, 1e-6)
@@ -185,24 +201,26 @@ def test_irmlp_front_from_gated_layer_norm():
     torch.testing.assert_close(bn1[0].running_var, bn1[1].running_var)
 
 
-def test_dwconv_layer_norm_linear():
+@keeps
+def test_dwconv_layer_norm_linear(keep):
     torch.manual_seed(0)
     x = _leaf(2, 5, 3, 6)
     cw, cb, lw, lb = _leaf(6, 1, 3, 3), _leaf(6), _leaf(6), _leaf(6)
     lin = _dense(6, 6)
     leaves = [x, cw, cb, lw, lb, lin.weight, lin.bias]
     args = (x, cw, cb, lw, lb, 1e-6, torch.float32)
-    _compare(lambda: recompute.linear(recompute.DwconvLayerNorm, args, lin.weight, lin.bias),
+    _compare(lambda: recompute.linear(recompute.DwconvLayerNorm, args, lin.weight, lin.bias, keep=keep),
              lambda: lin(dln.dwconv_layer_norm(x, cw, cb, lw, lb, 1e-6)), leaves)
 
 
+@keeps
 @pytest.mark.parametrize("rows", [3, 40])  # fewer rows than channels, and more
-def test_linear_pair(rows):
+def test_linear_pair(rows, keep):
     torch.manual_seed(0)
     x = _leaf(rows, 8)
     first, second = _dense(8, 8), _dense(8, 8)
     leaves = [x, first.weight, first.bias, second.weight, second.bias]
-    _compare(lambda: recompute.linear_pair(x, first.weight, first.bias, second.weight, second.bias),
+    _compare(lambda: recompute.linear_pair(x, first.weight, first.bias, second.weight, second.bias, keep),
              lambda: second(first(x)), leaves)
 
 
@@ -211,7 +229,8 @@ def test_linear_pair(rows):
 @pytest.mark.parametrize("with_y, stream, kept", [
     (False, torch.float32, False), (True, torch.float32, True), (True, torch.float32, False), (True, torch.bfloat16, True),
 ])
-def test_residual_layer_norm_linear(with_y, stream, kept):
+@keeps
+def test_residual_layer_norm_linear(with_y, stream, kept, keep):
     torch.manual_seed(0)
     y, s = (_leaf(7, 12).to(stream).detach().requires_grad_() for _ in range(2))
     lw, lb = _leaf(12), _leaf(12)
@@ -220,7 +239,7 @@ def test_residual_layer_norm_linear(with_y, stream, kept):
 
     def fused():
         out, qkv = recompute.residual_layer_norm_linear(y if with_y else None, s, lw, lb, 1e-5, torch.float32,
-                                                        lin.weight, lin.bias, kept)
+                                                        lin.weight, lin.bias, kept, keep)
         return torch.cat([out.float(), qkv], 1) if with_y else qkv
 
     def plain():
@@ -232,11 +251,13 @@ def test_residual_layer_norm_linear(with_y, stream, kept):
     _compare(fused, plain, leaves)
 
 
-def saved_bytes_per_image(model: torch.nn.Module, size: int, fused: bool) -> float:
+def saved_bytes_per_image(model: torch.nn.Module, size: int, fused: bool, rebuilds=None) -> float:
     """Bytes autograd keeps for backward per image in a training forward, parameters and
     buffers left out, each storage once: the difference between batches 4 and 2, halved, so
     per-model tensors cancel. Runs on fake tensors (shapes only, nothing computed); every saved
-    tensor is held until counted, so no storage address is reused by another meanwhile."""
+    tensor is held until counted, so no storage address is reused by another meanwhile. The
+    model is copied: a fake forward writes garbage into real running statistics."""
+    model = copy.deepcopy(model)
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     totals = []
     with mode:
@@ -244,7 +265,8 @@ def saved_bytes_per_image(model: torch.nn.Module, size: int, fused: bool) -> flo
         kept = {t.untyped_storage()._cdata for t in params}
         for batch in (2, 4):
             saved = []
-            with hifuse.use_fused(fused), saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            with hifuse.use_fused(fused), hifuse.use_rebuilds(**(rebuilds or {})), \
+                    saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
                 model(torch.randn(batch, 3, size, size, device=DEVICE))
             storages = {t.untyped_storage()._cdata: t.untyped_storage().nbytes() for t in saved}
             totals.append(sum(n for key, n in storages.items() if key not in kept))
@@ -261,3 +283,33 @@ def test_fused_training_keeps_at_most_40_percent_of_eager(size):
     eager = saved_bytes_per_image(model, size, fused=False)
     fused = saved_bytes_per_image(model, size, fused=True)
     assert fused <= 0.40 * eager, (fused / eager, fused, eager)
+
+
+def _step_grads(model, x):
+    net = copy.deepcopy(model)
+    with hifuse.use_fused():
+        net(x).square().sum().backward()
+    return {k: p.grad for k, p in net.named_parameters()}, {k: b.clone() for k, b in net.named_buffers()}
+
+
+def test_each_rebuild_switched_off_keeps_more_and_changes_nothing():
+    """HiFuse-Tiny at 64x64: switching any rebuild off (``hifuse.use_rebuilds``) keeps more
+    bytes for backward than rebuilding everything; with all of them off, every gradient and
+    running statistic of a fused training step is what it was (the same ops on the same
+    tensors; each rebuild alone is compared above)."""
+    if not hifuse_kernels.native_available():
+        pytest.skip("native extension not built")
+    torch.manual_seed(0)
+    model = hifuse.create_model("hifuse_tiny", num_classes=3).to(DEVICE).train()
+    base = saved_bytes_per_image(model, 64, fused=True)
+    for name in hifuse.Rebuilds.names():
+        kept = saved_bytes_per_image(model, 64, fused=True, rebuilds={name: False})
+        assert kept > base, (name, kept, base)
+    x = torch.randn(2, 3, 64, 64, device=DEVICE)
+    base_grads, base_buffers = _step_grads(model, x)
+    with hifuse.use_rebuilds(False):
+        grads, buffers = _step_grads(model, x)
+    for k, g in base_grads.items():
+        torch.testing.assert_close(grads[k], g, rtol=1e-5, atol=1e-6, msg=lambda m: f"{k}: {m}")
+    for k, b in base_buffers.items():
+        torch.testing.assert_close(buffers[k], b, rtol=0, atol=0, msg=lambda m: f"{k}: {m}")

@@ -95,6 +95,27 @@ def test_targets_take_the_latest_figure_of_the_device(files, tmp_path):
     assert rows["layer_norm_cf"][2] == "not measured"
 
 
+def test_rebuild_rows_weigh_time_against_memory(files, tmp_path):
+    def rebuilds(name, ms, peak_gib):
+        return _bench(f"test_train_step_rebuilds[128-bf16-channels_last-{name}]", ms, mode="train", batch=128,
+                      dtype="bf16", memory_format="channels_last", provider="fused", variant="hifuse_tiny",
+                      images_per_s=1.0, tflops_per_s=1.0, peak_mem_mib=peak_gib * 1024, rebuilds=name)
+
+    run = _write(tmp_path / "rebuilds.json", "2026-12-12T05:00:00", H200, [
+        rebuilds("rebuild_all", 50.0, 6.0), rebuilds("keep_irmlp", 47.5, 8.0), rebuilds("keep_all", 45.0, 11.0),
+        rebuilds("keep_norm3", 51.0, 7.0),
+    ])
+    out = tmp_path / "targets.md"
+    _run(*files, run, "--targets", out, "--device", H200)
+    rows = _rows(out.read_text())
+    assert rows["training step, batch 128, rebuilding all"][2:] == ["50.0 ms, 6.0 GiB", "", "2026-12-12", "met"]
+    assert rows["training step, batch 128, keep_irmlp"][5] == "keeping saves 2.5 ms"
+    assert rows["training step, batch 128, keep_all"][5] == "rebuild pays (keeping does not fit)"
+    assert rows["training step, batch 128, keep_norm3"][5] == "rebuild pays (keeping is slower)"
+    _run(*files[:2], "--targets", out, "--device", H200)
+    assert _rows(out.read_text())["rebuilds in backward, training step, batch 128"][2] == "not measured"
+
+
 def test_device_defaults_to_the_newest_file(files, tmp_path):
     out = tmp_path / "targets.md"
     assert "NVIDIA H100" in _run(*files, "--targets", out)

@@ -18,6 +18,10 @@ from .. import config
 from ..model import create_model
 
 PROVIDERS = ("eager", "fused", "compile", "fused_compile", "fused_cudagraphs")
+# What a fused training step rebuilds in backward (``config.use_rebuilds`` arguments): all of
+# it, none of it, or all but one
+REBUILD_SETTINGS = {"rebuild_all": {}, "keep_all": dict.fromkeys(config.Rebuilds.names(), False),
+                    **{f"keep_{name}": {name: False} for name in config.Rebuilds.names()}}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
 

@@ -65,15 +65,16 @@ def conv_bn_sourced(m: ConvBN, x: torch.Tensor, pool: bool = False) -> tuple[tor
     the source that rebuilds the result (for ``recompute.norm_cat_linear``)."""
     return recompute.linear_batch_norm(
         x.permute(0, 2, 3, 1), m.conv.weight.flatten(1), m.conv.bias, m.bn, "relu" if m.relu is not None else None,
-        pool=pool, gemm_dtype=autocast_dtype(x),
+        pool=pool, gemm_dtype=autocast_dtype(x), keep=not config.rebuilding("fusion_norm"),
     )
 
 
-def conv_bn_recomputed(m: ConvBN, producer, args, then: str | None = None) -> torch.Tensor:
+def conv_bn_recomputed(m: ConvBN, producer, args, then: str | None = None, keep: bool = False) -> torch.Tensor:
     """Training-mode 1x1 ConvBN (then activation ``then``) on ``producer.make(*args)``, channels-last
-    pixels that backward rebuilds instead of keeping (``hifuse_kernels.recompute``)."""
+    pixels that backward rebuilds instead of keeping (``hifuse_kernels.recompute``; ``keep``:
+    keeps them)."""
     act = "relu" if m.relu is not None else then
-    y = recompute.linear(producer, args, m.conv.weight.flatten(1), m.conv.bias).permute(0, 3, 1, 2)
+    y = recompute.linear(producer, args, m.conv.weight.flatten(1), m.conv.bias, keep=keep).permute(0, 3, 1, 2)
     return bna.batch_norm_act(y, m.bn, act, check=False)
 
 
@@ -85,7 +86,9 @@ def irmlp_forward(m: IRMLP, x: torch.Tensor, src: tuple | None = None) -> torch.
     ``bn1`` folded into conv2 (an affine map before a linear one) and conv3's BatchNorm into
     conv3. The 1x1 convolutions are GEMMs. ``src``: x is ``recompute.GatedLayerNorm.make(*src)[0]``
     (the fusion block's norm3), and in training neither conv1 nor ``bn1`` keeps x either: both
-    rerun that elementwise op in backward."""
+    rerun that elementwise op in backward. The ``irmlp`` rebuilds (``config.Rebuilds``) decide
+    whether conv2's and conv3's inputs are rebuilt."""
+    keep = not config.rebuilding("irmlp")
     x = x.contiguous(memory_format=torch.channels_last)
     conv1 = m.conv1.conv
     if src is not None and not folds(m.bn1):
@@ -97,10 +100,11 @@ def irmlp_forward(m: IRMLP, x: torch.Tensor, src: tuple | None = None) -> torch.
         args = bna.apply_args(y, m.bn1, None, residual=x, out_dtype=autocast_dtype(x))
         # the residual (apply_args' second) is x as rows
         rebuilt = () if src is None else [(recompute.GatedLayerNormRows, 1, src)]
-        expanded = recompute.linear(recompute.BatchNormApply, args, m.conv2.conv.weight.flatten(1), rebuilt=rebuilt)
+        expanded = recompute.linear(recompute.BatchNormApply, args, m.conv2.conv.weight.flatten(1), rebuilt=rebuilt,
+                                    keep=keep)
         expanded = expanded.view(n, h, w, -1)
         if not folds(m.conv3.bn):
-            return conv_bn_recomputed(m.conv3, recompute.Gelu, (expanded,))
+            return conv_bn_recomputed(m.conv3, recompute.Gelu, (expanded,), keep=keep)
         out = expanded.permute(0, 3, 1, 2)
     else:
         out = gr.gelu_residual(y.permute(0, 2, 3, 1), x.permute(0, 2, 3, 1), check=False).permute(0, 3, 1, 2)
@@ -171,12 +175,14 @@ def fusion_forward(m: HFFBlock, l: torch.Tensor, g: torch.Tensor, f: torch.Tenso
         x = conv_bn_forward(proj, normed, then="gelu")
     elif sources is not None:
         y = recompute.norm_cat_linear(parts, sources, norm.weight, norm.bias, norm.eps, out_dtype,
-                                      proj.conv.weight.flatten(1), proj.conv.bias)
+                                      proj.conv.weight.flatten(1), proj.conv.bias,
+                                      keep=not config.rebuilding("fusion_norm"))
         bn_args = bna.apply_args(y.permute(0, 3, 1, 2), proj.bn, "relu" if proj.relu is not None else "gelu")
     else:
         # the normalised concatenation is rebuilt in backward from the parts it keeps anyway
         args = (*parts, norm.weight, norm.bias, float(norm.eps), out_dtype)
-        x = conv_bn_recomputed(proj, recompute.LayerNormCat, args, then="gelu")
+        x = conv_bn_recomputed(proj, recompute.LayerNormCat, args, then="gelu",
+                               keep=not config.rebuilding("fusion_norm"))
 
     spatial_gate = torch.sigmoid(conv_bn_forward(m.spatial, spatial_pool(l, check=False)))
     avg, best = channel_pool(g, check=False)
@@ -190,7 +196,9 @@ def fusion_forward(m: HFFBlock, l: torch.Tensor, g: torch.Tensor, f: torch.Tenso
     # neither norm3's x nor its output is kept: backward rebuilds both from what it keeps anyway
     src = recompute.gated_layer_norm_source(g, channel_gate, l, spatial_gate, m.norm3.weight, m.norm3.bias,
                                             m.norm3.eps, bn_args)
-    return shortcut + m.drop_path(irmlp_forward(m.residual, recompute.gated_layer_norm(src), src))
+    rebuild = config.rebuilding("norm3")
+    x = recompute.gated_layer_norm(src, keep=not rebuild)
+    return shortcut + m.drop_path(irmlp_forward(m.residual, x, src if rebuild else None))
 
 
 config.register(HFFBlock, "fusion", fusion_check, fusion_forward)

@@ -86,7 +86,8 @@ def block_forward(m: GlobalBlock, x: torch.Tensor | None, h: int, w: int, tail=N
     norm = m.norm1
     # with chain, the next block keeps this block's stream (its shortcut) for backward
     out, qkv = recompute.residual_layer_norm_linear(
-        tail_y, stream, norm.weight, norm.bias, norm.eps, dtype, attn.qkv.weight, attn.qkv.bias, chain
+        tail_y, stream, norm.weight, norm.bias, norm.eps, dtype, attn.qkv.weight, attn.qkv.bias, chain,
+        keep=not config.rebuilding("attention_norm"),
     )
     if tail_y is not None:
         stream = out
@@ -95,7 +96,8 @@ def block_forward(m: GlobalBlock, x: torch.Tensor | None, h: int, w: int, tail=N
     y = y.view(-1, c)
     if needs_grad(m.fc1.weight, attn.proj.weight, attn.proj.bias, m.fc1.bias):
         # the middle tensor is not kept for backward (recompute.linear_pair)
-        y = recompute.linear_pair(y, attn.proj.weight, attn.proj.bias, m.fc1.weight, m.fc1.bias)
+        y = recompute.linear_pair(y, attn.proj.weight, attn.proj.bias, m.fc1.weight, m.fc1.bias,
+                                  keep=not config.rebuilding("attention_proj"))
     else:
         # Nothing non-linear between proj and fc1: one GEMM with the product weight.
         # Same value; in low precision it rounds once instead of at proj's output.

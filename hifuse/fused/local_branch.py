@@ -32,7 +32,8 @@ def local_block_forward(m: LocalBlock, x: torch.Tensor) -> torch.Tensor:
     # the normalised map is rebuilt in backward from x, which the block keeps anyway
     args = (nhwc.contiguous(), m.dwconv.weight.contiguous(), m.dwconv.bias, m.norm.weight, m.norm.bias,
             float(m.norm.eps), autocast_dtype(x) or x.dtype)
-    y = recompute.linear(recompute.DwconvLayerNorm, args, m.pwconv.weight, m.pwconv.bias)
+    y = recompute.linear(recompute.DwconvLayerNorm, args, m.pwconv.weight, m.pwconv.bias,
+                         keep=not config.rebuilding("local_norm"))
     return gelu_residual(m, y, nhwc, m.act).permute(0, 3, 1, 2)
 
 
