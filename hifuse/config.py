@@ -219,7 +219,7 @@ class use_rebuilds:
         hifuse.use_rebuilds(irmlp=False)            # keep the IRMLP's inputs only
 
     ``HIFUSE_REBUILD`` (``1``, ``0`` or a comma list of ``Rebuilds.names()``) overrides it.
-    Models compiled with ``torch.compile`` recompile when the setting changes.
+    Set it before ``torch.compile`` traces a model.
     """
 
     def __init__(self, enabled: bool = True, **names: bool) -> None:

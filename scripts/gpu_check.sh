@@ -10,7 +10,7 @@
 # HIFUSE_CONVERGENCE_STEPS/_BATCH/_TIMEOUT (the bf16 convergence run, default 200 steps of 16, 150 s);
 # HIFUSE_TESTS=0 skips the tests (a benchmark-only call); HIFUSE_TEST_WORKERS (default 4, fewer
 # on fewer cores); HIFUSE_TEST_TIMEOUT (seconds for the main test run, default 300); HIFUSE_DEADLINE (seconds from the start, default 540): benchmarks run in order of
-# importance (whole model, its profile, blocks, single ops, block compile baselines,
+# importance (whole model, its profile, the rebuild settings, blocks, single ops, block compile baselines,
 # memcheck) and each is cut at the deadline, so a time-limited call still returns what
 # finished.
 # Without a GPU it builds, tests and runs the small CPU benchmarks, and skips the rest.
@@ -112,6 +112,11 @@ for mode in --train ""; do
   run timeout "$left" python -m hifuse benchmark $mode --batch 128 --amp bf16 --channels-last --providers fused \
     --rounds 5 --warmup 3 --profile "$out"
 done
+# Time against memory: the fused bf16 training step at batch 128 rebuilding everything in backward,
+# keeping everything, and keeping one kind of tensor at a time (hifuse.use_rebuilds); summarize.py
+# says which rebuilds pay for themselves.
+bench rebuilds -k "test_train_step_rebuilds" --dtype bf16 --batch 128 --memory-format channels_last \
+  --rebuilds all --rounds 10
 blocks="test_global_blocks_tiny or test_local_blocks_tiny or test_fusion_blocks_tiny or test_stem_layer"
 bench blocks -k "($blocks) and not compile" "${ops[@]}"
 bench window_attention -k "test_window_attention and not blocks" "${ops[@]}"

@@ -54,6 +54,22 @@ def test_environment_rejects_unknown_parts(monkeypatch):
         hifuse.is_fused("attention")
 
 
+def test_rebuilds_call_context_and_environment(monkeypatch):
+    assert config.rebuilds() == hifuse.Rebuilds.all(True)
+    hifuse.use_rebuilds(irmlp=False)
+    assert not config.rebuilding("irmlp") and config.rebuilding("norm3")
+    with hifuse.use_rebuilds(False):
+        assert not any(config.rebuilding(n) for n in hifuse.Rebuilds.names())
+    assert not config.rebuilding("irmlp") and config.rebuilding("norm3")
+    monkeypatch.setenv(config.REBUILD_VAR, "norm3, local_norm")
+    assert {n for n in hifuse.Rebuilds.names() if config.rebuilding(n)} == {"norm3", "local_norm"}
+    monkeypatch.setenv(config.REBUILD_VAR, "norm3,flash")
+    with pytest.raises(ValueError, match="flash"):
+        config.rebuilding("norm3")
+    with pytest.raises(TypeError, match="flash"):
+        hifuse.use_rebuilds(flash=False)
+
+
 def _count_native_calls(monkeypatch):
     from hifuse_kernels import layer_norm_cf
 

@@ -2,7 +2,7 @@
 every number of metrics.jsonl at every epoch within the float64 rule of ``trajectory`` (the
 float64 run is the same command with the model and images in float64, its sensitivity the same
 again with every image moved by 1e-6 relatively; the eager runs are the float32 command on
-the images as given and on images moved by one rounding step)."""
+the images as given and on images moved by one rounding step, eight in all)."""
 
 from __future__ import annotations
 
@@ -65,6 +65,7 @@ def train(data, out, *extra, monkeypatch=None, double=False, seed=None, scale=tr
     return records(out)
 
 
+@trajectory.one_thread()
 def test_train_fused_follows_no_fused(tmp_path, monkeypatch):
     data = tmp_path / "demo"
     demo_data.write(data, 32, {"train": 4, "val": 4}, seed=2)  # 16 images: two steps an epoch
@@ -73,7 +74,7 @@ def test_train_fused_follows_no_fused(tmp_path, monkeypatch):
              for s in trajectory.NOISE_SEEDS]
     eager = [train(data, tmp_path / "eager", "--no-fused")]
     eager += [train(data, tmp_path / f"e{s}", "--no-fused", monkeypatch=monkeypatch, seed=s, scale=trajectory.ROUNDING)
-              for s in trajectory.ROUNDING_SEEDS]
+              for s in trajectory.ROUNDING_SEEDS[:7]]  # six steps pass fewer knife edges than thirty
     fused = train(data, tmp_path / "fused", "--fused")
     assert [r["epoch"] for r in fused] == [1, 2, 3]
     bad = []

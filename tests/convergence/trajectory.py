@@ -11,19 +11,27 @@ The rule (STYLE.md's, made fit for trajectories): a quantity is within the rule 
 distance from the float64 eager run is at most twice the largest of the float32 (or
 autocast) eager runs' distances, or at most how far the float64 run itself moves when every
 input moves by 1e-6 relatively (the larger of two draws), whichever is larger. The eager runs
-are eight: one on the inputs as given, seven on inputs moved by about one float32 rounding
-step (1e-7 relatively). One run is not enough: a trajectory passes near ties (a max, a
-BatchNorm over eight values at 1x1 resolution) where rounding picks a side, and one float32
-run lands close to float64 or not by chance (for one gradient at batch 1, eight draws of
-eager's error spread over a factor of 20); a correct fused run picks sides as eager runs do.
-Losses are judged by their largest distance up to each step, as one step's distance can
-cross zero by chance. Measured before it was adopted: eight float32 eager runs on
-rounding-moved inputs, judged as fused runs are against four eager runs, came within 0.66 of
-their allowance at worst; under the single-run, per-step rule, seven of the eight failed.
+are 24: one on the inputs as given, 23 on inputs moved by about one float32 rounding step
+(1e-7 relatively). One run is not enough: a trajectory passes knife edges (a ReLU input
+within 4e-7 of zero, a max, a BatchNorm over eight values at 1x1 resolution) where rounding
+picks a side, and AdamW turns the other side's gradient (3% off on one weight, for one ReLU
+element) into a step a hundred times larger than rounding's; a correct fused run picks sides
+as eager runs do, so the yardstick must hold runs that picked each side. Losses are judged by
+their largest distance up to each step, as one step's distance can cross zero by chance.
+
+Measured on 33 float32 eager runs (each judged against others, the way a fused run is):
+against a yardstick of 8 runs, 14% of the other runs failed; against 16 to 24 runs, 2 to 4%,
+mostly runs that took one knife edge that 2 of the 33 took. A run is therefore judged again
+on rounding-moved inputs when it fails (``tests/convergence``): a wrong kernel fails both.
+
+Every run takes one CPU thread: a float32 sum's order changes with the thread count (under
+pytest-xdist each worker gets its share of the cores), and with it which side of a knife edge
+a run takes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 from dataclasses import dataclass, field
@@ -36,7 +44,8 @@ import hifuse
 NOISE = 1e-6  # the float64 run's input noise, for its sensitivity
 ROUNDING = 1e-7  # the eager float32 runs' input moves: about one float32 rounding step
 NOISE_SEEDS = (11, 12)
-ROUNDING_SEEDS = tuple(range(101, 108))
+ROUNDING_SEEDS = tuple(range(101, 124))
+RETRY_SEED = 99  # the rounding-moved inputs a failing run is judged on again
 CLASSES = 4
 
 
@@ -125,6 +134,18 @@ def fused_setting(parts):
     return hifuse.use_fused(**{name: name == parts for name in hifuse.FusedParts.names()})
 
 
+@contextlib.contextmanager
+def one_thread():
+    """Runs on one CPU thread, whatever the machine or pytest-xdist gives the process."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@one_thread()
 def train(cfg: Config, dtype: torch.dtype, parts=None, noise_seed: int | None = None, noise: float = NOISE,
           compile: str | None = None, autocast: torch.dtype | None = None) -> Run:
     """cfg.steps AdamW steps from the seeded initial weights, parameters in ``dtype`` (under
