@@ -65,11 +65,13 @@ class FusedParts(_Switches):
     norm: bool = False
 
 
-_requested = FusedParts()
-_env_cache: tuple[str | None, FusedParts | None] = (None, None)
+# What the program asked for (the environment variables override it): the fused parts and
+# the rebuilds.
+_requested = {"parts": FusedParts(), "rebuilds": None}
+_env_cache: dict[str, tuple[str, _Switches]] = {}  # variable -> (its value, parsed)
 
 
-def _parse_env(raw: str, cls=FusedParts, var: str = ENV_VAR):
+def _parse_env(raw: str, cls, var: str):
     """``1``/``all``, ``0``/``none`` or a comma list of ``cls``'s names, as a ``cls``."""
     text = raw.strip().lower()
     if text in ("1", "true", "yes", "on", "all"):
@@ -86,19 +88,24 @@ def _parse_env(raw: str, cls=FusedParts, var: str = ENV_VAR):
     return cls(**{name: name in wanted for name in cls.names()})
 
 
-def _env_override() -> FusedParts | None:
-    global _env_cache
-    raw = os.environ.get(ENV_VAR)
+def _from_env(var: str, cls):
+    """The ``cls`` the environment variable ``var`` sets, or None where it is unset."""
+    raw = os.environ.get(var)
     if raw is None:
         return None
-    if raw != _env_cache[0]:
-        _env_cache = (raw, _parse_env(raw))
-    return _env_cache[1]
+    cached = _env_cache.get(var)
+    if cached is None or cached[0] != raw:
+        cached = _env_cache[var] = (raw, _parse_env(raw, cls, var))
+    return cached[1]
+
+
+def _env_override() -> FusedParts | None:
+    return _from_env(ENV_VAR, FusedParts)
 
 
 def _active_parts() -> FusedParts:
     env = _env_override()
-    return env if env is not None else _requested
+    return env if env is not None else _requested["parts"]
 
 
 def fused_parts() -> FusedParts:
@@ -111,7 +118,26 @@ def is_fused(part: str) -> bool:
     return getattr(_active_parts(), part)
 
 
-class use_fused:
+class _Request:
+    """Sets ``_requested[key]`` when made; as a context manager, puts back the previous value."""
+
+    key: str
+
+    def _request(self, value) -> None:
+        self._previous = _requested[self.key]
+        _requested[self.key] = value
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _requested[self.key] = self._previous
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({_requested[self.key]})"
+
+
+class use_fused(_Request):
     """Switch fused kernels on or off for all HiFuse models.
 
     Works as a plain call (the setting stays until changed) and as a context
@@ -127,6 +153,8 @@ class use_fused:
             see ``FusedParts``.
     """
 
+    key = "parts"
+
     def __init__(
         self,
         enabled: bool = True,
@@ -137,28 +165,15 @@ class use_fused:
         fusion: bool = True,
         norm: bool = True,
     ) -> None:
-        global _requested
-        self._previous = _requested
         parts = FusedParts(attention=attention, local=local, patches=patches, fusion=fusion, norm=norm)
-        _requested = parts if enabled else FusedParts.all(False)
+        self._request(parts if enabled else FusedParts.all(False))
         if _env_override() is not None:
-            logger.info("%s is set: it overrides use_fused(%s)", ENV_VAR, _requested)
-
-    def __enter__(self) -> "use_fused":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        global _requested
-        _requested = self._previous
-
-    def __repr__(self) -> str:
-        return f"use_fused({_requested})"
+            logger.info("%s is set: it overrides use_fused(%s)", ENV_VAR, _requested["parts"])
 
 
 def set_parts(parts: FusedParts) -> None:
     """Set the requested parts directly (the environment variable still overrides)."""
-    global _requested
-    _requested = replace(parts)
+    _requested["parts"] = replace(parts)
 
 
 # --------------------------------------------------------------------------- rebuilds
@@ -190,19 +205,13 @@ class Rebuilds(_Switches):
     irmlp: bool = True
 
 
-_rebuilds = Rebuilds()
-_rebuild_env_cache: tuple[str | None, Rebuilds | None] = (None, None)
+_requested["rebuilds"] = Rebuilds()
 
 
 def rebuilds() -> Rebuilds:
     """The rebuilds in force now (``HIFUSE_REBUILD`` taken into account)."""
-    global _rebuild_env_cache
-    raw = os.environ.get(REBUILD_VAR)
-    if raw is None:
-        return _rebuilds
-    if raw != _rebuild_env_cache[0]:
-        _rebuild_env_cache = (raw, _parse_env(raw, Rebuilds, REBUILD_VAR))
-    return _rebuild_env_cache[1]
+    env = _from_env(REBUILD_VAR, Rebuilds)
+    return env if env is not None else _requested["rebuilds"]
 
 
 def rebuilding(name: str) -> bool:
@@ -210,7 +219,7 @@ def rebuilding(name: str) -> bool:
     return getattr(rebuilds(), name)
 
 
-class use_rebuilds:
+class use_rebuilds(_Request):
     """Which tensors fused training rebuilds in backward instead of keeping; all by default.
 
     A plain call or a context manager, as ``use_fused``::
@@ -222,23 +231,13 @@ class use_rebuilds:
     Set it before ``torch.compile`` traces a model.
     """
 
+    key = "rebuilds"
+
     def __init__(self, enabled: bool = True, **names: bool) -> None:
-        global _rebuilds
         unknown = set(names) - set(Rebuilds.names())
         if unknown:
             raise TypeError(f"use_rebuilds: unknown name(s) {sorted(unknown)}; choose from {', '.join(Rebuilds.names())}")
-        self._previous = _rebuilds
-        _rebuilds = Rebuilds(**names) if enabled else Rebuilds.all(False)
-
-    def __enter__(self) -> "use_rebuilds":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        global _rebuilds
-        _rebuilds = self._previous
-
-    def __repr__(self) -> str:
-        return f"use_rebuilds({_rebuilds})"
+        self._request(Rebuilds(**names) if enabled else Rebuilds.all(False))
 
 
 _logged: set[tuple[str, str]] = set()
