@@ -109,7 +109,7 @@ def test_stage_chains_norms_and_matches_eager(monkeypatch, downsample, hw):
     calls = []
     chained = recompute.residual_layer_norm_linear
     # a block's residual output is written by the next block's norm1 pass: called with its y
-    monkeypatch.setattr(recompute, "residual_layer_norm_linear", lambda y, *a: calls.append(y is not None) or chained(y, *a))
+    monkeypatch.setattr(recompute, "residual_layer_norm_linear", lambda y, *a, **k: calls.append(y is not None) or chained(y, *a, **k))
     ref, h, w = eager(xe, *hw)
     with hifuse.use_fused(attention=True, local=downsample, patches=downsample, fusion=False, norm=False):
         out, h2, w2 = fused(xf, *hw)
