@@ -155,9 +155,10 @@ class GatedLayerNormRows:
     be kept. Only a source: gradients go through ``recompute.gated_layer_norm``."""
 
     @staticmethod
-    def op_args(n, h, w, *src):
+    def op_args(n, h, w, *src, x=None):
+        """The op's arguments; its x made by the BatchNorm apply, or ``x`` where given."""
         args = list(src[:8])
-        args[4] = torch.ops.hifuse.batch_norm_act(*src[8:]).view(n, h * w, -1)
+        args[4] = torch.ops.hifuse.batch_norm_act(*src[8:]).view(n, h * w, -1) if x is None else x
         return args
 
     @staticmethod
@@ -303,11 +304,7 @@ class _GatedLayerNorm(torch.autograd.Function):
     def backward(ctx, grad):
         mean, rstd, kept_x, *tensors = ctx.saved_tensors
         src = _join(tensors, ctx.consts)
-        if kept_x is None:
-            g, channel_gate, l, spatial_gate, x, weight, _bias, _eps = GatedLayerNormRows.op_args(*src)
-        else:
-            g, channel_gate, l, spatial_gate, _none, weight, _bias, _eps = src[3:11]
-            x = kept_x
+        g, channel_gate, l, spatial_gate, x, weight, _bias, _eps = GatedLayerNormRows.op_args(*src, x=kept_x)
         dg, dcg, dl, dsg, dx, dw, db = torch.ops.hifuse.gated_layer_norm_backward(
             grad.contiguous(), g, channel_gate, l, spatial_gate, x, weight, mean, rstd
         )

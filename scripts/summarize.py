@@ -266,10 +266,10 @@ def targets(records, tests=(), memcheck=()) -> str:
 def rebuild_rows(records) -> list[str]:
     """Each rebuild setting's fused training step at batch 128 (bf16) against rebuilding
     everything: a rebuild pays for itself where keeping its tensor is slower or does not fit."""
-    runs = {}
-    for r in sorted((r for r in records if r["test"] == "test_train_step_rebuilds" and r["info"].get("batch") == 128
-                     and r["info"].get("dtype") == "bf16"), key=lambda r: r["when"]):
-        runs[r["info"]["rebuilds"]] = r
+    test, match = "test_train_step_rebuilds", dict(batch=128, dtype="bf16")
+    names = dict.fromkeys(r["info"]["rebuilds"] for r in records if r["test"] == test)
+    runs = {name: latest(records, test, **match, rebuilds=name) for name in names}
+    runs = {name: r for name, r in runs.items() if r}
     base = runs.pop("rebuild_all", None)
     if base is None:
         return ["| rebuilds in backward, training step, batch 128 | each pays for itself | not measured | | | |"]

@@ -59,13 +59,14 @@ def conv_bn_forward(m: ConvBN, x: torch.Tensor, then: str | None = None, pool: b
     return bna.batch_norm_act(x, bn, act, pool=pool, check=False)
 
 
-def conv_bn_sourced(m: ConvBN, x: torch.Tensor, pool: bool = False) -> tuple[torch.Tensor, tuple]:
+def conv_bn_sourced(m: ConvBN, x: torch.Tensor, pool: bool = False, keep: bool = False) -> tuple[torch.Tensor, tuple]:
     """Training-mode dense 1x1 ConvBN (no activation after it), as ``conv_bn_forward`` computes
-    it, keeping neither the GEMM's output nor the result (``recompute.linear_batch_norm``), with
-    the source that rebuilds the result (for ``recompute.norm_cat_linear``)."""
+    it, keeping neither the GEMM's output nor the result (``recompute.linear_batch_norm``;
+    ``keep``: the GEMM's output is kept), with the source that rebuilds the result (for
+    ``recompute.norm_cat_linear``)."""
     return recompute.linear_batch_norm(
         x.permute(0, 2, 3, 1), m.conv.weight.flatten(1), m.conv.bias, m.bn, "relu" if m.relu is not None else None,
-        pool=pool, gemm_dtype=autocast_dtype(x), keep=not config.rebuilding("fusion_norm"),
+        pool=pool, gemm_dtype=autocast_dtype(x), keep=keep,
     )
 
 
@@ -156,9 +157,10 @@ def fusion_forward(m: HFFBlock, l: torch.Tensor, g: torch.Tensor, f: torch.Tenso
     inputs = ([f] if f is not None else []) + [l, g]
     norm, proj = (m.norm1, m.W3) if f is not None else (m.norm2, m.W)
     sources = None
+    keep_norm = not config.rebuilding("fusion_norm")
     if not any(folds(c.bn) for c in (*convs, proj)) and all(dense_1x1(c.conv) for c in convs):
         # training: the parts are rebuilt in backward from their GEMMs' inputs
-        pairs = [conv_bn_sourced(c, t, pool=c is m.Updim) for c, t in zip(convs, inputs)]
+        pairs = [conv_bn_sourced(c, t, pool=c is m.Updim, keep=keep_norm) for c, t in zip(convs, inputs)]
         parts, sources = [p for p, _ in pairs], [s for _, s in pairs]
     else:
         parts = [conv_bn_forward(c, t, pool=c is m.Updim) for c, t in zip(convs, inputs)]
@@ -175,14 +177,12 @@ def fusion_forward(m: HFFBlock, l: torch.Tensor, g: torch.Tensor, f: torch.Tenso
         x = conv_bn_forward(proj, normed, then="gelu")
     elif sources is not None:
         y = recompute.norm_cat_linear(parts, sources, norm.weight, norm.bias, norm.eps, out_dtype,
-                                      proj.conv.weight.flatten(1), proj.conv.bias,
-                                      keep=not config.rebuilding("fusion_norm"))
+                                      proj.conv.weight.flatten(1), proj.conv.bias, keep=keep_norm)
         bn_args = bna.apply_args(y.permute(0, 3, 1, 2), proj.bn, "relu" if proj.relu is not None else "gelu")
     else:
         # the normalised concatenation is rebuilt in backward from the parts it keeps anyway
         args = (*parts, norm.weight, norm.bias, float(norm.eps), out_dtype)
-        x = conv_bn_recomputed(proj, recompute.LayerNormCat, args, then="gelu",
-                               keep=not config.rebuilding("fusion_norm"))
+        x = conv_bn_recomputed(proj, recompute.LayerNormCat, args, then="gelu", keep=keep_norm)
 
     spatial_gate = torch.sigmoid(conv_bn_forward(m.spatial, spatial_pool(l, check=False)))
     avg, best = channel_pool(g, check=False)
