@@ -9,8 +9,9 @@
 # HIFUSE_BATCHES (default "32,128"); TORCH_CUDA_ARCH_LIST (default 9.0); MAX_JOBS;
 # HIFUSE_CONVERGENCE_STEPS/_BATCH/_TIMEOUT (the bf16 convergence run, default 200 steps of 16, 150 s);
 # HIFUSE_TESTS=0 skips the tests (a benchmark-only call); HIFUSE_TEST_WORKERS (default 4, fewer
-# on fewer cores); HIFUSE_TEST_TIMEOUT (seconds for the main test run, default 300); HIFUSE_DEADLINE (seconds from the start, default 540): benchmarks run in order of
-# importance (whole model, its profile, the rebuild settings, blocks, single ops, block compile baselines,
+# on fewer cores); HIFUSE_TEST_TIMEOUT (seconds for the main test run, default 300);
+# HIFUSE_LARGE_TIMEOUT (the tests past 2**31 elements, default 150); HIFUSE_DEADLINE (seconds from the start, default 540): benchmarks run in order of
+# importance (whole model, its profile, then the tests, the rebuild settings, blocks, single ops, block compile baselines,
 # memcheck) and each is cut at the deadline, so a time-limited call still returns what
 # finished.
 # Without a GPU it builds, tests and runs the small CPU benchmarks, and skips the rest.
@@ -50,21 +51,22 @@ junit() { jx=(--junitxml "$out/$1.xml" -o "junit_suite_name=$device"); }  # sets
 # alone (tens of GiB each). The narrow float32 convergence runs are CI's (each worker would run
 # 27 reference trajectories first); the GPU's own, bf16 at 224x224, has a step below.
 workers=${HIFUSE_TEST_WORKERS:-$(( $(nproc) < 4 ? $(nproc) : 4 ))}
+run_tests() {
 if [ "${HIFUSE_TESTS:-1}" = 0 ]; then
   step "tests skipped: HIFUSE_TESTS=0"
 else
   step "tests ($workers workers)"
   junit tests
-  run timeout "${HIFUSE_TEST_TIMEOUT:-300}" python -m pytest tests -q -p no:cacheprovider -rs -n "$workers" \
+  run timeout -s INT -k 30 "${HIFUSE_TEST_TIMEOUT:-300}" python -m pytest tests -q -p no:cacheprovider -rs -n "$workers" --durations=25 \
     -m "not native_errors and not convergence" -k "not past_2_31" "${jx[@]}"
   step "tests: past 2**31 elements"
   junit tests_large
-  run timeout 150 python -m pytest tests -q -p no:cacheprovider -rs -k past_2_31 "${jx[@]}"
+  run timeout -s INT -k 30 "${HIFUSE_LARGE_TIMEOUT:-150}" python -m pytest tests -q -p no:cacheprovider -rs -k past_2_31 "${jx[@]}"
   # bf16 autocast training of HiFuse-Tiny at 224x224, fused and eager against float64 eager,
   # with the loss curves as $out/convergence_bf16.png (HIFUSE_CONVERGENCE_STEPS, _BATCH)
   step "tests: bf16 convergence"
   junit tests_convergence
-  HIFUSE_RESULTS="$out" run timeout "${HIFUSE_CONVERGENCE_TIMEOUT:-150}" python -m pytest tests/convergence -q \
+  HIFUSE_RESULTS="$out" run timeout -s INT -k 30 "${HIFUSE_CONVERGENCE_TIMEOUT:-150}" python -m pytest tests/convergence -q \
     -p no:cacheprovider -rs -k bf16_training "${jx[@]}"
   # C++ error paths in a process of their own, so a crash there cannot hide other results.
   step "tests: native error paths"
@@ -79,6 +81,7 @@ else
     fi
   fi
 fi
+}
 
 gpu=$(python -c "import torch; print(int(torch.cuda.is_available()))")
 bench() {  # bench NAME ARGS...: one pytest-benchmark run writing $out/NAME.json, cut at the deadline
@@ -89,11 +92,12 @@ bench() {  # bench NAME ARGS...: one pytest-benchmark run writing $out/NAME.json
     return 0
   fi
   step "benchmark $name (${left}s left)"
-  run timeout "$left" python -m pytest benchmarks -q -p no:cacheprovider --benchmark-only \
+  run timeout -s INT -k 20 "$left" python -m pytest benchmarks -q -p no:cacheprovider --benchmark-only \
     --benchmark-json "$out/$name.json" --benchmark-columns=median,iqr,rounds "$@"
 }
 
 if [ "$gpu" != 1 ]; then
+  run_tests
   bench cpu_small
   step "no GPU: GPU benchmarks skipped"
   run python scripts/summarize.py "$out"/*.json --out "$out/summary.md"
@@ -110,9 +114,12 @@ for mode in --train ""; do
   left=$(( deadline - $(date +%s) ))
   [ "$left" -lt 60 ] && { step "profile skipped: deadline reached"; break; }
   step "profile fused ${mode:-inference} (${left}s left)"
-  run timeout "$left" python -m hifuse benchmark $mode --batch 128 --amp bf16 --channels-last --providers fused \
+  run timeout -s INT -k 20 "$left" python -m hifuse benchmark $mode --batch 128 --amp bf16 --channels-last --providers fused \
     --rounds 5 --warmup 3 --profile "$out"
 done
+# Correctness next: the tests, each run cut at its own limit (SIGINT, so pytest still writes
+# its failures and JUnit XML).
+run_tests
 # Time against memory: the fused bf16 training step at batch 128 rebuilding everything in backward,
 # keeping everything, and keeping one kind of tensor at a time (hifuse.use_rebuilds); summarize.py
 # says which rebuilds pay for themselves.
