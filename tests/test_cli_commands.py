@@ -215,7 +215,9 @@ def test_export_without_its_extra_names_it(trained, tmp_path, monkeypatch):
 def test_info_lists_versions_parts_and_ops():
     rc, out, err = cli("info")
     assert rc == 0, err
-    for needle in ("torch", "triton", "native library", "fused parts on cpu", "attention", "fusion", "hifuse::layer_norm_cf"):
+    device = "cuda:0" if torch.cuda.is_available() else "cpu"
+    for needle in ("torch", "triton", "native library", f"fused parts on {device}", "attention", "fusion",
+                   "hifuse::layer_norm_cf"):
         assert needle in out, out
     assert "hifuse::window_attention" in out
 
@@ -244,3 +246,24 @@ def test_version_aliases_and_unknown_options():
     assert commands["train"].parse_args(["--weights", "w.pth"]).init == "w.pth"
     p = commands["predict"].parse_args(["x.png", "--checkpoint", "c", "--amp", "bf16", "--workers", "2", "--batch-size", "8"])
     assert (p.amp, p.workers, p.batch_size) == ("bf16", 2, 8)
+
+
+def test_cuda_device_always_has_an_index(monkeypatch):
+    """A plain "cuda" (the default on a GPU machine) becomes the current device's index:
+    torch.cuda.set_device refuses a device without one, which stopped every command there."""
+    from hifuse.cli import models
+    from hifuse.cli.errors import CliError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    assert models.device_of(None) == torch.device("cuda", 1)
+    assert models.device_of("cuda") == torch.device("cuda", 1)
+    assert models.device_of("cuda:0") == torch.device("cuda", 0)
+    assert models.device_of("cpu") == torch.device("cpu")
+    with pytest.raises(CliError, match="has 2 CUDA devices"):
+        models.device_of("cuda:2")
+    # what train's set-up does with it
+    from torch._utils import _get_device_index
+
+    assert _get_device_index(models.device_of(None)) == 1

@@ -53,12 +53,24 @@ def part_reasons(device: torch.device) -> dict[str, str | None]:
     model = create_model("hifuse_tiny", num_classes=2, depths=(2, 2, 2, 2), dims=(32, 64, 128, 256),
                          num_heads=(1, 2, 4, 8)).to(device).eval()
     x = torch.randn(1, 3, 64, 64, device=device)
-    with config.use_fused(True), torch.no_grad():
-        model(x)
-    found = config.part_decisions(model)
+
+    def decisions(**parts) -> dict:
+        with config.use_fused(True, **parts), torch.no_grad():
+            model(x)
+        return config.part_decisions(model)
+
+    found = decisions()
     result = {}
     for part in config.FusedParts.names():
-        reasons = found.get(part, {"no module of this part ran"})
+        reasons = found.get(part)
+        if reasons is None:
+            # with every part on, another part's fused ops may take all of this part's modules
+            # (the local blocks' LayerNorms inside dwconv + LayerNorm): ask for this part alone
+            others = {p: p == part for p in config.FusedParts.names()}
+            reasons = decisions(**others).get(part, {"no module of this part ran"})
+            if None in reasons:
+                result[part] = None
+                continue
         result[part] = None if None in reasons else "; ".join(sorted(r for r in reasons if r))
     return result
 

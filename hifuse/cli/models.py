@@ -219,5 +219,13 @@ def device_of(choice: str | None) -> torch.device:
             raise CliError(f"--device: {e}") from None
         if device.type == "cuda" and not torch.cuda.is_available():
             raise CliError("--device cuda: no CUDA device here")
+    else:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type != "cuda":
         return device
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    # An index always: torch.cuda.set_device and the checkpoints' map_location need one.
+    count = torch.cuda.device_count()
+    index = torch.cuda.current_device() if device.index is None else device.index
+    if index >= count:
+        raise CliError(f"--device {device}: this machine has {count} CUDA device{'s' if count != 1 else ''}")
+    return torch.device("cuda", index)
