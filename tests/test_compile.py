@@ -61,7 +61,8 @@ def test_eager_model_compiles_without_graph_breaks():
 
 
 def test_fused_model_compiles_with_inductor():
-    """Inductor (its CPU backend here) over the fused model, as a user calls torch.compile:
+    """Inductor over the fused model on the GPU (its CPU backend where there is none, the
+    kernels then plain custom ops), as a user calls torch.compile:
     one graph per mode, every hifuse op an opaque node, no recompile on a second step of
     the same shape. A training step (forward, backward, then an uncompiled SGD step) gives the
     uncompiled fused model's output and gradients; inference too. Narrow stages (the Triton
@@ -73,15 +74,16 @@ def test_fused_model_compiles_with_inductor():
     zero but for rounding."""
     if not hifuse_kernels.native_available():
         pytest.skip("native extension not built")
-    reason = hifuse_kernels.triton_unsupported_reason(torch.zeros(1))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    reason = hifuse_kernels.triton_unsupported_reason(torch.zeros(1, device=device))
     if reason is not None:  # the model would run eager: no hifuse op to find in the graph
         pytest.skip(reason)
     from torch._inductor.compile_fx import compile_fx
 
     narrow = {"dims": (32, 64, 128, 256), "num_heads": (2, 4, 8, 16)}
-    model = _small_model(**narrow)
-    twin = _small_model(**narrow)
-    x = torch.randn(2, 3, 32, 32)
+    model = _small_model(**narrow).to(device)
+    twin = _small_model(**narrow).to(device)
+    x = torch.randn(2, 3, 32, 32, device=device)
     graphs = []
 
     def backend(gm, example_inputs):
