@@ -45,6 +45,15 @@ def _assert_close_scaled(a, r, tol, name):
     assert err <= tol * max(1.0, r.abs().max().item()), f"{name}: max error {err:.3g}, max {r.abs().max().item():.3g}"
 
 
+def _assert_within_eager_error(a, e, r, name):
+    """a (fused) as close to r (float64) as e (eager float32) is, twice over, plus 1e-5 of the
+    scale: a training BatchNorm over a few pixels (fu3, fu4: six) magnifies rounding, and on
+    the GPU eager's own gradients stray from float64 by more than a fixed bound allows."""
+    err, eager_err = (a - r).abs().max().item(), (e - r).abs().max().item()
+    assert err <= 2 * eager_err + 1e-5 * max(1.0, r.abs().max().item()), (
+        f"{name}: max error {err:.3g} against float64, eager's {eager_err:.3g}, max {r.abs().max().item():.3g}")
+
+
 def _skip_without_native():
     reason = layer_norm_cat_unsupported([torch.zeros(1, 1, 1, 1, device=DEVICE)], torch.ones(1, device=DEVICE))
     if reason is not None:
@@ -61,22 +70,26 @@ def test_block_matches_eager(position, train):
     _randomise_batch_norms(eager)
     eager.train(train)
     fused = copy.deepcopy(eager)
+    exact = copy.deepcopy(eager).double()
     inputs = _block_inputs(dim, b, h, w, position != "fu1", channels_last=position != "fu2")
     inputs_f = [t.detach().clone().requires_grad_() for t in inputs]
+    inputs_d = [t.detach().double().requires_grad_() for t in inputs]
     ref = eager(*inputs)
+    ref64 = exact(*inputs_d)
     with hifuse.use_fused(**FUSION_ONLY):
         out = fused(*inputs_f)
     assert out.is_contiguous(memory_format=torch.channels_last)
-    _assert_close_scaled(out, ref, 2e-5, "output")
+    _assert_within_eager_error(out, ref, ref64, "output")
     grad = torch.randn_like(ref)
     ref.backward(grad)
+    ref64.backward(grad.double())
     out.backward(grad)
-    for k, (a, t) in enumerate(zip(inputs_f, inputs)):
-        _assert_close_scaled(a.grad, t.grad, 2e-5, f"input {k}")
-    for (name, pe), pf in zip(eager.named_parameters(), fused.parameters()):
+    for k, (a, t, d) in enumerate(zip(inputs_f, inputs, inputs_d)):
+        _assert_within_eager_error(a.grad, t.grad, d.grad, f"input {k}")
+    for (name, pe), pf, pd in zip(eager.named_parameters(), fused.parameters(), exact.parameters()):
         assert (pe.grad is None) == (pf.grad is None), name
         if pe.grad is not None:
-            _assert_close_scaled(pf.grad, pe.grad, 2e-5, name)
+            _assert_within_eager_error(pf.grad, pe.grad, pd.grad, name)
     for (name, be), bf in zip(eager.named_buffers(), fused.buffers()):
         torch.testing.assert_close(bf, be, rtol=1e-5, atol=1e-6, msg=name)
 
