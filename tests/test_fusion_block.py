@@ -38,13 +38,6 @@ def _block_inputs(dim, b, h, w, with_f, channels_last):
     return [feature(s, k, channels_last, device=DEVICE) for k, s in enumerate(shapes)]
 
 
-def _assert_close_scaled(a, r, tol, name):
-    """max |a - r| within tol of max |r|: BatchNorm over a few pixels makes element-wise
-    comparisons of small entries meaningless, the scale of the whole tensor is what counts."""
-    err = (a - r).abs().max().item()
-    assert err <= tol * max(1.0, r.abs().max().item()), f"{name}: max error {err:.3g}, max {r.abs().max().item():.3g}"
-
-
 def _assert_within_eager_error(a, e, r, name):
     """a (fused) as close to r (float64) as e (eager float32) is, twice over, plus 1e-5 of the
     scale: a training BatchNorm over a few pixels (fu3, fu4: six) magnifies rounding, and on
