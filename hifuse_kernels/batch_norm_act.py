@@ -61,14 +61,16 @@ def batch_norm_act_ref(x, bn: torch.nn.BatchNorm2d, act: str | None = None, resi
 if triton is not None:
     from ._triton import gelu, gelu_grad
 
+    # Helpers that take pointers return loaded values only, never offsets or tiles: torch.compile
+    # reads the kernels' TTIR to find what they write, and counts every pointer passed to a call
+    # whose result reaches a store's address as written (scripts/check_kernel_writes.py).
     @triton.jit
-    def _load_input(Y, R, rows, c, m, C, PROLOGUE: tl.constexpr):
+    def _load_input(Y, R, offs, m, PROLOGUE: tl.constexpr):
         """The BatchNorm input of a tile in fp32: y, or gelu(y) + r."""
-        offs = rows[:, None] * C + c[None, :]
         v = tl.load(Y + offs, mask=m, other=0.0).to(tl.float32)
         if PROLOGUE:
             v = gelu(v) + tl.load(R + offs, mask=m, other=0.0).to(tl.float32)
-        return v, offs
+        return v
 
     @triton.jit
     def _tile(M, C, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -116,7 +118,7 @@ if triton is not None:
     def _stats_kernel(Y, R, MEAN_PART, M2_PART, M, C,
                       PROLOGUE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
         rows, c, cmask, m = _tile(M, C, BLOCK_M, BLOCK_C)
-        v, _offs = _load_input(Y, R, rows, c, m, C, PROLOGUE)
+        v = _load_input(Y, R, rows[:, None] * C + c[None, :], m, PROLOGUE)
         # float64 sums, as eager's BatchNorm accumulates on a CPU: statistics of many rows
         v = v.to(tl.float64)
         count = tl.sum((rows < M).to(tl.float64), 0)
@@ -130,7 +132,8 @@ if triton is not None:
     def _apply_kernel(Y, R, MEAN, INVSTD, W, B, OUT, M, C,
                       PROLOGUE: tl.constexpr, ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
         rows, c, cmask, m = _tile(M, C, BLOCK_M, BLOCK_C)
-        v, offs = _load_input(Y, R, rows, c, m, C, PROLOGUE)
+        offs = rows[:, None] * C + c[None, :]
+        v = _load_input(Y, R, offs, m, PROLOGUE)
         mean = tl.load(MEAN + c, mask=cmask, other=0.0)
         scale = tl.load(INVSTD + c, mask=cmask, other=0.0) * tl.load(W + c, mask=cmask, other=0.0).to(tl.float32)
         shift = tl.load(B + c, mask=cmask, other=0.0).to(tl.float32)
@@ -152,30 +155,31 @@ if triton is not None:
         acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
         for i in tl.static_range(2):
             for j in tl.static_range(2):
-                v, _offs = _load_input(Y, R, top + i * WIDTH + j, c, m, C, PROLOGUE)
+                v = _load_input(Y, R, (top + i * WIDTH + j)[:, None] * C + c[None, :], m, PROLOGUE)
                 acc += _act((v - mean[None, :]) * scale[None, :] + shift[None, :], ACT)
         tl.store(OUT + q[:, None] * C + c[None, :], (acc * 0.25).to(OUT.dtype.element_ty), mask=m)
 
     @triton.jit
-    def _bwd_recompute(G, Y, R, MEAN, INVSTD, W, B, M, C, H, WIDTH, PROLOGUE: tl.constexpr, ACT: tl.constexpr,
-                       POOL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
-        """A tile's x_hat and dz = grad * act'(z), recomputed from the saved input."""
-        rows, c, cmask, m = _tile(M, C, BLOCK_M, BLOCK_C)
-        v, offs = _load_input(Y, R, rows, c, m, C, PROLOGUE)
+    def _bwd_recompute(G, Y, R, MEAN, INVSTD, W, B, rows, c, cmask, m, offs, C, H, WIDTH, PROLOGUE: tl.constexpr,
+                       ACT: tl.constexpr, POOL: tl.constexpr):
+        """A tile's x_hat, dz = grad * act'(z) and weight * invstd, recomputed from the saved input."""
+        v = _load_input(Y, R, offs, m, PROLOGUE)
         mean = tl.load(MEAN + c, mask=cmask, other=0.0)
         invstd = tl.load(INVSTD + c, mask=cmask, other=0.0)
         w = tl.load(W + c, mask=cmask, other=0.0).to(tl.float32)
         b = tl.load(B + c, mask=cmask, other=0.0).to(tl.float32)
         xhat = (v - mean[None, :]) * invstd[None, :]
         dz = _load_grad(G, rows, c, m, C, H, WIDTH, POOL) * _act_grad(xhat * w[None, :] + b[None, :], ACT)
-        return c, cmask, m, offs, xhat, tl.where(m, dz, 0.0), w * invstd
+        return xhat, tl.where(m, dz, 0.0), w * invstd
 
     @triton.jit
     def _bwd_reduce_kernel(G, Y, R, MEAN, INVSTD, W, B, SUM_DZ_PART, SUM_DZXH_PART, M, C, H, WIDTH,
                            PROLOGUE: tl.constexpr, ACT: tl.constexpr, POOL: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
-        c, cmask, _m, _offs, xhat, dz, _scale = _bwd_recompute(
-            G, Y, R, MEAN, INVSTD, W, B, M, C, H, WIDTH, PROLOGUE, ACT, POOL, BLOCK_M, BLOCK_C
+        rows, c, cmask, m = _tile(M, C, BLOCK_M, BLOCK_C)
+        xhat, dz, _scale = _bwd_recompute(
+            G, Y, R, MEAN, INVSTD, W, B, rows, c, cmask, m, rows[:, None] * C + c[None, :], C, H, WIDTH,
+            PROLOGUE, ACT, POOL,
         )
         part = tl.program_id(0).to(tl.int64) * C + c
         # float64 sums: the weight and bias gradients cancel over many rows
@@ -187,8 +191,10 @@ if triton is not None:
     def _bwd_apply_kernel(G, Y, R, MEAN, INVSTD, W, B, SUM_DZ, SUM_DZXH, DY, DR, M, C, H, WIDTH,
                           PROLOGUE: tl.constexpr, ACT: tl.constexpr, POOL: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
-        c, cmask, m, offs, xhat, dz, scale = _bwd_recompute(
-            G, Y, R, MEAN, INVSTD, W, B, M, C, H, WIDTH, PROLOGUE, ACT, POOL, BLOCK_M, BLOCK_C
+        rows, c, cmask, m = _tile(M, C, BLOCK_M, BLOCK_C)
+        offs = rows[:, None] * C + c[None, :]
+        xhat, dz, scale = _bwd_recompute(
+            G, Y, R, MEAN, INVSTD, W, B, rows, c, cmask, m, offs, C, H, WIDTH, PROLOGUE, ACT, POOL,
         )
         sum_dz = tl.load(SUM_DZ + c, mask=cmask, other=0.0)
         sum_dzxh = tl.load(SUM_DZXH + c, mask=cmask, other=0.0)

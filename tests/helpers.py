@@ -137,10 +137,13 @@ def assert_model_matches_eager(device, rtol=1e-4, atol=1e-4, grad_rtol=1e-3, gra
 
 
 def assert_autocast_within_eager_error(module, inputs, dtype=torch.bfloat16, **parts):
-    """``module`` with ``parts`` fused under autocast against a float64 eager reference:
-    the output and every input and parameter gradient may be off by at most twice what
-    eager under the same autocast is off, plus one rounding step of ``dtype`` at the
-    reference's scale (results rounded to bf16 differ by an ulp whichever way they went)."""
+    """``module`` with ``parts`` fused under autocast against float64 eager on the same
+    inputs: the output and every input and parameter gradient may be off by at most twice
+    the most that eager under the same autocast is off on four inputs (these and three moved
+    by one part in 2**8), plus one rounding step of ``dtype`` at the reference's scale. A
+    fused run outside is judged again on moved inputs and fails only where both are outside:
+    one eager run is no yardstick for gradients that pass a training BatchNorm over a few
+    pixels (the spatial gates'), whose 16-bit errors swing from draw to draw."""
     import copy
 
     import hifuse
@@ -155,16 +158,26 @@ def assert_autocast_within_eager_error(module, inputs, dtype=torch.bfloat16, **p
         grads = torch.autograd.grad(out.float().square().sum(), [*xs, *m.parameters()], allow_unused=True)
         return [out.double()] + [g.double() if g is not None else None for g in grads]
 
-    ref = run(copy.deepcopy(module).double(), [t.double() for t in inputs], False, False)
-    eager = run(copy.deepcopy(module), inputs, False, True)
-    fused = run(copy.deepcopy(module), inputs, True, True)
-    for k, (a, p, r) in enumerate(zip(fused, eager, ref)):
-        if r is None:
-            continue
-        err = (a - r).abs().max().item()
-        eager_err = (p - r).abs().max().item()
-        ulp = torch.finfo(dtype).eps * r.abs().max().item()
-        assert err <= 2 * eager_err + ulp, f"output {k}: fused {err:.3g} vs eager {eager_err:.3g} (ulp {ulp:.3g})"
+    def errors(xs, fused):
+        ref = run(copy.deepcopy(module).double(), [t.double() for t in xs], False, False)
+        got = run(copy.deepcopy(module), xs, fused, True)
+        return [None if r is None else ((a - r).abs().max().item(), r.abs().max().item()) for a, r in zip(got, ref)]
+
+    gen = torch.Generator().manual_seed(1)
+    moved = [[(t.detach() * (1 + 2.0 ** -8 * torch.randn(t.shape, generator=gen).to(t.device))).to(t.dtype)
+              for t in inputs] for _ in range(3)]
+    eager = [errors(xs, False) for xs in [inputs, *moved]]
+    ulp = torch.finfo(dtype).eps
+    allowed = [None if e is None else 2 * max(run_[k][0] for run_ in eager) + ulp * e[1]
+               for k, e in enumerate(eager[0])]
+
+    def outside(xs):
+        return {k: f"output {k}: fused {e[0]:.3g}, allowed {allowed[k]:.3g}"
+                for k, e in enumerate(errors(xs, True)) if e is not None and e[0] > allowed[k]}
+
+    first = outside(inputs)
+    both = {k: why for k, why in outside(moved[0]).items() if k in first} if first else {}
+    assert not both, f"fused errors against float64 outside eager's on two inputs: {list(both.values())}"
 
 
 def feature(shape, seed, channels_last=True, dtype=torch.float32, device="cpu"):
