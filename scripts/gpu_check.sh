@@ -41,6 +41,11 @@ if ! python -m pip install --no-build-isolation --no-deps -e . >>"$log" 2>&1; th
   run python setup.py build_ext --inplace
 fi
 run python -c "import hifuse_kernels as k, hifuse_kernels._ext as e; print('native:', k.native_load_error() or 'loaded', '| cuda ops:', e.has_kernel('layer_norm_cf', 'cuda'))"
+# the compilers and C++ runtime the extension was built with and loads (C++ exceptions crossing
+# into torch need one libstdc++)
+{ c++ --version | head -1; nvcc --version | tail -2; python -c "import torch; print('torch built with', torch.__config__.show().splitlines()[1].strip())"
+  so=$(python -c "import hifuse_kernels._ext as e, pathlib, hifuse_kernels as k; print(next(pathlib.Path(k.__file__).parent.glob('_C*.so'), ''))")
+  [ -n "$so" ] && ldd "$so" | grep -E "stdc|gcc_s|c10|torch_cpu"; } 2>&1 | tee -a "$log"
 
 # JUnit XML of each test run (named after the device) for summarize.py's targets table
 device=$(python -c "import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')")
@@ -74,10 +79,13 @@ else
   python -m pytest tests -q -p no:cacheprovider -m native_errors "${jx[@]}" 2>&1 | tee -a "$log"
   if [ "${PIPESTATUS[0]}" != 0 ]; then
     status=1
-    if command -v gdb >/dev/null; then  # a crash here has been seen on one GPU machine: get a native stack
-      step "native error paths under gdb"
-      gdb -q -batch -ex run -ex bt --args python -m pytest tests -q -p no:cacheprovider -m native_errors -x 2>&1 \
-        | tail -60 | tee -a "$log"
+    # a segfault here (the first C++ error thrown, test_layer_norm_cat::test_raw_op_checks) was seen
+    # on two GPU machines and never on a CPU one: get a native stack (the GPU image has cuda-gdb only)
+    debugger=$(command -v gdb || command -v cuda-gdb)
+    if [ -n "$debugger" ]; then
+      step "native error paths under $(basename "$debugger")"
+      "$debugger" -q -batch -ex run -ex bt --args python -m pytest tests -q -p no:cacheprovider -m native_errors -x 2>&1 \
+        | tail -80 | tee -a "$log"
     fi
   fi
 fi
