@@ -8,6 +8,7 @@ kernel modules define their kernels only when it is not.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 
 import torch
@@ -137,6 +138,24 @@ def wide_rows(cols: int, limit: int = 1024) -> int:
     """Rows of a wide tile of ``cols`` columns: a power of two, at most ``limit``."""
     rows = max(1, min(limit, WIDE_VALUES // cols))
     return 1 << (rows.bit_length() - 1)
+
+
+def reduction_programs(blocks: int, lanes: int, device: torch.device) -> int:
+    """Programs along the row axis of a reduction over ``blocks`` row blocks and ``lanes``
+    channel blocks, each looping over its share. On a GPU about four 16-warp programs per SM
+    in all, one wave (one program per block spent the time on scheduling and partials); with
+    wide tiles one block each (the interpreter pays per operation, not per program); with the
+    GPU's tiles in the interpreter two, so that tests run the loops."""
+    if wide():
+        return blocks
+    if device.type == "cuda":
+        return max(1, min(blocks, 4 * _sm_count(device.index) // lanes))
+    return min(blocks, 2)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int | None) -> int:
+    return torch.cuda.get_device_properties(torch.cuda.current_device() if index is None else index).multi_processor_count
 
 
 # Launch shapes of the row kernels (a program holds whole rows of C channels in registers).

@@ -45,6 +45,7 @@ WARPS = 16
 # per element: smaller tiles keep them under 128 registers (scripts/check_triton_compile.py).
 POOL_BLOCK_M = 16
 BWD_BLOCK_M = 32
+COMBINE_WARPS = 2  # one channel block of the programs' partials per program
 
 __all__ = ["apply_args", "batch_norm_act", "batch_norm_act_ref", "unsupported_reason"]
 
@@ -114,19 +115,61 @@ if triton is not None:
             g = tl.load(G + rows[:, None] * C + c[None, :], mask=m, other=0.0).to(tl.float32)
         return g
 
+    # The reductions run on a fixed grid of PROGRAMS programs per channel block (about one wave
+    # on the GPU, ``_triton.reduction_programs``): each loops over row blocks pid, pid + PROGRAMS,
+    # ... with float64 tile accumulators and reduces them across its rows once, so a call writes
+    # PROGRAMS partials, not one per row block.
     @triton.jit
-    def _stats_kernel(Y, R, MEAN_PART, M2_PART, M, C,
+    def _stats_kernel(Y, R, MEAN_PART, M2_PART, COUNT_PART, M, C, PROGRAMS,
                       PROLOGUE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
-        rows, c, cmask, m = _tile(M, C, BLOCK_M, BLOCK_C)
-        v = _load_input(Y, R, rows[:, None] * C + c[None, :], m, PROLOGUE)
-        # float64 sums, as eager's BatchNorm accumulates on a CPU: statistics of many rows
-        v = v.to(tl.float64)
-        count = tl.sum((rows < M).to(tl.float64), 0)
-        mean = tl.sum(v, 0) / count
-        d = tl.where(m, v - mean[None, :], 0.0)
-        part = tl.program_id(0).to(tl.int64) * C + c
-        tl.store(MEAN_PART + part, mean, mask=cmask)
-        tl.store(M2_PART + part, tl.sum(d * d, 0), mask=cmask)
+        """Count, mean and M2 of this program's rows, in float64 (as eager's BatchNorm
+        accumulates on a CPU): sums of the values shifted by its first block's mean, which
+        keeps the sum of squares free of cancellation."""
+        pid = tl.program_id(0)
+        lanes = tl.arange(0, BLOCK_M)
+        c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        cmask = c < C
+        rows = pid.to(tl.int64) * BLOCK_M + lanes
+        m = (rows < M)[:, None] & cmask[None, :]
+        v = _load_input(Y, R, rows[:, None] * C + c[None, :], m, PROLOGUE).to(tl.float64)
+        count = (rows < M).to(tl.float64)
+        shift = tl.sum(v, 0) / tl.sum(count, 0)
+        d = tl.where(m, v - shift[None, :], 0.0)
+        total = d
+        squares = d * d
+        for b in range(pid + PROGRAMS, tl.cdiv(M, BLOCK_M), PROGRAMS):
+            rows = (b * BLOCK_M + lanes).to(tl.int64)
+            m = (rows < M)[:, None] & cmask[None, :]
+            v = _load_input(Y, R, rows[:, None] * C + c[None, :], m, PROLOGUE).to(tl.float64)
+            d = tl.where(m, v - shift[None, :], 0.0)
+            total += d
+            squares += d * d
+            count += (rows < M).to(tl.float64)
+        n = tl.sum(count, 0)
+        s = tl.sum(total, 0)
+        part = pid.to(tl.int64) * C + c
+        tl.store(MEAN_PART + part, shift + s / n, mask=cmask)
+        tl.store(M2_PART + part, tl.maximum(tl.sum(squares, 0) - s * s / n, 0.0), mask=cmask)
+        tl.store(COUNT_PART + pid, n, mask=tl.program_id(1) == 0)
+
+    @triton.jit
+    def _stats_combine_kernel(MEAN_PART, M2_PART, COUNT_PART, MEAN, VAR, C, PROGRAMS, BLOCK_C: tl.constexpr):
+        """The programs' (count, mean, M2) combined in a fixed order (Chan et al.); the mean
+        and biased variance written in float32."""
+        c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+        cmask = c < C
+        n = tl.load(COUNT_PART)
+        mean = tl.load(MEAN_PART + c, mask=cmask, other=0.0)
+        m2 = tl.load(M2_PART + c, mask=cmask, other=0.0)
+        for p in range(1, PROGRAMS):
+            k = tl.load(COUNT_PART + p)
+            total = n + k
+            delta = tl.load(MEAN_PART + p * C + c, mask=cmask, other=0.0) - mean
+            mean += delta * (k / total)
+            m2 += tl.load(M2_PART + p * C + c, mask=cmask, other=0.0) + delta * delta * (n * k / total)
+            n = total
+        tl.store(MEAN + c, mean.to(tl.float32), mask=cmask)
+        tl.store(VAR + c, (m2 / n).to(tl.float32), mask=cmask)
 
     @triton.jit
     def _apply_kernel(Y, R, MEAN, INVSTD, W, B, OUT, M, C,
@@ -173,19 +216,29 @@ if triton is not None:
         return xhat, tl.where(m, dz, 0.0), w * invstd
 
     @triton.jit
-    def _bwd_reduce_kernel(G, Y, R, MEAN, INVSTD, W, B, SUM_DZ_PART, SUM_DZXH_PART, M, C, H, WIDTH,
+    def _bwd_reduce_kernel(G, Y, R, MEAN, INVSTD, W, B, SUM_DZ_PART, SUM_DZXH_PART, M, C, H, WIDTH, PROGRAMS,
                            PROLOGUE: tl.constexpr, ACT: tl.constexpr, POOL: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
-        rows, c, cmask, m = _tile(M, C, BLOCK_M, BLOCK_C)
-        xhat, dz, _scale = _bwd_recompute(
-            G, Y, R, MEAN, INVSTD, W, B, rows, c, cmask, m, rows[:, None] * C + c[None, :], C, H, WIDTH,
-            PROLOGUE, ACT, POOL,
-        )
-        part = tl.program_id(0).to(tl.int64) * C + c
+        pid = tl.program_id(0)
+        lanes = tl.arange(0, BLOCK_M)
+        c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        cmask = c < C
         # float64 sums: the weight and bias gradients cancel over many rows
-        dz64 = dz.to(tl.float64)
-        tl.store(SUM_DZ_PART + part, tl.sum(dz64, 0), mask=cmask)
-        tl.store(SUM_DZXH_PART + part, tl.sum(dz64 * xhat.to(tl.float64), 0), mask=cmask)
+        sum_dz = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float64)
+        sum_dzxh = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float64)
+        for b in range(pid, tl.cdiv(M, BLOCK_M), PROGRAMS):
+            rows = (b * BLOCK_M + lanes).to(tl.int64)
+            m = (rows < M)[:, None] & cmask[None, :]
+            xhat, dz, _scale = _bwd_recompute(
+                G, Y, R, MEAN, INVSTD, W, B, rows, c, cmask, m, rows[:, None] * C + c[None, :], C, H, WIDTH,
+                PROLOGUE, ACT, POOL,
+            )
+            dz64 = dz.to(tl.float64)
+            sum_dz += dz64
+            sum_dzxh += dz64 * xhat.to(tl.float64)
+        part = pid.to(tl.int64) * C + c
+        tl.store(SUM_DZ_PART + part, tl.sum(sum_dz, 0), mask=cmask)
+        tl.store(SUM_DZXH_PART + part, tl.sum(sum_dzxh, 0), mask=cmask)
 
     @triton.jit
     def _bwd_apply_kernel(G, Y, R, MEAN, INVSTD, W, B, SUM_DZ, SUM_DZXH, DY, DR, M, C, H, WIDTH,
@@ -230,18 +283,20 @@ def _stats_op(y: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Ten
     """Batch mean and biased variance (fp32, (C,)) of y or gelu(y) + residual, rows (M, C)."""
     m, c = y.shape
     grid, block_m, block_c = _blocks(m, c)
-    mean_part = torch.empty((grid[0], c), device=y.device, dtype=torch.float64)
+    programs = _triton.reduction_programs(grid[0], grid[1], y.device)
+    mean_part = torch.empty((programs, c), device=y.device, dtype=torch.float64)
     m2_part = torch.empty_like(mean_part)
-    _triton.wrap_triton(_stats_kernel)[grid](
-        y, y if residual is None else residual, mean_part, m2_part, m, c,
+    count_part = torch.empty(programs, device=y.device, dtype=torch.float64)
+    _triton.wrap_triton(_stats_kernel)[(programs, grid[1])](
+        y, y if residual is None else residual, mean_part, m2_part, count_part, m, c, programs,
         PROLOGUE=residual is not None, BLOCK_M=block_m, BLOCK_C=block_c, num_warps=WARPS,
     )
-    # Chan et al.: combine the per-block (count, mean, M2) in a fixed order.
-    counts = torch.full((grid[0], 1), float(block_m), device=y.device, dtype=torch.float64)
-    counts[-1] = m - (grid[0] - 1) * block_m
-    mean = (counts * mean_part).sum(0) / m
-    m2 = m2_part.sum(0) + (counts * (mean_part - mean).square()).sum(0)
-    return mean.float(), (m2 / m).float()
+    mean = torch.empty(c, device=y.device, dtype=torch.float32)
+    var = torch.empty_like(mean)
+    _triton.wrap_triton(_stats_combine_kernel)[(grid[1],)](
+        mean_part, m2_part, count_part, mean, var, c, programs, BLOCK_C=block_c, num_warps=COMBINE_WARPS,
+    )
+    return mean, var
 
 
 def _pooled_rows(m: int, height: int, width: int) -> int:
@@ -281,13 +336,14 @@ def _backward_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     m, c = y.shape
     grid, block_m, block_c = _blocks(m, c, BWD_BLOCK_M)
-    sum_dz_part = torch.empty((grid[0], c), device=y.device, dtype=torch.float64)
+    programs = _triton.reduction_programs(grid[0], grid[1], y.device)
+    sum_dz_part = torch.empty((programs, c), device=y.device, dtype=torch.float64)
     sum_dzxh_part = torch.empty_like(sum_dz_part)
     r = y if residual is None else residual
     flags = dict(PROLOGUE=residual is not None, ACT=act, POOL=pool, BLOCK_M=block_m, BLOCK_C=block_c,
                  num_warps=WARPS)
-    _triton.wrap_triton(_bwd_reduce_kernel)[grid](
-        grad, y, r, mean, invstd, weight, bias, sum_dz_part, sum_dzxh_part, m, c, height, width, **flags
+    _triton.wrap_triton(_bwd_reduce_kernel)[(programs, grid[1])](
+        grad, y, r, mean, invstd, weight, bias, sum_dz_part, sum_dzxh_part, m, c, height, width, programs, **flags
     )
     sum_dz, sum_dzxh = sum_dz_part.sum(0).float(), sum_dzxh_part.sum(0).float()
     dy = torch.empty_like(y)

@@ -113,7 +113,8 @@ def cases(dtype: str):
     tile = dict(BLOCK_M=bna.BLOCK_M, BLOCK_C=bna.BLOCK_C, WARPS=bna.WARPS)
     for prologue in (False, True):  # with the prologue: bf16 conv output, fp32 residual stream
         io = dict(Y="dt", R=f32 if prologue else "dt")
-        yield bna._stats_kernel, dict(**io, MEAN_PART=f32, M2_PART=f32), {**tile, "PROLOGUE": prologue}
+        yield bna._stats_kernel, dict(**io, MEAN_PART="fp64", M2_PART="fp64", COUNT_PART="fp64"), \
+            {**tile, "PROLOGUE": prologue}
         for act in (0, 1, 2):
             flags = {**tile, "PROLOGUE": prologue, "ACT": act}
             out = "dt"  # with the prologue too: the IRMLP's bn1 writes conv2's GEMM dtype
@@ -123,9 +124,11 @@ def cases(dtype: str):
             for pool in (False, True):
                 bwd = {**flags, "POOL": pool, "BLOCK_M": bna.BWD_BLOCK_M}
                 yield bna._bwd_reduce_kernel, dict(G=out, **io, MEAN=f32, INVSTD=f32, W=f32, B=f32,
-                                                   SUM_DZ_PART=f32, SUM_DZXH_PART=f32), bwd
+                                                   SUM_DZ_PART="fp64", SUM_DZXH_PART="fp64"), bwd
                 yield bna._bwd_apply_kernel, dict(G=out, **io, MEAN=f32, INVSTD=f32, W=f32, B=f32, SUM_DZ=f32,
                                                   SUM_DZXH=f32, DY="dt", DR=io["R"]), bwd
+    yield bna._stats_combine_kernel, dict(MEAN_PART="fp64", M2_PART="fp64", COUNT_PART="fp64", MEAN=f32, VAR=f32), \
+        dict(BLOCK_C=bna.BLOCK_C, WARPS=bna.COMBINE_WARPS)
     for c in (96, 192, 384, 768):  # fp32 residual stream, dt GEMM output and normalised rows (autocast)
         rows = row_launch(c, 1, "BLOCK_M")
         for prologue in (False, True):

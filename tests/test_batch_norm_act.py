@@ -13,8 +13,9 @@ pytestmark = pytest.mark.skipif(
     _triton.unsupported_reason(torch.zeros(1, device=DEVICE)) is not None,
     reason=str(_triton.unsupported_reason(torch.zeros(1, device=DEVICE))),
 )
-# (N, C, H, W): batch 1 and 2, odd sides, 1x1 with batch 2, channel counts around the tile
-SHAPES = [(2, 40, 9, 7), (1, 96, 5, 3), (4, 288, 1, 1), (3, 1, 4, 5), (1, 65, 11, 13)]
+# (N, C, H, W): batch 1 and 2, odd sides, 1x1 with batch 2, channel counts around the tile, and
+# enough rows (429) for each reduction program to loop over several row blocks with the GPU's tiles
+SHAPES = [(2, 40, 9, 7), (1, 96, 5, 3), (4, 288, 1, 1), (3, 1, 4, 5), (1, 65, 11, 13), (3, 70, 13, 11)]
 
 
 def _bn(c, seed=0, momentum=0.1):
