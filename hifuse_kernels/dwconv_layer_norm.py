@@ -30,6 +30,7 @@ from ._triton import tl, triton
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_CHANNELS = 1024
 BLOCK_P = 8  # positions per program at most (fewer for many channels: _block_p)
+CONV_BLOCK_C = 256  # channels per program of the conv backward at most
 
 __all__ = ["dwconv_layer_norm", "dwconv_layer_norm_ref", "unsupported_reason"]
 
@@ -44,13 +45,18 @@ def dwconv_layer_norm_ref(x, conv_weight, conv_bias, ln_weight, ln_bias, eps: fl
 if triton is not None:
 
     @triton.jit
-    def _tile(P, H, W, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-        """This program's positions pos (of all N * H * W, as int64; row h, column w), channels c."""
-        prog = tl.program_id(0)
-        pos = prog * BLOCK_P + tl.arange(0, BLOCK_P)  # int32 (P < 2**31): 64-bit division spilled
+    def _positions(t, P, H, W, BLOCK_P: tl.constexpr):
+        """Tile t's positions pos (of all N * H * W, as int64; row h, column w) and their mask."""
+        pos = t * BLOCK_P + tl.arange(0, BLOCK_P)  # int32 (P < 2**31): 64-bit division spilled
         w = pos % W
         h = pos // W % H
-        return prog.to(tl.int64), h, w, tl.arange(0, BLOCK_C), pos.to(tl.int64), pos < P
+        return h, w, pos.to(tl.int64), pos < P
+
+    @triton.jit
+    def _tile(P, H, W, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+        """This program's positions (as ``_positions``) and channels c."""
+        h, w, pos, pmask = _positions(tl.program_id(0), P, H, W, BLOCK_P)
+        return h, w, tl.arange(0, BLOCK_C), pos, pmask
 
     @triton.jit
     def _neighbour(h, w, pmask, dy: tl.constexpr, dx: tl.constexpr, H, W, C):
@@ -78,7 +84,7 @@ if triton is not None:
     @triton.jit
     def _fwd_kernel(X, CW, CB, LW, LB, OUT, MEAN, RSTD, P, H, W, C, eps,
                     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-        _prog, h, w, c, pos, pmask = _tile(P, H, W, BLOCK_P, BLOCK_C)
+        h, w, c, pos, pmask = _tile(P, H, W, BLOCK_P, BLOCK_C)
         cmask = c < C
         y = _conv_tile(X, CW, CB, pos, h, w, pmask, c, H, W, C, BLOCK_P, BLOCK_C)
         y = tl.where(cmask[None, :], y, 0.0)
@@ -92,50 +98,90 @@ if triton is not None:
         tl.store(MEAN + pos, mean, mask=pmask)
         tl.store(RSTD + pos, rstd, mask=pmask)
 
+    # The backward kernels run on a fixed grid of PROGRAMS programs (``_triton.reduction_programs``),
+    # each looping over tiles pid, pid + PROGRAMS, ...: the weight gradients' partials are one row
+    # per program, not one per tile (at 8 positions a tile, 173 MB of tap partials a call).
     @triton.jit
-    def _bwd_norm_kernel(X, CW, CB, LW, GRAD, MEAN, RSTD, DY, PART_LW, PART_LB, P, H, W, C,
+    def _bwd_norm_kernel(X, CW, CB, LW, GRAD, MEAN, RSTD, DY, PART_LW, PART_LB, P, H, W, C, PROGRAMS,
                          BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
         """Gradient of the conv output (fp32), and partial LayerNorm weight/bias gradients."""
-        prog, h, w, c, pos, pmask = _tile(P, H, W, BLOCK_P, BLOCK_C)
+        pid = tl.program_id(0)
+        c = tl.arange(0, BLOCK_C)
         cmask = c < C
-        m2 = pmask[:, None] & cmask[None, :]
-        y = _conv_tile(X, CW, CB, pos, h, w, pmask, c, H, W, C, BLOCK_P, BLOCK_C)
-        mean = tl.load(MEAN + pos, mask=pmask, other=0.0)
-        rstd = tl.load(RSTD + pos, mask=pmask, other=0.0)
-        xhat = tl.where(m2, (y - mean[:, None]) * rstd[:, None], 0.0)
-        g = tl.load(GRAD + pos[:, None] * C + c[None, :], mask=m2, other=0.0).to(tl.float32)
         lw = tl.load(LW + c, mask=cmask, other=0.0).to(tl.float32)
-        gw = g * lw[None, :]
-        a = tl.sum(gw, 1) / C
-        b = tl.sum(gw * xhat, 1) / C
-        dy = tl.where(m2, rstd[:, None] * (gw - a[:, None] - xhat * b[:, None]), 0.0)
-        tl.store(DY + pos[:, None] * C + c[None, :], dy, mask=m2)
-        tl.store(PART_LW + prog * C + c, tl.sum(g * xhat, 0), mask=cmask)
-        tl.store(PART_LB + prog * C + c, tl.sum(g, 0), mask=cmask)
+        sum_gx = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        sum_g = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        for t in range(pid, tl.cdiv(P, BLOCK_P), PROGRAMS):
+            h, w, pos, pmask = _positions(t, P, H, W, BLOCK_P)
+            m2 = pmask[:, None] & cmask[None, :]
+            y = _conv_tile(X, CW, CB, pos, h, w, pmask, c, H, W, C, BLOCK_P, BLOCK_C)
+            mean = tl.load(MEAN + pos, mask=pmask, other=0.0)
+            rstd = tl.load(RSTD + pos, mask=pmask, other=0.0)
+            xhat = tl.where(m2, (y - mean[:, None]) * rstd[:, None], 0.0)
+            g = tl.load(GRAD + pos[:, None] * C + c[None, :], mask=m2, other=0.0).to(tl.float32)
+            gw = g * lw[None, :]
+            a = tl.sum(gw, 1) / C
+            b = tl.sum(gw * xhat, 1) / C
+            dy = tl.where(m2, rstd[:, None] * (gw - a[:, None] - xhat * b[:, None]), 0.0)
+            tl.store(DY + pos[:, None] * C + c[None, :], dy, mask=m2)
+            sum_gx += tl.sum(g * xhat, 0)
+            sum_g += tl.sum(g, 0)
+        part = pid.to(tl.int64) * C + c
+        tl.store(PART_LW + part, sum_gx, mask=cmask)
+        tl.store(PART_LB + part, sum_g, mask=cmask)
 
     @triton.jit
-    def _bwd_conv_kernel(X, CW, DY, DX, PART_CW, PART_CB, P, H, W, C,
+    def _tap_grad(X, here, dy, h, w, pmask, cmask, ky: tl.constexpr, kx: tl.constexpr, H, W, C):
+        """Tap (ky, kx)'s gradient over a tile: dy times the input each position read through it."""
+        off, ok = _neighbour(h, w, pmask, ky - 1, kx - 1, H, W, C)
+        xv = tl.load(X + here + off, mask=ok[:, None] & cmask[None, :], other=0.0)
+        return tl.sum(dy * xv.to(tl.float32), 0)
+
+    @triton.jit
+    def _bwd_conv_kernel(X, CW, DY, DX, PART_CW, PART_CB, P, H, W, C, PROGRAMS,
                          BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-        """Input gradient (transposed depthwise conv of DY) and partial tap/bias gradients."""
-        prog, h, w, c, pos, pmask = _tile(P, H, W, BLOCK_P, BLOCK_C)
+        """Input gradient (transposed depthwise conv of DY) and partial tap/bias gradients, for
+        the channel block program_id(1) (a depthwise conv needs no other channels)."""
+        pid = tl.program_id(0)
+        c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         cmask = c < C
-        m2 = pmask[:, None] & cmask[None, :]
-        here = pos[:, None] * C + c[None, :]
-        dy_here = tl.load(DY + here, mask=m2, other=0.0)
-        tl.store(PART_CB + prog * C + c, tl.sum(dy_here, 0), mask=cmask)
-        dx = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
-        for ky in tl.static_range(3):
-            for kx in tl.static_range(3):
-                # Output (h', w') = (h - ky + 1, w - kx + 1) read this input through tap (ky, kx).
-                off, ok = _neighbour(h, w, pmask, 1 - ky, 1 - kx, H, W, C)
-                g = tl.load(DY + here + off, mask=ok[:, None] & cmask[None, :], other=0.0)
-                tap = tl.load(CW + c * 9 + ky * 3 + kx, mask=cmask, other=0.0).to(tl.float32)
-                dx += g * tap[None, :]
-                # Tap gradient: dy at these positions times the input they read through (ky, kx).
-                off_x, oki = _neighbour(h, w, pmask, ky - 1, kx - 1, H, W, C)
-                xv = tl.load(X + here + off_x, mask=oki[:, None] & cmask[None, :], other=0.0)
-                tl.store(PART_CW + (prog * 9 + ky * 3 + kx) * C + c, tl.sum(dy_here * xv.to(tl.float32), 0), mask=cmask)
-        tl.store(DX + here, dx.to(DX.dtype.element_ty), mask=m2)
+        zero = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        g00, g01, g02, g10, g11, g12, g20, g21, g22, gb = zero, zero, zero, zero, zero, zero, zero, zero, zero, zero
+        for t in range(pid, tl.cdiv(P, BLOCK_P), PROGRAMS):
+            h, w, pos, pmask = _positions(t, P, H, W, BLOCK_P)
+            m2 = pmask[:, None] & cmask[None, :]
+            here = pos[:, None] * C + c[None, :]
+            dy_here = tl.load(DY + here, mask=m2, other=0.0)
+            gb += tl.sum(dy_here, 0)
+            dx = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+            for ky in tl.static_range(3):
+                for kx in tl.static_range(3):
+                    # Output (h', w') = (h - ky + 1, w - kx + 1) read this input through tap (ky, kx).
+                    off, ok = _neighbour(h, w, pmask, 1 - ky, 1 - kx, H, W, C)
+                    g = tl.load(DY + here + off, mask=ok[:, None] & cmask[None, :], other=0.0)
+                    tap = tl.load(CW + c * 9 + ky * 3 + kx, mask=cmask, other=0.0).to(tl.float32)
+                    dx += g * tap[None, :]
+            tl.store(DX + here, dx.to(DX.dtype.element_ty), mask=m2)
+            g00 += _tap_grad(X, here, dy_here, h, w, pmask, cmask, 0, 0, H, W, C)
+            g01 += _tap_grad(X, here, dy_here, h, w, pmask, cmask, 0, 1, H, W, C)
+            g02 += _tap_grad(X, here, dy_here, h, w, pmask, cmask, 0, 2, H, W, C)
+            g10 += _tap_grad(X, here, dy_here, h, w, pmask, cmask, 1, 0, H, W, C)
+            g11 += _tap_grad(X, here, dy_here, h, w, pmask, cmask, 1, 1, H, W, C)
+            g12 += _tap_grad(X, here, dy_here, h, w, pmask, cmask, 1, 2, H, W, C)
+            g20 += _tap_grad(X, here, dy_here, h, w, pmask, cmask, 2, 0, H, W, C)
+            g21 += _tap_grad(X, here, dy_here, h, w, pmask, cmask, 2, 1, H, W, C)
+            g22 += _tap_grad(X, here, dy_here, h, w, pmask, cmask, 2, 2, H, W, C)
+        taps = PART_CW + pid.to(tl.int64) * 9 * C + c
+        tl.store(taps, g00, mask=cmask)
+        tl.store(taps + C, g01, mask=cmask)
+        tl.store(taps + 2 * C, g02, mask=cmask)
+        tl.store(taps + 3 * C, g10, mask=cmask)
+        tl.store(taps + 4 * C, g11, mask=cmask)
+        tl.store(taps + 5 * C, g12, mask=cmask)
+        tl.store(taps + 6 * C, g20, mask=cmask)
+        tl.store(taps + 7 * C, g21, mask=cmask)
+        tl.store(taps + 8 * C, g22, mask=cmask)
+        tl.store(PART_CB + pid.to(tl.int64) * C + c, gb, mask=cmask)
 
 
 
@@ -187,17 +233,23 @@ def _bwd_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     n, h, w, c = x.shape
     grid, tile = _launch(x)
-    progs = grid[0]
+    progs = _triton.reduction_programs(grid[0], 1, x.device)
     f32 = dict(device=x.device, dtype=torch.float32)
     dy = torch.empty(n, h, w, c, **f32)
     part_lw, part_lb = torch.empty(progs, c, **f32), torch.empty(progs, c, **f32)
-    _triton.wrap_triton(_bwd_norm_kernel)[grid](
-        x, conv_weight, conv_bias, ln_weight, grad, mean, rstd, dy, part_lw, part_lb, n * h * w, h, w, c, **tile
+    _triton.wrap_triton(_bwd_norm_kernel)[(progs,)](
+        x, conv_weight, conv_bias, ln_weight, grad, mean, rstd, dy, part_lw, part_lb, n * h * w, h, w, c, progs,
+        **tile,
     )
     dx = torch.empty_like(x)
-    part_cw, part_cb = torch.empty(progs, 9, c, **f32), torch.empty(progs, c, **f32)
-    _triton.wrap_triton(_bwd_conv_kernel)[grid](
-        x, conv_weight, dy, dx, part_cw, part_cb, n * h * w, h, w, c, **tile
+    # the conv backward in channel blocks of at most CONV_BLOCK_C: ten gradient vectors of 1024
+    # channels held across the loop spilled (triton 3.6), and 768 channels fill three of 256
+    conv_tile = _launch_tile(n * h * w, min(c, CONV_BLOCK_C))
+    lanes = triton.cdiv(c, conv_tile["BLOCK_C"])
+    conv_progs = _triton.reduction_programs(triton.cdiv(n * h * w, conv_tile["BLOCK_P"]), lanes, x.device)
+    part_cw, part_cb = torch.empty(conv_progs, 9, c, **f32), torch.empty(conv_progs, c, **f32)
+    _triton.wrap_triton(_bwd_conv_kernel)[(conv_progs, lanes)](
+        x, conv_weight, dy, dx, part_cw, part_cb, n * h * w, h, w, c, conv_progs, **conv_tile
     )
     # contiguous, as the fake kernel (and so Inductor) expects
     d_cw = part_cw.sum(0).t().contiguous().view(c, 1, 3, 3).to(conv_weight.dtype)

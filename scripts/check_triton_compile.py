@@ -107,6 +107,9 @@ def cases(dtype: str):
         yield dln._fwd_kernel, dict(X=f32, CW=f32, CB=f32, LW=f32, LB=f32, OUT="dt", MEAN=f32, RSTD=f32), tiles
         yield dln._bwd_norm_kernel, dict(X="dt", CW=f32, CB=f32, LW=f32, GRAD="dt", MEAN=f32, RSTD=f32, DY=f32,
                                          PART_LW=f32, PART_LB=f32), tiles
+    for c in (96, 192, 384, 768):  # the conv backward in channel blocks of at most dln.CONV_BLOCK_C
+        tile = dln._launch_tile(1 << 20, min(c, dln.CONV_BLOCK_C))
+        tiles = dict(BLOCK_P=tile["BLOCK_P"], BLOCK_C=tile["BLOCK_C"], WARPS=tile["num_warps"])
         yield dln._bwd_conv_kernel, dict(X="dt", CW=f32, DY=f32, DX="dt", PART_CW=f32, PART_CB=f32), tiles
     yield gr._fwd_kernel, dict(Y="dt", S=f32, OUT=f32), dict(BLOCK=gr.BLOCK)
     yield gr._bwd_kernel, dict(G="dt", Y="dt", DY="dt"), dict(BLOCK=gr.BLOCK)
