@@ -241,6 +241,24 @@ if triton is not None:
         tl.store(SUM_DZXH_PART + part, tl.sum(sum_dzxh, 0), mask=cmask)
 
     @triton.jit
+    def _bwd_sums_kernel(SUM_DZ_PART, SUM_DZXH_PART, SUM_DZ, SUM_DZXH, DW, DB, C, PROGRAMS, BLOCK_C: tl.constexpr):
+        """The programs' partial sums added in a fixed order: the sums the apply pass takes
+        (float32) and the weight and bias gradients (in their dtypes)."""
+        c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+        cmask = c < C
+        dz = tl.zeros((BLOCK_C,), dtype=tl.float64)
+        dzxh = tl.zeros((BLOCK_C,), dtype=tl.float64)
+        for p in range(0, PROGRAMS):
+            dz += tl.load(SUM_DZ_PART + p * C + c, mask=cmask, other=0.0)
+            dzxh += tl.load(SUM_DZXH_PART + p * C + c, mask=cmask, other=0.0)
+        dz = dz.to(tl.float32)
+        dzxh = dzxh.to(tl.float32)
+        tl.store(SUM_DZ + c, dz, mask=cmask)
+        tl.store(SUM_DZXH + c, dzxh, mask=cmask)
+        tl.store(DW + c, dzxh.to(DW.dtype.element_ty), mask=cmask)
+        tl.store(DB + c, dz.to(DB.dtype.element_ty), mask=cmask)
+
+    @triton.jit
     def _bwd_apply_kernel(G, Y, R, MEAN, INVSTD, W, B, SUM_DZ, SUM_DZXH, DY, DR, M, C, H, WIDTH,
                           PROLOGUE: tl.constexpr, ACT: tl.constexpr, POOL: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -345,13 +363,18 @@ def _backward_op(
     _triton.wrap_triton(_bwd_reduce_kernel)[(programs, grid[1])](
         grad, y, r, mean, invstd, weight, bias, sum_dz_part, sum_dzxh_part, m, c, height, width, programs, **flags
     )
-    sum_dz, sum_dzxh = sum_dz_part.sum(0).float(), sum_dzxh_part.sum(0).float()
+    sum_dz = torch.empty(c, device=y.device, dtype=torch.float32)
+    sum_dzxh = torch.empty_like(sum_dz)
+    dw, db = torch.empty_like(weight), torch.empty_like(bias)
+    _triton.wrap_triton(_bwd_sums_kernel)[(grid[1],)](
+        sum_dz_part, sum_dzxh_part, sum_dz, sum_dzxh, dw, db, c, programs, BLOCK_C=block_c, num_warps=COMBINE_WARPS,
+    )
     dy = torch.empty_like(y)
     dr = torch.empty_like(r) if residual is not None else torch.empty(0, device=y.device, dtype=y.dtype)
     _triton.wrap_triton(_bwd_apply_kernel)[grid](
         grad, y, r, mean, invstd, weight, bias, sum_dz, sum_dzxh, dy, dr, m, c, height, width, **flags
     )
-    return dy, dr, sum_dzxh.to(weight.dtype), sum_dz.to(bias.dtype)
+    return dy, dr, dw, db
 
 
 @_stats_op.register_fake

@@ -130,6 +130,8 @@ def cases(dtype: str):
                                                    SUM_DZ_PART="fp64", SUM_DZXH_PART="fp64"), bwd
                 yield bna._bwd_apply_kernel, dict(G=out, **io, MEAN=f32, INVSTD=f32, W=f32, B=f32, SUM_DZ=f32,
                                                   SUM_DZXH=f32, DY="dt", DR=io["R"]), bwd
+    yield bna._bwd_sums_kernel, dict(SUM_DZ_PART="fp64", SUM_DZXH_PART="fp64", SUM_DZ=f32, SUM_DZXH=f32, DW=f32,
+                                     DB=f32), dict(BLOCK_C=bna.BLOCK_C, WARPS=bna.COMBINE_WARPS)
     yield bna._stats_combine_kernel, dict(MEAN_PART="fp64", M2_PART="fp64", COUNT_PART="fp64", MEAN=f32, VAR=f32), \
         dict(BLOCK_C=bna.BLOCK_C, WARPS=bna.COMBINE_WARPS)
     for c in (96, 192, 384, 768):  # fp32 residual stream, dt GEMM output and normalised rows (autocast)
