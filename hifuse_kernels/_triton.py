@@ -140,16 +140,17 @@ def wide_rows(cols: int, limit: int = 1024) -> int:
     return 1 << (rows.bit_length() - 1)
 
 
-def reduction_programs(blocks: int, lanes: int, device: torch.device) -> int:
+def reduction_programs(blocks: int, lanes: int, device: torch.device, warps: int = 16) -> int:
     """Programs along the row axis of a reduction over ``blocks`` row blocks and ``lanes``
-    channel blocks, each looping over its share. On a GPU about four 16-warp programs per SM
-    in all, one wave (one program per block spent the time on scheduling and partials); with
-    wide tiles one block each (the interpreter pays per operation, not per program); with the
-    GPU's tiles in the interpreter two, so that tests run the loops."""
+    channel blocks, each looping over its share. On a GPU one wave of ``warps``-warp programs
+    (2048 threads an SM; one program per block spent the time on scheduling and partials);
+    with wide tiles one block each (the interpreter pays per operation, not per program);
+    with the GPU's tiles in the interpreter two, so that tests run the loops."""
     if wide():
         return blocks
     if device.type == "cuda":
-        return max(1, min(blocks, 4 * _sm_count(device.index) // lanes))
+        per_sm = max(1, 2048 // (32 * warps))
+        return max(1, min(blocks, per_sm * _sm_count(device.index) // lanes))
     return min(blocks, 2)
 
 

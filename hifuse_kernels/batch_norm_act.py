@@ -149,7 +149,8 @@ if triton is not None:
         s = tl.sum(total, 0)
         part = pid.to(tl.int64) * C + c
         tl.store(MEAN_PART + part, shift + s / n, mask=cmask)
-        tl.store(M2_PART + part, tl.maximum(tl.sum(squares, 0) - s * s / n, 0.0), mask=cmask)
+        m2 = tl.sum(squares, 0) - s * s / n
+        tl.store(M2_PART + part, tl.where(m2 < 0.0, 0.0, m2), mask=cmask)  # not tl.maximum: it drops NaN
         tl.store(COUNT_PART + pid, n, mask=tl.program_id(1) == 0)
 
     @triton.jit

@@ -233,7 +233,7 @@ def _bwd_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     n, h, w, c = x.shape
     grid, tile = _launch(x)
-    progs = _triton.reduction_programs(grid[0], 1, x.device)
+    progs = _triton.reduction_programs(grid[0], 1, x.device, tile["num_warps"])
     f32 = dict(device=x.device, dtype=torch.float32)
     dy = torch.empty(n, h, w, c, **f32)
     part_lw, part_lb = torch.empty(progs, c, **f32), torch.empty(progs, c, **f32)
@@ -246,7 +246,8 @@ def _bwd_op(
     # channels held across the loop spilled (triton 3.6), and 768 channels fill three of 256
     conv_tile = _launch_tile(n * h * w, min(c, CONV_BLOCK_C))
     lanes = triton.cdiv(c, conv_tile["BLOCK_C"])
-    conv_progs = _triton.reduction_programs(triton.cdiv(n * h * w, conv_tile["BLOCK_P"]), lanes, x.device)
+    conv_progs = _triton.reduction_programs(triton.cdiv(n * h * w, conv_tile["BLOCK_P"]), lanes, x.device,
+                                            conv_tile["num_warps"])
     part_cw, part_cb = torch.empty(conv_progs, 9, c, **f32), torch.empty(conv_progs, c, **f32)
     _triton.wrap_triton(_bwd_conv_kernel)[(conv_progs, lanes)](
         x, conv_weight, dy, dx, part_cw, part_cb, n * h * w, h, w, c, conv_progs, **conv_tile

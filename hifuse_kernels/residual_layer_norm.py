@@ -28,6 +28,9 @@ from ._triton import tl, triton
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_CHANNELS = 1024
+# The backward holds several tiles and its loop's partial sums: rows for eight tiles keep it
+# within the registers triton 3.6 gives 8-warp programs (64), where four spilled at 256 channels.
+BWD_TILES = 8
 
 __all__ = ["gelu_residual_layer_norm", "gelu_residual_layer_norm_ref", "layer_norm_to", "unsupported_reason"]
 
@@ -43,7 +46,12 @@ if triton is not None:
 
     @triton.jit
     def _rows(M, C, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
-        rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+        return _rows_at(tl.program_id(0), M, C, BLOCK_M, BLOCK_C)
+
+    @triton.jit
+    def _rows_at(t, M, C, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+        """Row tile t: its rows (int64), channels, masks and element offsets."""
+        rows = (t * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
         c = tl.arange(0, BLOCK_C)
         cmask = c < C
         m = (rows < M)[:, None] & cmask[None, :]
@@ -74,28 +82,37 @@ if triton is not None:
         tl.store(RSTD + rows, rstd, mask=rows < M)
 
     @triton.jit
-    def _bwd_kernel(DOUT, DNORMED, Y, S, W, MEAN, RSTD, DY, DS, PART_W, PART_B, M, C,
+    def _bwd_kernel(DOUT, DNORMED, Y, S, W, MEAN, RSTD, DY, DS, PART_W, PART_B, M, C, PROGRAMS,
                     PROLOGUE: tl.constexpr, HAS_DOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
-        rows, c, cmask, m, offs = _rows(M, C, BLOCK_M, BLOCK_C)
-        x = _stream(Y, S, offs, m, PROLOGUE)
-        mean = tl.load(MEAN + rows, mask=rows < M, other=0.0)
-        rstd = tl.load(RSTD + rows, mask=rows < M, other=0.0)
-        xhat = tl.where(m, (x - mean[:, None]) * rstd[:, None], 0.0)
-        g = tl.load(DNORMED + offs, mask=m, other=0.0).to(tl.float32)
-        gw = g * tl.load(W + c, mask=cmask, other=0.0).to(tl.float32)[None, :]
-        a = tl.sum(gw, 1) / C
-        bb = tl.sum(gw * xhat, 1) / C
-        dx = rstd[:, None] * (gw - a[:, None] - xhat * bb[:, None])
-        if HAS_DOUT:
-            dx += tl.load(DOUT + offs, mask=m, other=0.0).to(tl.float32)
-        tl.store(DS + offs, dx.to(DS.dtype.element_ty), mask=m)
-        if PROLOGUE:
-            y = tl.load(Y + offs, mask=m, other=0.0).to(tl.float32)
-            tl.store(DY + offs, (dx * gelu_grad(y)).to(DY.dtype.element_ty), mask=m)
-        part = tl.program_id(0).to(tl.int64) * C + c
-        tl.store(PART_W + part, tl.sum(g * xhat, 0), mask=cmask)
-        tl.store(PART_B + part, tl.sum(g, 0), mask=cmask)
-
+        """On a fixed grid (``_triton.reduction_programs``): each program loops over row tiles
+        pid, pid + PROGRAMS, ... and writes one row of weight and bias partials."""
+        pid = tl.program_id(0)
+        c = tl.arange(0, BLOCK_C)
+        cmask = c < C
+        sum_w = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        sum_b = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        for t in range(pid, tl.cdiv(M, BLOCK_M), PROGRAMS):
+            rows, _c, _cmask, m, offs = _rows_at(t, M, C, BLOCK_M, BLOCK_C)
+            x = _stream(Y, S, offs, m, PROLOGUE)
+            mean = tl.load(MEAN + rows, mask=rows < M, other=0.0)
+            rstd = tl.load(RSTD + rows, mask=rows < M, other=0.0)
+            xhat = tl.where(m, (x - mean[:, None]) * rstd[:, None], 0.0)
+            g = tl.load(DNORMED + offs, mask=m, other=0.0).to(tl.float32)
+            gw = g * tl.load(W + c, mask=cmask, other=0.0).to(tl.float32)[None, :]
+            a = tl.sum(gw, 1) / C
+            bb = tl.sum(gw * xhat, 1) / C
+            dx = rstd[:, None] * (gw - a[:, None] - xhat * bb[:, None])
+            if HAS_DOUT:
+                dx += tl.load(DOUT + offs, mask=m, other=0.0).to(tl.float32)
+            tl.store(DS + offs, dx.to(DS.dtype.element_ty), mask=m)
+            if PROLOGUE:
+                y = tl.load(Y + offs, mask=m, other=0.0).to(tl.float32)
+                tl.store(DY + offs, (dx * gelu_grad(y)).to(DY.dtype.element_ty), mask=m)
+            sum_w += tl.sum(g * xhat, 0)
+            sum_b += tl.sum(g, 0)
+        part = pid.to(tl.int64) * C + c
+        tl.store(PART_W + part, sum_w, mask=cmask)
+        tl.store(PART_B + part, sum_b, mask=cmask)
 
 
 
@@ -131,16 +148,17 @@ def _bwd_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     m, c = shortcut.shape
     prologue = y is not None
-    block_m = _triton.rows_per_program(c, 4)  # the backward holds more tiles
-    programs = triton.cdiv(m, block_m)
+    block_m = _triton.rows_per_program(c, BWD_TILES)
+    tile = _triton.row_tile(c, block_m)
+    programs = _triton.reduction_programs(triton.cdiv(m, block_m), 1, shortcut.device, tile["num_warps"])
     ds = torch.empty_like(shortcut)
     dy = torch.empty_like(y) if prologue else _empty(shortcut)
     part_w = torch.empty((programs, c), device=shortcut.device, dtype=torch.float32)
     part_b = torch.empty_like(part_w)
     _triton.wrap_triton(_bwd_kernel)[(programs,)](
         grad_normed if grad_out is None else grad_out, grad_normed, y if prologue else shortcut, shortcut, weight,
-        mean, rstd, dy, ds, part_w, part_b, m, c,
-        PROLOGUE=prologue, HAS_DOUT=grad_out is not None, BLOCK_M=block_m, **_triton.row_tile(c, block_m),
+        mean, rstd, dy, ds, part_w, part_b, m, c, programs,
+        PROLOGUE=prologue, HAS_DOUT=grad_out is not None, BLOCK_M=block_m, **tile,
     )
     return dy, ds, part_w.sum(0).to(weight.dtype), part_b.sum(0).to(weight.dtype)
 

@@ -141,7 +141,7 @@ def cases(dtype: str):
                 {**rows, "PROLOGUE": prologue}
             yield rln._bwd_kernel, dict(DOUT=f32, DNORMED="dt", Y="dt", S=f32, W=f32, MEAN=f32, RSTD=f32, DY="dt",
                                         DS=f32, PART_W=f32, PART_B=f32), \
-                {**row_launch(c, 4, "BLOCK_M"), "PROLOGUE": prologue, "HAS_DOUT": prologue}
+                {**row_launch(c, rln.BWD_TILES, "BLOCK_M"), "PROLOGUE": prologue, "HAS_DOUT": prologue}
     pool = dict(BLOCK_S=cp.BLOCK_S, BLOCK_C=64)
     yield cp._channel_pool_kernel, dict(G="dt", SUM=f32, MAX=f32, ARG="i32"), pool
     yield cp._channel_pool_bwd_kernel, dict(D_AVG="dt", D_MAX="dt", ARG="i32", DG="dt"), pool
