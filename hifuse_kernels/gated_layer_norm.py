@@ -29,6 +29,7 @@ from .reference import layer_norm_cf_ref
 __all__ = ["gated_layer_norm", "gated_layer_norm_ref", "unsupported_reason"]
 
 
+
 def gated_layer_norm_ref(g, channel_gate, l, spatial_gate, x, weight, bias, eps: float = 1e-6):
     """norm3 of the eager block: LayerNormCF(cat([g * channel_gate, l * spatial_gate, x], 1)).
 
@@ -81,46 +82,66 @@ if triton is not None:
 
     @triton.jit
     def _gated_ln_bwd_kernel(GRAD, G, CG, L, SG, X, W, MEAN, RSTD, DG, DL, DSG, DX,
-                             PART_CG, PART_W, PART_B, S, C,
+                             PART_CG, PART_W, PART_B, S, C, PROGRAMS,
                              BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+        """PROGRAMS programs per image (``_triton.reduction_programs``), each looping over the
+        image's row blocks j, j + PROGRAMS, ... and writing one row of channel-gate, weight and
+        bias partials: the channel gate's gradient is per image, so a program stays in one."""
         prog = tl.program_id(0).to(tl.int64)
-        n, s = image_block(S, BLOCK_P)
+        n = prog // PROGRAMS
         c = tl.arange(0, BLOCK_C)
         cmask = c < C
-        smask = s < S
-        m = smask[:, None] & cmask[None, :]
-        p = tl.where(smask, n * S + s.to(tl.int64), 0)
-        g, cg, lv, sg, xv = _gated_parts(G, CG, L, SG, X, n, p, c, m, cmask, C)
-        mean = tl.load(MEAN + p, mask=smask, other=0.0)
-        rstd = tl.load(RSTD + p, mask=smask, other=0.0)
-        out = p[:, None] * (3 * C) + c[None, :]
-        # zhat and w * dy of the three parts
-        ha = tl.where(m, (g * cg[None, :] - mean[:, None]) * rstd[:, None], 0.0)
-        hb = tl.where(m, (lv * sg[:, None] - mean[:, None]) * rstd[:, None], 0.0)
-        hx = tl.where(m, (xv - mean[:, None]) * rstd[:, None], 0.0)
-        dya = tl.load(GRAD + out, mask=m, other=0.0).to(tl.float32)
-        dyb = tl.load(GRAD + out + C, mask=m, other=0.0).to(tl.float32)
-        dyx = tl.load(GRAD + out + 2 * C, mask=m, other=0.0).to(tl.float32)
-        wa = tl.load(W + c, mask=cmask, other=0.0).to(tl.float32)
-        wb = tl.load(W + C + c, mask=cmask, other=0.0).to(tl.float32)
-        wx = tl.load(W + 2 * C + c, mask=cmask, other=0.0).to(tl.float32)
-        ga, gb, gx = dya * wa[None, :], dyb * wb[None, :], dyx * wx[None, :]
-        a = (tl.sum(ga, 1) + tl.sum(gb, 1) + tl.sum(gx, 1)) / (3 * C)
-        b = (tl.sum(ga * ha, 1) + tl.sum(gb * hb, 1) + tl.sum(gx * hx, 1)) / (3 * C)
-        za = tl.where(m, rstd[:, None] * (ga - a[:, None] - ha * b[:, None]), 0.0)
-        zb = tl.where(m, rstd[:, None] * (gb - a[:, None] - hb * b[:, None]), 0.0)
-        zx = tl.where(m, rstd[:, None] * (gx - a[:, None] - hx * b[:, None]), 0.0)
-        rows = p[:, None] * C + c[None, :]
-        tl.store(DG + rows, (za * cg[None, :]).to(DG.dtype.element_ty), mask=m)
-        tl.store(DL + rows, (zb * sg[:, None]).to(DL.dtype.element_ty), mask=m)
-        tl.store(DX + rows, zx.to(DX.dtype.element_ty), mask=m)
-        tl.store(DSG + p, tl.sum(zb * lv, 1), mask=smask)
-        tl.store(PART_CG + prog * C + c, tl.sum(za * g, 0), mask=cmask)
-        for k in tl.static_range(3):
-            h = ha if k == 0 else (hb if k == 1 else hx)
-            dy = dya if k == 0 else (dyb if k == 1 else dyx)
-            tl.store(PART_W + prog * 3 * C + k * C + c, tl.sum(dy * h, 0), mask=cmask)
-            tl.store(PART_B + prog * 3 * C + k * C + c, tl.sum(dy, 0), mask=cmask)
+        acc_cg = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        acc_wa = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        acc_wb = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        acc_wx = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        acc_ba = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        acc_bb = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        acc_bx = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        for j in range(tl.program_id(0) % PROGRAMS, tl.cdiv(S, BLOCK_P), PROGRAMS):
+            s = j * BLOCK_P + tl.arange(0, BLOCK_P)
+            smask = s < S
+            m = smask[:, None] & cmask[None, :]
+            p = tl.where(smask, n * S + s.to(tl.int64), 0)
+            g, cg, lv, sg, xv = _gated_parts(G, CG, L, SG, X, n, p, c, m, cmask, C)
+            mean = tl.load(MEAN + p, mask=smask, other=0.0)
+            rstd = tl.load(RSTD + p, mask=smask, other=0.0)
+            out = p[:, None] * (3 * C) + c[None, :]
+            # zhat and w * dy of the three parts
+            ha = tl.where(m, (g * cg[None, :] - mean[:, None]) * rstd[:, None], 0.0)
+            hb = tl.where(m, (lv * sg[:, None] - mean[:, None]) * rstd[:, None], 0.0)
+            hx = tl.where(m, (xv - mean[:, None]) * rstd[:, None], 0.0)
+            dya = tl.load(GRAD + out, mask=m, other=0.0).to(tl.float32)
+            dyb = tl.load(GRAD + out + C, mask=m, other=0.0).to(tl.float32)
+            dyx = tl.load(GRAD + out + 2 * C, mask=m, other=0.0).to(tl.float32)
+            ga = dya * tl.load(W + c, mask=cmask, other=0.0).to(tl.float32)[None, :]
+            gb = dyb * tl.load(W + C + c, mask=cmask, other=0.0).to(tl.float32)[None, :]
+            gx = dyx * tl.load(W + 2 * C + c, mask=cmask, other=0.0).to(tl.float32)[None, :]
+            a = (tl.sum(ga, 1) + tl.sum(gb, 1) + tl.sum(gx, 1)) / (3 * C)
+            b = (tl.sum(ga * ha, 1) + tl.sum(gb * hb, 1) + tl.sum(gx * hx, 1)) / (3 * C)
+            za = tl.where(m, rstd[:, None] * (ga - a[:, None] - ha * b[:, None]), 0.0)
+            zb = tl.where(m, rstd[:, None] * (gb - a[:, None] - hb * b[:, None]), 0.0)
+            zx = tl.where(m, rstd[:, None] * (gx - a[:, None] - hx * b[:, None]), 0.0)
+            rows = p[:, None] * C + c[None, :]
+            tl.store(DG + rows, (za * cg[None, :]).to(DG.dtype.element_ty), mask=m)
+            tl.store(DL + rows, (zb * sg[:, None]).to(DL.dtype.element_ty), mask=m)
+            tl.store(DX + rows, zx.to(DX.dtype.element_ty), mask=m)
+            tl.store(DSG + p, tl.sum(zb * lv, 1), mask=smask)
+            acc_cg += tl.sum(za * g, 0)
+            acc_wa += tl.sum(dya * ha, 0)
+            acc_wb += tl.sum(dyb * hb, 0)
+            acc_wx += tl.sum(dyx * hx, 0)
+            acc_ba += tl.sum(dya, 0)
+            acc_bb += tl.sum(dyb, 0)
+            acc_bx += tl.sum(dyx, 0)
+        tl.store(PART_CG + prog * C + c, acc_cg, mask=cmask)
+        parts = prog * 3 * C + c
+        tl.store(PART_W + parts, acc_wa, mask=cmask)
+        tl.store(PART_W + parts + C, acc_wb, mask=cmask)
+        tl.store(PART_W + parts + 2 * C, acc_wx, mask=cmask)
+        tl.store(PART_B + parts, acc_ba, mask=cmask)
+        tl.store(PART_B + parts + C, acc_bb, mask=cmask)
+        tl.store(PART_B + parts + 2 * C, acc_bx, mask=cmask)
 
 
 # --------------------------------------------------------------------------- ops
@@ -151,6 +172,17 @@ def _gated_ln_op(
     return out, mean, rstd
 
 
+def bwd_launch(c: int) -> dict:
+    """BLOCK_P, BLOCK_C and num_warps of the backward: it holds its tiles and seven rows of
+    partial sums across its loop, so rows for six tiles, and 16 warps from 512 channels, keep
+    it within 128 registers and free of spills under triton 3.6 and 3.8 (3.6 took 145-150
+    with rows for three; 3.8 spilled at 512 channels on 8 warps)."""
+    rows = _triton.rows_per_program(c, 6)
+    tile = _triton.row_tile(c, rows)
+    return {"BLOCK_P": rows, "BLOCK_C": tile["BLOCK_C"],
+            "num_warps": 16 if tile["BLOCK_C"] >= 512 else tile["num_warps"]}
+
+
 @_triton.define_op("hifuse::gated_layer_norm_backward", mutates_args=())
 def _gated_ln_backward_op(
     grad: torch.Tensor, g: torch.Tensor, channel_gate: torch.Tensor, l: torch.Tensor,
@@ -158,16 +190,20 @@ def _gated_ln_backward_op(
     rstd: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     n, s, c = g.shape
-    rows = _triton.rows_per_program(c, 3)
+    tile = bwd_launch(c)
+    rows = tile.pop("BLOCK_P")
     blocks = triton.cdiv(s, rows)
+    # programs per image: the wave shared among the images
+    programs = max(1, _triton.reduction_programs(n * blocks, 1, g.device, tile["num_warps"]) // n)
+    programs = min(programs, blocks)
     f32 = dict(device=g.device, dtype=torch.float32)
     dg, dl, dx = torch.empty_like(g), torch.empty_like(l), torch.empty_like(x)
     dsg = torch.empty((n, s), **f32)
-    part_cg = torch.empty((n, blocks, c), **f32)
-    part_w, part_b = torch.empty((n * blocks, 3 * c), **f32), torch.empty((n * blocks, 3 * c), **f32)
-    _triton.wrap_triton(_gated_ln_bwd_kernel)[_triton.grid(n * blocks)](
+    part_cg = torch.empty((n, programs, c), **f32)
+    part_w, part_b = torch.empty((n * programs, 3 * c), **f32), torch.empty((n * programs, 3 * c), **f32)
+    _triton.wrap_triton(_gated_ln_bwd_kernel)[_triton.grid(n * programs)](
         grad, g, channel_gate, l, spatial_gate, x, weight, mean, rstd, dg, dl, dsg, dx,
-        part_cg, part_w, part_b, s, c, BLOCK_P=rows, **_triton.row_tile(c, rows),
+        part_cg, part_w, part_b, s, c, programs, BLOCK_P=rows, **tile,
     )
     return (dg, part_cg.sum(1).to(channel_gate.dtype), dl, dsg.to(spatial_gate.dtype), dx,
             part_w.sum(0).to(weight.dtype), part_b.sum(0).to(weight.dtype))

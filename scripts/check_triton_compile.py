@@ -82,6 +82,13 @@ def row_launch(c: int, tiles: int, rows_name: str) -> dict:
     return {rows_name: rows, "BLOCK_C": _triton.block_channels(c), "WARPS": _triton.row_warps(c, rows)}
 
 
+def _as_warps(launch: dict) -> dict:
+    """An op's launch dict with num_warps as the WARPS these cases use."""
+    launch = dict(launch)
+    launch["WARPS"] = launch.pop("num_warps")
+    return launch
+
+
 def cases(dtype: str):
     """(kernel, pointer dtypes by name ('dt' = the activation dtype), constexprs)."""
     prec = "ieee" if dtype == "fp32" else "tf32"
@@ -154,7 +161,7 @@ def cases(dtype: str):
                                         RSTD=f32), rows
         yield gln._gated_ln_bwd_kernel, dict(GRAD=f32, G=f32, CG="dt", L=f32, SG="dt", X="dt", W=f32, MEAN=f32,
                                             RSTD=f32, DG=f32, DL=f32, DSG=f32, DX="dt", PART_CG=f32, PART_W=f32,
-                                            PART_B=f32), rows
+                                            PART_B=f32), _as_warps(gln.bwd_launch(c))
 
 
 def signature(kernel, pointers: dict, constexprs: dict, dtype: str) -> dict:
