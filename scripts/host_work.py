@@ -28,7 +28,7 @@ import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 import hifuse  # noqa: E402
-from hifuse_kernels import _triton  # noqa: E402
+from hifuse_kernels import _triton, window_attention  # noqa: E402
 
 launches: collections.Counter = collections.Counter()
 
@@ -91,8 +91,8 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
-    if args.dims % args.heads or args.dims // args.heads not in (16, 32, 64):
-        parser.error("dims / heads must be 16, 32 or 64 (the fused attention's head sizes)")
+    if args.dims % args.heads or args.dims // args.heads not in window_attention.HEAD_DIMS:
+        parser.error(f"dims / heads must be one of the fused attention's head sizes {window_attention.HEAD_DIMS}")
     torch.set_num_threads(args.threads)
     _triton.wrap_triton = _CountedLaunch
     print(f"torch {torch.__version__}, {args.batch}x3x{args.image_size}x{args.image_size}, "

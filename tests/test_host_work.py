@@ -7,15 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from hifuse_kernels import _triton
+from helpers import DEVICE, triton_device_or_skip
 
 SCRIPT = Path(__file__).parents[1] / "scripts" / "host_work.py"
 
+# The script runs the fused ops on CPU tensors under the interpreter: where the tests do too.
+pytestmark = [pytest.mark.skipif(DEVICE != "cpu", reason="a CPU measure: the CPU runs cover it"),
+              triton_device_or_skip()]
 
-@pytest.mark.skipif(_triton.triton is None, reason="triton is not installed")
+
 def test_host_work_counts_the_fused_steps_launches():
-    if _triton.INTERPRETER_PROBLEM is not None:
-        pytest.skip(_triton.INTERPRETER_PROBLEM)
     result = subprocess.run([sys.executable, str(SCRIPT), "--steps", "1"], capture_output=True, text=True,
                             env={**os.environ, "TRITON_INTERPRET": "1"}, timeout=600)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
