@@ -3,6 +3,7 @@
 from .checkpoint import CheckpointMismatchError, load_checkpoint
 from .config import FusedParts, Rebuilds, fused_parts, is_fused, use_fused, use_rebuilds
 from .flops import count_flops
+from .graphs import TrainStep
 from .model import HFFBlock, HiFuse, VARIANTS, create_model
 
 __all__ = [
@@ -11,6 +12,7 @@ __all__ = [
     "HFFBlock",
     "HiFuse",
     "Rebuilds",
+    "TrainStep",
     "VARIANTS",
     "count_flops",
     "create_model",
