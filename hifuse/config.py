@@ -22,6 +22,7 @@ setting is queried, so it can also be set after import.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import weakref
@@ -241,11 +242,23 @@ class use_rebuilds(_Request):
 
 
 _logged: set[tuple[str, str]] = set()
+_quiet = [0]  # depth of quiet_fallbacks blocks
+
+
+@contextlib.contextmanager
+def quiet_fallbacks():
+    """No fallback is logged inside (and none counts as logged for later): for probes such
+    as ``hifuse info`` that report the reasons themselves."""
+    _quiet[0] += 1
+    try:
+        yield
+    finally:
+        _quiet[0] -= 1
 
 
 def log_fallback(part: str, reason: str) -> None:
     """Log once per (part, reason) that a fused part runs eager instead."""
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or _quiet[0]:
         return
     key = (part, reason)
     if key not in _logged:
@@ -337,14 +350,25 @@ def runs_fused(module, *args) -> bool:
     return True
 
 
+def module_decisions(model) -> dict:
+    """Per module of ``model`` that a part switches: (its part, what it decided in the forwards
+    run so far: None for an input signature it ran fused, else the reason it did not; empty
+    where it has not run)."""
+    found = {}
+    for m in model.modules():
+        route = _routes.get(type(m))
+        if route is not None:
+            found[m] = (route.part, set(_decisions.get(m, {}).values()))
+    return found
+
+
 def part_decisions(model) -> dict[str, set[str | None]]:
     """Per part, what its modules in ``model`` decided in the forwards run so far: None where
     one ran fused, else the reason it did not."""
     found: dict[str, set[str | None]] = {}
-    for m in model.modules():
-        route, decisions = _routes.get(type(m)), _decisions.get(m)
-        if route is not None and decisions:
-            found.setdefault(route.part, set()).update(decisions.values())
+    for part, decisions in module_decisions(model).values():
+        if decisions:
+            found.setdefault(part, set()).update(decisions)
     return found
 
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import logging
+import re
 import shutil
 import subprocess
 import sys
@@ -22,6 +24,8 @@ pytest.importorskip("matplotlib")
 from PIL import Image  # noqa: E402
 
 from cli_helpers import cli, demo, env, one_line_error, trained  # noqa: E402,F401
+from helpers import DEVICE, triton_device_or_skip  # noqa: E402
+from hifuse import config  # noqa: E402
 from hifuse.cli import parser  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -220,6 +224,75 @@ def test_info_lists_versions_parts_and_ops():
                    "hifuse::layer_norm_cf"):
         assert needle in out, out
     assert "hifuse::window_attention" in out
+
+
+def part_lines(text: str) -> dict[str, str]:
+    """The fused-parts table of ``hifuse info``: part -> its status text. Fails on any other
+    line inside the table (a log line, say)."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("fused parts on"))
+    table = {}
+    for line in lines[start + 1:]:
+        if not line.strip():
+            break
+        part, _, status = line.strip().partition(" ")
+        assert line.startswith("  ") and part in config.FusedParts.names(), f"{line!r} inside the table:\n{text}"
+        table[part] = status.strip()
+    assert set(table) == set(config.FusedParts.names()), text
+    return table
+
+
+def test_info_on_a_cpu_without_triton_says_what_runs_eager_and_logs_nothing_into_the_report():
+    # a user's CPU machine: no TRITON_INTERPRET (env() drops the suite's), stdout and stderr as a terminal shows them
+    result = subprocess.run([sys.executable, "-m", "hifuse", "info", "--device", "cpu"], env=env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout
+    assert "runs eager" not in result.stdout, result.stdout  # the fallback log lines
+    table = part_lines(result.stdout)
+    # the global blocks need Triton kernels; their stages' fused forward hands them to eager
+    for part in ("attention", "local", "fusion"):
+        assert table[part].startswith("no: "), table
+        assert "Triton kernels need CUDA tensors" in table[part] or "triton is not installed" in table[part], table
+    assert re.search(r"^  hifuse::window_attention +no: ", result.stdout, re.M), result.stdout
+
+
+def test_info_is_yes_only_where_every_module_of_a_part_runs_fused(monkeypatch, caplog):
+    from hifuse.cli import info
+    from hifuse.model import PatchMerging, create_model
+
+    def small():  # a new model each time: decisions are cached per module
+        return create_model("hifuse_tiny", num_classes=2, depths=(1, 1, 1, 1), dims=(16, 32, 64, 128),
+                            num_heads=(1, 2, 4, 8)).eval()
+
+    x = torch.randn(1, 3, 32, 32)
+    # the patch layers run as native or PyTorch ops wherever the library loads: all fused
+    assert info.probe(small(), x)["patches"] == ("yes", "")
+    # one of the three patch mergings refused: partly, naming it
+    model = small()
+    first = next(m for m in model.modules() if isinstance(m, PatchMerging))
+    route = config._routes[PatchMerging]
+    monkeypatch.setitem(config._routes, PatchMerging, config.Route(
+        "patches", lambda m, *args: "refused by the test" if m is first else route.check(m, *args), route.forward))
+    logged = set(config._logged)
+    with caplog.at_level(logging.WARNING, logger="hifuse"):
+        assert info.probe(model, x)["patches"] == ("partly", "PatchMerging eager (1 of 3): refused by the test")
+    # the probe logs nothing, and leaves the once-per-reason log of later forwards as it was
+    assert not caplog.records and config._logged == logged
+
+
+@triton_device_or_skip()
+def test_info_names_the_attention_modules_that_run_eager():
+    from hifuse.cli import info
+    from hifuse.model import create_model
+
+    # the last stage's head_dim 128 has no kernel: its blocks run eager, and so does its stage
+    model = create_model("hifuse_tiny", num_classes=2, depths=(1, 1, 1, 1), dims=(16, 32, 64, 128),
+                         num_heads=(1, 2, 4, 1)).to(DEVICE).eval()
+    found = info.probe(model, torch.randn(1, 3, 32, 32, device=DEVICE))
+    assert found["local"] == ("yes", "")
+    status, why = found["attention"]
+    assert status == "partly", found
+    assert "GlobalBlock eager (1 of 4): head_dim 128" in why and "GlobalStage eager (1 of 4): head_dim 128" in why, why
 
 
 def test_help_shows_every_default_and_explains_every_option():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 
 import torch
@@ -44,34 +45,68 @@ def versions() -> list[tuple[str, str]]:
     ]
 
 
-def part_reasons(device: torch.device) -> dict[str, str | None]:
-    """Per fused part: None when it runs fused on ``device``, else the reasons it does not
-    (from the fused-execution layer's own checks on a small model's forward)."""
-    from .. import config
+def part_status(device: torch.device) -> dict[str, tuple[str, str]]:
+    """Per fused part on ``device``: ("yes", "") where every module of the part runs fused,
+    ("partly", which module kinds run eager and why) where some do, ("no", why) where none do;
+    from the fused-execution layer's own decisions on a small model's forward."""
     from ..model import create_model
 
     model = create_model("hifuse_tiny", num_classes=2, depths=(2, 2, 2, 2), dims=(32, 64, 128, 256),
                          num_heads=(1, 2, 4, 8)).to(device).eval()
-    x = torch.randn(1, 3, 64, 64, device=device)
+    return probe(model, torch.randn(1, 3, 64, 64, device=device))
 
-    def decisions(**parts) -> dict:
-        with config.use_fused(True, **parts), torch.no_grad():
+
+def probe(model: torch.nn.Module, x: torch.Tensor) -> dict[str, tuple[str, str]]:
+    """``part_status`` of ``model`` on ``x``."""
+    from .. import config
+
+    parts = config.FusedParts.names()
+
+    def forward(**switches) -> None:
+        # quiet: the report says why, and log lines would land inside it
+        with config.use_fused(True, **switches), config.quiet_fallbacks(), torch.no_grad():
             model(x)
-        return config.part_decisions(model)
 
-    found = decisions()
+    forward()
+    # with every part on, another part's fused ops take some modules (a fused fusion block or
+    # local downsample runs its LayerNorm itself): run those with their part alone
+    for part in parts:
+        if any(p == part and not d for p, d in config.module_decisions(model).values()):
+            forward(**{p: p == part for p in parts})
+    decisions = config.module_decisions(model)
+
+    # a module's reasons for running eager (empty: fused), for the modules that ran. A module
+    # whose fused forward hands its own part's submodules to eager (a global stage whose
+    # blocks run eager) runs eager too, for their reasons.
+    part_of = {m: part for m, (part, _) in decisions.items()}
+    eager = {m: {r for r in found if r is not None} for m, (_, found) in decisions.items() if found}
+    for m in reversed(list(eager)):  # submodules first
+        if not eager[m]:
+            inner = [eager.get(d, set()) for d in m.modules() if d is not m and part_of.get(d) == part_of[m]]
+            eager[m] = set().union(*inner)
+    with config.use_fused(True):
+        switched = config.fused_parts()  # all, unless HIFUSE_FUSED overrides it
     result = {}
-    for part in config.FusedParts.names():
-        reasons = found.get(part)
-        if reasons is None:
-            # with every part on, another part's fused ops may take all of this part's modules
-            # (the local blocks' LayerNorms inside dwconv + LayerNorm): ask for this part alone
-            others = {p: p == part for p in config.FusedParts.names()}
-            reasons = decisions(**others).get(part, {"no module of this part ran"})
-            if None in reasons:
-                result[part] = None
-                continue
-        result[part] = None if None in reasons else "; ".join(sorted(r for r in reasons if r))
+    for part in parts:
+        ran = [m for m in eager if part_of[m] == part]
+        slow = [m for m in ran if eager[m]]
+        if not getattr(switched, part):
+            result[part] = ("no", f"{config.ENV_VAR}={os.environ.get(config.ENV_VAR)} switches it off")
+        elif not ran:
+            result[part] = ("no", "no module of this part ran")
+        elif not slow:
+            result[part] = ("yes", "")
+        elif len(slow) == len(ran):
+            result[part] = ("no", "; ".join(sorted(set().union(*(eager[m] for m in slow)))))
+        else:
+            total, count = {}, {}  # per kind; per (kind, reason)
+            for m in ran:
+                kind = type(m).__name__
+                total[kind] = total.get(kind, 0) + 1
+                for reason in eager[m]:
+                    count[kind, reason] = count.get((kind, reason), 0) + 1
+            result[part] = ("partly", "; ".join(f"{kind} eager ({n} of {total[kind]}): {reason}"
+                                                for (kind, reason), n in sorted(count.items())))
     return result
 
 
@@ -104,8 +139,8 @@ def run(args) -> int:
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
     print(f"\nfused parts on {device} (hifuse.use_fused):")
-    for part, why in part_reasons(device).items():
-        print(f"  {part:<10} {'yes' if why is None else 'no: ' + why}")
+    for part, (status, why) in part_status(device).items():
+        print(f"  {part:<10} {status}{': ' + why if why else ''}")
     print(f"\nops on {device}:")
     ops = op_reasons(device)
     width = max(len(k) for k in ops)
