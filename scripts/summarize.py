@@ -286,33 +286,60 @@ def rebuild_rows(records) -> list[str]:
     return lines
 
 
-def chart(records, path: Path) -> None:
-    """A bar chart of the whole model (bf16): eager, the compiled peer and each fused provider per setting."""
+MODEL_PROVIDERS = ("eager", "compile") + FUSED_PROVIDERS
+
+
+def model_bars(records) -> list[dict]:
+    """The whole-model chart's panels (bf16), one per (mode, batch): title, mode, batch, and its
+    bars, one per provider measured (eager, the compiled peer, each fused provider) at that
+    provider's faster memory format: provider, setting, ms, date, device, colour (C0.. by
+    provider, the same in every panel)."""
+    settings = sorted({(r["info"]["mode"], r["info"]["batch"]) for r in records
+                       if "mode" in r["info"] and r["info"].get("dtype") == "bf16"}, key=lambda s: (s[0] != "train", -s[1]))
+    panels = []
+    for mode, batch in settings:
+        bars = []
+        for i, provider in enumerate(MODEL_PROVIDERS):
+            r = _model(records, mode, batch, provider)
+            if r:
+                bars.append(dict(provider=provider, setting=_setting(r), ms=r["ms"], date=r["date"], device=r["device"],
+                                 colour=f"C{i}"))
+        if bars:
+            title = f"{'training step' if mode == 'train' else 'inference'}, batch {batch}"
+            panels.append(dict(title=title, mode=mode, batch=batch, bars=bars))
+    return panels
+
+
+def chart(records, path: Path):
+    """A bar chart of the whole model (bf16): eager, the compiled peer and each fused provider
+    at its fastest setting, per (mode, batch) (``model_bars``); returns the figure."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    bars = [("eager", "contiguous"), ("compile", "channels_last")] + [(p, "channels_last") for p in FUSED_PROVIDERS]
-    settings = sorted({(r["info"]["mode"], r["info"]["batch"]) for r in records
-                       if "mode" in r["info"] and r["info"].get("dtype") == "bf16"}, key=lambda s: (s[0] != "train", -s[1]))
-    if not settings:
+    panels = model_bars(records)
+    if not panels:
         raise SystemExit("no whole-model bf16 benchmark in these files")
-    fig, axes = plt.subplots(1, len(settings), figsize=(3.2 * len(settings), 3.6), squeeze=False)
-    devices = set()
-    for ax, (mode, batch) in zip(axes[0], settings):
-        found = [(f"{p}\n{f}", f"C{i}", _model(records, mode, batch, p, f)) for i, (p, f) in enumerate(bars)]
-        found = [bar for bar in found if bar[2]]  # a provider keeps its colour in every panel
-        devices.update(f"{r['device']}, {r['date']}" for *_, r in found)
-        ax.bar(range(len(found)), [r["ms"] for *_, r in found], color=[colour for _, colour, _ in found])
-        for i, (*_, r) in enumerate(found):
-            ax.annotate(f"{r['ms']:.1f}", (i, r["ms"]), ha="center", va="bottom", fontsize=8)
-        ax.set_xticks(range(len(found)), [label for label, *_ in found], fontsize=7, rotation=30, ha="right")
-        ax.set_title(f"{'training step' if mode == 'train' else 'inference'}, batch {batch}", fontsize=9)
+    width = max(len(p["bars"]) for p in panels)
+    fig, axes = plt.subplots(1, len(panels), figsize=(max(3.4, 0.95 * width + 0.8) * len(panels), 4.0), squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        bars = panel["bars"]
+        ax.bar(range(len(bars)), [b["ms"] for b in bars], color=[b["colour"] for b in bars])
+        for i, b in enumerate(bars):
+            ax.annotate(f"{b['ms']:.1f} ms", (i, b["ms"]), ha="center", va="bottom", fontsize=8)
+        ax.set_xticks(range(len(bars)), [b["setting"].replace(", ", ",\n") for b in bars], fontsize=7)
+        ax.set_ylim(0, 1.12 * max(b["ms"] for b in bars))  # room for the figures above the bars
+        ax.set_title(panel["title"], fontsize=9)
         ax.set_ylabel("ms (median)")
-    fig.suptitle(f"HiFuse-Tiny, 224x224, bf16 autocast ({', '.join(sorted(devices))})", fontsize=10)
+    found = [b for p in panels for b in p["bars"]]
+    devices = ", ".join(sorted({b["device"] for b in found}))
+    dates = ", ".join(sorted({b["date"] for b in found}))
+    fig.suptitle(f"HiFuse-Tiny, 224x224, bf16 autocast, {devices} (runs of {dates}); "
+                 "each provider at its faster memory format", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    return fig
 
 
 def main() -> None:

@@ -1,5 +1,6 @@
 """scripts/summarize.py: the targets table and the bar chart the results README is built from."""
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -127,6 +128,43 @@ def test_chart_is_written(files, tmp_path):
     out = tmp_path / "model.png"
     _run(*files, "--chart", out, "--device", H200)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _summarize():
+    spec = importlib.util.spec_from_file_location("summarize", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_chart_draws_each_providers_fastest_setting(files, tmp_path):
+    summarize = _summarize()
+    # in the newest run the fused model is faster NCHW (contiguous) than channels-last, and eager
+    # faster channels-last
+    nchw = _write(tmp_path / "nchw.json", "2026-12-10T06:00:00", H200, [
+        _model("train", 128, "contiguous", "fused", 50.0),
+        _model("train", 128, "channels_last", "eager", 148.4),
+        _model("infer", 32, "channels_last", "fused", 9.0),
+    ])
+    records = [r for r in summarize.load([*files, nchw]) if r["device"] == H200]
+    panels = summarize.model_bars(records)
+    assert [p["title"] for p in panels] == ["training step, batch 128", "inference, batch 32"]
+    train = [(b["setting"], round(b["ms"], 1), b["colour"]) for b in panels[0]["bars"]]
+    assert train == [("eager, channels_last", 148.4, "C0"), ("compile, channels_last", 68.6, "C1"),
+                     ("fused, contiguous", 50.0, "C2"), ("fused_cudagraphs, channels_last", 40.0, "C4")]
+    # a provider keeps its colour where others are missing
+    assert [(b["setting"], b["colour"]) for b in panels[1]["bars"]] == [("fused, channels_last", "C2")]
+
+    pytest.importorskip("matplotlib")
+    fig = summarize.chart(records, tmp_path / "model.png")
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == [
+        "eager,\nchannels_last", "compile,\nchannels_last", "fused,\ncontiguous", "fused_cudagraphs,\nchannels_last"]
+    assert [t.get_text() for t in ax.texts] == ["148.4 ms", "68.6 ms", "50.0 ms", "40.0 ms"]
+    assert [round(p.get_height(), 1) for p in ax.patches] == [148.4, 68.6, 50.0, 40.0]
+    # the device once, in the figure's title; not in the panels'
+    assert fig._suptitle.get_text().count(H200) == 1
+    assert all(H200 not in a.get_title() for a in fig.axes)
 
 
 def _junit(path, device, cases):
