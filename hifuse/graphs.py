@@ -64,11 +64,13 @@ def graph_problems(model: nn.Module, optimizer: torch.optim.Optimizer, amp: torc
     return problems
 
 
-def make_capturable(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+def make_capturable(optimizer: torch.optim.Optimizer, scheduler=None) -> torch.optim.Optimizer:
     """Turns an Adam or AdamW into one a CUDA graph can record, in place: ``capturable=True``,
     each group's lr (and ``initial_lr``, which schedulers read) a tensor on its parameters'
-    device, step counts on that device. Call it after ``load_state_dict`` (which brings back
-    the saved flags) and before building a scheduler. Returns the optimizer."""
+    device, step counts on that device; a ``scheduler``'s base learning rates too (it fills
+    the lr tensors in place, with no host sync). Call it before building a scheduler, or
+    after ``load_state_dict`` (which brings back the saved flags) with the scheduler. Returns
+    the optimizer."""
     if not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
         raise TypeError(f"make_capturable takes an Adam or AdamW, not {type(optimizer).__name__}")
     for group in optimizer.param_groups:
@@ -81,12 +83,15 @@ def make_capturable(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
             state = optimizer.state.get(p)
             if state and "step" in state:
                 state["step"] = torch.as_tensor(state["step"], dtype=torch.float32).to(p.device)
+    if scheduler is not None:
+        device = optimizer.param_groups[0]["params"][0].device
+        scheduler.base_lrs = [_device_scalar(lr, device) for lr in scheduler.base_lrs]
     return optimizer
 
 
-def make_uncapturable(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+def make_uncapturable(optimizer: torch.optim.Optimizer, scheduler=None) -> torch.optim.Optimizer:
     """The reverse of ``make_capturable``, for an optimizer saved from a graphed run and resumed
-    without graphs: ``capturable=False``, learning rates as Python numbers."""
+    without graphs: ``capturable=False``, learning rates (the scheduler's too) Python numbers."""
     for group in optimizer.param_groups:
         group["capturable"] = False
         for key in ("lr", "initial_lr"):
@@ -97,6 +102,8 @@ def make_uncapturable(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer
                 state = optimizer.state.get(p)
                 if state and isinstance(state.get("step"), torch.Tensor):
                     state["step"] = state["step"].detach().to("cpu", torch.float32)
+    if scheduler is not None:
+        scheduler.base_lrs = [float(lr) for lr in scheduler.base_lrs]
     return optimizer
 
 

@@ -242,6 +242,26 @@ def test_missing_and_empty_folders(tmp_path):
     one_line_error(cli("predict", tmp_path / "nothing.png", "--checkpoint", tmp_path / "c.pth"), "no such")
 
 
+def test_cuda_graphs_refusals(tmp_path):
+    """--cuda-graphs refuses what a graph cannot record, before writing anything."""
+    from types import SimpleNamespace
+
+    from hifuse.cli import train
+    from hifuse.cli.errors import CliError
+
+    data = tiny_data(tmp_path / "d", per_class=2)
+    one_line_error(cli("train", "--data", data, "--out", tmp_path / "r", "--cuda-graphs", *SMALL), "--cuda-graphs needs a GPU")
+    assert not (tmp_path / "r").exists()
+    gpu = SimpleNamespace(device=torch.device("cuda", 0), world=1)
+    ok = {"amp": "bf16", "compile": False}
+    train._check_cuda_graphs(ok, gpu)
+    for change, needle in [({"amp": "fp16"}, "GradScaler"), ({"compile": True}, "choose one")]:
+        with pytest.raises(CliError, match=needle):
+            train._check_cuda_graphs({**ok, **change}, gpu)
+    with pytest.raises(CliError, match="one process"):
+        train._check_cuda_graphs(ok, SimpleNamespace(device=gpu.device, world=2))
+
+
 def test_image_size_must_be_a_multiple_of_32(tmp_path):
     tiny_data(tmp_path / "d", per_class=2)
     args = ["train", "--data", tmp_path / "d", "--out", tmp_path / "r", "--depths", "1,1,1,1", "--img-size", "100"]

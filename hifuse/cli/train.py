@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .. import config
+from .. import config, graphs
 from . import data as data_
 from . import metrics as metrics_
 from . import models, options, preprocess
@@ -33,16 +33,17 @@ RUN_SETTINGS = (
     "group_column", "keep_empty_classes", "model", "irmlp", "depths", "dims", "heads", "img_size", "bit_depth",
     "epochs", "batch_size", "lr", "min_lr", "weight_decay", "warmup_epochs", "amp", "fused", "compile",
     "channels_last", "seed", "init", "select", "sync_bn", "strict", "class_weights", "sampler", "label_smoothing",
-    "drop_path",
+    "drop_path", "cuda_graphs",
 )
 # settings added since runs were first saved, with the value older runs had
 LATER_SETTINGS = dict(
     val_labels=None, val_images=None, id_column=None, label_column=None, group_column=None,
     keep_empty_classes=False, bit_depth=None, class_weights="none", sampler="shuffle", label_smoothing=0.0,
-    drop_path=0.0,
+    drop_path=0.0, cuda_graphs=False,
 )
 # may change on --resume: where the data is now, and how fast it runs (same numbers)
-RESUME_APPLIES = ("data", "images", "labels", "val_labels", "val_images", "fused", "compile", "channels_last", "strict")
+RESUME_APPLIES = ("data", "images", "labels", "val_labels", "val_images", "fused", "compile", "channels_last", "strict",
+                  "cuda_graphs")
 PATHS = ("data", "images", "labels", "val_labels", "val_images", "init")
 
 
@@ -79,6 +80,10 @@ def add_parser(sub) -> None:
                    help="fused kernels (default: on with a GPU; on CPU they are for testing, not speed)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--channels-last", action="store_true", help="channels_last model and inputs")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="record the training step (forward, loss, backward, AdamW) as one CUDA graph and replay it: "
+                        "no host work per launch (GPU only; bf16 or no autocast; one process; not with --compile); "
+                        "a last partial batch runs uncaptured")
     p.add_argument("--workers", type=int, default=data_.default_workers(), help="data loading processes")
     p.add_argument("--seed", type=int, default=0, help="seeds the split, shuffling, augmentation and weights")
     p.add_argument("--init", "--weights", dest="init", help="weights to start from (the classifier is left new: fine-tuning)")
@@ -181,8 +186,11 @@ def make_out(out: Path, resume: bool) -> None:
 
 
 def optimizer_for(model: torch.nn.Module, s: dict) -> torch.optim.Optimizer:
-    """AdamW; no weight decay on norms and biases (parameters of one dimension)."""
-    return torch.optim.AdamW(no_decay_groups(model, s["weight_decay"]), lr=s["lr"], betas=(0.9, 0.999))
+    """AdamW; no weight decay on norms and biases (parameters of one dimension); one fused
+    kernel a step on a GPU; with --cuda-graphs capturable, its learning rate a device tensor."""
+    opt = torch.optim.AdamW(no_decay_groups(model, s["weight_decay"]), lr=s["lr"], betas=(0.9, 0.999),
+                            fused=next(model.parameters()).is_cuda)
+    return graphs.make_capturable(opt) if s.get("cuda_graphs") else opt
 
 
 def schedule(s: dict, steps_per_epoch: int):
@@ -265,6 +273,18 @@ def check_settings(s: dict) -> None:
         raise CliError(f"--drop-path must be within [0, 1), got {s['drop_path']}")
     if s["group_column"] and s["val_split"] is None:
         raise CliError("--group-column groups images for --val-split; give --val-split too")
+
+
+def _check_cuda_graphs(s: dict, d: Dist) -> None:
+    """What --cuda-graphs cannot record, refused before anything is written."""
+    if d.device.type != "cuda":
+        raise CliError(f"--cuda-graphs needs a GPU (the device is {d.device})")
+    if s["amp"] == "fp16":
+        raise CliError("--cuda-graphs takes --amp bf16 or none: fp16 needs a GradScaler, which reads its scale on the host")
+    if d.world > 1:
+        raise CliError("--cuda-graphs runs on one process (DistributedDataParallel's reduction is not recorded)")
+    if s["compile"]:
+        raise CliError("--cuda-graphs and --compile: choose one (torch.compile records its own graphs)")
 
 
 def _flag(name: str) -> str:
@@ -354,6 +374,8 @@ def _run(args, out: Path, d: Dist) -> int:
         s["amp"] = "bf16" if d.device.type == "cuda" else "none"
     if s["fused"] is None:
         s["fused"] = d.device.type == "cuda"
+    if s["cuda_graphs"]:
+        _check_cuda_graphs(s, d)
     pre = preprocess.Preprocess(img_size=s["img_size"], bit_depth=s["bit_depth"])
     s["preprocess"] = pre.to_dict()
 
@@ -423,6 +445,8 @@ def _run(args, out: Path, d: Dist) -> int:
     if state is not None:
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
+        # the saved flags and learning rates come back with the state: make them this run's
+        (graphs.make_capturable if s["cuda_graphs"] else graphs.make_uncapturable)(opt, sched)
         scaler.load_state_dict(state["scaler"])
         start, best = state["epoch"] + 1, state["best"]
         sched.last_epoch = start * len(train_loader)  # the same point in epochs under a new batch size
@@ -450,14 +474,30 @@ def _run(args, out: Path, d: Dist) -> int:
             f"amp {s['amp']}, fused {'on' if s['fused'] else 'off'}" + (f", resuming at epoch {start + 1}" if start else "")
         )
     autocast = dict(device_type=d.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
-    loss_fn = dict(weight=weights, label_smoothing=s["label_smoothing"])
+
+    def loss_fn(logits, y):
+        return torch.nn.functional.cross_entropy(logits, y, weight=weights, label_smoothing=s["label_smoothing"])
+
+    if s["cuda_graphs"]:
+        # recorded at the first batch; a last partial batch runs uncaptured, with the same result
+        step = graphs.TrainStep(model, opt, loss_fn, amp=amp_dtype)
+    else:
+        def step(x, y):
+            with torch.autocast(**autocast):
+                logits = net(x)
+                loss = loss_fn(logits, y)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            return loss.detach(), logits.detach()
 
     for epoch in range(start, s["epochs"]):
         seed_all(s["seed"], epoch)
         sampler.set_epoch(epoch)
         train_set.epoch = epoch
         t0 = time.perf_counter()
-        train_loss, train_acc = _train_epoch(net, train_loader, opt, sched, scaler, autocast, fmt, d, epoch, s["epochs"], loss_fn)
+        train_loss, train_acc = _train_epoch(net, step, train_loader, opt, sched, fmt, d, epoch, s["epochs"])
         val = _validate(net, val_loader, classes, autocast, fmt, d)
         seconds = time.perf_counter() - t0
         score = metrics_.selection_score(val, s["select"])
@@ -469,7 +509,7 @@ def _run(args, out: Path, d: Dist) -> int:
                 "epoch": epoch + 1, "train_loss": train_loss, "train_accuracy": train_acc, "val_loss": val["loss"],
                 "val_accuracy": val["accuracy"], "val_precision": val["precision"], "val_recall": val["recall"],
                 "val_f1": val["f1"], "val_balanced_accuracy": val["balanced_accuracy"], "val_auc": val["auc"],
-                "val_per_class": val["per_class"], "lr": opt.param_groups[0]["lr"], "seconds": seconds, "best": improved,
+                "val_per_class": val["per_class"], "lr": float(opt.param_groups[0]["lr"]), "seconds": seconds, "best": improved,
             }
             _report(record, val, writer, epoch, s["epochs"])
             if improved:
@@ -522,7 +562,8 @@ def _save_atomic(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _train_epoch(net, loader, opt, sched, scaler, autocast, fmt, d: Dist, epoch: int, epochs: int, loss_fn: dict):
+def _train_epoch(net, step, loader, opt, sched, fmt, d: Dist, epoch: int, epochs: int):
+    """One epoch of ``step(x, y) -> (loss, logits)`` calls; mean loss and accuracy over ranks."""
     from tqdm import tqdm
 
     net.train()
@@ -531,23 +572,17 @@ def _train_epoch(net, loader, opt, sched, scaler, autocast, fmt, d: Dist, epoch:
     seen = 0
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", disable=not d.main, leave=False, dynamic_ncols=True)
     t0 = time.perf_counter()
-    for step, (x, y) in enumerate(bar):
+    for i, (x, y) in enumerate(bar):
         x = x.to(d.device, non_blocking=True).contiguous(memory_format=fmt)
         y = y.to(d.device, non_blocking=True)
-        with torch.autocast(**autocast):
-            logits = net(x)
-            loss = torch.nn.functional.cross_entropy(logits, y, **loss_fn)
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
+        loss, logits = step(x, y)
         sched.step()
-        loss_sum += loss.detach().double() * len(y)
-        correct += (logits.detach().argmax(1) == y).sum()
+        loss_sum += loss.double() * len(y)
+        correct += (logits.argmax(1) == y).sum()
         seen += len(y)
-        if d.main and (step % 10 == 0 or step == len(loader) - 1):
+        if d.main and (i % 10 == 0 or i == len(loader) - 1):
             # one host sync every ten steps, for the bar
-            bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{opt.param_groups[0]['lr']:.2e}",
+            bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{float(opt.param_groups[0]['lr']):.2e}",
                             img_s=f"{seen * d.world / (time.perf_counter() - t0):.1f}")
     total_loss, total_correct, total_seen = d.sum([float(loss_sum), float(correct), float(seen)])
     return total_loss / max(1, total_seen), total_correct / max(1, total_seen)
