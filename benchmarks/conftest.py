@@ -27,7 +27,8 @@ def pytest_addoption(parser):
     add("--image-size", type=int, default=None, help="image side (GPU: 224; CPU: 64)")
     add("--dtype", default=None, help="comma list of fp32, bf16, fp16 (autocast) (GPU: bf16,fp32; CPU: fp32)")
     add("--memory-format", default=None, help="comma list of contiguous, channels_last (GPU: both; CPU: contiguous)")
-    add("--providers", default="eager,fused", help="comma list of eager, fused (compile ones need --compile)")
+    add("--providers", default=None, help="comma list of eager, fused, eager_graph, fused_graph (the whole step as one "
+        "CUDA graph; GPU only) (GPU: all four; CPU: eager,fused; compile ones need --compile)")
     add("--compile", action="store_true", help="also run torch.compile baselines (minutes each on a GPU)")
     add("--compile-ops", action="store_true", help="also run torch.compile baselines of single ops")
     add("--modes", default="train,infer", help="comma list of train, infer")
@@ -48,7 +49,7 @@ def _csv(value):
 
 
 def settings(config) -> dict:
-    providers = _csv(config.getoption("--providers"))
+    providers = _csv(_opt(config, "--providers", "eager,fused,eager_graph,fused_graph", "eager,fused"))
     if config.getoption("--compile"):
         providers += [p for p in ("compile", "fused_compile", "fused_cudagraphs") if p not in providers]
     return {

@@ -2,7 +2,9 @@
 
 Providers: eager, fused (whatever use_fused() enables today), compile and fused_compile
 (torch.compile of the eager or fused model) and fused_cudagraphs (the fused model under
-torch.compile(mode="reduce-overhead")); the compiled ones with --compile. ``first_call_s`` in
+torch.compile(mode="reduce-overhead")), the compiled ones with --compile; eager_graph and
+fused_graph (the whole training step recorded as one CUDA graph by ``hifuse.TrainStep``, the
+inference forward recorded by hand; GPU only). ``first_call_s`` in
 extra_info is the first call's time (compilation for the compiled providers); under
 fused_cudagraphs, ``cudagraph_skips`` counts the graphs Inductor ran without CUDA graphs (it
 logs why): anything but 0 means the figure is not that of graph replays.
@@ -17,12 +19,14 @@ from __future__ import annotations
 import functools
 import time
 
+import pytest
+
 from torch._dynamo.utils import counters
 
 import hifuse
 from conftest import DEVICE, run_timed, sync
 from hifuse import config
-from hifuse.cli.bench import REBUILD_SETTINGS, fused_setting, model_call
+from hifuse.cli.bench import GRAPH_PROVIDERS, REBUILD_SETTINGS, fused_setting, model_call
 
 
 @functools.lru_cache(maxsize=None)
@@ -44,6 +48,8 @@ def _record(benchmark, bench_settings, median, batch, dtype, memory_format, prov
 
 def _time(benchmark, bench_settings, batch, dtype, memory_format, provider, train):
     s = bench_settings
+    if provider in GRAPH_PROVIDERS and DEVICE.type != "cuda":
+        pytest.skip(f"{provider} records a CUDA graph: GPU only")
     call = model_call(s["variant"], s["irmlp"], batch, s["image_size"], dtype, memory_format, provider, train, DEVICE)
     counters.clear()
     with fused_setting(provider):

@@ -363,6 +363,8 @@ def test_benchmark_command():
     assert re.search(r"^eager\s+[\d.]+\s+[\d.]+", out, re.M)
     one_line_error(cli("benchmark", "--providers", "magic"), "magic")
     one_line_error(cli("benchmark", "--train", "--batch", "1", "--img-size", "32"), "at least 2")
+    if not torch.cuda.is_available():
+        one_line_error(cli("benchmark", "--providers", "fused_graph", "--img-size", "32"), "needs a GPU")
 
 
 def test_benchmark_profile(tmp_path):

@@ -4,7 +4,12 @@
 Providers: ``eager``; ``fused`` (``use_fused()``); ``compile`` and ``fused_compile``
 (``torch.compile`` of the eager or fused model); ``fused_cudagraphs`` (the fused model under
 ``torch.compile(mode="reduce-overhead")``: Inductor plus CUDA graphs, which replay the whole
-step without host work; on a CPU the same as ``fused_compile``).
+step without host work; on a CPU the same as ``fused_compile``); ``eager_graph`` and
+``fused_graph`` (the whole step recorded as one CUDA graph without Inductor: training through
+``hifuse.TrainStep``, inference a forward recorded by hand; GPU only, recorded in seconds).
+
+Every training step uses the same optimizer: AdamW, fused on a GPU (one kernel a step), and
+capturable with a tensor learning rate under the graph providers.
 """
 
 from __future__ import annotations
@@ -15,9 +20,11 @@ from collections.abc import Callable
 import torch
 
 from .. import config
+from ..graphs import TrainStep
 from ..model import create_model
 
-PROVIDERS = ("eager", "fused", "compile", "fused_compile", "fused_cudagraphs")
+PROVIDERS = ("eager", "fused", "compile", "fused_compile", "fused_cudagraphs", "eager_graph", "fused_graph")
+GRAPH_PROVIDERS = ("eager_graph", "fused_graph")
 # What a fused training step rebuilds in backward (``config.use_rebuilds`` arguments): all of
 # it, none of it, or all but one
 REBUILD_SETTINGS = {"rebuild_all": {}, "keep_all": dict.fromkeys(config.Rebuilds.names(), False),
@@ -40,6 +47,9 @@ def model_call(
     function of no arguments. Run it under ``fused_setting(provider)``."""
     if provider not in PROVIDERS:
         raise ValueError(f"unknown provider {provider!r}; choose from {PROVIDERS}")
+    graphed = provider in GRAPH_PROVIDERS
+    if graphed and device.type != "cuda":
+        raise ValueError(f"provider {provider} records a CUDA graph: it needs a GPU (the device is {device})")
     torch.manual_seed(0)
     fmt = FORMATS[memory_format]
     model = create_model(variant, num_classes=num_classes, irmlp=irmlp).to(device, memory_format=fmt).train(train)
@@ -57,9 +67,14 @@ def model_call(
             with torch.no_grad(), torch.autocast(**autocast):
                 run(x)
 
-        return infer
+        return _recorded_inference(model, x, autocast, provider) if graphed else infer
 
-    opt = torch.optim.AdamW(no_decay_groups(model, 0.01), lr=1e-4)
+    on_gpu = device.type == "cuda"
+    lr = torch.tensor(1e-4, device=device) if graphed else 1e-4
+    opt = torch.optim.AdamW(no_decay_groups(model, 0.01), lr=lr, fused=on_gpu, capturable=graphed)
+    if graphed:
+        step = TrainStep(model, opt, amp=DTYPES[dtype] if dtype != "fp32" else None, strict=True)
+        return lambda: step(x, y)
 
     def step():
         opt.zero_grad(set_to_none=True)
@@ -69,6 +84,33 @@ def model_call(
         opt.step()
 
     return step
+
+
+def _recorded_inference(model, x, autocast: dict, provider: str) -> Callable[[], None]:
+    """One inference call recorded as a CUDA graph on its first call (warm-up calls on a side
+    stream first: kernels compiled, per-shape decisions and folded weights made), replayed
+    after. The autocast cache is off so that the graph records its weight casts."""
+    state = {}
+
+    def forward():
+        with torch.no_grad(), torch.autocast(**autocast, cache_enabled=False), fused_setting(provider):
+            model(x)
+
+    def call():
+        if "graph" not in state:
+            side = torch.cuda.Stream(x.device)
+            side.wait_stream(torch.cuda.current_stream(x.device))
+            with torch.cuda.stream(side):
+                for _ in range(3):
+                    forward()
+            torch.cuda.current_stream(x.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                forward()
+            state["graph"] = graph
+        state["graph"].replay()
+
+    return call
 
 
 def fused_setting(provider: str):
