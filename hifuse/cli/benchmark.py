@@ -29,7 +29,9 @@ def add_parser(sub) -> None:
     p.add_argument("--device", help="cuda or cpu (default: cuda when present)")
     p.add_argument("--profile", type=Path, metavar="DIR",
                    help="also profile one call per provider (torch.profiler) and write the 25 kernels with the "
-                        "most time, their share and call count, to DIR/profile_<provider>_<train|infer>_b<batch>.txt")
+                        "most time (--profile-rows), their share and call count, to "
+                        "DIR/profile_<provider>_<train|infer>_b<batch>.txt")
+    p.add_argument("--profile-rows", type=int, default=25, help="kernels (on a CPU: ops) listed per --profile table")
     p.set_defaults(run=run)
 
 
@@ -44,8 +46,8 @@ def run(args) -> int:
     unknown = [p for p in providers if p not in bench.PROVIDERS]
     if unknown or not providers:
         raise CliError(f"--providers: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(bench.PROVIDERS)}")
-    if args.batch <= 0 or args.rounds <= 0 or args.warmup < 0:
-        raise CliError("--batch and --rounds must be positive, --warmup not negative")
+    if args.batch <= 0 or args.rounds <= 0 or args.warmup < 0 or args.profile_rows <= 0:
+        raise CliError("--batch, --rounds and --profile-rows must be positive, --warmup not negative")
     if args.train and args.batch * (args.img_size // 32) ** 2 < 2:
         # the last fusion block's BatchNorms see batch x (size/32)^2 values per channel
         raise CliError("--train needs batch x (img-size/32)^2 of at least 2 (BatchNorm statistics); "
@@ -72,7 +74,7 @@ def run(args) -> int:
             bench.sync(device)
             first = time.perf_counter() - t0
             median = bench.median_seconds(fn, device, args.rounds, max(0, args.warmup - 1))
-            table = bench.profile_table(fn, device) if args.profile is not None else None
+            table = bench.profile_table(fn, device, args.profile_rows) if args.profile is not None else None
         print(f"{provider:<14} {median * 1e3:10.2f} {args.batch / median:10.1f}  {first:.1f} s", flush=True)
         if table is not None:
             path = args.profile / f"profile_{provider}_{'train' if args.train else 'infer'}_b{args.batch}.txt"
