@@ -8,7 +8,8 @@ from typing import Mapping
 import torch
 from torch import nn
 
-# Keys whose shape depends on the class count: the classifier and the unused global head.
+# Keys whose shape depends on the class count: the classifier and the unused global head
+# (absent from a num_classes=0 model, whose two heads are nn.Identity).
 HEAD_PREFIXES = ("conv_head.", "head.")
 
 
@@ -44,7 +45,9 @@ def load_checkpoint(
         path: a file saved with ``torch.save``: a bare state_dict, ``{"net": ...}`` (the
             published training script's full checkpoint) or ``{"state_dict": ...}``.
         drop_head: keep the model's own classifier (``conv_head``) and unused global ``head``,
-            for fine-tuning on another class count.
+            for fine-tuning on another class count. Into a num_classes=0 model (no heads)
+            it loads everything else; without it the checkpoint's heads are unexpected keys,
+            as strict loading has it.
         map_location: where tensors are loaded before copying into the model.
 
     Raises:
@@ -77,8 +80,9 @@ def load_state(
             if items:
                 lines.append(f"  {title} ({len(items)}):")
                 lines.extend(f"    {item}" for item in items)
-        if any(s.startswith(HEAD_PREFIXES) for s in shapes) and not drop_head:
-            lines.append("  (the classifier differs: pass drop_head=True to fine-tune on another class count)")
+        if any(k.startswith(HEAD_PREFIXES) for k in (*missing, *unexpected, *shapes)) and not drop_head:
+            lines.append("  (the classifier differs: pass drop_head=True to fine-tune on another class count, "
+                         "or to load all but the heads into a num_classes=0 model)")
         raise CheckpointMismatchError("\n".join(lines))
     model.load_state_dict(state, strict=True)
     return state

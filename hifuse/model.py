@@ -9,9 +9,14 @@ forwards live in ``hifuse.fused``. This file holds eager code only.
 
 from __future__ import annotations
 
+import os
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from hifuse_kernels.reference import relative_position_index, shift_mask, window_merge, window_partition
 
@@ -26,15 +31,24 @@ __all__ = [
     "GlobalBlock",
     "GlobalStage",
     "LocalBlock",
+    "LocalStage",
     "LocalDownsample",
     "ConvBN",
     "IRMLP",
     "HFFBlock",
     "check_input_size",
+    "checkpointed",
 ]
 
 WINDOW = 7
 SIZE_MULTIPLE = 32
+
+# The published evaluation preprocessing, which the command line applies too (it reads these):
+# short side resized to 1.143x the crop side (256 for 224), centre crop, Normalize(0.5, 0.5).
+EVAL_RESIZE = 1.143
+INTERPOLATION = "bilinear"  # torchvision's Resize default, which the published code uses
+MEAN = (0.5, 0.5, 0.5)
+STD = (0.5, 0.5, 0.5)
 
 
 def check_input_size(height: int, width: int) -> None:
@@ -45,6 +59,37 @@ def check_input_size(height: int, width: int) -> None:
             f"{SIZE_MULTIPLE} (got {height}x{width}): the local and global branches only "
             f"produce matching grids at those sizes"
         )
+
+
+@contextmanager
+def _as_in_forward(module: nn.Module, parts: config.FusedParts, rebuilds: config.Rebuilds):
+    """A checkpoint's recomputation in backward runs as its forward ran: with the same fused
+    parts and rebuilds (a ``with hifuse.use_fused()`` block may have ended since; otherwise
+    it saves other tensors than the forward did), and BatchNorm running statistics put back
+    afterwards (the batch is counted once)."""
+    kept = [(b, b.clone()) for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+            for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None]
+    # HIFUSE_FUSED, where set, decided the forward and decides this too
+    fused = nullcontext() if os.environ.get(config.ENV_VAR) is not None else config.use_fused(**asdict(parts))
+    try:
+        with fused, config.use_rebuilds(**asdict(rebuilds)):
+            yield
+    finally:
+        with torch.no_grad():
+            for b, value in kept:
+                b.copy_(value)
+
+
+def checkpointed(module: nn.Module, *args):
+    """``module(*args)`` under activation checkpointing: only the inputs are kept, and the forward
+    runs again in backward, fused or eager as it ran (the fused ops' saved tensors go through
+    the checkpoint like any others)."""
+    if torch.compiler.is_compiling():
+        # traced: the graph holds the recomputation, with the settings it was traced with
+        return checkpoint(module, *args, use_reentrant=False)
+    parts, rebuilds = config.fused_parts(), config.rebuilds()
+    return checkpoint(module, *args, use_reentrant=False,
+                      context_fn=lambda: (nullcontext(), _as_in_forward(module, parts, rebuilds)))
 
 
 # --------------------------------------------------------------------------- global branch
@@ -205,15 +250,19 @@ class GlobalStage(nn.Module):
             for i in range(depth)
         )
         self.downsample = PatchMerging(dim // 2) if downsample else None
+        self.grad_checkpointing = False
 
     def forward(self, x: torch.Tensor, h: int, w: int) -> tuple[torch.Tensor, int, int]:
-        if config.runs_fused(self, x, h, w):
+        # Checkpointed blocks run one by one, each fused or eager as it decides: the fused
+        # stage writes one block's output in the next one's norm1 pass, across two checkpoints.
+        ckpt = self.grad_checkpointing and torch.is_grad_enabled()
+        if not ckpt and config.runs_fused(self, x, h, w):
             return config.forward_fused(self, x, h, w)
         if self.downsample is not None:
             x = self.downsample(x, h, w)
             h, w = (h + 1) // 2, (w + 1) // 2
         for block in self.blocks:
-            x = block(x, h, w)
+            x = checkpointed(block, x, h, w) if ckpt else block(x, h, w)
         return x, h, w
 
 
@@ -238,6 +287,22 @@ class LocalBlock(nn.Module):
         x = self.dwconv(x).permute(0, 2, 3, 1)
         x = self.act(self.pwconv(self.norm(x))).permute(0, 3, 1, 2)
         return shortcut + self.drop_path(x)
+
+class LocalStage(nn.Sequential):
+    """The local blocks of one stage (children 0, 1, ... as published), checkpointed one by
+    one when ``grad_checkpointing`` is set and autograd records."""
+
+    def __init__(self, *blocks: LocalBlock) -> None:
+        super().__init__(*blocks)
+        self.grad_checkpointing = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.grad_checkpointing and torch.is_grad_enabled()):
+            return super().forward(x)
+        for block in self:
+            x = checkpointed(block, x)
+        return x
+
 
 class LocalDownsample(nn.Sequential):
     """A stride-k layer of the local branch: the stem (conv 4x4/4, LayerNormCF) or a
@@ -404,7 +469,7 @@ class HiFuse(nn.Module):
     """HiFuse: a local (ConvNeXt-like) and a global (Swin-like) branch joined by HFF blocks.
 
     Args:
-        num_classes: classifier outputs.
+        num_classes: classifier outputs; 0 for none (the model returns the pooled features).
         depths: blocks per stage (the same for both branches).
         num_heads: attention heads per global stage.
         dims: channels per stage.
@@ -432,11 +497,16 @@ class HiFuse(nn.Module):
             raise ValueError(f"irmlp must be 'full' or 'depthwise', got {irmlp!r}")
         if not (len(depths) == len(num_heads) == len(dims) == 4):
             raise ValueError("depths, num_heads and dims need four entries each")
+        if num_classes < 0:
+            raise ValueError(f"num_classes must be 0 (no classifier) or more, got {num_classes}")
         self.num_classes = num_classes
         self.dims = tuple(dims)
         self.depths = tuple(depths)
         self.irmlp = irmlp
         self.num_features = dims[-1]
+        self.global_pool = "avg"
+        self.grad_checkpointing = False
+        self.pretrained_cfg = timm_cfg(num_classes, in_chans)
 
         # local branch
         self.downsample_layers = nn.ModuleList([LocalDownsample(in_chans, dims[0], 4, norm_first=False)])
@@ -446,12 +516,10 @@ class HiFuse(nn.Module):
         self.stages = nn.ModuleList()
         start = 0
         for i in range(4):
-            self.stages.append(
-                nn.Sequential(*[LocalBlock(dims[i], local_dpr[start + j]) for j in range(depths[i])])
-            )
+            self.stages.append(LocalStage(*[LocalBlock(dims[i], local_dpr[start + j]) for j in range(depths[i])]))
             start += depths[i]
         self.conv_norm = nn.LayerNorm(dims[-1], eps=1e-6)
-        self.conv_head = nn.Linear(dims[-1], num_classes)
+        self.conv_head = _classifier(dims[-1], num_classes)
 
         # global branch
         self.patch_embed = PatchEmbed(4, in_chans, dims[0])
@@ -465,7 +533,7 @@ class HiFuse(nn.Module):
             start += depths[i]
         # unused by the forward, kept so published checkpoints load strictly
         self.norm = nn.LayerNorm(dims[-1])
-        self.head = nn.Linear(dims[-1], num_classes)
+        self.head = _classifier(dims[-1], num_classes)
         self.apply(_init_branch_weights)
 
         # fusion path (PyTorch default init, as published)
@@ -480,15 +548,25 @@ class HiFuse(nn.Module):
     def fusion_blocks(self) -> list[HFFBlock]:
         return [self.fu1, self.fu2, self.fu3, self.fu4]
 
+    @property
+    def default_cfg(self) -> dict:
+        """timm's older name of ``pretrained_cfg``."""
+        return self.pretrained_cfg
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """The last fusion output, (B, dims[-1], H/32, W/32)."""
+        """The last fusion output, (B, dims[-1], H/32, W/32).
+
+        Args:
+            x: (B, in_chans, H, W) images, H and W multiples of 32.
+        """
         if x.dim() != 4:
             raise ValueError(f"HiFuse expects (B, C, H, W) images, got shape {tuple(x.shape)}")
         check_input_size(x.shape[-2], x.shape[-1])
+        ckpt = self.grad_checkpointing and torch.is_grad_enabled()
 
         tokens, h, w = self.patch_embed(x)
         globals_ = []
-        for stage in self.global_stages:
+        for stage in self.global_stages:  # stages checkpoint their own blocks
             tokens, h, w = stage(tokens, h, w)
             b, _, c = tokens.shape
             globals_.append(tokens.transpose(1, 2).view(b, c, h, w))
@@ -501,14 +579,21 @@ class HiFuse(nn.Module):
 
         f = None
         for block, l, g in zip(self.fusion_blocks, locals_, globals_):
-            f = block(l, g, f)
+            f = checkpointed(block, l, g, f) if ckpt else block(l, g, f)
         return f
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Average pooling, ``conv_norm``, then the classifier.
+
+        Args:
+            x: ``forward_features``' output.
+            pre_logits: stop before the classifier: (B, num_features) pooled features.
+        """
         x = self.conv_norm(x.mean([-2, -1]))
         return x if pre_logits else self.conv_head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, num_classes) logits, or (B, num_features) pooled features where num_classes is 0."""
         return self.forward_head(self.forward_features(x))
 
     def train(self, mode: bool = True) -> "HiFuse":
@@ -519,16 +604,79 @@ class HiFuse(nn.Module):
         return self
 
     def get_classifier(self) -> nn.Module:
+        """The classifier ``forward`` applies: ``conv_head`` (``nn.Identity`` without classes)."""
         return self.conv_head
 
-    def reset_classifier(self, num_classes: int) -> None:
-        """New classifier (and the unused global head, which checkpoints carry) for num_classes."""
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """New classifier (and the unused global head, which checkpoints carry) for num_classes.
+
+        Args:
+            num_classes: outputs; 0 replaces both by ``nn.Identity``, so the model returns the
+                pooled features.
+            global_pool: None or "avg" (HiFuse pools by averaging only).
+        """
+        if global_pool not in (None, "avg"):
+            raise ValueError(f"HiFuse pools by averaging only: global_pool must be None or 'avg', got {global_pool!r}")
+        if num_classes < 0:
+            raise ValueError(f"num_classes must be 0 (no classifier) or more, got {num_classes}")
         self.num_classes = num_classes
-        ref = self.conv_head.weight
-        self.conv_head = nn.Linear(self.num_features, num_classes, device=ref.device, dtype=ref.dtype)
-        self.head = nn.Linear(self.num_features, num_classes, device=ref.device, dtype=ref.dtype)
+        self.pretrained_cfg["num_classes"] = num_classes
+        ref = self.conv_norm.weight
+        self.conv_head = _classifier(self.num_features, num_classes, device=ref.device, dtype=ref.dtype)
+        self.head = _classifier(self.num_features, num_classes, device=ref.device, dtype=ref.dtype)
         for m in (self.conv_head, self.head):
             _init_branch_weights(m)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Activation checkpointing of every local, global and fusion block, in forwards that
+        autograd records.
+
+        Each block keeps only its inputs and runs its forward again in backward: same outputs
+        and gradients, far less memory kept, about one more forward of compute. Blocks run
+        fused where ``hifuse.use_fused`` says so, inside their checkpoints; a global stage's
+        fused blocks then each write their own output instead of chaining it into the next
+        block's LayerNorm pass. BatchNorm running statistics are counted once per forward.
+
+        Args:
+            enable: on (True) or off.
+        """
+        self.grad_checkpointing = enable
+        for stage in (*self.stages, *self.global_stages):
+            stage.grad_checkpointing = enable
+
+    def no_weight_decay(self) -> set[str]:
+        """Names (as ``named_parameters`` gives them) of the relative position bias tables,
+        which Swin-style recipes exempt from weight decay."""
+        return {n for n, _ in self.named_parameters() if n.endswith("relative_position_bias_table")}
+
+
+def timm_cfg(num_classes: int = 1000, in_chans: int = 3) -> dict:
+    """timm's ``pretrained_cfg``: the input and preprocessing HiFuse was trained with (the
+    command line's evaluation transform) and the names of its first and last layers.
+
+    Args:
+        num_classes: classifier outputs (0: none).
+        in_chans: input channels.
+    """
+    return dict(
+        num_classes=num_classes,
+        input_size=(in_chans, 224, 224),
+        pool_size=(224 // SIZE_MULTIPLE, 224 // SIZE_MULTIPLE),
+        fixed_input_size=False,  # any multiple of 32
+        interpolation=INTERPOLATION,
+        crop_pct=1 / EVAL_RESIZE,  # timm resizes to floor(size / crop_pct): int(size * 1.143)
+        crop_mode="center",
+        mean=MEAN,
+        std=STD,
+        first_conv=("downsample_layers.0.0", "patch_embed.proj"),
+        # conv_head classifies; head is the unused global head the checkpoints carry
+        classifier=("conv_head", "head"),
+    )
+
+
+def _classifier(dim: int, num_classes: int, **factory) -> nn.Module:
+    """Linear(dim, num_classes), or nn.Identity for none (timm's num_classes=0)."""
+    return nn.Linear(dim, num_classes, **factory) if num_classes else nn.Identity()
 
 
 def _init_branch_weights(m: nn.Module) -> None:
@@ -557,12 +705,14 @@ def create_model(name: str, num_classes: int = 1000, irmlp: str = "full", **kwar
 
     Args:
         name: "hifuse_tiny", "hifuse_small" or "hifuse_base".
-        num_classes: classifier outputs.
+        num_classes: classifier outputs; 0 for none (``model(x)`` gives pooled features).
         irmlp: "full" (published) or "depthwise" (paper).
         **kwargs: other ``HiFuse`` arguments (drop_path_rate, window, in_chans, ...).
     """
     key = name.lower().replace("-", "_")
     if key not in VARIANTS:
         raise ValueError(f"unknown HiFuse variant {name!r}; choose from {sorted(VARIANTS)}")
-    return HiFuse(num_classes=num_classes, irmlp=irmlp, **{**VARIANTS[key], **kwargs})
+    model = HiFuse(num_classes=num_classes, irmlp=irmlp, **{**VARIANTS[key], **kwargs})
+    model.pretrained_cfg["architecture"] = key
+    return model
 

@@ -44,8 +44,9 @@ def architecture(state: dict[str, torch.Tensor]) -> dict:
         heads = [state[f"layers{i + 1}.blocks.0.attn.relative_position_bias_table"].shape[1] for i in range(4)]
         table = state["layers1.blocks.0.attn.relative_position_bias_table"].shape[0]
         depthwise = state["fu1.residual.conv1.conv.weight"].shape[1] == 1
+        head = state.get("conv_head.weight")  # absent where the model had num_classes=0 (features only)
         return dict(
-            num_classes=state["conv_head.weight"].shape[0],
+            num_classes=0 if head is None else head.shape[0],
             in_chans=state["downsample_layers.0.0.weight"].shape[1],
             dims=tuple(dims), depths=tuple(depths), num_heads=tuple(heads),
             window=(round(table**0.5) + 1) // 2, irmlp="depthwise" if depthwise else "full",
@@ -162,6 +163,9 @@ def load_for_inference(path: str | Path, classes_option: str | None, device: tor
     raw = load_file(path, trust)
     state = _state_of(raw, path)
     model = HiFuse(**architecture(state))
+    if model.num_classes == 0:
+        raise CliError(f"{path} has no classifier (saved from a num_classes=0 model, which gives features): "
+                       "predict, evaluate, explain and export need one")
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:

@@ -13,10 +13,12 @@ import struct
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .. import model as model_
 from .errors import CliError
 
-# The published recipe: eval images are resized to 1.143x the crop side, then centre-cropped.
-EVAL_RESIZE = 1.143
+# The published recipe, kept with the model (its pretrained_cfg says the same): eval images are
+# resized to 1.143x the crop side, then centre-cropped.
+EVAL_RESIZE = model_.EVAL_RESIZE
 HIGH_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
@@ -31,9 +33,9 @@ class Preprocess:
     img_size: int = 224
     resize: float = EVAL_RESIZE
     crop: str = "center"
-    interpolation: str = "bilinear"
-    mean: tuple = field(default=(0.5, 0.5, 0.5))
-    std: tuple = field(default=(0.5, 0.5, 0.5))
+    interpolation: str = model_.INTERPOLATION
+    mean: tuple = field(default=model_.MEAN)
+    std: tuple = field(default=model_.STD)
     bit_depth: int | None = None
 
     def to_dict(self) -> dict:
