@@ -9,7 +9,10 @@ intermediate for backward. Here:
 - a statistics pass computes, per program, the exact mean and M2 of its tile of rows
   (for ``bn1`` of ``gelu(y) + r``, computed on load: that sum is never written);
 - the per-program partials are combined in a fixed order with Chan's formula (no atomics,
-  numerically stable for large means), giving the batch mean and biased variance;
+  numerically stable for large means), giving the batch mean, biased variance and inverse
+  standard deviation; the same kernel updates the running statistics and
+  ``num_batches_tracked`` (momentum as given), so a BatchNorm's statistics take two launches
+  (eight small ops finished them before);
 - an apply pass writes ``act(weight * x_hat + bias)``, only that; for ``Updim`` averaged
   over 2x2 windows on the way (the pooling that follows it), so the full-resolution
   activation is never written.
@@ -17,8 +20,8 @@ intermediate for backward. Here:
 Backward recomputes x_hat and the activation's derivative from the saved input, reduces
 ``sum(dz)`` and ``sum(dz * x_hat)`` per program (then in a fixed order), and writes the input
 gradient (for the ``gelu(y) + r`` prologue: the gradients of y and r). Running statistics
-are updated in ``batch_norm_act`` exactly as ``nn.BatchNorm2d`` updates them (momentum or
-cumulative average, unbiased variance, ``num_batches_tracked``).
+are updated as ``nn.BatchNorm2d`` updates them (momentum, unbiased variance,
+``num_batches_tracked``; a cumulative average, momentum None, by ``update_running``'s ops).
 
 Layers: reference, kernels, registered ops, autograd, functional entry point. Used by the
 fusion block's fused ``ConvBN`` and ``IRMLP`` paths (``hifuse.fused.fusion_block``).
@@ -154,9 +157,11 @@ if triton is not None:
         tl.store(COUNT_PART + pid, n, mask=tl.program_id(1) == 0)
 
     @triton.jit
-    def _stats_combine_kernel(MEAN_PART, M2_PART, COUNT_PART, MEAN, VAR, C, PROGRAMS, BLOCK_C: tl.constexpr):
-        """The programs' (count, mean, M2) combined in a fixed order (Chan et al.); the mean
-        and biased variance written in float32."""
+    def _stats_combine_kernel(MEAN_PART, M2_PART, COUNT_PART, MEAN, INVSTD, VAR, RUN_MEAN, RUN_VAR, NBT, C, PROGRAMS,
+                              eps, momentum, UPDATE: tl.constexpr, BLOCK_C: tl.constexpr):
+        """The programs' (count, mean, M2) combined in a fixed order (Chan et al.); the mean,
+        biased variance and 1/sqrt(var + eps) written in float32; with UPDATE the running
+        mean and unbiased variance moved by ``momentum`` and ``num_batches_tracked`` + 1."""
         c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
         cmask = c < C
         n = tl.load(COUNT_PART)
@@ -169,8 +174,19 @@ if triton is not None:
             mean += delta * (k / total)
             m2 += tl.load(M2_PART + p * C + c, mask=cmask, other=0.0) + delta * delta * (n * k / total)
             n = total
-        tl.store(MEAN + c, mean.to(tl.float32), mask=cmask)
-        tl.store(VAR + c, (m2 / n).to(tl.float32), mask=cmask)
+        mean32 = mean.to(tl.float32)
+        var32 = (m2 / n).to(tl.float32)
+        tl.store(MEAN + c, mean32, mask=cmask)
+        tl.store(VAR + c, var32, mask=cmask)
+        tl.store(INVSTD + c, 1.0 / tl.sqrt_rn(var32 + eps), mask=cmask)
+        if UPDATE:
+            keep = 1.0 - momentum
+            unbiased = (m2 / (n - 1.0)).to(tl.float32)
+            running_mean = tl.load(RUN_MEAN + c, mask=cmask, other=0.0).to(tl.float32)
+            running_var = tl.load(RUN_VAR + c, mask=cmask, other=0.0).to(tl.float32)
+            tl.store(RUN_MEAN + c, (running_mean * keep + mean32 * momentum).to(RUN_MEAN.dtype.element_ty), mask=cmask)
+            tl.store(RUN_VAR + c, (running_var * keep + unbiased * momentum).to(RUN_VAR.dtype.element_ty), mask=cmask)
+            tl.store(NBT, tl.load(NBT) + 1, mask=tl.program_id(0) == 0)
 
     @triton.jit
     def _apply_kernel(Y, R, MEAN, INVSTD, W, B, OUT, M, C,
@@ -297,9 +313,13 @@ def _out_dtype(y: torch.Tensor, residual: torch.Tensor | None, out_dtype: torch.
     return y.dtype if residual is None else torch.promote_types(y.dtype, residual.dtype)
 
 
-@_triton.define_op("hifuse::batch_norm_stats", mutates_args=())
-def _stats_op(y: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Batch mean and biased variance (fp32, (C,)) of y or gelu(y) + residual, rows (M, C)."""
+@_triton.define_op("hifuse::batch_norm_stats", mutates_args=("running_mean", "running_var", "num_batches_tracked"))
+def _stats_op(
+    y: torch.Tensor, residual: torch.Tensor | None, eps: float, running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None, num_batches_tracked: torch.Tensor | None, momentum: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Batch mean, 1/sqrt(var + eps) and biased variance (fp32, (C,)) of y or gelu(y) +
+    residual, rows (M, C); with the running tensors given, those updated with ``momentum``."""
     m, c = y.shape
     grid, block_m, block_c = _blocks(m, c)
     programs = _triton.reduction_programs(grid[0], grid[1], y.device)
@@ -311,11 +331,14 @@ def _stats_op(y: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Ten
         PROLOGUE=residual is not None, BLOCK_M=block_m, BLOCK_C=block_c, num_warps=WARPS,
     )
     mean = torch.empty(c, device=y.device, dtype=torch.float32)
-    var = torch.empty_like(mean)
+    invstd, var = torch.empty_like(mean), torch.empty_like(mean)
+    update = running_mean is not None
     _triton.wrap_triton(_stats_combine_kernel)[(grid[1],)](
-        mean_part, m2_part, count_part, mean, var, c, programs, BLOCK_C=block_c, num_warps=COMBINE_WARPS,
+        mean_part, m2_part, count_part, mean, invstd, var, running_mean if update else mean,
+        running_var if update else var, num_batches_tracked if update else count_part, c, programs, eps,
+        momentum, UPDATE=update, BLOCK_C=block_c, num_warps=COMBINE_WARPS,
     )
-    return mean, var
+    return mean, invstd, var
 
 
 def _pooled_rows(m: int, height: int, width: int) -> int:
@@ -379,9 +402,9 @@ def _backward_op(
 
 
 @_stats_op.register_fake
-def _(y, residual):
+def _(y, residual, eps, running_mean, running_var, num_batches_tracked, momentum):
     c = y.shape[1]
-    return y.new_empty((c,), dtype=torch.float32), y.new_empty((c,), dtype=torch.float32)
+    return tuple(y.new_empty((c,), dtype=torch.float32) for _ in range(3))
 
 
 @_apply_op.register_fake
@@ -484,6 +507,15 @@ def batch_norm_act(
     return out.view(n, h, w, c).permute(0, 3, 1, 2)
 
 
+def running_args(bn: torch.nn.BatchNorm2d) -> tuple:
+    """(running_mean, running_var, num_batches_tracked, momentum) for hifuse::batch_norm_stats
+    to update in its kernel: all None where ``bn`` keeps no running statistics, or keeps a
+    cumulative average (momentum None; ``update_running`` does that one)."""
+    if not bn.track_running_stats or bn.running_mean is None or bn.momentum is None:
+        return None, None, None, 0.0
+    return bn.running_mean, bn.running_var, bn.num_batches_tracked, float(bn.momentum)
+
+
 def update_running(bn: torch.nn.BatchNorm2d, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:
     """``bn``'s running statistics and ``num_batches_tracked`` updated with batch statistics
     (biased ``var`` over ``count`` values) as ``nn.BatchNorm2d`` updates them."""
@@ -517,8 +549,10 @@ def apply_args(
     h, w = x.shape[-2:]
     y = _rows(x)
     r = None if residual is None else _rows(residual)
+    running = running_args(bn)
     with torch.no_grad():
-        mean, var = torch.ops.hifuse.batch_norm_stats(y.detach(), None if r is None else r.detach())
-        invstd = torch.rsqrt(var + bn.eps)
-    update_running(bn, mean, var, y.shape[0])
+        mean, invstd, var = torch.ops.hifuse.batch_norm_stats(y.detach(), None if r is None else r.detach(),
+                                                              float(bn.eps), *running)
+    if running[0] is None:
+        update_running(bn, mean, var, y.shape[0])
     return y, r, mean, invstd, bn.weight, bn.bias, ACTIVATIONS[act], h, w, pool, out_dtype

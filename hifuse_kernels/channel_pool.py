@@ -147,6 +147,7 @@ def _channel_pool_setup(ctx, inputs, output):
     (g,) = inputs
     ctx.save_for_backward(g, output[2])
     ctx.mark_non_differentiable(output[2])
+    ctx.set_materialize_grads(False)  # no zero-filled gradient for the argmax
 
 
 def _channel_pool_backward(ctx, d_avg, d_max, _d_arg):

@@ -76,6 +76,7 @@ def _setup_context(ctx, inputs, output):
     _out, mean, rstd = output
     ctx.save_for_backward(x, weight, mean, rstd)
     ctx.grid = (h, w)
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for the statistics
 
 
 def _backward(ctx, grad_out, _grad_mean, _grad_rstd):

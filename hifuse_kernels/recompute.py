@@ -27,9 +27,12 @@ one of ``args`` comes from a source too). More functions keep less by the same r
 - ``gated_layer_norm`` and ``conv2d``: norm3 and the IRMLP's conv1 (and, through
   ``rebuilt``, its ``bn1``) keep norm3's source, not its input or output.
 
-Under autocast a GEMM runs in autocast's dtype as ``F.linear`` would; backward computes in
-the dtype of the incoming gradient (the GEMM's) and casts gradients to the dtypes of what
-they belong to, as autocast's casts do. Dynamo traces these autograd.Functions, so under
+Under autocast a GEMM runs in autocast's dtype as ``F.linear`` would. Its weight and bias are
+cast once, in forward, and that cast is saved for backward (a copy made per step, never stale
+after an optimizer step); backward computes in the dtype of the incoming gradient (the GEMM's)
+and writes each gradient in the dtype of what it belongs to: a weight's float32 gradient
+straight from the GEMM on a GPU (``torch.mm(..., out_dtype=)``, no cast pass), a bias's from
+a float32 sum. Those round once where autocast's casts round twice (bf16, then float32). Dynamo traces these autograd.Functions, so under
 torch.compile the GEMMs stay visible to Inductor and the hifuse ops stay opaque nodes.
 
 Layers: producers, autograd, functional entry points. Used by the fused blocks' training
@@ -191,14 +194,41 @@ def _join(tensors, consts):
     return [t if t is not None else c for t, c in zip(tensors, consts)]
 
 
-def _linear_backward(grad, a, weight, bias):
-    """Gradients of ``F.linear(a, weight, bias)``: computed in grad's dtype (the GEMM's, under
-    autocast), each cast to the dtype of what it belongs to."""
+# torch.mm(..., out_dtype=float32) of bf16/fp16 operands: CUDA only, and only in newer torch
+_MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")
+
+
+def gemm_dtype(t: torch.Tensor) -> torch.dtype | None:
+    """The dtype autocast gives a GEMM on t's device now, or None outside autocast."""
+    device = t.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+
+
+def cast_for_gemm(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype | None):
+    """weight and bias as a GEMM under autocast takes them (cast once, to be saved for backward)."""
+    if dtype is None or weight.dtype == dtype:
+        return weight, bias
+    return weight.to(dtype), (None if bias is None else bias.to(dtype))
+
+
+def mm_to(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``a @ b`` in ``dtype``: a float32 result of bf16/fp16 operands comes from the GEMM itself
+    on a GPU (it accumulates in float32 anyway), elsewhere the product is cast."""
+    if (dtype == torch.float32 and a.dtype in (torch.bfloat16, torch.float16) and a.is_cuda and _MM_OUT_DTYPE
+            and b.dtype == a.dtype):
+        return torch.mm(a, b, out_dtype=dtype)
+    return (a @ b).to(dtype)
+
+
+def _linear_backward(grad, a, weight, bias, weight_dtype=None, bias_dtype=None):
+    """Gradients of ``F.linear(a, weight, bias)`` (weight and bias as the GEMM took them):
+    computed in grad's dtype (the GEMM's, under autocast), each in the dtype of what it
+    belongs to (``weight_dtype``, ``bias_dtype``: the parameters', where the GEMM took casts)."""
     dtype = grad.dtype
     rows = grad.reshape(-1, grad.shape[-1])
     da = (rows @ weight.to(dtype)).view(a.shape).to(a.dtype)
-    dw = (rows.t() @ a.to(dtype).reshape(-1, a.shape[-1])).to(weight.dtype)
-    db = rows.sum(0).to(bias.dtype) if bias is not None else None
+    dw = mm_to(rows.t(), a.to(dtype).reshape(-1, a.shape[-1]), weight_dtype or weight.dtype)
+    db = rows.sum(0, dtype=bias_dtype or bias.dtype) if bias is not None else None
     return da, dw, db
 
 
@@ -217,6 +247,8 @@ def _function(producer, sources=()):
                 kept[index] = None
             tensors, ctx.consts = _split(kept)
             made = (a, *aux) if keep else ()
+            ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
+            weight, bias = cast_for_gemm(weight, bias, gemm_dtype(a))
             ctx.save_for_backward(weight, bias, *made, *tensors)
             ctx.layout, ctx.n_args, ctx.n_made = layout, n_args, len(made)
             return F.linear(a, weight, bias)
@@ -231,7 +263,7 @@ def _function(producer, sources=()):
                 args[index] = source.make(*flat[start:start + n_src])[0]
                 start += n_src
             a, aux = (made[0], tuple(made[1:])) if made else producer.make(*args)
-            da, dw, db = _linear_backward(grad, a, weight, bias)
+            da, dw, db = _linear_backward(grad, a, weight, bias, *ctx.dtypes)
             return (dw, db, None, None, *producer.grad(da, aux, *args), *[None] * (len(flat) - ctx.n_args))
 
     name = producer.__name__ + "".join("From" + source.__name__ for source in dict.fromkeys(sources))
@@ -252,6 +284,8 @@ class _Conv2dFromGatedLayerNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, padding, groups, *src):
+        ctx.weight_dtype = weight.dtype
+        weight, _ = cast_for_gemm(weight, None, gemm_dtype(x))
         y = F.conv2d(x, weight, None, padding=padding, groups=groups)
         tensors, ctx.consts = _split(src)
         ctx.save_for_backward(weight, *tensors)
@@ -267,7 +301,7 @@ class _Conv2dFromGatedLayerNorm(torch.autograd.Function):
             grad, x.to(dtype), weight.to(dtype), None, [1, 1], list(ctx.padding), [1, 1], False, [0, 0],
             ctx.groups, [True, True, False],
         )
-        return (dx.to(ctx.x_dtype), dw.to(weight.dtype), None, None, *[None] * len(ctx.consts))
+        return (dx.to(ctx.x_dtype), dw.to(ctx.weight_dtype), None, None, *[None] * len(ctx.consts))
 
 
 # --------------------------------------------------------------------------- functional
@@ -342,6 +376,10 @@ class _LinearPair(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w1, b1, w2, b2, keep):
+        ctx.dtypes = [None if t is None else t.dtype for t in (w1, b1, w2, b2)]
+        dtype = gemm_dtype(x)
+        w1, b1 = cast_for_gemm(w1, b1, dtype)
+        w2, b2 = cast_for_gemm(w2, b2, dtype)
         mid = F.linear(x, w1, b1)
         ctx.save_for_backward(x, w1, b1, w2, b2, mid if keep else None)
         return F.linear(mid, w2, b2)
@@ -349,6 +387,7 @@ class _LinearPair(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, w1, b1, w2, b2, mid = ctx.saved_tensors
+        w1_dtype, b1_dtype, w2_dtype, b2_dtype = ctx.dtypes
         dtype = grad.dtype
         dz = grad.reshape(-1, grad.shape[-1])
         rows = x.reshape(-1, x.shape[-1]).to(dtype)
@@ -356,19 +395,19 @@ class _LinearPair(torch.autograd.Function):
         b1_gemm = b1.to(dtype) if b1 is not None else None
         dmid = dz @ w2.to(dtype)
         dx = (dmid @ w1_gemm).view(x.shape).to(x.dtype)
-        dw1 = (dmid.t() @ rows).to(w1.dtype)
-        sum_dz = dz.sum(0)
+        dw1 = mm_to(dmid.t(), rows, w1_dtype)
+        sum_dz = dz.sum(0, dtype=torch.float32)
         if mid is not None:
-            dw2 = dz.t() @ mid.reshape(-1, mid.shape[-1]).to(dtype)
+            dw2 = mm_to(dz.t(), mid.reshape(-1, mid.shape[-1]).to(dtype), w2_dtype)
         elif rows.shape[0] < w2.shape[0]:
-            dw2 = dz.t() @ F.linear(rows, w1_gemm, b1_gemm)
+            dw2 = mm_to(dz.t(), F.linear(rows, w1_gemm, b1_gemm), w2_dtype)
         else:
-            dw2 = (dz.t() @ rows).float() @ w1_gemm.float().t()
+            dw2 = mm_to(dz.t(), rows, torch.float32) @ w1_gemm.float().t()
             if b1 is not None:
-                dw2 = dw2 + sum_dz.float()[:, None] * b1_gemm.float()[None, :]
-        db1 = dmid.sum(0).to(b1.dtype) if b1 is not None else None
-        db2 = sum_dz.to(b2.dtype) if b2 is not None else None
-        return dx, dw1, db1, dw2.to(w2.dtype), db2, None
+                dw2 = dw2 + sum_dz[:, None] * b1_gemm.float()[None, :]
+        db1 = dmid.sum(0, dtype=b1_dtype) if b1 is not None else None
+        db2 = sum_dz.to(b2_dtype) if b2 is not None else None
+        return dx, dw1, db1, dw2.to(w2_dtype), db2, None
 
 
 def linear_pair(x, w1, b1, w2, b2, keep: bool = False) -> torch.Tensor:
@@ -391,9 +430,12 @@ class _ResidualLayerNormLinear(torch.autograd.Function):
             source = shortcut
         else:
             source = out if stream_kept and out.dtype == torch.float32 else None
+        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
+        weight, bias = cast_for_gemm(weight, bias, gemm_dtype(normed))
         ctx.save_for_backward(y, shortcut, ln_weight, ln_bias, mean, rstd, weight, bias, source,
                               normed if keep else None)
         ctx.eps, ctx.norm_dtype = eps, norm_dtype
+        ctx.set_materialize_grads(False)  # the stream's gradient is None where nothing reads it
         return out, F.linear(normed, weight, bias)
 
     @staticmethod
@@ -402,7 +444,9 @@ class _ResidualLayerNormLinear(torch.autograd.Function):
         if normed is None:
             inputs = (y, shortcut) if source is None else (None, source)
             normed = torch.ops.hifuse.residual_layer_norm(*inputs, ln_weight, ln_bias, ctx.eps, ctx.norm_dtype)[1]
-        dnormed, dw, db = _linear_backward(grad, normed, weight, bias)
+        if grad is None:  # the product unused (gradients are not materialised)
+            grad = normed.new_zeros(normed.shape[:-1] + weight.shape[:1], dtype=weight.dtype)
+        dnormed, dw, db = _linear_backward(grad, normed, weight, bias, *ctx.dtypes)
         grad_out = grad_out.contiguous() if y is not None and grad_out is not None else None
         dy, ds, dlw, dlb = torch.ops.hifuse.residual_layer_norm_backward(
             grad_out, dnormed.contiguous(), y, shortcut, ln_weight, mean, rstd
@@ -425,19 +469,29 @@ class _LinearBatchNorm(torch.autograd.Function):
     its output (backward runs the GEMM again; ``keep``: the output is kept), nor the result."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, bn_weight, bn_bias, eps, act, height, width, pool, out_dtype, gemm_dtype, keep):
+    def forward(ctx, x, weight, bias, w_gemm, b_gemm, bn_weight, bn_bias, eps, act, height, width, pool, out_dtype,
+                gemm_dtype, keep, running_mean, running_var, num_batches_tracked, momentum):
+        # weight and bias: the parameters, for their gradients; w_gemm, b_gemm: the GEMM's casts of
+        # them (None: no cast; Dynamo traces no Function given one tensor twice)
+        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
+        if w_gemm is not None:
+            weight, bias = w_gemm, b_gemm
         y = LinearBatchNorm.gemm(x, weight, bias, gemm_dtype)
-        mean, var = torch.ops.hifuse.batch_norm_stats(y, None)
-        invstd = torch.rsqrt(var + eps)
+        # the running statistics are buffers, not inputs autograd knows: updated in the kernel
+        mean, invstd, var = torch.ops.hifuse.batch_norm_stats(y, None, eps, running_mean, running_var,
+                                                              num_batches_tracked, momentum)
         rows = torch.ops.hifuse.batch_norm_act(y, None, mean, invstd, bn_weight, bn_bias, act, height, width, pool,
                                                out_dtype)
         ctx.save_for_backward(x, weight, bias, mean, invstd, bn_weight, bn_bias, y if keep else None)
         ctx.consts = (act, height, width, pool, gemm_dtype)
         ctx.mark_non_differentiable(mean, invstd, var)
+        ctx.set_materialize_grads(False)  # no zero-filled gradients for the statistics
         return _as_map(rows, x, pool), mean, invstd, var
 
     @staticmethod
     def backward(ctx, grad, _mean, _invstd, _var):
+        if grad is None:  # the map unused (gradients are not materialised)
+            return (None,) * 19
         x, weight, bias, mean, invstd, bn_weight, bn_bias, y = ctx.saved_tensors
         act, height, width, pool, gemm_dtype = ctx.consts
         if y is None:
@@ -446,8 +500,8 @@ class _LinearBatchNorm(torch.autograd.Function):
             grad.permute(0, 2, 3, 1).contiguous().view(-1, grad.shape[1]), y, None, mean, invstd, bn_weight, bn_bias,
             act, height, width, pool,
         )
-        dx, dw, db = _linear_backward(dy, x, weight, bias)
-        return dx, dw, db, dbw, dbb, None, None, None, None, None, None, None, None
+        dx, dw, db = _linear_backward(dy, x, weight, bias, *ctx.dtypes)
+        return dx, dw, db, None, None, dbw, dbb, *[None] * 12
 
 
 def linear_batch_norm(x, weight, bias, bn, act: str | None = None, pool: bool = False, gemm_dtype=None,
@@ -458,9 +512,17 @@ def linear_batch_norm(x, weight, bias, bn, act: str | None = None, pool: bool = 
     ``LinearBatchNorm`` source."""
     n, height, width = x.shape[:3]
     code = bna.ACTIVATIONS[act]
-    out, mean, invstd, var = _LinearBatchNorm.apply(x, weight, bias, bn.weight, bn.bias, float(bn.eps), code, height,
-                                                    width, pool, None, gemm_dtype, bool(keep))
-    bna.update_running(bn, mean, var, n * height * width)
+    w_gemm = b_gemm = None
+    if gemm_dtype is not None and weight.dtype != gemm_dtype:
+        with torch.no_grad():  # cast once: the GEMM, its backward and the rebuilds of the map read this cast
+            w_gemm, b_gemm = cast_for_gemm(weight, bias, gemm_dtype)
+    running = bna.running_args(bn)
+    out, mean, invstd, var = _LinearBatchNorm.apply(x, weight, bias, w_gemm, b_gemm, bn.weight, bn.bias, float(bn.eps),
+                                                    code, height, width, pool, None, gemm_dtype, bool(keep), *running)
+    if running[0] is None:
+        bna.update_running(bn, mean, var, n * height * width)
+    if w_gemm is not None:
+        weight, bias = w_gemm, b_gemm
     return out, (x, weight, bias, mean, invstd, bn.weight, bn.bias, code, height, width, pool, None, gemm_dtype)
 
 

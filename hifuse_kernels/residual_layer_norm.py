@@ -183,6 +183,7 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(y, shortcut, weight, mean, rstd)
     ctx.has_y = y is not None
     ctx.normed_dtype = normed.dtype
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for the statistics
 
 
 def _backward(ctx, grad_out, grad_normed, _gm, _gr):

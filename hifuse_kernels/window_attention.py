@@ -456,6 +456,7 @@ def _setup_context(ctx, inputs, output):
     out, lse = output
     ctx.save_for_backward(qkv, qkv_bias, table, out, lse)
     ctx.config = (num_heads, window, shift)
+    ctx.set_materialize_grads(False)  # no zero-filled gradient for lse, which nothing differentiates
 
 
 def _backward(ctx, grad_out, _grad_lse):

@@ -40,7 +40,8 @@ WRITES = {
     "gelu_residual._fwd_kernel": {"OUT"},
     "gelu_residual._bwd_kernel": {"DY"},
     "batch_norm_act._stats_kernel": {"MEAN_PART", "M2_PART", "COUNT_PART"},
-    "batch_norm_act._stats_combine_kernel": {"MEAN", "VAR"},
+    "batch_norm_act._stats_combine_kernel": lambda k: {"MEAN", "INVSTD", "VAR"} | (
+        {"RUN_MEAN", "RUN_VAR", "NBT"} if k["UPDATE"] else set()),
     "batch_norm_act._apply_kernel": {"OUT"},
     "batch_norm_act._apply_pool_kernel": {"OUT"},
     "batch_norm_act._bwd_reduce_kernel": {"SUM_DZ_PART", "SUM_DZXH_PART"},
@@ -56,7 +57,7 @@ WRITES = {
     "gated_layer_norm._gated_ln_bwd_kernel": {"DG", "DL", "DSG", "DX", "PART_CG", "PART_W", "PART_B"},
 }
 
-TORCH_DTYPES = {"fp64": torch.float64, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "i32": torch.int32}
+TORCH_DTYPES = {"fp64": torch.float64, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "i32": torch.int32, "i64": torch.int64}
 
 
 class _Target:

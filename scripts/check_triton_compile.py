@@ -39,7 +39,7 @@ import hifuse_kernels.gelu_residual as gr  # noqa: E402
 import hifuse_kernels.residual_layer_norm as rln  # noqa: E402
 import hifuse_kernels.window_attention as wa  # noqa: E402
 
-FLOATS = {"scale", "eps"}
+FLOATS = {"scale", "eps", "momentum"}
 # Every kernel but the window attention's streams memory and needs many resident warps to hide
 # its latency. Registers are given per program: at 128 a thread, 65536 per SM hold two 8-warp
 # programs (or one of 16 warps); at 134, one 8-warp program. More than this fails.
@@ -139,8 +139,10 @@ def cases(dtype: str):
                                                   SUM_DZXH=f32, DY="dt", DR=io["R"]), bwd
     yield bna._bwd_sums_kernel, dict(SUM_DZ_PART="fp64", SUM_DZXH_PART="fp64", SUM_DZ=f32, SUM_DZXH=f32, DW=f32,
                                      DB=f32), dict(BLOCK_C=bna.BLOCK_C, WARPS=bna.COMBINE_WARPS)
-    yield bna._stats_combine_kernel, dict(MEAN_PART="fp64", M2_PART="fp64", COUNT_PART="fp64", MEAN=f32, VAR=f32), \
-        dict(BLOCK_C=bna.BLOCK_C, WARPS=bna.COMBINE_WARPS)
+    for update in (False, True):
+        yield bna._stats_combine_kernel, dict(MEAN_PART="fp64", M2_PART="fp64", COUNT_PART="fp64", MEAN=f32,
+                                              INVSTD=f32, VAR=f32, RUN_MEAN=f32, RUN_VAR=f32, NBT="i64"), \
+            dict(BLOCK_C=bna.BLOCK_C, WARPS=bna.COMBINE_WARPS, UPDATE=update)
     for c in (96, 192, 384, 768):  # fp32 residual stream, dt GEMM output and normalised rows (autocast)
         rows = row_launch(c, 1, "BLOCK_M")
         for prologue in (False, True):
