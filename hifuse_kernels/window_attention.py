@@ -7,8 +7,9 @@ Here one program handles one (window, head): it computes, for each of its 49 tok
 that token sits in the unshifted, unpadded grid and loads q, k, v straight from the qkv
 projection (B, H, W, 3C). Tokens that fall in the zero padding get q = k = v = the qkv bias,
 which is what the linear layer gives a zero input; they are not masked. The bias is the
-(169, heads) table spread to one dense (heads, 64, 64) tile per call (a contiguous load; a
-gather from the table costs the kernels registers), and the -100 shift mask comes from region
+(169, heads) table spread to one dense (heads, 64, 64) tile (a contiguous load; a gather
+from the table costs the kernels registers), built once per call by the entry point and kept
+for backward, and the -100 shift mask comes from region
 labels computed in the kernel. The output of each real token is written to its own position;
 nothing rolled, padded or partitioned is ever stored.
 
@@ -267,7 +268,7 @@ def _geometry(qkv: torch.Tensor, num_heads: int, window: int) -> dict:
     n_win = (hp // window) * (wp // window)
     d = c // num_heads
     return dict(b=b, h=h, w=w, c=c, hp=hp, wp=wp, n_win_w=wp // window, n_win=n_win, d=d,
-                bd=max(16, _triton.next_power_of_2(d)), bn=max(16, _triton.next_power_of_2(window * window)))
+                bd=max(16, _triton.next_power_of_2(d)), bn=_padded_tokens(window))
 
 
 def _precision(qkv: torch.Tensor) -> str:
@@ -329,6 +330,11 @@ def _make_dense_index(window: int, bn: int, device: torch.device) -> torch.Tenso
     return index.view(-1)
 
 
+def _padded_tokens(window: int) -> int:
+    """Tokens of a window as the kernels' tiles hold them: a power of two, at least 16."""
+    return max(16, _triton.next_power_of_2(window * window))
+
+
 def _dense_bias(table: torch.Tensor, window: int, bn: int) -> torch.Tensor:
     """(heads, bn, bn) float32 bias of each head's scores, -inf in the padding columns: the
     kernels load it as one contiguous tile (a gather from the table costs them registers)."""
@@ -367,14 +373,16 @@ FWD_ROWS = 16
 
 @_triton.define_op("hifuse::window_attention", mutates_args=())
 def _window_attention_op(
-    qkv: torch.Tensor, qkv_bias: torch.Tensor, table: torch.Tensor, num_heads: int, window: int, shift: int
+    qkv: torch.Tensor, qkv_bias: torch.Tensor, table: torch.Tensor, dense_bias: torch.Tensor, num_heads: int,
+    window: int, shift: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``table`` is there for its gradient; the kernel reads ``dense_bias`` (``_dense_bias`` of it)."""
     g = _geometry(qkv, num_heads, window)
     out = qkv.new_empty(g["b"], g["h"], g["w"], g["c"])
     lse = torch.empty(g["b"] * g["n_win"], num_heads, g["bn"], device=qkv.device, dtype=torch.float32)
     grid = _triton.grid(g["b"] * g["n_win"], num_heads)
     _triton.wrap_triton(_fwd_kernel)[grid](
-        qkv, qkv_bias, _dense_bias(table, window, g["bn"]), out, lse,
+        qkv, qkv_bias, dense_bias, out, lse,
         g["h"], g["w"], g["hp"], g["wp"], g["n_win_w"], g["n_win"], g["c"], num_heads, shift,
         g["d"] ** -0.5,
         qkv.stride(0), qkv.stride(1), qkv.stride(2), out.stride(0), out.stride(1), out.stride(2),
@@ -387,7 +395,7 @@ def _window_attention_op(
 
 @_triton.define_op("hifuse::window_attention_backward", mutates_args=())
 def _window_attention_backward_op(
-    grad_out: torch.Tensor, qkv: torch.Tensor, qkv_bias: torch.Tensor, table: torch.Tensor,
+    grad_out: torch.Tensor, qkv: torch.Tensor, qkv_bias: torch.Tensor, table: torch.Tensor, dense_bias: torch.Tensor,
     out: torch.Tensor, lse: torch.Tensor, num_heads: int, window: int, shift: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     g = _geometry(qkv, num_heads, window)
@@ -399,7 +407,7 @@ def _window_attention_backward_op(
     ds_part = torch.empty(progs, num_heads, g["bn"], g["bn"], device=qkv.device, dtype=torch.float32)
     dbias_part = torch.empty(progs, num_heads, 3, g["bd"], device=qkv.device, dtype=torch.float32)
     args = (
-        qkv, qkv_bias, _dense_bias(table, window, g["bn"]), out, grad_out, lse, dqkv, dbias_part, ds_part,
+        qkv, qkv_bias, dense_bias, out, grad_out, lse, dqkv, dbias_part, ds_part,
         g["h"], g["w"], g["hp"], g["wp"], g["n_win_w"], g["n_win"], n_total, per_prog, g["c"], num_heads,
         shift, g["d"] ** -0.5,
         qkv.stride(0), qkv.stride(1), qkv.stride(2), out.stride(0), out.stride(1), out.stride(2),
@@ -423,16 +431,16 @@ def _window_attention_backward_op(
 # Explicit fake implementations: shapes only, so tracing never enters the kernels (under
 # TRITON_INTERPRET=1 the interpreter would otherwise be handed fake tensors).
 @_window_attention_op.register_fake
-def _(qkv, qkv_bias, table, num_heads, window, shift):
+def _(qkv, qkv_bias, table, dense_bias, num_heads, window, shift):
     b, h, w, c3 = qkv.shape
     hp, wp = -(-h // window) * window, -(-w // window) * window
-    bn = max(16, _triton.next_power_of_2(window * window))
+    bn = _padded_tokens(window)
     lse = qkv.new_empty(b * (hp // window) * (wp // window), num_heads, bn, dtype=torch.float32)
     return qkv.new_empty(b, h, w, c3 // 3), lse
 
 
 @_window_attention_backward_op.register_fake
-def _(grad_out, qkv, qkv_bias, table, out, lse, num_heads, window, shift):
+def _(grad_out, qkv, qkv_bias, table, dense_bias, out, lse, num_heads, window, shift):
     return torch.empty_like(qkv, memory_format=torch.contiguous_format), torch.empty_like(qkv_bias), torch.empty_like(table)
 
 
@@ -452,27 +460,27 @@ def _bias_scatter(window: int, device: torch.device) -> torch.Tensor:
 
 
 def _setup_context(ctx, inputs, output):
-    qkv, qkv_bias, table, num_heads, window, shift = inputs
+    qkv, qkv_bias, table, dense_bias, num_heads, window, shift = inputs
     out, lse = output
-    ctx.save_for_backward(qkv, qkv_bias, table, out, lse)
+    ctx.save_for_backward(qkv, qkv_bias, table, dense_bias, out, lse)
     ctx.config = (num_heads, window, shift)
     ctx.set_materialize_grads(False)  # no zero-filled gradient for lse, which nothing differentiates
 
 
 def _backward(ctx, grad_out, _grad_lse):
-    qkv, qkv_bias, table, out, lse = ctx.saved_tensors
+    qkv, qkv_bias, table, dense_bias, out, lse = ctx.saved_tensors
     if grad_out is None:
         grad_out = torch.zeros_like(out)
     dqkv, dbias, dtable = torch.ops.hifuse.window_attention_backward(
-        grad_out, qkv, qkv_bias, table, out, lse, *ctx.config
+        grad_out, qkv, qkv_bias, table, dense_bias, out, lse, *ctx.config
     )
-    return dqkv, dbias, dtable, None, None, None
+    return dqkv, dbias, dtable, None, None, None, None
 
 
 _window_attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _flops(qkv_shape, bias_shape, table_shape, num_heads, window, shift, out_shape=None, **_kwargs) -> int:
+def _flops(qkv_shape, bias_shape, table_shape, dense_shape, num_heads, window, shift, out_shape=None, **_kwargs) -> int:
     b, h, w, c3 = qkv_shape
     c = c3 // 3
     hp, wp = -(-h // window) * window, -(-w // window) * window
@@ -483,7 +491,7 @@ def _flops(qkv_shape, bias_shape, table_shape, num_heads, window, shift, out_sha
 
 def _backward_flops(grad_shape, qkv_shape, *args, out_shape=None, **kwargs) -> int:
     # As eager counts its backward: the four matmuls (dv, dp, dq, dk), not the recompute.
-    return 2 * _flops(qkv_shape, *args[:2], *args[4:])
+    return 2 * _flops(qkv_shape, *args[:3], *args[5:])
 
 
 def _register_flops() -> None:
@@ -524,6 +532,9 @@ def window_attention(
         reason = _triton.unsupported_reason(qkv)
         if reason is not None:
             raise RuntimeError(f"window_attention: {reason}")
-    out, _lse = torch.ops.hifuse.window_attention(qkv, _bias_or_zeros(qkv, qkv_bias), table, num_heads, window, shift)
+    with torch.no_grad():  # the table's gradient comes from the backward op, through the scores
+        dense = _dense_bias(table.detach(), window, _padded_tokens(window))
+    out, _lse = torch.ops.hifuse.window_attention(qkv, _bias_or_zeros(qkv, qkv_bias), table, dense, num_heads, window,
+                                                  shift)
     return out
 
