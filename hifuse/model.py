@@ -288,6 +288,7 @@ class LocalBlock(nn.Module):
         x = self.act(self.pwconv(self.norm(x))).permute(0, 3, 1, 2)
         return shortcut + self.drop_path(x)
 
+
 class LocalStage(nn.Sequential):
     """The local blocks of one stage (children 0, 1, ... as published), checkpointed one by
     one when ``grad_checkpointing`` is set and autograd records."""
