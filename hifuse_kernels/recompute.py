@@ -48,6 +48,7 @@ from . import batch_norm_act as bna  # noqa: F401 - registers hifuse::batch_norm
 from . import dwconv_layer_norm as dln  # noqa: F401 - registers hifuse::dwconv_layer_norm
 from . import gated_layer_norm as gln
 from . import layer_norm_cat as lnc
+from .reference import autocast_dtype
 
 __all__ = ["BatchNormApply", "DwconvLayerNorm", "GatedLayerNorm", "GatedLayerNormRows", "Gelu", "LayerNormCat",
            "LinearBatchNorm", "conv2d", "gated_layer_norm", "gated_layer_norm_source", "linear", "linear_batch_norm",
@@ -198,12 +199,6 @@ def _join(tensors, consts):
 _MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")
 
 
-def gemm_dtype(t: torch.Tensor) -> torch.dtype | None:
-    """The dtype autocast gives a GEMM on t's device now, or None outside autocast."""
-    device = t.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
-
-
 def cast_for_gemm(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype | None):
     """weight and bias as a GEMM under autocast takes them (cast once, to be saved for backward)."""
     if dtype is None or weight.dtype == dtype:
@@ -248,7 +243,7 @@ def _function(producer, sources=()):
             tensors, ctx.consts = _split(kept)
             made = (a, *aux) if keep else ()
             ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
-            weight, bias = cast_for_gemm(weight, bias, gemm_dtype(a))
+            weight, bias = cast_for_gemm(weight, bias, autocast_dtype(a))
             ctx.save_for_backward(weight, bias, *made, *tensors)
             ctx.layout, ctx.n_args, ctx.n_made = layout, n_args, len(made)
             return F.linear(a, weight, bias)
@@ -285,7 +280,7 @@ class _Conv2dFromGatedLayerNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, padding, groups, *src):
         ctx.weight_dtype = weight.dtype
-        weight, _ = cast_for_gemm(weight, None, gemm_dtype(x))
+        weight, _ = cast_for_gemm(weight, None, autocast_dtype(x))
         y = F.conv2d(x, weight, None, padding=padding, groups=groups)
         tensors, ctx.consts = _split(src)
         ctx.save_for_backward(weight, *tensors)
@@ -377,7 +372,7 @@ class _LinearPair(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w1, b1, w2, b2, keep):
         ctx.dtypes = [None if t is None else t.dtype for t in (w1, b1, w2, b2)]
-        dtype = gemm_dtype(x)
+        dtype = autocast_dtype(x)
         w1, b1 = cast_for_gemm(w1, b1, dtype)
         w2, b2 = cast_for_gemm(w2, b2, dtype)
         mid = F.linear(x, w1, b1)
@@ -431,7 +426,7 @@ class _ResidualLayerNormLinear(torch.autograd.Function):
         else:
             source = out if stream_kept and out.dtype == torch.float32 else None
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
-        weight, bias = cast_for_gemm(weight, bias, gemm_dtype(normed))
+        weight, bias = cast_for_gemm(weight, bias, autocast_dtype(normed))
         ctx.save_for_backward(y, shortcut, ln_weight, ln_bias, mean, rstd, weight, bias, source,
                               normed if keep else None)
         ctx.eps, ctx.norm_dtype = eps, norm_dtype

@@ -54,6 +54,14 @@ def relative_position_index(window: int, device: torch.device | str | None = Non
 _cache: dict[tuple, torch.Tensor] = {}
 
 
+def autocast_dtype(t: torch.Tensor) -> torch.dtype | None:
+    """The dtype autocast gives GEMMs on t's device now, or None outside autocast. Fused
+    kernels whose result only feeds a GEMM write it in this dtype (the cast autocast would
+    make, done in their store), and the rebuilt GEMMs cast their weights to it once."""
+    device = t.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+
+
 def capturing() -> bool:
     """Whether a CUDA graph is being captured on the current stream: work is then recorded,
     not run, so a tensor made now holds its values only once the graph replays."""

@@ -9,16 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from hifuse_kernels import gelu_residual as gr
-from hifuse_kernels.reference import capturing
+from hifuse_kernels.reference import autocast_dtype, capturing  # noqa: F401 - autocast_dtype for the fused forwards
 from hifuse_kernels import residual_layer_norm as rln
-
-
-def autocast_dtype(t: torch.Tensor) -> torch.dtype | None:
-    """The dtype autocast gives GEMMs on t's device now, or None outside autocast. Fused
-    kernels whose result only feeds a GEMM write it in this dtype: the cast autocast would
-    make, done in their store instead of in a pass of its own."""
-    device = t.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
 
 
 def derived(module: nn.Module, name: str, sources: tuple[torch.Tensor, ...], compute):
