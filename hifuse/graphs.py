@@ -21,7 +21,6 @@ What a graph needs, and what ``TrainStep`` does about it:
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Callable
 
@@ -113,7 +112,7 @@ def _device_scalar(value, device: torch.device) -> torch.Tensor:
     return torch.tensor(float(value), dtype=torch.float32, device=device)
 
 
-class _CudaGraph:
+class CudaGraph:
     """Records a function once; ``replay`` runs what it recorded and returns its outputs (the
     same tensors every time)."""
 
@@ -128,7 +127,22 @@ class _CudaGraph:
         return self.outputs
 
 
-_Graph = _CudaGraph  # tests on CPU replace it with a stand-in that reruns the function
+_Graph = CudaGraph  # tests on CPU replace it with a stand-in that reruns the function
+
+
+def warm_up(fn: Callable[[], object], calls: int, device: torch.device) -> None:
+    """``fn()`` ``calls`` times before a capture (kernels compiled, lazy state and per-shape
+    decisions made), on a side stream as the CUDA graph docs ask; on a CPU as it stands."""
+    if device.type != "cuda":
+        for _ in range(calls):
+            fn()
+        return
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(calls):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
 
 
 class _Snapshot:
@@ -136,7 +150,7 @@ class _Snapshot:
     keeps the tensors' addresses, so nothing may be replaced)."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device) -> None:
-        self.model, self.optimizer, self.device = model, optimizer, device
+        self.optimizer, self.device = optimizer, device
         with torch.no_grad():
             self.tensors = {id(t): (t, t.detach().clone()) for t in [*model.parameters(), *model.buffers()]}
             self.state = {p: {k: v.detach().clone() if isinstance(v, torch.Tensor) else v for k, v in s.items()}
@@ -235,15 +249,7 @@ class TrainStep:
         self._inputs.copy_(inputs)
         self._target.copy_(target)
         snapshot = _Snapshot(self.model, self.optimizer, self.device)
-        on_device = self.device.type == "cuda"
-        side = torch.cuda.Stream(self.device) if on_device else None
-        if on_device:
-            side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side) if on_device else contextlib.nullcontext():
-            for _ in range(self.warmup):
-                self._forward_backward(self._inputs, self._target)
-        if on_device:
-            torch.cuda.current_stream(self.device).wait_stream(side)
+        warm_up(lambda: self._forward_backward(self._inputs, self._target), self.warmup, self.device)
         snapshot.restore()
         del snapshot
         self.optimizer.zero_grad(set_to_none=True)

@@ -20,7 +20,7 @@ from collections.abc import Callable
 import torch
 
 from .. import config
-from ..graphs import TrainStep
+from .. import graphs
 from ..model import create_model
 
 PROVIDERS = ("eager", "fused", "compile", "fused_compile", "fused_cudagraphs", "eager_graph", "fused_graph")
@@ -73,8 +73,8 @@ def model_call(
     lr = torch.tensor(1e-4, device=device) if graphed else 1e-4
     opt = torch.optim.AdamW(no_decay_groups(model, 0.01), lr=lr, fused=on_gpu, capturable=graphed)
     if graphed:
-        step = TrainStep(model, opt, amp=DTYPES[dtype] if dtype != "fp32" else None, strict=True)
-        return lambda: step(x, y)
+        graphed_step = graphs.TrainStep(model, opt, amp=DTYPES[dtype] if dtype != "fp32" else None, strict=True)
+        return lambda: graphed_step(x, y)
 
     def step():
         opt.zero_grad(set_to_none=True)
@@ -98,16 +98,9 @@ def _recorded_inference(model, x, autocast: dict, provider: str) -> Callable[[],
 
     def call():
         if "graph" not in state:
-            side = torch.cuda.Stream(x.device)
-            side.wait_stream(torch.cuda.current_stream(x.device))
-            with torch.cuda.stream(side):
-                for _ in range(3):
-                    forward()
-            torch.cuda.current_stream(x.device).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                forward()
-            state["graph"] = graph
+            graphs.warm_up(forward, graphs.WARMUP, x.device)
+            state["graph"] = graphs.CudaGraph()
+            state["graph"].capture(forward)
         state["graph"].replay()
 
     return call
