@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections import Counter
 import platform
 
 import torch
@@ -99,12 +100,8 @@ def probe(model: torch.nn.Module, x: torch.Tensor) -> dict[str, tuple[str, str]]
         elif len(slow) == len(ran):
             result[part] = ("no", "; ".join(sorted(set().union(*(eager[m] for m in slow)))))
         else:
-            total, count = {}, {}  # per kind; per (kind, reason)
-            for m in ran:
-                kind = type(m).__name__
-                total[kind] = total.get(kind, 0) + 1
-                for reason in eager[m]:
-                    count[kind, reason] = count.get((kind, reason), 0) + 1
+            total = Counter(type(m).__name__ for m in ran)
+            count = Counter((type(m).__name__, reason) for m in ran for reason in eager[m])
             result[part] = ("partly", "; ".join(f"{kind} eager ({n} of {total[kind]}): {reason}"
                                                 for (kind, reason), n in sorted(count.items())))
     return result
