@@ -104,13 +104,15 @@ if triton is not None:
     @triton.jit
     def _bwd_norm_kernel(X, CW, CB, LW, GRAD, MEAN, RSTD, DY, PART_LW, PART_LB, P, H, W, C, PROGRAMS,
                          BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-        """Gradient of the conv output (fp32), and partial LayerNorm weight/bias gradients."""
+        """Gradient of the conv output (in DY's dtype: the GEMM's under autocast, as eager's),
+        and partial LayerNorm weight/bias gradients, accumulated as tiles and reduced over the
+        positions once at the end (a reduction across the tile per iteration costs a barrier)."""
         pid = tl.program_id(0)
         c = tl.arange(0, BLOCK_C)
         cmask = c < C
         lw = tl.load(LW + c, mask=cmask, other=0.0).to(tl.float32)
-        sum_gx = tl.zeros((BLOCK_C,), dtype=tl.float32)
-        sum_g = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        acc_gx = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+        acc_g = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
         for t in range(pid, tl.cdiv(P, BLOCK_P), PROGRAMS):
             h, w, pos, pmask = _positions(t, P, H, W, BLOCK_P)
             m2 = pmask[:, None] & cmask[None, :]
@@ -123,42 +125,47 @@ if triton is not None:
             a = tl.sum(gw, 1) / C
             b = tl.sum(gw * xhat, 1) / C
             dy = tl.where(m2, rstd[:, None] * (gw - a[:, None] - xhat * b[:, None]), 0.0)
-            tl.store(DY + pos[:, None] * C + c[None, :], dy, mask=m2)
-            sum_gx += tl.sum(g * xhat, 0)
-            sum_g += tl.sum(g, 0)
+            tl.store(DY + pos[:, None] * C + c[None, :], dy.to(DY.dtype.element_ty), mask=m2)
+            acc_gx += g * xhat
+            acc_g += g
         part = pid.to(tl.int64) * C + c
-        tl.store(PART_LW + part, sum_gx, mask=cmask)
-        tl.store(PART_LB + part, sum_g, mask=cmask)
+        tl.store(PART_LW + part, tl.sum(acc_gx, 0), mask=cmask)
+        tl.store(PART_LB + part, tl.sum(acc_g, 0), mask=cmask)
 
     @triton.jit
     def _tap_grad(X, here, dy, h, w, pmask, cmask, ky: tl.constexpr, kx: tl.constexpr, H, W, C):
-        """Tap (ky, kx)'s gradient over a tile: dy times the input each position read through it."""
+        """Tap (ky, kx)'s gradient terms over a tile: dy times the input each position read
+        through it (summed over the positions by the caller, once)."""
         off, ok = _neighbour(h, w, pmask, ky - 1, kx - 1, H, W, C)
         xv = tl.load(X + here + off, mask=ok[:, None] & cmask[None, :], other=0.0)
-        return tl.sum(dy * xv.to(tl.float32), 0)
+        return dy * xv.to(tl.float32)
 
     @triton.jit
-    def _bwd_conv_kernel(X, CW, DY, DX, PART_CW, PART_CB, P, H, W, C, PROGRAMS,
+    def _bwd_conv_kernel(X, CW, DY, DX, DS, PART_CW, PART_CB, P, H, W, C, PROGRAMS, HAS_DS: tl.constexpr,
                          BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-        """Input gradient (transposed depthwise conv of DY) and partial tap/bias gradients, for
-        the channel block program_id(1) (a depthwise conv needs no other channels)."""
+        """Input gradient (transposed depthwise conv of DY, plus DS: the gradient x gets from
+        elsewhere, summed here rather than by a separate pass) and partial tap/bias gradients,
+        for the channel block program_id(1) (a depthwise conv needs no other channels). The
+        ten partials are accumulated as tiles and reduced over the positions once at the end."""
         pid = tl.program_id(0)
         c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         cmask = c < C
-        zero = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        zero = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
         g00, g01, g02, g10, g11, g12, g20, g21, g22, gb = zero, zero, zero, zero, zero, zero, zero, zero, zero, zero
         for t in range(pid, tl.cdiv(P, BLOCK_P), PROGRAMS):
             h, w, pos, pmask = _positions(t, P, H, W, BLOCK_P)
             m2 = pmask[:, None] & cmask[None, :]
             here = pos[:, None] * C + c[None, :]
-            dy_here = tl.load(DY + here, mask=m2, other=0.0)
-            gb += tl.sum(dy_here, 0)
+            dy_here = tl.load(DY + here, mask=m2, other=0.0).to(tl.float32)
+            gb += dy_here
             dx = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+            if HAS_DS:
+                dx += tl.load(DS + here, mask=m2, other=0.0).to(tl.float32)
             for ky in tl.static_range(3):
                 for kx in tl.static_range(3):
                     # Output (h', w') = (h - ky + 1, w - kx + 1) read this input through tap (ky, kx).
                     off, ok = _neighbour(h, w, pmask, 1 - ky, 1 - kx, H, W, C)
-                    g = tl.load(DY + here + off, mask=ok[:, None] & cmask[None, :], other=0.0)
+                    g = tl.load(DY + here + off, mask=ok[:, None] & cmask[None, :], other=0.0).to(tl.float32)
                     tap = tl.load(CW + c * 9 + ky * 3 + kx, mask=cmask, other=0.0).to(tl.float32)
                     dx += g * tap[None, :]
             tl.store(DX + here, dx.to(DX.dtype.element_ty), mask=m2)
@@ -172,28 +179,27 @@ if triton is not None:
             g21 += _tap_grad(X, here, dy_here, h, w, pmask, cmask, 2, 1, H, W, C)
             g22 += _tap_grad(X, here, dy_here, h, w, pmask, cmask, 2, 2, H, W, C)
         taps = PART_CW + pid.to(tl.int64) * 9 * C + c
-        tl.store(taps, g00, mask=cmask)
-        tl.store(taps + C, g01, mask=cmask)
-        tl.store(taps + 2 * C, g02, mask=cmask)
-        tl.store(taps + 3 * C, g10, mask=cmask)
-        tl.store(taps + 4 * C, g11, mask=cmask)
-        tl.store(taps + 5 * C, g12, mask=cmask)
-        tl.store(taps + 6 * C, g20, mask=cmask)
-        tl.store(taps + 7 * C, g21, mask=cmask)
-        tl.store(taps + 8 * C, g22, mask=cmask)
-        tl.store(PART_CB + pid.to(tl.int64) * C + c, gb, mask=cmask)
-
-
+        tl.store(taps, tl.sum(g00, 0), mask=cmask)
+        tl.store(taps + C, tl.sum(g01, 0), mask=cmask)
+        tl.store(taps + 2 * C, tl.sum(g02, 0), mask=cmask)
+        tl.store(taps + 3 * C, tl.sum(g10, 0), mask=cmask)
+        tl.store(taps + 4 * C, tl.sum(g11, 0), mask=cmask)
+        tl.store(taps + 5 * C, tl.sum(g12, 0), mask=cmask)
+        tl.store(taps + 6 * C, tl.sum(g20, 0), mask=cmask)
+        tl.store(taps + 7 * C, tl.sum(g21, 0), mask=cmask)
+        tl.store(taps + 8 * C, tl.sum(g22, 0), mask=cmask)
+        tl.store(PART_CB + pid.to(tl.int64) * C + c, tl.sum(gb, 0), mask=cmask)
 
 
 def _block_p(positions: int, c: int) -> int:
     if _triton.wide():
         return min(_triton.next_power_of_2(positions), _triton.wide_rows(_triton.block_channels(c)))
-    # a (BLOCK_P x BLOCK_C) tile of 1024 values up to 256 channels, 2048 above: with _launch's warps, 2 to
+    # a (BLOCK_P x BLOCK_C) tile of 1024 values, 2048 at 512 channels: with _launch's warps, 2 to
     # 4 per thread, so the backward holds its tiles and nine taps in under 128 registers (8 per
-    # thread needed up to 255 at 256 and 512 channels)
+    # thread needed up to 255 at 256 and 512 channels; at 1024 channels, two rows of the bf16
+    # norm backward spilled under triton 3.8)
     block_c = _triton.block_channels(c)
-    return max(1, min(BLOCK_P, (1024 if block_c <= 256 else 2048) // block_c))
+    return max(1, min(BLOCK_P, (2048 if block_c == 512 else 1024) // block_c))
 
 
 def _launch_tile(positions: int, c: int) -> dict:
@@ -229,20 +235,23 @@ def _fwd_op(
 @_triton.define_op("hifuse::dwconv_layer_norm_backward", mutates_args=())
 def _bwd_op(
     grad: torch.Tensor, x: torch.Tensor, conv_weight: torch.Tensor, conv_bias: torch.Tensor,
-    ln_weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
+    ln_weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, grad_x: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The five gradients; ``grad_x`` (x's shape), a gradient x receives from another use, is
+    added to x's."""
     n, h, w, c = x.shape
     grid, tile = _launch(x)
     progs = _triton.reduction_programs(grid[0], 1, x.device, tile["num_warps"])
     f32 = dict(device=x.device, dtype=torch.float32)
-    dy = torch.empty(n, h, w, c, **f32)
+    # the conv output's gradient in the incoming gradient's dtype: bf16 under autocast, as eager's
+    dy = torch.empty(n, h, w, c, device=x.device, dtype=grad.dtype)
     part_lw, part_lb = torch.empty(progs, c, **f32), torch.empty(progs, c, **f32)
     _triton.wrap_triton(_bwd_norm_kernel)[(progs,)](
         x, conv_weight, conv_bias, ln_weight, grad, mean, rstd, dy, part_lw, part_lb, n * h * w, h, w, c, progs,
         **tile,
     )
     dx = torch.empty_like(x)
-    # the conv backward in channel blocks of at most CONV_BLOCK_C: ten gradient vectors of 1024
+    # the conv backward in channel blocks of at most CONV_BLOCK_C: ten gradient tiles of 1024
     # channels held across the loop spilled (triton 3.6), and 768 channels fill three of 256
     conv_tile = _launch_tile(n * h * w, min(c, CONV_BLOCK_C))
     lanes = triton.cdiv(c, conv_tile["BLOCK_C"])
@@ -250,7 +259,8 @@ def _bwd_op(
                                             conv_tile["num_warps"])
     part_cw, part_cb = torch.empty(conv_progs, 9, c, **f32), torch.empty(conv_progs, c, **f32)
     _triton.wrap_triton(_bwd_conv_kernel)[(conv_progs, lanes)](
-        x, conv_weight, dy, dx, part_cw, part_cb, n * h * w, h, w, c, conv_progs, **conv_tile
+        x, conv_weight, dy, dx, dx if grad_x is None else grad_x.contiguous(), part_cw, part_cb, n * h * w, h, w, c,
+        conv_progs, HAS_DS=grad_x is not None, **conv_tile
     )
     # contiguous, as the fake kernel (and so Inductor) expects
     d_cw = part_cw.sum(0).t().contiguous().view(c, 1, 3, 3).to(conv_weight.dtype)
@@ -265,7 +275,7 @@ def _(x, conv_weight, conv_bias, ln_weight, ln_bias, eps, out_dtype):
 
 
 @_bwd_op.register_fake
-def _(grad, x, conv_weight, conv_bias, ln_weight, mean, rstd):
+def _(grad, x, conv_weight, conv_bias, ln_weight, mean, rstd, grad_x=None):
     return (torch.empty_like(x), torch.empty_like(conv_weight), torch.empty_like(conv_bias),
             torch.empty_like(ln_weight), torch.empty_like(ln_weight))
 

@@ -81,23 +81,25 @@ if triton is not None:
         tl.store(RSTD + p, rstd, mask=smask)
 
     @triton.jit
-    def _gated_ln_bwd_kernel(GRAD, G, CG, L, SG, X, W, MEAN, RSTD, DG, DL, DSG, DX,
-                             PART_CG, PART_W, PART_B, S, C, PROGRAMS,
+    def _gated_ln_bwd_kernel(GRAD, GRAD2, G, CG, L, SG, X, W, MEAN, RSTD, DG, DL, DSG, DX,
+                             PART_CG, PART_W, PART_B, S, C, PROGRAMS, HAS_GRAD2: tl.constexpr,
                              BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
         """PROGRAMS programs per image (``_triton.reduction_programs``), each looping over the
         image's row blocks j, j + PROGRAMS, ... and writing one row of channel-gate, weight and
-        bias partials: the channel gate's gradient is per image, so a program stays in one."""
+        bias partials: the channel gate's gradient is per image, so a program stays in one. The
+        seven partials are accumulated as tiles and reduced over the rows once at the end. With
+        HAS_GRAD2 the output's gradient is GRAD + GRAD2 (two uses of it, summed on load)."""
         prog = tl.program_id(0).to(tl.int64)
         n = prog // PROGRAMS
         c = tl.arange(0, BLOCK_C)
         cmask = c < C
-        acc_cg = tl.zeros((BLOCK_C,), dtype=tl.float32)
-        acc_wa = tl.zeros((BLOCK_C,), dtype=tl.float32)
-        acc_wb = tl.zeros((BLOCK_C,), dtype=tl.float32)
-        acc_wx = tl.zeros((BLOCK_C,), dtype=tl.float32)
-        acc_ba = tl.zeros((BLOCK_C,), dtype=tl.float32)
-        acc_bb = tl.zeros((BLOCK_C,), dtype=tl.float32)
-        acc_bx = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        acc_cg = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+        acc_wa = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+        acc_wb = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+        acc_wx = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+        acc_ba = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+        acc_bb = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+        acc_bx = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
         for j in range(tl.program_id(0) % PROGRAMS, tl.cdiv(S, BLOCK_P), PROGRAMS):
             s = j * BLOCK_P + tl.arange(0, BLOCK_P)
             smask = s < S
@@ -114,6 +116,10 @@ if triton is not None:
             dya = tl.load(GRAD + out, mask=m, other=0.0).to(tl.float32)
             dyb = tl.load(GRAD + out + C, mask=m, other=0.0).to(tl.float32)
             dyx = tl.load(GRAD + out + 2 * C, mask=m, other=0.0).to(tl.float32)
+            if HAS_GRAD2:
+                dya += tl.load(GRAD2 + out, mask=m, other=0.0).to(tl.float32)
+                dyb += tl.load(GRAD2 + out + C, mask=m, other=0.0).to(tl.float32)
+                dyx += tl.load(GRAD2 + out + 2 * C, mask=m, other=0.0).to(tl.float32)
             ga = dya * tl.load(W + c, mask=cmask, other=0.0).to(tl.float32)[None, :]
             gb = dyb * tl.load(W + C + c, mask=cmask, other=0.0).to(tl.float32)[None, :]
             gx = dyx * tl.load(W + 2 * C + c, mask=cmask, other=0.0).to(tl.float32)[None, :]
@@ -127,21 +133,21 @@ if triton is not None:
             tl.store(DL + rows, (zb * sg[:, None]).to(DL.dtype.element_ty), mask=m)
             tl.store(DX + rows, zx.to(DX.dtype.element_ty), mask=m)
             tl.store(DSG + p, tl.sum(zb * lv, 1), mask=smask)
-            acc_cg += tl.sum(za * g, 0)
-            acc_wa += tl.sum(dya * ha, 0)
-            acc_wb += tl.sum(dyb * hb, 0)
-            acc_wx += tl.sum(dyx * hx, 0)
-            acc_ba += tl.sum(dya, 0)
-            acc_bb += tl.sum(dyb, 0)
-            acc_bx += tl.sum(dyx, 0)
-        tl.store(PART_CG + prog * C + c, acc_cg, mask=cmask)
+            acc_cg += za * g
+            acc_wa += dya * ha
+            acc_wb += dyb * hb
+            acc_wx += dyx * hx
+            acc_ba += dya
+            acc_bb += dyb
+            acc_bx += dyx
+        tl.store(PART_CG + prog * C + c, tl.sum(acc_cg, 0), mask=cmask)
         parts = prog * 3 * C + c
-        tl.store(PART_W + parts, acc_wa, mask=cmask)
-        tl.store(PART_W + parts + C, acc_wb, mask=cmask)
-        tl.store(PART_W + parts + 2 * C, acc_wx, mask=cmask)
-        tl.store(PART_B + parts, acc_ba, mask=cmask)
-        tl.store(PART_B + parts + C, acc_bb, mask=cmask)
-        tl.store(PART_B + parts + 2 * C, acc_bx, mask=cmask)
+        tl.store(PART_W + parts, tl.sum(acc_wa, 0), mask=cmask)
+        tl.store(PART_W + parts + C, tl.sum(acc_wb, 0), mask=cmask)
+        tl.store(PART_W + parts + 2 * C, tl.sum(acc_wx, 0), mask=cmask)
+        tl.store(PART_B + parts, tl.sum(acc_ba, 0), mask=cmask)
+        tl.store(PART_B + parts + C, tl.sum(acc_bb, 0), mask=cmask)
+        tl.store(PART_B + parts + 2 * C, tl.sum(acc_bx, 0), mask=cmask)
 
 
 # --------------------------------------------------------------------------- ops
@@ -157,11 +163,13 @@ def _gated_out_dtype(*tensors: torch.Tensor) -> torch.dtype:
 @_triton.define_op("hifuse::gated_layer_norm", mutates_args=())
 def _gated_ln_op(
     g: torch.Tensor, channel_gate: torch.Tensor, l: torch.Tensor, spatial_gate: torch.Tensor,
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, out_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``out_dtype``: the result's (default the dtype eager's formula gives); a rebuild for a
+    GEMM asks for the GEMM's, so no cast pass follows."""
     n, s, c = g.shape
     out = torch.empty((n, s, 3 * c), device=g.device,
-                      dtype=_gated_out_dtype(g, channel_gate, l, spatial_gate, x, weight))
+                      dtype=out_dtype or _gated_out_dtype(g, channel_gate, l, spatial_gate, x, weight))
     mean = torch.empty((n, s), device=g.device, dtype=torch.float32)
     rstd = torch.empty_like(mean)
     rows = _triton.rows_per_program(c, 3)
@@ -173,11 +181,12 @@ def _gated_ln_op(
 
 
 def bwd_launch(c: int) -> dict:
-    """BLOCK_P, BLOCK_C and num_warps of the backward: it holds its tiles and seven rows of
-    partial sums across its loop, so rows for six tiles, and 16 warps from 512 channels, keep
-    it within 128 registers and free of spills under triton 3.6 and 3.8 (3.6 took 145-150
-    with rows for three; 3.8 spilled at 512 channels on 8 warps)."""
-    rows = _triton.rows_per_program(c, 6)
+    """BLOCK_P, BLOCK_C and num_warps of the backward: it holds its tiles and seven tiles of
+    partial sums across its loop, so rows for thirteen tiles, and 16 warps from 512 channels,
+    keep it within 128 registers and free of spills under triton 3.6 and 3.8 (rows for six
+    took 163 at 96 channels once the partials became tiles; 3.8 spilled at 512 channels on 8
+    warps)."""
+    rows = _triton.rows_per_program(c, 13)
     tile = _triton.row_tile(c, rows)
     return {"BLOCK_P": rows, "BLOCK_C": tile["BLOCK_C"],
             "num_warps": 16 if tile["BLOCK_C"] >= 512 else tile["num_warps"]}
@@ -187,8 +196,10 @@ def bwd_launch(c: int) -> dict:
 def _gated_ln_backward_op(
     grad: torch.Tensor, g: torch.Tensor, channel_gate: torch.Tensor, l: torch.Tensor,
     spatial_gate: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
-    rstd: torch.Tensor,
+    rstd: torch.Tensor, grad2: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The seven gradients; ``grad2`` (grad's shape), a second gradient of the output from
+    another use of it, is added to grad on load."""
     n, s, c = g.shape
     tile = bwd_launch(c)
     rows = tile.pop("BLOCK_P")
@@ -202,30 +213,30 @@ def _gated_ln_backward_op(
     part_cg = torch.empty((n, programs, c), **f32)
     part_w, part_b = torch.empty((n * programs, 3 * c), **f32), torch.empty((n * programs, 3 * c), **f32)
     _triton.wrap_triton(_gated_ln_bwd_kernel)[_triton.grid(n * programs)](
-        grad, g, channel_gate, l, spatial_gate, x, weight, mean, rstd, dg, dl, dsg, dx,
-        part_cg, part_w, part_b, s, c, programs, BLOCK_P=rows, **tile,
+        grad, grad if grad2 is None else grad2, g, channel_gate, l, spatial_gate, x, weight, mean, rstd, dg, dl, dsg,
+        dx, part_cg, part_w, part_b, s, c, programs, HAS_GRAD2=grad2 is not None, BLOCK_P=rows, **tile,
     )
     return (dg, part_cg.sum(1).to(channel_gate.dtype), dl, dsg.to(spatial_gate.dtype), dx,
             part_w.sum(0).to(weight.dtype), part_b.sum(0).to(weight.dtype))
 
 
 @_gated_ln_op.register_fake
-def _(g, channel_gate, l, spatial_gate, x, weight, bias, eps):
+def _(g, channel_gate, l, spatial_gate, x, weight, bias, eps, out_dtype=None):
     n, s, c = g.shape
-    out = g.new_empty((n, s, 3 * c), dtype=_gated_out_dtype(g, channel_gate, l, spatial_gate, x, weight))
+    out = g.new_empty((n, s, 3 * c), dtype=out_dtype or _gated_out_dtype(g, channel_gate, l, spatial_gate, x, weight))
     stat = g.new_empty((n, s), dtype=torch.float32)
     return out, stat, torch.empty_like(stat)
 
 
 @_gated_ln_backward_op.register_fake
-def _(grad, g, channel_gate, l, spatial_gate, x, weight, mean, rstd):
+def _(grad, g, channel_gate, l, spatial_gate, x, weight, mean, rstd, grad2=None):
     return (torch.empty_like(g), torch.empty_like(channel_gate), torch.empty_like(l),
             torch.empty_like(spatial_gate), torch.empty_like(x), torch.empty_like(weight),
             torch.empty_like(weight))
 
 
 def _gated_ln_setup(ctx, inputs, output):
-    g, channel_gate, l, spatial_gate, x, weight, _bias, _eps = inputs
+    g, channel_gate, l, spatial_gate, x, weight, _bias, _eps, _out_dtype = inputs
     _out, mean, rstd = output
     ctx.save_for_backward(g, channel_gate, l, spatial_gate, x, weight, mean, rstd)
     ctx.out_dtype = output[0].dtype
@@ -238,7 +249,7 @@ def _gated_ln_backward(ctx, grad, _gm, _gr):
     dg, dcg, dl, dsg, dx, dw, db = torch.ops.hifuse.gated_layer_norm_backward(
         grad.contiguous(), g, channel_gate, l, spatial_gate, x, weight, mean, rstd
     )
-    return dg, dcg, dl, dsg, dx, dw, db, None
+    return dg, dcg, dl, dsg, dx, dw, db, None, None
 
 
 _gated_ln_op.register_autograd(_gated_ln_backward, setup_context=_gated_ln_setup)

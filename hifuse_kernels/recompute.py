@@ -19,13 +19,15 @@ in forward (gradients go through that op), for consumers that would otherwise ke
 ``linear(producer, args, weight, bias)`` applies the GEMM to ``make``'s result (``rebuilt``:
 one of ``args`` comes from a source too). More functions keep less by the same rule:
 - ``linear_pair``: proj then fc1 keeps proj's input only;
+- ``dwconv_layer_norm_linear_residual``: the local block, whose stream gradient is summed by
+  the convolution's backward kernel;
 - ``residual_layer_norm_linear``: the next block's qkv GEMM keeps the residual LayerNorm's
   inputs, not its normalised rows;
 - ``linear_batch_norm`` and ``norm_cat_linear``: the fusion block's 1x1 input GEMMs with
   their BatchNorm keep the GEMM input only, and the LayerNorm over their concatenation keeps
   neither the parts nor its rows;
-- ``gated_layer_norm`` and ``conv2d``: norm3 and the IRMLP's conv1 (and, through
-  ``rebuilt``, its ``bn1``) keep norm3's source, not its input or output.
+- ``gated_layer_norm`` and ``gated_layer_norm_conv2d``: norm3, and norm3 with the IRMLP's
+  conv1 (and, through ``rebuilt``, its ``bn1``), keep norm3's source, not its input or output.
 
 Under autocast a GEMM runs in autocast's dtype as ``F.linear`` would. Its weight and bias are
 cast once, in forward, and that cast is saved for backward (a copy made per step, never stale
@@ -51,8 +53,9 @@ from . import layer_norm_cat as lnc
 from .reference import autocast_dtype
 
 __all__ = ["BatchNormApply", "DwconvLayerNorm", "GatedLayerNorm", "GatedLayerNormRows", "Gelu", "LayerNormCat",
-           "LinearBatchNorm", "conv2d", "gated_layer_norm", "gated_layer_norm_source", "linear", "linear_batch_norm",
-           "linear_pair", "norm_cat_linear", "residual_layer_norm_linear"]
+           "LinearBatchNorm", "dwconv_layer_norm_linear_residual", "gated_layer_norm", "gated_layer_norm_conv2d",
+           "gated_layer_norm_source", "linear", "linear_batch_norm", "linear_pair", "norm_cat_linear",
+           "residual_layer_norm_linear"]
 
 # --------------------------------------------------------------------------- producers
 
@@ -273,32 +276,6 @@ for _key in ((BatchNormApply, (GatedLayerNormRows,)), (LayerNormCat, (LinearBatc
     _FUNCTIONS[_key] = _function(*_key)
 
 
-class _Conv2dFromGatedLayerNorm(torch.autograd.Function):
-    """``F.conv2d(x, weight)`` (stride 1, no bias) keeping the gated LayerNorm's arguments
-    instead of x, its output: backward reruns that elementwise op to get x back."""
-
-    @staticmethod
-    def forward(ctx, x, weight, padding, groups, *src):
-        ctx.weight_dtype = weight.dtype
-        weight, _ = cast_for_gemm(weight, None, autocast_dtype(x))
-        y = F.conv2d(x, weight, None, padding=padding, groups=groups)
-        tensors, ctx.consts = _split(src)
-        ctx.save_for_backward(weight, *tensors)
-        ctx.padding, ctx.groups, ctx.x_dtype = padding, groups, x.dtype
-        return y
-
-    @staticmethod
-    def backward(ctx, grad):
-        weight, *tensors = ctx.saved_tensors
-        x = GatedLayerNorm.make(*_join(tensors, ctx.consts))[0]
-        dtype = grad.dtype  # the convolution's, under autocast
-        dx, dw, _ = torch.ops.aten.convolution_backward(
-            grad, x.to(dtype), weight.to(dtype), None, [1, 1], list(ctx.padding), [1, 1], False, [0, 0],
-            ctx.groups, [True, True, False],
-        )
-        return (dx.to(ctx.x_dtype), dw.to(ctx.weight_dtype), None, None, *[None] * len(ctx.consts))
-
-
 # --------------------------------------------------------------------------- functional
 
 
@@ -356,10 +333,90 @@ def gated_layer_norm(src, keep: bool = False) -> torch.Tensor:
     return _GatedLayerNorm.apply(bool(keep), *src).view(n, h, w, -1).permute(0, 3, 1, 2)
 
 
-def conv2d(x: torch.Tensor, weight: torch.Tensor, padding, groups: int, src) -> torch.Tensor:
-    """``F.conv2d(x, weight, padding=padding, groups=groups)`` where x is
-    ``GatedLayerNorm.make(*src)[0]``, keeping ``src`` instead of x."""
-    return _Conv2dFromGatedLayerNorm.apply(x, weight, tuple(padding), groups, *src)
+class _GatedLayerNormConv2d(torch.autograd.Function):
+    """norm3 (as ``_GatedLayerNorm``) and the IRMLP's conv1 (stride 1, no bias) on its result,
+    as one Function returning both: neither norm3's x nor its result is kept. Backward rebuilds
+    x once (the BatchNorm apply), the result once in the convolution's dtype (for conv1's
+    weight gradient; no cast pass), and the gated LayerNorm backward takes conv1's input
+    gradient and the result's other gradient (bn1's residual) as two inputs summed on load:
+    neither a cast of the first nor an accumulation pass."""
+
+    @staticmethod
+    def forward(ctx, weight, padding, groups, *src):
+        n, h, w = src[:3]
+        out, mean, rstd = torch.ops.hifuse.gated_layer_norm(*GatedLayerNormRows.op_args(*src))
+        x = out.view(n, h, w, -1).permute(0, 3, 1, 2)
+        ctx.weight_dtype = weight.dtype
+        weight, _ = cast_for_gemm(weight, None, autocast_dtype(x))
+        y = F.conv2d(x, weight, None, padding=padding, groups=groups)
+        tensors, ctx.consts = _split(src)
+        ctx.save_for_backward(weight, mean, rstd, *tensors)
+        ctx.padding, ctx.groups = padding, groups
+        ctx.set_materialize_grads(False)
+        return x, y
+
+    @staticmethod
+    def backward(ctx, grad_x, grad_y):
+        weight, mean, rstd, *tensors = ctx.saved_tensors
+        src = _join(tensors, ctx.consts)
+        n, h, w = src[:3]
+        args = GatedLayerNormRows.op_args(*src)
+        g, channel_gate, l, spatial_gate, x, ln_weight = args[:6]
+        dconv = dw = None
+        if grad_y is not None:
+            dtype = grad_y.dtype  # the convolution's, under autocast
+            rebuilt = torch.ops.hifuse.gated_layer_norm(*args, dtype)[0].view(n, h, w, -1).permute(0, 3, 1, 2)
+            dconv, dw, _ = torch.ops.aten.convolution_backward(
+                grad_y, rebuilt, weight.to(dtype), None, [1, 1], list(ctx.padding), [1, 1], False, [0, 0],
+                ctx.groups, [True, True, False],
+            )
+            dw = dw.to(ctx.weight_dtype)
+        if grad_x is None and dconv is None:
+            return (None,) * (3 + len(src))
+        grads = [t.permute(0, 2, 3, 1).contiguous().view(n, h * w, -1) for t in (grad_x, dconv) if t is not None]
+        dg, dcg, dl, dsg, dx, dlw, dlb = torch.ops.hifuse.gated_layer_norm_backward(
+            grads[0], g, channel_gate, l, spatial_gate, x, ln_weight, mean, rstd, *grads[1:]
+        )
+        dbn = BatchNormApply.grad(dx.view(-1, dx.shape[-1]), (), *src[11:])
+        return (dw, None, None, None, None, None, dg, dcg, dl, dsg, None, dlw, dlb, None, *dbn)
+
+
+def gated_layer_norm_conv2d(src, weight: torch.Tensor, padding, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x, F.conv2d(x, weight, padding=padding, groups=groups))`` with x
+    ``GatedLayerNorm.make(*src)[0]``, keeping ``src`` only (gradients as ``gated_layer_norm``'s)."""
+    return _GatedLayerNormConv2d.apply(weight, tuple(padding), groups, *src)
+
+
+class _DwconvLayerNormLinearResidual(torch.autograd.Function):
+    """``x + gelu(F.linear(DwconvLayerNorm.make(*args)[0], weight, bias))`` (the local block)
+    as one Function: the GEMM's input is rebuilt in backward (``keep``: kept), and x's two
+    gradients, the residual's and the convolution's, are summed by the convolution's backward
+    kernel, not by an accumulation pass."""
+
+    @staticmethod
+    def forward(ctx, weight, bias, keep, *args):
+        x = args[0]
+        a, (mean, rstd) = DwconvLayerNorm.make(*args)
+        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
+        weight, bias = cast_for_gemm(weight, bias, autocast_dtype(a))
+        y = F.linear(a, weight, bias)
+        tensors, ctx.consts = _split(args)
+        ctx.save_for_backward(weight, bias, y, a if keep else None, mean, rstd, *tensors)
+        return torch.ops.hifuse.gelu_residual(y, x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        weight, bias, y, a, mean, rstd, *tensors = ctx.saved_tensors
+        args = _join(tensors, ctx.consts)
+        grad = grad.contiguous()
+        if a is None:
+            a = DwconvLayerNorm.make(*args)[0]
+        da, dw, db = _linear_backward(torch.ops.hifuse.gelu_backward(grad, y), a, weight, bias, *ctx.dtypes)
+        x, conv_weight, conv_bias, ln_weight = args[:4]
+        grads = torch.ops.hifuse.dwconv_layer_norm_backward(
+            da.contiguous(), x, conv_weight, conv_bias, ln_weight, mean, rstd, grad
+        )
+        return (dw, db, None, *grads, None, None)
 
 
 class _LinearPair(torch.autograd.Function):
@@ -403,6 +460,14 @@ class _LinearPair(torch.autograd.Function):
         db1 = dmid.sum(0, dtype=b1_dtype) if b1 is not None else None
         db2 = sum_dz.to(b2_dtype) if b2 is not None else None
         return dx, dw1, db1, dw2.to(w2_dtype), db2, None
+
+
+def dwconv_layer_norm_linear_residual(args, weight: torch.Tensor, bias: torch.Tensor | None,
+                                      keep: bool = False) -> torch.Tensor:
+    """``x + gelu(F.linear(hifuse::dwconv_layer_norm(*args)[0], weight, bias))`` with x = args[0]
+    ((N, H, W, C) contiguous), keeping ``args`` and the GEMM's output, not its input (``keep``:
+    that too)."""
+    return _DwconvLayerNormLinearResidual.apply(weight, bias, bool(keep), *args)
 
 
 def linear_pair(x, w1, b1, w2, b2, keep: bool = False) -> torch.Tensor:

@@ -85,12 +85,13 @@ if triton is not None:
     def _bwd_kernel(DOUT, DNORMED, Y, S, W, MEAN, RSTD, DY, DS, PART_W, PART_B, M, C, PROGRAMS,
                     PROLOGUE: tl.constexpr, HAS_DOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
         """On a fixed grid (``_triton.reduction_programs``): each program loops over row tiles
-        pid, pid + PROGRAMS, ... and writes one row of weight and bias partials."""
+        pid, pid + PROGRAMS, ... and writes one row of weight and bias partials, accumulated
+        as tiles and reduced over the rows once at the end (not across the tile per iteration)."""
         pid = tl.program_id(0)
         c = tl.arange(0, BLOCK_C)
         cmask = c < C
-        sum_w = tl.zeros((BLOCK_C,), dtype=tl.float32)
-        sum_b = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        acc_w = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
+        acc_b = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
         for t in range(pid, tl.cdiv(M, BLOCK_M), PROGRAMS):
             rows, _c, _cmask, m, offs = _rows_at(t, M, C, BLOCK_M, BLOCK_C)
             x = _stream(Y, S, offs, m, PROLOGUE)
@@ -108,11 +109,11 @@ if triton is not None:
             if PROLOGUE:
                 y = tl.load(Y + offs, mask=m, other=0.0).to(tl.float32)
                 tl.store(DY + offs, (dx * gelu_grad(y)).to(DY.dtype.element_ty), mask=m)
-            sum_w += tl.sum(g * xhat, 0)
-            sum_b += tl.sum(g, 0)
+            acc_w += g * xhat
+            acc_b += g
         part = pid.to(tl.int64) * C + c
-        tl.store(PART_W + part, sum_w, mask=cmask)
-        tl.store(PART_B + part, sum_b, mask=cmask)
+        tl.store(PART_W + part, tl.sum(acc_w, 0), mask=cmask)
+        tl.store(PART_B + part, tl.sum(acc_b, 0), mask=cmask)
 
 
 

@@ -112,12 +112,16 @@ def cases(dtype: str):
         yield dln._fwd_kernel, dict(X="dt", CW=f32, CB=f32, LW=f32, LB=f32, OUT="dt", MEAN=f32, RSTD=f32), tiles
         # under autocast: the fp32 stream in, the GEMM's dtype out
         yield dln._fwd_kernel, dict(X=f32, CW=f32, CB=f32, LW=f32, LB=f32, OUT="dt", MEAN=f32, RSTD=f32), tiles
-        yield dln._bwd_norm_kernel, dict(X="dt", CW=f32, CB=f32, LW=f32, GRAD="dt", MEAN=f32, RSTD=f32, DY=f32,
-                                         PART_LW=f32, PART_LB=f32), tiles
+        for x in ("dt", f32):  # f32: under autocast, the fp32 stream with the GEMM's gradient
+            yield dln._bwd_norm_kernel, dict(X=x, CW=f32, CB=f32, LW=f32, GRAD="dt", MEAN=f32, RSTD=f32, DY="dt",
+                                             PART_LW=f32, PART_LB=f32), tiles
     for c in (96, 192, 384, 768):  # the conv backward in channel blocks of at most dln.CONV_BLOCK_C
         tile = dln._launch_tile(1 << 20, min(c, dln.CONV_BLOCK_C))
         tiles = dict(BLOCK_P=tile["BLOCK_P"], BLOCK_C=tile["BLOCK_C"], WARPS=tile["num_warps"])
-        yield dln._bwd_conv_kernel, dict(X="dt", CW=f32, DY=f32, DX="dt", PART_CW=f32, PART_CB=f32), tiles
+        for x in ("dt", f32):
+            for has_ds in (False, True):  # with the stream's other gradient added in
+                yield dln._bwd_conv_kernel, dict(X=x, CW=f32, DY="dt", DX=x, DS=x, PART_CW=f32, PART_CB=f32), \
+                    {**tiles, "HAS_DS": has_ds}
     yield gr._fwd_kernel, dict(Y="dt", S=f32, OUT=f32), dict(BLOCK=gr.BLOCK)
     yield gr._bwd_kernel, dict(G="dt", Y="dt", DY="dt"), dict(BLOCK=gr.BLOCK)
     tile = dict(BLOCK_M=bna.BLOCK_M, BLOCK_C=bna.BLOCK_C, WARPS=bna.WARPS)
@@ -161,9 +165,11 @@ def cases(dtype: str):
         rows = row_launch(c, 3, "BLOCK_P")
         yield gln._gated_ln_kernel, dict(G=f32, CG="dt", L=f32, SG="dt", X="dt", W=f32, B=f32, OUT=f32, MEAN=f32,
                                         RSTD=f32), rows
-        yield gln._gated_ln_bwd_kernel, dict(GRAD=f32, G=f32, CG="dt", L=f32, SG="dt", X="dt", W=f32, MEAN=f32,
-                                            RSTD=f32, DG=f32, DL=f32, DSG=f32, DX="dt", PART_CG=f32, PART_W=f32,
-                                            PART_B=f32), _as_warps(gln.bwd_launch(c))
+        for grad2 in (False, True):  # with the second use's gradient (IRMLP conv1's, in the GEMM dtype)
+            yield gln._gated_ln_bwd_kernel, dict(GRAD=f32, GRAD2="dt", G=f32, CG="dt", L=f32, SG="dt", X="dt", W=f32,
+                                                MEAN=f32, RSTD=f32, DG=f32, DL=f32, DSG=f32, DX="dt", PART_CG=f32,
+                                                PART_W=f32, PART_B=f32), \
+                {**_as_warps(gln.bwd_launch(c)), "HAS_GRAD2": grad2}
 
 
 def signature(kernel, pointers: dict, constexprs: dict, dtype: str) -> dict:

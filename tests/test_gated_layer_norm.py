@@ -46,6 +46,24 @@ def test_gated_layer_norm_expanded_gradient_and_determinism():
     assert all(torch.equal(a, b) for a, b in zip(first, second))
 
 
+def test_gated_layer_norm_ops_out_dtype_and_second_gradient():
+    """The op writes a requested dtype (the rounded result, for a GEMM), and its backward sums a
+    second gradient of the output (another use of it, in another dtype) on load."""
+    from hifuse_kernels.gated_layer_norm import op_args
+
+    g, cg, l, sg, x, w, b = [t.detach() for t in gated_inputs_((2, 96, 5, 7))]
+    args = op_args(g, cg, l, sg, x, w, b, 1e-6)
+    out, mean, rstd = torch.ops.hifuse.gated_layer_norm(*args)
+    low = torch.ops.hifuse.gated_layer_norm(*args, torch.bfloat16)[0]
+    assert low.dtype == torch.bfloat16 and torch.equal(low, out.to(torch.bfloat16))
+    grad, other = torch.randn_like(out), torch.randn_like(out).to(torch.bfloat16)
+    rest = (*args[:6], mean, rstd)
+    summed = torch.ops.hifuse.gated_layer_norm_backward(grad, *rest, other)
+    added = torch.ops.hifuse.gated_layer_norm_backward(grad + other.float(), *rest)
+    for a, b in zip(summed, added):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_gated_layer_norm_mixed_dtypes_promote_like_eager():
     inputs = gated_inputs_((1, 16, 3, 3))
     inputs[4] = inputs[4].detach().to(torch.bfloat16).requires_grad_()  # X in bf16, as under autocast

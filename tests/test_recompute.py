@@ -163,7 +163,7 @@ def _bn(c):
     return bn, twin
 
 
-@pytest.mark.parametrize("keep_x, keep_out, keep_a", [(False, False, False), (True, False, False),
+@pytest.mark.parametrize("keep_x, keep_out, keep_a", [(False, False, False), (False, False, True),
                                                       (True, True, True), (False, True, False)])
 def test_irmlp_front_from_gated_layer_norm(keep_x, keep_out, keep_a):
     # The fusion block's norm3 (whose x is the projection's BatchNorm + GELU) feeding the
@@ -183,11 +183,11 @@ def test_irmlp_front_from_gated_layer_norm(keep_x, keep_out, keep_a):
     def fused():
         bn_args = bna.apply_args(y_proj, bn_proj[0], "gelu")
         src = recompute.gated_layer_norm_source(g, cg, l, sg, w3, b3, 1e-6, bn_args)
-        x = recompute.gated_layer_norm(src, keep=keep_x)
         if keep_out:
+            x = recompute.gated_layer_norm(src, keep=keep_x)
             y = F.conv2d(x, w1, padding=1)
         else:
-            y = recompute.conv2d(x, w1, (1, 1), 1, src)
+            x, y = recompute.gated_layer_norm_conv2d(src, w1, (1, 1), 1)
         args = bna.apply_args(y, bn1[0], None, residual=x)
         rebuilt = [] if keep_out else [(recompute.GatedLayerNormRows, 1, src)]
         return recompute.linear(recompute.BatchNormApply, args, w2, rebuilt=rebuilt, keep=keep_a)
@@ -211,6 +211,19 @@ def test_dwconv_layer_norm_linear(keep):
     args = (x, cw, cb, lw, lb, 1e-6, torch.float32)
     _compare(lambda: recompute.linear(recompute.DwconvLayerNorm, args, lin.weight, lin.bias, keep=keep),
              lambda: lin(dln.dwconv_layer_norm(x, cw, cb, lw, lb, 1e-6)), leaves)
+
+
+@keeps
+def test_dwconv_layer_norm_linear_residual(keep):
+    # the local block as one Function: x's residual gradient summed in the conv backward
+    torch.manual_seed(0)
+    x = _leaf(2, 5, 3, 6)
+    cw, cb, lw, lb = _leaf(6, 1, 3, 3), _leaf(6), _leaf(6), _leaf(6)
+    lin = _dense(6, 6)
+    leaves = [x, cw, cb, lw, lb, lin.weight, lin.bias]
+    args = (x, cw, cb, lw, lb, 1e-6, torch.float32)
+    _compare(lambda: recompute.dwconv_layer_norm_linear_residual(args, lin.weight, lin.bias, keep=keep),
+             lambda: x + F.gelu(lin(dln.dwconv_layer_norm(x, cw, cb, lw, lb, 1e-6))), leaves)
 
 
 @keeps

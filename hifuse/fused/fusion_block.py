@@ -79,7 +79,7 @@ def conv_bn_recomputed(m: ConvBN, producer, args, then: str | None = None, keep:
     return bna.batch_norm_act(y, m.bn, act, check=False)
 
 
-def irmlp_forward(m: IRMLP, x: torch.Tensor, src: tuple | None = None) -> torch.Tensor:
+def irmlp_forward(m: IRMLP, x: torch.Tensor | None, src: tuple | None = None) -> torch.Tensor:
     """conv1 on channels-last memory; in training GELU, residual and ``bn1`` in one op (the
     sum is never written, and the result comes in conv2's GEMM dtype under autocast), and
     neither conv2's input nor conv3's (the expansion's GELU) kept for backward: each is
@@ -87,14 +87,15 @@ def irmlp_forward(m: IRMLP, x: torch.Tensor, src: tuple | None = None) -> torch.
     ``bn1`` folded into conv2 (an affine map before a linear one) and conv3's BatchNorm into
     conv3. The 1x1 convolutions are GEMMs. ``src``: x is ``recompute.GatedLayerNorm.make(*src)[0]``
     (the fusion block's norm3), and in training neither conv1 nor ``bn1`` keeps x either: both
-    rerun that elementwise op in backward. The ``irmlp`` rebuilds (``config.Rebuilds``) decide
-    whether conv2's and conv3's inputs are rebuilt."""
+    rerun that elementwise op in backward (x is None then: norm3 and conv1 run as one op).
+    The ``irmlp`` rebuilds (``config.Rebuilds``) decide whether conv2's and conv3's inputs are
+    rebuilt."""
     keep = not config.rebuilding("irmlp")
-    x = x.contiguous(memory_format=torch.channels_last)
     conv1 = m.conv1.conv
-    if src is not None and not folds(m.bn1):
-        y = recompute.conv2d(x, conv1.weight, conv1.padding, conv1.groups, src)
+    if src is not None:
+        x, y = recompute.gated_layer_norm_conv2d(src, conv1.weight, conv1.padding, conv1.groups)
     else:
+        x = x.contiguous(memory_format=torch.channels_last)
         y = F.conv2d(x, conv1.weight, None, padding=conv1.padding, groups=conv1.groups)
     if not folds(m.bn1):
         n, _, h, w = x.shape
@@ -196,9 +197,10 @@ def fusion_forward(m: HFFBlock, l: torch.Tensor, g: torch.Tensor, f: torch.Tenso
     # neither norm3's x nor its output is kept: backward rebuilds both from what it keeps anyway
     src = recompute.gated_layer_norm_source(g, channel_gate, l, spatial_gate, m.norm3.weight, m.norm3.bias,
                                             m.norm3.eps, bn_args)
-    rebuild = config.rebuilding("norm3")
-    x = recompute.gated_layer_norm(src, keep=not rebuild)
-    return shortcut + m.drop_path(irmlp_forward(m.residual, x, src if rebuild else None))
+    if config.rebuilding("norm3"):
+        return shortcut + m.drop_path(irmlp_forward(m.residual, None, src))
+    x = recompute.gated_layer_norm(src, keep=True)
+    return shortcut + m.drop_path(irmlp_forward(m.residual, x))
 
 
 config.register(HFFBlock, "fusion", fusion_check, fusion_forward)

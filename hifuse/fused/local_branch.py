@@ -13,7 +13,7 @@ from hifuse_kernels import residual_layer_norm as rln
 from .. import config
 from ..layers import LayerNormCF
 from ..model import LocalBlock, LocalDownsample
-from .common import autocast_dtype, gelu_residual, layer_norm_for_gemm
+from .common import autocast_dtype, drop_path_inactive, gelu_residual, layer_norm_for_gemm
 
 
 def local_block_check(m: LocalBlock, x: torch.Tensor) -> str | None:
@@ -26,15 +26,20 @@ def local_block_forward(m: LocalBlock, x: torch.Tensor) -> torch.Tensor:
     """dwconv + LayerNorm in one kernel, then pwconv and GELU + residual in one pass.
 
     Works channels-last throughout: the result is an NCHW-shaped view of channels-last
-    memory, so the next block's permutes are free.
+    memory, so the next block's permutes are free. Without active stochastic depth the block
+    is one autograd op whose stream gradient is summed inside the convolution's backward.
     """
-    nhwc = x.permute(0, 2, 3, 1)
+    nhwc = x.permute(0, 2, 3, 1).contiguous()
     # the normalised map is rebuilt in backward from x, which the block keeps anyway
-    args = (nhwc.contiguous(), m.dwconv.weight.contiguous(), m.dwconv.bias, m.norm.weight, m.norm.bias,
+    args = (nhwc, m.dwconv.weight.contiguous(), m.dwconv.bias, m.norm.weight, m.norm.bias,
             float(m.norm.eps), autocast_dtype(x) or x.dtype)
-    y = recompute.linear(recompute.DwconvLayerNorm, args, m.pwconv.weight, m.pwconv.bias,
-                         keep=not config.rebuilding("local_norm"))
-    return gelu_residual(m, y, nhwc, m.act).permute(0, 3, 1, 2)
+    keep = not config.rebuilding("local_norm")
+    if drop_path_inactive(m):
+        out = recompute.dwconv_layer_norm_linear_residual(args, m.pwconv.weight, m.pwconv.bias, keep=keep)
+    else:
+        y = recompute.linear(recompute.DwconvLayerNorm, args, m.pwconv.weight, m.pwconv.bias, keep=keep)
+        out = gelu_residual(m, y, nhwc, m.act)
+    return out.permute(0, 3, 1, 2)
 
 
 def downsample_check(m: LocalDownsample, x: torch.Tensor) -> str | None:
