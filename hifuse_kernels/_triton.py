@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import warnings
+from typing import NamedTuple
 
 import torch
 from torch.library import triton_op
@@ -140,16 +142,23 @@ def wide_rows(cols: int, limit: int = 1024) -> int:
     return 1 << (rows.bit_length() - 1)
 
 
-def reduction_programs(blocks: int, lanes: int, device: torch.device, warps: int = 16) -> int:
+def reduction_programs(blocks: int, lanes: int, device: torch.device, warps: int = 16, kernel=None,
+                       args: tuple = (), launch: dict | None = None) -> int:
     """Programs along the row axis of a reduction over ``blocks`` row blocks and ``lanes``
-    channel blocks, each looping over its share. On a GPU one wave of ``warps``-warp programs
-    (2048 threads an SM; one program per block spent the time on scheduling and partials);
-    with wide tiles one block each (the interpreter pays per operation, not per program);
-    with the GPU's tiles in the interpreter two, so that tests run the loops."""
+    channel blocks, each looping over its share. On a GPU one wave: as many programs as the
+    SMs hold at once (one program per block spent the time on scheduling and partials). With
+    ``kernel`` given, with the ``args`` (tensors or their dtypes, ints) and ``launch``
+    (constexprs, num_warps) it launches with, an SM's share comes from the compiled kernel's
+    registers and shared memory (``resident_programs``); without, 2048 threads an SM of
+    ``warps``-warp programs are assumed. With wide tiles one block each (the interpreter pays
+    per operation, not per program); with the GPU's tiles in the interpreter two, so that
+    tests run the loops."""
     if wide():
         return blocks
     if device.type == "cuda":
-        per_sm = max(1, 2048 // (32 * warps))
+        per_sm = None if kernel is None else resident_programs(kernel, args, launch or {}, device)
+        if per_sm is None:
+            per_sm = max(1, 2048 // (32 * (launch or {}).get("num_warps", warps)))
         return max(1, min(blocks, per_sm * _sm_count(device.index) // lanes))
     return min(blocks, 2)
 
@@ -157,6 +166,100 @@ def reduction_programs(blocks: int, lanes: int, device: torch.device, warps: int
 @functools.lru_cache(maxsize=None)
 def _sm_count(index: int | None) -> int:
     return torch.cuda.get_device_properties(torch.cuda.current_device() if index is None else index).multi_processor_count
+
+
+# Resident programs per SM, from what a compiled kernel uses and what an SM has.
+
+
+class SmLimits(NamedTuple):
+    registers: int = 65536  # 32-bit registers an SM holds
+    threads: int = 2048  # resident threads an SM holds
+    shared: int = 233472  # bytes of shared memory an SM holds (Hopper: 228 KB)
+    programs: int = 32  # resident thread blocks an SM holds
+    reserved_shared: int = 1024  # bytes of shared memory CUDA keeps for each block (sm80 on)
+    warp_size: int = 32
+
+
+# Resident blocks an SM holds where it is not 32 (CUDA's occupancy tables; torch does not say).
+_BLOCKS_PER_SM = {(7, 5): 16, (8, 6): 16, (8, 7): 16, (8, 9): 24, (12, 0): 24}
+REGISTER_UNIT = 256  # registers are given to each warp in units of 256
+
+
+def programs_per_sm(regs: int, shared: int, warps: int, limits: SmLimits = SmLimits()) -> int:
+    """Programs of ``warps`` warps, each thread using ``regs`` registers and each program
+    ``shared`` bytes of shared memory, that one SM holds at once (at least 1): the least of
+    what its registers, threads, shared memory and block slots allow."""
+    threads = warps * limits.warp_size
+    per_warp = -(-max(regs, 1) * limits.warp_size // REGISTER_UNIT) * REGISTER_UNIT
+    per_program = shared + limits.reserved_shared
+    fits = [limits.threads // threads, limits.registers // (per_warp * warps), limits.programs,
+            limits.shared // per_program if per_program else limits.programs]
+    return max(1, min(fits))
+
+
+@functools.lru_cache(maxsize=None)
+def sm_limits(index: int) -> SmLimits:
+    """What an SM of CUDA device ``index`` holds, as torch reports it (defaults where an older
+    torch does not)."""
+    props = torch.cuda.get_device_properties(index)
+    default = SmLimits()
+    return SmLimits(
+        registers=getattr(props, "regs_per_multiprocessor", default.registers),
+        threads=getattr(props, "max_threads_per_multi_processor", default.threads),
+        shared=getattr(props, "shared_memory_per_multiprocessor", default.shared),
+        programs=_BLOCKS_PER_SM.get((props.major, props.minor), default.programs),
+        reserved_shared=default.reserved_shared if props.major >= 8 else 0,
+        warp_size=getattr(props, "warp_size", default.warp_size),
+    )
+
+
+def kernel_resources(compiled) -> tuple[int, int, int]:
+    """(registers per thread, shared bytes, warps) of a compiled kernel, as
+    ``JITFunction.warmup`` returns it (triton 3.x loads the binary, which reports the
+    registers, on first use)."""
+    if getattr(compiled, "n_regs", None) is None:
+        compiled._init_handles()
+    return int(compiled.n_regs), int(compiled.metadata.shared), int(compiled.metadata.num_warps)
+
+
+def _arg_kind(arg):
+    """What of a launch argument decides the compiled variant, for the cache key."""
+    if isinstance(arg, torch.Tensor):
+        return arg.dtype
+    return arg if arg is None or isinstance(arg, torch.dtype) else type(arg).__name__
+
+
+def _warmup_arg(arg):
+    # warmup takes dtypes for tensors (it never reads them); a symbolic size (torch.compile's
+    # tracing) compiles the variant of a plain one
+    if isinstance(arg, torch.Tensor):
+        return arg.dtype
+    return 2 if isinstance(arg, torch.SymInt) else arg
+
+
+_resident: dict[tuple, int | None] = {}
+
+
+def resident_programs(kernel, args: tuple, launch: dict, device: torch.device) -> int | None:
+    """Programs of ``kernel``, launched with ``args`` and ``launch``, that one SM of ``device``
+    holds at once, from its compiled registers and shared memory; None where that cannot be
+    known (the interpreter, a compile that fails: warned once). Compiles the kernel (as its
+    launch would) the first time, then cached per kernel, argument dtypes, launch and device."""
+    if triton is None or interpreting() or device.type != "cuda":
+        return None
+    index = torch.cuda.current_device() if device.index is None else device.index
+    key = (kernel, tuple(_arg_kind(a) for a in args), tuple(sorted(launch.items())), index)
+    if key not in _resident:
+        try:
+            with torch.cuda.device(index):
+                compiled = kernel.warmup(*map(_warmup_arg, args), grid=(1,), **launch)
+                regs, shared, warps = kernel_resources(compiled)
+            _resident[key] = programs_per_sm(regs, shared, warps, sm_limits(index))
+        except Exception as err:  # noqa: BLE001 - the count falls back to the assumed one
+            warnings.warn(f"hifuse_kernels: cannot read the registers of {getattr(kernel, '__name__', kernel)} "
+                          f"({type(err).__name__}: {err}); assuming 2048 threads an SM", RuntimeWarning, stacklevel=3)
+            _resident[key] = None
+    return _resident[key]
 
 
 # Launch shapes of the row kernels (a program holds whole rows of C channels in registers).

@@ -32,7 +32,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import _triton
+from . import _configs, _triton
 from ._features import nhwc
 from ._triton import tl, triton
 from .reference import activation
@@ -121,8 +121,9 @@ if triton is not None:
     # The reductions run on a fixed grid of PROGRAMS programs per channel block (about one wave
     # on the GPU, ``_triton.reduction_programs``): each loops over row blocks pid, pid + PROGRAMS,
     # ... with float64 tile accumulators and reduces them across its rows once, so a call writes
-    # PROGRAMS partials, not one per row block.
-    @triton.jit
+    # PROGRAMS partials, not one per row block. PROGRAMS is not specialised on (its value only
+    # steps the loop), so the variant compiled to count the resident programs is the one launched.
+    @triton.jit(do_not_specialize=["PROGRAMS"])
     def _stats_kernel(Y, R, MEAN_PART, M2_PART, COUNT_PART, M, C, PROGRAMS,
                       PROLOGUE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
         """Count, mean and M2 of this program's rows, in float64 (as eager's BatchNorm
@@ -232,7 +233,7 @@ if triton is not None:
         dz = _load_grad(G, rows, c, m, C, H, WIDTH, POOL) * _act_grad(xhat * w[None, :] + b[None, :], ACT)
         return xhat, tl.where(m, dz, 0.0), w * invstd
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["PROGRAMS"])
     def _bwd_reduce_kernel(G, Y, R, MEAN, INVSTD, W, B, SUM_DZ_PART, SUM_DZXH_PART, M, C, H, WIDTH, PROGRAMS,
                            PROLOGUE: tl.constexpr, ACT: tl.constexpr, POOL: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -296,15 +297,32 @@ if triton is not None:
 
 
 
-def _blocks(m: int, c: int, block_m: int = BLOCK_M) -> tuple[tuple[int, int], int, int]:
-    """(grid, rows, channels) of a launch over (m, c) rows: the GPU's tile of ``block_m``
-    rows, or a wide one."""
+def _shape_class(y: torch.Tensor, residual: torch.Tensor | None, pool: bool) -> str:
+    """The launch table's shape class of a BatchNorm over rows y (M, C)."""
+    return f"{_configs.dtype_name(y.dtype)}/c{y.shape[1]}" + ("/res" if residual is not None else "") + (
+        "/pool" if pool else "")
+
+
+def _tile_problem(config: dict) -> str | None:
+    return _configs.power_of_two_problem(config, "BLOCK_M", "BLOCK_C", high=1024)
+
+
+def _launch(name: str, rows: int, y: torch.Tensor, residual: torch.Tensor | None, pool: bool,
+            block_m: int = BLOCK_M) -> dict:
+    """BLOCK_M, BLOCK_C and num_warps of launch ``name`` over ``rows`` rows: the GPU's tile of
+    ``block_m`` rows, or the launch table's for this device and shape, or a wide one."""
+    c = y.shape[1]
     if _triton.wide():
         block_c = _triton.block_channels(c)
-        block_m = min(_triton.next_power_of_2(m), _triton.wide_rows(block_c))
-    else:
-        block_c = BLOCK_C
-    return _triton.grid(triton.cdiv(m, block_m), triton.cdiv(c, block_c)), block_m, block_c
+        return dict(BLOCK_M=min(_triton.next_power_of_2(rows), _triton.wide_rows(block_c)), BLOCK_C=block_c,
+                    num_warps=WARPS)
+    default = dict(BLOCK_M=block_m, BLOCK_C=BLOCK_C, num_warps=WARPS)
+    return _configs.launch_config(f"batch_norm_act.{name}", _shape_class(y, residual, pool), default, y.device,
+                                  _tile_problem)
+
+
+def _grid(rows: int, c: int, launch: dict) -> tuple[int, int]:
+    return _triton.grid(triton.cdiv(rows, launch["BLOCK_M"]), triton.cdiv(c, launch["BLOCK_C"]))
 
 
 def _out_dtype(y: torch.Tensor, residual: torch.Tensor | None, out_dtype: torch.dtype | None = None) -> torch.dtype:
@@ -321,14 +339,16 @@ def _stats_op(
     """Batch mean, 1/sqrt(var + eps) and biased variance (fp32, (C,)) of y or gelu(y) +
     residual, rows (M, C); with the running tensors given, those updated with ``momentum``."""
     m, c = y.shape
-    grid, block_m, block_c = _blocks(m, c)
-    programs = _triton.reduction_programs(grid[0], grid[1], y.device)
+    launch = dict(_launch("stats", m, y, residual, False), PROLOGUE=residual is not None)
+    grid = _grid(m, c, launch)
+    r = y if residual is None else residual
+    programs = _triton.reduction_programs(grid[0], grid[1], y.device, kernel=_stats_kernel,
+                                          args=(y, r, *[torch.float64] * 3, m, c, grid[0]), launch=launch)
     mean_part = torch.empty((programs, c), device=y.device, dtype=torch.float64)
     m2_part = torch.empty_like(mean_part)
     count_part = torch.empty(programs, device=y.device, dtype=torch.float64)
     _triton.wrap_triton(_stats_kernel)[(programs, grid[1])](
-        y, y if residual is None else residual, mean_part, m2_part, count_part, m, c, programs,
-        PROLOGUE=residual is not None, BLOCK_M=block_m, BLOCK_C=block_c, num_warps=WARPS,
+        y, r, mean_part, m2_part, count_part, m, c, programs, **launch
     )
     mean = torch.empty(c, device=y.device, dtype=torch.float32)
     invstd, var = torch.empty_like(mean), torch.empty_like(mean)
@@ -336,7 +356,7 @@ def _stats_op(
     _triton.wrap_triton(_stats_combine_kernel)[(grid[1],)](
         mean_part, m2_part, count_part, mean, invstd, var, running_mean if update else mean,
         running_var if update else var, num_batches_tracked if update else count_part, c, programs, eps,
-        momentum, UPDATE=update, BLOCK_C=block_c, num_warps=COMBINE_WARPS,
+        momentum, UPDATE=update, BLOCK_C=launch["BLOCK_C"], num_warps=COMBINE_WARPS,
     )
     return mean, invstd, var
 
@@ -353,19 +373,19 @@ def _apply_op(
 ) -> torch.Tensor:
     m, c = y.shape
     r = y if residual is None else residual
-    flags = dict(PROLOGUE=residual is not None, ACT=act, num_warps=WARPS)
+    flags = dict(PROLOGUE=residual is not None, ACT=act)
     if pool:
         q = _pooled_rows(m, height, width)
         out = torch.empty((q, c), device=y.device, dtype=_out_dtype(y, residual, out_dtype))
-        grid, block_m, block_c = _blocks(q, c, POOL_BLOCK_M)
-        _triton.wrap_triton(_apply_pool_kernel)[grid](
-            y, r, mean, invstd, weight, bias, out, q, c, height, width, **flags, BLOCK_M=block_m, BLOCK_C=block_c
+        launch = _launch("apply_pool", q, y, residual, True, POOL_BLOCK_M)
+        _triton.wrap_triton(_apply_pool_kernel)[_grid(q, c, launch)](
+            y, r, mean, invstd, weight, bias, out, q, c, height, width, **flags, **launch
         )
         return out
     out = torch.empty((m, c), device=y.device, dtype=_out_dtype(y, residual, out_dtype))
-    grid, block_m, block_c = _blocks(m, c)
-    _triton.wrap_triton(_apply_kernel)[grid](
-        y, r, mean, invstd, weight, bias, out, m, c, **flags, BLOCK_M=block_m, BLOCK_C=block_c
+    launch = _launch("apply", m, y, residual, False)
+    _triton.wrap_triton(_apply_kernel)[_grid(m, c, launch)](
+        y, r, mean, invstd, weight, bias, out, m, c, **flags, **launch
     )
     return out
 
@@ -377,13 +397,17 @@ def _backward_op(
     pool: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     m, c = y.shape
-    grid, block_m, block_c = _blocks(m, c, BWD_BLOCK_M)
-    programs = _triton.reduction_programs(grid[0], grid[1], y.device)
+    r = y if residual is None else residual
+    flags = dict(PROLOGUE=residual is not None, ACT=act, POOL=pool, **_launch("backward", m, y, residual, pool,
+                                                                              BWD_BLOCK_M))
+    grid = _grid(m, c, flags)
+    programs = _triton.reduction_programs(
+        grid[0], grid[1], y.device, kernel=_bwd_reduce_kernel,
+        args=(grad, y, r, mean, invstd, weight, bias, torch.float64, torch.float64, m, c, height, width, grid[0]),
+        launch=flags,
+    )
     sum_dz_part = torch.empty((programs, c), device=y.device, dtype=torch.float64)
     sum_dzxh_part = torch.empty_like(sum_dz_part)
-    r = y if residual is None else residual
-    flags = dict(PROLOGUE=residual is not None, ACT=act, POOL=pool, BLOCK_M=block_m, BLOCK_C=block_c,
-                 num_warps=WARPS)
     _triton.wrap_triton(_bwd_reduce_kernel)[(programs, grid[1])](
         grad, y, r, mean, invstd, weight, bias, sum_dz_part, sum_dzxh_part, m, c, height, width, programs, **flags
     )
@@ -391,7 +415,8 @@ def _backward_op(
     sum_dzxh = torch.empty_like(sum_dz)
     dw, db = torch.empty_like(weight), torch.empty_like(bias)
     _triton.wrap_triton(_bwd_sums_kernel)[(grid[1],)](
-        sum_dz_part, sum_dzxh_part, sum_dz, sum_dzxh, dw, db, c, programs, BLOCK_C=block_c, num_warps=COMBINE_WARPS,
+        sum_dz_part, sum_dzxh_part, sum_dz, sum_dzxh, dw, db, c, programs, BLOCK_C=flags["BLOCK_C"],
+        num_warps=COMBINE_WARPS,
     )
     dy = torch.empty_like(y)
     dr = torch.empty_like(r) if residual is not None else torch.empty(0, device=y.device, dtype=y.dtype)

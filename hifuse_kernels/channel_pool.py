@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import _triton
+from . import _configs, _triton
 from ._features import (
     check_device,
     feature_problem,
@@ -25,6 +25,7 @@ from ._triton import tl, triton
 
 BLOCK_S = 32  # positions per step of the channel pooling loop
 POOL_CHUNKS = 8  # position chunks per image and channel block
+WARPS = 4  # Triton's default
 
 __all__ = ["channel_pool", "channel_pool_ref"]
 
@@ -87,28 +88,38 @@ if triton is not None:
 # --------------------------------------------------------------------------- ops
 
 
-def _blocks(s: int, c: int) -> tuple[int, int]:
-    """(positions, channels) of a program's tile: the GPU's, or a wide one."""
+def _launch(name: str, g: torch.Tensor) -> dict:
+    """BLOCK_S (positions) and BLOCK_C (channels) of a program's tile and num_warps (and the
+    forward's position chunks): the GPU's, or the launch table's for this device and shape,
+    or a wide tile."""
+    n, s, c = g.shape
     if _triton.wide():
         block_c = _triton.block_channels(c)
-        return min(_triton.next_power_of_2(s), _triton.wide_rows(block_c)), block_c
-    return BLOCK_S, min(64, _triton.block_channels(c))
+        return dict(BLOCK_S=min(_triton.next_power_of_2(s), _triton.wide_rows(block_c)), BLOCK_C=block_c,
+                    num_warps=WARPS, **({"chunks": 1} if name == "forward" else {}))
+    default = dict(BLOCK_S=BLOCK_S, BLOCK_C=min(64, _triton.block_channels(c)), num_warps=WARPS)
+    if name == "forward":
+        default["chunks"] = POOL_CHUNKS
+    return _configs.launch_config(
+        f"channel_pool.{name}", f"{_configs.dtype_name(g.dtype)}/c{c}/s{s}", default, g.device,
+        lambda config: _configs.power_of_two_problem(config, "BLOCK_S", "BLOCK_C", high=1024),
+    )
 
 
 @_triton.define_op("hifuse::channel_pool", mutates_args=())
 def _channel_pool_op(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     n, s, c = g.shape
-    block_s, block_c = _blocks(s, c)
+    launch = dict(_launch("forward", g))
     # Chunks of positions keep enough programs busy at small N * C; partials are combined
     # below in a fixed order (the first chunk holding the maximum gives its position).
-    chunks = 1 if _triton.wide() else POOL_CHUNKS
+    block_s, chunks = launch["BLOCK_S"], launch.pop("chunks")
     chunk = max(block_s, triton.cdiv(triton.cdiv(s, chunks), block_s) * block_s)
     chunks = triton.cdiv(s, chunk)
     f32 = dict(device=g.device, dtype=torch.float32)
     part_sum, part_max = torch.empty((n, chunks, c), **f32), torch.empty((n, chunks, c), **f32)
     part_arg = torch.empty((n, chunks, c), device=g.device, dtype=torch.int32)
-    _triton.wrap_triton(_channel_pool_kernel)[_triton.grid(n, triton.cdiv(c, block_c), chunks)](
-        g, part_sum, part_max, part_arg, s, c, chunk, BLOCK_S=block_s, BLOCK_C=block_c
+    _triton.wrap_triton(_channel_pool_kernel)[_triton.grid(n, triton.cdiv(c, launch["BLOCK_C"]), chunks)](
+        g, part_sum, part_max, part_arg, s, c, chunk, **launch
     )
     best = part_max.amax(1)
     # the first chunk holding the maximum (or a NaN, which is then the maximum)
@@ -124,11 +135,9 @@ def _channel_pool_backward_op(
 ) -> torch.Tensor:
     n, s, c = g.shape
     dg = torch.empty_like(g)
-    block_s, block_c = _blocks(s, c)
-    grid = _triton.grid(n * triton.cdiv(s, block_s), triton.cdiv(c, block_c))
-    _triton.wrap_triton(_channel_pool_bwd_kernel)[grid](
-        d_avg, d_max, arg, dg, s, c, BLOCK_S=block_s, BLOCK_C=block_c
-    )
+    launch = _launch("backward", g)
+    grid = _triton.grid(n * triton.cdiv(s, launch["BLOCK_S"]), triton.cdiv(c, launch["BLOCK_C"]))
+    _triton.wrap_triton(_channel_pool_bwd_kernel)[grid](d_avg, d_max, arg, dg, s, c, **launch)
     return dg
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import _triton
+from . import _configs, _triton
 from ._triton import tl, triton
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -51,16 +51,24 @@ if triton is not None:
 
 
 
-def _block(n: int) -> int:
-    return min(_triton.next_power_of_2(n), _triton.WIDE_VALUES) if _triton.wide() else BLOCK
+WARPS = 4  # Triton's default
+
+
+def _launch(name: str, n: int, shape_class: str, device: torch.device) -> dict:
+    """BLOCK and num_warps of an elementwise launch over n values: the GPU's, or the launch
+    table's for this device and dtypes, or a wide one."""
+    if _triton.wide():
+        return dict(BLOCK=min(_triton.next_power_of_2(n), _triton.WIDE_VALUES), num_warps=WARPS)
+    return _configs.launch_config(f"gelu_residual.{name}", shape_class, dict(BLOCK=BLOCK, num_warps=WARPS), device,
+                                  lambda config: _configs.power_of_two_problem(config, "BLOCK", high=1 << 16))
 
 
 @_triton.define_op("hifuse::gelu_residual", mutates_args=())
 def _gelu_residual_op(y: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
     out = torch.empty(y.shape, device=y.device, dtype=torch.promote_types(y.dtype, shortcut.dtype))
     n = y.numel()
-    block = _block(n)
-    _triton.wrap_triton(_fwd_kernel)[(triton.cdiv(n, block),)](y, shortcut, out, n, BLOCK=block)
+    launch = _launch("forward", n, f"{_configs.dtype_name(y.dtype)}/{_configs.dtype_name(shortcut.dtype)}", y.device)
+    _triton.wrap_triton(_fwd_kernel)[(triton.cdiv(n, launch["BLOCK"]),)](y, shortcut, out, n, **launch)
     return out
 
 
@@ -68,8 +76,8 @@ def _gelu_residual_op(y: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
 def _gelu_backward_op(grad: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     dy = torch.empty_like(y)
     n = y.numel()
-    block = _block(n)
-    _triton.wrap_triton(_bwd_kernel)[(triton.cdiv(n, block),)](grad, y, dy, n, BLOCK=block)
+    launch = _launch("backward", n, f"{_configs.dtype_name(grad.dtype)}/{_configs.dtype_name(y.dtype)}", y.device)
+    _triton.wrap_triton(_bwd_kernel)[(triton.cdiv(n, launch["BLOCK"]),)](grad, y, dy, n, **launch)
     return dy
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _triton
+from . import _configs, _triton
 from ._features import (
     check_device,
     feature_problem,
@@ -77,13 +77,27 @@ if triton is not None:
 # --------------------------------------------------------------------------- ops
 
 
+def _launch(name: str, l: torch.Tensor) -> dict:
+    """BLOCK_P (rows), BLOCK_C (a whole row) and num_warps: the GPU's, or the launch table's
+    for this device and shape (its BLOCK_P and num_warps), or a wide tile."""
+    c = l.shape[2]
+    rows = _triton.rows_per_program(c, 1)
+    default = dict(BLOCK_P=rows, num_warps=_triton.row_warps(c, rows))
+    if not _triton.wide():
+        default = _configs.launch_config(
+            f"spatial_pool.{name}", f"{_configs.dtype_name(l.dtype)}/c{c}", default, l.device,
+            lambda config: _configs.power_of_two_problem(config, "BLOCK_P", high=1024),
+        )
+    return dict(default, BLOCK_C=_triton.block_channels(c))
+
+
 @_triton.define_op("hifuse::spatial_pool", mutates_args=())
 def _spatial_pool_op(l: torch.Tensor) -> torch.Tensor:
     n, s, c = l.shape
     out = l.new_empty((n, 2, s))
-    rows = _triton.rows_per_program(c, 1)
-    _triton.wrap_triton(_spatial_pool_kernel)[(triton.cdiv(n * s, rows),)](
-        l, out, n * s, s, c, BLOCK_P=rows, **_triton.row_tile(c, rows)
+    launch = _launch("forward", l)
+    _triton.wrap_triton(_spatial_pool_kernel)[(triton.cdiv(n * s, launch["BLOCK_P"]),)](
+        l, out, n * s, s, c, **launch
     )
     return out
 
@@ -92,9 +106,9 @@ def _spatial_pool_op(l: torch.Tensor) -> torch.Tensor:
 def _spatial_pool_backward_op(d_out: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
     n, s, c = l.shape
     dl = torch.empty_like(l)
-    rows = _triton.rows_per_program(c, 1)
-    _triton.wrap_triton(_spatial_pool_bwd_kernel)[(triton.cdiv(n * s, rows),)](
-        l, d_out, dl, n * s, s, c, BLOCK_P=rows, **_triton.row_tile(c, rows)
+    launch = _launch("backward", l)
+    _triton.wrap_triton(_spatial_pool_bwd_kernel)[(triton.cdiv(n * s, launch["BLOCK_P"]),)](
+        l, d_out, dl, n * s, s, c, **launch
     )
     return dl
 

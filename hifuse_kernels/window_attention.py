@@ -33,7 +33,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import _triton
+from . import _configs, _triton
 from ._triton import tl, triton
 from .reference import (
     cached,
@@ -371,6 +371,42 @@ FWD_WARPS = 4
 FWD_ROWS = 16
 
 
+def _shape_class(qkv: torch.Tensor, g: dict, window: int) -> str:
+    """The launch table's shape class: dtype, channels, head dim, window."""
+    return f"{_configs.dtype_name(qkv.dtype)}/c{g['c']}/d{g['d']}/w{window}"
+
+
+def _forward_launch(qkv: torch.Tensor, g: dict, window: int) -> dict:
+    """BM (query rows per block) and num_warps of the forward."""
+    if _triton.wide():
+        return dict(BM=g["bn"], num_warps=FWD_WARPS)
+
+    def problem(config):  # tl.dot takes blocks of 16 rows or more
+        return _configs.power_of_two_problem(config, "BM", low=16, high=g["bn"])
+
+    return _configs.launch_config("window_attention.forward", _shape_class(qkv, g, window),
+                                  dict(BM=min(FWD_ROWS, g["bn"]), num_warps=FWD_WARPS), qkv.device, problem)
+
+
+def _backward_launch(qkv: torch.Tensor, g: dict, window: int) -> dict:
+    """BM (query rows), BK (keys) per block, num_warps and programs of the backward."""
+    if _triton.wide():
+        return dict(BM=g["bn"], BK=g["bn"], num_warps=BWD_WARPS, programs=BWD_PROGRAMS)
+    fp32 = qkv.dtype == torch.float32
+    if fp32 and BWD_FP32_KEYS < g["bn"]:
+        default = dict(BM=min(BWD_ROWS, g["bn"]), BK=BWD_FP32_KEYS, num_warps=BWD_FP32_WARPS[g["d"]])
+    else:
+        default = dict(BM=min(BWD_ROWS, g["bn"]), BK=g["bn"], num_warps=BWD_WARPS)
+
+    def problem(config):
+        if not fp32 and config["BK"] != g["bn"]:  # dq accumulates over key blocks in a float32 gradient only
+            return f"BK={config['BK']} must be {g['bn']} (whole windows) for {qkv.dtype}"
+        return _configs.power_of_two_problem(config, "BM", "BK", low=16, high=g["bn"])
+
+    return _configs.launch_config("window_attention.backward", _shape_class(qkv, g, window),
+                                  dict(default, programs=BWD_PROGRAMS), qkv.device, problem)
+
+
 @_triton.define_op("hifuse::window_attention", mutates_args=())
 def _window_attention_op(
     qkv: torch.Tensor, qkv_bias: torch.Tensor, table: torch.Tensor, dense_bias: torch.Tensor, num_heads: int,
@@ -386,9 +422,8 @@ def _window_attention_op(
         g["h"], g["w"], g["hp"], g["wp"], g["n_win_w"], g["n_win"], g["c"], num_heads, shift,
         g["d"] ** -0.5,
         qkv.stride(0), qkv.stride(1), qkv.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        WS=window, BN=g["bn"], BM=g["bn"] if _triton.wide() else min(FWD_ROWS, g["bn"]), D=g["d"], BD=g["bd"],
-        SHIFTED=shift > 0,
-        PRECISION=_precision(qkv), num_warps=FWD_WARPS,
+        WS=window, BN=g["bn"], D=g["d"], BD=g["bd"], SHIFTED=shift > 0, PRECISION=_precision(qkv),
+        **_forward_launch(qkv, g, window),
     )
     return out, lse
 
@@ -402,7 +437,8 @@ def _window_attention_backward_op(
     grad_out = grad_out.contiguous()
     dqkv = torch.empty_like(qkv, memory_format=torch.contiguous_format)
     n_total = g["b"] * g["n_win"]
-    per_prog = max(1, -(-n_total * num_heads // BWD_PROGRAMS))
+    launch = dict(_backward_launch(qkv, g, window))
+    per_prog = max(1, -(-n_total * num_heads // launch.pop("programs")))
     progs = -(-n_total // per_prog)
     ds_part = torch.empty(progs, num_heads, g["bn"], g["bn"], device=qkv.device, dtype=torch.float32)
     dbias_part = torch.empty(progs, num_heads, 3, g["bd"], device=qkv.device, dtype=torch.float32)
@@ -413,12 +449,7 @@ def _window_attention_backward_op(
         qkv.stride(0), qkv.stride(1), qkv.stride(2), out.stride(0), out.stride(1), out.stride(2),
         dqkv.stride(0), dqkv.stride(1), dqkv.stride(2),
     )
-    shape = dict(WS=window, BN=g["bn"], BM=g["bn"] if _triton.wide() else min(BWD_ROWS, g["bn"]), D=g["d"],
-                 BD=g["bd"], SHIFTED=shift > 0, PRECISION=_precision(qkv))
-    if qkv.dtype == torch.float32 and BWD_FP32_KEYS < g["bn"] and not _triton.wide():
-        launch = dict(BK=BWD_FP32_KEYS, num_warps=BWD_FP32_WARPS[g["d"]])
-    else:
-        launch = dict(BK=g["bn"], num_warps=BWD_WARPS)
+    shape = dict(WS=window, BN=g["bn"], D=g["d"], BD=g["bd"], SHIFTED=shift > 0, PRECISION=_precision(qkv))
     _triton.wrap_triton(_bwd_kernel)[_triton.grid(progs, num_heads)](*args, **shape, **launch)
     n = window * window
     ds = ds_part.sum(0)[:, :n, :n].reshape(num_heads, n * n)
