@@ -195,7 +195,8 @@ class Rebuilds(_Switches):
         the normalised concatenation before W/W3.
     norm3: the fusion blocks' gated norm3 input (W/W3's BatchNorm + GELU) and output (the
         IRMLP's input).
-    irmlp: the IRMLP's bn1 output and the GELU of its expansion (conv2's and conv3's inputs).
+    irmlp: the IRMLP's bn1 output (conv2's input; the GELU of its expansion, conv3's input,
+        is never written: conv3 takes it on its loads).
     """
 
     attention_norm: bool = True

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import _triton
+from . import _configs, _triton
 from ._triton import tl, triton
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -101,7 +101,7 @@ if triton is not None:
     # The backward kernels run on a fixed grid of PROGRAMS programs (``_triton.reduction_programs``),
     # each looping over tiles pid, pid + PROGRAMS, ...: the weight gradients' partials are one row
     # per program, not one per tile (at 8 positions a tile, 173 MB of tap partials a call).
-    @triton.jit
+    @triton.jit(do_not_specialize=["PROGRAMS"])
     def _bwd_norm_kernel(X, CW, CB, LW, GRAD, MEAN, RSTD, DY, PART_LW, PART_LB, P, H, W, C, PROGRAMS,
                          BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
         """Gradient of the conv output (in DY's dtype: the GEMM's under autocast, as eager's),
@@ -140,7 +140,7 @@ if triton is not None:
         xv = tl.load(X + here + off, mask=ok[:, None] & cmask[None, :], other=0.0)
         return dy * xv.to(tl.float32)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["PROGRAMS"])
     def _bwd_conv_kernel(X, CW, DY, DX, DS, PART_CW, PART_CB, P, H, W, C, PROGRAMS, HAS_DS: tl.constexpr,
                          BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
         """Input gradient (transposed depthwise conv of DY, plus DS: the gradient x gets from
@@ -209,10 +209,29 @@ def _launch_tile(positions: int, c: int) -> dict:
     return dict(BLOCK_P=block_p, BLOCK_C=block_c, num_warps=max(4, min(16, block_p * block_c // 64)))
 
 
-def _launch(x) -> tuple[tuple[int], dict]:
-    """Grid and tile of a launch over x's positions."""
+def norm_backward_tile(positions: int, c: int) -> dict:
+    """The forward's tile on 8 warps up to 256 channels: on 16, triton 3.6 gave the norm
+    backward of an fp32 stream with a bf16 gradient 64 registers and spilled."""
+    tile = _launch_tile(positions, c)
+    return dict(tile, num_warps=8) if tile["BLOCK_C"] <= 256 and not _triton.wide() else tile
+
+
+def _launch(x, name: str = "forward", channels: int | None = None) -> tuple[tuple[int], dict]:
+    """Grid (position blocks) and tile of launch ``name`` over x's positions, ``channels`` a
+    program (default all of them; the kernels but the conv backward hold whole rows): the
+    default, or the launch table's for this device and shape."""
     n, h, w, c = x.shape
-    tile = _launch_tile(n * h * w, c)
+    tile = (norm_backward_tile if name == "norm_backward" else _launch_tile)(n * h * w, channels or c)
+    if not _triton.wide():
+        whole = channels is None
+
+        def problem(config):
+            if whole and config["BLOCK_C"] != tile["BLOCK_C"]:
+                return f"BLOCK_C={config['BLOCK_C']} must be {tile['BLOCK_C']} (whole rows)"
+            return _configs.power_of_two_problem(config, "BLOCK_P", "BLOCK_C", high=4096)
+
+        tile = _configs.launch_config(f"dwconv_layer_norm.{name}", f"{_configs.dtype_name(x.dtype)}/c{c}", tile,
+                                      x.device, problem)
     return _triton.grid(triton.cdiv(n * h * w, tile["BLOCK_P"])), tile
 
 
@@ -240,27 +259,29 @@ def _bwd_op(
     """The five gradients; ``grad_x`` (x's shape), a gradient x receives from another use, is
     added to x's."""
     n, h, w, c = x.shape
-    grid, tile = _launch(x)
-    progs = _triton.reduction_programs(grid[0], 1, x.device, tile["num_warps"])
+    p = n * h * w
+    grid, tile = _launch(x, "norm_backward")
+    progs = _triton.reduction_programs(grid[0], 1, x.device, kernel=_bwd_norm_kernel, launch=tile, args=(
+        x, conv_weight, conv_bias, ln_weight, grad, mean, rstd, grad.dtype, torch.float32, torch.float32, p, h, w, c, 2))
     f32 = dict(device=x.device, dtype=torch.float32)
     # the conv output's gradient in the incoming gradient's dtype: bf16 under autocast, as eager's
     dy = torch.empty(n, h, w, c, device=x.device, dtype=grad.dtype)
     part_lw, part_lb = torch.empty(progs, c, **f32), torch.empty(progs, c, **f32)
     _triton.wrap_triton(_bwd_norm_kernel)[(progs,)](
-        x, conv_weight, conv_bias, ln_weight, grad, mean, rstd, dy, part_lw, part_lb, n * h * w, h, w, c, progs,
-        **tile,
+        x, conv_weight, conv_bias, ln_weight, grad, mean, rstd, dy, part_lw, part_lb, p, h, w, c, progs, **tile,
     )
     dx = torch.empty_like(x)
     # the conv backward in channel blocks of at most CONV_BLOCK_C: ten gradient tiles of 1024
     # channels held across the loop spilled (triton 3.6), and 768 channels fill three of 256
-    conv_tile = _launch_tile(n * h * w, min(c, CONV_BLOCK_C))
+    conv_grid, conv_tile = _launch(x, "conv_backward", min(c, CONV_BLOCK_C))
     lanes = triton.cdiv(c, conv_tile["BLOCK_C"])
-    conv_progs = _triton.reduction_programs(triton.cdiv(n * h * w, conv_tile["BLOCK_P"]), lanes, x.device,
-                                            conv_tile["num_warps"])
+    flags = dict(HAS_DS=grad_x is not None, **conv_tile)
+    conv_progs = _triton.reduction_programs(conv_grid[0], lanes, x.device, kernel=_bwd_conv_kernel, launch=flags, args=(
+        x, conv_weight, grad.dtype, x.dtype, x.dtype, torch.float32, torch.float32, p, h, w, c, 2))
     part_cw, part_cb = torch.empty(conv_progs, 9, c, **f32), torch.empty(conv_progs, c, **f32)
     _triton.wrap_triton(_bwd_conv_kernel)[(conv_progs, lanes)](
-        x, conv_weight, dy, dx, dx if grad_x is None else grad_x.contiguous(), part_cw, part_cb, n * h * w, h, w, c,
-        conv_progs, HAS_DS=grad_x is not None, **conv_tile
+        x, conv_weight, dy, dx, dx if grad_x is None else grad_x.contiguous(), part_cw, part_cb, p, h, w, c,
+        conv_progs, **flags
     )
     # contiguous, as the fake kernel (and so Inductor) expects
     d_cw = part_cw.sum(0).t().contiguous().view(c, 1, 3, 3).to(conv_weight.dtype)

@@ -53,8 +53,10 @@ if triton is not None:
         return g, cg, lv, sg, xv
 
     @triton.jit
-    def _gated_ln_kernel(G, CG, L, SG, X, W, B, OUT, MEAN, RSTD, S, C, eps,
+    def _gated_ln_kernel(G, CG, L, SG, X, W, B, OUT, OUT2, MEAN, RSTD, S, C, eps, HAS_OUT2: tl.constexpr,
                          BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+        """With HAS_OUT2 the result is written twice, the second time in OUT2's dtype (for a
+        GEMM that takes it rounded; one store where a cast pass reads it back)."""
         n, s = image_block(S, BLOCK_P)  # a program's rows all belong to image n
         c = tl.arange(0, BLOCK_C)
         cmask = c < C
@@ -77,10 +79,12 @@ if triton is not None:
             b = tl.load(B + k * C + c, mask=cmask, other=0.0).to(tl.float32)
             y = d * rstd[:, None] * w[None, :] + b[None, :]
             tl.store(OUT + out + k * C, y.to(OUT.dtype.element_ty), mask=m)
+            if HAS_OUT2:
+                tl.store(OUT2 + out + k * C, y.to(OUT.dtype.element_ty).to(OUT2.dtype.element_ty), mask=m)
         tl.store(MEAN + p, mean, mask=smask)
         tl.store(RSTD + p, rstd, mask=smask)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["PROGRAMS"])
     def _gated_ln_bwd_kernel(GRAD, GRAD2, G, CG, L, SG, X, W, MEAN, RSTD, DG, DL, DSG, DX,
                              PART_CG, PART_W, PART_B, S, C, PROGRAMS, HAS_GRAD2: tl.constexpr,
                              BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -164,20 +168,24 @@ def _gated_out_dtype(*tensors: torch.Tensor) -> torch.dtype:
 def _gated_ln_op(
     g: torch.Tensor, channel_gate: torch.Tensor, l: torch.Tensor, spatial_gate: torch.Tensor,
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, out_dtype: torch.dtype | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``out_dtype``: the result's (default the dtype eager's formula gives); a rebuild for a
-    GEMM asks for the GEMM's, so no cast pass follows."""
+    low_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out, mean, rstd, low). ``out_dtype``: the result's (default the dtype eager's formula
+    gives); a rebuild for a GEMM asks for the GEMM's, so no cast pass follows. ``low_dtype``:
+    ``low`` is the result once more, cast to it (for a GEMM beside another use of the result);
+    empty when None."""
     n, s, c = g.shape
     out = torch.empty((n, s, 3 * c), device=g.device,
                       dtype=out_dtype or _gated_out_dtype(g, channel_gate, l, spatial_gate, x, weight))
+    low = out.new_empty((0,)) if low_dtype is None else torch.empty_like(out, dtype=low_dtype)
     mean = torch.empty((n, s), device=g.device, dtype=torch.float32)
     rstd = torch.empty_like(mean)
     rows = _triton.rows_per_program(c, 3)
     _triton.wrap_triton(_gated_ln_kernel)[_triton.grid(n * triton.cdiv(s, rows))](
-        g, channel_gate, l, spatial_gate, x, weight, bias, out, mean, rstd, s, c, eps,
-        BLOCK_P=rows, **_triton.row_tile(c, rows),
+        g, channel_gate, l, spatial_gate, x, weight, bias, out, out if low_dtype is None else low, mean, rstd, s, c,
+        eps, HAS_OUT2=low_dtype is not None, BLOCK_P=rows, **_triton.row_tile(c, rows),
     )
-    return out, mean, rstd
+    return out, mean, rstd, low
 
 
 def bwd_launch(c: int) -> dict:
@@ -205,7 +213,11 @@ def _gated_ln_backward_op(
     rows = tile.pop("BLOCK_P")
     blocks = triton.cdiv(s, rows)
     # programs per image: the wave shared among the images
-    programs = max(1, _triton.reduction_programs(n * blocks, 1, g.device, tile["num_warps"]) // n)
+    flags = dict(HAS_GRAD2=grad2 is not None, BLOCK_P=rows, **tile)
+    programs = max(1, _triton.reduction_programs(n * blocks, 1, g.device, kernel=_gated_ln_bwd_kernel, launch=flags,
+                                                 args=(grad, grad if grad2 is None else grad2, g, channel_gate, l,
+                                                       spatial_gate, x, weight, mean, rstd, g.dtype, l.dtype,
+                                                       torch.float32, x.dtype, *[torch.float32] * 3, s, c, 2)) // n)
     programs = min(programs, blocks)
     f32 = dict(device=g.device, dtype=torch.float32)
     dg, dl, dx = torch.empty_like(g), torch.empty_like(l), torch.empty_like(x)
@@ -214,18 +226,19 @@ def _gated_ln_backward_op(
     part_w, part_b = torch.empty((n * programs, 3 * c), **f32), torch.empty((n * programs, 3 * c), **f32)
     _triton.wrap_triton(_gated_ln_bwd_kernel)[_triton.grid(n * programs)](
         grad, grad if grad2 is None else grad2, g, channel_gate, l, spatial_gate, x, weight, mean, rstd, dg, dl, dsg,
-        dx, part_cg, part_w, part_b, s, c, programs, HAS_GRAD2=grad2 is not None, BLOCK_P=rows, **tile,
+        dx, part_cg, part_w, part_b, s, c, programs, **flags,
     )
     return (dg, part_cg.sum(1).to(channel_gate.dtype), dl, dsg.to(spatial_gate.dtype), dx,
             part_w.sum(0).to(weight.dtype), part_b.sum(0).to(weight.dtype))
 
 
 @_gated_ln_op.register_fake
-def _(g, channel_gate, l, spatial_gate, x, weight, bias, eps, out_dtype=None):
+def _(g, channel_gate, l, spatial_gate, x, weight, bias, eps, out_dtype=None, low_dtype=None):
     n, s, c = g.shape
     out = g.new_empty((n, s, 3 * c), dtype=out_dtype or _gated_out_dtype(g, channel_gate, l, spatial_gate, x, weight))
     stat = g.new_empty((n, s), dtype=torch.float32)
-    return out, stat, torch.empty_like(stat)
+    low = out.new_empty((0,)) if low_dtype is None else torch.empty_like(out, dtype=low_dtype)
+    return out, stat, torch.empty_like(stat), low
 
 
 @_gated_ln_backward_op.register_fake
@@ -236,20 +249,20 @@ def _(grad, g, channel_gate, l, spatial_gate, x, weight, mean, rstd, grad2=None)
 
 
 def _gated_ln_setup(ctx, inputs, output):
-    g, channel_gate, l, spatial_gate, x, weight, _bias, _eps, _out_dtype = inputs
-    _out, mean, rstd = output
+    g, channel_gate, l, spatial_gate, x, weight, _bias, _eps, _out_dtype, _low_dtype = inputs
+    _out, mean, rstd, _low = output
     ctx.save_for_backward(g, channel_gate, l, spatial_gate, x, weight, mean, rstd)
     ctx.out_dtype = output[0].dtype
 
 
-def _gated_ln_backward(ctx, grad, _gm, _gr):
+def _gated_ln_backward(ctx, grad, _gm, _gr, _gl):
     g, channel_gate, l, spatial_gate, x, weight, mean, rstd = ctx.saved_tensors
     if grad is None:
         grad = g.new_zeros((*g.shape[:2], 3 * g.shape[2]), dtype=ctx.out_dtype)
     dg, dcg, dl, dsg, dx, dw, db = torch.ops.hifuse.gated_layer_norm_backward(
         grad.contiguous(), g, channel_gate, l, spatial_gate, x, weight, mean, rstd
     )
-    return dg, dcg, dl, dsg, dx, dw, db, None, None
+    return dg, dcg, dl, dsg, dx, dw, db, None, None, None
 
 
 _gated_ln_op.register_autograd(_gated_ln_backward, setup_context=_gated_ln_setup)
@@ -311,7 +324,7 @@ def gated_layer_norm(g, channel_gate, l, spatial_gate, x, weight, bias, eps: flo
         raise_problem("gated_layer_norm", _gated_problem(g, channel_gate, l, spatial_gate, x, weight, bias))
         check_device("gated_layer_norm", g, channel_gate, l, spatial_gate, x, weight, bias)
     n, c, h, w = g.shape
-    out, _mean, _rstd = torch.ops.hifuse.gated_layer_norm(*op_args(g, channel_gate, l, spatial_gate, x, weight, bias, eps))
+    out = torch.ops.hifuse.gated_layer_norm(*op_args(g, channel_gate, l, spatial_gate, x, weight, bias, eps))[0]
     return out.view(n, h, w, 3 * c).permute(0, 3, 1, 2)
 
 

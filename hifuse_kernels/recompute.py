@@ -1,9 +1,9 @@
 """GEMMs whose input is rebuilt in backward instead of saved.
 
 A linear layer keeps its input for the weight gradient. When that input is a cheap function
-of tensors that backward keeps anyway (the GELU of an expansion, a LayerNorm or a BatchNorm
-apply of saved inputs), keeping it as well stores the same information twice: the IRMLP's
-GELU output alone is as large as its expansion. Here the GEMM keeps only the producer's
+of tensors that backward keeps anyway (a LayerNorm or a BatchNorm apply of saved inputs),
+keeping it as well stores the same information twice: the IRMLP's bn1 output alone is as
+large as the fusion block's norm3 output. Here the GEMM keeps only the producer's
 inputs and rebuilds its own input in backward with the same op on the same tensors (so the
 same values), one elementwise pass before the weight gradient. The large GEMMs are never
 recomputed; only the fusion block's small 1x1 input GEMMs are (``linear_batch_norm``).
@@ -52,24 +52,12 @@ from . import gated_layer_norm as gln
 from . import layer_norm_cat as lnc
 from .reference import autocast_dtype
 
-__all__ = ["BatchNormApply", "DwconvLayerNorm", "GatedLayerNorm", "GatedLayerNormRows", "Gelu", "LayerNormCat",
+__all__ = ["BatchNormApply", "DwconvLayerNorm", "GatedLayerNorm", "GatedLayerNormRows", "LayerNormCat",
            "LinearBatchNorm", "dwconv_layer_norm_linear_residual", "gated_layer_norm", "gated_layer_norm_conv2d",
            "gated_layer_norm_source", "linear", "linear_batch_norm", "linear_pair", "norm_cat_linear",
            "residual_layer_norm_linear"]
 
 # --------------------------------------------------------------------------- producers
-
-
-class Gelu:
-    """``gelu(h)`` (exact), rebuilt from the pre-activation that GELU's backward keeps anyway."""
-
-    @staticmethod
-    def make(h):
-        return F.gelu(h), ()
-
-    @staticmethod
-    def grad(grad_a, aux, h):
-        return (torch.ops.aten.gelu_backward(grad_a, h),)
 
 
 class BatchNormApply:
@@ -170,7 +158,7 @@ class GatedLayerNormRows:
 
     @staticmethod
     def make(*src):
-        out, mean, rstd = torch.ops.hifuse.gated_layer_norm(*GatedLayerNormRows.op_args(*src))
+        out, mean, rstd, _ = torch.ops.hifuse.gated_layer_norm(*GatedLayerNormRows.op_args(*src))
         return out.view(-1, out.shape[-1]), (mean, rstd)
 
 
@@ -270,7 +258,7 @@ def _function(producer, sources=()):
 
 
 # Built at import: Dynamo traces a Function class made before tracing.
-_FUNCTIONS = {(p, ()): _function(p) for p in (Gelu, BatchNormApply, DwconvLayerNorm, LayerNormCat)}
+_FUNCTIONS = {(p, ()): _function(p) for p in (BatchNormApply, DwconvLayerNorm, LayerNormCat)}
 for _key in ((BatchNormApply, (GatedLayerNormRows,)), (LayerNormCat, (LinearBatchNorm,) * 2),
              (LayerNormCat, (LinearBatchNorm,) * 3)):
     _FUNCTIONS[_key] = _function(*_key)
@@ -301,7 +289,7 @@ class _GatedLayerNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, keep, *src):
         args = GatedLayerNormRows.op_args(*src)
-        out, mean, rstd = torch.ops.hifuse.gated_layer_norm(*args)
+        out, mean, rstd, _ = torch.ops.hifuse.gated_layer_norm(*args)
         tensors, ctx.consts = _split(src)
         ctx.save_for_backward(mean, rstd, args[4] if keep else None, *tensors)
         return out
@@ -344,11 +332,14 @@ class _GatedLayerNormConv2d(torch.autograd.Function):
     @staticmethod
     def forward(ctx, weight, padding, groups, *src):
         n, h, w = src[:3]
-        out, mean, rstd = torch.ops.hifuse.gated_layer_norm(*GatedLayerNormRows.op_args(*src))
+        gemm_dtype = autocast_dtype(src[3])
+        # the convolution's input written by the same pass, in its dtype: no cast pass
+        out, mean, rstd, low = torch.ops.hifuse.gated_layer_norm(*GatedLayerNormRows.op_args(*src), None, gemm_dtype)
         x = out.view(n, h, w, -1).permute(0, 3, 1, 2)
         ctx.weight_dtype = weight.dtype
-        weight, _ = cast_for_gemm(weight, None, autocast_dtype(x))
-        y = F.conv2d(x, weight, None, padding=padding, groups=groups)
+        weight, _ = cast_for_gemm(weight, None, gemm_dtype)
+        conv_in = x if gemm_dtype is None else low.view(n, h, w, -1).permute(0, 3, 1, 2)
+        y = F.conv2d(conv_in, weight, None, padding=padding, groups=groups)
         tensors, ctx.consts = _split(src)
         ctx.save_for_backward(weight, mean, rstd, *tensors)
         ctx.padding, ctx.groups = padding, groups

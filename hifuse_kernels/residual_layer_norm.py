@@ -81,7 +81,7 @@ if triton is not None:
         tl.store(MEAN + rows, mean, mask=rows < M)
         tl.store(RSTD + rows, rstd, mask=rows < M)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["PROGRAMS"])
     def _bwd_kernel(DOUT, DNORMED, Y, S, W, MEAN, RSTD, DY, DS, PART_W, PART_B, M, C, PROGRAMS,
                     PROLOGUE: tl.constexpr, HAS_DOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
         """On a fixed grid (``_triton.reduction_programs``): each program loops over row tiles
@@ -151,7 +151,12 @@ def _bwd_op(
     prologue = y is not None
     block_m = _triton.rows_per_program(c, BWD_TILES)
     tile = _triton.row_tile(c, block_m)
-    programs = _triton.reduction_programs(triton.cdiv(m, block_m), 1, shortcut.device, tile["num_warps"])
+    flags = dict(PROLOGUE=prologue, HAS_DOUT=grad_out is not None, BLOCK_M=block_m, **tile)
+    dy_dtype = y.dtype if prologue else shortcut.dtype
+    programs = _triton.reduction_programs(triton.cdiv(m, block_m), 1, shortcut.device, kernel=_bwd_kernel, launch=flags,
+                                          args=(grad_normed if grad_out is None else grad_out, grad_normed,
+                                                y if prologue else shortcut, shortcut, weight, mean, rstd, dy_dtype,
+                                                shortcut.dtype, torch.float32, torch.float32, m, c, 2))
     ds = torch.empty_like(shortcut)
     dy = torch.empty_like(y) if prologue else _empty(shortcut)
     part_w = torch.empty((programs, c), device=shortcut.device, dtype=torch.float32)
@@ -159,7 +164,7 @@ def _bwd_op(
     _triton.wrap_triton(_bwd_kernel)[(programs,)](
         grad_normed if grad_out is None else grad_out, grad_normed, y if prologue else shortcut, shortcut, weight,
         mean, rstd, dy, ds, part_w, part_b, m, c, programs,
-        PROLOGUE=prologue, HAS_DOUT=grad_out is not None, BLOCK_M=block_m, **tile,
+        **flags,
     )
     return dy, ds, part_w.sum(0).to(weight.dtype), part_b.sum(0).to(weight.dtype)
 

@@ -37,6 +37,9 @@ WRITES = {
     "dwconv_layer_norm._fwd_kernel": {"OUT", "MEAN", "RSTD"},
     "dwconv_layer_norm._bwd_norm_kernel": {"DY", "PART_LW", "PART_LB"},
     "dwconv_layer_norm._bwd_conv_kernel": {"DX", "PART_CW", "PART_CB"},
+    "gelu_linear._fwd_kernel": {"OUT"},
+    "gelu_linear._bwd_input_kernel": {"DH"},
+    "gelu_linear._bwd_weight_kernel": {"PART"},
     "gelu_residual._fwd_kernel": {"OUT"},
     "gelu_residual._bwd_kernel": {"DY"},
     "batch_norm_act._stats_kernel": {"MEAN_PART", "M2_PART", "COUNT_PART"},
@@ -53,7 +56,7 @@ WRITES = {
     "channel_pool._channel_pool_bwd_kernel": {"DG"},
     "spatial_pool._spatial_pool_kernel": {"OUT"},
     "spatial_pool._spatial_pool_bwd_kernel": {"DL"},
-    "gated_layer_norm._gated_ln_kernel": {"OUT", "MEAN", "RSTD"},
+    "gated_layer_norm._gated_ln_kernel": lambda k: {"OUT", "MEAN", "RSTD"} | ({"OUT2"} if k["HAS_OUT2"] else set()),
     "gated_layer_norm._gated_ln_bwd_kernel": {"DG", "DL", "DSG", "DX", "PART_CG", "PART_W", "PART_B"},
 }
 

@@ -24,6 +24,7 @@ from concurrent.futures import ProcessPoolExecutor
 if os.environ.get("TRITON_INTERPRET") == "1":
     sys.exit("unset TRITON_INTERPRET: interpreted kernels cannot be compiled")
 
+import torch  # noqa: E402
 import triton  # noqa: E402
 from triton import compile as triton_compile  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
@@ -35,6 +36,7 @@ import hifuse_kernels.dwconv_layer_norm as dln  # noqa: E402
 import hifuse_kernels.channel_pool as cp  # noqa: E402
 import hifuse_kernels.gated_layer_norm as gln  # noqa: E402
 import hifuse_kernels.spatial_pool as sp  # noqa: E402
+import hifuse_kernels.gelu_linear as gl  # noqa: E402
 import hifuse_kernels.gelu_residual as gr  # noqa: E402
 import hifuse_kernels.residual_layer_norm as rln  # noqa: E402
 import hifuse_kernels.window_attention as wa  # noqa: E402
@@ -44,7 +46,7 @@ FLOATS = {"scale", "eps", "momentum"}
 # its latency. Registers are given per program: at 128 a thread, 65536 per SM hold two 8-warp
 # programs (or one of 16 warps); at 134, one 8-warp program. More than this fails.
 MEMORY_BOUND_REGS = 128
-COMPUTE_KERNELS = {"window_attention"}
+COMPUTE_KERNELS = {"window_attention", "gelu_linear"}
 # Variants that still spill, with the spill-store bytes measured (sm_90a), per triton version
 # and keyed by (kernel, dtype, head dim, shifted): a check fails when one of them spills more, no
 # longer spills (take it off), or any other variant spills at all; an entry no variant of the
@@ -74,6 +76,7 @@ def known_spills() -> tuple[dict, bool]:
 SPILLS, SPILLS_LISTED = known_spills()
 
 DTYPES = {"fp32": "fp32", "bf16": "bf16", "fp16": "fp16"}
+TORCH_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def row_launch(c: int, tiles: int, rows_name: str) -> dict:
@@ -112,9 +115,11 @@ def cases(dtype: str):
         yield dln._fwd_kernel, dict(X="dt", CW=f32, CB=f32, LW=f32, LB=f32, OUT="dt", MEAN=f32, RSTD=f32), tiles
         # under autocast: the fp32 stream in, the GEMM's dtype out
         yield dln._fwd_kernel, dict(X=f32, CW=f32, CB=f32, LW=f32, LB=f32, OUT="dt", MEAN=f32, RSTD=f32), tiles
+        norm = dln.norm_backward_tile(1 << 20, block_c)
+        norm = dict(BLOCK_P=norm["BLOCK_P"], BLOCK_C=block_c, WARPS=norm["num_warps"])
         for x in ("dt", f32):  # f32: under autocast, the fp32 stream with the GEMM's gradient
             yield dln._bwd_norm_kernel, dict(X=x, CW=f32, CB=f32, LW=f32, GRAD="dt", MEAN=f32, RSTD=f32, DY="dt",
-                                             PART_LW=f32, PART_LB=f32), tiles
+                                             PART_LW=f32, PART_LB=f32), norm
     for c in (96, 192, 384, 768):  # the conv backward in channel blocks of at most dln.CONV_BLOCK_C
         tile = dln._launch_tile(1 << 20, min(c, dln.CONV_BLOCK_C))
         tiles = dict(BLOCK_P=tile["BLOCK_P"], BLOCK_C=tile["BLOCK_C"], WARPS=tile["num_warps"])
@@ -122,6 +127,15 @@ def cases(dtype: str):
             for has_ds in (False, True):  # with the stream's other gradient added in
                 yield dln._bwd_conv_kernel, dict(X=x, CW=f32, DY="dt", DX=x, DS=x, PART_CW=f32, PART_CB=f32), \
                     {**tiles, "HAS_DS": has_ds}
+    for n in (96, 192, 384, 768):  # the IRMLP's conv3 widths (K = 12 N), at triton's default num_stages (3)
+        ce = {"PRECISION": prec, "UPCAST": False}
+        gemm = lambda launch: {k: v for k, v in _as_warps(launch).items() if k != "num_stages"}  # noqa: E731
+        dt = TORCH_DTYPE[dtype]
+        yield gl._fwd_kernel, dict(H="dt", W=f32, B=f32, OUT="dt"), {**gemm(gl.fwd_launch(1 << 20, n, dt)), **ce,
+                                                                     "HAS_BIAS": False}
+        yield gl._bwd_input_kernel, dict(G="dt", W=f32, H="dt", DH="dt"), \
+            {**gemm(gl.bwd_input_launch(1 << 20, n, dt)), **ce}
+        yield gl._bwd_weight_kernel, dict(G="dt", H="dt", PART=f32), {**gemm(gl.bwd_weight_launch(1 << 20, n, dt)), **ce}
     yield gr._fwd_kernel, dict(Y="dt", S=f32, OUT=f32), dict(BLOCK=gr.BLOCK)
     yield gr._bwd_kernel, dict(G="dt", Y="dt", DY="dt"), dict(BLOCK=gr.BLOCK)
     tile = dict(BLOCK_M=bna.BLOCK_M, BLOCK_C=bna.BLOCK_C, WARPS=bna.WARPS)
@@ -163,8 +177,9 @@ def cases(dtype: str):
         yield sp._spatial_pool_kernel, dict(L="dt", OUT="dt"), rows
         yield sp._spatial_pool_bwd_kernel, dict(L="dt", D_OUT="dt", DL="dt"), rows
         rows = row_launch(c, 3, "BLOCK_P")
-        yield gln._gated_ln_kernel, dict(G=f32, CG="dt", L=f32, SG="dt", X="dt", W=f32, B=f32, OUT=f32, MEAN=f32,
-                                        RSTD=f32), rows
+        for out2 in (False, True):  # with the GEMM's rounded copy
+            yield gln._gated_ln_kernel, dict(G=f32, CG="dt", L=f32, SG="dt", X="dt", W=f32, B=f32, OUT=f32, OUT2="dt",
+                                            MEAN=f32, RSTD=f32), {**rows, "HAS_OUT2": out2}
         for grad2 in (False, True):  # with the second use's gradient (IRMLP conv1's, in the GEMM dtype)
             yield gln._gated_ln_bwd_kernel, dict(GRAD=f32, GRAD2="dt", G=f32, CG="dt", L=f32, SG="dt", X="dt", W=f32,
                                                 MEAN=f32, RSTD=f32, DG=f32, DL=f32, DSG=f32, DX="dt", PART_CG=f32,

@@ -64,6 +64,16 @@ SPACES = {
     "channel_pool.backward": dict(BLOCK_S=(16, 32, 64), BLOCK_C=(32, 64, 128), num_warps=(2, 4, 8)),
     "spatial_pool.forward": dict(BLOCK_P=(1, 2, 4, 8, 16, 32), num_warps=(2, 4, 8, 16)),
     "spatial_pool.backward": dict(BLOCK_P=(1, 2, 4, 8, 16, 32), num_warps=(2, 4, 8, 16)),
+    "gelu_linear.forward": dict(BLOCK_M=(32, 64, 128), BLOCK_N=(32, 64, 128), BLOCK_K=(32, 64), num_warps=(4, 8),
+                                num_stages=(2, 3, 4)),
+    "gelu_linear.input": dict(BLOCK_M=(32, 64, 128), BLOCK_N=(32, 64), BLOCK_K=(32, 64, 128), num_warps=(4, 8),
+                              num_stages=(2, 3)),
+    "gelu_linear.weight": dict(BLOCK_M=(32, 64, 128), BLOCK_N=(32, 64, 128), BLOCK_K=(32, 64, 128), num_warps=(4, 8),
+                               num_stages=(2, 3)),
+    "dwconv_layer_norm.forward": dict(BLOCK_P=(1, 2, 4, 8, 16), num_warps=(4, 8, 16)),
+    "dwconv_layer_norm.norm_backward": dict(BLOCK_P=(1, 2, 4, 8, 16), num_warps=(4, 8, 16)),
+    "dwconv_layer_norm.conv_backward": dict(BLOCK_P=(2, 4, 8, 16, 32), BLOCK_C=(32, 64, 128, 256),
+                                            num_warps=(4, 8, 16)),
 }
 # Candidate keys that are not tiles: the smoke run picks its second candidate by tile size.
 NOT_TILES = {"num_warps", "num_stages", "programs", "chunks"}
@@ -144,6 +154,25 @@ def cases(args, device: torch.device) -> list[tuple[str, callable]]:
                 lambda: torch.ops.hifuse.channel_pool_backward(d_avg, d_max, arg, g),
                 lambda: torch.ops.hifuse.spatial_pool(l), lambda: torch.ops.hifuse.spatial_pool_backward(d_out, l)]
 
+    def irmlp_conv3(st):
+        # the fusion block's IRMLP: conv3 takes the GELU of a 12C expansion down to C channels
+        # (2C in a smoke run: the interpreter's GEMMs are slow)
+        rows, c, k = b * st["r"] ** 2, st["c"], (2 if args.smoke else 12) * st["c"]
+        h, w = randn(rows, k, dtype=act), randn(c, k, scale=k**-0.5)
+        grad = randn(rows, c, dtype=act)
+        return [lambda: torch.ops.hifuse.gelu_linear(h, w, None),
+                lambda: torch.ops.hifuse.gelu_linear_backward(grad, h, w, False)]
+
+    def local(st):
+        # the local block: dwconv + LayerNorm of the fp32 stream, written in the GEMM's dtype
+        c = st["c"]
+        x, cw = randn(b, st["r"], st["r"], c), randn(c, 1, 3, 3, scale=0.3)
+        cb, lw, lb = randn(c, scale=0.1), randn(c, scale=0.1) + 1, randn(c, scale=0.1)
+        _out, mean, rstd = torch.ops.hifuse.dwconv_layer_norm(x, cw, cb, lw, lb, 1e-6, act)
+        grad = randn(b, st["r"], st["r"], c, dtype=act)
+        return [lambda: torch.ops.hifuse.dwconv_layer_norm(x, cw, cb, lw, lb, 1e-6, act),
+                lambda: torch.ops.hifuse.dwconv_layer_norm_backward(grad, x, cw, cb, lw, mean, rstd, x)]
+
     out = []
     for i, st in enumerate(stages(args.image_size)):
         if i not in args.stages:
@@ -161,6 +190,8 @@ def cases(args, device: torch.device) -> list[tuple[str, callable]]:
                         batch_norm(4 * rows, c, pool_hw=2 * st["r"], act_code=1)))
         out.append((f"GELU + residual, stage {i + 1}", lambda st=st: elementwise(st)))
         out.append((f"channel and spatial pools, stage {i + 1}", lambda st=st: pools(st)))
+        out.append((f"IRMLP conv3 (GELU on load), stage {i + 1}", lambda st=st: irmlp_conv3(st)))
+        out.append((f"dwconv + LayerNorm, stage {i + 1}", lambda st=st: local(st)))
     return out
 
 

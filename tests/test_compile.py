@@ -14,12 +14,12 @@ import hifuse_kernels
 # every hifuse op one opaque node of the training graph: per global block an attention and a
 # residual LayerNorm (the stage's first norm1 too); per local block a dwconv + LayerNorm and a
 # GELU + residual; per fusion block the LayerNorm over the concatenation, both poolings, the
-# gated LayerNorm, the IRMLP's GELU + residual and seven training BatchNorms (six in the first,
-# which has no Updim)
+# gated LayerNorm, the IRMLP's GELU + residual, its conv3 taking the GELU on load and seven
+# training BatchNorms (six in the first, which has no Updim)
 TRAINING_OPS = {
     "window_attention": 5, "residual_layer_norm": 5, "patch_merge_norm": 3,
     "dwconv_layer_norm": 5, "gelu_residual": 5 + 4,
-    "layer_norm_cat": 4, "channel_pool": 4, "spatial_pool": 4, "gated_layer_norm": 4,
+    "layer_norm_cat": 4, "channel_pool": 4, "spatial_pool": 4, "gated_layer_norm": 4, "gelu_linear": 4,
     "batch_norm_stats": 27, "batch_norm_act": 27,
 }
 

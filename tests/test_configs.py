@@ -20,6 +20,8 @@ from helpers import DEVICE, triton_device_or_skip
 from hifuse_kernels import _configs, _triton
 from hifuse_kernels import batch_norm_act as bna
 from hifuse_kernels import channel_pool as cp
+from hifuse_kernels import dwconv_layer_norm as dln
+from hifuse_kernels import gelu_linear as gl
 from hifuse_kernels import gelu_residual as gr
 from hifuse_kernels import spatial_pool as sp
 from hifuse_kernels import window_attention as wa
@@ -279,6 +281,12 @@ KERNELS = {
     "channel_pool.backward": "channel_pool._channel_pool_bwd_kernel",
     "spatial_pool.forward": "spatial_pool._spatial_pool_kernel",
     "spatial_pool.backward": "spatial_pool._spatial_pool_bwd_kernel",
+    "gelu_linear.forward": "gelu_linear._fwd_kernel",
+    "gelu_linear.input": "gelu_linear._bwd_input_kernel",
+    "gelu_linear.weight": "gelu_linear._bwd_weight_kernel",
+    "dwconv_layer_norm.forward": "dwconv_layer_norm._fwd_kernel",
+    "dwconv_layer_norm.norm_backward": "dwconv_layer_norm._bwd_norm_kernel",
+    "dwconv_layer_norm.conv_backward": "dwconv_layer_norm._bwd_conv_kernel",
 }
 NOT_KERNEL_ARGS = {"programs", "chunks"}  # read by the launchers, not passed to the kernels
 
@@ -305,6 +313,10 @@ def _run_ops(c: int = 192, hw: int = 4, batch: int = 1) -> None:
               wa.window_attention_ref(qkv, bias, tab, heads, window, shift), (qkv, bias, tab))
     y, s = randn(batch, hw, hw, c), randn(batch, hw, hw, c)
     check(gr.gelu_residual(y, s), gr.gelu_residual_ref(y, s), (y, s))
+    h, w = randn(batch * hw * hw, 2 * c), randn(c, 2 * c, scale=(2 * c) ** -0.5)  # the sweep's smoke conv3
+    check(gl.gelu_linear(h, w), gl.gelu_linear_ref(h, w), (h, w))
+    dw = (y, randn(c, 1, 3, 3, scale=0.3), randn(c, scale=0.1), randn(c, scale=0.1), randn(c, scale=0.1))
+    check(dln.dwconv_layer_norm(*dw), dln.dwconv_layer_norm_ref(*dw), dw)
     g = randn(batch, c, hw, hw)
     check(cp.channel_pool(g), cp.channel_pool_ref(g), (g,))
     check(sp.spatial_pool(g), sp.spatial_pool_ref(g), (g,))

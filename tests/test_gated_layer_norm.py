@@ -47,15 +47,19 @@ def test_gated_layer_norm_expanded_gradient_and_determinism():
 
 
 def test_gated_layer_norm_ops_out_dtype_and_second_gradient():
-    """The op writes a requested dtype (the rounded result, for a GEMM), and its backward sums a
+    """The op writes a requested dtype (the rounded result, for a GEMM), or the result and its
+    rounded copy, and its backward sums a
     second gradient of the output (another use of it, in another dtype) on load."""
     from hifuse_kernels.gated_layer_norm import op_args
 
     g, cg, l, sg, x, w, b = [t.detach() for t in gated_inputs_((2, 96, 5, 7))]
     args = op_args(g, cg, l, sg, x, w, b, 1e-6)
-    out, mean, rstd = torch.ops.hifuse.gated_layer_norm(*args)
+    out, mean, rstd, none = torch.ops.hifuse.gated_layer_norm(*args)
+    assert none.numel() == 0
     low = torch.ops.hifuse.gated_layer_norm(*args, torch.bfloat16)[0]
     assert low.dtype == torch.bfloat16 and torch.equal(low, out.to(torch.bfloat16))
+    again, _, _, twin = torch.ops.hifuse.gated_layer_norm(*args, None, torch.bfloat16)
+    assert torch.equal(again, out) and twin.dtype == torch.bfloat16 and torch.equal(twin, low)
     grad, other = torch.randn_like(out), torch.randn_like(out).to(torch.bfloat16)
     rest = (*args[:6], mean, rstd)
     summed = torch.ops.hifuse.gated_layer_norm_backward(grad, *rest, other)

@@ -58,17 +58,6 @@ keeps = pytest.mark.parametrize("keep", [False, True], ids=["rebuilt", "kept"])
 
 
 @keeps
-@pytest.mark.parametrize("shape", [(2, 3, 5, 12), (1, 1, 1, 7)])
-def test_gelu_linear(shape, keep):
-    torch.manual_seed(0)
-    h = _leaf(*shape)
-    lin = _dense(shape[-1], 5)
-    leaves = [h, lin.weight, lin.bias]
-    _compare(lambda: recompute.linear(recompute.Gelu, (h,), lin.weight, lin.bias, keep=keep),
-             lambda: lin(F.gelu(h)), leaves)
-
-
-@keeps
 @pytest.mark.parametrize("residual", [False, True])
 def test_batch_norm_apply_linear(residual, keep):
     torch.manual_seed(0)

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from hifuse_kernels import batch_norm_act as bna
 from hifuse_kernels import gated_layer_norm as gln
+from hifuse_kernels import gelu_linear as gl
 from hifuse_kernels import gelu_residual as gr
 from hifuse_kernels import layer_norm_cat as lnc
 from hifuse_kernels import recompute
@@ -81,15 +82,14 @@ def conv_bn_recomputed(m: ConvBN, producer, args, then: str | None = None, keep:
 
 def irmlp_forward(m: IRMLP, x: torch.Tensor | None, src: tuple | None = None) -> torch.Tensor:
     """conv1 on channels-last memory; in training GELU, residual and ``bn1`` in one op (the
-    sum is never written, and the result comes in conv2's GEMM dtype under autocast), and
-    neither conv2's input nor conv3's (the expansion's GELU) kept for backward: each is
-    rebuilt there from what its producer keeps. In eval mode GELU + residual in one pass,
-    ``bn1`` folded into conv2 (an affine map before a linear one) and conv3's BatchNorm into
-    conv3. The 1x1 convolutions are GEMMs. ``src``: x is ``recompute.GatedLayerNorm.make(*src)[0]``
+    sum is never written, and the result comes in conv2's GEMM dtype under autocast), not
+    kept for backward but rebuilt there from what its producer keeps. In eval mode GELU +
+    residual in one pass, ``bn1`` folded into conv2 (an affine map before a linear one) and
+    conv3's BatchNorm into conv3. The 1x1 convolutions are GEMMs; conv3 takes the expansion's
+    GELU on its loads (``gelu_conv_bn``). ``src``: x is ``recompute.GatedLayerNorm.make(*src)[0]``
     (the fusion block's norm3), and in training neither conv1 nor ``bn1`` keeps x either: both
     rerun that elementwise op in backward (x is None then: norm3 and conv1 run as one op).
-    The ``irmlp`` rebuilds (``config.Rebuilds``) decide whether conv2's and conv3's inputs are
-    rebuilt."""
+    The ``irmlp`` rebuild (``config.Rebuilds``) decides whether conv2's input is rebuilt."""
     keep = not config.rebuilding("irmlp")
     conv1 = m.conv1.conv
     if src is not None:
@@ -104,15 +104,23 @@ def irmlp_forward(m: IRMLP, x: torch.Tensor | None, src: tuple | None = None) ->
         rebuilt = () if src is None else [(recompute.GatedLayerNormRows, 1, src)]
         expanded = recompute.linear(recompute.BatchNormApply, args, m.conv2.conv.weight.flatten(1), rebuilt=rebuilt,
                                     keep=keep)
-        expanded = expanded.view(n, h, w, -1)
-        if not folds(m.conv3.bn):
-            return conv_bn_recomputed(m.conv3, recompute.Gelu, (expanded,), keep=keep)
-        out = expanded.permute(0, 3, 1, 2)
-    else:
-        out = gr.gelu_residual(y.permute(0, 2, 3, 1), x.permute(0, 2, 3, 1), check=False).permute(0, 3, 1, 2)
-        weight, bias = bn1_into_conv2(m)
-        out = conv_channels_last(out, weight, bias, m.conv2.conv)
-    return conv_bn_forward(m.conv3, m.gelu(out))
+        return gelu_conv_bn(m.conv3, expanded.view(n, h, w, -1))
+    out = gr.gelu_residual(y.permute(0, 2, 3, 1), x.permute(0, 2, 3, 1), check=False).permute(0, 3, 1, 2)
+    weight, bias = bn1_into_conv2(m)
+    out = conv_channels_last(out, weight, bias, m.conv2.conv)
+    return gelu_conv_bn(m.conv3, out.permute(0, 2, 3, 1))
+
+
+def gelu_conv_bn(m: ConvBN, h: torch.Tensor) -> torch.Tensor:
+    """ConvBN (a dense 1x1 convolution) of gelu(h), h channels-last pixels (N, H, W, C): the
+    GELU is taken on the GEMM's loads (``gelu_linear``), so its output is never written nor
+    kept; in training the BatchNorm runs as ``conv_bn_forward``'s."""
+    act = "relu" if m.relu is not None else None
+    weight, bias = folded_weights(m) if folds(m.bn) else (m.conv.weight, m.conv.bias)
+    y = gl.gelu_linear(h, weight.flatten(1), bias, check=False).permute(0, 3, 1, 2)
+    if m.bn is None or folds(m.bn):
+        return activation(act)(y)
+    return bna.batch_norm_act(y, m.bn, act, check=False)
 
 
 def bn1_into_conv2(m: IRMLP) -> tuple[torch.Tensor, torch.Tensor]:

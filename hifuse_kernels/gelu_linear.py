@@ -1,0 +1,318 @@
+"""A linear layer whose input is the exact GELU of a tensor, with the GELU done on load.
+
+The IRMLP ends in ``conv3(gelu(conv2(...)))``: an expansion to 4x the channels, a GELU, and a
+1x1 convolution back. Eager writes the GELU output (as large as the expansion), reads it
+into the GEMM and keeps it for the weight gradient; backward reads the GEMM's input gradient
+back for GELU's backward. Here three Triton GEMMs never materialise the GELU output:
+
+- forward: ``gelu(h) @ W^T (+ b)``, the GELU applied to each loaded tile of h (rounded to h's
+  dtype, as eager's GELU output is), W cast on load to h's dtype (autocast's GEMM dtype);
+- input gradient: ``(g @ W) * gelu'(h)``, the product rounded to g's dtype first (eager's GEMM
+  writes it so) and GELU's backward applied in the epilogue;
+- weight gradient: ``g^T @ gelu(h)``, GELU again on load, in W's dtype straight from fp32
+  accumulators: programs split the rows among them in a fixed pattern and write partial
+  sums, which are added in a fixed order (identical bits on every run).
+
+Only h is kept for backward, which the GELU's backward keeps in eager anyway. Each kernel
+reads h once per tile of the other operand's columns; the column tiles of one row tile run
+side by side, so the repeated reads come from L2.
+
+Layers: reference, kernels, launchers, registered ops, autograd, functional entry point.
+Its user is the fused IRMLP (``hifuse.fused.fusion_block``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import _configs, _triton
+from ._triton import tl, triton
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+__all__ = ["gelu_linear", "gelu_linear_ref", "unsupported_reason"]
+
+
+def gelu_linear_ref(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    return F.linear(F.gelu(h), weight, bias)
+
+
+if triton is not None:
+    from ._triton import gelu, gelu_grad
+
+    @triton.jit
+    def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+        """a @ b accumulated in fp32; UPCAST (the interpreter, whose low-precision dot is
+        wrong) takes the same rounded operands to fp32 first: the same products."""
+        if UPCAST:
+            return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        return tl.dot(a, b, input_precision=PRECISION)
+
+    @triton.jit
+    def _rows(pid, M, BLOCK: tl.constexpr):
+        r = pid * BLOCK + tl.arange(0, BLOCK)
+        return r.to(tl.int64), r < M
+
+    @triton.jit
+    def _fwd_kernel(H, W, B, OUT, M, N, K, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """OUT tile (program_id(1), program_id(0)): the column tiles of one row tile run
+        side by side, so its h tiles are read from L2 after the first."""
+        rm, mmask = _rows(tl.program_id(1), M, BLOCK_M)
+        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        nmask = rn < N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            rk = k0 + tl.arange(0, BLOCK_K)
+            kmask = rk < K
+            a = tl.load(H + rm[:, None] * K + rk[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)
+            a = gelu(a.to(tl.float32)).to(H.dtype.element_ty)
+            w = tl.load(W + rn[None, :].to(tl.int64) * K + rk[:, None], mask=kmask[:, None] & nmask[None, :],
+                        other=0.0).to(H.dtype.element_ty)
+            acc += _dot(a, w, PRECISION, UPCAST)
+        if HAS_BIAS:
+            acc += tl.load(B + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
+        tl.store(OUT + rm[:, None] * N + rn[None, :], acc.to(OUT.dtype.element_ty),
+                 mask=mmask[:, None] & nmask[None, :])
+
+    @triton.jit
+    def _bwd_input_kernel(G, W, H, DH, M, N, K, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """DH tile (program_id(1), program_id(0)) = (G @ W) * gelu'(H), G's tile read from L2
+        by the row tile's other programs."""
+        rm, mmask = _rows(tl.program_id(1), M, BLOCK_M)
+        rk = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+        kmask = rk < K
+        acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+        for n0 in range(0, N, BLOCK_N):
+            rn = n0 + tl.arange(0, BLOCK_N)
+            nmask = rn < N
+            g = tl.load(G + rm[:, None] * N + rn[None, :], mask=mmask[:, None] & nmask[None, :], other=0.0)
+            w = tl.load(W + rn[:, None].to(tl.int64) * K + rk[None, :], mask=nmask[:, None] & kmask[None, :],
+                        other=0.0).to(G.dtype.element_ty)
+            acc += _dot(g, w, PRECISION, UPCAST)
+        m2 = mmask[:, None] & kmask[None, :]
+        offs = rm[:, None] * K + rk[None, :]
+        h = tl.load(H + offs, mask=m2, other=0.0).to(tl.float32)
+        da = acc.to(G.dtype.element_ty).to(tl.float32)
+        tl.store(DH + offs, (da * gelu_grad(h)).to(DH.dtype.element_ty), mask=m2)
+
+    @triton.jit(do_not_specialize=["SPLITS"])
+    def _bwd_weight_kernel(G, H, PART, M, N, K, SPLITS, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """Partial G^T @ gelu(H) of the row tiles s, s + SPLITS, ... (s = program_id(1)) for the
+        output tile program_id(0) (column tiles of W fastest)."""
+        k_tiles = tl.cdiv(K, BLOCK_K)
+        rn = tl.program_id(0) // k_tiles * BLOCK_N + tl.arange(0, BLOCK_N)
+        rk = tl.program_id(0) % k_tiles * BLOCK_K + tl.arange(0, BLOCK_K)
+        nmask = rn < N
+        kmask = rk < K
+        s = tl.program_id(1)
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        for t in range(s, tl.cdiv(M, BLOCK_M), SPLITS):
+            rm, mmask = _rows(t, M, BLOCK_M)
+            g = tl.load(G + rm[:, None] * N + rn[None, :], mask=mmask[:, None] & nmask[None, :], other=0.0)
+            a = tl.load(H + rm[:, None] * K + rk[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)
+            a = gelu(a.to(tl.float32)).to(G.dtype.element_ty)
+            acc += _dot(tl.trans(g), a, PRECISION, UPCAST)
+        offs = (s.to(tl.int64) * N + rn[:, None]) * K + rk[None, :]
+        tl.store(PART + offs, acc, mask=nmask[:, None] & kmask[None, :])
+
+
+# --------------------------------------------------------------------------- launchers
+
+
+def _precision(t: torch.Tensor) -> dict:
+    # fp32 inputs get full-precision products, as eager's fp32 matmuls (no TF32)
+    return dict(PRECISION="ieee" if t.dtype == torch.float32 else "tf32",
+                UPCAST=_triton.interpreting() and t.dtype != torch.float32)
+
+
+def _width(n: int) -> int:
+    """A power-of-two tile at least 16 wide covering n columns, at most 256."""
+    return max(16, min(256, _triton.next_power_of_2(n)))
+
+
+def _rows_tile(m: int, block_m: int, cols: int) -> int:
+    # with wide tiles (the interpreter) as many rows as a wide tile holds: fewer programs
+    if _triton.wide():
+        return max(16, min(_triton.next_power_of_2(m), _triton.WIDE_VALUES // cols))
+    return block_m
+
+
+# Default tiles, warps and stages of the three kernels (sm90, triton 3.8,
+# ``check_triton_compile``): the GELU (an erf) of a loaded tile takes registers, so the tiles
+# are modest: 126 to 157 registers a thread in bf16/fp16 and 94 to 128 in fp32 (FMA
+# products), none spilled. The launch table (``_configs``) may replace them per device.
+
+
+def _tiles_problem(config: dict) -> str | None:
+    return _configs.power_of_two_problem(config, "BLOCK_M", "BLOCK_N", "BLOCK_K", low=16, high=256)
+
+
+def _launch(name: str, m: int, n: int, k: int, dtype: torch.dtype, default: dict, device: torch.device) -> dict:
+    if _triton.wide():
+        return default
+    return _configs.launch_config(f"gelu_linear.{name}", f"{_configs.dtype_name(dtype)}/n{n}/k{k}", default, device,
+                                  _tiles_problem)
+
+
+def fwd_launch(m: int, n: int, dtype: torch.dtype, k: int = 0, device: torch.device | None = None) -> dict:
+    low = dtype != torch.float32
+    block_n = min(128 if low else 64, _width(n))
+    default = dict(BLOCK_M=_rows_tile(m, 64, max(block_n, 32)), BLOCK_N=block_n, BLOCK_K=32, num_warps=8,
+                   num_stages=3)
+    return default if device is None else _launch("forward", m, n, k, dtype, default, device)
+
+
+def bwd_input_launch(m: int, n: int, dtype: torch.dtype, k: int = 0, device: torch.device | None = None) -> dict:
+    low = dtype != torch.float32
+    block_k = 64 if low else 32
+    default = dict(BLOCK_M=_rows_tile(m, 64, block_k), BLOCK_N=min(64, _width(n)), BLOCK_K=block_k, num_warps=8,
+                   num_stages=3)
+    return default if device is None else _launch("input", m, n, k, dtype, default, device)
+
+
+def bwd_weight_launch(m: int, n: int, dtype: torch.dtype, k: int = 0, device: torch.device | None = None) -> dict:
+    low = dtype != torch.float32
+    block_n = min(128 if low else 32, _width(n))
+    default = dict(BLOCK_M=_rows_tile(m, 64 if low else 32, 32), BLOCK_N=block_n, BLOCK_K=32, num_warps=8,
+                   num_stages=3)
+    return default if device is None else _launch("weight", m, n, k, dtype, default, device)
+
+
+@_triton.define_op("hifuse::gelu_linear", mutates_args=())
+def _fwd_op(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    m, k = h.shape
+    n = weight.shape[0]
+    out = torch.empty((m, n), device=h.device, dtype=h.dtype)
+    launch = fwd_launch(m, n, h.dtype, k, h.device)
+    grid = _triton.grid(triton.cdiv(n, launch["BLOCK_N"]), triton.cdiv(m, launch["BLOCK_M"]))
+    _triton.wrap_triton(_fwd_kernel)[grid](
+        h, weight, weight if bias is None else bias, out, m, n, k, HAS_BIAS=bias is not None,
+        **_precision(h), **launch,
+    )
+    return out
+
+
+@_triton.define_op("hifuse::gelu_linear_backward", mutates_args=())
+def _bwd_op(grad: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, with_bias: bool) -> tuple[
+        torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dh in h's dtype, dweight in weight's, dbias in weight's: empty without ``with_bias``)."""
+    m, k = h.shape
+    n = weight.shape[0]
+    dh = torch.empty_like(h)
+    launch = bwd_input_launch(m, n, h.dtype, k, h.device)
+    grid = _triton.grid(triton.cdiv(k, launch["BLOCK_K"]), triton.cdiv(m, launch["BLOCK_M"]))
+    _triton.wrap_triton(_bwd_input_kernel)[grid](grad, weight, h, dh, m, n, k, **_precision(h), **launch)
+    launch = bwd_weight_launch(m, n, h.dtype, k, h.device)
+    tiles = triton.cdiv(n, launch["BLOCK_N"]) * triton.cdiv(k, launch["BLOCK_K"])
+    flags = {**_precision(h), **launch}
+    splits = _triton.reduction_programs(triton.cdiv(m, launch["BLOCK_M"]), tiles, h.device, kernel=_bwd_weight_kernel,
+                                        args=(grad, h, torch.float32, m, n, k, 2), launch=flags)
+    part = torch.empty((splits, n, k), device=h.device, dtype=torch.float32)
+    _triton.wrap_triton(_bwd_weight_kernel)[_triton.grid(tiles, splits)](
+        grad, h, part, m, n, k, splits, **flags
+    )
+    dw = part.sum(0).to(weight.dtype)
+    db = grad.sum(0, dtype=weight.dtype) if with_bias else weight.new_empty((0,))
+    return dh, dw, db
+
+
+@_fwd_op.register_fake
+def _(h, weight, bias):
+    return h.new_empty((h.shape[0], weight.shape[0]))
+
+
+@_bwd_op.register_fake
+def _(grad, h, weight, with_bias):
+    db = weight.new_empty((weight.shape[0],) if with_bias else (0,))
+    return torch.empty_like(h), torch.empty_like(weight), db
+
+
+def _setup_context(ctx, inputs, output):
+    h, weight, bias = inputs
+    ctx.save_for_backward(h, weight)
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _backward(ctx, grad):
+    h, weight = ctx.saved_tensors
+    dh, dw, db = torch.ops.hifuse.gelu_linear_backward(grad.contiguous(), h, weight, ctx.bias_dtype is not None)
+    return dh, dw, (None if ctx.bias_dtype is None else db.to(ctx.bias_dtype))
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _flops(h_shape, w_shape, *_args, out_shape=None, **_kwargs) -> int:
+    return 2 * h_shape[0] * h_shape[1] * w_shape[0]  # the GEMM, as FlopCounterMode counts eager's
+
+
+def _backward_flops(grad_shape, h_shape, w_shape, *_args, out_shape=None, **_kwargs) -> int:
+    return 2 * _flops(h_shape, w_shape)
+
+
+def _register_flops() -> None:
+    from torch.utils.flop_counter import register_flop_formula
+
+    register_flop_formula(torch.ops.hifuse.gelu_linear)(_flops)
+    register_flop_formula(torch.ops.hifuse.gelu_linear_backward)(_backward_flops)
+
+
+_register_flops()
+
+
+# --------------------------------------------------------------------------- functional
+
+
+def _argument_problem(h, weight, bias):
+    if not isinstance(h, torch.Tensor) or not isinstance(weight, torch.Tensor):
+        return TypeError, "h and weight must be tensors"
+    if bias is not None and not isinstance(bias, torch.Tensor):
+        return TypeError, f"bias must be a tensor or None, got {type(bias).__name__}"
+    if h.dim() < 1 or weight.dim() != 2 or weight.shape[1] != h.shape[-1]:
+        return ValueError, f"weight must be (N, {h.shape[-1] if h.dim() else '?'}), got {tuple(weight.shape)}"
+    if bias is not None and bias.shape != (weight.shape[0],):
+        return ValueError, f"bias must be ({weight.shape[0]},), got {tuple(bias.shape)}"
+    tensors = [t for t in (h, weight, bias) if t is not None]
+    if any(t.dtype not in SUPPORTED_DTYPES for t in tensors):
+        return TypeError, f"dtypes must be float32, float16 or bfloat16, got {[t.dtype for t in tensors]}"
+    if len({t.device for t in tensors}) > 1:
+        return ValueError, "all tensors must be on one device"
+    if h.numel() // max(h.shape[-1], 1) >= 2**31:
+        return ValueError, "h has 2**31 rows or more"
+    return None
+
+
+def unsupported_reason(h, weight, bias=None) -> str | None:
+    reason = _triton.unsupported_reason(h)
+    if reason is not None:
+        return reason
+    problem = _argument_problem(h, weight, bias)
+    return None if problem is None else problem[1]
+
+
+def gelu_linear(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                check: bool = True) -> torch.Tensor:
+    """``F.linear(F.gelu(h), weight, bias)`` (exact GELU) without writing the GELU's output.
+
+    Args:
+        h: (..., K) pre-activation; the GEMM runs in its dtype (the weight is cast on load,
+            as autocast casts it for a low-precision input).
+        weight: (N, K); bias: (N,) or None.
+        check: False skips the argument checks, for callers that made them once already.
+    Returns:
+        (..., N) in h's dtype; gradients in the dtypes of h, weight and bias.
+    """
+    if check:
+        problem = _argument_problem(h, weight, bias)
+        if problem is not None:
+            raise problem[0](f"gelu_linear: {problem[1]}")
+        reason = _triton.unsupported_reason(h)
+        if reason is not None:
+            raise RuntimeError(f"gelu_linear: {reason}")
+    rows = h.reshape(-1, h.shape[-1]).contiguous()
+    out = torch.ops.hifuse.gelu_linear(rows, weight.contiguous(), bias)
+    return out.view(*h.shape[:-1], weight.shape[0])
