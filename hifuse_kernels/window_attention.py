@@ -193,9 +193,15 @@ if triton is not None:
         t = tl.arange(0, BN)
         part = prog.to(tl.int64) * heads + head
         ds_base = DS_PART + part * BN * BN
-        for mb in tl.static_range(0, BN, BM):
-            tq = mb + tl.arange(0, BM)
-            tl.store(ds_base + tq[:, None] * BN + t[None, :], tl.zeros((BM, BN), dtype=tl.float32))
+        # Whole windows in one tile (BM = BK = BN): the program's bias-table partial, the sum
+        # of its windows' dS, stays in registers and is stored once; with blocks it lives in
+        # this program's slot of DS_PART (L2), read and written per block behind a barrier.
+        whole: tl.constexpr = BM == BN and BK == BN
+        ds_acc = tl.zeros((BM, BK), dtype=tl.float32)
+        if not whole:
+            for mb in tl.static_range(0, BN, BM):
+                tq = mb + tl.arange(0, BM)
+                tl.store(ds_base + tq[:, None] * BN + t[None, :], tl.zeros((BM, BN), dtype=tl.float32))
         rel = REL + head * BN * BN
         gty = DQKV.dtype.element_ty
         dqb = tl.zeros((BD,), dtype=tl.float32)
@@ -232,9 +238,12 @@ if triton is not None:
                         dv += tl.dot(tl.trans(p).to(do.dtype), do, out_dtype=tl.float32, input_precision=PRECISION)
                         dp = tl.dot(do, tl.trans(v), out_dtype=tl.float32, input_precision=PRECISION)
                         ds = p * (dp - delta[:, None])
-                        ds_ptr = ds_base + tq[:, None] * BN + tk[None, :]
-                        tl.debug_barrier()  # the last stores to ds (and dq) are seen by every thread
-                        tl.store(ds_ptr, tl.load(ds_ptr) + ds)
+                        if whole:
+                            ds_acc += ds
+                        else:
+                            ds_ptr = ds_base + tq[:, None] * BN + tk[None, :]
+                            tl.debug_barrier()  # the last stores to ds (and dq) are seen by every thread
+                            tl.store(ds_ptr, tl.load(ds_ptr) + ds)
                         dsq = ds.to(q.dtype)
                         dk += tl.dot(tl.trans(dsq), q, out_dtype=tl.float32, input_precision=PRECISION)
                         dq = tl.dot(dsq, k, out_dtype=tl.float32, input_precision=PRECISION) * scale
@@ -253,6 +262,8 @@ if triton is not None:
                     pad = (valid & (real == 0))[:, None]
                     dkb += tl.sum(tl.where(pad, dk, 0.0), 0)
                     dvb += tl.sum(tl.where(pad, dv, 0.0), 0)
+        if whole:
+            tl.store(ds_base + t[:, None] * BN + t[None, :], ds_acc)
         tl.store(DBIAS_PART + part * 3 * BD + d, dqb)
         tl.store(DBIAS_PART + part * 3 * BD + BD + d, dkb)
         tl.store(DBIAS_PART + part * 3 * BD + 2 * BD + d, dvb)

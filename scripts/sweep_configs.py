@@ -49,7 +49,7 @@ from hifuse_kernels import window_attention as wa  # noqa: E402
 # Candidate values of each tunable, per launch; num_stages only where a kernel loops.
 SPACES = {
     "window_attention.forward": dict(BM=(16, 32, 64), num_warps=(2, 4, 8), num_stages=(1, 2, 3)),
-    "window_attention.backward": dict(BM=(16, 32), BK=(16, 32, 64), num_warps=(4, 8),
+    "window_attention.backward": dict(BM=(16, 32, 64), BK=(16, 32, 64), num_warps=(4, 8),
                                       programs=(512, 1024, 2048, 4096), num_stages=(1, 2)),
     "batch_norm_act.stats": dict(BLOCK_M=(32, 64, 128), BLOCK_C=(32, 64, 128), num_warps=(4, 8, 16),
                                  num_stages=(1, 2, 3)),
