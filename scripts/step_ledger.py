@@ -1,22 +1,14 @@
 """The step ledger: GPU launches and bytes of one bf16 HiFuse training step, counted on the CPU.
 
 A training step's GPU time is set by what it launches and what those launches move. This
-counts both without a GPU: the model runs on CPU tensors with every Triton launch replaced by
-a record of the kernel and its tensors (TRITON_INTERPRET=1; nothing is run, so values are
-garbage, which a step without host syncs does not mind), and a dispatch mode records every
-aten op below autograd and autocast, including those inside the hifuse ops' implementations.
+counts both without a GPU, by ``benchmarks/byte_model.py`` (which says what a launch and its
+bytes are, and the kinds ``triton``, ``native``, ``gemm``, ``optimizer``, ``glue`` and
+``cast``): the model runs on CPU tensors (TRITON_INTERPRET=1) with every Triton launch
+recorded, not run, and every aten op below autograd and autocast recorded, including those
+inside the hifuse ops' implementations.
 
-What is counted, per step (forward, cross-entropy, backward, fused AdamW):
-- launches: one per Triton kernel launch, per native hifuse op call, and per aten op that
-  writes memory (views, ``empty`` and other allocations launch nothing). Some aten ops launch
-  more than one kernel on a GPU (a convolution's backward, a large reduction): the count is a
-  floor for those;
-- bytes: for a Triton kernel every tensor argument once, whole (an upper bound where a kernel
-  reads part of one); for an op its tensor inputs and outputs once each (an in-place op reads
-  and writes its tensor);
-- kinds: ``triton`` and ``native`` (the fused kernels), ``gemm`` (cuBLAS and cuDNN: matrix
-  products and convolutions), ``optimizer`` and ``glue`` (copies, casts, fills, elementwise
-  ops and reductions around them; ``cast`` is the part of it that changes a dtype);
+What is counted, per step (forward, cross-entropy, backward, fused AdamW), besides launches
+and bytes by kind:
 - block kinds: each launch is charged to the block whose forward made it, or whose forward
   made the autograd node that backward is running (stems and downsamples, global blocks,
   local blocks, fusion blocks; ``head`` for the classifier, the loss and the rest);
@@ -29,10 +21,10 @@ What is counted, per step (forward, cross-entropy, backward, fused AdamW):
   about 20 us (12 to 27 by its arguments), an eager aten op about 6 us with autograd (an
   assumption), nothing for a replayed CUDA graph.
 
-Counted at two batch sizes (default 1 and 2) and fitted as a + b x batch, then written for
-the batch sizes asked (default 32 and 128):
+Counted at two batch sizes (default 2 and 3: batch 1 takes other paths in places) and fitted
+as a + b x batch, then written for the batch sizes asked (default 32 and 128):
 
-    python scripts/step_ledger.py [--fused both] [--image-size 224] [--batch 1,2] [--at 32,128] [--json FILE]
+    python scripts/step_ledger.py [--fused both] [--image-size 224] [--batch 2,3] [--at 32,128] [--json FILE]
 
 The narrow configuration (``--narrow``) is what the tests count; it takes other kernel paths
 than the published width, so its figures are not HiFuse-Tiny's.
@@ -46,32 +38,19 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from pathlib import Path
 
 os.environ["TRITON_INTERPRET"] = "1"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from torch._library.custom_ops import OPDEFS  # noqa: E402
-from torch.overrides import TorchFunctionMode  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 import hifuse  # noqa: E402
+from byte_model import KINDS, CudaFloat32Ops, Ledger, counted, launches_recorded, tensors  # noqa: E402
 from hifuse import model as model_  # noqa: E402
-from hifuse_kernels import _triton, reference  # noqa: E402
+from hifuse_kernels import _triton  # noqa: E402
 
-# The kernels' process-wide caches (shift masks, index tables) stay off under a dispatch mode,
-# which is how FakeTensor tracing reaches them; this mode passes real tensors, so they are read
-# as in a real step.
-reference._tracing = torch.compiler.is_compiling
-
-KINDS = ("triton", "native", "gemm", "optimizer", "glue")
-GEMM_OPS = {"mm", "addmm", "bmm", "baddbmm", "convolution", "convolution_backward", "_convolution",
-            "cudnn_convolution", "mkldnn_convolution", "_scaled_mm", "addbmm"}
-NO_LAUNCH_OPS = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "detach", "alias",
-                 "lift_fresh", "set_", "resize_", "_reshape_alias", "_unsafe_view", "view", "as_strided",
-                 "is_same_size", "_has_compatible_shallow_copy_type", "sym_size", "sym_stride", "sym_numel",
-                 "sym_storage_offset", "size", "stride", "dim", "is_contiguous", "_local_scalar_dense"}
 BLOCKS = {  # module class -> block kind; the innermost hooked module wins
     model_.PatchEmbed: "stems and downsamples", model_.PatchMerging: "stems and downsamples",
     model_.LocalDownsample: "stems and downsamples", model_.GlobalBlock: "global blocks",
@@ -82,49 +61,9 @@ BLOCK_KINDS = ("stems and downsamples", "global blocks", "local blocks", "fusion
 HOST_US = {"hifuse op": 11.0, "triton": 20.0, "aten": 6.0}
 
 
-@dataclass
-class Ledger:
-    launches: collections.Counter = field(default_factory=collections.Counter)  # (kind, block) -> launches
-    bytes: collections.Counter = field(default_factory=collections.Counter)  # (kind, block) -> bytes
-    names: collections.Counter = field(default_factory=collections.Counter)  # (kind, name) -> launches
-    name_bytes: collections.Counter = field(default_factory=collections.Counter)  # (kind, name) -> bytes
-    casts: list = field(default_factory=lambda: [0, 0])  # launches, bytes
-    hifuse_ops: int = 0
-    aten_ops: int = 0  # aten calls at dispatch, launching or not (host work)
-
-    def add(self, kind: str, block: str, name: str, nbytes: int) -> None:
-        self.launches[kind, block] += 1
-        self.bytes[kind, block] += nbytes
-        self.names[kind, name] += 1
-        self.name_bytes[kind, name] += nbytes
-
-    def total(self, what: str, kind: str | None = None, block: str | None = None) -> int:
-        counter = self.launches if what == "launches" else self.bytes
-        return sum(v for (k, b), v in counter.items() if (kind is None or k == kind) and (block is None or b == block))
-
-    def host_us(self) -> float:
-        return (self.hifuse_ops * HOST_US["hifuse op"] + self.total("launches", "triton") * HOST_US["triton"]
-                + self.aten_ops * HOST_US["aten"])
-
-
-def _tensors(values) -> list[torch.Tensor]:
-    out = []
-    for v in values:
-        if isinstance(v, torch.Tensor):
-            out.append(v)
-        elif isinstance(v, (list, tuple)):
-            out.extend(_tensors(v))
-    return out
-
-
-def _nbytes(tensors) -> int:
-    seen, total = set(), 0
-    for t in tensors:
-        key = (t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
-        if key not in seen:
-            seen.add(key)
-            total += t.numel() * t.element_size()
-    return total
+def host_us(ledger: Ledger) -> float:
+    return (ledger.hifuse_ops * HOST_US["hifuse op"] + ledger.total("launches", "triton") * HOST_US["triton"]
+            + ledger.aten_ops * HOST_US["aten"])
 
 
 class _Blocks:
@@ -144,7 +83,7 @@ class _Blocks:
 
     def _made(self, out, kind: str) -> None:
         self.stack.pop()
-        todo = [t.grad_fn for t in _tensors([out]) if t.grad_fn is not None]
+        todo = [t.grad_fn for t in tensors([out]) if t.grad_fn is not None]
         while todo:
             node = todo.pop()
             if node is None or id(node) in self.nodes:
@@ -162,91 +101,6 @@ class _Blocks:
     def close(self) -> None:
         for h in self.handles:
             h.remove()
-
-
-class _Count(TorchDispatchMode):
-    """Records every aten op below autograd and autocast; hifuse ops' Python implementations
-    run with this mode on, so the ops inside them are seen too."""
-
-    def __init__(self, ledger: Ledger, blocks: _Blocks) -> None:
-        super().__init__()
-        self.ledger, self.blocks = ledger, blocks
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        namespace, name = func.namespace, func._schema.name.split("::")[-1]
-        if namespace == "hifuse":
-            self.ledger.hifuse_ops += 1
-            opdef = OPDEFS.get(f"hifuse::{name}")
-            if opdef is not None:  # a Triton op: run its implementation here, counted
-                with self:
-                    return opdef._init_fn(*args, **kwargs)
-            out = func(*args, **kwargs)  # a native op: one kernel
-            self.ledger.add("native", self.blocks.current(), name, _nbytes(_tensors([args, kwargs, out])))
-            return out
-        self.ledger.aten_ops += 1
-        out = func(*args, **kwargs)
-        if name in NO_LAUNCH_OPS or _is_view(func) or not (_tensors([out]) or func._schema.is_mutable):
-            return out
-        kind = ("gemm" if name in GEMM_OPS else "optimizer" if "adam" in name or name.startswith("_foreach")
-                else "glue")
-        nbytes = _nbytes(_tensors([args, kwargs])) + _nbytes(_tensors([out]))
-        self.ledger.add(kind, self.blocks.current(), name, nbytes)
-        if name in ("_to_copy", "copy_") and _changes_dtype(args, kwargs, out):
-            self.ledger.casts[0] += 1
-            self.ledger.casts[1] += nbytes
-        return out
-
-
-def _is_view(func) -> bool:
-    return any(r.alias_info is not None and not r.alias_info.is_write for r in func._schema.returns)
-
-
-def _changes_dtype(args, kwargs, out) -> bool:
-    src = _tensors([args[1] if len(args) > 1 and isinstance(args[1], torch.Tensor) else args[0]])
-    dst = _tensors([out])
-    return bool(src and dst and src[0].dtype != dst[0].dtype)
-
-
-class _Launches:
-    """Stands for ``wrap_triton(kernel)``: ``[grid](...)`` records the launch, runs nothing."""
-
-    def __init__(self, ledger: Ledger, blocks: _Blocks) -> None:
-        self.ledger, self.blocks = ledger, blocks
-
-    def __call__(self, kernel):
-        name = getattr(kernel, "__name__", repr(kernel))
-        module = getattr(getattr(kernel, "fn", None), "__module__", "") or ""
-        label = f"{module.rsplit('.', 1)[-1]}.{name}" if module else name
-
-        class Launch:
-            def __getitem__(_self, grid):
-                def launch(*args, **kwargs) -> None:
-                    self.ledger.add("triton", self.blocks.current(), label, _nbytes(_tensors([args, kwargs.values()])))
-
-                return launch
-
-        return Launch()
-
-
-# ops CUDA's autocast runs in float32 where CPU's leaves them in bf16 (module docstring)
-_CUDA_FP32 = {F.layer_norm, F.group_norm, F.softmax, F.log_softmax, torch.softmax, torch.log_softmax,
-              torch.Tensor.softmax, torch.Tensor.log_softmax, torch.layer_norm, torch.exp, torch.Tensor.exp,
-              torch.rsqrt, torch.Tensor.rsqrt, torch.pow, torch.Tensor.pow, torch.Tensor.__pow__, torch.sum,
-              torch.Tensor.sum, torch.logsumexp, torch.Tensor.logsumexp, F.nll_loss}
-
-
-class _CudaFloat32Ops(TorchFunctionMode):
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func in _CUDA_FP32 and torch.is_autocast_enabled("cpu"):
-            def up(v):
-                if isinstance(v, torch.Tensor) and v.dtype in (torch.bfloat16, torch.float16):
-                    return v.float()
-                return v
-            args = tuple(up(a) for a in args)
-            kwargs = {k: up(v) for k, v in kwargs.items()}
-        return func(*args, **kwargs)
 
 
 def build(args, batch: int):
@@ -270,18 +124,17 @@ def count(fused: bool, batch: int, args) -> Ledger:
     model, x, y, opt = build(args, batch)
     ledger = Ledger()
     blocks = _Blocks(model)
-    _triton.wrap_triton = _Launches(Ledger(), blocks)
 
     def step():
         opt.zero_grad(set_to_none=True)
-        with hifuse.use_fused(fused), torch.autocast("cpu", dtype=torch.bfloat16), _CudaFloat32Ops():
+        with hifuse.use_fused(fused), torch.autocast("cpu", dtype=torch.bfloat16), CudaFloat32Ops():
             loss = F.cross_entropy(model(x), y)
         loss.backward()
         opt.step()
 
-    step()  # warm-up, not counted
-    _triton.wrap_triton = _Launches(ledger, blocks)
-    with _Count(ledger, blocks):
+    with launches_recorded(Ledger(), blocks.current):
+        step()  # warm-up, not counted
+    with counted(ledger, blocks.current):
         step()
     blocks.close()
     return ledger
@@ -305,14 +158,14 @@ def report(ledgers: dict, batches: tuple[int, int], at: list[int]) -> dict:
                 row[f"{kind} launches"] = fit(small, large, b0, b1, n, "launches", kind=kind)
                 row[f"{kind} GB"] = fit(small, large, b0, b1, n, "bytes", kind=kind) / 1e9
             for block in BLOCK_KINDS:
-                row[f"{block} launches"] = fit(small, large, b0, b1, n, "launches", block=block)
-                row[f"{block} glue GB"] = fit(small, large, b0, b1, n, "bytes", kind="glue", block=block) / 1e9
+                row[f"{block} launches"] = fit(small, large, b0, b1, n, "launches", where=block)
+                row[f"{block} glue GB"] = fit(small, large, b0, b1, n, "bytes", kind="glue", where=block) / 1e9
             cast_slope = (large.casts[1] - small.casts[1]) / (b1 - b0)
             row["cast launches"] = large.casts[0]
             row["cast GB"] = (small.casts[1] + cast_slope * (n - b0)) / 1e9
             row["hifuse op calls"] = large.hifuse_ops
             row["aten op calls"] = large.aten_ops
-            row["host ms (estimate)"] = large.host_us() / 1e3
+            row["host ms (estimate)"] = host_us(large) / 1e3
             rows[n] = row
         glue = collections.Counter()
         for (kind, op), v in large.name_bytes.items():
