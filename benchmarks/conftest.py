@@ -3,6 +3,12 @@
 Sizes follow the machine: on a GPU the published setting (224x224, batch 32 and 128,
 bf16 autocast); on a CPU-only machine small sizes that finish in minutes. Every option
 can be set on the command line; compile baselines run only with --compile.
+
+Each op benchmark (``time_op``) records the bytes its op moves and the least it must move
+(``byte_model``). With --count-only nothing is timed: op benchmarks count those bytes, their
+Triton launches recorded and not run, so the fused ops count at the GPU's sizes on a CPU
+(TRITON_INTERPRET=1, the GPU's launch tiles, CUDA autocast's float32 ops); the other
+benchmarks skip.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import platform
 import pytest
 import torch
 
+import byte_model
 from hifuse.cli.bench import DTYPES, FORMATS, fused_setting  # noqa: F401  (shared with hifuse benchmark)
 
 ON_GPU = torch.cuda.is_available()
@@ -33,8 +40,17 @@ def pytest_addoption(parser):
     add("--compile-ops", action="store_true", help="also run torch.compile baselines of single ops")
     add("--modes", default="train,infer", help="comma list of train, infer")
     add("--rounds", type=int, default=None, help="timed rounds per benchmark (GPU: 20, CPU: 3)")
+    add("--count-only", action="store_true", help="count each op's bytes and launches instead of timing it (on a CPU "
+        "too at the GPU's sizes, with TRITON_INTERPRET=1); benchmarks of more than an op skip")
     add("--rebuilds", default="", help="comma list of rebuild settings for test_train_step_rebuilds (rebuild_all, "
         "keep_all, keep_<name>; all: every one); none given: that benchmark does not run")
+
+
+_count_only = [False]  # --count-only, for run_timed
+
+
+def pytest_configure(config):
+    _count_only[0] = config.getoption("--count-only")
 
 
 def _opt(config, name, gpu_default, cpu_default):
@@ -64,6 +80,7 @@ def settings(config) -> dict:
         "rounds": _opt(config, "--rounds", 20, 3),
         "compile_ops": config.getoption("--compile-ops"),
         "rebuilds": _rebuilds(config.getoption("--rebuilds")),
+        "count_only": config.getoption("--count-only"),
     }
 
 
@@ -135,6 +152,8 @@ def sync():
 
 def run_timed(benchmark, fn, rounds: int, warmup: int = 3):
     """Time fn (which must finish its GPU work) with pytest-benchmark; returns median seconds."""
+    if _count_only[0]:
+        pytest.skip("--count-only counts single ops")
 
     def call():
         fn()
@@ -148,4 +167,49 @@ def run_timed(benchmark, fn, rounds: int, warmup: int = 3):
     benchmark.extra_info["median_ms"] = median * 1e3
     if ON_GPU:
         benchmark.extra_info["peak_mem_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    return median
+
+
+def time_op(benchmark, settings, call, inputs, direction, reads=None, updated=(), **info) -> float | None:
+    """Time ``call()`` (the op; with direction fwd_bwd also the gradients of those of
+    ``inputs`` that require grad, from a fixed random gradient of each output that requires
+    grad) and record in extra_info, besides ``info``:
+    - ``bytes_moved`` and ``launches``: counted from its launches, in one more call, and
+      ``moved_by``: launches and bytes of each kernel or aten op it launched;
+    - ``bytes_min``: the least it must move (``byte_model.minimum``): ``reads`` (default
+      ``inputs``; given where the impl is timed on other tensors than the op's, as the
+      attention baselines on windows) and ``updated`` (buffers it updates in place), its
+      outputs and, with backward, their gradients and those of ``reads``;
+    - ``gb_per_s``: bytes_min over the median time.
+    Returns the median seconds. Under --count-only it is counted, not timed, and returns None
+    (``counted_only`` in extra_info: what pytest-benchmark times then is the counting)."""
+    output_grads = []  # made at the first call, then the same in every call
+
+    def run():
+        outs = byte_model.tensors([call()])
+        if direction != "fwd_bwd":
+            return outs, ()
+        wanted = [o for o in outs if o.requires_grad]
+        if not output_grads:
+            output_grads.extend(torch.randn_like(o) for o in wanted)
+        return outs, torch.autograd.grad(wanted, [t for t in inputs if t.requires_grad], output_grads)
+
+    if settings["count_only"]:
+        result = []
+        benchmark.pedantic(lambda: result.append(byte_model.count(run, warm_up=True, as_gpu=not ON_GPU)), rounds=1,
+                           iterations=1)
+        ledger, (outs, input_grads) = result[0]
+        median = None
+        benchmark.extra_info.update(versions(), counted_only=True)
+    else:
+        median = run_timed(benchmark, run, settings["rounds"])
+        ledger, (outs, input_grads) = byte_model.count(run)
+    minimum = byte_model.minimum(inputs if reads is None else reads, outs, updated,
+                                 output_grads if direction == "fwd_bwd" else None, input_grads)
+    info.update(direction=direction, bytes_moved=ledger.total("bytes"), bytes_min=minimum,
+                launches=ledger.total("launches"),
+                moved_by={name: [n, ledger.name_bytes[kind, name]] for (kind, name), n in ledger.names.items()})
+    if median is not None:
+        info["gb_per_s"] = minimum / median / 1e9
+    benchmark.extra_info.update(info)
     return median

@@ -3,8 +3,10 @@ eager (nn.BatchNorm2d, then the elementwise ops) vs torch.compile vs the fused o
 
 Shapes: the IRMLP ``bn1`` of each fusion stage (3C channels, GELU + residual prologue) and
 the W3/W ConvBN output (C channels, GELU), channels-last, at the largest benchmark batch.
-Bytes: inputs read and output written (backward: also the gradient read, the inputs read
-again and their gradients written).
+Bytes (``conftest.time_op``): the least is the inputs, weight and bias read, the output
+written and the running statistics updated (backward: also the output's gradient read and
+the inputs', weight's and bias's written); the statistics pass over the input is moved, not
+least.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import DEVICE, DTYPES, run_timed, skip_unavailable
+from conftest import DEVICE, DTYPES, skip_unavailable, time_op
 from hifuse_kernels.batch_norm_act import batch_norm_act, batch_norm_act_ref
 
 STAGES = {"fu1": (4, 96), "fu2": (8, 192), "fu3": (16, 384), "fu4": (32, 768)}
@@ -39,17 +41,5 @@ def test_batch_norm_act(benchmark, bench_settings, stage, case, impl, direction,
     if impl == "compile":
         fn = torch.compile(batch_norm_act_ref, dynamic=False)
     inputs = [t for t in (x, r, bn.weight, bn.bias) if t is not None]
-    dy = []
-
-    def run():
-        out = fn(x, bn, act, r)
-        if grad:
-            if not dy:
-                dy.append(torch.randn_like(out))
-            torch.autograd.grad(out, inputs, dy[0])
-
-    median = run_timed(benchmark, run, bench_settings["rounds"])
-    moved = x.numel() * (x.element_size() + (4 + 4 if residual else x.element_size()))
-    moved *= 2 if grad else 1
-    benchmark.extra_info.update(stage=stage, case=case, batch=b, impl=impl, direction=direction, dtype=dtype,
-                                bytes=moved, gb_per_s=moved / median / 1e9)
+    time_op(benchmark, bench_settings, lambda: fn(x, bn, act, r), inputs, direction, updated=list(bn.buffers()),
+            stage=stage, case=case, batch=b, impl=impl, dtype=dtype)

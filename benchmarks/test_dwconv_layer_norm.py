@@ -2,8 +2,9 @@
 
 Shapes: the four local stages at 224x224 (56x56x96 .. 7x7x768) at the largest benchmark
 batch. Eager takes NCHW input as the published block does (conv, permute, LayerNorm); the
-fused op takes channels-last input. Bytes: x read and the output written (backward: also
-the gradient read and the input gradient written).
+fused op takes channels-last input. Bytes (``conftest.time_op``): the least is x and the
+parameters read and the output written (backward: also the output's gradient read and the
+gradients of x and the parameters written).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 import hifuse
-from conftest import DEVICE, DTYPES, run_timed
+from conftest import DEVICE, DTYPES, run_timed, time_op
 from hifuse.model import LocalBlock
 from hifuse_kernels import _triton
 from hifuse_kernels.dwconv_layer_norm import dwconv_layer_norm, dwconv_layer_norm_ref
@@ -45,17 +46,8 @@ def test_dwconv_layer_norm(benchmark, bench_settings, stage, impl, direction, dt
     fn = {"eager": dwconv_layer_norm_ref, "fused": dwconv_layer_norm}.get(impl)
     if impl == "compile":
         fn = torch.compile(dwconv_layer_norm_ref, dynamic=False)
-    dy = torch.randn_like(x)
-
-    def run():
-        out = fn(x, *params)
-        if grad_on:
-            torch.autograd.grad(out, [x, *params], dy)
-
-    median = run_timed(benchmark, run, bench_settings["rounds"])
-    moved = 2 * x.numel() * x.element_size() * (2 if grad_on else 1)
-    benchmark.extra_info.update(stage=stage, batch=batch, impl=impl, direction=direction, dtype=dtype,
-                                bytes=moved, gb_per_s=moved / median / 1e9)
+    time_op(benchmark, bench_settings, lambda: fn(x, *params), [x, *params], direction, stage=stage, batch=batch,
+            impl=impl, dtype=dtype)
 
 
 @pytest.mark.parametrize("impl", ["eager", "compile", "fused"])

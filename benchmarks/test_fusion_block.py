@@ -3,8 +3,8 @@ HiFuse-Tiny, eager vs torch.compile vs fused.
 
 Shapes are the four fusion stages (56x56x96 .. 7x7x768 at 224x224, scaled with the
 benchmark image size) at the largest benchmark batch, channels-last activations.
-Bytes count what an ideal kernel moves: the parts read and the output written (backward:
-also the output gradient read, the parts read again and their gradients written).
+Bytes (``conftest.time_op``): the least is the parts, gates and parameters read and the
+outputs written (backward: also the outputs' gradients read and the inputs' written).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 
 import hifuse
 import hifuse_kernels
-from conftest import DEVICE, DTYPES, run_timed
+from conftest import DEVICE, DTYPES, run_timed, time_op
 from hifuse.model import HFFBlock
 from hifuse_kernels import _triton
 from hifuse_kernels.channel_pool import channel_pool, channel_pool_ref
@@ -56,23 +56,6 @@ def _feature(b, c, side, dtype, grad):
     return t.requires_grad_(grad)
 
 
-def _time_op(benchmark, settings, fn, inputs, nbytes, direction, **info):
-    grad_on = direction == "fwd_bwd"
-    dy = []
-
-    def run():
-        out = fn(*inputs)
-        outs = out if isinstance(out, tuple) else (out,)
-        if grad_on:
-            if not dy:
-                dy.extend(torch.randn_like(o) for o in outs)
-            torch.autograd.grad(outs, [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad], dy)
-
-    median = run_timed(benchmark, run, settings["rounds"])
-    moved = nbytes * (2 if grad_on else 1)
-    benchmark.extra_info.update(direction=direction, bytes=moved, gb_per_s=moved / median / 1e9, **info)
-
-
 @pytest.mark.parametrize("stage", list(STAGES))
 @pytest.mark.parametrize("impl", ["eager", "compile", "fused"])
 @pytest.mark.parametrize("direction", ["fwd", "fwd_bwd"])
@@ -86,9 +69,9 @@ def test_gated_layer_norm(benchmark, bench_settings, stage, impl, direction, dty
     w = torch.ones(3 * c, device=DEVICE, dtype=dt, requires_grad=grad)
     bias = torch.zeros(3 * c, device=DEVICE, dtype=dt, requires_grad=grad)
     fn = _pick(impl, gated_layer_norm_ref, gated_layer_norm)
-    nbytes = 6 * g.numel() * g.element_size()  # three parts in, 3C out
-    _time_op(benchmark, bench_settings, fn, [g, cg, l, sg, x, w, bias], nbytes, direction,
-             stage=stage, batch=b, impl=impl, dtype=dtype)
+    inputs = [g, cg, l, sg, x, w, bias]
+    time_op(benchmark, bench_settings, lambda: fn(*inputs), inputs, direction, stage=stage, batch=b, impl=impl,
+            dtype=dtype)
 
 
 @pytest.mark.parametrize("stage", list(STAGES))
@@ -102,14 +85,9 @@ def test_layer_norm_cat(benchmark, bench_settings, stage, parts, impl, direction
     xs = [_feature(b, c, side, dt, grad) for _ in range(parts)]
     w = torch.ones(parts * c, device=DEVICE, dtype=dt, requires_grad=grad)
     bias = torch.zeros(parts * c, device=DEVICE, dtype=dt, requires_grad=grad)
-
-    def make(f):
-        return lambda *a: f(list(a[:parts]), a[parts], a[parts + 1])
-
-    fn = _pick(impl, make(layer_norm_cat_ref), make(layer_norm_cat))
-    nbytes = 2 * parts * xs[0].numel() * xs[0].element_size()
-    _time_op(benchmark, bench_settings, fn, [*xs, w, bias], nbytes, direction,
-             stage=stage, parts=parts, batch=b, impl=impl, dtype=dtype)
+    fn = _pick(impl, layer_norm_cat_ref, layer_norm_cat)
+    time_op(benchmark, bench_settings, lambda: fn(xs, w, bias), [*xs, w, bias], direction, stage=stage, parts=parts,
+            batch=b, impl=impl, dtype=dtype)
 
 
 @pytest.mark.parametrize("stage", list(STAGES))
@@ -121,8 +99,8 @@ def test_gate_pooling(benchmark, bench_settings, stage, which, impl, direction, 
     x = _feature(b, c, side, DTYPES[dtype], direction == "fwd_bwd")
     ops = {"channel_pool": (channel_pool_ref, channel_pool), "spatial_pool": (spatial_pool_ref, spatial_pool)}
     fn = _pick(impl, *ops[which])
-    _time_op(benchmark, bench_settings, fn, [x], x.numel() * x.element_size(), direction,
-             stage=stage, op=which, batch=b, impl=impl, dtype=dtype)
+    time_op(benchmark, bench_settings, lambda: fn(x), [x], direction, stage=stage, op=which, batch=b, impl=impl,
+            dtype=dtype)
 
 
 @pytest.mark.parametrize("impl", ["eager", "compile", "fused"])

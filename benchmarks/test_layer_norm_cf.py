@@ -2,8 +2,8 @@
 
 Shapes are those of every channels-first LayerNorm in HiFuse-Tiny (local stem and
 downsamples, fusion norm1/norm2/norm3) at the benchmark batch and image size.
-Bandwidth counts the bytes an ideal kernel moves: forward reads x and writes y;
-forward+backward adds reading dy and x and writing dx.
+Bytes (``conftest.time_op``): the least is x, weight and bias read and y written
+(forward+backward adds dy read and dx, dweight and dbias written).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import hifuse_kernels
-from conftest import DEVICE, DTYPES, run_timed
+from conftest import DEVICE, DTYPES, time_op
 from hifuse_kernels.layer_norm_cf import layer_norm_cf, layer_norm_cf_ref
 
 PROVIDERS = ("eager", "compile", "native")
@@ -43,21 +43,8 @@ def test_layer_norm_cf(benchmark, bench_settings, shape, impl, direction, dtype)
     x = torch.randn(shape, device=DEVICE, dtype=DTYPES[dtype], requires_grad=direction == "fwd_bwd")
     w = torch.ones(shape[1], device=DEVICE, requires_grad=direction == "fwd_bwd")
     b = torch.zeros(shape[1], device=DEVICE, requires_grad=direction == "fwd_bwd")
-    fn = {"eager": lambda *a: layer_norm_cf_ref(*a, 1e-6), "native": lambda *a: layer_norm_cf(*a, 1e-6)}.get(impl)
+    fn = {"eager": layer_norm_cf_ref, "native": layer_norm_cf}.get(impl)
     if impl == "compile":
-        fn = torch.compile(lambda *a: layer_norm_cf_ref(*a, 1e-6), dynamic=False)
-    dy = torch.randn(shape, device=DEVICE, dtype=torch.promote_types(x.dtype, w.dtype))
-
-    def run():
-        out = fn(x, w, b)
-        if direction == "fwd_bwd":
-            torch.autograd.grad(out, (x, w, b), dy)
-
-    median = run_timed(benchmark, run, bench_settings["rounds"])
-    elem = x.element_size()
-    n = x.numel()
-    moved = n * elem + n * dy.element_size()
-    if direction == "fwd_bwd":
-        moved += n * dy.element_size() + 2 * n * elem
-    benchmark.extra_info.update(shape=list(shape), impl=impl, direction=direction, dtype=dtype,
-                                bytes=moved, gb_per_s=moved / median / 1e9)
+        fn = torch.compile(layer_norm_cf_ref, dynamic=False)
+    time_op(benchmark, bench_settings, lambda: fn(x, w, b, 1e-6), [x, w, b], direction, shape=list(shape), impl=impl,
+            dtype=dtype)

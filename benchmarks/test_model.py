@@ -48,6 +48,8 @@ def _record(benchmark, bench_settings, median, batch, dtype, memory_format, prov
 
 def _time(benchmark, bench_settings, batch, dtype, memory_format, provider, train):
     s = bench_settings
+    if s["count_only"]:
+        pytest.skip("--count-only counts single ops")  # before the first call, which would run the model
     if provider in GRAPH_PROVIDERS and DEVICE.type != "cuda":
         pytest.skip(f"{provider} records a CUDA graph: GPU only")
     call = model_call(s["variant"], s["irmlp"], batch, s["image_size"], dtype, memory_format, provider, train, DEVICE)

@@ -3,8 +3,10 @@
 Each layer runs on its input in HiFuse-Tiny at the benchmark image size and the largest
 benchmark batch, under autocast. Eager takes NCHW input as the published layers do; the
 fused path takes the same tensor channels-last (what the fused local blocks hand it; the
-image itself stays NCHW). Bytes: the input read and the output written (backward: also the
-output gradient read and the input gradient written), at the autocast dtype.
+image itself stays NCHW). Bytes (``conftest.time_op``): the least is the input and the
+parameters read and the output written, in the dtypes eager gives them under autocast
+(backward: also the output's gradient read and the input's and parameters' written); the
+casts autocast makes are moved, not least.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import pytest
 import torch
 
 import hifuse
-from conftest import DEVICE, DTYPES, run_timed
+from conftest import DEVICE, DTYPES, time_op
 from hifuse.model import LocalDownsample, PatchEmbed
 
 # name: (module builder, input channels, input side as a fraction of the image side)
@@ -44,16 +46,10 @@ def test_stem_layer(benchmark, bench_settings, layer, impl, direction, dtype):
     x.requires_grad_(grad_on)
     call = torch.compile(module, dynamic=False) if impl == "compile" else module
     autocast = torch.autocast(DEVICE.type, dtype=DTYPES[dtype], enabled=dtype != "fp32")
-    moved = [0]
 
     def run():
         with autocast, hifuse.use_fused(impl == "fused", attention=False, fusion=False, norm=False):
-            out = call(x)
-        out = out[0] if isinstance(out, tuple) else out
-        if grad_on:
-            torch.autograd.backward(out, torch.ones_like(out))
-        moved[0] = (x.numel() + out.numel()) * DTYPES[dtype].itemsize * (2 if grad_on else 1)
+            return call(x)
 
-    median = run_timed(benchmark, run, bench_settings["rounds"])
-    benchmark.extra_info.update(layer=layer, batch=batch, impl=impl, direction=direction, dtype=dtype,
-                                bytes=moved[0], gb_per_s=moved[0] / median / 1e9)
+    time_op(benchmark, bench_settings, run, [x, *module.parameters()], direction, layer=layer, batch=batch, impl=impl,
+            dtype=dtype)

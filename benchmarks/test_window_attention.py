@@ -5,8 +5,9 @@ at the largest benchmark batch (GPU: 128). The attention-only baselines (eager m
 with bias and mask folded into attn_mask, FlexAttention with a score_mod) take q, k, v
 already partitioned into windows, as the published baseline figures do; the fused op takes
 the (B, H, W, 3C) qkv projection and includes shift, partition, merge and crop. FLOPs count
-q @ k^T and p @ v (backward: twice that); bytes count qkv read and the output written
-(backward: also grad_out read and grad_qkv written).
+q @ k^T and p @ v (backward: twice that). Bytes (``conftest.time_op``): the least is the fused
+op's qkv, qkv bias and bias table read and the output written (backward: also the output's
+gradient read and the inputs' written), the same for every impl.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import hifuse
-from conftest import DEVICE, DTYPES, ON_GPU, run_timed
+from conftest import DEVICE, DTYPES, ON_GPU, run_timed, time_op
 from hifuse.model import GlobalStage
 from hifuse_kernels.reference import relative_position_index, shift_mask
 from hifuse_kernels import _triton
@@ -113,25 +114,12 @@ def test_window_attention(benchmark, bench_settings, stage, impl, direction, dty
     batch = max(bench_settings["batch"])
     qkv, bias_vec, table, heads = _stage_inputs(stage, batch, dtype, direction == "fwd_bwd")
     fn, inputs = _attention_fn(impl, qkv, bias_vec, table, heads)
-    grad = None
-
-    def run():
-        nonlocal grad
-        out = fn()
-        if direction == "fwd_bwd":
-            if grad is None:
-                grad = torch.randn_like(out)
-            torch.autograd.grad(out, [t for t in inputs if t.requires_grad], grad)
-
-    median = run_timed(benchmark, run, bench_settings["rounds"])
     b, side, _, c3 = qkv.shape
     flops = 4 * b * side * side * N * (c3 // 3) * (3 if direction == "fwd_bwd" else 1)
-    moved = qkv.numel() * qkv.element_size() * (4 / 3)
-    if direction == "fwd_bwd":
-        moved *= 2.5
-    benchmark.extra_info.update(stage=stage, batch=b, heads=heads, impl=impl, direction=direction, dtype=dtype,
-                                flops=flops, tflops_per_s=flops / median / 1e12, bytes=moved,
-                                gb_per_s=moved / median / 1e9)
+    median = time_op(benchmark, bench_settings, fn, list(inputs), direction, reads=[qkv, bias_vec, table], stage=stage,
+                     batch=b, heads=heads, impl=impl, dtype=dtype, flops=flops)
+    if median is not None:
+        benchmark.extra_info["tflops_per_s"] = flops / median / 1e12
 
 
 def _tiny_stages():

@@ -1,4 +1,7 @@
-"""Print a table of pytest-benchmark JSON files written by the HiFuse benchmarks; with
+"""Print a table of pytest-benchmark JSON files written by the HiFuse benchmarks (an op's GB/s
+against the bytes its launches move and against the least it must move, each with its share
+of the same run's copy bandwidth, and moved over least); with --bytes, each op's launches and
+bytes instead (of --count-only runs too: ``benchmarks/byte_model.py``); with
 --targets, the performance targets with the latest figure measured for each, and with
 --chart, a bar chart of the whole model per setting (eager, the compiled peer, fused). JUnit XML
 of the test runs (``pytest --junitxml``, suite named after the device) and the memcheck log of
@@ -51,40 +54,78 @@ def copy_bandwidth(records) -> dict[str, float]:
     return best
 
 
-def rows(path: Path, copy: dict[str, float] | None = None):
-    data = json.loads(path.read_text())
-    machine = data.get("machine_info", {}).get("hifuse", {})
-    for bench in data.get("benchmarks", []):
-        info = bench.get("extra_info", {})
-        median_ms = bench["stats"]["median"] * 1e3
+def _what(r) -> str:
+    """A benchmark's name: the test without ``test_`` and its parameters but the impl."""
+    info = r["info"]
+    if "mode" in info:
+        what = f"{info['mode']} {info['variant']} b{info['batch']} {info['dtype']} {info['memory_format']}"
+        return what + (f" {info['rebuilds']}" if "rebuilds" in info else "")
+    params = {k: v for k, v in r["params"].items() if k != "impl"}
+    if "shape" in info:  # after the case's name where the shape is its parameter (two norms share one)
+        params["shape"] = " ".join(map(str, [params.get("shape", ""), tuple(info["shape"])])).strip()
+    return " ".join([r["test"].removeprefix("test_"), *map(str, params.values())])
+
+
+def bandwidth(r, copy: dict[str, float]) -> dict:
+    """An op benchmark's figures: GB/s against the bytes it moves and against the least it
+    must move (``gb_per_s``; older runs have it alone, against a hand count of the least), each
+    with its share of the device's copy bandwidth, and moved over least."""
+    info, out = r["info"], {}
+    gbs = {"min": info.get("gb_per_s")}
+    if "bytes_moved" in info:
+        out["ratio"] = info["bytes_moved"] / info["bytes_min"]
+        if r["ms"]:
+            gbs["moved"] = info["bytes_moved"] / r["ms"] / 1e6
+    reference = copy.get(r["device"]) if info.get("impl") != "copy" else None
+    for key, value in gbs.items():
+        if value is not None:
+            out[f"{key} GB/s"] = f"{value:.0f}" + (f" ({100 * value / reference:.0f}% of copy)" if reference else "")
+    return out
+
+
+def rows(records, copy: dict[str, float]):
+    """The main table's rows: benchmark, impl, median ms, GB/s against the bytes moved and the
+    least, moved/least, throughput, peak MiB, device."""
+    for r in records:
+        info = r["info"]
         if "mode" in info:
-            what = f"{info['mode']} {info['variant']} b{info['batch']} {info['dtype']} {info['memory_format']}"
-            if "rebuilds" in info:
-                what += f" {info['rebuilds']}"
             figure = f"{info['images_per_s']:.0f} img/s, {info['tflops_per_s']:.1f} TFLOP/s"
             impl = info["provider"]
         else:
-            what = bench["name"].split("[")[0].removeprefix("test_")
-            params = {k: v for k, v in bench.get("params", {}).items() if k != "impl"}
-            if "shape" in info:
-                params["shape"] = tuple(info["shape"])
-            what += " " + " ".join(str(v) for v in params.values())
-            parts = []
-            if "tflops_per_s" in info:
-                parts.append(f"{info['tflops_per_s']:.1f} TFLOP/s")
-            if "gb_per_s" in info:
-                parts.append(f"{info['gb_per_s']:.0f} GB/s")
-                reference = (copy or {}).get(info.get("device"))
-                if reference and info.get("impl") != "copy":
-                    parts.append(f"{100 * info['gb_per_s'] / reference:.0f}% of copy")
-            figure = ", ".join(parts)
+            figure = f"{info['tflops_per_s']:.1f} TFLOP/s" if "tflops_per_s" in info else ""
             impl = info.get("impl", "")
+        b = bandwidth(r, copy)
+        ratio = f"{b['ratio']:.2f}" if "ratio" in b else ""
+        ms = "counted, not timed" if r["ms"] is None else f"{r['ms']:.3f}"
         mem = info.get("peak_mem_mib")
-        yield (what, impl, median_ms, figure, f"{mem:.0f}" if mem else "", machine.get("device", "?"))
+        yield (_what(r), impl, ms, b.get("moved GB/s", ""), b.get("min GB/s", ""), ratio, figure,
+               f"{mem:.0f}" if mem else "", r["device"])
+
+
+def byte_rows(records) -> list[str]:
+    """Each op benchmark's launches and bytes, moved and least, forward beside forward and
+    backward, as markdown table lines (counted or timed records alike; the latest of each)."""
+    cases: dict[tuple, dict] = {}
+    for r in sorted(records, key=lambda r: r["when"]):
+        if "bytes_moved" in r["info"]:
+            key = (_what({**r, "params": {k: v for k, v in r["params"].items() if k != "direction"}}),
+                   r["info"].get("impl", ""))
+            cases.setdefault(key, {})[r["info"]["direction"]] = r["info"]
+    lines = ["| benchmark | impl | fwd launches | fwd MB moved | fwd MB min | fwd moved/min | fwd+bwd launches | "
+             "fwd+bwd MB moved | fwd+bwd MB min | fwd+bwd moved/min |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for (what, impl), found in sorted(cases.items()):
+        cells = []
+        for direction in ("fwd", "fwd_bwd"):
+            i = found.get(direction)
+            cells += ([str(i["launches"]), f"{i['bytes_moved'] / 1e6:.1f}", f"{i['bytes_min'] / 1e6:.1f}",
+                       f"{i['bytes_moved'] / i['bytes_min']:.2f}"] if i else ["", "", "", ""])
+        lines.append(f"| {what} | {impl} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def load(paths) -> list[dict]:
-    """Every benchmark of these files: test, case (the parameters), info, ms, date, device."""
+    """Every benchmark of these files: test, case (the parameters), params, info, ms (None for
+    one counted, not timed: ``--count-only``), date, device."""
     records = []
     for path in paths:
         data = json.loads(path.read_text())
@@ -92,8 +133,10 @@ def load(paths) -> list[dict]:
         device = data.get("machine_info", {}).get("hifuse", {}).get("device", "?")
         for bench in data.get("benchmarks", []):
             test, _, case = bench["name"].partition("[")
-            records.append(dict(test=test, case=case.rstrip("]"), info=bench.get("extra_info", {}),
-                                ms=bench["stats"]["median"] * 1e3, when=when, date=when[:10], device=device))
+            info = bench.get("extra_info", {})
+            ms = None if info.get("counted_only") else bench["stats"]["median"] * 1e3
+            records.append(dict(test=test, case=case.rstrip("]"), params=bench.get("params") or {}, info=info, ms=ms,
+                                when=when, date=when[:10], device=device))
     return records
 
 
@@ -351,12 +394,14 @@ def main() -> None:
     parser.add_argument("--chart", type=Path, help="write the whole-model bar chart here (PNG; needs matplotlib)")
     parser.add_argument("--device", help="--targets and --chart use this device's figures only "
                         "(default: the device of the newest file)")
+    parser.add_argument("--bytes", action="store_true", help="the table of each op benchmark's launches and bytes, "
+                        "moved against least, instead (also of runs with --count-only)")
     args = parser.parse_args()
     jsons = [f for f in args.files if f.suffix == ".json" and f.exists()]  # a glob that matched nothing stays as typed
     everything = load(jsons)
     if args.targets or args.chart:
         device = args.device or max(everything, key=lambda r: r["when"], default={}).get("device")
-        records = [r for r in everything if r["device"] == device]
+        records = [r for r in everything if r["device"] == device and r["ms"] is not None]
         cases = [c for c in load_tests(args.files) if c["device"] == device]
         memcheck = [m for m in load_memcheck(args.files) if m["device"] == device]
         print(f"targets and chart: {device}, {len(records)} benchmarks, {len(cases)} test results")
@@ -364,15 +409,21 @@ def main() -> None:
             args.targets.write_text(targets(records, cases, memcheck))
         if args.chart:
             chart(records, args.chart)
-    lines = ["| benchmark | impl | median ms | throughput | peak MiB | device |", "|---|---|---|---|---|---|"]
     versions = set()
-    copy = copy_bandwidth(everything)
     for path in jsons:
-        data = json.loads(path.read_text())
-        h = data.get("machine_info", {}).get("hifuse", {})
+        h = json.loads(path.read_text()).get("machine_info", {}).get("hifuse", {})
         versions.add(f"{h.get('device')}, torch {h.get('torch')}, CUDA {h.get('cuda')}, triton {h.get('triton')}")
-        for what, impl, ms, fig, mem, dev in sorted(rows(path, copy)):
-            lines.append(f"| {what} | {impl} | {ms:.3f} | {fig} | {mem} | {dev} |")
+    if args.bytes:
+        lines = byte_rows(everything)
+    else:
+        columns = ("benchmark", "impl", "median ms", "GB/s moved", "GB/s min", "moved/min", "throughput", "peak MiB",
+                   "device")
+        lines = [f"| {' | '.join(columns)} |", "|---" * len(columns) + "|"]
+        device_copy = copy_bandwidth(everything)
+        for path in jsons:
+            records = load([path])
+            copy = {**device_copy, **copy_bandwidth(records)}  # the same run's copy where it measured one
+            lines += [f"| {' | '.join(row)} |" for row in sorted(rows(records, copy))]
     text = "\n".join(["Measured on: " + "; ".join(sorted(versions)), "", *lines]) + "\n"
     print(text)
     if args.out:

@@ -212,3 +212,57 @@ def test_numbers_rows_say_what_did_not_run(files, tmp_path):
     rows = _rows(out.read_text())
     assert rows["every test passes on the device"][2] == "not run"
     assert rows["compute-sanitizer memcheck of the fused ops"][2] == "not run"
+
+
+def _op(test, params, ms, moved, least, launches, counted=False, **extra):
+    info = dict(impl=params["impl"], direction=params["direction"], bytes_moved=moved, bytes_min=least,
+                launches=launches, device=H200, **extra)
+    if counted:
+        info["counted_only"] = True
+    else:
+        info["gb_per_s"] = least / ms / 1e6  # as time_op records it
+    bench = _bench(f"{test}[{'-'.join(params.values())}]", ms, **info)
+    bench["params"] = params
+    return bench
+
+
+def test_table_gives_bandwidth_against_moved_and_least_bytes(tmp_path):
+    run = _write(tmp_path / "run.json", "2026-12-10T05:00:00", H200, [
+        _bench("test_copy[256]", 1.0, impl="copy", gb_per_s=4000.0, device=H200),
+        # 3 GB moved, 2 GB least, in 1 ms
+        _op("test_gelu_residual", dict(direction="fwd", impl="fused", stage="s1"), 1.0, 3e9, 2e9, 1),
+    ])
+    other = _write(tmp_path / "other.json", "2026-12-11T05:00:00", H200, [
+        _bench("test_copy[256]", 1.0, impl="copy", gb_per_s=1000.0, device=H200),
+        # a run before byte counts: gb_per_s against a hand count of the least
+        _bench("test_layer_norm_cf[stem96]", 1.0, impl="native", gb_per_s=500.0, device=H200,
+               direction="fwd", dtype="bf16"),
+    ])
+    rows = _rows(_run(run, other).split("\n\n", 1)[1])
+    gelu = rows["gelu_residual fwd s1"]
+    # each run held to its own copy figure, not the device's best
+    assert gelu[1:6] == ["fused", "1.000", "3000 (75% of copy)", "2000 (50% of copy)", "1.50"]
+    norm = rows["layer_norm_cf"]
+    assert norm[3:6] == ["", "500 (50% of copy)", ""]
+
+
+def test_bytes_table_sets_forward_beside_backward(tmp_path):
+    counted = _write(tmp_path / "counted.json", "2026-12-10T05:00:00", "cpu (x86_64)", [
+        *[_op("test_gate_pooling", dict(direction=d, impl="fused", which="spatial_pool", stage="fu1"), 9.0, moved,
+              least, n, counted=True)
+          for d, moved, least, n in (("fwd", 2.0e6, 1.0e6, 1), ("fwd_bwd", 6.0e6, 2.4e6, 2))],
+        _op("test_window_attention", dict(direction="fwd_bwd", impl="fused", stage="stage1"), 9.0, 1e6, 1e6, 8,
+            counted=True),
+        # two norms of one shape stay two rows
+        *[_op("test_layer_norm_cf", dict(shape=name, direction="fwd", impl="native"), 9.0, 1e6, 1e6, 1, counted=True,
+              shape=[128, 96, 56, 56]) for name in ("stem96", "down96")],
+    ])
+    rows = _rows(_run(counted, "--bytes").split("\n\n", 1)[1])
+    assert rows["gate_pooling spatial_pool fu1"][1:] == ["fused", "1", "2.0", "1.0", "2.00", "2", "6.0", "2.4", "2.50"]
+    assert rows["window_attention stage1"][1:] == ["fused", "", "", "", "", "8", "1.0", "1.0", "1.00"]
+    assert {"layer_norm_cf stem96 (128, 96, 56, 56)", "layer_norm_cf down96 (128, 96, 56, 56)"} <= set(rows)
+    # a counted run has no time: the main table says so, and the targets take none of it
+    assert _rows(_run(counted).split("\n\n", 1)[1])["gate_pooling fwd spatial_pool fu1"][2] == "counted, not timed"
+    out = tmp_path / "targets.md"
+    _run(counted, "--targets", out)
+    assert _rows(out.read_text())["window attention stage1, fwd+bwd"][2] == "not measured"

@@ -1,0 +1,225 @@
+"""The op benchmarks' byte model (benchmarks/byte_model.py, conftest.time_op) against hand counts.
+
+One case per op, forward and backward, counted as ``--count-only`` counts them (launches
+recorded, not run; the GPU's launch tiles, so a reduction's partials come from the
+interpreter's two programs) at batch 1 and image size 32, bf16. Each hand count says what
+every launch reads and writes; a kernel that changes what it launches changes its count here
+(and the results README's table, ``benchmarks/results/README.md``). Eager moves more but has
+the same least bytes, in the dtypes eager gives under autocast.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from helpers import DEVICE, triton_device_or_skip
+
+ROOT = Path(__file__).parents[1]
+BF16, F32, F64, I64 = 2, 4, 8, 8  # bytes per element
+
+pytestmark = [pytest.mark.skipif(DEVICE != "cpu", reason="counted on a CPU: the CPU runs cover it"),
+              triton_device_or_skip()]
+
+
+def _gelu_residual():
+    n = 8 * 8 * 288  # (1, 8, 8, 3C) at stage 1: y bf16, the stream f32
+    forward = n * (BF16 + F32 + F32)  # one kernel: y, stream in; f32 sum out
+    backward = n * (F32 + BF16 + BF16)  # one kernel: grad, y in; dy out; the stream's gradient is grad itself
+    least = n * (BF16 + F32) + n * F32 + n * F32 + n * BF16  # in, out, its gradient, dy (not the stream's)
+    return 2, forward + backward, least
+
+
+def _residual_layer_norm():
+    m, c = 64, 96  # (64, 96) rows at stage 1: y bf16, stream f32, weight and bias f32
+    rows_in = m * c * (BF16 + F32) + 2 * c * F32
+    forward = rows_in + m * c * (F32 + BF16) + 2 * m * F32  # stream f32 and rows bf16 out, mean and rstd
+    # backward: grads of both outputs, y, stream, weight, mean, rstd in; dy, dstream and the
+    # weight and bias partials of 2 programs out; then each partial summed (2 launches)
+    partials = 2 * 2 * c * F32
+    backward = m * c * (F32 + BF16 + BF16 + F32) + c * F32 + 2 * m * F32 + m * c * (BF16 + F32) + partials
+    sums = 2 * (2 * c * F32 + c * F32)
+    least = 2 * rows_in + 2 * m * c * (F32 + BF16)  # inputs and their gradients, outputs and theirs
+    return 4, forward + backward + sums, least
+
+
+def _batch_norm_act():
+    m, c = 64, 288  # IRMLP bn1 at stage 1: (1, 288, 8, 8) bf16 x and f32 residual, channels-last
+    x, r, vec = m * c * BF16, m * c * F32, c * F32
+    running = 2 * vec + I64  # running mean and var, num_batches_tracked
+    # statistics over gelu(x) + r, 1 program (64 rows): f64 mean and M2 partials, f64 count
+    stats = x + r + 2 * c * F64 + F64
+    combine = 2 * c * F64 + F64 + 3 * vec + running  # -> mean, invstd, var; running updated
+    apply = x + r + 4 * vec + m * c * F32  # mean, invstd, weight, bias; f32 out
+    # backward: 2 programs of 32 rows; f64 partials of sum(dz) and sum(dz * x_hat)
+    reduce = m * c * F32 + x + r + 4 * vec + 2 * 2 * c * F64
+    sums = 2 * 2 * c * F64 + 4 * vec  # -> sum(dz), sum(dz * x_hat), dweight, dbias
+    bwd_apply = m * c * F32 + x + r + 6 * vec + x + r  # grad, x, r, 6 vectors in; dx, dr out
+    least = (x + r + 2 * vec) * 2 + 2 * running + 2 * m * c * F32  # in and gradients, running, out and its grad
+    return 6, stats + combine + apply + reduce + sums + bwd_apply, least
+
+
+def _dwconv_layer_norm():
+    p, c = 49, 768  # (1, 7, 7, 768) at stage 4, bf16 with bf16 parameters
+    x, taps, vec, stat = p * c * BF16, 9 * c * BF16, c * BF16, p * F32
+    forward = x + taps + 3 * vec + x + 2 * stat  # x, taps, conv bias, LN weight and bias in; out, mean, rstd
+    zeros = 2 * stat  # zero gradients of mean and rstd, made by autograd
+    # backward: 2 programs; the conv output's gradient dy (bf16, the incoming gradient's dtype)
+    # and LN partials
+    norm = x + taps + 2 * vec + x + 2 * stat + p * c * BF16 + 2 * 2 * c * F32
+    # conv backward: tiles of 4 positions by 256 channels, 2 programs: dx, taps and bias partials
+    conv = x + taps + p * c * BF16 + x + 2 * 9 * c * F32 + 2 * c * F32
+    # taps: sum of partials, transposed copy, cast; bias, LN weight, LN bias: sum, cast
+    glue = (2 * 9 * c * F32 + 9 * c * F32) + 2 * 9 * c * F32 + (9 * c * F32 + taps)
+    glue += 3 * ((2 * c * F32 + c * F32) + (c * F32 + vec))
+    least = 2 * (x + taps + 3 * vec) + 2 * x
+    return 14, forward + zeros + norm + conv + glue, least
+
+
+def _gated_layer_norm():
+    s, c = 64, 96  # fusion stage 1, one image: g, l, x (1, 96, 8, 8) bf16, gates and parameters bf16
+    part, cg, sg, vec, stat = s * c * BF16, c * BF16, s * BF16, 3 * c * BF16, s * F32
+    ins = 3 * part + cg + sg + 2 * vec
+    forward = ins + 3 * part + 2 * stat  # (1, 64, 288) bf16 out, mean, rstd
+    zeros = 2 * stat  # zero gradients of mean and rstd
+    # backward: 2 programs of 4 rows; dg, dl, dx, f32 dsg, channel-gate and affine partials
+    backward = 3 * part + (ins - vec) + 2 * stat + 3 * part + s * F32 + 2 * c * F32 + 2 * 2 * 3 * c * F32
+    sums = (2 * c * F32 + c * F32) + 2 * (2 * 3 * c * F32 + 3 * c * F32)  # channel gate, weight, bias
+    casts = (c * F32 + cg) + (s * F32 + sg) + 2 * (3 * c * F32 + vec)  # the same three and dsg to bf16
+    least = 2 * ins + 2 * 3 * part
+    return 11, forward + zeros + backward + sums + casts, least
+
+
+def _layer_norm_cat():
+    part, vec, stat = 64 * 96 * BF16, 192 * BF16, 64 * F32  # two (1, 96, 8, 8) bf16 parts, bf16 parameters
+    forward = 2 * part + 2 * vec + 2 * part + 2 * stat  # one native op: parts in, (1, 192, 8, 8) bf16 out
+    zeros = 2 * stat
+    backward = 2 * part + 2 * part + vec + 2 * stat + 2 * part + 2 * vec  # grad, parts, weight, stats; dparts, dw, db
+    least = 2 * (2 * part + 2 * vec) + 2 * 2 * part
+    return 4, forward + zeros + backward, least
+
+
+def _layer_norm_cf():
+    x, vec, stat = 96 * 64 * BF16, 96 * F32, 64 * F32  # stem: (1, 96, 8, 8) bf16, f32 parameters, f32 out
+    out = 96 * 64 * F32
+    forward = x + 2 * vec + out + 2 * stat
+    zeros = 2 * stat
+    backward = out + x + vec + 2 * stat + x + 2 * vec
+    least = 2 * (x + 2 * vec) + 2 * out
+    return 4, forward + zeros + backward, least
+
+
+def _patch_merge_norm():
+    x, vec, stat = 196 * 384 * BF16, 4 * 384 * F32, 49 * F32  # merge 3: (1, 196, 384) bf16 -> (1, 49, 1536) bf16
+    forward = x + 2 * vec + x + 2 * stat  # no zero gradients: the op asks for none
+    backward = x + x + vec + 2 * stat + x + 2 * vec
+    least = 2 * (x + 2 * vec) + 2 * x
+    return 2, forward + backward, least
+
+
+def _channel_pool():
+    g, vec = 64 * 96 * BF16, 96 * F32  # fusion stage 1: (1, 96, 8, 8) bf16; 2 chunks of 32 positions
+    parts = 2 * 96  # (1, 2, 96) partial sums, maxima (f32) and positions (i32)
+    kernel = g + 3 * parts * F32
+    amax = parts * F32 + vec
+    first = (parts * F32 + vec + parts) + (parts * F32 + parts) + 3 * parts + 2 * parts + (parts + 96 * I64)
+    # eq, isnan, or, bool -> int8, argmax; then gather the position of the first chunk
+    gather = parts * F32 + 96 * I64 + 96 * F32
+    avg = (parts * F32 + vec) + 2 * vec + (vec + 96 * BF16)  # sum, divide, cast
+    best = vec + 96 * BF16
+    backward = 2 * 96 * BF16 + 96 * F32 + g  # both gradients and positions in, dg out
+    least = g + 2 * 96 * BF16 + 2 * 96 * BF16 + g
+    return 13, kernel + amax + first + gather + avg + best + backward, least
+
+
+def _spatial_pool():
+    l, out = 64 * 96 * BF16, 2 * 64 * BF16  # fusion stage 1: (1, 96, 8, 8) bf16 -> (1, 2, 8, 8)
+    return 2, (l + out) + (l + out + l), 2 * (l + out)
+
+
+def _stem_layer():
+    # local_down1 under bf16 autocast: (1, 96, 8, 8) f32 channels-last; LayerNorm 96, conv 96 -> 192, 2x2/2
+    x, vec, w, bias = 96 * 64 * F32, 96 * F32, 192 * 96 * 4 * F32, 192 * F32
+    rows = 64 * 96 * BF16
+    norm = x + 2 * vec + rows + 2 * 64 * F32  # LayerNorm written in bf16 for the GEMM, mean, rstd
+    gather = 2 * rows  # the 2x2 patches copied together
+    weight = 2 * w + (w + w // 2) + (bias + bias // 2)  # weight laid out (C_out, 2*2*C_in), then both cast
+    out = 16 * 192 * BF16
+    gemm = bias // 2 + rows + w // 2 + out  # one addmm over the 16 patches, bias included
+    forward = norm + gather + weight + gemm
+    d_bias = (out + bias // 2) + (bias // 2 + bias)  # sum, cast to f32
+    d_gemm = 2 * (out + w // 2 + rows) + (w // 2 + w)  # input and weight gradients, weight's cast to f32
+    d_gather = 2 * rows  # back to token order
+    # LayerNorm backward: 2 programs; grad, x, weight, mean, rstd in; dx and partials out; 2 sums
+    d_norm = rows + x + vec + 2 * 64 * F32 + x + 2 * 2 * vec + 2 * (2 * vec + vec)
+    least = 2 * (x + 2 * vec + w + bias) + 2 * out
+    return 15, forward + d_bias + d_gemm + d_gather + d_norm, least
+
+
+def _window_attention():
+    # stage 4: qkv (1, 7, 7, 2304) bf16, qkv bias bf16, table (169, 24) f32; 24 heads of 32, one window
+    qkv, qkv_bias, table, out = 49 * 2304 * BF16, 2304 * BF16, 169 * 24 * F32, 49 * 768 * BF16
+    dense, lse, heads = 24 * 64 * 64 * F32, 24 * 64 * F32, 24
+    # the dense bias: the table padded by two columns, one of them filled with -inf, gathered
+    bias = (table + heads * 171 * F32) + (2 * heads * F32 + F32) + (heads * 171 * F32 + 64 * 64 * I64 + dense)
+    forward = bias + qkv + qkv_bias + dense + out + lse
+    ds_part, dbias_part = dense, heads * 3 * 32 * F32  # one backward program
+    backward = qkv + qkv_bias + dense + out + out + lse + qkv + dbias_part + ds_part
+    scores = heads * 49 * 49 * F32
+    # the table's gradient: partials summed, cropped to 49 x 49 (a copy), scattered by a GEMM
+    d_table = (ds_part + dense) + 2 * scores + (169 * 2401 * F32 + scores + table)
+    d_bias = 2 * dbias_part + 2 * dbias_part + (dbias_part + qkv_bias)  # sum, reorder, cast
+    least = 2 * (qkv + qkv_bias + table) + 2 * out
+    return 11, forward + backward + d_table + d_bias, least
+
+
+# node id -> hand count (launches, bytes moved, least bytes), forward and backward in bf16
+CASES = {
+    "test_residual.py::test_gelu_residual[bf16-fwd_bwd-fused-s1]": _gelu_residual,
+    "test_residual.py::test_residual_layer_norm[bf16-fwd_bwd-fused-s1]": _residual_layer_norm,
+    "test_batch_norm_act.py::test_batch_norm_act[bf16-fwd_bwd-fused-irmlp_bn1-fu1]": _batch_norm_act,
+    "test_dwconv_layer_norm.py::test_dwconv_layer_norm[bf16-fwd_bwd-fused-stage4]": _dwconv_layer_norm,
+    "test_fusion_block.py::test_gated_layer_norm[bf16-fwd_bwd-fused-fu1]": _gated_layer_norm,
+    "test_fusion_block.py::test_layer_norm_cat[bf16-fwd_bwd-fused-2-fu1]": _layer_norm_cat,
+    "test_fusion_block.py::test_gate_pooling[bf16-fwd_bwd-fused-channel_pool-fu1]": _channel_pool,
+    "test_fusion_block.py::test_gate_pooling[bf16-fwd_bwd-fused-spatial_pool-fu1]": _spatial_pool,
+    "test_layer_norm_cf.py::test_layer_norm_cf[stem96-bf16-fwd_bwd-native]": _layer_norm_cf,
+    "test_patch_merge_norm.py::test_patch_merge_norm[bf16-fwd_bwd-native-merge3]": _patch_merge_norm,
+    "test_patch_conv.py::test_stem_layer[bf16-fwd_bwd-fused-local_down1]": _stem_layer,
+    "test_window_attention.py::test_window_attention[bf16-fwd_bwd-fused-stage4]": _window_attention,
+}
+
+
+def _eager(node: str) -> str:
+    return node.replace("-fused-", "-eager-").replace("-native", "-eager")
+
+
+@pytest.fixture(scope="module")
+def counted(tmp_path_factory) -> dict:
+    """extra_info of every case, fused and eager, counted by the benchmarks themselves."""
+    out = tmp_path_factory.mktemp("count") / "counted.json"
+    nodes = [f"benchmarks/{n}" for node in CASES for n in (node, _eager(node))]
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", *nodes, "-p", "no:cacheprovider", "-q", "--count-only", "--batch", "1",
+         "--image-size", "32", "--dtype", "bf16", f"--benchmark-json={out}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    benches = json.loads(out.read_text())["benchmarks"]
+    return {b["fullname"].removeprefix("benchmarks/"): b["extra_info"] for b in benches}
+
+
+@pytest.mark.parametrize("node", list(CASES))
+def test_bytes_match_the_hand_count(counted, node):
+    launches, moved, least = CASES[node]()
+    info = counted[node]
+    assert (info["launches"], info["bytes_moved"], info["bytes_min"]) == (launches, moved, least)
+
+
+@pytest.mark.parametrize("node", list(CASES))
+def test_eager_has_the_same_least_bytes(counted, node):
+    fused, eager = counted[node], counted[_eager(node)]
+    assert eager["bytes_min"] == fused["bytes_min"]
+    assert eager["bytes_moved"] > fused["bytes_min"]
