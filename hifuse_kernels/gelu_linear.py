@@ -13,6 +13,10 @@ back for GELU's backward. Here three Triton GEMMs never materialise the GELU out
   accumulators: programs split the rows among them in a fixed pattern and write partial
   sums, which are added in a fixed order (identical bits on every run).
 
+Up to 256 output columns (the IRMLP's first two widths, where h is largest) both gradients
+come from one pass over h and g: a program keeps a column tile of W and accumulates its
+weight-gradient partial while writing the input gradient of its rows.
+
 Only h is kept for backward, which the GELU's backward keeps in eager anyway. Each kernel
 reads h once per tile of the other operand's columns; the column tiles of one row tile run
 side by side, so the repeated reads come from L2.
@@ -120,6 +124,33 @@ if triton is not None:
         tl.store(PART + offs, acc, mask=nmask[:, None] & kmask[None, :])
 
 
+    @triton.jit(do_not_specialize=["SPLITS"])
+    def _bwd_kernel(G, W, H, DH, PART, M, N, K, SPLITS, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """Both gradients in one pass over h, for N <= BLOCK_N: the program of columns
+        program_id(0) and row tiles s, s + SPLITS, ... (s = program_id(1)) keeps W's column
+        tile loaded, writes DH of its tiles and one partial of G^T @ gelu(H)."""
+        rk = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+        kmask = rk < K
+        rn = tl.arange(0, BLOCK_N)
+        nmask = rn < N
+        w = tl.load(W + rn[:, None].to(tl.int64) * K + rk[None, :], mask=nmask[:, None] & kmask[None, :],
+                    other=0.0).to(G.dtype.element_ty)
+        s = tl.program_id(1)
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        for t in range(s, tl.cdiv(M, BLOCK_M), SPLITS):
+            rm, mmask = _rows(t, M, BLOCK_M)
+            g = tl.load(G + rm[:, None] * N + rn[None, :], mask=mmask[:, None] & nmask[None, :], other=0.0)
+            m2 = mmask[:, None] & kmask[None, :]
+            offs = rm[:, None] * K + rk[None, :]
+            h = tl.load(H + offs, mask=m2, other=0.0).to(tl.float32)
+            da = _dot(g, w, PRECISION, UPCAST).to(G.dtype.element_ty).to(tl.float32)
+            tl.store(DH + offs, (da * gelu_grad(h)).to(DH.dtype.element_ty), mask=m2)
+            acc += _dot(tl.trans(g), gelu(h).to(G.dtype.element_ty), PRECISION, UPCAST)
+        offs = (s.to(tl.int64) * N + rn[:, None]) * K + rk[None, :]
+        tl.store(PART + offs, acc, mask=nmask[:, None] & kmask[None, :])
+
+
 # --------------------------------------------------------------------------- launchers
 
 
@@ -174,6 +205,29 @@ def bwd_input_launch(m: int, n: int, dtype: torch.dtype, k: int = 0, device: tor
     return default if device is None else _launch("input", m, n, k, dtype, default, device)
 
 
+def fused_backward(n: int, dtype: torch.dtype) -> bool:
+    """Whether the backward is one pass (``_bwd_kernel``): up to 256 output columns in bf16/fp16
+    (128 to 184 registers on sm90, no spills); fp32 products spill there, so fp32 takes the two
+    kernels, but under the interpreter, which has no registers to spill (its tests run both)."""
+    return n <= 256 and (dtype != torch.float32 or _triton.interpreting())
+
+
+def bwd_launch(m: int, n: int, dtype: torch.dtype, k: int = 0, device: torch.device | None = None) -> dict:
+    block_n = _width(n)
+
+    def problem(config):
+        if config["BLOCK_N"] < n:
+            return f"BLOCK_N={config['BLOCK_N']} must cover the {n} columns"
+        return _tiles_problem(config)
+
+    default = dict(BLOCK_M=_rows_tile(m, 64, max(block_n, 32)), BLOCK_N=block_n, BLOCK_K=32, num_warps=8,
+                   num_stages=3)
+    if device is None or _triton.wide():
+        return default
+    return _configs.launch_config("gelu_linear.backward", f"{_configs.dtype_name(dtype)}/n{n}/k{k}", default, device,
+                                  problem)
+
+
 def bwd_weight_launch(m: int, n: int, dtype: torch.dtype, k: int = 0, device: torch.device | None = None) -> dict:
     low = dtype != torch.float32
     block_n = min(128 if low else 32, _width(n))
@@ -203,6 +257,17 @@ def _bwd_op(grad: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, with_bias
     m, k = h.shape
     n = weight.shape[0]
     dh = torch.empty_like(h)
+    db = grad.sum(0, dtype=weight.dtype) if with_bias else weight.new_empty((0,))
+    if fused_backward(n, h.dtype):
+        launch = bwd_launch(m, n, h.dtype, k, h.device)
+        flags = {**_precision(h), **launch}
+        k_tiles = triton.cdiv(k, launch["BLOCK_K"])
+        splits = _triton.reduction_programs(triton.cdiv(m, launch["BLOCK_M"]), k_tiles, h.device, kernel=_bwd_kernel,
+                                            args=(grad, weight, h, h.dtype, torch.float32, m, n, k, 2), launch=flags)
+        part = torch.empty((splits, n, k), device=h.device, dtype=torch.float32)
+        _triton.wrap_triton(_bwd_kernel)[_triton.grid(k_tiles, splits)](grad, weight, h, dh, part, m, n, k, splits,
+                                                                        **flags)
+        return dh, part.sum(0).to(weight.dtype), db
     launch = bwd_input_launch(m, n, h.dtype, k, h.device)
     grid = _triton.grid(triton.cdiv(k, launch["BLOCK_K"]), triton.cdiv(m, launch["BLOCK_M"]))
     _triton.wrap_triton(_bwd_input_kernel)[grid](grad, weight, h, dh, m, n, k, **_precision(h), **launch)
@@ -215,9 +280,7 @@ def _bwd_op(grad: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, with_bias
     _triton.wrap_triton(_bwd_weight_kernel)[_triton.grid(tiles, splits)](
         grad, h, part, m, n, k, splits, **flags
     )
-    dw = part.sum(0).to(weight.dtype)
-    db = grad.sum(0, dtype=weight.dtype) if with_bias else weight.new_empty((0,))
-    return dh, dw, db
+    return dh, part.sum(0).to(weight.dtype), db
 
 
 @_fwd_op.register_fake

@@ -40,6 +40,7 @@ WRITES = {
     "gelu_linear._fwd_kernel": {"OUT"},
     "gelu_linear._bwd_input_kernel": {"DH"},
     "gelu_linear._bwd_weight_kernel": {"PART"},
+    "gelu_linear._bwd_kernel": {"DH", "PART"},
     "gelu_residual._fwd_kernel": {"OUT"},
     "gelu_residual._bwd_kernel": {"DY"},
     "batch_norm_act._stats_kernel": {"MEAN_PART", "M2_PART", "COUNT_PART"},

@@ -136,6 +136,9 @@ def cases(dtype: str):
         yield gl._bwd_input_kernel, dict(G="dt", W=f32, H="dt", DH="dt"), \
             {**gemm(gl.bwd_input_launch(1 << 20, n, dt)), **ce}
         yield gl._bwd_weight_kernel, dict(G="dt", H="dt", PART=f32), {**gemm(gl.bwd_weight_launch(1 << 20, n, dt)), **ce}
+        if gl.fused_backward(n, dt):  # one pass: up to 256 columns in bf16/fp16
+            yield gl._bwd_kernel, dict(G="dt", W=f32, H="dt", DH="dt", PART=f32), \
+                {**gemm(gl.bwd_launch(1 << 20, n, dt)), **ce}
     yield gr._fwd_kernel, dict(Y="dt", S=f32, OUT=f32), dict(BLOCK=gr.BLOCK)
     yield gr._bwd_kernel, dict(G="dt", Y="dt", DY="dt"), dict(BLOCK=gr.BLOCK)
     tile = dict(BLOCK_M=bna.BLOCK_M, BLOCK_C=bna.BLOCK_C, WARPS=bna.WARPS)

@@ -68,6 +68,8 @@ SPACES = {
                                 num_stages=(2, 3, 4)),
     "gelu_linear.input": dict(BLOCK_M=(32, 64, 128), BLOCK_N=(32, 64), BLOCK_K=(32, 64, 128), num_warps=(4, 8),
                               num_stages=(2, 3)),
+    "gelu_linear.backward": dict(BLOCK_M=(32, 64, 128), BLOCK_N=(128, 256), BLOCK_K=(16, 32, 64), num_warps=(4, 8),
+                                 num_stages=(2, 3, 4)),
     "gelu_linear.weight": dict(BLOCK_M=(32, 64, 128), BLOCK_N=(32, 64, 128), BLOCK_K=(32, 64, 128), num_warps=(4, 8),
                                num_stages=(2, 3)),
     "dwconv_layer_norm.forward": dict(BLOCK_P=(1, 2, 4, 8, 16), num_warps=(4, 8, 16)),
