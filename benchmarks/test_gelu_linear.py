@@ -13,8 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import DEVICE, DTYPES, time_op
-from hifuse_kernels import _triton
+from conftest import DEVICE, DTYPES, skip_unavailable, time_op
 from hifuse_kernels.gelu_linear import gelu_linear, gelu_linear_ref
 
 BLOCKS = {"fu1": (56, 96), "fu2": (28, 192), "fu3": (14, 384), "fu4": (7, 768)}
@@ -24,12 +23,7 @@ BLOCKS = {"fu1": (56, 96), "fu2": (28, 192), "fu3": (14, 384), "fu4": (7, 768)}
 @pytest.mark.parametrize("impl", ["eager", "compile", "fused"])
 @pytest.mark.parametrize("direction", ["fwd", "fwd_bwd"])
 def test_gelu_linear(benchmark, bench_settings, block, impl, direction, dtype):
-    if impl == "fused":
-        reason = _triton.unsupported_reason(torch.zeros(1, device=DEVICE))
-        if reason:
-            pytest.skip(reason)
-    if impl == "compile" and not bench_settings["compile_ops"]:
-        pytest.skip("compile baselines need --compile-ops")
+    skip_unavailable(impl, bench_settings)
     side, c = BLOCKS[block]
     batch = max(bench_settings["batch"])
     grad_on = direction == "fwd_bwd"

@@ -59,6 +59,11 @@ if triton is not None:
         return r.to(tl.int64), r < M
 
     @triton.jit
+    def _tile(P, r, c, ld, rmask, cmask):
+        """P[r, c] of a row-major matrix with ``ld`` columns, zero outside the masks."""
+        return tl.load(P + r[:, None].to(tl.int64) * ld + c[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
+
+    @triton.jit
     def _fwd_kernel(H, W, B, OUT, M, N, K, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         """OUT tile (program_id(1), program_id(0)): the column tiles of one row tile run
@@ -70,11 +75,9 @@ if triton is not None:
         for k0 in range(0, K, BLOCK_K):
             rk = k0 + tl.arange(0, BLOCK_K)
             kmask = rk < K
-            a = tl.load(H + rm[:, None] * K + rk[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)
-            a = gelu(a.to(tl.float32)).to(H.dtype.element_ty)
-            w = tl.load(W + rn[None, :].to(tl.int64) * K + rk[:, None], mask=kmask[:, None] & nmask[None, :],
-                        other=0.0).to(H.dtype.element_ty)
-            acc += _dot(a, w, PRECISION, UPCAST)
+            a = gelu(_tile(H, rm, rk, K, mmask, kmask).to(tl.float32)).to(H.dtype.element_ty)
+            w = _tile(W, rn, rk, K, nmask, kmask).to(H.dtype.element_ty)
+            acc += _dot(a, tl.trans(w), PRECISION, UPCAST)
         if HAS_BIAS:
             acc += tl.load(B + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
         tl.store(OUT + rm[:, None] * N + rn[None, :], acc.to(OUT.dtype.element_ty),
@@ -92,10 +95,8 @@ if triton is not None:
         for n0 in range(0, N, BLOCK_N):
             rn = n0 + tl.arange(0, BLOCK_N)
             nmask = rn < N
-            g = tl.load(G + rm[:, None] * N + rn[None, :], mask=mmask[:, None] & nmask[None, :], other=0.0)
-            w = tl.load(W + rn[:, None].to(tl.int64) * K + rk[None, :], mask=nmask[:, None] & kmask[None, :],
-                        other=0.0).to(G.dtype.element_ty)
-            acc += _dot(g, w, PRECISION, UPCAST)
+            g = _tile(G, rm, rn, N, mmask, nmask)
+            acc += _dot(g, _tile(W, rn, rk, K, nmask, kmask).to(G.dtype.element_ty), PRECISION, UPCAST)
         m2 = mmask[:, None] & kmask[None, :]
         offs = rm[:, None] * K + rk[None, :]
         h = tl.load(H + offs, mask=m2, other=0.0).to(tl.float32)
@@ -116,9 +117,8 @@ if triton is not None:
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         for t in range(s, tl.cdiv(M, BLOCK_M), SPLITS):
             rm, mmask = _rows(t, M, BLOCK_M)
-            g = tl.load(G + rm[:, None] * N + rn[None, :], mask=mmask[:, None] & nmask[None, :], other=0.0)
-            a = tl.load(H + rm[:, None] * K + rk[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)
-            a = gelu(a.to(tl.float32)).to(G.dtype.element_ty)
+            g = _tile(G, rm, rn, N, mmask, nmask)
+            a = gelu(_tile(H, rm, rk, K, mmask, kmask).to(tl.float32)).to(G.dtype.element_ty)
             acc += _dot(tl.trans(g), a, PRECISION, UPCAST)
         offs = (s.to(tl.int64) * N + rn[:, None]) * K + rk[None, :]
         tl.store(PART + offs, acc, mask=nmask[:, None] & kmask[None, :])
@@ -134,13 +134,12 @@ if triton is not None:
         kmask = rk < K
         rn = tl.arange(0, BLOCK_N)
         nmask = rn < N
-        w = tl.load(W + rn[:, None].to(tl.int64) * K + rk[None, :], mask=nmask[:, None] & kmask[None, :],
-                    other=0.0).to(G.dtype.element_ty)
+        w = _tile(W, rn, rk, K, nmask, kmask).to(G.dtype.element_ty)
         s = tl.program_id(1)
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         for t in range(s, tl.cdiv(M, BLOCK_M), SPLITS):
             rm, mmask = _rows(t, M, BLOCK_M)
-            g = tl.load(G + rm[:, None] * N + rn[None, :], mask=mmask[:, None] & nmask[None, :], other=0.0)
+            g = _tile(G, rm, rn, N, mmask, nmask)
             m2 = mmask[:, None] & kmask[None, :]
             offs = rm[:, None] * K + rk[None, :]
             h = tl.load(H + offs, mask=m2, other=0.0).to(tl.float32)

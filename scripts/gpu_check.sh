@@ -152,7 +152,8 @@ blocks="test_global_blocks_tiny or test_local_blocks_tiny or test_fusion_blocks_
 bench blocks -k "($blocks) and not compile" "${ops[@]}"
 bench window_attention -k "test_window_attention and not blocks" "${ops[@]}"
 bench dwconv_layer_norm -k "test_dwconv_layer_norm and not blocks" "${ops[@]}"
-bench fusion_ops -k "test_gated_layer_norm or test_layer_norm_cat or test_gate_pooling or test_batch_norm_act" "${ops[@]}"
+bench fusion_ops -k "test_gated_layer_norm or test_layer_norm_cat or test_gate_pooling or test_batch_norm_act or test_gelu_linear" \
+  "${ops[@]}"
 # the copy bandwidth the memory-bound ops are held to (summarize.py: "% of copy"), and the
 # residual epilogues
 bench copy_residual -k "test_copy or test_gelu_residual or test_residual_layer_norm" "${ops[@]}"
@@ -175,6 +176,16 @@ if [ "${HIFUSE_COMPILE:-0}" = 1 ]; then
   done
 fi
 
+# The launch table for this GPU (scripts/sweep_configs.py: Tiny 224 bf16 batch 128 shapes), in
+# what time is left but for memcheck's minute; commit $out/configs.json's entries into
+# hifuse_kernels/configs.json.
+left=$(( deadline - $(date +%s) - 60 ))
+if [ "$left" -lt 90 ]; then
+  step "launch table sweep skipped: deadline reached"
+else
+  step "launch table sweep (${left}s)"
+  run timeout -s INT -k 20 "$left" python scripts/sweep_configs.py --budget-s $(( left - 30 )) --out "$out/configs.json"
+fi
 # Out-of-bounds accesses: the GPU tests of the fused ops under compute-sanitizer (slow; last).
 left=$(( deadline - $(date +%s) ))
 if ! command -v compute-sanitizer >/dev/null; then

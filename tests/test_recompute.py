@@ -191,28 +191,21 @@ def test_irmlp_front_from_gated_layer_norm(keep_x, keep_out, keep_a):
 
 
 @keeps
-def test_dwconv_layer_norm_linear(keep):
+@pytest.mark.parametrize("residual", [False, True], ids=["linear", "block"])
+def test_dwconv_layer_norm_linear(keep, residual):
+    # residual: the local block as one Function, x's residual gradient summed in the conv backward
     torch.manual_seed(0)
     x = _leaf(2, 5, 3, 6)
     cw, cb, lw, lb = _leaf(6, 1, 3, 3), _leaf(6), _leaf(6), _leaf(6)
     lin = _dense(6, 6)
     leaves = [x, cw, cb, lw, lb, lin.weight, lin.bias]
     args = (x, cw, cb, lw, lb, 1e-6, torch.float32)
-    _compare(lambda: recompute.linear(recompute.DwconvLayerNorm, args, lin.weight, lin.bias, keep=keep),
-             lambda: lin(dln.dwconv_layer_norm(x, cw, cb, lw, lb, 1e-6)), leaves)
-
-
-@keeps
-def test_dwconv_layer_norm_linear_residual(keep):
-    # the local block as one Function: x's residual gradient summed in the conv backward
-    torch.manual_seed(0)
-    x = _leaf(2, 5, 3, 6)
-    cw, cb, lw, lb = _leaf(6, 1, 3, 3), _leaf(6), _leaf(6), _leaf(6)
-    lin = _dense(6, 6)
-    leaves = [x, cw, cb, lw, lb, lin.weight, lin.bias]
-    args = (x, cw, cb, lw, lb, 1e-6, torch.float32)
-    _compare(lambda: recompute.dwconv_layer_norm_linear_residual(args, lin.weight, lin.bias, keep=keep),
-             lambda: x + F.gelu(lin(dln.dwconv_layer_norm(x, cw, cb, lw, lb, 1e-6))), leaves)
+    if residual:
+        _compare(lambda: recompute.dwconv_layer_norm_linear_residual(args, lin.weight, lin.bias, keep=keep),
+                 lambda: x + F.gelu(lin(dln.dwconv_layer_norm(x, cw, cb, lw, lb, 1e-6))), leaves)
+    else:
+        _compare(lambda: recompute.linear(recompute.DwconvLayerNorm, args, lin.weight, lin.bias, keep=keep),
+                 lambda: lin(dln.dwconv_layer_norm(x, cw, cb, lw, lb, 1e-6)), leaves)
 
 
 @keeps
