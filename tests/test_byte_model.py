@@ -197,6 +197,13 @@ def _eager(node: str) -> str:
     return node.replace("-fused-", "-eager-").replace("-native", "-eager")
 
 
+def _subprocess_env() -> dict:
+    """This environment for a pytest of its own: without an xdist worker's variables, which
+    make pytest-benchmark disable itself (and write no JSON) in the child too."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}
+    return {**env, "TRITON_INTERPRET": "1"}
+
+
 @pytest.fixture(scope="module")
 def counted(tmp_path_factory) -> dict:
     """extra_info of every case, fused and eager, counted by the benchmarks themselves."""
@@ -205,7 +212,7 @@ def counted(tmp_path_factory) -> dict:
     result = subprocess.run(
         [sys.executable, "-m", "pytest", *nodes, "-p", "no:cacheprovider", "-q", "--count-only", "--batch", "1",
          "--image-size", "32", "--dtype", "bf16", f"--benchmark-json={out}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "TRITON_INTERPRET": "1"})
+        cwd=ROOT, capture_output=True, text=True, timeout=600, env=_subprocess_env())
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     benches = json.loads(out.read_text())["benchmarks"]
     return {b["fullname"].removeprefix("benchmarks/"): b["extra_info"] for b in benches}
