@@ -253,14 +253,19 @@ def _gated_ln_setup(ctx, inputs, output):
     _out, mean, rstd, _low = output
     ctx.save_for_backward(g, channel_gate, l, spatial_gate, x, weight, mean, rstd)
     ctx.out_dtype = output[0].dtype
+    ctx.set_materialize_grads(False)  # no zero gradients for the statistics or an unused low
 
 
-def _gated_ln_backward(ctx, grad, _gm, _gr, _gl):
+def _gated_ln_backward(ctx, grad, _gm, _gr, grad_low):
+    """The rounded copy ``low`` is the result too: its gradient is summed with the result's."""
     g, channel_gate, l, spatial_gate, x, weight, mean, rstd = ctx.saved_tensors
+    if grad is None:
+        grad, grad_low = grad_low, None
     if grad is None:
         grad = g.new_zeros((*g.shape[:2], 3 * g.shape[2]), dtype=ctx.out_dtype)
     dg, dcg, dl, dsg, dx, dw, db = torch.ops.hifuse.gated_layer_norm_backward(
-        grad.contiguous(), g, channel_gate, l, spatial_gate, x, weight, mean, rstd
+        grad.contiguous(), g, channel_gate, l, spatial_gate, x, weight, mean, rstd,
+        None if grad_low is None else grad_low.contiguous(),
     )
     return dg, dcg, dl, dsg, dx, dw, db, None, None, None
 

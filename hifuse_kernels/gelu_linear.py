@@ -66,10 +66,12 @@ if triton is not None:
     @triton.jit
     def _fwd_kernel(H, W, B, OUT, M, N, K, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        """OUT tile (program_id(1), program_id(0)): the column tiles of one row tile run
-        side by side, so its h tiles are read from L2 after the first."""
-        rm, mmask = _rows(tl.program_id(1), M, BLOCK_M)
-        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        """OUT tile (row tile, column tile) of program pid = row tile * column tiles + column
+        tile: the column tiles of one row tile run side by side, so its h tiles are read from
+        L2 after the first (and one grid axis holds any number of rows)."""
+        n_tiles = tl.cdiv(N, BLOCK_N)
+        rm, mmask = _rows(tl.program_id(0) // n_tiles, M, BLOCK_M)
+        rn = tl.program_id(0) % n_tiles * BLOCK_N + tl.arange(0, BLOCK_N)
         nmask = rn < N
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
@@ -86,10 +88,11 @@ if triton is not None:
     @triton.jit
     def _bwd_input_kernel(G, W, H, DH, M, N, K, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        """DH tile (program_id(1), program_id(0)) = (G @ W) * gelu'(H), G's tile read from L2
-        by the row tile's other programs."""
-        rm, mmask = _rows(tl.program_id(1), M, BLOCK_M)
-        rk = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+        """DH tile (row tile, column tile) = (G @ W) * gelu'(H), programs ordered as the
+        forward's: G's tile is read from L2 by the row tile's other programs."""
+        k_tiles = tl.cdiv(K, BLOCK_K)
+        rm, mmask = _rows(tl.program_id(0) // k_tiles, M, BLOCK_M)
+        rk = tl.program_id(0) % k_tiles * BLOCK_K + tl.arange(0, BLOCK_K)
         kmask = rk < K
         acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
         for n0 in range(0, N, BLOCK_N):
@@ -241,7 +244,7 @@ def _fwd_op(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) ->
     n = weight.shape[0]
     out = torch.empty((m, n), device=h.device, dtype=h.dtype)
     launch = fwd_launch(m, n, h.dtype, k, h.device)
-    grid = _triton.grid(triton.cdiv(n, launch["BLOCK_N"]), triton.cdiv(m, launch["BLOCK_M"]))
+    grid = _triton.grid(triton.cdiv(n, launch["BLOCK_N"]) * triton.cdiv(m, launch["BLOCK_M"]))
     _triton.wrap_triton(_fwd_kernel)[grid](
         h, weight, weight if bias is None else bias, out, m, n, k, HAS_BIAS=bias is not None,
         **_precision(h), **launch,
@@ -268,7 +271,7 @@ def _bwd_op(grad: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, with_bias
                                                                         **flags)
         return dh, part.sum(0).to(weight.dtype), db
     launch = bwd_input_launch(m, n, h.dtype, k, h.device)
-    grid = _triton.grid(triton.cdiv(k, launch["BLOCK_K"]), triton.cdiv(m, launch["BLOCK_M"]))
+    grid = _triton.grid(triton.cdiv(k, launch["BLOCK_K"]) * triton.cdiv(m, launch["BLOCK_M"]))
     _triton.wrap_triton(_bwd_input_kernel)[grid](grad, weight, h, dh, m, n, k, **_precision(h), **launch)
     launch = bwd_weight_launch(m, n, h.dtype, k, h.device)
     tiles = triton.cdiv(n, launch["BLOCK_N"]) * triton.cdiv(k, launch["BLOCK_K"])

@@ -68,6 +68,27 @@ def test_gated_layer_norm_ops_out_dtype_and_second_gradient():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+def test_gated_layer_norm_rounded_copy_carries_its_gradient():
+    """A graph that uses the op's rounded copy ``low`` gets its gradient into the inputs'."""
+    from hifuse_kernels.gated_layer_norm import op_args
+
+    inputs = gated_inputs_((2, 96, 5, 7))
+    args = op_args(*inputs, 1e-6)
+    out, _mean, _rstd, low = torch.ops.hifuse.gated_layer_norm(*args, None, torch.float32)
+    ref = torch.ops.hifuse.gated_layer_norm(*args)[0]
+    grad, grad_low = torch.randn_like(out), torch.randn_like(out)
+    got = torch.autograd.grad((out, low), inputs, (grad, grad_low))
+    want = torch.autograd.grad(ref, inputs, grad + grad_low)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    low = torch.ops.hifuse.gated_layer_norm(*op_args(*inputs, 1e-6), None, torch.float32)[3]
+    ref = torch.ops.hifuse.gated_layer_norm(*op_args(*inputs, 1e-6))[0]
+    only_low = torch.autograd.grad(low, inputs, grad_low)
+    want_low = torch.autograd.grad(ref, inputs, grad_low)
+    for a, b in zip(only_low, want_low):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_gated_layer_norm_mixed_dtypes_promote_like_eager():
     inputs = gated_inputs_((1, 16, 3, 3))
     inputs[4] = inputs[4].detach().to(torch.bfloat16).requires_grad_()  # X in bf16, as under autocast

@@ -49,6 +49,30 @@ def test_backward_deterministic(device_tiles):
     assert all(torch.equal(x, y) for x, y in zip(first, second))
 
 
+def test_rows_past_one_grid_axis(monkeypatch, device_tiles):
+    """Rows beyond 65535 tiles of one grid axis (stage 1 at batch 1338 and more): the launches
+    take one axis for rows and column tiles together. Launches recorded, not run."""
+    from hifuse_kernels import _triton
+
+    grids = []
+
+    class Recorder:
+        def __init__(self, kernel):
+            pass
+
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return lambda *args, **kwargs: None
+
+    monkeypatch.setattr(_triton, "wrap_triton", Recorder)
+    m = 65536 * 64 + 1
+    h = torch.empty(m, 16, dtype=torch.bfloat16, device=DEVICE)
+    w = torch.empty(300, 16, device=DEVICE)
+    torch.ops.hifuse.gelu_linear(h, w, None)
+    torch.ops.hifuse.gelu_linear_backward(torch.empty(m, 300, dtype=torch.bfloat16, device=DEVICE), h, w, False)
+    assert len(grids) == 3 and all(len(g) == 1 or g[1] <= 65535 for g in grids), grids
+
+
 def test_bad_input():
     h, w, b = _inputs(4, 16, 8)
     with pytest.raises(ValueError, match="weight must be"):
