@@ -83,14 +83,13 @@ def _gated_layer_norm():
     s, c = 64, 96  # fusion stage 1, one image: g, l, x (1, 96, 8, 8) bf16, gates and parameters bf16
     part, cg, sg, vec, stat = s * c * BF16, c * BF16, s * BF16, 3 * c * BF16, s * F32
     ins = 3 * part + cg + sg + 2 * vec
-    forward = ins + 3 * part + 2 * stat  # (1, 64, 288) bf16 out, mean, rstd
-    zeros = 2 * stat  # zero gradients of mean and rstd
+    forward = ins + 3 * part + 2 * stat  # (1, 64, 288) bf16 out, mean, rstd (no zero gradients for these)
     # backward: 2 programs of 4 rows; dg, dl, dx, f32 dsg, channel-gate and affine partials
     backward = 3 * part + (ins - vec) + 2 * stat + 3 * part + s * F32 + 2 * c * F32 + 2 * 2 * 3 * c * F32
     sums = (2 * c * F32 + c * F32) + 2 * (2 * 3 * c * F32 + 3 * c * F32)  # channel gate, weight, bias
     casts = (c * F32 + cg) + (s * F32 + sg) + 2 * (3 * c * F32 + vec)  # the same three and dsg to bf16
     least = 2 * ins + 2 * 3 * part
-    return 11, forward + zeros + backward + sums + casts, least
+    return 9, forward + backward + sums + casts, least
 
 
 def _layer_norm_cat():
