@@ -161,6 +161,17 @@ class GatedLayerNormRows:
         out, mean, rstd, _ = torch.ops.hifuse.gated_layer_norm(*GatedLayerNormRows.op_args(*src))
         return out.view(-1, out.shape[-1]), (mean, rstd)
 
+    @staticmethod
+    def grads(src, args, mean, rstd, grad, grad2=None) -> tuple:
+        """The gradients of ``src`` (through the op and the BatchNorm apply that makes its x)
+        for the result's gradient ``grad`` (plus ``grad2``, summed on load), args the op's."""
+        g, channel_gate, l, spatial_gate, x, weight = args[:6]
+        dg, dcg, dl, dsg, dx, dw, db = torch.ops.hifuse.gated_layer_norm_backward(
+            grad, g, channel_gate, l, spatial_gate, x, weight, mean, rstd, grad2
+        )
+        dbn = BatchNormApply.grad(dx.view(-1, dx.shape[-1]), (), *src[11:])
+        return (None, None, None, dg, dcg, dl, dsg, None, dw, db, None, *dbn)
+
 
 class GatedLayerNorm:
     """The same result as (N, 3C, H, W) channels-last."""
@@ -298,12 +309,8 @@ class _GatedLayerNorm(torch.autograd.Function):
     def backward(ctx, grad):
         mean, rstd, kept_x, *tensors = ctx.saved_tensors
         src = _join(tensors, ctx.consts)
-        g, channel_gate, l, spatial_gate, x, weight, _bias, _eps = GatedLayerNormRows.op_args(*src, x=kept_x)
-        dg, dcg, dl, dsg, dx, dw, db = torch.ops.hifuse.gated_layer_norm_backward(
-            grad.contiguous(), g, channel_gate, l, spatial_gate, x, weight, mean, rstd
-        )
-        dbn = BatchNormApply.grad(dx.view(-1, dx.shape[-1]), (), *src[11:])
-        return (None, None, None, None, dg, dcg, dl, dsg, None, dw, db, None, *dbn)
+        args = GatedLayerNormRows.op_args(*src, x=kept_x)
+        return (None, *GatedLayerNormRows.grads(src, args, mean, rstd, grad.contiguous()))
 
 
 def gated_layer_norm_source(g, channel_gate, l, spatial_gate, weight, bias, eps: float, bn_args) -> tuple:
@@ -352,7 +359,6 @@ class _GatedLayerNormConv2d(torch.autograd.Function):
         src = _join(tensors, ctx.consts)
         n, h, w = src[:3]
         args = GatedLayerNormRows.op_args(*src)
-        g, channel_gate, l, spatial_gate, x, ln_weight = args[:6]
         dconv = dw = None
         if grad_y is not None:
             dtype = grad_y.dtype  # the convolution's, under autocast
@@ -365,11 +371,7 @@ class _GatedLayerNormConv2d(torch.autograd.Function):
         if grad_x is None and dconv is None:
             return (None,) * (3 + len(src))
         grads = [t.permute(0, 2, 3, 1).contiguous().view(n, h * w, -1) for t in (grad_x, dconv) if t is not None]
-        dg, dcg, dl, dsg, dx, dlw, dlb = torch.ops.hifuse.gated_layer_norm_backward(
-            grads[0], g, channel_gate, l, spatial_gate, x, ln_weight, mean, rstd, *grads[1:]
-        )
-        dbn = BatchNormApply.grad(dx.view(-1, dx.shape[-1]), (), *src[11:])
-        return (dw, None, None, None, None, None, dg, dcg, dl, dsg, None, dlw, dlb, None, *dbn)
+        return (dw, None, None, *GatedLayerNormRows.grads(src, args, mean, rstd, *grads))
 
 
 def gated_layer_norm_conv2d(src, weight: torch.Tensor, padding, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
