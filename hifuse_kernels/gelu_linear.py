@@ -184,11 +184,12 @@ def _tiles_problem(config: dict) -> str | None:
     return _configs.power_of_two_problem(config, "BLOCK_M", "BLOCK_N", "BLOCK_K", low=16, high=256)
 
 
-def _launch(name: str, m: int, n: int, k: int, dtype: torch.dtype, default: dict, device: torch.device) -> dict:
+def _launch(name: str, m: int, n: int, k: int, dtype: torch.dtype, default: dict, device: torch.device,
+            check=_tiles_problem) -> dict:
     if _triton.wide():
         return default
     return _configs.launch_config(f"gelu_linear.{name}", f"{_configs.dtype_name(dtype)}/n{n}/k{k}", default, device,
-                                  _tiles_problem)
+                                  check)
 
 
 def fwd_launch(m: int, n: int, dtype: torch.dtype, k: int = 0, device: torch.device | None = None) -> dict:
@@ -224,10 +225,7 @@ def bwd_launch(m: int, n: int, dtype: torch.dtype, k: int = 0, device: torch.dev
 
     default = dict(BLOCK_M=_rows_tile(m, 64, max(block_n, 32)), BLOCK_N=block_n, BLOCK_K=32, num_warps=8,
                    num_stages=3)
-    if device is None or _triton.wide():
-        return default
-    return _configs.launch_config("gelu_linear.backward", f"{_configs.dtype_name(dtype)}/n{n}/k{k}", default, device,
-                                  problem)
+    return default if device is None else _launch("backward", m, n, k, dtype, default, device, problem)
 
 
 def bwd_weight_launch(m: int, n: int, dtype: torch.dtype, k: int = 0, device: torch.device | None = None) -> dict:
