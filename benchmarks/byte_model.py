@@ -203,7 +203,18 @@ _CUDA_FP32 = {F.layer_norm, F.group_norm, F.softmax, F.log_softmax, torch.softma
 
 
 class CudaFloat32Ops(TorchFunctionMode):
-    """Under CPU autocast, runs in float32 the ops that CUDA's autocast runs in float32."""
+    """Under CPU autocast, runs in float32 the ops that CUDA's autocast runs in float32 (and
+    the fused ops that follow CUDA's policy follow it on the CPU)."""
+
+    def __enter__(self):
+        self._had_cpu = "cpu" in reference.FLOAT32_NORM_DEVICES
+        reference.FLOAT32_NORM_DEVICES.add("cpu")
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        if not self._had_cpu:
+            reference.FLOAT32_NORM_DEVICES.discard("cpu")
+        return super().__exit__(*exc)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}

@@ -3,9 +3,10 @@
 The stems of both branches (4x4/4) and the local downsample layers (2x2/2) are
 convolutions whose windows never overlap, so each output pixel is a dot product of one
 contiguous k*k*C patch with the weight. On channels-last data the patch gather is one
-copy with contiguous runs of C, the GEMM writes (B, H/k, W/k, Cout) directly, and the
-LayerNorm around it is PyTorch's one-pass last-dim LayerNorm: no NCHW <-> NHWC copies
-and none of the five elementwise kernels of the channels-first LayerNorm formula.
+copy with contiguous runs of C (into the GEMM's dtype under autocast: the gather is the
+cast), and the GEMM writes (B, H/k, W/k, Cout) directly: no NCHW <-> NHWC copies. The
+LayerNorm around it is a one-pass last-dim LayerNorm, not the five elementwise kernels of
+the channels-first LayerNorm formula.
 
 Plain PyTorch ops (gather, ``F.linear``, ``F.layer_norm``), so autograd, FLOP counting
 (``mm``/``addmm``: the same FLOPs as the convolution) and torch.compile come for free.
@@ -45,13 +46,16 @@ def unsupported_reason(x_nhwc: torch.Tensor, weight: torch.Tensor) -> str | None
 
 
 def patch_conv(
-    x_nhwc: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, check: bool = True
+    x_nhwc: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, check: bool = True,
+    dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """k x k, stride k convolution of (B, H, W, C) with a (Cout, C, k, k) weight -> (B, H/k, W/k, Cout).
 
     Trailing rows and columns that do not fill a window are dropped, as nn.Conv2d drops
     them. Any strides are accepted (an NCHW image passed as ``x.permute(0, 2, 3, 1)`` too).
     ``check`` False skips the argument checks, for callers that made them once already.
+    ``dtype``: the GEMM's operand dtype (autocast's), into which the patches are gathered, so
+    the gather and the cast autocast would make are one pass.
 
     Raises:
         TypeError, ValueError: bad arguments (see ``unsupported_reason``).
@@ -67,5 +71,8 @@ def patch_conv(
         raise ValueError(f"patch_conv: a {h}x{w} input has no full {k}x{k} window")
     x = x_nhwc[:, : ho * k, : wo * k]
     # (B, Ho, k, Wo, k, C) -> (B, Ho, Wo, k, k, C): each patch is (kh, kw, C) with C contiguous.
-    patches = x.reshape(b, ho, k, wo, k, c).permute(0, 1, 3, 2, 4, 5).reshape(b, ho, wo, k * k * c)
+    patches = x.reshape(b, ho, k, wo, k, c).permute(0, 1, 3, 2, 4, 5)
+    if dtype is not None and dtype != patches.dtype:
+        patches = patches.to(dtype, memory_format=torch.contiguous_format)
+    patches = patches.reshape(b, ho, wo, k * k * c)
     return F.linear(patches, weight.permute(0, 2, 3, 1).reshape(cout, k * k * c), bias)

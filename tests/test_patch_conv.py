@@ -99,6 +99,28 @@ def test_downsample_under_autocast():
     assert_autocast_within_eager_error(LocalDownsample(96, 192, 2, norm_first=True).to(DEVICE), [x], **LOCAL_ONLY)
 
 
+@pytest.mark.parametrize("stem", ["local", "global"])
+def test_stems_under_autocast(stem):
+    """The image gathered straight into bf16, the LayerNorm reading the GEMM's bf16 output and
+    writing float32 (and its backward the GEMM's bf16 gradient): within eager's error."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 12, 20, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    module = LocalDownsample(3, 96, 4, norm_first=False) if stem == "local" else PatchEmbed(4, 3, 96)
+    assert_autocast_within_eager_error(module.to(DEVICE), [x], **LOCAL_ONLY)
+
+
+def test_stem_layer_norm_writes_what_autocast_writes():
+    torch.manual_seed(0)
+    stem = PatchEmbed(4, 3, 96).to(DEVICE)
+    x = torch.randn(2, 3, 8, 8, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        ref = stem(x)[0]
+        with hifuse.use_fused(**LOCAL_ONLY):
+            out = stem(x)[0]
+    assert out.dtype == ref.dtype  # float32 on CUDA, bf16 on the CPU
+    torch.testing.assert_close(out, ref)
+
+
 def test_state_dict_keys_unchanged():
     model = hifuse.create_model("hifuse_tiny", num_classes=3)
     keys = [k for k in model.state_dict() if k.startswith("downsample_layers.")]

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hifuse_kernels import gelu_residual as gr
-from hifuse_kernels.reference import autocast_dtype, capturing  # noqa: F401 - autocast_dtype for the fused forwards
+from hifuse_kernels.reference import autocast_dtype, autocast_norm_dtype, capturing  # noqa: F401 - autocast_dtype for the fused forwards
 from hifuse_kernels import residual_layer_norm as rln
 
 
@@ -94,6 +94,16 @@ def gelu_residual(module: nn.Module, y: torch.Tensor, shortcut: torch.Tensor, ac
     if drop_path_inactive(module):
         return gr.gelu_residual(y, shortcut, check=False)
     return shortcut + module.drop_path(act(y))
+
+
+def stem_layer_norm(y: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+    """``F.layer_norm`` over the last dim of a stem's GEMM output y. Under autocast one Triton
+    pass reads y in the GEMM's dtype and writes what autocast's LayerNorm writes (float32 on
+    CUDA) without a float32 copy of y, and its backward writes y's gradient in y's dtype (no
+    cast pass)."""
+    if autocast_dtype(y) is None or rln.unsupported_reason(y, norm.weight) is not None:
+        return F.layer_norm(y, (y.shape[-1],), norm.weight, norm.bias, norm.eps)
+    return rln.layer_norm_to(y, norm.weight, norm.bias, norm.eps, autocast_norm_dtype(y), check=False)
 
 
 def layer_norm_for_gemm(x: torch.Tensor, norm: nn.Module, gemm_dtype: torch.dtype) -> torch.Tensor:

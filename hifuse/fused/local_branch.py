@@ -13,7 +13,7 @@ from hifuse_kernels import residual_layer_norm as rln
 from .. import config
 from ..layers import LayerNormCF
 from ..model import LocalBlock, LocalDownsample
-from .common import autocast_dtype, drop_path_inactive, gelu_residual, layer_norm_for_gemm
+from .common import autocast_dtype, drop_path_inactive, gelu_residual, layer_norm_for_gemm, stem_layer_norm
 
 
 def local_block_check(m: LocalBlock, x: torch.Tensor) -> str | None:
@@ -65,9 +65,9 @@ def downsample_forward(m: LocalDownsample, x: torch.Tensor) -> torch.Tensor:
             nhwc = F.layer_norm(nhwc, (norm.dim,), norm.weight, norm.bias, norm.eps)
         else:
             nhwc = layer_norm_for_gemm(nhwc, norm, gemm_dtype)
-    y = patch_conv.patch_conv(nhwc, m.conv.weight, m.conv.bias, check=False)
+    y = patch_conv.patch_conv(nhwc, m.conv.weight, m.conv.bias, check=False, dtype=autocast_dtype(x))
     if not m.norm_first:
-        y = F.layer_norm(y, (norm.dim,), norm.weight, norm.bias, norm.eps)
+        y = stem_layer_norm(y, norm)
     return y.permute(0, 3, 1, 2)
 
 
