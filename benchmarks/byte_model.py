@@ -202,18 +202,27 @@ _CUDA_FP32 = {F.layer_norm, F.group_norm, F.softmax, F.log_softmax, torch.softma
               torch.Tensor.sum, torch.logsumexp, torch.Tensor.logsumexp, F.nll_loss}
 
 
+def _mm_out_dtype(a, b, out_dtype):
+    return (a @ b).to(out_dtype)
+
+
 class CudaFloat32Ops(TorchFunctionMode):
-    """Under CPU autocast, runs in float32 the ops that CUDA's autocast runs in float32 (and
-    the fused ops that follow CUDA's policy follow it on the CPU)."""
+    """Under CPU autocast, runs in float32 the ops that CUDA's autocast runs in float32; and
+    the fused code takes its CUDA paths on the CPU (``reference.CUDA_LIKE_DEVICES``): a GEMM
+    of bf16 operands writing float32 is one ``mm`` (given a CPU kernel here), as on a GPU."""
 
     def __enter__(self):
-        self._had_cpu = "cpu" in reference.FLOAT32_NORM_DEVICES
-        reference.FLOAT32_NORM_DEVICES.add("cpu")
+        self._had_cpu = "cpu" in reference.CUDA_LIKE_DEVICES
+        reference.CUDA_LIKE_DEVICES.add("cpu")
+        self._lib = torch.library.Library("aten", "IMPL")
+        if hasattr(torch.ops.aten.mm, "dtype"):
+            self._lib.impl("mm.dtype", _mm_out_dtype, "CPU")
         return super().__enter__()
 
     def __exit__(self, *exc):
         if not self._had_cpu:
-            reference.FLOAT32_NORM_DEVICES.discard("cpu")
+            reference.CUDA_LIKE_DEVICES.discard("cpu")
+        self._lib._destroy()
         return super().__exit__(*exc)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):

@@ -50,7 +50,7 @@ from . import batch_norm_act as bna  # noqa: F401 - registers hifuse::batch_norm
 from . import dwconv_layer_norm as dln  # noqa: F401 - registers hifuse::dwconv_layer_norm
 from . import gated_layer_norm as gln
 from . import layer_norm_cat as lnc
-from .reference import autocast_dtype
+from .reference import CUDA_LIKE_DEVICES, autocast_dtype
 
 __all__ = ["BatchNormApply", "DwconvLayerNorm", "GatedLayerNorm", "GatedLayerNormRows", "LayerNormCat",
            "LinearBatchNorm", "dwconv_layer_norm_linear_residual", "gated_layer_norm", "gated_layer_norm_conv2d",
@@ -211,8 +211,8 @@ def cast_for_gemm(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.
 def mm_to(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``a @ b`` in ``dtype``: a float32 result of bf16/fp16 operands comes from the GEMM itself
     on a GPU (it accumulates in float32 anyway), elsewhere the product is cast."""
-    if (dtype == torch.float32 and a.dtype in (torch.bfloat16, torch.float16) and a.is_cuda and _MM_OUT_DTYPE
-            and b.dtype == a.dtype):
+    if (dtype == torch.float32 and a.dtype in (torch.bfloat16, torch.float16) and _MM_OUT_DTYPE
+            and a.device.type in CUDA_LIKE_DEVICES and b.dtype == a.dtype):
         return torch.mm(a, b, out_dtype=dtype)
     return (a @ b).to(dtype)
 
@@ -223,7 +223,7 @@ def _linear_backward(grad, a, weight, bias, weight_dtype=None, bias_dtype=None):
     belongs to (``weight_dtype``, ``bias_dtype``: the parameters', where the GEMM took casts)."""
     dtype = grad.dtype
     rows = grad.reshape(-1, grad.shape[-1])
-    da = (rows @ weight.to(dtype)).view(a.shape).to(a.dtype)
+    da = mm_to(rows, weight.to(dtype), a.dtype).view(a.shape)  # a float32 a's gradient straight from the GEMM
     dw = mm_to(rows.t(), a.to(dtype).reshape(-1, a.shape[-1]), weight_dtype or weight.dtype)
     db = rows.sum(0, dtype=bias_dtype or bias.dtype) if bias is not None else None
     return da, dw, db

@@ -62,14 +62,15 @@ def autocast_dtype(t: torch.Tensor) -> torch.dtype | None:
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
 
 
-# Devices whose autocast runs LayerNorm in float32: CUDA's does, CPU's keeps the input's
-# dtype. The step ledger adds "cpu" while it counts a GPU's step on a CPU.
-FLOAT32_NORM_DEVICES = {"cuda"}
+# Devices that behave as CUDA does where CPU differs: autocast runs LayerNorm in float32 (CPU's
+# keeps the input's dtype), and a GEMM of 16-bit operands writes float32 (``mm_to``). The step
+# ledger adds "cpu" while it counts a GPU's step on a CPU.
+CUDA_LIKE_DEVICES = {"cuda"}
 
 
 def autocast_norm_dtype(t: torch.Tensor) -> torch.dtype:
     """The dtype of ``F.layer_norm(t, ...)`` under autocast on t's device."""
-    return torch.float32 if t.device.type in FLOAT32_NORM_DEVICES else t.dtype
+    return torch.float32 if t.device.type in CUDA_LIKE_DEVICES else t.dtype
 
 
 def capturing() -> bool:

@@ -127,9 +127,10 @@ def count(fused: bool, batch: int, args) -> Ledger:
 
     def step():
         opt.zero_grad(set_to_none=True)
-        with hifuse.use_fused(fused), torch.autocast("cpu", dtype=torch.bfloat16), CudaFloat32Ops():
-            loss = F.cross_entropy(model(x), y)
-        loss.backward()
+        with CudaFloat32Ops():  # backward too: its GEMMs take their CUDA paths
+            with hifuse.use_fused(fused), torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = F.cross_entropy(model(x), y)
+            loss.backward()
         opt.step()
 
     with launches_recorded(Ledger(), blocks.current):
