@@ -4,7 +4,9 @@ The eager fusion block pools g twice (adaptive average and max pooling) before t
 SE MLP. Here one pass over channels-last g (N, S, C) gives both, with the first position of
 each maximum kept for backward (ties go to the first position, as adaptive_max_pool2d does).
 Positions are split into chunks so that small N * C still fills the GPU; the partials are
-combined in a fixed order, so reruns give identical bits.
+combined in a fixed order, so reruns give identical bits. ``chain``: the op also hands g on
+to its next reader, whose gradient of g the backward kernel adds to the pool's (no
+accumulation pass).
 
 Layers: reference, kernels, registered ops, autograd, functional entry point.
 """
@@ -73,7 +75,8 @@ if triton is not None:
         tl.store(ARG + part, where, mask=cmask)
 
     @triton.jit
-    def _channel_pool_bwd_kernel(D_AVG, D_MAX, ARG, DG, S, C, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+    def _channel_pool_bwd_kernel(D_AVG, D_MAX, ARG, ACC, DG, S, C, HAS_ACC: tl.constexpr, BLOCK_S: tl.constexpr,
+                                 BLOCK_C: tl.constexpr):
         n, s = image_block(S, BLOCK_S)
         c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         cmask = c < C
@@ -82,7 +85,10 @@ if triton is not None:
         d_max = tl.load(D_MAX + n * C + c, mask=cmask, other=0.0).to(tl.float32)
         arg = tl.load(ARG + n * C + c, mask=cmask, other=-1)
         dg = d_avg[None, :] / S + tl.where(s[:, None] == arg[None, :], d_max[None, :], 0.0)
-        tl.store(DG + (n * S + s.to(tl.int64))[:, None] * C + c[None, :], dg.to(DG.dtype.element_ty), mask=m)
+        offs = (n * S + s.to(tl.int64))[:, None] * C + c[None, :]
+        if HAS_ACC:  # g's gradient from its later readers
+            dg += tl.load(ACC + offs, mask=m, other=0.0).to(tl.float32)
+        tl.store(DG + offs, dg.to(DG.dtype.element_ty), mask=m)
 
 
 # --------------------------------------------------------------------------- ops
@@ -131,13 +137,15 @@ def _channel_pool_op(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch
 
 @_triton.define_op("hifuse::channel_pool_backward", mutates_args=())
 def _channel_pool_backward_op(
-    d_avg: torch.Tensor, d_max: torch.Tensor, arg: torch.Tensor, g: torch.Tensor
+    d_avg: torch.Tensor, d_max: torch.Tensor, arg: torch.Tensor, g: torch.Tensor, acc: torch.Tensor | None = None
 ) -> torch.Tensor:
+    """g's gradient (plus ``acc``, its gradient from other readers, (N, S, C) like g)."""
     n, s, c = g.shape
     dg = torch.empty_like(g)
     launch = _launch("backward", g)
     grid = _triton.grid(n * triton.cdiv(s, launch["BLOCK_S"]), triton.cdiv(c, launch["BLOCK_C"]))
-    _triton.wrap_triton(_channel_pool_bwd_kernel)[grid](d_avg, d_max, arg, dg, s, c, **launch)
+    _triton.wrap_triton(_channel_pool_bwd_kernel)[grid](d_avg, d_max, arg, dg if acc is None else acc, dg, s, c,
+                                                        HAS_ACC=acc is not None, **launch)
     return dg
 
 
@@ -148,7 +156,7 @@ def _(g):
 
 
 @_channel_pool_backward_op.register_fake
-def _(d_avg, d_max, arg, g):
+def _(d_avg, d_max, arg, g, acc=None):
     return torch.empty_like(g)
 
 
@@ -159,24 +167,52 @@ def _channel_pool_setup(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # no zero-filled gradient for the argmax
 
 
-def _channel_pool_backward(ctx, d_avg, d_max, _d_arg):
-    g, arg = ctx.saved_tensors
+def _pool_grads(g, arg, d_avg, d_max, acc=None):
     d_avg = torch.zeros(arg.shape, device=g.device, dtype=g.dtype) if d_avg is None else d_avg.contiguous()
     d_max = torch.zeros(arg.shape, device=g.device, dtype=g.dtype) if d_max is None else d_max.contiguous()
-    return torch.ops.hifuse.channel_pool_backward(d_avg, d_max, arg, g)
+    return torch.ops.hifuse.channel_pool_backward(d_avg, d_max, arg, g, acc)
+
+
+def _channel_pool_backward(ctx, d_avg, d_max, _d_arg):
+    g, arg = ctx.saved_tensors
+    return _pool_grads(g, arg, d_avg, d_max)
 
 
 _channel_pool_op.register_autograd(_channel_pool_backward, setup_context=_channel_pool_setup)
 
 
+class _ChannelPoolChain(torch.autograd.Function):
+    """(average, maximum) and g itself (its storage, no copy) for g's next reader, whose
+    gradient of g the backward kernel adds to the pool's."""
+
+    @staticmethod
+    def forward(ctx, g):
+        avg, best, arg = torch.ops.hifuse.channel_pool(g)
+        ctx.save_for_backward(g, arg)
+        ctx.set_materialize_grads(False)
+        return avg, best, g.detach()
+
+    @staticmethod
+    def backward(ctx, d_avg, d_max, d_after):
+        g, arg = ctx.saved_tensors
+        if d_avg is None and d_max is None:
+            return d_after
+        return _pool_grads(g, arg, d_avg, d_max, None if d_after is None else d_after.contiguous())
+
+
 # --------------------------------------------------------------------------- functional
 
 
-def channel_pool(g: torch.Tensor, check: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """(average, maximum) over the positions of (N, C, H, W) g, each (N, C, 1, 1), in one pass."""
+def channel_pool(g: torch.Tensor, check: bool = True, chain: bool = False):
+    """(average, maximum) over the positions of (N, C, H, W) g, each (N, C, 1, 1), in one pass.
+    ``chain``: (average, maximum, g as its next reader takes it), g's gradient from that reader
+    summed with the pool's in the backward kernel."""
     if check:  # False: the caller made the checks once already
         raise_problem("channel_pool", feature_problem("g", g))
         check_device("channel_pool", g)
-    n, c = g.shape[:2]
-    avg, best, _arg = torch.ops.hifuse.channel_pool(nhwc(g))
-    return avg.view(n, c, 1, 1), best.view(n, c, 1, 1)
+    n, c, h, w = g.shape
+    if not chain:
+        avg, best, _arg = torch.ops.hifuse.channel_pool(nhwc(g))
+        return avg.view(n, c, 1, 1), best.view(n, c, 1, 1)
+    avg, best, rows = _ChannelPoolChain.apply(nhwc(g))
+    return avg.view(n, c, 1, 1), best.view(n, c, 1, 1), rows.view(n, h, w, c).permute(0, 3, 1, 2)

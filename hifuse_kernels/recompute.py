@@ -217,13 +217,15 @@ def mm_to(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return (a @ b).to(dtype)
 
 
-def _linear_backward(grad, a, weight, bias, weight_dtype=None, bias_dtype=None):
+def _linear_backward(grad, a, weight, bias, weight_dtype=None, bias_dtype=None, a_dtype=None):
     """Gradients of ``F.linear(a, weight, bias)`` (weight and bias as the GEMM took them):
     computed in grad's dtype (the GEMM's, under autocast), each in the dtype of what it
-    belongs to (``weight_dtype``, ``bias_dtype``: the parameters', where the GEMM took casts)."""
+    belongs to (``weight_dtype``, ``bias_dtype``: the parameters', where the GEMM took casts;
+    ``a_dtype``: the input's, where the GEMM took a cast of it)."""
     dtype = grad.dtype
     rows = grad.reshape(-1, grad.shape[-1])
-    da = mm_to(rows, weight.to(dtype), a.dtype).view(a.shape)  # a float32 a's gradient straight from the GEMM
+    # a float32 input's gradient straight from the GEMM
+    da = mm_to(rows, weight.to(dtype), a_dtype or a.dtype).view(a.shape)
     dw = mm_to(rows.t(), a.to(dtype).reshape(-1, a.shape[-1]), weight_dtype or weight.dtype)
     db = rows.sum(0, dtype=bias_dtype or bias.dtype) if bias is not None else None
     return da, dw, db
@@ -519,16 +521,21 @@ def residual_layer_norm_linear(y, shortcut, ln_weight, ln_bias, eps: float, norm
 
 class _LinearBatchNorm(torch.autograd.Function):
     """``LinearBatchNorm`` with the batch statistics computed here: keeps the GEMM's input, not
-    its output (backward runs the GEMM again; ``keep``: the output is kept), nor the result."""
+    its output (backward runs the GEMM again; ``keep``: the output is kept), nor the result.
+    ``chain``: also returns x itself (its storage, no copy) for x's next reader, whose gradient
+    of x backward adds to the GEMM's (one add, not one per reader)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, w_gemm, b_gemm, bn_weight, bn_bias, eps, act, height, width, pool, out_dtype,
-                gemm_dtype, keep, running_mean, running_var, num_batches_tracked, momentum):
-        # weight and bias: the parameters, for their gradients; w_gemm, b_gemm: the GEMM's casts of
+    def forward(ctx, x, x_gemm, weight, bias, w_gemm, b_gemm, bn_weight, bn_bias, eps, act, height, width, pool,
+                out_dtype, gemm_dtype, keep, chain, running_mean, running_var, num_batches_tracked, momentum):
+        # x, weight and bias: for their gradients; x_gemm, w_gemm, b_gemm: the GEMM's casts of
         # them (None: no cast; Dynamo traces no Function given one tensor twice)
-        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
+        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype, x.dtype)
         if w_gemm is not None:
             weight, bias = w_gemm, b_gemm
+        alias = x.detach() if chain else None
+        if x_gemm is not None:
+            x = x_gemm
         y = LinearBatchNorm.gemm(x, weight, bias, gemm_dtype)
         # the running statistics are buffers, not inputs autograd knows: updated in the kernel
         mean, invstd, var = torch.ops.hifuse.batch_norm_stats(y, None, eps, running_mean, running_var,
@@ -539,12 +546,13 @@ class _LinearBatchNorm(torch.autograd.Function):
         ctx.consts = (act, height, width, pool, gemm_dtype)
         ctx.mark_non_differentiable(mean, invstd, var)
         ctx.set_materialize_grads(False)  # no zero-filled gradients for the statistics
-        return _as_map(rows, x, pool), mean, invstd, var
+        outputs = (_as_map(rows, x, pool), mean, invstd, var)
+        return (*outputs, alias) if chain else outputs
 
     @staticmethod
-    def backward(ctx, grad, _mean, _invstd, _var):
+    def backward(ctx, grad, _mean, _invstd, _var, grad_after=None):
         if grad is None:  # the map unused (gradients are not materialised)
-            return (None,) * 19
+            return (grad_after, *[None] * 20)
         x, weight, bias, mean, invstd, bn_weight, bn_bias, y = ctx.saved_tensors
         act, height, width, pool, gemm_dtype = ctx.consts
         if y is None:
@@ -554,29 +562,39 @@ class _LinearBatchNorm(torch.autograd.Function):
             act, height, width, pool,
         )
         dx, dw, db = _linear_backward(dy, x, weight, bias, *ctx.dtypes)
-        return dx, dw, db, None, None, dbw, dbb, *[None] * 12
+        if grad_after is not None:
+            dx = dx + grad_after
+        return dx, None, dw, db, None, None, dbw, dbb, *[None] * 13
 
 
 def linear_batch_norm(x, weight, bias, bn, act: str | None = None, pool: bool = False, gemm_dtype=None,
-                      keep: bool = False):
+                      keep: bool = False, chain: bool = False):
     """Training ``act(bn(F.linear(x, weight, bias)))`` (then a 2x2 average pooling with ``pool``)
     on (N, H, W, C_in) pixels, as an (N, C, H, W) channels-last map, updating ``bn``'s running
     statistics; keeps the GEMM's input only (``keep``: and its output). Returns the map and its
-    ``LinearBatchNorm`` source."""
+    ``LinearBatchNorm`` source (``chain``: and x for its next reader, whose gradient of x is
+    summed with the GEMM's here)."""
     n, height, width = x.shape[:3]
     code = bna.ACTIVATIONS[act]
-    w_gemm = b_gemm = None
-    if gemm_dtype is not None and weight.dtype != gemm_dtype:
-        with torch.no_grad():  # cast once: the GEMM, its backward and the rebuilds of the map read this cast
+    x_gemm = w_gemm = b_gemm = None
+    with torch.no_grad():  # cast once: the GEMM, its backward and the rebuilds of the map read these casts
+        if gemm_dtype is not None and weight.dtype != gemm_dtype:
             w_gemm, b_gemm = cast_for_gemm(weight, bias, gemm_dtype)
+        if gemm_dtype is not None and x.dtype != gemm_dtype:
+            x_gemm = x.to(gemm_dtype)
     running = bna.running_args(bn)
-    out, mean, invstd, var = _LinearBatchNorm.apply(x, weight, bias, w_gemm, b_gemm, bn.weight, bn.bias, float(bn.eps),
-                                                    code, height, width, pool, None, gemm_dtype, bool(keep), *running)
+    out, mean, invstd, var, *after = _LinearBatchNorm.apply(
+        x, x_gemm, weight, bias, w_gemm, b_gemm, bn.weight, bn.bias, float(bn.eps), code, height, width, pool, None,
+        gemm_dtype, bool(keep), bool(chain), *running,
+    )
     if running[0] is None:
         bna.update_running(bn, mean, var, n * height * width)
     if w_gemm is not None:
         weight, bias = w_gemm, b_gemm
-    return out, (x, weight, bias, mean, invstd, bn.weight, bn.bias, code, height, width, pool, None, gemm_dtype)
+    if x_gemm is not None:
+        x = x_gemm
+    source = (x, weight, bias, mean, invstd, bn.weight, bn.bias, code, height, width, pool, None, gemm_dtype)
+    return (out, source, *after)
 
 
 def norm_cat_linear(parts, sources, ln_weight, ln_bias, eps: float, out_dtype, weight, bias=None,

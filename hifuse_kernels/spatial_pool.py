@@ -3,7 +3,9 @@
 The eager block reduces l twice over channels (amax, mean) and concatenates the two maps.
 Here one pass over channels-last l (N, S, C) writes the (N, 2, H, W) map the spatial
 attention convolution takes. A position's channel-max gradient is shared evenly among the
-channels holding the maximum, as amax does.
+channels holding the maximum, as amax does. ``chain``: the op also hands l on to its next
+reader, whose gradient of l comes back here and is added in the backward kernel, so l's
+gradients are summed where they are produced, not by an accumulation pass.
 
 Layers: reference, kernels, registered ops, autograd, functional entry point.
 """
@@ -59,7 +61,8 @@ if triton is not None:
         tl.store(OUT + out + S, mean.to(OUT.dtype.element_ty), mask=pmask)
 
     @triton.jit
-    def _spatial_pool_bwd_kernel(L, D_OUT, DL, P, S, C, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    def _spatial_pool_bwd_kernel(L, D_OUT, ACC, DL, P, S, C, HAS_ACC: tl.constexpr, BLOCK_P: tl.constexpr,
+                                 BLOCK_C: tl.constexpr):
         p, c, pmask, cmask, m = _rows(P, C, BLOCK_P, BLOCK_C)
         v = tl.load(L + p[:, None] * C + c[None, :], mask=m, other=0.0).to(tl.float32)
         best = _max_nan(v, m)
@@ -71,6 +74,8 @@ if triton is not None:
         # a NaN maximum is held by no channel: amax's gradient is then 0/0, NaN, as here
         share = tl.where(best != best, float("nan"), d_max / tl.maximum(ties, 1.0))
         dl = tl.where(hit | (best != best)[:, None], share[:, None], 0.0) + (d_mean / C)[:, None]
+        if HAS_ACC:  # l's gradient from its later readers
+            dl += tl.load(ACC + p[:, None] * C + c[None, :], mask=m, other=0.0).to(tl.float32)
         tl.store(DL + p[:, None] * C + c[None, :], dl.to(DL.dtype.element_ty), mask=m)
 
 
@@ -103,12 +108,13 @@ def _spatial_pool_op(l: torch.Tensor) -> torch.Tensor:
 
 
 @_triton.define_op("hifuse::spatial_pool_backward", mutates_args=())
-def _spatial_pool_backward_op(d_out: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
+def _spatial_pool_backward_op(d_out: torch.Tensor, l: torch.Tensor, acc: torch.Tensor | None = None) -> torch.Tensor:
+    """l's gradient (plus ``acc``, its gradient from other readers, (N, S, C) like l)."""
     n, s, c = l.shape
     dl = torch.empty_like(l)
     launch = _launch("backward", l)
     _triton.wrap_triton(_spatial_pool_bwd_kernel)[(triton.cdiv(n * s, launch["BLOCK_P"]),)](
-        l, d_out, dl, n * s, s, c, **launch
+        l, d_out, l if acc is None else acc, dl, n * s, s, c, HAS_ACC=acc is not None, **launch
     )
     return dl
 
@@ -120,7 +126,7 @@ def _(l):
 
 
 @_spatial_pool_backward_op.register_fake
-def _(d_out, l):
+def _(d_out, l, acc=None):
     return torch.empty_like(l)
 
 
@@ -136,13 +142,37 @@ def _spatial_pool_backward(ctx, d_out):
 _spatial_pool_op.register_autograd(_spatial_pool_backward, setup_context=_spatial_pool_setup)
 
 
+class _SpatialPoolChain(torch.autograd.Function):
+    """The pooled map and l itself (its storage, no copy) for l's next reader, whose gradient
+    of l the backward kernel adds to the pool's."""
+
+    @staticmethod
+    def forward(ctx, l):
+        ctx.save_for_backward(l)
+        ctx.set_materialize_grads(False)
+        return torch.ops.hifuse.spatial_pool(l), l.detach()
+
+    @staticmethod
+    def backward(ctx, d_out, d_after):
+        (l,) = ctx.saved_tensors
+        if d_out is None:
+            return d_after
+        return torch.ops.hifuse.spatial_pool_backward(d_out.contiguous(), l,
+                                                      None if d_after is None else d_after.contiguous())
+
+
 # --------------------------------------------------------------------------- functional
 
 
-def spatial_pool(l: torch.Tensor, check: bool = True) -> torch.Tensor:
-    """(N, 2, H, W) map of the channel maximum and mean of (N, C, H, W) l, in one pass."""
+def spatial_pool(l: torch.Tensor, check: bool = True, chain: bool = False):
+    """(N, 2, H, W) map of the channel maximum and mean of (N, C, H, W) l, in one pass.
+    ``chain``: (map, l as its next reader takes it), l's gradient from that reader summed
+    with the pool's in the backward kernel."""
     if check:  # False: the caller made the checks once already
         raise_problem("spatial_pool", feature_problem("l", l))
         check_device("spatial_pool", l)
-    n, _c, h, w = l.shape
-    return torch.ops.hifuse.spatial_pool(nhwc(l)).view(n, 2, h, w)
+    n, c, h, w = l.shape
+    if not chain:
+        return torch.ops.hifuse.spatial_pool(nhwc(l)).view(n, 2, h, w)
+    pooled, rows = _SpatialPoolChain.apply(nhwc(l))
+    return pooled.view(n, 2, h, w), rows.view(n, h, w, c).permute(0, 3, 1, 2)

@@ -33,3 +33,22 @@ def test_ties_follow_eager(tiles, shape):
     got = torch.autograd.grad((avg, best), g, (torch.ones_like(avg), torch.ones_like(best)))[0]
     ref = torch.autograd.grad((ravg, rbest), g, (torch.ones_like(avg), torch.ones_like(best)))[0]
     torch.testing.assert_close(got, ref)
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+@pytest.mark.parametrize("used", ["both", "pools", "next"])
+def test_chain_sums_the_next_readers_gradient(channels_last, used):
+    """``chain``: g handed on is g, and g's gradient is the pools' plus its next reader's,
+    summed in the backward kernel; either may be absent."""
+    g = feature((2, 12, 5, 7), 4, channels_last, device=DEVICE)
+    avg, best, again = channel_pool(g, chain=True)
+    assert torch.equal(again, g)
+    w = torch.randn_like(g)
+
+    def loss(a, b, x):
+        pools = (a.square().sum() + 3 * b.sum()) if used != "next" else 0
+        return pools + ((x * w).sin().sum() if used != "pools" else 0)
+
+    got = torch.autograd.grad(loss(avg, best, again), g)[0]
+    ref = torch.autograd.grad(loss(*channel_pool_ref(g), g), g)[0]
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)

@@ -101,11 +101,12 @@ def test_layer_norm_cat_linear(parts, keep):
 
 
 @keeps
-@pytest.mark.parametrize("pool", [False, True])
-def test_norm_cat_linear(pool, keep):
+@pytest.mark.parametrize("pool, chain", [(False, False), (True, False), (False, True)])
+def test_norm_cat_linear(pool, chain, keep):
     # parts made by 1x1 GEMMs with their training BatchNorm (one pooled, as Updim's, one with
     # ReLU), one used elsewhere too (as the fusion block's shortcut): neither the GEMM outputs,
-    # the parts nor the normalised rows are kept
+    # the parts nor the normalised rows are kept. ``chain``: the second GEMM hands its input on
+    # to a later reader, whose gradient of it the GEMM's backward adds to its own
     if not hifuse_kernels.native_available():
         pytest.skip("native extension not built")
     torch.manual_seed(0)
@@ -122,18 +123,23 @@ def test_norm_cat_linear(pool, keep):
 
     def fused():
         parts, sources = [], []
-        for x, (gw, gb), (bn, _), act, p in zip(xs, gemms, bns, acts, pools):
-            part, source = recompute.linear_batch_norm(x, gw, gb, bn, act, pool=p, keep=keep)
+        later = 0
+        for k, (x, (gw, gb), (bn, _), act, p) in enumerate(zip(xs, gemms, bns, acts, pools)):
+            part, source, *again = recompute.linear_batch_norm(x, gw, gb, bn, act, pool=p, keep=keep,
+                                                               chain=chain and k == 1)
             parts.append(part)
             sources.append(source)
+            if again:
+                assert again[0].data_ptr() == x.data_ptr()
+                later = again[0].sin().sum()
         out = recompute.norm_cat_linear(parts, sources, w, b, 1e-6, None, lin.weight, lin.bias, keep=keep)
-        return out + parts[0].permute(0, 2, 3, 1).sum(-1, keepdim=True)
+        return out + parts[0].permute(0, 2, 3, 1).sum(-1, keepdim=True) + later
 
     def plain():
         parts = [bna.batch_norm_act(F.linear(x, gw, gb).permute(0, 3, 1, 2), twin, act, pool=p)
                  for x, (gw, gb), (_, twin), act, p in zip(xs, gemms, bns, acts, pools)]
         out = lin(lnc.layer_norm_cat(parts, w, b, 1e-6).permute(0, 2, 3, 1))
-        return out + parts[0].permute(0, 2, 3, 1).sum(-1, keepdim=True)
+        return out + parts[0].permute(0, 2, 3, 1).sum(-1, keepdim=True) + (xs[1].sin().sum() if chain else 0)
 
     _compare(fused, plain, leaves)
     for bn, twin in bns:

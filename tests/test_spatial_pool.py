@@ -22,3 +22,24 @@ def test_ties_follow_eager(tiles, shape):
     # ReLU-like data: many equal maxima per position, sharing the gradient as amax does
     g = torch.randn(shape, device=DEVICE).clamp(max=0.0).round().requires_grad_()
     check_grads(spatial_pool(g), spatial_pool_ref(g), [g])
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+@pytest.mark.parametrize("used", ["both", "map", "next"])
+def test_chain_sums_the_next_readers_gradient(channels_last, used):
+    """``chain``: l handed on is l, and l's gradient is the pool's plus its next reader's,
+    summed in the backward kernel; either may be absent."""
+    l = feature((2, 12, 5, 7), 3, channels_last, device=DEVICE)
+    pooled, again = spatial_pool(l, chain=True)
+    assert torch.equal(again, l)
+    if channels_last:  # handed on, not copied
+        assert again.data_ptr() == l.data_ptr()
+    torch.testing.assert_close(pooled, spatial_pool_ref(l))
+    w = torch.randn_like(l)
+
+    def loss(p, x):
+        return (p.square().sum() if used != "next" else 0) + ((x * w).sin().sum() if used != "map" else 0)
+
+    got = torch.autograd.grad(loss(pooled, again), l)[0]
+    ref = torch.autograd.grad(loss(spatial_pool_ref(l), l), l)[0]
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)

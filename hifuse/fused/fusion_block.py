@@ -60,15 +60,19 @@ def conv_bn_forward(m: ConvBN, x: torch.Tensor, then: str | None = None, pool: b
     return bna.batch_norm_act(x, bn, act, pool=pool, check=False)
 
 
-def conv_bn_sourced(m: ConvBN, x: torch.Tensor, pool: bool = False, keep: bool = False) -> tuple[torch.Tensor, tuple]:
+def conv_bn_sourced(m: ConvBN, x: torch.Tensor, pool: bool = False, keep: bool = False, chain: bool = False):
     """Training-mode dense 1x1 ConvBN (no activation after it), as ``conv_bn_forward`` computes
     it, keeping neither the GEMM's output nor the result (``recompute.linear_batch_norm``;
-    ``keep``: the GEMM's output is kept), with the source that rebuilds the result (for
-    ``recompute.norm_cat_linear``)."""
-    return recompute.linear_batch_norm(
+    ``keep``: the GEMM's output is kept): (the result, the source that rebuilds it for
+    ``recompute.norm_cat_linear``); ``chain``: and x for its next reader, x's gradients summed
+    in the op's backward."""
+    out = recompute.linear_batch_norm(
         x.permute(0, 2, 3, 1), m.conv.weight.flatten(1), m.conv.bias, m.bn, "relu" if m.relu is not None else None,
-        pool=pool, gemm_dtype=autocast_dtype(x), keep=keep,
+        pool=pool, gemm_dtype=autocast_dtype(x), keep=keep, chain=chain,
     )
+    if chain:
+        return out[0], out[1], out[2].permute(0, 3, 1, 2)
+    return out
 
 
 def conv_bn_recomputed(m: ConvBN, producer, args, then: str | None = None, keep: bool = False) -> torch.Tensor:
@@ -167,10 +171,16 @@ def fusion_forward(m: HFFBlock, l: torch.Tensor, g: torch.Tensor, f: torch.Tenso
     norm, proj = (m.norm1, m.W3) if f is not None else (m.norm2, m.W)
     sources = None
     keep_norm = not config.rebuilding("fusion_norm")
+    chain = False
     if not any(folds(c.bn) for c in (*convs, proj)) and all(dense_1x1(c.conv) for c in convs):
-        # training: the parts are rebuilt in backward from their GEMMs' inputs
-        pairs = [conv_bn_sourced(c, t, pool=c is m.Updim, keep=keep_norm) for c, t in zip(convs, inputs)]
-        parts, sources = [p for p, _ in pairs], [s for _, s in pairs]
+        # training: the parts are rebuilt in backward from their GEMMs' inputs. l and g are read
+        # in turn by their GEMM, their pooling and norm3, each handing them on to the next: each
+        # reader adds its gradient of l (g) to the next one's, no accumulation passes.
+        chain = True
+        outs = [conv_bn_sourced(c, t, pool=c is m.Updim, keep=keep_norm, chain=c is not m.Updim)
+                for c, t in zip(convs, inputs)]
+        parts, sources = [o[0] for o in outs], [o[1] for o in outs]
+        l, g = outs[-2][2], outs[-1][2]
     else:
         parts = [conv_bn_forward(c, t, pool=c is m.Updim) for c, t in zip(convs, inputs)]
     shortcut = parts[0] if f is not None else 0
@@ -193,8 +203,13 @@ def fusion_forward(m: HFFBlock, l: torch.Tensor, g: torch.Tensor, f: torch.Tenso
         args = (*parts, norm.weight, norm.bias, float(norm.eps), out_dtype)
         x = conv_bn_recomputed(proj, recompute.LayerNormCat, args, then="gelu", keep=keep_norm)
 
-    spatial_gate = torch.sigmoid(conv_bn_forward(m.spatial, spatial_pool(l, check=False)))
-    avg, best = channel_pool(g, check=False)
+    if chain:
+        pooled, l = spatial_pool(l, check=False, chain=True)
+        avg, best, g = channel_pool(g, check=False, chain=True)
+    else:
+        pooled = spatial_pool(l, check=False)
+        avg, best = channel_pool(g, check=False)
+    spatial_gate = torch.sigmoid(conv_bn_forward(m.spatial, pooled))
     channel_gate = torch.sigmoid(m.se(best) + m.se(avg))
 
     if bn_args is None:
