@@ -7,8 +7,16 @@ returns one gradient per part, so no gradient of the concatenation is split eith
 It runs the kernels of ``hifuse::layer_norm_cf`` (csrc/layer_norm_cf.cpp, .cu), for which
 a plain tensor is a one-part concatenation, so the two ops give identical results.
 
-Layers: reference, capability check, registered op (schema in C++; fake and autograd here),
-functional entry point. Its user is the fused ``HFFBlock`` (``hifuse.fused.fusion_block``).
+The fusion block's parts (equal widths, channels-last, 16/32-bit floats) take Triton kernels
+instead (``hifuse::layer_norm_cat_rows``): a program holds whole rows of every part, so each
+row is read once in wide vector loads and normalised from registers, and the backward writes
+each part's gradient and per-program weight and bias partials in one pass (added in a fixed
+order: reruns give identical bits). ``forward`` and ``backward`` pick the path from the
+parts, the same for a tensor's forward and its backward.
+
+Layers: reference, capability check, registered ops (native: schema in C++, fake and
+autograd here; Triton: kernels and ops here), functional entry points. Its user is the
+fused ``HFFBlock`` (``hifuse.fused.fusion_block``).
 """
 
 from __future__ import annotations
@@ -17,12 +25,19 @@ from collections.abc import Sequence
 
 import torch
 
-from . import _ext
+from . import _ext, _triton
+from ._features import nhwc
+from ._triton import tl, triton
 from .layer_norm_cf import _argument_problem
 from .reference import layer_norm_cf_ref
 
 OP = "layer_norm_cat"
 MAX_PARTS = 3
+ROWS_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+ROWS_MAX_CHANNELS = 1024  # channels of one part in the Triton path
+# Rows of the backward's tiles: it holds six tiles of partial sums across its loop besides its
+# loads; rows for six tiles keep it at most 64 registers without spills (sm_90, triton 3.8).
+BWD_TILES = 6
 
 __all__ = ["layer_norm_cat", "layer_norm_cat_ref", "unsupported_reason"]
 
@@ -62,6 +77,235 @@ def unsupported_reason(parts: Sequence[torch.Tensor], weight: torch.Tensor, bias
         return reason
     problem = _parts_problem(parts, weight, weight if bias is None else bias)
     return None if problem is None else problem[1]
+
+
+# --------------------------------------------------------------------------- Triton rows path
+
+if triton is not None:
+
+    @triton.jit
+    def _load_parts(A, B, D, offs, m, PARTS: tl.constexpr):
+        """One tile of rows of each part in fp32 (zero where a part is absent or masked)."""
+        a = tl.load(A + offs, mask=m, other=0.0).to(tl.float32)
+        b = tl.load(B + offs, mask=m & (PARTS > 1), other=0.0).to(tl.float32)
+        d = tl.load(D + offs, mask=m & (PARTS > 2), other=0.0).to(tl.float32)
+        return a, b, d
+
+    @triton.jit
+    def _rows_fwd_kernel(A, B, D, W, BIAS, OUT, MEAN, RSTD, M, C, eps, PARTS: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+        rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+        c = tl.arange(0, BLOCK_C)
+        cmask = c < C
+        rmask = rows < M
+        m = rmask[:, None] & cmask[None, :]
+        a, b, d = _load_parts(A, B, D, rows[:, None] * C + c[None, :], m, PARTS)
+        total = PARTS * C
+        mean = (tl.sum(a, 1) + tl.sum(b, 1) + tl.sum(d, 1)) / total
+        a = tl.where(m, a - mean[:, None], 0.0)
+        b = tl.where(m & (PARTS > 1), b - mean[:, None], 0.0)
+        d = tl.where(m & (PARTS > 2), d - mean[:, None], 0.0)
+        rstd = 1.0 / tl.sqrt((tl.sum(a * a, 1) + tl.sum(b * b, 1) + tl.sum(d * d, 1)) / total + eps)
+        out = rows[:, None] * total + c[None, :]
+        for k in tl.static_range(PARTS):
+            v = a if k == 0 else (b if k == 1 else d)
+            w = tl.load(W + k * C + c, mask=cmask, other=0.0).to(tl.float32)
+            bb = tl.load(BIAS + k * C + c, mask=cmask, other=0.0).to(tl.float32)
+            y = v * rstd[:, None] * w[None, :] + bb[None, :]
+            tl.store(OUT + out + k * C, y.to(OUT.dtype.element_ty), mask=m)
+        tl.store(MEAN + rows, mean, mask=rmask)
+        tl.store(RSTD + rows, rstd, mask=rmask)
+
+    @triton.jit(do_not_specialize=["PROGRAMS"])
+    def _rows_bwd_kernel(GRAD, A, B, D, W, MEAN, RSTD, DA, DB, DD, PART_W, PART_B, M, C, PROGRAMS,
+                         PARTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+        """On a fixed grid (``_triton.reduction_programs``): each program loops over row tiles
+        pid, pid + PROGRAMS, ... and writes one row of weight and bias partials, accumulated as
+        tiles and reduced over the rows once at the end."""
+        pid = tl.program_id(0)
+        c = tl.arange(0, BLOCK_C)
+        cmask = c < C
+        total = PARTS * C
+        w_a = tl.load(W + c, mask=cmask, other=0.0).to(tl.float32)
+        w_b = tl.load(W + C + c, mask=cmask & (PARTS > 1), other=0.0).to(tl.float32)
+        w_d = tl.load(W + 2 * C + c, mask=cmask & (PARTS > 2), other=0.0).to(tl.float32)
+        acc_wa = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
+        acc_wb = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
+        acc_wd = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
+        acc_ba = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
+        acc_bb = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
+        acc_bd = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
+        for t in range(pid, tl.cdiv(M, BLOCK_M), PROGRAMS):
+            rows = (t * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+            rmask = rows < M
+            m = rmask[:, None] & cmask[None, :]
+            offs = rows[:, None] * C + c[None, :]
+            a, b, d = _load_parts(A, B, D, offs, m, PARTS)
+            mean = tl.load(MEAN + rows, mask=rmask, other=0.0)
+            rstd = tl.load(RSTD + rows, mask=rmask, other=0.0)
+            ha = tl.where(m, (a - mean[:, None]) * rstd[:, None], 0.0)
+            hb = tl.where(m & (PARTS > 1), (b - mean[:, None]) * rstd[:, None], 0.0)
+            hd = tl.where(m & (PARTS > 2), (d - mean[:, None]) * rstd[:, None], 0.0)
+            out = rows[:, None] * total + c[None, :]
+            dya, dyb, dyd = _load_parts(GRAD + out, GRAD + out + C, GRAD + out + 2 * C, 0, m, PARTS)
+            ga = dya * w_a[None, :]
+            gb = dyb * w_b[None, :]
+            gd = dyd * w_d[None, :]
+            mg = (tl.sum(ga, 1) + tl.sum(gb, 1) + tl.sum(gd, 1)) / total
+            mgh = (tl.sum(ga * ha, 1) + tl.sum(gb * hb, 1) + tl.sum(gd * hd, 1)) / total
+            tl.store(DA + offs, (rstd[:, None] * (ga - mg[:, None] - ha * mgh[:, None])).to(DA.dtype.element_ty),
+                     mask=m)
+            if PARTS > 1:
+                tl.store(DB + offs, (rstd[:, None] * (gb - mg[:, None] - hb * mgh[:, None])).to(DB.dtype.element_ty),
+                         mask=m)
+            if PARTS > 2:
+                tl.store(DD + offs, (rstd[:, None] * (gd - mg[:, None] - hd * mgh[:, None])).to(DD.dtype.element_ty),
+                         mask=m)
+            acc_wa += dya * ha
+            acc_wb += dyb * hb
+            acc_wd += dyd * hd
+            acc_ba += dya
+            acc_bb += dyb
+            acc_bd += dyd
+        part = pid.to(tl.int64) * total + c
+        tl.store(PART_W + part, tl.sum(acc_wa, 0), mask=cmask)
+        tl.store(PART_B + part, tl.sum(acc_ba, 0), mask=cmask)
+        if PARTS > 1:
+            tl.store(PART_W + part + C, tl.sum(acc_wb, 0), mask=cmask)
+            tl.store(PART_B + part + C, tl.sum(acc_bb, 0), mask=cmask)
+        if PARTS > 2:
+            tl.store(PART_W + part + 2 * C, tl.sum(acc_wd, 0), mask=cmask)
+            tl.store(PART_B + part + 2 * C, tl.sum(acc_bd, 0), mask=cmask)
+
+
+def _three(rows: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The parts as the kernels' three pointers (an absent part points at the first, unread)."""
+    return rows + [rows[0]] * (MAX_PARTS - len(rows))
+
+
+@_triton.define_op("hifuse::layer_norm_cat_rows", mutates_args=())
+def _rows_op(
+    rows: list[torch.Tensor], weight: torch.Tensor, bias: torch.Tensor, eps: float, out_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """LayerNorm over the concatenation of 1 to 3 (M, C) row-major parts: (out (M, parts x C)
+    in out_dtype, mean, rstd (M,) float32)."""
+    m, c = rows[0].shape
+    out = torch.empty((m, len(rows) * c), device=rows[0].device, dtype=out_dtype)
+    mean = torch.empty((m,), device=rows[0].device, dtype=torch.float32)
+    rstd = torch.empty_like(mean)
+    block_m = _triton.rows_per_program(c, len(rows))
+    _triton.wrap_triton(_rows_fwd_kernel)[_triton.grid(triton.cdiv(m, block_m))](
+        *_three(rows), weight, bias, out, mean, rstd, m, c, eps,
+        PARTS=len(rows), BLOCK_M=block_m, **_triton.row_tile(c, block_m),
+    )
+    return out, mean, rstd
+
+
+def _rows_bwd_launch(c: int) -> dict:
+    """Rows, channel block and warps of the backward: two values of each tile a thread (it
+    holds about a dozen tiles across its loop)."""
+    block_m = _triton.rows_per_program(c, BWD_TILES)
+    block_c = _triton.block_channels(c)
+    return {"BLOCK_M": block_m, "BLOCK_C": block_c, "num_warps": max(4, min(16, block_m * block_c // 64))}
+
+
+@_triton.define_op("hifuse::layer_norm_cat_rows_backward", mutates_args=())
+def _rows_backward_op(
+    grad: torch.Tensor, rows: list[torch.Tensor], weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor
+) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    m, c = rows[0].shape
+    flags = dict(PARTS=len(rows), **_rows_bwd_launch(c))
+    ptrs = _three(rows)
+    programs = _triton.reduction_programs(
+        triton.cdiv(m, flags["BLOCK_M"]), 1, grad.device, kernel=_rows_bwd_kernel, launch=flags,
+        args=(grad, *ptrs, weight, mean, rstd, *[rows[0].dtype] * 3, torch.float32, torch.float32, m, c, 2),
+    )
+    grads = [torch.empty_like(t) for t in rows]
+    part_w = torch.empty((programs, len(rows) * c), device=grad.device, dtype=torch.float32)
+    part_b = torch.empty_like(part_w)
+    _triton.wrap_triton(_rows_bwd_kernel)[_triton.grid(programs)](
+        grad, *ptrs, weight, mean, rstd, *_three(grads), part_w, part_b, m, c, programs, **flags,
+    )
+    return grads, part_w.sum(0).to(weight.dtype), part_b.sum(0).to(weight.dtype)
+
+
+@_rows_op.register_fake
+def _(rows, weight, bias, eps, out_dtype):
+    m, c = rows[0].shape
+    stat = rows[0].new_empty((m,), dtype=torch.float32)
+    return rows[0].new_empty((m, len(rows) * c), dtype=out_dtype), stat, torch.empty_like(stat)
+
+
+@_rows_backward_op.register_fake
+def _(grad, rows, weight, mean, rstd):
+    return [torch.empty_like(t) for t in rows], torch.empty_like(weight), torch.empty_like(weight)
+
+
+def _rows_setup(ctx, inputs, output):
+    rows, weight, _bias, _eps, _out_dtype = inputs
+    _out, mean, rstd = output
+    ctx.num_parts = len(rows)
+    ctx.save_for_backward(*rows, weight, mean, rstd)
+    ctx.set_materialize_grads(False)  # no zero gradients for the statistics
+
+
+def _rows_backward(ctx, grad, _gm, _gr):
+    saved = ctx.saved_tensors
+    rows, (weight, mean, rstd) = list(saved[: ctx.num_parts]), saved[ctx.num_parts:]
+    if grad is None:
+        return None, None, None, None, None
+    grads, dw, db = torch.ops.hifuse.layer_norm_cat_rows_backward(grad.contiguous(), rows, weight, mean, rstd)
+    return list(grads), dw, db, None, None
+
+
+_rows_op.register_autograd(_rows_backward, setup_context=_rows_setup)
+
+
+def rows_path(parts: Sequence[torch.Tensor], weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether the Triton kernels take these parts: 1 to 3 channels-last parts of one width
+    and a 16/32-bit float dtype, with weight and bias, on a device Triton runs on."""
+    if triton is None or bias is None or not 1 <= len(parts) <= MAX_PARTS:
+        return False
+    first = parts[0]
+    if first.dim() != 4 or not 0 < first.shape[1] <= ROWS_MAX_CHANNELS or first.dtype not in ROWS_DTYPES:
+        return False
+    for t in parts:
+        if (t.shape != first.shape or t.dtype != first.dtype
+                or not t.is_contiguous(memory_format=torch.channels_last)):
+            return False
+    total = len(parts) * first.shape[1]
+    if weight.shape != (total,) or bias.shape != (total,) or weight.dtype not in ROWS_DTYPES:
+        return False
+    if bias.dtype not in ROWS_DTYPES:
+        return False
+    return _triton.unsupported_reason(*parts, weight, bias) is None
+
+
+def forward(parts, weight, bias, eps: float, out_dtype: torch.dtype):
+    """(the LayerNorm of the concatenation, (N, C, H, W) in out_dtype, channels-last where a
+    part is; its statistics for ``backward``), by the Triton path where ``rows_path``, else
+    the native op."""
+    if rows_path(parts, weight, bias):
+        n, c, h, w = parts[0].shape
+        out, mean, rstd = torch.ops.hifuse.layer_norm_cat_rows([nhwc(t).view(-1, c) for t in parts], weight.contiguous(),
+                                                               bias.contiguous(), float(eps), out_dtype)
+        return out.view(n, h, w, len(parts) * c).permute(0, 3, 1, 2), (mean, rstd)
+    out, mean, rstd = torch.ops.hifuse.layer_norm_cat(list(parts), weight, bias, float(eps), out_dtype)
+    return out, (mean, rstd)
+
+
+def backward(grad: torch.Tensor, parts, weight: torch.Tensor, bias: torch.Tensor, stats):
+    """(the parts' gradients, weight's, bias's) for ``forward``'s result's gradient ``grad``
+    ((N, C, H, W)); ``stats`` as ``forward`` returned them."""
+    if rows_path(parts, weight, bias):
+        n, c, h, w = parts[0].shape
+        rows = grad.permute(0, 2, 3, 1).reshape(n * h * w, -1)
+        grads, dw, db = torch.ops.hifuse.layer_norm_cat_rows_backward(
+            rows.contiguous(), [nhwc(t).view(-1, c) for t in parts], weight.contiguous(), *stats
+        )
+        return [t.view(n, h, w, c).permute(0, 3, 1, 2) for t in grads], dw, db
+    dparts, dw, db = torch.ops.hifuse.layer_norm_cat_backward(grad, list(parts), weight, *stats)
+    return list(dparts), dw, db
 
 
 def _format(parts) -> torch.memory_format:
@@ -134,12 +378,11 @@ def layer_norm_cat(
         ValueError: mismatched shapes or devices, or a wrong number of parts.
     """
     if check:
-        _ext.require(OP)
         problem = _parts_problem(parts, weight, bias)
         if problem is not None:
             raise problem[0](f"layer_norm_cat: {problem[1]}")
+        if not rows_path(parts, weight, bias):
+            _ext.require(OP)
         if out_dtype is not None and out_dtype not in (parts[0].dtype, torch.float32):
             raise TypeError(f"layer_norm_cat: out_dtype must be the parts' dtype or float32, got {out_dtype}")
-    out, _mean, _rstd = torch.ops.hifuse.layer_norm_cat(list(parts), weight, bias, float(eps),
-                                                        out_dtype_of(parts, weight, out_dtype))
-    return out
+    return forward(parts, weight, bias, eps, out_dtype_of(parts, weight, out_dtype))[0]

@@ -78,20 +78,19 @@ class BatchNormApply:
 
 
 class LayerNormCat:
-    """hifuse::layer_norm_cat over 1 to 3 NCHW parts, as channels-last pixels (N, H, W, C);
+    """``layer_norm_cat.forward`` over 1 to 3 NCHW parts, as channels-last pixels (N, H, W, C);
     args: (*parts, weight, bias, eps, out_dtype)."""
 
     @staticmethod
     def make(*args):
         parts, (weight, bias, eps, out_dtype) = list(args[:-4]), args[-4:]
-        out, mean, rstd = torch.ops.hifuse.layer_norm_cat(parts, weight, bias, eps,
-                                                          lnc.out_dtype_of(parts, weight, out_dtype))
-        return out.permute(0, 2, 3, 1), (mean, rstd)
+        out, stats = lnc.forward(parts, weight, bias, eps, lnc.out_dtype_of(parts, weight, out_dtype))
+        return out.permute(0, 2, 3, 1), stats
 
     @staticmethod
     def grad(grad_a, aux, *args):
-        parts, weight = list(args[:-4]), args[-4]
-        dparts, dw, db = torch.ops.hifuse.layer_norm_cat_backward(grad_a.permute(0, 3, 1, 2), parts, weight, *aux)
+        parts, (weight, bias) = list(args[:-4]), args[-4:-2]
+        dparts, dw, db = lnc.backward(grad_a.permute(0, 3, 1, 2), parts, weight, bias, aux)
         return (*dparts, dw, db, None, None)
 
 

@@ -59,6 +59,9 @@ WRITES = {
     "spatial_pool._spatial_pool_bwd_kernel": {"DL"},
     "gated_layer_norm._gated_ln_kernel": lambda k: {"OUT", "MEAN", "RSTD"} | ({"OUT2"} if k["HAS_OUT2"] else set()),
     "gated_layer_norm._gated_ln_bwd_kernel": {"DG", "DL", "DSG", "DX", "PART_CG", "PART_W", "PART_B"},
+    "layer_norm_cat._rows_fwd_kernel": {"OUT", "MEAN", "RSTD"},
+    "layer_norm_cat._rows_bwd_kernel": lambda k: {"DA", "PART_W", "PART_B"} | ({"DB"} if k["PARTS"] > 1 else set())
+    | ({"DD"} if k["PARTS"] > 2 else set()),
 }
 
 TORCH_DTYPES = {"fp64": torch.float64, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "i32": torch.int32, "i64": torch.int64}

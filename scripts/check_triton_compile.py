@@ -35,6 +35,7 @@ import hifuse_kernels.batch_norm_act as bna  # noqa: E402
 import hifuse_kernels.dwconv_layer_norm as dln  # noqa: E402
 import hifuse_kernels.channel_pool as cp  # noqa: E402
 import hifuse_kernels.gated_layer_norm as gln  # noqa: E402
+import hifuse_kernels.layer_norm_cat as lnc  # noqa: E402
 import hifuse_kernels.spatial_pool as sp  # noqa: E402
 import hifuse_kernels.gelu_linear as gl  # noqa: E402
 import hifuse_kernels.gelu_residual as gr  # noqa: E402
@@ -174,11 +175,21 @@ def cases(dtype: str):
                 {**row_launch(c, rln.BWD_TILES, "BLOCK_M"), "PROLOGUE": prologue, "HAS_DOUT": prologue}
     pool = dict(BLOCK_S=cp.BLOCK_S, BLOCK_C=64)
     yield cp._channel_pool_kernel, dict(G="dt", SUM=f32, MAX=f32, ARG="i32"), pool
-    yield cp._channel_pool_bwd_kernel, dict(D_AVG="dt", D_MAX="dt", ARG="i32", DG="dt"), pool
+    for acc in (False, True):  # with g's gradient from its next reader added in
+        yield cp._channel_pool_bwd_kernel, dict(D_AVG="dt", D_MAX="dt", ARG="i32", ACC=f32, DG=f32), \
+            {**pool, "HAS_ACC": acc}
     for c in (96, 192, 384, 768):  # launched as the op launches them, fp32 g and l with dt gates and X (autocast)
         rows = row_launch(c, 1, "BLOCK_P")
         yield sp._spatial_pool_kernel, dict(L="dt", OUT="dt"), rows
-        yield sp._spatial_pool_bwd_kernel, dict(L="dt", D_OUT="dt", DL="dt"), rows
+        for acc in (False, True):  # with l's gradient from its next reader added in
+            yield sp._spatial_pool_bwd_kernel, dict(L="dt", D_OUT="dt", ACC=f32, DL="dt"), {**rows, "HAS_ACC": acc}
+        for parts in (2, 3):  # the fusion blocks' norm2 and norm1: the GEMMs' dtype in and out
+            rows = row_launch(c, parts, "BLOCK_M")
+            yield lnc._rows_fwd_kernel, dict(A="dt", B="dt", D="dt", W=f32, BIAS=f32, OUT="dt", MEAN=f32, RSTD=f32), \
+                {**rows, "PARTS": parts}
+            yield lnc._rows_bwd_kernel, dict(GRAD="dt", A="dt", B="dt", D="dt", W=f32, MEAN=f32, RSTD=f32, DA="dt",
+                                             DB="dt", DD="dt", PART_W=f32, PART_B=f32), \
+                {**_as_warps(lnc._rows_bwd_launch(c)), "PARTS": parts}
         rows = row_launch(c, 3, "BLOCK_P")
         for out2 in (False, True):  # with the GEMM's rounded copy
             yield gln._gated_ln_kernel, dict(G=f32, CG="dt", L=f32, SG="dt", X="dt", W=f32, B=f32, OUT=f32, OUT2="dt",

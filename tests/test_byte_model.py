@@ -94,11 +94,12 @@ def _gated_layer_norm():
 
 def _layer_norm_cat():
     part, vec, stat = 64 * 96 * BF16, 192 * BF16, 64 * F32  # two (1, 96, 8, 8) bf16 parts, bf16 parameters
-    forward = 2 * part + 2 * vec + 2 * part + 2 * stat  # one native op: parts in, (1, 192, 8, 8) bf16 out
-    zeros = 2 * stat
-    backward = 2 * part + 2 * part + vec + 2 * stat + 2 * part + 2 * vec  # grad, parts, weight, stats; dparts, dw, db
+    forward = 2 * part + 2 * vec + 2 * part + 2 * stat  # one Triton kernel: parts in, (1, 192, 8, 8) bf16 out
+    partials = 2 * 192 * F32  # two programs' weight (and bias) partials
+    backward = 2 * part + 2 * part + vec + 2 * stat + 2 * part + 2 * partials  # grad, parts, weight, stats; dparts
+    sums = 2 * (partials + 192 * F32) + 2 * (192 * F32 + vec)  # the partials summed, then cast to bf16
     least = 2 * (2 * part + 2 * vec) + 2 * 2 * part
-    return 4, forward + zeros + backward, least
+    return 6, forward + backward + sums, least
 
 
 def _layer_norm_cf():

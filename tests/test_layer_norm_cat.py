@@ -5,9 +5,9 @@ import torch
 from torch.library import opcheck
 
 import hifuse_kernels
-from hifuse_kernels.layer_norm_cat import layer_norm_cat, layer_norm_cat_ref
+from hifuse_kernels.layer_norm_cat import layer_norm_cat, layer_norm_cat_ref, rows_path
 from hifuse_kernels.layer_norm_cf import layer_norm_cf
-from helpers import DEVICES, other_device
+from helpers import DEVICE, DEVICES, other_device, triton_device_or_skip
 
 pytestmark = pytest.mark.skipif(not hifuse_kernels.native_available(), reason="native extension not built")
 
@@ -60,9 +60,11 @@ def test_matches_reference_cpu(nhw, widths, fmt, dtype):
 
 
 def test_same_as_layer_norm_cf_of_the_concatenation():
-    parts, w, b = _inputs((2, 5, 3), (96, 96, 96), torch.float32, ["nhwc"] * 3)
+    # the native path (NCHW parts) runs layer_norm_cf's kernels
+    parts, w, b = _inputs((2, 5, 3), (96, 96, 96), torch.float32, ["nchw"] * 3)
+    assert not rows_path(parts, w, b)
     whole = torch.cat([t.detach() for t in parts], 1).requires_grad_()
-    grad = torch.randn(whole.shape).contiguous(memory_format=torch.channels_last)
+    grad = torch.randn(whole.shape)
     got = _grads(layer_norm_cat, parts, w, b, grad)
     one = _grads(lambda p, *a: layer_norm_cf(p[0], *a), [whole], w, b, grad)
     assert torch.equal(got[0], one[0])
@@ -196,3 +198,33 @@ def test_no_optional_argument_beside_a_tensor_list():
         if "List[Tensor]" in types or "Tensor[]" in types:
             optional = [a.name for a in schema.arguments if str(a.type).endswith("?") or "Optional" in str(a.type)]
             assert not optional, (schema, optional)
+
+
+@triton_device_or_skip()
+@pytest.mark.parametrize("nhw, widths", [((1, 7, 5), (96, 96)), ((2, 3, 13), (24, 24, 24)), ((1, 1, 3), (40,))])
+def test_triton_rows_path(nhw, widths):
+    """Equal-width channels-last parts take the Triton kernels (``rows_path``): outputs and
+    gradients as the eager formula's, channels-last, and a backward that repeats bit for bit."""
+    parts, w, b = _inputs(nhw, widths, torch.float32, ["nhwc"] * len(widths), device=DEVICE)
+    assert rows_path(parts, w, b)
+    grad = torch.randn(nhw[0], sum(widths), *nhw[1:]).to(DEVICE, memory_format=torch.channels_last)
+    got = _grads(layer_norm_cat, parts, w, b, grad)
+    ref = _grads(layer_norm_cat_ref, parts, w, b, grad)
+    for k, (a, r) in enumerate(zip(got, ref)):
+        torch.testing.assert_close(a, r, **TOL[torch.float32], msg=f"output {k}")
+    if min(nhw[1:]) > 1:
+        assert got[0].is_contiguous(memory_format=torch.channels_last)
+    again = _grads(layer_norm_cat, parts, w, b, grad)
+    assert all(torch.equal(a, r) for a, r in zip(got, again))
+
+
+@triton_device_or_skip()
+def test_triton_rows_path_bf16():
+    # bf16 parts written in bf16: the fp32 LayerNorm of the parts, rounded once
+    parts, w, b = _inputs((2, 4, 5), (32, 32, 32), torch.float32, ["nhwc"] * 3, device=DEVICE)
+    low = [t.detach().to(torch.bfloat16).contiguous(memory_format=torch.channels_last) for t in parts]
+    assert rows_path(low, w, b)
+    out = layer_norm_cat(low, w, b, out_dtype=torch.bfloat16)
+    ref = layer_norm_cat_ref([t.float() for t in low], w, b)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref, rtol=2 ** -8, atol=1e-5)

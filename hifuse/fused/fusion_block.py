@@ -1,6 +1,6 @@
 """Fused forward of the hierarchical feature fusion block (HFFBlock) and its parts.
 
-Concat-free LayerNorms (native ``hifuse::layer_norm_cat``), one-pass gating statistics and
+Concat-free LayerNorms (``layer_norm_cat``: Triton rows or the native op), one-pass gating statistics and
 the gate multiplications inside the norm3 LayerNorm (Triton ``channel_pool``,
 ``spatial_pool``, ``gated_layer_norm``), 1x1 convolutions as channels-last GEMMs whose
 BatchNorm is folded in eval mode and, in training, runs with its activation (and Updim's
