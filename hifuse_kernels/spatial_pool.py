@@ -86,7 +86,9 @@ def _launch(name: str, l: torch.Tensor) -> dict:
     """BLOCK_P (rows), BLOCK_C (a whole row) and num_warps: the GPU's, or the launch table's
     for this device and shape (its BLOCK_P and num_warps), or a wide tile."""
     c = l.shape[2]
-    rows = _triton.rows_per_program(c, 1)
+    # the backward holds two tiles (l and the gradient it adds to): rows for two, or triton 3.6
+    # spills at 384 channels
+    rows = _triton.rows_per_program(c, 2 if name == "backward" else 1)
     default = dict(BLOCK_P=rows, num_warps=_triton.row_warps(c, rows))
     if not _triton.wide():
         default = _configs.launch_config(

@@ -182,7 +182,8 @@ def cases(dtype: str):
         rows = row_launch(c, 1, "BLOCK_P")
         yield sp._spatial_pool_kernel, dict(L="dt", OUT="dt"), rows
         for acc in (False, True):  # with l's gradient from its next reader added in
-            yield sp._spatial_pool_bwd_kernel, dict(L="dt", D_OUT="dt", ACC=f32, DL="dt"), {**rows, "HAS_ACC": acc}
+            yield sp._spatial_pool_bwd_kernel, dict(L="dt", D_OUT="dt", ACC=f32, DL="dt"), \
+                {**row_launch(c, 2, "BLOCK_P"), "HAS_ACC": acc}
         for parts in (2, 3):  # the fusion blocks' norm2 and norm1: the GEMMs' dtype in and out
             rows = row_launch(c, parts, "BLOCK_M")
             yield lnc._rows_fwd_kernel, dict(A="dt", B="dt", D="dt", W=f32, BIAS=f32, OUT="dt", MEAN=f32, RSTD=f32), \
