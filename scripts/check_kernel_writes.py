@@ -60,6 +60,8 @@ WRITES = {
     "gated_layer_norm._gated_ln_kernel": lambda k: {"OUT", "MEAN", "RSTD"} | ({"OUT2"} if k["HAS_OUT2"] else set()),
     "gated_layer_norm._gated_ln_bwd_kernel": {"DG", "DL", "DSG", "DX", "PART_CG", "PART_W", "PART_B"},
     "layer_norm_cat._rows_fwd_kernel": {"OUT", "MEAN", "RSTD"},
+    "patch_conv_norm._fwd_kernel": {"OUT", "MEAN", "RSTD"},
+    "patch_conv_norm._bwd_kernel": {"PART_W", "PART_B", "PART_LW", "PART_LB"},
     "layer_norm_cat._rows_bwd_kernel": lambda k: {"DA", "PART_W", "PART_B"} | ({"DB"} if k["PARTS"] > 1 else set())
     | ({"DD"} if k["PARTS"] > 2 else set()),
 }

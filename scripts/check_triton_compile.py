@@ -26,6 +26,7 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 
 import torch  # noqa: E402
 import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
 from triton import compile as triton_compile  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
@@ -36,6 +37,7 @@ import hifuse_kernels.dwconv_layer_norm as dln  # noqa: E402
 import hifuse_kernels.channel_pool as cp  # noqa: E402
 import hifuse_kernels.gated_layer_norm as gln  # noqa: E402
 import hifuse_kernels.layer_norm_cat as lnc  # noqa: E402
+import hifuse_kernels.patch_conv_norm as pcn  # noqa: E402
 import hifuse_kernels.spatial_pool as sp  # noqa: E402
 import hifuse_kernels.gelu_linear as gl  # noqa: E402
 import hifuse_kernels.gelu_residual as gr  # noqa: E402
@@ -173,6 +175,14 @@ def cases(dtype: str):
             yield rln._bwd_kernel, dict(DOUT=f32, DNORMED="dt", Y="dt", S=f32, W=f32, MEAN=f32, RSTD=f32, DY="dt",
                                         DS=f32, PART_W=f32, PART_B=f32), \
                 {**row_launch(c, rln.BWD_TILES, "BLOCK_M"), "PROLOGUE": prologue, "HAS_DOUT": prologue}
+    # the stems: a 4x4x3 patch, 96 channels; the image fp32, the GEMM in the activation dtype
+    stem = dict(GEMM=getattr(tl, {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[dtype]), KSIZE=4,
+                UPCAST=False, BLOCK_M=pcn.BLOCK_M, BLOCK_K=64, BLOCK_N=128, WARPS=pcn.WARPS)
+    for has_bias in (False, True) if dtype != "fp32" else ():  # float32 GEMMs take the patch GEMM path
+        yield pcn._fwd_kernel, dict(X=f32, WK=f32, BIAS=f32, LW=f32, LB=f32, OUT=f32, MEAN=f32, RSTD=f32), \
+            {**stem, "HAS_BIAS": has_bias}
+        yield pcn._bwd_kernel, dict(X=f32, WK=f32, BIAS=f32, LW=f32, GRAD=f32, MEAN=f32, RSTD=f32, PART_W=f32,
+                                    PART_B=f32, PART_LW=f32, PART_LB=f32), {**stem, "HAS_BIAS": has_bias}
     pool = dict(BLOCK_S=cp.BLOCK_S, BLOCK_C=64)
     yield cp._channel_pool_kernel, dict(G="dt", SUM=f32, MAX=f32, ARG="i32"), pool
     for acc in (False, True):  # with g's gradient from its next reader added in

@@ -3,9 +3,9 @@
 Every copy_/clone/contiguous (a layout-only ``_to_copy`` too) of a tensor the size of an
 activation is counted by a dispatch mode during one fused training step on fake tensors
 (shapes only, so Tiny runs at 224x224 here). The design needs exactly these:
-- forward: the patch GEMMs' gathers (``patch_conv``): the image for the patch embedding and
-  for the stem (under autocast each is autocast's cast to the GEMM's dtype instead, not a
-  layout copy), and each local downsample's input;
+- forward: the patch GEMMs' gathers (``patch_conv``) of each local downsample's input and,
+  without autocast, of the image for the patch embedding and the stem (under autocast the
+  stems gather the image's patches inside their kernel, ``patch_conv_norm``);
 - backward: those gathers' gradients for the three downsamples (the image has none), and
   the two dense copies of the classifier mean's broadcast gradient at the last stage.
 """

@@ -9,7 +9,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from hifuse_kernels import gelu_residual as gr
-from hifuse_kernels.reference import autocast_dtype, autocast_norm_dtype, capturing  # noqa: F401 - autocast_dtype for the fused forwards
+from hifuse_kernels import patch_conv
+from hifuse_kernels import patch_conv_norm as pcn
+from hifuse_kernels.reference import CUDA_LIKE_DEVICES, autocast_dtype, autocast_norm_dtype, capturing  # noqa: F401 - autocast_dtype for the fused forwards
 from hifuse_kernels import residual_layer_norm as rln
 
 
@@ -96,14 +98,28 @@ def gelu_residual(module: nn.Module, y: torch.Tensor, shortcut: torch.Tensor, ac
     return shortcut + module.drop_path(act(y))
 
 
-def stem_layer_norm(y: torch.Tensor, norm: nn.Module) -> torch.Tensor:
-    """``F.layer_norm`` over the last dim of a stem's GEMM output y. Under autocast one Triton
-    pass reads y in the GEMM's dtype and writes what autocast's LayerNorm writes (float32 on
-    CUDA) without a float32 copy of y, and its backward writes y's gradient in y's dtype (no
-    cast pass)."""
-    if autocast_dtype(y) is None or rln.unsupported_reason(y, norm.weight) is not None:
-        return F.layer_norm(y, (y.shape[-1],), norm.weight, norm.bias, norm.eps)
-    return rln.layer_norm_to(y, norm.weight, norm.bias, norm.eps, autocast_norm_dtype(y), check=False)
+def stem_conv_norm(x_nhwc: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, norm: nn.Module,
+                   out_dtype: torch.dtype | None) -> torch.Tensor:
+    """A stem: the k x k / k convolution of the image (B, H, W, C) and the LayerNorm over its
+    channels, (B, H/k, W/k, C_out) in ``out_dtype`` (what the eager stem's LayerNorm writes
+    under autocast; None outside it). One Triton pass each way where its kernels take it
+    (``patch_conv_norm``: the image read once, neither patches nor the GEMM's output written),
+    else the patch GEMM and a LayerNorm pass (``stem_layer_norm``)."""
+    gemm = autocast_dtype(x_nhwc)
+    if pcn.unsupported_reason(x_nhwc, weight, bias, norm.weight, norm.bias, gemm) is None:
+        return pcn.patch_conv_norm(x_nhwc, weight, bias, norm.weight, norm.bias, norm.eps, gemm, out_dtype)
+    return stem_layer_norm(patch_conv.patch_conv(x_nhwc, weight, bias, check=False, dtype=gemm), norm, out_dtype)
+
+
+def stem_layer_norm(y: torch.Tensor, norm: nn.Module, out_dtype: torch.dtype | None) -> torch.Tensor:
+    """``F.layer_norm`` over the last dim of a stem's GEMM output y, in ``out_dtype`` where
+    given. Under autocast one Triton pass reads y in the GEMM's dtype and writes out_dtype
+    without a float32 copy of y, and its backward writes y's gradient in y's dtype (no cast
+    pass)."""
+    if out_dtype is None or rln.unsupported_reason(y, norm.weight) is not None:
+        out = F.layer_norm(y, (y.shape[-1],), norm.weight, norm.bias, norm.eps)
+        return out if out_dtype is None else out.to(out_dtype)
+    return rln.layer_norm_to(y, norm.weight, norm.bias, norm.eps, out_dtype, check=False)
 
 
 def layer_norm_for_gemm(x: torch.Tensor, norm: nn.Module, gemm_dtype: torch.dtype) -> torch.Tensor:

@@ -12,7 +12,7 @@ from hifuse_kernels import window_attention as wa
 
 from .. import config
 from ..model import GlobalBlock, GlobalStage, PatchEmbed, PatchMerging
-from .common import autocast_dtype, derived, drop_path_inactive, gelu_residual, needs_grad, stem_layer_norm
+from .common import autocast_dtype, autocast_norm_dtype, derived, drop_path_inactive, gelu_residual, needs_grad, stem_conv_norm
 
 # --------------------------------------------------------------------------- patch embedding
 
@@ -23,10 +23,15 @@ def patch_embed_check(m: PatchEmbed, x: torch.Tensor) -> str | None:
 
 def patch_embed_forward(m: PatchEmbed, x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
     """One GEMM over gathered patches writes the tokens: no conv output to transpose."""
+    if type(m.norm) is torch.nn.LayerNorm:
+        gemm = autocast_dtype(x)
+        out_dtype = None if gemm is None else autocast_norm_dtype(x.new_empty(0, dtype=gemm))
+        y = stem_conv_norm(x.permute(0, 2, 3, 1), m.proj.weight, m.proj.bias, m.norm, out_dtype)
+        b, h, w, c = y.shape
+        return y.reshape(b, h * w, c), h, w
     y = patch_conv.patch_conv(x.permute(0, 2, 3, 1), m.proj.weight, m.proj.bias, check=False, dtype=autocast_dtype(x))
     b, h, w, c = y.shape
-    tokens = y.reshape(b, h * w, c)
-    return (stem_layer_norm(tokens, m.norm) if type(m.norm) is torch.nn.LayerNorm else m.norm(tokens)), h, w
+    return m.norm(y.reshape(b, h * w, c)), h, w
 
 
 # --------------------------------------------------------------------------- patch merging

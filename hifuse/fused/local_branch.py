@@ -13,7 +13,7 @@ from hifuse_kernels import residual_layer_norm as rln
 from .. import config
 from ..layers import LayerNormCF
 from ..model import LocalBlock, LocalDownsample
-from .common import autocast_dtype, drop_path_inactive, gelu_residual, layer_norm_for_gemm, stem_layer_norm
+from .common import autocast_dtype, drop_path_inactive, gelu_residual, layer_norm_for_gemm, stem_conv_norm
 
 
 def local_block_check(m: LocalBlock, x: torch.Tensor) -> str | None:
@@ -65,9 +65,10 @@ def downsample_forward(m: LocalDownsample, x: torch.Tensor) -> torch.Tensor:
             nhwc = F.layer_norm(nhwc, (norm.dim,), norm.weight, norm.bias, norm.eps)
         else:
             nhwc = layer_norm_for_gemm(nhwc, norm, gemm_dtype)
+    if not m.norm_first:  # the stem; its channels-first LayerNorm formula writes float32 under autocast
+        out_dtype = None if autocast_dtype(x) is None else torch.promote_types(torch.float32, norm.weight.dtype)
+        return stem_conv_norm(nhwc, m.conv.weight, m.conv.bias, norm, out_dtype).permute(0, 3, 1, 2)
     y = patch_conv.patch_conv(nhwc, m.conv.weight, m.conv.bias, check=False, dtype=autocast_dtype(x))
-    if not m.norm_first:
-        y = stem_layer_norm(y, norm)
     return y.permute(0, 3, 1, 2)
 
 
