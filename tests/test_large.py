@@ -28,6 +28,7 @@ from hifuse_kernels.gated_layer_norm import gated_layer_norm, gated_layer_norm_r
 from hifuse_kernels.gelu_residual import gelu_residual, gelu_residual_ref
 from hifuse_kernels.layer_norm_cat import layer_norm_cat, layer_norm_cat_ref
 from hifuse_kernels.layer_norm_cf import layer_norm_cf
+from hifuse_kernels.patch_conv_norm import patch_conv_norm
 from hifuse_kernels.reference import layer_norm_cf_ref
 from hifuse_kernels.residual_layer_norm import gelu_residual_layer_norm, gelu_residual_layer_norm_ref
 from hifuse_kernels.spatial_pool import spatial_pool, spatial_pool_ref
@@ -194,8 +195,28 @@ def test_residual_epilogues_past_2_31():
     torch.testing.assert_close(normed[-1].float(), ref_normed[0].detach(), **BF16)
 
 
+def test_stem_patch_conv_norm_past_2_31():
+    # the stems: a 224x224 image's 56x56 x 96 map (bf16 GEMM, float32 out), past 2**31 elements
+    n = _images(SIDE * SIDE * C)
+    _need(24)
+    x = _randn(n, 3, 4 * SIDE, 4 * SIDE, dtype=torch.float32).permute(0, 2, 3, 1)
+    weight, cbias, w, b = _small(C, 3, 4, 4), _small(C), _small(C), _small(C)
+    out = patch_conv_norm(x, weight, cbias, w, b, 1e-6, torch.bfloat16, torch.float32)
+    y = torch.nn.functional.conv2d(x[-1:].permute(0, 3, 1, 2).bfloat16(), weight.bfloat16(), cbias.bfloat16(),
+                                   stride=4)
+    ref = torch.nn.functional.layer_norm(y.float().permute(0, 2, 3, 1), (C,), w, b, 1e-6)
+    torch.testing.assert_close(out[-1], ref[0].detach(), **BF16)
+    grad = _last_image_grad(out)
+    got = torch.autograd.grad(out, (weight, cbias, w, b), grad)
+    want = torch.autograd.grad(ref, (weight, cbias, w, b), grad[-1:])
+    for a, r in zip(got, want):
+        torch.testing.assert_close(a, r, rtol=2e-2, atol=2e-2 * r.abs().max().item())
+
+
 @pytest.mark.skipif(not hifuse_kernels.native_available(), reason="native extension not built")
-def test_native_layer_norms_past_2_31():
+def test_layer_norms_past_2_31():
+    # layer_norm_cat on channels-last parts of one width takes the Triton kernels; layer_norm_cf
+    # the native ones (which layer_norm_cat runs on other parts)
     n = _images(SIDE * SIDE * 2 * C)
     _need(30)
     a, b = (_randn(n, C, SIDE, SIDE, channels_last=True) for _ in range(2))
