@@ -165,6 +165,28 @@ def fusion_check(m: HFFBlock, l: torch.Tensor, g: torch.Tensor, f: torch.Tensor 
 
 
 def fusion_forward(m: HFFBlock, l: torch.Tensor, g: torch.Tensor, f: torch.Tensor | None = None) -> torch.Tensor:
+    """The block, fused. In training (batch-statistics BatchNorms, dense 1x1 convolutions), what
+    it computes, keeps and rebuilds:
+
+    1. the parts W_l(l), W_g(g) (and Updim(f), 2x2-pooled): 1x1 GEMM + BatchNorm (+ ReLU) each
+       (``recompute.linear_batch_norm``); keeps the GEMMs' inputs (l and g cast to bf16 once),
+       not the parts, which backward rebuilds from them;
+    2. x = GELU(BN(W(norm(cat(parts))))): norm1/norm2 over the concatenation, never built, and
+       the projection GEMM (``recompute.norm_cat_linear``), keeping neither the normalised rows
+       nor the GEMM's output; x is never kept either, but rebuilt from the projection
+       BatchNorm's apply;
+    3. the gates: spatial_pool(l) -> 7x7 conv + BatchNorm -> sigmoid, and channel_pool(g) -> SE
+       MLP -> sigmoid (PyTorch ops on small maps);
+    4. norm3 over [g * channel gate, l * spatial gate, x], never written whole
+       (``gated_layer_norm``) and never kept: the IRMLP's conv1 and bn1 rerun it in backward
+       (``recompute.gated_layer_norm_conv2d``);
+    5. the IRMLP (``irmlp_forward``) plus the shortcut (Updim's part, or nothing).
+
+    l and g are handed from reader to reader (1, then 3, then 4), each reader's backward adding
+    its gradient of them to the next one's, so no accumulation pass sums them. In eval mode the
+    BatchNorms fold into their convolutions; other cases run each module as a fused op
+    (``conv_bn_forward``, ``layer_norm_cat``, ``gated_layer_norm``). ``config.Rebuilds`` switches
+    the rebuilds off (``fusion_norm``, ``norm3``, ``irmlp``)."""
     convs = [m.Updim] if f is not None else []
     convs += [m.W_l, m.W_g]
     inputs = ([f] if f is not None else []) + [l, g]
