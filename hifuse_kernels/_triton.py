@@ -310,3 +310,14 @@ if triton is not None:
         """d gelu(y) / dy for fp32 y."""
         cdf = 0.5 * (1.0 + tl.math.erf(y * 0.7071067811865476))
         return cdf + y * tl.exp(-0.5 * y * y) * 0.3989422804014327
+
+    @triton.jit
+    def three_part_norm_grads(ga, gb, gc, ha, hb, hc, rstd, total):
+        """Input gradients of a LayerNorm over rows held as three parts: each part's w * dy
+        (g) and normalised values (h), zero outside the row, and the rows' 1/std; ``total`` the
+        row's length."""
+        mg = (tl.sum(ga, 1) + tl.sum(gb, 1) + tl.sum(gc, 1)) / total
+        mgh = (tl.sum(ga * ha, 1) + tl.sum(gb * hb, 1) + tl.sum(gc * hc, 1)) / total
+        r = rstd[:, None]
+        return (r * (ga - mg[:, None] - ha * mgh[:, None]), r * (gb - mg[:, None] - hb * mgh[:, None]),
+                r * (gc - mg[:, None] - hc * mgh[:, None]))

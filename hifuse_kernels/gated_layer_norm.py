@@ -39,7 +39,7 @@ def gated_layer_norm_ref(g, channel_gate, l, spatial_gate, x, weight, bias, eps:
 
 
 if triton is not None:
-    from ._triton import image_block
+    from ._triton import image_block, three_part_norm_grads
 
     @triton.jit
     def _gated_parts(G, CG, L, SG, X, n, p, c, m, cmask, C):
@@ -127,11 +127,10 @@ if triton is not None:
             ga = dya * tl.load(W + c, mask=cmask, other=0.0).to(tl.float32)[None, :]
             gb = dyb * tl.load(W + C + c, mask=cmask, other=0.0).to(tl.float32)[None, :]
             gx = dyx * tl.load(W + 2 * C + c, mask=cmask, other=0.0).to(tl.float32)[None, :]
-            a = (tl.sum(ga, 1) + tl.sum(gb, 1) + tl.sum(gx, 1)) / (3 * C)
-            b = (tl.sum(ga * ha, 1) + tl.sum(gb * hb, 1) + tl.sum(gx * hx, 1)) / (3 * C)
-            za = tl.where(m, rstd[:, None] * (ga - a[:, None] - ha * b[:, None]), 0.0)
-            zb = tl.where(m, rstd[:, None] * (gb - a[:, None] - hb * b[:, None]), 0.0)
-            zx = tl.where(m, rstd[:, None] * (gx - a[:, None] - hx * b[:, None]), 0.0)
+            za, zb, zx = three_part_norm_grads(ga, gb, gx, ha, hb, hx, rstd, 3 * C)
+            za = tl.where(m, za, 0.0)
+            zb = tl.where(m, zb, 0.0)
+            zx = tl.where(m, zx, 0.0)
             rows = p[:, None] * C + c[None, :]
             tl.store(DG + rows, (za * cg[None, :]).to(DG.dtype.element_ty), mask=m)
             tl.store(DL + rows, (zb * sg[:, None]).to(DL.dtype.element_ty), mask=m)

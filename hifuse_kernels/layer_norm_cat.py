@@ -82,6 +82,7 @@ def unsupported_reason(parts: Sequence[torch.Tensor], weight: torch.Tensor, bias
 # --------------------------------------------------------------------------- Triton rows path
 
 if triton is not None:
+    from ._triton import three_part_norm_grads
 
     @triton.jit
     def _load_parts(A, B, D, offs, m, PARTS: tl.constexpr):
@@ -151,16 +152,12 @@ if triton is not None:
             ga = dya * w_a[None, :]
             gb = dyb * w_b[None, :]
             gd = dyd * w_d[None, :]
-            mg = (tl.sum(ga, 1) + tl.sum(gb, 1) + tl.sum(gd, 1)) / total
-            mgh = (tl.sum(ga * ha, 1) + tl.sum(gb * hb, 1) + tl.sum(gd * hd, 1)) / total
-            tl.store(DA + offs, (rstd[:, None] * (ga - mg[:, None] - ha * mgh[:, None])).to(DA.dtype.element_ty),
-                     mask=m)
+            za, zb, zd = three_part_norm_grads(ga, gb, gd, ha, hb, hd, rstd, total)
+            tl.store(DA + offs, za.to(DA.dtype.element_ty), mask=m)
             if PARTS > 1:
-                tl.store(DB + offs, (rstd[:, None] * (gb - mg[:, None] - hb * mgh[:, None])).to(DB.dtype.element_ty),
-                         mask=m)
+                tl.store(DB + offs, zb.to(DB.dtype.element_ty), mask=m)
             if PARTS > 2:
-                tl.store(DD + offs, (rstd[:, None] * (gd - mg[:, None] - hd * mgh[:, None])).to(DD.dtype.element_ty),
-                         mask=m)
+                tl.store(DD + offs, zd.to(DD.dtype.element_ty), mask=m)
             acc_wa += dya * ha
             acc_wb += dyb * hb
             acc_wd += dyd * hd
