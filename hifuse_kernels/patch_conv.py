@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["patch_conv", "patch_conv_ref", "unsupported_reason"]
+__all__ = ["patch_conv", "patch_conv_ref", "patch_linear", "unsupported_reason"]
 
 
 def patch_conv_ref(x_nhwc: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -74,5 +74,11 @@ def patch_conv(
     patches = x.reshape(b, ho, k, wo, k, c).permute(0, 1, 3, 2, 4, 5)
     if dtype is not None and dtype != patches.dtype:
         patches = patches.to(dtype, memory_format=torch.contiguous_format)
-    patches = patches.reshape(b, ho, wo, k * k * c)
+    return patch_linear(patches.reshape(b, ho, wo, k * k * c), weight, bias)
+
+
+def patch_linear(patches: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The GEMM of ``patch_conv`` on patches already gathered as (B, H/k, W/k, k*k*C), each
+    (kh, kw, C) with C contiguous."""
+    cout, c, k, _ = weight.shape
     return F.linear(patches, weight.permute(0, 2, 3, 1).reshape(cout, k * k * c), bias)

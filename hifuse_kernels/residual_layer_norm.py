@@ -5,7 +5,9 @@ A global block ends with ``out = x + gelu(y)``; the next block starts with
 to bf16. Here one pass over the rows writes ``out`` (the residual stream) and the
 normalised rows directly in the GEMM's dtype: the stream is not read back, and neither
 the fp32 normalised copy nor the cast exists. Without the ``gelu(y)`` prologue the same
-kernel is a LayerNorm that writes the dtype its consumer wants (the first block of a stage).
+kernel is a LayerNorm that writes the dtype its consumer wants (the first block of a stage),
+and can write its rows in the order of a k x k / k patch GEMM's input (the local
+downsamples: no gather copy after it, none of the gradient before its backward).
 
 The normalised values are those of the eager path: the LayerNorm is computed in fp32 on
 the fp32 stream and rounded once, to the dtype autocast would have cast it to.
@@ -58,6 +60,19 @@ if triton is not None:
         return rows, c, cmask, m, rows[:, None] * C + c[None, :]
 
     @triton.jit
+    def _normed_rows(rows, M, H, WIDTH, PATCH: tl.constexpr):
+        """Where row r of the (B, H, W) rows goes in the normalised output, and whether it goes
+        at all: its place in the (B, H/k, W/k, k, k) patches of a k x k / k convolution (k =
+        PATCH), which drops the last rows and columns that fill no window."""
+        w = rows % WIDTH
+        h = (rows // WIDTH) % H
+        b = rows // (WIDTH * H)
+        ho, wo = H // PATCH, WIDTH // PATCH
+        keep = (rows < M) & (h < ho * PATCH) & (w < wo * PATCH)
+        out = ((b * ho + h // PATCH) * wo + w // PATCH) * (PATCH * PATCH) + (h % PATCH) * PATCH + w % PATCH
+        return out, keep
+
+    @triton.jit
     def _stream(Y, S, offs, m, PROLOGUE: tl.constexpr):
         """The residual stream of a tile in fp32: shortcut + gelu(y), or x itself."""
         x = tl.load(S + offs, mask=m, other=0.0).to(tl.float32)
@@ -66,8 +81,8 @@ if triton is not None:
         return x
 
     @triton.jit
-    def _fwd_kernel(Y, S, W, B, OUT, NORMED, MEAN, RSTD, M, C, eps,
-                    PROLOGUE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    def _fwd_kernel(Y, S, W, B, OUT, NORMED, MEAN, RSTD, M, C, H, WIDTH, eps,
+                    PROLOGUE: tl.constexpr, PATCH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
         rows, c, cmask, m, offs = _rows(M, C, BLOCK_M, BLOCK_C)
         x = _stream(Y, S, offs, m, PROLOGUE)
         if PROLOGUE:
@@ -77,13 +92,19 @@ if triton is not None:
         rstd = 1.0 / tl.sqrt(tl.sum(d * d, 1) / C + eps)
         w = tl.load(W + c, mask=cmask, other=0.0).to(tl.float32)
         b = tl.load(B + c, mask=cmask, other=0.0).to(tl.float32)
-        tl.store(NORMED + offs, (d * rstd[:, None] * w[None, :] + b[None, :]).to(NORMED.dtype.element_ty), mask=m)
+        normed = (d * rstd[:, None] * w[None, :] + b[None, :]).to(NORMED.dtype.element_ty)
+        if PATCH == 1:
+            tl.store(NORMED + offs, normed, mask=m)
+        else:
+            out, keep = _normed_rows(rows, M, H, WIDTH, PATCH)
+            tl.store(NORMED + out[:, None] * C + c[None, :], normed, mask=keep[:, None] & cmask[None, :])
         tl.store(MEAN + rows, mean, mask=rows < M)
         tl.store(RSTD + rows, rstd, mask=rows < M)
 
     @triton.jit(do_not_specialize=["PROGRAMS"])
-    def _bwd_kernel(DOUT, DNORMED, Y, S, W, MEAN, RSTD, DY, DS, PART_W, PART_B, M, C, PROGRAMS,
-                    PROLOGUE: tl.constexpr, HAS_DOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    def _bwd_kernel(DOUT, DNORMED, Y, S, W, MEAN, RSTD, DY, DS, PART_W, PART_B, M, C, H, WIDTH, PROGRAMS,
+                    PROLOGUE: tl.constexpr, HAS_DOUT: tl.constexpr, PATCH: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_C: tl.constexpr):
         """On a fixed grid (``_triton.reduction_programs``): each program loops over row tiles
         pid, pid + PROGRAMS, ... and writes one row of weight and bias partials, accumulated
         as tiles and reduced over the rows once at the end (not across the tile per iteration)."""
@@ -98,7 +119,12 @@ if triton is not None:
             mean = tl.load(MEAN + rows, mask=rows < M, other=0.0)
             rstd = tl.load(RSTD + rows, mask=rows < M, other=0.0)
             xhat = tl.where(m, (x - mean[:, None]) * rstd[:, None], 0.0)
-            g = tl.load(DNORMED + offs, mask=m, other=0.0).to(tl.float32)
+            if PATCH == 1:
+                g = tl.load(DNORMED + offs, mask=m, other=0.0).to(tl.float32)
+            else:  # read where the patches put the row; a dropped row's gradient is zero
+                out, keep = _normed_rows(rows, M, H, WIDTH, PATCH)
+                g = tl.load(DNORMED + out[:, None] * C + _c[None, :], mask=keep[:, None] & _cmask[None, :],
+                            other=0.0).to(tl.float32)
             gw = g * tl.load(W + c, mask=cmask, other=0.0).to(tl.float32)[None, :]
             a = tl.sum(gw, 1) / C
             bb = tl.sum(gw * xhat, 1) / C
@@ -121,23 +147,33 @@ def _empty(like: torch.Tensor) -> torch.Tensor:
     return like.new_empty((0,))
 
 
+def _normed_count(m: int, patch: int, height: int, width: int) -> int:
+    """Rows of the normalised output: m, or those that fill a patch window."""
+    if patch == 1:
+        return m
+    return (m // (height * width)) * (height // patch * patch) * (width // patch * patch)
+
+
 @_triton.define_op("hifuse::residual_layer_norm", mutates_args=())
 def _fwd_op(
     y: torch.Tensor | None, shortcut: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
-    norm_dtype: torch.dtype,
+    norm_dtype: torch.dtype, patch: int = 1, height: int = 1, width: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out, normed, mean, rstd). ``patch`` > 1 (no prologue; shortcut (B*height*width, C)
+    rows): normed holds the rows in the order of the (B, height/k, width/k, k, k) patches of a
+    k x k / k convolution (as ``patch_conv`` gathers them), the rows no window takes left out."""
     m, c = shortcut.shape
     prologue = y is not None
     out = _empty(shortcut)
     if prologue:
         out = torch.empty((m, c), device=shortcut.device, dtype=torch.promote_types(y.dtype, shortcut.dtype))
-    normed = torch.empty((m, c), device=shortcut.device, dtype=norm_dtype)
+    normed = torch.empty((_normed_count(m, patch, height, width), c), device=shortcut.device, dtype=norm_dtype)
     mean = torch.empty((m,), device=shortcut.device, dtype=torch.float32)
     rstd = torch.empty_like(mean)
     block_m = _triton.rows_per_program(c)
     _triton.wrap_triton(_fwd_kernel)[(triton.cdiv(m, block_m),)](
-        y if prologue else shortcut, shortcut, weight, bias, out, normed, mean, rstd, m, c, eps,
-        PROLOGUE=prologue, BLOCK_M=block_m, **_triton.row_tile(c, block_m),
+        y if prologue else shortcut, shortcut, weight, bias, out, normed, mean, rstd, m, c, height, width, eps,
+        PROLOGUE=prologue, PATCH=patch, BLOCK_M=block_m, **_triton.row_tile(c, block_m),
     )
     return out, normed, mean, rstd
 
@@ -145,63 +181,66 @@ def _fwd_op(
 @_triton.define_op("hifuse::residual_layer_norm_backward", mutates_args=())
 def _bwd_op(
     grad_out: torch.Tensor | None, grad_normed: torch.Tensor, y: torch.Tensor | None, shortcut: torch.Tensor,
-    weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
+    weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, patch: int = 1, height: int = 1, width: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     m, c = shortcut.shape
     prologue = y is not None
     block_m = _triton.rows_per_program(c, BWD_TILES)
     tile = _triton.row_tile(c, block_m)
-    flags = dict(PROLOGUE=prologue, HAS_DOUT=grad_out is not None, BLOCK_M=block_m, **tile)
+    flags = dict(PROLOGUE=prologue, HAS_DOUT=grad_out is not None, PATCH=patch, BLOCK_M=block_m, **tile)
     dy_dtype = y.dtype if prologue else shortcut.dtype
     programs = _triton.reduction_programs(triton.cdiv(m, block_m), 1, shortcut.device, kernel=_bwd_kernel, launch=flags,
                                           args=(grad_normed if grad_out is None else grad_out, grad_normed,
                                                 y if prologue else shortcut, shortcut, weight, mean, rstd, dy_dtype,
-                                                shortcut.dtype, torch.float32, torch.float32, m, c, 2))
+                                                shortcut.dtype, torch.float32, torch.float32, m, c, height, width, 2))
     ds = torch.empty_like(shortcut)
     dy = torch.empty_like(y) if prologue else _empty(shortcut)
     part_w = torch.empty((programs, c), device=shortcut.device, dtype=torch.float32)
     part_b = torch.empty_like(part_w)
     _triton.wrap_triton(_bwd_kernel)[(programs,)](
         grad_normed if grad_out is None else grad_out, grad_normed, y if prologue else shortcut, shortcut, weight,
-        mean, rstd, dy, ds, part_w, part_b, m, c, programs,
+        mean, rstd, dy, ds, part_w, part_b, m, c, height, width, programs,
         **flags,
     )
     return dy, ds, part_w.sum(0).to(weight.dtype), part_b.sum(0).to(weight.dtype)
 
 
 @_fwd_op.register_fake
-def _(y, shortcut, weight, bias, eps, norm_dtype):
+def _(y, shortcut, weight, bias, eps, norm_dtype, patch=1, height=1, width=1):
     m, c = shortcut.shape
     out = _empty(shortcut) if y is None else shortcut.new_empty((m, c), dtype=torch.promote_types(y.dtype, shortcut.dtype))
     stat = shortcut.new_empty((m,), dtype=torch.float32)
-    return out, shortcut.new_empty((m, c), dtype=norm_dtype), stat, torch.empty_like(stat)
+    normed = shortcut.new_empty((_normed_count(m, patch, height, width), c), dtype=norm_dtype)
+    return out, normed, stat, torch.empty_like(stat)
 
 
 @_bwd_op.register_fake
-def _(grad_out, grad_normed, y, shortcut, weight, mean, rstd):
+def _(grad_out, grad_normed, y, shortcut, weight, mean, rstd, patch=1, height=1, width=1):
     dy = torch.empty_like(y) if y is not None else _empty(shortcut)
     return dy, torch.empty_like(shortcut), torch.empty_like(weight), torch.empty_like(weight)
 
 
 def _setup_context(ctx, inputs, output):
-    y, shortcut, weight, _bias, _eps, _norm_dtype = inputs
+    y, shortcut, weight, _bias, _eps, _norm_dtype, *geometry = inputs
     _out, normed, mean, rstd = output
     ctx.save_for_backward(y, shortcut, weight, mean, rstd)
     ctx.has_y = y is not None
-    ctx.normed_dtype = normed.dtype
+    ctx.normed = (normed.shape, normed.dtype)
+    ctx.geometry = tuple(geometry)
     ctx.set_materialize_grads(False)  # no zero-filled gradients for the statistics
 
 
 def _backward(ctx, grad_out, grad_normed, _gm, _gr):
     y, shortcut, weight, mean, rstd = ctx.saved_tensors
     if grad_normed is None:
-        grad_normed = torch.zeros(shortcut.shape, device=shortcut.device, dtype=ctx.normed_dtype)
+        grad_normed = torch.zeros(ctx.normed[0], device=shortcut.device, dtype=ctx.normed[1])
     if not ctx.has_y:
         grad_out = None
     dy, ds, dw, db = torch.ops.hifuse.residual_layer_norm_backward(
-        None if grad_out is None else grad_out.contiguous(), grad_normed.contiguous(), y, shortcut, weight, mean, rstd
+        None if grad_out is None else grad_out.contiguous(), grad_normed.contiguous(), y, shortcut, weight, mean, rstd,
+        *ctx.geometry,
     )
-    return (dy if ctx.has_y else None), ds, dw, db, None, None
+    return (dy if ctx.has_y else None), ds, dw, db, None, None, *[None] * len(ctx.geometry)
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -250,14 +289,23 @@ def gelu_residual_layer_norm(
 
 
 def layer_norm_to(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, dtype: torch.dtype, check: bool = True
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, dtype: torch.dtype, check: bool = True,
+    patch: int = 1,
 ) -> torch.Tensor:
     """``F.layer_norm`` over the last dim, computed in fp32 and written in ``dtype`` (``check``:
-    as in ``gelu_residual_layer_norm``)."""
+    as in ``gelu_residual_layer_norm``). ``patch`` k > 1: x is (B, H, W, C) and the result
+    comes as the (B, H/k, W/k, k*k*C) patches a k x k / k convolution reads (``patch_conv``'s
+    gather, never written apart)."""
     if check:
         _check(x, weight)
+        if patch > 1 and (x.dim() != 4 or x.shape[1] < patch or x.shape[2] < patch):
+            raise ValueError(f"residual_layer_norm: patches of {patch} need (B, H, W, C) x of at least that size")
     c = x.shape[-1]
+    geometry = () if patch == 1 else (int(patch), int(x.shape[1]), int(x.shape[2]))
     _out, normed, _mean, _rstd = torch.ops.hifuse.residual_layer_norm(
-        None, x.reshape(-1, c).contiguous(), weight, bias, float(eps), dtype
+        None, x.reshape(-1, c).contiguous(), weight, bias, float(eps), dtype, *geometry
     )
-    return normed.view(x.shape)
+    if patch == 1:
+        return normed.view(x.shape)
+    b, h, w, _ = x.shape
+    return normed.view(b, h // patch, w // patch, patch * patch * c)

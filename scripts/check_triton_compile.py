@@ -169,12 +169,13 @@ def cases(dtype: str):
             dict(BLOCK_C=bna.BLOCK_C, WARPS=bna.COMBINE_WARPS, UPDATE=update)
     for c in (96, 192, 384, 768):  # fp32 residual stream, dt GEMM output and normalised rows (autocast)
         rows = row_launch(c, 1, "BLOCK_M")
-        for prologue in (False, True):
+        for prologue, patch in ((False, 1), (True, 1), (False, 2)):  # patch 2: the local downsamples' order
             yield rln._fwd_kernel, dict(Y="dt", S=f32, W=f32, B=f32, OUT=f32, NORMED="dt", MEAN=f32, RSTD=f32), \
-                {**rows, "PROLOGUE": prologue}
+                {**rows, "PROLOGUE": prologue, "PATCH": patch}
             yield rln._bwd_kernel, dict(DOUT=f32, DNORMED="dt", Y="dt", S=f32, W=f32, MEAN=f32, RSTD=f32, DY="dt",
                                         DS=f32, PART_W=f32, PART_B=f32), \
-                {**row_launch(c, rln.BWD_TILES, "BLOCK_M"), "PROLOGUE": prologue, "HAS_DOUT": prologue}
+                {**row_launch(c, rln.BWD_TILES, "BLOCK_M"), "PROLOGUE": prologue, "HAS_DOUT": prologue,
+                 "PATCH": patch}
     # the stems: a 4x4x3 patch, 96 channels; the image fp32, the GEMM in the activation dtype
     stem = dict(GEMM=getattr(tl, {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[dtype]), KSIZE=4,
                 UPCAST=False, BLOCK_M=pcn.BLOCK_M, BLOCK_K=64, BLOCK_N=128, WARPS=pcn.WARPS)

@@ -144,19 +144,17 @@ def _stem_layer():
     # local_down1 under bf16 autocast: (1, 96, 8, 8) f32 channels-last; LayerNorm 96, conv 96 -> 192, 2x2/2
     x, vec, w, bias = 96 * 64 * F32, 96 * F32, 192 * 96 * 4 * F32, 192 * F32
     rows = 64 * 96 * BF16
-    norm = x + 2 * vec + rows + 2 * 64 * F32  # LayerNorm written in bf16 for the GEMM, mean, rstd
-    gather = 2 * rows  # the 2x2 patches copied together
+    norm = x + 2 * vec + rows + 2 * 64 * F32  # LayerNorm written in bf16 for the GEMM, as its 2x2 patches; mean, rstd
     weight = 2 * w + (w + w // 2) + (bias + bias // 2)  # weight laid out (C_out, 2*2*C_in), then both cast
     out = 16 * 192 * BF16
     gemm = bias // 2 + rows + w // 2 + out  # one addmm over the 16 patches, bias included
-    forward = norm + gather + weight + gemm
+    forward = norm + weight + gemm
     d_bias = (out + bias // 2) + (bias // 2 + bias)  # sum, cast to f32
     d_gemm = 2 * (out + w // 2 + rows) + (w // 2 + w)  # input and weight gradients, weight's cast to f32
-    d_gather = 2 * rows  # back to token order
     # LayerNorm backward: 2 programs; grad, x, weight, mean, rstd in; dx and partials out; 2 sums
     d_norm = rows + x + vec + 2 * 64 * F32 + x + 2 * 2 * vec + 2 * (2 * vec + vec)
     least = 2 * (x + 2 * vec + w + bias) + 2 * out
-    return 15, forward + d_bias + d_gemm + d_gather + d_norm, least
+    return 13, forward + d_bias + d_gemm + d_norm, least  # the LayerNorm backward reads its gradient as patches
 
 
 def _window_attention():

@@ -66,6 +66,27 @@ def test_layer_norm_to(dtype):
         torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("shape, k", [((2, 6, 4, 24), 2), ((1, 7, 5, 96), 2), ((2, 9, 8, 16), 4)])
+def test_layer_norm_to_patches(shape, k):
+    """``patch``: the rows written as a k x k / k convolution's patches (odd sides dropped, as
+    the convolution drops them; their rows' gradients zero), the same values as the LayerNorm
+    followed by ``patch_conv``'s gather."""
+    g = torch.Generator().manual_seed(3)
+    b, h, w, c = shape
+    x = torch.randn(shape, generator=g).to(DEVICE).requires_grad_()
+    lw = (1 + 0.1 * torch.randn(c, generator=g)).to(DEVICE).requires_grad_()
+    lb = (0.1 * torch.randn(c, generator=g)).to(DEVICE).requires_grad_()
+    got = layer_norm_to(x, lw, lb, 1e-5, torch.float32, patch=k)
+    ho, wo = h // k, w // k
+    full = F.layer_norm(x, (c,), lw, lb, 1e-5)[:, : ho * k, : wo * k]
+    ref = full.reshape(b, ho, k, wo, k, c).permute(0, 1, 3, 2, 4, 5).reshape(b, ho, wo, k * k * c)
+    assert got.shape == ref.shape
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    grad = torch.randn(ref.shape, generator=g).to(DEVICE)
+    for a, r in zip(torch.autograd.grad(got, (x, lw, lb), grad), torch.autograd.grad(ref, (x, lw, lb), grad)):
+        torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-4)
+
+
 def test_backward_is_deterministic():
     y, s, w, b = _inputs((4, 49, 96))
     grads = (torch.randn(4, 49, 96, device=DEVICE), torch.randn(4, 49, 96, device=DEVICE))

@@ -56,15 +56,17 @@ def downsample_forward(m: LocalDownsample, x: torch.Tensor) -> torch.Tensor:
     """Channels-last: the LayerNorm is a last-dim LayerNorm and the convolution one GEMM over
     gathered patches; the result is an NCHW-shaped view of channels-last memory, which the
     local blocks take without copies. Under autocast the LayerNorm before the GEMM writes
-    the GEMM's dtype, so the gather moves half the bytes and no cast pass follows."""
+    the GEMM's dtype, in the patches' order: no gather copy and no cast pass follow it (nor
+    precede its backward)."""
     nhwc = x.permute(0, 2, 3, 1)
     norm = m.norm
     if m.norm_first:
         gemm_dtype = autocast_dtype(x)
-        if gemm_dtype is None:
-            nhwc = F.layer_norm(nhwc, (norm.dim,), norm.weight, norm.bias, norm.eps)
-        else:
-            nhwc = layer_norm_for_gemm(nhwc, norm, gemm_dtype)
+        if gemm_dtype is not None:
+            k = m.conv.kernel_size[0]
+            return patch_conv.patch_linear(layer_norm_for_gemm(nhwc, norm, gemm_dtype, patch=k), m.conv.weight,
+                                           m.conv.bias).permute(0, 3, 1, 2)
+        nhwc = F.layer_norm(nhwc, (norm.dim,), norm.weight, norm.bias, norm.eps)
     if not m.norm_first:  # the stem; its channels-first LayerNorm formula writes float32 under autocast
         out_dtype = None if autocast_dtype(x) is None else torch.promote_types(torch.float32, norm.weight.dtype)
         return stem_conv_norm(nhwc, m.conv.weight, m.conv.bias, norm, out_dtype).permute(0, 3, 1, 2)
