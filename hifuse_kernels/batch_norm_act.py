@@ -307,16 +307,25 @@ def _tile_problem(config: dict) -> str | None:
     return _configs.power_of_two_problem(config, "BLOCK_M", "BLOCK_C", high=1024)
 
 
+def device_tile(block_m: int, c: int) -> dict:
+    """The GPU's tile over c channels: ``block_m`` rows x BLOCK_C channels, or where c is
+    narrower (the spatial gate's BatchNorm has one channel) a channel block that fits c and as
+    many more rows, up to 1024, so masked lanes do not make up the tile."""
+    block_c = min(BLOCK_C, _triton.next_power_of_2(c))
+    return dict(BLOCK_M=min(1024, block_m * (BLOCK_C // block_c)), BLOCK_C=block_c)
+
+
 def _launch(name: str, rows: int, y: torch.Tensor, residual: torch.Tensor | None, pool: bool,
             block_m: int = BLOCK_M) -> dict:
     """BLOCK_M, BLOCK_C and num_warps of launch ``name`` over ``rows`` rows: the GPU's tile of
-    ``block_m`` rows, or the launch table's for this device and shape, or a wide one."""
+    ``block_m`` rows (``device_tile``), or the launch table's for this device and shape, or a
+    wide one."""
     c = y.shape[1]
     if _triton.wide():
         block_c = _triton.block_channels(c)
         return dict(BLOCK_M=min(_triton.next_power_of_2(rows), _triton.wide_rows(block_c)), BLOCK_C=block_c,
                     num_warps=WARPS)
-    default = dict(BLOCK_M=block_m, BLOCK_C=BLOCK_C, num_warps=WARPS)
+    default = dict(**device_tile(block_m, c), num_warps=WARPS)
     return _configs.launch_config(f"batch_norm_act.{name}", _shape_class(y, residual, pool), default, y.device,
                                   _tile_problem)
 

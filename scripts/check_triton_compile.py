@@ -144,29 +144,35 @@ def cases(dtype: str):
                 {**gemm(gl.bwd_launch(1 << 20, n, dt)), **ce}
     yield gr._fwd_kernel, dict(Y="dt", S=f32, OUT=f32), dict(BLOCK=gr.BLOCK)
     yield gr._bwd_kernel, dict(G="dt", Y="dt", DY="dt"), dict(BLOCK=gr.BLOCK)
-    tile = dict(BLOCK_M=bna.BLOCK_M, BLOCK_C=bna.BLOCK_C, WARPS=bna.WARPS)
-    for prologue in (False, True):  # with the prologue: bf16 conv output, fp32 residual stream
-        io = dict(Y="dt", R=f32 if prologue else "dt")
-        yield bna._stats_kernel, dict(**io, MEAN_PART="fp64", M2_PART="fp64", COUNT_PART="fp64"), \
-            {**tile, "PROLOGUE": prologue}
-        for act in (0, 1, 2):
-            flags = {**tile, "PROLOGUE": prologue, "ACT": act}
-            out = "dt"  # with the prologue too: the IRMLP's bn1 writes conv2's GEMM dtype
-            yield bna._apply_kernel, dict(**io, MEAN=f32, INVSTD=f32, W=f32, B=f32, OUT=out), flags
-            yield bna._apply_pool_kernel, dict(**io, MEAN=f32, INVSTD=f32, W=f32, B=f32, OUT=out), \
-                {**flags, "BLOCK_M": bna.POOL_BLOCK_M}
-            for pool in (False, True):
-                bwd = {**flags, "POOL": pool, "BLOCK_M": bna.BWD_BLOCK_M}
-                yield bna._bwd_reduce_kernel, dict(G=out, **io, MEAN=f32, INVSTD=f32, W=f32, B=f32,
-                                                   SUM_DZ_PART="fp64", SUM_DZXH_PART="fp64"), bwd
-                yield bna._bwd_apply_kernel, dict(G=out, **io, MEAN=f32, INVSTD=f32, W=f32, B=f32, SUM_DZ=f32,
-                                                  SUM_DZXH=f32, DY="dt", DR=io["R"]), bwd
-    yield bna._bwd_sums_kernel, dict(SUM_DZ_PART="fp64", SUM_DZXH_PART="fp64", SUM_DZ=f32, SUM_DZXH=f32, DW=f32,
-                                     DB=f32), dict(BLOCK_C=bna.BLOCK_C, WARPS=bna.COMBINE_WARPS)
-    for update in (False, True):
-        yield bna._stats_combine_kernel, dict(MEAN_PART="fp64", M2_PART="fp64", COUNT_PART="fp64", MEAN=f32,
-                                              INVSTD=f32, VAR=f32, RUN_MEAN=f32, RUN_VAR=f32, NBT="i64"), \
-            dict(BLOCK_C=bna.BLOCK_C, WARPS=bna.COMBINE_WARPS, UPDATE=update)
+    for c in (64, 1):  # every 1x1 convolution's BatchNorm, and the spatial gate's one channel
+        def tile(block_m, c=c):
+            return {**bna.device_tile(block_m, c), "WARPS": bna.WARPS}
+
+        for prologue in (False, True) if c > 1 else (False,):  # prologue: bf16 conv output, fp32 stream
+            io = dict(Y="dt", R=f32 if prologue else "dt")
+            yield bna._stats_kernel, dict(**io, MEAN_PART="fp64", M2_PART="fp64", COUNT_PART="fp64"), \
+                {**tile(bna.BLOCK_M), "PROLOGUE": prologue}
+            for act in (0, 1, 2):
+                flags = {"PROLOGUE": prologue, "ACT": act}
+                out = "dt"  # with the prologue too: the IRMLP's bn1 writes conv2's GEMM dtype
+                yield bna._apply_kernel, dict(**io, MEAN=f32, INVSTD=f32, W=f32, B=f32, OUT=out), \
+                    {**tile(bna.BLOCK_M), **flags}
+                if c > 1:  # only Updim's BatchNorm pools
+                    yield bna._apply_pool_kernel, dict(**io, MEAN=f32, INVSTD=f32, W=f32, B=f32, OUT=out), \
+                        {**tile(bna.POOL_BLOCK_M), **flags}
+                for pool in (False, True) if c > 1 else (False,):
+                    bwd = {**tile(bna.BWD_BLOCK_M), **flags, "POOL": pool}
+                    yield bna._bwd_reduce_kernel, dict(G=out, **io, MEAN=f32, INVSTD=f32, W=f32, B=f32,
+                                                       SUM_DZ_PART="fp64", SUM_DZXH_PART="fp64"), bwd
+                    yield bna._bwd_apply_kernel, dict(G=out, **io, MEAN=f32, INVSTD=f32, W=f32, B=f32, SUM_DZ=f32,
+                                                      SUM_DZXH=f32, DY="dt", DR=io["R"]), bwd
+    for block_c in (bna.BLOCK_C, 1):  # the combining kernels take the channel block of the passes
+        yield bna._bwd_sums_kernel, dict(SUM_DZ_PART="fp64", SUM_DZXH_PART="fp64", SUM_DZ=f32, SUM_DZXH=f32, DW=f32,
+                                         DB=f32), dict(BLOCK_C=block_c, WARPS=bna.COMBINE_WARPS)
+        for update in (False, True):
+            yield bna._stats_combine_kernel, dict(MEAN_PART="fp64", M2_PART="fp64", COUNT_PART="fp64", MEAN=f32,
+                                                  INVSTD=f32, VAR=f32, RUN_MEAN=f32, RUN_VAR=f32, NBT="i64"), \
+                dict(BLOCK_C=block_c, WARPS=bna.COMBINE_WARPS, UPDATE=update)
     for c in (96, 192, 384, 768):  # fp32 residual stream, dt GEMM output and normalised rows (autocast)
         rows = row_launch(c, 1, "BLOCK_M")
         for prologue, patch in ((False, 1), (True, 1), (False, 2)):  # patch 2: the local downsamples' order
