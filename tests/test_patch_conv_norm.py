@@ -68,6 +68,19 @@ def test_float32_reference_formula():
     torch.testing.assert_close(out, patch_conv_norm_ref(x, weight, bb, lw, lb, 1e-6), rtol=5e-2, atol=5e-2)
 
 
+def test_fp16_gemm_rounds_as_eager():
+    # the GEMM in fp16 (autocast's other dtype), its output rounded to fp16 before a float32 LayerNorm
+    x = torch.randn(2, 8, 12, 3).to(DEVICE)
+    weight, bb, lw, lb = _params(32, 3, 4)
+    out = patch_conv_norm(x, weight, bb, lw, lb, 1e-6, torch.float16, torch.float32)
+    ref = _ref(x, weight, bb, lw, lb, 1e-6, torch.float16)
+    torch.testing.assert_close(out, ref, rtol=5e-3, atol=5e-3)
+    grad = torch.randn_like(ref)
+    for a, r in zip(torch.autograd.grad(out, (weight, bb, lw, lb), grad),
+                    torch.autograd.grad(ref, (weight, bb, lw, lb), grad)):
+        torch.testing.assert_close(a, r, rtol=5e-3, atol=5e-3 * r.abs().max().item())
+
+
 def test_unsupported():
     x = torch.randn(1, 8, 8, 3, device=DEVICE)
     weight, bb, lw, lb = _params(24, 3, 4)
