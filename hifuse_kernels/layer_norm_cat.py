@@ -271,9 +271,7 @@ def rows_path(parts: Sequence[torch.Tensor], weight: torch.Tensor, bias: torch.T
                 or not t.is_contiguous(memory_format=torch.channels_last)):
             return False
     total = len(parts) * first.shape[1]
-    if weight.shape != (total,) or bias.shape != (total,) or weight.dtype not in ROWS_DTYPES:
-        return False
-    if bias.dtype not in ROWS_DTYPES:
+    if weight.shape != (total,) or bias.shape != (total,) or not {weight.dtype, bias.dtype} <= set(ROWS_DTYPES):
         return False
     return _triton.unsupported_reason(*parts, weight, bias) is None
 

@@ -68,9 +68,13 @@ def autocast_dtype(t: torch.Tensor) -> torch.dtype | None:
 CUDA_LIKE_DEVICES = {"cuda"}
 
 
-def autocast_norm_dtype(t: torch.Tensor) -> torch.dtype:
-    """The dtype of ``F.layer_norm(t, ...)`` under autocast on t's device."""
-    return torch.float32 if t.device.type in CUDA_LIKE_DEVICES else t.dtype
+def autocast_norm_dtype(t: torch.Tensor) -> torch.dtype | None:
+    """The dtype ``F.layer_norm`` writes under autocast for a GEMM output made from t (on t's
+    device, in autocast's GEMM dtype), or None outside autocast."""
+    gemm = autocast_dtype(t)
+    if gemm is None:
+        return None
+    return torch.float32 if t.device.type in CUDA_LIKE_DEVICES else gemm
 
 
 def capturing() -> bool:

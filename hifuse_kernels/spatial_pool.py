@@ -64,7 +64,8 @@ if triton is not None:
     def _spatial_pool_bwd_kernel(L, D_OUT, ACC, DL, P, S, C, HAS_ACC: tl.constexpr, BLOCK_P: tl.constexpr,
                                  BLOCK_C: tl.constexpr):
         p, c, pmask, cmask, m = _rows(P, C, BLOCK_P, BLOCK_C)
-        v = tl.load(L + p[:, None] * C + c[None, :], mask=m, other=0.0).to(tl.float32)
+        offs = p[:, None] * C + c[None, :]
+        v = tl.load(L + offs, mask=m, other=0.0).to(tl.float32)
         best = _max_nan(v, m)
         hit = (v == best[:, None]) & m
         ties = tl.sum(hit.to(tl.float32), 1)
@@ -75,8 +76,8 @@ if triton is not None:
         share = tl.where(best != best, float("nan"), d_max / tl.maximum(ties, 1.0))
         dl = tl.where(hit | (best != best)[:, None], share[:, None], 0.0) + (d_mean / C)[:, None]
         if HAS_ACC:  # l's gradient from its later readers
-            dl += tl.load(ACC + p[:, None] * C + c[None, :], mask=m, other=0.0).to(tl.float32)
-        tl.store(DL + p[:, None] * C + c[None, :], dl.to(DL.dtype.element_ty), mask=m)
+            dl += tl.load(ACC + offs, mask=m, other=0.0).to(tl.float32)
+        tl.store(DL + offs, dl.to(DL.dtype.element_ty), mask=m)
 
 
 # --------------------------------------------------------------------------- ops

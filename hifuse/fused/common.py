@@ -11,7 +11,7 @@ from torch import nn
 from hifuse_kernels import gelu_residual as gr
 from hifuse_kernels import patch_conv
 from hifuse_kernels import patch_conv_norm as pcn
-from hifuse_kernels.reference import CUDA_LIKE_DEVICES, autocast_dtype, autocast_norm_dtype, capturing  # noqa: F401 - autocast_dtype for the fused forwards
+from hifuse_kernels.reference import autocast_dtype, autocast_norm_dtype, capturing  # noqa: F401 - for the fused forwards
 from hifuse_kernels import residual_layer_norm as rln
 
 

@@ -24,9 +24,7 @@ def patch_embed_check(m: PatchEmbed, x: torch.Tensor) -> str | None:
 def patch_embed_forward(m: PatchEmbed, x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
     """One GEMM over gathered patches writes the tokens: no conv output to transpose."""
     if type(m.norm) is torch.nn.LayerNorm:
-        gemm = autocast_dtype(x)
-        out_dtype = None if gemm is None else autocast_norm_dtype(x.new_empty(0, dtype=gemm))
-        y = stem_conv_norm(x.permute(0, 2, 3, 1), m.proj.weight, m.proj.bias, m.norm, out_dtype)
+        y = stem_conv_norm(x.permute(0, 2, 3, 1), m.proj.weight, m.proj.bias, m.norm, autocast_norm_dtype(x))
         b, h, w, c = y.shape
         return y.reshape(b, h * w, c), h, w
     y = patch_conv.patch_conv(x.permute(0, 2, 3, 1), m.proj.weight, m.proj.bias, check=False, dtype=autocast_dtype(x))

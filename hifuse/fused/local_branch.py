@@ -60,18 +60,15 @@ def downsample_forward(m: LocalDownsample, x: torch.Tensor) -> torch.Tensor:
     precede its backward)."""
     nhwc = x.permute(0, 2, 3, 1)
     norm = m.norm
-    if m.norm_first:
-        gemm_dtype = autocast_dtype(x)
-        if gemm_dtype is not None:
-            k = m.conv.kernel_size[0]
-            return patch_conv.patch_linear(layer_norm_for_gemm(nhwc, norm, gemm_dtype, patch=k), m.conv.weight,
-                                           m.conv.bias).permute(0, 3, 1, 2)
-        nhwc = F.layer_norm(nhwc, (norm.dim,), norm.weight, norm.bias, norm.eps)
+    gemm_dtype = autocast_dtype(x)
     if not m.norm_first:  # the stem; its channels-first LayerNorm formula writes float32 under autocast
-        out_dtype = None if autocast_dtype(x) is None else torch.promote_types(torch.float32, norm.weight.dtype)
+        out_dtype = None if gemm_dtype is None else torch.promote_types(torch.float32, norm.weight.dtype)
         return stem_conv_norm(nhwc, m.conv.weight, m.conv.bias, norm, out_dtype).permute(0, 3, 1, 2)
-    y = patch_conv.patch_conv(nhwc, m.conv.weight, m.conv.bias, check=False, dtype=autocast_dtype(x))
-    return y.permute(0, 3, 1, 2)
+    if gemm_dtype is not None:
+        patches = layer_norm_for_gemm(nhwc, norm, gemm_dtype, patch=m.conv.kernel_size[0])
+        return patch_conv.patch_linear(patches, m.conv.weight, m.conv.bias).permute(0, 3, 1, 2)
+    nhwc = F.layer_norm(nhwc, (norm.dim,), norm.weight, norm.bias, norm.eps)
+    return patch_conv.patch_conv(nhwc, m.conv.weight, m.conv.bias, check=False).permute(0, 3, 1, 2)
 
 
 def layer_norm_cf_check(m: LayerNormCF, x: torch.Tensor) -> str | None:
