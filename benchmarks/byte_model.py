@@ -61,10 +61,10 @@ class Ledger:
     hifuse_ops: int = 0
     aten_ops: int = 0  # aten calls at dispatch, launching or not (host work)
 
-    def add(self, kind: str, where: str, name: str, nbytes: int) -> None:
-        self.launches[kind, where] += 1
+    def add(self, kind: str, where: str, name: str, nbytes: int, launches: int = 1) -> None:
+        self.launches[kind, where] += launches
         self.bytes[kind, where] += nbytes
-        self.names[kind, name] += 1
+        self.names[kind, name] += launches
         self.name_bytes[kind, name] += nbytes
 
     def total(self, what: str, kind: str | None = None, where: str | None = None) -> int:
@@ -131,6 +131,13 @@ class CountOps(TorchDispatchMode):
         moved = nbytes(tensors([args, kwargs])) + nbytes(tensors([out]))
         if moved == 0:  # no element: ATen launches nothing (a zero gradient of an empty output)
             return out
+        if name == "_foreach_copy_":  # the batched weight casts: glue, in multi-tensor launches
+            launches = multi_tensor_launches(args[0])
+            self.ledger.add("glue", self.where(), name, moved, launches)
+            if any(d.dtype != s.dtype for d, s in zip(args[0], args[1])):
+                self.ledger.casts[0] += launches
+                self.ledger.casts[1] += moved
+            return out
         kind = ("gemm" if name in GEMM_OPS else "optimizer" if "adam" in name or name.startswith("_foreach")
                 else "glue")
         self.ledger.add(kind, self.where(), name, moved)
@@ -138,6 +145,28 @@ class CountOps(TorchDispatchMode):
             self.ledger.casts[0] += 1
             self.ledger.casts[1] += moved
         return out
+
+
+def multi_tensor_launches(tensors, depth: int = 2) -> int:
+    """Kernels ATen's multi-tensor apply launches over these tensors (``depth`` lists): one
+    each time a launch's tensor slots or blocks of 65536 elements fill up (110/64/48/36/30
+    tensors for 1-5 lists, 320 blocks), as in ``MultiTensorApply.cuh``."""
+    max_tensors, max_blocks, chunk = (110, 64, 48, 36, 30)[depth - 1], 320, 65536
+    launches = slots = blocks = 0
+    for t in tensors:
+        n = t.numel()
+        if n == 0:
+            continue
+        slots += 1
+        chunks = -(-n // chunk)
+        for c in range(chunks):
+            blocks += 1
+            last = c == chunks - 1
+            if blocks == max_blocks or (last and slots == max_tensors):
+                launches += 1
+                blocks = 0
+                slots = 0 if last else 1  # a tensor cut mid-way starts the next launch
+    return launches + (1 if blocks else 0)
 
 
 def _is_view(func) -> bool:

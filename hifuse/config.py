@@ -300,6 +300,23 @@ def prepare(model) -> None:
             fn(model)
 
 
+_scope: list[Callable] = []
+
+
+def register_scope(fn: Callable) -> None:
+    """``fn(model, x)``, a context manager, wraps each forward of a HiFuse model on images x
+    while a fused part is on (see ``forward_scope``)."""
+    _scope[:] = [fn]
+
+
+def forward_scope(model, x):
+    """What the fused-execution layer holds for one forward of ``model`` (the weight casts its
+    GEMMs share); nothing when every part is off, or under torch.compile."""
+    if _scope and not torch.compiler.is_compiling() and any(getattr(fused_parts(), p) for p in FusedParts.names()):
+        return _scope[0](model, x)
+    return contextlib.nullcontext()
+
+
 def register(cls: type, part: str, check: Callable[..., str | None], forward: Callable) -> None:
     """Route ``cls``'s forward to ``forward`` when ``part`` is on and ``check`` finds nothing."""
     if part not in FusedParts.names():

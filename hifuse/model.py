@@ -563,8 +563,11 @@ class HiFuse(nn.Module):
         if x.dim() != 4:
             raise ValueError(f"HiFuse expects (B, C, H, W) images, got shape {tuple(x.shape)}")
         check_input_size(x.shape[-2], x.shape[-1])
-        ckpt = self.grad_checkpointing and torch.is_grad_enabled()
+        with config.forward_scope(self, x):
+            return self._features(x)
 
+    def _features(self, x: torch.Tensor) -> torch.Tensor:
+        ckpt = self.grad_checkpointing and torch.is_grad_enabled()
         tokens, h, w = self.patch_embed(x)
         globals_ = []
         for stage in self.global_stages:  # stages checkpoint their own blocks

@@ -50,6 +50,7 @@ from . import batch_norm_act as bna  # noqa: F401 - registers hifuse::batch_norm
 from . import dwconv_layer_norm as dln  # noqa: F401 - registers hifuse::dwconv_layer_norm
 from . import gated_layer_norm as gln
 from . import layer_norm_cat as lnc
+from . import weight_casts
 from .reference import CUDA_LIKE_DEVICES, autocast_dtype
 
 __all__ = ["BatchNormApply", "DwconvLayerNorm", "GatedLayerNorm", "GatedLayerNormRows", "LayerNormCat",
@@ -204,7 +205,7 @@ def cast_for_gemm(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.
     """weight and bias as a GEMM under autocast takes them (cast once, to be saved for backward)."""
     if dtype is None or weight.dtype == dtype:
         return weight, bias
-    return weight.to(dtype), (None if bias is None else bias.to(dtype))
+    return weight_casts.cast(weight, dtype), (None if bias is None else weight_casts.cast(bias, dtype))
 
 
 def mm_to(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

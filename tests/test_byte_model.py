@@ -228,3 +228,18 @@ def test_eager_has_the_same_least_bytes(counted, node):
     fused, eager = counted[node], counted[_eager(node)]
     assert eager["bytes_min"] == fused["bytes_min"]
     assert eager["bytes_moved"] > fused["bytes_min"]
+
+
+def test_multi_tensor_launches():
+    """ATen's multi-tensor apply (the batched weight casts): a launch per 64 tensors or 320
+    blocks of 65536 elements for two lists, a tensor cut at a full launch going on in the next."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import torch
+    from byte_model import multi_tensor_launches
+
+    small = [torch.empty(10)] * 65
+    assert multi_tensor_launches(small) == 2
+    assert multi_tensor_launches(small[:64]) == 1
+    assert multi_tensor_launches([torch.empty(320 * 65536 + 1)]) == 2
+    assert multi_tensor_launches([torch.empty(0), torch.empty(1)]) == 1
+    assert multi_tensor_launches(small[:110], depth=1) == 1

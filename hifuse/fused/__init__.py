@@ -8,8 +8,13 @@ only; nothing here changes a module's parameters, names or state_dict.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
+
+from hifuse_kernels import weight_casts
+from hifuse_kernels.reference import autocast_dtype
 
 from .. import config
 from ..model import IRMLP, ConvBN, GlobalBlock
@@ -38,3 +43,15 @@ def prepare(model: nn.Module) -> nn.Module:
 
 
 config.register_prepare(prepare)
+
+
+def forward_scope(model: nn.Module, x: torch.Tensor):
+    """Under autocast, the weights the fused GEMMs cast are cast together once per forward
+    (``hifuse_kernels.weight_casts``)."""
+    dtype = autocast_dtype(x)
+    if dtype is None:
+        return contextlib.nullcontext()
+    return weight_casts.batch(model, dtype)
+
+
+config.register_scope(forward_scope)
