@@ -48,7 +48,9 @@ GEMM_OPS = {"mm", "addmm", "bmm", "baddbmm", "convolution", "convolution_backwar
 NO_LAUNCH_OPS = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "detach", "alias",
                  "lift_fresh", "set_", "resize_", "_reshape_alias", "_unsafe_view", "view", "as_strided",
                  "is_same_size", "_has_compatible_shallow_copy_type", "sym_size", "sym_stride", "sym_numel",
-                 "sym_storage_offset", "size", "stride", "dim", "is_contiguous", "_local_scalar_dense"}
+                 "sym_storage_offset", "size", "stride", "dim", "is_contiguous", "_local_scalar_dense",
+                 # in-place views (a vector-matrix product squeezes its result): metadata only
+                 "squeeze_", "unsqueeze_", "t_", "transpose_", "as_strided_"}
 
 
 @dataclass

@@ -4,7 +4,7 @@ The eager fusion block pools g twice (adaptive average and max pooling) before t
 SE MLP. Here one pass over channels-last g (N, S, C) gives both, with the first position of
 each maximum kept for backward (ties go to the first position, as adaptive_max_pool2d does).
 Positions are split into chunks so that small N * C still fills the GPU; the partials are
-combined in a fixed order, so reruns give identical bits. ``chain``: the op also hands g on
+combined in a fixed order by a small second kernel, so reruns give identical bits. ``chain``: the op also hands g on
 to its next reader, whose gradient of g the backward kernel adds to the pool's (no
 accumulation pass).
 
@@ -75,6 +75,28 @@ if triton is not None:
         tl.store(ARG + part, where, mask=cmask)
 
     @triton.jit
+    def _channel_pool_combine_kernel(SUM, MAX, ARG, AVG, BEST, OUT_ARG, S, C, CHUNKS, BLOCK_C: tl.constexpr):
+        """The chunks' partials combined in chunk order: the average and maximum in g's dtype,
+        and the position of the first chunk holding the maximum (a NaN, once seen, is it)."""
+        n = tl.program_id(0).to(tl.int64)
+        c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        cmask = c < C
+        total = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        best = tl.full((BLOCK_C,), float("-inf"), dtype=tl.float32)
+        where = tl.zeros((BLOCK_C,), dtype=tl.int32)
+        for k in range(0, CHUNKS):
+            part = (n * CHUNKS + k) * C + c
+            total += tl.load(SUM + part, mask=cmask, other=0.0)
+            v = tl.load(MAX + part, mask=cmask, other=float("-inf"))
+            take = (best == best) & ((v > best) | (v != v))
+            where = tl.where(take, tl.load(ARG + part, mask=cmask, other=0), where)
+            best = tl.where(take, v, best)
+        out = n * C + c
+        tl.store(AVG + out, (total / S).to(AVG.dtype.element_ty), mask=cmask)
+        tl.store(BEST + out, best.to(BEST.dtype.element_ty), mask=cmask)
+        tl.store(OUT_ARG + out, where, mask=cmask)
+
+    @triton.jit
     def _channel_pool_bwd_kernel(D_AVG, D_MAX, ARG, ACC, DG, S, C, HAS_ACC: tl.constexpr, BLOCK_S: tl.constexpr,
                                  BLOCK_C: tl.constexpr):
         n, s = image_block(S, BLOCK_S)
@@ -127,12 +149,12 @@ def _channel_pool_op(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch
     _triton.wrap_triton(_channel_pool_kernel)[_triton.grid(n, triton.cdiv(c, launch["BLOCK_C"]), chunks)](
         g, part_sum, part_max, part_arg, s, c, chunk, **launch
     )
-    best = part_max.amax(1)
-    # the first chunk holding the maximum (or a NaN, which is then the maximum)
-    hit = (part_max == best[:, None]) | part_max.isnan()
-    first = hit.to(torch.int8).argmax(1, keepdim=True)
-    arg = part_arg.gather(1, first).squeeze(1)
-    return (part_sum.sum(1) / s).to(g.dtype), best.to(g.dtype), arg
+    avg, best = torch.empty((n, c), device=g.device, dtype=g.dtype), torch.empty((n, c), device=g.device, dtype=g.dtype)
+    arg = torch.empty((n, c), device=g.device, dtype=torch.int32)
+    _triton.wrap_triton(_channel_pool_combine_kernel)[_triton.grid(n, triton.cdiv(c, launch["BLOCK_C"]))](
+        part_sum, part_max, part_arg, avg, best, arg, s, c, chunks, BLOCK_C=launch["BLOCK_C"], num_warps=1,
+    )
+    return avg, best, arg
 
 
 @_triton.define_op("hifuse::channel_pool_backward", mutates_args=())

@@ -141,7 +141,7 @@ if triton is not None:
         return dy * xv.to(tl.float32)
 
     @triton.jit(do_not_specialize=["PROGRAMS"])
-    def _bwd_conv_kernel(X, CW, DY, DX, DS, PART_CW, PART_CB, P, H, W, C, PROGRAMS, HAS_DS: tl.constexpr,
+    def _bwd_conv_kernel(X, CW, DY, DX, DS, PART, P, H, W, C, PROGRAMS, HAS_DS: tl.constexpr,
                          BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
         """Input gradient (transposed depthwise conv of DY, plus DS: the gradient x gets from
         elsewhere, summed here rather than by a separate pass) and partial tap/bias gradients,
@@ -178,17 +178,19 @@ if triton is not None:
             g20 += _tap_grad(X, here, dy_here, h, w, pmask, cmask, 2, 0, H, W, C)
             g21 += _tap_grad(X, here, dy_here, h, w, pmask, cmask, 2, 1, H, W, C)
             g22 += _tap_grad(X, here, dy_here, h, w, pmask, cmask, 2, 2, H, W, C)
-        taps = PART_CW + pid.to(tl.int64) * 9 * C + c
+        # one row of 10 C per program: the taps as the weight lays them out (C, 3, 3), then the bias
+        row = PART + pid.to(tl.int64) * 10 * C
+        taps = row + c * 9
         tl.store(taps, tl.sum(g00, 0), mask=cmask)
-        tl.store(taps + C, tl.sum(g01, 0), mask=cmask)
-        tl.store(taps + 2 * C, tl.sum(g02, 0), mask=cmask)
-        tl.store(taps + 3 * C, tl.sum(g10, 0), mask=cmask)
-        tl.store(taps + 4 * C, tl.sum(g11, 0), mask=cmask)
-        tl.store(taps + 5 * C, tl.sum(g12, 0), mask=cmask)
-        tl.store(taps + 6 * C, tl.sum(g20, 0), mask=cmask)
-        tl.store(taps + 7 * C, tl.sum(g21, 0), mask=cmask)
-        tl.store(taps + 8 * C, tl.sum(g22, 0), mask=cmask)
-        tl.store(PART_CB + pid.to(tl.int64) * C + c, tl.sum(gb, 0), mask=cmask)
+        tl.store(taps + 1, tl.sum(g01, 0), mask=cmask)
+        tl.store(taps + 2, tl.sum(g02, 0), mask=cmask)
+        tl.store(taps + 3, tl.sum(g10, 0), mask=cmask)
+        tl.store(taps + 4, tl.sum(g11, 0), mask=cmask)
+        tl.store(taps + 5, tl.sum(g12, 0), mask=cmask)
+        tl.store(taps + 6, tl.sum(g20, 0), mask=cmask)
+        tl.store(taps + 7, tl.sum(g21, 0), mask=cmask)
+        tl.store(taps + 8, tl.sum(g22, 0), mask=cmask)
+        tl.store(row + 9 * C + c, tl.sum(gb, 0), mask=cmask)
 
 
 def _block_p(positions: int, c: int) -> int:
@@ -255,9 +257,11 @@ def _fwd_op(
 def _bwd_op(
     grad: torch.Tensor, x: torch.Tensor, conv_weight: torch.Tensor, conv_bias: torch.Tensor,
     ln_weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, grad_x: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The five gradients; ``grad_x`` (x's shape), a gradient x receives from another use, is
-    added to x's."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x's gradient (plus ``grad_x``, x's shape: a gradient x receives from another use), and
+    the parameters' gradients in float32 as two vectors: the conv weight's (C, 3, 3) and bias's
+    (10 C), the LayerNorm weight's and bias's (2 C); ``backward`` splits them. One sum of each
+    kernel's partials, not one per parameter."""
     n, h, w, c = x.shape
     p = n * h * w
     grid, tile = _launch(x, "norm_backward")
@@ -266,9 +270,10 @@ def _bwd_op(
     f32 = dict(device=x.device, dtype=torch.float32)
     # the conv output's gradient in the incoming gradient's dtype: bf16 under autocast, as eager's
     dy = torch.empty(n, h, w, c, device=x.device, dtype=grad.dtype)
-    part_lw, part_lb = torch.empty(progs, c, **f32), torch.empty(progs, c, **f32)
+    part_ln = torch.empty(2, progs, c, **f32)
     _triton.wrap_triton(_bwd_norm_kernel)[(progs,)](
-        x, conv_weight, conv_bias, ln_weight, grad, mean, rstd, dy, part_lw, part_lb, p, h, w, c, progs, **tile,
+        x, conv_weight, conv_bias, ln_weight, grad, mean, rstd, dy, part_ln[0], part_ln[1], p, h, w, c,
+        progs, **tile,
     )
     dx = torch.empty_like(x)
     # the conv backward in channel blocks of at most CONV_BLOCK_C: ten gradient tiles of 1024
@@ -278,15 +283,22 @@ def _bwd_op(
     flags = dict(HAS_DS=grad_x is not None, **conv_tile)
     conv_progs = _triton.reduction_programs(conv_grid[0], lanes, x.device, kernel=_bwd_conv_kernel, launch=flags, args=(
         x, conv_weight, grad.dtype, x.dtype, x.dtype, torch.float32, torch.float32, p, h, w, c, 2))
-    part_cw, part_cb = torch.empty(conv_progs, 9, c, **f32), torch.empty(conv_progs, c, **f32)
+    part_conv = torch.empty(conv_progs, 10 * c, **f32)
     _triton.wrap_triton(_bwd_conv_kernel)[(conv_progs, lanes)](
-        x, conv_weight, dy, dx, dx if grad_x is None else grad_x.contiguous(), part_cw, part_cb, p, h, w, c,
-        conv_progs, **flags
+        x, conv_weight, dy, dx, dx if grad_x is None else grad_x.contiguous(), part_conv, p, h, w, c, conv_progs,
+        **flags
     )
-    # contiguous, as the fake kernel (and so Inductor) expects
-    d_cw = part_cw.sum(0).t().contiguous().view(c, 1, 3, 3).to(conv_weight.dtype)
-    return (dx, d_cw, part_cb.sum(0).to(conv_bias.dtype), part_lw.sum(0).to(ln_weight.dtype),
-            part_lb.sum(0).to(ln_weight.dtype))
+    return dx, part_conv.sum(0), part_ln.sum(1).view(-1)
+
+
+def backward(grad, x, conv_weight, conv_bias, ln_weight, mean, rstd, grad_x=None) -> tuple:
+    """The five gradients (x's, then the conv weight's and bias's, the LayerNorm weight's and
+    bias's, each in its tensor's dtype) of ``hifuse::dwconv_layer_norm``."""
+    dx, conv, norm = torch.ops.hifuse.dwconv_layer_norm_backward(grad, x, conv_weight, conv_bias, ln_weight, mean,
+                                                                 rstd, grad_x)
+    c = x.shape[-1]
+    return (dx, conv[: 9 * c].view(conv_weight.shape).to(conv_weight.dtype), conv[9 * c:].to(conv_bias.dtype),
+            norm[:c].to(ln_weight.dtype), norm[c:].to(ln_weight.dtype))
 
 
 @_fwd_op.register_fake
@@ -297,8 +309,8 @@ def _(x, conv_weight, conv_bias, ln_weight, ln_bias, eps, out_dtype):
 
 @_bwd_op.register_fake
 def _(grad, x, conv_weight, conv_bias, ln_weight, mean, rstd, grad_x=None):
-    return (torch.empty_like(x), torch.empty_like(conv_weight), torch.empty_like(conv_bias),
-            torch.empty_like(ln_weight), torch.empty_like(ln_weight))
+    c = x.shape[-1]
+    return torch.empty_like(x), x.new_empty(10 * c, dtype=torch.float32), x.new_empty(2 * c, dtype=torch.float32)
 
 
 def _setup_context(ctx, inputs, output):
@@ -310,10 +322,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad, _gm, _gr):
     x, conv_weight, conv_bias, ln_weight, mean, rstd = ctx.saved_tensors
     grad = torch.zeros_like(x) if grad is None else grad.contiguous()
-    dx, d_cw, d_cb, d_lw, d_lb = torch.ops.hifuse.dwconv_layer_norm_backward(
-        grad, x, conv_weight, conv_bias, ln_weight, mean, rstd
-    )
-    return dx, d_cw, d_cb, d_lw, d_lb, None, None
+    return (*backward(grad, x, conv_weight, conv_bias, ln_weight, mean, rstd), None, None)
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)

@@ -204,9 +204,11 @@ def _gated_ln_backward_op(
     grad: torch.Tensor, g: torch.Tensor, channel_gate: torch.Tensor, l: torch.Tensor,
     spatial_gate: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
     rstd: torch.Tensor, grad2: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The seven gradients; ``grad2`` (grad's shape), a second gradient of the output from
-    another use of it, is added to grad on load."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradients of g, channel_gate, l, spatial_gate, x, and of the weight and bias as one
+    (2, 3C) float32 tensor (one sum of the partials; ``backward`` splits it); ``grad2``
+    (grad's shape), a second gradient of the output from another use of it, is added to grad
+    on load."""
     n, s, c = g.shape
     tile = bwd_launch(c)
     rows = tile.pop("BLOCK_P")
@@ -222,13 +224,21 @@ def _gated_ln_backward_op(
     dg, dl, dx = torch.empty_like(g), torch.empty_like(l), torch.empty_like(x)
     dsg = torch.empty((n, s), **f32)
     part_cg = torch.empty((n, programs, c), **f32)
-    part_w, part_b = torch.empty((n * programs, 3 * c), **f32), torch.empty((n * programs, 3 * c), **f32)
+    part = torch.empty((2, n * programs, 3 * c), **f32)
     _triton.wrap_triton(_gated_ln_bwd_kernel)[_triton.grid(n * programs)](
         grad, grad if grad2 is None else grad2, g, channel_gate, l, spatial_gate, x, weight, mean, rstd, dg, dl, dsg,
-        dx, part_cg, part_w, part_b, s, c, programs, **flags,
+        dx, part_cg, part[0], part[1], s, c, programs, **flags,
     )
-    return (dg, part_cg.sum(1).to(channel_gate.dtype), dl, dsg.to(spatial_gate.dtype), dx,
-            part_w.sum(0).to(weight.dtype), part_b.sum(0).to(weight.dtype))
+    return dg, part_cg.sum(1).to(channel_gate.dtype), dl, dsg.to(spatial_gate.dtype), dx, part.sum(1)
+
+
+def backward(grad, g, channel_gate, l, spatial_gate, x, weight, mean, rstd, grad2=None) -> tuple:
+    """(dg, dchannel_gate, dl, dspatial_gate, dx, dweight, dbias) of ``hifuse::gated_layer_norm``,
+    the last two in the weight's dtype."""
+    *grads, params = torch.ops.hifuse.gated_layer_norm_backward(grad, g, channel_gate, l, spatial_gate, x, weight,
+                                                                mean, rstd, grad2)
+    params = params.to(weight.dtype)
+    return (*grads, params[0], params[1])
 
 
 @_gated_ln_op.register_fake
@@ -243,8 +253,7 @@ def _(g, channel_gate, l, spatial_gate, x, weight, bias, eps, out_dtype=None, lo
 @_gated_ln_backward_op.register_fake
 def _(grad, g, channel_gate, l, spatial_gate, x, weight, mean, rstd, grad2=None):
     return (torch.empty_like(g), torch.empty_like(channel_gate), torch.empty_like(l),
-            torch.empty_like(spatial_gate), torch.empty_like(x), torch.empty_like(weight),
-            torch.empty_like(weight))
+            torch.empty_like(spatial_gate), torch.empty_like(x), weight.new_empty((2, weight.shape[0]), dtype=torch.float32))
 
 
 def _gated_ln_setup(ctx, inputs, output):
@@ -262,10 +271,8 @@ def _gated_ln_backward(ctx, grad, _gm, _gr, grad_low):
         grad, grad_low = grad_low, None
     if grad is None:
         grad = g.new_zeros((*g.shape[:2], 3 * g.shape[2]), dtype=ctx.out_dtype)
-    dg, dcg, dl, dsg, dx, dw, db = torch.ops.hifuse.gated_layer_norm_backward(
-        grad.contiguous(), g, channel_gate, l, spatial_gate, x, weight, mean, rstd,
-        None if grad_low is None else grad_low.contiguous(),
-    )
+    dg, dcg, dl, dsg, dx, dw, db = backward(grad.contiguous(), g, channel_gate, l, spatial_gate, x, weight, mean, rstd,
+                                            None if grad_low is None else grad_low.contiguous())
     return dg, dcg, dl, dsg, dx, dw, db, None, None, None
 
 

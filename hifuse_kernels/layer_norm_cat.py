@@ -209,7 +209,9 @@ def _rows_bwd_launch(c: int) -> dict:
 @_triton.define_op("hifuse::layer_norm_cat_rows_backward", mutates_args=())
 def _rows_backward_op(
     grad: torch.Tensor, rows: list[torch.Tensor], weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor
-) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The parts' gradients, and the weight's and bias's as one (2, parts x C) float32 tensor
+    (one sum of the partials; ``rows_backward`` splits it)."""
     m, c = rows[0].shape
     flags = dict(PARTS=len(rows), **_rows_bwd_launch(c))
     ptrs = _three(rows)
@@ -218,12 +220,19 @@ def _rows_backward_op(
         args=(grad, *ptrs, weight, mean, rstd, *[rows[0].dtype] * 3, torch.float32, torch.float32, m, c, 2),
     )
     grads = [torch.empty_like(t) for t in rows]
-    part_w = torch.empty((programs, len(rows) * c), device=grad.device, dtype=torch.float32)
-    part_b = torch.empty_like(part_w)
+    part = torch.empty((2, programs, len(rows) * c), device=grad.device, dtype=torch.float32)
     _triton.wrap_triton(_rows_bwd_kernel)[_triton.grid(programs)](
-        grad, *ptrs, weight, mean, rstd, *_three(grads), part_w, part_b, m, c, programs, **flags,
+        grad, *ptrs, weight, mean, rstd, *_three(grads), part[0], part[1], m, c, programs, **flags,
     )
-    return grads, part_w.sum(0).to(weight.dtype), part_b.sum(0).to(weight.dtype)
+    return grads, part.sum(1)
+
+
+def rows_backward(grad, rows, weight, mean, rstd) -> tuple:
+    """(the parts' gradients, dweight, dbias) of ``hifuse::layer_norm_cat_rows``, the last two
+    in the weight's dtype."""
+    grads, params = torch.ops.hifuse.layer_norm_cat_rows_backward(grad, rows, weight, mean, rstd)
+    params = params.to(weight.dtype)
+    return list(grads), params[0], params[1]
 
 
 @_rows_op.register_fake
@@ -235,7 +244,7 @@ def _(rows, weight, bias, eps, out_dtype):
 
 @_rows_backward_op.register_fake
 def _(grad, rows, weight, mean, rstd):
-    return [torch.empty_like(t) for t in rows], torch.empty_like(weight), torch.empty_like(weight)
+    return [torch.empty_like(t) for t in rows], weight.new_empty((2, weight.shape[0]), dtype=torch.float32)
 
 
 def _rows_setup(ctx, inputs, output):
@@ -251,8 +260,8 @@ def _rows_backward(ctx, grad, _gm, _gr):
     rows, (weight, mean, rstd) = list(saved[: ctx.num_parts]), saved[ctx.num_parts:]
     if grad is None:
         return None, None, None, None, None
-    grads, dw, db = torch.ops.hifuse.layer_norm_cat_rows_backward(grad.contiguous(), rows, weight, mean, rstd)
-    return list(grads), dw, db, None, None
+    grads, dw, db = rows_backward(grad.contiguous(), rows, weight, mean, rstd)
+    return grads, dw, db, None, None
 
 
 _rows_op.register_autograd(_rows_backward, setup_context=_rows_setup)
@@ -295,9 +304,8 @@ def backward(grad: torch.Tensor, parts, weight: torch.Tensor, bias: torch.Tensor
     if rows_path(parts, weight, bias):
         n, c, h, w = parts[0].shape
         rows = grad.permute(0, 2, 3, 1).reshape(n * h * w, -1)
-        grads, dw, db = torch.ops.hifuse.layer_norm_cat_rows_backward(
-            rows.contiguous(), [nhwc(t).view(-1, c) for t in parts], weight.contiguous(), *stats
-        )
+        grads, dw, db = rows_backward(rows.contiguous(), [nhwc(t).view(-1, c) for t in parts], weight.contiguous(),
+                                      *stats)
         return [t.view(n, h, w, c).permute(0, 3, 1, 2) for t in grads], dw, db
     dparts, dw, db = torch.ops.hifuse.layer_norm_cat_backward(grad, list(parts), weight, *stats)
     return list(dparts), dw, db

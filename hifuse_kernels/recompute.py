@@ -47,9 +47,10 @@ import torch
 import torch.nn.functional as F
 
 from . import batch_norm_act as bna  # noqa: F401 - registers hifuse::batch_norm_act
-from . import dwconv_layer_norm as dln  # noqa: F401 - registers hifuse::dwconv_layer_norm
+from . import dwconv_layer_norm as dln
 from . import gated_layer_norm as gln
 from . import layer_norm_cat as lnc
+from . import residual_layer_norm as rln
 from . import weight_casts
 from .reference import CUDA_LIKE_DEVICES, autocast_dtype
 
@@ -105,10 +106,7 @@ class DwconvLayerNorm:
 
     @staticmethod
     def grad(grad_a, aux, x, conv_weight, conv_bias, ln_weight, ln_bias, eps, out_dtype):
-        grads = torch.ops.hifuse.dwconv_layer_norm_backward(
-            grad_a.contiguous(), x, conv_weight, conv_bias, ln_weight, *aux
-        )
-        return (*grads, None, None)
+        return (*dln.backward(grad_a.contiguous(), x, conv_weight, conv_bias, ln_weight, *aux), None, None)
 
 
 def _as_map(rows, x, pool):
@@ -166,9 +164,7 @@ class GatedLayerNormRows:
         """The gradients of ``src`` (through the op and the BatchNorm apply that makes its x)
         for the result's gradient ``grad`` (plus ``grad2``, summed on load), args the op's."""
         g, channel_gate, l, spatial_gate, x, weight = args[:6]
-        dg, dcg, dl, dsg, dx, dw, db = torch.ops.hifuse.gated_layer_norm_backward(
-            grad, g, channel_gate, l, spatial_gate, x, weight, mean, rstd, grad2
-        )
+        dg, dcg, dl, dsg, dx, dw, db = gln.backward(grad, g, channel_gate, l, spatial_gate, x, weight, mean, rstd, grad2)
         dbn = BatchNormApply.grad(dx.view(-1, dx.shape[-1]), (), *src[11:])
         return (None, None, None, dg, dcg, dl, dsg, None, dw, db, None, *dbn)
 
@@ -408,9 +404,7 @@ class _DwconvLayerNormLinearResidual(torch.autograd.Function):
             a = DwconvLayerNorm.make(*args)[0]
         da, dw, db = _linear_backward(torch.ops.hifuse.gelu_backward(grad, y), a, weight, bias, *ctx.dtypes)
         x, conv_weight, conv_bias, ln_weight = args[:4]
-        grads = torch.ops.hifuse.dwconv_layer_norm_backward(
-            da.contiguous(), x, conv_weight, conv_bias, ln_weight, mean, rstd, grad
-        )
+        grads = dln.backward(da.contiguous(), x, conv_weight, conv_bias, ln_weight, mean, rstd, grad)
         return (dw, db, None, *grads, None, None)
 
 
@@ -419,7 +413,8 @@ class _LinearPair(torch.autograd.Function):
     dz^T mid is rebuilt from x: as (dz^T x) w1^T + colsum(dz) b1^T when there are more rows
     than channels (one small extra product), else by rebuilding mid (one GEMM over the few
     rows). Both are the same product in exact arithmetic; in low precision they round at
-    another point than the kept middle tensor would (``keep``: mid is kept)."""
+    another point than the kept middle tensor would (``keep``: mid is kept). The first bias's
+    gradient colsum(dz w2) is taken as colsum(dz) w2, from the sum the second bias needs."""
 
     @staticmethod
     def forward(ctx, x, w1, b1, w2, b2, keep):
@@ -451,8 +446,9 @@ class _LinearPair(torch.autograd.Function):
         else:
             dw2 = mm_to(dz.t(), rows, torch.float32) @ w1_gemm.float().t()
             if b1 is not None:
-                dw2 = dw2 + sum_dz[:, None] * b1_gemm.float()[None, :]
-        db1 = dmid.sum(0, dtype=b1_dtype) if b1 is not None else None
+                dw2 = torch.addr(dw2, sum_dz, b1_gemm.float())
+        # colsum(dz @ w2) = colsum(dz) @ w2: a vector product, not another pass over dmid
+        db1 = (sum_dz @ w2.float()).to(b1_dtype) if b1 is not None else None
         db2 = sum_dz.to(b2_dtype) if b2 is not None else None
         return dx, dw1, db1, dw2.to(w2_dtype), db2, None
 
@@ -503,9 +499,7 @@ class _ResidualLayerNormLinear(torch.autograd.Function):
             grad = normed.new_zeros(normed.shape[:-1] + weight.shape[:1], dtype=weight.dtype)
         dnormed, dw, db = _linear_backward(grad, normed, weight, bias, *ctx.dtypes)
         grad_out = grad_out.contiguous() if y is not None and grad_out is not None else None
-        dy, ds, dlw, dlb = torch.ops.hifuse.residual_layer_norm_backward(
-            grad_out, dnormed.contiguous(), y, shortcut, ln_weight, mean, rstd
-        )
+        dy, ds, dlw, dlb = rln.backward(grad_out, dnormed.contiguous(), y, shortcut, ln_weight, mean, rstd)
         return (dy if y is not None else None), ds, dlw, dlb, None, None, dw, db, None, None
 
 

@@ -182,7 +182,9 @@ def _fwd_op(
 def _bwd_op(
     grad_out: torch.Tensor | None, grad_normed: torch.Tensor, y: torch.Tensor | None, shortcut: torch.Tensor,
     weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, patch: int = 1, height: int = 1, width: int = 1,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """y's and the stream's gradients, and the weight's and bias's as one (2, C) float32 tensor
+    (one sum of the partials; ``backward`` splits it)."""
     m, c = shortcut.shape
     prologue = y is not None
     block_m = _triton.rows_per_program(c, BWD_TILES)
@@ -195,14 +197,23 @@ def _bwd_op(
                                                 shortcut.dtype, torch.float32, torch.float32, m, c, height, width, 2))
     ds = torch.empty_like(shortcut)
     dy = torch.empty_like(y) if prologue else _empty(shortcut)
-    part_w = torch.empty((programs, c), device=shortcut.device, dtype=torch.float32)
-    part_b = torch.empty_like(part_w)
+    part = torch.empty((2, programs, c), device=shortcut.device, dtype=torch.float32)
     _triton.wrap_triton(_bwd_kernel)[(programs,)](
         grad_normed if grad_out is None else grad_out, grad_normed, y if prologue else shortcut, shortcut, weight,
-        mean, rstd, dy, ds, part_w, part_b, m, c, height, width, programs,
+        mean, rstd, dy, ds, part[0], part[1], m, c, height, width, programs,
         **flags,
     )
-    return dy, ds, part_w.sum(0).to(weight.dtype), part_b.sum(0).to(weight.dtype)
+    return dy, ds, part.sum(1)
+
+
+def backward(grad_out, grad_normed, y, shortcut, weight, mean, rstd, patch: int = 1, height: int = 1,
+             width: int = 1) -> tuple:
+    """(dy, dstream, dweight, dbias) of ``hifuse::residual_layer_norm``, the last two in the
+    weight's dtype."""
+    dy, ds, params = torch.ops.hifuse.residual_layer_norm_backward(grad_out, grad_normed, y, shortcut, weight, mean,
+                                                                   rstd, patch, height, width)
+    params = params.to(weight.dtype)
+    return dy, ds, params[0], params[1]
 
 
 @_fwd_op.register_fake
@@ -217,7 +228,7 @@ def _(y, shortcut, weight, bias, eps, norm_dtype, patch=1, height=1, width=1):
 @_bwd_op.register_fake
 def _(grad_out, grad_normed, y, shortcut, weight, mean, rstd, patch=1, height=1, width=1):
     dy = torch.empty_like(y) if y is not None else _empty(shortcut)
-    return dy, torch.empty_like(shortcut), torch.empty_like(weight), torch.empty_like(weight)
+    return dy, torch.empty_like(shortcut), weight.new_empty((2, weight.shape[0]), dtype=torch.float32)
 
 
 def _setup_context(ctx, inputs, output):
@@ -236,10 +247,8 @@ def _backward(ctx, grad_out, grad_normed, _gm, _gr):
         grad_normed = torch.zeros(ctx.normed[0], device=shortcut.device, dtype=ctx.normed[1])
     if not ctx.has_y:
         grad_out = None
-    dy, ds, dw, db = torch.ops.hifuse.residual_layer_norm_backward(
-        None if grad_out is None else grad_out.contiguous(), grad_normed.contiguous(), y, shortcut, weight, mean, rstd,
-        *ctx.geometry,
-    )
+    dy, ds, dw, db = backward(None if grad_out is None else grad_out.contiguous(), grad_normed.contiguous(), y,
+                              shortcut, weight, mean, rstd, *ctx.geometry)
     return (dy if ctx.has_y else None), ds, dw, db, None, None, *[None] * len(ctx.geometry)
 
 

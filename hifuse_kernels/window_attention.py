@@ -8,7 +8,7 @@ that token sits in the unshifted, unpadded grid and loads q, k, v straight from 
 projection (B, H, W, 3C). Tokens that fall in the zero padding get q = k = v = the qkv bias,
 which is what the linear layer gives a zero input; they are not masked. The bias is the
 (169, heads) table spread to one dense (heads, 64, 64) tile (a contiguous load; a gather
-from the table costs the kernels registers), built once per call by the entry point and kept
+from the table costs the kernels registers), built once per call by the entry point (one gather launch) and kept
 for backward, and the -100 shift mask comes from region
 labels computed in the kernel. The output of each real token is written to its own position;
 nothing rolled, padded or partitioned is ever stored.
@@ -31,7 +31,6 @@ Its user is the fused ``GlobalBlock`` (``hifuse.fused.global_branch``).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from . import _configs, _triton
 from ._triton import tl, triton
@@ -140,6 +139,18 @@ if triton is not None:
         if SHIFTED:
             s += tl.where(lab_q[:, None] != lab_k[None, :], -100.0, 0.0)
         return s
+
+    @triton.jit
+    def _dense_bias_kernel(TABLE, INDEX, OUT, HEADS, ENTRIES, N, BLOCK: tl.constexpr):
+        """out[h, k] = table[index[k], h] (index ENTRIES: 0, a padding row; beyond: -inf, a
+        padding column), for the (bn x bn) scores of head program_id(0)."""
+        h = tl.program_id(0)
+        k = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        m = k < N
+        idx = tl.load(INDEX + k, mask=m, other=0)
+        v = tl.load(TABLE + idx * HEADS + h, mask=m & (idx < ENTRIES), other=0.0).to(tl.float32)
+        v = tl.where(idx > ENTRIES, float("-inf"), v)
+        tl.store(OUT + h.to(tl.int64) * N + k, v, mask=m)
 
     @triton.jit
     def _fwd_kernel(QKV, BIAS, REL, OUT, LSE,
@@ -316,6 +327,8 @@ def _argument_problem(qkv, qkv_bias, table, num_heads, window, shift):
         return ValueError, f"table must be ({(2 * window - 1) ** 2}, {num_heads}), got {tuple(table.shape)}"
     if qkv_bias is not None and (not isinstance(qkv_bias, torch.Tensor) or qkv_bias.shape != (c3,)):
         return ValueError, f"qkv_bias must be ({c3},) or None"
+    if qkv_bias is not None and qkv_bias.dtype not in SUPPORTED_DTYPES:
+        return TypeError, f"qkv_bias must be float32, float16 or bfloat16, got {qkv_bias.dtype}"
     devices = {t.device for t in (qkv, table, qkv_bias) if isinstance(t, torch.Tensor)}
     if len(devices) > 1:
         return ValueError, f"qkv, qkv_bias and table must be on one device, got {sorted(map(str, devices))}"
@@ -346,21 +359,39 @@ def _padded_tokens(window: int) -> int:
     return max(16, _triton.next_power_of_2(window * window))
 
 
-def _dense_bias(table: torch.Tensor, window: int, bn: int) -> torch.Tensor:
+DENSE_BLOCK = 1024  # scores per program of the dense bias
+
+
+@_triton.define_op("hifuse::window_attention_dense_bias", mutates_args=())
+def _dense_bias_op(table: torch.Tensor, window: int, bn: int) -> torch.Tensor:
     """(heads, bn, bn) float32 bias of each head's scores, -inf in the padding columns: the
-    kernels load it as one contiguous tile (a gather from the table costs them registers)."""
+    attention kernels load it as one contiguous tile (a gather from the table costs them
+    registers). One gather launch from the (entries, heads) table."""
+    heads = table.shape[1]
     index = cached(_make_dense_index, window, bn, table.device)
-    # two more columns: 0 for the padding rows, -inf for the padding columns (made on the
-    # device: a tensor from Python data would be a host copy, which a CUDA graph refuses)
-    rows = F.pad(table.t().float(), (0, 2))
-    rows[:, -1] = float("-inf")
-    return rows[:, index].view(table.shape[1], bn, bn).contiguous()
+    out = torch.empty((heads, bn, bn), device=table.device, dtype=torch.float32)
+    n = bn * bn
+    _triton.wrap_triton(_dense_bias_kernel)[_triton.grid(heads, triton.cdiv(n, DENSE_BLOCK))](
+        table, index, out, heads, (2 * window - 1) ** 2, n, BLOCK=DENSE_BLOCK,
+    )
+    return out
+
+
+@_dense_bias_op.register_fake
+def _(table, window, bn):
+    return table.new_empty((table.shape[1], bn, bn), dtype=torch.float32)
+
+
+def _dense_bias(table: torch.Tensor, window: int, bn: int) -> torch.Tensor:
+    return torch.ops.hifuse.window_attention_dense_bias(table.contiguous(), window, bn)
 
 
 def _bias_or_zeros(qkv, qkv_bias):
+    # taken in its own dtype: the kernels round it to qkv's as they load it (no cast pass, and
+    # its gradient comes back in its dtype)
     if qkv_bias is None:
         return qkv.new_zeros(qkv.shape[-1])
-    return qkv_bias.to(qkv.dtype).contiguous()
+    return qkv_bias.contiguous()
 
 
 # Warps and query rows per block of the backward: no bf16/fp16 variant spills with these
@@ -466,7 +497,7 @@ def _window_attention_backward_op(
     ds = ds_part.sum(0)[:, :n, :n].reshape(num_heads, n * n)
     dtable = (_bias_scatter(window, qkv.device) @ ds.t()).to(table.dtype)
     # (progs, heads, 3, BD) -> (3, heads, D) -> (3C,) in the qkv layout
-    dbias = dbias_part.sum(0)[..., : g["d"]].permute(1, 0, 2).reshape(-1).to(qkv.dtype)
+    dbias = dbias_part.sum(0)[..., : g["d"]].permute(1, 0, 2).reshape(-1).to(qkv_bias.dtype)
     return dqkv, dbias, dtable
 
 

@@ -101,11 +101,12 @@ def cases(dtype: str):
     attn = dict(WS=7, BN=64, D=32, BD=32, SHIFTED=True, PRECISION=prec)
     f32 = "fp32"
     fwd = {**attn, "BM": wa.FWD_ROWS, "WARPS": wa.FWD_WARPS}
+    yield wa._dense_bias_kernel, dict(TABLE="dt", INDEX="i64", OUT=f32), dict(BLOCK=wa.DENSE_BLOCK)
     for d in wa.HEAD_DIMS:  # every supported head dim, shifted (the more registers) and not
         for shifted in (True, False):
             shape = {**attn, "D": d, "BD": d, "SHIFTED": shifted}
-            yield wa._fwd_kernel, dict(QKV="dt", BIAS="dt", REL=f32, OUT="dt", LSE=f32), {**shape, "BM": fwd["BM"], "WARPS": fwd["WARPS"]}
-            ptrs = dict(QKV="dt", BIAS="dt", REL=f32, OUT="dt", DOUT="dt", LSE=f32, DQKV="dt", DBIAS_PART=f32,
+            yield wa._fwd_kernel, dict(QKV="dt", BIAS=f32, REL=f32, OUT="dt", LSE=f32), {**shape, "BM": fwd["BM"], "WARPS": fwd["WARPS"]}
+            ptrs = dict(QKV="dt", BIAS=f32, REL=f32, OUT="dt", DOUT="dt", LSE=f32, DQKV="dt", DBIAS_PART=f32,
                         DS_PART=f32)
             if dtype == "fp32" and wa.BWD_FP32_KEYS < shape["BN"]:  # as the op launches it
                 keys = {"BK": wa.BWD_FP32_KEYS, "WARPS": wa.BWD_FP32_WARPS[d]}
@@ -128,7 +129,7 @@ def cases(dtype: str):
         tiles = dict(BLOCK_P=tile["BLOCK_P"], BLOCK_C=tile["BLOCK_C"], WARPS=tile["num_warps"])
         for x in ("dt", f32):
             for has_ds in (False, True):  # with the stream's other gradient added in
-                yield dln._bwd_conv_kernel, dict(X=x, CW=f32, DY="dt", DX=x, DS=x, PART_CW=f32, PART_CB=f32), \
+                yield dln._bwd_conv_kernel, dict(X=x, CW=f32, DY="dt", DX=x, DS=x, PART=f32), \
                     {**tiles, "HAS_DS": has_ds}
     for n in (96, 192, 384, 768):  # the IRMLP's conv3 widths (K = 12 N), at triton's default num_stages (3)
         ce = {"PRECISION": prec, "UPCAST": False}
@@ -192,6 +193,8 @@ def cases(dtype: str):
                                     PART_B=f32, PART_LW=f32, PART_LB=f32), {**stem, "HAS_BIAS": has_bias}
     pool = dict(BLOCK_S=cp.BLOCK_S, BLOCK_C=64)
     yield cp._channel_pool_kernel, dict(G="dt", SUM=f32, MAX=f32, ARG="i32"), pool
+    yield cp._channel_pool_combine_kernel, dict(SUM=f32, MAX=f32, ARG="i32", AVG="dt", BEST="dt", OUT_ARG="i32"), \
+        dict(BLOCK_C=64, WARPS=1)
     for acc in (False, True):  # with g's gradient from its next reader added in
         yield cp._channel_pool_bwd_kernel, dict(D_AVG="dt", D_MAX="dt", ARG="i32", ACC=f32, DG=f32), \
             {**pool, "HAS_ACC": acc}

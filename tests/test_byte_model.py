@@ -38,12 +38,12 @@ def _residual_layer_norm():
     rows_in = m * c * (BF16 + F32) + 2 * c * F32
     forward = rows_in + m * c * (F32 + BF16) + 2 * m * F32  # stream f32 and rows bf16 out, mean and rstd
     # backward: grads of both outputs, y, stream, weight, mean, rstd in; dy, dstream and the
-    # weight and bias partials of 2 programs out; then each partial summed (2 launches)
+    # weight and bias partials of 2 programs out; then both summed in one launch
     partials = 2 * 2 * c * F32
     backward = m * c * (F32 + BF16 + BF16 + F32) + c * F32 + 2 * m * F32 + m * c * (BF16 + F32) + partials
-    sums = 2 * (2 * c * F32 + c * F32)
+    sums = 2 * 2 * c * F32 + 2 * c * F32
     least = 2 * rows_in + 2 * m * c * (F32 + BF16)  # inputs and their gradients, outputs and theirs
-    return 4, forward + backward + sums, least
+    return 3, forward + backward + sums, least
 
 
 def _batch_norm_act():
@@ -72,11 +72,11 @@ def _dwconv_layer_norm():
     norm = x + taps + 2 * vec + x + 2 * stat + p * c * BF16 + 2 * 2 * c * F32
     # conv backward: tiles of 4 positions by 256 channels, 2 programs: dx, taps and bias partials
     conv = x + taps + p * c * BF16 + x + 2 * 9 * c * F32 + 2 * c * F32
-    # taps: sum of partials, transposed copy, cast; bias, LN weight, LN bias: sum, cast
-    glue = (2 * 9 * c * F32 + 9 * c * F32) + 2 * 9 * c * F32 + (9 * c * F32 + taps)
-    glue += 3 * ((2 * c * F32 + c * F32) + (c * F32 + vec))
+    # one sum of each kernel's partials (taps and bias; LN weight and bias), then a cast each
+    glue = (2 * 10 * c * F32 + 10 * c * F32) + (2 * 2 * c * F32 + 2 * c * F32)
+    glue += (9 * c * F32 + taps) + 3 * (c * F32 + vec)
     least = 2 * (x + taps + 3 * vec) + 2 * x
-    return 14, forward + zeros + norm + conv + glue, least
+    return 11, forward + zeros + norm + conv + glue, least
 
 
 def _gated_layer_norm():
@@ -89,7 +89,7 @@ def _gated_layer_norm():
     sums = (2 * c * F32 + c * F32) + 2 * (2 * 3 * c * F32 + 3 * c * F32)  # channel gate, weight, bias
     casts = (c * F32 + cg) + (s * F32 + sg) + 2 * (3 * c * F32 + vec)  # the same three and dsg to bf16
     least = 2 * ins + 2 * 3 * part
-    return 9, forward + backward + sums + casts, least
+    return 7, forward + backward + sums + casts, least  # the weight's and bias's partials in one sum
 
 
 def _layer_norm_cat():
@@ -99,7 +99,7 @@ def _layer_norm_cat():
     backward = 2 * part + 2 * part + vec + 2 * stat + 2 * part + 2 * partials  # grad, parts, weight, stats; dparts
     sums = 2 * (partials + 192 * F32) + 2 * (192 * F32 + vec)  # the partials summed, then cast to bf16
     least = 2 * (2 * part + 2 * vec) + 2 * 2 * part
-    return 6, forward + backward + sums, least
+    return 4, forward + backward + sums, least  # the weight's and bias's partials in one sum
 
 
 def _layer_norm_cf():
@@ -124,15 +124,10 @@ def _channel_pool():
     g, vec = 64 * 96 * BF16, 96 * F32  # fusion stage 1: (1, 96, 8, 8) bf16; 2 chunks of 32 positions
     parts = 2 * 96  # (1, 2, 96) partial sums, maxima (f32) and positions (i32)
     kernel = g + 3 * parts * F32
-    amax = parts * F32 + vec
-    first = (parts * F32 + vec + parts) + (parts * F32 + parts) + 3 * parts + 2 * parts + (parts + 96 * I64)
-    # eq, isnan, or, bool -> int8, argmax; then gather the position of the first chunk
-    gather = parts * F32 + 96 * I64 + 96 * F32
-    avg = (parts * F32 + vec) + 2 * vec + (vec + 96 * BF16)  # sum, divide, cast
-    best = vec + 96 * BF16
+    combine = 3 * parts * F32 + 2 * 96 * BF16 + 96 * F32  # partials in; average, maximum (bf16), position out
     backward = 2 * 96 * BF16 + 96 * F32 + g  # both gradients and positions in, dg out
     least = g + 2 * 96 * BF16 + 2 * 96 * BF16 + g
-    return 13, kernel + amax + first + gather + avg + best + backward, least
+    return 3, kernel + combine + backward, least
 
 
 def _spatial_pool():
@@ -151,18 +146,18 @@ def _stem_layer():
     forward = norm + weight + gemm
     d_bias = (out + bias // 2) + (bias // 2 + bias)  # sum, cast to f32
     d_gemm = 2 * (out + w // 2 + rows) + (w // 2 + w)  # input and weight gradients, weight's cast to f32
-    # LayerNorm backward: 2 programs; grad, x, weight, mean, rstd in; dx and partials out; 2 sums
+    # LayerNorm backward: 2 programs; grad, x, weight, mean, rstd in; dx and partials out; one sum
     d_norm = rows + x + vec + 2 * 64 * F32 + x + 2 * 2 * vec + 2 * (2 * vec + vec)
     least = 2 * (x + 2 * vec + w + bias) + 2 * out
-    return 13, forward + d_bias + d_gemm + d_norm, least  # the LayerNorm backward reads its gradient as patches
+    return 12, forward + d_bias + d_gemm + d_norm, least  # the LayerNorm backward reads its gradient as patches
 
 
 def _window_attention():
     # stage 4: qkv (1, 7, 7, 2304) bf16, qkv bias bf16, table (169, 24) f32; 24 heads of 32, one window
     qkv, qkv_bias, table, out = 49 * 2304 * BF16, 2304 * BF16, 169 * 24 * F32, 49 * 768 * BF16
     dense, lse, heads = 24 * 64 * 64 * F32, 24 * 64 * F32, 24
-    # the dense bias: the table padded by two columns, one of them filled with -inf, gathered
-    bias = (table + heads * 171 * F32) + (2 * heads * F32 + F32) + (heads * 171 * F32 + 64 * 64 * I64 + dense)
+    # the dense bias: one gather from the table through the (64 x 64) index
+    bias = table + 64 * 64 * I64 + dense
     forward = bias + qkv + qkv_bias + dense + out + lse
     ds_part, dbias_part = dense, heads * 3 * 32 * F32  # one backward program
     backward = qkv + qkv_bias + dense + out + out + lse + qkv + dbias_part + ds_part
@@ -171,7 +166,7 @@ def _window_attention():
     d_table = (ds_part + dense) + 2 * scores + (169 * 2401 * F32 + scores + table)
     d_bias = 2 * dbias_part + 2 * dbias_part + (dbias_part + qkv_bias)  # sum, reorder, cast
     least = 2 * (qkv + qkv_bias + table) + 2 * out
-    return 11, forward + backward + d_table + d_bias, least
+    return 9, forward + backward + d_table + d_bias, least
 
 
 # node id -> hand count (launches, bytes moved, least bytes), forward and backward in bf16

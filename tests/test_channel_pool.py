@@ -52,3 +52,24 @@ def test_chain_sums_the_next_readers_gradient(channels_last, used):
     got = torch.autograd.grad(loss(avg, best, again), g)[0]
     ref = torch.autograd.grad(loss(*channel_pool_ref(g), g), g)[0]
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_chunks_combine_non_finite_as_eager(device_tiles, value):
+    """Over several position chunks: a NaN or infinity in a later chunk than the finite
+    maximum, and a channel that is -inf throughout; the combined maximum, its position
+    (through the gradient) and the average are eager's."""
+    g = torch.randn(1, 4, 20, 21, device=DEVICE)
+    g[0, 0, 0, 5] = 50.0  # first chunk
+    g[0, 0, 15, 3] = value  # a later chunk
+    g[0, 1, 16, 0] = value
+    g[0, 2] = float("-inf")
+    g.requires_grad_()
+    avg, best = channel_pool(g)
+    ravg, rbest = channel_pool_ref(g)
+    torch.testing.assert_close(avg, ravg, equal_nan=True)
+    torch.testing.assert_close(best, rbest, equal_nan=True)
+    ones = (torch.ones_like(avg), torch.ones_like(best))
+    got = torch.autograd.grad((avg, best), g, ones)[0]
+    ref = torch.autograd.grad((ravg, rbest), g, ones)[0]
+    torch.testing.assert_close(got, ref, equal_nan=True)

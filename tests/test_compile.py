@@ -17,7 +17,7 @@ import hifuse_kernels
 # gated LayerNorm, the IRMLP's GELU + residual, its conv3 taking the GELU on load and seven
 # training BatchNorms (six in the first, which has no Updim)
 TRAINING_OPS = {
-    "window_attention": 5, "residual_layer_norm": 5, "patch_merge_norm": 3,
+    "window_attention": 5, "window_attention_dense_bias": 5, "residual_layer_norm": 5, "patch_merge_norm": 3,
     "dwconv_layer_norm": 5, "gelu_residual": 5 + 4,
     "layer_norm_cat_rows": 4, "channel_pool": 4, "spatial_pool": 4, "gated_layer_norm": 4, "gelu_linear": 4,
     "batch_norm_stats": 27, "batch_norm_act": 27,

@@ -222,7 +222,8 @@ def test_flops_match_eager():
     # With gradients (training), at 224x224, where no stage pads its windows, fused and eager
     # count the same but for the proj -> fc1 pair, which keeps only its input: fc1's weight
     # gradient comes from it through proj's weight (2c^3 per block where a block has more
-    # tokens than channels, else proj's output is rebuilt, 2tc^2). In inference the fused
+    # tokens than channels, else proj's output is rebuilt, 2tc^2), and proj's bias gradient
+    # comes from fc1's through fc1's weight (a vector product, 2c^2). In inference the fused
     # block merges proj and fc1 into one GEMM, and with padding it skips the padded tokens'
     # projections: fewer FLOPs. The training counts run on fake tensors (shapes only).
     model = hifuse.create_model("hifuse_tiny", num_classes=3, depths=(1, 2, 1, 1)).to(DEVICE)
@@ -235,7 +236,7 @@ def test_flops_match_eager():
             model(torch.zeros(1, 3, 64, 64, device=DEVICE))  # builds the merged weights
         inference = hifuse.count_flops(model, (3, 64, 64))
     tokens = [(224 // 4 // 2**i) ** 2 for i in range(4)]
-    rebuilt = sum(d * 2 * min(t, c) * c * c for d, t, c in zip(model.depths, tokens, model.dims))
+    rebuilt = sum(d * (2 * min(t, c) * c * c + 2 * c * c) for d, t, c in zip(model.depths, tokens, model.dims))
     assert sum(fused.values()) == sum(eager.values()) + rebuilt
     assert fused["window_attention"] == eager["bmm"] // 3  # forward share of eager's bmm
     assert inference < hifuse.count_flops(model, (3, 64, 64))
