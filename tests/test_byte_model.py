@@ -121,7 +121,7 @@ def _patch_merge_norm():
 
 
 def _channel_pool():
-    g, vec = 64 * 96 * BF16, 96 * F32  # fusion stage 1: (1, 96, 8, 8) bf16; 2 chunks of 32 positions
+    g = 64 * 96 * BF16  # fusion stage 1: (1, 96, 8, 8) bf16; 2 chunks of 32 positions
     parts = 2 * 96  # (1, 2, 96) partial sums, maxima (f32) and positions (i32)
     kernel = g + 3 * parts * F32
     combine = 3 * parts * F32 + 2 * 96 * BF16 + 96 * F32  # partials in; average, maximum (bf16), position out

@@ -3,7 +3,6 @@ the start of the next forward, hold the values of that moment, and change no res
 
 from __future__ import annotations
 
-import pytest
 import torch
 import torch.nn.functional as F
 
