@@ -277,9 +277,11 @@ if triton is not None:
         tl.store(DB + c, dz.to(DB.dtype.element_ty), mask=cmask)
 
     @triton.jit
-    def _bwd_apply_kernel(G, Y, R, MEAN, INVSTD, W, B, SUM_DZ, SUM_DZXH, DY, DR, M, C, H, WIDTH,
+    def _bwd_apply_kernel(G, Y, R, MEAN, INVSTD, W, B, SUM_DZ, SUM_DZXH, DY, DR, DYSUM_PART, M, C, H, WIDTH,
                           PROLOGUE: tl.constexpr, ACT: tl.constexpr, POOL: tl.constexpr,
-                          BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+                          BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, DYSUM: tl.constexpr = False):
+        """dy (and with PROLOGUE the residual's gradient); with DYSUM this row block's column
+        sums of dy as written (the bias gradient of a GEMM that made y)."""
         rows, c, cmask, m = _tile(M, C, BLOCK_M, BLOCK_C)
         offs = rows[:, None] * C + c[None, :]
         xhat, dz, scale = _bwd_recompute(
@@ -292,7 +294,11 @@ if triton is not None:
             tl.store(DR + offs, dv.to(DR.dtype.element_ty), mask=m)
             y = tl.load(Y + offs, mask=m, other=0.0).to(tl.float32)
             dv = dv * gelu_grad(y)
-        tl.store(DY + offs, dv.to(DY.dtype.element_ty), mask=m)
+        dy = dv.to(DY.dtype.element_ty)
+        tl.store(DY + offs, dy, mask=m)
+        if DYSUM:
+            part = tl.program_id(0).to(tl.int64) * C + c
+            tl.store(DYSUM_PART + part, tl.sum(tl.where(m, dy.to(tl.float32), 0.0), 0), mask=cmask)
 
 
 
@@ -403,8 +409,11 @@ def _apply_op(
 def _backward_op(
     grad: torch.Tensor, y: torch.Tensor, residual: torch.Tensor | None, mean: torch.Tensor,
     invstd: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, act: int, height: int, width: int,
-    pool: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    pool: bool, dy_sum: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dy, dresidual, dweight, dbias, colsum(dy)): the last, with ``dy_sum`` (else empty), in
+    float32 from the apply kernel's partials: the bias gradient of the GEMM that made y, with
+    no pass of its own over dy."""
     m, c = y.shape
     r = y if residual is None else residual
     flags = dict(PROLOGUE=residual is not None, ACT=act, POOL=pool, **_launch("backward", m, y, residual, pool,
@@ -429,10 +438,12 @@ def _backward_op(
     )
     dy = torch.empty_like(y)
     dr = torch.empty_like(r) if residual is not None else torch.empty(0, device=y.device, dtype=y.dtype)
+    parts = torch.empty((grid[0] if dy_sum else 0, c), device=y.device, dtype=torch.float32)
     _triton.wrap_triton(_bwd_apply_kernel)[grid](
-        grad, y, r, mean, invstd, weight, bias, sum_dz, sum_dzxh, dy, dr, m, c, height, width, **flags
+        grad, y, r, mean, invstd, weight, bias, sum_dz, sum_dzxh, dy, dr, parts, m, c, height, width, **flags,
+        DYSUM=dy_sum,
     )
-    return dy, dr, dw, db
+    return dy, dr, dw, db, parts.sum(0) if dy_sum else parts.new_empty((0,))
 
 
 @_stats_op.register_fake
@@ -448,9 +459,10 @@ def _(y, residual, mean, invstd, weight, bias, act, height, width, pool, out_dty
 
 
 @_backward_op.register_fake
-def _(grad, y, residual, mean, invstd, weight, bias, act, height, width, pool):
+def _(grad, y, residual, mean, invstd, weight, bias, act, height, width, pool, dy_sum=False):
     dr = torch.empty_like(residual) if residual is not None else y.new_empty((0,))
-    return torch.empty_like(y), dr, torch.empty_like(weight), torch.empty_like(bias)
+    dsum = y.new_empty((y.shape[1] if dy_sum else 0,), dtype=torch.float32)
+    return torch.empty_like(y), dr, torch.empty_like(weight), torch.empty_like(bias), dsum
 
 
 def _setup_context(ctx, inputs, output):
@@ -462,7 +474,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad):
     y, residual, mean, invstd, weight, bias = ctx.saved_tensors
-    dy, dr, dw, db = torch.ops.hifuse.batch_norm_act_backward(
+    dy, dr, dw, db, _ = torch.ops.hifuse.batch_norm_act_backward(
         grad.contiguous(), y, residual, mean, invstd, weight, bias, *ctx.args
     )
     # mean and invstd are batch statistics: their gradients flow through the reduction

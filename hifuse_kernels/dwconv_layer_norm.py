@@ -83,7 +83,9 @@ if triton is not None:
 
     @triton.jit
     def _fwd_kernel(X, CW, CB, LW, LB, OUT, MEAN, RSTD, P, H, W, C, eps,
-                    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+                    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, PAD: tl.constexpr = 0):
+        """PAD > 0: the output rows are C + PAD wide, column C ones and the rest zeros, so that a
+        weight-gradient GEMM over them also gives the bias gradient."""
         h, w, c, pos, pmask = _tile(P, H, W, BLOCK_P, BLOCK_C)
         cmask = c < C
         y = _conv_tile(X, CW, CB, pos, h, w, pmask, c, H, W, C, BLOCK_P, BLOCK_C)
@@ -94,7 +96,12 @@ if triton is not None:
         lw = tl.load(LW + c, mask=cmask, other=0.0).to(tl.float32)
         lb = tl.load(LB + c, mask=cmask, other=0.0).to(tl.float32)
         out = d * rstd[:, None] * lw[None, :] + lb[None, :]
-        tl.store(OUT + pos[:, None] * C + c[None, :], out.to(OUT.dtype.element_ty), mask=pmask[:, None] & cmask[None, :])
+        at = OUT + pos[:, None] * (C + PAD)
+        tl.store(at + c[None, :], out.to(OUT.dtype.element_ty), mask=pmask[:, None] & cmask[None, :])
+        if PAD > 0:
+            j = tl.arange(0, PAD)
+            ones = tl.where(pmask[:, None] & (j[None, :] == 0), 1.0, 0.0).to(OUT.dtype.element_ty)
+            tl.store(at + C + j[None, :], ones, mask=pmask[:, None])
         tl.store(MEAN + pos, mean, mask=pmask)
         tl.store(RSTD + pos, rstd, mask=pmask)
 
@@ -237,18 +244,25 @@ def _launch(x, name: str = "forward", channels: int | None = None) -> tuple[tupl
     return _triton.grid(triton.cdiv(n * h * w, tile["BLOCK_P"])), tile
 
 
+# columns after the output rows with ``ones``: 8 keeps a bf16/fp16 row 16-byte aligned for the GEMM
+ONES_PAD = 8
+
+
 @_triton.define_op("hifuse::dwconv_layer_norm", mutates_args=())
 def _fwd_op(
     x: torch.Tensor, conv_weight: torch.Tensor, conv_bias: torch.Tensor, ln_weight: torch.Tensor,
-    ln_bias: torch.Tensor, eps: float, out_dtype: torch.dtype,
+    ln_bias: torch.Tensor, eps: float, out_dtype: torch.dtype, ones: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out, mean, rstd); ``ones``: out is (N, H, W, C + ONES_PAD), column C ones and the rest
+    zeros (the rows a GEMM's weight gradient with its bias gradient reads)."""
     n, h, w, c = x.shape
-    out = torch.empty_like(x, dtype=out_dtype)
+    pad = ONES_PAD if ones else 0
+    out = torch.empty((n, h, w, c + pad), device=x.device, dtype=out_dtype)
     mean = torch.empty(n, h, w, device=x.device, dtype=torch.float32)
     rstd = torch.empty_like(mean)
     grid, tile = _launch(x)
     _triton.wrap_triton(_fwd_kernel)[grid](
-        x, conv_weight, conv_bias, ln_weight, ln_bias, out, mean, rstd, n * h * w, h, w, c, eps, **tile
+        x, conv_weight, conv_bias, ln_weight, ln_bias, out, mean, rstd, n * h * w, h, w, c, eps, PAD=pad, **tile
     )
     return out, mean, rstd
 
@@ -302,9 +316,10 @@ def backward(grad, x, conv_weight, conv_bias, ln_weight, mean, rstd, grad_x=None
 
 
 @_fwd_op.register_fake
-def _(x, conv_weight, conv_bias, ln_weight, ln_bias, eps, out_dtype):
+def _(x, conv_weight, conv_bias, ln_weight, ln_bias, eps, out_dtype, ones=False):
     stat = x.new_empty(x.shape[:3], dtype=torch.float32)
-    return torch.empty_like(x, dtype=out_dtype), stat, torch.empty_like(stat)
+    out = x.new_empty((*x.shape[:3], x.shape[3] + (ONES_PAD if ones else 0)), dtype=out_dtype)
+    return out, stat, torch.empty_like(stat)
 
 
 @_bwd_op.register_fake
@@ -314,15 +329,16 @@ def _(grad, x, conv_weight, conv_bias, ln_weight, mean, rstd, grad_x=None):
 
 
 def _setup_context(ctx, inputs, output):
-    x, conv_weight, conv_bias, ln_weight, _ln_bias, _eps, _out_dtype = inputs
+    x, conv_weight, conv_bias, ln_weight, _ln_bias, _eps, _out_dtype, *_ones = inputs
     _out, mean, rstd = output
     ctx.save_for_backward(x, conv_weight, conv_bias, ln_weight, mean, rstd)
 
 
 def _backward(ctx, grad, _gm, _gr):
     x, conv_weight, conv_bias, ln_weight, mean, rstd = ctx.saved_tensors
-    grad = torch.zeros_like(x) if grad is None else grad.contiguous()
-    return (*backward(grad, x, conv_weight, conv_bias, ln_weight, mean, rstd), None, None)
+    # the ones column takes no gradient
+    grad = torch.zeros_like(x) if grad is None else grad[..., : x.shape[-1]].contiguous()
+    return (*backward(grad, x, conv_weight, conv_bias, ln_weight, mean, rstd), None, None, None)
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)

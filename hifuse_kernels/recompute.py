@@ -72,7 +72,7 @@ class BatchNormApply:
 
     @staticmethod
     def grad(grad_a, aux, y, residual, mean, invstd, weight, bias, act, height, width, pool, out_dtype):
-        dy, dr, dw, db = torch.ops.hifuse.batch_norm_act_backward(
+        dy, dr, dw, db, _ = torch.ops.hifuse.batch_norm_act_backward(
             grad_a.contiguous(), y, residual, mean, invstd, weight, bias, act, height, width, pool
         )
         # mean and invstd are batch statistics: their gradients are in dy's reduction terms
@@ -164,7 +164,8 @@ class GatedLayerNormRows:
         """The gradients of ``src`` (through the op and the BatchNorm apply that makes its x)
         for the result's gradient ``grad`` (plus ``grad2``, summed on load), args the op's."""
         g, channel_gate, l, spatial_gate, x, weight = args[:6]
-        dg, dcg, dl, dsg, dx, dw, db = gln.backward(grad, g, channel_gate, l, spatial_gate, x, weight, mean, rstd, grad2)
+        dg, dcg, dl, dsg, dx, dw, db = gln.backward(grad, g, channel_gate, l, spatial_gate, x, weight, mean, rstd,
+                                                    grad2)
         dbn = BatchNormApply.grad(dx.view(-1, dx.shape[-1]), (), *src[11:])
         return (None, None, None, dg, dcg, dl, dsg, None, dw, db, None, *dbn)
 
@@ -213,15 +214,22 @@ def mm_to(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return (a @ b).to(dtype)
 
 
-def _linear_backward(grad, a, weight, bias, weight_dtype=None, bias_dtype=None, a_dtype=None):
+def _linear_backward(grad, a, weight, bias, weight_dtype=None, bias_dtype=None, a_dtype=None, a_ones=None):
     """Gradients of ``F.linear(a, weight, bias)`` (weight and bias as the GEMM took them):
     computed in grad's dtype (the GEMM's, under autocast), each in the dtype of what it
     belongs to (``weight_dtype``, ``bias_dtype``: the parameters', where the GEMM took casts;
-    ``a_dtype``: the input's, where the GEMM took a cast of it)."""
+    ``a_dtype``: the input's, where the GEMM took a cast of it). ``a_ones``: a's rows with a
+    ones column after them (a is its first columns); the weight-gradient GEMM over it also
+    gives the bias gradient, with no pass of its own over grad."""
     dtype = grad.dtype
     rows = grad.reshape(-1, grad.shape[-1])
     # a float32 input's gradient straight from the GEMM
     da = mm_to(rows, weight.to(dtype), a_dtype or a.dtype).view(a.shape)
+    if a_ones is not None and bias is not None and a_ones.dtype == dtype:
+        k = a.shape[-1]
+        # (a | 1)^T grad: dw^T above, colsum(grad) in row k (contiguous, as the bias's gradient)
+        both = mm_to(a_ones.t(), rows, weight_dtype or weight.dtype)
+        return da, both[:k].t(), both[k].to(bias_dtype or bias.dtype)
     dw = mm_to(rows.t(), a.to(dtype).reshape(-1, a.shape[-1]), weight_dtype or weight.dtype)
     db = rows.sum(0, dtype=bias_dtype or bias.dtype) if bias is not None else None
     return da, dw, db
@@ -400,9 +408,14 @@ class _DwconvLayerNormLinearResidual(torch.autograd.Function):
         weight, bias, y, a, mean, rstd, *tensors = ctx.saved_tensors
         args = _join(tensors, ctx.consts)
         grad = grad.contiguous()
+        ones = None
         if a is None:
-            a = DwconvLayerNorm.make(*args)[0]
-        da, dw, db = _linear_backward(torch.ops.hifuse.gelu_backward(grad, y), a, weight, bias, *ctx.dtypes)
+            # rebuilt with a ones column when there is a bias: its gradient comes from the weight's GEMM
+            c = args[0].shape[-1]
+            ones = torch.ops.hifuse.dwconv_layer_norm(*args, bias is not None)[0]
+            a, ones = ones[..., :c], ones.view(-1, ones.shape[-1])
+        da, dw, db = _linear_backward(torch.ops.hifuse.gelu_backward(grad, y), a, weight, bias, *ctx.dtypes,
+                                      a_ones=ones)
         x, conv_weight, conv_bias, ln_weight = args[:4]
         grads = dln.backward(da.contiguous(), x, conv_weight, conv_bias, ln_weight, mean, rstd, grad)
         return (dw, db, None, *grads, None, None)
@@ -492,12 +505,16 @@ class _ResidualLayerNormLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out, grad):
         y, shortcut, ln_weight, ln_bias, mean, rstd, weight, bias, source, normed = ctx.saved_tensors
+        ones = None
         if normed is None:
+            # rebuilt with a ones column when there is a bias: its gradient comes from the weight's GEMM
             inputs = (y, shortcut) if source is None else (None, source)
-            normed = torch.ops.hifuse.residual_layer_norm(*inputs, ln_weight, ln_bias, ctx.eps, ctx.norm_dtype)[1]
+            ones = torch.ops.hifuse.residual_layer_norm(*inputs, ln_weight, ln_bias, ctx.eps, ctx.norm_dtype, 1, 1, 1,
+                                                        bias is not None)[1]
+            normed = ones[:, : shortcut.shape[-1]]
         if grad is None:  # the product unused (gradients are not materialised)
             grad = normed.new_zeros(normed.shape[:-1] + weight.shape[:1], dtype=weight.dtype)
-        dnormed, dw, db = _linear_backward(grad, normed, weight, bias, *ctx.dtypes)
+        dnormed, dw, db = _linear_backward(grad, normed, weight, bias, *ctx.dtypes, a_ones=ones)
         grad_out = grad_out.contiguous() if y is not None and grad_out is not None else None
         dy, ds, dlw, dlb = rln.backward(grad_out, dnormed.contiguous(), y, shortcut, ln_weight, mean, rstd)
         return (dy if y is not None else None), ds, dlw, dlb, None, None, dw, db, None, None
@@ -551,11 +568,13 @@ class _LinearBatchNorm(torch.autograd.Function):
         act, height, width, pool, gemm_dtype = ctx.consts
         if y is None:
             y = LinearBatchNorm.gemm(x, weight, bias, gemm_dtype)
-        dy, _dr, dbw, dbb = torch.ops.hifuse.batch_norm_act_backward(
+        # the GEMM's bias gradient, colsum(dy), summed by the kernel that writes dy
+        dy, _dr, dbw, dbb, dy_sum = torch.ops.hifuse.batch_norm_act_backward(
             grad.permute(0, 2, 3, 1).contiguous().view(-1, grad.shape[1]), y, None, mean, invstd, bn_weight, bn_bias,
-            act, height, width, pool,
+            act, height, width, pool, bias is not None,
         )
-        dx, dw, db = _linear_backward(dy, x, weight, bias, *ctx.dtypes)
+        dx, dw, _ = _linear_backward(dy, x, weight, None, *ctx.dtypes)
+        db = None if bias is None else dy_sum.to(ctx.dtypes[1])
         if grad_after is not None:
             dx = dx + grad_after
         return dx, None, dw, db, None, None, dbw, dbb, *[None] * 13

@@ -82,7 +82,10 @@ if triton is not None:
 
     @triton.jit
     def _fwd_kernel(Y, S, W, B, OUT, NORMED, MEAN, RSTD, M, C, H, WIDTH, eps,
-                    PROLOGUE: tl.constexpr, PATCH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+                    PROLOGUE: tl.constexpr, PATCH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+                    PAD: tl.constexpr = 0):
+        """PAD > 0 (PATCH 1): the normalised rows are C + PAD wide, column C ones and the rest
+        zeros, so that a weight-gradient GEMM over them also gives the bias gradient."""
         rows, c, cmask, m, offs = _rows(M, C, BLOCK_M, BLOCK_C)
         x = _stream(Y, S, offs, m, PROLOGUE)
         if PROLOGUE:
@@ -93,7 +96,13 @@ if triton is not None:
         w = tl.load(W + c, mask=cmask, other=0.0).to(tl.float32)
         b = tl.load(B + c, mask=cmask, other=0.0).to(tl.float32)
         normed = (d * rstd[:, None] * w[None, :] + b[None, :]).to(NORMED.dtype.element_ty)
-        if PATCH == 1:
+        if PAD > 0:
+            at = NORMED + rows[:, None] * (C + PAD)
+            tl.store(at + c[None, :], normed, mask=m)
+            j = tl.arange(0, PAD)
+            ones = tl.where((rows[:, None] >= 0) & (j[None, :] == 0), 1.0, 0.0).to(NORMED.dtype.element_ty)
+            tl.store(at + C + j[None, :], ones, mask=(rows < M)[:, None])
+        elif PATCH == 1:
             tl.store(NORMED + offs, normed, mask=m)
         else:
             out, keep = _normed_rows(rows, M, H, WIDTH, PATCH)
@@ -147,6 +156,10 @@ def _empty(like: torch.Tensor) -> torch.Tensor:
     return like.new_empty((0,))
 
 
+# columns after the normalised rows with ``ones``: 8 keeps a bf16/fp16 row 16-byte aligned for the GEMM
+ONES_PAD = 8
+
+
 def _normed_count(m: int, patch: int, height: int, width: int) -> int:
     """Rows of the normalised output: m, or those that fill a patch window."""
     if patch == 1:
@@ -157,23 +170,28 @@ def _normed_count(m: int, patch: int, height: int, width: int) -> int:
 @_triton.define_op("hifuse::residual_layer_norm", mutates_args=())
 def _fwd_op(
     y: torch.Tensor | None, shortcut: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
-    norm_dtype: torch.dtype, patch: int = 1, height: int = 1, width: int = 1,
+    norm_dtype: torch.dtype, patch: int = 1, height: int = 1, width: int = 1, ones: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(out, normed, mean, rstd). ``patch`` > 1 (no prologue; shortcut (B*height*width, C)
     rows): normed holds the rows in the order of the (B, height/k, width/k, k, k) patches of a
-    k x k / k convolution (as ``patch_conv`` gathers them), the rows no window takes left out."""
+    k x k / k convolution (as ``patch_conv`` gathers them), the rows no window takes left out.
+    ``ones`` (patch 1): normed is (M, C + ONES_PAD), column C ones and the rest zeros (see
+    ``ones_column``)."""
+    if ones and patch != 1:
+        raise ValueError("residual_layer_norm: ones takes patch 1")
     m, c = shortcut.shape
     prologue = y is not None
     out = _empty(shortcut)
     if prologue:
         out = torch.empty((m, c), device=shortcut.device, dtype=torch.promote_types(y.dtype, shortcut.dtype))
-    normed = torch.empty((_normed_count(m, patch, height, width), c), device=shortcut.device, dtype=norm_dtype)
+    pad = ONES_PAD if ones else 0
+    normed = torch.empty((_normed_count(m, patch, height, width), c + pad), device=shortcut.device, dtype=norm_dtype)
     mean = torch.empty((m,), device=shortcut.device, dtype=torch.float32)
     rstd = torch.empty_like(mean)
     block_m = _triton.rows_per_program(c)
     _triton.wrap_triton(_fwd_kernel)[(triton.cdiv(m, block_m),)](
         y if prologue else shortcut, shortcut, weight, bias, out, normed, mean, rstd, m, c, height, width, eps,
-        PROLOGUE=prologue, PATCH=patch, BLOCK_M=block_m, **_triton.row_tile(c, block_m),
+        PROLOGUE=prologue, PATCH=patch, BLOCK_M=block_m, PAD=pad, **_triton.row_tile(c, block_m),
     )
     return out, normed, mean, rstd
 
@@ -217,11 +235,12 @@ def backward(grad_out, grad_normed, y, shortcut, weight, mean, rstd, patch: int 
 
 
 @_fwd_op.register_fake
-def _(y, shortcut, weight, bias, eps, norm_dtype, patch=1, height=1, width=1):
+def _(y, shortcut, weight, bias, eps, norm_dtype, patch=1, height=1, width=1, ones=False):
     m, c = shortcut.shape
     out = _empty(shortcut) if y is None else shortcut.new_empty((m, c), dtype=torch.promote_types(y.dtype, shortcut.dtype))
     stat = shortcut.new_empty((m,), dtype=torch.float32)
-    normed = shortcut.new_empty((_normed_count(m, patch, height, width), c), dtype=norm_dtype)
+    rows = _normed_count(m, patch, height, width)
+    normed = shortcut.new_empty((rows, c + (ONES_PAD if ones else 0)), dtype=norm_dtype)
     return out, normed, stat, torch.empty_like(stat)
 
 
@@ -236,8 +255,9 @@ def _setup_context(ctx, inputs, output):
     _out, normed, mean, rstd = output
     ctx.save_for_backward(y, shortcut, weight, mean, rstd)
     ctx.has_y = y is not None
-    ctx.normed = (normed.shape, normed.dtype)
-    ctx.geometry = tuple(geometry)
+    ctx.normed = (normed.shape[:-1] + shortcut.shape[-1:], normed.dtype)
+    ctx.padded = normed.shape[-1] != shortcut.shape[-1]  # the ones column: no gradient
+    ctx.geometry = tuple(geometry[:3])
     ctx.set_materialize_grads(False)  # no zero-filled gradients for the statistics
 
 
@@ -245,11 +265,13 @@ def _backward(ctx, grad_out, grad_normed, _gm, _gr):
     y, shortcut, weight, mean, rstd = ctx.saved_tensors
     if grad_normed is None:
         grad_normed = torch.zeros(ctx.normed[0], device=shortcut.device, dtype=ctx.normed[1])
+    elif ctx.padded:
+        grad_normed = grad_normed[:, : shortcut.shape[-1]]
     if not ctx.has_y:
         grad_out = None
     dy, ds, dw, db = backward(None if grad_out is None else grad_out.contiguous(), grad_normed.contiguous(), y,
                               shortcut, weight, mean, rstd, *ctx.geometry)
-    return (dy if ctx.has_y else None), ds, dw, db, None, None, *[None] * len(ctx.geometry)
+    return (dy if ctx.has_y else None), ds, dw, db, None, None, *[None] * (len(ctx.geometry) + 1)
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)

@@ -50,7 +50,8 @@ WRITES = {
     "batch_norm_act._apply_pool_kernel": {"OUT"},
     "batch_norm_act._bwd_reduce_kernel": {"SUM_DZ_PART", "SUM_DZXH_PART"},
     "batch_norm_act._bwd_sums_kernel": {"SUM_DZ", "SUM_DZXH", "DW", "DB"},
-    "batch_norm_act._bwd_apply_kernel": lambda k: {"DY"} | ({"DR"} if k["PROLOGUE"] else set()),
+    "batch_norm_act._bwd_apply_kernel": lambda k: {"DY"} | ({"DR"} if k["PROLOGUE"] else set())
+    | ({"DYSUM_PART"} if k.get("DYSUM") else set()),
     "residual_layer_norm._fwd_kernel": lambda k: {"NORMED", "MEAN", "RSTD"} | ({"OUT"} if k["PROLOGUE"] else set()),
     "residual_layer_norm._bwd_kernel": lambda k: {"DS", "PART_W", "PART_B"} | ({"DY"} if k["PROLOGUE"] else set()),
     "channel_pool._channel_pool_kernel": {"SUM", "MAX", "ARG"},

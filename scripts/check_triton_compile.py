@@ -116,9 +116,14 @@ def cases(dtype: str):
     for block_c in (128, 256, 512, 1024):  # every channel block of HiFuse (96 .. 768 channels)
         tile = dln._launch_tile(1 << 20, block_c)
         tiles = dict(BLOCK_P=tile["BLOCK_P"], BLOCK_C=block_c, WARPS=tile["num_warps"])
-        yield dln._fwd_kernel, dict(X="dt", CW=f32, CB=f32, LW=f32, LB=f32, OUT="dt", MEAN=f32, RSTD=f32), tiles
+        yield dln._fwd_kernel, dict(X="dt", CW=f32, CB=f32, LW=f32, LB=f32, OUT="dt", MEAN=f32, RSTD=f32), \
+            {**tiles, "PAD": 0}
         # under autocast: the fp32 stream in, the GEMM's dtype out
-        yield dln._fwd_kernel, dict(X=f32, CW=f32, CB=f32, LW=f32, LB=f32, OUT="dt", MEAN=f32, RSTD=f32), tiles
+        yield dln._fwd_kernel, dict(X=f32, CW=f32, CB=f32, LW=f32, LB=f32, OUT="dt", MEAN=f32, RSTD=f32), \
+            {**tiles, "PAD": 0}
+        # backward's rebuild, with the ones column
+        yield dln._fwd_kernel, dict(X=f32, CW=f32, CB=f32, LW=f32, LB=f32, OUT="dt", MEAN=f32, RSTD=f32), \
+            {**tiles, "PAD": dln.ONES_PAD}
         norm = dln.norm_backward_tile(1 << 20, block_c)
         norm = dict(BLOCK_P=norm["BLOCK_P"], BLOCK_C=block_c, WARPS=norm["num_warps"])
         for x in ("dt", f32):  # f32: under autocast, the fp32 stream with the GEMM's gradient
@@ -165,8 +170,10 @@ def cases(dtype: str):
                     bwd = {**tile(bna.BWD_BLOCK_M), **flags, "POOL": pool}
                     yield bna._bwd_reduce_kernel, dict(G=out, **io, MEAN=f32, INVSTD=f32, W=f32, B=f32,
                                                        SUM_DZ_PART="fp64", SUM_DZXH_PART="fp64"), bwd
-                    yield bna._bwd_apply_kernel, dict(G=out, **io, MEAN=f32, INVSTD=f32, W=f32, B=f32, SUM_DZ=f32,
-                                                      SUM_DZXH=f32, DY="dt", DR=io["R"]), bwd
+                    for dysum in (False, True):  # with the GEMM bias's partials (the fusion blocks' BatchNorms)
+                        yield bna._bwd_apply_kernel, dict(G=out, **io, MEAN=f32, INVSTD=f32, W=f32, B=f32, SUM_DZ=f32,
+                                                          SUM_DZXH=f32, DY="dt", DR=io["R"], DYSUM_PART=f32), \
+                            {**bwd, "DYSUM": dysum}
     for block_c in (bna.BLOCK_C, 1):  # the combining kernels take the channel block of the passes
         yield bna._bwd_sums_kernel, dict(SUM_DZ_PART="fp64", SUM_DZXH_PART="fp64", SUM_DZ=f32, SUM_DZXH=f32, DW=f32,
                                          DB=f32), dict(BLOCK_C=block_c, WARPS=bna.COMBINE_WARPS)
@@ -177,8 +184,9 @@ def cases(dtype: str):
     for c in (96, 192, 384, 768):  # fp32 residual stream, dt GEMM output and normalised rows (autocast)
         rows = row_launch(c, 1, "BLOCK_M")
         for prologue, patch in ((False, 1), (True, 1), (False, 2)):  # patch 2: the local downsamples' order
-            yield rln._fwd_kernel, dict(Y="dt", S=f32, W=f32, B=f32, OUT=f32, NORMED="dt", MEAN=f32, RSTD=f32), \
-                {**rows, "PROLOGUE": prologue, "PATCH": patch}
+            for pad in (0, rln.ONES_PAD) if patch == 1 else (0,):  # with the ones column (backward's rebuild)
+                yield rln._fwd_kernel, dict(Y="dt", S=f32, W=f32, B=f32, OUT=f32, NORMED="dt", MEAN=f32, RSTD=f32), \
+                    {**rows, "PROLOGUE": prologue, "PATCH": patch, "PAD": pad}
             yield rln._bwd_kernel, dict(DOUT=f32, DNORMED="dt", Y="dt", S=f32, W=f32, MEAN=f32, RSTD=f32, DY="dt",
                                         DS=f32, PART_W=f32, PART_B=f32), \
                 {**row_launch(c, rln.BWD_TILES, "BLOCK_M"), "PROLOGUE": prologue, "HAS_DOUT": prologue,

@@ -81,6 +81,27 @@ def test_pooled_output(tiles, shape, act):
     torch.testing.assert_close(bn.running_var, ref_bn.running_var)
 
 
+@pytest.mark.parametrize("shape", [(3, 70, 13, 11), (1, 96, 5, 3)])
+@pytest.mark.parametrize("residual", [False, True])
+def test_backward_sums_dy(tiles, shape, residual):
+    """``dy_sum``: the column sums of dy as written (a GEMM's bias gradient), from the apply
+    kernel's partials; the other outputs unchanged."""
+    n, c, h, w = shape
+    gen = torch.Generator().manual_seed(2)
+    y = torch.randn(n * h * w, c, generator=gen).to(DEVICE).to(torch.bfloat16)
+    r = torch.randn(n * h * w, c, generator=gen).to(DEVICE) if residual else None
+    bn = _bn(c)
+    mean, invstd, _var = torch.ops.hifuse.batch_norm_stats(y, r, 1e-5, None, None, None, 0.1)
+    grad = torch.randn(n * h * w, c, generator=gen).to(DEVICE)
+    args = (grad, y, r, mean, invstd, bn.weight.detach(), bn.bias.detach(), 1, h, w, False)
+    plain = torch.ops.hifuse.batch_norm_act_backward(*args)
+    summed = torch.ops.hifuse.batch_norm_act_backward(*args, True)
+    assert plain[4].numel() == 0 and summed[4].dtype == torch.float32
+    for a, b in zip(summed[:4], plain[:4]):
+        assert torch.equal(a, b)
+    torch.testing.assert_close(summed[4], summed[0].float().sum(0), rtol=1e-5, atol=1e-4)
+
+
 def test_out_dtype_is_the_cast_result():
     out, ref, bn, ref_bn, xs, rs = _run_both((2, 40, 5, 3), None, True)
     bn2 = copy.deepcopy(ref_bn)

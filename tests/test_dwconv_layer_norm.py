@@ -72,6 +72,28 @@ def _ref_rounding_conv_grad(inputs, dtype):
     return torch.nn.functional.layer_norm(y, (c,), lw, lb, 1e-6)
 
 
+def test_ones_column(tiles):
+    """``ones``: the same rows, then a ones column and zeros to ONES_PAD; the statistics and
+    the gradients through the padded output unchanged."""
+    from hifuse_kernels.dwconv_layer_norm import ONES_PAD
+
+    inputs = _inputs((2, 5, 7, 96))
+    x, cw, cb, lw, lb = inputs
+    plain = torch.ops.hifuse.dwconv_layer_norm(x, cw, cb, lw, lb, 1e-6, torch.bfloat16)
+    padded = torch.ops.hifuse.dwconv_layer_norm(x, cw, cb, lw, lb, 1e-6, torch.bfloat16, True)
+    assert padded[0].shape == (2, 5, 7, 96 + ONES_PAD)
+    assert torch.equal(padded[0][..., :96], plain[0])
+    tail = torch.zeros(2, 5, 7, ONES_PAD, dtype=torch.bfloat16, device=x.device)
+    tail[..., 0] = 1
+    assert torch.equal(padded[0][..., 96:], tail)
+    assert torch.equal(padded[1], plain[1]) and torch.equal(padded[2], plain[2])
+    grad = torch.randn(padded[0].shape, device=x.device).to(torch.bfloat16)
+    got = torch.autograd.grad(padded[0], inputs, grad)
+    ref = torch.autograd.grad(plain[0], inputs, grad[..., :96])
+    for a, r in zip(got, ref):
+        assert torch.equal(a, r)
+
+
 def test_backward_adds_the_other_gradient_of_x():
     """``grad_x`` (what x receives from another use, e.g. a residual) is summed into dx by the
     conv backward kernel, as adding it after does (to rounding)."""
@@ -180,9 +202,12 @@ def test_flops_match_eager():
         with hifuse.use_fused(attention=False, local=True, patches=True, fusion=False, norm=False):
             fused = hifuse.count_flops(model, (3, 64, 64), backward=True)
     # backward rebuilds each block's normalised map (the pwconv's input, not kept): one more
-    # depthwise convolution per local block
+    # depthwise convolution per local block; the map is rebuilt with ONES_PAD more columns (a
+    # ones column), over which the pwconv's weight-gradient GEMM also gives its bias gradient
+    from hifuse_kernels.dwconv_layer_norm import ONES_PAD
+
     side = [64 // 4 // 2**i for i in range(4)]
-    rebuilt = sum(d * 2 * 9 * s * s * c for d, s, c in zip(model.depths, side, model.dims))
+    rebuilt = sum(d * 2 * (9 + ONES_PAD) * s * s * c for d, s, c in zip(model.depths, side, model.dims))
     assert fused == eager + rebuilt
 
 

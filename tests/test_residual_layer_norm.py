@@ -87,6 +87,34 @@ def test_layer_norm_to_patches(shape, k):
         torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("with_y", [False, True])
+def test_ones_column(tiles, with_y):
+    """``ones``: the same normalised rows, then a ones column and zeros to ONES_PAD; the rest of
+    the outputs unchanged, and a gradient of the padded rows reaches the inputs as the plain
+    rows' would."""
+    from hifuse_kernels.residual_layer_norm import ONES_PAD
+
+    y, x, w, b = _inputs((2, 5, 96))
+    y, x = (y.reshape(-1, 96) if with_y else None), x.reshape(-1, 96)
+    plain = torch.ops.hifuse.residual_layer_norm(y, x, w, b, 1e-5, torch.bfloat16)
+    padded = torch.ops.hifuse.residual_layer_norm(y, x, w, b, 1e-5, torch.bfloat16, 1, 1, 1, True)
+    assert padded[1].shape == (10, 96 + ONES_PAD)
+    assert torch.equal(padded[1][:, :96], plain[1])
+    tail = torch.zeros(10, ONES_PAD, dtype=torch.bfloat16, device=DEVICE)
+    tail[:, 0] = 1
+    assert torch.equal(padded[1][:, 96:], tail)
+    for a, r in zip((padded[0], *padded[2:]), (plain[0], *plain[2:])):
+        assert torch.equal(a, r)
+    grad = torch.randn(10, 96 + ONES_PAD, device=DEVICE).to(torch.bfloat16)
+    leaves = [t for t in (y, x, w, b) if t is not None]
+    got = torch.autograd.grad(padded[1], leaves, grad, allow_unused=True)
+    ref = torch.autograd.grad(plain[1], leaves, grad[:, :96], allow_unused=True)
+    for a, r in zip(got, ref):
+        assert (a is None) == (r is None) and (a is None or torch.equal(a, r))
+    with pytest.raises(ValueError, match="ones takes patch 1"):
+        torch.ops.hifuse.residual_layer_norm(None, x, w, b, 1e-5, torch.bfloat16, 2, 2, 5, True)
+
+
 def test_backward_is_deterministic():
     y, s, w, b = _inputs((4, 49, 96))
     grads = (torch.randn(4, 49, 96, device=DEVICE), torch.randn(4, 49, 96, device=DEVICE))

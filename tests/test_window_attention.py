@@ -223,7 +223,9 @@ def test_flops_match_eager():
     # count the same but for the proj -> fc1 pair, which keeps only its input: fc1's weight
     # gradient comes from it through proj's weight (2c^3 per block where a block has more
     # tokens than channels, else proj's output is rebuilt, 2tc^2), and proj's bias gradient
-    # comes from fc1's through fc1's weight (a vector product, 2c^2). In inference the fused
+    # comes from fc1's through fc1's weight (a vector product, 2c^2); norm1's rows, rebuilt for
+    # qkv's weight gradient, carry ONES_PAD more columns (a ones column: qkv's bias gradient from
+    # the same GEMM, 2 x ONES_PAD x 3c t). In inference the fused
     # block merges proj and fc1 into one GEMM, and with padding it skips the padded tokens'
     # projections: fewer FLOPs. The training counts run on fake tensors (shapes only).
     model = hifuse.create_model("hifuse_tiny", num_classes=3, depths=(1, 2, 1, 1)).to(DEVICE)
@@ -236,7 +238,10 @@ def test_flops_match_eager():
             model(torch.zeros(1, 3, 64, 64, device=DEVICE))  # builds the merged weights
         inference = hifuse.count_flops(model, (3, 64, 64))
     tokens = [(224 // 4 // 2**i) ** 2 for i in range(4)]
-    rebuilt = sum(d * (2 * min(t, c) * c * c + 2 * c * c) for d, t, c in zip(model.depths, tokens, model.dims))
+    from hifuse_kernels.residual_layer_norm import ONES_PAD
+
+    rebuilt = sum(d * (2 * min(t, c) * c * c + 2 * c * c + 2 * ONES_PAD * 3 * c * t)
+                  for d, t, c in zip(model.depths, tokens, model.dims))
     assert sum(fused.values()) == sum(eager.values()) + rebuilt
     assert fused["window_attention"] == eager["bmm"] // 3  # forward share of eager's bmm
     assert inference < hifuse.count_flops(model, (3, 64, 64))
