@@ -97,7 +97,9 @@ def test_layer_norm_cat(benchmark, bench_settings, stage, parts, impl, direction
 def test_gate_pooling(benchmark, bench_settings, stage, which, impl, direction, dtype):
     b, c, side = _op_case(bench_settings, stage, impl)
     x = _feature(b, c, side, DTYPES[dtype], direction == "fwd_bwd")
-    ops = {"channel_pool": (channel_pool_ref, channel_pool), "spatial_pool": (spatial_pool_ref, spatial_pool)}
+    # the fused block takes both channel poolings as one stacked tensor (the SE MLP's batch)
+    ops = {"channel_pool": (channel_pool_ref, lambda t: channel_pool(t, stacked=True)),
+           "spatial_pool": (spatial_pool_ref, spatial_pool)}
     fn = _pick(impl, *ops[which])
     time_op(benchmark, bench_settings, lambda: fn(x), [x], direction, stage=stage, op=which, batch=b, impl=impl,
             dtype=dtype)

@@ -135,7 +135,9 @@ def _launch(name: str, g: torch.Tensor) -> dict:
 
 
 @_triton.define_op("hifuse::channel_pool", mutates_args=())
-def _channel_pool_op(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _channel_pool_op(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pooled, arg): pooled (2, N, C) holds the averages, then the maxima (one tensor, so the
+    shared SE MLP takes both in one pass); arg the first position of each maximum."""
     n, s, c = g.shape
     launch = dict(_launch("forward", g))
     # Chunks of positions keep enough programs busy at small N * C; partials are combined
@@ -149,12 +151,13 @@ def _channel_pool_op(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch
     _triton.wrap_triton(_channel_pool_kernel)[_triton.grid(n, triton.cdiv(c, launch["BLOCK_C"]), chunks)](
         g, part_sum, part_max, part_arg, s, c, chunk, **launch
     )
-    avg, best = torch.empty((n, c), device=g.device, dtype=g.dtype), torch.empty((n, c), device=g.device, dtype=g.dtype)
+    pooled = torch.empty((2, n, c), device=g.device, dtype=g.dtype)
     arg = torch.empty((n, c), device=g.device, dtype=torch.int32)
     _triton.wrap_triton(_channel_pool_combine_kernel)[_triton.grid(n, triton.cdiv(c, launch["BLOCK_C"]))](
-        part_sum, part_max, part_arg, avg, best, arg, s, c, chunks, BLOCK_C=launch["BLOCK_C"], num_warps=1,
+        part_sum, part_max, part_arg, pooled[0], pooled[1], arg, s, c, chunks, BLOCK_C=launch["BLOCK_C"],
+        num_warps=1,
     )
-    return avg, best, arg
+    return pooled, arg
 
 
 @_triton.define_op("hifuse::channel_pool_backward", mutates_args=())
@@ -174,7 +177,7 @@ def _channel_pool_backward_op(
 @_channel_pool_op.register_fake
 def _(g):
     n, _s, c = g.shape
-    return g.new_empty((n, c)), g.new_empty((n, c)), g.new_empty((n, c), dtype=torch.int32)
+    return g.new_empty((2, n, c)), g.new_empty((n, c), dtype=torch.int32)
 
 
 @_channel_pool_backward_op.register_fake
@@ -184,20 +187,20 @@ def _(d_avg, d_max, arg, g, acc=None):
 
 def _channel_pool_setup(ctx, inputs, output):
     (g,) = inputs
-    ctx.save_for_backward(g, output[2])
-    ctx.mark_non_differentiable(output[2])
+    ctx.save_for_backward(g, output[1])
+    ctx.mark_non_differentiable(output[1])
     ctx.set_materialize_grads(False)  # no zero-filled gradient for the argmax
 
 
-def _pool_grads(g, arg, d_avg, d_max, acc=None):
-    d_avg = torch.zeros(arg.shape, device=g.device, dtype=g.dtype) if d_avg is None else d_avg.contiguous()
-    d_max = torch.zeros(arg.shape, device=g.device, dtype=g.dtype) if d_max is None else d_max.contiguous()
+def _pool_grads(g, arg, d_pooled, acc=None):
+    """g's gradient for the (2, N, C) pooled gradient (averages', maxima's; may be expanded)."""
+    d_avg, d_max = d_pooled[0].contiguous(), d_pooled[1].contiguous()
     return torch.ops.hifuse.channel_pool_backward(d_avg, d_max, arg, g, acc)
 
 
-def _channel_pool_backward(ctx, d_avg, d_max, _d_arg):
+def _channel_pool_backward(ctx, d_pooled, _d_arg):
     g, arg = ctx.saved_tensors
-    return _pool_grads(g, arg, d_avg, d_max)
+    return None if d_pooled is None else _pool_grads(g, arg, d_pooled)
 
 
 _channel_pool_op.register_autograd(_channel_pool_backward, setup_context=_channel_pool_setup)
@@ -209,32 +212,34 @@ class _ChannelPoolChain(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, g):
-        avg, best, arg = torch.ops.hifuse.channel_pool(g)
+        pooled, arg = torch.ops.hifuse.channel_pool(g)
         ctx.save_for_backward(g, arg)
         ctx.set_materialize_grads(False)
-        return avg, best, g.detach()
+        return pooled, g.detach()
 
     @staticmethod
-    def backward(ctx, d_avg, d_max, d_after):
+    def backward(ctx, d_pooled, d_after):
         g, arg = ctx.saved_tensors
-        if d_avg is None and d_max is None:
+        if d_pooled is None:
             return d_after
-        return _pool_grads(g, arg, d_avg, d_max, None if d_after is None else d_after.contiguous())
+        return _pool_grads(g, arg, d_pooled, None if d_after is None else d_after.contiguous())
 
 
 # --------------------------------------------------------------------------- functional
 
 
-def channel_pool(g: torch.Tensor, check: bool = True, chain: bool = False):
-    """(average, maximum) over the positions of (N, C, H, W) g, each (N, C, 1, 1), in one pass.
-    ``chain``: (average, maximum, g as its next reader takes it), g's gradient from that reader
-    summed with the pool's in the backward kernel."""
+def channel_pool(g: torch.Tensor, check: bool = True, chain: bool = False, stacked: bool = False):
+    """(average, maximum) over the positions of (N, C, H, W) g, each (N, C, 1, 1), in one pass;
+    ``stacked``: one (2N, C, 1, 1) tensor instead, the averages then the maxima.
+    ``chain``: and g as its next reader takes it, g's gradient from that reader summed with the
+    pool's in the backward kernel."""
     if check:  # False: the caller made the checks once already
         raise_problem("channel_pool", feature_problem("g", g))
         check_device("channel_pool", g)
     n, c, h, w = g.shape
-    if not chain:
-        avg, best, _arg = torch.ops.hifuse.channel_pool(nhwc(g))
-        return avg.view(n, c, 1, 1), best.view(n, c, 1, 1)
-    avg, best, rows = _ChannelPoolChain.apply(nhwc(g))
-    return avg.view(n, c, 1, 1), best.view(n, c, 1, 1), rows.view(n, h, w, c).permute(0, 3, 1, 2)
+    if chain:
+        pooled, rows = _ChannelPoolChain.apply(nhwc(g))
+    else:
+        pooled, _arg = torch.ops.hifuse.channel_pool(nhwc(g))
+    out = (pooled.view(2 * n, c, 1, 1),) if stacked else (pooled[0].view(n, c, 1, 1), pooled[1].view(n, c, 1, 1))
+    return (*out, rows.view(n, h, w, c).permute(0, 3, 1, 2)) if chain else (out[0] if stacked else out)

@@ -227,12 +227,15 @@ def fusion_forward(m: HFFBlock, l: torch.Tensor, g: torch.Tensor, f: torch.Tenso
 
     if chain:
         pooled, l = spatial_pool(l, check=False, chain=True)
-        avg, best, g = channel_pool(g, check=False, chain=True)
+        stats, g = channel_pool(g, check=False, chain=True, stacked=True)
     else:
         pooled = spatial_pool(l, check=False)
-        avg, best = channel_pool(g, check=False)
+        stats = channel_pool(g, check=False, stacked=True)
     spatial_gate = torch.sigmoid(conv_bn_forward(m.spatial, pooled))
-    channel_gate = torch.sigmoid(m.se(best) + m.se(avg))
+    # the shared SE MLP over the averages and maxima as one batch: one pass of each layer
+    # forward and backward, and no accumulation of its weight gradients
+    n = g.shape[0]
+    channel_gate = torch.sigmoid(m.se(stats).view(2, n, *stats.shape[1:]).sum(0))
 
     if bn_args is None:
         fused = gln.gated_layer_norm(
