@@ -109,7 +109,7 @@ if triton is not None:
     # each looping over tiles pid, pid + PROGRAMS, ...: the weight gradients' partials are one row
     # per program, not one per tile (at 8 positions a tile, 173 MB of tap partials a call).
     @triton.jit(do_not_specialize=["PROGRAMS"])
-    def _bwd_norm_kernel(X, CW, CB, LW, GRAD, MEAN, RSTD, DY, PART_LW, PART_LB, P, H, W, C, PROGRAMS,
+    def _bwd_norm_kernel(X, CW, CB, LW, GRAD, MEAN, RSTD, DY, PART_LW, PART_LB, ROW, P, H, W, C, PROGRAMS,
                          BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
         """Gradient of the conv output (in DY's dtype: the GEMM's under autocast, as eager's),
         and partial LayerNorm weight/bias gradients, accumulated as tiles and reduced over the
@@ -135,7 +135,7 @@ if triton is not None:
             tl.store(DY + pos[:, None] * C + c[None, :], dy.to(DY.dtype.element_ty), mask=m2)
             acc_gx += g * xhat
             acc_g += g
-        part = pid.to(tl.int64) * C + c
+        part = pid.to(tl.int64) * ROW + c
         tl.store(PART_LW + part, tl.sum(acc_gx, 0), mask=cmask)
         tl.store(PART_LB + part, tl.sum(acc_g, 0), mask=cmask)
 
@@ -148,7 +148,7 @@ if triton is not None:
         return dy * xv.to(tl.float32)
 
     @triton.jit(do_not_specialize=["PROGRAMS"])
-    def _bwd_conv_kernel(X, CW, DY, DX, DS, PART, P, H, W, C, PROGRAMS, HAS_DS: tl.constexpr,
+    def _bwd_conv_kernel(X, CW, DY, DX, DS, PART, ROW, P, H, W, C, PROGRAMS, HAS_DS: tl.constexpr,
                          BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
         """Input gradient (transposed depthwise conv of DY, plus DS: the gradient x gets from
         elsewhere, summed here rather than by a separate pass) and partial tap/bias gradients,
@@ -185,8 +185,8 @@ if triton is not None:
             g20 += _tap_grad(X, here, dy_here, h, w, pmask, cmask, 2, 0, H, W, C)
             g21 += _tap_grad(X, here, dy_here, h, w, pmask, cmask, 2, 1, H, W, C)
             g22 += _tap_grad(X, here, dy_here, h, w, pmask, cmask, 2, 2, H, W, C)
-        # one row of 10 C per program: the taps as the weight lays them out (C, 3, 3), then the bias
-        row = PART + pid.to(tl.int64) * 10 * C
+        # 10 C of the program's row of ROW: the taps as the weight lays them out (C, 3, 3), then the bias
+        row = PART + pid.to(tl.int64) * ROW
         taps = row + c * 9
         tl.store(taps, tl.sum(g00, 0), mask=cmask)
         tl.store(taps + 1, tl.sum(g01, 0), mask=cmask)
@@ -271,24 +271,21 @@ def _fwd_op(
 def _bwd_op(
     grad: torch.Tensor, x: torch.Tensor, conv_weight: torch.Tensor, conv_bias: torch.Tensor,
     ln_weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, grad_x: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """x's gradient (plus ``grad_x``, x's shape: a gradient x receives from another use), and
     the parameters' gradients in float32 as two vectors: the conv weight's (C, 3, 3) and bias's
-    (10 C), the LayerNorm weight's and bias's (2 C); ``backward`` splits them. One sum of each
-    kernel's partials, not one per parameter."""
+    (10 C), the LayerNorm weight's and bias's (2 C), in one (12 C) vector that ``backward``
+    splits: both kernels write their partials into the rows of one buffer (the same number of
+    programs each), summed once."""
     n, h, w, c = x.shape
     p = n * h * w
     grid, tile = _launch(x, "norm_backward")
     progs = _triton.reduction_programs(grid[0], 1, x.device, kernel=_bwd_norm_kernel, launch=tile, args=(
-        x, conv_weight, conv_bias, ln_weight, grad, mean, rstd, grad.dtype, torch.float32, torch.float32, p, h, w, c, 2))
+        x, conv_weight, conv_bias, ln_weight, grad, mean, rstd, grad.dtype, torch.float32, torch.float32, 12 * c, p, h,
+        w, c, 2))
     f32 = dict(device=x.device, dtype=torch.float32)
     # the conv output's gradient in the incoming gradient's dtype: bf16 under autocast, as eager's
     dy = torch.empty(n, h, w, c, device=x.device, dtype=grad.dtype)
-    part_ln = torch.empty(2, progs, c, **f32)
-    _triton.wrap_triton(_bwd_norm_kernel)[(progs,)](
-        x, conv_weight, conv_bias, ln_weight, grad, mean, rstd, dy, part_ln[0], part_ln[1], p, h, w, c,
-        progs, **tile,
-    )
     dx = torch.empty_like(x)
     # the conv backward in channel blocks of at most CONV_BLOCK_C: ten gradient tiles of 1024
     # channels held across the loop spilled (triton 3.6), and 768 channels fill three of 256
@@ -296,23 +293,32 @@ def _bwd_op(
     lanes = triton.cdiv(c, conv_tile["BLOCK_C"])
     flags = dict(HAS_DS=grad_x is not None, **conv_tile)
     conv_progs = _triton.reduction_programs(conv_grid[0], lanes, x.device, kernel=_bwd_conv_kernel, launch=flags, args=(
-        x, conv_weight, grad.dtype, x.dtype, x.dtype, torch.float32, torch.float32, p, h, w, c, 2))
-    part_conv = torch.empty(conv_progs, 10 * c, **f32)
-    _triton.wrap_triton(_bwd_conv_kernel)[(conv_progs, lanes)](
-        x, conv_weight, dy, dx, dx if grad_x is None else grad_x.contiguous(), part_conv, p, h, w, c, conv_progs,
+        x, conv_weight, grad.dtype, x.dtype, x.dtype, torch.float32, 12 * c, p, h, w, c, 2))
+    # one row of partials per program, both kernels on as many programs: the taps and conv bias
+    # (10 C), the LayerNorm weight and bias (2 C)
+    progs = max(progs, conv_progs)
+    part = torch.empty(progs, 12 * c, **f32)
+    _triton.wrap_triton(_bwd_norm_kernel)[(progs,)](
+        x, conv_weight, conv_bias, ln_weight, grad, mean, rstd, dy, part[:, 10 * c: 11 * c], part[:, 11 * c:], 12 * c,
+        p, h, w, c, progs, **tile,
+    )
+    _triton.wrap_triton(_bwd_conv_kernel)[(progs, lanes)](
+        x, conv_weight, dy, dx, dx if grad_x is None else grad_x.contiguous(), part[:, : 10 * c], 12 * c, p, h, w, c,
+        progs,
         **flags
     )
-    return dx, part_conv.sum(0), part_ln.sum(1).view(-1)
+    return dx, part.sum(0)
 
 
 def backward(grad, x, conv_weight, conv_bias, ln_weight, mean, rstd, grad_x=None) -> tuple:
     """The five gradients (x's, then the conv weight's and bias's, the LayerNorm weight's and
     bias's, each in its tensor's dtype) of ``hifuse::dwconv_layer_norm``."""
-    dx, conv, norm = torch.ops.hifuse.dwconv_layer_norm_backward(grad, x, conv_weight, conv_bias, ln_weight, mean,
-                                                                 rstd, grad_x)
+    dx, params = torch.ops.hifuse.dwconv_layer_norm_backward(grad, x, conv_weight, conv_bias, ln_weight, mean, rstd,
+                                                             grad_x)
     c = x.shape[-1]
-    return (dx, conv[: 9 * c].view(conv_weight.shape).to(conv_weight.dtype), conv[9 * c:].to(conv_bias.dtype),
-            norm[:c].to(ln_weight.dtype), norm[c:].to(ln_weight.dtype))
+    return (dx, params[: 9 * c].view(conv_weight.shape).to(conv_weight.dtype),
+            params[9 * c: 10 * c].to(conv_bias.dtype), params[10 * c: 11 * c].to(ln_weight.dtype),
+            params[11 * c:].to(ln_weight.dtype))
 
 
 @_fwd_op.register_fake
@@ -325,7 +331,7 @@ def _(x, conv_weight, conv_bias, ln_weight, ln_bias, eps, out_dtype, ones=False)
 @_bwd_op.register_fake
 def _(grad, x, conv_weight, conv_bias, ln_weight, mean, rstd, grad_x=None):
     c = x.shape[-1]
-    return torch.empty_like(x), x.new_empty(10 * c, dtype=torch.float32), x.new_empty(2 * c, dtype=torch.float32)
+    return torch.empty_like(x), x.new_empty(12 * c, dtype=torch.float32)
 
 
 def _setup_context(ctx, inputs, output):

@@ -135,7 +135,7 @@ if triton is not None:
             tl.store(DG + rows, (za * cg[None, :]).to(DG.dtype.element_ty), mask=m)
             tl.store(DL + rows, (zb * sg[:, None]).to(DL.dtype.element_ty), mask=m)
             tl.store(DX + rows, zx.to(DX.dtype.element_ty), mask=m)
-            tl.store(DSG + p, tl.sum(zb * lv, 1), mask=smask)
+            tl.store(DSG + p, tl.sum(zb * lv, 1).to(DSG.dtype.element_ty), mask=smask)
             acc_cg += za * g
             acc_wa += dya * ha
             acc_wb += dyb * hb
@@ -222,14 +222,14 @@ def _gated_ln_backward_op(
     programs = min(programs, blocks)
     f32 = dict(device=g.device, dtype=torch.float32)
     dg, dl, dx = torch.empty_like(g), torch.empty_like(l), torch.empty_like(x)
-    dsg = torch.empty((n, s), **f32)
+    dsg = torch.empty((n, s), device=g.device, dtype=spatial_gate.dtype)  # written once a position: no cast pass
     part_cg = torch.empty((n, programs, c), **f32)
     part = torch.empty((2, n * programs, 3 * c), **f32)
     _triton.wrap_triton(_gated_ln_bwd_kernel)[_triton.grid(n * programs)](
         grad, grad if grad2 is None else grad2, g, channel_gate, l, spatial_gate, x, weight, mean, rstd, dg, dl, dsg,
         dx, part_cg, part[0], part[1], s, c, programs, **flags,
     )
-    return dg, part_cg.sum(1).to(channel_gate.dtype), dl, dsg.to(spatial_gate.dtype), dx, part.sum(1)
+    return dg, part_cg.sum(1).to(channel_gate.dtype), dl, dsg, dx, part.sum(1)
 
 
 def backward(grad, g, channel_gate, l, spatial_gate, x, weight, mean, rstd, grad2=None) -> tuple:

@@ -433,15 +433,17 @@ class _LinearPair(torch.autograd.Function):
     def forward(ctx, x, w1, b1, w2, b2, keep):
         ctx.dtypes = [None if t is None else t.dtype for t in (w1, b1, w2, b2)]
         dtype = autocast_dtype(x)
+        # the parameters as given too: the float32 products of backward read them, not casts back
+        params = (w1, b1, w2)
         w1, b1 = cast_for_gemm(w1, b1, dtype)
         w2, b2 = cast_for_gemm(w2, b2, dtype)
         mid = F.linear(x, w1, b1)
-        ctx.save_for_backward(x, w1, b1, w2, b2, mid if keep else None)
+        ctx.save_for_backward(x, w1, b1, w2, b2, mid if keep else None, *params)
         return F.linear(mid, w2, b2)
 
     @staticmethod
     def backward(ctx, grad):
-        x, w1, b1, w2, b2, mid = ctx.saved_tensors
+        x, w1, b1, w2, b2, mid, w1_param, b1_param, w2_param = ctx.saved_tensors
         w1_dtype, b1_dtype, w2_dtype, b2_dtype = ctx.dtypes
         dtype = grad.dtype
         dz = grad.reshape(-1, grad.shape[-1])
@@ -457,11 +459,11 @@ class _LinearPair(torch.autograd.Function):
         elif rows.shape[0] < w2.shape[0]:
             dw2 = mm_to(dz.t(), F.linear(rows, w1_gemm, b1_gemm), w2_dtype)
         else:
-            dw2 = mm_to(dz.t(), rows, torch.float32) @ w1_gemm.float().t()
+            dw2 = mm_to(dz.t(), rows, torch.float32) @ w1_param.float().t()
             if b1 is not None:
-                dw2 = torch.addr(dw2, sum_dz, b1_gemm.float())
+                dw2 = torch.addr(dw2, sum_dz, b1_param.float())
         # colsum(dz @ w2) = colsum(dz) @ w2: a vector product, not another pass over dmid
-        db1 = (sum_dz @ w2.float()).to(b1_dtype) if b1 is not None else None
+        db1 = (sum_dz @ w2_param.float()).to(b1_dtype) if b1 is not None else None
         db2 = sum_dz.to(b2_dtype) if b2 is not None else None
         return dx, dw1, db1, dw2.to(w2_dtype), db2, None
 

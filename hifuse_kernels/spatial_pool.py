@@ -61,17 +61,19 @@ if triton is not None:
         tl.store(OUT + out + S, mean.to(OUT.dtype.element_ty), mask=pmask)
 
     @triton.jit
-    def _spatial_pool_bwd_kernel(L, D_OUT, ACC, DL, P, S, C, HAS_ACC: tl.constexpr, BLOCK_P: tl.constexpr,
-                                 BLOCK_C: tl.constexpr):
+    def _spatial_pool_bwd_kernel(L, D_OUT, ACC, DL, P, S, C, d_n, d_k, d_s, HAS_ACC: tl.constexpr,
+                                 BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+        """D_OUT, (N, 2, S), is read through its strides (d_n, d_k, d_s): the 7x7 convolution
+        hands its input gradient channels-last."""
         p, c, pmask, cmask, m = _rows(P, C, BLOCK_P, BLOCK_C)
         offs = p[:, None] * C + c[None, :]
         v = tl.load(L + offs, mask=m, other=0.0).to(tl.float32)
         best = _max_nan(v, m)
         hit = (v == best[:, None]) & m
         ties = tl.sum(hit.to(tl.float32), 1)
-        out = (p // S) * 2 * S + p % S
+        out = (p // S) * d_n + (p % S) * d_s
         d_max = tl.load(D_OUT + out, mask=pmask, other=0.0).to(tl.float32)
-        d_mean = tl.load(D_OUT + out + S, mask=pmask, other=0.0).to(tl.float32)
+        d_mean = tl.load(D_OUT + out + d_k, mask=pmask, other=0.0).to(tl.float32)
         # a NaN maximum is held by no channel: amax's gradient is then 0/0, NaN, as here
         share = tl.where(best != best, float("nan"), d_max / tl.maximum(ties, 1.0))
         dl = tl.where(hit | (best != best)[:, None], share[:, None], 0.0) + (d_mean / C)[:, None]
@@ -117,7 +119,7 @@ def _spatial_pool_backward_op(d_out: torch.Tensor, l: torch.Tensor, acc: torch.T
     dl = torch.empty_like(l)
     launch = _launch("backward", l)
     _triton.wrap_triton(_spatial_pool_bwd_kernel)[(triton.cdiv(n * s, launch["BLOCK_P"]),)](
-        l, d_out, l if acc is None else acc, dl, n * s, s, c, HAS_ACC=acc is not None, **launch
+        l, d_out, l if acc is None else acc, dl, n * s, s, c, *d_out.stride(), HAS_ACC=acc is not None, **launch
     )
     return dl
 
@@ -139,7 +141,7 @@ def _spatial_pool_setup(ctx, inputs, output):
 
 def _spatial_pool_backward(ctx, d_out):
     (l,) = ctx.saved_tensors
-    return torch.ops.hifuse.spatial_pool_backward(d_out.contiguous(), l)
+    return torch.ops.hifuse.spatial_pool_backward(d_out, l)
 
 
 _spatial_pool_op.register_autograd(_spatial_pool_backward, setup_context=_spatial_pool_setup)
@@ -160,8 +162,7 @@ class _SpatialPoolChain(torch.autograd.Function):
         (l,) = ctx.saved_tensors
         if d_out is None:
             return d_after
-        return torch.ops.hifuse.spatial_pool_backward(d_out.contiguous(), l,
-                                                      None if d_after is None else d_after.contiguous())
+        return torch.ops.hifuse.spatial_pool_backward(d_out, l, None if d_after is None else d_after.contiguous())
 
 
 # --------------------------------------------------------------------------- functional

@@ -225,7 +225,7 @@ def cases(dtype: str):
                                             MEAN=f32, RSTD=f32), {**rows, "HAS_OUT2": out2}
         for grad2 in (False, True):  # with the second use's gradient (IRMLP conv1's, in the GEMM dtype)
             yield gln._gated_ln_bwd_kernel, dict(GRAD=f32, GRAD2="dt", G=f32, CG="dt", L=f32, SG="dt", X="dt", W=f32,
-                                                MEAN=f32, RSTD=f32, DG=f32, DL=f32, DSG=f32, DX="dt", PART_CG=f32,
+                                                MEAN=f32, RSTD=f32, DG=f32, DL=f32, DSG="dt", DX="dt", PART_CG=f32,
                                                 PART_W=f32, PART_B=f32), \
                 {**_as_warps(gln.bwd_launch(c)), "HAS_GRAD2": grad2}
 

@@ -72,11 +72,11 @@ def _dwconv_layer_norm():
     norm = x + taps + 2 * vec + x + 2 * stat + p * c * BF16 + 2 * 2 * c * F32
     # conv backward: tiles of 4 positions by 256 channels, 2 programs: dx, taps and bias partials
     conv = x + taps + p * c * BF16 + x + 2 * 9 * c * F32 + 2 * c * F32
-    # one sum of each kernel's partials (taps and bias; LN weight and bias), then a cast each
-    glue = (2 * 10 * c * F32 + 10 * c * F32) + (2 * 2 * c * F32 + 2 * c * F32)
+    # both kernels' partials in the rows of one buffer, summed once, then a cast each
+    glue = 2 * 12 * c * F32 + 12 * c * F32
     glue += (9 * c * F32 + taps) + 3 * (c * F32 + vec)
     least = 2 * (x + taps + 3 * vec) + 2 * x
-    return 11, forward + zeros + norm + conv + glue, least
+    return 10, forward + zeros + norm + conv + glue, least
 
 
 def _gated_layer_norm():
@@ -84,12 +84,13 @@ def _gated_layer_norm():
     part, cg, sg, vec, stat = s * c * BF16, c * BF16, s * BF16, 3 * c * BF16, s * F32
     ins = 3 * part + cg + sg + 2 * vec
     forward = ins + 3 * part + 2 * stat  # (1, 64, 288) bf16 out, mean, rstd (no zero gradients for these)
-    # backward: 2 programs of 4 rows; dg, dl, dx, f32 dsg, channel-gate and affine partials
-    backward = 3 * part + (ins - vec) + 2 * stat + 3 * part + s * F32 + 2 * c * F32 + 2 * 2 * 3 * c * F32
+    # backward: 2 programs of 4 rows; dg, dl, dx, dsg (in the gate's dtype), channel-gate and
+    # affine partials
+    backward = 3 * part + (ins - vec) + 2 * stat + 3 * part + sg + 2 * c * F32 + 2 * 2 * 3 * c * F32
     sums = (2 * c * F32 + c * F32) + 2 * (2 * 3 * c * F32 + 3 * c * F32)  # channel gate, weight, bias
-    casts = (c * F32 + cg) + (s * F32 + sg) + 2 * (3 * c * F32 + vec)  # the same three and dsg to bf16
+    casts = (c * F32 + cg) + 2 * (3 * c * F32 + vec)  # the same three to bf16
     least = 2 * ins + 2 * 3 * part
-    return 7, forward + backward + sums + casts, least  # the weight's and bias's partials in one sum
+    return 6, forward + backward + sums + casts, least  # the weight's and bias's partials in one sum
 
 
 def _layer_norm_cat():

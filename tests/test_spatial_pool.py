@@ -43,3 +43,16 @@ def test_chain_sums_the_next_readers_gradient(channels_last, used):
     got = torch.autograd.grad(loss(pooled, again), l)[0]
     ref = torch.autograd.grad(loss(spatial_pool_ref(l), l), l)[0]
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_backward_reads_a_strided_gradient():
+    """The map's gradient as the 7x7 convolution hands it (channels-last), read through its
+    strides: the same as a contiguous one."""
+    l = feature((2, 12, 5, 7), 6, True, device=DEVICE)
+    out = spatial_pool(l)
+    grad = torch.randn(out.shape, device=DEVICE)
+    strided = grad.contiguous(memory_format=torch.channels_last)
+    assert not strided.is_contiguous()
+    got = torch.autograd.grad(out, l, strided, retain_graph=True)[0]
+    ref = torch.autograd.grad(out, l, grad)[0]
+    assert torch.equal(got, ref)

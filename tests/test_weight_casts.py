@@ -34,12 +34,29 @@ def test_second_forward_reads_the_batch():
         active = weight_casts._state.active
         assert set(active[1]) == {id(w), id(b)}  # cast on entry, together
         second = weight_casts.cast(w, torch.bfloat16)
-        assert second is active[1][id(w)][1]
-        assert weight_casts.cast(w, torch.bfloat16) is second  # one cast for every reader
+        batched = active[1][id(w)][1]
+        assert second.data_ptr() == batched.data_ptr() and second.shape == batched.shape
+        assert weight_casts.cast(w, torch.bfloat16).data_ptr() == second.data_ptr()  # one cast for every reader
         assert weight_casts.cast(w, torch.float16).dtype == torch.float16  # another dtype: cast there
     torch.testing.assert_close(second, w.detach().to(torch.bfloat16), rtol=0, atol=0)
     assert not torch.equal(first, second) and not second.requires_grad
     assert weight_casts._state.active is None
+
+
+def test_whole_views_of_parameters_share_the_batch():
+    """A 1x1 convolution's weight flattened for its GEMM is the parameter's cast, viewed; a part
+    of a parameter is cast where it is asked for."""
+    w = torch.nn.Parameter(torch.randn(6, 4, 1, 1))
+    owner = Owner()
+    with weight_casts.batch(owner, torch.bfloat16):
+        weight_casts.cast(w.flatten(1), torch.bfloat16)
+    assert [p is w for p in owner._hifuse_cast_plan[1]] == [True]
+    with weight_casts.batch(owner, torch.bfloat16):
+        batched = weight_casts._state.active[1][id(w)][1]
+        flat = weight_casts.cast(w.flatten(1), torch.bfloat16)
+        part = weight_casts.cast(w[1:], torch.bfloat16)
+    assert flat.shape == (6, 4) and flat.data_ptr() == batched.data_ptr()
+    assert part.data_ptr() != batched.data_ptr() and torch.equal(part, w.detach()[1:].to(torch.bfloat16))
 
 
 def test_outside_a_batch_and_while_tracing_casts_in_place(monkeypatch):
