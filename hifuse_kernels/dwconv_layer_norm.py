@@ -109,7 +109,7 @@ if triton is not None:
     # each looping over tiles pid, pid + PROGRAMS, ...: the weight gradients' partials are one row
     # per program, not one per tile (at 8 positions a tile, 173 MB of tap partials a call).
     @triton.jit(do_not_specialize=["PROGRAMS"])
-    def _bwd_norm_kernel(X, CW, CB, LW, GRAD, MEAN, RSTD, DY, PART_LW, PART_LB, ROW, P, H, W, C, PROGRAMS,
+    def _bwd_norm_kernel(X, CW, CB, LW, GRAD, MEAN, RSTD, DY, PART_LW, PART_LB, P, H, W, C, PROGRAMS,
                          BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
         """Gradient of the conv output (in DY's dtype: the GEMM's under autocast, as eager's),
         and partial LayerNorm weight/bias gradients, accumulated as tiles and reduced over the
@@ -135,7 +135,7 @@ if triton is not None:
             tl.store(DY + pos[:, None] * C + c[None, :], dy.to(DY.dtype.element_ty), mask=m2)
             acc_gx += g * xhat
             acc_g += g
-        part = pid.to(tl.int64) * ROW + c
+        part = pid.to(tl.int64) * (12 * C) + c  # rows of 12 C shared with the conv backward's partials
         tl.store(PART_LW + part, tl.sum(acc_gx, 0), mask=cmask)
         tl.store(PART_LB + part, tl.sum(acc_g, 0), mask=cmask)
 
@@ -148,7 +148,7 @@ if triton is not None:
         return dy * xv.to(tl.float32)
 
     @triton.jit(do_not_specialize=["PROGRAMS"])
-    def _bwd_conv_kernel(X, CW, DY, DX, DS, PART, ROW, P, H, W, C, PROGRAMS, HAS_DS: tl.constexpr,
+    def _bwd_conv_kernel(X, CW, DY, DX, DS, PART, P, H, W, C, PROGRAMS, HAS_DS: tl.constexpr,
                          BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
         """Input gradient (transposed depthwise conv of DY, plus DS: the gradient x gets from
         elsewhere, summed here rather than by a separate pass) and partial tap/bias gradients,
@@ -185,8 +185,8 @@ if triton is not None:
             g20 += _tap_grad(X, here, dy_here, h, w, pmask, cmask, 2, 0, H, W, C)
             g21 += _tap_grad(X, here, dy_here, h, w, pmask, cmask, 2, 1, H, W, C)
             g22 += _tap_grad(X, here, dy_here, h, w, pmask, cmask, 2, 2, H, W, C)
-        # 10 C of the program's row of ROW: the taps as the weight lays them out (C, 3, 3), then the bias
-        row = PART + pid.to(tl.int64) * ROW
+        # 10 C of the program's row of 12 C: the taps as the weight lays them out (C, 3, 3), then the bias
+        row = PART + pid.to(tl.int64) * (12 * C)
         taps = row + c * 9
         tl.store(taps, tl.sum(g00, 0), mask=cmask)
         tl.store(taps + 1, tl.sum(g01, 0), mask=cmask)
@@ -281,8 +281,7 @@ def _bwd_op(
     p = n * h * w
     grid, tile = _launch(x, "norm_backward")
     progs = _triton.reduction_programs(grid[0], 1, x.device, kernel=_bwd_norm_kernel, launch=tile, args=(
-        x, conv_weight, conv_bias, ln_weight, grad, mean, rstd, grad.dtype, torch.float32, torch.float32, 12 * c, p, h,
-        w, c, 2))
+        x, conv_weight, conv_bias, ln_weight, grad, mean, rstd, grad.dtype, torch.float32, torch.float32, p, h, w, c, 2))
     f32 = dict(device=x.device, dtype=torch.float32)
     # the conv output's gradient in the incoming gradient's dtype: bf16 under autocast, as eager's
     dy = torch.empty(n, h, w, c, device=x.device, dtype=grad.dtype)
@@ -293,18 +292,17 @@ def _bwd_op(
     lanes = triton.cdiv(c, conv_tile["BLOCK_C"])
     flags = dict(HAS_DS=grad_x is not None, **conv_tile)
     conv_progs = _triton.reduction_programs(conv_grid[0], lanes, x.device, kernel=_bwd_conv_kernel, launch=flags, args=(
-        x, conv_weight, grad.dtype, x.dtype, x.dtype, torch.float32, 12 * c, p, h, w, c, 2))
+        x, conv_weight, grad.dtype, x.dtype, x.dtype, torch.float32, p, h, w, c, 2))
     # one row of partials per program, both kernels on as many programs: the taps and conv bias
     # (10 C), the LayerNorm weight and bias (2 C)
     progs = max(progs, conv_progs)
     part = torch.empty(progs, 12 * c, **f32)
     _triton.wrap_triton(_bwd_norm_kernel)[(progs,)](
-        x, conv_weight, conv_bias, ln_weight, grad, mean, rstd, dy, part[:, 10 * c: 11 * c], part[:, 11 * c:], 12 * c,
-        p, h, w, c, progs, **tile,
+        x, conv_weight, conv_bias, ln_weight, grad, mean, rstd, dy, part[:, 10 * c: 11 * c], part[:, 11 * c:], p, h,
+        w, c, progs, **tile,
     )
     _triton.wrap_triton(_bwd_conv_kernel)[(progs, lanes)](
-        x, conv_weight, dy, dx, dx if grad_x is None else grad_x.contiguous(), part[:, : 10 * c], 12 * c, p, h, w, c,
-        progs,
+        x, conv_weight, dy, dx, dx if grad_x is None else grad_x.contiguous(), part[:, : 10 * c], p, h, w, c, progs,
         **flags
     )
     return dx, part.sum(0)

@@ -60,7 +60,7 @@ _BWD = "window_attention._bwd_kernel"
 KNOWN_SPILLS = {
     "3.8": {},
     "3.6": {(_BWD, "fp32", 64, True): 20, (_BWD, "fp32", 64, False): 88, (_BWD, "bf16", 64, True): 8,
-            (_BWD, "bf16", 64, False): 16, (_BWD, "fp16", 64, True): 8, (_BWD, "fp16", 64, False): 16},
+            (_BWD, "fp16", 64, True): 8},
 }
 
 
