@@ -5,9 +5,9 @@ runs, that is a launch per weight and per bias (about a hundred a HiFuse trainin
 ``batch(owner, dtype)`` the weights that ``owner``'s previous forward asked for are cast at
 the start by one ``torch._foreach_copy_`` (one multi-tensor kernel on a GPU, a few for many
 tensors), and ``cast`` hands those out; a weight not cast in advance is cast where it is asked
-for and, if it is a parameter (or a whole view of one), joins the next forward's batch. The casts live for one forward: an op that needs one
-in backward saves it, so none goes stale after an optimizer step, and the gradients still
-reach the parameters themselves.
+for and, if it is a parameter (or a whole view of a contiguous one), joins the next forward's
+batch. The casts live for one forward: an op that needs one in backward saves it, so none goes
+stale after an optimizer step, and the gradients still reach the parameters themselves.
 
 Nothing is batched while torch.compile traces (Inductor fuses the casts itself) or under a
 dispatch mode; outside ``batch``, ``cast`` is a plain ``Tensor.to``.
@@ -36,11 +36,13 @@ def cast(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if active is None or active[0] != dtype or reference._tracing():
         return weight.to(dtype)
     _dtype, casts, asked = active
-    # a parameter, or a whole view of one (a 1x1 convolution's weight flattened for its GEMM);
-    # a tensor made in this forward is not there next time
+    # a parameter, or a whole view of a contiguous one in its element order (a 1x1
+    # convolution's weight flattened for its GEMM: the cast viewed alike holds the same values;
+    # a permuted view does not); a tensor made in this forward is not there next time
     param = weight if weight._base is None else weight._base
     if not isinstance(param, torch.nn.Parameter) or (
-            param is not weight and not (weight.is_contiguous() and weight.numel() == param.numel()
+            param is not weight and not (param.is_contiguous() and weight.is_contiguous()
+                                         and weight.numel() == param.numel()
                                          and weight.storage_offset() == param.storage_offset())):
         return weight.to(dtype)
     asked[id(param)] = param

@@ -57,6 +57,14 @@ def test_whole_views_of_parameters_share_the_batch():
         part = weight_casts.cast(w[1:], torch.bfloat16)
     assert flat.shape == (6, 4) and flat.data_ptr() == batched.data_ptr()
     assert part.data_ptr() != batched.data_ptr() and torch.equal(part, w.detach()[1:].to(torch.bfloat16))
+    # a channels-last 3x3 weight permuted to its memory order is a whole contiguous view, but
+    # not in the parameter's element order: cast where it is asked for, values kept
+    k = torch.nn.Parameter(torch.randn(4, 3, 3, 3).contiguous(memory_format=torch.channels_last))
+    owner = Owner()
+    for _ in range(2):
+        with weight_casts.batch(owner, torch.bfloat16):
+            rows = weight_casts.cast(k.permute(0, 2, 3, 1).reshape(4, 27), torch.bfloat16)
+    assert torch.equal(rows, k.detach().permute(0, 2, 3, 1).reshape(4, 27).to(torch.bfloat16))
 
 
 def test_outside_a_batch_and_while_tracing_casts_in_place(monkeypatch):
