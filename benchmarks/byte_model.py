@@ -134,17 +134,15 @@ class CountOps(TorchDispatchMode):
         if moved == 0:  # no element: ATen launches nothing (a zero gradient of an empty output)
             return out
         if name == "_foreach_copy_":  # the batched weight casts: glue, in multi-tensor launches
-            launches = multi_tensor_launches(args[0])
-            self.ledger.add("glue", self.where(), name, moved, launches)
-            if any(d.dtype != s.dtype for d, s in zip(args[0], args[1])):
-                self.ledger.casts[0] += launches
-                self.ledger.casts[1] += moved
-            return out
-        kind = ("gemm" if name in GEMM_OPS else "optimizer" if "adam" in name or name.startswith("_foreach")
-                else "glue")
-        self.ledger.add(kind, self.where(), name, moved)
-        if name in ("_to_copy", "copy_") and _changes_dtype(args, out):
-            self.ledger.casts[0] += 1
+            kind, launches = "glue", multi_tensor_launches(args[0])
+            cast = any(d.dtype != s.dtype for d, s in zip(args[0], args[1]))
+        else:
+            kind = ("gemm" if name in GEMM_OPS else "optimizer" if "adam" in name or name.startswith("_foreach")
+                    else "glue")
+            launches, cast = 1, name in ("_to_copy", "copy_") and _changes_dtype(args, out)
+        self.ledger.add(kind, self.where(), name, moved, launches)
+        if cast:
+            self.ledger.casts[0] += launches
             self.ledger.casts[1] += moved
         return out
 

@@ -119,6 +119,12 @@ def is_fused(part: str) -> bool:
     return getattr(_active_parts(), part)
 
 
+def any_fused() -> bool:
+    """Whether any part is switched on."""
+    parts = fused_parts()
+    return any(getattr(parts, p) for p in FusedParts.names())
+
+
 class _Request:
     """Sets ``_requested[key]`` when made; as a context manager, puts back the previous value."""
 
@@ -295,7 +301,7 @@ def register_prepare(fn: Callable) -> None:
 def prepare(model) -> None:
     """Let the fused-execution layer compute what eval-mode forwards derive from the weights,
     when a fused part is switched on (``HiFuse.train(False)`` calls it)."""
-    if any(getattr(fused_parts(), p) for p in FusedParts.names()):
+    if any_fused():
         for fn in _preparers:
             fn(model)
 
@@ -312,7 +318,7 @@ def register_scope(fn: Callable) -> None:
 def forward_scope(model, x):
     """What the fused-execution layer holds for one forward of ``model`` (the weight casts its
     GEMMs share); nothing when every part is off, or under torch.compile."""
-    if _scope and not torch.compiler.is_compiling() and any(getattr(fused_parts(), p) for p in FusedParts.names()):
+    if _scope and not torch.compiler.is_compiling() and any_fused():
         return _scope[0](model, x)
     return contextlib.nullcontext()
 

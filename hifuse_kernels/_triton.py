@@ -290,6 +290,11 @@ def row_tile(c: int, rows: int) -> dict:
     return {"BLOCK_C": block_channels(c), "num_warps": row_warps(c, rows)}
 
 
+# Columns after the C of rows written with a ones column (``ones_column``): 8 keep a bf16/fp16
+# row 16-byte aligned for the GEMM that reads them.
+ONES_PAD = 8
+
+
 if triton is not None:
 
     @triton.jit
@@ -310,6 +315,15 @@ if triton is not None:
         """d gelu(y) / dy for fp32 y."""
         cdf = 0.5 * (1.0 + tl.math.erf(y * 0.7071067811865476))
         return cdf + y * tl.exp(-0.5 * y * y) * 0.3989422804014327
+
+    @triton.jit
+    def ones_column(at, C, rmask, PAD: tl.constexpr):
+        """Columns C .. C + PAD of the rows at ``at`` (row starts, rows masked by ``rmask``):
+        ones, then zeros, so that a weight-gradient GEMM over the rows also gives the bias
+        gradient (colsum of the output gradient) in its column C."""
+        j = tl.arange(0, PAD)
+        ones = tl.where(rmask[:, None] & (j[None, :] == 0), 1.0, 0.0).to(at.dtype.element_ty)
+        tl.store(at + C + j[None, :], ones, mask=rmask[:, None])
 
     @triton.jit
     def three_part_norm_grads(ga, gb, gc, ha, hb, hc, rstd, total):

@@ -4,9 +4,9 @@ The eager fusion block pools g twice (adaptive average and max pooling) before t
 SE MLP. Here one pass over channels-last g (N, S, C) gives both, with the first position of
 each maximum kept for backward (ties go to the first position, as adaptive_max_pool2d does).
 Positions are split into chunks so that small N * C still fills the GPU; the partials are
-combined in a fixed order by a small second kernel, so reruns give identical bits. ``chain``: the op also hands g on
-to its next reader, whose gradient of g the backward kernel adds to the pool's (no
-accumulation pass).
+combined in a fixed order by a small second kernel, so reruns give identical bits.
+``chain``: the op also hands g on to its next reader, whose gradient of g the backward kernel
+adds to the pool's (no accumulation pass).
 
 Layers: reference, kernels, registered ops, autograd, functional entry point.
 """
@@ -241,5 +241,7 @@ def channel_pool(g: torch.Tensor, check: bool = True, chain: bool = False, stack
         pooled, rows = _ChannelPoolChain.apply(nhwc(g))
     else:
         pooled, _arg = torch.ops.hifuse.channel_pool(nhwc(g))
-    out = (pooled.view(2 * n, c, 1, 1),) if stacked else (pooled[0].view(n, c, 1, 1), pooled[1].view(n, c, 1, 1))
-    return (*out, rows.view(n, h, w, c).permute(0, 3, 1, 2)) if chain else (out[0] if stacked else out)
+    out = [pooled.view(2 * n, c, 1, 1)] if stacked else [pooled[0].view(n, c, 1, 1), pooled[1].view(n, c, 1, 1)]
+    if chain:
+        out.append(rows.view(n, h, w, c).permute(0, 3, 1, 2))
+    return out[0] if len(out) == 1 else tuple(out)

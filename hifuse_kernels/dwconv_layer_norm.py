@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _configs, _triton
-from ._triton import tl, triton
+from ._triton import ONES_PAD, tl, triton
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_CHANNELS = 1024
@@ -43,6 +43,7 @@ def dwconv_layer_norm_ref(x, conv_weight, conv_bias, ln_weight, ln_bias, eps: fl
 
 
 if triton is not None:
+    from ._triton import ones_column
 
     @triton.jit
     def _positions(t, P, H, W, BLOCK_P: tl.constexpr):
@@ -99,9 +100,7 @@ if triton is not None:
         at = OUT + pos[:, None] * (C + PAD)
         tl.store(at + c[None, :], out.to(OUT.dtype.element_ty), mask=pmask[:, None] & cmask[None, :])
         if PAD > 0:
-            j = tl.arange(0, PAD)
-            ones = tl.where(pmask[:, None] & (j[None, :] == 0), 1.0, 0.0).to(OUT.dtype.element_ty)
-            tl.store(at + C + j[None, :], ones, mask=pmask[:, None])
+            ones_column(at, C, pmask, PAD)
         tl.store(MEAN + pos, mean, mask=pmask)
         tl.store(RSTD + pos, rstd, mask=pmask)
 
@@ -244,17 +243,13 @@ def _launch(x, name: str = "forward", channels: int | None = None) -> tuple[tupl
     return _triton.grid(triton.cdiv(n * h * w, tile["BLOCK_P"])), tile
 
 
-# columns after the output rows with ``ones``: 8 keeps a bf16/fp16 row 16-byte aligned for the GEMM
-ONES_PAD = 8
-
-
 @_triton.define_op("hifuse::dwconv_layer_norm", mutates_args=())
 def _fwd_op(
     x: torch.Tensor, conv_weight: torch.Tensor, conv_bias: torch.Tensor, ln_weight: torch.Tensor,
     ln_bias: torch.Tensor, eps: float, out_dtype: torch.dtype, ones: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(out, mean, rstd); ``ones``: out is (N, H, W, C + ONES_PAD), column C ones and the rest
-    zeros (the rows a GEMM's weight gradient with its bias gradient reads)."""
+    zeros (``_triton.ones_column``)."""
     n, h, w, c = x.shape
     pad = ONES_PAD if ones else 0
     out = torch.empty((n, h, w, c + pad), device=x.device, dtype=out_dtype)

@@ -253,7 +253,8 @@ def _(g, channel_gate, l, spatial_gate, x, weight, bias, eps, out_dtype=None, lo
 @_gated_ln_backward_op.register_fake
 def _(grad, g, channel_gate, l, spatial_gate, x, weight, mean, rstd, grad2=None):
     return (torch.empty_like(g), torch.empty_like(channel_gate), torch.empty_like(l),
-            torch.empty_like(spatial_gate), torch.empty_like(x), weight.new_empty((2, weight.shape[0]), dtype=torch.float32))
+            torch.empty_like(spatial_gate), torch.empty_like(x),
+            weight.new_empty((2, weight.shape[0]), dtype=torch.float32))
 
 
 def _gated_ln_setup(ctx, inputs, output):

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _triton
-from ._triton import tl, triton
+from ._triton import ONES_PAD, tl, triton
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_CHANNELS = 1024
@@ -44,7 +44,7 @@ def gelu_residual_layer_norm_ref(y, shortcut, weight, bias, eps: float, norm_dty
 
 
 if triton is not None:
-    from ._triton import gelu, gelu_grad
+    from ._triton import gelu, gelu_grad, ones_column
 
     @triton.jit
     def _rows(M, C, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -99,9 +99,7 @@ if triton is not None:
         if PAD > 0:
             at = NORMED + rows[:, None] * (C + PAD)
             tl.store(at + c[None, :], normed, mask=m)
-            j = tl.arange(0, PAD)
-            ones = tl.where((rows[:, None] >= 0) & (j[None, :] == 0), 1.0, 0.0).to(NORMED.dtype.element_ty)
-            tl.store(at + C + j[None, :], ones, mask=(rows < M)[:, None])
+            ones_column(at, C, rows < M, PAD)
         elif PATCH == 1:
             tl.store(NORMED + offs, normed, mask=m)
         else:
@@ -156,10 +154,6 @@ def _empty(like: torch.Tensor) -> torch.Tensor:
     return like.new_empty((0,))
 
 
-# columns after the normalised rows with ``ones``: 8 keeps a bf16/fp16 row 16-byte aligned for the GEMM
-ONES_PAD = 8
-
-
 def _normed_count(m: int, patch: int, height: int, width: int) -> int:
     """Rows of the normalised output: m, or those that fill a patch window."""
     if patch == 1:
@@ -176,7 +170,7 @@ def _fwd_op(
     rows): normed holds the rows in the order of the (B, height/k, width/k, k, k) patches of a
     k x k / k convolution (as ``patch_conv`` gathers them), the rows no window takes left out.
     ``ones`` (patch 1): normed is (M, C + ONES_PAD), column C ones and the rest zeros (see
-    ``ones_column``)."""
+    ``_triton.ones_column``)."""
     if ones and patch != 1:
         raise ValueError("residual_layer_norm: ones takes patch 1")
     m, c = shortcut.shape

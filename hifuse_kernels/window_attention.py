@@ -8,9 +8,9 @@ that token sits in the unshifted, unpadded grid and loads q, k, v straight from 
 projection (B, H, W, 3C). Tokens that fall in the zero padding get q = k = v = the qkv bias,
 which is what the linear layer gives a zero input; they are not masked. The bias is the
 (169, heads) table spread to one dense (heads, 64, 64) tile (a contiguous load; a gather
-from the table costs the kernels registers), built once per call by the entry point (one gather launch) and kept
-for backward, and the -100 shift mask comes from region
-labels computed in the kernel. The output of each real token is written to its own position;
+from the table costs the kernels registers), built once per call by the entry point (one
+gather launch) and kept for backward, and the -100 shift mask comes from region labels
+computed in the kernel. The output of each real token is written to its own position;
 nothing rolled, padded or partitioned is ever stored.
 
 Backward recomputes the scores from the saved log-sum-exp. Every real token belongs to one
