@@ -235,10 +235,15 @@ def _mm_out_dtype(a, b, out_dtype):
     return (a @ b).to(out_dtype)
 
 
+def _addmm_out_dtype_into(acc, a, b, out_dtype, *, beta=1, alpha=1, out):
+    return out.copy_(beta * acc + alpha * (a.to(out_dtype) @ b.to(out_dtype)))
+
+
 class CudaFloat32Ops(TorchFunctionMode):
     """Under CPU autocast, runs in float32 the ops that CUDA's autocast runs in float32; and
     the fused code takes its CUDA paths on the CPU (``reference.CUDA_LIKE_DEVICES``): a GEMM
-    of bf16 operands writing float32 is one ``mm`` (given a CPU kernel here), as on a GPU."""
+    of bf16 operands writing float32 is one ``mm``, and one adding into a float32 tensor one
+    ``addmm`` (given CPU kernels here), as on a GPU."""
 
     def __enter__(self):
         self._had_cpu = "cpu" in reference.CUDA_LIKE_DEVICES
@@ -246,6 +251,8 @@ class CudaFloat32Ops(TorchFunctionMode):
         self._lib = torch.library.Library("aten", "IMPL")
         if hasattr(torch.ops.aten.mm, "dtype"):
             self._lib.impl("mm.dtype", _mm_out_dtype, "CPU")
+        if hasattr(torch.ops.aten.addmm, "dtype_out"):
+            self._lib.impl("addmm.dtype_out", _addmm_out_dtype_into, "CPU")
         return super().__enter__()
 
     def __exit__(self, *exc):

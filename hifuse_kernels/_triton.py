@@ -136,6 +136,23 @@ def device_tiles(on: bool = True):
         _wide[0] = before
 
 
+_modelled_sms = [0]
+
+
+@contextlib.contextmanager
+def modelled_sms(count: int):
+    """Inside the block, reductions on a non-CUDA device split their rows among as many
+    programs as a GPU of ``count`` SMs would take (``reduction_programs``), the compiled
+    kernels' occupancy assumed from their warps: counting launches and bytes on a CPU then
+    sees the GPU's partial sums."""
+    before = _modelled_sms[0]
+    _modelled_sms[0] = count
+    try:
+        yield
+    finally:
+        _modelled_sms[0] = before
+
+
 def wide_rows(cols: int, limit: int = 1024) -> int:
     """Rows of a wide tile of ``cols`` columns: a power of two, at most ``limit``."""
     rows = max(1, min(limit, WIDE_VALUES // cols))
@@ -152,14 +169,16 @@ def reduction_programs(blocks: int, lanes: int, device: torch.device, warps: int
     registers and shared memory (``resident_programs``); without, 2048 threads an SM of
     ``warps``-warp programs are assumed. With wide tiles one block each (the interpreter pays
     per operation, not per program); with the GPU's tiles in the interpreter two, so that
-    tests run the loops."""
+    tests run the loops, or a GPU's share under ``modelled_sms``."""
     if wide():
         return blocks
-    if device.type == "cuda":
-        per_sm = None if kernel is None else resident_programs(kernel, args, launch or {}, device)
+    if device.type == "cuda" or _modelled_sms[0]:
+        cuda = device.type == "cuda"
+        per_sm = resident_programs(kernel, args, launch or {}, device) if cuda and kernel is not None else None
         if per_sm is None:
             per_sm = max(1, 2048 // (32 * (launch or {}).get("num_warps", warps)))
-        return max(1, min(blocks, per_sm * _sm_count(device.index) // lanes))
+        sms = _sm_count(device.index) if cuda else _modelled_sms[0]
+        return max(1, min(blocks, per_sm * sms // lanes))
     return min(blocks, 2)
 
 

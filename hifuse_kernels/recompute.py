@@ -198,6 +198,44 @@ def _join(tensors, consts):
 _MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")
 
 
+# torch.addmm(acc, a, b, out_dtype=float32, out=acc): a GEMM adding its float32 product to acc
+# in its epilogue (cuBLAS's beta). Whether it works is asked of the device once, with a small
+# product checked against the sum it must equal (device index -> answer).
+_ADDMM_OUT_DTYPE = hasattr(torch.ops.aten.addmm, "dtype_out")
+_ADDS_INTO: dict = {}
+
+
+def _gemm_adds_into(device: torch.device) -> bool:
+    if device.type != "cuda":
+        return device.type in CUDA_LIKE_DEVICES  # the step ledger's CPU, counting a GPU's step
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _ADDS_INTO:
+        if torch.cuda.is_current_stream_capturing():
+            return False  # the check syncs: a capture takes the add (the warm-up steps ask)
+        try:
+            gen = torch.Generator(device=device).manual_seed(0)
+            a, b = (torch.randn(shape, device=device, generator=gen).to(torch.bfloat16) for shape in ((32, 16), (16, 8)))
+            acc = torch.randn((32, 8), device=device, generator=gen)
+            want = acc + a.float() @ b.float()
+            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+            _ADDS_INTO[index] = bool(torch.allclose(acc, want, rtol=1e-4, atol=1e-4))
+        except (RuntimeError, TypeError):
+            _ADDS_INTO[index] = False
+    return _ADDS_INTO[index]
+
+
+def mm_add_into(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``acc + a @ b``, float32, for a float32 acc that nothing but the caller holds (a
+    gradient another backward of the caller's made for it): written into acc by the GEMM
+    itself where the device can (one read of acc, not an add pass reading a product and acc
+    and writing their sum); elsewhere, and under torch.compile, the product and an add."""
+    if (_ADDMM_OUT_DTYPE and acc.dtype == torch.float32 and a.dtype in (torch.bfloat16, torch.float16)
+            and b.dtype == a.dtype and acc.is_contiguous() and acc.dim() == 2 and not torch.compiler.is_compiling()
+            and _gemm_adds_into(a.device)):
+        return torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    return acc + mm_to(a, b, torch.float32)
+
+
 def cast_for_gemm(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype | None):
     """weight and bias as a GEMM under autocast takes them (cast once, to be saved for backward)."""
     if dtype is None or weight.dtype == dtype:
@@ -214,17 +252,25 @@ def mm_to(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return (a @ b).to(dtype)
 
 
-def _linear_backward(grad, a, weight, bias, weight_dtype=None, bias_dtype=None, a_dtype=None, a_ones=None):
+def _linear_backward(grad, a, weight, bias, weight_dtype=None, bias_dtype=None, a_dtype=None, a_ones=None,
+                     a_grad_into=None):
     """Gradients of ``F.linear(a, weight, bias)`` (weight and bias as the GEMM took them):
     computed in grad's dtype (the GEMM's, under autocast), each in the dtype of what it
     belongs to (``weight_dtype``, ``bias_dtype``: the parameters', where the GEMM took casts;
     ``a_dtype``: the input's, where the GEMM took a cast of it). ``a_ones``: a's rows with a
     ones column after them (a is its first columns); the weight-gradient GEMM over it also
-    gives the bias gradient, with no pass of its own over grad."""
+    gives the bias gradient, with no pass of its own over grad. ``a_grad_into``: a float32
+    gradient of a from elsewhere, that only the caller holds, which a's gradient is added to
+    (by the GEMM itself where it can: ``mm_add_into``)."""
     dtype = grad.dtype
     rows = grad.reshape(-1, grad.shape[-1])
-    # a float32 input's gradient straight from the GEMM
-    da = mm_to(rows, weight.to(dtype), a_dtype or a.dtype).view(a.shape)
+    if a_grad_into is not None and a_grad_into.is_contiguous() and (a_dtype or a.dtype) == torch.float32:
+        da = mm_add_into(a_grad_into.view(rows.shape[0], -1), rows, weight.to(dtype)).view(a.shape)
+        a_grad_into = None
+    else:  # a float32 input's gradient straight from the GEMM
+        da = mm_to(rows, weight.to(dtype), a_dtype or a.dtype).view(a.shape)
+    if a_grad_into is not None:
+        da = da + a_grad_into
     if a_ones is not None and bias is not None and a_ones.dtype == dtype:
         k = a.shape[-1]
         # (a | 1)^T grad: dw^T above, colsum(grad) in row k (contiguous, as the bias's gradient)
@@ -492,7 +538,9 @@ class _ResidualLayerNormLinear(torch.autograd.Function):
     def forward(ctx, y, shortcut, ln_weight, ln_bias, eps, norm_dtype, weight, bias, stream_kept, keep):
         out, normed, mean, rstd = torch.ops.hifuse.residual_layer_norm(y, shortcut, ln_weight, ln_bias, eps, norm_dtype)
         if y is None:
-            ctx.mark_non_differentiable(out)
+            # the stream is the input itself (its storage, no copy) for its next reader, whose
+            # gradient of it the LayerNorm backward adds on load: no accumulation pass
+            out = shortcut.detach()
             source = shortcut
         else:
             source = out if stream_kept and out.dtype == torch.float32 else None
@@ -517,7 +565,7 @@ class _ResidualLayerNormLinear(torch.autograd.Function):
         if grad is None:  # the product unused (gradients are not materialised)
             grad = normed.new_zeros(normed.shape[:-1] + weight.shape[:1], dtype=weight.dtype)
         dnormed, dw, db = _linear_backward(grad, normed, weight, bias, *ctx.dtypes, a_ones=ones)
-        grad_out = grad_out.contiguous() if y is not None and grad_out is not None else None
+        grad_out = grad_out.contiguous() if grad_out is not None else None
         dy, ds, dlw, dlb = rln.backward(grad_out, dnormed.contiguous(), y, shortcut, ln_weight, mean, rstd)
         return (dy if y is not None else None), ds, dlw, dlb, None, None, dw, db, None, None
 
@@ -525,8 +573,9 @@ class _ResidualLayerNormLinear(torch.autograd.Function):
 def residual_layer_norm_linear(y, shortcut, ln_weight, ln_bias, eps: float, norm_dtype, weight, bias,
                                stream_kept: bool = False, keep: bool = False):
     """(``shortcut + gelu(y)``, ``F.linear(layer_norm(that), weight, bias)``) on (M, C) rows,
-    without keeping the normalised rows (``keep``: keeping them); y None: (an empty tensor, the
-    linear of ``layer_norm(shortcut)``). ``stream_kept``: a later op keeps the stream for its
+    without keeping the normalised rows (``keep``: keeping them); y None: (shortcut itself, the
+    linear of ``layer_norm(shortcut)``), the first for shortcut's next reader, whose gradient of
+    it backward adds to the LayerNorm's. ``stream_kept``: a later op keeps the stream for its
     backward."""
     return _ResidualLayerNormLinear.apply(y, shortcut, ln_weight, ln_bias, float(eps), norm_dtype, weight, bias,
                                           stream_kept, bool(keep))
@@ -575,10 +624,10 @@ class _LinearBatchNorm(torch.autograd.Function):
             grad.permute(0, 2, 3, 1).contiguous().view(-1, grad.shape[1]), y, None, mean, invstd, bn_weight, bn_bias,
             act, height, width, pool, bias is not None,
         )
-        dx, dw, _ = _linear_backward(dy, x, weight, None, *ctx.dtypes)
+        # grad_after: x's gradient from its next reader, made by that reader's backward for x
+        # alone (the chain hands x to one reader), so the GEMM may add into it
+        dx, dw, _ = _linear_backward(dy, x, weight, None, *ctx.dtypes, a_grad_into=grad_after)
         db = None if bias is None else dy_sum.to(ctx.dtypes[1])
-        if grad_after is not None:
-            dx = dx + grad_after
         return dx, None, dw, db, None, None, dbw, dbb, *[None] * 13
 
 

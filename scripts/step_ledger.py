@@ -21,10 +21,16 @@ and bytes by kind:
   about 20 us (12 to 27 by its arguments), an eager aten op about 6 us with autograd (an
   assumption), nothing for a replayed CUDA graph.
 
-Counted at two batch sizes (default 2 and 3: batch 1 takes other paths in places) and fitted
-as a + b x batch, then written for the batch sizes asked (default 32 and 128):
+The fused step is counted at each batch size asked (default 32 and 128; at batch 128 about a
+minute and 8 GB of memory). Eager's, which needs far more memory, is counted at two small batch
+sizes (``--batch``, default 2 and 3: batch 1 takes other paths in places) and fitted as
+a + b x batch, exact for it; ``--fit`` fits the fused step's too, quicker but not exact: its
+fixed-grid reductions stop adding programs (and partial sums) at one wave of the GPU, so a fit
+from small batches overstates them, several GB at batch 128. Reductions split their rows as on a
+GPU of ``--sms`` SMs (132, an H100's or H200's), the programs an SM holds taken from the
+kernels' warps (an upper bound: registers may allow fewer):
 
-    python scripts/step_ledger.py [--fused both] [--image-size 224] [--batch 2,3] [--at 32,128] [--json FILE]
+    python scripts/step_ledger.py [--fused both] [--image-size 224] [--at 32,128] [--fit] [--batch 2,3] [--json FILE]
 
 The narrow configuration (``--narrow``) is what the tests count; it takes other kernel paths
 than the published width, so its figures are not HiFuse-Tiny's.
@@ -120,7 +126,8 @@ def build(args, batch: int):
 
 
 def count(fused: bool, batch: int, args) -> Ledger:
-    """One training step's ledger, after a warm-up step (lazy state, per-shape decisions)."""
+    """One training step's ledger, after a warm-up step (lazy state, per-shape decisions),
+    with the GPU's launch shapes."""
     model, x, y, opt = build(args, batch)
     ledger = Ledger()
     blocks = _Blocks(model)
@@ -133,27 +140,37 @@ def count(fused: bool, batch: int, args) -> Ledger:
             loss.backward()
         opt.step()
 
-    with launches_recorded(Ledger(), blocks.current):
-        step()  # warm-up, not counted
-    with counted(ledger, blocks.current):
-        step()
+    with _triton.device_tiles(True), _triton.modelled_sms(args.sms):
+        with launches_recorded(Ledger(), blocks.current):
+            step()  # warm-up, not counted
+        with counted(ledger, blocks.current):
+            step()
     blocks.close()
     return ledger
 
 
 def fit(small: Ledger, large: Ledger, b0: int, b1: int, at: int, what: str, **where) -> float:
-    """a + b x batch through the two counts, at ``at``."""
+    """a + b x batch through the two counts, at ``at``; the count itself where one was made
+    at ``at``."""
     v0, v1 = small.total(what, **where), large.total(what, **where)
+    if at in (b0, b1):
+        return v0 if at == b0 else v1
     slope = (v1 - v0) / (b1 - b0)
     return v0 + slope * (at - b0)
 
 
 def report(ledgers: dict, batches: tuple[int, int], at: list[int]) -> dict:
-    b0, b1 = batches
+    """Rows at each of ``at`` from the ledgers counted at ``batches`` (name -> (small, large)),
+    fitted; where a name has ledgers counted at ``at`` (name -> {batch: ledger}), each row is its
+    own count."""
     result = {}
-    for name, (small, large) in ledgers.items():
+    for name, counted_at in ledgers.items():
         rows = {}
         for n in at:
+            if isinstance(counted_at, dict):  # counted at n: the "fit" through that count alone
+                b0, b1, small, large = n, n + 1, counted_at[n], counted_at[n]
+            else:
+                (b0, b1), (small, large) = batches, counted_at
             row = {"launches": fit(small, large, b0, b1, n, "launches"), "GB": fit(small, large, b0, b1, n, "bytes") / 1e9}
             for kind in KINDS:
                 row[f"{kind} launches"] = fit(small, large, b0, b1, n, "launches", kind=kind)
@@ -170,10 +187,10 @@ def report(ledgers: dict, batches: tuple[int, int], at: list[int]) -> dict:
             rows[n] = row
         glue = collections.Counter()
         for (kind, op), v in large.name_bytes.items():
-            if kind == "glue":
-                glue[op] += v - small.name_bytes[kind, op]
+            if kind == "glue":  # per image: the slope of a fit, the mean of a direct count
+                glue[op] += (v - small.name_bytes[kind, op]) / (b1 - b0) if small is not large else v / n
         triton = {op: v for (kind, op), v in large.names.items() if kind == "triton"}
-        result[name] = {"at": rows, "glue ops by GB per image": {op: v / (b1 - b0) / 1e9 for op, v in glue.most_common(15)},
+        result[name] = {"at": rows, "glue ops by GB per image": {op: v / 1e9 for op, v in glue.most_common(15)},
                         "triton launches": dict(sorted(triton.items(), key=lambda kv: -kv[1])),
                         "glue launches by op": {op: v for (kind, op), v in large.names.most_common() if kind == "glue"}}
     return result
@@ -199,8 +216,10 @@ def main(argv=None) -> int:
     parser.add_argument("--variant", default="hifuse_tiny")
     parser.add_argument("--narrow", action="store_true", help="the tests' narrow model (another kernel path)")
     parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--batch", default="2,3", help="the two batch sizes counted (batch 1 takes other paths in places)")
-    parser.add_argument("--at", default="32,128", help="batch sizes the fit is written for")
+    parser.add_argument("--batch", default="2,3", help="the two batch sizes a fit counts (batch 1 takes other paths in places)")
+    parser.add_argument("--at", default="32,128", help="batch sizes the report is written for")
+    parser.add_argument("--fit", action="store_true", help="fit the fused step's counts too (quick, overstates partials)")
+    parser.add_argument("--sms", type=int, default=132, help="SMs of the GPU whose reduction grids are modelled")
     parser.add_argument("--fused", choices=["both", "fused", "eager"], default="both")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     parser.add_argument("--json", help="also write the report here")
@@ -215,17 +234,25 @@ def main(argv=None) -> int:
         sys.exit(f"the fused ops cannot run on CPU tensors here: {_triton.INTERPRETER_PROBLEM}")
     which = {"both": (False, True), "fused": (True,), "eager": (False,)}[args.fused]
     start = time.perf_counter()
-    with _triton.device_tiles(True):  # the GPU's launch shapes, not the interpreter's wide ones
-        ledgers = {("fused" if f else "eager"): tuple(count(f, b, args) for b in batches) for f in which}
+    ledgers, how = {}, []
+    for fused in which:
+        name = "fused" if fused else "eager"
+        if fused and not args.fit:
+            ledgers[name] = {b: count(True, b, args) for b in at}
+            how.append(f"{name} counted at batch {', '.join(map(str, at))}")
+        else:
+            ledgers[name] = tuple(count(fused, b, args) for b in batches)
+            how.append(f"{name} counted at batch {batches[0]} and {batches[1]} and fitted")
+    how = "; ".join(how)
     result = report(ledgers, batches, at)
     what = "narrow HiFuse" if args.narrow else args.variant
     print(f"{what} {args.image_size}x{args.image_size}, bf16 autocast (CUDA's float32 ops), channels-last, one training "
-          f"step with fused AdamW; counted at batch {batches[0]} and {batches[1]}, torch {torch.__version__} "
+          f"step with fused AdamW; {how}; reductions as on {args.sms} SMs; torch {torch.__version__} "
           f"({time.perf_counter() - start:.0f} s)")
     print_report(result, at)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"model": what, "image_size": args.image_size, "counted_at": batches, "torch": torch.__version__,
+            json.dump({"model": what, "image_size": args.image_size, "how": how, "sms": args.sms, "torch": torch.__version__,
                        "result": {k: {**v, "at": {str(n): r for n, r in v["at"].items()}} for k, v in result.items()}},
                       f, indent=1)
     return 0

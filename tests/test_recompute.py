@@ -148,6 +148,62 @@ def test_norm_cat_linear(pool, chain, keep):
         assert bn.num_batches_tracked == twin.num_batches_tracked
 
 
+def test_chained_gemm_adds_into_the_next_readers_gradient(monkeypatch):
+    # Where a GEMM can add a float32 tensor in its epilogue (cuBLAS on a GPU; a CPU kernel
+    # stands in here, the CPU taken for a CUDA-like device), the chained linear_batch_norm's
+    # backward writes x's gradient into the one x's next reader made: the same gradients,
+    # bitwise, as the product and an add
+    if DEVICE != "cpu" or not recompute._ADDMM_OUT_DTYPE:
+        pytest.skip("a CPU stand-in for a GPU's GEMM, in a torch with addmm(out_dtype=)")
+    into = []
+
+    def addmm_into(acc, a, b, out_dtype, *, beta=1, alpha=1, out):
+        into.append(out.data_ptr())
+        return out.copy_(acc + (a @ b).to(out_dtype))
+
+    lib = torch.library.Library("aten", "IMPL")
+    lib.impl("addmm.dtype_out", addmm_into, "CPU")
+    lib.impl("mm.dtype", lambda a, b, out_dtype: (a @ b).to(out_dtype), "CPU")
+    recompute.CUDA_LIKE_DEVICES.add("cpu")
+    try:
+        torch.manual_seed(0)
+        x = _leaf(2, 3, 4, 6)
+        gemm = [_leaf(5, 6, scale=0.5), _leaf(5, scale=0.1)]
+        bn, _ = _bn(5)
+        weights = [torch.randn(2, 5, 3, 4), torch.randn(2, 3, 4, 6)]
+        grads = {}
+        for adds_into in (False, True):
+            monkeypatch.setattr(recompute, "_ADDMM_OUT_DTYPE", adds_into)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                part, _source, again = recompute.linear_batch_norm(x, *gemm, bn, "relu", gemm_dtype=torch.bfloat16,
+                                                                   chain=True)
+                loss = (part.float() * weights[0]).sum() + (again.sin() * weights[1]).sum()
+            loss.backward()
+            grads[adds_into] = [t.grad.clone() for t in (x, *gemm, bn.weight, bn.bias)]
+            for t in (x, *gemm, bn.weight, bn.bias):
+                t.grad = None
+        assert len(into) == 1, "the GEMM did not add into the next reader's gradient"
+        for a, b in zip(grads[False], grads[True]):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    finally:
+        recompute.CUDA_LIKE_DEVICES.discard("cpu")
+        lib._destroy()
+
+
+@pytest.mark.parametrize("rows", [7, 4100])
+def test_mm_add_into(rows):
+    # on a GPU the GEMM adds into acc itself where the device's check said it can; the sum
+    # is the same either way
+    torch.manual_seed(0)
+    acc = torch.randn(rows, 24, device=DEVICE)
+    a, b = torch.randn(rows, 40, device=DEVICE).bfloat16(), torch.randn(40, 24, device=DEVICE).bfloat16()
+    want = acc + recompute.mm_to(a, b, torch.float32)  # float32 products on a GPU
+    out = recompute.mm_add_into(acc, a, b)
+    torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-4)
+    if DEVICE == "cuda":
+        assert (out.data_ptr() == acc.data_ptr()) == recompute._gemm_adds_into(acc.device)
+
+
 def _bn(c):
     bn = torch.nn.BatchNorm2d(c, device=DEVICE)
     with torch.no_grad():
@@ -241,13 +297,14 @@ def test_residual_layer_norm_linear(with_y, stream, kept, keep):
     def fused():
         out, qkv = recompute.residual_layer_norm_linear(y if with_y else None, s, lw, lb, 1e-5, torch.float32,
                                                         lin.weight, lin.bias, kept, keep)
-        return torch.cat([out.float(), qkv], 1) if with_y else qkv
+        # without y, out is s itself, for s's next reader: its gradient joins the LayerNorm's
+        return torch.cat([out.float() * 1.5, qkv], 1)
 
     def plain():
         if with_y:
             out, normed = rln.gelu_residual_layer_norm(y, s, lw, lb, 1e-5, torch.float32)
-            return torch.cat([out.float(), lin(normed)], 1)
-        return lin(rln.layer_norm_to(s, lw, lb, 1e-5, torch.float32))
+            return torch.cat([out.float() * 1.5, lin(normed)], 1)
+        return torch.cat([s.float() * 1.5, lin(rln.layer_norm_to(s, lw, lb, 1e-5, torch.float32))], 1)
 
     _compare(fused, plain, leaves)
 

@@ -93,8 +93,7 @@ def block_forward(m: GlobalBlock, x: torch.Tensor | None, h: int, w: int, tail=N
         tail_y, stream, norm.weight, norm.bias, norm.eps, dtype, attn.qkv.weight, attn.qkv.bias, chain,
         keep=not config.rebuilding("attention_norm"),
     )
-    if tail_y is not None:
-        stream = out
+    stream = out  # without a tail, the input itself: its readers' gradients summed in the op's backward
     y = wa.window_attention(qkv.view(b, h, w, 3 * c), attn.qkv.bias, attn.relative_position_bias_table, m.num_heads,
                             m.window, m.shift, check=False)
     y = y.view(-1, c)
