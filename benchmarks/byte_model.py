@@ -43,7 +43,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from hifuse_kernels import _triton, reference
 
 KINDS = ("triton", "native", "gemm", "optimizer", "glue")
-GEMM_OPS = {"mm", "addmm", "bmm", "baddbmm", "convolution", "convolution_backward", "_convolution",
+GEMM_OPS = {"mm", "addmm", "addmm_", "bmm", "baddbmm", "baddbmm_", "convolution", "convolution_backward", "_convolution",
             "cudnn_convolution", "mkldnn_convolution", "_scaled_mm", "addbmm"}
 NO_LAUNCH_OPS = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "detach", "alias",
                  "lift_fresh", "set_", "resize_", "_reshape_alias", "_unsafe_view", "view", "as_strided",

@@ -567,6 +567,8 @@ class HiFuse(nn.Module):
             return self._features(x)
 
     def _features(self, x: torch.Tensor) -> torch.Tensor:
+        if config.runs_fused(self, x):
+            return config.forward_fused(self, x)
         ckpt = self.grad_checkpointing and torch.is_grad_enabled()
         tokens, h, w = self.patch_embed(x)
         globals_ = []

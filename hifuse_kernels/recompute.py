@@ -225,15 +225,18 @@ def _gemm_adds_into(device: torch.device) -> bool:
 
 
 def mm_add_into(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``acc + a @ b``, float32, for a float32 acc that nothing but the caller holds (a
-    gradient another backward of the caller's made for it): written into acc by the GEMM
-    itself where the device can (one read of acc, not an add pass reading a product and acc
-    and writing their sum); elsewhere, and under torch.compile, the product and an add."""
-    if (_ADDMM_OUT_DTYPE and acc.dtype == torch.float32 and a.dtype in (torch.bfloat16, torch.float16)
-            and b.dtype == a.dtype and acc.is_contiguous() and acc.dim() == 2 and not torch.compiler.is_compiling()
-            and _gemm_adds_into(a.device)):
-        return torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-    return acc + mm_to(a, b, torch.float32)
+    """``acc + a @ b`` in acc's dtype, for an acc that nothing but the caller holds (a gradient
+    another backward of the caller's made for it): written into acc by the GEMM itself (one
+    read of acc, not an add pass reading a product and acc and writing their sum, and one
+    rounding, not two): for operands of acc's dtype everywhere, for a float32 acc of bf16/fp16
+    operands where the device can; elsewhere, and under torch.compile, the product and an add."""
+    if acc.dim() == 2 and acc.is_contiguous() and b.dtype == a.dtype and not torch.compiler.is_compiling():
+        if acc.dtype == a.dtype:
+            return acc.addmm_(a, b)
+        if (_ADDMM_OUT_DTYPE and acc.dtype == torch.float32 and a.dtype in (torch.bfloat16, torch.float16)
+                and _gemm_adds_into(a.device)):
+            return torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    return acc + mm_to(a, b, acc.dtype)
 
 
 def cast_for_gemm(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype | None):
@@ -264,7 +267,7 @@ def _linear_backward(grad, a, weight, bias, weight_dtype=None, bias_dtype=None, 
     (by the GEMM itself where it can: ``mm_add_into``)."""
     dtype = grad.dtype
     rows = grad.reshape(-1, grad.shape[-1])
-    if a_grad_into is not None and a_grad_into.is_contiguous() and (a_dtype or a.dtype) == torch.float32:
+    if a_grad_into is not None and a_grad_into.is_contiguous() and a_grad_into.dtype == (a_dtype or a.dtype):
         da = mm_add_into(a_grad_into.view(rows.shape[0], -1), rows, weight.to(dtype)).view(a.shape)
         a_grad_into = None
     else:  # a float32 input's gradient straight from the GEMM

@@ -313,24 +313,54 @@ def gelu_residual_layer_norm(
     return out.view(shape), normed.view(shape)
 
 
+class _LayerNormHandOn(torch.autograd.Function):
+    """The op without prologue, also returning its input (its storage, no copy) for the
+    input's next reader: backward adds that reader's gradient of it on load, where autograd
+    would sum the two gradients in a pass of their own."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps, dtype, *geometry):
+        _out, normed, mean, rstd = torch.ops.hifuse.residual_layer_norm(None, x, weight, bias, eps, dtype, *geometry)
+        ctx.save_for_backward(x, weight, mean, rstd)
+        ctx.geometry = geometry
+        ctx.mark_non_differentiable(mean, rstd)
+        ctx.set_materialize_grads(False)
+        return normed, x.detach()
+
+    @staticmethod
+    def backward(ctx, grad_normed, grad_after):
+        x, weight, mean, rstd = ctx.saved_tensors
+        if grad_normed is None:
+            return grad_after, None, None, None, None, *[None] * len(ctx.geometry)
+        _dy, dx, dw, db = backward(None if grad_after is None else grad_after.contiguous(), grad_normed.contiguous(),
+                                   None, x, weight, mean, rstd, *ctx.geometry)
+        return dx, dw, db, None, None, *[None] * len(ctx.geometry)
+
+
 def layer_norm_to(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, dtype: torch.dtype, check: bool = True,
-    patch: int = 1,
-) -> torch.Tensor:
+    patch: int = 1, chain: bool = False,
+):
     """``F.layer_norm`` over the last dim, computed in fp32 and written in ``dtype`` (``check``:
     as in ``gelu_residual_layer_norm``). ``patch`` k > 1: x is (B, H, W, C) and the result
     comes as the (B, H/k, W/k, k*k*C) patches a k x k / k convolution reads (``patch_conv``'s
-    gather, never written apart)."""
+    gather, never written apart). ``chain``: (that, x for its next reader), whose gradient of
+    x the LayerNorm backward adds on load."""
     if check:
         _check(x, weight)
         if patch > 1 and (x.dim() != 4 or x.shape[1] < patch or x.shape[2] < patch):
             raise ValueError(f"residual_layer_norm: patches of {patch} need (B, H, W, C) x of at least that size")
     c = x.shape[-1]
     geometry = () if patch == 1 else (int(patch), int(x.shape[1]), int(x.shape[2]))
-    _out, normed, _mean, _rstd = torch.ops.hifuse.residual_layer_norm(
-        None, x.reshape(-1, c).contiguous(), weight, bias, float(eps), dtype, *geometry
-    )
+    rows = x.reshape(-1, c).contiguous()
+    if chain:
+        normed, after = _LayerNormHandOn.apply(rows, weight, bias, float(eps), dtype, *geometry)
+    else:
+        _out, normed, _mean, _rstd = torch.ops.hifuse.residual_layer_norm(None, rows, weight, bias, float(eps), dtype,
+                                                                          *geometry)
     if patch == 1:
-        return normed.view(x.shape)
-    b, h, w, _ = x.shape
-    return normed.view(b, h // patch, w // patch, patch * patch * c)
+        normed = normed.view(x.shape)
+    else:
+        b, h, w, _ = x.shape
+        normed = normed.view(b, h // patch, w // patch, patch * patch * c)
+    return (normed, after.view(x.shape)) if chain else normed

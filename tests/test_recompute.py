@@ -190,18 +190,22 @@ def test_chained_gemm_adds_into_the_next_readers_gradient(monkeypatch):
         lib._destroy()
 
 
+@pytest.mark.parametrize("acc_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [7, 4100])
-def test_mm_add_into(rows):
-    # on a GPU the GEMM adds into acc itself where the device's check said it can; the sum
-    # is the same either way
+def test_mm_add_into(rows, acc_dtype):
+    # the GEMM adds into acc itself: everywhere for operands of acc's dtype, on a GPU for a
+    # float32 acc where the device's check said it can; the sum is the same either way
     torch.manual_seed(0)
-    acc = torch.randn(rows, 24, device=DEVICE)
+    acc = torch.randn(rows, 24, device=DEVICE).to(acc_dtype)
     a, b = torch.randn(rows, 40, device=DEVICE).bfloat16(), torch.randn(40, 24, device=DEVICE).bfloat16()
-    want = acc + recompute.mm_to(a, b, torch.float32)  # float32 products on a GPU
-    out = recompute.mm_add_into(acc, a, b)
-    torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-4)
-    if DEVICE == "cuda":
-        assert (out.data_ptr() == acc.data_ptr()) == recompute._gemm_adds_into(acc.device)
+    want = acc.float() + a.float() @ b.float()
+    out = recompute.mm_add_into(acc.clone(), a, b)
+    assert out.dtype == acc_dtype
+    tol = 1e-4 if acc_dtype == torch.float32 and DEVICE == "cuda" else 2e-2
+    torch.testing.assert_close(out.float(), want, rtol=tol, atol=tol * want.abs().max().item())
+    target = acc.clone()
+    in_place = acc_dtype == torch.bfloat16 or (DEVICE == "cuda" and recompute._gemm_adds_into(acc.device))
+    assert (recompute.mm_add_into(target, a, b).data_ptr() == target.data_ptr()) == in_place
 
 
 def _bn(c):

@@ -75,6 +75,9 @@ def probe(model: torch.nn.Module, x: torch.Tensor) -> dict[str, tuple[str, str]]
         if any(p == part and not d for p, d in config.module_decisions(model).values()):
             forward(**{p: p == part for p in parts})
     decisions = config.module_decisions(model)
+    # the model's own fused feature loop runs the same modules, handing tensors on: not a
+    # module of the part's to report
+    decisions.pop(model, None)
 
     # a module's reasons for running eager (empty: fused), for the modules that ran. A module
     # whose fused forward hands its own part's submodules to eager (a global stage whose

@@ -18,11 +18,11 @@ from hifuse_kernels.reference import autocast_dtype
 
 from .. import config
 from ..model import IRMLP, ConvBN, GlobalBlock
-from . import fusion_block, global_branch, local_branch
+from . import features, fusion_block, global_branch, local_branch
 from .fusion_block import bn1_into_conv2, folded_weights, folds
 from .global_branch import merged_proj_fc1
 
-__all__ = ["fusion_block", "global_branch", "local_branch", "prepare"]
+__all__ = ["features", "fusion_block", "global_branch", "local_branch", "prepare"]
 
 
 def prepare(model: nn.Module) -> nn.Module:

@@ -120,10 +120,3 @@ def stem_layer_norm(y: torch.Tensor, norm: nn.Module, out_dtype: torch.dtype | N
         out = F.layer_norm(y, (y.shape[-1],), norm.weight, norm.bias, norm.eps)
         return out if out_dtype is None else out.to(out_dtype)
     return rln.layer_norm_to(y, norm.weight, norm.bias, norm.eps, out_dtype, check=False)
-
-
-def layer_norm_for_gemm(x: torch.Tensor, norm: nn.Module, gemm_dtype: torch.dtype, patch: int = 1) -> torch.Tensor:
-    """LayerNorm over the last dim of x written in the dtype of the GEMM that reads it (one
-    Triton pass; the cast autocast would make is done in its store); ``patch`` k > 1: written
-    as the patches of a k x k / k convolution of (B, H, W, C) x (``layer_norm_to``)."""
-    return rln.layer_norm_to(x, norm.weight, norm.bias, norm.eps, gemm_dtype, check=False, patch=patch)

@@ -1,0 +1,59 @@
+"""The fused feature loop: the same modules as the model's own loop, with each local stage's
+output handed from the next stage's downsample to its fusion block."""
+
+import copy
+
+import torch
+
+import hifuse
+from helpers import DEVICE, triton_device_or_skip
+from hifuse import config
+from hifuse.model import HiFuse
+from hifuse_kernels import residual_layer_norm as rln
+
+pytestmark = triton_device_or_skip()
+
+
+def _step(model, x, routed: bool, monkeypatch):
+    if not routed:
+        monkeypatch.delitem(config._routes, HiFuse)
+    try:
+        with torch.autocast(DEVICE, dtype=torch.bfloat16), hifuse.use_fused(True):
+            loss = model(x).float().square().sum()
+        loss.backward()
+    finally:
+        monkeypatch.undo()
+    return loss.detach(), [p.grad for p in model.parameters()]
+
+
+def test_handed_on_gradients_equal_the_summed_ones(monkeypatch):
+    # the downsample's LayerNorm backward adds the fusion block's gradient of its input on
+    # load, in float32 as autograd's sum of two float32 gradients does: on a GPU (float32
+    # streams under autocast) the same numbers, bitwise; on the CPU, whose autocast keeps the
+    # local streams in bf16, one rounding instead of two
+    torch.manual_seed(0)
+    model = hifuse.create_model("hifuse_tiny", num_classes=3, depths=(1, 1, 1, 1), dims=(16, 32, 64, 128),
+                                num_heads=(1, 1, 2, 2)).to(DEVICE).to(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 64, 64, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    chained = []
+    hand_on = rln._LayerNormHandOn.apply
+    monkeypatch.setattr(rln._LayerNormHandOn, "apply", lambda *a: chained.append(1) or hand_on(*a))
+    got = _step(copy.deepcopy(model), x, True, monkeypatch)
+    assert len(chained) == 3, "the three local downsamples after the stem hand their input on"
+    want = _step(copy.deepcopy(model), x, False, monkeypatch)
+    exact = DEVICE == "cuda"
+    torch.testing.assert_close(got[0], want[0], rtol=0 if exact else 1e-2, atol=0)
+    for a, b in zip(got[1], want[1]):
+        assert (a is None) == (b is None)
+        if b is not None:
+            torch.testing.assert_close(a, b, rtol=0, atol=0 if exact else 2**-6 * b.abs().max().item())
+
+
+def test_checkpointing_runs_the_models_own_loop():
+    model = hifuse.create_model("hifuse_tiny", num_classes=3, depths=(1, 1, 1, 1), dims=(16, 32, 64, 128),
+                                num_heads=(1, 1, 2, 2)).to(DEVICE)
+    model.set_grad_checkpointing(True)
+    x = torch.randn(1, 3, 32, 32, device=DEVICE)
+    assert "checkpointing" in config._routes[HiFuse].check(model, x)
+    with torch.no_grad():
+        assert config._routes[HiFuse].check(model, x) is None
