@@ -46,6 +46,15 @@ MergeGeometry patch_merge_check_backward(const at::Tensor& grad_out, const at::T
   return g;
 }
 
+std::optional<at::Tensor> patch_merge_grad_after(const std::optional<at::Tensor>& grad_after, const at::Tensor& x) {
+  if (!grad_after.has_value() || !grad_after->defined()) return std::nullopt;
+  TORCH_CHECK(grad_after->sizes() == x.sizes(), "hifuse::patch_merge_norm_backward: grad_after shape ",
+              grad_after->sizes(), " is not x's ", x.sizes());
+  TORCH_CHECK(grad_after->device() == x.device(), "hifuse::patch_merge_norm_backward: grad_after is on ",
+              grad_after->device(), ", x on ", x.device());
+  return grad_after->to(x.scalar_type()).contiguous();
+}
+
 namespace {
 
 template <typename scalar_t, typename out_t, typename stat_t>
@@ -78,7 +87,8 @@ void forward_cpu(const MergeGeometry& g, const scalar_t* x, const double* w, con
 
 template <typename scalar_t, typename stat_t>
 void backward_cpu(const MergeGeometry& g, const scalar_t* dy, const scalar_t* x, const double* w,
-                  const stat_t* mean, const stat_t* rstd, scalar_t* dx, double* dw, double* db) {
+                  const stat_t* mean, const stat_t* rstd, const scalar_t* after, scalar_t* dx, double* dw,
+                  double* db) {
   const int64_t n = 4 * g.c;
   auto xhat_of = [&](int64_t row, int64_t k) {
     const int64_t src = merge_source(g, row, k);
@@ -109,7 +119,8 @@ void backward_cpu(const MergeGeometry& g, const scalar_t* dy, const scalar_t* x,
         for (int64_t ch = 0; ch < g.c; ++ch) {
           const int64_t k = q * g.c + ch;
           const double gw = static_cast<double>(grow[k]) * w[k];
-          dx[base[q] + ch] = static_cast<scalar_t>(rs * (gw - (a + xhat[k] * bsum) / n));
+          const double extra = after == nullptr ? 0.0 : static_cast<double>(after[base[q] + ch]);
+          dx[base[q] + ch] = static_cast<scalar_t>(rs * (gw - (a + xhat[k] * bsum) / n) + extra);
         }
       }
     }
@@ -161,12 +172,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> patch_merge_norm_cpu(
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> patch_merge_norm_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& x_in, int64_t H, int64_t W, const at::Tensor& weight,
-    const at::Tensor& mean_in, const at::Tensor& rstd_in) {
+    const at::Tensor& mean_in, const at::Tensor& rstd_in, const std::optional<at::Tensor>& grad_after) {
   const MergeGeometry g = patch_merge_check_backward(grad_out, x_in, H, W, weight);
   const auto x = x_in.contiguous();
   const auto dy = grad_out.to(x.scalar_type()).contiguous();
   const auto mean = mean_in.contiguous();
   const auto rstd = rstd_in.contiguous();
+  const auto after = patch_merge_grad_after(grad_after, x);
   auto dx = at::empty_like(x);
   auto dw = at::empty({4 * g.c}, weight.options().dtype(at::kDouble));
   auto db = at::empty_like(dw);
@@ -175,12 +187,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> patch_merge_norm_backward_cpu(
     if (mean.scalar_type() == at::kDouble) {
       backward_cpu<scalar_t, double>(g, dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
                                      w.const_data_ptr<double>(), mean.const_data_ptr<double>(),
-                                     rstd.const_data_ptr<double>(), dx.mutable_data_ptr<scalar_t>(),
+                                     rstd.const_data_ptr<double>(),
+                                     after ? after->const_data_ptr<scalar_t>() : nullptr,
+                                     dx.mutable_data_ptr<scalar_t>(),
                                      dw.mutable_data_ptr<double>(), db.mutable_data_ptr<double>());
     } else {
       backward_cpu<scalar_t, float>(g, dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
                                     w.const_data_ptr<double>(), mean.const_data_ptr<float>(),
-                                    rstd.const_data_ptr<float>(), dx.mutable_data_ptr<scalar_t>(),
+                                    rstd.const_data_ptr<float>(),
+                                    after ? after->const_data_ptr<scalar_t>() : nullptr,
+                                    dx.mutable_data_ptr<scalar_t>(),
                                     dw.mutable_data_ptr<double>(), db.mutable_data_ptr<double>());
     }
   });
@@ -193,7 +209,7 @@ TORCH_LIBRARY_FRAGMENT(hifuse, m) {
       " -> (Tensor, Tensor, Tensor)");
   m.def(
       "patch_merge_norm_backward(Tensor grad_out, Tensor x, int H, int W, Tensor weight, Tensor mean, "
-      "Tensor rstd) -> (Tensor, Tensor, Tensor)");
+      "Tensor rstd, Tensor? grad_after=None) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(hifuse, CPU, m) {

@@ -72,8 +72,8 @@ __global__ void forward_kernel(const scalar_t* __restrict__ x, const acc_t* __re
 template <typename scalar_t, typename acc_t>
 __global__ void backward_input_kernel(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x,
                                       const acc_t* __restrict__ w, const acc_t* __restrict__ mean,
-                                      const acc_t* __restrict__ rstd, scalar_t* __restrict__ dx,
-                                      MergeGeometry g) {
+                                      const acc_t* __restrict__ rstd, const scalar_t* __restrict__ after,
+                                      scalar_t* __restrict__ dx, MergeGeometry g) {
   const int lane = threadIdx.x % 32;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
   if (row >= g.rows()) return;
@@ -95,7 +95,8 @@ __global__ void backward_input_kernel(const scalar_t* __restrict__ dy, const sca
     const int64_t src = merge_source(g, row, k);
     if (src < 0) continue;
     const acc_t xhat = (static_cast<acc_t>(x[src]) - mu) * rs;
-    dx[src] = static_cast<scalar_t>(rs * (static_cast<acc_t>(grow[k]) * w[k] - (a + xhat * bsum) * inv_n));
+    const acc_t extra = after == nullptr ? acc_t(0) : static_cast<acc_t>(after[src]);
+    dx[src] = static_cast<scalar_t>(rs * (static_cast<acc_t>(grow[k]) * w[k] - (a + xhat * bsum) * inv_n) + extra);
   }
 }
 
@@ -170,10 +171,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> patch_merge_norm_cuda(
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> patch_merge_norm_backward_cuda(
     const at::Tensor& grad_out, const at::Tensor& x_in, int64_t H, int64_t W, const at::Tensor& weight,
-    const at::Tensor& mean_in, const at::Tensor& rstd_in) {
+    const at::Tensor& mean_in, const at::Tensor& rstd_in, const std::optional<at::Tensor>& grad_after) {
   const MergeGeometry g = patch_merge_check_backward(grad_out, x_in, H, W, weight);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const auto x = x_in.contiguous();
+  const auto after = patch_merge_grad_after(grad_after, x);
   const auto dy = grad_out.to(x.scalar_type()).contiguous();
   const auto mean = mean_in.contiguous();
   const auto rstd = rstd_in.contiguous();
@@ -195,7 +197,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> patch_merge_norm_backward_cuda(
     using acc_t = at::acc_type<scalar_t, true>;
     backward_input_kernel<scalar_t, acc_t><<<row_blocks(g), kWarpsPerBlock * 32, 0, stream>>>(
         dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), w.const_data_ptr<acc_t>(),
-        mean.const_data_ptr<acc_t>(), rstd.const_data_ptr<acc_t>(), dx.mutable_data_ptr<scalar_t>(), g);
+        mean.const_data_ptr<acc_t>(), rstd.const_data_ptr<acc_t>(),
+        after ? after->const_data_ptr<scalar_t>() : nullptr, dx.mutable_data_ptr<scalar_t>(), g);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     backward_params_partial_kernel<scalar_t, acc_t>
         <<<dim3(static_cast<unsigned>(tiles), static_cast<unsigned>(chunks)), dim3(32, 8), 0, stream>>>(

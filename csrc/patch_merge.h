@@ -36,9 +36,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> patch_merge_norm_cpu(
     const at::Tensor& x, int64_t H, int64_t W, const at::Tensor& weight, const at::Tensor& bias,
     double eps, std::optional<at::ScalarType> out_dtype);
 
+// grad_after (optional, x's shape): a gradient of x from another reader, added to x's.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> patch_merge_norm_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& x, int64_t H, int64_t W, const at::Tensor& weight,
-    const at::Tensor& mean, const at::Tensor& rstd);
+    const at::Tensor& mean, const at::Tensor& rstd, const std::optional<at::Tensor>& grad_after);
+
+// grad_after as x's gradient adds it: contiguous, in x's dtype (checked), or nullopt.
+std::optional<at::Tensor> patch_merge_grad_after(const std::optional<at::Tensor>& grad_after, const at::Tensor& x);
 
 // Offset of element k (slot q = k / C, channel k % C) of output row `row` in x, or -1 when
 // that slot falls in the padding.

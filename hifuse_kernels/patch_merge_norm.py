@@ -67,7 +67,7 @@ def _fake_forward(x, h, w, weight, bias, eps, out_dtype=None):
     return x.new_empty((b, rows, 4 * c), dtype=out_dtype or x.dtype), stat, torch.empty_like(stat)
 
 
-def _fake_backward(grad_out, x, h, w, weight, mean, rstd):
+def _fake_backward(grad_out, x, h, w, weight, mean, rstd, grad_after=None):
     return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(weight), torch.empty_like(weight)
 
 
@@ -90,13 +90,38 @@ def _backward(ctx, grad_out, _grad_mean, _grad_rstd):
 _ext.register_python_parts(OP, _fake_forward, _fake_backward, _backward, _setup_context)
 
 
+class _HandOn(torch.autograd.Function):
+    """The op, also returning x (its storage, no copy) for x's next reader: backward adds that
+    reader's gradient of x in the kernel that writes x's, where autograd would sum the two in
+    a pass of their own."""
+
+    @staticmethod
+    def forward(ctx, x, h, w, weight, bias, eps, out_dtype):
+        out, mean, rstd = torch.ops.hifuse.patch_merge_norm(x, h, w, weight, bias, eps, out_dtype)
+        ctx.save_for_backward(x, weight, mean, rstd)
+        ctx.grid = (h, w)
+        ctx.set_materialize_grads(False)
+        return out, x.detach()
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_after):
+        if grad_out is None:
+            return grad_after, None, None, None, None, None, None
+        x, weight, mean, rstd = ctx.saved_tensors
+        dx, dw, db = torch.ops.hifuse.patch_merge_norm_backward(grad_out, x, *ctx.grid, weight, mean, rstd, grad_after)
+        return dx, None, None, dw, db, None, None
+
+
 def patch_merge_norm(x: torch.Tensor, h: int, w: int, weight: torch.Tensor, bias: torch.Tensor,
-                     eps: float = 1e-5, out_dtype: torch.dtype | None = None, check: bool = True) -> torch.Tensor:
+                     eps: float = 1e-5, out_dtype: torch.dtype | None = None, check: bool = True,
+                     chain: bool = False):
     """2x2 patch gather (zero-padded odd sides) of (B, h*w, C) tokens and LayerNorm over the 4C.
 
     The result is in x's dtype, or ``out_dtype`` (x's, or bfloat16/float16 for float32 x):
     PatchMerging asks for its reduction GEMM's dtype under autocast, so no cast pass follows.
     ``check`` False skips the argument checks, for callers that made them once already.
+    ``chain``: (the result, x for its next reader), whose gradient of x the backward kernel
+    adds to its own.
 
     Raises:
         ImportError: the compiled extension is missing.
@@ -109,5 +134,7 @@ def patch_merge_norm(x: torch.Tensor, h: int, w: int, weight: torch.Tensor, bias
             raise problem[0](f"patch_merge_norm: {problem[1]}")
         if out_dtype not in (None, x.dtype) and not (x.dtype == torch.float32 and out_dtype in (torch.bfloat16, torch.float16)):
             raise TypeError(f"patch_merge_norm: out_dtype must be x's dtype, or bfloat16/float16 for float32 x; got {out_dtype}")
+    if chain:
+        return _HandOn.apply(x, int(h), int(w), weight, bias, float(eps), out_dtype)
     out, _mean, _rstd = torch.ops.hifuse.patch_merge_norm(x, int(h), int(w), weight, bias, float(eps), out_dtype)
     return out

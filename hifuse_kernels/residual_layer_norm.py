@@ -329,9 +329,9 @@ class _LayerNormHandOn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_normed, grad_after):
-        x, weight, mean, rstd = ctx.saved_tensors
         if grad_normed is None:
             return grad_after, None, None, None, None, *[None] * len(ctx.geometry)
+        x, weight, mean, rstd = ctx.saved_tensors
         _dy, dx, dw, db = backward(None if grad_after is None else grad_after.contiguous(), grad_normed.contiguous(),
                                    None, x, weight, mean, rstd, *ctx.geometry)
         return dx, dw, db, None, None, *[None] * len(ctx.geometry)

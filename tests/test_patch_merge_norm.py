@@ -58,6 +58,34 @@ def test_expanded_gradient_and_determinism():
         torch.testing.assert_close(a, r, **TOL[torch.float64])
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chain_adds_the_next_readers_gradient(device, dtype):
+    # x handed on (its storage): the backward kernel adds x's gradient from the next reader,
+    # in float32, rounding once to x's dtype; odd sides, so padding slots take no gradient
+    x, weight, bias = _inputs(2, 9, 5, 16, torch.float32, device)
+    x = x.detach().to(dtype).requires_grad_()
+    out, after = patch_merge_norm(x, 9, 5, weight, bias, chain=True)
+    assert after.data_ptr() == x.data_ptr() and after.shape == x.shape
+    g = torch.Generator().manual_seed(1)
+    grads = [torch.randn(t.shape, generator=g).to(device) for t in (out, x)]
+    got = torch.autograd.grad((out.float() * grads[0]).sum() + (after.float() * grads[1]).sum(), (x, weight, bias))
+    x64 = x.detach().double().requires_grad_()
+    ref = patch_merge_norm_ref(x64, 9, 5, weight.double(), bias.double())
+    want = torch.autograd.grad((ref * grads[0].double()).sum() + (x64 * grads[1].double()).sum(), (x64, weight, bias))
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-2, atol=2e-2)
+    for a, r in zip(got, want):
+        torch.testing.assert_close(a.double(), r.double(), **tol)
+    # the next reader alone, or the merge alone, takes a gradient
+    _out, after = patch_merge_norm(x, 9, 5, weight, bias, chain=True)
+    alone = torch.autograd.grad((after.float() * grads[1]).sum(), x)[0]
+    torch.testing.assert_close(alone.float(), grads[1].to(dtype).float())
+    out, _after = patch_merge_norm(x, 9, 5, weight, bias, chain=True)
+    merge_only = torch.autograd.grad((out.float() * grads[0]).sum(), x)[0]
+    out = patch_merge_norm(x, 9, 5, weight, bias)
+    torch.testing.assert_close(merge_only, torch.autograd.grad((out.float() * grads[0]).sum(), x)[0], rtol=0, atol=0)
+
+
 def test_out_dtype_is_the_cast_result():
     torch.manual_seed(0)
     x = torch.randn(2, 35, 24, requires_grad=True)
@@ -82,9 +110,10 @@ def test_opcheck():
     opcheck(torch.ops.hifuse.patch_merge_norm.default, (x, 5, 3, weight, bias, 1e-5))
     x, weight = x.detach(), weight.detach()
     _out, mean, rstd = torch.ops.hifuse.patch_merge_norm(x, 5, 3, weight, bias.detach(), 1e-5)
-    opcheck(torch.ops.hifuse.patch_merge_norm_backward.default,
-            (torch.randn(2, 6, 32), x, 5, 3, weight, mean, rstd),
-            test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+    for after in (None, torch.randn(x.shape)):
+        opcheck(torch.ops.hifuse.patch_merge_norm_backward.default,
+                (torch.randn(2, 6, 32), x, 5, 3, weight, mean, rstd, after),
+                test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -115,10 +115,10 @@ def test_fused_decisions_are_made_once_per_signature():
         first = config.checks_run - start
         model(x)
         assert config.checks_run - start == first, "a repeated forward evaluated capabilities again"
-        # every routed module decided once: 1 patch embedding, 3 mergings, 8 blocks, 4 stages,
-        # 4 local downsamples (their LayerNormCFs are not reached when they run fused), 8 local
-        # blocks, 4 fusion blocks
-        assert first == 1 + 3 + 8 + 4 + 4 + 8 + 4
+        # every routed module decided once: the model's feature loop, 1 patch embedding, 3
+        # mergings, 8 blocks, 4 stages, 4 local downsamples (their LayerNormCFs are not reached
+        # when they run fused), 8 local blocks, 4 fusion blocks
+        assert first == 1 + 1 + 3 + 8 + 4 + 4 + 8 + 4
         model(torch.randn(1, 3, 32, 64, device=DEVICE))  # a new signature decides again
         assert config.checks_run - start == 2 * first
 

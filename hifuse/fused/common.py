@@ -120,3 +120,30 @@ def stem_layer_norm(y: torch.Tensor, norm: nn.Module, out_dtype: torch.dtype | N
         out = F.layer_norm(y, (y.shape[-1],), norm.weight, norm.bias, norm.eps)
         return out if out_dtype is None else out.to(out_dtype)
     return rln.layer_norm_to(y, norm.weight, norm.bias, norm.eps, out_dtype, check=False)
+
+
+# Modules asked to hand their input on for a later reader (``hand_on``), innermost last: an
+# entry is the module until its fused forward puts its input there, as that reader takes it.
+_handing_on: list = []
+
+
+def hand_on(m: nn.Module, call):
+    """``(call(), m's input as m's fused forward handed it on, or None)``, where ``call`` runs m
+    once, as a module (its hooks run). A fused forward that can returns its input through its
+    own op, whose backward adds the later reader's gradient of it to its own (no pass of
+    autograd's to sum the two)."""
+    _handing_on.append(m)
+    try:
+        out = call()
+    finally:
+        after = _handing_on.pop()
+    return out, (None if after is m else after)
+
+
+def asked_to_hand_on(m: nn.Module) -> bool:
+    """Whether m's fused forward, running now, is to hand its input on (``handed_on``)."""
+    return bool(_handing_on) and _handing_on[-1] is m
+
+
+def handed_on(x: torch.Tensor) -> None:
+    _handing_on[-1] = x

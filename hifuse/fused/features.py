@@ -1,8 +1,8 @@
-"""The model's feature loop, fused: each local stage's output, read by the next stage's
-downsample and by its fusion block, is handed from the first reader to the second, so that
-the downsample's LayerNorm backward adds the fusion block's gradient of it on load instead of
-autograd summing the two in a pass of their own. The same modules run, in the same order, as
-``HiFuse._features``."""
+"""The model's feature loop, fused: each stage's output, read by the next stage's downsample
+(local) or patch merging (global) and by its fusion block, is handed from the first reader to
+the second, so that the first one's backward kernel adds the fusion block's gradient of it
+instead of autograd summing the two in a pass of their own. The same modules run, in the same
+order, as ``HiFuse._features``."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 
 from .. import config
 from ..model import HiFuse
-from . import local_branch
+from .common import hand_on
 
 
 def features_check(m: HiFuse, x: torch.Tensor) -> str | None:
@@ -23,18 +23,28 @@ def features_forward(m: HiFuse, x: torch.Tensor) -> torch.Tensor:
     tokens, h, w = m.patch_embed(x)
     globals_ = []
     for stage in m.global_stages:
-        tokens, h, w = stage(tokens, h, w)
-        b, _, c = tokens.shape
-        globals_.append(tokens.transpose(1, 2).view(b, c, h, w))
+        after = None
+        if globals_ and stage.downsample is not None:
+            # the fusion block reads the previous stage's output as the patch merging hands it on
+            (tokens_next, h_next, w_next), after = hand_on(stage.downsample, lambda: stage(tokens, h, w))
+        else:
+            tokens_next, h_next, w_next = stage(tokens, h, w)
+        if after is not None:
+            globals_[-1] = _as_map(after, h, w)
+        tokens, h, w = tokens_next, h_next, w_next
+        globals_.append(_as_map(tokens, h, w))
 
     locals_ = []
     y = x
     for down, stage in zip(m.downsample_layers, m.stages):
+        after = None
         if locals_:
             # the fusion block reads the previous stage's output as the downsample hands it on
-            y, locals_[-1] = local_branch.hand_on(down, y)
+            y, after = hand_on(down, lambda: down(y))
         else:
             y = down(y)
+        if after is not None:
+            locals_[-1] = after
         y = stage(y)
         locals_.append(y)
 
@@ -42,6 +52,11 @@ def features_forward(m: HiFuse, x: torch.Tensor) -> torch.Tensor:
     for block, l, g in zip(m.fusion_blocks, locals_, globals_):
         f = block(l, g, f)
     return f
+
+
+def _as_map(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    b, _, c = tokens.shape
+    return tokens.transpose(1, 2).view(b, c, h, w)
 
 
 config.register(HiFuse, "patches", features_check, features_forward)

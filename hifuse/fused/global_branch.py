@@ -12,7 +12,8 @@ from hifuse_kernels import window_attention as wa
 
 from .. import config
 from ..model import GlobalBlock, GlobalStage, PatchEmbed, PatchMerging
-from .common import autocast_dtype, autocast_norm_dtype, derived, drop_path_inactive, gelu_residual, needs_grad, stem_conv_norm
+from .common import (asked_to_hand_on, autocast_dtype, autocast_norm_dtype, derived, drop_path_inactive, gelu_residual,
+                     handed_on, needs_grad, stem_conv_norm)
 
 # --------------------------------------------------------------------------- patch embedding
 
@@ -41,9 +42,15 @@ def patch_merging_check(m: PatchMerging, x: torch.Tensor, h: int, w: int) -> str
 
 def patch_merging_forward(m: PatchMerging, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
     """Gather and LayerNorm(4C) in one native op; under autocast it writes the reduction
-    GEMM's dtype, so no cast pass follows."""
+    GEMM's dtype, so no cast pass follows. Where ``common.hand_on`` asks, x is handed on
+    through the op."""
     gemm_dtype = autocast_dtype(x) if x.dtype == torch.float32 else None
-    merged = patch_merge_norm.patch_merge_norm(x, h, w, m.norm.weight, m.norm.bias, m.norm.eps, gemm_dtype, check=False)
+    chain = asked_to_hand_on(m)
+    merged = patch_merge_norm.patch_merge_norm(x, h, w, m.norm.weight, m.norm.bias, m.norm.eps, gemm_dtype,
+                                               check=False, chain=chain)
+    if chain:
+        merged, after = merged
+        handed_on(after)
     return m.reduction(merged)
 
 

@@ -13,7 +13,7 @@ from hifuse_kernels import residual_layer_norm as rln
 from .. import config
 from ..layers import LayerNormCF
 from ..model import LocalBlock, LocalDownsample
-from .common import autocast_dtype, drop_path_inactive, gelu_residual, stem_conv_norm
+from .common import asked_to_hand_on, autocast_dtype, drop_path_inactive, gelu_residual, handed_on, stem_conv_norm
 
 
 def local_block_check(m: LocalBlock, x: torch.Tensor) -> str | None:
@@ -52,30 +52,12 @@ def downsample_check(m: LocalDownsample, x: torch.Tensor) -> str | None:
     return reason
 
 
-# Downsamples asked to hand their input on (``hand_on``), the innermost last: each entry is
-# the module until its fused forward puts the input there, as its next reader takes it.
-_handing_on: list = []
-
-
-def hand_on(m: LocalDownsample, x: torch.Tensor):
-    """``(m(x), x for its next reader)``, m called as a module (its hooks run): where m runs
-    fused with its LayerNorm in Triton, x comes back through that LayerNorm, whose backward
-    adds the next reader's gradient of x on load (no pass of autograd's to sum the two);
-    elsewhere x itself."""
-    _handing_on.append(m)
-    try:
-        out = m(x)
-    finally:
-        after = _handing_on.pop()
-    return out, (x if after is m else after)
-
-
 def downsample_forward(m: LocalDownsample, x: torch.Tensor) -> torch.Tensor:
     """Channels-last: the LayerNorm is a last-dim LayerNorm and the convolution one GEMM over
     gathered patches; the result is an NCHW-shaped view of channels-last memory, which the
     local blocks take without copies. Under autocast the LayerNorm before the GEMM writes
     the GEMM's dtype, in the patches' order: no gather copy and no cast pass follow it (nor
-    precede its backward), and where ``hand_on`` asks, x is handed on through it."""
+    precede its backward), and where ``common.hand_on`` asks, x is handed on through it."""
     nhwc = x.permute(0, 2, 3, 1)
     norm = m.norm
     gemm_dtype = autocast_dtype(x)
@@ -83,12 +65,12 @@ def downsample_forward(m: LocalDownsample, x: torch.Tensor) -> torch.Tensor:
         out_dtype = None if gemm_dtype is None else torch.promote_types(torch.float32, norm.weight.dtype)
         out = stem_conv_norm(nhwc, m.conv.weight, m.conv.bias, norm, out_dtype)
     elif gemm_dtype is not None:
-        chain = bool(_handing_on) and _handing_on[-1] is m
+        chain = asked_to_hand_on(m)
         patches = rln.layer_norm_to(nhwc, norm.weight, norm.bias, norm.eps, gemm_dtype, check=False,
                                     patch=m.conv.kernel_size[0], chain=chain)
         if chain:
             patches, after = patches
-            _handing_on[-1] = after.permute(0, 3, 1, 2)
+            handed_on(after.permute(0, 3, 1, 2))
         out = patch_conv.patch_linear(patches, m.conv.weight, m.conv.bias)
     else:
         nhwc = F.layer_norm(nhwc, (norm.dim,), norm.weight, norm.bias, norm.eps)
