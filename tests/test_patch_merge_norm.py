@@ -141,6 +141,11 @@ def test_raw_op_checks(device):
         torch.ops.hifuse.patch_merge_norm(x, 4, 5, weight, bias, 1e-5)
     with pytest.raises(RuntimeError, match="4C = 32"):
         torch.ops.hifuse.patch_merge_norm(x, 4, 4, weight[:8], bias, 1e-5)
+    x, weight = x.detach(), weight.detach()
+    _out, mean, rstd = torch.ops.hifuse.patch_merge_norm(x, 4, 4, weight, bias.detach(), 1e-5)
+    grad = torch.randn(1, 4, 32, device=device)
+    with pytest.raises(RuntimeError, match="grad_after shape"):
+        torch.ops.hifuse.patch_merge_norm_backward(grad, x, 4, 4, weight, mean, rstd, x[:, :8])
 
 
 @pytest.mark.parametrize("h, w", [(8, 8), (7, 5)])
