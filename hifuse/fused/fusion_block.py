@@ -183,7 +183,10 @@ def fusion_forward(m: HFFBlock, l: torch.Tensor, g: torch.Tensor, f: torch.Tenso
     5. the IRMLP (``irmlp_forward``) plus the shortcut (Updim's part, or nothing).
 
     l and g are handed from reader to reader (1, then 3, then 4), each reader's backward adding
-    its gradient of them to the next one's, so no accumulation pass sums them. In eval mode the
+    its gradient of them to the next one's (the poolings in their kernels, the GEMMs of 1 in
+    their epilogues), so no accumulation pass sums them; the fused feature loop
+    (``features``) hands them in from the next stage's downsample and patch merging, whose
+    backwards add the result. In eval mode the
     BatchNorms fold into their convolutions; other cases run each module as a fused op
     (``conv_bn_forward``, ``layer_norm_cat``, ``gated_layer_norm``). ``config.Rebuilds`` switches
     the rebuilds off (``fusion_norm``, ``norm3``, ``irmlp``)."""
@@ -197,7 +200,7 @@ def fusion_forward(m: HFFBlock, l: torch.Tensor, g: torch.Tensor, f: torch.Tenso
     if not any(folds(c.bn) for c in (*convs, proj)) and all(dense_1x1(c.conv) for c in convs):
         # training: the parts are rebuilt in backward from their GEMMs' inputs. l and g are read
         # in turn by their GEMM, their pooling and norm3, each handing them on to the next: each
-        # reader adds its gradient of l (g) to the next one's, no accumulation passes.
+        # reader adds the next one's gradient of l (g) to its own, no accumulation passes.
         chain = True
         outs = [conv_bn_sourced(c, t, pool=c is m.Updim, keep=keep_norm, chain=c is not m.Updim)
                 for c, t in zip(convs, inputs)]
