@@ -262,15 +262,15 @@ def _linear_backward(grad, a, weight, bias, weight_dtype=None, bias_dtype=None, 
     belongs to (``weight_dtype``, ``bias_dtype``: the parameters', where the GEMM took casts;
     ``a_dtype``: the input's, where the GEMM took a cast of it). ``a_ones``: a's rows with a
     ones column after them (a is its first columns); the weight-gradient GEMM over it also
-    gives the bias gradient, with no pass of its own over grad. ``a_grad_into``: a float32
-    gradient of a from elsewhere, that only the caller holds, which a's gradient is added to
-    (by the GEMM itself where it can: ``mm_add_into``)."""
+    gives the bias gradient, with no pass of its own over grad. ``a_grad_into``: a gradient of
+    a from elsewhere, that only the caller holds, which a's gradient is added to (by the GEMM
+    itself where it can: ``mm_add_into``)."""
     dtype = grad.dtype
     rows = grad.reshape(-1, grad.shape[-1])
     if a_grad_into is not None and a_grad_into.is_contiguous() and a_grad_into.dtype == (a_dtype or a.dtype):
         da = mm_add_into(a_grad_into.view(rows.shape[0], -1), rows, weight.to(dtype)).view(a.shape)
         a_grad_into = None
-    else:  # a float32 input's gradient straight from the GEMM
+    else:  # in the input's dtype straight from the GEMM (float32 too)
         da = mm_to(rows, weight.to(dtype), a_dtype or a.dtype).view(a.shape)
     if a_grad_into is not None:
         da = da + a_grad_into
