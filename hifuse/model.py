@@ -567,9 +567,9 @@ class HiFuse(nn.Module):
             return self._features(x)
 
     def _features(self, x: torch.Tensor) -> torch.Tensor:
-        if config.runs_fused(self, x):
-            return config.forward_fused(self, x)
         ckpt = self.grad_checkpointing and torch.is_grad_enabled()
+        if not ckpt and config.runs_fused(self, x):
+            return config.forward_fused(self, x)
         tokens, h, w = self.patch_embed(x)
         globals_ = []
         for stage in self.global_stages:  # stages checkpoint their own blocks

@@ -51,11 +51,22 @@ def test_handed_on_gradients_equal_the_summed_ones(monkeypatch):
             torch.testing.assert_close(a, b, rtol=0, atol=2**-6 * b.abs().max().item())
 
 
-def test_checkpointing_runs_the_models_own_loop():
+def test_checkpointing_runs_the_models_own_loop(monkeypatch):
+    # also when switched on after a forward that ran the fused loop: the model decides at each
+    # forward, not once per input signature
     model = hifuse.create_model("hifuse_tiny", num_classes=3, depths=(1, 1, 1, 1), dims=(16, 32, 64, 128),
-                                num_heads=(1, 1, 2, 2)).to(DEVICE)
-    model.set_grad_checkpointing(True)
+                                num_heads=(1, 1, 2, 2)).to(DEVICE).eval()  # eval: batch 1 trains no BatchNorm
     x = torch.randn(1, 3, 32, 32, device=DEVICE)
-    assert "checkpointing" in config._routes[HiFuse].check(model, x)
-    with torch.no_grad():
-        assert config._routes[HiFuse].check(model, x) is None
+    loops = []
+    route = config._routes[HiFuse]
+    monkeypatch.setitem(config._routes, HiFuse, config.Route(
+        route.part, route.check, lambda *args: loops.append(1) or route.forward(*args)))
+    with hifuse.use_fused(True):
+        model(x)
+        assert len(loops) == 1
+        model.set_grad_checkpointing(True)
+        model(x).sum().backward()
+        assert len(loops) == 1
+        with torch.no_grad():  # nothing to checkpoint
+            model(x)
+        assert len(loops) == 2
