@@ -45,3 +45,12 @@ def test_fused_step_launches_match_the_ledger(tmp_path):
     changed = {k: f"{held[k]} -> {counts[k]}" for k in HELD if counts[k] != held[k]}
     assert not changed, (f"the fused step's launches changed (narrow model, 64x64, batch 2): {changed}; if intended, "
                          f"rerun with HIFUSE_UPDATE_LEDGER=1 and commit {BASELINE.relative_to(ROOT)}")
+
+
+def test_fit_goes_through_its_counts(tmp_path):
+    # --fit counts at --batch (2 and 3) and fits a + b x batch: at batch 2 it is that count,
+    # the count the direct mode makes there
+    direct = _ledger(tmp_path, "--fused", "fused")["fused"]["at"]["2"]
+    fitted = _ledger(tmp_path, "--fused", "fused", "--fit", "--batch", "2,3")["fused"]["at"]["2"]
+    for k in ("launches", "GB", "glue GB", "triton GB"):
+        assert fitted[k] == pytest.approx(direct[k], rel=1e-9), k
