@@ -208,7 +208,7 @@ def fusion_forward(m: HFFBlock, l: torch.Tensor, g: torch.Tensor, f: torch.Tenso
         l, g = outs[-2][2], outs[-1][2]
     else:
         parts = [conv_bn_forward(c, t, pool=c is m.Updim) for c, t in zip(convs, inputs)]
-    shortcut = parts[0] if f is not None else 0
+    shortcut = parts[0] if f is not None else None
     dtype = functools.reduce(torch.promote_types, [t.dtype for t in parts])
     if any(t.dtype != dtype for t in parts):
         parts, sources = [t.to(dtype) for t in parts], None  # promoted copies are kept
@@ -244,14 +244,20 @@ def fusion_forward(m: HFFBlock, l: torch.Tensor, g: torch.Tensor, f: torch.Tenso
         fused = gln.gated_layer_norm(
             g, channel_gate, l, spatial_gate, x, m.norm3.weight, m.norm3.bias, m.norm3.eps, check=False
         )
-        return shortcut + m.drop_path(irmlp_forward(m.residual, fused))
+        return _plus(shortcut, m.drop_path(irmlp_forward(m.residual, fused)))
     # neither norm3's x nor its output is kept: backward rebuilds both from what it keeps anyway
     src = recompute.gated_layer_norm_source(g, channel_gate, l, spatial_gate, m.norm3.weight, m.norm3.bias,
                                             m.norm3.eps, bn_args)
     if config.rebuilding("norm3"):
-        return shortcut + m.drop_path(irmlp_forward(m.residual, None, src))
+        return _plus(shortcut, m.drop_path(irmlp_forward(m.residual, None, src)))
     x = recompute.gated_layer_norm(src, keep=True)
-    return shortcut + m.drop_path(irmlp_forward(m.residual, x))
+    return _plus(shortcut, m.drop_path(irmlp_forward(m.residual, x)))
+
+
+def _plus(shortcut: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    # no shortcut (the first block): x itself, where eager adds 0, a pass that changes nothing
+    # but the sign of a zero
+    return x if shortcut is None else shortcut + x
 
 
 config.register(HFFBlock, "fusion", fusion_check, fusion_forward)
