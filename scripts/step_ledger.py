@@ -150,45 +150,52 @@ def count(fused: bool, batch: int, args) -> Ledger:
 
 
 def fit(small: Ledger, large: Ledger, b0: int, b1: int, at: int, what: str, **where) -> float:
-    """a + b x batch through the two counts, at ``at``; the count itself where one was made
-    at ``at``."""
+    """a + b x batch through the two counts, at ``at``."""
     v0, v1 = small.total(what, **where), large.total(what, **where)
-    if at in (b0, b1):
-        return v0 if at == b0 else v1
-    slope = (v1 - v0) / (b1 - b0)
-    return v0 + slope * (at - b0)
+    return v0 + (v1 - v0) / (b1 - b0) * (at - b0)
+
+
+def _row(value, ledger: Ledger, cast_bytes: float) -> dict:
+    """A report row: ``value(what, kind=, where=)`` gives a total (counted, or fitted) at the
+    row's batch size; ``ledger`` the counts that do not depend on it."""
+    row = {"launches": value("launches"), "GB": value("bytes") / 1e9}
+    for kind in KINDS:
+        row[f"{kind} launches"] = value("launches", kind=kind)
+        row[f"{kind} GB"] = value("bytes", kind=kind) / 1e9
+    for block in BLOCK_KINDS:
+        row[f"{block} launches"] = value("launches", where=block)
+        row[f"{block} glue GB"] = value("bytes", kind="glue", where=block) / 1e9
+    row["cast launches"] = ledger.casts[0]
+    row["cast GB"] = cast_bytes / 1e9
+    row["hifuse op calls"] = ledger.hifuse_ops
+    row["aten op calls"] = ledger.aten_ops
+    row["host ms (estimate)"] = host_us(ledger) / 1e3
+    return row
 
 
 def report(ledgers: dict, batches: tuple[int, int], at: list[int]) -> dict:
-    """Rows at each of ``at`` from the ledgers counted at ``batches`` (name -> (small, large)),
-    fitted; where a name has ledgers counted at ``at`` (name -> {batch: ledger}), each row is its
-    own count."""
+    """Rows at each of ``at``: from ledgers counted there (name -> {batch: ledger}), or fitted
+    through the two counted at ``batches`` (name -> (small, large))."""
     result = {}
-    for name, counted_at in ledgers.items():
-        rows = {}
-        for n in at:
-            if isinstance(counted_at, dict):  # counted at n: the "fit" through that count alone
-                b0, b1, small, large = n, n + 1, counted_at[n], counted_at[n]
-            else:
-                (b0, b1), (small, large) = batches, counted_at
-            row = {"launches": fit(small, large, b0, b1, n, "launches"), "GB": fit(small, large, b0, b1, n, "bytes") / 1e9}
-            for kind in KINDS:
-                row[f"{kind} launches"] = fit(small, large, b0, b1, n, "launches", kind=kind)
-                row[f"{kind} GB"] = fit(small, large, b0, b1, n, "bytes", kind=kind) / 1e9
-            for block in BLOCK_KINDS:
-                row[f"{block} launches"] = fit(small, large, b0, b1, n, "launches", where=block)
-                row[f"{block} glue GB"] = fit(small, large, b0, b1, n, "bytes", kind="glue", where=block) / 1e9
-            cast_slope = (large.casts[1] - small.casts[1]) / (b1 - b0)
-            row["cast launches"] = large.casts[0]
-            row["cast GB"] = (small.casts[1] + cast_slope * (n - b0)) / 1e9
-            row["hifuse op calls"] = large.hifuse_ops
-            row["aten op calls"] = large.aten_ops
-            row["host ms (estimate)"] = host_us(large) / 1e3
-            rows[n] = row
-        glue = collections.Counter()
-        for (kind, op), v in large.name_bytes.items():
-            if kind == "glue":  # per image: the slope of a fit, the mean of a direct count
-                glue[op] += (v - small.name_bytes[kind, op]) / (b1 - b0) if small is not large else v / n
+    for name, made in ledgers.items():
+        glue = collections.Counter()  # glue bytes per image by op
+        if isinstance(made, dict):
+            rows = {n: _row(made[n].total, made[n], made[n].casts[1]) for n in at}
+            largest = max(at)
+            large = made[largest]
+            for (kind, op), v in large.name_bytes.items():
+                if kind == "glue":
+                    glue[op] += v / largest
+        else:
+            (b0, b1), (small, large) = batches, made
+            rows = {}
+            for n in at:
+                cast_bytes = small.casts[1] + (large.casts[1] - small.casts[1]) / (b1 - b0) * (n - b0)
+                rows[n] = _row(lambda what, n=n, **where: fit(small, large, b0, b1, n, what, **where), large,
+                               cast_bytes)
+            for (kind, op), v in large.name_bytes.items():
+                if kind == "glue":
+                    glue[op] += (v - small.name_bytes[kind, op]) / (b1 - b0)
         triton = {op: v for (kind, op), v in large.names.items() if kind == "triton"}
         result[name] = {"at": rows, "glue ops by GB per image": {op: v / 1e9 for op, v in glue.most_common(15)},
                         "triton launches": dict(sorted(triton.items(), key=lambda kv: -kv[1])),

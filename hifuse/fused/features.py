@@ -23,28 +23,26 @@ def features_forward(m: HiFuse, x: torch.Tensor) -> torch.Tensor:
     tokens, h, w = m.patch_embed(x)
     globals_ = []
     for stage in m.global_stages:
-        after = None
         if globals_ and stage.downsample is not None:
             # the fusion block reads the previous stage's output as the patch merging hands it on
-            (tokens_next, h_next, w_next), after = hand_on(stage.downsample, lambda: stage(tokens, h, w))
+            (out, h_out, w_out), after = hand_on(stage.downsample, lambda: stage(tokens, h, w))
+            if after is not None:
+                globals_[-1] = _as_map(after, h, w)
+            tokens, h, w = out, h_out, w_out
         else:
-            tokens_next, h_next, w_next = stage(tokens, h, w)
-        if after is not None:
-            globals_[-1] = _as_map(after, h, w)
-        tokens, h, w = tokens_next, h_next, w_next
+            tokens, h, w = stage(tokens, h, w)
         globals_.append(_as_map(tokens, h, w))
 
     locals_ = []
     y = x
     for down, stage in zip(m.downsample_layers, m.stages):
-        after = None
         if locals_:
             # the fusion block reads the previous stage's output as the downsample hands it on
             y, after = hand_on(down, lambda: down(y))
+            if after is not None:
+                locals_[-1] = after
         else:
             y = down(y)
-        if after is not None:
-            locals_[-1] = after
         y = stage(y)
         locals_.append(y)
 
