@@ -6,12 +6,14 @@ then merges, rolls back and crops: six full passes over memory around 5% of real
 Here one program handles one (window, head): it computes, for each of its 49 tokens, where
 that token sits in the unshifted, unpadded grid and loads q, k, v straight from the qkv
 projection (B, H, W, 3C). Tokens that fall in the zero padding get q = k = v = the qkv bias,
-which is what the linear layer gives a zero input; they are not masked. The bias is the
-(169, heads) table spread to one dense (heads, 64, 64) tile (a contiguous load; a gather
-from the table costs the kernels registers), built once per call by the entry point (one
-gather launch) and kept for backward, and the -100 shift mask comes from region labels
-computed in the kernel. The output of each real token is written to its own position;
-nothing rolled, padded or partitioned is ever stored.
+which is what the linear layer gives a zero input; they are not masked. A window's tokens sit
+in the tiles' slots row by row, each row in 8 slots for bf16/fp16 (a power of two: see
+backward), packed 7 to a row for fp32. The bias is the (169, heads) table spread to one dense
+(heads, 64, 64) tile (a contiguous load; a gather from the table costs the kernels
+registers), built once per call by the entry point (one gather launch) and kept for
+backward, and the -100 shift mask comes from region labels computed in the kernel. The output
+of each real token is written to its own position; nothing rolled, padded or partitioned is
+ever stored.
 
 Backward recomputes the scores from the saved log-sum-exp. Every real token belongs to one
 window, so dq, dk, dv are written without collisions; padded tokens feed the qkv bias
@@ -19,10 +21,13 @@ gradient and all windows feed the bias table gradient, both through per-program 
 sums that are added in a fixed order afterwards, so two backward passes give identical bits.
 A backward program keeps a window's keys and values loaded and takes its queries in blocks
 of 16 rows (dk and dv accumulate over the blocks), so its score tiles are (16, 64): with whole
-(64, 64) tiles the kernel spilled registers. For the same reason the bias-table partial of a
-program, a (64, 64) fp32 sum over its windows, lives in its own slot of global memory (it
-stays in L2), not in registers. In fp32, whose products run on FMA units and take more
-registers, the keys go in blocks of 16 as well, and dq accumulates over them in its output.
+(64, 64) tiles the kernel spilled registers. The bias table's gradient is dS summed by the
+row and column offsets of query and key: with rows in slots of a power of two, a block of dS
+regroups by reshapes into (query row, key row) x (query column, key column) and two small
+products with 0/1 matrices sum it by offset, in registers, so a program writes a (16, 16)
+partial per head once. In fp32, whose products run on FMA units and take more registers, the
+keys go in blocks of 16 as well, dq accumulates over them in its output, and dS adds into a
+(64, 64) slot per program in global memory (L2), which the op sums by offset.
 
 Layers: reference, kernels, launchers, registered op, autograd, functional entry point.
 Its user is the fused ``GlobalBlock`` (``hifuse.fused.global_branch``).
@@ -99,16 +104,17 @@ def window_attention_ref(
 if triton is not None:
 
     @triton.jit
-    def _tokens(wid, t, H, W, Hp, Wp, n_win_w, n_win, shift, WS: tl.constexpr):
-        """Per token ``t`` of window `wid`: batch, shifted-grid row/col, source row/col, validity,
+    def _tokens(wid, t, H, W, Hp, Wp, n_win_w, n_win, shift, WS: tl.constexpr, WP: tl.constexpr):
+        """Per slot ``t`` of window `wid` (slot t holds the window's token at row t // WP, column
+        t % WP): batch, shifted-grid row/col, source row/col, validity (a token of the window),
         realness (a source position inside the image)."""
         b = wid // n_win
         w_in = wid % n_win
         wr = w_in // n_win_w
         wc = w_in % n_win_w
-        valid = t < WS * WS
-        ys = wr * WS + t // WS  # position in the shifted, padded grid
-        xs = wc * WS + t % WS
+        valid = (t // WP < WS) & (t % WP < WS)
+        ys = wr * WS + t // WP  # position in the shifted, padded grid
+        xs = wc * WS + t % WP
         yo = (ys + shift) % Hp  # position before the roll
         xo = (xs + shift) % Wp
         real = valid & (yo < H) & (xo < W)
@@ -141,6 +147,24 @@ if triton is not None:
         return s
 
     @triton.jit
+    def _offset_sums(ds, qb, kb, BM: tl.constexpr, BK: tl.constexpr, WP: tl.constexpr, TP: tl.constexpr):
+        """The (BM, BK) block of dS at query slots qb.. and key slots kb.. summed by relative
+        offset: (TP, TP), [dh + WP - 1, dw + WP - 1] for dh, dw the query's row and column
+        minus the key's. Regrouped as rows (query row, key row) x columns (query column, key
+        column), it is E^T dS' F with E and F 0/1 matrices picking each offset: two small
+        products, no scatter. (BM // WP) * (BK // WP) must be 16 or more (tl.dot's least)."""
+        KR: tl.constexpr = BK // WP
+        R: tl.constexpr = (BM // WP) * KR
+        x = tl.reshape(tl.permute(tl.reshape(ds, (BM // WP, WP, KR, WP)), (0, 2, 1, 3)), (R, WP * WP))
+        r = tl.arange(0, R)
+        col = tl.arange(0, WP * WP)
+        d = tl.arange(0, TP)
+        e = tl.where((qb // WP + r // KR - kb // WP - r % KR + WP - 1)[:, None] == d[None, :], 1.0, 0.0)
+        f = tl.where((col // WP - col % WP + WP - 1)[:, None] == d[None, :], 1.0, 0.0)
+        xf = tl.dot(x, f, input_precision="ieee")
+        return tl.dot(tl.trans(e), xf, input_precision="ieee")
+
+    @triton.jit
     def _dense_bias_kernel(TABLE, INDEX, OUT, HEADS, ENTRIES, N, BLOCK: tl.constexpr):
         """out[h, k] = table[index[k], h] (index ENTRIES: 0, a padding row; beyond: -inf, a
         padding column), for the (bn x bn) scores of head program_id(0)."""
@@ -156,13 +180,13 @@ if triton is not None:
     def _fwd_kernel(QKV, BIAS, REL, OUT, LSE,
                     H, W, Hp, Wp, n_win_w, n_win, C, heads, shift, scale,
                     s_b, s_h, s_w, o_b, o_h, o_w,
-                    WS: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
-                    SHIFTED: tl.constexpr, PRECISION: tl.constexpr):
+                    WS: tl.constexpr, WP: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr, D: tl.constexpr,
+                    BD: tl.constexpr, SHIFTED: tl.constexpr, PRECISION: tl.constexpr):
         # keys and values of the window stay loaded; queries go in blocks of BM rows
         wid = tl.program_id(0)
         head = tl.program_id(1)
         t = tl.arange(0, BN)
-        b, ys, xs, yo, xo, valid, real = _tokens(wid, t, H, W, Hp, Wp, n_win_w, n_win, shift, WS)
+        b, ys, xs, yo, xo, valid, real = _tokens(wid, t, H, W, Hp, Wp, n_win_w, n_win, shift, WS, WP)
         d = tl.arange(0, BD)
         dmask = d < D
         row = b * s_b + yo.to(tl.int64) * s_h + xo.to(tl.int64) * s_w
@@ -171,7 +195,7 @@ if triton is not None:
         lab = _labels(ys, xs, Hp, Wp, shift, WS)
         for qb in range(0, BN, BM):
             tq = qb + tl.arange(0, BM)
-            bq, ysq, xsq, yoq, xoq, validq, realq = _tokens(wid, tq, H, W, Hp, Wp, n_win_w, n_win, shift, WS)
+            bq, ysq, xsq, yoq, xoq, validq, realq = _tokens(wid, tq, H, W, Hp, Wp, n_win_w, n_win, shift, WS, WP)
             rowq = bq * s_b + yoq.to(tl.int64) * s_h + xoq.to(tl.int64) * s_w
             q = _load_part(QKV, BIAS, rowq, head * D, d, dmask, validq, realq)
             s = _scores(q, k, REL + head * BN * BN, tq, t, _labels(ysq, xsq, Hp, Wp, shift, WS), lab, scale,
@@ -186,11 +210,12 @@ if triton is not None:
             tl.store(LSE + (wid.to(tl.int64) * heads + head) * BN + tq, m + tl.log(l), mask=validq)
 
     @triton.jit
-    def _bwd_kernel(QKV, BIAS, REL, OUT, DOUT, LSE, DQKV, DBIAS_PART, DS_PART,
+    def _bwd_kernel(QKV, BIAS, REL, OUT, DOUT, LSE, DQKV, DBIAS_PART, DS_PART, DS_SLOT,
                     H, W, Hp, Wp, n_win_w, n_win, n_total, per_prog, C, heads, shift, scale,
                     s_b, s_h, s_w, o_b, o_h, o_w, g_b, g_h, g_w,
-                    WS: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
-                    D: tl.constexpr, BD: tl.constexpr, SHIFTED: tl.constexpr, PRECISION: tl.constexpr):
+                    WS: tl.constexpr, WP: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
+                    ON_CHIP: tl.constexpr, TP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
+                    SHIFTED: tl.constexpr, PRECISION: tl.constexpr):
         # Keys and values go in blocks of BK (bf16/fp16: the whole window, BK = BN), queries in
         # blocks of BM rows, so the score tiles are (BM, BK); dk and dv of a key block
         # accumulate over the query blocks. With BK < BN (fp32, whose products run on FMA units
@@ -201,18 +226,20 @@ if triton is not None:
         head = tl.program_id(1)
         d = tl.arange(0, BD)
         dmask = d < D
-        t = tl.arange(0, BN)
         part = prog.to(tl.int64) * heads + head
-        ds_base = DS_PART + part * BN * BN
-        # Whole windows in one tile (BM = BK = BN): the program's bias-table partial, the sum
-        # of its windows' dS, stays in registers and is stored once; with blocks it lives in
-        # this program's slot of DS_PART (L2), read and written per block behind a barrier.
-        whole: tl.constexpr = BM == BN and BK == BN
-        ds_acc = tl.zeros((BM, BK), dtype=tl.float32)
-        if not whole:
+        # The bias table's gradient. ON_CHIP (bf16/fp16: whole key rows, WP a power of two):
+        # this program's dS summed by relative offset (``_offset_sums``) in registers, stored
+        # once, a (TP, TP) partial. Else (fp32, blocks of 16 keys: the sums' products cost
+        # registers it does not have) dS adds into this program's (BN, BN) slot of DS_SLOT (in
+        # L2, behind a barrier), which the op sums by offset.
+        on_chip: tl.constexpr = ON_CHIP
+        offsets = tl.zeros((TP, TP), dtype=tl.float32)
+        t = tl.arange(0, BN)
+        slot = DS_SLOT + part * BN * BN
+        if not on_chip:
             for mb in tl.static_range(0, BN, BM):
                 tq = mb + tl.arange(0, BM)
-                tl.store(ds_base + tq[:, None] * BN + t[None, :], tl.zeros((BM, BN), dtype=tl.float32))
+                tl.store(slot + tq[:, None] * BN + t[None, :], tl.zeros((BM, BN), dtype=tl.float32))
         rel = REL + head * BN * BN
         gty = DQKV.dtype.element_ty
         dqb = tl.zeros((BD,), dtype=tl.float32)
@@ -223,7 +250,7 @@ if triton is not None:
             if wid < n_total:
                 for kb in range(0, BN, BK):
                     tk = kb + tl.arange(0, BK)
-                    b, ys, xs, yo, xo, valid, real = _tokens(wid, tk, H, W, Hp, Wp, n_win_w, n_win, shift, WS)
+                    b, ys, xs, yo, xo, valid, real = _tokens(wid, tk, H, W, Hp, Wp, n_win_w, n_win, shift, WS, WP)
                     row = b * s_b + yo.to(tl.int64) * s_h + xo.to(tl.int64) * s_w
                     k = _load_part(QKV, BIAS, row, C + head * D, d, dmask, valid, real)
                     v = _load_part(QKV, BIAS, row, 2 * C + head * D, d, dmask, valid, real)
@@ -233,7 +260,7 @@ if triton is not None:
                     for qb in range(0, BN, BM):
                         tq = qb + tl.arange(0, BM)
                         bq, ysq, xsq, yoq, xoq, validq, realq = _tokens(wid, tq, H, W, Hp, Wp, n_win_w, n_win,
-                                                                        shift, WS)
+                                                                        shift, WS, WP)
                         rowq = bq * s_b + yoq.to(tl.int64) * s_h + xoq.to(tl.int64) * s_w
                         q = _load_part(QKV, BIAS, rowq, head * D, d, dmask, validq, realq)
                         s = _scores(q, k, rel, tq, tk, _labels(ysq, xsq, Hp, Wp, shift, WS), lab, scale,
@@ -249,11 +276,11 @@ if triton is not None:
                         dv += tl.dot(tl.trans(p).to(do.dtype), do, out_dtype=tl.float32, input_precision=PRECISION)
                         dp = tl.dot(do, tl.trans(v), out_dtype=tl.float32, input_precision=PRECISION)
                         ds = p * (dp - delta[:, None])
-                        if whole:
-                            ds_acc += ds
+                        if on_chip:
+                            offsets += _offset_sums(ds, qb, kb, BM, BK, WP, TP)
                         else:
-                            ds_ptr = ds_base + tq[:, None] * BN + tk[None, :]
-                            tl.debug_barrier()  # the last stores to ds (and dq) are seen by every thread
+                            ds_ptr = slot + tq[:, None] * BN + tk[None, :]
+                            tl.debug_barrier()  # the last stores to the slot (and dq) are seen by every thread
                             tl.store(ds_ptr, tl.load(ds_ptr) + ds)
                         dsq = ds.to(q.dtype)
                         dk += tl.dot(tl.trans(dsq), q, out_dtype=tl.float32, input_precision=PRECISION)
@@ -263,6 +290,8 @@ if triton is not None:
                         dq_ptr = DQKV + growq[:, None] + (head * D + d)[None, :]
                         if BK < BN:
                             if kb > 0:
+                                if on_chip:  # (else the slot's barrier above did this)
+                                    tl.debug_barrier()  # the last key block's stores to dq are seen by every thread
                                 dq += tl.load(dq_ptr, mask=qmask, other=0.0).to(tl.float32)
                         tl.store(dq_ptr, dq.to(gty), mask=qmask)
                     dk = dk * scale
@@ -273,8 +302,9 @@ if triton is not None:
                     pad = (valid & (real == 0))[:, None]
                     dkb += tl.sum(tl.where(pad, dk, 0.0), 0)
                     dvb += tl.sum(tl.where(pad, dv, 0.0), 0)
-        if whole:
-            tl.store(ds_base + t[:, None] * BN + t[None, :], ds_acc)
+        if on_chip:
+            d_off = tl.arange(0, TP)
+            tl.store(DS_PART + part * TP * TP + d_off[:, None] * TP + d_off[None, :], offsets)
         tl.store(DBIAS_PART + part * 3 * BD + d, dqb)
         tl.store(DBIAS_PART + part * 3 * BD + BD + d, dkb)
         tl.store(DBIAS_PART + part * 3 * BD + 2 * BD + d, dvb)
@@ -289,8 +319,9 @@ def _geometry(qkv: torch.Tensor, num_heads: int, window: int) -> dict:
     hp, wp = -(-h // window) * window, -(-w // window) * window
     n_win = (hp // window) * (wp // window)
     d = c // num_heads
+    slots = _window_slots(window, qkv.dtype)
     return dict(b=b, h=h, w=w, c=c, hp=hp, wp=wp, n_win_w=wp // window, n_win=n_win, d=d,
-                bd=max(16, _triton.next_power_of_2(d)), bn=_padded_tokens(window))
+                bd=max(16, _triton.next_power_of_2(d)), slots=slots, bn=_padded_tokens(window, slots))
 
 
 def _precision(qkv: torch.Tensor) -> str:
@@ -344,31 +375,61 @@ def unsupported_reason(qkv, qkv_bias, table, num_heads, window, shift) -> str | 
     return None if problem is None else problem[1]
 
 
-def _make_dense_index(window: int, bn: int, device: torch.device) -> torch.Tensor:
-    n, entries = window * window, (2 * window - 1) ** 2
+def _make_dense_index(window: int, slots: int, bn: int, device: torch.device) -> torch.Tensor:
+    entries = (2 * window - 1) ** 2
     # made on the device: under torch.compile this runs in the graph, where a host copy would
     # synchronise and keep the graph from being captured
     index = torch.full((bn, bn), entries + 1, dtype=torch.long, device=device)  # padding columns: -inf
-    index[n:, :n] = entries  # padding rows: 0 (never stored)
-    index[:n, :n] = relative_position_index(window, device)
+    tokens = _token_slots(window, slots, device)
+    index[:, tokens] = entries  # padding rows: 0 (never stored)
+    index[tokens[:, None], tokens[None, :]] = relative_position_index(window, device)
     return index.view(-1)
 
 
-def _padded_tokens(window: int) -> int:
-    """Tokens of a window as the kernels' tiles hold them: a power of two, at least 16."""
-    return max(16, _triton.next_power_of_2(window * window))
+def _token_slots(window: int, slots: int, device: torch.device) -> torch.Tensor:
+    """The slot of each token of a window, row-major."""
+    steps = torch.arange(window, device=device)
+    return (steps[:, None] * slots + steps[None, :]).flatten()
+
+
+def _sums_on_chip(dtype: torch.dtype) -> bool:
+    """Whether the backward kernel sums dS by offset for the bias table's gradient itself
+    (bf16/fp16, whose blocks hold whole key rows), or leaves (BN, BN) sums to the op (fp32)."""
+    return dtype != torch.float32
+
+
+def _window_slots(window: int, dtype: torch.dtype) -> int:
+    """Slots per row of a window as the kernels lay it out: token (row, column) sits in slot
+    row * slots + column. Where the backward sums offsets on chip, a power of two, at least 4,
+    so that a tile of scores regroups by row and column offsets with reshapes
+    (``_offset_sums``); else rows packed (the window itself): with the power of two, fp32's
+    backward spilled registers."""
+    return max(4, _triton.next_power_of_2(window)) if _sums_on_chip(dtype) else window
+
+
+def _padded_tokens(window: int, slots: int) -> int:
+    """Slots of a window's tiles: a power of two, at least 16 (``slots`` squared for a power of two)."""
+    return max(16, _triton.next_power_of_2(slots * window))
+
+
+def _offset_slots(slots: int) -> int:
+    """Rows and columns of a backward program's bias-table partial: the 2 * slots - 1 offsets
+    a row (column) of two slots can differ by, at least 16 (tl.dot's least)."""
+    return max(16, 2 * slots)
 
 
 DENSE_BLOCK = 1024  # scores per program of the dense bias
 
 
 @_triton.define_op("hifuse::window_attention_dense_bias", mutates_args=())
-def _dense_bias_op(table: torch.Tensor, window: int, bn: int) -> torch.Tensor:
-    """(heads, bn, bn) float32 bias of each head's scores, -inf in the padding columns: the
-    attention kernels load it as one contiguous tile (a gather from the table costs them
-    registers). One gather launch from the (entries, heads) table."""
+def _dense_bias_op(table: torch.Tensor, window: int, slots: int) -> torch.Tensor:
+    """(heads, bn, bn) float32 bias of each head's scores (``slots`` per window row,
+    ``_window_slots``), -inf in the padding columns: the attention kernels load it as one
+    contiguous tile (a gather from the table costs them registers). One gather launch from the
+    (entries, heads) table."""
     heads = table.shape[1]
-    index = cached(_make_dense_index, window, bn, table.device)
+    bn = _padded_tokens(window, slots)
+    index = cached(_make_dense_index, window, slots, bn, table.device)
     out = torch.empty((heads, bn, bn), device=table.device, dtype=torch.float32)
     n = bn * bn
     _triton.wrap_triton(_dense_bias_kernel)[_triton.grid(heads, triton.cdiv(n, DENSE_BLOCK))](
@@ -378,12 +439,14 @@ def _dense_bias_op(table: torch.Tensor, window: int, bn: int) -> torch.Tensor:
 
 
 @_dense_bias_op.register_fake
-def _(table, window, bn):
+def _(table, window, slots):
+    bn = _padded_tokens(window, slots)
     return table.new_empty((table.shape[1], bn, bn), dtype=torch.float32)
 
 
-def _dense_bias(table: torch.Tensor, window: int, bn: int) -> torch.Tensor:
-    return torch.ops.hifuse.window_attention_dense_bias(table.contiguous(), window, bn)
+def _dense_bias(table: torch.Tensor, window: int, dtype: torch.dtype) -> torch.Tensor:
+    """The dense bias the kernels take for qkv of ``dtype``."""
+    return torch.ops.hifuse.window_attention_dense_bias(table.contiguous(), window, _window_slots(window, dtype))
 
 
 def _bias_or_zeros(qkv, qkv_bias):
@@ -434,14 +497,16 @@ def _backward_launch(qkv: torch.Tensor, g: dict, window: int) -> dict:
     """BM (query rows), BK (keys) per block, num_warps and programs of the backward."""
     if _triton.wide():
         return dict(BM=g["bn"], BK=g["bn"], num_warps=BWD_WARPS, programs=BWD_PROGRAMS)
-    fp32 = qkv.dtype == torch.float32
-    if fp32 and BWD_FP32_KEYS < g["bn"]:
+    # whole key rows: dq accumulates over key blocks in a float32 gradient only, and the
+    # on-chip offset sums take whole key rows
+    whole = qkv.dtype != torch.float32 or _sums_on_chip(qkv.dtype)
+    if not whole and BWD_FP32_KEYS < g["bn"]:
         default = dict(BM=min(BWD_ROWS, g["bn"]), BK=BWD_FP32_KEYS, num_warps=BWD_FP32_WARPS[g["d"]])
     else:
         default = dict(BM=min(BWD_ROWS, g["bn"]), BK=g["bn"], num_warps=BWD_WARPS)
 
     def problem(config):
-        if not fp32 and config["BK"] != g["bn"]:  # dq accumulates over key blocks in a float32 gradient only
+        if whole and config["BK"] != g["bn"]:
             return f"BK={config['BK']} must be {g['bn']} (whole windows) for {qkv.dtype}"
         return _configs.power_of_two_problem(config, "BM", "BK", low=16, high=g["bn"])
 
@@ -464,7 +529,7 @@ def _window_attention_op(
         g["h"], g["w"], g["hp"], g["wp"], g["n_win_w"], g["n_win"], g["c"], num_heads, shift,
         g["d"] ** -0.5,
         qkv.stride(0), qkv.stride(1), qkv.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        WS=window, BN=g["bn"], D=g["d"], BD=g["bd"], SHIFTED=shift > 0, PRECISION=_precision(qkv),
+        WS=window, WP=g["slots"], BN=g["bn"], D=g["d"], BD=g["bd"], SHIFTED=shift > 0, PRECISION=_precision(qkv),
         **_forward_launch(qkv, g, window),
     )
     return out, lse
@@ -482,23 +547,48 @@ def _window_attention_backward_op(
     launch = dict(_backward_launch(qkv, g, window))
     per_prog = max(1, -(-n_total * num_heads // launch.pop("programs")))
     progs = -(-n_total // per_prog)
-    ds_part = torch.empty(progs, num_heads, g["bn"], g["bn"], device=qkv.device, dtype=torch.float32)
+    # bf16/fp16 sum dS by offset in the kernel; fp32 sums it in a slot per program (see the kernel)
+    on_chip = _sums_on_chip(qkv.dtype)
+    tp = _offset_slots(g["slots"]) if on_chip else 16  # (unused off chip)
+    f32 = dict(device=qkv.device, dtype=torch.float32)
+    ds_part = torch.empty((progs, num_heads, tp, tp) if on_chip else (0,), **f32)
+    ds_slot = torch.empty((0,) if on_chip else (progs, num_heads, g["bn"], g["bn"]), **f32)
     dbias_part = torch.empty(progs, num_heads, 3, g["bd"], device=qkv.device, dtype=torch.float32)
     args = (
-        qkv, qkv_bias, dense_bias, out, grad_out, lse, dqkv, dbias_part, ds_part,
+        qkv, qkv_bias, dense_bias, out, grad_out, lse, dqkv, dbias_part, ds_part, ds_slot,
         g["h"], g["w"], g["hp"], g["wp"], g["n_win_w"], g["n_win"], n_total, per_prog, g["c"], num_heads,
         shift, g["d"] ** -0.5,
         qkv.stride(0), qkv.stride(1), qkv.stride(2), out.stride(0), out.stride(1), out.stride(2),
         dqkv.stride(0), dqkv.stride(1), dqkv.stride(2),
     )
-    shape = dict(WS=window, BN=g["bn"], D=g["d"], BD=g["bd"], SHIFTED=shift > 0, PRECISION=_precision(qkv))
+    shape = dict(WS=window, WP=g["slots"], BN=g["bn"], ON_CHIP=on_chip, TP=tp, D=g["d"], BD=g["bd"], SHIFTED=shift > 0,
+                 PRECISION=_precision(qkv))
     _triton.wrap_triton(_bwd_kernel)[_triton.grid(progs, num_heads)](*args, **shape, **launch)
-    n = window * window
-    ds = ds_part.sum(0)[:, :n, :n].reshape(num_heads, n * n)
-    dtable = (_bias_scatter(window, qkv.device) @ ds.t()).to(table.dtype)
+    if on_chip:
+        # offset dh sits at dh + slots - 1; the table's entries run over dh = 1 - window .. window - 1
+        first = g["slots"] - window
+        sums = ds_part.sum(0)[:, first: first + 2 * window - 1, first: first + 2 * window - 1]
+    else:
+        sums = _offset_sums_of(ds_slot.sum(0), window, g["slots"])
+    dtable = sums.permute(1, 2, 0).reshape(-1, num_heads).to(table.dtype).contiguous()  # (entries, heads)
     # (progs, heads, 3, BD) -> (3, heads, D) -> (3C,) in the qkv layout
     dbias = dbias_part.sum(0)[..., : g["d"]].permute(1, 0, 2).reshape(-1).to(qkv_bias.dtype)
     return dqkv, dbias, dtable
+
+
+def _offset_matrix(window: int, device: torch.device) -> torch.Tensor:
+    a = torch.arange(window, device=device)
+    return (a[:, None, None] - a[None, :, None] + window - 1 == torch.arange(2 * window - 1, device=device)).float()
+
+
+def _offset_sums_of(ds: torch.Tensor, window: int, slots: int) -> torch.Tensor:
+    """(heads, bn, bn) score sums, ``slots`` per window row, summed by row and column offset
+    of query and key: (heads, 2w - 1, 2w - 1), as the bias table lays them out (a product
+    with 0/1 matrices, not index_add_, whose CUDA version adds in no fixed order)."""
+    tokens = _token_slots(window, slots, ds.device)
+    tiles = ds[:, tokens][:, :, tokens].view(-1, window, window, window, window)  # (heads, qrow, qcol, krow, kcol)
+    pick = cached(_offset_matrix, window, ds.device)  # [a, b, offset]: a - b is that offset
+    return torch.einsum("nacbd,abx,cdy->nxy", tiles, pick, pick)
 
 
 # Explicit fake implementations: shapes only, so tracing never enters the kernels (under
@@ -507,7 +597,7 @@ def _window_attention_backward_op(
 def _(qkv, qkv_bias, table, dense_bias, num_heads, window, shift):
     b, h, w, c3 = qkv.shape
     hp, wp = -(-h // window) * window, -(-w // window) * window
-    bn = _padded_tokens(window)
+    bn = _padded_tokens(window, _window_slots(window, qkv.dtype))
     lse = qkv.new_empty(b * (hp // window) * (wp // window), num_heads, bn, dtype=torch.float32)
     return qkv.new_empty(b, h, w, c3 // 3), lse
 
@@ -515,18 +605,6 @@ def _(qkv, qkv_bias, table, dense_bias, num_heads, window, shift):
 @_window_attention_backward_op.register_fake
 def _(grad_out, qkv, qkv_bias, table, dense_bias, out, lse, num_heads, window, shift):
     return torch.empty_like(qkv, memory_format=torch.contiguous_format), torch.empty_like(qkv_bias), torch.empty_like(table)
-
-
-def _make_bias_scatter(window: int, device: torch.device) -> torch.Tensor:
-    index = relative_position_index(window, device).view(-1)
-    entries = torch.arange((2 * window - 1) ** 2, device=device)
-    return (entries[:, None] == index[None, :]).to(torch.float32)  # one_hot(index).t(), no value read
-
-
-def _bias_scatter(window: int, device: torch.device) -> torch.Tensor:
-    """((2w-1)**2, w**4) 0/1 matrix adding each score position into its table entry
-    (a matmul, not index_add_, whose CUDA version adds in no fixed order)."""
-    return cached(_make_bias_scatter, window, device)
 
 
 # --------------------------------------------------------------------------- autograd
@@ -606,7 +684,7 @@ def window_attention(
         if reason is not None:
             raise RuntimeError(f"window_attention: {reason}")
     with torch.no_grad():  # the table's gradient comes from the backward op, through the scores
-        dense = _dense_bias(table.detach(), window, _padded_tokens(window))
+        dense = _dense_bias(table.detach(), window, qkv.dtype)
     out, _lse = torch.ops.hifuse.window_attention(qkv, _bias_or_zeros(qkv, qkv_bias), table, dense, num_heads, window,
                                                   shift)
     return out

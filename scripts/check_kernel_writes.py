@@ -33,7 +33,7 @@ from check_triton_compile import DTYPES, FLOATS, cases  # noqa: E402
 # variant's constexprs): nothing else may be called written.
 WRITES = {
     "window_attention._fwd_kernel": {"OUT", "LSE"},
-    "window_attention._bwd_kernel": {"DQKV", "DBIAS_PART", "DS_PART"},
+    "window_attention._bwd_kernel": lambda k: {"DQKV", "DBIAS_PART"} | ({"DS_PART"} if k["ON_CHIP"] else {"DS_SLOT"}),
     "dwconv_layer_norm._fwd_kernel": {"OUT", "MEAN", "RSTD"},
     "dwconv_layer_norm._bwd_norm_kernel": {"DY", "PART_LW", "PART_LB"},
     "dwconv_layer_norm._bwd_conv_kernel": {"DX", "PART"},

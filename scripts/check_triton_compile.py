@@ -98,7 +98,8 @@ def _as_warps(launch: dict) -> dict:
 def cases(dtype: str):
     """(kernel, pointer dtypes by name ('dt' = the activation dtype), constexprs)."""
     prec = "ieee" if dtype == "fp32" else "tf32"
-    attn = dict(WS=7, BN=64, D=32, BD=32, SHIFTED=True, PRECISION=prec)
+    slots = wa._window_slots(7, TORCH_DTYPE[dtype])
+    attn = dict(WS=7, WP=slots, BN=wa._padded_tokens(7, slots), D=32, BD=32, SHIFTED=True, PRECISION=prec)
     f32 = "fp32"
     fwd = {**attn, "BM": wa.FWD_ROWS, "WARPS": wa.FWD_WARPS}
     yield wa._dense_bias_kernel, dict(TABLE="dt", INDEX="i64", OUT=f32), dict(BLOCK=wa.DENSE_BLOCK)
@@ -107,12 +108,13 @@ def cases(dtype: str):
             shape = {**attn, "D": d, "BD": d, "SHIFTED": shifted}
             yield wa._fwd_kernel, dict(QKV="dt", BIAS=f32, REL=f32, OUT="dt", LSE=f32), {**shape, "BM": fwd["BM"], "WARPS": fwd["WARPS"]}
             ptrs = dict(QKV="dt", BIAS=f32, REL=f32, OUT="dt", DOUT="dt", LSE=f32, DQKV="dt", DBIAS_PART=f32,
-                        DS_PART=f32)
+                        DS_PART=f32, DS_SLOT=f32)
             if dtype == "fp32" and wa.BWD_FP32_KEYS < shape["BN"]:  # as the op launches it
                 keys = {"BK": wa.BWD_FP32_KEYS, "WARPS": wa.BWD_FP32_WARPS[d]}
             else:
                 keys = {"BK": shape["BN"], "WARPS": wa.BWD_WARPS}
-            yield wa._bwd_kernel, ptrs, {**shape, "BM": wa.BWD_ROWS, **keys}
+            offsets = {"ON_CHIP": dtype != "fp32", "TP": wa._offset_slots(slots)}
+            yield wa._bwd_kernel, ptrs, {**shape, "BM": wa.BWD_ROWS, **offsets, **keys}
     for block_c in (128, 256, 512, 1024):  # every channel block of HiFuse (96 .. 768 channels)
         tile = dln._launch_tile(1 << 20, block_c)
         tiles = dict(BLOCK_P=tile["BLOCK_P"], BLOCK_C=block_c, WARPS=tile["num_warps"])

@@ -111,12 +111,13 @@ def cases(args, device: torch.device) -> list[tuple[str, callable]]:
         c, r, heads, window = st["c"], st["r"], st["heads"], st["window"]
         qkv, bias = randn(b, r, r, 3 * c, dtype=act), randn(3 * c, dtype=act, scale=0.1)
         table = randn((2 * window - 1) ** 2, heads, scale=0.5)
-        dense = wa._dense_bias(table, window, wa._padded_tokens(window))
+        dense = wa._dense_bias(table, window, act)
+        tokens = wa._token_slots(window, wa._window_slots(window, act), device)
         calls = []
         for shift in st["shifts"]:
             def fwd(s=shift):
                 out, lse = torch.ops.hifuse.window_attention(qkv, bias, table, dense, heads, window, s)
-                return out, lse[..., : window * window]  # the padding tokens' entries are never written
+                return out, lse[..., tokens]  # the padding slots' entries are never written
 
             out, lse = torch.ops.hifuse.window_attention(qkv, bias, table, dense, heads, window, shift)
             grad = torch.randn_like(out)

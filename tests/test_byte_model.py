@@ -160,14 +160,14 @@ def _window_attention():
     # the dense bias: one gather from the table through the (64 x 64) index
     bias = table + 64 * 64 * I64 + dense
     forward = bias + qkv + qkv_bias + dense + out + lse
-    ds_part, dbias_part = dense, heads * 3 * 32 * F32  # one backward program
+    # one backward program: its bias-table partial, dS summed by offset (16 x 16 a head)
+    ds_part, dbias_part = heads * 16 * 16 * F32, heads * 3 * 32 * F32
     backward = qkv + qkv_bias + dense + out + out + lse + qkv + dbias_part + ds_part
-    scores = heads * 49 * 49 * F32
-    # the table's gradient: partials summed, cropped to 49 x 49 (a copy), scattered by a GEMM
-    d_table = (ds_part + dense) + 2 * scores + (169 * 2401 * F32 + scores + table)
+    # the table's gradient: partials summed, the table's 13 x 13 offsets copied out as (169, heads)
+    d_table = 2 * ds_part + 2 * table
     d_bias = 2 * dbias_part + 2 * dbias_part + (dbias_part + qkv_bias)  # sum, reorder, cast
     least = 2 * (qkv + qkv_bias + table) + 2 * out
-    return 9, forward + backward + d_table + d_bias, least
+    return 8, forward + backward + d_table + d_bias, least
 
 
 # node id -> hand count (launches, bytes moved, least bytes), forward and backward in bf16

@@ -255,7 +255,7 @@ def test_nothing_made_while_a_cuda_graph_is_captured_is_cached(monkeypatch):
         assert any(key[0] is wa._make_dense_index for key in entries)
         for (make, *key), value in entries.items():
             assert reference.cached(make, *key) is value
-        reference.cached(wa._make_dense_index, 5, 32, torch.device(DEVICE))
+        reference.cached(wa._make_dense_index, 5, 8, 64, torch.device(DEVICE))
         reference.shift_mask(35, 42, 7, 3, torch.device(DEVICE))
         assert reference._cache == entries
         monkeypatch.undo()

@@ -36,18 +36,18 @@ CASES = [
 ]
 
 
-def _op_inputs(b, h, w, heads, seed=0, dtype=torch.float32, head_dim=32):
+def _op_inputs(b, h, w, heads, seed=0, dtype=torch.float32, head_dim=32, window=7):
     g = torch.Generator().manual_seed(seed)
     c = heads * head_dim
     qkv = torch.randn(b, h, w, 3 * c, generator=g).to(DEVICE, dtype).requires_grad_()
     bias = torch.randn(3 * c, generator=g).to(DEVICE, dtype).requires_grad_()
-    table = (0.5 * torch.randn(169, heads, generator=g)).to(DEVICE).requires_grad_()
+    table = (0.5 * torch.randn((2 * window - 1) ** 2, heads, generator=g)).to(DEVICE).requires_grad_()
     return qkv, bias, table
 
 
-def _assert_op_matches_reference(qkv, bias, table, heads, shift):
-    out = window_attention(qkv, bias, table, heads, 7, shift)
-    ref = window_attention_ref(qkv, bias, table, heads, 7, shift)
+def _assert_op_matches_reference(qkv, bias, table, heads, shift, window=7):
+    out = window_attention(qkv, bias, table, heads, window, shift)
+    ref = window_attention_ref(qkv, bias, table, heads, window, shift)
     torch.testing.assert_close(out, ref, **TOL)
     grad = torch.randn_like(ref)
     got = torch.autograd.grad(out, (qkv, bias, table), grad)
@@ -61,9 +61,19 @@ def test_op_matches_reference(tiles, b, h, w, heads, shift):
     _assert_op_matches_reference(*_op_inputs(b, h, w, heads), heads, shift)
 
 
-# The backward kernels: fp32 takes keys in blocks, bf16/fp16 whole windows, which the
-# interpreter can run in fp32 only (its bf16 dot is broken): both run here.
-BACKWARDS = {"key_blocks": 16, "whole_windows": 64}
+# The backward kernels: fp32 takes keys in blocks (or whole windows) and leaves the bias
+# table's sums by offset to the op; bf16/fp16 take whole windows and sum by offset in the
+# kernel (window rows laid out in slots of a power of two), which the interpreter can run in
+# fp32 only (its bf16 dot is broken): (keys a block, offsets summed on chip), all run here.
+BACKWARDS = {"key_blocks": (16, False), "whole_windows": (64, False), "offsets_on_chip": (64, True)}
+
+
+def _backward(monkeypatch, backward):
+    import hifuse_kernels.window_attention as wa
+
+    keys, on_chip = BACKWARDS[backward]
+    monkeypatch.setattr(wa, "BWD_FP32_KEYS", keys)
+    monkeypatch.setattr(wa, "_sums_on_chip", lambda dtype: on_chip)
 
 
 @pytest.mark.parametrize("backward", BACKWARDS)
@@ -74,16 +84,23 @@ def test_backward_loops_over_windows(device_tiles, monkeypatch, head_dim, shift,
     import hifuse_kernels.window_attention as wa
 
     monkeypatch.setattr(wa, "BWD_PROGRAMS", 5 * 2)
-    monkeypatch.setattr(wa, "BWD_FP32_KEYS", BACKWARDS[backward])
+    _backward(monkeypatch, backward)
     _assert_op_matches_reference(*_op_inputs(2, 20, 26, 2, head_dim=head_dim, seed=3), 2, shift)
 
 
+@pytest.mark.parametrize("backward", ["whole_windows", "offsets_on_chip"])
 @pytest.mark.parametrize("b, h, w, heads, shift", [CASES[0], CASES[3], CASES[5], CASES[7]])
-def test_whole_window_backward(device_tiles, monkeypatch, b, h, w, heads, shift):
-    import hifuse_kernels.window_attention as wa
-
-    monkeypatch.setattr(wa, "BWD_FP32_KEYS", BACKWARDS["whole_windows"])
+def test_whole_window_backward(device_tiles, monkeypatch, b, h, w, heads, shift, backward):
+    _backward(monkeypatch, backward)
     _assert_op_matches_reference(*_op_inputs(b, h, w, heads), heads, shift)
+
+
+@pytest.mark.parametrize("backward", BACKWARDS)
+@pytest.mark.parametrize("window, shift", [(3, 1), (5, 2), (9, 4)])
+def test_other_windows(device_tiles, monkeypatch, window, shift, backward):
+    # slots of 4, 8 and 16 a row on chip (3, 5 and 9 packed): padding, shift and every offset
+    _backward(monkeypatch, backward)
+    _assert_op_matches_reference(*_op_inputs(1, 11, 10, 2, head_dim=16, seed=5, window=window), 2, shift, window)
 
 
 def _blocks(dim, heads, shift, seed=0):
