@@ -15,7 +15,9 @@ backward, and the -100 shift mask comes from region labels computed in the kerne
 of each real token is written to its own position; nothing rolled, padded or partitioned is
 ever stored.
 
-Backward recomputes the scores from the saved log-sum-exp. Every real token belongs to one
+Backward recomputes the scores from the saved log-sum-exp, and with whole key rows (bf16/fp16)
+takes softmax's row sums sum(P dP) from them, not sum(dO O), so the output is not read
+again. Every real token belongs to one
 window, so dq, dk, dv are written without collisions; padded tokens feed the qkv bias
 gradient and all windows feed the bias table gradient, both through per-program partial
 sums that are added in a fixed order afterwards, so two backward passes give identical bits.
@@ -271,10 +273,13 @@ if triton is not None:
                         qmask = realq[:, None] & dmask[None, :]
                         ocol = (head * D + d)[None, :]
                         do = tl.load(DOUT + orow[:, None] + ocol, mask=qmask, other=0.0)
-                        o = tl.load(OUT + orow[:, None] + ocol, mask=qmask, other=0.0)
-                        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+                        if BK < BN:  # a block of keys: softmax's row sums as sum(dO O) (O = P V)
+                            o = tl.load(OUT + orow[:, None] + ocol, mask=qmask, other=0.0)
+                            delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
                         dv += tl.dot(tl.trans(p).to(do.dtype), do, out_dtype=tl.float32, input_precision=PRECISION)
                         dp = tl.dot(do, tl.trans(v), out_dtype=tl.float32, input_precision=PRECISION)
+                        if BK == BN:  # whole key rows: sum(P dP), as eager's softmax backward; O is not read
+                            delta = tl.sum(p * dp, 1)
                         ds = p * (dp - delta[:, None])
                         if on_chip:
                             offsets += _offset_sums(ds, qb, kb, BM, BK, WP, TP)
@@ -554,11 +559,13 @@ def _window_attention_backward_op(
     ds_part = torch.empty((progs, num_heads, tp, tp) if on_chip else (0,), **f32)
     ds_slot = torch.empty((0,) if on_chip else (progs, num_heads, g["bn"], g["bn"]), **f32)
     dbias_part = torch.empty(progs, num_heads, 3, g["bd"], device=qkv.device, dtype=torch.float32)
+    if launch["BK"] == g["bn"]:  # whole key rows: the kernel does not read the output
+        out = out.new_empty((0, 1, 1, 1))
     args = (
         qkv, qkv_bias, dense_bias, out, grad_out, lse, dqkv, dbias_part, ds_part, ds_slot,
         g["h"], g["w"], g["hp"], g["wp"], g["n_win_w"], g["n_win"], n_total, per_prog, g["c"], num_heads,
         shift, g["d"] ** -0.5,
-        qkv.stride(0), qkv.stride(1), qkv.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        qkv.stride(0), qkv.stride(1), qkv.stride(2), grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
         dqkv.stride(0), dqkv.stride(1), dqkv.stride(2),
     )
     shape = dict(WS=window, WP=g["slots"], BN=g["bn"], ON_CHIP=on_chip, TP=tp, D=g["d"], BD=g["bd"], SHIFTED=shift > 0,

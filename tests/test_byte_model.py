@@ -162,7 +162,7 @@ def _window_attention():
     forward = bias + qkv + qkv_bias + dense + out + lse
     # one backward program: its bias-table partial, dS summed by offset (16 x 16 a head)
     ds_part, dbias_part = heads * 16 * 16 * F32, heads * 3 * 32 * F32
-    backward = qkv + qkv_bias + dense + out + out + lse + qkv + dbias_part + ds_part
+    backward = qkv + qkv_bias + dense + out + lse + qkv + dbias_part + ds_part  # reads dO, not O
     # the table's gradient: partials summed, the table's 13 x 13 offsets copied out as (169, heads)
     d_table = 2 * ds_part + 2 * table
     d_bias = 2 * dbias_part + 2 * dbias_part + (dbias_part + qkv_bias)  # sum, reorder, cast
