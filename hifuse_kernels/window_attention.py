@@ -234,11 +234,10 @@ if triton is not None:
         # once, a (TP, TP) partial. Else (fp32, blocks of 16 keys: the sums' products cost
         # registers it does not have) dS adds into this program's (BN, BN) slot of DS_SLOT (in
         # L2, behind a barrier), which the op sums by offset.
-        on_chip: tl.constexpr = ON_CHIP
         offsets = tl.zeros((TP, TP), dtype=tl.float32)
         t = tl.arange(0, BN)
         slot = DS_SLOT + part * BN * BN
-        if not on_chip:
+        if not ON_CHIP:
             for mb in tl.static_range(0, BN, BM):
                 tq = mb + tl.arange(0, BM)
                 tl.store(slot + tq[:, None] * BN + t[None, :], tl.zeros((BM, BN), dtype=tl.float32))
@@ -281,7 +280,7 @@ if triton is not None:
                         if BK == BN:  # whole key rows: sum(P dP), as eager's softmax backward; O is not read
                             delta = tl.sum(p * dp, 1)
                         ds = p * (dp - delta[:, None])
-                        if on_chip:
+                        if ON_CHIP:
                             offsets += _offset_sums(ds, qb, kb, BM, BK, WP, TP)
                         else:
                             ds_ptr = slot + tq[:, None] * BN + tk[None, :]
@@ -295,7 +294,7 @@ if triton is not None:
                         dq_ptr = DQKV + growq[:, None] + (head * D + d)[None, :]
                         if BK < BN:
                             if kb > 0:
-                                if on_chip:  # (else the slot's barrier above did this)
+                                if ON_CHIP:  # (else the slot's barrier above did this)
                                     tl.debug_barrier()  # the last key block's stores to dq are seen by every thread
                                 dq += tl.load(dq_ptr, mask=qmask, other=0.0).to(tl.float32)
                         tl.store(dq_ptr, dq.to(gty), mask=qmask)
@@ -307,7 +306,7 @@ if triton is not None:
                     pad = (valid & (real == 0))[:, None]
                     dkb += tl.sum(tl.where(pad, dk, 0.0), 0)
                     dvb += tl.sum(tl.where(pad, dv, 0.0), 0)
-        if on_chip:
+        if ON_CHIP:
             d_off = tl.arange(0, TP)
             tl.store(DS_PART + part * TP * TP + d_off[:, None] * TP + d_off[None, :], offsets)
         tl.store(DBIAS_PART + part * 3 * BD + d, dqb)
@@ -592,7 +591,7 @@ def _offset_sums_of(ds: torch.Tensor, window: int, slots: int) -> torch.Tensor:
     """(heads, bn, bn) score sums, ``slots`` per window row, summed by row and column offset
     of query and key: (heads, 2w - 1, 2w - 1), as the bias table lays them out (a product
     with 0/1 matrices, not index_add_, whose CUDA version adds in no fixed order)."""
-    tokens = _token_slots(window, slots, ds.device)
+    tokens = cached(_token_slots, window, slots, ds.device)
     tiles = ds[:, tokens][:, :, tokens].view(-1, window, window, window, window)  # (heads, qrow, qcol, krow, kcol)
     pick = cached(_offset_matrix, window, ds.device)  # [a, b, offset]: a - b is that offset
     return torch.einsum("nacbd,abx,cdy->nxy", tiles, pick, pick)
