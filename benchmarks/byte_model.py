@@ -181,10 +181,11 @@ def _changes_dtype(args, out) -> bool:
 
 class RecordLaunches:
     """Stands for ``wrap_triton(kernel)``: ``[grid](...)`` records the launch into ``ledger``,
-    charged to ``where()``, and runs nothing."""
+    charged to ``where()``, and runs nothing; ``on_launch(kernel, args, kwargs)``, if given,
+    sees each launch too."""
 
-    def __init__(self, ledger: Ledger, where=_nowhere) -> None:
-        self.ledger, self.where = ledger, where
+    def __init__(self, ledger: Ledger, where=_nowhere, on_launch=None) -> None:
+        self.ledger, self.where, self.on_launch = ledger, where, on_launch
 
     def __call__(self, kernel):
         name = getattr(kernel, "__name__", repr(kernel))
@@ -195,6 +196,8 @@ class RecordLaunches:
             def __getitem__(_self, grid):
                 def launch(*args, **kwargs) -> None:
                     self.ledger.add("triton", self.where(), label, nbytes(tensors([args, kwargs.values()])))
+                    if self.on_launch is not None:
+                        self.on_launch(kernel, args, kwargs)
 
                 return launch
 
@@ -202,12 +205,12 @@ class RecordLaunches:
 
 
 @contextlib.contextmanager
-def launches_recorded(ledger: Ledger, where=_nowhere):
+def launches_recorded(ledger: Ledger, where=_nowhere, on_launch=None):
     """Inside the block, Triton launches are recorded into ``ledger``, not run; the kernels'
     process-wide caches (shift masks, index tables) are read as in a real run, though they stay
     off under a dispatch mode (which is how FakeTensor tracing reaches them)."""
     wrap, tracing = _triton.wrap_triton, reference._tracing
-    _triton.wrap_triton = RecordLaunches(ledger, where)
+    _triton.wrap_triton = RecordLaunches(ledger, where, on_launch)
     reference._tracing = torch.compiler.is_compiling
     try:
         yield ledger
@@ -216,9 +219,10 @@ def launches_recorded(ledger: Ledger, where=_nowhere):
 
 
 @contextlib.contextmanager
-def counted(ledger: Ledger, where=_nowhere):
-    """Inside the block, every launch is recorded into ``ledger``; Triton ones are not run."""
-    with launches_recorded(ledger, where), CountOps(ledger, where):
+def counted(ledger: Ledger, where=_nowhere, on_launch=None):
+    """Inside the block, every launch is recorded into ``ledger``; Triton ones are not run
+    (``on_launch``: as ``RecordLaunches``)."""
+    with launches_recorded(ledger, where, on_launch), CountOps(ledger, where):
         yield ledger
 
 

@@ -97,6 +97,28 @@ def next_power_of_2(n: int) -> int:
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
 
+_gpu_launches = [False]
+
+
+@contextlib.contextmanager
+def gpu_launches():
+    """Inside the block, launches that are recorded, not run (``step_ledger.py``), take the
+    GPU's choices where the interpreter would make its own (``interpreter_launches``)."""
+    before = _gpu_launches[0]
+    _gpu_launches[0] = True
+    try:
+        yield
+    finally:
+        _gpu_launches[0] = before
+
+
+def interpreter_launches() -> bool:
+    """Whether launches make the interpreter's choices (its bf16/fp16 ``tl.dot`` is wrong, so
+    kernels take the rounded operands to float32 first; it has no registers to spill): under
+    the interpreter, but in ``gpu_launches``."""
+    return interpreting() and not _gpu_launches[0]
+
+
 # CUDA's launch limits: past them a launch fails on the GPU only (the interpreter has none).
 GRID_LIMITS = (2**31 - 1, 65535, 65535)
 

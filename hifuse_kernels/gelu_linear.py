@@ -159,7 +159,7 @@ if triton is not None:
 def _precision(t: torch.Tensor) -> dict:
     # fp32 inputs get full-precision products, as eager's fp32 matmuls (no TF32)
     return dict(PRECISION="ieee" if t.dtype == torch.float32 else "tf32",
-                UPCAST=_triton.interpreting() and t.dtype != torch.float32)
+                UPCAST=_triton.interpreter_launches() and t.dtype != torch.float32)
 
 
 def _width(n: int) -> int:
@@ -212,7 +212,7 @@ def fused_backward(n: int, dtype: torch.dtype) -> bool:
     """Whether the backward is one pass (``_bwd_kernel``): up to 256 output columns in bf16/fp16
     (128 to 184 registers on sm90, no spills); fp32 products spill there, so fp32 takes the two
     kernels, but under the interpreter, which has no registers to spill (its tests run both)."""
-    return n <= 256 and (dtype != torch.float32 or _triton.interpreting())
+    return n <= 256 and (dtype != torch.float32 or _triton.interpreter_launches())
 
 
 def bwd_launch(m: int, n: int, dtype: torch.dtype, k: int = 0, device: torch.device | None = None) -> dict:

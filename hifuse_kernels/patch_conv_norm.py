@@ -153,7 +153,7 @@ if triton is not None:
 
 def _launch(x: torch.Tensor, k: int, n: int, gemm_dtype: torch.dtype) -> dict:
     kdim = k * k * x.shape[-1]
-    return dict(GEMM=_TL[gemm_dtype], KSIZE=k, UPCAST=_triton.interpreting() and gemm_dtype != torch.float32,
+    return dict(GEMM=_TL[gemm_dtype], KSIZE=k, UPCAST=_triton.interpreter_launches() and gemm_dtype != torch.float32,
                 BLOCK_M=BLOCK_M, BLOCK_K=max(16, _triton.next_power_of_2(kdim)),
                 BLOCK_N=max(16, _triton.next_power_of_2(n)), num_warps=WARPS)
 

@@ -7,12 +7,25 @@ spills or a memory-bound kernel needs more than MEMORY_BOUND_REGS registers. Usa
 
     python scripts/check_triton_compile.py [--arch 90] [--jobs N]
 
+The variants are compiled as Triton's JIT compiles a launch: pointers 16-byte aligned (as
+every fresh tensor's is), which lets loads and stores be vectorised, and sizes not
+specialised (any shape). What a launch of given sizes compiles differs again: the JIT also
+specialises an int on divisibility by 16 (and on being 1). ``--launches FILE`` compiles
+exactly the variants of the launches recorded there, e.g. those of a HiFuse-Tiny training
+step (``step_ledger.py --launches``), and reports how many programs of each an SM holds:
+
+    TRITON_INTERPRET=1 python scripts/step_ledger.py --fused fused --at 32 --launches steps.json
+    python scripts/check_triton_compile.py --launches steps.json
+
 Must run without TRITON_INTERPRET=1 (kernels defined for the interpreter cannot be compiled).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import importlib
+import json
 import os
 import re
 import subprocess
@@ -50,17 +63,23 @@ FLOATS = {"scale", "eps", "momentum"}
 # programs (or one of 16 warps); at 134, one 8-warp program. More than this fails.
 MEMORY_BOUND_REGS = 128
 COMPUTE_KERNELS = {"window_attention", "gelu_linear"}
-# Variants that still spill, with the spill-store bytes measured (sm_90a), per triton version
-# and keyed by (kernel, dtype, head dim, shifted): a check fails when one of them spills more, no
-# longer spills (take it off), or any other variant spills at all; an entry no variant of the
-# run matches fails too. Left, under triton 3.6 only: the window-attention backward at head
-# dim 64 (HiFuse's heads are 32 wide). Under a triton not listed here the largest figure of any
-# version is allowed and a spill that has gone is not reported.
+# Variants that still spill, with the spill-store bytes measured (sm_90a, pointers aligned and
+# sizes not specialised, as the cases below are compiled), per triton version and keyed by
+# (kernel, dtype, head dim, shifted): a check fails when one of them spills more, no longer
+# spills (take it off), or any other variant spills at all; an entry no variant of the run
+# matches fails too. Left: the float32 window-attention backward (training without autocast;
+# 16-48 B a thread) and 4 B in two forwards. The bf16 backward and forward of a HiFuse-Tiny
+# step, compiled as its launches specialise them (``--launches``), spill nothing. Under a
+# triton not listed here the largest figure of any version is allowed and a spill that has
+# gone is not reported.
 _BWD = "window_attention._bwd_kernel"
+_FWD = "window_attention._fwd_kernel"
 KNOWN_SPILLS = {
-    "3.8": {},
-    "3.6": {(_BWD, "fp32", 64, True): 20, (_BWD, "fp32", 64, False): 88, (_BWD, "bf16", 64, True): 8,
-            (_BWD, "fp16", 64, True): 8},
+    "3.8": {(_BWD, "fp32", 16, False): 16, (_BWD, "fp32", 32, True): 32, (_BWD, "fp32", 32, False): 32,
+            (_BWD, "fp32", 64, True): 36, (_BWD, "fp32", 64, False): 40, (_FWD, "fp32", 64, True): 4,
+            (_FWD, "bf16", 32, False): 4},
+    "3.6": {(_BWD, "fp32", 32, True): 48, (_BWD, "fp32", 32, False): 24, (_BWD, "fp32", 64, True): 24,
+            (_BWD, "fp32", 64, False): 20},
 }
 
 
@@ -271,6 +290,14 @@ def resources(ptx: str, arch: int) -> dict[str, int]:
     return {k: int(m.group(1)) if m else 0 for k, m in found.items()}
 
 
+ALIGNED = [["tt.divisibility", 16]]  # the attribute Triton's JIT gives an aligned pointer or an int % 16 == 0
+
+
+def aligned_pointers(kernel, sig: dict) -> dict:
+    """The attributes of a launch on 16-byte aligned tensors: on each pointer argument."""
+    return {(i,): ALIGNED for i, p in enumerate(kernel.params) if sig[p.name].startswith("*")}
+
+
 def spill_key(kernel, dtype: str, constexprs: dict) -> tuple:
     """The KNOWN_SPILLS key of a variant."""
     module = kernel.fn.__module__.split(".")[-1]
@@ -287,7 +314,8 @@ def compile_case(job: tuple[int, str, int]) -> tuple[bool, str]:
     try:
         constexprs = dict(constexprs)
         warps = constexprs.pop("WARPS", None)  # None: Triton's default, as ops launching without num_warps get
-        src = ASTSource(fn=kernel, signature=signature(kernel, pointers, constexprs, dtype), constexprs=constexprs)
+        sig = signature(kernel, pointers, constexprs, dtype)
+        src = ASTSource(fn=kernel, signature=sig, constexprs=constexprs, attrs=aligned_pointers(kernel, sig))
         options = {"num_warps": warps} if warps else {}
         compiled = triton_compile(src, target=GPUTarget("cuda", arch, 32), options=options)
         use = resources(compiled.asm["ptx"], arch)
@@ -307,13 +335,110 @@ def compile_case(job: tuple[int, str, int]) -> tuple[bool, str]:
     return not problems, f"{status} {usage}  {name} ({time.time() - start:.1f}s){': ' + '; '.join(problems) if problems else ''}"
 
 
+@functools.lru_cache(maxsize=None)
+def recorded_variants(path: str) -> list[dict]:
+    """The distinct variants Triton's JIT compiles for the launches recorded in ``path``
+    (``step_ledger.py --launches``), by its rules read from each kernel's parameters: a pointer
+    is specialised on 16-byte alignment, an int on divisibility by 16 and on being 1 (then a
+    constexpr), unless the kernel says not to (``do_not_specialize``). Each with the number
+    of launches it serves."""
+    from triton.backends.compiler import BaseBackend
+    from triton._C.libtriton import native_specialize_impl
+
+    with open(path) as f:
+        records = json.load(f)["launches"]
+    variants: dict[str, dict] = {}
+    for record in records:
+        module, name = record["kernel"].rsplit(".", 1)
+        kernel = getattr(importlib.import_module(module), name)
+        sig, constexprs, attrs, shown = {}, {}, {}, {}
+        for i, p in enumerate(kernel.params):
+            arg = record["args"].get(p.name, {"value": p.default})
+            if "pointer" in arg:
+                sig[p.name] = arg["pointer"]
+                if arg["aligned"] and not p.do_not_specialize and not p.do_not_specialize_on_alignment:
+                    attrs[(i,)] = ALIGNED
+                continue
+            if "dtype" in arg:
+                value = tl.dtype(arg["dtype"])
+            else:
+                value = arg.get("int", arg.get("float", arg.get("value")))
+            if p.is_constexpr:
+                sig[p.name], constexprs[p.name] = "constexpr", value
+                shown[p.name] = arg.get("dtype", value)
+                continue
+            kind, key = native_specialize_impl(BaseBackend, value, False, not p.do_not_specialize,
+                                               not p.do_not_specialize_on_alignment)
+            if kind == "constexpr":
+                sig[p.name], constexprs[p.name] = "constexpr", value
+                shown[p.name] = value
+            else:
+                sig[p.name] = kind
+                if key == "D":
+                    attrs[(i,)] = ALIGNED
+        options = record["options"]
+        key = json.dumps([record["kernel"], sig, shown, sorted(attrs), options], sort_keys=True, default=str)
+        if key not in variants:
+            variants[key] = dict(name=record["kernel"].rsplit(".", 2)[-2] + "." + name, kernel=kernel, signature=sig,
+                                 constexprs=constexprs, shown=shown, attrs=attrs, options=options, launches=0)
+        variants[key]["launches"] += record["launches"]
+    return sorted(variants.values(), key=lambda v: (v["name"], -v["launches"]))
+
+
+def compile_recorded(job: tuple[int, str, int]) -> tuple[bool, str]:
+    """(passed, report line) of variant ``index`` of ``recorded_variants(path)``."""
+    arch, path, index = job
+    v = recorded_variants(path)[index]
+    dtypes = sorted({t.lstrip("*") for t in v["signature"].values() if t.startswith("*")})
+    name = f"{v['name']} {'/'.join(dtypes)} {v['shown']} {v['options']}"
+    try:
+        src = ASTSource(fn=v["kernel"], signature=v["signature"], constexprs=v["constexprs"], attrs=v["attrs"])
+        compiled = triton_compile(src, target=GPUTarget("cuda", arch, 32), options=dict(v["options"]))
+        use = resources(compiled.asm["ptx"], arch)
+    except Exception as err:  # noqa: BLE001 - report every variant, then fail
+        return False, f"FAIL {name}: {type(err).__name__}: {err}"
+    warps = compiled.metadata.num_warps
+    programs = _triton.programs_per_sm(use["regs"], compiled.metadata.shared, warps)
+    problems = []
+    if use["spill_stores"] or use["spill_loads"]:
+        problems.append("spills registers to local memory")
+    if v["name"].split(".")[0] not in COMPUTE_KERNELS and use["regs"] > MEMORY_BOUND_REGS:
+        problems.append(f"memory-bound kernel over {MEMORY_BOUND_REGS} registers")
+    usage = (f"{use['regs']:3d} regs, {use['spill_stores']}/{use['spill_loads']} B spilled, "
+             f"{compiled.metadata.shared:6d} B shared, {warps:2d} warps, {programs:2d} programs/SM")
+    return not problems, (f"{'FAIL' if problems else 'ok  '} {usage}  {v['launches']:4d} launches  {name}"
+                          f"{': ' + '; '.join(problems) if problems else ''}")
+
+
+def main_recorded(path: str, arch: int, jobs: int, only: str | None) -> int:
+    variants = recorded_variants(path)
+    with open(path) as f:
+        about = {k: v for k, v in json.load(f).items() if k != "launches"}
+    print(f"the launches of {about}: {sum(v['launches'] for v in variants)} launches, {len(variants)} variants")
+    chosen = [i for i, v in enumerate(variants) if only is None or v["name"].startswith(only + ".")]
+    if not chosen:
+        print(f"FAIL no recorded launch of {only}")
+        return 1
+    variants = [variants[i] for i in chosen]
+    failures = 0
+    with ProcessPoolExecutor(max(1, jobs)) as pool:
+        for passed, line in pool.map(compile_recorded, [(arch, path, i) for i in chosen]):
+            failures += not passed
+            print(line, flush=True)
+    print(f"{len(variants)} kernel variants, {failures} failed")
+    return 1 if failures else 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90)
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compiler processes")
     parser.add_argument("--dtypes", default=",".join(DTYPES), help="comma list of fp32, bf16, fp16")
     parser.add_argument("--only", help="kernels of this op file only (batch_norm_act, window_attention, ...)")
+    parser.add_argument("--launches", help="compile the variants of the launches recorded here (step_ledger.py --launches)")
     args = parser.parse_args()
+    if args.launches:
+        return main_recorded(os.path.abspath(args.launches), args.arch, args.jobs, args.only)
     dtypes = args.dtypes.split(",")
     jobs, keys = [], set()
     for dtype in dtypes:

@@ -34,12 +34,18 @@ kernels' warps (an upper bound: registers may allow fewer):
 
 The narrow configuration (``--narrow``) is what the tests count; it takes other kernel paths
 than the published width, so its figures are not HiFuse-Tiny's.
+
+``--launches FILE`` also writes every Triton launch of the fused steps counted, with what of
+its arguments decides the variant Triton compiles for it (a tensor's element type and 16-byte
+alignment, an int's value, the constexprs and launch options), for
+``check_triton_compile.py --launches FILE`` to compile exactly those variants.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import inspect
 import json
 import os
 import sys
@@ -125,9 +131,49 @@ def build(args, batch: int):
     return model, x, y, opt
 
 
-def count(fused: bool, batch: int, args) -> Ledger:
+class LaunchRecords:
+    """Each distinct Triton launch (``on_launch`` of ``byte_model.RecordLaunches``) and how
+    often it was made: the kernel, each argument as it decides the compiled variant (a
+    tensor's pointer type and whether it is 16-byte aligned, an int's value, a float, any
+    other value as given) and the launch options (num_warps, num_stages)."""
+
+    def __init__(self) -> None:
+        self.counts: collections.Counter = collections.Counter()
+
+    @staticmethod
+    def _arg(value):
+        import triton.language as tl
+        from triton.runtime.jit import mangle_type
+
+        if isinstance(value, torch.Tensor):
+            return {"pointer": mangle_type(value), "aligned": value.data_ptr() % 16 == 0}
+        if isinstance(value, bool) or value is None or isinstance(value, str):
+            return {"value": value}
+        if isinstance(value, int):
+            return {"int": value}
+        if isinstance(value, float):
+            return {"float": value}
+        if isinstance(value, tl.dtype):
+            return {"dtype": value.name}
+        raise TypeError(f"cannot record a launch argument of type {type(value).__name__}")
+
+    def __call__(self, kernel, args, kwargs) -> None:
+        fn = getattr(kernel, "fn", kernel)
+        names = list(inspect.signature(fn).parameters)
+        bound = {**dict(zip(names, args)), **{k: v for k, v in kwargs.items() if k in names}}
+        record = {"kernel": f"{fn.__module__}.{fn.__name__}", "args": {k: self._arg(v) for k, v in bound.items()},
+                  "options": {k: v for k, v in kwargs.items() if k not in names}}
+        self.counts[json.dumps(record, sort_keys=True)] += 1
+
+    def write(self, path: str, **about) -> None:
+        launches = [{"launches": n, **json.loads(key)} for key, n in sorted(self.counts.items())]
+        with open(path, "w") as f:
+            json.dump({**about, "launches": launches}, f, indent=1)
+
+
+def count(fused: bool, batch: int, args, on_launch=None) -> Ledger:
     """One training step's ledger, after a warm-up step (lazy state, per-shape decisions),
-    with the GPU's launch shapes."""
+    with the GPU's launch shapes; ``on_launch`` sees the Triton launches of both steps."""
     model, x, y, opt = build(args, batch)
     ledger = Ledger()
     blocks = _Blocks(model)
@@ -140,10 +186,10 @@ def count(fused: bool, batch: int, args) -> Ledger:
             loss.backward()
         opt.step()
 
-    with _triton.device_tiles(True), _triton.modelled_sms(args.sms):
-        with launches_recorded(Ledger(), blocks.current):
+    with _triton.device_tiles(True), _triton.modelled_sms(args.sms), _triton.gpu_launches():
+        with launches_recorded(Ledger(), blocks.current, on_launch):
             step()  # warm-up, not counted
-        with counted(ledger, blocks.current):
+        with counted(ledger, blocks.current, on_launch):
             step()
     blocks.close()
     return ledger
@@ -230,6 +276,7 @@ def main(argv=None) -> int:
     parser.add_argument("--fused", choices=["both", "fused", "eager"], default="both")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     parser.add_argument("--json", help="also write the report here")
+    parser.add_argument("--launches", help="also write the fused steps' Triton launches here (for check_triton_compile.py)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -240,15 +287,18 @@ def main(argv=None) -> int:
     if _triton.INTERPRETER_PROBLEM is not None:
         sys.exit(f"the fused ops cannot run on CPU tensors here: {_triton.INTERPRETER_PROBLEM}")
     which = {"both": (False, True), "fused": (True,), "eager": (False,)}[args.fused]
+    if args.launches and True not in which:
+        parser.error("--launches records the fused steps: not with --fused eager")
+    records = LaunchRecords() if args.launches else None
     start = time.perf_counter()
     ledgers, how = {}, []
     for fused in which:
         name = "fused" if fused else "eager"
         if fused and not args.fit:
-            ledgers[name] = {b: count(True, b, args) for b in at}
+            ledgers[name] = {b: count(True, b, args, records) for b in at}
             how.append(f"{name} counted at batch {', '.join(map(str, at))}")
         else:
-            ledgers[name] = tuple(count(fused, b, args) for b in batches)
+            ledgers[name] = tuple(count(fused, b, args, records if fused else None) for b in batches)
             how.append(f"{name} counted at batch {batches[0]} and {batches[1]} and fitted")
     how = "; ".join(how)
     result = report(ledgers, batches, at)
@@ -262,6 +312,8 @@ def main(argv=None) -> int:
             json.dump({"model": what, "image_size": args.image_size, "how": how, "sms": args.sms, "torch": torch.__version__,
                        "result": {k: {**v, "at": {str(n): r for n, r in v["at"].items()}} for k, v in result.items()}},
                       f, indent=1)
+    if records is not None:
+        records.write(args.launches, model=what, image_size=args.image_size, how=how, torch=torch.__version__)
     return 0
 
 

@@ -1,6 +1,7 @@
 """Every Triton kernel compiles to a Hopper cubin (no GPU needed): what the interpreter cannot check."""
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -56,3 +57,68 @@ def test_compile_sees_exactly_what_each_kernel_writes():
     result = subprocess.run([sys.executable, str(WRITES_SCRIPT)], capture_output=True, text=True, env=env, timeout=900)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     assert ", 0 failed" in result.stdout
+
+
+LEDGER_SCRIPT = Path(__file__).parents[1] / "scripts" / "step_ledger.py"
+
+
+def _record(tmp_path) -> Path:
+    """The Triton launches of a narrow HiFuse training step (64x64, batch 2), as
+    ``step_ledger.py --launches`` records them."""
+    out = tmp_path / "launches.json"
+    result = subprocess.run([sys.executable, str(LEDGER_SCRIPT), "--narrow", "--image-size", "64", "--at", "2",
+                             "--threads", "1", "--fused", "fused", "--launches", str(out)], capture_output=True,
+                            text=True, timeout=900, env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    return out
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_recorded_launches_compile_as_the_gpu_would_compile_them(tmp_path):
+    """A training step's launches, recorded on the CPU, compile to the variants a GPU launch
+    would (the recording takes the GPU's choices: no float32 upcast of the products), each with
+    its registers and resident programs; one op's here, every kernel's by hand (see the script)."""
+    path = _record(tmp_path)
+    records = json.loads(path.read_text())["launches"]
+    kernels = {r["kernel"].rsplit(".", 2)[-2] for r in records}
+    assert {"window_attention", "dwconv_layer_norm", "batch_norm_act", "gelu_linear", "layer_norm_cat"} <= kernels
+    assert all(r["args"]["UPCAST"] == {"value": False} for r in records if "UPCAST" in r["args"])
+    assert all(a["aligned"] for r in records for a in r["args"].values() if "pointer" in a)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, str(SCRIPT), "--launches", str(path), "--only", "layer_norm_cat"],
+                            capture_output=True, text=True, env=env, timeout=900)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    lines = [line for line in result.stdout.splitlines() if line.startswith("ok ")]
+    assert lines and all("programs/SM" in line and "layer_norm_cat." in line for line in lines)
+    assert ", 0 failed" in result.stdout
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_recorded_variants_follow_the_jit_rules(tmp_path):
+    """What decides a launch's compiled variant, as Triton's JIT decides it: an aligned pointer
+    and an int divisible by 16 get the divisibility attribute, an int of 1 becomes a constexpr,
+    an unaligned pointer and an int the kernel does not specialise on (PROGRAMS) get nothing;
+    launches that differ only in values the JIT does not key on are one variant."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    pointer = {"pointer": "*bf16", "aligned": True}
+    args = dict(X=pointer, CW=pointer, CB=pointer, LW=pointer, GRAD=pointer, MEAN=pointer, RSTD=pointer, DY=pointer,
+                PART_LW=pointer, PART_LB={"pointer": "*fp32", "aligned": False}, P={"int": 96}, H={"int": 7},
+                W={"int": 1}, C={"int": 96}, PROGRAMS={"int": 32}, BLOCK_P={"int": 8}, BLOCK_C={"int": 128})
+    launches = [{"kernel": "hifuse_kernels.dwconv_layer_norm._bwd_norm_kernel", "args": args,
+                 "options": {"num_warps": 8}, "launches": 1},
+                {"kernel": "hifuse_kernels.dwconv_layer_norm._bwd_norm_kernel",
+                 "args": {**args, "P": {"int": 160}, "PROGRAMS": {"int": 7}}, "options": {"num_warps": 8},
+                 "launches": 2}]
+    path = tmp_path / "launches.json"
+    path.write_text(json.dumps({"launches": launches}))
+    code = f"""
+import sys; sys.path.insert(0, {str(SCRIPT.parent)!r})
+import check_triton_compile as c
+v, = c.recorded_variants({str(path)!r})
+names = [p.name for p in v["kernel"].params]
+print(sorted(names[i] for (i,) in v["attrs"]), v["constexprs"], v["signature"]["PROGRAMS"], v["launches"])
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    aligned = sorted(["X", "CW", "CB", "LW", "GRAD", "MEAN", "RSTD", "DY", "PART_LW", "P", "C"])
+    assert result.stdout.strip() == f"{aligned} {{'W': 1, 'BLOCK_P': 8, 'BLOCK_C': 128}} i32 3"
