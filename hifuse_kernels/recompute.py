@@ -117,13 +117,31 @@ def _as_map(rows, x, pool):
     return rows.view(n, height, width, -1).permute(0, 3, 1, 2)
 
 
+class SharedRebuild:
+    """Holds what one backward rebuilt (a ``make``) until the backward that runs next and
+    needs the same tensors takes them, so they are rebuilt once in backward, not twice.
+    ``dtype``: the dtype the taker needs a copy in (None: as made)."""
+
+    __slots__ = ("values", "dtype")
+
+    def __init__(self, dtype: torch.dtype | None = None) -> None:
+        self.values, self.dtype = None, dtype
+
+    def put(self, *values) -> None:
+        self.values = values
+
+    def take(self):
+        values, self.values = self.values, None
+        return values
+
+
 class LinearBatchNorm:
     """A training BatchNorm apply (``hifuse::batch_norm_act``, no residual) of a 1x1 GEMM's
     output, as an (N, C, H, W) channels-last map; args: (x, weight, bias, mean, invstd,
-    bn_weight, bn_bias, act, height, width, pool, out_dtype, gemm_dtype), x the GEMM's
+    bn_weight, bn_bias, act, height, width, pool, out_dtype, gemm_dtype, shared), x the GEMM's
     (N, H, W, C_in) input. The GEMM output itself is never kept: ``make`` runs the GEMM again
-    (in ``gemm_dtype``, as autocast ran it). Only a source (``linear_batch_norm`` is its
-    autograd)."""
+    (in ``gemm_dtype``, as autocast ran it) and leaves it in ``shared`` (a ``SharedRebuild``, or
+    None) for the BatchNorm's backward. Only a source (``linear_batch_norm`` is its autograd)."""
 
     @staticmethod
     def gemm(x, weight, bias, gemm_dtype):
@@ -133,10 +151,13 @@ class LinearBatchNorm:
         return F.linear(x, weight, bias).reshape(-1, weight.shape[0])
 
     @staticmethod
-    def make(x, weight, bias, mean, invstd, bn_weight, bn_bias, act, height, width, pool, out_dtype, gemm_dtype):
+    def make(x, weight, bias, mean, invstd, bn_weight, bn_bias, act, height, width, pool, out_dtype, gemm_dtype,
+             shared=None):
         y = LinearBatchNorm.gemm(x, weight, bias, gemm_dtype)
         rows = torch.ops.hifuse.batch_norm_act(y, None, mean, invstd, bn_weight, bn_bias, act, height, width, pool,
                                                out_dtype)
+        if shared is not None:
+            shared.put(y)
         return _as_map(rows, x, pool), (y,)
 
 
@@ -168,6 +189,19 @@ class GatedLayerNormRows:
                                                     grad2)
         dbn = BatchNormApply.grad(dx.view(-1, dx.shape[-1]), (), *src[11:])
         return (None, None, None, dg, dcg, dl, dsg, None, dw, db, None, *dbn)
+
+
+class GatedLayerNormRowsShared:
+    """``GatedLayerNormRows`` from a source ``(shared, *src)``: also leaves in ``shared`` (a
+    ``SharedRebuild``) the x it rebuilt and the result in ``shared.dtype`` (written by the same
+    pass), for the backward of ``gated_layer_norm_conv2d``, which needs both next."""
+
+    @staticmethod
+    def make(shared, *src):
+        args = GatedLayerNormRows.op_args(*src)
+        out, mean, rstd, low = torch.ops.hifuse.gated_layer_norm(*args, None, shared.dtype)
+        shared.put(args[4], out if shared.dtype is None else low)
+        return out.view(-1, out.shape[-1]), (mean, rstd)
 
 
 class GatedLayerNorm:
@@ -325,7 +359,8 @@ def _function(producer, sources=()):
 
 # Built at import: Dynamo traces a Function class made before tracing.
 _FUNCTIONS = {(p, ()): _function(p) for p in (BatchNormApply, DwconvLayerNorm, LayerNormCat)}
-for _key in ((BatchNormApply, (GatedLayerNormRows,)), (LayerNormCat, (LinearBatchNorm,) * 2),
+for _key in ((BatchNormApply, (GatedLayerNormRows,)), (BatchNormApply, (GatedLayerNormRowsShared,)),
+             (LayerNormCat, (LinearBatchNorm,) * 2),
              (LayerNormCat, (LinearBatchNorm,) * 3)):
     _FUNCTIONS[_key] = _function(*_key)
 
@@ -389,10 +424,13 @@ class _GatedLayerNormConv2d(torch.autograd.Function):
     x once (the BatchNorm apply), the result once in the convolution's dtype (for conv1's
     weight gradient; no cast pass), and the gated LayerNorm backward takes conv1's input
     gradient and the result's other gradient (bn1's residual) as two inputs summed on load:
-    neither a cast of the first nor an accumulation pass."""
+    neither a cast of the first nor an accumulation pass. ``shared``: a ``SharedRebuild`` where
+    the result's rebuild for ``bn1`` (``GatedLayerNormRowsShared``, whose backward runs just
+    before) leaves x and the result in the convolution's dtype, taken here instead of
+    rebuilding them again (None, or left empty: rebuilt here)."""
 
     @staticmethod
-    def forward(ctx, weight, padding, groups, *src):
+    def forward(ctx, weight, padding, groups, shared, *src):
         n, h, w = src[:3]
         gemm_dtype = autocast_dtype(src[3])
         # the convolution's input written by the same pass, in its dtype: no cast pass
@@ -404,7 +442,7 @@ class _GatedLayerNormConv2d(torch.autograd.Function):
         y = F.conv2d(conv_in, weight, None, padding=padding, groups=groups)
         tensors, ctx.consts = _split(src)
         ctx.save_for_backward(weight, mean, rstd, *tensors)
-        ctx.padding, ctx.groups = padding, groups
+        ctx.padding, ctx.groups, ctx.shared = padding, groups, shared
         ctx.set_materialize_grads(False)
         return x, y
 
@@ -413,26 +451,37 @@ class _GatedLayerNormConv2d(torch.autograd.Function):
         weight, mean, rstd, *tensors = ctx.saved_tensors
         src = _join(tensors, ctx.consts)
         n, h, w = src[:3]
-        args = GatedLayerNormRows.op_args(*src)
+        taken = None if ctx.shared is None else ctx.shared.take()
+        args = GatedLayerNormRows.op_args(*src, x=None if taken is None else taken[0])
         dconv = dw = None
         if grad_y is not None:
             dtype = grad_y.dtype  # the convolution's, under autocast
-            rebuilt = torch.ops.hifuse.gated_layer_norm(*args, dtype)[0].view(n, h, w, -1).permute(0, 3, 1, 2)
+            if taken is not None and taken[1].dtype == dtype:
+                rebuilt = taken[1]
+            else:
+                rebuilt = torch.ops.hifuse.gated_layer_norm(*args, dtype)[0]
+            rebuilt = rebuilt.view(n, h, w, -1).permute(0, 3, 1, 2)
             dconv, dw, _ = torch.ops.aten.convolution_backward(
                 grad_y, rebuilt, weight.to(dtype), None, [1, 1], list(ctx.padding), [1, 1], False, [0, 0],
                 ctx.groups, [True, True, False],
             )
             dw = dw.to(ctx.weight_dtype)
         if grad_x is None and dconv is None:
-            return (None,) * (3 + len(src))
+            return (None,) * (4 + len(src))
         grads = [t.permute(0, 2, 3, 1).contiguous().view(n, h * w, -1) for t in (grad_x, dconv) if t is not None]
-        return (dw, None, None, *GatedLayerNormRows.grads(src, args, mean, rstd, *grads))
+        return (dw, None, None, None, *GatedLayerNormRows.grads(src, args, mean, rstd, *grads))
 
 
-def gated_layer_norm_conv2d(src, weight: torch.Tensor, padding, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(x, F.conv2d(x, weight, padding=padding, groups=groups))`` with x
-    ``GatedLayerNorm.make(*src)[0]``, keeping ``src`` only (gradients as ``gated_layer_norm``'s)."""
-    return _GatedLayerNormConv2d.apply(weight, tuple(padding), groups, *src)
+def gated_layer_norm_conv2d(src, weight: torch.Tensor, padding, groups: int) -> tuple:
+    """``(x, F.conv2d(x, weight, padding=padding, groups=groups), source)`` with x
+    ``GatedLayerNorm.make(*src)[0]``, keeping ``src`` only (gradients as ``gated_layer_norm``'s).
+    ``source``: ``(class, src)`` that rebuilds x's rows for another reader (``rebuilt`` of
+    ``linear``), leaving them for this op's backward too, which then rebuilds nothing (in eager
+    autograd; under torch.compile the graph sees both rebuilds)."""
+    shared = None if torch.compiler.is_compiling() else SharedRebuild(autocast_dtype(src[3]))
+    x, y = _GatedLayerNormConv2d.apply(weight, tuple(padding), groups, shared, *src)
+    source = (GatedLayerNormRows, src) if shared is None else (GatedLayerNormRowsShared, (shared, *src))
+    return x, y, source
 
 
 class _DwconvLayerNormLinearResidual(torch.autograd.Function):
@@ -588,11 +637,13 @@ class _LinearBatchNorm(torch.autograd.Function):
     """``LinearBatchNorm`` with the batch statistics computed here: keeps the GEMM's input, not
     its output (backward runs the GEMM again; ``keep``: the output is kept), nor the result.
     ``chain``: also returns x itself (its storage, no copy) for x's next reader, whose gradient
-    of x backward adds to the GEMM's (one add, not one per reader)."""
+    of x backward adds to the GEMM's (one add, not one per reader). ``shared``: a ``SharedRebuild``
+    where the rebuild of the result for its reader leaves the GEMM's output, which backward
+    takes instead of running the GEMM (None: it runs it)."""
 
     @staticmethod
     def forward(ctx, x, x_gemm, weight, bias, w_gemm, b_gemm, bn_weight, bn_bias, eps, act, height, width, pool,
-                out_dtype, gemm_dtype, keep, chain, running_mean, running_var, num_batches_tracked, momentum):
+                out_dtype, gemm_dtype, keep, chain, shared, running_mean, running_var, num_batches_tracked, momentum):
         # x, weight and bias: for their gradients; x_gemm, w_gemm, b_gemm: the GEMM's casts of
         # them (None: no cast; Dynamo traces no Function given one tensor twice)
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype, x.dtype)
@@ -609,6 +660,7 @@ class _LinearBatchNorm(torch.autograd.Function):
                                                out_dtype)
         ctx.save_for_backward(x, weight, bias, mean, invstd, bn_weight, bn_bias, y if keep else None)
         ctx.consts = (act, height, width, pool, gemm_dtype)
+        ctx.shared = shared
         ctx.mark_non_differentiable(mean, invstd, var)
         ctx.set_materialize_grads(False)  # no zero-filled gradients for the statistics
         outputs = (_as_map(rows, x, pool), mean, invstd, var)
@@ -617,9 +669,11 @@ class _LinearBatchNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad, _mean, _invstd, _var, grad_after=None):
         if grad is None:  # the map unused (gradients are not materialised)
-            return (grad_after, *[None] * 20)
+            return (grad_after, *[None] * 21)
         x, weight, bias, mean, invstd, bn_weight, bn_bias, y = ctx.saved_tensors
         act, height, width, pool, gemm_dtype = ctx.consts
+        if y is None and ctx.shared is not None:
+            y, = ctx.shared.take() or (None,)
         if y is None:
             y = LinearBatchNorm.gemm(x, weight, bias, gemm_dtype)
         # the GEMM's bias gradient, colsum(dy), summed by the kernel that writes dy
@@ -631,7 +685,7 @@ class _LinearBatchNorm(torch.autograd.Function):
         # alone (the chain hands x to one reader), so the GEMM may add into it
         dx, dw, _ = _linear_backward(dy, x, weight, None, *ctx.dtypes, a_grad_into=grad_after)
         db = None if bias is None else dy_sum.to(ctx.dtypes[1])
-        return dx, None, dw, db, None, None, dbw, dbb, *[None] * 13
+        return dx, None, dw, db, None, None, dbw, dbb, *[None] * 14
 
 
 def linear_batch_norm(x, weight, bias, bn, act: str | None = None, pool: bool = False, gemm_dtype=None,
@@ -650,9 +704,11 @@ def linear_batch_norm(x, weight, bias, bn, act: str | None = None, pool: bool = 
         if gemm_dtype is not None and x.dtype != gemm_dtype:
             x_gemm = x.to(gemm_dtype)
     running = bna.running_args(bn)
+    # eager autograd only: under torch.compile the graph sees both GEMMs (and may merge them)
+    shared = None if keep or torch.compiler.is_compiling() else SharedRebuild()
     out, mean, invstd, var, *after = _LinearBatchNorm.apply(
         x, x_gemm, weight, bias, w_gemm, b_gemm, bn.weight, bn.bias, float(bn.eps), code, height, width, pool, None,
-        gemm_dtype, bool(keep), bool(chain), *running,
+        gemm_dtype, bool(keep), bool(chain), shared, *running,
     )
     if running[0] is None:
         bna.update_running(bn, mean, var, n * height * width)
@@ -660,7 +716,7 @@ def linear_batch_norm(x, weight, bias, bn, act: str | None = None, pool: bool = 
         weight, bias = w_gemm, b_gemm
     if x_gemm is not None:
         x = x_gemm
-    source = (x, weight, bias, mean, invstd, bn.weight, bn.bias, code, height, width, pool, None, gemm_dtype)
+    source = (x, weight, bias, mean, invstd, bn.weight, bn.bias, code, height, width, pool, None, gemm_dtype, shared)
     return (out, source, *after)
 
 

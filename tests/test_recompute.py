@@ -102,13 +102,21 @@ def test_layer_norm_cat_linear(parts, keep):
 
 @keeps
 @pytest.mark.parametrize("pool, chain", [(False, False), (True, False), (False, True)])
-def test_norm_cat_linear(pool, chain, keep):
+def test_norm_cat_linear(pool, chain, keep, monkeypatch):
     # parts made by 1x1 GEMMs with their training BatchNorm (one pooled, as Updim's, one with
     # ReLU), one used elsewhere too (as the fusion block's shortcut): neither the GEMM outputs,
     # the parts nor the normalised rows are kept. ``chain``: the second GEMM hands its input on
-    # to a later reader, whose gradient of it the GEMM's backward adds to its own
+    # to a later reader, whose gradient of it the GEMM's backward adds to its own. Backward runs
+    # each part's GEMM once: the rebuild of the parts and the BatchNorm's backward share it
     if not hifuse_kernels.native_available():
         pytest.skip("native extension not built")
+    gemm, gemms_run = recompute.LinearBatchNorm.gemm, []
+
+    def counted(*args):
+        gemms_run.append(1)
+        return gemm(*args)
+
+    monkeypatch.setattr(recompute.LinearBatchNorm, "gemm", staticmethod(counted))
     torch.manual_seed(0)
     side = 6 if pool else 3
     xs = [_leaf(2, side, 8 if pool else 4, 3), _leaf(2, 3, 4, 6), _leaf(2, 3, 4, 5)]
@@ -142,6 +150,8 @@ def test_norm_cat_linear(pool, chain, keep):
         return out + parts[0].permute(0, 2, 3, 1).sum(-1, keepdim=True) + (xs[1].sin().sum() if chain else 0)
 
     _compare(fused, plain, leaves)
+    # two fused steps of three parts: each GEMM in forward, and once more in backward unless kept
+    assert len(gemms_run) == 2 * 3 * (1 if keep else 2)
     for bn, twin in bns:
         torch.testing.assert_close(bn.running_mean, twin.running_mean)
         torch.testing.assert_close(bn.running_var, twin.running_var)
@@ -220,10 +230,18 @@ def _bn(c):
 
 @pytest.mark.parametrize("keep_x, keep_out, keep_a", [(False, False, False), (False, False, True),
                                                       (True, True, True), (False, True, False)])
-def test_irmlp_front_from_gated_layer_norm(keep_x, keep_out, keep_a):
+def test_irmlp_front_from_gated_layer_norm(keep_x, keep_out, keep_a, monkeypatch):
     # The fusion block's norm3 (whose x is the projection's BatchNorm + GELU) feeding the
     # IRMLP's conv1 and bn1 residual: none of x, norm3's output or conv2's input is kept
-    # (or some of them, as the fusion block's rebuild switches decide)
+    # (or some of them, as the fusion block's rebuild switches decide). Rebuilt, norm3's output
+    # is rebuilt once in backward: bn1's rebuild leaves it (and x) for conv1's backward
+    norm3, norm3_runs = torch.ops.hifuse.gated_layer_norm, []
+
+    def counted(*args):
+        norm3_runs.append(1)
+        return norm3(*args)
+
+    monkeypatch.setattr(torch.ops.hifuse, "gated_layer_norm", counted)
     torch.manual_seed(0)
     n, c, h, w = 2, 4, 3, 5
     cl = dict(memory_format=torch.channels_last)
@@ -242,9 +260,9 @@ def test_irmlp_front_from_gated_layer_norm(keep_x, keep_out, keep_a):
             x = recompute.gated_layer_norm(src, keep=keep_x)
             y = F.conv2d(x, w1, padding=1)
         else:
-            x, y = recompute.gated_layer_norm_conv2d(src, w1, (1, 1), 1)
+            x, y, (source, src) = recompute.gated_layer_norm_conv2d(src, w1, (1, 1), 1)
         args = bna.apply_args(y, bn1[0], None, residual=x)
-        rebuilt = [] if keep_out else [(recompute.GatedLayerNormRows, 1, src)]
+        rebuilt = [] if keep_out else [(source, 1, src)]
         return recompute.linear(recompute.BatchNormApply, args, w2, rebuilt=rebuilt, keep=keep_a)
 
     def plain():
@@ -254,6 +272,9 @@ def test_irmlp_front_from_gated_layer_norm(keep_x, keep_out, keep_a):
 
     _compare(fused, plain, leaves)
     torch.testing.assert_close(bn1[0].running_var, bn1[1].running_var)
+    # two steps, each: fused forward, fused backward's rebuild (none when norm3's output is
+    # kept), plain forward
+    assert len(norm3_runs) == 2 * (2 + (0 if keep_out else 1))
 
 
 @keeps

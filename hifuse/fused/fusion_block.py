@@ -97,7 +97,7 @@ def irmlp_forward(m: IRMLP, x: torch.Tensor | None, src: tuple | None = None) ->
     keep = not config.rebuilding("irmlp")
     conv1 = m.conv1.conv
     if src is not None:
-        x, y = recompute.gated_layer_norm_conv2d(src, conv1.weight, conv1.padding, conv1.groups)
+        x, y, source = recompute.gated_layer_norm_conv2d(src, conv1.weight, conv1.padding, conv1.groups)
     else:
         x = x.contiguous(memory_format=torch.channels_last)
         y = F.conv2d(x, conv1.weight, None, padding=conv1.padding, groups=conv1.groups)
@@ -105,7 +105,7 @@ def irmlp_forward(m: IRMLP, x: torch.Tensor | None, src: tuple | None = None) ->
         n, _, h, w = x.shape
         args = bna.apply_args(y, m.bn1, None, residual=x, out_dtype=autocast_dtype(x))
         # the residual (apply_args' second) is x as rows
-        rebuilt = () if src is None else [(recompute.GatedLayerNormRows, 1, src)]
+        rebuilt = () if src is None else [(source[0], 1, source[1])]
         expanded = recompute.linear(recompute.BatchNormApply, args, m.conv2.conv.weight.flatten(1), rebuilt=rebuilt,
                                     keep=keep)
         return gelu_conv_bn(m.conv3, expanded.view(n, h, w, -1))
@@ -170,7 +170,8 @@ def fusion_forward(m: HFFBlock, l: torch.Tensor, g: torch.Tensor, f: torch.Tenso
 
     1. the parts W_l(l), W_g(g) (and Updim(f), 2x2-pooled): 1x1 GEMM + BatchNorm (+ ReLU) each
        (``recompute.linear_batch_norm``); keeps the GEMMs' inputs (l and g cast to bf16 once),
-       not the parts, which backward rebuilds from them;
+       not the parts, which backward rebuilds from them (each GEMM run once in backward, its
+       output shared by the rebuild and the BatchNorm's backward);
     2. x = GELU(BN(W(norm(cat(parts))))): norm1/norm2 over the concatenation, never built, and
        the projection GEMM (``recompute.norm_cat_linear``), keeping neither the normalised rows
        nor the GEMM's output; x is never kept either, but rebuilt from the projection
@@ -178,7 +179,8 @@ def fusion_forward(m: HFFBlock, l: torch.Tensor, g: torch.Tensor, f: torch.Tenso
     3. the gates: spatial_pool(l) -> 7x7 conv + BatchNorm -> sigmoid, and channel_pool(g) -> SE
        MLP -> sigmoid (PyTorch ops on small maps);
     4. norm3 over [g * channel gate, l * spatial gate, x], never written whole
-       (``gated_layer_norm``) and never kept: the IRMLP's conv1 and bn1 rerun it in backward
+       (``gated_layer_norm``) and never kept: rerun once in backward (with x's BatchNorm
+       apply), for bn1's residual and, in the same pass, conv1's input
        (``recompute.gated_layer_norm_conv2d``);
     5. the IRMLP (``irmlp_forward``) plus the shortcut (Updim's part, or nothing).
 
