@@ -35,10 +35,11 @@ kernels' warps (an upper bound: registers may allow fewer):
 The narrow configuration (``--narrow``) is what the tests count; it takes other kernel paths
 than the published width, so its figures are not HiFuse-Tiny's.
 
-``--launches FILE`` also writes every Triton launch of the fused steps counted, with what of
-its arguments decides the variant Triton compiles for it (a tensor's element type and 16-byte
-alignment, an int's value, the constexprs and launch options), for
-``check_triton_compile.py --launches FILE`` to compile exactly those variants.
+``--launches FILE`` also writes every Triton launch of the fused steps counted, and of a fused
+inference forward (eval mode) at the same batch sizes, with what of its arguments decides the
+variant Triton compiles for it (a tensor's element type and 16-byte alignment, an int's value,
+the constexprs and launch options), for ``check_triton_compile.py --launches FILE`` to compile
+exactly those variants.
 """
 
 from __future__ import annotations
@@ -195,6 +196,17 @@ def count(fused: bool, batch: int, args, on_launch=None) -> Ledger:
     return ledger
 
 
+def record_inference(batch: int, args, on_launch) -> None:
+    """The Triton launches of a fused bf16 inference forward (eval mode: the BatchNorms folded)
+    at ``batch``, for ``on_launch``; nothing counted."""
+    model, x, _y, _opt = build(args, batch)
+    model.eval()
+    with _triton.device_tiles(True), _triton.modelled_sms(args.sms), _triton.gpu_launches():
+        with launches_recorded(Ledger(), on_launch=on_launch), CudaFloat32Ops(), torch.no_grad():
+            with hifuse.use_fused(True), torch.autocast("cpu", dtype=torch.bfloat16):
+                model(x)
+
+
 def fit(small: Ledger, large: Ledger, b0: int, b1: int, at: int, what: str, **where) -> float:
     """a + b x batch through the two counts, at ``at``."""
     v0, v1 = small.total(what, **where), large.total(what, **where)
@@ -313,7 +325,11 @@ def main(argv=None) -> int:
                        "result": {k: {**v, "at": {str(n): r for n, r in v["at"].items()}} for k, v in result.items()}},
                       f, indent=1)
     if records is not None:
-        records.write(args.launches, model=what, image_size=args.image_size, how=how, torch=torch.__version__)
+        for b in at:
+            record_inference(b, args, records)
+        records.write(args.launches, model=what, image_size=args.image_size,
+                      how=f"{how}; and a fused inference forward at batch {', '.join(map(str, at))}",
+                      torch=torch.__version__)
     return 0
 
 

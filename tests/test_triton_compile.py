@@ -63,8 +63,8 @@ LEDGER_SCRIPT = Path(__file__).parents[1] / "scripts" / "step_ledger.py"
 
 
 def _record(tmp_path) -> Path:
-    """The Triton launches of a narrow HiFuse training step (64x64, batch 2), as
-    ``step_ledger.py --launches`` records them."""
+    """The Triton launches of a narrow HiFuse training step and inference forward (64x64,
+    batch 2), as ``step_ledger.py --launches`` records them."""
     out = tmp_path / "launches.json"
     result = subprocess.run([sys.executable, str(LEDGER_SCRIPT), "--narrow", "--image-size", "64", "--at", "2",
                              "--threads", "1", "--fused", "fused", "--launches", str(out)], capture_output=True,
@@ -75,9 +75,10 @@ def _record(tmp_path) -> Path:
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 def test_recorded_launches_compile_as_the_gpu_would_compile_them(tmp_path):
-    """A training step's launches, recorded on the CPU, compile to the variants a GPU launch
-    would (the recording takes the GPU's choices: no float32 upcast of the products), each with
-    its registers and resident programs; one op's here, every kernel's by hand (see the script)."""
+    """A training step's and an inference forward's launches, recorded on the CPU, compile to
+    the variants a GPU launch would (the recording takes the GPU's choices: no float32 upcast of
+    the products), each with its registers and resident programs; one op's here, every
+    kernel's by hand (see the script)."""
     path = _record(tmp_path)
     records = json.loads(path.read_text())["launches"]
     kernels = {r["kernel"].rsplit(".", 2)[-2] for r in records}
