@@ -669,6 +669,8 @@ class _LinearBatchNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad, _mean, _invstd, _var, grad_after=None):
         if grad is None:  # the map unused (gradients are not materialised)
+            if ctx.shared is not None:
+                ctx.shared.take()  # a rebuilt GEMM output nobody takes: not held until the graph goes
             return (grad_after, *[None] * 21)
         x, weight, bias, mean, invstd, bn_weight, bn_bias, y = ctx.saved_tensors
         act, height, width, pool, gemm_dtype = ctx.consts
