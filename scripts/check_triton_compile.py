@@ -304,6 +304,19 @@ def spill_key(kernel, dtype: str, constexprs: dict) -> tuple:
     return f"{module}.{kernel.fn.__name__}", dtype, constexprs.get("D"), constexprs.get("SHIFTED")
 
 
+def usage_problems(module: str, use: dict[str, int], known: int = 0) -> list[str]:
+    """What fails a compiled variant of a kernel of ``module`` using ``use`` (``resources``),
+    ``known`` its listed spill-store bytes."""
+    problems = []
+    if use["spill_stores"] > known or (use["spill_loads"] and not known):
+        problems.append("spills registers to local memory" + (f" (more than the known {known} B)" if known else ""))
+    elif known and SPILLS_LISTED and not use["spill_stores"]:
+        problems.append("no longer spills: take it out of KNOWN_SPILLS")
+    if module not in COMPUTE_KERNELS and use["regs"] > MEMORY_BOUND_REGS:
+        problems.append(f"memory-bound kernel over {MEMORY_BOUND_REGS} registers")
+    return problems
+
+
 def compile_case(job: tuple[int, str, int]) -> tuple[bool, str]:
     """(passed, report line) of case ``index`` of ``cases(dtype)``."""
     arch, dtype, index = job
@@ -323,16 +336,15 @@ def compile_case(job: tuple[int, str, int]) -> tuple[bool, str]:
         return False, f"FAIL {name}: {type(err).__name__}: {err}"
     usage = (f"{use['regs']:3d} regs, {use['spill_stores']}/{use['spill_loads']} B spilled (stores/loads), "
              f"{use['stack']} B stack, {compiled.metadata.shared} B shared, {compiled.metadata.num_warps} warps")
-    problems = []
-    known = SPILLS.get(spill_key(kernel, dtype, constexprs), 0)
-    if use["spill_stores"] > known or (use["spill_loads"] and not known):
-        problems.append("spills registers to local memory" + (f" (more than the known {known} B)" if known else ""))
-    elif known and SPILLS_LISTED and not use["spill_stores"]:
-        problems.append("no longer spills: take it out of KNOWN_SPILLS")
-    if module not in COMPUTE_KERNELS and use["regs"] > MEMORY_BOUND_REGS:
-        problems.append(f"memory-bound kernel over {MEMORY_BOUND_REGS} registers")
+    problems = usage_problems(module, use, SPILLS.get(spill_key(kernel, dtype, constexprs), 0))
     status = "FAIL" if problems else "ok  "
     return not problems, f"{status} {usage}  {name} ({time.time() - start:.1f}s){': ' + '; '.join(problems) if problems else ''}"
+
+
+@functools.lru_cache(maxsize=None)
+def _recorded(path: str) -> dict:
+    with open(path) as f:
+        return json.load(f)
 
 
 @functools.lru_cache(maxsize=None)
@@ -345,10 +357,8 @@ def recorded_variants(path: str) -> list[dict]:
     from triton.backends.compiler import BaseBackend
     from triton._C.libtriton import native_specialize_impl
 
-    with open(path) as f:
-        records = json.load(f)["launches"]
     variants: dict[str, dict] = {}
-    for record in records:
+    for record in _recorded(path)["launches"]:
         module, name = record["kernel"].rsplit(".", 1)
         kernel = getattr(importlib.import_module(module), name)
         sig, constexprs, attrs, shown = {}, {}, {}, {}
@@ -399,11 +409,7 @@ def compile_recorded(job: tuple[int, str, int]) -> tuple[bool, str]:
         return False, f"FAIL {name}: {type(err).__name__}: {err}"
     warps = compiled.metadata.num_warps
     programs = _triton.programs_per_sm(use["regs"], compiled.metadata.shared, warps)
-    problems = []
-    if use["spill_stores"] or use["spill_loads"]:
-        problems.append("spills registers to local memory")
-    if v["name"].split(".")[0] not in COMPUTE_KERNELS and use["regs"] > MEMORY_BOUND_REGS:
-        problems.append(f"memory-bound kernel over {MEMORY_BOUND_REGS} registers")
+    problems = usage_problems(v["name"].split(".")[0], use)
     usage = (f"{use['regs']:3d} regs, {use['spill_stores']}/{use['spill_loads']} B spilled, "
              f"{compiled.metadata.shared:6d} B shared, {warps:2d} warps, {programs:2d} programs/SM")
     return not problems, (f"{'FAIL' if problems else 'ok  '} {usage}  {v['launches']:4d} launches  {name}"
@@ -412,20 +418,18 @@ def compile_recorded(job: tuple[int, str, int]) -> tuple[bool, str]:
 
 def main_recorded(path: str, arch: int, jobs: int, only: str | None) -> int:
     variants = recorded_variants(path)
-    with open(path) as f:
-        about = {k: v for k, v in json.load(f).items() if k != "launches"}
+    about = {k: v for k, v in _recorded(path).items() if k != "launches"}
     print(f"the launches of {about}: {sum(v['launches'] for v in variants)} launches, {len(variants)} variants")
     chosen = [i for i, v in enumerate(variants) if only is None or v["name"].startswith(only + ".")]
     if not chosen:
         print(f"FAIL no recorded launch of {only}")
         return 1
-    variants = [variants[i] for i in chosen]
     failures = 0
     with ProcessPoolExecutor(max(1, jobs)) as pool:
         for passed, line in pool.map(compile_recorded, [(arch, path, i) for i in chosen]):
             failures += not passed
             print(line, flush=True)
-    print(f"{len(variants)} kernel variants, {failures} failed")
+    print(f"{len(chosen)} kernel variants, {failures} failed")
     return 1 if failures else 0
 
 

@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import inspect
 import json
 import os
@@ -172,6 +173,14 @@ class LaunchRecords:
             json.dump({**about, "launches": launches}, f, indent=1)
 
 
+def _as_on_gpu(args):
+    """Launches as a GPU of ``args.sms`` SMs makes them: its tiles, reduction grids and choices."""
+    stack = contextlib.ExitStack()
+    for context in (_triton.device_tiles(True), _triton.modelled_sms(args.sms), _triton.gpu_launches()):
+        stack.enter_context(context)
+    return stack
+
+
 def count(fused: bool, batch: int, args, on_launch=None) -> Ledger:
     """One training step's ledger, after a warm-up step (lazy state, per-shape decisions),
     with the GPU's launch shapes; ``on_launch`` sees the Triton launches of both steps."""
@@ -187,7 +196,7 @@ def count(fused: bool, batch: int, args, on_launch=None) -> Ledger:
             loss.backward()
         opt.step()
 
-    with _triton.device_tiles(True), _triton.modelled_sms(args.sms), _triton.gpu_launches():
+    with _as_on_gpu(args):
         with launches_recorded(Ledger(), blocks.current, on_launch):
             step()  # warm-up, not counted
         with counted(ledger, blocks.current, on_launch):
@@ -201,7 +210,7 @@ def record_inference(batch: int, args, on_launch) -> None:
     at ``batch``, for ``on_launch``; nothing counted."""
     model, x, _y, _opt = build(args, batch)
     model.eval()
-    with _triton.device_tiles(True), _triton.modelled_sms(args.sms), _triton.gpu_launches():
+    with _as_on_gpu(args):
         with launches_recorded(Ledger(), on_launch=on_launch), CudaFloat32Ops(), torch.no_grad():
             with hifuse.use_fused(True), torch.autocast("cpu", dtype=torch.bfloat16):
                 model(x)
