@@ -50,7 +50,7 @@ POOL_BLOCK_M = 16
 BWD_BLOCK_M = 32
 COMBINE_WARPS = 2  # one channel block of the programs' partials per program
 
-__all__ = ["apply_args", "batch_norm_act", "batch_norm_act_ref", "unsupported_reason"]
+__all__ = ["apply_args", "batch_norm_act", "batch_norm_act_ref", "result_dtype", "unsupported_reason"]
 
 
 def batch_norm_act_ref(x, bn: torch.nn.BatchNorm2d, act: str | None = None, residual=None, pool: bool = False):
@@ -223,7 +223,8 @@ if triton is not None:
     @triton.jit
     def _bwd_recompute(G, Y, R, MEAN, INVSTD, W, B, rows, c, cmask, m, offs, C, H, WIDTH, PROLOGUE: tl.constexpr,
                        ACT: tl.constexpr, POOL: tl.constexpr):
-        """A tile's x_hat, dz = grad * act'(z) and weight * invstd, recomputed from the saved input."""
+        """A tile's x_hat, dz = grad * act'(z), weight * invstd and the input, recomputed from the
+        saved input."""
         v = _load_input(Y, R, offs, m, PROLOGUE)
         mean = tl.load(MEAN + c, mask=cmask, other=0.0)
         invstd = tl.load(INVSTD + c, mask=cmask, other=0.0)
@@ -231,12 +232,15 @@ if triton is not None:
         b = tl.load(B + c, mask=cmask, other=0.0).to(tl.float32)
         xhat = (v - mean[None, :]) * invstd[None, :]
         dz = _load_grad(G, rows, c, m, C, H, WIDTH, POOL) * _act_grad(xhat * w[None, :] + b[None, :], ACT)
-        return xhat, tl.where(m, dz, 0.0), w * invstd
+        return xhat, tl.where(m, dz, 0.0), w * invstd, v
 
     @triton.jit(do_not_specialize=["PROGRAMS"])
-    def _bwd_reduce_kernel(G, Y, R, MEAN, INVSTD, W, B, SUM_DZ_PART, SUM_DZXH_PART, M, C, H, WIDTH, PROGRAMS,
+    def _bwd_reduce_kernel(G, Y, R, MEAN, INVSTD, W, B, SUM_DZ_PART, SUM_DZXH_PART, OUT, M, C, H, WIDTH, PROGRAMS,
                            PROLOGUE: tl.constexpr, ACT: tl.constexpr, POOL: tl.constexpr,
-                           BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+                           BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, REBUILD: tl.constexpr = False):
+        """With REBUILD (not with POOL) also writes the apply's output to OUT, computed as
+        ``_apply_kernel`` computes it (the same bits), for a GEMM's weight gradient that reads
+        it next: the pass that would rebuild it reads what this one reads."""
         pid = tl.program_id(0)
         lanes = tl.arange(0, BLOCK_M)
         c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -244,13 +248,20 @@ if triton is not None:
         # float64 sums: the weight and bias gradients cancel over many rows
         sum_dz = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float64)
         sum_dzxh = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float64)
+        if REBUILD:  # the apply's affine map, as _apply_kernel forms it
+            mean = tl.load(MEAN + c, mask=cmask, other=0.0)
+            scale = tl.load(INVSTD + c, mask=cmask, other=0.0) * tl.load(W + c, mask=cmask, other=0.0).to(tl.float32)
+            shift = tl.load(B + c, mask=cmask, other=0.0).to(tl.float32)
         for b in range(pid, tl.cdiv(M, BLOCK_M), PROGRAMS):
             rows = (b * BLOCK_M + lanes).to(tl.int64)
             m = (rows < M)[:, None] & cmask[None, :]
-            xhat, dz, _scale = _bwd_recompute(
-                G, Y, R, MEAN, INVSTD, W, B, rows, c, cmask, m, rows[:, None] * C + c[None, :], C, H, WIDTH,
-                PROLOGUE, ACT, POOL,
+            offs = rows[:, None] * C + c[None, :]
+            xhat, dz, _scale, v = _bwd_recompute(
+                G, Y, R, MEAN, INVSTD, W, B, rows, c, cmask, m, offs, C, H, WIDTH, PROLOGUE, ACT, POOL,
             )
+            if REBUILD:
+                z = (v - mean[None, :]) * scale[None, :] + shift[None, :]
+                tl.store(OUT + offs, _act(z, ACT).to(OUT.dtype.element_ty), mask=m)
             dz64 = dz.to(tl.float64)
             sum_dz += dz64
             sum_dzxh += dz64 * xhat.to(tl.float64)
@@ -284,7 +295,7 @@ if triton is not None:
         sums of dy as written (the bias gradient of a GEMM that made y)."""
         rows, c, cmask, m = _tile(M, C, BLOCK_M, BLOCK_C)
         offs = rows[:, None] * C + c[None, :]
-        xhat, dz, scale = _bwd_recompute(
+        xhat, dz, scale, _v = _bwd_recompute(
             G, Y, R, MEAN, INVSTD, W, B, rows, c, cmask, m, offs, C, H, WIDTH, PROLOGUE, ACT, POOL,
         )
         sum_dz = tl.load(SUM_DZ + c, mask=cmask, other=0.0)
@@ -340,7 +351,8 @@ def _grid(rows: int, c: int, launch: dict) -> tuple[int, int]:
     return _triton.grid(triton.cdiv(rows, launch["BLOCK_M"]), triton.cdiv(c, launch["BLOCK_C"]))
 
 
-def _out_dtype(y: torch.Tensor, residual: torch.Tensor | None, out_dtype: torch.dtype | None = None) -> torch.dtype:
+def result_dtype(y: torch.Tensor, residual: torch.Tensor | None, out_dtype: torch.dtype | None = None) -> torch.dtype:
+    """The dtype of hifuse::batch_norm_act's result."""
     if out_dtype is not None:
         return out_dtype
     return y.dtype if residual is None else torch.promote_types(y.dtype, residual.dtype)
@@ -391,13 +403,13 @@ def _apply_op(
     flags = dict(PROLOGUE=residual is not None, ACT=act)
     if pool:
         q = _pooled_rows(m, height, width)
-        out = torch.empty((q, c), device=y.device, dtype=_out_dtype(y, residual, out_dtype))
+        out = torch.empty((q, c), device=y.device, dtype=result_dtype(y, residual, out_dtype))
         launch = _launch("apply_pool", q, y, residual, True, POOL_BLOCK_M)
         _triton.wrap_triton(_apply_pool_kernel)[_grid(q, c, launch)](
             y, r, mean, invstd, weight, bias, out, q, c, height, width, **flags, **launch
         )
         return out
-    out = torch.empty((m, c), device=y.device, dtype=_out_dtype(y, residual, out_dtype))
+    out = torch.empty((m, c), device=y.device, dtype=result_dtype(y, residual, out_dtype))
     launch = _launch("apply", m, y, residual, False)
     _triton.wrap_triton(_apply_kernel)[_grid(m, c, launch)](
         y, r, mean, invstd, weight, bias, out, m, c, **flags, **launch
@@ -409,25 +421,33 @@ def _apply_op(
 def _backward_op(
     grad: torch.Tensor, y: torch.Tensor, residual: torch.Tensor | None, mean: torch.Tensor,
     invstd: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, act: int, height: int, width: int,
-    pool: bool, dy_sum: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dy, dresidual, dweight, dbias, colsum(dy)): the last, with ``dy_sum`` (else empty), in
-    float32 from the apply kernel's partials: the bias gradient of the GEMM that made y, with
-    no pass of its own over dy."""
+    pool: bool, dy_sum: bool = False, rebuild_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dy, dresidual, dweight, dbias, colsum(dy), rebuilt): colsum(dy), with ``dy_sum`` (else
+    empty), in float32 from the apply kernel's partials: the bias gradient of the GEMM that made
+    y, with no pass of its own over dy; rebuilt, with ``rebuild_dtype`` (else empty; not with
+    ``pool``): ``hifuse::batch_norm_act``'s result in that dtype, the same bits, written by the
+    pass that reduces (for a GEMM's weight gradient that would otherwise rebuild it first)."""
     m, c = y.shape
     r = y if residual is None else residual
+    rebuild = rebuild_dtype is not None
+    if rebuild and pool:
+        raise ValueError("batch_norm_act_backward: the pooled apply is not rebuilt")
     flags = dict(PROLOGUE=residual is not None, ACT=act, POOL=pool, **_launch("backward", m, y, residual, pool,
                                                                               BWD_BLOCK_M))
     grid = _grid(m, c, flags)
+    rebuilt = torch.empty((m, c) if rebuild else (0,), device=y.device, dtype=rebuild_dtype or y.dtype)
     programs = _triton.reduction_programs(
         grid[0], grid[1], y.device, kernel=_bwd_reduce_kernel,
-        args=(grad, y, r, mean, invstd, weight, bias, torch.float64, torch.float64, m, c, height, width, grid[0]),
-        launch=flags,
+        args=(grad, y, r, mean, invstd, weight, bias, torch.float64, torch.float64, rebuilt, m, c, height, width,
+              grid[0]),
+        launch={**flags, "REBUILD": rebuild},
     )
     sum_dz_part = torch.empty((programs, c), device=y.device, dtype=torch.float64)
     sum_dzxh_part = torch.empty_like(sum_dz_part)
     _triton.wrap_triton(_bwd_reduce_kernel)[(programs, grid[1])](
-        grad, y, r, mean, invstd, weight, bias, sum_dz_part, sum_dzxh_part, m, c, height, width, programs, **flags
+        grad, y, r, mean, invstd, weight, bias, sum_dz_part, sum_dzxh_part, rebuilt, m, c, height, width, programs,
+        **flags, REBUILD=rebuild,
     )
     sum_dz = torch.empty(c, device=y.device, dtype=torch.float32)
     sum_dzxh = torch.empty_like(sum_dz)
@@ -443,7 +463,7 @@ def _backward_op(
         grad, y, r, mean, invstd, weight, bias, sum_dz, sum_dzxh, dy, dr, parts, m, c, height, width, **flags,
         DYSUM=dy_sum,
     )
-    return dy, dr, dw, db, parts.sum(0) if dy_sum else parts.new_empty((0,))
+    return dy, dr, dw, db, parts.sum(0) if dy_sum else parts.new_empty((0,)), rebuilt
 
 
 @_stats_op.register_fake
@@ -455,14 +475,15 @@ def _(y, residual, eps, running_mean, running_var, num_batches_tracked, momentum
 @_apply_op.register_fake
 def _(y, residual, mean, invstd, weight, bias, act, height, width, pool, out_dtype):
     rows = _pooled_rows(y.shape[0], height, width) if pool else y.shape[0]
-    return y.new_empty((rows, y.shape[1]), dtype=_out_dtype(y, residual, out_dtype))
+    return y.new_empty((rows, y.shape[1]), dtype=result_dtype(y, residual, out_dtype))
 
 
 @_backward_op.register_fake
-def _(grad, y, residual, mean, invstd, weight, bias, act, height, width, pool, dy_sum=False):
+def _(grad, y, residual, mean, invstd, weight, bias, act, height, width, pool, dy_sum=False, rebuild_dtype=None):
     dr = torch.empty_like(residual) if residual is not None else y.new_empty((0,))
     dsum = y.new_empty((y.shape[1] if dy_sum else 0,), dtype=torch.float32)
-    return torch.empty_like(y), dr, torch.empty_like(weight), torch.empty_like(bias), dsum
+    rebuilt = y.new_empty(y.shape if rebuild_dtype is not None else (0,), dtype=rebuild_dtype or y.dtype)
+    return torch.empty_like(y), dr, torch.empty_like(weight), torch.empty_like(bias), dsum, rebuilt
 
 
 def _setup_context(ctx, inputs, output):
@@ -474,7 +495,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad):
     y, residual, mean, invstd, weight, bias = ctx.saved_tensors
-    dy, dr, dw, db, _ = torch.ops.hifuse.batch_norm_act_backward(
+    dy, dr, dw, db, _, _ = torch.ops.hifuse.batch_norm_act_backward(
         grad.contiguous(), y, residual, mean, invstd, weight, bias, *ctx.args
     )
     # mean and invstd are batch statistics: their gradients flow through the reduction

@@ -72,11 +72,29 @@ class BatchNormApply:
 
     @staticmethod
     def grad(grad_a, aux, y, residual, mean, invstd, weight, bias, act, height, width, pool, out_dtype):
-        dy, dr, dw, db, _ = torch.ops.hifuse.batch_norm_act_backward(
+        dy, dr, dw, db, _, _ = torch.ops.hifuse.batch_norm_act_backward(
             grad_a.contiguous(), y, residual, mean, invstd, weight, bias, act, height, width, pool
         )
         # mean and invstd are batch statistics: their gradients are in dy's reduction terms
         return dy, (dr if residual is not None else None), None, None, dw, db, None, None, None, None, None
+
+    @staticmethod
+    def dtype(y, residual, *rest):
+        """The dtype of ``make``'s result."""
+        return bna.result_dtype(y, residual, rest[-1])
+
+    @staticmethod
+    def remake_grad(grad_a, y, residual, mean, invstd, weight, bias, act, height, width, pool, out_dtype):
+        """``(make(*args)[0], grad(grad_a, (), *args))``, the result written by the backward's
+        reducing pass, which reads what rebuilding it reads (the pooled apply: made first)."""
+        args = (y, residual, mean, invstd, weight, bias, act, height, width, pool, out_dtype)
+        if pool:
+            return BatchNormApply.make(*args)[0], BatchNormApply.grad(grad_a, (), *args)
+        dy, dr, dw, db, _, a = torch.ops.hifuse.batch_norm_act_backward(
+            grad_a.contiguous(), y, residual, mean, invstd, weight, bias, act, height, width, pool, False,
+            bna.result_dtype(y, residual, out_dtype),
+        )
+        return a, (dy, (dr if residual is not None else None), None, None, dw, db, None, None, None, None, None)
 
 
 class LayerNormCat:
@@ -290,7 +308,7 @@ def mm_to(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _linear_backward(grad, a, weight, bias, weight_dtype=None, bias_dtype=None, a_dtype=None, a_ones=None,
-                     a_grad_into=None):
+                     a_grad_into=None, a_grad: bool = True):
     """Gradients of ``F.linear(a, weight, bias)`` (weight and bias as the GEMM took them):
     computed in grad's dtype (the GEMM's, under autocast), each in the dtype of what it
     belongs to (``weight_dtype``, ``bias_dtype``: the parameters', where the GEMM took casts;
@@ -298,10 +316,12 @@ def _linear_backward(grad, a, weight, bias, weight_dtype=None, bias_dtype=None, 
     ones column after them (a is its first columns); the weight-gradient GEMM over it also
     gives the bias gradient, with no pass of its own over grad. ``a_grad_into``: a gradient of
     a from elsewhere, that only the caller holds, which a's gradient is added to (by the GEMM
-    itself where it can: ``mm_add_into``)."""
+    itself where it can: ``mm_add_into``). ``a_grad`` False: a's gradient is not computed (None)."""
     dtype = grad.dtype
     rows = grad.reshape(-1, grad.shape[-1])
-    if a_grad_into is not None and a_grad_into.is_contiguous() and a_grad_into.dtype == (a_dtype or a.dtype):
+    if not a_grad:
+        da = None
+    elif a_grad_into is not None and a_grad_into.is_contiguous() and a_grad_into.dtype == (a_dtype or a.dtype):
         da = mm_add_into(a_grad_into.view(rows.shape[0], -1), rows, weight.to(dtype)).view(a.shape)
         a_grad_into = None
     else:  # in the input's dtype straight from the GEMM (float32 too)
@@ -348,6 +368,13 @@ def _function(producer, sources=()):
             for source, (index, n_src) in zip(sources, ctx.layout):
                 args[index] = source.make(*flat[start:start + n_src])[0]
                 start += n_src
+            if not made and hasattr(producer, "remake_grad"):
+                # a's gradient first: the producer's backward then rebuilds a in the pass that
+                # reads what rebuilding it reads, before the weight gradient takes it
+                da = mm_to(grad.reshape(-1, grad.shape[-1]), weight.to(grad.dtype), producer.dtype(*args))
+                a, grads = producer.remake_grad(da, *args)
+                _, dw, db = _linear_backward(grad, a, weight, bias, *ctx.dtypes, a_grad=False)
+                return (dw, db, None, None, *grads, *[None] * (len(flat) - ctx.n_args))
             a, aux = (made[0], tuple(made[1:])) if made else producer.make(*args)
             da, dw, db = _linear_backward(grad, a, weight, bias, *ctx.dtypes)
             return (dw, db, None, None, *producer.grad(da, aux, *args), *[None] * (len(flat) - ctx.n_args))
@@ -679,7 +706,7 @@ class _LinearBatchNorm(torch.autograd.Function):
         if y is None:
             y = LinearBatchNorm.gemm(x, weight, bias, gemm_dtype)
         # the GEMM's bias gradient, colsum(dy), summed by the kernel that writes dy
-        dy, _dr, dbw, dbb, dy_sum = torch.ops.hifuse.batch_norm_act_backward(
+        dy, _dr, dbw, dbb, dy_sum, _ = torch.ops.hifuse.batch_norm_act_backward(
             grad.permute(0, 2, 3, 1).contiguous().view(-1, grad.shape[1]), y, None, mean, invstd, bn_weight, bn_bias,
             act, height, width, pool, bias is not None,
         )

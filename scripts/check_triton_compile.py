@@ -189,8 +189,10 @@ def cases(dtype: str):
                         {**tile(bna.POOL_BLOCK_M), **flags}
                 for pool in (False, True) if c > 1 else (False,):
                     bwd = {**tile(bna.BWD_BLOCK_M), **flags, "POOL": pool}
-                    yield bna._bwd_reduce_kernel, dict(G=out, **io, MEAN=f32, INVSTD=f32, W=f32, B=f32,
-                                                       SUM_DZ_PART="fp64", SUM_DZXH_PART="fp64"), bwd
+                    for rebuild in (False, True) if not pool else (False,):  # rebuild: the apply's output too
+                        yield bna._bwd_reduce_kernel, dict(G=out, **io, MEAN=f32, INVSTD=f32, W=f32, B=f32,
+                                                           SUM_DZ_PART="fp64", SUM_DZXH_PART="fp64", OUT=out), \
+                            {**bwd, "REBUILD": rebuild}
                     for dysum in (False, True):  # with the GEMM bias's partials (the fusion blocks' BatchNorms)
                         yield bna._bwd_apply_kernel, dict(G=out, **io, MEAN=f32, INVSTD=f32, W=f32, B=f32, SUM_DZ=f32,
                                                           SUM_DZXH=f32, DY="dt", DR=io["R"], DYSUM_PART=f32), \

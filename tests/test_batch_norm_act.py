@@ -102,6 +102,32 @@ def test_backward_sums_dy(tiles, shape, residual):
     torch.testing.assert_close(summed[4], summed[0].float().sum(0), rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("shape", [(3, 70, 13, 11), (1, 96, 5, 3)])
+@pytest.mark.parametrize("residual,act", [(False, 1), (True, 0), (False, 2)])
+def test_backward_rebuilds_the_apply(tiles, shape, residual, act):
+    """``rebuild_dtype``: the reducing pass also writes the apply's result, the bits
+    hifuse::batch_norm_act writes; the other outputs unchanged."""
+    n, c, h, w = shape
+    gen = torch.Generator().manual_seed(3)
+    y = torch.randn(n * h * w, c, generator=gen).to(DEVICE).to(torch.bfloat16)
+    r = torch.randn(n * h * w, c, generator=gen).to(DEVICE) if residual else None
+    bn = _bn(c)
+    mean, invstd, _var = torch.ops.hifuse.batch_norm_stats(y, r, 1e-5, None, None, None, 0.1)
+    grad = torch.randn(n * h * w, c, generator=gen).to(DEVICE).to(torch.bfloat16)
+    args = (grad, y, r, mean, invstd, bn.weight.detach(), bn.bias.detach(), act, h, w, False)
+    plain = torch.ops.hifuse.batch_norm_act_backward(*args)
+    both = torch.ops.hifuse.batch_norm_act_backward(*args, False, torch.bfloat16)
+    assert plain[5].numel() == 0
+    for a, b in zip(both[:5], plain[:5]):
+        assert torch.equal(a, b)
+    applied = torch.ops.hifuse.batch_norm_act(y, r, mean, invstd, bn.weight.detach(), bn.bias.detach(), act, h, w,
+                                              False, torch.bfloat16)
+    assert both[5].dtype == torch.bfloat16 and torch.equal(both[5], applied)
+    with pytest.raises(ValueError, match="pooled"):
+        torch.ops.hifuse.batch_norm_act_backward(grad, y, r, mean, invstd, bn.weight.detach(), bn.bias.detach(), act,
+                                                 h, w, True, False, torch.bfloat16)
+
+
 def test_out_dtype_is_the_cast_result():
     out, ref, bn, ref_bn, xs, rs = _run_both((2, 40, 5, 3), None, True)
     bn2 = copy.deepcopy(ref_bn)

@@ -84,6 +84,13 @@ def test_batch_norm_apply_linear(residual, keep):
     _compare(fused, plain, leaves)
     torch.testing.assert_close(bns[0].running_mean, bns[1].running_mean)
     torch.testing.assert_close(bns[0].running_var, bns[1].running_var)
+    # rebuilt, the input is written by the BatchNorm backward's reducing pass: no apply pass
+    applies = []
+    apply_op = torch.ops.hifuse.batch_norm_act
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.ops.hifuse, "batch_norm_act", lambda *a: applies.append(1) or apply_op(*a))
+        fused().sum().backward()
+    assert len(applies) == 1
 
 
 @keeps
