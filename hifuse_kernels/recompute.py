@@ -609,55 +609,52 @@ def linear_pair(x, w1, b1, w2, b2, keep: bool = False) -> torch.Tensor:
 
 class _ResidualLayerNormLinear(torch.autograd.Function):
     """hifuse::residual_layer_norm's stream and ``F.linear`` of its normalised rows, which are
-    not kept: backward rebuilds them with the LayerNorm alone from the stream where that is
-    kept anyway (the input, or an fp32 stream a later op keeps: half the traffic of the whole
-    op), else with the whole op from its inputs (``keep``: the rows are kept)."""
+    not kept: the LayerNorm's backward pass rebuilds them from the inputs it reads anyway, for
+    the weight gradient that follows it (``keep``: the rows are kept)."""
 
     @staticmethod
-    def forward(ctx, y, shortcut, ln_weight, ln_bias, eps, norm_dtype, weight, bias, stream_kept, keep):
+    def forward(ctx, y, shortcut, ln_weight, ln_bias, eps, norm_dtype, weight, bias, keep):
         out, normed, mean, rstd = torch.ops.hifuse.residual_layer_norm(y, shortcut, ln_weight, ln_bias, eps, norm_dtype)
         if y is None:
             # the stream is the input itself (its storage, no copy) for its next reader, whose
             # gradient of it the LayerNorm backward adds on load: no accumulation pass
             out = shortcut.detach()
-            source = shortcut
-        else:
-            source = out if stream_kept and out.dtype == torch.float32 else None
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
         weight, bias = cast_for_gemm(weight, bias, autocast_dtype(normed))
-        ctx.save_for_backward(y, shortcut, ln_weight, ln_bias, mean, rstd, weight, bias, source,
-                              normed if keep else None)
+        ctx.save_for_backward(y, shortcut, ln_weight, ln_bias, mean, rstd, weight, bias, normed if keep else None)
         ctx.eps, ctx.norm_dtype = eps, norm_dtype
         ctx.set_materialize_grads(False)  # the stream's gradient is None where nothing reads it
         return out, F.linear(normed, weight, bias)
 
     @staticmethod
     def backward(ctx, grad_out, grad):
-        y, shortcut, ln_weight, ln_bias, mean, rstd, weight, bias, source, normed = ctx.saved_tensors
-        ones = None
-        if normed is None:
-            # rebuilt with a ones column when there is a bias: its gradient comes from the weight's GEMM
-            inputs = (y, shortcut) if source is None else (None, source)
-            ones = torch.ops.hifuse.residual_layer_norm(*inputs, ln_weight, ln_bias, ctx.eps, ctx.norm_dtype, 1, 1, 1,
-                                                        bias is not None)[1]
-            normed = ones[:, : shortcut.shape[-1]]
+        y, shortcut, ln_weight, ln_bias, mean, rstd, weight, bias, normed = ctx.saved_tensors
         if grad is None:  # the product unused (gradients are not materialised)
-            grad = normed.new_zeros(normed.shape[:-1] + weight.shape[:1], dtype=weight.dtype)
-        dnormed, dw, db = _linear_backward(grad, normed, weight, bias, *ctx.dtypes, a_ones=ones)
+            grad = shortcut.new_zeros(shortcut.shape[:-1] + weight.shape[:1], dtype=weight.dtype)
         grad_out = grad_out.contiguous() if grad_out is not None else None
-        dy, ds, dlw, dlb = rln.backward(grad_out, dnormed.contiguous(), y, shortcut, ln_weight, mean, rstd)
+        if normed is None:
+            # the rows' gradient first: the LayerNorm backward then rebuilds the rows in its pass,
+            # which reads what rebuilding them reads, with a ones column when there is a bias (its
+            # gradient comes from the weight's GEMM)
+            dnormed = mm_to(grad.reshape(-1, grad.shape[-1]), weight.to(grad.dtype), ctx.norm_dtype)
+            dy, ds, dlw, dlb, ones = rln.backward(grad_out, dnormed, y, shortcut, ln_weight, mean, rstd, bias=ln_bias,
+                                                  rebuild_dtype=ctx.norm_dtype, ones=bias is not None)
+            _, dw, db = _linear_backward(grad, ones[:, : shortcut.shape[-1]], weight, bias, *ctx.dtypes, a_ones=ones,
+                                         a_grad=False)
+        else:
+            dnormed, dw, db = _linear_backward(grad, normed, weight, bias, *ctx.dtypes)
+            dy, ds, dlw, dlb = rln.backward(grad_out, dnormed.contiguous(), y, shortcut, ln_weight, mean, rstd)
         return (dy if y is not None else None), ds, dlw, dlb, None, None, dw, db, None, None
 
 
 def residual_layer_norm_linear(y, shortcut, ln_weight, ln_bias, eps: float, norm_dtype, weight, bias,
-                               stream_kept: bool = False, keep: bool = False):
+                               keep: bool = False):
     """(``shortcut + gelu(y)``, ``F.linear(layer_norm(that), weight, bias)``) on (M, C) rows,
     without keeping the normalised rows (``keep``: keeping them); y None: (shortcut itself, the
     linear of ``layer_norm(shortcut)``), the first for shortcut's next reader, whose gradient of
-    it backward adds to the LayerNorm's. ``stream_kept``: a later op keeps the stream for its
-    backward."""
+    it backward adds to the LayerNorm's."""
     return _ResidualLayerNormLinear.apply(y, shortcut, ln_weight, ln_bias, float(eps), norm_dtype, weight, bias,
-                                          stream_kept, bool(keep))
+                                          bool(keep))
 
 
 class _LinearBatchNorm(torch.autograd.Function):

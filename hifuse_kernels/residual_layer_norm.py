@@ -109,23 +109,34 @@ if triton is not None:
         tl.store(RSTD + rows, rstd, mask=rows < M)
 
     @triton.jit(do_not_specialize=["PROGRAMS"])
-    def _bwd_kernel(DOUT, DNORMED, Y, S, W, MEAN, RSTD, DY, DS, PART_W, PART_B, M, C, H, WIDTH, PROGRAMS,
+    def _bwd_kernel(DOUT, DNORMED, Y, S, W, MEAN, RSTD, DY, DS, PART_W, PART_B, B, NORMED, M, C, H, WIDTH, PROGRAMS,
                     PROLOGUE: tl.constexpr, HAS_DOUT: tl.constexpr, PATCH: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_C: tl.constexpr):
+                    BLOCK_C: tl.constexpr, REBUILD: tl.constexpr = False, PAD: tl.constexpr = 0):
         """On a fixed grid (``_triton.reduction_programs``): each program loops over row tiles
         pid, pid + PROGRAMS, ... and writes one row of weight and bias partials, accumulated
-        as tiles and reduced over the rows once at the end (not across the tile per iteration)."""
+        as tiles and reduced over the rows once at the end (not across the tile per iteration).
+        With REBUILD (PATCH 1) it also writes the normalised rows to NORMED as ``_fwd_kernel``
+        computes them (the same bits; PAD as there), for a weight-gradient GEMM that reads them
+        next: the pass that would rebuild them reads what this one reads."""
         pid = tl.program_id(0)
         c = tl.arange(0, BLOCK_C)
         cmask = c < C
         acc_w = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
         acc_b = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
+        if REBUILD:
+            w_n = tl.load(W + c, mask=cmask, other=0.0).to(tl.float32)
+            b_n = tl.load(B + c, mask=cmask, other=0.0).to(tl.float32)
         for t in range(pid, tl.cdiv(M, BLOCK_M), PROGRAMS):
             rows, _c, _cmask, m, offs = _rows_at(t, M, C, BLOCK_M, BLOCK_C)
             x = _stream(Y, S, offs, m, PROLOGUE)
             mean = tl.load(MEAN + rows, mask=rows < M, other=0.0)
             rstd = tl.load(RSTD + rows, mask=rows < M, other=0.0)
             xhat = tl.where(m, (x - mean[:, None]) * rstd[:, None], 0.0)
+            if REBUILD:  # (x - mean) * rstd * w + b, as _fwd_kernel forms it
+                at = NORMED + rows[:, None] * (C + PAD)
+                tl.store(at + c[None, :], (xhat * w_n[None, :] + b_n[None, :]).to(NORMED.dtype.element_ty), mask=m)
+                if PAD > 0:
+                    ones_column(at, C, rows < M, PAD)
             if PATCH == 1:
                 g = tl.load(DNORMED + offs, mask=m, other=0.0).to(tl.float32)
             else:  # read where the patches put the row; a dropped row's gradient is zero
@@ -194,38 +205,49 @@ def _fwd_op(
 def _bwd_op(
     grad_out: torch.Tensor | None, grad_normed: torch.Tensor, y: torch.Tensor | None, shortcut: torch.Tensor,
     weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, patch: int = 1, height: int = 1, width: int = 1,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """y's and the stream's gradients, and the weight's and bias's as one (2, C) float32 tensor
-    (one sum of the partials; ``backward`` splits it)."""
+    bias: torch.Tensor | None = None, rebuild_dtype: torch.dtype | None = None, ones: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """y's and the stream's gradients, the weight's and bias's as one (2, C) float32 tensor
+    (one sum of the partials; ``backward`` splits it), and with ``rebuild_dtype`` (patch 1; else
+    empty) the forward's normalised rows in that dtype (``ones``: with the ones column), the
+    same bits, written by this pass (``bias``: the LayerNorm's, which they need)."""
     m, c = shortcut.shape
     prologue = y is not None
+    rebuild = rebuild_dtype is not None
+    if rebuild and (patch != 1 or bias is None):
+        raise ValueError("residual_layer_norm_backward: rebuilding the rows takes patch 1 and the bias")
     block_m = _triton.rows_per_program(c, BWD_TILES)
     tile = _triton.row_tile(c, block_m)
-    flags = dict(PROLOGUE=prologue, HAS_DOUT=grad_out is not None, PATCH=patch, BLOCK_M=block_m, **tile)
+    pad = ONES_PAD if ones and rebuild else 0
+    flags = dict(PROLOGUE=prologue, HAS_DOUT=grad_out is not None, PATCH=patch, BLOCK_M=block_m, REBUILD=rebuild,
+                 PAD=pad, **tile)
     dy_dtype = y.dtype if prologue else shortcut.dtype
+    normed = torch.empty((m, c + pad) if rebuild else (0,), device=shortcut.device, dtype=rebuild_dtype or weight.dtype)
+    bias = weight if bias is None else bias
     programs = _triton.reduction_programs(triton.cdiv(m, block_m), 1, shortcut.device, kernel=_bwd_kernel, launch=flags,
                                           args=(grad_normed if grad_out is None else grad_out, grad_normed,
                                                 y if prologue else shortcut, shortcut, weight, mean, rstd, dy_dtype,
-                                                shortcut.dtype, torch.float32, torch.float32, m, c, height, width, 2))
+                                                shortcut.dtype, torch.float32, torch.float32, bias, normed, m, c,
+                                                height, width, 2))
     ds = torch.empty_like(shortcut)
     dy = torch.empty_like(y) if prologue else _empty(shortcut)
     part = torch.empty((2, programs, c), device=shortcut.device, dtype=torch.float32)
     _triton.wrap_triton(_bwd_kernel)[(programs,)](
         grad_normed if grad_out is None else grad_out, grad_normed, y if prologue else shortcut, shortcut, weight,
-        mean, rstd, dy, ds, part[0], part[1], m, c, height, width, programs,
+        mean, rstd, dy, ds, part[0], part[1], bias, normed, m, c, height, width, programs,
         **flags,
     )
-    return dy, ds, part.sum(1)
+    return dy, ds, part.sum(1), normed
 
 
 def backward(grad_out, grad_normed, y, shortcut, weight, mean, rstd, patch: int = 1, height: int = 1,
-             width: int = 1) -> tuple:
+             width: int = 1, bias=None, rebuild_dtype=None, ones: bool = False) -> tuple:
     """(dy, dstream, dweight, dbias) of ``hifuse::residual_layer_norm``, the last two in the
-    weight's dtype."""
-    dy, ds, params = torch.ops.hifuse.residual_layer_norm_backward(grad_out, grad_normed, y, shortcut, weight, mean,
-                                                                   rstd, patch, height, width)
+    weight's dtype; with ``rebuild_dtype``, and the normalised rows (see the op)."""
+    dy, ds, params, normed = torch.ops.hifuse.residual_layer_norm_backward(
+        grad_out, grad_normed, y, shortcut, weight, mean, rstd, patch, height, width, bias, rebuild_dtype, ones)
     params = params.to(weight.dtype)
-    return dy, ds, params[0], params[1]
+    return (dy, ds, params[0], params[1]) + ((normed,) if rebuild_dtype is not None else ())
 
 
 @_fwd_op.register_fake
@@ -239,9 +261,13 @@ def _(y, shortcut, weight, bias, eps, norm_dtype, patch=1, height=1, width=1, on
 
 
 @_bwd_op.register_fake
-def _(grad_out, grad_normed, y, shortcut, weight, mean, rstd, patch=1, height=1, width=1):
+def _(grad_out, grad_normed, y, shortcut, weight, mean, rstd, patch=1, height=1, width=1, bias=None,
+      rebuild_dtype=None, ones=False):
     dy = torch.empty_like(y) if y is not None else _empty(shortcut)
-    return dy, torch.empty_like(shortcut), weight.new_empty((2, weight.shape[0]), dtype=torch.float32)
+    m, c = shortcut.shape
+    rows = (m, c + (ONES_PAD if ones else 0)) if rebuild_dtype is not None else (0,)
+    normed = shortcut.new_empty(rows, dtype=rebuild_dtype or weight.dtype)
+    return dy, torch.empty_like(shortcut), weight.new_empty((2, weight.shape[0]), dtype=torch.float32), normed
 
 
 def _setup_context(ctx, inputs, output):

@@ -313,22 +313,25 @@ def test_linear_pair(rows, keep):
              lambda: second(first(x)), leaves)
 
 
-# backward normalises a kept fp32 stream again; it reruns the whole op for a stream nobody
-# keeps or one kept rounded (bf16)
-@pytest.mark.parametrize("with_y, stream, kept", [
-    (False, torch.float32, False), (True, torch.float32, True), (True, torch.float32, False), (True, torch.bfloat16, True),
+# rebuilt, the rows come from the LayerNorm backward's pass (no forward op in backward), with
+# and without the GEMM's bias (its gradient from the ones column's GEMM, or none)
+@pytest.mark.parametrize("with_y, stream, bias", [
+    (False, torch.float32, True), (True, torch.float32, True), (True, torch.bfloat16, True),
+    (True, torch.float32, False),
 ])
 @keeps
-def test_residual_layer_norm_linear(with_y, stream, kept, keep):
+def test_residual_layer_norm_linear(with_y, stream, bias, keep, monkeypatch):
     torch.manual_seed(0)
     y, s = (_leaf(7, 12).to(stream).detach().requires_grad_() for _ in range(2))
     lw, lb = _leaf(12), _leaf(12)
-    lin = _dense(12, 36)
-    leaves = [s, lw, lb, lin.weight, lin.bias] + ([y] if with_y else [])
+    lin = torch.nn.Linear(12, 36, bias=bias, device=DEVICE)
+    leaves = [s, lw, lb, lin.weight] + ([lin.bias] if bias else []) + ([y] if with_y else [])
+    forward_op, runs = torch.ops.hifuse.residual_layer_norm, []
+    monkeypatch.setattr(torch.ops.hifuse, "residual_layer_norm", lambda *a: runs.append(1) or forward_op(*a))
 
     def fused():
         out, qkv = recompute.residual_layer_norm_linear(y if with_y else None, s, lw, lb, 1e-5, torch.float32,
-                                                        lin.weight, lin.bias, kept, keep)
+                                                        lin.weight, lin.bias, keep)
         # without y, out is s itself, for s's next reader: its gradient joins the LayerNorm's
         return torch.cat([out.float() * 1.5, qkv], 1)
 
@@ -339,6 +342,7 @@ def test_residual_layer_norm_linear(with_y, stream, kept, keep):
         return torch.cat([s.float() * 1.5, lin(rln.layer_norm_to(s, lw, lb, 1e-5, torch.float32))], 1)
 
     _compare(fused, plain, leaves)
+    assert len(runs) == 4  # fused and plain forwards, for two gradients: none in the fused backward
 
 
 def saved_bytes_per_image(model: torch.nn.Module, size: int, fused: bool, rebuilds=None) -> float:

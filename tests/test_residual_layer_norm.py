@@ -115,6 +115,26 @@ def test_ones_column(tiles, with_y):
         torch.ops.hifuse.residual_layer_norm(None, x, w, b, 1e-5, torch.bfloat16, 2, 2, 5, True)
 
 
+@pytest.mark.parametrize("with_y, ones", [(False, True), (True, True), (True, False)])
+@pytest.mark.parametrize("c", [96, 100])
+def test_backward_rebuilds_the_rows(tiles, with_y, ones, c):
+    """``rebuild_dtype``: the backward's pass also writes the forward's normalised rows (with
+    the ones column), the same bits; its gradients unchanged."""
+    y, x, w, b = (t.detach() for t in _inputs((3, 43, c)))
+    y, x = (y.reshape(-1, c) if with_y else None), x.reshape(-1, c)
+    _out, normed, mean, rstd = torch.ops.hifuse.residual_layer_norm(y, x, w, b, 1e-5, torch.bfloat16, 1, 1, 1, ones)
+    grad_out = torch.randn_like(x) if with_y else None
+    grad = torch.randn(x.shape, device=DEVICE).to(torch.bfloat16)
+    args = (grad_out, grad, y, x, w, mean, rstd)
+    plain = torch.ops.hifuse.residual_layer_norm_backward(*args)
+    both = torch.ops.hifuse.residual_layer_norm_backward(*args, 1, 1, 1, b, torch.bfloat16, ones)
+    assert plain[3].numel() == 0 and torch.equal(both[3], normed)
+    for a, r in zip(both[:3], plain[:3]):
+        assert torch.equal(a, r)
+    with pytest.raises(ValueError, match="takes patch 1 and the bias"):
+        torch.ops.hifuse.residual_layer_norm_backward(*args, 1, 1, 1, None, torch.bfloat16)
+
+
 def test_backward_is_deterministic():
     y, s, w, b = _inputs((4, 49, 96))
     grads = (torch.randn(4, 49, 96, device=DEVICE), torch.randn(4, 49, 96, device=DEVICE))

@@ -95,9 +95,8 @@ def block_forward(m: GlobalBlock, x: torch.Tensor | None, h: int, w: int, tail=N
         b, length = stream.shape[0] // (h * w), h * w
         dtype = gemm_dtype(m, stream)
     norm = m.norm1
-    # with chain, the next block keeps this block's stream (its shortcut) for backward
     out, qkv = recompute.residual_layer_norm_linear(
-        tail_y, stream, norm.weight, norm.bias, norm.eps, dtype, attn.qkv.weight, attn.qkv.bias, chain,
+        tail_y, stream, norm.weight, norm.bias, norm.eps, dtype, attn.qkv.weight, attn.qkv.bias,
         keep=not config.rebuilding("attention_norm"),
     )
     stream = out  # without a tail, the input itself: its readers' gradients summed in the op's backward
