@@ -108,15 +108,21 @@ if triton is not None:
     # each looping over tiles pid, pid + PROGRAMS, ...: the weight gradients' partials are one row
     # per program, not one per tile (at 8 positions a tile, 173 MB of tap partials a call).
     @triton.jit(do_not_specialize=["PROGRAMS"])
-    def _bwd_norm_kernel(X, CW, CB, LW, GRAD, MEAN, RSTD, DY, PART_LW, PART_LB, P, H, W, C, PROGRAMS,
-                         BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    def _bwd_norm_kernel(X, CW, CB, LW, GRAD, MEAN, RSTD, DY, PART_LW, PART_LB, LB, OUT, P, H, W, C, PROGRAMS,
+                         BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, REBUILD: tl.constexpr = False,
+                         PAD: tl.constexpr = 0):
         """Gradient of the conv output (in DY's dtype: the GEMM's under autocast, as eager's),
         and partial LayerNorm weight/bias gradients, accumulated as tiles and reduced over the
-        positions once at the end (a reduction across the tile per iteration costs a barrier)."""
+        positions once at the end (a reduction across the tile per iteration costs a barrier).
+        With REBUILD it also writes the forward's output to OUT as ``_fwd_kernel`` computes it
+        (the same bits; PAD as there), for the weight gradient of the GEMM that read it: the
+        pass that would rebuild it reads what this one reads."""
         pid = tl.program_id(0)
         c = tl.arange(0, BLOCK_C)
         cmask = c < C
         lw = tl.load(LW + c, mask=cmask, other=0.0).to(tl.float32)
+        if REBUILD:
+            lb = tl.load(LB + c, mask=cmask, other=0.0).to(tl.float32)
         acc_gx = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
         acc_g = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
         for t in range(pid, tl.cdiv(P, BLOCK_P), PROGRAMS):
@@ -126,6 +132,11 @@ if triton is not None:
             mean = tl.load(MEAN + pos, mask=pmask, other=0.0)
             rstd = tl.load(RSTD + pos, mask=pmask, other=0.0)
             xhat = tl.where(m2, (y - mean[:, None]) * rstd[:, None], 0.0)
+            if REBUILD:  # (y - mean) * rstd * lw + lb, as _fwd_kernel forms it
+                at = OUT + pos[:, None] * (C + PAD)
+                tl.store(at + c[None, :], (xhat * lw[None, :] + lb[None, :]).to(OUT.dtype.element_ty), mask=m2)
+                if PAD > 0:
+                    ones_column(at, C, pmask, PAD)
             g = tl.load(GRAD + pos[:, None] * C + c[None, :], mask=m2, other=0.0).to(tl.float32)
             gw = g * lw[None, :]
             a = tl.sum(gw, 1) / C
@@ -266,17 +277,28 @@ def _fwd_op(
 def _bwd_op(
     grad: torch.Tensor, x: torch.Tensor, conv_weight: torch.Tensor, conv_bias: torch.Tensor,
     ln_weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, grad_x: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """x's gradient (plus ``grad_x``, x's shape: a gradient x receives from another use), and
-    the parameters' gradients in float32 as two vectors: the conv weight's (C, 3, 3) and bias's
+    ln_bias: torch.Tensor | None = None, rebuild_dtype: torch.dtype | None = None, ones: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x's gradient (plus ``grad_x``, x's shape: a gradient x receives from another use), the
+    parameters' gradients in float32 as two vectors: the conv weight's (C, 3, 3) and bias's
     (10 C), the LayerNorm weight's and bias's (2 C), in one (12 C) vector that ``backward``
     splits: both kernels write their partials into the rows of one buffer (the same number of
-    programs each), summed once."""
+    programs each), summed once; and with ``rebuild_dtype`` (else empty) the forward's output in
+    that dtype (``ones``: with the ones column), the same bits, written by the norm backward's
+    pass (``ln_bias``: the LayerNorm's, which it needs)."""
     n, h, w, c = x.shape
     p = n * h * w
+    rebuild = rebuild_dtype is not None
+    if rebuild and ln_bias is None:
+        raise ValueError("dwconv_layer_norm_backward: rebuilding the output takes the LayerNorm's bias")
+    pad = ONES_PAD if ones and rebuild else 0
+    out = torch.empty((n, h, w, c + pad) if rebuild else (0,), device=x.device, dtype=rebuild_dtype or x.dtype)
+    ln_bias = ln_weight if ln_bias is None else ln_bias
     grid, tile = _launch(x, "norm_backward")
+    tile = dict(tile, REBUILD=rebuild, PAD=pad)
     progs = _triton.reduction_programs(grid[0], 1, x.device, kernel=_bwd_norm_kernel, launch=tile, args=(
-        x, conv_weight, conv_bias, ln_weight, grad, mean, rstd, grad.dtype, torch.float32, torch.float32, p, h, w, c, 2))
+        x, conv_weight, conv_bias, ln_weight, grad, mean, rstd, grad.dtype, torch.float32, torch.float32, ln_bias, out,
+        p, h, w, c, 2))
     f32 = dict(device=x.device, dtype=torch.float32)
     # the conv output's gradient in the incoming gradient's dtype: bf16 under autocast, as eager's
     dy = torch.empty(n, h, w, c, device=x.device, dtype=grad.dtype)
@@ -293,25 +315,28 @@ def _bwd_op(
     progs = max(progs, conv_progs)
     part = torch.empty(progs, 12 * c, **f32)
     _triton.wrap_triton(_bwd_norm_kernel)[(progs,)](
-        x, conv_weight, conv_bias, ln_weight, grad, mean, rstd, dy, part[:, 10 * c: 11 * c], part[:, 11 * c:], p, h,
-        w, c, progs, **tile,
+        x, conv_weight, conv_bias, ln_weight, grad, mean, rstd, dy, part[:, 10 * c: 11 * c], part[:, 11 * c:], ln_bias,
+        out, p, h, w, c, progs, **tile,
     )
     _triton.wrap_triton(_bwd_conv_kernel)[(progs, lanes)](
         x, conv_weight, dy, dx, dx if grad_x is None else grad_x.contiguous(), part[:, : 10 * c], p, h, w, c, progs,
         **flags
     )
-    return dx, part.sum(0)
+    return dx, part.sum(0), out
 
 
-def backward(grad, x, conv_weight, conv_bias, ln_weight, mean, rstd, grad_x=None) -> tuple:
+def backward(grad, x, conv_weight, conv_bias, ln_weight, mean, rstd, grad_x=None, ln_bias=None, rebuild_dtype=None,
+             ones: bool = False) -> tuple:
     """The five gradients (x's, then the conv weight's and bias's, the LayerNorm weight's and
-    bias's, each in its tensor's dtype) of ``hifuse::dwconv_layer_norm``."""
-    dx, params = torch.ops.hifuse.dwconv_layer_norm_backward(grad, x, conv_weight, conv_bias, ln_weight, mean, rstd,
-                                                             grad_x)
+    bias's, each in its tensor's dtype) of ``hifuse::dwconv_layer_norm``; with ``rebuild_dtype``,
+    and its output (see the op)."""
+    dx, params, out = torch.ops.hifuse.dwconv_layer_norm_backward(grad, x, conv_weight, conv_bias, ln_weight, mean,
+                                                                  rstd, grad_x, ln_bias, rebuild_dtype, ones)
     c = x.shape[-1]
-    return (dx, params[: 9 * c].view(conv_weight.shape).to(conv_weight.dtype),
-            params[9 * c: 10 * c].to(conv_bias.dtype), params[10 * c: 11 * c].to(ln_weight.dtype),
-            params[11 * c:].to(ln_weight.dtype))
+    grads = (dx, params[: 9 * c].view(conv_weight.shape).to(conv_weight.dtype),
+             params[9 * c: 10 * c].to(conv_bias.dtype), params[10 * c: 11 * c].to(ln_weight.dtype),
+             params[11 * c:].to(ln_weight.dtype))
+    return grads + ((out,) if rebuild_dtype is not None else ())
 
 
 @_fwd_op.register_fake
@@ -322,9 +347,12 @@ def _(x, conv_weight, conv_bias, ln_weight, ln_bias, eps, out_dtype, ones=False)
 
 
 @_bwd_op.register_fake
-def _(grad, x, conv_weight, conv_bias, ln_weight, mean, rstd, grad_x=None):
+def _(grad, x, conv_weight, conv_bias, ln_weight, mean, rstd, grad_x=None, ln_bias=None, rebuild_dtype=None,
+      ones=False):
     c = x.shape[-1]
-    return torch.empty_like(x), x.new_empty(12 * c, dtype=torch.float32)
+    rows = (*x.shape[:3], c + (ONES_PAD if ones else 0)) if rebuild_dtype is not None else (0,)
+    out = x.new_empty(rows, dtype=rebuild_dtype or x.dtype)
+    return torch.empty_like(x), x.new_empty(12 * c, dtype=torch.float32), out
 
 
 def _setup_context(ctx, inputs, output):

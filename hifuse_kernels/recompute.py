@@ -533,16 +533,21 @@ class _DwconvLayerNormLinearResidual(torch.autograd.Function):
         weight, bias, y, a, mean, rstd, *tensors = ctx.saved_tensors
         args = _join(tensors, ctx.consts)
         grad = grad.contiguous()
-        ones = None
+        x, conv_weight, conv_bias, ln_weight, ln_bias, _eps, out_dtype = args
+        grad_y = torch.ops.hifuse.gelu_backward(grad, y)
         if a is None:
-            # rebuilt with a ones column when there is a bias: its gradient comes from the weight's GEMM
-            c = args[0].shape[-1]
-            ones = torch.ops.hifuse.dwconv_layer_norm(*args, bias is not None)[0]
-            a, ones = ones[..., :c], ones.view(-1, ones.shape[-1])
-        da, dw, db = _linear_backward(torch.ops.hifuse.gelu_backward(grad, y), a, weight, bias, *ctx.dtypes,
-                                      a_ones=ones)
-        x, conv_weight, conv_bias, ln_weight = args[:4]
-        grads = dln.backward(da.contiguous(), x, conv_weight, conv_bias, ln_weight, mean, rstd, grad)
+            # a's gradient first: the norm backward then rebuilds a in its pass, which reads what
+            # rebuilding it reads, with a ones column when there is a bias (its gradient comes
+            # from the weight's GEMM)
+            da = mm_to(grad_y.reshape(-1, grad_y.shape[-1]), weight.to(grad_y.dtype), out_dtype)
+            *grads, ones = dln.backward(da.view(*x.shape[:3], -1), x, conv_weight, conv_bias, ln_weight, mean, rstd,
+                                        grad, ln_bias, out_dtype, bias is not None)
+            c = x.shape[-1]
+            _, dw, db = _linear_backward(grad_y, ones[..., :c], weight, bias, *ctx.dtypes,
+                                         a_ones=ones.view(-1, ones.shape[-1]), a_grad=False)
+        else:
+            da, dw, db = _linear_backward(grad_y, a, weight, bias, *ctx.dtypes)
+            grads = dln.backward(da.contiguous(), x, conv_weight, conv_bias, ln_weight, mean, rstd, grad)
         return (dw, db, None, *grads, None, None)
 
 

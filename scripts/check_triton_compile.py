@@ -140,16 +140,16 @@ def cases(dtype: str):
         yield dln._fwd_kernel, dict(X="dt", CW=f32, CB=f32, LW=f32, LB=f32, OUT="dt", MEAN=f32, RSTD=f32), \
             {**tiles, "PAD": 0}
         # under autocast: the fp32 stream in, the GEMM's dtype out
-        yield dln._fwd_kernel, dict(X=f32, CW=f32, CB=f32, LW=f32, LB=f32, OUT="dt", MEAN=f32, RSTD=f32), \
-            {**tiles, "PAD": 0}
-        # backward's rebuild, with the ones column
-        yield dln._fwd_kernel, dict(X=f32, CW=f32, CB=f32, LW=f32, LB=f32, OUT="dt", MEAN=f32, RSTD=f32), \
-            {**tiles, "PAD": dln.ONES_PAD}
+        for pad in (0, dln.ONES_PAD):  # with the ones column: kept for the GEMM, or rebuilt where it runs
+            yield dln._fwd_kernel, dict(X=f32, CW=f32, CB=f32, LW=f32, LB=f32, OUT="dt", MEAN=f32, RSTD=f32), \
+                {**tiles, "PAD": pad}
         norm = dln.norm_backward_tile(1 << 20, block_c)
         norm = dict(BLOCK_P=norm["BLOCK_P"], BLOCK_C=block_c, WARPS=norm["num_warps"])
         for x in ("dt", f32):  # f32: under autocast, the fp32 stream with the GEMM's gradient
-            yield dln._bwd_norm_kernel, dict(X=x, CW=f32, CB=f32, LW=f32, GRAD="dt", MEAN=f32, RSTD=f32, DY="dt",
-                                             PART_LW=f32, PART_LB=f32), norm
+            for rebuild in (False, True):  # rebuild: the forward's output too, with the ones column
+                yield dln._bwd_norm_kernel, dict(X=x, CW=f32, CB=f32, LW=f32, GRAD="dt", MEAN=f32, RSTD=f32, DY="dt",
+                                                 PART_LW=f32, PART_LB=f32, LB=f32, OUT="dt"), \
+                    {**norm, "REBUILD": rebuild, "PAD": dln.ONES_PAD if rebuild else 0}
     for c in (96, 192, 384, 768):  # the conv backward in channel blocks of at most dln.CONV_BLOCK_C
         tile = dln._launch_tile(1 << 20, min(c, dln.CONV_BLOCK_C))
         tiles = dict(BLOCK_P=tile["BLOCK_P"], BLOCK_C=tile["BLOCK_C"], WARPS=tile["num_warps"])

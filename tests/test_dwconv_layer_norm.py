@@ -107,6 +107,23 @@ def test_backward_adds_the_other_gradient_of_x():
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("ones", [False, True])
+@pytest.mark.parametrize("shape", [(2, 5, 7, 96), (1, 3, 11, 100)])
+def test_backward_rebuilds_the_output(tiles, shape, ones):
+    """``rebuild_dtype``: the norm backward's pass also writes the forward's output (with the
+    ones column), the same bits; the gradients unchanged."""
+    x, cw, cb, lw, lb = [t.detach() for t in _inputs(shape)]
+    out, mean, rstd = torch.ops.hifuse.dwconv_layer_norm(x, cw, cb, lw, lb, 1e-6, torch.bfloat16, ones)
+    grad = torch.randn(x.shape, device=x.device).to(torch.bfloat16)
+    plain = torch.ops.hifuse.dwconv_layer_norm_backward(grad, x, cw, cb, lw, mean, rstd)
+    both = torch.ops.hifuse.dwconv_layer_norm_backward(grad, x, cw, cb, lw, mean, rstd, None, lb, torch.bfloat16,
+                                                       ones)
+    assert plain[2].numel() == 0 and torch.equal(both[2], out)
+    assert torch.equal(both[0], plain[0]) and torch.equal(both[1], plain[1])
+    with pytest.raises(ValueError, match="takes the LayerNorm's bias"):
+        torch.ops.hifuse.dwconv_layer_norm_backward(grad, x, cw, cb, lw, mean, rstd, None, None, torch.bfloat16)
+
+
 def test_backward_deterministic_and_expanded_gradient():
     inputs = _inputs((2, 9, 13, 192))
     first = torch.autograd.grad(dwconv_layer_norm(*inputs).sum(), inputs)
@@ -201,13 +218,13 @@ def test_flops_match_eager():
         eager = hifuse.count_flops(model, (3, 64, 64), backward=True)
         with hifuse.use_fused(attention=False, local=True, patches=True, fusion=False, norm=False):
             fused = hifuse.count_flops(model, (3, 64, 64), backward=True)
-    # backward rebuilds each block's normalised map (the pwconv's input, not kept): one more
-    # depthwise convolution per local block; the map is rebuilt with ONES_PAD more columns (a
-    # ones column), over which the pwconv's weight-gradient GEMM also gives its bias gradient
+    # backward's norm pass rebuilds each block's normalised map (the pwconv's input, not kept)
+    # from the convolution it recomputes anyway, with ONES_PAD more columns (a ones column), over
+    # which the pwconv's weight-gradient GEMM also gives its bias gradient
     from hifuse_kernels.dwconv_layer_norm import ONES_PAD
 
     side = [64 // 4 // 2**i for i in range(4)]
-    rebuilt = sum(d * 2 * (9 + ONES_PAD) * s * s * c for d, s, c in zip(model.depths, side, model.dims))
+    rebuilt = sum(d * 2 * ONES_PAD * s * s * c for d, s, c in zip(model.depths, side, model.dims))
     assert fused == eager + rebuilt
 
 
