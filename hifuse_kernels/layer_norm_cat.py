@@ -118,11 +118,15 @@ if triton is not None:
         tl.store(RSTD + rows, rstd, mask=rmask)
 
     @triton.jit(do_not_specialize=["PROGRAMS"])
-    def _rows_bwd_kernel(GRAD, A, B, D, W, MEAN, RSTD, DA, DB, DD, PART_W, PART_B, M, C, PROGRAMS,
-                         PARTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    def _rows_bwd_kernel(GRAD, A, B, D, W, MEAN, RSTD, DA, DB, DD, PART_W, PART_B, BIAS, OUT, M, C, PROGRAMS,
+                         PARTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+                         REBUILD: tl.constexpr = False):
         """On a fixed grid (``_triton.reduction_programs``): each program loops over row tiles
         pid, pid + PROGRAMS, ... and writes one row of weight and bias partials, accumulated as
-        tiles and reduced over the rows once at the end."""
+        tiles and reduced over the rows once at the end. With REBUILD it also writes the
+        forward's output to OUT as ``_rows_fwd_kernel`` computes it (the same bits), for a
+        weight-gradient GEMM that reads it next: the pass that would rebuild it reads what this
+        one reads."""
         pid = tl.program_id(0)
         c = tl.arange(0, BLOCK_C)
         cmask = c < C
@@ -148,6 +152,12 @@ if triton is not None:
             hb = tl.where(m & (PARTS > 1), (b - mean[:, None]) * rstd[:, None], 0.0)
             hd = tl.where(m & (PARTS > 2), (d - mean[:, None]) * rstd[:, None], 0.0)
             out = rows[:, None] * total + c[None, :]
+            if REBUILD:  # (x - mean) * rstd * w + bias, as _rows_fwd_kernel forms it
+                for k in tl.static_range(PARTS):
+                    h = ha if k == 0 else (hb if k == 1 else hd)
+                    w = w_a if k == 0 else (w_b if k == 1 else w_d)
+                    bb = tl.load(BIAS + k * C + c, mask=cmask, other=0.0).to(tl.float32)
+                    tl.store(OUT + out + k * C, (h * w[None, :] + bb[None, :]).to(OUT.dtype.element_ty), mask=m)
             dya, dyb, dyd = _load_parts(GRAD + out, GRAD + out + C, GRAD + out + 2 * C, 0, m, PARTS)
             ga = dya * w_a[None, :]
             gb = dyb * w_b[None, :]
@@ -206,33 +216,59 @@ def _rows_bwd_launch(c: int) -> dict:
     return {"BLOCK_M": block_m, "BLOCK_C": block_c, "num_warps": max(4, min(16, block_m * block_c // 64))}
 
 
+def _rows_backward_impl(grad, rows, weight, mean, rstd, bias, rebuild_dtype):
+    m, c = rows[0].shape
+    rebuild = rebuild_dtype is not None
+    flags = dict(PARTS=len(rows), REBUILD=rebuild, **_rows_bwd_launch(c))
+    ptrs = _three(rows)
+    out = torch.empty((m, len(rows) * c) if rebuild else (0,), device=grad.device, dtype=rebuild_dtype or grad.dtype)
+    programs = _triton.reduction_programs(
+        triton.cdiv(m, flags["BLOCK_M"]), 1, grad.device, kernel=_rows_bwd_kernel, launch=flags,
+        args=(grad, *ptrs, weight, mean, rstd, *[rows[0].dtype] * 3, torch.float32, torch.float32, bias, out, m, c, 2),
+    )
+    grads = [torch.empty_like(t) for t in rows]
+    part = torch.empty((2, programs, len(rows) * c), device=grad.device, dtype=torch.float32)
+    _triton.wrap_triton(_rows_bwd_kernel)[_triton.grid(programs)](
+        grad, *ptrs, weight, mean, rstd, *_three(grads), part[0], part[1], bias, out, m, c, programs, **flags,
+    )
+    return grads, part.sum(1), out
+
+
+# Ops that take a Tensor[] take every argument explicitly (torch 2.11, see the tests): the
+# backward that rebuilds the output is an op of its own.
 @_triton.define_op("hifuse::layer_norm_cat_rows_backward", mutates_args=())
 def _rows_backward_op(
     grad: torch.Tensor, rows: list[torch.Tensor], weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
     """The parts' gradients, and the weight's and bias's as one (2, parts x C) float32 tensor
     (one sum of the partials; ``rows_backward`` splits it)."""
-    m, c = rows[0].shape
-    flags = dict(PARTS=len(rows), **_rows_bwd_launch(c))
-    ptrs = _three(rows)
-    programs = _triton.reduction_programs(
-        triton.cdiv(m, flags["BLOCK_M"]), 1, grad.device, kernel=_rows_bwd_kernel, launch=flags,
-        args=(grad, *ptrs, weight, mean, rstd, *[rows[0].dtype] * 3, torch.float32, torch.float32, m, c, 2),
-    )
-    grads = [torch.empty_like(t) for t in rows]
-    part = torch.empty((2, programs, len(rows) * c), device=grad.device, dtype=torch.float32)
-    _triton.wrap_triton(_rows_bwd_kernel)[_triton.grid(programs)](
-        grad, *ptrs, weight, mean, rstd, *_three(grads), part[0], part[1], m, c, programs, **flags,
-    )
-    return grads, part.sum(1)
+    grads, params, _ = _rows_backward_impl(grad, rows, weight, mean, rstd, weight, None)
+    return grads, params
 
 
-def rows_backward(grad, rows, weight, mean, rstd) -> tuple:
+@_triton.define_op("hifuse::layer_norm_cat_rows_backward_rebuild", mutates_args=())
+def _rows_backward_rebuild_op(
+    grad: torch.Tensor, rows: list[torch.Tensor], weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
+    bias: torch.Tensor, out_dtype: torch.dtype,
+) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """``layer_norm_cat_rows_backward``'s outputs and the forward's output in ``out_dtype``, the
+    same bits, written by the same pass (which needs the LayerNorm's bias for it)."""
+    return _rows_backward_impl(grad, rows, weight, mean, rstd, bias, out_dtype)
+
+
+def rows_backward(grad, rows, weight, mean, rstd, bias=None, rebuild_dtype=None) -> tuple:
     """(the parts' gradients, dweight, dbias) of ``hifuse::layer_norm_cat_rows``, the last two
-    in the weight's dtype."""
-    grads, params = torch.ops.hifuse.layer_norm_cat_rows_backward(grad, rows, weight, mean, rstd)
+    in the weight's dtype; with ``rebuild_dtype`` (and ``bias``), and its output, rebuilt by the
+    same pass (``hifuse::layer_norm_cat_rows_backward_rebuild``)."""
+    if rebuild_dtype is None:
+        grads, params = torch.ops.hifuse.layer_norm_cat_rows_backward(grad, rows, weight, mean, rstd)
+        out = ()
+    else:
+        grads, params, out = torch.ops.hifuse.layer_norm_cat_rows_backward_rebuild(grad, rows, weight, mean, rstd,
+                                                                                    bias, rebuild_dtype)
+        out = (out,)
     params = params.to(weight.dtype)
-    return list(grads), params[0], params[1]
+    return (list(grads), params[0], params[1], *out)
 
 
 @_rows_op.register_fake
@@ -245,6 +281,13 @@ def _(rows, weight, bias, eps, out_dtype):
 @_rows_backward_op.register_fake
 def _(grad, rows, weight, mean, rstd):
     return [torch.empty_like(t) for t in rows], weight.new_empty((2, weight.shape[0]), dtype=torch.float32)
+
+
+@_rows_backward_rebuild_op.register_fake
+def _(grad, rows, weight, mean, rstd, bias, out_dtype):
+    m, c = rows[0].shape
+    params = weight.new_empty((2, weight.shape[0]), dtype=torch.float32)
+    return [torch.empty_like(t) for t in rows], params, grad.new_empty((m, len(rows) * c), dtype=out_dtype)
 
 
 def _rows_setup(ctx, inputs, output):
@@ -296,6 +339,22 @@ def forward(parts, weight, bias, eps: float, out_dtype: torch.dtype):
         return out.view(n, h, w, len(parts) * c).permute(0, 3, 1, 2), (mean, rstd)
     out, mean, rstd = torch.ops.hifuse.layer_norm_cat(list(parts), weight, bias, float(eps), out_dtype)
     return out, (mean, rstd)
+
+
+def rebuilds_in_backward(parts, weight, bias) -> bool:
+    """Whether ``backward_rebuilding`` rebuilds the output in its own pass (the Triton path)."""
+    return rows_path(parts, weight, bias)
+
+
+def backward_rebuilding(grad_rows: torch.Tensor, parts, weight: torch.Tensor, bias: torch.Tensor, stats,
+                        out_dtype: torch.dtype):
+    """(``forward``'s output as (M, parts x C) rows, (the parts' gradients, weight's, bias's))
+    for the output's gradient as rows ``grad_rows``: the output rebuilt by the backward's pass
+    from what it reads anyway (``rebuilds_in_backward``), the same bits as ``forward``'s."""
+    n, c, h, w = parts[0].shape
+    dparts, dw, db, out = rows_backward(grad_rows.contiguous(), [nhwc(t).view(-1, c) for t in parts],
+                                        weight.contiguous(), *stats, bias.contiguous(), out_dtype)
+    return out, ([t.view(n, h, w, c).permute(0, 3, 1, 2) for t in dparts], dw, db)
 
 
 def backward(grad: torch.Tensor, parts, weight: torch.Tensor, bias: torch.Tensor, stats):

@@ -84,9 +84,10 @@ class BatchNormApply:
         return bna.result_dtype(y, residual, rest[-1])
 
     @staticmethod
-    def remake_grad(grad_a, y, residual, mean, invstd, weight, bias, act, height, width, pool, out_dtype):
-        """``(make(*args)[0], grad(grad_a, (), *args))``, the result written by the backward's
-        reducing pass, which reads what rebuilding it reads (the pooled apply: made first)."""
+    def remake_grad(grad_a, aux, y, residual, mean, invstd, weight, bias, act, height, width, pool, out_dtype):
+        """``(make(*args)[0], grad(grad_a, aux, *args))`` for grad_a as (M, C) rows, the result
+        written by the backward's reducing pass, which reads what rebuilding it reads (the
+        pooled apply: made first)."""
         args = (y, residual, mean, invstd, weight, bias, act, height, width, pool, out_dtype)
         if pool:
             return BatchNormApply.make(*args)[0], BatchNormApply.grad(grad_a, (), *args)
@@ -112,6 +113,23 @@ class LayerNormCat:
         parts, (weight, bias) = list(args[:-4]), args[-4:-2]
         dparts, dw, db = lnc.backward(grad_a.permute(0, 3, 1, 2), parts, weight, bias, aux)
         return (*dparts, dw, db, None, None)
+
+    @staticmethod
+    def dtype(*args):
+        """The dtype of ``make``'s result."""
+        return lnc.out_dtype_of(list(args[:-4]), args[-4], args[-1])
+
+    @staticmethod
+    def remake_grad(grad_a, aux, *args):
+        """``(make(*args)[0], grad(grad_a, aux, *args))`` for grad_a as (M, C) rows and aux the
+        forward's statistics: on the Triton path the result is written by the backward's pass,
+        which reads what rebuilding it reads; on the native path it is made first."""
+        parts, (weight, bias) = list(args[:-4]), args[-4:-2]
+        if lnc.rebuilds_in_backward(parts, weight, bias):
+            a, (dparts, dw, db) = lnc.backward_rebuilding(grad_a, parts, weight, bias, aux, LayerNormCat.dtype(*args))
+            return a, (*dparts, dw, db, None, None)
+        a = LayerNormCat.make(*args)[0]
+        return a, LayerNormCat.grad(grad_a.view(a.shape), aux, *args)
 
 
 class DwconvLayerNorm:
@@ -353,16 +371,20 @@ def _function(producer, sources=()):
                 kept[index] = None
             tensors, ctx.consts = _split(kept)
             made = (a, *aux) if keep else ()
+            # a producer that rebuilds a in its backward's pass takes what make gave besides a
+            # (statistics: small) from here
+            remade = aux if not keep and hasattr(producer, "remake_grad") else ()
             ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
             weight, bias = cast_for_gemm(weight, bias, autocast_dtype(a))
-            ctx.save_for_backward(weight, bias, *made, *tensors)
-            ctx.layout, ctx.n_args, ctx.n_made = layout, n_args, len(made)
+            ctx.save_for_backward(weight, bias, *made, *remade, *tensors)
+            ctx.layout, ctx.n_args, ctx.n_made, ctx.n_remade = layout, n_args, len(made), len(remade)
             return F.linear(a, weight, bias)
 
         @staticmethod
         def backward(ctx, grad):
             weight, bias, *tensors = ctx.saved_tensors
             made, tensors = tensors[:ctx.n_made], tensors[ctx.n_made:]
+            remade, tensors = tuple(tensors[:ctx.n_remade]), tensors[ctx.n_remade:]
             flat = _join(tensors, ctx.consts)
             args, start = flat[:ctx.n_args], ctx.n_args
             for source, (index, n_src) in zip(sources, ctx.layout):
@@ -372,7 +394,7 @@ def _function(producer, sources=()):
                 # a's gradient first: the producer's backward then rebuilds a in the pass that
                 # reads what rebuilding it reads, before the weight gradient takes it
                 da = mm_to(grad.reshape(-1, grad.shape[-1]), weight.to(grad.dtype), producer.dtype(*args))
-                a, grads = producer.remake_grad(da, *args)
+                a, grads = producer.remake_grad(da, remade, *args)
                 _, dw, db = _linear_backward(grad, a, weight, bias, *ctx.dtypes, a_grad=False)
                 return (dw, db, None, None, *grads, *[None] * (len(flat) - ctx.n_args))
             a, aux = (made[0], tuple(made[1:])) if made else producer.make(*args)

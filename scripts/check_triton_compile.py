@@ -241,9 +241,10 @@ def cases(dtype: str):
             rows = row_launch(c, parts, "BLOCK_M")
             yield lnc._rows_fwd_kernel, dict(A="dt", B="dt", D="dt", W=f32, BIAS=f32, OUT="dt", MEAN=f32, RSTD=f32), \
                 {**rows, "PARTS": parts}
-            yield lnc._rows_bwd_kernel, dict(GRAD="dt", A="dt", B="dt", D="dt", W=f32, MEAN=f32, RSTD=f32, DA="dt",
-                                             DB="dt", DD="dt", PART_W=f32, PART_B=f32), \
-                {**_as_warps(lnc._rows_bwd_launch(c)), "PARTS": parts}
+            for rebuild in (False, True):  # rebuild: the forward's output too
+                yield lnc._rows_bwd_kernel, dict(GRAD="dt", A="dt", B="dt", D="dt", W=f32, MEAN=f32, RSTD=f32,
+                                                 DA="dt", DB="dt", DD="dt", PART_W=f32, PART_B=f32, BIAS=f32, OUT="dt"), \
+                    {**_as_warps(lnc._rows_bwd_launch(c)), "PARTS": parts, "REBUILD": rebuild}
         rows = row_launch(c, 3, "BLOCK_P")
         for out2 in (False, True):  # with the GEMM's rounded copy
             yield gln._gated_ln_kernel, dict(G=f32, CG="dt", L=f32, SG="dt", X="dt", W=f32, B=f32, OUT=f32, OUT2="dt",

@@ -228,3 +228,24 @@ def test_triton_rows_path_bf16():
     ref = layer_norm_cat_ref([t.float() for t in low], w, b)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), ref, rtol=2 ** -8, atol=1e-5)
+
+
+@triton_device_or_skip()
+@pytest.mark.parametrize("nhw, widths", [((1, 7, 5), (96, 96)), ((2, 3, 13), (24, 24, 24)), ((1, 1, 3), (40,))])
+def test_triton_rows_backward_rebuilds_the_output(nhw, widths):
+    """``backward_rebuilding``: the backward's pass also writes the forward's output, the same
+    bits; the gradients those of ``backward``."""
+    from hifuse_kernels import layer_norm_cat as lnc
+
+    parts, w, b = _inputs(nhw, widths, torch.float32, ["nhwc"] * len(widths), device=DEVICE)
+    parts = [t.detach().to(torch.bfloat16).contiguous(memory_format=torch.channels_last) for t in parts]
+    w, b = w.detach(), b.detach()
+    assert lnc.rebuilds_in_backward(parts, w, b)
+    out, stats = lnc.forward(parts, w, b, 1e-6, torch.bfloat16)
+    grad = torch.randn(out.shape).to(DEVICE, torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    rows = grad.permute(0, 2, 3, 1).reshape(-1, sum(widths))
+    rebuilt, (dparts, dw, db) = lnc.backward_rebuilding(rows, parts, w, b, stats, torch.bfloat16)
+    assert torch.equal(rebuilt, out.permute(0, 2, 3, 1).reshape(-1, sum(widths)))
+    plain = lnc.backward(grad, parts, w, b, stats)
+    for a, r in zip([*dparts, dw, db], [*plain[0], plain[1], plain[2]]):
+        assert torch.equal(a, r)

@@ -105,6 +105,12 @@ def test_layer_norm_cat_linear(parts, keep):
     leaves = [*xs, w, b, lin.weight, lin.bias]
     _compare(lambda: recompute.linear(recompute.LayerNormCat, (*xs, w, b, 1e-6, None), lin.weight, lin.bias, keep=keep),
              lambda: lin(lnc.layer_norm_cat(xs, w, b, 1e-6).permute(0, 2, 3, 1)), leaves)
+    # the rows path: rebuilt, the normalised rows come from the backward's pass, not a forward
+    forward_op, runs = torch.ops.hifuse.layer_norm_cat_rows, []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.ops.hifuse, "layer_norm_cat_rows", lambda *a: runs.append(1) or forward_op(*a))
+        recompute.linear(recompute.LayerNormCat, (*xs, w, b, 1e-6, None), lin.weight, lin.bias, keep=keep).sum().backward()
+    assert len(runs) == 1
 
 
 @keeps
