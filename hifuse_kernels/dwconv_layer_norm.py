@@ -132,19 +132,20 @@ if triton is not None:
             mean = tl.load(MEAN + pos, mask=pmask, other=0.0)
             rstd = tl.load(RSTD + pos, mask=pmask, other=0.0)
             xhat = tl.where(m2, (y - mean[:, None]) * rstd[:, None], 0.0)
-            if REBUILD:  # (y - mean) * rstd * lw + lb, as _fwd_kernel forms it
-                at = OUT + pos[:, None] * (C + PAD)
-                tl.store(at + c[None, :], (xhat * lw[None, :] + lb[None, :]).to(OUT.dtype.element_ty), mask=m2)
-                if PAD > 0:
-                    ones_column(at, C, pmask, PAD)
-            g = tl.load(GRAD + pos[:, None] * C + c[None, :], mask=m2, other=0.0).to(tl.float32)
+            here = pos[:, None] * C + c[None, :]
+            g = tl.load(GRAD + here, mask=m2, other=0.0).to(tl.float32)
             gw = g * lw[None, :]
             a = tl.sum(gw, 1) / C
             b = tl.sum(gw * xhat, 1) / C
             dy = tl.where(m2, rstd[:, None] * (gw - a[:, None] - xhat * b[:, None]), 0.0)
-            tl.store(DY + pos[:, None] * C + c[None, :], dy.to(DY.dtype.element_ty), mask=m2)
+            tl.store(DY + here, dy.to(DY.dtype.element_ty), mask=m2)
             acc_gx += g * xhat
             acc_g += g
+            if REBUILD:  # (y - mean) * rstd * lw + lb, as _fwd_kernel forms it (rows C + PAD wide)
+                rebuilt = (xhat * lw[None, :] + lb[None, :]).to(OUT.dtype.element_ty)
+                tl.store(OUT + here + (pos * PAD)[:, None], rebuilt, mask=m2)
+                if PAD > 0:
+                    ones_column(OUT + (pos * (C + PAD))[:, None], C, pmask, PAD)
         part = pid.to(tl.int64) * (12 * C) + c  # rows of 12 C shared with the conv backward's partials
         tl.store(PART_LW + part, tl.sum(acc_gx, 0), mask=cmask)
         tl.store(PART_LB + part, tl.sum(acc_g, 0), mask=cmask)

@@ -26,9 +26,11 @@ from ..model import create_model
 PROVIDERS = ("eager", "fused", "compile", "fused_compile", "fused_cudagraphs", "eager_graph", "fused_graph")
 GRAPH_PROVIDERS = ("eager_graph", "fused_graph")
 # What a fused training step rebuilds in backward (``config.use_rebuilds`` arguments): all of
-# it, none of it, or all but one
+# it, none of it, all but one, or all but the two whose keeping saves the most bytes a step
+# (benchmarks/results/step_ledger.md)
 REBUILD_SETTINGS = {"rebuild_all": {}, "keep_all": dict.fromkeys(config.Rebuilds.names(), False),
-                    **{f"keep_{name}": {name: False} for name in config.Rebuilds.names()}}
+                    **{f"keep_{name}": {name: False} for name in config.Rebuilds.names()},
+                    "keep_fusion_norm_irmlp": dict(fusion_norm=False, irmlp=False)}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
 
