@@ -33,6 +33,9 @@ MAX_CHANNELS = 1024
 # The backward holds several tiles and its loop's partial sums: rows for eight tiles keep it
 # within the registers triton 3.6 gives 8-warp programs (64), where four spilled at 256 channels.
 BWD_TILES = 8
+# Rebuilding the normalised rows as well holds more: rows for ten tiles (8 B spilled at 256
+# channels with eight, triton 3.6).
+REBUILD_TILES = 10
 
 __all__ = ["gelu_residual_layer_norm", "gelu_residual_layer_norm_ref", "layer_norm_to", "unsupported_reason"]
 
@@ -132,11 +135,6 @@ if triton is not None:
             mean = tl.load(MEAN + rows, mask=rows < M, other=0.0)
             rstd = tl.load(RSTD + rows, mask=rows < M, other=0.0)
             xhat = tl.where(m, (x - mean[:, None]) * rstd[:, None], 0.0)
-            if REBUILD:  # (x - mean) * rstd * w + b, as _fwd_kernel forms it
-                at = NORMED + rows[:, None] * (C + PAD)
-                tl.store(at + c[None, :], (xhat * w_n[None, :] + b_n[None, :]).to(NORMED.dtype.element_ty), mask=m)
-                if PAD > 0:
-                    ones_column(at, C, rows < M, PAD)
             if PATCH == 1:
                 g = tl.load(DNORMED + offs, mask=m, other=0.0).to(tl.float32)
             else:  # read where the patches put the row; a dropped row's gradient is zero
@@ -155,6 +153,11 @@ if triton is not None:
                 tl.store(DY + offs, (dx * gelu_grad(y)).to(DY.dtype.element_ty), mask=m)
             acc_w += g * xhat
             acc_b += g
+            if REBUILD:  # (x - mean) * rstd * w + b, as _fwd_kernel forms it (rows C + PAD wide)
+                normed = (xhat * w_n[None, :] + b_n[None, :]).to(NORMED.dtype.element_ty)
+                tl.store(NORMED + offs + (rows * PAD)[:, None], normed, mask=m)
+                if PAD > 0:
+                    ones_column(NORMED + (rows * (C + PAD))[:, None], C, rows < M, PAD)
         part = pid.to(tl.int64) * C + c
         tl.store(PART_W + part, tl.sum(acc_w, 0), mask=cmask)
         tl.store(PART_B + part, tl.sum(acc_b, 0), mask=cmask)
@@ -216,7 +219,7 @@ def _bwd_op(
     rebuild = rebuild_dtype is not None
     if rebuild and (patch != 1 or bias is None):
         raise ValueError("residual_layer_norm_backward: rebuilding the rows takes patch 1 and the bias")
-    block_m = _triton.rows_per_program(c, BWD_TILES)
+    block_m = _triton.rows_per_program(c, REBUILD_TILES if rebuild else BWD_TILES)
     tile = _triton.row_tile(c, block_m)
     pad = ONES_PAD if ones and rebuild else 0
     flags = dict(PROLOGUE=prologue, HAS_DOUT=grad_out is not None, PATCH=patch, BLOCK_M=block_m, REBUILD=rebuild,

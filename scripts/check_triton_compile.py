@@ -214,8 +214,8 @@ def cases(dtype: str):
             for rebuild in (False, True) if patch == 1 else (False,):
                 yield rln._bwd_kernel, dict(DOUT=f32, DNORMED="dt", Y="dt", S=f32, W=f32, MEAN=f32, RSTD=f32, DY="dt",
                                             DS=f32, PART_W=f32, PART_B=f32, B=f32, NORMED="dt"), \
-                    {**row_launch(c, rln.BWD_TILES, "BLOCK_M"), "PROLOGUE": prologue, "HAS_DOUT": prologue,
-                     "PATCH": patch, "REBUILD": rebuild, "PAD": rln.ONES_PAD if rebuild else 0}
+                    {**row_launch(c, rln.REBUILD_TILES if rebuild else rln.BWD_TILES, "BLOCK_M"), "PROLOGUE": prologue,
+                     "HAS_DOUT": prologue, "PATCH": patch, "REBUILD": rebuild, "PAD": rln.ONES_PAD if rebuild else 0}
     # the stems: a 4x4x3 patch, 96 channels; the image fp32, the GEMM in the activation dtype
     stem = dict(GEMM=getattr(tl, {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[dtype]), KSIZE=4,
                 UPCAST=False, BLOCK_M=pcn.BLOCK_M, BLOCK_K=64, BLOCK_N=128, WARPS=pcn.WARPS)

@@ -119,7 +119,9 @@ def test_ones_column(tiles, with_y):
 @pytest.mark.parametrize("c", [96, 100])
 def test_backward_rebuilds_the_rows(tiles, with_y, ones, c):
     """``rebuild_dtype``: the backward's pass also writes the forward's normalised rows (with
-    the ones column), the same bits; its gradients unchanged."""
+    the ones column), the same bits; the row gradients unchanged, the weight's and bias's to
+    rounding (the rebuilding pass takes fewer rows a program, so its partial sums group the rows
+    otherwise)."""
     y, x, w, b = (t.detach() for t in _inputs((3, 43, c)))
     y, x = (y.reshape(-1, c) if with_y else None), x.reshape(-1, c)
     _out, normed, mean, rstd = torch.ops.hifuse.residual_layer_norm(y, x, w, b, 1e-5, torch.bfloat16, 1, 1, 1, ones)
@@ -129,8 +131,9 @@ def test_backward_rebuilds_the_rows(tiles, with_y, ones, c):
     plain = torch.ops.hifuse.residual_layer_norm_backward(*args)
     both = torch.ops.hifuse.residual_layer_norm_backward(*args, 1, 1, 1, b, torch.bfloat16, ones)
     assert plain[3].numel() == 0 and torch.equal(both[3], normed)
-    for a, r in zip(both[:3], plain[:3]):
+    for a, r in zip(both[:2], plain[:2]):
         assert torch.equal(a, r)
+    torch.testing.assert_close(both[2], plain[2], rtol=1e-6, atol=1e-5)
     with pytest.raises(ValueError, match="takes patch 1 and the bias"):
         torch.ops.hifuse.residual_layer_norm_backward(*args, 1, 1, 1, None, torch.bfloat16)
 
