@@ -81,18 +81,25 @@ def test_pooled_output(tiles, shape, act):
     torch.testing.assert_close(bn.running_var, ref_bn.running_var)
 
 
+def _backward_inputs(shape, residual, seed, grad_dtype):
+    """bf16 rows y (and an fp32 residual), a BatchNorm, y's batch statistics and a gradient."""
+    n, c, h, w = shape
+    gen = torch.Generator().manual_seed(seed)
+    y = torch.randn(n * h * w, c, generator=gen).to(DEVICE).to(torch.bfloat16)
+    r = torch.randn(n * h * w, c, generator=gen).to(DEVICE) if residual else None
+    bn = _bn(c)
+    mean, invstd, _var = torch.ops.hifuse.batch_norm_stats(y, r, 1e-5, None, None, None, 0.1)
+    grad = torch.randn(n * h * w, c, generator=gen).to(DEVICE).to(grad_dtype)
+    return y, r, bn, mean, invstd, grad
+
+
 @pytest.mark.parametrize("shape", [(3, 70, 13, 11), (1, 96, 5, 3)])
 @pytest.mark.parametrize("residual", [False, True])
 def test_backward_sums_dy(tiles, shape, residual):
     """``dy_sum``: the column sums of dy as written (a GEMM's bias gradient), from the apply
     kernel's partials; the other outputs unchanged."""
-    n, c, h, w = shape
-    gen = torch.Generator().manual_seed(2)
-    y = torch.randn(n * h * w, c, generator=gen).to(DEVICE).to(torch.bfloat16)
-    r = torch.randn(n * h * w, c, generator=gen).to(DEVICE) if residual else None
-    bn = _bn(c)
-    mean, invstd, _var = torch.ops.hifuse.batch_norm_stats(y, r, 1e-5, None, None, None, 0.1)
-    grad = torch.randn(n * h * w, c, generator=gen).to(DEVICE)
+    _n, _c, h, w = shape
+    y, r, bn, mean, invstd, grad = _backward_inputs(shape, residual, 2, torch.float32)
     args = (grad, y, r, mean, invstd, bn.weight.detach(), bn.bias.detach(), 1, h, w, False)
     plain = torch.ops.hifuse.batch_norm_act_backward(*args)
     summed = torch.ops.hifuse.batch_norm_act_backward(*args, True)
@@ -107,13 +114,8 @@ def test_backward_sums_dy(tiles, shape, residual):
 def test_backward_rebuilds_the_apply(tiles, shape, residual, act):
     """``rebuild_dtype``: the reducing pass also writes the apply's result, the bits
     hifuse::batch_norm_act writes; the other outputs unchanged."""
-    n, c, h, w = shape
-    gen = torch.Generator().manual_seed(3)
-    y = torch.randn(n * h * w, c, generator=gen).to(DEVICE).to(torch.bfloat16)
-    r = torch.randn(n * h * w, c, generator=gen).to(DEVICE) if residual else None
-    bn = _bn(c)
-    mean, invstd, _var = torch.ops.hifuse.batch_norm_stats(y, r, 1e-5, None, None, None, 0.1)
-    grad = torch.randn(n * h * w, c, generator=gen).to(DEVICE).to(torch.bfloat16)
+    _n, _c, h, w = shape
+    y, r, bn, mean, invstd, grad = _backward_inputs(shape, residual, 3, torch.bfloat16)
     args = (grad, y, r, mean, invstd, bn.weight.detach(), bn.bias.detach(), act, h, w, False)
     plain = torch.ops.hifuse.batch_norm_act_backward(*args)
     both = torch.ops.hifuse.batch_norm_act_backward(*args, False, torch.bfloat16)
