@@ -191,8 +191,9 @@ REBUILD_VAR = "HIFUSE_REBUILD"
 @dataclass(frozen=True)
 class Rebuilds(_Switches):
     """Which tensors a fused training step rebuilds in backward instead of keeping
-    (``hifuse_kernels.recompute``). Each rebuild saves memory and costs a pass in backward;
-    values and gradients are the same either way.
+    (``hifuse_kernels.recompute``). Each rebuild saves memory; some cost a pass in backward,
+    others are written by a backward pass that reads their inputs anyway. Values are the same
+    either way, gradients too but for rounding in a few parameter sums.
 
     attention_norm: the global blocks' norm1 rows (the qkv GEMM's input).
     attention_proj: the output of the global blocks' proj (fc1's input).

@@ -134,6 +134,10 @@ if triton is not None:
         w_a = tl.load(W + c, mask=cmask, other=0.0).to(tl.float32)
         w_b = tl.load(W + C + c, mask=cmask & (PARTS > 1), other=0.0).to(tl.float32)
         w_d = tl.load(W + 2 * C + c, mask=cmask & (PARTS > 2), other=0.0).to(tl.float32)
+        if REBUILD:
+            b_a = tl.load(BIAS + c, mask=cmask, other=0.0).to(tl.float32)
+            b_b = tl.load(BIAS + C + c, mask=cmask & (PARTS > 1), other=0.0).to(tl.float32)
+            b_d = tl.load(BIAS + 2 * C + c, mask=cmask & (PARTS > 2), other=0.0).to(tl.float32)
         acc_wa = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
         acc_wb = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
         acc_wd = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
@@ -156,7 +160,7 @@ if triton is not None:
                 for k in tl.static_range(PARTS):
                     h = ha if k == 0 else (hb if k == 1 else hd)
                     w = w_a if k == 0 else (w_b if k == 1 else w_d)
-                    bb = tl.load(BIAS + k * C + c, mask=cmask, other=0.0).to(tl.float32)
+                    bb = b_a if k == 0 else (b_b if k == 1 else b_d)
                     tl.store(OUT + out + k * C, (h * w[None, :] + bb[None, :]).to(OUT.dtype.element_ty), mask=m)
             dya, dyb, dyd = _load_parts(GRAD + out, GRAD + out + C, GRAD + out + 2 * C, 0, m, PARTS)
             ga = dya * w_a[None, :]

@@ -4,14 +4,19 @@ A linear layer keeps its input for the weight gradient. When that input is a che
 of tensors that backward keeps anyway (a LayerNorm or a BatchNorm apply of saved inputs),
 keeping it as well stores the same information twice: the IRMLP's bn1 output alone is as
 large as the fusion block's norm3 output. Here the GEMM keeps only the producer's
-inputs and rebuilds its own input in backward with the same op on the same tensors (so the
-same values), one elementwise pass before the weight gradient. The large GEMMs are never
-recomputed; only the fusion block's small 1x1 input GEMMs are (``linear_batch_norm``).
+inputs and rebuilds its own input in backward, computed as the forward computed it (the same
+values): by the producer's backward pass where that reads the same inputs anyway (the GEMM's
+input gradient first, then that pass, then the weight gradient), else by one elementwise pass
+before the weight gradient. The large GEMMs are never recomputed; only the fusion block's
+small 1x1 input GEMMs are (``linear_batch_norm``).
 
-A producer is a class with two static methods:
+A producer is a class with two static methods, and optionally two more:
 - ``make(*args) -> (a, aux)``: the GEMM input ``a`` and what its backward needs besides
   ``args`` (statistics the producer's op returns), without autograd;
-- ``grad(grad_a, aux, *args)``: the gradients of ``args`` (None for non-tensors).
+- ``grad(grad_a, aux, *args)``: the gradients of ``args`` (None for non-tensors);
+- ``dtype(*args)``: a's dtype, and ``remake_grad(grad_a, aux, *args) -> (a, grads)``: ``make``'s
+  a and ``grad``'s gradients from one backward pass, for grad_a as (M, C) rows (``linear``
+  then keeps the forward's ``aux``, statistics, to hand it).
 
 A source is a producer used only for ``make``: it rebuilds a tensor that an autograd op made
 in forward (gradients go through that op), for consumers that would otherwise keep it.
@@ -649,7 +654,7 @@ class _ResidualLayerNormLinear(torch.autograd.Function):
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
         weight, bias = cast_for_gemm(weight, bias, autocast_dtype(normed))
         ctx.save_for_backward(y, shortcut, ln_weight, ln_bias, mean, rstd, weight, bias, normed if keep else None)
-        ctx.eps, ctx.norm_dtype = eps, norm_dtype
+        ctx.norm_dtype = norm_dtype
         ctx.set_materialize_grads(False)  # the stream's gradient is None where nothing reads it
         return out, F.linear(normed, weight, bias)
 

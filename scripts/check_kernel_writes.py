@@ -29,13 +29,20 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from check_triton_compile import DTYPES, FLOATS, cases  # noqa: E402
 
+
+
+def _rebuilt(constexprs: dict, name: str) -> set:
+    """The output a backward kernel's REBUILD variant writes the forward's values to."""
+    return {name} if constexprs.get("REBUILD") else set()
+
+
 # The pointer arguments each kernel stores through (some only under a constexpr, given the
 # variant's constexprs): nothing else may be called written.
 WRITES = {
     "window_attention._fwd_kernel": {"OUT", "LSE"},
     "window_attention._bwd_kernel": lambda k: {"DQKV", "DBIAS_PART"} | ({"DS_PART"} if k["ON_CHIP"] else {"DS_SLOT"}),
     "dwconv_layer_norm._fwd_kernel": {"OUT", "MEAN", "RSTD"},
-    "dwconv_layer_norm._bwd_norm_kernel": {"DY", "PART_LW", "PART_LB"},
+    "dwconv_layer_norm._bwd_norm_kernel": lambda k: {"DY", "PART_LW", "PART_LB"} | _rebuilt(k, "OUT"),
     "dwconv_layer_norm._bwd_conv_kernel": {"DX", "PART"},
     "gelu_linear._fwd_kernel": {"OUT"},
     "gelu_linear._bwd_input_kernel": {"DH"},
@@ -48,12 +55,13 @@ WRITES = {
         {"RUN_MEAN", "RUN_VAR", "NBT"} if k["UPDATE"] else set()),
     "batch_norm_act._apply_kernel": {"OUT"},
     "batch_norm_act._apply_pool_kernel": {"OUT"},
-    "batch_norm_act._bwd_reduce_kernel": {"SUM_DZ_PART", "SUM_DZXH_PART"},
+    "batch_norm_act._bwd_reduce_kernel": lambda k: {"SUM_DZ_PART", "SUM_DZXH_PART"} | _rebuilt(k, "OUT"),
     "batch_norm_act._bwd_sums_kernel": {"SUM_DZ", "SUM_DZXH", "DW", "DB"},
     "batch_norm_act._bwd_apply_kernel": lambda k: {"DY"} | ({"DR"} if k["PROLOGUE"] else set())
     | ({"DYSUM_PART"} if k.get("DYSUM") else set()),
     "residual_layer_norm._fwd_kernel": lambda k: {"NORMED", "MEAN", "RSTD"} | ({"OUT"} if k["PROLOGUE"] else set()),
-    "residual_layer_norm._bwd_kernel": lambda k: {"DS", "PART_W", "PART_B"} | ({"DY"} if k["PROLOGUE"] else set()),
+    "residual_layer_norm._bwd_kernel": lambda k: {"DS", "PART_W", "PART_B"} | ({"DY"} if k["PROLOGUE"] else set())
+    | _rebuilt(k, "NORMED"),
     "channel_pool._channel_pool_kernel": {"SUM", "MAX", "ARG"},
     "window_attention._dense_bias_kernel": {"OUT"},
     "channel_pool._channel_pool_combine_kernel": {"AVG", "BEST", "OUT_ARG"},
@@ -66,7 +74,7 @@ WRITES = {
     "patch_conv_norm._fwd_kernel": {"OUT", "MEAN", "RSTD"},
     "patch_conv_norm._bwd_kernel": {"PART_W", "PART_B", "PART_LW", "PART_LB"},
     "layer_norm_cat._rows_bwd_kernel": lambda k: {"DA", "PART_W", "PART_B"} | ({"DB"} if k["PARTS"] > 1 else set())
-    | ({"DD"} if k["PARTS"] > 2 else set()),
+    | ({"DD"} if k["PARTS"] > 2 else set()) | _rebuilt(k, "OUT"),
 }
 
 TORCH_DTYPES = {"fp64": torch.float64, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "i32": torch.int32, "i64": torch.int64}

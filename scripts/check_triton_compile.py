@@ -140,7 +140,7 @@ def cases(dtype: str):
         yield dln._fwd_kernel, dict(X="dt", CW=f32, CB=f32, LW=f32, LB=f32, OUT="dt", MEAN=f32, RSTD=f32), \
             {**tiles, "PAD": 0}
         # under autocast: the fp32 stream in, the GEMM's dtype out
-        for pad in (0, dln.ONES_PAD):  # with the ones column: kept for the GEMM, or rebuilt where it runs
+        for pad in (0, dln.ONES_PAD):  # with the ones column (the op's ``ones``)
             yield dln._fwd_kernel, dict(X=f32, CW=f32, CB=f32, LW=f32, LB=f32, OUT="dt", MEAN=f32, RSTD=f32), \
                 {**tiles, "PAD": pad}
         norm = dln.norm_backward_tile(1 << 20, block_c)
@@ -207,7 +207,7 @@ def cases(dtype: str):
     for c in (96, 192, 384, 768):  # fp32 residual stream, dt GEMM output and normalised rows (autocast)
         rows = row_launch(c, 1, "BLOCK_M")
         for prologue, patch in ((False, 1), (True, 1), (False, 2)):  # patch 2: the local downsamples' order
-            for pad in (0, rln.ONES_PAD) if patch == 1 else (0,):  # with the ones column (backward's rebuild)
+            for pad in (0, rln.ONES_PAD) if patch == 1 else (0,):  # with the ones column (the op's ``ones``)
                 yield rln._fwd_kernel, dict(Y="dt", S=f32, W=f32, B=f32, OUT=f32, NORMED="dt", MEAN=f32, RSTD=f32), \
                     {**rows, "PROLOGUE": prologue, "PATCH": patch, "PAD": pad}
             # rebuild (patch 1): the normalised rows too, with the ones column

@@ -103,7 +103,8 @@ def test_recorded_variants_follow_the_jit_rules(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     pointer = {"pointer": "*bf16", "aligned": True}
     args = dict(X=pointer, CW=pointer, CB=pointer, LW=pointer, GRAD=pointer, MEAN=pointer, RSTD=pointer, DY=pointer,
-                PART_LW=pointer, PART_LB={"pointer": "*fp32", "aligned": False}, P={"int": 96}, H={"int": 7},
+                PART_LW=pointer, PART_LB={"pointer": "*fp32", "aligned": False}, LB=pointer, OUT=pointer, P={"int": 96},
+                H={"int": 7},
                 W={"int": 1}, C={"int": 96}, PROGRAMS={"int": 32}, BLOCK_P={"int": 8}, BLOCK_C={"int": 128})
     launches = [{"kernel": "hifuse_kernels.dwconv_layer_norm._bwd_norm_kernel", "args": args,
                  "options": {"num_warps": 8}, "launches": 1},
@@ -121,5 +122,6 @@ print(sorted(names[i] for (i,) in v["attrs"]), v["constexprs"], v["signature"]["
 """
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    aligned = sorted(["X", "CW", "CB", "LW", "GRAD", "MEAN", "RSTD", "DY", "PART_LW", "P", "C"])
-    assert result.stdout.strip() == f"{aligned} {{'W': 1, 'BLOCK_P': 8, 'BLOCK_C': 128}} i32 3"
+    aligned = sorted(["X", "CW", "CB", "LW", "GRAD", "MEAN", "RSTD", "DY", "PART_LW", "LB", "OUT", "P", "C"])
+    # constexprs left out of a launch take the kernel's defaults
+    assert result.stdout.strip() == f"{aligned} {{'W': 1, 'BLOCK_P': 8, 'BLOCK_C': 128, 'REBUILD': False, 'PAD': 0}} i32 3"
