@@ -98,7 +98,7 @@ class BatchNormApply:
             return BatchNormApply.make(*args)[0], BatchNormApply.grad(grad_a, (), *args)
         dy, dr, dw, db, _, a = torch.ops.hifuse.batch_norm_act_backward(
             grad_a.contiguous(), y, residual, mean, invstd, weight, bias, act, height, width, pool, False,
-            bna.result_dtype(y, residual, out_dtype),
+            BatchNormApply.dtype(*args),
         )
         return a, (dy, (dr if residual is not None else None), None, None, dw, db, None, None, None, None, None)
 
@@ -330,6 +330,13 @@ def mm_to(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return (a @ b).to(dtype)
 
 
+def _linear_input_grad(grad: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The gradient of ``F.linear``'s input as (M, K) rows in ``dtype``, computed in grad's dtype
+    (the GEMM's, under autocast); it needs the weight only, so it can come before the input is
+    rebuilt."""
+    return mm_to(grad.reshape(-1, grad.shape[-1]), weight.to(grad.dtype), dtype)
+
+
 def _linear_backward(grad, a, weight, bias, weight_dtype=None, bias_dtype=None, a_dtype=None, a_ones=None,
                      a_grad_into=None, a_grad: bool = True):
     """Gradients of ``F.linear(a, weight, bias)`` (weight and bias as the GEMM took them):
@@ -348,7 +355,7 @@ def _linear_backward(grad, a, weight, bias, weight_dtype=None, bias_dtype=None, 
         da = mm_add_into(a_grad_into.view(rows.shape[0], -1), rows, weight.to(dtype)).view(a.shape)
         a_grad_into = None
     else:  # in the input's dtype straight from the GEMM (float32 too)
-        da = mm_to(rows, weight.to(dtype), a_dtype or a.dtype).view(a.shape)
+        da = _linear_input_grad(grad, weight, a_dtype or a.dtype).view(a.shape)
     if a_grad_into is not None:
         da = da + a_grad_into
     if a_ones is not None and bias is not None and a_ones.dtype == dtype:
@@ -398,7 +405,7 @@ def _function(producer, sources=()):
             if not made and hasattr(producer, "remake_grad"):
                 # a's gradient first: the producer's backward then rebuilds a in the pass that
                 # reads what rebuilding it reads, before the weight gradient takes it
-                da = mm_to(grad.reshape(-1, grad.shape[-1]), weight.to(grad.dtype), producer.dtype(*args))
+                da = _linear_input_grad(grad, weight, producer.dtype(*args))
                 a, grads = producer.remake_grad(da, remade, *args)
                 _, dw, db = _linear_backward(grad, a, weight, bias, *ctx.dtypes, a_grad=False)
                 return (dw, db, None, None, *grads, *[None] * (len(flat) - ctx.n_args))
@@ -566,7 +573,7 @@ class _DwconvLayerNormLinearResidual(torch.autograd.Function):
             # a's gradient first: the norm backward then rebuilds a in its pass, which reads what
             # rebuilding it reads, with a ones column when there is a bias (its gradient comes
             # from the weight's GEMM)
-            da = mm_to(grad_y.reshape(-1, grad_y.shape[-1]), weight.to(grad_y.dtype), out_dtype)
+            da = _linear_input_grad(grad_y, weight, out_dtype)
             *grads, ones = dln.backward(da.view(*x.shape[:3], -1), x, conv_weight, conv_bias, ln_weight, mean, rstd,
                                         grad, ln_bias, out_dtype, bias is not None)
             c = x.shape[-1]
@@ -668,7 +675,7 @@ class _ResidualLayerNormLinear(torch.autograd.Function):
             # the rows' gradient first: the LayerNorm backward then rebuilds the rows in its pass,
             # which reads what rebuilding them reads, with a ones column when there is a bias (its
             # gradient comes from the weight's GEMM)
-            dnormed = mm_to(grad.reshape(-1, grad.shape[-1]), weight.to(grad.dtype), ctx.norm_dtype)
+            dnormed = _linear_input_grad(grad, weight, ctx.norm_dtype)
             dy, ds, dlw, dlb, ones = rln.backward(grad_out, dnormed, y, shortcut, ln_weight, mean, rstd, bias=ln_bias,
                                                   rebuild_dtype=ctx.norm_dtype, ones=bias is not None)
             _, dw, db = _linear_backward(grad, ones[:, : shortcut.shape[-1]], weight, bias, *ctx.dtypes, a_ones=ones,
