@@ -270,9 +270,10 @@ if triton is not None:
         tl.store(SUM_DZXH_PART + part, tl.sum(sum_dzxh, 0), mask=cmask)
 
     @triton.jit
-    def _bwd_sums_kernel(SUM_DZ_PART, SUM_DZXH_PART, SUM_DZ, SUM_DZXH, DW, DB, C, PROGRAMS, BLOCK_C: tl.constexpr):
+    def _bwd_sums_kernel(SUM_DZ_PART, SUM_DZXH_PART, SUM_DZ, SUM_DZXH, DW, DB, C, PROGRAMS, BLOCK_C: tl.constexpr,
+                         PARAMS: tl.constexpr = True):
         """The programs' partial sums added in a fixed order: the sums the apply pass takes
-        (float32) and the weight and bias gradients (in their dtypes)."""
+        (float32) and with PARAMS the weight and bias gradients (in their dtypes)."""
         c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
         cmask = c < C
         dz = tl.zeros((BLOCK_C,), dtype=tl.float64)
@@ -284,8 +285,9 @@ if triton is not None:
         dzxh = dzxh.to(tl.float32)
         tl.store(SUM_DZ + c, dz, mask=cmask)
         tl.store(SUM_DZXH + c, dzxh, mask=cmask)
-        tl.store(DW + c, dzxh.to(DW.dtype.element_ty), mask=cmask)
-        tl.store(DB + c, dz.to(DB.dtype.element_ty), mask=cmask)
+        if PARAMS:
+            tl.store(DW + c, dzxh.to(DW.dtype.element_ty), mask=cmask)
+            tl.store(DB + c, dz.to(DB.dtype.element_ty), mask=cmask)
 
     @triton.jit
     def _bwd_apply_kernel(G, Y, R, MEAN, INVSTD, W, B, SUM_DZ, SUM_DZXH, DY, DR, DYSUM_PART, M, C, H, WIDTH,
@@ -464,6 +466,50 @@ def _backward_op(
         DYSUM=dy_sum,
     )
     return dy, dr, dw, db, parts.sum(0) if dy_sum else parts.new_empty((0,)), rebuilt
+
+
+def combine_backward_sums(sum_dz_part: torch.Tensor, sum_dzxh_part: torch.Tensor, sum_dz: torch.Tensor,
+                          sum_dzxh: torch.Tensor) -> None:
+    """Adds (programs, C) float64 partials of the backward's sums over the programs in a fixed
+    order into float32 (C,) ``sum_dz`` and ``sum_dzxh``, as the backward adds its own (for a
+    pass of another op that reduced them, ``layer_norm_cat_rows_bn_backward``)."""
+    programs, c = sum_dz_part.shape
+    block_c = min(BLOCK_C, _triton.next_power_of_2(c))
+    _triton.wrap_triton(_bwd_sums_kernel)[(triton.cdiv(c, block_c),)](
+        sum_dz_part, sum_dzxh_part, sum_dz, sum_dzxh, sum_dz, sum_dz, c, programs, BLOCK_C=block_c, PARAMS=False,
+        num_warps=COMBINE_WARPS,
+    )
+
+
+@_triton.define_op("hifuse::batch_norm_act_backward_summed", mutates_args=())
+def _backward_summed_op(
+    grad: torch.Tensor, y: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor, weight: torch.Tensor,
+    bias: torch.Tensor, sum_dz: torch.Tensor, sum_dzxh: torch.Tensor, act: int, height: int, width: int,
+    pool: bool, dy_sum: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dy, colsum(dy)) of ``hifuse::batch_norm_act_backward`` (no residual) given its sums,
+    ``sum_dz`` = colsum(dz) and ``sum_dzxh`` = colsum(dz * x_hat) in float32, reduced by a pass
+    that read grad and y anyway (``layer_norm_cat_rows_bn_backward``): the apply pass alone.
+    The weight's and bias's gradients are those sums, in their dtypes."""
+    m, c = y.shape
+    for name, t in (("sum_dz", sum_dz), ("sum_dzxh", sum_dzxh)):
+        if t.shape != (c,) or t.dtype != torch.float32 or not t.is_contiguous():
+            raise ValueError(f"batch_norm_act_backward_summed: {name} must be a contiguous float32 ({c},) vector, "
+                             f"got {t.dtype} {tuple(t.shape)}")
+    flags = dict(PROLOGUE=False, ACT=act, POOL=pool, **_launch("backward", m, y, None, pool, BWD_BLOCK_M))
+    grid = _grid(m, c, flags)
+    dy = torch.empty_like(y)
+    parts = torch.empty((grid[0] if dy_sum else 0, c), device=y.device, dtype=torch.float32)
+    _triton.wrap_triton(_bwd_apply_kernel)[grid](
+        grad, y, y, mean, invstd, weight, bias, sum_dz, sum_dzxh, dy, dy, parts, m, c, height, width, **flags,
+        DYSUM=dy_sum,
+    )
+    return dy, parts.sum(0) if dy_sum else parts.new_empty((0,))
+
+
+@_backward_summed_op.register_fake
+def _(grad, y, mean, invstd, weight, bias, sum_dz, sum_dzxh, act, height, width, pool, dy_sum=False):
+    return torch.empty_like(y), y.new_empty((y.shape[1] if dy_sum else 0,), dtype=torch.float32)
 
 
 @_stats_op.register_fake

@@ -14,6 +14,12 @@ each part's gradient and per-program weight and bias partials in one pass (added
 order: reruns give identical bits). ``forward`` and ``backward`` pick the path from the
 parts, the same for a tensor's forward and its backward.
 
+A part may also come as the input y of a training BatchNorm without activation (the fusion
+block's W_l and W_g), applied on load as ``batch_norm_act`` applies it (the same bits), so the
+part is never written (``hifuse::layer_norm_cat_rows_bn``); the backward
+(``..._bn_backward``) then also reduces that BatchNorm's backward sums from the part's
+gradient it writes and the y it reads anyway, leaving the BatchNorm only its apply pass.
+
 Layers: reference, capability check, registered ops (native: schema in C++, fake and
 autograd here; Triton: kernels and ops here), functional entry points. Its user is the
 fused ``HFFBlock`` (``hifuse.fused.fusion_block``).
@@ -26,6 +32,7 @@ from collections.abc import Sequence
 import torch
 
 from . import _ext, _triton
+from . import batch_norm_act as bna
 from ._features import nhwc
 from ._triton import tl, triton
 from .layer_norm_cf import _argument_problem
@@ -93,14 +100,67 @@ if triton is not None:
         return a, b, d
 
     @triton.jit
-    def _rows_fwd_kernel(A, B, D, W, BIAS, OUT, MEAN, RSTD, M, C, eps, PARTS: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    def _bn_params(MEAN, INVSTD, BN_W, BN_B, c, cmask, ON: tl.constexpr):
+        """A part's BatchNorm apply as ``batch_norm_act._apply_kernel`` forms it: the mean, the
+        scale invstd * weight and the shift (zeros where the part has none)."""
+        if ON:
+            mean = tl.load(MEAN + c, mask=cmask, other=0.0)
+            scale = tl.load(INVSTD + c, mask=cmask, other=0.0) * tl.load(BN_W + c, mask=cmask, other=0.0).to(tl.float32)
+            shift = tl.load(BN_B + c, mask=cmask, other=0.0).to(tl.float32)
+        else:
+            mean = tl.zeros(c.shape, dtype=tl.float32)
+            scale = mean
+            shift = mean
+        return mean, scale, shift
+
+    @triton.jit
+    def _bn_invstd(INVSTD, c, cmask, ON: tl.constexpr):
+        if ON:
+            invstd = tl.load(INVSTD + c, mask=cmask, other=0.0)
+        else:
+            invstd = tl.zeros(c.shape, dtype=tl.float32)
+        return invstd
+
+    @triton.jit
+    def _bn_sums(dz, y, mean, invstd, m, sum_dz, sum_dzxh, ON: tl.constexpr):
+        """A part's BatchNorm backward sums: dz, the part's gradient as written, and x_hat from
+        its input y as ``batch_norm_act._bwd_reduce_kernel`` forms them; float32 tiles (float64
+        ones doubled the kernel's registers), added over the rows in float64 at the end."""
+        if ON:
+            dz = tl.where(m, dz.to(tl.float32), 0.0)
+            sum_dz += dz
+            sum_dzxh += dz * ((y - mean[None, :]) * invstd[None, :])
+        return sum_dz, sum_dzxh
+
+    @triton.jit
+    def _bn_apply(v, mean, scale, shift, m, dtype: tl.constexpr, ON: tl.constexpr):
+        """The part's value from its BatchNorm input v: the apply's output in the apply's dtype
+        (the same bits as its store), back in fp32; zero where masked."""
+        if ON:
+            z = (v - mean[None, :]) * scale[None, :] + shift[None, :]
+            v = tl.where(m, z.to(dtype).to(tl.float32), 0.0)
+        return v
+
+    @triton.jit
+    def _rows_fwd_kernel(A, B, D, W, BIAS, OUT, MEAN, RSTD, BN_MA, BN_IA, BN_WA, BN_BA, BN_MB, BN_IB, BN_WB, BN_BB,
+                         BN_MD, BN_ID, BN_WD, BN_BD, M, C, eps, PARTS: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BN: tl.constexpr = 0):
+        """BN: a bit mask of the parts given as a BatchNorm's input (its mean, invstd, weight
+        and bias in BN_M*, BN_I*, BN_W*, BN_B*), applied on load as ``batch_norm_act`` applies
+        it (the same values), so the part itself is never written."""
         rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
         c = tl.arange(0, BLOCK_C)
         cmask = c < C
         rmask = rows < M
         m = rmask[:, None] & cmask[None, :]
         a, b, d = _load_parts(A, B, D, rows[:, None] * C + c[None, :], m, PARTS)
+        if BN != 0:
+            mn, sc, sh = _bn_params(BN_MA, BN_IA, BN_WA, BN_BA, c, cmask, (BN & 1) != 0)
+            a = _bn_apply(a, mn, sc, sh, m, A.dtype.element_ty, (BN & 1) != 0)
+            mn, sc, sh = _bn_params(BN_MB, BN_IB, BN_WB, BN_BB, c, cmask, (BN & 2) != 0)
+            b = _bn_apply(b, mn, sc, sh, m, B.dtype.element_ty, (BN & 2) != 0)
+            mn, sc, sh = _bn_params(BN_MD, BN_ID, BN_WD, BN_BD, c, cmask, (BN & 4) != 0)
+            d = _bn_apply(d, mn, sc, sh, m, D.dtype.element_ty, (BN & 4) != 0)
         total = PARTS * C
         mean = (tl.sum(a, 1) + tl.sum(b, 1) + tl.sum(d, 1)) / total
         a = tl.where(m, a - mean[:, None], 0.0)
@@ -118,15 +178,19 @@ if triton is not None:
         tl.store(RSTD + rows, rstd, mask=rmask)
 
     @triton.jit(do_not_specialize=["PROGRAMS"])
-    def _rows_bwd_kernel(GRAD, A, B, D, W, MEAN, RSTD, DA, DB, DD, PART_W, PART_B, BIAS, OUT, M, C, PROGRAMS,
-                         PARTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
-                         REBUILD: tl.constexpr = False):
+    def _rows_bwd_kernel(GRAD, A, B, D, W, MEAN, RSTD, DA, DB, DD, PART_W, PART_B, BIAS, OUT,
+                         BN_MA, BN_IA, BN_WA, BN_BA, BN_MB, BN_IB, BN_WB, BN_BB, BN_MD, BN_ID, BN_WD, BN_BD,
+                         BN_SUMS, M, C, PROGRAMS, PARTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+                         REBUILD: tl.constexpr = False, BN: tl.constexpr = 0):
         """On a fixed grid (``_triton.reduction_programs``): each program loops over row tiles
         pid, pid + PROGRAMS, ... and writes one row of weight and bias partials, accumulated as
         tiles and reduced over the rows once at the end. With REBUILD it also writes the
         forward's output to OUT as ``_rows_fwd_kernel`` computes it (the same bits), for a
         weight-gradient GEMM that reads it next: the pass that would rebuild it reads what this
-        one reads."""
+        one reads. BN: parts given as BatchNorm inputs, as in ``_rows_fwd_kernel``: their
+        gradients are the BatchNorm outputs', and the program writes the BatchNorm backward's
+        partial sums of each (the reducing pass ``batch_norm_act`` would make over them) to
+        BN_SUMS (BatchNorm part, sum of dz / of dz * x_hat, program, C), float64."""
         pid = tl.program_id(0)
         c = tl.arange(0, BLOCK_C)
         cmask = c < C
@@ -138,6 +202,19 @@ if triton is not None:
             b_a = tl.load(BIAS + c, mask=cmask, other=0.0).to(tl.float32)
             b_b = tl.load(BIAS + C + c, mask=cmask & (PARTS > 1), other=0.0).to(tl.float32)
             b_d = tl.load(BIAS + 2 * C + c, mask=cmask & (PARTS > 2), other=0.0).to(tl.float32)
+        if BN != 0:
+            mn_a, sc_a, sh_a = _bn_params(BN_MA, BN_IA, BN_WA, BN_BA, c, cmask, (BN & 1) != 0)
+            mn_b, sc_b, sh_b = _bn_params(BN_MB, BN_IB, BN_WB, BN_BB, c, cmask, (BN & 2) != 0)
+            mn_d, sc_d, sh_d = _bn_params(BN_MD, BN_ID, BN_WD, BN_BD, c, cmask, (BN & 4) != 0)
+            is_a = _bn_invstd(BN_IA, c, cmask, (BN & 1) != 0)
+            is_b = _bn_invstd(BN_IB, c, cmask, (BN & 2) != 0)
+            is_d = _bn_invstd(BN_ID, c, cmask, (BN & 4) != 0)
+            bn_dz_a = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
+            bn_dzxh_a = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
+            bn_dz_b = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
+            bn_dzxh_b = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
+            bn_dz_d = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
+            bn_dzxh_d = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
         acc_wa = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
         acc_wb = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
         acc_wd = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
@@ -150,6 +227,11 @@ if triton is not None:
             m = rmask[:, None] & cmask[None, :]
             offs = rows[:, None] * C + c[None, :]
             a, b, d = _load_parts(A, B, D, offs, m, PARTS)
+            if BN != 0:
+                ya, yb, yd = a, b, d
+                a = _bn_apply(a, mn_a, sc_a, sh_a, m, A.dtype.element_ty, (BN & 1) != 0)
+                b = _bn_apply(b, mn_b, sc_b, sh_b, m, B.dtype.element_ty, (BN & 2) != 0)
+                d = _bn_apply(d, mn_d, sc_d, sh_d, m, D.dtype.element_ty, (BN & 4) != 0)
             mean = tl.load(MEAN + rows, mask=rmask, other=0.0)
             rstd = tl.load(RSTD + rows, mask=rmask, other=0.0)
             ha = tl.where(m, (a - mean[:, None]) * rstd[:, None], 0.0)
@@ -167,11 +249,18 @@ if triton is not None:
             gb = dyb * w_b[None, :]
             gd = dyd * w_d[None, :]
             za, zb, zd = three_part_norm_grads(ga, gb, gd, ha, hb, hd, rstd, total)
-            tl.store(DA + offs, za.to(DA.dtype.element_ty), mask=m)
+            za = za.to(DA.dtype.element_ty)
+            zb = zb.to(DB.dtype.element_ty)
+            zd = zd.to(DD.dtype.element_ty)
+            tl.store(DA + offs, za, mask=m)
             if PARTS > 1:
-                tl.store(DB + offs, zb.to(DB.dtype.element_ty), mask=m)
+                tl.store(DB + offs, zb, mask=m)
             if PARTS > 2:
-                tl.store(DD + offs, zd.to(DD.dtype.element_ty), mask=m)
+                tl.store(DD + offs, zd, mask=m)
+            if BN != 0:
+                bn_dz_a, bn_dzxh_a = _bn_sums(za, ya, mn_a, is_a, m, bn_dz_a, bn_dzxh_a, (BN & 1) != 0)
+                bn_dz_b, bn_dzxh_b = _bn_sums(zb, yb, mn_b, is_b, m, bn_dz_b, bn_dzxh_b, (BN & 2) != 0)
+                bn_dz_d, bn_dzxh_d = _bn_sums(zd, yd, mn_d, is_d, m, bn_dz_d, bn_dzxh_d, (BN & 4) != 0)
             acc_wa += dya * ha
             acc_wb += dyb * hb
             acc_wd += dyd * hd
@@ -187,11 +276,64 @@ if triton is not None:
         if PARTS > 2:
             tl.store(PART_W + part + 2 * C, tl.sum(acc_wd, 0), mask=cmask)
             tl.store(PART_B + part + 2 * C, tl.sum(acc_bd, 0), mask=cmask)
+        # BN_SUMS[s, pid, j * C:(j + 1) * C], j the part's place among the BatchNorm parts
+        n_bn: tl.constexpr = (BN & 1) + (BN >> 1 & 1) + (BN >> 2 & 1)
+        sums = pid.to(tl.int64) * (n_bn * C) + c
+        step = PROGRAMS.to(tl.int64) * (n_bn * C)
+        if (BN & 1) != 0:
+            tl.store(BN_SUMS + sums, tl.sum(bn_dz_a.to(tl.float64), 0), mask=cmask)
+            tl.store(BN_SUMS + step + sums, tl.sum(bn_dzxh_a.to(tl.float64), 0), mask=cmask)
+        if (BN & 2) != 0:
+            at = sums + (BN & 1) * C
+            tl.store(BN_SUMS + at, tl.sum(bn_dz_b.to(tl.float64), 0), mask=cmask)
+            tl.store(BN_SUMS + step + at, tl.sum(bn_dzxh_b.to(tl.float64), 0), mask=cmask)
+        if (BN & 4) != 0:
+            at = sums + ((BN & 1) + (BN >> 1 & 1)) * C
+            tl.store(BN_SUMS + at, tl.sum(bn_dz_d.to(tl.float64), 0), mask=cmask)
+            tl.store(BN_SUMS + step + at, tl.sum(bn_dzxh_d.to(tl.float64), 0), mask=cmask)
 
 
 def _three(rows: list[torch.Tensor]) -> list[torch.Tensor]:
     """The parts as the kernels' three pointers (an absent part points at the first, unread)."""
     return rows + [rows[0]] * (MAX_PARTS - len(rows))
+
+
+def _bn_pointers(rows: list[torch.Tensor], bn: list[torch.Tensor], bn_parts: int) -> list[torch.Tensor]:
+    """The kernels' twelve BatchNorm pointers (mean, invstd, weight, bias of each part) from
+    ``bn``, four for each part in the ``bn_parts`` bit mask, in order; a part without points
+    at the first part, unread."""
+    out, given = [], iter(bn)
+    for k in range(MAX_PARTS):
+        out += [next(given) for _ in range(4)] if bn_parts >> k & 1 else [rows[0]] * 4
+    return out
+
+
+def _bn_problem(rows: list[torch.Tensor], bn: list[torch.Tensor], bn_parts: int) -> str | None:
+    if not 0 <= bn_parts < 1 << len(rows):
+        return f"bn_parts must be a bit mask of the {len(rows)} parts, got {bn_parts}"
+    if len(bn) != 4 * bin(bn_parts).count("1"):
+        return f"bn takes four tensors (mean, invstd, weight, bias) per part in bn_parts, got {len(bn)}"
+    c = rows[0].shape[1]
+    for t in bn:
+        if t.shape != (c,) or not t.is_contiguous() or t.device != rows[0].device:
+            return f"each BatchNorm tensor must be a contiguous ({c},) vector on {rows[0].device}, got {tuple(t.shape)}"
+    for i in range(0, len(bn), 4):
+        if bn[i].dtype != torch.float32 or bn[i + 1].dtype != torch.float32:
+            return "the BatchNorm mean and invstd must be float32"
+    return None
+
+
+def _rows_forward_impl(rows, bn, bn_parts, weight, bias, eps, out_dtype):
+    m, c = rows[0].shape
+    out = torch.empty((m, len(rows) * c), device=rows[0].device, dtype=out_dtype)
+    mean = torch.empty((m,), device=rows[0].device, dtype=torch.float32)
+    rstd = torch.empty_like(mean)
+    block_m = _triton.rows_per_program(c, len(rows))
+    _triton.wrap_triton(_rows_fwd_kernel)[_triton.grid(triton.cdiv(m, block_m))](
+        *_three(rows), weight, bias, out, mean, rstd, *_bn_pointers(rows, bn, bn_parts), m, c, eps,
+        PARTS=len(rows), BLOCK_M=block_m, BN=bn_parts, **_triton.row_tile(c, block_m),
+    )
+    return out, mean, rstd
 
 
 @_triton.define_op("hifuse::layer_norm_cat_rows", mutates_args=())
@@ -200,16 +342,22 @@ def _rows_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """LayerNorm over the concatenation of 1 to 3 (M, C) row-major parts: (out (M, parts x C)
     in out_dtype, mean, rstd (M,) float32)."""
-    m, c = rows[0].shape
-    out = torch.empty((m, len(rows) * c), device=rows[0].device, dtype=out_dtype)
-    mean = torch.empty((m,), device=rows[0].device, dtype=torch.float32)
-    rstd = torch.empty_like(mean)
-    block_m = _triton.rows_per_program(c, len(rows))
-    _triton.wrap_triton(_rows_fwd_kernel)[_triton.grid(triton.cdiv(m, block_m))](
-        *_three(rows), weight, bias, out, mean, rstd, m, c, eps,
-        PARTS=len(rows), BLOCK_M=block_m, **_triton.row_tile(c, block_m),
-    )
-    return out, mean, rstd
+    return _rows_forward_impl(rows, [], 0, weight, bias, eps, out_dtype)
+
+
+@_triton.define_op("hifuse::layer_norm_cat_rows_bn", mutates_args=())
+def _rows_bn_op(
+    rows: list[torch.Tensor], bn: list[torch.Tensor], bn_parts: int, weight: torch.Tensor, bias: torch.Tensor,
+    eps: float, out_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``layer_norm_cat_rows`` where the parts in the bit mask ``bn_parts`` are given as the
+    input y of a training BatchNorm without activation, ``bn`` holding its (mean, invstd,
+    weight, bias) for each, in order: each such part is ``hifuse::batch_norm_act(y, None, mean,
+    invstd, weight, bias, 0, ...)``, applied on load (the same values), never written."""
+    problem = _bn_problem(rows, bn, bn_parts)
+    if problem is not None:
+        raise ValueError(f"layer_norm_cat_rows_bn: {problem}")
+    return _rows_forward_impl(rows, bn, bn_parts, weight, bias, eps, out_dtype)
 
 
 def _rows_bwd_launch(c: int) -> dict:
@@ -220,22 +368,30 @@ def _rows_bwd_launch(c: int) -> dict:
     return {"BLOCK_M": block_m, "BLOCK_C": block_c, "num_warps": max(4, min(16, block_m * block_c // 64))}
 
 
-def _rows_backward_impl(grad, rows, weight, mean, rstd, bias, rebuild_dtype):
+def _rows_backward_impl(grad, rows, weight, mean, rstd, bias, rebuild_dtype, bn=(), bn_parts=0):
     m, c = rows[0].shape
     rebuild = rebuild_dtype is not None
-    flags = dict(PARTS=len(rows), REBUILD=rebuild, **_rows_bwd_launch(c))
+    flags = dict(PARTS=len(rows), REBUILD=rebuild, BN=bn_parts, **_rows_bwd_launch(c))
     ptrs = _three(rows)
+    bn_ptrs = _bn_pointers(rows, list(bn), bn_parts)
     out = torch.empty((m, len(rows) * c) if rebuild else (0,), device=grad.device, dtype=rebuild_dtype or grad.dtype)
     programs = _triton.reduction_programs(
         triton.cdiv(m, flags["BLOCK_M"]), 1, grad.device, kernel=_rows_bwd_kernel, launch=flags,
-        args=(grad, *ptrs, weight, mean, rstd, *[rows[0].dtype] * 3, torch.float32, torch.float32, bias, out, m, c, 2),
+        args=(grad, *ptrs, weight, mean, rstd, *[rows[0].dtype] * 3, torch.float32, torch.float32, bias, out,
+              *bn_ptrs, torch.float64 if bn_parts else grad.dtype, m, c, 2),
     )
     grads = [torch.empty_like(t) for t in rows]
     part = torch.empty((2, programs, len(rows) * c), device=grad.device, dtype=torch.float32)
+    n_bn = bin(bn_parts).count("1")
+    bn_part = torch.empty((2, programs, n_bn * c) if n_bn else (0,), device=grad.device, dtype=torch.float64)
     _triton.wrap_triton(_rows_bwd_kernel)[_triton.grid(programs)](
-        grad, *ptrs, weight, mean, rstd, *_three(grads), part[0], part[1], bias, out, m, c, programs, **flags,
+        grad, *ptrs, weight, mean, rstd, *_three(grads), part[0], part[1], bias, out, *bn_ptrs,
+        bn_part if n_bn else grad, m, c, programs, **flags,
     )
-    return grads, part.sum(1), out
+    bn_sums = torch.empty((2, n_bn * c), device=grad.device, dtype=torch.float32)
+    if n_bn:  # the partials added in a fixed order, as the BatchNorm's backward adds its own
+        bna.combine_backward_sums(bn_part[0], bn_part[1], bn_sums[0], bn_sums[1])
+    return grads, part.sum(1), out, bn_sums
 
 
 # Ops that take a Tensor[] take every argument explicitly (torch 2.11, see the tests): the
@@ -246,7 +402,7 @@ def _rows_backward_op(
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
     """The parts' gradients, and the weight's and bias's as one (2, parts x C) float32 tensor
     (one sum of the partials; ``rows_backward`` splits it)."""
-    grads, params, _ = _rows_backward_impl(grad, rows, weight, mean, rstd, weight, None)
+    grads, params, _, _ = _rows_backward_impl(grad, rows, weight, mean, rstd, weight, None)
     return grads, params
 
 
@@ -257,7 +413,23 @@ def _rows_backward_rebuild_op(
 ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
     """``layer_norm_cat_rows_backward``'s outputs and the forward's output in ``out_dtype``, the
     same bits, written by the same pass (which needs the LayerNorm's bias for it)."""
-    return _rows_backward_impl(grad, rows, weight, mean, rstd, bias, out_dtype)
+    return _rows_backward_impl(grad, rows, weight, mean, rstd, bias, out_dtype)[:3]
+
+
+@_triton.define_op("hifuse::layer_norm_cat_rows_bn_backward", mutates_args=())
+def _rows_bn_backward_op(
+    grad: torch.Tensor, rows: list[torch.Tensor], bn: list[torch.Tensor], bn_parts: int, weight: torch.Tensor,
+    mean: torch.Tensor, rstd: torch.Tensor, bias: torch.Tensor, out_dtype: torch.dtype,
+) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``layer_norm_cat_rows_backward_rebuild`` of ``layer_norm_cat_rows_bn``: the gradients
+    of the parts given as BatchNorm inputs are those of the BatchNorm outputs (the parts'
+    values), and the fourth output holds the sums each such BatchNorm's backward reduces,
+    which ``hifuse::batch_norm_act_backward_summed`` takes instead of reducing them again:
+    (sum of dz / of dz * x_hat, BatchNorm parts x C) float32, a part's C columns in order."""
+    problem = _bn_problem(rows, bn, bn_parts)
+    if problem is not None:
+        raise ValueError(f"layer_norm_cat_rows_bn_backward: {problem}")
+    return _rows_backward_impl(grad, rows, weight, mean, rstd, bias, out_dtype, bn, bn_parts)
 
 
 def rows_backward(grad, rows, weight, mean, rstd, bias=None, rebuild_dtype=None) -> tuple:
@@ -292,6 +464,21 @@ def _(grad, rows, weight, mean, rstd, bias, out_dtype):
     m, c = rows[0].shape
     params = weight.new_empty((2, weight.shape[0]), dtype=torch.float32)
     return [torch.empty_like(t) for t in rows], params, grad.new_empty((m, len(rows) * c), dtype=out_dtype)
+
+
+@_rows_bn_op.register_fake
+def _(rows, bn, bn_parts, weight, bias, eps, out_dtype):
+    m, c = rows[0].shape
+    stat = rows[0].new_empty((m,), dtype=torch.float32)
+    return rows[0].new_empty((m, len(rows) * c), dtype=out_dtype), stat, torch.empty_like(stat)
+
+
+@_rows_bn_backward_op.register_fake
+def _(grad, rows, bn, bn_parts, weight, mean, rstd, bias, out_dtype):
+    m, c = rows[0].shape
+    params = weight.new_empty((2, weight.shape[0]), dtype=torch.float32)
+    sums = grad.new_empty((2, bin(bn_parts).count("1") * c), dtype=torch.float32)
+    return [torch.empty_like(t) for t in rows], params, grad.new_empty((m, len(rows) * c), dtype=out_dtype), sums
 
 
 def _rows_setup(ctx, inputs, output):
@@ -359,6 +546,32 @@ def backward_rebuilding(grad_rows: torch.Tensor, parts, weight: torch.Tensor, bi
     dparts, dw, db, out = rows_backward(grad_rows.contiguous(), [nhwc(t).view(-1, c) for t in parts],
                                         weight.contiguous(), *stats, bias.contiguous(), out_dtype)
     return out, ([t.view(n, h, w, c).permute(0, 3, 1, 2) for t in dparts], dw, db)
+
+
+def forward_bn(parts, bn, bn_parts: int, weight, bias, eps: float, out_dtype: torch.dtype):
+    """``forward`` where the parts in the bit mask ``bn_parts`` are given as the input y of a
+    training BatchNorm without activation (``bn``: its mean, invstd, weight and bias for each
+    such part, in order), applied on load (``hifuse::layer_norm_cat_rows_bn``); only where
+    ``rows_path`` takes the parts."""
+    n, c, h, w = parts[0].shape
+    out, mean, rstd = torch.ops.hifuse.layer_norm_cat_rows_bn(
+        [nhwc(t).view(-1, c) for t in parts], list(bn), int(bn_parts), weight.contiguous(), bias.contiguous(),
+        float(eps), out_dtype,
+    )
+    return out.view(n, h, w, len(parts) * c).permute(0, 3, 1, 2), (mean, rstd)
+
+
+def backward_bn_rebuilding(grad_rows: torch.Tensor, parts, bn, bn_parts: int, weight: torch.Tensor,
+                           bias: torch.Tensor, stats, out_dtype: torch.dtype):
+    """``backward_rebuilding`` of ``forward_bn``, and the BatchNorm backward's partial sums
+    of each part given as a BatchNorm input (whose gradient is the BatchNorm output's)."""
+    n, c, h, w = parts[0].shape
+    dparts, params, out, sums = torch.ops.hifuse.layer_norm_cat_rows_bn_backward(
+        grad_rows.contiguous(), [nhwc(t).view(-1, c) for t in parts], list(bn), int(bn_parts), weight.contiguous(),
+        *stats, bias.contiguous(), out_dtype,
+    )
+    params = params.to(weight.dtype)
+    return out, ([t.view(n, h, w, c).permute(0, 3, 1, 2) for t in dparts], params[0], params[1]), sums
 
 
 def backward(grad: torch.Tensor, parts, weight: torch.Tensor, bias: torch.Tensor, stats):

@@ -30,7 +30,9 @@ one of ``args`` comes from a source too). More functions keep less by the same r
   inputs, not its normalised rows;
 - ``linear_batch_norm`` and ``norm_cat_linear``: the fusion block's 1x1 input GEMMs with
   their BatchNorm keep the GEMM input only, and the LayerNorm over their concatenation keeps
-  neither the parts nor its rows;
+  neither the parts nor its rows; with ``defer`` a part is its GEMM's output, whose BatchNorm
+  the LayerNorm applies on load (``LayerNormCatBN``), in forward and in backward, where its
+  pass also reduces the sums of the BatchNorm's backward;
 - ``gated_layer_norm`` and ``gated_layer_norm_conv2d``: norm3, and norm3 with the IRMLP's
   conv1 (and, through ``rebuilt``, its ``bn1``), keep norm3's source, not its input or output.
 
@@ -48,6 +50,8 @@ paths (``hifuse.fused``).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
@@ -59,10 +63,10 @@ from . import residual_layer_norm as rln
 from . import weight_casts
 from .reference import CUDA_LIKE_DEVICES, autocast_dtype
 
-__all__ = ["BatchNormApply", "DwconvLayerNorm", "GatedLayerNorm", "GatedLayerNormRows", "LayerNormCat",
-           "LinearBatchNorm", "dwconv_layer_norm_linear_residual", "gated_layer_norm", "gated_layer_norm_conv2d",
-           "gated_layer_norm_source", "linear", "linear_batch_norm", "linear_pair", "norm_cat_linear",
-           "residual_layer_norm_linear"]
+__all__ = ["BatchNormApply", "DeferredBatchNorm", "DwconvLayerNorm", "GatedLayerNorm", "GatedLayerNormRows",
+           "LayerNormCat", "LayerNormCatBN", "LinearBatchNorm", "LinearStats", "dwconv_layer_norm_linear_residual",
+           "gated_layer_norm", "gated_layer_norm_conv2d", "gated_layer_norm_source", "linear", "linear_batch_norm",
+           "linear_pair", "norm_cat_linear", "residual_layer_norm_linear"]
 
 # --------------------------------------------------------------------------- producers
 
@@ -137,6 +141,53 @@ class LayerNormCat:
         return a, LayerNormCat.grad(grad_a.view(a.shape), aux, *args)
 
 
+class LayerNormCatBN:
+    """``layer_norm_cat.forward_bn``: ``LayerNormCat`` where the parts in the bit mask
+    ``bn_parts`` are given as a training BatchNorm's input y (``LinearStats``) and applied on
+    load, never written; args: (bn_parts, shared, *parts, *bn, weight, bias, eps, out_dtype),
+    ``bn`` the (mean, invstd, weight, bias) of each such part and ``shared`` their
+    ``SharedRebuild`` (or None) each. A part's gradient is its BatchNorm output's, which the
+    BatchNorm's backward (``linear_batch_norm(..., defer=True)``) takes, with the sums it would
+    reduce, reduced by this backward's pass (handed on in ``shared``). Rebuilds only
+    (``remake_grad``): the Triton path."""
+
+    @staticmethod
+    def split(args):
+        bn_parts, shared, n_bn = args[0], args[1], 4 * bin(args[0]).count("1")
+        n_parts = len(args) - 6 - n_bn
+        parts, bn = list(args[2:2 + n_parts]), list(args[2 + n_parts:2 + n_parts + n_bn])
+        return bn_parts, shared, parts, bn, args[-4:]
+
+    @staticmethod
+    def make(*args):
+        bn_parts, _shared, parts, bn, (weight, bias, eps, _out_dtype) = LayerNormCatBN.split(args)
+        out, stats = lnc.forward_bn(parts, bn, bn_parts, weight, bias, eps, LayerNormCatBN.dtype(*args))
+        return out.permute(0, 2, 3, 1), stats
+
+    @staticmethod
+    def grad(grad_a, aux, *args):
+        return LayerNormCatBN.remake_grad(grad_a.reshape(-1, grad_a.shape[-1]), aux, *args)[1]
+
+    @staticmethod
+    def dtype(*args):
+        _bn_parts, _shared, parts, _bn, (weight, _bias, _eps, out_dtype) = LayerNormCatBN.split(args)
+        return lnc.out_dtype_of(parts, weight, out_dtype)
+
+    @staticmethod
+    def remake_grad(grad_a, aux, *args):
+        """``(make(*args)[0], grad(grad_a, aux, *args))`` from one backward pass, for grad_a as
+        (M, C) rows and aux the forward's statistics."""
+        bn_parts, shared, parts, bn, (weight, bias, _eps, _out_dtype) = LayerNormCatBN.split(args)
+        a, (dparts, dw, db), sums = lnc.backward_bn_rebuilding(grad_a, parts, bn, bn_parts, weight, bias, aux,
+                                                               LayerNormCatBN.dtype(*args))
+        c = parts[0].shape[1]
+        for j, box in enumerate(shared):
+            if box is not None:  # the rebuilt y (LinearStats) and the sums, for the BatchNorm's backward
+                box.put(*(box.take() or (None,)), sums[0, j * c:(j + 1) * c], sums[1, j * c:(j + 1) * c])
+        # the BatchNorms' parameters take their gradients from the BatchNorms' backward
+        return a, (None, None, *dparts, *[None] * len(bn), dw, db, None, None)
+
+
 class DwconvLayerNorm:
     """hifuse::dwconv_layer_norm on (N, H, W, C) pixels; args as the op's."""
 
@@ -200,6 +251,29 @@ class LinearBatchNorm:
         if shared is not None:
             shared.put(y)
         return _as_map(rows, x, pool), (y,)
+
+
+class LinearStats:
+    """The 1x1 GEMM output y of a ``linear_batch_norm(..., defer=True)`` as an (N, C, H, W)
+    channels-last map, for a ``LayerNormCatBN`` part; args: (x, weight, bias, gemm_dtype,
+    shared), as ``LinearBatchNorm``'s (``shared`` takes y for the BatchNorm's backward). Only a
+    source."""
+
+    @staticmethod
+    def make(x, weight, bias, gemm_dtype, shared=None):
+        y = LinearBatchNorm.gemm(x, weight, bias, gemm_dtype)
+        if shared is not None:
+            shared.put(y)
+        return _as_map(y, x, False), (y,)
+
+
+class DeferredBatchNorm(NamedTuple):
+    """What ``linear_batch_norm(..., defer=True)`` returns in place of a ``LinearBatchNorm``
+    source: the ``LinearStats`` source of y, and the BatchNorm's (mean, invstd, weight, bias)
+    that its reader applies."""
+
+    source: tuple
+    bn: tuple
 
 
 class GatedLayerNormRows:
@@ -422,7 +496,9 @@ def _function(producer, sources=()):
 _FUNCTIONS = {(p, ()): _function(p) for p in (BatchNormApply, DwconvLayerNorm, LayerNormCat)}
 for _key in ((BatchNormApply, (GatedLayerNormRows,)), (BatchNormApply, (GatedLayerNormRowsShared,)),
              (LayerNormCat, (LinearBatchNorm,) * 2),
-             (LayerNormCat, (LinearBatchNorm,) * 3)):
+             (LayerNormCat, (LinearBatchNorm,) * 3),
+             (LayerNormCatBN, (LinearStats,) * 2),
+             (LayerNormCatBN, (LinearBatchNorm, LinearStats, LinearStats))):
     _FUNCTIONS[_key] = _function(*_key)
 
 
@@ -706,7 +782,8 @@ class _LinearBatchNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, x_gemm, weight, bias, w_gemm, b_gemm, bn_weight, bn_bias, eps, act, height, width, pool,
-                out_dtype, gemm_dtype, keep, chain, shared, running_mean, running_var, num_batches_tracked, momentum):
+                out_dtype, gemm_dtype, keep, chain, defer, shared, running_mean, running_var, num_batches_tracked,
+                momentum):
         # x, weight and bias: for their gradients; x_gemm, w_gemm, b_gemm: the GEMM's casts of
         # them (None: no cast; Dynamo traces no Function given one tensor twice)
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype, x.dtype)
@@ -719,8 +796,11 @@ class _LinearBatchNorm(torch.autograd.Function):
         # the running statistics are buffers, not inputs autograd knows: updated in the kernel
         mean, invstd, var = torch.ops.hifuse.batch_norm_stats(y, None, eps, running_mean, running_var,
                                                               num_batches_tracked, momentum)
-        rows = torch.ops.hifuse.batch_norm_act(y, None, mean, invstd, bn_weight, bn_bias, act, height, width, pool,
-                                               out_dtype)
+        if defer:  # y itself: its one reader applies the BatchNorm on load (LayerNormCatBN)
+            rows = y
+        else:
+            rows = torch.ops.hifuse.batch_norm_act(y, None, mean, invstd, bn_weight, bn_bias, act, height, width, pool,
+                                                   out_dtype)
         ctx.save_for_backward(x, weight, bias, mean, invstd, bn_weight, bn_bias, y if keep else None)
         ctx.consts = (act, height, width, pool, gemm_dtype)
         ctx.shared = shared
@@ -734,32 +814,46 @@ class _LinearBatchNorm(torch.autograd.Function):
         if grad is None:  # the map unused (gradients are not materialised)
             if ctx.shared is not None:
                 ctx.shared.take()  # a rebuilt GEMM output nobody takes: not held until the graph goes
-            return (grad_after, *[None] * 21)
+            return (grad_after, *[None] * 22)
         x, weight, bias, mean, invstd, bn_weight, bn_bias, y = ctx.saved_tensors
         act, height, width, pool, gemm_dtype = ctx.consts
+        sums = None
         if y is None and ctx.shared is not None:
-            y, = ctx.shared.take() or (None,)
+            # the rebuilt y, and where its reader reduced them (LayerNormCatBN), the backward's sums
+            y, *sums = ctx.shared.take() or (None,)
         if y is None:
             y = LinearBatchNorm.gemm(x, weight, bias, gemm_dtype)
+        grad_rows = grad.permute(0, 2, 3, 1).contiguous().view(-1, grad.shape[1])
         # the GEMM's bias gradient, colsum(dy), summed by the kernel that writes dy
-        dy, _dr, dbw, dbb, dy_sum, _ = torch.ops.hifuse.batch_norm_act_backward(
-            grad.permute(0, 2, 3, 1).contiguous().view(-1, grad.shape[1]), y, None, mean, invstd, bn_weight, bn_bias,
-            act, height, width, pool, bias is not None,
-        )
+        if sums:
+            dy, dy_sum = torch.ops.hifuse.batch_norm_act_backward_summed(
+                grad_rows, y, mean, invstd, bn_weight, bn_bias, *sums, act, height, width, pool, bias is not None,
+            )
+            dbw, dbb = sums[1].to(bn_weight.dtype), sums[0].to(bn_bias.dtype)
+        else:
+            dy, _dr, dbw, dbb, dy_sum, _ = torch.ops.hifuse.batch_norm_act_backward(
+                grad_rows, y, None, mean, invstd, bn_weight, bn_bias, act, height, width, pool, bias is not None,
+            )
         # grad_after: x's gradient from its next reader, made by that reader's backward for x
         # alone (the chain hands x to one reader), so the GEMM may add into it
         dx, dw, _ = _linear_backward(dy, x, weight, None, *ctx.dtypes, a_grad_into=grad_after)
         db = None if bias is None else dy_sum.to(ctx.dtypes[1])
-        return dx, None, dw, db, None, None, dbw, dbb, *[None] * 14
+        return dx, None, dw, db, None, None, dbw, dbb, *[None] * 15
 
 
 def linear_batch_norm(x, weight, bias, bn, act: str | None = None, pool: bool = False, gemm_dtype=None,
-                      keep: bool = False, chain: bool = False):
+                      keep: bool = False, chain: bool = False, defer: bool = False):
     """Training ``act(bn(F.linear(x, weight, bias)))`` (then a 2x2 average pooling with ``pool``)
     on (N, H, W, C_in) pixels, as an (N, C, H, W) channels-last map, updating ``bn``'s running
     statistics; keeps the GEMM's input only (``keep``: and its output). Returns the map and its
     ``LinearBatchNorm`` source (``chain``: and x for its next reader, whose gradient of x is
-    summed with the GEMM's here)."""
+    summed with the GEMM's here).
+
+    ``defer`` (no ``act``, ``pool`` or ``keep``): the BatchNorm is not applied; the map is the
+    GEMM's output y, whose one reader, ``norm_cat_linear``, applies it on load and hands back
+    the gradient of the BatchNorm's output, and the source a ``DeferredBatchNorm``."""
+    if defer and (act is not None or pool or keep):
+        raise ValueError("linear_batch_norm: defer takes no act, pool or keep")
     n, height, width = x.shape[:3]
     code = bna.ACTIVATIONS[act]
     x_gemm = w_gemm = b_gemm = None
@@ -773,7 +867,7 @@ def linear_batch_norm(x, weight, bias, bn, act: str | None = None, pool: bool = 
     shared = None if keep or torch.compiler.is_compiling() else SharedRebuild()
     out, mean, invstd, var, *after = _LinearBatchNorm.apply(
         x, x_gemm, weight, bias, w_gemm, b_gemm, bn.weight, bn.bias, float(bn.eps), code, height, width, pool, None,
-        gemm_dtype, bool(keep), bool(chain), shared, *running,
+        gemm_dtype, bool(keep), bool(chain), bool(defer), shared, *running,
     )
     if running[0] is None:
         bna.update_running(bn, mean, var, n * height * width)
@@ -781,7 +875,10 @@ def linear_batch_norm(x, weight, bias, bn, act: str | None = None, pool: bool = 
         weight, bias = w_gemm, b_gemm
     if x_gemm is not None:
         x = x_gemm
-    source = (x, weight, bias, mean, invstd, bn.weight, bn.bias, code, height, width, pool, None, gemm_dtype, shared)
+    if defer:
+        source = DeferredBatchNorm((x, weight, bias, gemm_dtype, shared), (mean, invstd, bn.weight, bn.bias))
+    else:
+        source = (x, weight, bias, mean, invstd, bn.weight, bn.bias, code, height, width, pool, None, gemm_dtype, shared)
     return (out, source, *after)
 
 
@@ -790,9 +887,22 @@ def norm_cat_linear(parts, sources, ln_weight, ln_bias, eps: float, out_dtype, w
     """``linear(LayerNormCat, (*parts, ln_weight, ln_bias, eps, out_dtype), weight, bias)`` where
     each part is ``LinearBatchNorm.make(*source)[0]`` (``sources``: as ``linear_batch_norm``
     returns them), keeping the sources instead of the parts: neither they nor the normalised
-    rows are kept (``keep``: both are, as plain autograd would keep them)."""
-    args = (*parts, ln_weight, ln_bias, float(eps), out_dtype)
+    rows are kept (``keep``: both are, as plain autograd would keep them). A part whose source
+    is a ``DeferredBatchNorm`` is its GEMM's output, normalised on load (``LayerNormCatBN``):
+    the BatchNorm's output is never written, in forward or in backward."""
+    deferred = [isinstance(s, DeferredBatchNorm) for s in sources]
+    if not any(deferred):
+        args = (*parts, ln_weight, ln_bias, float(eps), out_dtype)
+        if keep:
+            return linear(LayerNormCat, args, weight, bias, keep=True)
+        rebuilt = [(LinearBatchNorm, i, source) for i, source in enumerate(sources)]
+        return linear(LayerNormCat, args, weight, bias, rebuilt)
     if keep:
-        return linear(LayerNormCat, args, weight, bias, keep=True)
-    rebuilt = [(LinearBatchNorm, i, source) for i, source in enumerate(sources)]
-    return linear(LayerNormCat, args, weight, bias, rebuilt)
+        raise ValueError("norm_cat_linear: parts with a deferred BatchNorm are rebuilt, not kept")
+    bn_parts = sum(1 << i for i, d in enumerate(deferred) if d)
+    bn = [t for s in sources if isinstance(s, DeferredBatchNorm) for t in s.bn]
+    shared = tuple(s.source[-1] for s in sources if isinstance(s, DeferredBatchNorm))
+    args = (bn_parts, shared, *parts, *bn, ln_weight, ln_bias, float(eps), out_dtype)
+    rebuilt = [(LinearStats, 2 + i, s.source) if d else (LinearBatchNorm, 2 + i, s)
+               for i, (s, d) in enumerate(zip(sources, deferred))]
+    return linear(LayerNormCatBN, args, weight, bias, rebuilt)

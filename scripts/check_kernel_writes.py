@@ -56,7 +56,8 @@ WRITES = {
     "batch_norm_act._apply_kernel": {"OUT"},
     "batch_norm_act._apply_pool_kernel": {"OUT"},
     "batch_norm_act._bwd_reduce_kernel": lambda k: {"SUM_DZ_PART", "SUM_DZXH_PART"} | _rebuilt(k, "OUT"),
-    "batch_norm_act._bwd_sums_kernel": {"SUM_DZ", "SUM_DZXH", "DW", "DB"},
+    "batch_norm_act._bwd_sums_kernel": lambda k: {"SUM_DZ", "SUM_DZXH"} | ({"DW", "DB"} if k.get("PARAMS", True)
+                                                                            else set()),
     "batch_norm_act._bwd_apply_kernel": lambda k: {"DY"} | ({"DR"} if k["PROLOGUE"] else set())
     | ({"DYSUM_PART"} if k.get("DYSUM") else set()),
     "residual_layer_norm._fwd_kernel": lambda k: {"NORMED", "MEAN", "RSTD"} | ({"OUT"} if k["PROLOGUE"] else set()),
@@ -74,7 +75,7 @@ WRITES = {
     "patch_conv_norm._fwd_kernel": {"OUT", "MEAN", "RSTD"},
     "patch_conv_norm._bwd_kernel": {"PART_W", "PART_B", "PART_LW", "PART_LB"},
     "layer_norm_cat._rows_bwd_kernel": lambda k: {"DA", "PART_W", "PART_B"} | ({"DB"} if k["PARTS"] > 1 else set())
-    | ({"DD"} if k["PARTS"] > 2 else set()) | _rebuilt(k, "OUT"),
+    | ({"DD"} if k["PARTS"] > 2 else set()) | _rebuilt(k, "OUT") | ({"BN_SUMS"} if k.get("BN") else set()),
 }
 
 TORCH_DTYPES = {"fp64": torch.float64, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "i32": torch.int32, "i64": torch.int64}

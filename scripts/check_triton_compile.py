@@ -198,8 +198,10 @@ def cases(dtype: str):
                                                           SUM_DZXH=f32, DY="dt", DR=io["R"], DYSUM_PART=f32), \
                             {**bwd, "DYSUM": dysum}
     for block_c in (bna.BLOCK_C, 1):  # the combining kernels take the channel block of the passes
-        yield bna._bwd_sums_kernel, dict(SUM_DZ_PART="fp64", SUM_DZXH_PART="fp64", SUM_DZ=f32, SUM_DZXH=f32, DW=f32,
-                                         DB=f32), dict(BLOCK_C=block_c, WARPS=bna.COMBINE_WARPS)
+        for params in (True, False):  # without the parameters' gradients: sums another op's pass reduced
+            yield bna._bwd_sums_kernel, dict(SUM_DZ_PART="fp64", SUM_DZXH_PART="fp64", SUM_DZ=f32, SUM_DZXH=f32,
+                                             DW=f32, DB=f32), dict(BLOCK_C=block_c, WARPS=bna.COMBINE_WARPS,
+                                                                   PARAMS=params)
         for update in (False, True):
             yield bna._stats_combine_kernel, dict(MEAN_PART="fp64", M2_PART="fp64", COUNT_PART="fp64", MEAN=f32,
                                                   INVSTD=f32, VAR=f32, RUN_MEAN=f32, RUN_VAR=f32, NBT="i64"), \
@@ -237,14 +239,19 @@ def cases(dtype: str):
         for acc in (False, True):  # with l's gradient from its next reader added in
             yield sp._spatial_pool_bwd_kernel, dict(L="dt", D_OUT="dt", ACC=f32, DL="dt"), \
                 {**row_launch(c, 2, "BLOCK_P"), "HAS_ACC": acc}
+        bn_ptrs = {f"BN_{s}{p}": f32 for s in "MIWB" for p in "ABD"}
         for parts in (2, 3):  # the fusion blocks' norm2 and norm1: the GEMMs' dtype in and out
             rows = row_launch(c, parts, "BLOCK_M")
-            yield lnc._rows_fwd_kernel, dict(A="dt", B="dt", D="dt", W=f32, BIAS=f32, OUT="dt", MEAN=f32, RSTD=f32), \
-                {**rows, "PARTS": parts}
-            for rebuild in (False, True):  # rebuild: the forward's output too
+            bn = 3 if parts == 2 else 6  # W_l's and W_g's BatchNorms applied on load
+            for mask in (0, bn):
+                yield lnc._rows_fwd_kernel, dict(A="dt", B="dt", D="dt", W=f32, BIAS=f32, OUT="dt", MEAN=f32,
+                                                 RSTD=f32, **bn_ptrs), {**rows, "PARTS": parts, "BN": mask}
+            # rebuild: the forward's output too; and with the BatchNorms applied on load, their sums
+            for rebuild, mask in ((False, 0), (True, 0), (True, bn)):
                 yield lnc._rows_bwd_kernel, dict(GRAD="dt", A="dt", B="dt", D="dt", W=f32, MEAN=f32, RSTD=f32,
-                                                 DA="dt", DB="dt", DD="dt", PART_W=f32, PART_B=f32, BIAS=f32, OUT="dt"), \
-                    {**_as_warps(lnc._rows_bwd_launch(c)), "PARTS": parts, "REBUILD": rebuild}
+                                                 DA="dt", DB="dt", DD="dt", PART_W=f32, PART_B=f32, BIAS=f32, OUT="dt",
+                                                 BN_SUMS="fp64", **bn_ptrs), \
+                    {**_as_warps(lnc._rows_bwd_launch(c)), "PARTS": parts, "REBUILD": rebuild, "BN": mask}
         rows = row_launch(c, 3, "BLOCK_P")
         for out2 in (False, True):  # with the GEMM's rounded copy
             yield gln._gated_ln_kernel, dict(G=f32, CG="dt", L=f32, SG="dt", X="dt", W=f32, B=f32, OUT=f32, OUT2="dt",

@@ -249,3 +249,98 @@ def test_triton_rows_backward_rebuilds_the_output(nhw, widths):
     plain = lnc.backward(grad, parts, w, b, stats)
     for a, r in zip([*dparts, dw, db], [*plain[0], plain[1], plain[2]]):
         assert torch.equal(a, r)
+
+
+def _bn_inputs(nhw, widths, mask, dtype, seed=1):
+    """Parts as BatchNorm inputs y where ``mask`` says (each with its mean, invstd, weight and
+    bias), and the parts themselves: ``hifuse::batch_norm_act``'s output of y there."""
+    g = torch.Generator().manual_seed(seed)
+    n, h, w = nhw
+    c = widths[0]
+    ys, parts, bn, raw = [], [], [], []
+    for k in range(len(widths)):
+        y = torch.randn(n, h, w, c, generator=g).to(DEVICE, dtype).permute(0, 3, 1, 2)
+        ys.append(y)
+        if mask >> k & 1:
+            stats = [torch.randn(c, generator=g), torch.rand(c, generator=g) + 0.5, torch.randn(c, generator=g),
+                     torch.randn(c, generator=g)]
+            stats = [t.to(DEVICE) for t in stats]
+            rows = y.permute(0, 2, 3, 1).reshape(-1, c)
+            out = torch.ops.hifuse.batch_norm_act(rows, None, *stats, 0, h, w, False, None)
+            parts.append(out.view(n, h, w, c).permute(0, 3, 1, 2))
+            bn += stats
+            raw.append((rows, *stats))
+        else:
+            parts.append(y)
+    return ys, parts, bn, raw
+
+
+@triton_device_or_skip()
+@pytest.mark.parametrize("nhw, widths, mask, dtype", [
+    ((1, 7, 5), (96, 96), 3, torch.bfloat16), ((2, 3, 13), (24, 24, 24), 6, torch.float32),
+    ((1, 1, 3), (40,), 1, torch.bfloat16), ((2, 5, 3), (17, 17, 17), 5, torch.float32),
+    ((1, 4, 4), (100, 100, 100), 7, torch.bfloat16),
+])
+def test_triton_rows_batch_norm_on_load(nhw, widths, mask, dtype):
+    """``forward_bn`` and ``backward_bn_rebuilding``: parts given as BatchNorm inputs and
+    applied on load give the bits of the parts applied first (``hifuse::batch_norm_act``), in
+    the output, the statistics, the rebuilt output and every gradient; the BatchNorm sums their
+    pass reduces are those ``hifuse::batch_norm_act_backward`` reduces, and its apply pass
+    given them (``batch_norm_act_backward_summed``) writes the same dy."""
+    from hifuse_kernels import layer_norm_cat as lnc
+
+    ys, parts, bn, raw = _bn_inputs(nhw, widths, mask, dtype)
+    _, w, b = _inputs(nhw, widths, torch.float32, ["nhwc"] * len(widths), device=DEVICE)
+    w, b = w.detach(), b.detach()
+    assert lnc.rows_path(ys, w, b)
+    out, stats = lnc.forward(parts, w, b, 1e-6, dtype)
+    got, got_stats = lnc.forward_bn(ys, bn, mask, w, b, 1e-6, dtype)
+    assert torch.equal(got, out) and all(torch.equal(a, r) for a, r in zip(got_stats, stats))
+    rows = torch.randn(out.permute(0, 2, 3, 1).reshape(-1, sum(widths)).shape).to(DEVICE, dtype)
+    rebuilt, grads = lnc.backward_rebuilding(rows, parts, w, b, stats, dtype)
+    rebuilt_bn, grads_bn, sums = lnc.backward_bn_rebuilding(rows, ys, bn, mask, w, b, stats, dtype)
+    assert torch.equal(rebuilt_bn, rebuilt)
+    for a, r in zip([*grads_bn[0], *grads_bn[1:]], [*grads[0], *grads[1:]]):
+        assert torch.equal(a, r)
+    c = widths[0]
+    assert sums.shape == (2, len(raw) * c) and sums.dtype == torch.float32
+    j = 0
+    for k, dpart in enumerate(grads[0]):
+        if not mask >> k & 1:
+            continue
+        y, mean, invstd, bw, bb = raw[j]
+        dz = dpart.permute(0, 2, 3, 1).reshape(-1, c)
+        dy, _, dbw, dbb, dy_sum, _ = torch.ops.hifuse.batch_norm_act_backward(dz, y, None, mean, invstd, bw, bb, 0,
+                                                                              *nhw[1:], False, True)
+        sum_dz, sum_dzxh = sums[0, j * c:(j + 1) * c], sums[1, j * c:(j + 1) * c]
+        # float64 sums of the same float32 terms, grouped by other tiles: equal to rounding
+        torch.testing.assert_close(sum_dz, dbb, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(sum_dzxh, dbw, rtol=1e-6, atol=1e-6)
+        dy_given, dy_sum_given = torch.ops.hifuse.batch_norm_act_backward_summed(
+            dz, y, mean, invstd, bw, bb, dbb, dbw, 0, *nhw[1:], False, True)
+        assert torch.equal(dy_given, dy) and torch.equal(dy_sum_given, dy_sum)
+        j += 1
+
+
+@triton_device_or_skip()
+def test_triton_rows_batch_norm_opcheck_and_errors():
+    ys, _, bn, _ = _bn_inputs((1, 3, 4), (24, 24, 24), 6, torch.float32)
+    _, w, b = _inputs((1, 3, 4), (24, 24, 24), torch.float32, ["nhwc"] * 3, device=DEVICE)
+    w, b = w.detach(), b.detach()
+    rows = [t.permute(0, 2, 3, 1).reshape(-1, 24) for t in ys]
+    opcheck(torch.ops.hifuse.layer_norm_cat_rows_bn.default, (rows, bn, 6, w, b, 1e-6, torch.float32))
+    out, mean, rstd = torch.ops.hifuse.layer_norm_cat_rows_bn(rows, bn, 6, w, b, 1e-6, torch.float32)
+    grad = torch.randn(out.shape, device=DEVICE)
+    opcheck(torch.ops.hifuse.layer_norm_cat_rows_bn_backward.default,
+            (grad, rows, bn, 6, w, mean, rstd, b, torch.float32))
+    with pytest.raises(ValueError, match="bit mask"):
+        torch.ops.hifuse.layer_norm_cat_rows_bn(rows, bn, 8, w, b, 1e-6, torch.float32)
+    with pytest.raises(ValueError, match="four tensors"):
+        torch.ops.hifuse.layer_norm_cat_rows_bn(rows, bn[:4], 6, w, b, 1e-6, torch.float32)
+    with pytest.raises(ValueError, match="vector"):
+        torch.ops.hifuse.layer_norm_cat_rows_bn(rows, [bn[0][:5], *bn[1:]], 6, w, b, 1e-6, torch.float32)
+    with pytest.raises(ValueError, match="float32"):
+        torch.ops.hifuse.layer_norm_cat_rows_bn(rows, [bn[0].double(), *bn[1:]], 6, w, b, 1e-6, torch.float32)
+    y = rows[1]
+    with pytest.raises(ValueError, match="sum_dz"):
+        torch.ops.hifuse.batch_norm_act_backward_summed(y, y, *bn[:4], bn[0][:3], bn[1], 0, 3, 4, False, False)

@@ -171,6 +171,55 @@ def test_norm_cat_linear(pool, chain, keep, monkeypatch):
         assert bn.num_batches_tracked == twin.num_batches_tracked
 
 
+def test_norm_cat_linear_applies_deferred_batch_norms_on_load(monkeypatch):
+    # parts 1 and 2 as the fusion block's W_l and W_g (no activation), part 0 as Updim (pooled,
+    # ReLU, used elsewhere too): with ``defer`` their BatchNorms are applied by the
+    # concatenation's LayerNorm as it loads the GEMMs' outputs, in forward and in its
+    # backward's rebuild, and its backward pass reduces their backward's sums: no apply and no
+    # reducing pass of their own. The same values and gradients as the plain composition
+    torch.manual_seed(0)
+    calls = {"apply": 0, "backward": 0, "summed": 0}
+    for name, key in (("batch_norm_act", "apply"), ("batch_norm_act_backward", "backward"),
+                      ("batch_norm_act_backward_summed", "summed")):
+        op = getattr(torch.ops.hifuse, name)
+        monkeypatch.setattr(torch.ops.hifuse, name,
+                            lambda *a, _op=op, _key=key: calls.__setitem__(_key, calls[_key] + 1) or _op(*a))
+    xs = [_leaf(2, 6, 8, 3), _leaf(2, 3, 4, 6), _leaf(2, 3, 4, 5)]
+    gemms = [(_leaf(5, x.shape[-1], scale=0.5), _leaf(5, scale=0.1)) for x in xs]
+    bns = [_bn(5) for _ in xs]
+    acts, pools, defers = ["relu", None, None], [True, False, False], [False, True, True]
+    w, b = _leaf(15, scale=0.5), _leaf(15, scale=0.5)
+    lin = _dense(15, 3)
+    leaves = [*xs, w, b, lin.weight, lin.bias] + [t for pair in gemms for t in pair]
+    leaves += [p for bn, _ in bns for p in (bn.weight, bn.bias)]
+
+    def fused():
+        parts, sources = [], []
+        for x, (gw, gb), (bn, _), act, p, d in zip(xs, gemms, bns, acts, pools, defers):
+            part, source = recompute.linear_batch_norm(x, gw, gb, bn, act, pool=p, defer=d)
+            assert isinstance(source, recompute.DeferredBatchNorm) == d
+            parts.append(part)
+            sources.append(source)
+        out = recompute.norm_cat_linear(parts, sources, w, b, 1e-6, None, lin.weight, lin.bias)
+        return out + parts[0].permute(0, 2, 3, 1).sum(-1, keepdim=True)
+
+    def plain():
+        parts = [bna.batch_norm_act(F.linear(x, gw, gb).permute(0, 3, 1, 2), twin, act, pool=p)
+                 for x, (gw, gb), (_, twin), act, p in zip(xs, gemms, bns, acts, pools)]
+        out = lin(lnc.layer_norm_cat(parts, w, b, 1e-6).permute(0, 2, 3, 1))
+        return out + parts[0].permute(0, 2, 3, 1).sum(-1, keepdim=True)
+
+    _compare(fused, plain, leaves)
+    # two fused steps (and two plain ones, whose BatchNorms run through the ops too): the
+    # deferred parts never apply their BatchNorm nor reduce its backward's sums themselves
+    assert calls == {"apply": 2 * (2 + 3), "backward": 2 * (1 + 3), "summed": 2 * 2}, calls
+    for bn, twin in bns:
+        torch.testing.assert_close(bn.running_mean, twin.running_mean)
+        torch.testing.assert_close(bn.running_var, twin.running_var)
+    with pytest.raises(ValueError, match="defer"):
+        recompute.linear_batch_norm(xs[0], *gemms[0], bns[0][0], "relu", defer=True)
+
+
 def test_chained_gemm_adds_into_the_next_readers_gradient(monkeypatch):
     # Where a GEMM can add a float32 tensor in its epilogue (cuBLAS on a GPU; a CPU kernel
     # stands in here, the CPU taken for a CUDA-like device), the chained linear_batch_norm's

@@ -60,15 +60,17 @@ def conv_bn_forward(m: ConvBN, x: torch.Tensor, then: str | None = None, pool: b
     return bna.batch_norm_act(x, bn, act, pool=pool, check=False)
 
 
-def conv_bn_sourced(m: ConvBN, x: torch.Tensor, pool: bool = False, keep: bool = False, chain: bool = False):
+def conv_bn_sourced(m: ConvBN, x: torch.Tensor, pool: bool = False, keep: bool = False, chain: bool = False,
+                    defer: bool = False):
     """Training-mode dense 1x1 ConvBN (no activation after it), as ``conv_bn_forward`` computes
     it, keeping neither the GEMM's output nor the result (``recompute.linear_batch_norm``;
     ``keep``: the GEMM's output is kept): (the result, the source that rebuilds it for
     ``recompute.norm_cat_linear``); ``chain``: and x for its next reader, x's gradients summed
-    in the op's backward."""
+    in the op's backward; ``defer``: the result is the GEMM's output, which
+    ``recompute.norm_cat_linear`` normalises on load."""
     out = recompute.linear_batch_norm(
         x.permute(0, 2, 3, 1), m.conv.weight.flatten(1), m.conv.bias, m.bn, "relu" if m.relu is not None else None,
-        pool=pool, gemm_dtype=autocast_dtype(x), keep=keep, chain=chain,
+        pool=pool, gemm_dtype=autocast_dtype(x), keep=keep, chain=chain, defer=defer,
     )
     if chain:
         return out[0], out[1], out[2].permute(0, 3, 1, 2)
@@ -171,7 +173,10 @@ def fusion_forward(m: HFFBlock, l: torch.Tensor, g: torch.Tensor, f: torch.Tenso
     1. the parts W_l(l), W_g(g) (and Updim(f), 2x2-pooled): 1x1 GEMM + BatchNorm (+ ReLU) each
        (``recompute.linear_batch_norm``); keeps the GEMMs' inputs (l and g cast to bf16 once),
        not the parts, which backward rebuilds from them (each GEMM run once in backward, its
-       output shared by the rebuild and the BatchNorm's backward);
+       output shared by the rebuild and the BatchNorm's backward). W_l's and W_g's BatchNorms
+       are applied by 2's LayerNorm as it loads their GEMMs' outputs, in forward and backward
+       (``defer``: their parts are never written), and its backward pass reduces their
+       backward's sums;
     2. x = GELU(BN(W(norm(cat(parts))))): norm1/norm2 over the concatenation, never built, and
        the projection GEMM (``recompute.norm_cat_linear``), keeping neither the normalised rows
        nor the GEMM's output; x is never kept either, but rebuilt from the projection
@@ -204,7 +209,9 @@ def fusion_forward(m: HFFBlock, l: torch.Tensor, g: torch.Tensor, f: torch.Tenso
         # in turn by their GEMM, their pooling and norm3, each handing them on to the next: each
         # reader adds the next one's gradient of l (g) to its own, no accumulation passes.
         chain = True
-        outs = [conv_bn_sourced(c, t, pool=c is m.Updim, keep=keep_norm, chain=c is not m.Updim)
+        defer = not keep_norm and _defers(m, inputs, norm)
+        outs = [conv_bn_sourced(c, t, pool=c is m.Updim, keep=keep_norm, chain=c is not m.Updim,
+                                defer=defer and c is not m.Updim and c.relu is None)
                 for c, t in zip(convs, inputs)]
         parts, sources = [o[0] for o in outs], [o[1] for o in outs]
         l, g = outs[-2][2], outs[-1][2]
@@ -254,6 +261,19 @@ def fusion_forward(m: HFFBlock, l: torch.Tensor, g: torch.Tensor, f: torch.Tenso
         return _plus(shortcut, m.drop_path(irmlp_forward(m.residual, None, src)))
     x = recompute.gated_layer_norm(src, keep=True)
     return _plus(shortcut, m.drop_path(irmlp_forward(m.residual, x)))
+
+
+def _defers(m: HFFBlock, inputs, norm) -> bool:
+    """Whether W_l's and W_g's BatchNorms can be applied by the concatenation's LayerNorm as it
+    loads their GEMMs' outputs (``recompute.norm_cat_linear``): its Triton path takes parts of
+    one dtype, the 1x1 GEMMs' output dtype."""
+    dtypes = {autocast_dtype(t) or t.dtype for t in inputs}
+    if len(dtypes) != 1:
+        return False
+    n, _, h, w = inputs[-1].shape
+    part = inputs[-1].new_empty((0, m.W_g.conv.out_channels, h, w), dtype=dtypes.pop()).contiguous(
+        memory_format=torch.channels_last)
+    return lnc.rows_path([part] * len(inputs), norm.weight, norm.bias)
 
 
 def _plus(shortcut: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
