@@ -313,9 +313,10 @@ def test_triton_rows_batch_norm_on_load(nhw, widths, mask, dtype):
         dy, _, dbw, dbb, dy_sum, _ = torch.ops.hifuse.batch_norm_act_backward(dz, y, None, mean, invstd, bw, bb, 0,
                                                                               *nhw[1:], False, True)
         sum_dz, sum_dzxh = sums[0, j * c:(j + 1) * c], sums[1, j * c:(j + 1) * c]
-        # float64 sums of the same float32 terms, grouped by other tiles: equal to rounding
-        torch.testing.assert_close(sum_dz, dbb, rtol=1e-6, atol=1e-6)
-        torch.testing.assert_close(sum_dzxh, dbw, rtol=1e-6, atol=1e-6)
+        # the same terms summed in float32 tiles, then float64 (the BatchNorm's in float64): equal
+        # to rounding
+        torch.testing.assert_close(sum_dz, dbb, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(sum_dzxh, dbw, rtol=1e-5, atol=1e-5)
         dy_given, dy_sum_given = torch.ops.hifuse.batch_norm_act_backward_summed(
             dz, y, mean, invstd, bw, bb, dbb, dbw, 0, *nhw[1:], False, True)
         assert torch.equal(dy_given, dy) and torch.equal(dy_sum_given, dy_sum)
