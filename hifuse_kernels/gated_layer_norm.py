@@ -40,30 +40,44 @@ def gated_layer_norm_ref(g, channel_gate, l, spatial_gate, x, weight, bias, eps:
 
 if triton is not None:
     from ._triton import image_block, three_part_norm_grads
+    from .batch_norm_act import _act
 
     @triton.jit
-    def _gated_parts(G, CG, L, SG, X, n, p, c, m, cmask, C):
-        """The three parts of one tile of rows, gated, in fp32 (zero outside the masks)."""
+    def _gated_parts(G, CG, L, SG, X, XM, XI, XW, XB, n, p, c, m, cmask, C, X_BN: tl.constexpr,
+                     X_ACT: tl.constexpr):
+        """The three parts of one tile of rows, gated, in fp32 (zero outside the masks). X_BN:
+        X holds the input y of a training BatchNorm (mean, invstd, weight, bias in XM, XI, XW,
+        XB) and activation X_ACT (``batch_norm_act``'s codes), applied on load as
+        ``batch_norm_act._apply_kernel`` applies it (the same values)."""
         rows = p[:, None] * C + c[None, :]
         cg = tl.load(CG + n * C + c, mask=cmask, other=0.0).to(tl.float32)
         sg = tl.load(SG + p).to(tl.float32)  # p is clamped to a valid row by the caller
         g = tl.load(G + rows, mask=m, other=0.0).to(tl.float32)
         lv = tl.load(L + rows, mask=m, other=0.0).to(tl.float32)
         xv = tl.load(X + rows, mask=m, other=0.0).to(tl.float32)
+        if X_BN:
+            mean = tl.load(XM + c, mask=cmask, other=0.0)
+            scale = tl.load(XI + c, mask=cmask, other=0.0) * tl.load(XW + c, mask=cmask, other=0.0).to(tl.float32)
+            shift = tl.load(XB + c, mask=cmask, other=0.0).to(tl.float32)
+            z = (xv - mean[None, :]) * scale[None, :] + shift[None, :]
+            xv = tl.where(m, _act(z, X_ACT).to(X.dtype.element_ty).to(tl.float32), 0.0)
         return g, cg, lv, sg, xv
 
     @triton.jit
-    def _gated_ln_kernel(G, CG, L, SG, X, W, B, OUT, OUT2, MEAN, RSTD, S, C, eps, HAS_OUT2: tl.constexpr,
-                         BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    def _gated_ln_kernel(G, CG, L, SG, X, W, B, OUT, OUT2, MEAN, RSTD, XM, XI, XW, XB, S, C, eps,
+                         HAS_OUT2: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+                         X_BN: tl.constexpr = False, X_ACT: tl.constexpr = 0):
         """With HAS_OUT2 the result is written twice, the second time in OUT2's dtype (for a
-        GEMM that takes it rounded; one store where a cast pass reads it back)."""
+        GEMM that takes it rounded; one store where a cast pass reads it back). X_BN: x given as
+        a BatchNorm's input (``_gated_parts``)."""
         n, s = image_block(S, BLOCK_P)  # a program's rows all belong to image n
         c = tl.arange(0, BLOCK_C)
         cmask = c < C
         smask = s < S
         m = smask[:, None] & cmask[None, :]
         p = n * S + s.to(tl.int64)
-        g, cg, lv, sg, xv = _gated_parts(G, CG, L, SG, X, n, tl.where(smask, p, 0), c, m, cmask, C)
+        g, cg, lv, sg, xv = _gated_parts(G, CG, L, SG, X, XM, XI, XW, XB, n, tl.where(smask, p, 0), c, m, cmask, C,
+                                         X_BN, X_ACT)
         za = g * cg[None, :]
         zb = lv * sg[:, None]
         mean = (tl.sum(za, 1) + tl.sum(zb, 1) + tl.sum(xv, 1)) / (3 * C)
@@ -86,13 +100,16 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=["PROGRAMS"])
     def _gated_ln_bwd_kernel(GRAD, GRAD2, G, CG, L, SG, X, W, MEAN, RSTD, DG, DL, DSG, DX,
-                             PART_CG, PART_W, PART_B, S, C, PROGRAMS, HAS_GRAD2: tl.constexpr,
-                             BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+                             PART_CG, PART_W, PART_B, XM, XI, XW, XB, S, C, PROGRAMS, HAS_GRAD2: tl.constexpr,
+                             BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, X_BN: tl.constexpr = False,
+                             X_ACT: tl.constexpr = 0):
         """PROGRAMS programs per image (``_triton.reduction_programs``), each looping over the
         image's row blocks j, j + PROGRAMS, ... and writing one row of channel-gate, weight and
         bias partials: the channel gate's gradient is per image, so a program stays in one. The
         seven partials are accumulated as tiles and reduced over the rows once at the end. With
-        HAS_GRAD2 the output's gradient is GRAD + GRAD2 (two uses of it, summed on load)."""
+        HAS_GRAD2 the output's gradient is GRAD + GRAD2 (two uses of it, summed on load). X_BN:
+        x given as a BatchNorm's input, as in ``_gated_ln_kernel``; DX is the gradient of x, the
+        BatchNorm's output."""
         prog = tl.program_id(0).to(tl.int64)
         n = prog // PROGRAMS
         c = tl.arange(0, BLOCK_C)
@@ -109,7 +126,7 @@ if triton is not None:
             smask = s < S
             m = smask[:, None] & cmask[None, :]
             p = tl.where(smask, n * S + s.to(tl.int64), 0)
-            g, cg, lv, sg, xv = _gated_parts(G, CG, L, SG, X, n, p, c, m, cmask, C)
+            g, cg, lv, sg, xv = _gated_parts(G, CG, L, SG, X, XM, XI, XW, XB, n, p, c, m, cmask, C, X_BN, X_ACT)
             mean = tl.load(MEAN + p, mask=smask, other=0.0)
             rstd = tl.load(RSTD + p, mask=smask, other=0.0)
             out = p[:, None] * (3 * C) + c[None, :]
@@ -163,6 +180,22 @@ def _gated_out_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return out
 
 
+def _forward_impl(g, channel_gate, l, spatial_gate, x, weight, bias, eps, out_dtype, low_dtype, x_bn=(), x_act=0):
+    n, s, c = g.shape
+    out = torch.empty((n, s, 3 * c), device=g.device,
+                      dtype=out_dtype or _gated_out_dtype(g, channel_gate, l, spatial_gate, x, weight))
+    low = out.new_empty((0,)) if low_dtype is None else torch.empty_like(out, dtype=low_dtype)
+    mean = torch.empty((n, s), device=g.device, dtype=torch.float32)
+    rstd = torch.empty_like(mean)
+    rows = _triton.rows_per_program(c, 3)
+    _triton.wrap_triton(_gated_ln_kernel)[_triton.grid(n * triton.cdiv(s, rows))](
+        g, channel_gate, l, spatial_gate, x, weight, bias, out, out if low_dtype is None else low, mean, rstd,
+        *(x_bn or [x] * 4), s, c, eps, HAS_OUT2=low_dtype is not None, BLOCK_P=rows, X_BN=bool(x_bn), X_ACT=x_act,
+        **_triton.row_tile(c, rows),
+    )
+    return out, mean, rstd, low
+
+
 @_triton.define_op("hifuse::gated_layer_norm", mutates_args=())
 def _gated_ln_op(
     g: torch.Tensor, channel_gate: torch.Tensor, l: torch.Tensor, spatial_gate: torch.Tensor,
@@ -173,18 +206,36 @@ def _gated_ln_op(
     gives); a rebuild for a GEMM asks for the GEMM's, so no cast pass follows. ``low_dtype``:
     ``low`` is the result once more, cast to it (for a GEMM beside another use of the result);
     empty when None."""
-    n, s, c = g.shape
-    out = torch.empty((n, s, 3 * c), device=g.device,
-                      dtype=out_dtype or _gated_out_dtype(g, channel_gate, l, spatial_gate, x, weight))
-    low = out.new_empty((0,)) if low_dtype is None else torch.empty_like(out, dtype=low_dtype)
-    mean = torch.empty((n, s), device=g.device, dtype=torch.float32)
-    rstd = torch.empty_like(mean)
-    rows = _triton.rows_per_program(c, 3)
-    _triton.wrap_triton(_gated_ln_kernel)[_triton.grid(n * triton.cdiv(s, rows))](
-        g, channel_gate, l, spatial_gate, x, weight, bias, out, out if low_dtype is None else low, mean, rstd, s, c,
-        eps, HAS_OUT2=low_dtype is not None, BLOCK_P=rows, **_triton.row_tile(c, rows),
-    )
-    return out, mean, rstd, low
+    return _forward_impl(g, channel_gate, l, spatial_gate, x, weight, bias, eps, out_dtype, low_dtype)
+
+
+def _x_bn_problem(y, x_mean, x_invstd, x_weight, x_bias, x_act) -> str | None:
+    c = y.shape[-1]
+    for name, t in (("x_mean", x_mean), ("x_invstd", x_invstd), ("x_weight", x_weight), ("x_bias", x_bias)):
+        if t.shape != (c,) or not t.is_contiguous() or t.device != y.device:
+            return f"{name} must be a contiguous ({c},) vector on {y.device}, got {tuple(t.shape)}"
+    if x_mean.dtype != torch.float32 or x_invstd.dtype != torch.float32:
+        return "x_mean and x_invstd must be float32"
+    if x_act not in (0, 1, 2):
+        return f"x_act must be 0 (none), 1 (ReLU) or 2 (GELU), got {x_act}"
+    return None
+
+
+@_triton.define_op("hifuse::gated_layer_norm_bn", mutates_args=())
+def _gated_ln_bn_op(
+    g: torch.Tensor, channel_gate: torch.Tensor, l: torch.Tensor, spatial_gate: torch.Tensor, y: torch.Tensor,
+    x_mean: torch.Tensor, x_invstd: torch.Tensor, x_weight: torch.Tensor, x_bias: torch.Tensor, x_act: int,
+    weight: torch.Tensor, bias: torch.Tensor, eps: float, out_dtype: torch.dtype | None = None,
+    low_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``hifuse::gated_layer_norm`` with x given as the input y of a training BatchNorm and
+    activation: x = ``hifuse::batch_norm_act(y, None, x_mean, x_invstd, x_weight, x_bias,
+    x_act, ...)`` in y's dtype, applied on load (the same values), never written."""
+    problem = _x_bn_problem(y, x_mean, x_invstd, x_weight, x_bias, x_act)
+    if problem is not None:
+        raise ValueError(f"gated_layer_norm_bn: {problem}")
+    return _forward_impl(g, channel_gate, l, spatial_gate, y, weight, bias, eps, out_dtype, low_dtype,
+                         [x_mean, x_invstd, x_weight, x_bias], x_act)
 
 
 def bwd_launch(c: int) -> dict:
@@ -199,6 +250,32 @@ def bwd_launch(c: int) -> dict:
             "num_warps": 16 if tile["BLOCK_C"] >= 512 else tile["num_warps"]}
 
 
+def _backward_impl(grad, g, channel_gate, l, spatial_gate, x, weight, mean, rstd, grad2, x_bn=(), x_act=0):
+    n, s, c = g.shape
+    tile = bwd_launch(c)
+    rows = tile.pop("BLOCK_P")
+    blocks = triton.cdiv(s, rows)
+    # programs per image: the wave shared among the images
+    flags = dict(HAS_GRAD2=grad2 is not None, BLOCK_P=rows, X_BN=bool(x_bn), X_ACT=x_act, **tile)
+    bn = list(x_bn) or [x] * 4
+    programs = max(1, _triton.reduction_programs(n * blocks, 1, g.device, kernel=_gated_ln_bwd_kernel, launch=flags,
+                                                 args=(grad, grad if grad2 is None else grad2, g, channel_gate, l,
+                                                       spatial_gate, x, weight, mean, rstd, g.dtype, l.dtype,
+                                                       torch.float32, x.dtype, *[torch.float32] * 3, *bn, s, c,
+                                                       2)) // n)
+    programs = min(programs, blocks)
+    f32 = dict(device=g.device, dtype=torch.float32)
+    dg, dl, dx = torch.empty_like(g), torch.empty_like(l), torch.empty_like(x)
+    dsg = torch.empty((n, s), device=g.device, dtype=spatial_gate.dtype)  # written once a position: no cast pass
+    part_cg = torch.empty((n, programs, c), **f32)
+    part = torch.empty((2, n * programs, 3 * c), **f32)
+    _triton.wrap_triton(_gated_ln_bwd_kernel)[_triton.grid(n * programs)](
+        grad, grad if grad2 is None else grad2, g, channel_gate, l, spatial_gate, x, weight, mean, rstd, dg, dl, dsg,
+        dx, part_cg, part[0], part[1], *bn, s, c, programs, **flags,
+    )
+    return dg, part_cg.sum(1).to(channel_gate.dtype), dl, dsg, dx, part.sum(1)
+
+
 @_triton.define_op("hifuse::gated_layer_norm_backward", mutates_args=())
 def _gated_ln_backward_op(
     grad: torch.Tensor, g: torch.Tensor, channel_gate: torch.Tensor, l: torch.Tensor,
@@ -209,27 +286,23 @@ def _gated_ln_backward_op(
     (2, 3C) float32 tensor (one sum of the partials; ``backward`` splits it); ``grad2``
     (grad's shape), a second gradient of the output from another use of it, is added to grad
     on load."""
-    n, s, c = g.shape
-    tile = bwd_launch(c)
-    rows = tile.pop("BLOCK_P")
-    blocks = triton.cdiv(s, rows)
-    # programs per image: the wave shared among the images
-    flags = dict(HAS_GRAD2=grad2 is not None, BLOCK_P=rows, **tile)
-    programs = max(1, _triton.reduction_programs(n * blocks, 1, g.device, kernel=_gated_ln_bwd_kernel, launch=flags,
-                                                 args=(grad, grad if grad2 is None else grad2, g, channel_gate, l,
-                                                       spatial_gate, x, weight, mean, rstd, g.dtype, l.dtype,
-                                                       torch.float32, x.dtype, *[torch.float32] * 3, s, c, 2)) // n)
-    programs = min(programs, blocks)
-    f32 = dict(device=g.device, dtype=torch.float32)
-    dg, dl, dx = torch.empty_like(g), torch.empty_like(l), torch.empty_like(x)
-    dsg = torch.empty((n, s), device=g.device, dtype=spatial_gate.dtype)  # written once a position: no cast pass
-    part_cg = torch.empty((n, programs, c), **f32)
-    part = torch.empty((2, n * programs, 3 * c), **f32)
-    _triton.wrap_triton(_gated_ln_bwd_kernel)[_triton.grid(n * programs)](
-        grad, grad if grad2 is None else grad2, g, channel_gate, l, spatial_gate, x, weight, mean, rstd, dg, dl, dsg,
-        dx, part_cg, part[0], part[1], s, c, programs, **flags,
-    )
-    return dg, part_cg.sum(1).to(channel_gate.dtype), dl, dsg, dx, part.sum(1)
+    return _backward_impl(grad, g, channel_gate, l, spatial_gate, x, weight, mean, rstd, grad2)
+
+
+@_triton.define_op("hifuse::gated_layer_norm_bn_backward", mutates_args=())
+def _gated_ln_bn_backward_op(
+    grad: torch.Tensor, g: torch.Tensor, channel_gate: torch.Tensor, l: torch.Tensor,
+    spatial_gate: torch.Tensor, y: torch.Tensor, x_mean: torch.Tensor, x_invstd: torch.Tensor,
+    x_weight: torch.Tensor, x_bias: torch.Tensor, x_act: int, weight: torch.Tensor, mean: torch.Tensor,
+    rstd: torch.Tensor, grad2: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``hifuse::gated_layer_norm_backward`` of ``hifuse::gated_layer_norm_bn``: x's gradient
+    is that of the BatchNorm's output (for the BatchNorm's backward)."""
+    problem = _x_bn_problem(y, x_mean, x_invstd, x_weight, x_bias, x_act)
+    if problem is not None:
+        raise ValueError(f"gated_layer_norm_bn_backward: {problem}")
+    return _backward_impl(grad, g, channel_gate, l, spatial_gate, y, weight, mean, rstd, grad2,
+                          [x_mean, x_invstd, x_weight, x_bias], x_act)
 
 
 def backward(grad, g, channel_gate, l, spatial_gate, x, weight, mean, rstd, grad2=None) -> tuple:
@@ -237,6 +310,15 @@ def backward(grad, g, channel_gate, l, spatial_gate, x, weight, mean, rstd, grad
     the last two in the weight's dtype."""
     *grads, params = torch.ops.hifuse.gated_layer_norm_backward(grad, g, channel_gate, l, spatial_gate, x, weight,
                                                                 mean, rstd, grad2)
+    params = params.to(weight.dtype)
+    return (*grads, params[0], params[1])
+
+
+def backward_bn(grad, g, channel_gate, l, spatial_gate, y, x_bn, x_act: int, weight, mean, rstd, grad2=None) -> tuple:
+    """``backward`` of ``hifuse::gated_layer_norm_bn`` (``x_bn``: x's BatchNorm mean, invstd,
+    weight and bias); the fifth gradient is that of x, the BatchNorm's output."""
+    *grads, params = torch.ops.hifuse.gated_layer_norm_bn_backward(grad, g, channel_gate, l, spatial_gate, y, *x_bn,
+                                                                   x_act, weight, mean, rstd, grad2)
     params = params.to(weight.dtype)
     return (*grads, params[0], params[1])
 
@@ -254,6 +336,24 @@ def _(g, channel_gate, l, spatial_gate, x, weight, bias, eps, out_dtype=None, lo
 def _(grad, g, channel_gate, l, spatial_gate, x, weight, mean, rstd, grad2=None):
     return (torch.empty_like(g), torch.empty_like(channel_gate), torch.empty_like(l),
             torch.empty_like(spatial_gate), torch.empty_like(x),
+            weight.new_empty((2, weight.shape[0]), dtype=torch.float32))
+
+
+@_gated_ln_bn_op.register_fake
+def _(g, channel_gate, l, spatial_gate, y, x_mean, x_invstd, x_weight, x_bias, x_act, weight, bias, eps,
+      out_dtype=None, low_dtype=None):
+    n, s, c = g.shape
+    out = g.new_empty((n, s, 3 * c), dtype=out_dtype or _gated_out_dtype(g, channel_gate, l, spatial_gate, y, weight))
+    stat = g.new_empty((n, s), dtype=torch.float32)
+    low = out.new_empty((0,)) if low_dtype is None else torch.empty_like(out, dtype=low_dtype)
+    return out, stat, torch.empty_like(stat), low
+
+
+@_gated_ln_bn_backward_op.register_fake
+def _(grad, g, channel_gate, l, spatial_gate, y, x_mean, x_invstd, x_weight, x_bias, x_act, weight, mean, rstd,
+      grad2=None):
+    return (torch.empty_like(g), torch.empty_like(channel_gate), torch.empty_like(l),
+            torch.empty_like(spatial_gate), torch.empty_like(y),
             weight.new_empty((2, weight.shape[0]), dtype=torch.float32))
 
 

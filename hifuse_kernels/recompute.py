@@ -284,15 +284,38 @@ class GatedLayerNormRows:
     be kept. Only a source: gradients go through ``recompute.gated_layer_norm``."""
 
     @staticmethod
+    def on_load(n, h, w, *src):
+        """``hifuse::gated_layer_norm_bn``'s arguments but its dtypes (x's BatchNorm applied on
+        load), or None where its apply is not one that op takes (a residual, a pooling, another
+        dtype)."""
+        y, residual, mean, invstd, bn_weight, bn_bias, act, _height, _width, pool, out_dtype = src[8:]
+        if residual is not None or pool or out_dtype not in (None, y.dtype) or bn_weight is None or bn_bias is None:
+            return None
+        g, channel_gate, l, spatial_gate, _x, weight, bias, eps = src[:8]
+        return (g, channel_gate, l, spatial_gate, y.view(g.shape), mean, invstd, bn_weight, bn_bias, act, weight, bias,
+                eps)
+
+    @staticmethod
     def op_args(n, h, w, *src, x=None):
-        """The op's arguments; its x made by the BatchNorm apply, or ``x`` where given."""
+        """The op's arguments; its x ``x`` where given, else None where the op applies x's
+        BatchNorm on load (``on_load``), else made by the BatchNorm apply."""
         args = list(src[:8])
-        args[4] = torch.ops.hifuse.batch_norm_act(*src[8:]).view(n, h * w, -1) if x is None else x
+        if x is None and GatedLayerNormRows.on_load(n, h, w, *src) is None:
+            x = torch.ops.hifuse.batch_norm_act(*src[8:]).view(n, h * w, -1)
+        args[4] = x
         return args
 
     @staticmethod
+    def run(src, args, out_dtype=None, low_dtype=None):
+        """hifuse::gated_layer_norm of ``op_args``'s ``args`` (hifuse::gated_layer_norm_bn where
+        x is None: its BatchNorm applied on load)."""
+        if args[4] is None:
+            return torch.ops.hifuse.gated_layer_norm_bn(*GatedLayerNormRows.on_load(*src), out_dtype, low_dtype)
+        return torch.ops.hifuse.gated_layer_norm(*args, out_dtype, low_dtype)
+
+    @staticmethod
     def make(*src):
-        out, mean, rstd, _ = torch.ops.hifuse.gated_layer_norm(*GatedLayerNormRows.op_args(*src))
+        out, mean, rstd, _ = GatedLayerNormRows.run(src, GatedLayerNormRows.op_args(*src))
         return out.view(-1, out.shape[-1]), (mean, rstd)
 
     @staticmethod
@@ -300,8 +323,13 @@ class GatedLayerNormRows:
         """The gradients of ``src`` (through the op and the BatchNorm apply that makes its x)
         for the result's gradient ``grad`` (plus ``grad2``, summed on load), args the op's."""
         g, channel_gate, l, spatial_gate, x, weight = args[:6]
-        dg, dcg, dl, dsg, dx, dw, db = gln.backward(grad, g, channel_gate, l, spatial_gate, x, weight, mean, rstd,
-                                                    grad2)
+        if x is None:  # x's BatchNorm applied on load: the gradient of x is its output's
+            y, *x_bn, act = GatedLayerNormRows.on_load(*src)[4:10]
+            dg, dcg, dl, dsg, dx, dw, db = gln.backward_bn(grad, g, channel_gate, l, spatial_gate, y, x_bn, act, weight,
+                                                           mean, rstd, grad2)
+        else:
+            dg, dcg, dl, dsg, dx, dw, db = gln.backward(grad, g, channel_gate, l, spatial_gate, x, weight, mean, rstd,
+                                                        grad2)
         dbn = BatchNormApply.grad(dx.view(-1, dx.shape[-1]), (), *src[11:])
         return (None, None, None, dg, dcg, dl, dsg, None, dw, db, None, *dbn)
 
@@ -314,7 +342,7 @@ class GatedLayerNormRowsShared:
     @staticmethod
     def make(shared, *src):
         args = GatedLayerNormRows.op_args(*src)
-        out, mean, rstd, low = torch.ops.hifuse.gated_layer_norm(*args, None, shared.dtype)
+        out, mean, rstd, low = GatedLayerNormRows.run(src, args, None, shared.dtype)
         shared.put(args[4], out if shared.dtype is None else low)
         return out.view(-1, out.shape[-1]), (mean, rstd)
 
@@ -527,7 +555,7 @@ class _GatedLayerNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, keep, *src):
         args = GatedLayerNormRows.op_args(*src)
-        out, mean, rstd, _ = torch.ops.hifuse.gated_layer_norm(*args)
+        out, mean, rstd, _ = GatedLayerNormRows.run(src, args)
         tensors, ctx.consts = _split(src)
         ctx.save_for_backward(mean, rstd, args[4] if keep else None, *tensors)
         return out
@@ -571,7 +599,7 @@ class _GatedLayerNormConv2d(torch.autograd.Function):
         n, h, w = src[:3]
         gemm_dtype = autocast_dtype(src[3])
         # the convolution's input written by the same pass, in its dtype: no cast pass
-        out, mean, rstd, low = torch.ops.hifuse.gated_layer_norm(*GatedLayerNormRows.op_args(*src), None, gemm_dtype)
+        out, mean, rstd, low = GatedLayerNormRows.run(src, GatedLayerNormRows.op_args(*src), None, gemm_dtype)
         x = out.view(n, h, w, -1).permute(0, 3, 1, 2)
         ctx.weight_dtype = weight.dtype
         weight, _ = cast_for_gemm(weight, None, gemm_dtype)
@@ -596,7 +624,7 @@ class _GatedLayerNormConv2d(torch.autograd.Function):
             if taken is not None and taken[1].dtype == dtype:
                 rebuilt = taken[1]
             else:
-                rebuilt = torch.ops.hifuse.gated_layer_norm(*args, dtype)[0]
+                rebuilt = GatedLayerNormRows.run(src, args, dtype)[0]
             rebuilt = rebuilt.view(n, h, w, -1).permute(0, 3, 1, 2)
             dconv, dw, _ = torch.ops.aten.convolution_backward(
                 grad_y, rebuilt, weight.to(dtype), None, [1, 1], list(ctx.padding), [1, 1], False, [0, 0],

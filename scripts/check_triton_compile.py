@@ -253,14 +253,17 @@ def cases(dtype: str):
                                                  BN_SUMS="fp64", **bn_ptrs), \
                     {**_as_warps(lnc._rows_bwd_launch(c)), "PARTS": parts, "REBUILD": rebuild, "BN": mask}
         rows = row_launch(c, 3, "BLOCK_P")
-        for out2 in (False, True):  # with the GEMM's rounded copy
+        x_bn = dict(XM=f32, XI=f32, XW=f32, XB=f32)
+        # x_bn: x given as the projection's output, its BatchNorm + GELU applied on load
+        for out2, on_load in ((False, False), (True, False), (False, True), (True, True)):  # with the GEMM's copy
             yield gln._gated_ln_kernel, dict(G=f32, CG="dt", L=f32, SG="dt", X="dt", W=f32, B=f32, OUT=f32, OUT2="dt",
-                                            MEAN=f32, RSTD=f32), {**rows, "HAS_OUT2": out2}
-        for grad2 in (False, True):  # with the second use's gradient (IRMLP conv1's, in the GEMM dtype)
+                                            MEAN=f32, RSTD=f32, **x_bn), \
+                {**rows, "HAS_OUT2": out2, "X_BN": on_load, "X_ACT": 2 if on_load else 0}
+        for grad2, on_load in ((False, False), (True, False), (True, True)):  # with conv1's gradient (GEMM dtype)
             yield gln._gated_ln_bwd_kernel, dict(GRAD=f32, GRAD2="dt", G=f32, CG="dt", L=f32, SG="dt", X="dt", W=f32,
                                                 MEAN=f32, RSTD=f32, DG=f32, DL=f32, DSG="dt", DX="dt", PART_CG=f32,
-                                                PART_W=f32, PART_B=f32), \
-                {**_as_warps(gln.bwd_launch(c)), "HAS_GRAD2": grad2}
+                                                PART_W=f32, PART_B=f32, **x_bn), \
+                {**_as_warps(gln.bwd_launch(c)), "HAS_GRAD2": grad2, "X_BN": on_load, "X_ACT": 2 if on_load else 0}
 
 
 def signature(kernel, pointers: dict, constexprs: dict, dtype: str) -> dict:

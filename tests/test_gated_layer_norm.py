@@ -186,3 +186,45 @@ def test_low_precision_cuda(dtype, shape):
         err = (a.double() - r).abs().max().item()
         pt_err = (p.double() - r).abs().max().item()
         assert err <= 2 * pt_err + 1e-5 * max(1.0, r.abs().max().item()), f"output {k}: {err:.3g} vs eager {pt_err:.3g}"
+
+
+@pytest.mark.parametrize("n, s, c, act, dtype", [
+    (2, 15, 24, 2, torch.float32), (1, 7, 40, 1, torch.float32), (2, 9, 100, 0, torch.bfloat16),
+    (1, 13, 96, 2, torch.bfloat16),
+])
+def test_batch_norm_of_x_applied_on_load(n, s, c, act, dtype):
+    """``hifuse::gated_layer_norm_bn``: x given as a training BatchNorm's input y, applied on
+    load, gives the bits of x applied first (``hifuse::batch_norm_act``) in every output, and
+    its backward every gradient, x's being the BatchNorm output's."""
+    from hifuse_kernels import gated_layer_norm as gln
+    from torch.library import opcheck
+
+    g = torch.Generator().manual_seed(0)
+
+    def rand(*shape, positive=False):
+        t = torch.rand(*shape, generator=g) + 0.5 if positive else torch.randn(*shape, generator=g)
+        return t.to(DEVICE)
+
+    gt, lt = rand(n, s, c).to(dtype), rand(n, s, c).to(dtype)
+    cg, sg = rand(n, c, positive=True).to(dtype), rand(n, s, positive=True).to(dtype)
+    y = rand(n * s, c).to(dtype)
+    bn = [rand(c), rand(c, positive=True), rand(c), rand(c)]
+    w, b = rand(3 * c), rand(3 * c)
+    x = torch.ops.hifuse.batch_norm_act(y, None, *bn, act, s, 1, False, None).view(n, s, c)
+    ref = torch.ops.hifuse.gated_layer_norm(gt, cg, lt, sg, x, w, b, 1e-6, None, torch.bfloat16)
+    got = torch.ops.hifuse.gated_layer_norm_bn(gt, cg, lt, sg, y.view(n, s, c), *bn, act, w, b, 1e-6, None,
+                                               torch.bfloat16)
+    assert all(torch.equal(a, r) for a, r in zip(got, ref))
+    grad, grad2 = rand(*ref[0].shape).to(ref[0].dtype), rand(*ref[0].shape).to(dtype)
+    want = gln.backward(grad, gt, cg, lt, sg, x, w, ref[1], ref[2], grad2)
+    have = gln.backward_bn(grad, gt, cg, lt, sg, y.view(n, s, c), bn, act, w, ref[1], ref[2], grad2)
+    assert all(torch.equal(a, r) for a, r in zip(have, want))
+    if dtype == torch.float32 and act == 2:
+        args = (gt, cg, lt, sg, y.view(n, s, c), *bn, act, w, b, 1e-6, None, None)
+        opcheck(torch.ops.hifuse.gated_layer_norm_bn.default, args)
+        opcheck(torch.ops.hifuse.gated_layer_norm_bn_backward.default,
+                (grad, gt, cg, lt, sg, y.view(n, s, c), *bn, act, w, ref[1], ref[2], grad2))
+        with pytest.raises(ValueError, match="x_act"):
+            torch.ops.hifuse.gated_layer_norm_bn(*args[:9], 3, *args[10:])
+        with pytest.raises(ValueError, match="x_mean"):
+            torch.ops.hifuse.gated_layer_norm_bn(*args[:5], bn[0][:3], *args[6:])

@@ -296,14 +296,14 @@ def test_irmlp_front_from_gated_layer_norm(keep_x, keep_out, keep_a, monkeypatch
     # The fusion block's norm3 (whose x is the projection's BatchNorm + GELU) feeding the
     # IRMLP's conv1 and bn1 residual: none of x, norm3's output or conv2's input is kept
     # (or some of them, as the fusion block's rebuild switches decide). Rebuilt, norm3's output
-    # is rebuilt once in backward: bn1's rebuild leaves it (and x) for conv1's backward
-    norm3, norm3_runs = torch.ops.hifuse.gated_layer_norm, []
-
-    def counted(*args):
-        norm3_runs.append(1)
-        return norm3(*args)
-
-    monkeypatch.setattr(torch.ops.hifuse, "gated_layer_norm", counted)
+    # is rebuilt once in backward: bn1's rebuild leaves it (and x) for conv1's backward. The
+    # fused norm3 applies x's BatchNorm + GELU as it loads the projection's output
+    # (hifuse::gated_layer_norm_bn): x is never written
+    runs = {"gated_layer_norm": 0, "gated_layer_norm_bn": 0}
+    for name in runs:
+        op = getattr(torch.ops.hifuse, name)
+        monkeypatch.setattr(torch.ops.hifuse, name,
+                            lambda *a, _op=op, _name=name: runs.__setitem__(_name, runs[_name] + 1) or _op(*a))
     torch.manual_seed(0)
     n, c, h, w = 2, 4, 3, 5
     cl = dict(memory_format=torch.channels_last)
@@ -336,7 +336,7 @@ def test_irmlp_front_from_gated_layer_norm(keep_x, keep_out, keep_a, monkeypatch
     torch.testing.assert_close(bn1[0].running_var, bn1[1].running_var)
     # two steps, each: fused forward, fused backward's rebuild (none when norm3's output is
     # kept), plain forward
-    assert len(norm3_runs) == 2 * (2 + (0 if keep_out else 1))
+    assert runs == {"gated_layer_norm": 2, "gated_layer_norm_bn": 2 * (1 + (0 if keep_out else 1))}, runs
 
 
 @keeps
