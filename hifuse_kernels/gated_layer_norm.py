@@ -324,7 +324,7 @@ def backward_bn(grad, g, channel_gate, l, spatial_gate, y, x_bn, x_act: int, wei
 
 
 @_gated_ln_op.register_fake
-def _(g, channel_gate, l, spatial_gate, x, weight, bias, eps, out_dtype=None, low_dtype=None):
+def _fake_forward(g, channel_gate, l, spatial_gate, x, weight, bias, eps, out_dtype=None, low_dtype=None):
     n, s, c = g.shape
     out = g.new_empty((n, s, 3 * c), dtype=out_dtype or _gated_out_dtype(g, channel_gate, l, spatial_gate, x, weight))
     stat = g.new_empty((n, s), dtype=torch.float32)
@@ -333,7 +333,7 @@ def _(g, channel_gate, l, spatial_gate, x, weight, bias, eps, out_dtype=None, lo
 
 
 @_gated_ln_backward_op.register_fake
-def _(grad, g, channel_gate, l, spatial_gate, x, weight, mean, rstd, grad2=None):
+def _fake_backward(grad, g, channel_gate, l, spatial_gate, x, weight, mean, rstd, grad2=None):
     return (torch.empty_like(g), torch.empty_like(channel_gate), torch.empty_like(l),
             torch.empty_like(spatial_gate), torch.empty_like(x),
             weight.new_empty((2, weight.shape[0]), dtype=torch.float32))
@@ -342,19 +342,13 @@ def _(grad, g, channel_gate, l, spatial_gate, x, weight, mean, rstd, grad2=None)
 @_gated_ln_bn_op.register_fake
 def _(g, channel_gate, l, spatial_gate, y, x_mean, x_invstd, x_weight, x_bias, x_act, weight, bias, eps,
       out_dtype=None, low_dtype=None):
-    n, s, c = g.shape
-    out = g.new_empty((n, s, 3 * c), dtype=out_dtype or _gated_out_dtype(g, channel_gate, l, spatial_gate, y, weight))
-    stat = g.new_empty((n, s), dtype=torch.float32)
-    low = out.new_empty((0,)) if low_dtype is None else torch.empty_like(out, dtype=low_dtype)
-    return out, stat, torch.empty_like(stat), low
+    return _fake_forward(g, channel_gate, l, spatial_gate, y, weight, bias, eps, out_dtype, low_dtype)
 
 
 @_gated_ln_bn_backward_op.register_fake
 def _(grad, g, channel_gate, l, spatial_gate, y, x_mean, x_invstd, x_weight, x_bias, x_act, weight, mean, rstd,
       grad2=None):
-    return (torch.empty_like(g), torch.empty_like(channel_gate), torch.empty_like(l),
-            torch.empty_like(spatial_gate), torch.empty_like(y),
-            weight.new_empty((2, weight.shape[0]), dtype=torch.float32))
+    return _fake_backward(grad, g, channel_gate, l, spatial_gate, y, weight, mean, rstd, grad2)
 
 
 def _gated_ln_setup(ctx, inputs, output):

@@ -181,7 +181,7 @@ if triton is not None:
     def _rows_bwd_kernel(GRAD, A, B, D, W, MEAN, RSTD, DA, DB, DD, PART_W, PART_B, BIAS, OUT,
                          BN_MA, BN_IA, BN_WA, BN_BA, BN_MB, BN_IB, BN_WB, BN_BB, BN_MD, BN_ID, BN_WD, BN_BD,
                          BN_SUMS, M, C, PROGRAMS, PARTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
-                         REBUILD: tl.constexpr = False, BN: tl.constexpr = 0):
+                         REBUILD: tl.constexpr = False, BN: tl.constexpr = 0, SUMS: tl.constexpr = True):
         """On a fixed grid (``_triton.reduction_programs``): each program loops over row tiles
         pid, pid + PROGRAMS, ... and writes one row of weight and bias partials, accumulated as
         tiles and reduced over the rows once at the end. With REBUILD it also writes the
@@ -189,8 +189,8 @@ if triton is not None:
         weight-gradient GEMM that reads it next: the pass that would rebuild it reads what this
         one reads. BN: parts given as BatchNorm inputs, as in ``_rows_fwd_kernel``: their
         gradients are the BatchNorm outputs', and the program writes the BatchNorm backward's
-        partial sums of each (the reducing pass ``batch_norm_act`` would make over them) to
-        BN_SUMS (BatchNorm part, sum of dz / of dz * x_hat, program, C), float64."""
+        partial sums of each (the reducing pass ``batch_norm_act`` would make over them), with
+        SUMS, to BN_SUMS (sum of dz / of dz * x_hat, program, BatchNorm parts x C), float64."""
         pid = tl.program_id(0)
         c = tl.arange(0, BLOCK_C)
         cmask = c < C
@@ -257,7 +257,7 @@ if triton is not None:
                 tl.store(DB + offs, zb, mask=m)
             if PARTS > 2:
                 tl.store(DD + offs, zd, mask=m)
-            if BN != 0:
+            if BN != 0 and SUMS:
                 bn_dz_a, bn_dzxh_a = _bn_sums(za, ya, mn_a, is_a, m, bn_dz_a, bn_dzxh_a, (BN & 1) != 0)
                 bn_dz_b, bn_dzxh_b = _bn_sums(zb, yb, mn_b, is_b, m, bn_dz_b, bn_dzxh_b, (BN & 2) != 0)
                 bn_dz_d, bn_dzxh_d = _bn_sums(zd, yd, mn_d, is_d, m, bn_dz_d, bn_dzxh_d, (BN & 4) != 0)
@@ -277,17 +277,17 @@ if triton is not None:
             tl.store(PART_W + part + 2 * C, tl.sum(acc_wd, 0), mask=cmask)
             tl.store(PART_B + part + 2 * C, tl.sum(acc_bd, 0), mask=cmask)
         # BN_SUMS[s, pid, j * C:(j + 1) * C], j the part's place among the BatchNorm parts
-        n_bn: tl.constexpr = (BN & 1) + (BN >> 1 & 1) + (BN >> 2 & 1)
+        n_bn: tl.constexpr = (BN & 1) + (BN >> 1 & 1) + (BN >> 2 & 1) if SUMS else 0
         sums = pid.to(tl.int64) * (n_bn * C) + c
         step = PROGRAMS.to(tl.int64) * (n_bn * C)
-        if (BN & 1) != 0:
+        if (BN & 1) != 0 and SUMS:
             tl.store(BN_SUMS + sums, tl.sum(bn_dz_a.to(tl.float64), 0), mask=cmask)
             tl.store(BN_SUMS + step + sums, tl.sum(bn_dzxh_a.to(tl.float64), 0), mask=cmask)
-        if (BN & 2) != 0:
+        if (BN & 2) != 0 and SUMS:
             at = sums + (BN & 1) * C
             tl.store(BN_SUMS + at, tl.sum(bn_dz_b.to(tl.float64), 0), mask=cmask)
             tl.store(BN_SUMS + step + at, tl.sum(bn_dzxh_b.to(tl.float64), 0), mask=cmask)
-        if (BN & 4) != 0:
+        if (BN & 4) != 0 and SUMS:
             at = sums + ((BN & 1) + (BN >> 1 & 1)) * C
             tl.store(BN_SUMS + at, tl.sum(bn_dz_d.to(tl.float64), 0), mask=cmask)
             tl.store(BN_SUMS + step + at, tl.sum(bn_dzxh_d.to(tl.float64), 0), mask=cmask)
@@ -368,10 +368,10 @@ def _rows_bwd_launch(c: int) -> dict:
     return {"BLOCK_M": block_m, "BLOCK_C": block_c, "num_warps": max(4, min(16, block_m * block_c // 64))}
 
 
-def _rows_backward_impl(grad, rows, weight, mean, rstd, bias, rebuild_dtype, bn=(), bn_parts=0):
+def _rows_backward_impl(grad, rows, weight, mean, rstd, bias, rebuild_dtype, bn=(), bn_parts=0, sums=True):
     m, c = rows[0].shape
     rebuild = rebuild_dtype is not None
-    flags = dict(PARTS=len(rows), REBUILD=rebuild, BN=bn_parts, **_rows_bwd_launch(c))
+    flags = dict(PARTS=len(rows), REBUILD=rebuild, BN=bn_parts, SUMS=sums, **_rows_bwd_launch(c))
     ptrs = _three(rows)
     bn_ptrs = _bn_pointers(rows, list(bn), bn_parts)
     out = torch.empty((m, len(rows) * c) if rebuild else (0,), device=grad.device, dtype=rebuild_dtype or grad.dtype)
@@ -382,7 +382,7 @@ def _rows_backward_impl(grad, rows, weight, mean, rstd, bias, rebuild_dtype, bn=
     )
     grads = [torch.empty_like(t) for t in rows]
     part = torch.empty((2, programs, len(rows) * c), device=grad.device, dtype=torch.float32)
-    n_bn = bin(bn_parts).count("1")
+    n_bn = bin(bn_parts).count("1") if sums else 0
     bn_part = torch.empty((2, programs, n_bn * c) if n_bn else (0,), device=grad.device, dtype=torch.float64)
     _triton.wrap_triton(_rows_bwd_kernel)[_triton.grid(programs)](
         grad, *ptrs, weight, mean, rstd, *_three(grads), part[0], part[1], bias, out, *bn_ptrs,
@@ -419,17 +419,18 @@ def _rows_backward_rebuild_op(
 @_triton.define_op("hifuse::layer_norm_cat_rows_bn_backward", mutates_args=())
 def _rows_bn_backward_op(
     grad: torch.Tensor, rows: list[torch.Tensor], bn: list[torch.Tensor], bn_parts: int, weight: torch.Tensor,
-    mean: torch.Tensor, rstd: torch.Tensor, bias: torch.Tensor, out_dtype: torch.dtype,
+    mean: torch.Tensor, rstd: torch.Tensor, bias: torch.Tensor, out_dtype: torch.dtype, sums: bool,
 ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
     """``layer_norm_cat_rows_backward_rebuild`` of ``layer_norm_cat_rows_bn``: the gradients
     of the parts given as BatchNorm inputs are those of the BatchNorm outputs (the parts'
     values), and the fourth output holds the sums each such BatchNorm's backward reduces,
     which ``hifuse::batch_norm_act_backward_summed`` takes instead of reducing them again:
-    (sum of dz / of dz * x_hat, BatchNorm parts x C) float32, a part's C columns in order."""
+    (sum of dz / of dz * x_hat, BatchNorm parts x C) float32, a part's C columns in order
+    (``sums`` False: not reduced, (2, 0))."""
     problem = _bn_problem(rows, bn, bn_parts)
     if problem is not None:
         raise ValueError(f"layer_norm_cat_rows_bn_backward: {problem}")
-    return _rows_backward_impl(grad, rows, weight, mean, rstd, bias, out_dtype, bn, bn_parts)
+    return _rows_backward_impl(grad, rows, weight, mean, rstd, bias, out_dtype, bn, bn_parts, sums)
 
 
 def rows_backward(grad, rows, weight, mean, rstd, bias=None, rebuild_dtype=None) -> tuple:
@@ -474,10 +475,10 @@ def _(rows, bn, bn_parts, weight, bias, eps, out_dtype):
 
 
 @_rows_bn_backward_op.register_fake
-def _(grad, rows, bn, bn_parts, weight, mean, rstd, bias, out_dtype):
+def _(grad, rows, bn, bn_parts, weight, mean, rstd, bias, out_dtype, sums):
     m, c = rows[0].shape
     params = weight.new_empty((2, weight.shape[0]), dtype=torch.float32)
-    sums = grad.new_empty((2, bin(bn_parts).count("1") * c), dtype=torch.float32)
+    sums = grad.new_empty((2, bin(bn_parts).count("1") * c if sums else 0), dtype=torch.float32)
     return [torch.empty_like(t) for t in rows], params, grad.new_empty((m, len(rows) * c), dtype=out_dtype), sums
 
 
@@ -553,6 +554,8 @@ def forward_bn(parts, bn, bn_parts: int, weight, bias, eps: float, out_dtype: to
     training BatchNorm without activation (``bn``: its mean, invstd, weight and bias for each
     such part, in order), applied on load (``hifuse::layer_norm_cat_rows_bn``); only where
     ``rows_path`` takes the parts."""
+    if not rows_path(parts, weight, bias):
+        raise ValueError("layer_norm_cat.forward_bn: the parts must be ones the Triton rows path takes (rows_path)")
     n, c, h, w = parts[0].shape
     out, mean, rstd = torch.ops.hifuse.layer_norm_cat_rows_bn(
         [nhwc(t).view(-1, c) for t in parts], list(bn), int(bn_parts), weight.contiguous(), bias.contiguous(),
@@ -562,13 +565,14 @@ def forward_bn(parts, bn, bn_parts: int, weight, bias, eps: float, out_dtype: to
 
 
 def backward_bn_rebuilding(grad_rows: torch.Tensor, parts, bn, bn_parts: int, weight: torch.Tensor,
-                           bias: torch.Tensor, stats, out_dtype: torch.dtype):
-    """``backward_rebuilding`` of ``forward_bn``, and the BatchNorm backward's partial sums
-    of each part given as a BatchNorm input (whose gradient is the BatchNorm output's)."""
+                           bias: torch.Tensor, stats, out_dtype: torch.dtype, sums: bool = True):
+    """``backward_rebuilding`` of ``forward_bn``, and (``sums``) the sums of the BatchNorm
+    backward of each part given as a BatchNorm input (whose gradient is the BatchNorm
+    output's)."""
     n, c, h, w = parts[0].shape
     dparts, params, out, sums = torch.ops.hifuse.layer_norm_cat_rows_bn_backward(
         grad_rows.contiguous(), [nhwc(t).view(-1, c) for t in parts], list(bn), int(bn_parts), weight.contiguous(),
-        *stats, bias.contiguous(), out_dtype,
+        *stats, bias.contiguous(), out_dtype, bool(sums),
     )
     params = params.to(weight.dtype)
     return out, ([t.view(n, h, w, c).permute(0, 3, 1, 2) for t in dparts], params[0], params[1]), sums

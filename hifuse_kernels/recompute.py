@@ -50,6 +50,7 @@ paths (``hifuse.fused``).
 
 from __future__ import annotations
 
+import itertools
 from typing import NamedTuple
 
 import torch
@@ -178,8 +179,10 @@ class LayerNormCatBN:
         """``(make(*args)[0], grad(grad_a, aux, *args))`` from one backward pass, for grad_a as
         (M, C) rows and aux the forward's statistics."""
         bn_parts, shared, parts, bn, (weight, bias, _eps, _out_dtype) = LayerNormCatBN.split(args)
+        # no box (torch.compile): the BatchNorms' backward reduces its own sums
         a, (dparts, dw, db), sums = lnc.backward_bn_rebuilding(grad_a, parts, bn, bn_parts, weight, bias, aux,
-                                                               LayerNormCatBN.dtype(*args))
+                                                               LayerNormCatBN.dtype(*args),
+                                                               any(box is not None for box in shared))
         c = parts[0].shape[1]
         for j, box in enumerate(shared):
             if box is not None:  # the rebuilt y (LinearStats) and the sums, for the BatchNorm's backward
@@ -524,10 +527,12 @@ def _function(producer, sources=()):
 _FUNCTIONS = {(p, ()): _function(p) for p in (BatchNormApply, DwconvLayerNorm, LayerNormCat)}
 for _key in ((BatchNormApply, (GatedLayerNormRows,)), (BatchNormApply, (GatedLayerNormRowsShared,)),
              (LayerNormCat, (LinearBatchNorm,) * 2),
-             (LayerNormCat, (LinearBatchNorm,) * 3),
-             (LayerNormCatBN, (LinearStats,) * 2),
-             (LayerNormCatBN, (LinearBatchNorm, LinearStats, LinearStats))):
+             (LayerNormCat, (LinearBatchNorm,) * 3)):
     _FUNCTIONS[_key] = _function(*_key)
+for _n in (1, 2, 3):  # every mix of parts applied first and parts whose BatchNorm is deferred
+    for _sources in itertools.product((LinearBatchNorm, LinearStats), repeat=_n):
+        if LinearStats in _sources:
+            _FUNCTIONS[LayerNormCatBN, _sources] = _function(LayerNormCatBN, _sources)
 
 
 # --------------------------------------------------------------------------- functional
@@ -857,6 +862,7 @@ class _LinearBatchNorm(torch.autograd.Function):
             dy, dy_sum = torch.ops.hifuse.batch_norm_act_backward_summed(
                 grad_rows, y, mean, invstd, bn_weight, bn_bias, *sums, act, height, width, pool, bias is not None,
             )
+            # slices of one buffer, as DDP's gradient_as_bucket_view makes gradients: no copies
             dbw, dbb = sums[1].to(bn_weight.dtype), sums[0].to(bn_bias.dtype)
         else:
             dy, _dr, dbw, dbb, dy_sum, _ = torch.ops.hifuse.batch_norm_act_backward(

@@ -75,7 +75,7 @@ WRITES = {
     "patch_conv_norm._fwd_kernel": {"OUT", "MEAN", "RSTD"},
     "patch_conv_norm._bwd_kernel": {"PART_W", "PART_B", "PART_LW", "PART_LB"},
     "layer_norm_cat._rows_bwd_kernel": lambda k: {"DA", "PART_W", "PART_B"} | ({"DB"} if k["PARTS"] > 1 else set())
-    | ({"DD"} if k["PARTS"] > 2 else set()) | _rebuilt(k, "OUT") | ({"BN_SUMS"} if k.get("BN") else set()),
+    | ({"DD"} if k["PARTS"] > 2 else set()) | _rebuilt(k, "OUT") | ({"BN_SUMS"} if k.get("BN") and k.get("SUMS", True) else set()),
 }
 
 TORCH_DTYPES = {"fp64": torch.float64, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "i32": torch.int32, "i64": torch.int64}

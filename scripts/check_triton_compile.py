@@ -247,11 +247,13 @@ def cases(dtype: str):
                 yield lnc._rows_fwd_kernel, dict(A="dt", B="dt", D="dt", W=f32, BIAS=f32, OUT="dt", MEAN=f32,
                                                  RSTD=f32, **bn_ptrs), {**rows, "PARTS": parts, "BN": mask}
             # rebuild: the forward's output too; and with the BatchNorms applied on load, their sums
-            for rebuild, mask in ((False, 0), (True, 0), (True, bn)):
+            # (or not: under torch.compile)
+            for rebuild, mask, sums in ((False, 0, True), (True, 0, True), (True, bn, True), (True, bn, False)):
                 yield lnc._rows_bwd_kernel, dict(GRAD="dt", A="dt", B="dt", D="dt", W=f32, MEAN=f32, RSTD=f32,
                                                  DA="dt", DB="dt", DD="dt", PART_W=f32, PART_B=f32, BIAS=f32, OUT="dt",
                                                  BN_SUMS="fp64", **bn_ptrs), \
-                    {**_as_warps(lnc._rows_bwd_launch(c)), "PARTS": parts, "REBUILD": rebuild, "BN": mask}
+                    {**_as_warps(lnc._rows_bwd_launch(c)), "PARTS": parts, "REBUILD": rebuild, "BN": mask,
+                     "SUMS": sums}
         rows = row_launch(c, 3, "BLOCK_P")
         x_bn = dict(XM=f32, XI=f32, XW=f32, XB=f32)
         # x_bn: x given as the projection's output, its BatchNorm + GELU applied on load

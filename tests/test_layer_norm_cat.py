@@ -302,6 +302,11 @@ def test_triton_rows_batch_norm_on_load(nhw, widths, mask, dtype):
     assert torch.equal(rebuilt_bn, rebuilt)
     for a, r in zip([*grads_bn[0], *grads_bn[1:]], [*grads[0], *grads[1:]]):
         assert torch.equal(a, r)
+    # without the BatchNorm sums (under torch.compile, where nothing hands them on): the rest as is
+    rebuilt_bn, grads_bn, no_sums = lnc.backward_bn_rebuilding(rows, ys, bn, mask, w, b, stats, dtype, sums=False)
+    assert torch.equal(rebuilt_bn, rebuilt) and no_sums.numel() == 0
+    for a, r in zip([*grads_bn[0], *grads_bn[1:]], [*grads[0], *grads[1:]]):
+        assert torch.equal(a, r)
     c = widths[0]
     assert sums.shape == (2, len(raw) * c) and sums.dtype == torch.float32
     j = 0
@@ -332,8 +337,9 @@ def test_triton_rows_batch_norm_opcheck_and_errors():
     opcheck(torch.ops.hifuse.layer_norm_cat_rows_bn.default, (rows, bn, 6, w, b, 1e-6, torch.float32))
     out, mean, rstd = torch.ops.hifuse.layer_norm_cat_rows_bn(rows, bn, 6, w, b, 1e-6, torch.float32)
     grad = torch.randn(out.shape, device=DEVICE)
-    opcheck(torch.ops.hifuse.layer_norm_cat_rows_bn_backward.default,
-            (grad, rows, bn, 6, w, mean, rstd, b, torch.float32))
+    for sums in (True, False):
+        opcheck(torch.ops.hifuse.layer_norm_cat_rows_bn_backward.default,
+                (grad, rows, bn, 6, w, mean, rstd, b, torch.float32, sums))
     with pytest.raises(ValueError, match="bit mask"):
         torch.ops.hifuse.layer_norm_cat_rows_bn(rows, bn, 8, w, b, 1e-6, torch.float32)
     with pytest.raises(ValueError, match="four tensors"):

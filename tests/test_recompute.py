@@ -113,6 +113,24 @@ def test_layer_norm_cat_linear(parts, keep):
     assert len(runs) == 1
 
 
+def _gemm_bn_parts(xs, acts, pools):
+    """Three 1x1 GEMM + training BatchNorm parts of 5 channels on xs, as the fusion block's,
+    the 15-channel LayerNorm and linear after them: (gemms, (BatchNorm, twin) pairs, w, b,
+    linear, leaves, a function making the parts with the plain ops and the twins)."""
+    gemms = [(_leaf(5, x.shape[-1], scale=0.5), _leaf(5, scale=0.1)) for x in xs]
+    bns = [_bn(5) for _ in xs]
+    w, b = _leaf(15, scale=0.5), _leaf(15, scale=0.5)
+    lin = _dense(15, 3)
+    leaves = [*xs, w, b, lin.weight, lin.bias] + [t for pair in gemms for t in pair]
+    leaves += [p for bn, _ in bns for p in (bn.weight, bn.bias)]
+
+    def plain_parts():
+        return [bna.batch_norm_act(F.linear(x, gw, gb).permute(0, 3, 1, 2), twin, act, pool=p)
+                for x, (gw, gb), (_, twin), act, p in zip(xs, gemms, bns, acts, pools)]
+
+    return gemms, bns, w, b, lin, leaves, plain_parts
+
+
 @keeps
 @pytest.mark.parametrize("pool, chain", [(False, False), (True, False), (False, True)])
 def test_norm_cat_linear(pool, chain, keep, monkeypatch):
@@ -133,14 +151,9 @@ def test_norm_cat_linear(pool, chain, keep, monkeypatch):
     torch.manual_seed(0)
     side = 6 if pool else 3
     xs = [_leaf(2, side, 8 if pool else 4, 3), _leaf(2, 3, 4, 6), _leaf(2, 3, 4, 5)]
-    gemms = [(_leaf(5, x.shape[-1], scale=0.5), _leaf(5, scale=0.1)) for x in xs]
-    bns = [_bn(5) for _ in xs]
     acts = [None, "relu", None]
     pools = [pool, False, False]
-    w, b = _leaf(15, scale=0.5), _leaf(15, scale=0.5)
-    lin = _dense(15, 3)
-    leaves = [*xs, w, b, lin.weight, lin.bias] + [t for pair in gemms for t in pair]
-    leaves += [p for bn, _ in bns for p in (bn.weight, bn.bias)]
+    gemms, bns, w, b, lin, leaves, plain_parts = _gemm_bn_parts(xs, acts, pools)
 
     def fused():
         parts, sources = [], []
@@ -157,8 +170,7 @@ def test_norm_cat_linear(pool, chain, keep, monkeypatch):
         return out + parts[0].permute(0, 2, 3, 1).sum(-1, keepdim=True) + later
 
     def plain():
-        parts = [bna.batch_norm_act(F.linear(x, gw, gb).permute(0, 3, 1, 2), twin, act, pool=p)
-                 for x, (gw, gb), (_, twin), act, p in zip(xs, gemms, bns, acts, pools)]
+        parts = plain_parts()
         out = lin(lnc.layer_norm_cat(parts, w, b, 1e-6).permute(0, 2, 3, 1))
         return out + parts[0].permute(0, 2, 3, 1).sum(-1, keepdim=True) + (xs[1].sin().sum() if chain else 0)
 
@@ -185,13 +197,8 @@ def test_norm_cat_linear_applies_deferred_batch_norms_on_load(monkeypatch):
         monkeypatch.setattr(torch.ops.hifuse, name,
                             lambda *a, _op=op, _key=key: calls.__setitem__(_key, calls[_key] + 1) or _op(*a))
     xs = [_leaf(2, 6, 8, 3), _leaf(2, 3, 4, 6), _leaf(2, 3, 4, 5)]
-    gemms = [(_leaf(5, x.shape[-1], scale=0.5), _leaf(5, scale=0.1)) for x in xs]
-    bns = [_bn(5) for _ in xs]
     acts, pools, defers = ["relu", None, None], [True, False, False], [False, True, True]
-    w, b = _leaf(15, scale=0.5), _leaf(15, scale=0.5)
-    lin = _dense(15, 3)
-    leaves = [*xs, w, b, lin.weight, lin.bias] + [t for pair in gemms for t in pair]
-    leaves += [p for bn, _ in bns for p in (bn.weight, bn.bias)]
+    gemms, bns, w, b, lin, leaves, plain_parts = _gemm_bn_parts(xs, acts, pools)
 
     def fused():
         parts, sources = [], []
@@ -204,8 +211,7 @@ def test_norm_cat_linear_applies_deferred_batch_norms_on_load(monkeypatch):
         return out + parts[0].permute(0, 2, 3, 1).sum(-1, keepdim=True)
 
     def plain():
-        parts = [bna.batch_norm_act(F.linear(x, gw, gb).permute(0, 3, 1, 2), twin, act, pool=p)
-                 for x, (gw, gb), (_, twin), act, p in zip(xs, gemms, bns, acts, pools)]
+        parts = plain_parts()
         out = lin(lnc.layer_norm_cat(parts, w, b, 1e-6).permute(0, 2, 3, 1))
         return out + parts[0].permute(0, 2, 3, 1).sum(-1, keepdim=True)
 

@@ -203,7 +203,7 @@ def fusion_forward(m: HFFBlock, l: torch.Tensor, g: torch.Tensor, f: torch.Tenso
     norm, proj = (m.norm1, m.W3) if f is not None else (m.norm2, m.W)
     sources = None
     keep_norm = not config.rebuilding("fusion_norm")
-    chain = False
+    chain = defer = False
     if not any(folds(c.bn) for c in (*convs, proj)) and all(dense_1x1(c.conv) for c in convs):
         # training: the parts are rebuilt in backward from their GEMMs' inputs. l and g are read
         # in turn by their GEMM, their pooling and norm3, each handing them on to the next: each
@@ -220,6 +220,8 @@ def fusion_forward(m: HFFBlock, l: torch.Tensor, g: torch.Tensor, f: torch.Tenso
     shortcut = parts[0] if f is not None else None
     dtype = functools.reduce(torch.promote_types, [t.dtype for t in parts])
     if any(t.dtype != dtype for t in parts):
+        if defer:  # _defers took one dtype: a deferred part is no BatchNorm output to promote
+            raise RuntimeError("fusion block: parts of several dtypes with deferred BatchNorms")
         parts, sources = [t.to(dtype) for t in parts], None  # promoted copies are kept
     # Written in the dtype the projection GEMM takes under autocast.
     gemm_dtype = autocast_dtype(l)
