@@ -284,7 +284,8 @@ class GatedLayerNormRows:
     makes of it), from a source ``(N, H, W, *gated_layer_norm.op_args(..., x=None, ...),
     *bn_args)``: the op's arguments with its x given as the ``hifuse::batch_norm_act`` apply
     that made it (the W/W3 projection's BatchNorm + GELU), so neither x nor the result has to
-    be kept. Only a source: gradients go through ``recompute.gated_layer_norm``."""
+    be kept; where it can, ``hifuse::gated_layer_norm_bn`` applies it on load and x is never
+    written (``on_load``). Only a source: gradients go through ``recompute.gated_layer_norm``."""
 
     @staticmethod
     def on_load(n, h, w, *src):
@@ -591,7 +592,8 @@ def gated_layer_norm(src, keep: bool = False) -> torch.Tensor:
 class _GatedLayerNormConv2d(torch.autograd.Function):
     """norm3 (as ``_GatedLayerNorm``) and the IRMLP's conv1 (stride 1, no bias) on its result,
     as one Function returning both: neither norm3's x nor its result is kept. Backward rebuilds
-    x once (the BatchNorm apply), the result once in the convolution's dtype (for conv1's
+    x once (the BatchNorm apply, or none where norm3 applies it on load), the result once in the
+    convolution's dtype (for conv1's
     weight gradient; no cast pass), and the gated LayerNorm backward takes conv1's input
     gradient and the result's other gradient (bn1's residual) as two inputs summed on load:
     neither a cast of the first nor an accumulation pass. ``shared``: a ``SharedRebuild`` where

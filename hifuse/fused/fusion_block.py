@@ -179,8 +179,8 @@ def fusion_forward(m: HFFBlock, l: torch.Tensor, g: torch.Tensor, f: torch.Tenso
        backward's sums;
     2. x = GELU(BN(W(norm(cat(parts))))): norm1/norm2 over the concatenation, never built, and
        the projection GEMM (``recompute.norm_cat_linear``), keeping neither the normalised rows
-       nor the GEMM's output; x is never kept either, but rebuilt from the projection
-       BatchNorm's apply;
+       nor the GEMM's output; x is never written: 4's LayerNorm applies the projection's
+       BatchNorm + GELU as it loads the GEMM's output, in forward and backward;
     3. the gates: spatial_pool(l) -> 7x7 conv + BatchNorm -> sigmoid, and channel_pool(g) -> SE
        MLP -> sigmoid (PyTorch ops on small maps);
     4. norm3 over [g * channel gate, l * spatial gate, x], never written whole
@@ -226,7 +226,7 @@ def fusion_forward(m: HFFBlock, l: torch.Tensor, g: torch.Tensor, f: torch.Tenso
     # Written in the dtype the projection GEMM takes under autocast.
     gemm_dtype = autocast_dtype(l)
     out_dtype = gemm_dtype if gemm_dtype == dtype else None
-    bn_args = None  # training: x is rebuilt from the projection BatchNorm's apply
+    bn_args = None  # training: x is the projection BatchNorm's apply, which norm3 makes on load
     if folds(proj.bn):
         normed = lnc.layer_norm_cat(parts, norm.weight, norm.bias, norm.eps, out_dtype, check=False)
         x = conv_bn_forward(proj, normed, then="gelu")
