@@ -209,7 +209,9 @@ def _gated_ln_op(
     return _forward_impl(g, channel_gate, l, spatial_gate, x, weight, bias, eps, out_dtype, low_dtype)
 
 
-def _x_bn_problem(y, x_mean, x_invstd, x_weight, x_bias, x_act) -> str | None:
+def _x_bn_problem(g, y, x_mean, x_invstd, x_weight, x_bias, x_act) -> str | None:
+    if y.shape != g.shape or not y.is_contiguous() or y.device != g.device:
+        return f"y must be a contiguous tensor of g's shape {tuple(g.shape)} on {g.device}, got {tuple(y.shape)}"
     c = y.shape[-1]
     for name, t in (("x_mean", x_mean), ("x_invstd", x_invstd), ("x_weight", x_weight), ("x_bias", x_bias)):
         if t.shape != (c,) or not t.is_contiguous() or t.device != y.device:
@@ -231,7 +233,7 @@ def _gated_ln_bn_op(
     """``hifuse::gated_layer_norm`` with x given as the input y of a training BatchNorm and
     activation: x = ``hifuse::batch_norm_act(y, None, x_mean, x_invstd, x_weight, x_bias,
     x_act, ...)`` in y's dtype, applied on load (the same values), never written."""
-    problem = _x_bn_problem(y, x_mean, x_invstd, x_weight, x_bias, x_act)
+    problem = _x_bn_problem(g, y, x_mean, x_invstd, x_weight, x_bias, x_act)
     if problem is not None:
         raise ValueError(f"gated_layer_norm_bn: {problem}")
     return _forward_impl(g, channel_gate, l, spatial_gate, y, weight, bias, eps, out_dtype, low_dtype,
@@ -298,7 +300,7 @@ def _gated_ln_bn_backward_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``hifuse::gated_layer_norm_backward`` of ``hifuse::gated_layer_norm_bn``: x's gradient
     is that of the BatchNorm's output (for the BatchNorm's backward)."""
-    problem = _x_bn_problem(y, x_mean, x_invstd, x_weight, x_bias, x_act)
+    problem = _x_bn_problem(g, y, x_mean, x_invstd, x_weight, x_bias, x_act)
     if problem is not None:
         raise ValueError(f"gated_layer_norm_bn_backward: {problem}")
     return _backward_impl(grad, g, channel_gate, l, spatial_gate, y, weight, mean, rstd, grad2,

@@ -584,7 +584,8 @@ def gated_layer_norm_source(g, channel_gate, l, spatial_gate, weight, bias, eps:
 def gated_layer_norm(src, keep: bool = False) -> torch.Tensor:
     """``GatedLayerNorm.make(*src)[0]`` with gradients for g, the gates, l, the LayerNorm's
     parameters and, through the BatchNorm apply that makes x, its input and parameters
-    (``keep``: x is kept for backward, not rebuilt)."""
+    (``keep``: x is kept for backward, not rebuilt, where it is written at all: where norm3
+    applies its BatchNorm on load, ``GatedLayerNormRows.on_load``, there is no x to keep)."""
     n, h, w = src[:3]
     return _GatedLayerNorm.apply(bool(keep), *src).view(n, h, w, -1).permute(0, 3, 1, 2)
 

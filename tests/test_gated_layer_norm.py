@@ -228,3 +228,5 @@ def test_batch_norm_of_x_applied_on_load(n, s, c, act, dtype):
             torch.ops.hifuse.gated_layer_norm_bn(*args[:9], 3, *args[10:])
         with pytest.raises(ValueError, match="x_mean"):
             torch.ops.hifuse.gated_layer_norm_bn(*args[:5], bn[0][:3], *args[6:])
+        with pytest.raises(ValueError, match="g's shape"):
+            torch.ops.hifuse.gated_layer_norm_bn(*args[:4], y.view(n, s, c).transpose(0, 1), *args[5:])
