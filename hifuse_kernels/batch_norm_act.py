@@ -84,6 +84,16 @@ if triton is not None:
         return rows, c, cmask, (rows < M)[:, None] & cmask[None, :]
 
     @triton.jit
+    def _affine(MEAN, INVSTD, W, B, c, cmask):
+        """The apply's per-channel mean, scale invstd * weight and shift; its output is
+        ``_act((v - mean) * scale + shift)``. The ops that apply a BatchNorm on load
+        (``layer_norm_cat``, ``gated_layer_norm``) take it from here: the same bits."""
+        mean = tl.load(MEAN + c, mask=cmask, other=0.0)
+        scale = tl.load(INVSTD + c, mask=cmask, other=0.0) * tl.load(W + c, mask=cmask, other=0.0).to(tl.float32)
+        shift = tl.load(B + c, mask=cmask, other=0.0).to(tl.float32)
+        return mean, scale, shift
+
+    @triton.jit
     def _act(z, ACT: tl.constexpr):
         if ACT == 1:
             z = tl.where(z < 0.0, 0.0, z)  # not tl.maximum, which turns NaN into 0
@@ -195,9 +205,7 @@ if triton is not None:
         rows, c, cmask, m = _tile(M, C, BLOCK_M, BLOCK_C)
         offs = rows[:, None] * C + c[None, :]
         v = _load_input(Y, R, offs, m, PROLOGUE)
-        mean = tl.load(MEAN + c, mask=cmask, other=0.0)
-        scale = tl.load(INVSTD + c, mask=cmask, other=0.0) * tl.load(W + c, mask=cmask, other=0.0).to(tl.float32)
-        shift = tl.load(B + c, mask=cmask, other=0.0).to(tl.float32)
+        mean, scale, shift = _affine(MEAN, INVSTD, W, B, c, cmask)
         z = (v - mean[None, :]) * scale[None, :] + shift[None, :]
         tl.store(OUT + offs, _act(z, ACT).to(OUT.dtype.element_ty), mask=m)
 
@@ -210,9 +218,7 @@ if triton is not None:
         wo = WIDTH // 2
         n = q // (ho * wo)
         top = ((n * H + 2 * ((q // wo) % ho)) * WIDTH + 2 * (q % wo)).to(tl.int64)
-        mean = tl.load(MEAN + c, mask=cmask, other=0.0)
-        scale = tl.load(INVSTD + c, mask=cmask, other=0.0) * tl.load(W + c, mask=cmask, other=0.0).to(tl.float32)
-        shift = tl.load(B + c, mask=cmask, other=0.0).to(tl.float32)
+        mean, scale, shift = _affine(MEAN, INVSTD, W, B, c, cmask)
         acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
         for i in tl.static_range(2):
             for j in tl.static_range(2):
@@ -249,9 +255,7 @@ if triton is not None:
         sum_dz = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float64)
         sum_dzxh = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float64)
         if REBUILD:  # the apply's affine map, as _apply_kernel forms it
-            mean = tl.load(MEAN + c, mask=cmask, other=0.0)
-            scale = tl.load(INVSTD + c, mask=cmask, other=0.0) * tl.load(W + c, mask=cmask, other=0.0).to(tl.float32)
-            shift = tl.load(B + c, mask=cmask, other=0.0).to(tl.float32)
+            mean, scale, shift = _affine(MEAN, INVSTD, W, B, c, cmask)
         for b in range(pid, tl.cdiv(M, BLOCK_M), PROGRAMS):
             rows = (b * BLOCK_M + lanes).to(tl.int64)
             m = (rows < M)[:, None] & cmask[None, :]

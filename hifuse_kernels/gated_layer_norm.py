@@ -40,7 +40,7 @@ def gated_layer_norm_ref(g, channel_gate, l, spatial_gate, x, weight, bias, eps:
 
 if triton is not None:
     from ._triton import image_block, three_part_norm_grads
-    from .batch_norm_act import _act
+    from .batch_norm_act import _act, _affine
 
     @triton.jit
     def _gated_parts(G, CG, L, SG, X, XM, XI, XW, XB, n, p, c, m, cmask, C, X_BN: tl.constexpr,
@@ -56,9 +56,7 @@ if triton is not None:
         lv = tl.load(L + rows, mask=m, other=0.0).to(tl.float32)
         xv = tl.load(X + rows, mask=m, other=0.0).to(tl.float32)
         if X_BN:
-            mean = tl.load(XM + c, mask=cmask, other=0.0)
-            scale = tl.load(XI + c, mask=cmask, other=0.0) * tl.load(XW + c, mask=cmask, other=0.0).to(tl.float32)
-            shift = tl.load(XB + c, mask=cmask, other=0.0).to(tl.float32)
+            mean, scale, shift = _affine(XM, XI, XW, XB, c, cmask)
             z = (xv - mean[None, :]) * scale[None, :] + shift[None, :]
             xv = tl.where(m, _act(z, X_ACT).to(X.dtype.element_ty).to(tl.float32), 0.0)
         return g, cg, lv, sg, xv

@@ -90,6 +90,7 @@ def unsupported_reason(parts: Sequence[torch.Tensor], weight: torch.Tensor, bias
 
 if triton is not None:
     from ._triton import three_part_norm_grads
+    from .batch_norm_act import _affine
 
     @triton.jit
     def _load_parts(A, B, D, offs, m, PARTS: tl.constexpr):
@@ -104,9 +105,7 @@ if triton is not None:
         """A part's BatchNorm apply as ``batch_norm_act._apply_kernel`` forms it: the mean, the
         scale invstd * weight and the shift (zeros where the part has none)."""
         if ON:
-            mean = tl.load(MEAN + c, mask=cmask, other=0.0)
-            scale = tl.load(INVSTD + c, mask=cmask, other=0.0) * tl.load(BN_W + c, mask=cmask, other=0.0).to(tl.float32)
-            shift = tl.load(BN_B + c, mask=cmask, other=0.0).to(tl.float32)
+            mean, scale, shift = _affine(MEAN, INVSTD, BN_W, BN_B, c, cmask)
         else:
             mean = tl.zeros(c.shape, dtype=tl.float32)
             scale = mean
