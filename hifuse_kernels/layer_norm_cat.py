@@ -34,7 +34,7 @@ import torch
 from . import _ext, _triton
 from . import batch_norm_act as bna
 from ._features import nhwc
-from ._triton import tl, triton
+from ._triton import ONES_PAD, tl, triton
 from .layer_norm_cf import _argument_problem
 from .reference import layer_norm_cf_ref
 
@@ -89,7 +89,7 @@ def unsupported_reason(parts: Sequence[torch.Tensor], weight: torch.Tensor, bias
 # --------------------------------------------------------------------------- Triton rows path
 
 if triton is not None:
-    from ._triton import three_part_norm_grads
+    from ._triton import ones_column, three_part_norm_grads
     from .batch_norm_act import _affine
 
     @triton.jit
@@ -180,7 +180,8 @@ if triton is not None:
     def _rows_bwd_kernel(GRAD, A, B, D, W, MEAN, RSTD, DA, DB, DD, PART_W, PART_B, BIAS, OUT,
                          BN_MA, BN_IA, BN_WA, BN_BA, BN_MB, BN_IB, BN_WB, BN_BB, BN_MD, BN_ID, BN_WD, BN_BD,
                          BN_SUMS, M, C, PROGRAMS, PARTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
-                         REBUILD: tl.constexpr = False, BN: tl.constexpr = 0, SUMS: tl.constexpr = True):
+                         REBUILD: tl.constexpr = False, BN: tl.constexpr = 0, SUMS: tl.constexpr = True,
+                         PAD: tl.constexpr = 0):
         """On a fixed grid (``_triton.reduction_programs``): each program loops over row tiles
         pid, pid + PROGRAMS, ... and writes one row of weight and bias partials, accumulated as
         tiles and reduced over the rows once at the end. With REBUILD it also writes the
@@ -189,7 +190,9 @@ if triton is not None:
         one reads. BN: parts given as BatchNorm inputs, as in ``_rows_fwd_kernel``: their
         gradients are the BatchNorm outputs', and the program writes the BatchNorm backward's
         partial sums of each (the reducing pass ``batch_norm_act`` would make over them), with
-        SUMS, to BN_SUMS (sum of dz / of dz * x_hat, program, BatchNorm parts x C), float64."""
+        SUMS, to BN_SUMS (sum of dz / of dz * x_hat, program, BatchNorm parts x C), float64.
+        PAD > 0 (REBUILD): OUT's rows are PARTS x C + PAD wide, column PARTS x C ones and the
+        rest zeros (``_triton.ones_column``)."""
         pid = tl.program_id(0)
         c = tl.arange(0, BLOCK_C)
         cmask = c < C
@@ -242,7 +245,10 @@ if triton is not None:
                     h = ha if k == 0 else (hb if k == 1 else hd)
                     w = w_a if k == 0 else (w_b if k == 1 else w_d)
                     bb = b_a if k == 0 else (b_b if k == 1 else b_d)
-                    tl.store(OUT + out + k * C, (h * w[None, :] + bb[None, :]).to(OUT.dtype.element_ty), mask=m)
+                    tl.store(OUT + out + (rows * PAD)[:, None] + k * C, (h * w[None, :] + bb[None, :]).to(
+                        OUT.dtype.element_ty), mask=m)
+                if PAD > 0:
+                    ones_column(OUT + (rows * (total + PAD))[:, None], total, rmask, PAD)
             dya, dyb, dyd = _load_parts(GRAD + out, GRAD + out + C, GRAD + out + 2 * C, 0, m, PARTS)
             ga = dya * w_a[None, :]
             gb = dyb * w_b[None, :]
@@ -367,13 +373,16 @@ def _rows_bwd_launch(c: int) -> dict:
     return {"BLOCK_M": block_m, "BLOCK_C": block_c, "num_warps": max(4, min(16, block_m * block_c // 64))}
 
 
-def _rows_backward_impl(grad, rows, weight, mean, rstd, bias, rebuild_dtype, bn=(), bn_parts=0, sums=True):
+def _rows_backward_impl(grad, rows, weight, mean, rstd, bias, rebuild_dtype, bn=(), bn_parts=0, sums=True,
+                        ones=False):
     m, c = rows[0].shape
     rebuild = rebuild_dtype is not None
-    flags = dict(PARTS=len(rows), REBUILD=rebuild, BN=bn_parts, SUMS=sums, **_rows_bwd_launch(c))
+    pad = ONES_PAD if ones and rebuild else 0
+    flags = dict(PARTS=len(rows), REBUILD=rebuild, BN=bn_parts, SUMS=sums, PAD=pad, **_rows_bwd_launch(c))
     ptrs = _three(rows)
     bn_ptrs = _bn_pointers(rows, list(bn), bn_parts)
-    out = torch.empty((m, len(rows) * c) if rebuild else (0,), device=grad.device, dtype=rebuild_dtype or grad.dtype)
+    out = torch.empty((m, len(rows) * c + pad) if rebuild else (0,), device=grad.device,
+                      dtype=rebuild_dtype or grad.dtype)
     programs = _triton.reduction_programs(
         triton.cdiv(m, flags["BLOCK_M"]), 1, grad.device, kernel=_rows_bwd_kernel, launch=flags,
         args=(grad, *ptrs, weight, mean, rstd, *[rows[0].dtype] * 3, torch.float32, torch.float32, bias, out,
@@ -408,40 +417,43 @@ def _rows_backward_op(
 @_triton.define_op("hifuse::layer_norm_cat_rows_backward_rebuild", mutates_args=())
 def _rows_backward_rebuild_op(
     grad: torch.Tensor, rows: list[torch.Tensor], weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
-    bias: torch.Tensor, out_dtype: torch.dtype,
+    bias: torch.Tensor, out_dtype: torch.dtype, ones: bool = False,
 ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
     """``layer_norm_cat_rows_backward``'s outputs and the forward's output in ``out_dtype``, the
-    same bits, written by the same pass (which needs the LayerNorm's bias for it)."""
-    return _rows_backward_impl(grad, rows, weight, mean, rstd, bias, out_dtype)[:3]
+    same bits, written by the same pass (which needs the LayerNorm's bias for it); ``ones``:
+    its rows ``ONES_PAD`` wider, the first extra column ones and the rest zeros, so that the
+    weight-gradient GEMM over them also gives the bias gradient."""
+    return _rows_backward_impl(grad, rows, weight, mean, rstd, bias, out_dtype, ones=ones)[:3]
 
 
 @_triton.define_op("hifuse::layer_norm_cat_rows_bn_backward", mutates_args=())
 def _rows_bn_backward_op(
     grad: torch.Tensor, rows: list[torch.Tensor], bn: list[torch.Tensor], bn_parts: int, weight: torch.Tensor,
     mean: torch.Tensor, rstd: torch.Tensor, bias: torch.Tensor, out_dtype: torch.dtype, sums: bool,
+    ones: bool = False,
 ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
     """``layer_norm_cat_rows_backward_rebuild`` of ``layer_norm_cat_rows_bn``: the gradients
     of the parts given as BatchNorm inputs are those of the BatchNorm outputs (the parts'
     values), and the fourth output holds the sums each such BatchNorm's backward reduces,
     which ``hifuse::batch_norm_act_backward_summed`` takes instead of reducing them again:
     (sum of dz / of dz * x_hat, BatchNorm parts x C) float32, a part's C columns in order
-    (``sums`` False: not reduced, (2, 0))."""
+    (``sums`` False: not reduced, (2, 0)); ``ones`` as there."""
     problem = _bn_problem(rows, bn, bn_parts)
     if problem is not None:
         raise ValueError(f"layer_norm_cat_rows_bn_backward: {problem}")
-    return _rows_backward_impl(grad, rows, weight, mean, rstd, bias, out_dtype, bn, bn_parts, sums)
+    return _rows_backward_impl(grad, rows, weight, mean, rstd, bias, out_dtype, bn, bn_parts, sums, ones)
 
 
-def rows_backward(grad, rows, weight, mean, rstd, bias=None, rebuild_dtype=None) -> tuple:
+def rows_backward(grad, rows, weight, mean, rstd, bias=None, rebuild_dtype=None, ones: bool = False) -> tuple:
     """(the parts' gradients, dweight, dbias) of ``hifuse::layer_norm_cat_rows``, the last two
     in the weight's dtype; with ``rebuild_dtype`` (and ``bias``), and its output, rebuilt by the
-    same pass (``hifuse::layer_norm_cat_rows_backward_rebuild``)."""
+    same pass (``hifuse::layer_norm_cat_rows_backward_rebuild``; ``ones``: with a ones column)."""
     if rebuild_dtype is None:
         grads, params = torch.ops.hifuse.layer_norm_cat_rows_backward(grad, rows, weight, mean, rstd)
         out = ()
     else:
         grads, params, out = torch.ops.hifuse.layer_norm_cat_rows_backward_rebuild(grad, rows, weight, mean, rstd,
-                                                                                    bias, rebuild_dtype)
+                                                                                    bias, rebuild_dtype, ones)
         out = (out,)
     params = params.to(weight.dtype)
     return (list(grads), params[0], params[1], *out)
@@ -460,10 +472,11 @@ def _(grad, rows, weight, mean, rstd):
 
 
 @_rows_backward_rebuild_op.register_fake
-def _(grad, rows, weight, mean, rstd, bias, out_dtype):
+def _(grad, rows, weight, mean, rstd, bias, out_dtype, ones=False):
     m, c = rows[0].shape
     params = weight.new_empty((2, weight.shape[0]), dtype=torch.float32)
-    return [torch.empty_like(t) for t in rows], params, grad.new_empty((m, len(rows) * c), dtype=out_dtype)
+    out = grad.new_empty((m, len(rows) * c + (ONES_PAD if ones else 0)), dtype=out_dtype)
+    return [torch.empty_like(t) for t in rows], params, out
 
 
 @_rows_bn_op.register_fake
@@ -474,11 +487,12 @@ def _(rows, bn, bn_parts, weight, bias, eps, out_dtype):
 
 
 @_rows_bn_backward_op.register_fake
-def _(grad, rows, bn, bn_parts, weight, mean, rstd, bias, out_dtype, sums):
+def _(grad, rows, bn, bn_parts, weight, mean, rstd, bias, out_dtype, sums, ones=False):
     m, c = rows[0].shape
     params = weight.new_empty((2, weight.shape[0]), dtype=torch.float32)
     sums = grad.new_empty((2, bin(bn_parts).count("1") * c if sums else 0), dtype=torch.float32)
-    return [torch.empty_like(t) for t in rows], params, grad.new_empty((m, len(rows) * c), dtype=out_dtype), sums
+    out = grad.new_empty((m, len(rows) * c + (ONES_PAD if ones else 0)), dtype=out_dtype)
+    return [torch.empty_like(t) for t in rows], params, out, sums
 
 
 def _rows_setup(ctx, inputs, output):
@@ -538,13 +552,15 @@ def rebuilds_in_backward(parts, weight, bias) -> bool:
 
 
 def backward_rebuilding(grad_rows: torch.Tensor, parts, weight: torch.Tensor, bias: torch.Tensor, stats,
-                        out_dtype: torch.dtype):
+                        out_dtype: torch.dtype, ones: bool = False):
     """(``forward``'s output as (M, parts x C) rows, (the parts' gradients, weight's, bias's))
     for the output's gradient as rows ``grad_rows``: the output rebuilt by the backward's pass
-    from what it reads anyway (``rebuilds_in_backward``), the same bits as ``forward``'s."""
+    from what it reads anyway (``rebuilds_in_backward``), the same bits as ``forward``'s
+    (``ones``: (M, parts x C + ONES_PAD) rows, a ones column after the output's columns, for a
+    weight-gradient GEMM that gives its bias's gradient too)."""
     n, c, h, w = parts[0].shape
     dparts, dw, db, out = rows_backward(grad_rows.contiguous(), [nhwc(t).view(-1, c) for t in parts],
-                                        weight.contiguous(), *stats, bias.contiguous(), out_dtype)
+                                        weight.contiguous(), *stats, bias.contiguous(), out_dtype, ones)
     return out, ([t.view(n, h, w, c).permute(0, 3, 1, 2) for t in dparts], dw, db)
 
 
@@ -564,14 +580,15 @@ def forward_bn(parts, bn, bn_parts: int, weight, bias, eps: float, out_dtype: to
 
 
 def backward_bn_rebuilding(grad_rows: torch.Tensor, parts, bn, bn_parts: int, weight: torch.Tensor,
-                           bias: torch.Tensor, stats, out_dtype: torch.dtype, sums: bool = True):
-    """``backward_rebuilding`` of ``forward_bn``, and (``sums``) the sums of the BatchNorm
-    backward of each part given as a BatchNorm input (whose gradient is the BatchNorm
-    output's)."""
+                           bias: torch.Tensor, stats, out_dtype: torch.dtype, sums: bool = True,
+                           ones: bool = False):
+    """``backward_rebuilding`` of ``forward_bn`` (``ones`` as there), and (``sums``) the sums of
+    the BatchNorm backward of each part given as a BatchNorm input (whose gradient is the
+    BatchNorm output's)."""
     n, c, h, w = parts[0].shape
     dparts, params, out, sums = torch.ops.hifuse.layer_norm_cat_rows_bn_backward(
         grad_rows.contiguous(), [nhwc(t).view(-1, c) for t in parts], list(bn), int(bn_parts), weight.contiguous(),
-        *stats, bias.contiguous(), out_dtype, bool(sums),
+        *stats, bias.contiguous(), out_dtype, bool(sums), bool(ones),
     )
     params = params.to(weight.dtype)
     return out, ([t.view(n, h, w, c).permute(0, 3, 1, 2) for t in dparts], params[0], params[1]), sums

@@ -16,7 +16,10 @@ A producer is a class with two static methods, and optionally two more:
 - ``grad(grad_a, aux, *args)``: the gradients of ``args`` (None for non-tensors);
 - ``dtype(*args)``: a's dtype, and ``remake_grad(grad_a, aux, *args) -> (a, grads)``: ``make``'s
   a and ``grad``'s gradients from one backward pass, for grad_a as (M, C) rows (``linear``
-  then keeps the forward's ``aux``, statistics, to hand it).
+  then keeps the forward's ``aux``, statistics, to hand it). A producer with ``ONES`` takes
+  ``ones=True`` where the GEMM has a bias: its a may then come as rows with a ones column
+  after them (``_triton.ones_column``), whose weight-gradient GEMM gives the bias's gradient
+  too (no pass of its own over the output's gradient).
 
 A source is a producer used only for ``make``: it rebuilds a tensor that an autograd op made
 in forward (gradients go through that op), for consumers that would otherwise keep it.
@@ -112,6 +115,8 @@ class LayerNormCat:
     """``layer_norm_cat.forward`` over 1 to 3 NCHW parts, as channels-last pixels (N, H, W, C);
     args: (*parts, weight, bias, eps, out_dtype)."""
 
+    ONES = True
+
     @staticmethod
     def make(*args):
         parts, (weight, bias, eps, out_dtype) = list(args[:-4]), args[-4:]
@@ -130,13 +135,15 @@ class LayerNormCat:
         return lnc.out_dtype_of(list(args[:-4]), args[-4], args[-1])
 
     @staticmethod
-    def remake_grad(grad_a, aux, *args):
+    def remake_grad(grad_a, aux, *args, ones: bool = False):
         """``(make(*args)[0], grad(grad_a, aux, *args))`` for grad_a as (M, C) rows and aux the
         forward's statistics: on the Triton path the result is written by the backward's pass,
-        which reads what rebuilding it reads; on the native path it is made first."""
+        which reads what rebuilding it reads (``ones``: as rows with a ones column); on the
+        native path it is made first."""
         parts, (weight, bias) = list(args[:-4]), args[-4:-2]
         if lnc.rebuilds_in_backward(parts, weight, bias):
-            a, (dparts, dw, db) = lnc.backward_rebuilding(grad_a, parts, weight, bias, aux, LayerNormCat.dtype(*args))
+            a, (dparts, dw, db) = lnc.backward_rebuilding(grad_a, parts, weight, bias, aux, LayerNormCat.dtype(*args),
+                                                          ones)
             return a, (*dparts, dw, db, None, None)
         a = LayerNormCat.make(*args)[0]
         return a, LayerNormCat.grad(grad_a.view(a.shape), aux, *args)
@@ -151,6 +158,8 @@ class LayerNormCatBN:
     BatchNorm's backward (``linear_batch_norm(..., defer=True)``) takes, with the sums it would
     reduce, reduced by this backward's pass (handed on in ``shared``). Rebuilds only
     (``remake_grad``): the Triton path."""
+
+    ONES = True
 
     @staticmethod
     def split(args):
@@ -175,14 +184,14 @@ class LayerNormCatBN:
         return lnc.out_dtype_of(parts, weight, out_dtype)
 
     @staticmethod
-    def remake_grad(grad_a, aux, *args):
+    def remake_grad(grad_a, aux, *args, ones: bool = False):
         """``(make(*args)[0], grad(grad_a, aux, *args))`` from one backward pass, for grad_a as
-        (M, C) rows and aux the forward's statistics."""
+        (M, C) rows and aux the forward's statistics (``ones``: a as rows with a ones column)."""
         bn_parts, shared, parts, bn, (weight, bias, _eps, _out_dtype) = LayerNormCatBN.split(args)
         # no box (torch.compile): the BatchNorms' backward reduces its own sums
         a, (dparts, dw, db), sums = lnc.backward_bn_rebuilding(grad_a, parts, bn, bn_parts, weight, bias, aux,
                                                                LayerNormCatBN.dtype(*args),
-                                                               any(box is not None for box in shared))
+                                                               any(box is not None for box in shared), ones)
         c = parts[0].shape[1]
         for j, box in enumerate(shared):
             if box is not None:  # the rebuilt y (LinearStats) and the sums, for the BatchNorm's backward
@@ -512,8 +521,14 @@ def _function(producer, sources=()):
                 # a's gradient first: the producer's backward then rebuilds a in the pass that
                 # reads what rebuilding it reads, before the weight gradient takes it
                 da = _linear_input_grad(grad, weight, producer.dtype(*args))
-                a, grads = producer.remake_grad(da, remade, *args)
-                _, dw, db = _linear_backward(grad, a, weight, bias, *ctx.dtypes, a_grad=False)
+                if getattr(producer, "ONES", False) and bias is not None:
+                    a, grads = producer.remake_grad(da, remade, *args, ones=True)
+                else:
+                    a, grads = producer.remake_grad(da, remade, *args)
+                k = weight.shape[1]
+                # rows with a ones column: the weight-gradient GEMM gives the bias's gradient too
+                ones = a.view(-1, a.shape[-1]) if a.shape[-1] != k else None
+                _, dw, db = _linear_backward(grad, a[..., :k], weight, bias, *ctx.dtypes, a_ones=ones, a_grad=False)
                 return (dw, db, None, None, *grads, *[None] * (len(flat) - ctx.n_args))
             a, aux = (made[0], tuple(made[1:])) if made else producer.make(*args)
             da, dw, db = _linear_backward(grad, a, weight, bias, *ctx.dtypes)

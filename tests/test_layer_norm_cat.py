@@ -5,6 +5,7 @@ import torch
 from torch.library import opcheck
 
 import hifuse_kernels
+from hifuse_kernels._triton import ONES_PAD
 from hifuse_kernels.layer_norm_cat import layer_norm_cat, layer_norm_cat_ref, rows_path
 from hifuse_kernels.layer_norm_cf import layer_norm_cf
 from helpers import DEVICE, DEVICES, other_device, triton_device_or_skip
@@ -249,6 +250,15 @@ def test_triton_rows_backward_rebuilds_the_output(nhw, widths):
     plain = lnc.backward(grad, parts, w, b, stats)
     for a, r in zip([*dparts, dw, db], [*plain[0], plain[1], plain[2]]):
         assert torch.equal(a, r)
+    # ones: the same rows, then a ones column and zeros to ONES_PAD; the gradients unchanged
+    padded, (dparts, dw, db) = lnc.backward_rebuilding(rows, parts, w, b, stats, torch.bfloat16, ones=True)
+    assert padded.shape == (rows.shape[0], sum(widths) + ONES_PAD)
+    assert torch.equal(padded[:, :sum(widths)], rebuilt)
+    pad = torch.zeros(rows.shape[0], ONES_PAD, dtype=torch.bfloat16, device=DEVICE)
+    pad[:, 0] = 1
+    assert torch.equal(padded[:, sum(widths):], pad)
+    for a, r in zip([*dparts, dw, db], [*plain[0], plain[1], plain[2]]):
+        assert torch.equal(a, r)
 
 
 def _bn_inputs(nhw, widths, mask, dtype, seed=1):
@@ -302,6 +312,13 @@ def test_triton_rows_batch_norm_on_load(nhw, widths, mask, dtype):
     assert torch.equal(rebuilt_bn, rebuilt)
     for a, r in zip([*grads_bn[0], *grads_bn[1:]], [*grads[0], *grads[1:]]):
         assert torch.equal(a, r)
+    # with a ones column after the rebuilt rows: the rest as is
+    padded, grads_bn, sums_ones = lnc.backward_bn_rebuilding(rows, ys, bn, mask, w, b, stats, dtype, ones=True)
+    assert torch.equal(padded[:, :sum(widths)], rebuilt) and torch.equal(sums_ones, sums)
+    assert torch.equal(padded[:, sum(widths)], torch.ones_like(padded[:, 0]))
+    assert not padded[:, sum(widths) + 1:].any() and padded.shape[1] == sum(widths) + ONES_PAD
+    for a, r in zip([*grads_bn[0], *grads_bn[1:]], [*grads[0], *grads[1:]]):
+        assert torch.equal(a, r)
     # without the BatchNorm sums (under torch.compile, where nothing hands them on): the rest as is
     rebuilt_bn, grads_bn, no_sums = lnc.backward_bn_rebuilding(rows, ys, bn, mask, w, b, stats, dtype, sums=False)
     assert torch.equal(rebuilt_bn, rebuilt) and no_sums.numel() == 0
@@ -337,9 +354,12 @@ def test_triton_rows_batch_norm_opcheck_and_errors():
     opcheck(torch.ops.hifuse.layer_norm_cat_rows_bn.default, (rows, bn, 6, w, b, 1e-6, torch.float32))
     out, mean, rstd = torch.ops.hifuse.layer_norm_cat_rows_bn(rows, bn, 6, w, b, 1e-6, torch.float32)
     grad = torch.randn(out.shape, device=DEVICE)
-    for sums in (True, False):
+    for sums, ones in ((True, False), (False, False), (True, True)):
         opcheck(torch.ops.hifuse.layer_norm_cat_rows_bn_backward.default,
-                (grad, rows, bn, 6, w, mean, rstd, b, torch.float32, sums))
+                (grad, rows, bn, 6, w, mean, rstd, b, torch.float32, sums, ones))
+    for ones in (False, True):
+        opcheck(torch.ops.hifuse.layer_norm_cat_rows_backward_rebuild.default,
+                (grad, rows, w, mean, rstd, b, torch.float32, ones))
     with pytest.raises(ValueError, match="bit mask"):
         torch.ops.hifuse.layer_norm_cat_rows_bn(rows, bn, 8, w, b, 1e-6, torch.float32)
     with pytest.raises(ValueError, match="four tensors"):
