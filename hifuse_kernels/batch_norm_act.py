@@ -201,13 +201,19 @@ if triton is not None:
 
     @triton.jit
     def _apply_kernel(Y, R, MEAN, INVSTD, W, B, OUT, M, C,
-                      PROLOGUE: tl.constexpr, ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+                      PROLOGUE: tl.constexpr, ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+                      SHORTCUT: tl.constexpr = False, S=None):
+        """SHORTCUT: writes S + act(bn(.)), the sum of the result rounded to OUT's dtype and S
+        (of that dtype), as eager's add after the BatchNorm computes it."""
         rows, c, cmask, m = _tile(M, C, BLOCK_M, BLOCK_C)
         offs = rows[:, None] * C + c[None, :]
         v = _load_input(Y, R, offs, m, PROLOGUE)
         mean, scale, shift = _affine(MEAN, INVSTD, W, B, c, cmask)
         z = (v - mean[None, :]) * scale[None, :] + shift[None, :]
-        tl.store(OUT + offs, _act(z, ACT).to(OUT.dtype.element_ty), mask=m)
+        out = _act(z, ACT).to(OUT.dtype.element_ty)
+        if SHORTCUT:
+            out = (out.to(tl.float32) + tl.load(S + offs, mask=m, other=0.0).to(tl.float32)).to(OUT.dtype.element_ty)
+        tl.store(OUT + offs, out, mask=m)
 
     @triton.jit
     def _apply_pool_kernel(Y, R, MEAN, INVSTD, W, B, OUT, Q, C, H, WIDTH,
@@ -402,10 +408,18 @@ def _pooled_rows(m: int, height: int, width: int) -> int:
 def _apply_op(
     y: torch.Tensor, residual: torch.Tensor | None, mean: torch.Tensor, invstd: torch.Tensor,
     weight: torch.Tensor, bias: torch.Tensor, act: int, height: int, width: int, pool: bool,
-    out_dtype: torch.dtype | None,
+    out_dtype: torch.dtype | None, shortcut: torch.Tensor | None = None,
 ) -> torch.Tensor:
+    """act(bn(y)) (or act(bn(gelu(y) + residual))) with the given batch statistics, rows (M, C)
+    in, (M, C) out (``pool``: averaged over 2x2 windows of the height x width maps); with
+    ``shortcut`` (rows of the result's shape and dtype, not with ``pool``) shortcut + that, as
+    eager's add after the BatchNorm: the BatchNorm's result is never written."""
     m, c = y.shape
     r = y if residual is None else residual
+    if shortcut is not None:
+        problem = _shortcut_problem(y, residual, out_dtype, pool, shortcut)
+        if problem is not None:
+            raise ValueError(f"batch_norm_act: {problem}")
     flags = dict(PROLOGUE=residual is not None, ACT=act)
     if pool:
         q = _pooled_rows(m, height, width)
@@ -418,9 +432,22 @@ def _apply_op(
     out = torch.empty((m, c), device=y.device, dtype=result_dtype(y, residual, out_dtype))
     launch = _launch("apply", m, y, residual, False)
     _triton.wrap_triton(_apply_kernel)[_grid(m, c, launch)](
-        y, r, mean, invstd, weight, bias, out, m, c, **flags, **launch
+        y, r, mean, invstd, weight, bias, out, m, c, **flags, **launch, SHORTCUT=shortcut is not None,
+        S=y if shortcut is None else shortcut,
     )
     return out
+
+
+def _shortcut_problem(y, residual, out_dtype, pool, shortcut) -> str | None:
+    dtype = result_dtype(y, residual, out_dtype)
+    if pool:
+        return "a shortcut is not added to a pooled result"
+    if shortcut.shape != y.shape or shortcut.dtype != dtype or not shortcut.is_contiguous():
+        return (f"shortcut must be contiguous {dtype} rows of shape {tuple(y.shape)}, got {shortcut.dtype} "
+                f"{tuple(shortcut.shape)}")
+    if shortcut.device != y.device:
+        return f"shortcut must be on {y.device}, got {shortcut.device}"
+    return None
 
 
 @_triton.define_op("hifuse::batch_norm_act_backward", mutates_args=())
@@ -523,7 +550,7 @@ def _(y, residual, eps, running_mean, running_var, num_batches_tracked, momentum
 
 
 @_apply_op.register_fake
-def _(y, residual, mean, invstd, weight, bias, act, height, width, pool, out_dtype):
+def _(y, residual, mean, invstd, weight, bias, act, height, width, pool, out_dtype, shortcut=None):
     rows = _pooled_rows(y.shape[0], height, width) if pool else y.shape[0]
     return y.new_empty((rows, y.shape[1]), dtype=result_dtype(y, residual, out_dtype))
 
@@ -537,10 +564,11 @@ def _(grad, y, residual, mean, invstd, weight, bias, act, height, width, pool, d
 
 
 def _setup_context(ctx, inputs, output):
-    y, residual, mean, invstd, weight, bias, act, height, width, pool, _out_dtype_arg = inputs
+    y, residual, mean, invstd, weight, bias, act, height, width, pool, _out_dtype_arg, *shortcut = inputs
     ctx.save_for_backward(y, residual, mean, invstd, weight, bias)
     ctx.args = (act, height, width, pool)
     ctx.has_residual = residual is not None
+    ctx.has_shortcut = bool(shortcut) and shortcut[0] is not None
 
 
 def _backward(ctx, grad):
@@ -549,8 +577,9 @@ def _backward(ctx, grad):
         grad.contiguous(), y, residual, mean, invstd, weight, bias, *ctx.args
     )
     # mean and invstd are batch statistics: their gradients flow through the reduction
-    # terms of dy above, not through these inputs.
-    return dy, (dr if ctx.has_residual else None), None, None, dw, db, None, None, None, None, None
+    # terms of dy above, not through these inputs. The shortcut's is the result's, as it is.
+    return (dy, (dr if ctx.has_residual else None), None, None, dw, db, None, None, None, None, None,
+            grad if ctx.has_shortcut else None)
 
 
 _apply_op.register_autograd(_backward, setup_context=_setup_context)
@@ -598,8 +627,10 @@ def batch_norm_act(
     pool: bool = False,
     out_dtype: torch.dtype | None = None,
     check: bool = True,
+    shortcut: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``act(bn(x))`` (or ``act(bn(gelu(x) + residual))``) with ``bn`` in training mode.
+    """``act(bn(x))`` (or ``act(bn(gelu(x) + residual))``) with ``bn`` in training mode
+    (``shortcut``: plus it, ``shortcut + act(bn(x))``).
 
     Normalises with the batch statistics and updates ``bn``'s running statistics and
     ``num_batches_tracked`` as ``nn.BatchNorm2d`` does. x is (N, C, H, W), any strides
@@ -613,11 +644,22 @@ def batch_norm_act(
         out_dtype: the result's dtype (default: x's, promoted with the residual's); the
             IRMLP asks for its conv2 GEMM's dtype, so no cast pass follows.
         check: False skips the argument checks, for callers that made them once already.
+        shortcut: (N, C, H, W) of the result's shape and dtype, any strides, added to the
+            result in the same pass (as eager's add after it computes it; not with ``pool``).
     """
     n, c, h, w = x.shape
     if check:
         _check(x, bn, act, residual, pool, out_dtype)
+        if shortcut is not None:
+            if not isinstance(shortcut, torch.Tensor) or shortcut.shape != x.shape:
+                raise ValueError(f"batch_norm_act: shortcut must be a tensor of x's shape {tuple(x.shape)}")
+            problem = _shortcut_problem(_rows(x), None if residual is None else _rows(residual), out_dtype, pool,
+                                        _rows(shortcut))
+            if problem is not None:
+                raise ValueError(f"batch_norm_act: {problem}")
     args = apply_args(x, bn, act, residual, pool, out_dtype)
+    if shortcut is not None:
+        args = (*args, _rows(shortcut))
     out = torch.ops.hifuse.batch_norm_act(*args)
     if pool:
         h, w = h // 2, w // 2

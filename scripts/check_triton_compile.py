@@ -246,14 +246,14 @@ def cases(dtype: str):
             for mask in (0, bn):
                 yield lnc._rows_fwd_kernel, dict(A="dt", B="dt", D="dt", W=f32, BIAS=f32, OUT="dt", MEAN=f32,
                                                  RSTD=f32, **bn_ptrs), {**rows, "PARTS": parts, "BN": mask}
-            # rebuild: the forward's output too; and with the BatchNorms applied on load, their sums
-            # (or not: under torch.compile)
+            # rebuild: the forward's output too, with a ones column (the projection's bias); and with
+            # the BatchNorms applied on load, their sums (or not: under torch.compile)
             for rebuild, mask, sums in ((False, 0, True), (True, 0, True), (True, bn, True), (True, bn, False)):
                 yield lnc._rows_bwd_kernel, dict(GRAD="dt", A="dt", B="dt", D="dt", W=f32, MEAN=f32, RSTD=f32,
                                                  DA="dt", DB="dt", DD="dt", PART_W=f32, PART_B=f32, BIAS=f32, OUT="dt",
                                                  BN_SUMS="fp64", **bn_ptrs), \
                     {**_as_warps(lnc._rows_bwd_launch(c)), "PARTS": parts, "REBUILD": rebuild, "BN": mask,
-                     "SUMS": sums}
+                     "SUMS": sums, "PAD": lnc.ONES_PAD if rebuild else 0}
         rows = row_launch(c, 3, "BLOCK_P")
         x_bn = dict(XM=f32, XI=f32, XW=f32, XB=f32)
         # x_bn: x given as the projection's output, its BatchNorm + GELU applied on load

@@ -171,6 +171,51 @@ def test_backward_is_deterministic():
     assert all(torch.equal(a, b) for a, b in zip(first, second))
 
 
+@pytest.mark.parametrize("shape", [(2, 40, 9, 7), (1, 65, 11, 13), (3, 1, 4, 5)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_shortcut_added(tiles, shape, dtype):
+    """``shortcut``: the bits of ``shortcut + batch_norm_act(x)`` (the result rounded to its
+    dtype, then added, as eager adds), the same running statistics, and gradients: the
+    shortcut's the result's, the rest those of the plain op."""
+    bn = _bn(shape[1])
+    plain_bn = copy.deepcopy(bn)
+    gen = torch.Generator().manual_seed(3)
+    x = (3 * torch.randn(shape, generator=gen) + 1).to(DEVICE, dtype).contiguous(memory_format=torch.channels_last)
+    s = torch.randn(shape, generator=gen).to(DEVICE, dtype).contiguous(memory_format=torch.channels_last)
+    xs = [x.clone().requires_grad_(), x.clone().requires_grad_()]
+    ss = [s.clone().requires_grad_(), s.clone().requires_grad_()]
+    out = batch_norm_act(xs[0], bn, None, shortcut=ss[0])
+    want = ss[1] + batch_norm_act(xs[1], plain_bn, None)
+    assert out.dtype == dtype and out.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(out, want)
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        assert torch.equal(getattr(bn, name), getattr(plain_bn, name)), name
+    grad = torch.randn(shape, generator=gen).to(DEVICE, dtype)
+    got = torch.autograd.grad(out, [xs[0], ss[0], bn.weight, bn.bias], grad)
+    ref = torch.autograd.grad(want, [xs[1], ss[1], plain_bn.weight, plain_bn.bias], grad)
+    for k, (a, r) in enumerate(zip(got, ref)):
+        assert torch.equal(a, r), f"gradient {k}"
+
+
+def test_shortcut_bad_input():
+    bn = _bn(8)
+    x = torch.randn(2, 8, 3, 4, device=DEVICE)
+    with pytest.raises(ValueError, match="shortcut must be a tensor"):
+        batch_norm_act(x, bn, shortcut=x[:, :, :2])
+    with pytest.raises(ValueError, match="shortcut must be contiguous torch.float32"):
+        batch_norm_act(x, bn, shortcut=x.bfloat16())
+    with pytest.raises(ValueError, match="pooled"):
+        batch_norm_act(x, bn, "relu", pool=True, shortcut=x)
+    rows = x.permute(0, 2, 3, 1).reshape(-1, 8)
+    mean, invstd, _ = torch.ops.hifuse.batch_norm_stats(rows, None, 1e-5, None, None, None, 0.1)
+    args = (rows, None, mean, invstd, bn.weight, bn.bias, 0, 3, 4, False, None)
+    with pytest.raises(ValueError, match="shortcut must be contiguous"):
+        torch.ops.hifuse.batch_norm_act(*args, rows.t().contiguous().t())
+    with pytest.raises(ValueError, match="shortcut must be contiguous"):
+        torch.ops.hifuse.batch_norm_act(*args, rows[:5])
+    torch.library.opcheck(torch.ops.hifuse.batch_norm_act.default, (*args, torch.randn_like(rows)))
+
+
 def test_bad_input():
     bn = _bn(8)
     x = torch.randn(2, 8, 3, 3, device=DEVICE)

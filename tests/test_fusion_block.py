@@ -87,6 +87,29 @@ def test_block_matches_eager(position, train):
         torch.testing.assert_close(bf, be, rtol=1e-5, atol=1e-6, msg=name)
 
 
+def test_block_with_stochastic_depth():
+    """Active drop path: the shortcut is added after it (not by the IRMLP's last pass); the same
+    samples dropped as eager's for the same random state."""
+    _skip_without_native()
+    torch.manual_seed(0)
+    eager = HFFBlock(32, drop_path=0.5).to(DEVICE).train()
+    _randomise_batch_norms(eager)
+    fused = copy.deepcopy(eager)
+    inputs = _block_inputs(32, 4, 3, 5, True, channels_last=True)
+    inputs_f = [t.detach().clone().requires_grad_() for t in inputs]
+    torch.manual_seed(1)
+    ref = eager(*inputs)
+    torch.manual_seed(1)
+    with hifuse.use_fused(**FUSION_ONLY):
+        out = fused(*inputs_f)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    grad = torch.randn_like(ref)
+    ref.backward(grad)
+    out.backward(grad)
+    for k, (a, t) in enumerate(zip(inputs_f, inputs)):
+        torch.testing.assert_close(a.grad, t.grad, rtol=1e-4, atol=1e-4, msg=f"input {k}")
+
+
 @pytest.mark.parametrize("train", [True, False])
 def test_block_under_autocast(train):
     _skip_without_native()

@@ -27,7 +27,8 @@ from hifuse_kernels.spatial_pool import spatial_pool
 
 from .. import config
 from ..model import IRMLP, ConvBN, HFFBlock
-from .common import autocast_dtype, batch_norm_affine, conv_channels_last, dense_1x1, derived, fold_batch_norm
+from .common import (autocast_dtype, batch_norm_affine, conv_channels_last, dense_1x1, derived, drop_path_inactive,
+                     fold_batch_norm)
 
 
 def folds(bn) -> bool:
@@ -86,7 +87,8 @@ def conv_bn_recomputed(m: ConvBN, producer, args, then: str | None = None, keep:
     return bna.batch_norm_act(y, m.bn, act, check=False)
 
 
-def irmlp_forward(m: IRMLP, x: torch.Tensor | None, src: tuple | None = None) -> torch.Tensor:
+def irmlp_forward(m: IRMLP, x: torch.Tensor | None, src: tuple | None = None,
+                  shortcut: torch.Tensor | None = None) -> torch.Tensor:
     """conv1 on channels-last memory; in training GELU, residual and ``bn1`` in one op (the
     sum is never written, and the result comes in conv2's GEMM dtype under autocast), not
     kept for backward but rebuilt there from what its producer keeps. In eval mode GELU +
@@ -95,7 +97,8 @@ def irmlp_forward(m: IRMLP, x: torch.Tensor | None, src: tuple | None = None) ->
     GELU on its loads (``gelu_conv_bn``). ``src``: x is ``recompute.GatedLayerNorm.make(*src)[0]``
     (the fusion block's norm3), and in training neither conv1 nor ``bn1`` keeps x either: both
     rerun that elementwise op in backward (x is None then: norm3 and conv1 run as one op).
-    The ``irmlp`` rebuild (``config.Rebuilds``) decides whether conv2's input is rebuilt."""
+    The ``irmlp`` rebuild (``config.Rebuilds``) decides whether conv2's input is rebuilt.
+    ``shortcut``: the result plus it (``gelu_conv_bn``)."""
     keep = not config.rebuilding("irmlp")
     conv1 = m.conv1.conv
     if src is not None:
@@ -110,23 +113,27 @@ def irmlp_forward(m: IRMLP, x: torch.Tensor | None, src: tuple | None = None) ->
         rebuilt = () if src is None else [(source[0], 1, source[1])]
         expanded = recompute.linear(recompute.BatchNormApply, args, m.conv2.conv.weight.flatten(1), rebuilt=rebuilt,
                                     keep=keep)
-        return gelu_conv_bn(m.conv3, expanded.view(n, h, w, -1))
+        return gelu_conv_bn(m.conv3, expanded.view(n, h, w, -1), shortcut)
     out = gr.gelu_residual(y.permute(0, 2, 3, 1), x.permute(0, 2, 3, 1), check=False).permute(0, 3, 1, 2)
     weight, bias = bn1_into_conv2(m)
     out = conv_channels_last(out, weight, bias, m.conv2.conv)
-    return gelu_conv_bn(m.conv3, out.permute(0, 2, 3, 1))
+    return gelu_conv_bn(m.conv3, out.permute(0, 2, 3, 1), shortcut)
 
 
-def gelu_conv_bn(m: ConvBN, h: torch.Tensor) -> torch.Tensor:
+def gelu_conv_bn(m: ConvBN, h: torch.Tensor, shortcut: torch.Tensor | None = None) -> torch.Tensor:
     """ConvBN (a dense 1x1 convolution) of gelu(h), h channels-last pixels (N, H, W, C): the
     GELU is taken on the GEMM's loads (``gelu_linear``), so its output is never written nor
-    kept; in training the BatchNorm runs as ``conv_bn_forward``'s."""
+    kept; in training the BatchNorm runs as ``conv_bn_forward``'s. ``shortcut``: the result
+    plus it, added by the training BatchNorm's pass where the dtypes agree (the block's
+    output: the BatchNorm's is never written)."""
     act = "relu" if m.relu is not None else None
     weight, bias = folded_weights(m) if folds(m.bn) else (m.conv.weight, m.conv.bias)
     y = gl.gelu_linear(h, weight.flatten(1), bias, check=False).permute(0, 3, 1, 2)
     if m.bn is None or folds(m.bn):
-        return activation(act)(y)
-    return bna.batch_norm_act(y, m.bn, act, check=False)
+        return _plus(shortcut, activation(act)(y))
+    if shortcut is not None and shortcut.dtype == y.dtype and shortcut.shape == y.shape:
+        return bna.batch_norm_act(y, m.bn, act, check=False, shortcut=shortcut)
+    return _plus(shortcut, bna.batch_norm_act(y, m.bn, act, check=False))
 
 
 def bn1_into_conv2(m: IRMLP) -> tuple[torch.Tensor, torch.Tensor]:
@@ -187,7 +194,8 @@ def fusion_forward(m: HFFBlock, l: torch.Tensor, g: torch.Tensor, f: torch.Tenso
        (``gated_layer_norm``) and never kept: rerun once in backward (with x's BatchNorm
        apply), for bn1's residual and, in the same pass, conv1's input
        (``recompute.gated_layer_norm_conv2d``);
-    5. the IRMLP (``irmlp_forward``) plus the shortcut (Updim's part, or nothing).
+    5. the IRMLP (``irmlp_forward``) plus the shortcut (Updim's part, or nothing), added by
+       conv3's BatchNorm apply where stochastic depth is inactive.
 
     l and g are handed from reader to reader (1, then 3, then 4), each reader's backward adding
     its gradient of them to the next one's (the poolings in their kernels, the GEMMs of 1 in
@@ -251,18 +259,25 @@ def fusion_forward(m: HFFBlock, l: torch.Tensor, g: torch.Tensor, f: torch.Tenso
     n = g.shape[0]
     channel_gate = torch.sigmoid(m.se(stats).view(2, n, *stats.shape[1:]).sum(0))
 
+    # without stochastic depth the IRMLP's last pass adds the shortcut (its result is never written)
+    inactive = drop_path_inactive(m)
+    added = shortcut if inactive else None
+
+    def tail(out: torch.Tensor) -> torch.Tensor:
+        return out if inactive else _plus(shortcut, m.drop_path(out))
+
     if bn_args is None:
         fused = gln.gated_layer_norm(
             g, channel_gate, l, spatial_gate, x, m.norm3.weight, m.norm3.bias, m.norm3.eps, check=False
         )
-        return _plus(shortcut, m.drop_path(irmlp_forward(m.residual, fused)))
+        return tail(irmlp_forward(m.residual, fused, shortcut=added))
     # neither norm3's x nor its output is kept: backward rebuilds both from what it keeps anyway
     src = recompute.gated_layer_norm_source(g, channel_gate, l, spatial_gate, m.norm3.weight, m.norm3.bias,
                                             m.norm3.eps, bn_args)
     if config.rebuilding("norm3"):
-        return _plus(shortcut, m.drop_path(irmlp_forward(m.residual, None, src)))
+        return tail(irmlp_forward(m.residual, None, src, shortcut=added))
     x = recompute.gated_layer_norm(src, keep=True)
-    return _plus(shortcut, m.drop_path(irmlp_forward(m.residual, x)))
+    return tail(irmlp_forward(m.residual, x, shortcut=added))
 
 
 def _defers(m: HFFBlock, inputs, norm) -> bool:
