@@ -89,7 +89,7 @@ def unsupported_reason(parts: Sequence[torch.Tensor], weight: torch.Tensor, bias
 # --------------------------------------------------------------------------- Triton rows path
 
 if triton is not None:
-    from ._triton import ones_column, three_part_norm_grads
+    from ._triton import three_part_norm_grads
     from .batch_norm_act import _affine
 
     @triton.jit
@@ -191,8 +191,8 @@ if triton is not None:
         gradients are the BatchNorm outputs', and the program writes the BatchNorm backward's
         partial sums of each (the reducing pass ``batch_norm_act`` would make over them), with
         SUMS, to BN_SUMS (sum of dz / of dz * x_hat, program, BatchNorm parts x C), float64.
-        PAD > 0 (REBUILD): OUT's rows are PARTS x C + PAD wide, column PARTS x C ones and the
-        rest zeros (``_triton.ones_column``)."""
+        PAD > 0 (REBUILD; BLOCK_C at least C + PAD): OUT's rows are PARTS x C + PAD wide, column
+        PARTS x C ones and the rest zeros (as ``_triton.ones_column`` writes them)."""
         pid = tl.program_id(0)
         c = tl.arange(0, BLOCK_C)
         cmask = c < C
@@ -245,10 +245,15 @@ if triton is not None:
                     h = ha if k == 0 else (hb if k == 1 else hd)
                     w = w_a if k == 0 else (w_b if k == 1 else w_d)
                     bb = b_a if k == 0 else (b_b if k == 1 else b_d)
-                    tl.store(OUT + out + (rows * PAD)[:, None] + k * C, (h * w[None, :] + bb[None, :]).to(
-                        OUT.dtype.element_ty), mask=m)
-                if PAD > 0:
-                    ones_column(OUT + (rows * (total + PAD))[:, None], total, rmask, PAD)
+                    v = h * w[None, :] + bb[None, :]
+                    if PAD > 0 and k == PARTS - 1:
+                        # the ones column and its zeros from the channel block's spare lanes (zero
+                        # there): the launcher makes BLOCK_C hold C + PAD
+                        v = tl.where((c == C)[None, :], 1.0, v)
+                        mk = rmask[:, None] & (c < C + PAD)[None, :]
+                    else:
+                        mk = m
+                    tl.store(OUT + out + (rows * PAD)[:, None] + k * C, v.to(OUT.dtype.element_ty), mask=mk)
             dya, dyb, dyd = _load_parts(GRAD + out, GRAD + out + C, GRAD + out + 2 * C, 0, m, PARTS)
             ga = dya * w_a[None, :]
             gb = dyb * w_b[None, :]
@@ -379,6 +384,8 @@ def _rows_backward_impl(grad, rows, weight, mean, rstd, bias, rebuild_dtype, bn=
     rebuild = rebuild_dtype is not None
     pad = ONES_PAD if ones and rebuild else 0
     flags = dict(PARTS=len(rows), REBUILD=rebuild, BN=bn_parts, SUMS=sums, PAD=pad, **_rows_bwd_launch(c))
+    # the last part's spare channel lanes write the ones column
+    flags["BLOCK_C"] = max(flags["BLOCK_C"], _triton.block_channels(c + pad))
     ptrs = _three(rows)
     bn_ptrs = _bn_pointers(rows, list(bn), bn_parts)
     out = torch.empty((m, len(rows) * c + pad) if rebuild else (0,), device=grad.device,

@@ -182,8 +182,11 @@ def cases(dtype: str):
             for act in (0, 1, 2):
                 flags = {"PROLOGUE": prologue, "ACT": act}
                 out = "dt"  # with the prologue too: the IRMLP's bn1 writes conv2's GEMM dtype
-                yield bna._apply_kernel, dict(**io, MEAN=f32, INVSTD=f32, W=f32, B=f32, OUT=out), \
-                    {**tile(bna.BLOCK_M), **flags}
+                yield bna._apply_kernel, dict(**io, MEAN=f32, INVSTD=f32, W=f32, B=f32, OUT=out, S=out), \
+                    {**tile(bna.BLOCK_M), **flags, "SHORTCUT": False}
+                if c > 1 and not prologue and act == 0:  # conv3's, adding the fusion block's shortcut
+                    yield bna._apply_kernel, dict(**io, MEAN=f32, INVSTD=f32, W=f32, B=f32, OUT=out, S=out), \
+                        {**tile(bna.BLOCK_M), **flags, "SHORTCUT": True}
                 if c > 1:  # only Updim's BatchNorm pools
                     yield bna._apply_pool_kernel, dict(**io, MEAN=f32, INVSTD=f32, W=f32, B=f32, OUT=out), \
                         {**tile(bna.POOL_BLOCK_M), **flags}

@@ -202,7 +202,8 @@ def test_no_optional_argument_beside_a_tensor_list():
 
 
 @triton_device_or_skip()
-@pytest.mark.parametrize("nhw, widths", [((1, 7, 5), (96, 96)), ((2, 3, 13), (24, 24, 24)), ((1, 1, 3), (40,))])
+@pytest.mark.parametrize("nhw, widths", [((1, 7, 5), (96, 96)), ((2, 3, 13), (24, 24, 24)), ((1, 1, 3), (40,)),
+                                         ((2, 3, 3), (128, 128, 128))])
 def test_triton_rows_path(nhw, widths):
     """Equal-width channels-last parts take the Triton kernels (``rows_path``): outputs and
     gradients as the eager formula's, channels-last, and a backward that repeats bit for bit."""
@@ -232,7 +233,8 @@ def test_triton_rows_path_bf16():
 
 
 @triton_device_or_skip()
-@pytest.mark.parametrize("nhw, widths", [((1, 7, 5), (96, 96)), ((2, 3, 13), (24, 24, 24)), ((1, 1, 3), (40,))])
+@pytest.mark.parametrize("nhw, widths", [((1, 7, 5), (96, 96)), ((2, 3, 13), (24, 24, 24)), ((1, 1, 3), (40,)),
+                                         ((2, 3, 3), (128, 128, 128))])
 def test_triton_rows_backward_rebuilds_the_output(nhw, widths):
     """``backward_rebuilding``: the backward's pass also writes the forward's output, the same
     bits; the gradients those of ``backward``."""
