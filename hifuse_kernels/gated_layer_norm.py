@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from . import _triton
+from . import batch_norm_act as bna
 from ._features import (
     SUPPORTED_DTYPES,
     check_device,
@@ -40,7 +41,7 @@ def gated_layer_norm_ref(g, channel_gate, l, spatial_gate, x, weight, bias, eps:
 
 if triton is not None:
     from ._triton import image_block, three_part_norm_grads
-    from .batch_norm_act import _act, _affine
+    from .batch_norm_act import _act, _act_grad, _affine
 
     @triton.jit
     def _gated_parts(G, CG, L, SG, X, XM, XI, XW, XB, n, p, c, m, cmask, C, X_BN: tl.constexpr,
@@ -100,14 +101,17 @@ if triton is not None:
     def _gated_ln_bwd_kernel(GRAD, GRAD2, G, CG, L, SG, X, W, MEAN, RSTD, DG, DL, DSG, DX,
                              PART_CG, PART_W, PART_B, XM, XI, XW, XB, S, C, PROGRAMS, HAS_GRAD2: tl.constexpr,
                              BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, X_BN: tl.constexpr = False,
-                             X_ACT: tl.constexpr = 0):
+                             X_ACT: tl.constexpr = 0, BN_SUMS=None, SUMS: tl.constexpr = False):
         """PROGRAMS programs per image (``_triton.reduction_programs``), each looping over the
         image's row blocks j, j + PROGRAMS, ... and writing one row of channel-gate, weight and
         bias partials: the channel gate's gradient is per image, so a program stays in one. The
         seven partials are accumulated as tiles and reduced over the rows once at the end. With
         HAS_GRAD2 the output's gradient is GRAD + GRAD2 (two uses of it, summed on load). X_BN:
         x given as a BatchNorm's input, as in ``_gated_ln_kernel``; DX is the gradient of x, the
-        BatchNorm's output."""
+        BatchNorm's output, and with SUMS the program also writes the partial sums that
+        BatchNorm's backward reduces (``batch_norm_act._bwd_reduce_kernel``'s terms over DX as
+        written, added in float32 tiles, then over the rows in float64) to BN_SUMS (sum of dz /
+        of dz * x_hat, program, C)."""
         prog = tl.program_id(0).to(tl.int64)
         n = prog // PROGRAMS
         c = tl.arange(0, BLOCK_C)
@@ -119,6 +123,9 @@ if triton is not None:
         acc_ba = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
         acc_bb = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
         acc_bx = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+        if SUMS:
+            bn_dz = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+            bn_dzxh = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
         for j in range(tl.program_id(0) % PROGRAMS, tl.cdiv(S, BLOCK_P), PROGRAMS):
             s = j * BLOCK_P + tl.arange(0, BLOCK_P)
             smask = s < S
@@ -149,7 +156,17 @@ if triton is not None:
             rows = p[:, None] * C + c[None, :]
             tl.store(DG + rows, (za * cg[None, :]).to(DG.dtype.element_ty), mask=m)
             tl.store(DL + rows, (zb * sg[:, None]).to(DL.dtype.element_ty), mask=m)
-            tl.store(DX + rows, zx.to(DX.dtype.element_ty), mask=m)
+            zx = zx.to(DX.dtype.element_ty)
+            tl.store(DX + rows, zx, mask=m)
+            if SUMS:  # as the BatchNorm's backward recomputes them from y and DX
+                yv = tl.load(X + rows, mask=m, other=0.0).to(tl.float32)
+                xhat = (yv - tl.load(XM + c, mask=cmask, other=0.0)[None, :]) * tl.load(XI + c, mask=cmask,
+                                                                                         other=0.0)[None, :]
+                z = xhat * tl.load(XW + c, mask=cmask, other=0.0).to(tl.float32)[None, :] + tl.load(
+                    XB + c, mask=cmask, other=0.0).to(tl.float32)[None, :]
+                dz = tl.where(m, zx.to(tl.float32) * _act_grad(z, X_ACT), 0.0)
+                bn_dz += dz
+                bn_dzxh += dz * xhat
             tl.store(DSG + p, tl.sum(zb * lv, 1).to(DSG.dtype.element_ty), mask=smask)
             acc_cg += za * g
             acc_wa += dya * ha
@@ -166,6 +183,11 @@ if triton is not None:
         tl.store(PART_B + parts, tl.sum(acc_ba, 0), mask=cmask)
         tl.store(PART_B + parts + C, tl.sum(acc_bb, 0), mask=cmask)
         tl.store(PART_B + parts + 2 * C, tl.sum(acc_bx, 0), mask=cmask)
+        if SUMS:
+            at = prog * C + c
+            tl.store(BN_SUMS + at, tl.sum(bn_dz.to(tl.float64), 0), mask=cmask)
+            tl.store(BN_SUMS + tl.num_programs(0).to(tl.int64) * C + at, tl.sum(bn_dzxh.to(tl.float64), 0),
+                     mask=cmask)
 
 
 # --------------------------------------------------------------------------- ops
@@ -250,13 +272,14 @@ def bwd_launch(c: int) -> dict:
             "num_warps": 16 if tile["BLOCK_C"] >= 512 else tile["num_warps"]}
 
 
-def _backward_impl(grad, g, channel_gate, l, spatial_gate, x, weight, mean, rstd, grad2, x_bn=(), x_act=0):
+def _backward_impl(grad, g, channel_gate, l, spatial_gate, x, weight, mean, rstd, grad2, x_bn=(), x_act=0,
+                   sums=False):
     n, s, c = g.shape
     tile = bwd_launch(c)
     rows = tile.pop("BLOCK_P")
     blocks = triton.cdiv(s, rows)
     # programs per image: the wave shared among the images
-    flags = dict(HAS_GRAD2=grad2 is not None, BLOCK_P=rows, X_BN=bool(x_bn), X_ACT=x_act, **tile)
+    flags = dict(HAS_GRAD2=grad2 is not None, BLOCK_P=rows, X_BN=bool(x_bn), X_ACT=x_act, SUMS=sums, **tile)
     bn = list(x_bn) or [x] * 4
     programs = max(1, _triton.reduction_programs(n * blocks, 1, g.device, kernel=_gated_ln_bwd_kernel, launch=flags,
                                                  args=(grad, grad if grad2 is None else grad2, g, channel_gate, l,
@@ -269,11 +292,15 @@ def _backward_impl(grad, g, channel_gate, l, spatial_gate, x, weight, mean, rstd
     dsg = torch.empty((n, s), device=g.device, dtype=spatial_gate.dtype)  # written once a position: no cast pass
     part_cg = torch.empty((n, programs, c), **f32)
     part = torch.empty((2, n * programs, 3 * c), **f32)
+    bn_part = torch.empty((2, n * programs, c) if sums else (0,), device=g.device, dtype=torch.float64)
     _triton.wrap_triton(_gated_ln_bwd_kernel)[_triton.grid(n * programs)](
         grad, grad if grad2 is None else grad2, g, channel_gate, l, spatial_gate, x, weight, mean, rstd, dg, dl, dsg,
-        dx, part_cg, part[0], part[1], *bn, s, c, programs, **flags,
+        dx, part_cg, part[0], part[1], *bn, s, c, programs, **flags, BN_SUMS=bn_part if sums else part,
     )
-    return dg, part_cg.sum(1).to(channel_gate.dtype), dl, dsg, dx, part.sum(1)
+    bn_sums = torch.empty((2, c if sums else 0), **f32)
+    if sums:  # the partials added in a fixed order, as the BatchNorm's backward adds its own
+        bna.combine_backward_sums(bn_part[0], bn_part[1], bn_sums[0], bn_sums[1])
+    return dg, part_cg.sum(1).to(channel_gate.dtype), dl, dsg, dx, part.sum(1), bn_sums
 
 
 @_triton.define_op("hifuse::gated_layer_norm_backward", mutates_args=())
@@ -286,7 +313,7 @@ def _gated_ln_backward_op(
     (2, 3C) float32 tensor (one sum of the partials; ``backward`` splits it); ``grad2``
     (grad's shape), a second gradient of the output from another use of it, is added to grad
     on load."""
-    return _backward_impl(grad, g, channel_gate, l, spatial_gate, x, weight, mean, rstd, grad2)
+    return _backward_impl(grad, g, channel_gate, l, spatial_gate, x, weight, mean, rstd, grad2)[:6]
 
 
 @_triton.define_op("hifuse::gated_layer_norm_bn_backward", mutates_args=())
@@ -294,15 +321,18 @@ def _gated_ln_bn_backward_op(
     grad: torch.Tensor, g: torch.Tensor, channel_gate: torch.Tensor, l: torch.Tensor,
     spatial_gate: torch.Tensor, y: torch.Tensor, x_mean: torch.Tensor, x_invstd: torch.Tensor,
     x_weight: torch.Tensor, x_bias: torch.Tensor, x_act: int, weight: torch.Tensor, mean: torch.Tensor,
-    rstd: torch.Tensor, grad2: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    rstd: torch.Tensor, grad2: torch.Tensor | None = None, sums: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``hifuse::gated_layer_norm_backward`` of ``hifuse::gated_layer_norm_bn``: x's gradient
-    is that of the BatchNorm's output (for the BatchNorm's backward)."""
+    is that of the BatchNorm's output (for the BatchNorm's backward), and the seventh output,
+    with ``sums`` (else (2, 0)), the sums that BatchNorm's backward reduces over it, as
+    ``hifuse::batch_norm_act_backward_summed`` takes them ((sum of dz / of dz * x_hat, C)
+    float32), reduced by this pass."""
     problem = _x_bn_problem(g, y, x_mean, x_invstd, x_weight, x_bias, x_act)
     if problem is not None:
         raise ValueError(f"gated_layer_norm_bn_backward: {problem}")
     return _backward_impl(grad, g, channel_gate, l, spatial_gate, y, weight, mean, rstd, grad2,
-                          [x_mean, x_invstd, x_weight, x_bias], x_act)
+                          [x_mean, x_invstd, x_weight, x_bias], x_act, sums)
 
 
 def backward(grad, g, channel_gate, l, spatial_gate, x, weight, mean, rstd, grad2=None) -> tuple:
@@ -314,13 +344,15 @@ def backward(grad, g, channel_gate, l, spatial_gate, x, weight, mean, rstd, grad
     return (*grads, params[0], params[1])
 
 
-def backward_bn(grad, g, channel_gate, l, spatial_gate, y, x_bn, x_act: int, weight, mean, rstd, grad2=None) -> tuple:
+def backward_bn(grad, g, channel_gate, l, spatial_gate, y, x_bn, x_act: int, weight, mean, rstd, grad2=None,
+                sums: bool = False) -> tuple:
     """``backward`` of ``hifuse::gated_layer_norm_bn`` (``x_bn``: x's BatchNorm mean, invstd,
-    weight and bias); the fifth gradient is that of x, the BatchNorm's output."""
-    *grads, params = torch.ops.hifuse.gated_layer_norm_bn_backward(grad, g, channel_gate, l, spatial_gate, y, *x_bn,
-                                                                   x_act, weight, mean, rstd, grad2)
+    weight and bias); the fifth gradient is that of x, the BatchNorm's output; with ``sums``,
+    then the (2, C) sums of that BatchNorm's backward (``hifuse::gated_layer_norm_bn_backward``)."""
+    *grads, params, bn_sums = torch.ops.hifuse.gated_layer_norm_bn_backward(
+        grad, g, channel_gate, l, spatial_gate, y, *x_bn, x_act, weight, mean, rstd, grad2, bool(sums))
     params = params.to(weight.dtype)
-    return (*grads, params[0], params[1])
+    return (*grads, params[0], params[1], *((bn_sums,) if sums else ()))
 
 
 @_gated_ln_op.register_fake
@@ -347,8 +379,9 @@ def _(g, channel_gate, l, spatial_gate, y, x_mean, x_invstd, x_weight, x_bias, x
 
 @_gated_ln_bn_backward_op.register_fake
 def _(grad, g, channel_gate, l, spatial_gate, y, x_mean, x_invstd, x_weight, x_bias, x_act, weight, mean, rstd,
-      grad2=None):
-    return _fake_backward(grad, g, channel_gate, l, spatial_gate, y, weight, mean, rstd, grad2)
+      grad2=None, sums=False):
+    bn_sums = g.new_empty((2, g.shape[-1] if sums else 0), dtype=torch.float32)
+    return (*_fake_backward(grad, g, channel_gate, l, spatial_gate, y, weight, mean, rstd, grad2), bn_sums)
 
 
 def _gated_ln_setup(ctx, inputs, output):

@@ -338,11 +338,17 @@ class GatedLayerNormRows:
         g, channel_gate, l, spatial_gate, x, weight = args[:6]
         if x is None:  # x's BatchNorm applied on load: the gradient of x is its output's
             y, *x_bn, act = GatedLayerNormRows.on_load(*src)[4:10]
-            dg, dcg, dl, dsg, dx, dw, db = gln.backward_bn(grad, g, channel_gate, l, spatial_gate, y, x_bn, act, weight,
-                                                           mean, rstd, grad2)
-        else:
-            dg, dcg, dl, dsg, dx, dw, db = gln.backward(grad, g, channel_gate, l, spatial_gate, x, weight, mean, rstd,
-                                                        grad2)
+            # that pass also reduces the BatchNorm backward's sums: its apply pass is left
+            dg, dcg, dl, dsg, dx, dw, db, sums = gln.backward_bn(grad, g, channel_gate, l, spatial_gate, y, x_bn, act,
+                                                                 weight, mean, rstd, grad2, sums=True)
+            rows, _residual, bn_mean, bn_invstd, bn_weight, bn_bias, act, height, width, pool, _ = src[11:]
+            dy, _ = torch.ops.hifuse.batch_norm_act_backward_summed(
+                dx.view(-1, dx.shape[-1]), rows, bn_mean, bn_invstd, bn_weight, bn_bias, sums[0], sums[1], act,
+                height, width, pool,
+            )
+            dbn = (dy, None, None, None, sums[1].to(bn_weight.dtype), sums[0].to(bn_bias.dtype), *[None] * 5)
+            return (None, None, None, dg, dcg, dl, dsg, None, dw, db, None, *dbn)
+        dg, dcg, dl, dsg, dx, dw, db = gln.backward(grad, g, channel_gate, l, spatial_gate, x, weight, mean, rstd, grad2)
         dbn = BatchNormApply.grad(dx.view(-1, dx.shape[-1]), (), *src[11:])
         return (None, None, None, dg, dcg, dl, dsg, None, dw, db, None, *dbn)
 

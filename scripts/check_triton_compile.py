@@ -264,11 +264,14 @@ def cases(dtype: str):
             yield gln._gated_ln_kernel, dict(G=f32, CG="dt", L=f32, SG="dt", X="dt", W=f32, B=f32, OUT=f32, OUT2="dt",
                                             MEAN=f32, RSTD=f32, **x_bn), \
                 {**rows, "HAS_OUT2": out2, "X_BN": on_load, "X_ACT": 2 if on_load else 0}
-        for grad2, on_load in ((False, False), (True, False), (True, True)):  # with conv1's gradient (GEMM dtype)
+        # with conv1's gradient (GEMM dtype); x's BatchNorm applied on load, with its backward's sums
+        for grad2, on_load, sums in ((False, False, False), (True, False, False), (True, True, False),
+                                     (True, True, True)):
             yield gln._gated_ln_bwd_kernel, dict(GRAD=f32, GRAD2="dt", G=f32, CG="dt", L=f32, SG="dt", X="dt", W=f32,
                                                 MEAN=f32, RSTD=f32, DG=f32, DL=f32, DSG="dt", DX="dt", PART_CG=f32,
-                                                PART_W=f32, PART_B=f32, **x_bn), \
-                {**_as_warps(gln.bwd_launch(c)), "HAS_GRAD2": grad2, "X_BN": on_load, "X_ACT": 2 if on_load else 0}
+                                                PART_W=f32, PART_B=f32, **x_bn, BN_SUMS="fp64"), \
+                {**_as_warps(gln.bwd_launch(c)), "HAS_GRAD2": grad2, "X_BN": on_load, "X_ACT": 2 if on_load else 0,
+                 "SUMS": sums}
 
 
 def signature(kernel, pointers: dict, constexprs: dict, dtype: str) -> dict:
