@@ -234,25 +234,30 @@ if triton is not None:
 
     @triton.jit
     def _bwd_recompute(G, Y, R, MEAN, INVSTD, W, B, rows, c, cmask, m, offs, C, H, WIDTH, PROLOGUE: tl.constexpr,
-                       ACT: tl.constexpr, POOL: tl.constexpr):
+                       ACT: tl.constexpr, POOL: tl.constexpr, G2, GRAD2: tl.constexpr):
         """A tile's x_hat, dz = grad * act'(z), weight * invstd and the input, recomputed from the
-        saved input."""
+        saved input; with GRAD2 the output's gradient is G + G2 (two uses of it, summed on load)."""
         v = _load_input(Y, R, offs, m, PROLOGUE)
         mean = tl.load(MEAN + c, mask=cmask, other=0.0)
         invstd = tl.load(INVSTD + c, mask=cmask, other=0.0)
         w = tl.load(W + c, mask=cmask, other=0.0).to(tl.float32)
         b = tl.load(B + c, mask=cmask, other=0.0).to(tl.float32)
         xhat = (v - mean[None, :]) * invstd[None, :]
-        dz = _load_grad(G, rows, c, m, C, H, WIDTH, POOL) * _act_grad(xhat * w[None, :] + b[None, :], ACT)
+        grad = _load_grad(G, rows, c, m, C, H, WIDTH, POOL)
+        if GRAD2:
+            grad += _load_grad(G2, rows, c, m, C, H, WIDTH, POOL)
+        dz = grad * _act_grad(xhat * w[None, :] + b[None, :], ACT)
         return xhat, tl.where(m, dz, 0.0), w * invstd, v
 
     @triton.jit(do_not_specialize=["PROGRAMS"])
     def _bwd_reduce_kernel(G, Y, R, MEAN, INVSTD, W, B, SUM_DZ_PART, SUM_DZXH_PART, OUT, M, C, H, WIDTH, PROGRAMS,
-                           PROLOGUE: tl.constexpr, ACT: tl.constexpr, POOL: tl.constexpr,
-                           BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, REBUILD: tl.constexpr = False):
+                           G2, PROLOGUE: tl.constexpr, ACT: tl.constexpr, POOL: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, REBUILD: tl.constexpr = False,
+                           GRAD2: tl.constexpr = False):
         """With REBUILD (not with POOL) also writes the apply's output to OUT, computed as
         ``_apply_kernel`` computes it (the same bits), for a GEMM's weight gradient that reads
-        it next: the pass that would rebuild it reads what this one reads."""
+        it next: the pass that would rebuild it reads what this one reads. GRAD2: the output's
+        gradient is G + G2."""
         pid = tl.program_id(0)
         lanes = tl.arange(0, BLOCK_M)
         c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -267,7 +272,7 @@ if triton is not None:
             m = (rows < M)[:, None] & cmask[None, :]
             offs = rows[:, None] * C + c[None, :]
             xhat, dz, _scale, v = _bwd_recompute(
-                G, Y, R, MEAN, INVSTD, W, B, rows, c, cmask, m, offs, C, H, WIDTH, PROLOGUE, ACT, POOL,
+                G, Y, R, MEAN, INVSTD, W, B, rows, c, cmask, m, offs, C, H, WIDTH, PROLOGUE, ACT, POOL, G2, GRAD2,
             )
             if REBUILD:
                 z = (v - mean[None, :]) * scale[None, :] + shift[None, :]
@@ -300,15 +305,17 @@ if triton is not None:
             tl.store(DB + c, dz.to(DB.dtype.element_ty), mask=cmask)
 
     @triton.jit
-    def _bwd_apply_kernel(G, Y, R, MEAN, INVSTD, W, B, SUM_DZ, SUM_DZXH, DY, DR, DYSUM_PART, M, C, H, WIDTH,
+    def _bwd_apply_kernel(G, Y, R, MEAN, INVSTD, W, B, SUM_DZ, SUM_DZXH, DY, DR, DYSUM_PART, M, C, H, WIDTH, G2,
                           PROLOGUE: tl.constexpr, ACT: tl.constexpr, POOL: tl.constexpr,
-                          BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, DYSUM: tl.constexpr = False):
+                          BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, DYSUM: tl.constexpr = False,
+                          GRAD2: tl.constexpr = False):
         """dy (and with PROLOGUE the residual's gradient); with DYSUM this row block's column
-        sums of dy as written (the bias gradient of a GEMM that made y)."""
+        sums of dy as written (the bias gradient of a GEMM that made y); GRAD2 as in
+        ``_bwd_reduce_kernel``."""
         rows, c, cmask, m = _tile(M, C, BLOCK_M, BLOCK_C)
         offs = rows[:, None] * C + c[None, :]
         xhat, dz, scale, _v = _bwd_recompute(
-            G, Y, R, MEAN, INVSTD, W, B, rows, c, cmask, m, offs, C, H, WIDTH, PROLOGUE, ACT, POOL,
+            G, Y, R, MEAN, INVSTD, W, B, rows, c, cmask, m, offs, C, H, WIDTH, PROLOGUE, ACT, POOL, G2, GRAD2,
         )
         sum_dz = tl.load(SUM_DZ + c, mask=cmask, other=0.0)
         sum_dzxh = tl.load(SUM_DZXH + c, mask=cmask, other=0.0)
@@ -454,18 +461,25 @@ def _shortcut_problem(y, residual, out_dtype, pool, shortcut) -> str | None:
 def _backward_op(
     grad: torch.Tensor, y: torch.Tensor, residual: torch.Tensor | None, mean: torch.Tensor,
     invstd: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, act: int, height: int, width: int,
-    pool: bool, dy_sum: bool = False, rebuild_dtype: torch.dtype | None = None,
+    pool: bool, dy_sum: bool = False, rebuild_dtype: torch.dtype | None = None, grad2: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dy, dresidual, dweight, dbias, colsum(dy), rebuilt): colsum(dy), with ``dy_sum`` (else
     empty), in float32 from the apply kernel's partials: the bias gradient of the GEMM that made
     y, with no pass of its own over dy; rebuilt, with ``rebuild_dtype`` (else empty; not with
     ``pool``): ``hifuse::batch_norm_act``'s result in that dtype, the same bits, written by the
-    pass that reduces (for a GEMM's weight gradient that would otherwise rebuild it first)."""
+    pass that reduces (for a GEMM's weight gradient that would otherwise rebuild it first).
+    ``grad2`` (grad's shape and dtype): a second gradient of the result, from another use of
+    it, added to grad on load."""
     m, c = y.shape
     r = y if residual is None else residual
     rebuild = rebuild_dtype is not None
     if rebuild and pool:
         raise ValueError("batch_norm_act_backward: the pooled apply is not rebuilt")
+    if grad2 is not None and (grad2.shape != grad.shape or grad2.dtype != grad.dtype or not grad2.is_contiguous()
+                              or grad2.device != grad.device):
+        raise ValueError(f"batch_norm_act_backward: grad2 must be contiguous {grad.dtype} of grad's shape "
+                         f"{tuple(grad.shape)} on {grad.device}, got {grad2.dtype} {tuple(grad2.shape)}")
+    g2 = grad if grad2 is None else grad2
     flags = dict(PROLOGUE=residual is not None, ACT=act, POOL=pool, **_launch("backward", m, y, residual, pool,
                                                                               BWD_BLOCK_M))
     grid = _grid(m, c, flags)
@@ -473,14 +487,14 @@ def _backward_op(
     programs = _triton.reduction_programs(
         grid[0], grid[1], y.device, kernel=_bwd_reduce_kernel,
         args=(grad, y, r, mean, invstd, weight, bias, torch.float64, torch.float64, rebuilt, m, c, height, width,
-              grid[0]),
-        launch={**flags, "REBUILD": rebuild},
+              grid[0], g2),
+        launch={**flags, "REBUILD": rebuild, "GRAD2": grad2 is not None},
     )
     sum_dz_part = torch.empty((programs, c), device=y.device, dtype=torch.float64)
     sum_dzxh_part = torch.empty_like(sum_dz_part)
     _triton.wrap_triton(_bwd_reduce_kernel)[(programs, grid[1])](
         grad, y, r, mean, invstd, weight, bias, sum_dz_part, sum_dzxh_part, rebuilt, m, c, height, width, programs,
-        **flags, REBUILD=rebuild,
+        g2, **flags, REBUILD=rebuild, GRAD2=grad2 is not None,
     )
     sum_dz = torch.empty(c, device=y.device, dtype=torch.float32)
     sum_dzxh = torch.empty_like(sum_dz)
@@ -493,8 +507,8 @@ def _backward_op(
     dr = torch.empty_like(r) if residual is not None else torch.empty(0, device=y.device, dtype=y.dtype)
     parts = torch.empty((grid[0] if dy_sum else 0, c), device=y.device, dtype=torch.float32)
     _triton.wrap_triton(_bwd_apply_kernel)[grid](
-        grad, y, r, mean, invstd, weight, bias, sum_dz, sum_dzxh, dy, dr, parts, m, c, height, width, **flags,
-        DYSUM=dy_sum,
+        grad, y, r, mean, invstd, weight, bias, sum_dz, sum_dzxh, dy, dr, parts, m, c, height, width, g2, **flags,
+        DYSUM=dy_sum, GRAD2=grad2 is not None,
     )
     return dy, dr, dw, db, parts.sum(0) if dy_sum else parts.new_empty((0,)), rebuilt
 
@@ -532,7 +546,7 @@ def _backward_summed_op(
     dy = torch.empty_like(y)
     parts = torch.empty((grid[0] if dy_sum else 0, c), device=y.device, dtype=torch.float32)
     _triton.wrap_triton(_bwd_apply_kernel)[grid](
-        grad, y, y, mean, invstd, weight, bias, sum_dz, sum_dzxh, dy, dy, parts, m, c, height, width, **flags,
+        grad, y, y, mean, invstd, weight, bias, sum_dz, sum_dzxh, dy, dy, parts, m, c, height, width, grad, **flags,
         DYSUM=dy_sum,
     )
     return dy, parts.sum(0) if dy_sum else parts.new_empty((0,))
@@ -556,7 +570,8 @@ def _(y, residual, mean, invstd, weight, bias, act, height, width, pool, out_dty
 
 
 @_backward_op.register_fake
-def _(grad, y, residual, mean, invstd, weight, bias, act, height, width, pool, dy_sum=False, rebuild_dtype=None):
+def _(grad, y, residual, mean, invstd, weight, bias, act, height, width, pool, dy_sum=False, rebuild_dtype=None,
+      grad2=None):
     dr = torch.empty_like(residual) if residual is not None else y.new_empty((0,))
     dsum = y.new_empty((y.shape[1] if dy_sum else 0,), dtype=torch.float32)
     rebuilt = y.new_empty(y.shape if rebuild_dtype is not None else (0,), dtype=rebuild_dtype or y.dtype)

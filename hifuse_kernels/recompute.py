@@ -835,12 +835,14 @@ class _LinearBatchNorm(torch.autograd.Function):
     ``chain``: also returns x itself (its storage, no copy) for x's next reader, whose gradient
     of x backward adds to the GEMM's (one add, not one per reader). ``shared``: a ``SharedRebuild``
     where the rebuild of the result for its reader leaves the GEMM's output, which backward
-    takes instead of running the GEMM (None: it runs it)."""
+    takes instead of running the GEMM (None: it runs it). ``twice``: also returns the map once
+    more (its storage) for a second reader, whose gradient of it the BatchNorm's backward adds
+    on load (no accumulation pass of autograd's)."""
 
     @staticmethod
     def forward(ctx, x, x_gemm, weight, bias, w_gemm, b_gemm, bn_weight, bn_bias, eps, act, height, width, pool,
-                out_dtype, gemm_dtype, keep, chain, defer, shared, running_mean, running_var, num_batches_tracked,
-                momentum):
+                out_dtype, gemm_dtype, keep, chain, defer, twice, shared, running_mean, running_var,
+                num_batches_tracked, momentum):
         # x, weight and bias: for their gradients; x_gemm, w_gemm, b_gemm: the GEMM's casts of
         # them (None: no cast; Dynamo traces no Function given one tensor twice)
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype, x.dtype)
@@ -860,18 +862,23 @@ class _LinearBatchNorm(torch.autograd.Function):
                                                    out_dtype)
         ctx.save_for_backward(x, weight, bias, mean, invstd, bn_weight, bn_bias, y if keep else None)
         ctx.consts = (act, height, width, pool, gemm_dtype)
-        ctx.shared = shared
+        ctx.shared, ctx.chain, ctx.twice = shared, chain, twice
         ctx.mark_non_differentiable(mean, invstd, var)
         ctx.set_materialize_grads(False)  # no zero-filled gradients for the statistics
-        outputs = (_as_map(rows, x, pool), mean, invstd, var)
-        return (*outputs, alias) if chain else outputs
+        result = _as_map(rows, x, pool)
+        outputs = (result, mean, invstd, var) + ((alias,) if chain else ()) + ((result.detach(),) if twice else ())
+        return outputs
 
     @staticmethod
-    def backward(ctx, grad, _mean, _invstd, _var, grad_after=None):
+    def backward(ctx, grad, _mean, _invstd, _var, *after):
+        grad_after = after[0] if ctx.chain else None
+        grad2 = after[-1] if ctx.twice else None
+        if grad is None:
+            grad, grad2 = grad2, None
         if grad is None:  # the map unused (gradients are not materialised)
             if ctx.shared is not None:
                 ctx.shared.take()  # a rebuilt GEMM output nobody takes: not held until the graph goes
-            return (grad_after, *[None] * 22)
+            return (grad_after, *[None] * 23)
         x, weight, bias, mean, invstd, bn_weight, bn_bias, y = ctx.saved_tensors
         act, height, width, pool, gemm_dtype = ctx.consts
         sums = None
@@ -881,6 +888,10 @@ class _LinearBatchNorm(torch.autograd.Function):
         if y is None:
             y = LinearBatchNorm.gemm(x, weight, bias, gemm_dtype)
         grad_rows = grad.permute(0, 2, 3, 1).contiguous().view(-1, grad.shape[1])
+        if grad2 is not None:
+            grad2 = grad2.permute(0, 2, 3, 1).contiguous().view(-1, grad.shape[1])
+            if sums or grad2.dtype != grad_rows.dtype:
+                grad_rows, grad2 = grad_rows + grad2, None
         # the GEMM's bias gradient, colsum(dy), summed by the kernel that writes dy
         if sums:
             dy, dy_sum = torch.ops.hifuse.batch_norm_act_backward_summed(
@@ -890,22 +901,24 @@ class _LinearBatchNorm(torch.autograd.Function):
             dbw, dbb = sums[1].to(bn_weight.dtype), sums[0].to(bn_bias.dtype)
         else:
             dy, _dr, dbw, dbb, dy_sum, _ = torch.ops.hifuse.batch_norm_act_backward(
-                grad_rows, y, None, mean, invstd, bn_weight, bn_bias, act, height, width, pool, bias is not None,
+                grad_rows, y, None, mean, invstd, bn_weight, bn_bias, act, height, width, pool, bias is not None, None,
+                grad2,
             )
         # grad_after: x's gradient from its next reader, made by that reader's backward for x
         # alone (the chain hands x to one reader), so the GEMM may add into it
         dx, dw, _ = _linear_backward(dy, x, weight, None, *ctx.dtypes, a_grad_into=grad_after)
         db = None if bias is None else dy_sum.to(ctx.dtypes[1])
-        return dx, None, dw, db, None, None, dbw, dbb, *[None] * 15
+        return dx, None, dw, db, None, None, dbw, dbb, *[None] * 16
 
 
 def linear_batch_norm(x, weight, bias, bn, act: str | None = None, pool: bool = False, gemm_dtype=None,
-                      keep: bool = False, chain: bool = False, defer: bool = False):
+                      keep: bool = False, chain: bool = False, defer: bool = False, twice: bool = False):
     """Training ``act(bn(F.linear(x, weight, bias)))`` (then a 2x2 average pooling with ``pool``)
     on (N, H, W, C_in) pixels, as an (N, C, H, W) channels-last map, updating ``bn``'s running
     statistics; keeps the GEMM's input only (``keep``: and its output). Returns the map and its
     ``LinearBatchNorm`` source (``chain``: and x for its next reader, whose gradient of x is
-    summed with the GEMM's here).
+    summed with the GEMM's here; ``twice``: and, last, the map again for a second reader, whose
+    gradient of it the BatchNorm's backward adds on load).
 
     ``defer`` (no ``act``, ``pool`` or ``keep``): the BatchNorm is not applied; the map is the
     GEMM's output y, whose one reader, ``norm_cat_linear``, applies it on load and hands back
@@ -925,7 +938,7 @@ def linear_batch_norm(x, weight, bias, bn, act: str | None = None, pool: bool = 
     shared = None if keep or torch.compiler.is_compiling() else SharedRebuild()
     out, mean, invstd, var, *after = _LinearBatchNorm.apply(
         x, x_gemm, weight, bias, w_gemm, b_gemm, bn.weight, bn.bias, float(bn.eps), code, height, width, pool, None,
-        gemm_dtype, bool(keep), bool(chain), bool(defer), shared, *running,
+        gemm_dtype, bool(keep), bool(chain), bool(defer), bool(twice), shared, *running,
     )
     if running[0] is None:
         bna.update_running(bn, mean, var, n * height * width)

@@ -192,14 +192,20 @@ def cases(dtype: str):
                         {**tile(bna.POOL_BLOCK_M), **flags}
                 for pool in (False, True) if c > 1 else (False,):
                     bwd = {**tile(bna.BWD_BLOCK_M), **flags, "POOL": pool}
+                    # grad2: Updim's two gradients (its part's and the shortcut's), summed on load
+                    two = (False, True) if pool and act == 1 else (False,)
                     for rebuild in (False, True) if not pool else (False,):  # rebuild: the apply's output too
-                        yield bna._bwd_reduce_kernel, dict(G=out, **io, MEAN=f32, INVSTD=f32, W=f32, B=f32,
-                                                           SUM_DZ_PART="fp64", SUM_DZXH_PART="fp64", OUT=out), \
-                            {**bwd, "REBUILD": rebuild}
+                        for grad2 in two:
+                            yield bna._bwd_reduce_kernel, dict(G=out, **io, MEAN=f32, INVSTD=f32, W=f32, B=f32,
+                                                               SUM_DZ_PART="fp64", SUM_DZXH_PART="fp64", OUT=out,
+                                                               G2=out), \
+                                {**bwd, "REBUILD": rebuild, "GRAD2": grad2}
                     for dysum in (False, True):  # with the GEMM bias's partials (the fusion blocks' BatchNorms)
-                        yield bna._bwd_apply_kernel, dict(G=out, **io, MEAN=f32, INVSTD=f32, W=f32, B=f32, SUM_DZ=f32,
-                                                          SUM_DZXH=f32, DY="dt", DR=io["R"], DYSUM_PART=f32), \
-                            {**bwd, "DYSUM": dysum}
+                        for grad2 in two:
+                            yield bna._bwd_apply_kernel, dict(G=out, **io, MEAN=f32, INVSTD=f32, W=f32, B=f32,
+                                                              SUM_DZ=f32, SUM_DZXH=f32, DY="dt", DR=io["R"],
+                                                              DYSUM_PART=f32, G2=out), \
+                                {**bwd, "DYSUM": dysum, "GRAD2": grad2}
     for block_c in (bna.BLOCK_C, 1):  # the combining kernels take the channel block of the passes
         for params in (True, False):  # without the parameters' gradients: sums another op's pass reduced
             yield bna._bwd_sums_kernel, dict(SUM_DZ_PART="fp64", SUM_DZXH_PART="fp64", SUM_DZ=f32, SUM_DZXH=f32,

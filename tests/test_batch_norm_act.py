@@ -197,6 +197,26 @@ def test_shortcut_added(tiles, shape, dtype):
         assert torch.equal(a, r), f"gradient {k}"
 
 
+@pytest.mark.parametrize("shape, pool, act", [((2, 40, 6, 8), True, 1), ((1, 65, 5, 3), False, 2), ((3, 1, 4, 5), False, 0)])
+def test_backward_sums_two_gradients(tiles, shape, pool, act):
+    """``grad2``: a second gradient of the result added on load, the bits of the backward of the
+    two added in float32 first; a mismatched one is refused."""
+    n, c, h, w = shape
+    y, _, bn, mean, invstd, _ = _backward_inputs(shape, False, 4, torch.bfloat16)
+    rows = n * (h // 2) * (w // 2) if pool else n * h * w
+    gen = torch.Generator().manual_seed(5)
+    g1, g2 = (torch.randn(rows, c, generator=gen).to(DEVICE, torch.bfloat16) for _ in range(2))
+    args = (y, None, mean, invstd, bn.weight, bn.bias, act, h, w, pool, True)
+    got = torch.ops.hifuse.batch_norm_act_backward(g1, *args, None, g2)
+    want = torch.ops.hifuse.batch_norm_act_backward(g1.float() + g2.float(), *args)
+    for k, (a, r) in enumerate(zip(got, want)):
+        assert torch.equal(a, r), f"output {k}"
+    with pytest.raises(ValueError, match="grad2 must be"):
+        torch.ops.hifuse.batch_norm_act_backward(g1, *args, None, g2.float())
+    plain = (y, None, mean, invstd, bn.weight.detach(), bn.bias.detach(), act, h, w, pool, True)
+    torch.library.opcheck(torch.ops.hifuse.batch_norm_act_backward.default, (g1, *plain, None, g2))
+
+
 def test_shortcut_bad_input():
     bn = _bn(8)
     x = torch.randn(2, 8, 3, 4, device=DEVICE)

@@ -62,16 +62,17 @@ def conv_bn_forward(m: ConvBN, x: torch.Tensor, then: str | None = None, pool: b
 
 
 def conv_bn_sourced(m: ConvBN, x: torch.Tensor, pool: bool = False, keep: bool = False, chain: bool = False,
-                    defer: bool = False):
+                    defer: bool = False, twice: bool = False):
     """Training-mode dense 1x1 ConvBN (no activation after it), as ``conv_bn_forward`` computes
     it, keeping neither the GEMM's output nor the result (``recompute.linear_batch_norm``;
     ``keep``: the GEMM's output is kept): (the result, the source that rebuilds it for
     ``recompute.norm_cat_linear``); ``chain``: and x for its next reader, x's gradients summed
     in the op's backward; ``defer``: the result is the GEMM's output, which
-    ``recompute.norm_cat_linear`` normalises on load."""
+    ``recompute.norm_cat_linear`` normalises on load; ``twice``: and, last, the result again
+    for a second reader, the BatchNorm's backward summing both gradients on load."""
     out = recompute.linear_batch_norm(
         x.permute(0, 2, 3, 1), m.conv.weight.flatten(1), m.conv.bias, m.bn, "relu" if m.relu is not None else None,
-        pool=pool, gemm_dtype=autocast_dtype(x), keep=keep, chain=chain, defer=defer,
+        pool=pool, gemm_dtype=autocast_dtype(x), keep=keep, chain=chain, defer=defer, twice=twice,
     )
     if chain:
         return out[0], out[1], out[2].permute(0, 3, 1, 2)
@@ -218,14 +219,17 @@ def fusion_forward(m: HFFBlock, l: torch.Tensor, g: torch.Tensor, f: torch.Tenso
         # reader adds the next one's gradient of l (g) to its own, no accumulation passes.
         chain = True
         defer = not keep_norm and _defers(m, inputs, norm)
+        # Updim's part is read twice, by the concatenation and as the shortcut: handed out twice,
+        # its BatchNorm's backward sums the two gradients
         outs = [conv_bn_sourced(c, t, pool=c is m.Updim, keep=keep_norm, chain=c is not m.Updim,
-                                defer=defer and c is not m.Updim and c.relu is None)
+                                defer=defer and c is not m.Updim and c.relu is None, twice=c is m.Updim)
                 for c, t in zip(convs, inputs)]
         parts, sources = [o[0] for o in outs], [o[1] for o in outs]
         l, g = outs[-2][2], outs[-1][2]
+        shortcut = outs[0][2] if f is not None else None
     else:
         parts = [conv_bn_forward(c, t, pool=c is m.Updim) for c, t in zip(convs, inputs)]
-    shortcut = parts[0] if f is not None else None
+        shortcut = parts[0] if f is not None else None
     dtype = functools.reduce(torch.promote_types, [t.dtype for t in parts])
     if any(t.dtype != dtype for t in parts):
         if defer:  # _defers took one dtype: a deferred part is no BatchNorm output to promote
