@@ -100,7 +100,12 @@ def block_forward(m: GlobalBlock, x: torch.Tensor | None, h: int, w: int, tail=N
         keep=not config.rebuilding("attention_norm"),
     )
     stream = out  # without a tail, the input itself: its readers' gradients summed in the op's backward
-    y = wa.window_attention(qkv.view(b, h, w, 3 * c), attn.qkv.bias, attn.relative_position_bias_table, m.num_heads,
+    qkv_bias = attn.qkv.bias
+    if qkv_bias is not None and h % m.window == 0 and w % m.window == 0:
+        # no padded tokens, which alone carry the bias into the attention: its gradient is the GEMM's
+        # alone, not a sum of two
+        qkv_bias = qkv_bias.detach()
+    y = wa.window_attention(qkv.view(b, h, w, 3 * c), qkv_bias, attn.relative_position_bias_table, m.num_heads,
                             m.window, m.shift, check=False)
     y = y.view(-1, c)
     if needs_grad(m.fc1.weight, attn.proj.weight, attn.proj.bias, m.fc1.bias):
