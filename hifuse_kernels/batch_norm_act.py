@@ -112,9 +112,10 @@ if triton is not None:
         return d
 
     @triton.jit
-    def _load_grad(G, rows, c, m, C, H, W, POOL: tl.constexpr):
-        """The output gradient at full-resolution rows; with POOL, a quarter of the pooled
-        row's gradient (zero for the odd last row or column that pooling drops)."""
+    def _load_grad(G, G2, rows, c, m, C, H, W, POOL: tl.constexpr, GRAD2: tl.constexpr):
+        """The output gradient at full-resolution rows (with GRAD2, G + G2, from one set of
+        offsets); with POOL, a quarter of the pooled row's gradient (zero for the odd last row or
+        column that pooling drops)."""
         if POOL:
             ho = H // 2
             wo = W // 2
@@ -123,9 +124,16 @@ if triton is not None:
             n = rows // (W * H)
             ok = (h < 2 * ho) & (w < 2 * wo)
             q = (n * ho + h // 2) * wo + w // 2
-            g = tl.load(G + q[:, None] * C + c[None, :], mask=m & ok[:, None], other=0.0).to(tl.float32) * 0.25
+            offs = q[:, None] * C + c[None, :]
+            mask = m & ok[:, None]
         else:
-            g = tl.load(G + rows[:, None] * C + c[None, :], mask=m, other=0.0).to(tl.float32)
+            offs = rows[:, None] * C + c[None, :]
+            mask = m
+        g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
+        if GRAD2:
+            g += tl.load(G2 + offs, mask=mask, other=0.0).to(tl.float32)
+        if POOL:
+            g = g * 0.25
         return g
 
     # The reductions run on a fixed grid of PROGRAMS programs per channel block (about one wave
@@ -243,10 +251,7 @@ if triton is not None:
         w = tl.load(W + c, mask=cmask, other=0.0).to(tl.float32)
         b = tl.load(B + c, mask=cmask, other=0.0).to(tl.float32)
         xhat = (v - mean[None, :]) * invstd[None, :]
-        grad = _load_grad(G, rows, c, m, C, H, WIDTH, POOL)
-        if GRAD2:
-            grad += _load_grad(G2, rows, c, m, C, H, WIDTH, POOL)
-        dz = grad * _act_grad(xhat * w[None, :] + b[None, :], ACT)
+        dz = _load_grad(G, G2, rows, c, m, C, H, WIDTH, POOL, GRAD2) * _act_grad(xhat * w[None, :] + b[None, :], ACT)
         return xhat, tl.where(m, dz, 0.0), w * invstd, v
 
     @triton.jit(do_not_specialize=["PROGRAMS"])
