@@ -41,8 +41,10 @@ if triton is not None:
     from ._triton import image_block
 
     @triton.jit
-    def _channel_pool_kernel(G, SUM, MAX, ARG, S, C, CHUNK, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
-        """Partial sum, maximum and first position of the maximum over one chunk of positions."""
+    def _channel_pool_kernel(G, SUM, MAX, ARG, S, C, CHUNK, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, LOW=None,
+                             HAS_LOW: tl.constexpr = False):
+        """Partial sum, maximum and first position of the maximum over one chunk of positions;
+        HAS_LOW: also writes g cast to LOW's dtype (for a GEMM that reads it next)."""
         n = tl.program_id(0).to(tl.int64)
         c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         chunk = tl.program_id(2)
@@ -55,7 +57,11 @@ if triton is not None:
         for s0 in range(start, stop, BLOCK_S):
             s = s0 + tl.arange(0, BLOCK_S)
             m = (s < stop)[:, None] & cmask[None, :]
-            v = tl.load(G + (n * S + s.to(tl.int64))[:, None] * C + c[None, :], mask=m, other=0.0).to(tl.float32)
+            offs = (n * S + s.to(tl.int64))[:, None] * C + c[None, :]
+            v = tl.load(G + offs, mask=m, other=0.0)
+            if HAS_LOW:
+                tl.store(LOW + offs, v.to(LOW.dtype.element_ty), mask=m)
+            v = v.to(tl.float32)
             total += tl.sum(v, 0)
             # NaN is the maximum once seen (as in eager); tl.max would drop it, so it is
             # tracked apart and the max taken over the other values
@@ -138,6 +144,20 @@ def _launch(name: str, g: torch.Tensor) -> dict:
 def _channel_pool_op(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(pooled, arg): pooled (2, N, C) holds the averages, then the maxima (one tensor, so the
     shared SE MLP takes both in one pass); arg the first position of each maximum."""
+    return _forward_impl(g)[:2]
+
+
+@_triton.define_op("hifuse::channel_pool_cast", mutates_args=())
+def _channel_pool_cast_op(g: torch.Tensor, low_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``hifuse::channel_pool``'s outputs and g cast to ``low_dtype``, written by the same pass
+    (for a GEMM that reads g next: no cast pass reads it again). No autograd of its own: the
+    chained pool (``channel_pool(..., chain=True, low_dtype=...)``) takes it."""
+    if low_dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"channel_pool_cast: low_dtype must be float32, float16 or bfloat16, got {low_dtype}")
+    return _forward_impl(g, low_dtype)
+
+
+def _forward_impl(g: torch.Tensor, low_dtype: torch.dtype | None = None):
     n, s, c = g.shape
     launch = dict(_launch("forward", g))
     # Chunks of positions keep enough programs busy at small N * C; partials are combined
@@ -148,8 +168,10 @@ def _channel_pool_op(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     f32 = dict(device=g.device, dtype=torch.float32)
     part_sum, part_max = torch.empty((n, chunks, c), **f32), torch.empty((n, chunks, c), **f32)
     part_arg = torch.empty((n, chunks, c), device=g.device, dtype=torch.int32)
+    low = g.new_empty((0,)) if low_dtype is None else torch.empty_like(g, dtype=low_dtype)
     _triton.wrap_triton(_channel_pool_kernel)[_triton.grid(n, triton.cdiv(c, launch["BLOCK_C"]), chunks)](
-        g, part_sum, part_max, part_arg, s, c, chunk, **launch
+        g, part_sum, part_max, part_arg, s, c, chunk, **launch, LOW=g if low_dtype is None else low,
+        HAS_LOW=low_dtype is not None,
     )
     pooled = torch.empty((2, n, c), device=g.device, dtype=g.dtype)
     arg = torch.empty((n, c), device=g.device, dtype=torch.int32)
@@ -157,7 +179,7 @@ def _channel_pool_op(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         part_sum, part_max, part_arg, pooled[0], pooled[1], arg, s, c, chunks, BLOCK_C=launch["BLOCK_C"],
         num_warps=1,
     )
-    return pooled, arg
+    return pooled, arg, low
 
 
 @_triton.define_op("hifuse::channel_pool_backward", mutates_args=())
@@ -178,6 +200,12 @@ def _channel_pool_backward_op(
 def _(g):
     n, _s, c = g.shape
     return g.new_empty((2, n, c)), g.new_empty((n, c), dtype=torch.int32)
+
+
+@_channel_pool_cast_op.register_fake
+def _(g, low_dtype):
+    n, _s, c = g.shape
+    return g.new_empty((2, n, c)), g.new_empty((n, c), dtype=torch.int32), torch.empty_like(g, dtype=low_dtype)
 
 
 @_channel_pool_backward_op.register_fake
@@ -208,40 +236,53 @@ _channel_pool_op.register_autograd(_channel_pool_backward, setup_context=_channe
 
 class _ChannelPoolChain(torch.autograd.Function):
     """(average, maximum) and g itself (its storage, no copy) for g's next reader, whose
-    gradient of g the backward kernel adds to the pool's."""
+    gradient of g the backward kernel adds to the pool's; with ``low_dtype``, and g cast to it
+    (as ``spatial_pool``'s chain)."""
 
     @staticmethod
-    def forward(ctx, g):
-        pooled, arg = torch.ops.hifuse.channel_pool(g)
+    def forward(ctx, g, low_dtype):
+        if low_dtype is None:
+            pooled, arg = torch.ops.hifuse.channel_pool(g)
+            low = ()
+        else:
+            pooled, arg, low = torch.ops.hifuse.channel_pool_cast(g, low_dtype)
+            ctx.mark_non_differentiable(low)
+            low = (low,)
         ctx.save_for_backward(g, arg)
         ctx.set_materialize_grads(False)
-        return pooled, g.detach()
+        return pooled, g.detach(), *low
 
     @staticmethod
-    def backward(ctx, d_pooled, d_after):
+    def backward(ctx, d_pooled, d_after, *_d_low):
         g, arg = ctx.saved_tensors
         if d_pooled is None:
-            return d_after
-        return _pool_grads(g, arg, d_pooled, None if d_after is None else d_after.contiguous())
+            return d_after, None
+        return _pool_grads(g, arg, d_pooled, None if d_after is None else d_after.contiguous()), None
 
 
 # --------------------------------------------------------------------------- functional
 
 
-def channel_pool(g: torch.Tensor, check: bool = True, chain: bool = False, stacked: bool = False):
+def channel_pool(g: torch.Tensor, check: bool = True, chain: bool = False, stacked: bool = False,
+                 low_dtype: torch.dtype | None = None):
     """(average, maximum) over the positions of (N, C, H, W) g, each (N, C, 1, 1), in one pass;
     ``stacked``: one (2N, C, 1, 1) tensor instead, the averages then the maxima.
     ``chain``: and g as its next reader takes it, g's gradient from that reader summed with the
-    pool's in the backward kernel."""
+    pool's in the backward kernel; with ``low_dtype`` (and ``chain``), then g cast to it,
+    channels-last, written by the same pass and taking no gradient (for a GEMM that reads g
+    next, whose gradient of g is its next reader's)."""
     if check:  # False: the caller made the checks once already
         raise_problem("channel_pool", feature_problem("g", g))
         check_device("channel_pool", g)
     n, c, h, w = g.shape
+    if low_dtype is not None and not chain:
+        raise ValueError("channel_pool: low_dtype takes chain")
     if chain:
-        pooled, rows = _ChannelPoolChain.apply(nhwc(g))
+        pooled, rows, *low = _ChannelPoolChain.apply(nhwc(g), low_dtype)
     else:
         pooled, _arg = torch.ops.hifuse.channel_pool(nhwc(g))
     out = [pooled.view(2 * n, c, 1, 1)] if stacked else [pooled[0].view(n, c, 1, 1), pooled[1].view(n, c, 1, 1)]
     if chain:
         out.append(rows.view(n, h, w, c).permute(0, 3, 1, 2))
+        out += [t.view(n, h, w, c).permute(0, 3, 1, 2) for t in low]
     return out[0] if len(out) == 1 else tuple(out)

@@ -912,13 +912,16 @@ class _LinearBatchNorm(torch.autograd.Function):
 
 
 def linear_batch_norm(x, weight, bias, bn, act: str | None = None, pool: bool = False, gemm_dtype=None,
-                      keep: bool = False, chain: bool = False, defer: bool = False, twice: bool = False):
+                      keep: bool = False, chain: bool = False, defer: bool = False, twice: bool = False,
+                      x_cast: torch.Tensor | None = None):
     """Training ``act(bn(F.linear(x, weight, bias)))`` (then a 2x2 average pooling with ``pool``)
     on (N, H, W, C_in) pixels, as an (N, C, H, W) channels-last map, updating ``bn``'s running
     statistics; keeps the GEMM's input only (``keep``: and its output). Returns the map and its
     ``LinearBatchNorm`` source (``chain``: and x for its next reader, whose gradient of x is
     summed with the GEMM's here; ``twice``: and, last, the map again for a second reader, whose
-    gradient of it the BatchNorm's backward adds on load).
+    gradient of it the BatchNorm's backward adds on load). ``x_cast``: x already cast to
+    ``gemm_dtype`` by a pass that read it anyway (its values, no gradient), taken instead of a
+    cast of its own.
 
     ``defer`` (no ``act``, ``pool`` or ``keep``): the BatchNorm is not applied; the map is the
     GEMM's output y, whose one reader, ``norm_cat_linear``, applies it on load and hands back
@@ -932,7 +935,10 @@ def linear_batch_norm(x, weight, bias, bn, act: str | None = None, pool: bool = 
         if gemm_dtype is not None and weight.dtype != gemm_dtype:
             w_gemm, b_gemm = cast_for_gemm(weight, bias, gemm_dtype)
         if gemm_dtype is not None and x.dtype != gemm_dtype:
-            x_gemm = x.to(gemm_dtype)
+            if x_cast is not None and (x_cast.shape != x.shape or x_cast.dtype != gemm_dtype):
+                raise ValueError(f"linear_batch_norm: x_cast must be x's shape {tuple(x.shape)} in {gemm_dtype}, "
+                                 f"got {x_cast.dtype} {tuple(x_cast.shape)}")
+            x_gemm = x.to(gemm_dtype) if x_cast is None else x_cast.detach()
     running = bna.running_args(bn)
     # eager autograd only: under torch.compile the graph sees both GEMMs (and may merge them)
     shared = None if keep or torch.compiler.is_compiling() else SharedRebuild()

@@ -51,9 +51,14 @@ if triton is not None:
         return tl.where(nan, float("nan"), best)
 
     @triton.jit
-    def _spatial_pool_kernel(L, OUT, P, S, C, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    def _spatial_pool_kernel(L, OUT, P, S, C, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, LOW=None,
+                             HAS_LOW: tl.constexpr = False):
+        """HAS_LOW: also writes l cast to LOW's dtype (for a GEMM that reads it next)."""
         p, c, pmask, cmask, m = _rows(P, C, BLOCK_P, BLOCK_C)
-        v = tl.load(L + p[:, None] * C + c[None, :], mask=m, other=0.0).to(tl.float32)
+        v = tl.load(L + p[:, None] * C + c[None, :], mask=m, other=0.0)
+        if HAS_LOW:
+            tl.store(LOW + p[:, None] * C + c[None, :], v.to(LOW.dtype.element_ty), mask=m)
+        v = v.to(tl.float32)
         mean = tl.sum(v, 1) / C
         best = _max_nan(v, m)
         out = (p // S) * 2 * S + p % S  # (N, 2, S): channel 0 the max, 1 the mean
@@ -101,15 +106,30 @@ def _launch(name: str, l: torch.Tensor) -> dict:
     return dict(default, BLOCK_C=_triton.block_channels(c))
 
 
-@_triton.define_op("hifuse::spatial_pool", mutates_args=())
-def _spatial_pool_op(l: torch.Tensor) -> torch.Tensor:
+def _forward_impl(l: torch.Tensor, low_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     n, s, c = l.shape
     out = l.new_empty((n, 2, s))
+    low = l.new_empty((0,)) if low_dtype is None else torch.empty_like(l, dtype=low_dtype)
     launch = _launch("forward", l)
     _triton.wrap_triton(_spatial_pool_kernel)[(triton.cdiv(n * s, launch["BLOCK_P"]),)](
-        l, out, n * s, s, c, **launch
+        l, out, n * s, s, c, **launch, LOW=l if low_dtype is None else low, HAS_LOW=low_dtype is not None,
     )
-    return out
+    return out, low
+
+
+@_triton.define_op("hifuse::spatial_pool", mutates_args=())
+def _spatial_pool_op(l: torch.Tensor) -> torch.Tensor:
+    return _forward_impl(l)[0]
+
+
+@_triton.define_op("hifuse::spatial_pool_cast", mutates_args=())
+def _spatial_pool_cast_op(l: torch.Tensor, low_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``hifuse::spatial_pool``'s map and l cast to ``low_dtype``, written by the same pass (for
+    a GEMM that reads l next: no cast pass reads it again). No autograd of its own: the chained
+    pool (``spatial_pool(..., chain=True, low_dtype=...)``) takes it."""
+    if low_dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"spatial_pool_cast: low_dtype must be float32, float16 or bfloat16, got {low_dtype}")
+    return _forward_impl(l, low_dtype)
 
 
 @_triton.define_op("hifuse::spatial_pool_backward", mutates_args=())
@@ -128,6 +148,12 @@ def _spatial_pool_backward_op(d_out: torch.Tensor, l: torch.Tensor, acc: torch.T
 def _(l):
     n, s, _c = l.shape
     return l.new_empty((n, 2, s))
+
+
+@_spatial_pool_cast_op.register_fake
+def _(l, low_dtype):
+    n, s, _c = l.shape
+    return l.new_empty((n, 2, s)), torch.empty_like(l, dtype=low_dtype)
 
 
 @_spatial_pool_backward_op.register_fake
@@ -149,34 +175,45 @@ _spatial_pool_op.register_autograd(_spatial_pool_backward, setup_context=_spatia
 
 class _SpatialPoolChain(torch.autograd.Function):
     """The pooled map and l itself (its storage, no copy) for l's next reader, whose gradient
-    of l the backward kernel adds to the pool's."""
+    of l the backward kernel adds to the pool's; with ``low_dtype``, and l cast to it (written
+    by the pool's pass; a copy for a GEMM, which takes no gradient through it: the GEMM's
+    gradient of l comes back as the next reader's)."""
 
     @staticmethod
-    def forward(ctx, l):
+    def forward(ctx, l, low_dtype):
         ctx.save_for_backward(l)
         ctx.set_materialize_grads(False)
-        return torch.ops.hifuse.spatial_pool(l), l.detach()
+        if low_dtype is None:
+            return torch.ops.hifuse.spatial_pool(l), l.detach()
+        pooled, low = torch.ops.hifuse.spatial_pool_cast(l, low_dtype)
+        ctx.mark_non_differentiable(low)
+        return pooled, l.detach(), low
 
     @staticmethod
-    def backward(ctx, d_out, d_after):
+    def backward(ctx, d_out, d_after, *_d_low):
         (l,) = ctx.saved_tensors
         if d_out is None:
-            return d_after
-        return torch.ops.hifuse.spatial_pool_backward(d_out, l, None if d_after is None else d_after.contiguous())
+            return d_after, None
+        return torch.ops.hifuse.spatial_pool_backward(d_out, l, None if d_after is None else d_after.contiguous()), None
 
 
 # --------------------------------------------------------------------------- functional
 
 
-def spatial_pool(l: torch.Tensor, check: bool = True, chain: bool = False):
+def spatial_pool(l: torch.Tensor, check: bool = True, chain: bool = False, low_dtype: torch.dtype | None = None):
     """(N, 2, H, W) map of the channel maximum and mean of (N, C, H, W) l, in one pass.
     ``chain``: (map, l as its next reader takes it), l's gradient from that reader summed
-    with the pool's in the backward kernel."""
+    with the pool's in the backward kernel; with ``low_dtype`` (and ``chain``), then l cast to
+    it, channels-last, written by the same pass and taking no gradient (for a GEMM that reads
+    l next, whose gradient of l is its next reader's)."""
     if check:  # False: the caller made the checks once already
         raise_problem("spatial_pool", feature_problem("l", l))
         check_device("spatial_pool", l)
     n, c, h, w = l.shape
     if not chain:
+        if low_dtype is not None:
+            raise ValueError("spatial_pool: low_dtype takes chain")
         return torch.ops.hifuse.spatial_pool(nhwc(l)).view(n, 2, h, w)
-    pooled, rows = _SpatialPoolChain.apply(nhwc(l))
-    return pooled.view(n, 2, h, w), rows.view(n, h, w, c).permute(0, 3, 1, 2)
+    pooled, rows, *low = _SpatialPoolChain.apply(nhwc(l), low_dtype)
+    out = (pooled.view(n, 2, h, w), rows.view(n, h, w, c).permute(0, 3, 1, 2))
+    return (*out, low[0].view(n, h, w, c).permute(0, 3, 1, 2)) if low else out

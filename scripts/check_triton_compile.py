@@ -236,7 +236,8 @@ def cases(dtype: str):
         yield pcn._bwd_kernel, dict(X=f32, WK=f32, BIAS=f32, LW=f32, GRAD=f32, MEAN=f32, RSTD=f32, PART_W=f32,
                                     PART_B=f32, PART_LW=f32, PART_LB=f32), {**stem, "HAS_BIAS": has_bias}
     pool = dict(BLOCK_S=cp.BLOCK_S, BLOCK_C=64)
-    yield cp._channel_pool_kernel, dict(G="dt", SUM=f32, MAX=f32, ARG="i32"), pool
+    for low in (False, True):  # with g's cast for its GEMM (the first fusion block's float32 g)
+        yield cp._channel_pool_kernel, dict(G="dt", SUM=f32, MAX=f32, ARG="i32", LOW="bf16"), {**pool, "HAS_LOW": low}
     yield cp._channel_pool_combine_kernel, dict(SUM=f32, MAX=f32, ARG="i32", AVG="dt", BEST="dt", OUT_ARG="i32"), \
         dict(BLOCK_C=64, WARPS=1)
     for acc in (False, True):  # with g's gradient from its next reader added in
@@ -244,7 +245,8 @@ def cases(dtype: str):
             {**pool, "HAS_ACC": acc}
     for c in (96, 192, 384, 768):  # launched as the op launches them, fp32 g and l with dt gates and X (autocast)
         rows = row_launch(c, 1, "BLOCK_P")
-        yield sp._spatial_pool_kernel, dict(L="dt", OUT="dt"), rows
+        for low in (False, True):  # with l's cast for its GEMM (the first fusion block's float32 l)
+            yield sp._spatial_pool_kernel, dict(L="dt", OUT="dt", LOW="bf16"), {**rows, "HAS_LOW": low}
         for acc in (False, True):  # with l's gradient from its next reader added in
             yield sp._spatial_pool_bwd_kernel, dict(L="dt", D_OUT="dt", ACC=f32, DL="dt"), \
                 {**row_launch(c, 2, "BLOCK_P"), "HAS_ACC": acc}

@@ -54,6 +54,28 @@ def test_chain_sums_the_next_readers_gradient(channels_last, used):
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_chain_writes_the_cast(tiles, dtype):
+    """``low_dtype``: the same pools, g handed on, and g cast to that dtype (the bits of
+    ``g.to(dtype)``, channels-last), taking no gradient; g's gradient as without it."""
+    g = feature((2, 12, 5, 7), 6, True, device=DEVICE)
+    pooled, again, low = channel_pool(g, chain=True, stacked=True, low_dtype=dtype)
+    plain, again_plain = channel_pool(g, chain=True, stacked=True)
+    assert torch.equal(pooled, plain) and again.data_ptr() == g.data_ptr()
+    assert low.dtype == dtype and low.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(low, g.detach().to(dtype)) and not low.requires_grad
+    w = torch.randn_like(g)
+    got = torch.autograd.grad(pooled.square().sum() + (again * w).sum(), g)[0]
+    ref = torch.autograd.grad(plain.square().sum() + (again_plain * w).sum(), g)[0]
+    assert torch.equal(got, ref)
+    rows = g.detach().permute(0, 2, 3, 1).reshape(2, 35, 12)
+    torch.library.opcheck(torch.ops.hifuse.channel_pool_cast.default, (rows, dtype))
+    with pytest.raises(ValueError, match="low_dtype takes chain"):
+        channel_pool(g, low_dtype=dtype)
+    with pytest.raises(ValueError, match="low_dtype must be"):
+        torch.ops.hifuse.channel_pool_cast(rows, torch.int32)
+
+
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
 def test_chunks_combine_non_finite_as_eager(device_tiles, value):
     """Over several position chunks: a NaN or infinity in a later chunk than the finite

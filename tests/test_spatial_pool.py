@@ -45,6 +45,28 @@ def test_chain_sums_the_next_readers_gradient(channels_last, used):
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_chain_writes_the_cast(tiles, dtype):
+    """``low_dtype``: the same map, l handed on, and l cast to that dtype (the bits of
+    ``l.to(dtype)``, channels-last), taking no gradient; l's gradient as without it."""
+    l = feature((2, 12, 5, 7), 5, True, device=DEVICE)
+    pooled, again, low = spatial_pool(l, chain=True, low_dtype=dtype)
+    plain, again_plain = spatial_pool(l, chain=True)
+    assert torch.equal(pooled, plain) and again.data_ptr() == l.data_ptr()
+    assert low.dtype == dtype and low.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(low, l.detach().to(dtype)) and not low.requires_grad
+    w = torch.randn_like(l)
+    got = torch.autograd.grad(pooled.square().sum() + (again * w).sum(), l)[0]
+    ref = torch.autograd.grad(plain.square().sum() + (again_plain * w).sum(), l)[0]
+    assert torch.equal(got, ref)
+    rows = l.detach().permute(0, 2, 3, 1).reshape(2, 35, 12)
+    torch.library.opcheck(torch.ops.hifuse.spatial_pool_cast.default, (rows, dtype))
+    with pytest.raises(ValueError, match="low_dtype takes chain"):
+        spatial_pool(l, low_dtype=dtype)
+    with pytest.raises(ValueError, match="low_dtype must be"):
+        torch.ops.hifuse.spatial_pool_cast(rows, torch.float64)
+
+
 def test_backward_reads_a_strided_gradient():
     """The map's gradient as the 7x7 convolution hands it (channels-last), read through its
     strides: the same as a contiguous one."""

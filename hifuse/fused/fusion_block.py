@@ -62,17 +62,19 @@ def conv_bn_forward(m: ConvBN, x: torch.Tensor, then: str | None = None, pool: b
 
 
 def conv_bn_sourced(m: ConvBN, x: torch.Tensor, pool: bool = False, keep: bool = False, chain: bool = False,
-                    defer: bool = False, twice: bool = False):
+                    defer: bool = False, twice: bool = False, x_cast: torch.Tensor | None = None):
     """Training-mode dense 1x1 ConvBN (no activation after it), as ``conv_bn_forward`` computes
     it, keeping neither the GEMM's output nor the result (``recompute.linear_batch_norm``;
     ``keep``: the GEMM's output is kept): (the result, the source that rebuilds it for
     ``recompute.norm_cat_linear``); ``chain``: and x for its next reader, x's gradients summed
     in the op's backward; ``defer``: the result is the GEMM's output, which
     ``recompute.norm_cat_linear`` normalises on load; ``twice``: and, last, the result again
-    for a second reader, the BatchNorm's backward summing both gradients on load."""
+    for a second reader, the BatchNorm's backward summing both gradients on load; ``x_cast``: x
+    in the GEMM's dtype, written by a pass that read x anyway."""
     out = recompute.linear_batch_norm(
         x.permute(0, 2, 3, 1), m.conv.weight.flatten(1), m.conv.bias, m.bn, "relu" if m.relu is not None else None,
         pool=pool, gemm_dtype=autocast_dtype(x), keep=keep, chain=chain, defer=defer, twice=twice,
+        x_cast=None if x_cast is None else x_cast.permute(0, 2, 3, 1),
     )
     if chain:
         return out[0], out[1], out[2].permute(0, 3, 1, 2)
@@ -179,7 +181,8 @@ def fusion_forward(m: HFFBlock, l: torch.Tensor, g: torch.Tensor, f: torch.Tenso
     it computes, keeps and rebuilds:
 
     1. the parts W_l(l), W_g(g) (and Updim(f), 2x2-pooled): 1x1 GEMM + BatchNorm (+ ReLU) each
-       (``recompute.linear_batch_norm``); keeps the GEMMs' inputs (l and g cast to bf16 once),
+       (``recompute.linear_batch_norm``); keeps the GEMMs' inputs (l and g cast to bf16 once,
+       where they are float32 by the poolings of 3, which then run first),
        not the parts, which backward rebuilds from them (each GEMM run once in backward, its
        output shared by the rebuild and the BatchNorm's backward). W_l's and W_g's BatchNorms
        are applied by 2's LayerNorm as it loads their GEMMs' outputs, in forward and backward
@@ -211,18 +214,28 @@ def fusion_forward(m: HFFBlock, l: torch.Tensor, g: torch.Tensor, f: torch.Tenso
     inputs = ([f] if f is not None else []) + [l, g]
     norm, proj = (m.norm1, m.W3) if f is not None else (m.norm2, m.W)
     sources = None
+    casts = {}  # l and g in their GEMMs' dtype, written by their poolings
     keep_norm = not config.rebuilding("fusion_norm")
     chain = defer = False
     if not any(folds(c.bn) for c in (*convs, proj)) and all(dense_1x1(c.conv) for c in convs):
         # training: the parts are rebuilt in backward from their GEMMs' inputs. l and g are read
-        # in turn by their GEMM, their pooling and norm3, each handing them on to the next: each
-        # reader adds the next one's gradient of l (g) to its own, no accumulation passes.
+        # in turn by their GEMM, their pooling and norm3 (the pooling first where it writes the
+        # GEMM's cast), each handing them on to the next: each reader adds the next one's
+        # gradient of l (g) to its own, no accumulation passes.
         chain = True
         defer = not keep_norm and _defers(m, inputs, norm)
+        gemm_dtype = autocast_dtype(l)
+        if gemm_dtype is not None and l.dtype != gemm_dtype and g.dtype != gemm_dtype:
+            # l and g are cast for their GEMMs (the first stage's, float32 under autocast): by
+            # their poolings, which read them anyway, first in the readers' chain
+            pooled, l, casts[m.W_l] = spatial_pool(l, check=False, chain=True, low_dtype=gemm_dtype)
+            stats, g, casts[m.W_g] = channel_pool(g, check=False, chain=True, stacked=True, low_dtype=gemm_dtype)
+            inputs = inputs[:-2] + [l, g]
         # Updim's part is read twice, by the concatenation and as the shortcut: handed out twice,
         # its BatchNorm's backward sums the two gradients
         outs = [conv_bn_sourced(c, t, pool=c is m.Updim, keep=keep_norm, chain=c is not m.Updim,
-                                defer=defer and c is not m.Updim and c.relu is None, twice=c is m.Updim)
+                                defer=defer and c is not m.Updim and c.relu is None, twice=c is m.Updim,
+                                x_cast=casts.get(c))
                 for c, t in zip(convs, inputs)]
         parts, sources = [o[0] for o in outs], [o[1] for o in outs]
         l, g = outs[-2][2], outs[-1][2]
@@ -251,10 +264,10 @@ def fusion_forward(m: HFFBlock, l: torch.Tensor, g: torch.Tensor, f: torch.Tenso
         args = (*parts, norm.weight, norm.bias, float(norm.eps), out_dtype)
         x = conv_bn_recomputed(proj, recompute.LayerNormCat, args, then="gelu", keep=keep_norm)
 
-    if chain:
+    if chain and not casts:  # (with casts the poolings ran first)
         pooled, l = spatial_pool(l, check=False, chain=True)
         stats, g = channel_pool(g, check=False, chain=True, stacked=True)
-    else:
+    elif not chain:
         pooled = spatial_pool(l, check=False)
         stats = channel_pool(g, check=False, stacked=True)
     spatial_gate = torch.sigmoid(conv_bn_forward(m.spatial, pooled))
