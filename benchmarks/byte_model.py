@@ -75,12 +75,15 @@ class Ledger:
 
 
 def tensors(values) -> list[torch.Tensor]:
-    """The tensors in values, lists and tuples opened."""
+    """The tensors in values, lists, tuples and dicts' values opened (a launch's keyword
+    arguments too)."""
     out = []
     for v in values:
         if isinstance(v, torch.Tensor):
             out.append(v)
-        elif isinstance(v, (list, tuple)):
+        elif isinstance(v, dict):
+            out.extend(tensors(v.values()))
+        elif isinstance(v, (list, tuple, type({}.values()))):
             out.extend(tensors(v))
     return out
 

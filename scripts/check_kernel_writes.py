@@ -63,14 +63,15 @@ WRITES = {
     "residual_layer_norm._fwd_kernel": lambda k: {"NORMED", "MEAN", "RSTD"} | ({"OUT"} if k["PROLOGUE"] else set()),
     "residual_layer_norm._bwd_kernel": lambda k: {"DS", "PART_W", "PART_B"} | ({"DY"} if k["PROLOGUE"] else set())
     | _rebuilt(k, "NORMED"),
-    "channel_pool._channel_pool_kernel": {"SUM", "MAX", "ARG"},
+    "channel_pool._channel_pool_kernel": lambda k: {"SUM", "MAX", "ARG"} | ({"LOW"} if k["HAS_LOW"] else set()),
     "window_attention._dense_bias_kernel": {"OUT"},
     "channel_pool._channel_pool_combine_kernel": {"AVG", "BEST", "OUT_ARG"},
     "channel_pool._channel_pool_bwd_kernel": {"DG"},
-    "spatial_pool._spatial_pool_kernel": {"OUT"},
+    "spatial_pool._spatial_pool_kernel": lambda k: {"OUT"} | ({"LOW"} if k["HAS_LOW"] else set()),
     "spatial_pool._spatial_pool_bwd_kernel": {"DL"},
     "gated_layer_norm._gated_ln_kernel": lambda k: {"OUT", "MEAN", "RSTD"} | ({"OUT2"} if k["HAS_OUT2"] else set()),
-    "gated_layer_norm._gated_ln_bwd_kernel": {"DG", "DL", "DSG", "DX", "PART_CG", "PART_W", "PART_B"},
+    "gated_layer_norm._gated_ln_bwd_kernel": lambda k: {"DG", "DL", "DSG", "DX", "PART_CG", "PART_W", "PART_B"} | (
+        {"BN_SUMS"} if k["SUMS"] else set()),
     "layer_norm_cat._rows_fwd_kernel": {"OUT", "MEAN", "RSTD"},
     "patch_conv_norm._fwd_kernel": {"OUT", "MEAN", "RSTD"},
     "patch_conv_norm._bwd_kernel": {"PART_W", "PART_B", "PART_LW", "PART_LB"},

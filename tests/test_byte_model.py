@@ -239,3 +239,16 @@ def test_multi_tensor_launches():
     assert multi_tensor_launches([torch.empty(320 * 65536 + 1)]) == 2
     assert multi_tensor_launches([torch.empty(0), torch.empty(1)]) == 1
     assert multi_tensor_launches(small[:110], depth=1) == 1
+
+
+def test_a_launch_counts_its_keyword_tensors():
+    """A Triton launch's bytes are those of every tensor it is given, keyword ones included
+    (a kernel's optional pointers, e.g. the BatchNorm apply's shortcut), each tensor once."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import torch
+    from byte_model import Ledger, RecordLaunches
+
+    ledger = Ledger()
+    a, b = torch.empty(10), torch.empty(6, dtype=torch.bfloat16)
+    RecordLaunches(ledger)(test_a_launch_counts_its_keyword_tensors)[(1,)](a, 3, S=b, T=a, BLOCK=4)
+    assert ledger.total("bytes", "triton") == 10 * 4 + 6 * 2
