@@ -295,7 +295,7 @@ def _backward_impl(grad, g, channel_gate, l, spatial_gate, x, weight, mean, rstd
     bn_part = torch.empty((2, n * programs, c) if sums else (0,), device=g.device, dtype=torch.float64)
     _triton.wrap_triton(_gated_ln_bwd_kernel)[_triton.grid(n * programs)](
         grad, grad if grad2 is None else grad2, g, channel_gate, l, spatial_gate, x, weight, mean, rstd, dg, dl, dsg,
-        dx, part_cg, part[0], part[1], *bn, s, c, programs, **flags, BN_SUMS=bn_part if sums else part,
+        dx, part_cg, part[0], part[1], *bn, s, c, programs, **flags, BN_SUMS=bn_part if sums else part[0],
     )
     bn_sums = torch.empty((2, c if sums else 0), **f32)
     if sums:  # the partials added in a fixed order, as the BatchNorm's backward adds its own
