@@ -125,15 +125,14 @@ if triton is not None:
             ok = (h < 2 * ho) & (w < 2 * wo)
             q = (n * ho + h // 2) * wo + w // 2
             offs = q[:, None] * C + c[None, :]
-            mask = m & ok[:, None]
-        else:
-            offs = rows[:, None] * C + c[None, :]
-            mask = m
-        g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
-        if GRAD2:
-            g += tl.load(G2 + offs, mask=mask, other=0.0).to(tl.float32)
-        if POOL:
+            g = tl.load(G + offs, mask=m & ok[:, None], other=0.0).to(tl.float32)
+            if GRAD2:
+                g += tl.load(G2 + offs, mask=m & ok[:, None], other=0.0).to(tl.float32)
             g = g * 0.25
+        else:
+            g = tl.load(G + rows[:, None] * C + c[None, :], mask=m, other=0.0).to(tl.float32)
+            if GRAD2:
+                g += tl.load(G2 + rows[:, None] * C + c[None, :], mask=m, other=0.0).to(tl.float32)
         return g
 
     # The reductions run on a fixed grid of PROGRAMS programs per channel block (about one wave

@@ -89,7 +89,7 @@ def unsupported_reason(parts: Sequence[torch.Tensor], weight: torch.Tensor, bias
 # --------------------------------------------------------------------------- Triton rows path
 
 if triton is not None:
-    from ._triton import three_part_norm_grads
+    from ._triton import ones_column, three_part_norm_grads
     from .batch_norm_act import _affine
 
     @triton.jit
@@ -181,7 +181,7 @@ if triton is not None:
                          BN_MA, BN_IA, BN_WA, BN_BA, BN_MB, BN_IB, BN_WB, BN_BB, BN_MD, BN_ID, BN_WD, BN_BD,
                          BN_SUMS, M, C, PROGRAMS, PARTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
                          REBUILD: tl.constexpr = False, BN: tl.constexpr = 0, SUMS: tl.constexpr = True,
-                         PAD: tl.constexpr = 0):
+                         PAD: tl.constexpr = 0, ONES_APART: tl.constexpr = False):
         """On a fixed grid (``_triton.reduction_programs``): each program loops over row tiles
         pid, pid + PROGRAMS, ... and writes one row of weight and bias partials, accumulated as
         tiles and reduced over the rows once at the end. With REBUILD it also writes the
@@ -191,8 +191,9 @@ if triton is not None:
         gradients are the BatchNorm outputs', and the program writes the BatchNorm backward's
         partial sums of each (the reducing pass ``batch_norm_act`` would make over them), with
         SUMS, to BN_SUMS (sum of dz / of dz * x_hat, program, BatchNorm parts x C), float64.
-        PAD > 0 (REBUILD; BLOCK_C at least C + PAD): OUT's rows are PARTS x C + PAD wide, column
-        PARTS x C ones and the rest zeros (as ``_triton.ones_column`` writes them)."""
+        PAD > 0 (REBUILD): OUT's rows are PARTS x C + PAD wide, column PARTS x C ones and the rest
+        zeros, written by the last part's spare channel lanes (BLOCK_C at least C + PAD), or with
+        ONES_APART by a store of their own (``_triton.ones_column``; more registers)."""
         pid = tl.program_id(0)
         c = tl.arange(0, BLOCK_C)
         cmask = c < C
@@ -246,7 +247,7 @@ if triton is not None:
                     w = w_a if k == 0 else (w_b if k == 1 else w_d)
                     bb = b_a if k == 0 else (b_b if k == 1 else b_d)
                     v = h * w[None, :] + bb[None, :]
-                    if PAD > 0 and k == PARTS - 1:
+                    if PAD > 0 and k == PARTS - 1 and not ONES_APART:
                         # the ones column and its zeros from the channel block's spare lanes (zero
                         # there): the launcher makes BLOCK_C hold C + PAD
                         v = tl.where((c == C)[None, :], 1.0, v)
@@ -254,6 +255,8 @@ if triton is not None:
                     else:
                         mk = m
                     tl.store(OUT + out + (rows * PAD)[:, None] + k * C, v.to(OUT.dtype.element_ty), mask=mk)
+            if REBUILD and PAD > 0 and ONES_APART:
+                ones_column(OUT + (rows * (total + PAD))[:, None], total, rmask, PAD)
             dya, dyb, dyd = _load_parts(GRAD + out, GRAD + out + C, GRAD + out + 2 * C, 0, m, PARTS)
             ga = dya * w_a[None, :]
             gb = dyb * w_b[None, :]
@@ -384,8 +387,15 @@ def _rows_backward_impl(grad, rows, weight, mean, rstd, bias, rebuild_dtype, bn=
     rebuild = rebuild_dtype is not None
     pad = ONES_PAD if ones and rebuild else 0
     flags = dict(PARTS=len(rows), REBUILD=rebuild, BN=bn_parts, SUMS=sums, PAD=pad, **_rows_bwd_launch(c))
-    # the last part's spare channel lanes write the ones column
-    flags["BLOCK_C"] = max(flags["BLOCK_C"], _triton.block_channels(c + pad))
+    if pad and _triton.block_channels(c + pad) > flags["BLOCK_C"]:
+        # the last part's spare channel lanes write the ones column: where a row's block has
+        # none (c a power of two), the same tile with half the rows and twice the channels, or
+        # at one row a store of its own
+        if flags["BLOCK_M"] > 1:
+            flags["BLOCK_M"] //= 2
+            flags["BLOCK_C"] *= 2
+        else:
+            flags["ONES_APART"] = True
     ptrs = _three(rows)
     bn_ptrs = _bn_pointers(rows, list(bn), bn_parts)
     out = torch.empty((m, len(rows) * c + pad) if rebuild else (0,), device=grad.device,

@@ -263,6 +263,32 @@ def test_triton_rows_backward_rebuilds_the_output(nhw, widths):
         assert torch.equal(a, r)
 
 
+@triton_device_or_skip()
+@pytest.mark.parametrize("nhw, widths", [((1, 3, 5), (64, 64, 64)), ((1, 1, 3), (1024, 1024)), ((2, 2, 3), (96, 96))])
+def test_triton_rows_ones_column_with_the_gpus_tiles(device_tiles, nhw, widths):
+    """``ones`` with the GPU's tiles: where a row's channel block has no spare lanes (widths a
+    power of two) the same tile takes half the rows, or at one row a store of its own writes the
+    column; the rows and the parts' gradients as without it, the parameters' summed in another
+    order where the tile changed."""
+    from hifuse_kernels import layer_norm_cat as lnc
+
+    parts, w, b = _inputs(nhw, widths, torch.float32, ["nhwc"] * len(widths), device=DEVICE)
+    w, b = w.detach(), b.detach()
+    parts = [t.detach() for t in parts]
+    out, stats = lnc.forward(parts, w, b, 1e-6, torch.float32)
+    rows = torch.randn(out.permute(0, 2, 3, 1).reshape(-1, sum(widths)).shape).to(DEVICE)
+    rebuilt, grads = lnc.backward_rebuilding(rows, parts, w, b, stats, torch.float32)
+    padded, grads_ones = lnc.backward_rebuilding(rows, parts, w, b, stats, torch.float32, ones=True)
+    assert torch.equal(padded[:, :sum(widths)], rebuilt)
+    pad = torch.zeros(rows.shape[0], ONES_PAD, device=DEVICE)
+    pad[:, 0] = 1
+    assert torch.equal(padded[:, sum(widths):], pad)
+    for a, r in zip(grads_ones[0], grads[0]):
+        assert torch.equal(a, r)
+    for a, r in zip(grads_ones[1:], grads[1:]):
+        torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-6)
+
+
 def _bn_inputs(nhw, widths, mask, dtype, seed=1):
     """Parts as BatchNorm inputs y where ``mask`` says (each with its mean, invstd, weight and
     bias), and the parts themselves: ``hifuse::batch_norm_act``'s output of y there."""
