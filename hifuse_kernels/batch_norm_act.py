@@ -449,6 +449,18 @@ def _apply_op(
     return out
 
 
+def affine_problem(mean, invstd, weight, bias, c: int, device, name: str = "") -> str | None:
+    """Why (mean, invstd, weight, bias) cannot be a training BatchNorm's batch statistics and
+    parameters for an apply over c channels on ``device`` (what the ops that apply one on load
+    take), or None; ``name`` prefixes each in the message."""
+    for part, t in (("mean", mean), ("invstd", invstd), ("weight", weight), ("bias", bias)):
+        if t.shape != (c,) or not t.is_contiguous() or t.device != device:
+            return f"{name}{part} must be a contiguous ({c},) vector on {device}, got {tuple(t.shape)}"
+    if mean.dtype != torch.float32 or invstd.dtype != torch.float32:
+        return f"{name}mean and {name}invstd must be float32"
+    return None
+
+
 def _shortcut_problem(y, residual, out_dtype, pool, shortcut) -> str | None:
     dtype = result_dtype(y, residual, out_dtype)
     if pool:

@@ -232,12 +232,9 @@ def _gated_ln_op(
 def _x_bn_problem(g, y, x_mean, x_invstd, x_weight, x_bias, x_act) -> str | None:
     if y.shape != g.shape or not y.is_contiguous() or y.device != g.device:
         return f"y must be a contiguous tensor of g's shape {tuple(g.shape)} on {g.device}, got {tuple(y.shape)}"
-    c = y.shape[-1]
-    for name, t in (("x_mean", x_mean), ("x_invstd", x_invstd), ("x_weight", x_weight), ("x_bias", x_bias)):
-        if t.shape != (c,) or not t.is_contiguous() or t.device != y.device:
-            return f"{name} must be a contiguous ({c},) vector on {y.device}, got {tuple(t.shape)}"
-    if x_mean.dtype != torch.float32 or x_invstd.dtype != torch.float32:
-        return "x_mean and x_invstd must be float32"
+    problem = bna.affine_problem(x_mean, x_invstd, x_weight, x_bias, y.shape[-1], y.device, "x_")
+    if problem is not None:
+        return problem
     if x_act not in (0, 1, 2):
         return f"x_act must be 0 (none), 1 (ReLU) or 2 (GELU), got {x_act}"
     return None

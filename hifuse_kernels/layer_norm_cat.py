@@ -326,13 +326,10 @@ def _bn_problem(rows: list[torch.Tensor], bn: list[torch.Tensor], bn_parts: int)
         return f"bn_parts must be a bit mask of the {len(rows)} parts, got {bn_parts}"
     if len(bn) != 4 * bin(bn_parts).count("1"):
         return f"bn takes four tensors (mean, invstd, weight, bias) per part in bn_parts, got {len(bn)}"
-    c = rows[0].shape[1]
-    for t in bn:
-        if t.shape != (c,) or not t.is_contiguous() or t.device != rows[0].device:
-            return f"each BatchNorm tensor must be a contiguous ({c},) vector on {rows[0].device}, got {tuple(t.shape)}"
     for i in range(0, len(bn), 4):
-        if bn[i].dtype != torch.float32 or bn[i + 1].dtype != torch.float32:
-            return "the BatchNorm mean and invstd must be float32"
+        problem = bna.affine_problem(*bn[i:i + 4], rows[0].shape[1], rows[0].device, "BatchNorm ")
+        if problem is not None:
+            return problem
     return None
 
 
