@@ -215,6 +215,7 @@ def fusion_forward(m: HFFBlock, l: torch.Tensor, g: torch.Tensor, f: torch.Tenso
     norm, proj = (m.norm1, m.W3) if f is not None else (m.norm2, m.W)
     sources = None
     casts = {}  # l and g in their GEMMs' dtype, written by their poolings
+    gemm_dtype = autocast_dtype(l)  # the 1x1 GEMMs' and the projection's under autocast
     keep_norm = not config.rebuilding("fusion_norm")
     chain = defer = False
     if not any(folds(c.bn) for c in (*convs, proj)) and all(dense_1x1(c.conv) for c in convs):
@@ -224,7 +225,6 @@ def fusion_forward(m: HFFBlock, l: torch.Tensor, g: torch.Tensor, f: torch.Tenso
         # gradient of l (g) to its own, no accumulation passes.
         chain = True
         defer = not keep_norm and _defers(m, inputs, norm)
-        gemm_dtype = autocast_dtype(l)
         if gemm_dtype is not None and l.dtype != gemm_dtype and g.dtype != gemm_dtype:
             # l and g are cast for their GEMMs (the first stage's, float32 under autocast): by
             # their poolings, which read them anyway, first in the readers' chain
@@ -249,7 +249,6 @@ def fusion_forward(m: HFFBlock, l: torch.Tensor, g: torch.Tensor, f: torch.Tenso
             raise RuntimeError("fusion block: parts of several dtypes with deferred BatchNorms")
         parts, sources = [t.to(dtype) for t in parts], None  # promoted copies are kept
     # Written in the dtype the projection GEMM takes under autocast.
-    gemm_dtype = autocast_dtype(l)
     out_dtype = gemm_dtype if gemm_dtype == dtype else None
     bn_args = None  # training: x is the projection BatchNorm's apply, which norm3 makes on load
     if folds(proj.bn):
