@@ -77,6 +77,36 @@ if triton is not None:
         return v
 
     @triton.jit
+    def _gated_residual(rows, c, m, cmask, M, G, CG, L, SG, X, XM, XI, XW, XB, LM, LR, LW, LB, RD, S, CP,
+                        BLOCK_C: tl.constexpr, X_BN: tl.constexpr, X_ACT: tl.constexpr):
+        """The residual r of a tile, ``hifuse::gated_layer_norm(_bn)``'s result (norm3) over
+        rows of S positions an image, in fp32, computed from its sources and row statistics as
+        that op's forward computes it (the same bits; ``gated_layer_norm._gated_parts``): the
+        tile's channels lie in one of its three parts of CP channels (BLOCK_C divides CP)."""
+        k = (tl.program_id(1) * BLOCK_C) // CP
+        cc = c - k * CP
+        rmask = rows < M
+        offs = rows[:, None] * CP + cc[None, :]
+        if k == 0:
+            gate = tl.load(CG + (rows // S)[:, None] * CP + cc[None, :], mask=m, other=0.0).to(tl.float32)
+            v = tl.load(G + offs, mask=m, other=0.0).to(tl.float32) * gate
+        elif k == 1:
+            gate = tl.load(SG + rows, mask=rmask, other=0.0).to(tl.float32)
+            v = tl.load(L + offs, mask=m, other=0.0).to(tl.float32) * gate[:, None]
+        else:
+            v = tl.load(X + offs, mask=m, other=0.0).to(tl.float32)
+            if X_BN:
+                mean, scale, shift = _affine(XM, XI, XW, XB, cc, cmask)
+                v = _act((v - mean[None, :]) * scale[None, :] + shift[None, :], X_ACT).to(
+                    X.dtype.element_ty).to(tl.float32)
+        mu = tl.load(LM + rows, mask=rmask, other=0.0)
+        rstd = tl.load(LR + rows, mask=rmask, other=0.0)
+        w = tl.load(LW + c, mask=cmask, other=0.0).to(tl.float32)
+        b = tl.load(LB + c, mask=cmask, other=0.0).to(tl.float32)
+        r = (v - mu[:, None]) * rstd[:, None] * w[None, :] + b[None, :]
+        return tl.where(m, r.to(RD.dtype.element_ty).to(tl.float32), 0.0)
+
+    @triton.jit
     def _tile(M, C, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
         rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
         c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -142,17 +172,22 @@ if triton is not None:
     # steps the loop), so the variant compiled to count the resident programs is the one launched.
     @triton.jit(do_not_specialize=["PROGRAMS"])
     def _stats_kernel(Y, R, MEAN_PART, M2_PART, COUNT_PART, M, C, PROGRAMS,
-                      PROLOGUE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+                      PROLOGUE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+                      GATED: tl.constexpr = False, G=None, CG=None, L=None, SG=None, X=None, XM=None, XI=None, XW=None, XB=None, LM=None, LR=None, LW=None, LB=None, RD=None, S=1, CP=1, X_BN: tl.constexpr = False, X_ACT: tl.constexpr = 0):
         """Count, mean and M2 of this program's rows, in float64 (as eager's BatchNorm
         accumulates on a CPU): sums of the values shifted by its first block's mean, which
-        keeps the sum of squares free of cancellation."""
+        keeps the sum of squares free of cancellation. GATED: the input is gelu(y) + r, r
+        norm3's result computed on load (``_gated_residual``)."""
         pid = tl.program_id(0)
         lanes = tl.arange(0, BLOCK_M)
         c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         cmask = c < C
         rows = pid.to(tl.int64) * BLOCK_M + lanes
         m = (rows < M)[:, None] & cmask[None, :]
-        v = _load_input(Y, R, rows[:, None] * C + c[None, :], m, PROLOGUE).to(tl.float64)
+        v = _load_input(Y, R, rows[:, None] * C + c[None, :], m, PROLOGUE)
+        if GATED:
+            v = gelu(v) + _gated_residual(rows, c, m, cmask, M, G, CG, L, SG, X, XM, XI, XW, XB, LM, LR, LW, LB, RD, S, CP, BLOCK_C, X_BN, X_ACT)
+        v = v.to(tl.float64)
         count = (rows < M).to(tl.float64)
         shift = tl.sum(v, 0) / tl.sum(count, 0)
         d = tl.where(m, v - shift[None, :], 0.0)
@@ -161,7 +196,10 @@ if triton is not None:
         for b in range(pid + PROGRAMS, tl.cdiv(M, BLOCK_M), PROGRAMS):
             rows = (b * BLOCK_M + lanes).to(tl.int64)
             m = (rows < M)[:, None] & cmask[None, :]
-            v = _load_input(Y, R, rows[:, None] * C + c[None, :], m, PROLOGUE).to(tl.float64)
+            v = _load_input(Y, R, rows[:, None] * C + c[None, :], m, PROLOGUE)
+            if GATED:
+                v = gelu(v) + _gated_residual(rows, c, m, cmask, M, G, CG, L, SG, X, XM, XI, XW, XB, LM, LR, LW, LB, RD, S, CP, BLOCK_C, X_BN, X_ACT)
+            v = v.to(tl.float64)
             d = tl.where(m, v - shift[None, :], 0.0)
             total += d
             squares += d * d
@@ -209,17 +247,20 @@ if triton is not None:
     @triton.jit
     def _apply_kernel(Y, R, MEAN, INVSTD, W, B, OUT, M, C,
                       PROLOGUE: tl.constexpr, ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
-                      SHORTCUT: tl.constexpr = False, S=None):
-        """SHORTCUT: writes S + act(bn(.)), the sum of the result rounded to OUT's dtype and S
-        (of that dtype), as eager's add after the BatchNorm computes it."""
+                      SHORTCUT: tl.constexpr = False, SC=None, GATED: tl.constexpr = False, G=None, CG=None, L=None, SG=None, X=None, XM=None, XI=None, XW=None, XB=None, LM=None, LR=None, LW=None, LB=None, RD=None, S=1, CP=1, X_BN: tl.constexpr = False, X_ACT: tl.constexpr = 0):
+        """SHORTCUT: writes SC + act(bn(.)), the sum of the result rounded to OUT's dtype and SC
+        (of that dtype), as eager's add after the BatchNorm computes it. GATED as in
+        ``_stats_kernel``."""
         rows, c, cmask, m = _tile(M, C, BLOCK_M, BLOCK_C)
         offs = rows[:, None] * C + c[None, :]
         v = _load_input(Y, R, offs, m, PROLOGUE)
+        if GATED:
+            v = gelu(v) + _gated_residual(rows, c, m, cmask, M, G, CG, L, SG, X, XM, XI, XW, XB, LM, LR, LW, LB, RD, S, CP, BLOCK_C, X_BN, X_ACT)
         mean, scale, shift = _affine(MEAN, INVSTD, W, B, c, cmask)
         z = (v - mean[None, :]) * scale[None, :] + shift[None, :]
         out = _act(z, ACT).to(OUT.dtype.element_ty)
         if SHORTCUT:
-            out = (out.to(tl.float32) + tl.load(S + offs, mask=m, other=0.0).to(tl.float32)).to(OUT.dtype.element_ty)
+            out = (out.to(tl.float32) + tl.load(SC + offs, mask=m, other=0.0).to(tl.float32)).to(OUT.dtype.element_ty)
         tl.store(OUT + offs, out, mask=m)
 
     @triton.jit
@@ -240,28 +281,32 @@ if triton is not None:
         tl.store(OUT + q[:, None] * C + c[None, :], (acc * 0.25).to(OUT.dtype.element_ty), mask=m)
 
     @triton.jit
-    def _bwd_recompute(G, Y, R, MEAN, INVSTD, W, B, rows, c, cmask, m, offs, C, H, WIDTH, PROLOGUE: tl.constexpr,
-                       ACT: tl.constexpr, POOL: tl.constexpr, G2, GRAD2: tl.constexpr):
+    def _bwd_recompute(GR, Y, R, MEAN, INVSTD, W, B, rows, c, cmask, m, offs, M, C, H, WIDTH, PROLOGUE: tl.constexpr,
+                       ACT: tl.constexpr, POOL: tl.constexpr, G2, GRAD2: tl.constexpr, BLOCK_C: tl.constexpr,
+                       GATED: tl.constexpr, G, CG, L, SG, X, XM, XI, XW, XB, LM, LR, LW, LB, RD, S, CP,
+                       X_BN: tl.constexpr, X_ACT: tl.constexpr):
         """A tile's x_hat, dz = grad * act'(z), weight * invstd and the input, recomputed from the
-        saved input; with GRAD2 the output's gradient is G + G2 (two uses of it, summed on load)."""
+        saved input; with GRAD2 the output's gradient is GR + G2 (two uses of it, summed on load)."""
         v = _load_input(Y, R, offs, m, PROLOGUE)
+        if GATED:
+            v = gelu(v) + _gated_residual(rows, c, m, cmask, M, G, CG, L, SG, X, XM, XI, XW, XB, LM, LR, LW, LB, RD, S, CP, BLOCK_C, X_BN, X_ACT)
         mean = tl.load(MEAN + c, mask=cmask, other=0.0)
         invstd = tl.load(INVSTD + c, mask=cmask, other=0.0)
         w = tl.load(W + c, mask=cmask, other=0.0).to(tl.float32)
         b = tl.load(B + c, mask=cmask, other=0.0).to(tl.float32)
         xhat = (v - mean[None, :]) * invstd[None, :]
-        dz = _load_grad(G, G2, rows, c, m, C, H, WIDTH, POOL, GRAD2) * _act_grad(xhat * w[None, :] + b[None, :], ACT)
+        dz = _load_grad(GR, G2, rows, c, m, C, H, WIDTH, POOL, GRAD2) * _act_grad(xhat * w[None, :] + b[None, :], ACT)
         return xhat, tl.where(m, dz, 0.0), w * invstd, v
 
     @triton.jit(do_not_specialize=["PROGRAMS"])
-    def _bwd_reduce_kernel(G, Y, R, MEAN, INVSTD, W, B, SUM_DZ_PART, SUM_DZXH_PART, OUT, M, C, H, WIDTH, PROGRAMS,
+    def _bwd_reduce_kernel(GR, Y, R, MEAN, INVSTD, W, B, SUM_DZ_PART, SUM_DZXH_PART, OUT, M, C, H, WIDTH, PROGRAMS,
                            G2, PROLOGUE: tl.constexpr, ACT: tl.constexpr, POOL: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, REBUILD: tl.constexpr = False,
-                           GRAD2: tl.constexpr = False):
+                           GRAD2: tl.constexpr = False, GATED: tl.constexpr = False, G=None, CG=None, L=None, SG=None, X=None, XM=None, XI=None, XW=None, XB=None, LM=None, LR=None, LW=None, LB=None, RD=None, S=1, CP=1, X_BN: tl.constexpr = False, X_ACT: tl.constexpr = 0):
         """With REBUILD (not with POOL) also writes the apply's output to OUT, computed as
         ``_apply_kernel`` computes it (the same bits), for a GEMM's weight gradient that reads
         it next: the pass that would rebuild it reads what this one reads. GRAD2: the output's
-        gradient is G + G2."""
+        gradient is GR + G2. GATED as in ``_stats_kernel``."""
         pid = tl.program_id(0)
         lanes = tl.arange(0, BLOCK_M)
         c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -276,7 +321,8 @@ if triton is not None:
             m = (rows < M)[:, None] & cmask[None, :]
             offs = rows[:, None] * C + c[None, :]
             xhat, dz, _scale, v = _bwd_recompute(
-                G, Y, R, MEAN, INVSTD, W, B, rows, c, cmask, m, offs, C, H, WIDTH, PROLOGUE, ACT, POOL, G2, GRAD2,
+                GR, Y, R, MEAN, INVSTD, W, B, rows, c, cmask, m, offs, M, C, H, WIDTH, PROLOGUE, ACT, POOL, G2, GRAD2,
+                BLOCK_C, GATED, G, CG, L, SG, X, XM, XI, XW, XB, LM, LR, LW, LB, RD, S, CP, X_BN, X_ACT,
             )
             if REBUILD:
                 z = (v - mean[None, :]) * scale[None, :] + shift[None, :]
@@ -309,22 +355,23 @@ if triton is not None:
             tl.store(DB + c, dz.to(DB.dtype.element_ty), mask=cmask)
 
     @triton.jit
-    def _bwd_apply_kernel(G, Y, R, MEAN, INVSTD, W, B, SUM_DZ, SUM_DZXH, DY, DR, DYSUM_PART, M, C, H, WIDTH, G2,
+    def _bwd_apply_kernel(GR, Y, R, MEAN, INVSTD, W, B, SUM_DZ, SUM_DZXH, DY, DR, DYSUM_PART, M, C, H, WIDTH, G2,
                           PROLOGUE: tl.constexpr, ACT: tl.constexpr, POOL: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, DYSUM: tl.constexpr = False,
-                          GRAD2: tl.constexpr = False):
-        """dy (and with PROLOGUE the residual's gradient); with DYSUM this row block's column
-        sums of dy as written (the bias gradient of a GEMM that made y); GRAD2 as in
-        ``_bwd_reduce_kernel``."""
+                          GRAD2: tl.constexpr = False, GATED: tl.constexpr = False, G=None, CG=None, L=None, SG=None, X=None, XM=None, XI=None, XW=None, XB=None, LM=None, LR=None, LW=None, LB=None, RD=None, S=1, CP=1, X_BN: tl.constexpr = False, X_ACT: tl.constexpr = 0):
+        """dy (and with PROLOGUE or GATED the residual's gradient); with DYSUM this row block's
+        column sums of dy as written (the bias gradient of a GEMM that made y); GRAD2 and GATED
+        as in ``_bwd_reduce_kernel``."""
         rows, c, cmask, m = _tile(M, C, BLOCK_M, BLOCK_C)
         offs = rows[:, None] * C + c[None, :]
         xhat, dz, scale, _v = _bwd_recompute(
-            G, Y, R, MEAN, INVSTD, W, B, rows, c, cmask, m, offs, C, H, WIDTH, PROLOGUE, ACT, POOL, G2, GRAD2,
+            GR, Y, R, MEAN, INVSTD, W, B, rows, c, cmask, m, offs, M, C, H, WIDTH, PROLOGUE, ACT, POOL, G2, GRAD2,
+            BLOCK_C, GATED, G, CG, L, SG, X, XM, XI, XW, XB, LM, LR, LW, LB, RD, S, CP, X_BN, X_ACT,
         )
         sum_dz = tl.load(SUM_DZ + c, mask=cmask, other=0.0)
         sum_dzxh = tl.load(SUM_DZXH + c, mask=cmask, other=0.0)
         dv = scale[None, :] * (dz - (sum_dz[None, :] + xhat * sum_dzxh[None, :]) / M)
-        if PROLOGUE:
+        if PROLOGUE or GATED:
             tl.store(DR + offs, dv.to(DR.dtype.element_ty), mask=m)
             y = tl.load(Y + offs, mask=m, other=0.0).to(tl.float32)
             dv = dv * gelu_grad(y)
@@ -337,10 +384,10 @@ if triton is not None:
 
 
 
-def _shape_class(y: torch.Tensor, residual: torch.Tensor | None, pool: bool) -> str:
+def _shape_class(y: torch.Tensor, residual: torch.Tensor | None, pool: bool, gated: dict | None = None) -> str:
     """The launch table's shape class of a BatchNorm over rows y (M, C)."""
     return f"{_configs.dtype_name(y.dtype)}/c{y.shape[1]}" + ("/res" if residual is not None else "") + (
-        "/pool" if pool else "")
+        "/gated" if gated else "") + ("/pool" if pool else "")
 
 
 def _tile_problem(config: dict) -> str | None:
@@ -356,18 +403,28 @@ def device_tile(block_m: int, c: int) -> dict:
 
 
 def _launch(name: str, rows: int, y: torch.Tensor, residual: torch.Tensor | None, pool: bool,
-            block_m: int = BLOCK_M) -> dict:
+            block_m: int = BLOCK_M, gated: dict | None = None) -> dict:
     """BLOCK_M, BLOCK_C and num_warps of launch ``name`` over ``rows`` rows: the GPU's tile of
     ``block_m`` rows (``device_tile``), or the launch table's for this device and shape, or a
-    wide one."""
+    wide one. ``gated``: the GATED arguments, whose parts of CP channels each tile's channels
+    lie in: the channel block halved until it divides CP, the rows kept (computing r on load
+    takes registers: 64 x 64 tiles spilled in the statistics pass, 32 x 32 in the backward's
+    rebuilding one, so the backward takes half its rows)."""
     c = y.shape[1]
     if _triton.wide():
         block_c = _triton.block_channels(c)
-        return dict(BLOCK_M=min(_triton.next_power_of_2(rows), _triton.wide_rows(block_c)), BLOCK_C=block_c,
-                    num_warps=WARPS)
-    default = dict(**device_tile(block_m, c), num_warps=WARPS)
-    return _configs.launch_config(f"batch_norm_act.{name}", _shape_class(y, residual, pool), default, y.device,
-                                  _tile_problem)
+        launch = dict(BLOCK_M=min(_triton.next_power_of_2(rows), _triton.wide_rows(block_c)), BLOCK_C=block_c,
+                      num_warps=WARPS)
+    else:
+        default = dict(**device_tile(block_m, c), num_warps=WARPS)
+        launch = _configs.launch_config(f"batch_norm_act.{name}", _shape_class(y, residual, pool, gated), default,
+                                        y.device, _tile_problem)
+    if gated:
+        while gated["CP"] % launch["BLOCK_C"]:
+            launch = dict(launch, BLOCK_C=launch["BLOCK_C"] // 2)
+        if name == "backward" and not _triton.wide():
+            launch = dict(launch, BLOCK_M=max(1, launch["BLOCK_M"] // 2))
+    return launch
 
 
 def _grid(rows: int, c: int, launch: dict) -> tuple[int, int]:
@@ -388,17 +445,24 @@ def _stats_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Batch mean, 1/sqrt(var + eps) and biased variance (fp32, (C,)) of y or gelu(y) +
     residual, rows (M, C); with the running tensors given, those updated with ``momentum``."""
+    return _stats_impl(y, residual, eps, running_mean, running_var, num_batches_tracked, momentum)
+
+
+def _stats_impl(y, residual, eps, running_mean, running_var, num_batches_tracked, momentum, gated=None):
+    """``gated``: the kernels' GATED arguments (``_gated_args``), residual None."""
     m, c = y.shape
-    launch = dict(_launch("stats", m, y, residual, False), PROLOGUE=residual is not None)
+    launch = dict(_launch("stats", m, y, residual, False, gated=gated), PROLOGUE=residual is not None)
     grid = _grid(m, c, launch)
     r = y if residual is None else residual
+    gated = gated or {}
     programs = _triton.reduction_programs(grid[0], grid[1], y.device, kernel=_stats_kernel,
-                                          args=(y, r, *[torch.float64] * 3, m, c, grid[0]), launch=launch)
+                                          args=(y, r, *[torch.float64] * 3, m, c, grid[0]),
+                                          launch={**launch, **_kinds(gated)})
     mean_part = torch.empty((programs, c), device=y.device, dtype=torch.float64)
     m2_part = torch.empty_like(mean_part)
     count_part = torch.empty(programs, device=y.device, dtype=torch.float64)
     _triton.wrap_triton(_stats_kernel)[(programs, grid[1])](
-        y, r, mean_part, m2_part, count_part, m, c, programs, **launch
+        y, r, mean_part, m2_part, count_part, m, c, programs, **launch, **gated
     )
     mean = torch.empty(c, device=y.device, dtype=torch.float32)
     invstd, var = torch.empty_like(mean), torch.empty_like(mean)
@@ -425,6 +489,13 @@ def _apply_op(
     in, (M, C) out (``pool``: averaged over 2x2 windows of the height x width maps); with
     ``shortcut`` (rows of the result's shape and dtype, not with ``pool``) shortcut + that, as
     eager's add after the BatchNorm: the BatchNorm's result is never written."""
+    return _apply_impl(y, residual, mean, invstd, weight, bias, act, height, width, pool, out_dtype, shortcut)
+
+
+def _apply_impl(y, residual, mean, invstd, weight, bias, act, height, width, pool, out_dtype, shortcut=None,
+                gated=None, r_dtype=None):
+    """``gated``: the kernels' GATED arguments (``_gated_args``) of a residual of ``r_dtype``,
+    residual None (not with ``pool``)."""
     m, c = y.shape
     r = y if residual is None else residual
     if shortcut is not None:
@@ -440,11 +511,12 @@ def _apply_op(
             y, r, mean, invstd, weight, bias, out, q, c, height, width, **flags, **launch
         )
         return out
-    out = torch.empty((m, c), device=y.device, dtype=result_dtype(y, residual, out_dtype))
-    launch = _launch("apply", m, y, residual, False)
+    dtype = result_dtype(y, residual, out_dtype) if gated is None else out_dtype or torch.promote_types(y.dtype, r_dtype)
+    out = torch.empty((m, c), device=y.device, dtype=dtype)
+    launch = _launch("apply", m, y, residual, False, gated=gated)
     _triton.wrap_triton(_apply_kernel)[_grid(m, c, launch)](
         y, r, mean, invstd, weight, bias, out, m, c, **flags, **launch, SHORTCUT=shortcut is not None,
-        S=y if shortcut is None else shortcut,
+        SC=y if shortcut is None else shortcut, **(gated or {}),
     )
     return out
 
@@ -486,6 +558,14 @@ def _backward_op(
     pass that reduces (for a GEMM's weight gradient that would otherwise rebuild it first).
     ``grad2`` (grad's shape and dtype): a second gradient of the result, from another use of
     it, added to grad on load."""
+    return _backward_impl(grad, y, residual, mean, invstd, weight, bias, act, height, width, pool, dy_sum,
+                          rebuild_dtype, grad2)
+
+
+def _backward_impl(grad, y, residual, mean, invstd, weight, bias, act, height, width, pool, dy_sum=False,
+                   rebuild_dtype=None, grad2=None, gated=None, r_dtype=None):
+    """``gated``: the kernels' GATED arguments (``_gated_args``) of a residual of ``r_dtype``,
+    residual None (not with ``pool``); dresidual then comes as (M, C) rows of that dtype."""
     m, c = y.shape
     r = y if residual is None else residual
     rebuild = rebuild_dtype is not None
@@ -497,20 +577,21 @@ def _backward_op(
                          f"{tuple(grad.shape)} on {grad.device}, got {grad2.dtype} {tuple(grad2.shape)}")
     g2 = grad if grad2 is None else grad2
     flags = dict(PROLOGUE=residual is not None, ACT=act, POOL=pool, **_launch("backward", m, y, residual, pool,
-                                                                              BWD_BLOCK_M))
+                                                                              BWD_BLOCK_M, gated))
     grid = _grid(m, c, flags)
+    gated = gated or {}
     rebuilt = torch.empty((m, c) if rebuild else (0,), device=y.device, dtype=rebuild_dtype or y.dtype)
     programs = _triton.reduction_programs(
         grid[0], grid[1], y.device, kernel=_bwd_reduce_kernel,
         args=(grad, y, r, mean, invstd, weight, bias, torch.float64, torch.float64, rebuilt, m, c, height, width,
               grid[0], g2),
-        launch={**flags, "REBUILD": rebuild, "GRAD2": grad2 is not None},
+        launch={**flags, "REBUILD": rebuild, "GRAD2": grad2 is not None, **_kinds(gated)},
     )
     sum_dz_part = torch.empty((programs, c), device=y.device, dtype=torch.float64)
     sum_dzxh_part = torch.empty_like(sum_dz_part)
     _triton.wrap_triton(_bwd_reduce_kernel)[(programs, grid[1])](
         grad, y, r, mean, invstd, weight, bias, sum_dz_part, sum_dzxh_part, rebuilt, m, c, height, width, programs,
-        g2, **flags, REBUILD=rebuild, GRAD2=grad2 is not None,
+        g2, **flags, REBUILD=rebuild, GRAD2=grad2 is not None, **gated,
     )
     sum_dz = torch.empty(c, device=y.device, dtype=torch.float32)
     sum_dzxh = torch.empty_like(sum_dz)
@@ -520,11 +601,14 @@ def _backward_op(
         num_warps=COMBINE_WARPS,
     )
     dy = torch.empty_like(y)
-    dr = torch.empty_like(r) if residual is not None else torch.empty(0, device=y.device, dtype=y.dtype)
+    if gated:
+        dr = torch.empty((m, c), device=y.device, dtype=r_dtype)
+    else:
+        dr = torch.empty_like(r) if residual is not None else torch.empty(0, device=y.device, dtype=y.dtype)
     parts = torch.empty((grid[0] if dy_sum else 0, c), device=y.device, dtype=torch.float32)
     _triton.wrap_triton(_bwd_apply_kernel)[grid](
         grad, y, r, mean, invstd, weight, bias, sum_dz, sum_dzxh, dy, dr, parts, m, c, height, width, g2, **flags,
-        DYSUM=dy_sum, GRAD2=grad2 is not None,
+        DYSUM=dy_sum, GRAD2=grad2 is not None, **gated,
     )
     return dy, dr, dw, db, parts.sum(0) if dy_sum else parts.new_empty((0,)), rebuilt
 
@@ -540,6 +624,133 @@ def combine_backward_sums(sum_dz_part: torch.Tensor, sum_dzxh_part: torch.Tensor
         sum_dz_part, sum_dzxh_part, sum_dz, sum_dzxh, sum_dz, sum_dz, c, programs, BLOCK_C=block_c, PARAMS=False,
         num_warps=COMBINE_WARPS,
     )
+
+
+# The IRMLP's bn1 normalises gelu(y) + r, r the fusion block's norm3 output (float32 under
+# autocast, 3C channels). Read as a tensor, r is written by norm3, read by the statistics and
+# apply passes, rebuilt in backward and read by both backward passes; the GATED ops below
+# compute it on load from norm3's sources instead (bf16 where the blocks are) and its row
+# statistics, so r is never written.
+GATED_SOURCES = ("g", "channel_gate", "l", "spatial_gate", "x", "ln_mean", "ln_rstd", "ln_weight", "ln_bias")
+
+
+def _gated_args(gated: list[torch.Tensor], x_act: int, r_dtype: torch.dtype) -> dict:
+    """The kernels' GATED arguments from ``gated`` (``gated_problem``'s list)."""
+    g, channel_gate, l, spatial_gate, x, ln_mean, ln_rstd, ln_weight, ln_bias, *x_bn = gated
+    n, s, cp = g.shape
+    rd = torch.empty(0, device=g.device, dtype=r_dtype)  # its dtype only: r is rounded to it
+    xm, xi, xw, xb = x_bn or [x] * 4
+    return dict(GATED=True, G=g, CG=channel_gate, L=l, SG=spatial_gate, X=x, XM=xm, XI=xi, XW=xw, XB=xb, LM=ln_mean,
+                LR=ln_rstd, LW=ln_weight, LB=ln_bias, RD=rd, S=s, CP=cp, X_BN=bool(x_bn), X_ACT=x_act)
+
+
+def _kinds(kwargs: dict) -> dict:
+    """Keyword arguments as the compile that counts resident programs takes them (tensors as
+    dtypes: its cache is keyed on them)."""
+    return {k: v.dtype if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+
+
+def gated_problem(y: torch.Tensor, gated, x_act: int, r_dtype) -> str | None:
+    """Why ``gated`` cannot be the source of the residual of a BatchNorm over rows y, or None:
+    ``gated`` is [g, channel_gate, l, spatial_gate, x, ln_mean, ln_rstd, ln_weight, ln_bias]
+    as ``hifuse::gated_layer_norm`` takes them (g, l, x contiguous (N, S, C); the gates (N, C)
+    and (N, S)), its (N, S) float32 mean and rstd, and, where x is the input of a BatchNorm
+    applied on load (``hifuse::gated_layer_norm_bn``), that BatchNorm's mean, invstd, weight
+    and bias after them; y's rows are the N * S positions, its channels the 3C of r."""
+    if not isinstance(gated, (list, tuple)) or len(gated) not in (9, 13) or not all(
+            isinstance(t, torch.Tensor) for t in gated):
+        return "gated must be a list of 9 or 13 tensors"
+    g = gated[0]
+    if g.dim() != 3:
+        return f"g must be (N, S, C), got {tuple(g.shape)}"
+    n, s, cp = g.shape
+    shapes = dict(zip(GATED_SOURCES, ((n, s, cp), (n, cp), (n, s, cp), (n, s), (n, s, cp), (n, s), (n, s),
+                                      (3 * cp,), (3 * cp,))))
+    for name, t in zip(GATED_SOURCES, gated):
+        if t.shape != shapes[name]:
+            return f"{name} must be {shapes[name]} (g is (N, S, C)), got {tuple(t.shape)}"
+        if not t.is_contiguous() or t.device != y.device:
+            return f"{name} must be contiguous and on {y.device}, got {'' if t.is_contiguous() else 'strided, '}{t.device}"
+        if t.dtype not in SUPPORTED_DTYPES:
+            return f"{name} must be float32, float16 or bfloat16, got {t.dtype}"
+    if gated[5].dtype != torch.float32 or gated[6].dtype != torch.float32:
+        return "ln_mean and ln_rstd must be float32"
+    if y.shape != (n * s, 3 * cp):
+        return f"y must be ({n * s}, {3 * cp}) rows of the sources' positions, got {tuple(y.shape)}"
+    if len(gated) == 13:
+        problem = affine_problem(*gated[9:], cp, y.device, "x_")
+        if problem is not None:
+            return problem
+    if x_act not in ACTIVATIONS.values():
+        return f"x_act must be one of {sorted(ACTIVATIONS.values())}, got {x_act}"
+    if r_dtype not in SUPPORTED_DTYPES:
+        return f"r_dtype must be float32, float16 or bfloat16, got {r_dtype}"
+    return None
+
+
+def _check_gated(name: str, y, gated, x_act, r_dtype) -> None:
+    problem = gated_problem(y, gated, x_act, r_dtype)
+    if problem is not None:
+        raise ValueError(f"{name}: {problem}")
+
+
+@_triton.define_op("hifuse::batch_norm_stats_gated",
+                   mutates_args=("running_mean", "running_var", "num_batches_tracked"))
+def _stats_gated_op(
+    y: torch.Tensor, gated: list[torch.Tensor], x_act: int, r_dtype: torch.dtype, eps: float,
+    running_mean: torch.Tensor | None, running_var: torch.Tensor | None, num_batches_tracked: torch.Tensor | None,
+    momentum: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``hifuse::batch_norm_stats`` of gelu(y) + r, r norm3's result in ``r_dtype`` computed
+    on load from ``gated`` (``gated_problem``): the same values as with r given."""
+    _check_gated("batch_norm_stats_gated", y, gated, x_act, r_dtype)
+    return _stats_impl(y, None, eps, running_mean, running_var, num_batches_tracked, momentum,
+                       _gated_args(gated, x_act, r_dtype))
+
+
+@_triton.define_op("hifuse::batch_norm_act_gated", mutates_args=())
+def _apply_gated_op(
+    y: torch.Tensor, gated: list[torch.Tensor], x_act: int, r_dtype: torch.dtype, mean: torch.Tensor,
+    invstd: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, act: int, out_dtype: torch.dtype | None,
+) -> torch.Tensor:
+    """``hifuse::batch_norm_act`` of gelu(y) + r, r as in ``hifuse::batch_norm_stats_gated``
+    (no pooling). No autograd of its own: its backward is ``batch_norm_act_gated_backward``,
+    whose residual gradient goes to norm3's backward (``recompute.BatchNormApplyGated``)."""
+    _check_gated("batch_norm_act_gated", y, gated, x_act, r_dtype)
+    return _apply_impl(y, None, mean, invstd, weight, bias, act, 1, 1, False, out_dtype,
+                       gated=_gated_args(gated, x_act, r_dtype), r_dtype=r_dtype)
+
+
+@_triton.define_op("hifuse::batch_norm_act_gated_backward", mutates_args=())
+def _backward_gated_op(
+    grad: torch.Tensor, y: torch.Tensor, gated: list[torch.Tensor], x_act: int, r_dtype: torch.dtype,
+    mean: torch.Tensor, invstd: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, act: int,
+    rebuild_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dy, dr, dweight, dbias, rebuilt) of ``hifuse::batch_norm_act_gated``, as
+    ``hifuse::batch_norm_act_backward`` gives them with r given: dr as (M, 3C) rows of
+    ``r_dtype``, rebuilt with ``rebuild_dtype`` (else empty)."""
+    _check_gated("batch_norm_act_gated_backward", y, gated, x_act, r_dtype)
+    dy, dr, dw, db, _, rebuilt = _backward_impl(grad, y, None, mean, invstd, weight, bias, act, 1, 1, False, False,
+                                                rebuild_dtype, None, _gated_args(gated, x_act, r_dtype), r_dtype)
+    return dy, dr, dw, db, rebuilt
+
+
+@_stats_gated_op.register_fake
+def _(y, gated, x_act, r_dtype, eps, running_mean, running_var, num_batches_tracked, momentum):
+    return tuple(y.new_empty((y.shape[1],), dtype=torch.float32) for _ in range(3))
+
+
+@_apply_gated_op.register_fake
+def _(y, gated, x_act, r_dtype, mean, invstd, weight, bias, act, out_dtype):
+    return y.new_empty(y.shape, dtype=out_dtype or torch.promote_types(y.dtype, r_dtype))
+
+
+@_backward_gated_op.register_fake
+def _(grad, y, gated, x_act, r_dtype, mean, invstd, weight, bias, act, rebuild_dtype=None):
+    rebuilt = y.new_empty(y.shape if rebuild_dtype is not None else (0,), dtype=rebuild_dtype or y.dtype)
+    return torch.empty_like(y), y.new_empty(y.shape, dtype=r_dtype), torch.empty_like(weight), torch.empty_like(
+        bias), rebuilt
 
 
 @_triton.define_op("hifuse::batch_norm_act_backward_summed", mutates_args=())

@@ -171,6 +171,28 @@ def cases(dtype: str):
                 {**gemm(gl.bwd_launch(1 << 20, n, dt)), **ce}
     yield gr._fwd_kernel, dict(Y="dt", S=f32, OUT=f32), dict(BLOCK=gr.BLOCK)
     yield gr._bwd_kernel, dict(G="dt", Y="dt", DY="dt"), dict(BLOCK=gr.BLOCK)
+    ungated = {"GATED": False, "X_BN": False, "X_ACT": 0}
+    for src in ("dt", f32):  # the IRMLP's bn1 with norm3's result computed on load (g and l fp32 at stage 1)
+        tiles = {}
+        for name, block_m in (("stats", bna.BLOCK_M), ("bwd", bna.BWD_BLOCK_M)):
+            t = bna.device_tile(block_m, 288)
+            # as bna._launch takes them: half the channels, and half the rows in backward
+            tiles[name] = {"BLOCK_M": t["BLOCK_M"] // (2 if name == "bwd" else 1), "BLOCK_C": 32, "WARPS": bna.WARPS}
+        gate = {"GATED": True, "X_BN": True, "X_ACT": 2, "PROLOGUE": False}
+        io = dict(Y="dt", R="dt", G=src, CG=f32, L=src, SG="dt", X="dt", XM=f32, XI=f32, XW=f32, XB=f32, LM=f32,
+                  LR=f32, LW=f32, LB=f32, RD=f32)
+        yield bna._stats_kernel, dict(**io, MEAN_PART="fp64", M2_PART="fp64", COUNT_PART="fp64"), \
+            {**tiles["stats"], **gate}
+        yield bna._apply_kernel, dict(**io, MEAN=f32, INVSTD=f32, W=f32, B=f32, OUT="dt", SC="dt"), \
+            {**tiles["stats"], **gate, "ACT": 0, "SHORTCUT": False}
+        bwd = {**tiles["bwd"], **gate, "ACT": 0, "POOL": False, "GRAD2": False}
+        for rebuild in (False, True):
+            yield bna._bwd_reduce_kernel, dict(GR="dt", **io, MEAN=f32, INVSTD=f32, W=f32, B=f32,
+                                               SUM_DZ_PART="fp64", SUM_DZXH_PART="fp64", OUT="dt", G2="dt"), \
+                {**bwd, "REBUILD": rebuild}
+        yield bna._bwd_apply_kernel, dict(GR="dt", **io, MEAN=f32, INVSTD=f32, W=f32, B=f32, SUM_DZ=f32,
+                                          SUM_DZXH=f32, DY="dt", DR=f32, DYSUM_PART=f32, G2="dt"), \
+            {**bwd, "DYSUM": False}
     for c in (64, 1):  # every 1x1 convolution's BatchNorm, and the spatial gate's one channel
         def tile(block_m, c=c):
             return {**bna.device_tile(block_m, c), "WARPS": bna.WARPS}
@@ -178,15 +200,15 @@ def cases(dtype: str):
         for prologue in (False, True) if c > 1 else (False,):  # prologue: bf16 conv output, fp32 stream
             io = dict(Y="dt", R=f32 if prologue else "dt")
             yield bna._stats_kernel, dict(**io, MEAN_PART="fp64", M2_PART="fp64", COUNT_PART="fp64"), \
-                {**tile(bna.BLOCK_M), "PROLOGUE": prologue}
+                {**tile(bna.BLOCK_M), "PROLOGUE": prologue, **ungated}
             for act in (0, 1, 2):
                 flags = {"PROLOGUE": prologue, "ACT": act}
                 out = "dt"  # with the prologue too: the IRMLP's bn1 writes conv2's GEMM dtype
-                yield bna._apply_kernel, dict(**io, MEAN=f32, INVSTD=f32, W=f32, B=f32, OUT=out, S=out), \
-                    {**tile(bna.BLOCK_M), **flags, "SHORTCUT": False}
+                yield bna._apply_kernel, dict(**io, MEAN=f32, INVSTD=f32, W=f32, B=f32, OUT=out, SC=out), \
+                    {**tile(bna.BLOCK_M), **flags, "SHORTCUT": False, **ungated}
                 if c > 1 and not prologue and act == 0:  # conv3's, adding the fusion block's shortcut
-                    yield bna._apply_kernel, dict(**io, MEAN=f32, INVSTD=f32, W=f32, B=f32, OUT=out, S=out), \
-                        {**tile(bna.BLOCK_M), **flags, "SHORTCUT": True}
+                    yield bna._apply_kernel, dict(**io, MEAN=f32, INVSTD=f32, W=f32, B=f32, OUT=out, SC=out), \
+                        {**tile(bna.BLOCK_M), **flags, "SHORTCUT": True, **ungated}
                 if c > 1:  # only Updim's BatchNorm pools
                     yield bna._apply_pool_kernel, dict(**io, MEAN=f32, INVSTD=f32, W=f32, B=f32, OUT=out), \
                         {**tile(bna.POOL_BLOCK_M), **flags}
@@ -196,16 +218,16 @@ def cases(dtype: str):
                     two = (False, True) if pool and act == 1 else (False,)
                     for rebuild in (False, True) if not pool else (False,):  # rebuild: the apply's output too
                         for grad2 in two:
-                            yield bna._bwd_reduce_kernel, dict(G=out, **io, MEAN=f32, INVSTD=f32, W=f32, B=f32,
+                            yield bna._bwd_reduce_kernel, dict(GR=out, **io, MEAN=f32, INVSTD=f32, W=f32, B=f32,
                                                                SUM_DZ_PART="fp64", SUM_DZXH_PART="fp64", OUT=out,
                                                                G2=out), \
-                                {**bwd, "REBUILD": rebuild, "GRAD2": grad2}
+                                {**bwd, "REBUILD": rebuild, "GRAD2": grad2, **ungated}
                     for dysum in (False, True):  # with the GEMM bias's partials (the fusion blocks' BatchNorms)
                         for grad2 in two:
-                            yield bna._bwd_apply_kernel, dict(G=out, **io, MEAN=f32, INVSTD=f32, W=f32, B=f32,
+                            yield bna._bwd_apply_kernel, dict(GR=out, **io, MEAN=f32, INVSTD=f32, W=f32, B=f32,
                                                               SUM_DZ=f32, SUM_DZXH=f32, DY="dt", DR=io["R"],
                                                               DYSUM_PART=f32, G2=out), \
-                                {**bwd, "DYSUM": dysum, "GRAD2": grad2}
+                                {**bwd, "DYSUM": dysum, "GRAD2": grad2, **ungated}
     for block_c in (bna.BLOCK_C, 1):  # the combining kernels take the channel block of the passes
         for params in (True, False):  # without the parameters' gradients: sums another op's pass reduced
             yield bna._bwd_sums_kernel, dict(SUM_DZ_PART="fp64", SUM_DZXH_PART="fp64", SUM_DZ=f32, SUM_DZXH=f32,

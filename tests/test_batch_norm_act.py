@@ -287,3 +287,82 @@ def test_low_precision_cuda(dtype, shape, residual):
         err = (a.double() - rf).abs().max().item()
         pt_err = (p.double() - rf).abs().max().item()
         assert err <= 2 * pt_err + 1e-5 * max(1.0, rf.abs().max().item()), f"output {k}: {err:.3g} vs eager {pt_err:.3g}"
+
+
+def _gated_inputs(n, s, c, act, dtype, x_bn, seed=0):
+    """norm3's sources (g, l, the gates, x or the BatchNorm input of x), its result r and row
+    statistics from hifuse::gated_layer_norm(_bn), and bn1's input y, its BatchNorm and a gradient."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, positive=False):
+        t = torch.rand(*shape, generator=gen) + 0.5 if positive else torch.randn(*shape, generator=gen)
+        return t.to(DEVICE)
+
+    g, l = rand(n, s, c).to(dtype), rand(n, s, c).to(dtype)
+    cg, sg = rand(n, c, positive=True), rand(n, s, positive=True).to(dtype)
+    xy = rand(n, s, c).to(dtype)
+    w, b = rand(3 * c), rand(3 * c)
+    if x_bn:
+        bn = [rand(c), rand(c, positive=True), rand(c), rand(c)]
+        r, mu, rstd, _ = torch.ops.hifuse.gated_layer_norm_bn(g, cg, l, sg, xy, *bn, act, w, b, 1e-6)
+        gated = [g, cg, l, sg, xy, mu, rstd, w, b, *bn]
+    else:
+        r, mu, rstd, _ = torch.ops.hifuse.gated_layer_norm(g, cg, l, sg, xy, w, b, 1e-6)
+        gated = [g, cg, l, sg, xy, mu, rstd, w, b]
+    y = (rand(n * s, 3 * c) + 1).to(torch.bfloat16)
+    grad = rand(n * s, 3 * c).to(torch.bfloat16)
+    return gated, r.view(n * s, 3 * c), y, _bn(3 * c), grad
+
+
+@pytest.mark.parametrize("n, s, c, act, dtype, x_bn", [
+    (2, 15, 24, 2, torch.float32, True), (1, 13, 32, 2, torch.bfloat16, True), (3, 7, 20, 0, torch.bfloat16, False),
+    (1, 33, 48, 1, torch.float32, True),
+])
+def test_gated_residual_matches_the_given_residual(tiles, n, s, c, act, dtype, x_bn):
+    """The ``_gated`` ops, which compute the residual r (norm3's result) on load from its
+    sources and row statistics, give the bits the plain ops give with r written: statistics
+    (and running statistics), the apply, and every backward output with the rebuilt apply."""
+    gated, r, y, bn, grad = _gated_inputs(n, s, c, act, dtype, x_bn)
+    bn2 = copy.deepcopy(bn)
+    running = (bn.running_mean, bn.running_var, bn.num_batches_tracked, 0.1)
+    want = torch.ops.hifuse.batch_norm_stats(y, r, 1e-5, *running)
+    have = torch.ops.hifuse.batch_norm_stats_gated(y, gated, act, r.dtype, 1e-5, bn2.running_mean, bn2.running_var,
+                                                   bn2.num_batches_tracked, 0.1)
+    assert all(torch.equal(a, b) for a, b in zip(have, want))
+    for a, b in zip(bn2.buffers(), bn.buffers()):
+        assert torch.equal(a, b)
+    mean, invstd, _ = want
+    params = (bn.weight.detach(), bn.bias.detach())
+    applied = torch.ops.hifuse.batch_norm_act(y, r, mean, invstd, *params, 0, s, 1, False, torch.bfloat16)
+    got = torch.ops.hifuse.batch_norm_act_gated(y, gated, act, r.dtype, mean, invstd, *params, 0, torch.bfloat16)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, applied)
+    assert torch.ops.hifuse.batch_norm_act_gated(y, gated, act, r.dtype, mean, invstd, *params, 0, None).dtype == \
+        torch.promote_types(y.dtype, r.dtype)
+    dy, dr, dw, db, _, rebuilt = torch.ops.hifuse.batch_norm_act_backward(grad, y, r, mean, invstd, *params, 0, s, 1,
+                                                                          False, False, torch.bfloat16)
+    have = torch.ops.hifuse.batch_norm_act_gated_backward(grad, y, gated, act, r.dtype, mean, invstd, *params, 0,
+                                                          torch.bfloat16)
+    for a, b in zip(have, (dy, dr, dw, db, rebuilt)):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    assert torch.ops.hifuse.batch_norm_act_gated_backward(grad, y, gated, act, r.dtype, mean, invstd, *params,
+                                                          0)[4].numel() == 0
+
+
+def test_gated_residual_bad_input():
+    gated, r, y, bn, grad = _gated_inputs(2, 5, 16, 2, torch.float32, True)
+    mean, invstd, _ = torch.ops.hifuse.batch_norm_stats(y, r, 1e-5, None, None, None, 0.1)
+    params = (bn.weight.detach(), bn.bias.detach())
+    cases = [
+        (gated[:8], "9 or 13 tensors"),
+        ([gated[0].transpose(0, 1).contiguous().transpose(0, 1), *gated[1:]], "g must be contiguous"),
+        ([*gated[:3], gated[3][:, :2], *gated[4:]], r"spatial_gate must be \(2, 5\)"),
+        ([*gated[:5], gated[5].half(), *gated[6:]], "ln_mean and ln_rstd must be float32"),
+        ([*gated[:9], gated[9][:3], *gated[10:]], "x_mean must be a contiguous"),
+    ]
+    for bad, match in cases:
+        with pytest.raises(ValueError, match=match):
+            torch.ops.hifuse.batch_norm_act_gated(y, bad, 2, torch.float32, mean, invstd, *params, 0, None)
+    with pytest.raises(ValueError, match=r"y must be \(10, 48\)"):
+        torch.ops.hifuse.batch_norm_stats_gated(y[:9], gated, 2, torch.float32, 1e-5, None, None, None, 0.1)
+    with pytest.raises(ValueError, match="x_act must be one of"):
+        torch.ops.hifuse.batch_norm_act_gated_backward(grad, y, gated, 5, torch.float32, mean, invstd, *params, 0)
