@@ -17,6 +17,11 @@ intermediate for backward. Here:
   over 2x2 windows on the way (the pooling that follows it), so the full-resolution
   activation is never written.
 
+For ``bn1`` the residual r is the fusion block's norm3 output, float32 under autocast, which
+conv1 takes in bf16: the ``_gated`` ops compute r on load from norm3's sources (the gated
+l and g and the projection's BatchNorm input, bf16 past the first block) and row statistics,
+as norm3's kernel computes it, so r is never written in float32 nor rebuilt in backward.
+
 Backward recomputes x_hat and the activation's derivative from the saved input, reduces
 ``sum(dz)`` and ``sum(dz * x_hat)`` per program (then in a fixed order), and writes the input
 gradient (for the ``gelu(y) + r`` prologue: the gradients of y and r). Running statistics
@@ -950,10 +955,28 @@ def apply_args(
     h, w = x.shape[-2:]
     y = _rows(x)
     r = None if residual is None else _rows(residual)
+    mean, invstd = _statistics(bn, y, lambda *running: torch.ops.hifuse.batch_norm_stats(
+        y.detach(), None if r is None else r.detach(), float(bn.eps), *running))
+    return y, r, mean, invstd, bn.weight, bn.bias, ACTIVATIONS[act], h, w, pool, out_dtype
+
+
+def _statistics(bn: torch.nn.BatchNorm2d, y: torch.Tensor, stats) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, invstd) of ``stats(*running_args(bn))``, a statistics op over rows y, and
+    ``bn``'s running statistics updated as ``nn.BatchNorm2d`` updates them."""
     running = running_args(bn)
     with torch.no_grad():
-        mean, invstd, var = torch.ops.hifuse.batch_norm_stats(y.detach(), None if r is None else r.detach(),
-                                                              float(bn.eps), *running)
+        mean, invstd, var = stats(*running)
     if running[0] is None:
         update_running(bn, mean, var, y.shape[0])
-    return y, r, mean, invstd, bn.weight, bn.bias, ACTIVATIONS[act], h, w, pool, out_dtype
+    return mean, invstd
+
+
+def gated_apply_args(x: torch.Tensor, bn: torch.nn.BatchNorm2d, residual: torch.Tensor, x_act: int, gated: list,
+                     out_dtype: torch.dtype | None = None) -> tuple:
+    """``apply_args`` for ``bn`` of gelu(x) + r, r norm3's result computed on load from
+    ``gated`` (``gated_problem``; ``residual``: its (N, C, H, W) stand-in, of r's dtype, which
+    carries its gradient): the arguments of ``recompute.BatchNormApplyGated``. Unchecked."""
+    y = _rows(x)
+    mean, invstd = _statistics(bn, y, lambda *running: torch.ops.hifuse.batch_norm_stats_gated(
+        y.detach(), [t.detach() for t in gated], x_act, residual.dtype, float(bn.eps), *running))
+    return (y, residual, mean, invstd, bn.weight, bn.bias, ACTIVATIONS[None], out_dtype, x_act, *gated)

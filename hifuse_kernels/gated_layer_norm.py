@@ -193,17 +193,19 @@ if triton is not None:
 # --------------------------------------------------------------------------- ops
 
 
-def _gated_out_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    out = tensors[0].dtype
-    for t in tensors[1:]:
-        out = torch.promote_types(out, t.dtype)
+def result_dtype(*tensors) -> torch.dtype:
+    """The dtype of the op's result by eager's formula: its tensors' (or dtypes') promoted."""
+    dtypes = [t if isinstance(t, torch.dtype) else t.dtype for t in tensors]
+    out = dtypes[0]
+    for d in dtypes[1:]:
+        out = torch.promote_types(out, d)
     return out
 
 
 def _forward_impl(g, channel_gate, l, spatial_gate, x, weight, bias, eps, out_dtype, low_dtype, x_bn=(), x_act=0):
     n, s, c = g.shape
     out = torch.empty((n, s, 3 * c), device=g.device,
-                      dtype=out_dtype or _gated_out_dtype(g, channel_gate, l, spatial_gate, x, weight))
+                      dtype=out_dtype or result_dtype(g, channel_gate, l, spatial_gate, x, weight))
     low = out.new_empty((0,)) if low_dtype is None else torch.empty_like(out, dtype=low_dtype)
     mean = torch.empty((n, s), device=g.device, dtype=torch.float32)
     rstd = torch.empty_like(mean)
@@ -355,7 +357,7 @@ def backward_bn(grad, g, channel_gate, l, spatial_gate, y, x_bn, x_act: int, wei
 @_gated_ln_op.register_fake
 def _fake_forward(g, channel_gate, l, spatial_gate, x, weight, bias, eps, out_dtype=None, low_dtype=None):
     n, s, c = g.shape
-    out = g.new_empty((n, s, 3 * c), dtype=out_dtype or _gated_out_dtype(g, channel_gate, l, spatial_gate, x, weight))
+    out = g.new_empty((n, s, 3 * c), dtype=out_dtype or result_dtype(g, channel_gate, l, spatial_gate, x, weight))
     stat = g.new_empty((n, s), dtype=torch.float32)
     low = out.new_empty((0,)) if low_dtype is None else torch.empty_like(out, dtype=low_dtype)
     return out, stat, torch.empty_like(stat), low

@@ -37,7 +37,9 @@ one of ``args`` comes from a source too). More functions keep less by the same r
   the LayerNorm applies on load (``LayerNormCatBN``), in forward and in backward, where its
   pass also reduces the sums of the BatchNorm's backward;
 - ``gated_layer_norm`` and ``gated_layer_norm_conv2d``: norm3, and norm3 with the IRMLP's
-  conv1 (and, through ``rebuilt``, its ``bn1``), keep norm3's source, not its input or output.
+  conv1 (and, through ``rebuilt``, its ``bn1``), keep norm3's source, not its input or output;
+  under autocast norm3's float32 output is not written at all where ``bn1`` computes it on
+  load (``on_load``, ``BatchNormApplyGated``).
 
 Under autocast a GEMM runs in autocast's dtype as ``F.linear`` would. Its weight and bias are
 cast once, in forward, and that cast is saved for backward (a copy made per step, never stale
@@ -67,10 +69,11 @@ from . import residual_layer_norm as rln
 from . import weight_casts
 from .reference import CUDA_LIKE_DEVICES, autocast_dtype
 
-__all__ = ["BatchNormApply", "DeferredBatchNorm", "DwconvLayerNorm", "GatedLayerNorm", "GatedLayerNormRows",
-           "LayerNormCat", "LayerNormCatBN", "LinearBatchNorm", "LinearStats", "dwconv_layer_norm_linear_residual",
-           "gated_layer_norm", "gated_layer_norm_conv2d", "gated_layer_norm_source", "linear", "linear_batch_norm",
-           "linear_pair", "norm_cat_linear", "residual_layer_norm_linear"]
+__all__ = ["BatchNormApply", "BatchNormApplyGated", "DeferredBatchNorm", "DwconvLayerNorm", "GatedLayerNorm",
+           "GatedLayerNormRows", "GatedResidual", "LayerNormCat", "LayerNormCatBN", "LinearBatchNorm", "LinearStats",
+           "dwconv_layer_norm_linear_residual", "gated_layer_norm", "gated_layer_norm_conv2d",
+           "gated_layer_norm_source", "linear", "linear_batch_norm", "linear_pair", "norm_cat_linear",
+           "residual_layer_norm_linear"]
 
 # --------------------------------------------------------------------------- producers
 
@@ -109,6 +112,43 @@ class BatchNormApply:
             BatchNormApply.dtype(*args),
         )
         return a, (dy, (dr if residual is not None else None), None, None, dw, db, None, None, None, None, None)
+
+
+class BatchNormApplyGated:
+    """hifuse::batch_norm_act_gated: ``BatchNormApply`` of the IRMLP's bn1, whose residual r
+    (norm3's result) its passes compute on load from norm3's sources; args (y, residual,
+    mean, invstd, weight, bias, act, out_dtype, x_act, *gated), ``residual`` standing for r in
+    autograd only (``gated_layer_norm_conv2d``'s, never read): its gradient is r's."""
+
+    @staticmethod
+    def make(y, residual, mean, invstd, weight, bias, act, out_dtype, x_act, *gated):
+        return torch.ops.hifuse.batch_norm_act_gated(y, list(gated), x_act, residual.dtype, mean, invstd, weight, bias,
+                                                     act, out_dtype), ()
+
+    @staticmethod
+    def _grads(outs, residual, gated):
+        dy, dr, dw, db = outs[:4]
+        n, c, h, w = residual.shape
+        dr = dr.view(n, h, w, c).permute(0, 3, 1, 2)
+        return (dy, dr, None, None, dw, db, None, None, None, *[None] * len(gated))
+
+    @staticmethod
+    def grad(grad_a, aux, y, residual, mean, invstd, weight, bias, act, out_dtype, x_act, *gated):
+        outs = torch.ops.hifuse.batch_norm_act_gated_backward(grad_a.contiguous(), y, list(gated), x_act,
+                                                              residual.dtype, mean, invstd, weight, bias, act)
+        return BatchNormApplyGated._grads(outs, residual, gated)
+
+    @staticmethod
+    def dtype(y, residual, mean, invstd, weight, bias, act, out_dtype, *rest):
+        return out_dtype or torch.promote_types(y.dtype, residual.dtype)
+
+    @staticmethod
+    def remake_grad(grad_a, aux, y, residual, mean, invstd, weight, bias, act, out_dtype, x_act, *gated):
+        """``make``'s result, written by the backward's reducing pass, and ``grad``'s gradients."""
+        outs = torch.ops.hifuse.batch_norm_act_gated_backward(
+            grad_a.contiguous(), y, list(gated), x_act, residual.dtype, mean, invstd, weight, bias, act,
+            BatchNormApplyGated.dtype(y, residual, mean, invstd, weight, bias, act, out_dtype))
+        return outs[4], BatchNormApplyGated._grads(outs, residual, gated)
 
 
 class LayerNormCat:
@@ -325,6 +365,15 @@ class GatedLayerNormRows:
         if args[4] is None:
             return torch.ops.hifuse.gated_layer_norm_bn(*GatedLayerNormRows.on_load(*src), out_dtype, low_dtype)
         return torch.ops.hifuse.gated_layer_norm(*args, out_dtype, low_dtype)
+
+    @staticmethod
+    def run_dtype(*src) -> torch.dtype:
+        """The dtype of ``run``'s result without ``out_dtype`` (eager's formula's)."""
+        g, channel_gate, l, spatial_gate, x, weight = src[3:9]
+        if x is None:  # the BatchNorm apply's
+            bn = src[11:]
+            x = bna.result_dtype(bn[0], bn[1], bn[-1])
+        return gln.result_dtype(g, channel_gate, l, spatial_gate, x, weight)
 
     @staticmethod
     def make(*src):
@@ -546,7 +595,7 @@ def _function(producer, sources=()):
 
 
 # Built at import: Dynamo traces a Function class made before tracing.
-_FUNCTIONS = {(p, ()): _function(p) for p in (BatchNormApply, DwconvLayerNorm, LayerNormCat)}
+_FUNCTIONS = {(p, ()): _function(p) for p in (BatchNormApply, BatchNormApplyGated, DwconvLayerNorm, LayerNormCat)}
 for _key in ((BatchNormApply, (GatedLayerNormRows,)), (BatchNormApply, (GatedLayerNormRowsShared,)),
              (LayerNormCat, (LinearBatchNorm,) * 2),
              (LayerNormCat, (LinearBatchNorm,) * 3)):
@@ -613,7 +662,10 @@ def gated_layer_norm(src, keep: bool = False) -> torch.Tensor:
 
 class _GatedLayerNormConv2d(torch.autograd.Function):
     """norm3 (as ``_GatedLayerNorm``) and the IRMLP's conv1 (stride 1, no bias) on its result,
-    as one Function returning both: neither norm3's x nor its result is kept. Backward rebuilds
+    as one Function returning both, and norm3's row mean and rstd: neither norm3's x nor its
+    result is kept. ``gated``: the result is never written but in the convolution's dtype:
+    what it returns as the result is an (expanded, empty) stand-in that carries its gradient,
+    for a BatchNorm whose passes compute it on load (``BatchNormApplyGated``). Backward rebuilds
     x once (the BatchNorm apply, or none where norm3 applies it on load), the result once in the
     convolution's dtype (for conv1's
     weight gradient; no cast pass), and the gated LayerNorm backward takes conv1's input
@@ -624,12 +676,18 @@ class _GatedLayerNormConv2d(torch.autograd.Function):
     rebuilding them again (None, or left empty: rebuilt here)."""
 
     @staticmethod
-    def forward(ctx, weight, padding, groups, shared, *src):
+    def forward(ctx, weight, padding, groups, shared, gated, *src):
         n, h, w = src[:3]
         gemm_dtype = autocast_dtype(src[3])
-        # the convolution's input written by the same pass, in its dtype: no cast pass
-        out, mean, rstd, low = GatedLayerNormRows.run(src, GatedLayerNormRows.op_args(*src), None, gemm_dtype)
-        x = out.view(n, h, w, -1).permute(0, 3, 1, 2)
+        args = GatedLayerNormRows.op_args(*src)
+        if gated:  # the convolution's input only
+            low, mean, rstd, _ = GatedLayerNormRows.run(src, args, gemm_dtype)
+            dtype = GatedLayerNormRows.run_dtype(*src)
+            x = torch.empty((1, 1, 1, 1), device=low.device, dtype=dtype).expand(n, h, w, low.shape[-1]).permute(
+                0, 3, 1, 2)
+        else:  # the convolution's input written by the same pass, in its dtype: no cast pass
+            out, mean, rstd, low = GatedLayerNormRows.run(src, args, None, gemm_dtype)
+            x = out.view(n, h, w, -1).permute(0, 3, 1, 2)
         ctx.weight_dtype = weight.dtype
         weight, _ = cast_for_gemm(weight, None, gemm_dtype)
         conv_in = x if gemm_dtype is None else low.view(n, h, w, -1).permute(0, 3, 1, 2)
@@ -638,10 +696,11 @@ class _GatedLayerNormConv2d(torch.autograd.Function):
         ctx.save_for_backward(weight, mean, rstd, *tensors)
         ctx.padding, ctx.groups, ctx.shared = padding, groups, shared
         ctx.set_materialize_grads(False)
-        return x, y
+        ctx.mark_non_differentiable(mean, rstd)
+        return x, y, mean, rstd
 
     @staticmethod
-    def backward(ctx, grad_x, grad_y):
+    def backward(ctx, grad_x, grad_y, _grad_mean, _grad_rstd):
         weight, mean, rstd, *tensors = ctx.saved_tensors
         src = _join(tensors, ctx.consts)
         n, h, w = src[:3]
@@ -661,19 +720,39 @@ class _GatedLayerNormConv2d(torch.autograd.Function):
             )
             dw = dw.to(ctx.weight_dtype)
         if grad_x is None and dconv is None:
-            return (None,) * (4 + len(src))
+            return (None,) * (5 + len(src))
         grads = [t.permute(0, 2, 3, 1).contiguous().view(n, h * w, -1) for t in (grad_x, dconv) if t is not None]
-        return (dw, None, None, None, *GatedLayerNormRows.grads(src, args, mean, rstd, *grads))
+        return (dw, None, None, None, None, *GatedLayerNormRows.grads(src, args, mean, rstd, *grads))
 
 
-def gated_layer_norm_conv2d(src, weight: torch.Tensor, padding, groups: int) -> tuple:
+class GatedResidual(NamedTuple):
+    """norm3's result as the residual of a BatchNorm that computes it on load: the arguments
+    ``x_act`` and ``gated`` of hifuse::batch_norm_act_gated (``BatchNormApplyGated``)."""
+
+    x_act: int
+    gated: list
+
+
+def gated_layer_norm_conv2d(src, weight: torch.Tensor, padding, groups: int, on_load: bool = False) -> tuple:
     """``(x, F.conv2d(x, weight, padding=padding, groups=groups), source)`` with x
     ``GatedLayerNorm.make(*src)[0]``, keeping ``src`` only (gradients as ``gated_layer_norm``'s).
     ``source``: ``(class, src)`` that rebuilds x's rows for another reader (``rebuilt`` of
     ``linear``), leaving them for this op's backward too, which then rebuilds nothing (in eager
-    autograd; under torch.compile the graph sees both rebuilds)."""
-    shared = None if torch.compiler.is_compiling() else SharedRebuild(autocast_dtype(src[3]))
-    x, y = _GatedLayerNormConv2d.apply(weight, tuple(padding), groups, shared, *src)
+    autograd; under torch.compile the graph sees both rebuilds). ``on_load``: x's one reader
+    besides the convolution is a BatchNorm that can compute it on load (the IRMLP's bn1):
+    where x's dtype is not the convolution's and x's BatchNorm is applied on load by norm3 (in
+    eager autograd), x is never written but in the convolution's dtype, and source is a
+    ``GatedResidual`` (x an empty stand-in that carries its gradient)."""
+    compiling = torch.compiler.is_compiling()
+    gemm_dtype = autocast_dtype(src[3])
+    args = None if compiling or not on_load or gemm_dtype is None else GatedLayerNormRows.on_load(*src)
+    gated = args is not None and GatedLayerNormRows.run_dtype(*src) != gemm_dtype
+    shared = None if compiling or gated else SharedRebuild(gemm_dtype)
+    x, y, mean, rstd = _GatedLayerNormConv2d.apply(weight, tuple(padding), groups, shared, gated, *src)
+    if gated:
+        g, channel_gate, l, spatial_gate, y_x, x_mean, x_invstd, x_weight, x_bias, x_act, ln_weight, ln_bias, _ = args
+        return x, y, GatedResidual(x_act, [g, channel_gate, l, spatial_gate, y_x, mean, rstd, ln_weight, ln_bias,
+                                           x_mean, x_invstd, x_weight, x_bias])
     source = (GatedLayerNormRows, src) if shared is None else (GatedLayerNormRowsShared, (shared, *src))
     return x, y, source
 

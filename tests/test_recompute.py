@@ -345,6 +345,55 @@ def test_irmlp_front_from_gated_layer_norm(keep_x, keep_out, keep_a, monkeypatch
     assert runs == {"gated_layer_norm": 2, "gated_layer_norm_bn": 2 * (1 + (0 if keep_out else 1))}, runs
 
 
+@pytest.mark.parametrize("keep_a", [False, True])
+def test_irmlp_front_computes_bn1_residual_on_load(keep_a, monkeypatch):
+    # Under autocast norm3's result (float32) has two readers: conv1, which takes it in bf16,
+    # and bn1's residual. With ``on_load`` norm3 writes it in bf16 only, and bn1's passes
+    # (hifuse::batch_norm_act_gated) compute the float32 residual on load from norm3's sources:
+    # every output, gradient and running statistic has the bits of the path that writes it
+    calls = []
+    op = torch.ops.hifuse.gated_layer_norm_bn
+    monkeypatch.setattr(torch.ops.hifuse, "gated_layer_norm_bn", lambda *a: calls.append(a[-2:]) or op(*a))
+    torch.manual_seed(0)
+    n, c, h, w = 2, 16, 3, 5
+    cl = dict(memory_format=torch.channels_last)
+    y_proj = _leaf(n, c, h, w)
+    g, l = (_leaf(n, c, h, w).detach().contiguous(**cl).requires_grad_() for _ in range(2))
+    cg, sg = _leaf(n, c, 1, 1), _leaf(n, 1, h, w)
+    w3, b3 = _leaf(3 * c, scale=0.5), _leaf(3 * c, scale=0.5)
+    w1, w2 = _leaf(3 * c, 3 * c, 3, 3, scale=0.2), _leaf(12 * c, 3 * c, scale=0.3)
+    bn_proj, bn1 = _bn(c), _bn(3 * c)
+    leaves = [y_proj, g, l, cg, sg, w3, b3, w1, w2] + [p for bn in (bn_proj[0], bn1[0]) for p in (bn.weight, bn.bias)]
+
+    def run(on_load, k):
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):
+            bn_args = bna.apply_args(y_proj, bn_proj[k], "gelu")
+            src = recompute.gated_layer_norm_source(g, cg, l, sg, w3, b3, 1e-6, bn_args)
+            x, y, source = recompute.gated_layer_norm_conv2d(src, w1, (1, 1), 1, on_load=on_load)
+            if on_load:
+                assert isinstance(source, recompute.GatedResidual) and x.dtype == torch.float32
+                args = bna.gated_apply_args(y, bn1[k], x, source.x_act, source.gated, out_dtype=torch.bfloat16)
+                return recompute.linear(recompute.BatchNormApplyGated, args, w2, keep=keep_a)
+            args = bna.apply_args(y, bn1[k], None, residual=x, out_dtype=torch.bfloat16)
+            return recompute.linear(recompute.BatchNormApply, args, w2, rebuilt=[(source[0], 1, source[1])],
+                                    keep=keep_a)
+
+    results = []
+    for k, on_load in enumerate((True, False)):
+        calls.clear()
+        out = run(on_load, k)
+        out.float().mul(torch.linspace(-1, 1, out.numel(), device=DEVICE).view(out.shape)).sum().backward()
+        results.append([out.detach(), *[t.grad.clone() for t in leaves]])
+        for t in leaves:
+            t.grad = None
+        # norm3 runs once each way: on load it writes conv1's dtype only, else float32 and a copy
+        assert calls == [(torch.bfloat16, None) if on_load else (None, torch.bfloat16)] * 2, calls
+    for a, b in zip(*results):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    for a, b in zip(bn1[0].buffers(), bn1[1].buffers()):
+        assert torch.equal(a, b)
+
+
 @keeps
 @pytest.mark.parametrize("residual", [False, True], ids=["linear", "block"])
 def test_dwconv_layer_norm_linear(keep, residual):

@@ -99,16 +99,25 @@ def irmlp_forward(m: IRMLP, x: torch.Tensor | None, src: tuple | None = None,
     conv3's BatchNorm into conv3. The 1x1 convolutions are GEMMs; conv3 takes the expansion's
     GELU on its loads (``gelu_conv_bn``). ``src``: x is ``recompute.GatedLayerNorm.make(*src)[0]``
     (the fusion block's norm3), and in training neither conv1 nor ``bn1`` keeps x either: both
-    rerun that elementwise op in backward (x is None then: norm3 and conv1 run as one op).
+    rerun that elementwise op in backward (x is None then: norm3 and conv1 run as one op);
+    under autocast, in eager autograd, x is written only in conv1's dtype, and ``bn1``'s passes
+    compute the float32 x on load from norm3's sources (``recompute.BatchNormApplyGated``).
     The ``irmlp`` rebuild (``config.Rebuilds``) decides whether conv2's input is rebuilt.
     ``shortcut``: the result plus it (``gelu_conv_bn``)."""
     keep = not config.rebuilding("irmlp")
     conv1 = m.conv1.conv
+    source = None
     if src is not None:
-        x, y, source = recompute.gated_layer_norm_conv2d(src, conv1.weight, conv1.padding, conv1.groups)
+        x, y, source = recompute.gated_layer_norm_conv2d(src, conv1.weight, conv1.padding, conv1.groups,
+                                                         on_load=not folds(m.bn1))
     else:
         x = x.contiguous(memory_format=torch.channels_last)
         y = F.conv2d(x, conv1.weight, None, padding=conv1.padding, groups=conv1.groups)
+    if isinstance(source, recompute.GatedResidual):  # bn1's passes compute x on load: it is never written
+        n, _, h, w = x.shape
+        args = bna.gated_apply_args(y, m.bn1, x, source.x_act, source.gated, out_dtype=autocast_dtype(x))
+        expanded = recompute.linear(recompute.BatchNormApplyGated, args, m.conv2.conv.weight.flatten(1), keep=keep)
+        return gelu_conv_bn(m.conv3, expanded.view(n, h, w, -1), shortcut)
     if not folds(m.bn1):
         n, _, h, w = x.shape
         args = bna.apply_args(y, m.bn1, None, residual=x, out_dtype=autocast_dtype(x))
@@ -197,7 +206,8 @@ def fusion_forward(m: HFFBlock, l: torch.Tensor, g: torch.Tensor, f: torch.Tenso
     4. norm3 over [g * channel gate, l * spatial gate, x], never written whole
        (``gated_layer_norm``) and never kept: rerun once in backward (with x's BatchNorm
        apply), for bn1's residual and, in the same pass, conv1's input
-       (``recompute.gated_layer_norm_conv2d``);
+       (``recompute.gated_layer_norm_conv2d``); under autocast written only as conv1's bf16
+       input, each way: bn1's passes compute their float32 residual on load;
     5. the IRMLP (``irmlp_forward``) plus the shortcut (Updim's part, or nothing), added by
        conv3's BatchNorm apply where stochastic depth is inactive.
 
