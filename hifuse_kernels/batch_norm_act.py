@@ -54,6 +54,7 @@ WARPS = 16
 POOL_BLOCK_M = 16
 BWD_BLOCK_M = 32
 COMBINE_WARPS = 2  # one channel block of the programs' partials per program
+GATED_BLOCK_C = 32  # channels per program where the residual is computed on load (``_launch``)
 
 __all__ = ["apply_args", "batch_norm_act", "batch_norm_act_ref", "result_dtype", "unsupported_reason"]
 
@@ -145,6 +146,15 @@ if triton is not None:
         else:
             d = tl.full(z.shape, 1.0, tl.float32)
         return d
+
+    @triton.jit
+    def _grad_terms(grad, v, mean, invstd, w, b, m, ACT: tl.constexpr):
+        """The backward's terms of a tile of its input v and its output's gradient: x_hat, and
+        dz = grad * act'(z), z = x_hat * w + b (zero where masked; w and b unused without ACT).
+        The ops that reduce a BatchNorm backward's sums in their own pass take them from here."""
+        xhat = (v - mean[None, :]) * invstd[None, :]
+        dz = grad * _act_grad(xhat * w[None, :] + b[None, :], ACT)
+        return xhat, tl.where(m, dz, 0.0)
 
     @triton.jit
     def _load_grad(G, G2, rows, c, m, C, H, W, POOL: tl.constexpr, GRAD2: tl.constexpr):
@@ -299,9 +309,9 @@ if triton is not None:
         invstd = tl.load(INVSTD + c, mask=cmask, other=0.0)
         w = tl.load(W + c, mask=cmask, other=0.0).to(tl.float32)
         b = tl.load(B + c, mask=cmask, other=0.0).to(tl.float32)
-        xhat = (v - mean[None, :]) * invstd[None, :]
-        dz = _load_grad(GR, G2, rows, c, m, C, H, WIDTH, POOL, GRAD2) * _act_grad(xhat * w[None, :] + b[None, :], ACT)
-        return xhat, tl.where(m, dz, 0.0), w * invstd, v
+        grad = _load_grad(GR, G2, rows, c, m, C, H, WIDTH, POOL, GRAD2)
+        xhat, dz = _grad_terms(grad, v, mean, invstd, w, b, m, ACT)
+        return xhat, dz, w * invstd, v
 
     @triton.jit(do_not_specialize=["PROGRAMS"])
     def _bwd_reduce_kernel(GR, Y, R, MEAN, INVSTD, W, B, SUM_DZ_PART, SUM_DZXH_PART, OUT, M, C, H, WIDTH, PROGRAMS,
@@ -412,9 +422,10 @@ def _launch(name: str, rows: int, y: torch.Tensor, residual: torch.Tensor | None
     """BLOCK_M, BLOCK_C and num_warps of launch ``name`` over ``rows`` rows: the GPU's tile of
     ``block_m`` rows (``device_tile``), or the launch table's for this device and shape, or a
     wide one. ``gated``: the GATED arguments, whose parts of CP channels each tile's channels
-    lie in: the channel block halved until it divides CP, the rows kept (computing r on load
+    lie in: the channel block halved until it divides CP, and to at most GATED_BLOCK_C on a GPU,
+    where the statistics and backward passes also take half their rows (computing r on load
     takes registers: 64 x 64 tiles spilled in the statistics pass, 32 x 32 in the backward's
-    rebuilding one, so the backward takes half its rows)."""
+    rebuilding one; 32 x 32 and 16 x 32 keep two programs an SM or more)."""
     c = y.shape[1]
     if _triton.wide():
         block_c = _triton.block_channels(c)
@@ -425,9 +436,10 @@ def _launch(name: str, rows: int, y: torch.Tensor, residual: torch.Tensor | None
         launch = _configs.launch_config(f"batch_norm_act.{name}", _shape_class(y, residual, pool, gated), default,
                                         y.device, _tile_problem)
     if gated:
-        while gated["CP"] % launch["BLOCK_C"]:
+        wide = _triton.wide()
+        while gated["CP"] % launch["BLOCK_C"] or (not wide and launch["BLOCK_C"] > GATED_BLOCK_C):
             launch = dict(launch, BLOCK_C=launch["BLOCK_C"] // 2)
-        if name == "backward" and not _triton.wide():
+        if name in ("stats", "backward") and not wide:
             launch = dict(launch, BLOCK_M=max(1, launch["BLOCK_M"] // 2))
     return launch
 
@@ -656,7 +668,8 @@ def _kinds(kwargs: dict) -> dict:
 
 
 def gated_problem(y: torch.Tensor, gated, x_act: int, r_dtype) -> str | None:
-    """Why ``gated`` cannot be the source of the residual of a BatchNorm over rows y, or None:
+    """Why ``gated`` cannot be the source of the residual of a BatchNorm over rows y, or None
+    (the ``_gated`` ops take it as ``gated_sources``):
     ``gated`` is [g, channel_gate, l, spatial_gate, x, ln_mean, ln_rstd, ln_weight, ln_bias]
     as ``hifuse::gated_layer_norm`` takes them (g, l, x contiguous (N, S, C); the gates (N, C)
     and (N, S)), its (N, S) float32 mean and rstd, and, where x is the input of a BatchNorm
@@ -664,7 +677,7 @@ def gated_problem(y: torch.Tensor, gated, x_act: int, r_dtype) -> str | None:
     and bias after them; y's rows are the N * S positions, its channels the 3C of r."""
     if not isinstance(gated, (list, tuple)) or len(gated) not in (9, 13) or not all(
             isinstance(t, torch.Tensor) for t in gated):
-        return "gated must be a list of 9 or 13 tensors"
+        return "gated must be 9 tensors, or 13 with x's BatchNorm (x_mean, x_invstd, x_weight and x_bias)"
     g = gated[0]
     if g.dim() != 3:
         return f"g must be (N, S, C), got {tuple(g.shape)}"
@@ -699,15 +712,34 @@ def _check_gated(name: str, y, gated, x_act, r_dtype) -> None:
         raise ValueError(f"{name}: {problem}")
 
 
+def gated_sources(gated: list, x_act: int, r_dtype: torch.dtype) -> tuple:
+    """The arguments that stand for the residual in the ``_gated`` ops, from ``gated``
+    (``gated_problem``'s list): its tensors (x's BatchNorm None where there is none), x_act and
+    r_dtype. (One by one, not a Tensor[]: beside a list, optional arguments break an op's
+    autograd under torch 2.11.)"""
+    return (*gated[:9], *(gated[9:] or [None] * 4), x_act, r_dtype)
+
+
+def _gated_list(g, channel_gate, l, spatial_gate, x, ln_mean, ln_rstd, ln_weight, ln_bias, x_mean, x_invstd,
+                x_weight, x_bias) -> list:
+    tensors = [g, channel_gate, l, spatial_gate, x, ln_mean, ln_rstd, ln_weight, ln_bias]
+    return tensors if x_mean is None else tensors + [x_mean, x_invstd, x_weight, x_bias]
+
+
 @_triton.define_op("hifuse::batch_norm_stats_gated",
                    mutates_args=("running_mean", "running_var", "num_batches_tracked"))
 def _stats_gated_op(
-    y: torch.Tensor, gated: list[torch.Tensor], x_act: int, r_dtype: torch.dtype, eps: float,
-    running_mean: torch.Tensor | None, running_var: torch.Tensor | None, num_batches_tracked: torch.Tensor | None,
-    momentum: float,
+    y: torch.Tensor, g: torch.Tensor, channel_gate: torch.Tensor, l: torch.Tensor, spatial_gate: torch.Tensor,
+    x: torch.Tensor, ln_mean: torch.Tensor, ln_rstd: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor,
+    x_mean: torch.Tensor | None, x_invstd: torch.Tensor | None, x_weight: torch.Tensor | None,
+    x_bias: torch.Tensor | None, x_act: int, r_dtype: torch.dtype, eps: float, running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None, num_batches_tracked: torch.Tensor | None, momentum: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``hifuse::batch_norm_stats`` of gelu(y) + r, r norm3's result in ``r_dtype`` computed
-    on load from ``gated`` (``gated_problem``): the same values as with r given."""
+    on load from its sources (``gated_sources``; ``gated_problem``): the same values as with r
+    given."""
+    gated = _gated_list(g, channel_gate, l, spatial_gate, x, ln_mean, ln_rstd, ln_weight, ln_bias, x_mean, x_invstd,
+                        x_weight, x_bias)
     _check_gated("batch_norm_stats_gated", y, gated, x_act, r_dtype)
     return _stats_impl(y, None, eps, running_mean, running_var, num_batches_tracked, momentum,
                        _gated_args(gated, x_act, r_dtype))
@@ -715,12 +747,17 @@ def _stats_gated_op(
 
 @_triton.define_op("hifuse::batch_norm_act_gated", mutates_args=())
 def _apply_gated_op(
-    y: torch.Tensor, gated: list[torch.Tensor], x_act: int, r_dtype: torch.dtype, mean: torch.Tensor,
-    invstd: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, act: int, out_dtype: torch.dtype | None,
+    y: torch.Tensor, g: torch.Tensor, channel_gate: torch.Tensor, l: torch.Tensor, spatial_gate: torch.Tensor,
+    x: torch.Tensor, ln_mean: torch.Tensor, ln_rstd: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor,
+    x_mean: torch.Tensor | None, x_invstd: torch.Tensor | None, x_weight: torch.Tensor | None,
+    x_bias: torch.Tensor | None, x_act: int, r_dtype: torch.dtype, mean: torch.Tensor, invstd: torch.Tensor,
+    weight: torch.Tensor, bias: torch.Tensor, act: int, out_dtype: torch.dtype | None,
 ) -> torch.Tensor:
     """``hifuse::batch_norm_act`` of gelu(y) + r, r as in ``hifuse::batch_norm_stats_gated``
     (no pooling). No autograd of its own: its backward is ``batch_norm_act_gated_backward``,
     whose residual gradient goes to norm3's backward (``recompute.BatchNormApplyGated``)."""
+    gated = _gated_list(g, channel_gate, l, spatial_gate, x, ln_mean, ln_rstd, ln_weight, ln_bias, x_mean, x_invstd,
+                        x_weight, x_bias)
     _check_gated("batch_norm_act_gated", y, gated, x_act, r_dtype)
     return _apply_impl(y, None, mean, invstd, weight, bias, act, 1, 1, False, out_dtype,
                        gated=_gated_args(gated, x_act, r_dtype), r_dtype=r_dtype)
@@ -728,13 +765,18 @@ def _apply_gated_op(
 
 @_triton.define_op("hifuse::batch_norm_act_gated_backward", mutates_args=())
 def _backward_gated_op(
-    grad: torch.Tensor, y: torch.Tensor, gated: list[torch.Tensor], x_act: int, r_dtype: torch.dtype,
+    grad: torch.Tensor, y: torch.Tensor, g: torch.Tensor, channel_gate: torch.Tensor, l: torch.Tensor,
+    spatial_gate: torch.Tensor, x: torch.Tensor, ln_mean: torch.Tensor, ln_rstd: torch.Tensor,
+    ln_weight: torch.Tensor, ln_bias: torch.Tensor, x_mean: torch.Tensor | None, x_invstd: torch.Tensor | None,
+    x_weight: torch.Tensor | None, x_bias: torch.Tensor | None, x_act: int, r_dtype: torch.dtype,
     mean: torch.Tensor, invstd: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, act: int,
     rebuild_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dy, dr, dweight, dbias, rebuilt) of ``hifuse::batch_norm_act_gated``, as
     ``hifuse::batch_norm_act_backward`` gives them with r given: dr as (M, 3C) rows of
     ``r_dtype``, rebuilt with ``rebuild_dtype`` (else empty)."""
+    gated = _gated_list(g, channel_gate, l, spatial_gate, x, ln_mean, ln_rstd, ln_weight, ln_bias, x_mean, x_invstd,
+                        x_weight, x_bias)
     _check_gated("batch_norm_act_gated_backward", y, gated, x_act, r_dtype)
     dy, dr, dw, db, _, rebuilt = _backward_impl(grad, y, None, mean, invstd, weight, bias, act, 1, 1, False, False,
                                                 rebuild_dtype, None, _gated_args(gated, x_act, r_dtype), r_dtype)
@@ -742,20 +784,23 @@ def _backward_gated_op(
 
 
 @_stats_gated_op.register_fake
-def _(y, gated, x_act, r_dtype, eps, running_mean, running_var, num_batches_tracked, momentum):
+def _(y, *args):
     return tuple(y.new_empty((y.shape[1],), dtype=torch.float32) for _ in range(3))
 
 
 @_apply_gated_op.register_fake
-def _(y, gated, x_act, r_dtype, mean, invstd, weight, bias, act, out_dtype):
+def _(y, *args):
+    r_dtype, out_dtype = args[14], args[-1]
     return y.new_empty(y.shape, dtype=out_dtype or torch.promote_types(y.dtype, r_dtype))
 
 
 @_backward_gated_op.register_fake
-def _(grad, y, gated, x_act, r_dtype, mean, invstd, weight, bias, act, rebuild_dtype=None):
+def _(grad, y, *args):
+    r_dtype = args[14]
+    rebuild_dtype = args[20] if len(args) > 20 else None
     rebuilt = y.new_empty(y.shape if rebuild_dtype is not None else (0,), dtype=rebuild_dtype or y.dtype)
-    return torch.empty_like(y), y.new_empty(y.shape, dtype=r_dtype), torch.empty_like(weight), torch.empty_like(
-        bias), rebuilt
+    return torch.empty_like(y), y.new_empty(y.shape, dtype=r_dtype), torch.empty_like(args[17]), torch.empty_like(
+        args[18]), rebuilt
 
 
 @_triton.define_op("hifuse::batch_norm_act_backward_summed", mutates_args=())
@@ -977,6 +1022,7 @@ def gated_apply_args(x: torch.Tensor, bn: torch.nn.BatchNorm2d, residual: torch.
     ``gated`` (``gated_problem``; ``residual``: its (N, C, H, W) stand-in, of r's dtype, which
     carries its gradient): the arguments of ``recompute.BatchNormApplyGated``. Unchecked."""
     y = _rows(x)
+    sources = gated_sources([t.detach() for t in gated], x_act, residual.dtype)
     mean, invstd = _statistics(bn, y, lambda *running: torch.ops.hifuse.batch_norm_stats_gated(
-        y.detach(), [t.detach() for t in gated], x_act, residual.dtype, float(bn.eps), *running))
+        y.detach(), *sources, float(bn.eps), *running))
     return (y, residual, mean, invstd, bn.weight, bn.bias, ACTIVATIONS[None], out_dtype, x_act, *gated)

@@ -41,7 +41,7 @@ def gated_layer_norm_ref(g, channel_gate, l, spatial_gate, x, weight, bias, eps:
 
 if triton is not None:
     from ._triton import image_block, three_part_norm_grads
-    from .batch_norm_act import _act, _act_grad, _affine
+    from .batch_norm_act import _act, _affine, _grad_terms
 
     @triton.jit
     def _gated_parts(G, CG, L, SG, X, XM, XI, XW, XB, n, p, c, m, cmask, C, X_BN: tl.constexpr,
@@ -160,11 +160,10 @@ if triton is not None:
             tl.store(DX + rows, zx, mask=m)
             if SUMS:  # as the BatchNorm's backward recomputes them from y and DX
                 yv = tl.load(X + rows, mask=m, other=0.0).to(tl.float32)
-                xhat = (yv - tl.load(XM + c, mask=cmask, other=0.0)[None, :]) * tl.load(XI + c, mask=cmask,
-                                                                                         other=0.0)[None, :]
-                z = xhat * tl.load(XW + c, mask=cmask, other=0.0).to(tl.float32)[None, :] + tl.load(
-                    XB + c, mask=cmask, other=0.0).to(tl.float32)[None, :]
-                dz = tl.where(m, zx.to(tl.float32) * _act_grad(z, X_ACT), 0.0)
+                xhat, dz = _grad_terms(zx.to(tl.float32), yv, tl.load(XM + c, mask=cmask, other=0.0),
+                                       tl.load(XI + c, mask=cmask, other=0.0),
+                                       tl.load(XW + c, mask=cmask, other=0.0).to(tl.float32),
+                                       tl.load(XB + c, mask=cmask, other=0.0).to(tl.float32), m, X_ACT)
                 bn_dz += dz
                 bn_dzxh += dz * xhat
             tl.store(DSG + p, tl.sum(zb * lv, 1).to(DSG.dtype.element_ty), mask=smask)

@@ -90,7 +90,7 @@ def unsupported_reason(parts: Sequence[torch.Tensor], weight: torch.Tensor, bias
 
 if triton is not None:
     from ._triton import ones_column, three_part_norm_grads
-    from .batch_norm_act import _affine
+    from .batch_norm_act import _affine, _grad_terms
 
     @triton.jit
     def _load_parts(A, B, D, offs, m, PARTS: tl.constexpr):
@@ -125,10 +125,10 @@ if triton is not None:
         """A part's BatchNorm backward sums: dz, the part's gradient as written, and x_hat from
         its input y as ``batch_norm_act._bwd_reduce_kernel`` forms them; float32 tiles (float64
         ones doubled the kernel's registers), added over the rows in float64 at the end."""
-        if ON:
-            dz = tl.where(m, dz.to(tl.float32), 0.0)
+        if ON:  # no activation: w and b are not read
+            xhat, dz = _grad_terms(dz.to(tl.float32), y, mean, invstd, mean, mean, m, 0)
             sum_dz += dz
-            sum_dzxh += dz * ((y - mean[None, :]) * invstd[None, :])
+            sum_dzxh += dz * xhat
         return sum_dz, sum_dzxh
 
     @triton.jit

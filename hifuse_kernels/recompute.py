@@ -87,12 +87,17 @@ class BatchNormApply:
         return torch.ops.hifuse.batch_norm_act(*args), ()
 
     @staticmethod
+    def grads(dy, dr, dw, db) -> tuple:
+        """The gradients of the args given those of y, residual (or None), weight and bias:
+        mean and invstd are batch statistics, whose gradients are in dy's reduction terms."""
+        return dy, dr, None, None, dw, db, None, None, None, None, None
+
+    @staticmethod
     def grad(grad_a, aux, y, residual, mean, invstd, weight, bias, act, height, width, pool, out_dtype):
         dy, dr, dw, db, _, _ = torch.ops.hifuse.batch_norm_act_backward(
             grad_a.contiguous(), y, residual, mean, invstd, weight, bias, act, height, width, pool
         )
-        # mean and invstd are batch statistics: their gradients are in dy's reduction terms
-        return dy, (dr if residual is not None else None), None, None, dw, db, None, None, None, None, None
+        return BatchNormApply.grads(dy, dr if residual is not None else None, dw, db)
 
     @staticmethod
     def dtype(y, residual, *rest):
@@ -111,7 +116,7 @@ class BatchNormApply:
             grad_a.contiguous(), y, residual, mean, invstd, weight, bias, act, height, width, pool, False,
             BatchNormApply.dtype(*args),
         )
-        return a, (dy, (dr if residual is not None else None), None, None, dw, db, None, None, None, None, None)
+        return a, BatchNormApply.grads(dy, dr if residual is not None else None, dw, db)
 
 
 class BatchNormApplyGated:
@@ -122,8 +127,8 @@ class BatchNormApplyGated:
 
     @staticmethod
     def make(y, residual, mean, invstd, weight, bias, act, out_dtype, x_act, *gated):
-        return torch.ops.hifuse.batch_norm_act_gated(y, list(gated), x_act, residual.dtype, mean, invstd, weight, bias,
-                                                     act, out_dtype), ()
+        return torch.ops.hifuse.batch_norm_act_gated(y, *bna.gated_sources(gated, x_act, residual.dtype), mean,
+                                                     invstd, weight, bias, act, out_dtype), ()
 
     @staticmethod
     def _grads(outs, residual, gated):
@@ -134,8 +139,8 @@ class BatchNormApplyGated:
 
     @staticmethod
     def grad(grad_a, aux, y, residual, mean, invstd, weight, bias, act, out_dtype, x_act, *gated):
-        outs = torch.ops.hifuse.batch_norm_act_gated_backward(grad_a.contiguous(), y, list(gated), x_act,
-                                                              residual.dtype, mean, invstd, weight, bias, act)
+        outs = torch.ops.hifuse.batch_norm_act_gated_backward(
+            grad_a.contiguous(), y, *bna.gated_sources(gated, x_act, residual.dtype), mean, invstd, weight, bias, act)
         return BatchNormApplyGated._grads(outs, residual, gated)
 
     @staticmethod
@@ -146,7 +151,7 @@ class BatchNormApplyGated:
     def remake_grad(grad_a, aux, y, residual, mean, invstd, weight, bias, act, out_dtype, x_act, *gated):
         """``make``'s result, written by the backward's reducing pass, and ``grad``'s gradients."""
         outs = torch.ops.hifuse.batch_norm_act_gated_backward(
-            grad_a.contiguous(), y, list(gated), x_act, residual.dtype, mean, invstd, weight, bias, act,
+            grad_a.contiguous(), y, *bna.gated_sources(gated, x_act, residual.dtype), mean, invstd, weight, bias, act,
             BatchNormApplyGated.dtype(y, residual, mean, invstd, weight, bias, act, out_dtype))
         return outs[4], BatchNormApplyGated._grads(outs, residual, gated)
 
@@ -391,12 +396,9 @@ class GatedLayerNormRows:
             dg, dcg, dl, dsg, dx, dw, db, sums = gln.backward_bn(grad, g, channel_gate, l, spatial_gate, y, x_bn, act,
                                                                  weight, mean, rstd, grad2, sums=True)
             rows, _residual, bn_mean, bn_invstd, bn_weight, bn_bias, act, height, width, pool, _ = src[11:]
-            dy, _ = torch.ops.hifuse.batch_norm_act_backward_summed(
-                dx.view(-1, dx.shape[-1]), rows, bn_mean, bn_invstd, bn_weight, bn_bias, sums[0], sums[1], act,
-                height, width, pool,
-            )
-            dbn = (dy, None, None, None, sums[1].to(bn_weight.dtype), sums[0].to(bn_bias.dtype), *[None] * 5)
-            return (None, None, None, dg, dcg, dl, dsg, None, dw, db, None, *dbn)
+            dy, dbw, dbb, _ = summed_batch_norm_backward(dx.view(-1, dx.shape[-1]), rows, bn_mean, bn_invstd,
+                                                         bn_weight, bn_bias, sums, act, height, width, pool)
+            return (None, None, None, dg, dcg, dl, dsg, None, dw, db, None, *BatchNormApply.grads(dy, None, dbw, dbb))
         dg, dcg, dl, dsg, dx, dw, db = gln.backward(grad, g, channel_gate, l, spatial_gate, x, weight, mean, rstd, grad2)
         dbn = BatchNormApply.grad(dx.view(-1, dx.shape[-1]), (), *src[11:])
         return (None, None, None, dg, dcg, dl, dsg, None, dw, db, None, *dbn)
@@ -426,6 +428,17 @@ class GatedLayerNorm:
 
 
 # --------------------------------------------------------------------------- autograd
+
+
+def summed_batch_norm_backward(grad, y, mean, invstd, weight, bias, sums, act, height, width, pool,
+                               dy_sum: bool = False) -> tuple:
+    """(dy, dweight, dbias, colsum(dy)) of a training BatchNorm's backward whose sums (of dz, of
+    dz * x_hat: float32 (C,) each) a pass of its reader reduced: its apply pass
+    (hifuse::batch_norm_act_backward_summed); the parameters' gradients are those sums in their
+    dtypes (slices of one buffer, as DDP's gradient_as_bucket_view makes gradients: no copies)."""
+    dy, colsum = torch.ops.hifuse.batch_norm_act_backward_summed(grad, y, mean, invstd, weight, bias, sums[0], sums[1],
+                                                                 act, height, width, pool, dy_sum)
+    return dy, sums[1].to(weight.dtype), sums[0].to(bias.dtype), colsum
 
 
 def _split(args):
@@ -973,11 +986,8 @@ class _LinearBatchNorm(torch.autograd.Function):
                 grad_rows, grad2 = grad_rows + grad2, None
         # the GEMM's bias gradient, colsum(dy), summed by the kernel that writes dy
         if sums:
-            dy, dy_sum = torch.ops.hifuse.batch_norm_act_backward_summed(
-                grad_rows, y, mean, invstd, bn_weight, bn_bias, *sums, act, height, width, pool, bias is not None,
-            )
-            # slices of one buffer, as DDP's gradient_as_bucket_view makes gradients: no copies
-            dbw, dbb = sums[1].to(bn_weight.dtype), sums[0].to(bn_bias.dtype)
+            dy, dbw, dbb, dy_sum = summed_batch_norm_backward(grad_rows, y, mean, invstd, bn_weight, bn_bias, sums, act,
+                                                              height, width, pool, bias is not None)
         else:
             dy, _dr, dbw, dbb, dy_sum, _ = torch.ops.hifuse.batch_norm_act_backward(
                 grad_rows, y, None, mean, invstd, bn_weight, bn_bias, act, height, width, pool, bias is not None, None,

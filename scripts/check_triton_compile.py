@@ -174,17 +174,16 @@ def cases(dtype: str):
     ungated = {"GATED": False, "X_BN": False, "X_ACT": 0}
     for src in ("dt", f32):  # the IRMLP's bn1 with norm3's result computed on load (g and l fp32 at stage 1)
         tiles = {}
-        for name, block_m in (("stats", bna.BLOCK_M), ("bwd", bna.BWD_BLOCK_M)):
-            t = bna.device_tile(block_m, 288)
-            # as bna._launch takes them: half the channels, and half the rows in backward
-            tiles[name] = {"BLOCK_M": t["BLOCK_M"] // (2 if name == "bwd" else 1), "BLOCK_C": 32, "WARPS": bna.WARPS}
+        # as bna._launch takes them: 32 channels, and half the rows but in the forward's apply
+        for name, block_m in (("stats", bna.BLOCK_M // 2), ("apply", bna.BLOCK_M), ("bwd", bna.BWD_BLOCK_M // 2)):
+            tiles[name] = {"BLOCK_M": block_m, "BLOCK_C": bna.GATED_BLOCK_C, "WARPS": bna.WARPS}
         gate = {"GATED": True, "X_BN": True, "X_ACT": 2, "PROLOGUE": False}
         io = dict(Y="dt", R="dt", G=src, CG=f32, L=src, SG="dt", X="dt", XM=f32, XI=f32, XW=f32, XB=f32, LM=f32,
                   LR=f32, LW=f32, LB=f32, RD=f32)
         yield bna._stats_kernel, dict(**io, MEAN_PART="fp64", M2_PART="fp64", COUNT_PART="fp64"), \
             {**tiles["stats"], **gate}
         yield bna._apply_kernel, dict(**io, MEAN=f32, INVSTD=f32, W=f32, B=f32, OUT="dt", SC="dt"), \
-            {**tiles["stats"], **gate, "ACT": 0, "SHORTCUT": False}
+            {**tiles["apply"], **gate, "ACT": 0, "SHORTCUT": False}
         bwd = {**tiles["bwd"], **gate, "ACT": 0, "POOL": False, "GRAD2": False}
         for rebuild in (False, True):
             yield bna._bwd_reduce_kernel, dict(GR="dt", **io, MEAN=f32, INVSTD=f32, W=f32, B=f32,
@@ -281,18 +280,15 @@ def cases(dtype: str):
                                                  RSTD=f32, **bn_ptrs), {**rows, "PARTS": parts, "BN": mask}
             # rebuild: the forward's output too, with a ones column (the projection's bias); and with
             # the BatchNorms applied on load, their sums (or not: under torch.compile)
-            for rebuild, mask, sums in ((False, 0, True), (True, 0, True), (True, bn, True), (True, bn, False)):
+            # at one row a block (768 channels) a width with no spare lanes writes the ones apart
+            variants = [(False, 0, True, False), (True, 0, True, False), (True, bn, True, False),
+                        (True, bn, False, False)] + ([(True, bn, True, True)] if c == 768 else [])
+            for rebuild, mask, sums, apart in variants:
                 yield lnc._rows_bwd_kernel, dict(GRAD="dt", A="dt", B="dt", D="dt", W=f32, MEAN=f32, RSTD=f32,
                                                  DA="dt", DB="dt", DD="dt", PART_W=f32, PART_B=f32, BIAS=f32, OUT="dt",
                                                  BN_SUMS="fp64", **bn_ptrs), \
                     {**_as_warps(lnc._rows_bwd_launch(c)), "PARTS": parts, "REBUILD": rebuild, "BN": mask,
-                     "SUMS": sums, "PAD": lnc.ONES_PAD if rebuild else 0, "ONES_APART": False}
-            if c == 768:  # at one row a block, a width with no spare lanes writes the ones apart
-                yield lnc._rows_bwd_kernel, dict(GRAD="dt", A="dt", B="dt", D="dt", W=f32, MEAN=f32, RSTD=f32,
-                                                 DA="dt", DB="dt", DD="dt", PART_W=f32, PART_B=f32, BIAS=f32, OUT="dt",
-                                                 BN_SUMS="fp64", **bn_ptrs), \
-                    {**_as_warps(lnc._rows_bwd_launch(c)), "PARTS": parts, "REBUILD": True, "BN": bn,
-                     "SUMS": True, "PAD": lnc.ONES_PAD, "ONES_APART": True}
+                     "SUMS": sums, "PAD": lnc.ONES_PAD if rebuild else 0, "ONES_APART": apart}
         rows = row_launch(c, 3, "BLOCK_P")
         x_bn = dict(XM=f32, XI=f32, XW=f32, XB=f32)
         # x_bn: x given as the projection's output, its BatchNorm + GELU applied on load

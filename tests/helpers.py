@@ -207,3 +207,26 @@ def gated_inputs(shape, seed=0, device="cpu"):
     weight = (1 + 0.1 * torch.randn(3 * c, generator=gen)).to(device).requires_grad_()
     bias = (0.1 * torch.randn(3 * c, generator=gen)).to(device).requires_grad_()
     return [g, cg, l, sg, x, weight, bias]
+
+
+def assert_pool_writes_the_cast(pool, op, t, dtype, bad_dtype, **kwargs):
+    """A pooling's ``low_dtype`` (``spatial_pool``, ``channel_pool``; ``op`` its registered
+    cast variant): with ``chain``, the same pools, t handed on, and t cast to ``dtype`` (the
+    bits of ``t.to(dtype)``, channels-last), taking no gradient; t's gradient as without it;
+    refused without ``chain``, and for ``bad_dtype``."""
+    pooled, again, low = pool(t, chain=True, low_dtype=dtype, **kwargs)
+    plain, again_plain = pool(t, chain=True, **kwargs)
+    assert torch.equal(pooled, plain) and again.data_ptr() == t.data_ptr()
+    assert low.dtype == dtype and low.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(low, t.detach().to(dtype)) and not low.requires_grad
+    w = torch.randn_like(t)
+    got = torch.autograd.grad(pooled.square().sum() + (again * w).sum(), t)[0]
+    ref = torch.autograd.grad(plain.square().sum() + (again_plain * w).sum(), t)[0]
+    assert torch.equal(got, ref)
+    n, c, h, w = t.shape
+    rows = t.detach().permute(0, 2, 3, 1).reshape(n, h * w, c)
+    torch.library.opcheck(op.default, (rows, dtype))
+    with pytest.raises(ValueError, match="low_dtype takes chain"):
+        pool(t, low_dtype=dtype, **kwargs)
+    with pytest.raises(ValueError, match="low_dtype must be"):
+        op(rows, bad_dtype)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from hifuse_kernels import _triton
-from hifuse_kernels.batch_norm_act import batch_norm_act, batch_norm_act_ref
+from hifuse_kernels.batch_norm_act import batch_norm_act, batch_norm_act_ref, gated_sources
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(
@@ -323,37 +323,41 @@ def test_gated_residual_matches_the_given_residual(tiles, n, s, c, act, dtype, x
     sources and row statistics, give the bits the plain ops give with r written: statistics
     (and running statistics), the apply, and every backward output with the rebuilt apply."""
     gated, r, y, bn, grad = _gated_inputs(n, s, c, act, dtype, x_bn)
+    src = gated_sources(gated, act, r.dtype)
     bn2 = copy.deepcopy(bn)
     running = (bn.running_mean, bn.running_var, bn.num_batches_tracked, 0.1)
     want = torch.ops.hifuse.batch_norm_stats(y, r, 1e-5, *running)
-    have = torch.ops.hifuse.batch_norm_stats_gated(y, gated, act, r.dtype, 1e-5, bn2.running_mean, bn2.running_var,
+    have = torch.ops.hifuse.batch_norm_stats_gated(y, *src, 1e-5, bn2.running_mean, bn2.running_var,
                                                    bn2.num_batches_tracked, 0.1)
     assert all(torch.equal(a, b) for a, b in zip(have, want))
     for a, b in zip(bn2.buffers(), bn.buffers()):
         assert torch.equal(a, b)
     mean, invstd, _ = want
-    params = (bn.weight.detach(), bn.bias.detach())
-    applied = torch.ops.hifuse.batch_norm_act(y, r, mean, invstd, *params, 0, s, 1, False, torch.bfloat16)
-    got = torch.ops.hifuse.batch_norm_act_gated(y, gated, act, r.dtype, mean, invstd, *params, 0, torch.bfloat16)
+    params = (mean, invstd, bn.weight.detach(), bn.bias.detach(), 0)
+    applied = torch.ops.hifuse.batch_norm_act(y, r, *params, s, 1, False, torch.bfloat16)
+    got = torch.ops.hifuse.batch_norm_act_gated(y, *src, *params, torch.bfloat16)
     assert got.dtype == torch.bfloat16 and torch.equal(got, applied)
-    assert torch.ops.hifuse.batch_norm_act_gated(y, gated, act, r.dtype, mean, invstd, *params, 0, None).dtype == \
-        torch.promote_types(y.dtype, r.dtype)
-    dy, dr, dw, db, _, rebuilt = torch.ops.hifuse.batch_norm_act_backward(grad, y, r, mean, invstd, *params, 0, s, 1,
-                                                                          False, False, torch.bfloat16)
-    have = torch.ops.hifuse.batch_norm_act_gated_backward(grad, y, gated, act, r.dtype, mean, invstd, *params, 0,
-                                                          torch.bfloat16)
+    promoted = torch.promote_types(y.dtype, r.dtype)
+    assert torch.ops.hifuse.batch_norm_act_gated(y, *src, *params, None).dtype == promoted
+    dy, dr, dw, db, _, rebuilt = torch.ops.hifuse.batch_norm_act_backward(grad, y, r, *params, s, 1, False, False,
+                                                                          torch.bfloat16)
+    have = torch.ops.hifuse.batch_norm_act_gated_backward(grad, y, *src, *params, torch.bfloat16)
     for a, b in zip(have, (dy, dr, dw, db, rebuilt)):
         assert a.dtype == b.dtype and torch.equal(a, b)
-    assert torch.ops.hifuse.batch_norm_act_gated_backward(grad, y, gated, act, r.dtype, mean, invstd, *params,
-                                                          0)[4].numel() == 0
+    assert torch.ops.hifuse.batch_norm_act_gated_backward(grad, y, *src, *params)[4].numel() == 0
+    if tiles == "device" and dtype == torch.float32 and c == 24:
+        from torch.library import opcheck
+
+        opcheck(torch.ops.hifuse.batch_norm_stats_gated.default, (y, *src, 1e-5, None, None, None, 0.1))
+        opcheck(torch.ops.hifuse.batch_norm_act_gated.default, (y, *src, *params, torch.bfloat16))
+        opcheck(torch.ops.hifuse.batch_norm_act_gated_backward.default, (grad, y, *src, *params, torch.bfloat16))
 
 
 def test_gated_residual_bad_input():
     gated, r, y, bn, grad = _gated_inputs(2, 5, 16, 2, torch.float32, True)
     mean, invstd, _ = torch.ops.hifuse.batch_norm_stats(y, r, 1e-5, None, None, None, 0.1)
-    params = (bn.weight.detach(), bn.bias.detach())
+    params = (mean, invstd, bn.weight.detach(), bn.bias.detach(), 0)
     cases = [
-        (gated[:8], "9 or 13 tensors"),
         ([gated[0].transpose(0, 1).contiguous().transpose(0, 1), *gated[1:]], "g must be contiguous"),
         ([*gated[:3], gated[3][:, :2], *gated[4:]], r"spatial_gate must be \(2, 5\)"),
         ([*gated[:5], gated[5].half(), *gated[6:]], "ln_mean and ln_rstd must be float32"),
@@ -361,8 +365,13 @@ def test_gated_residual_bad_input():
     ]
     for bad, match in cases:
         with pytest.raises(ValueError, match=match):
-            torch.ops.hifuse.batch_norm_act_gated(y, bad, 2, torch.float32, mean, invstd, *params, 0, None)
+            torch.ops.hifuse.batch_norm_act_gated(y, *gated_sources(bad, 2, torch.float32), *params, None)
+    with pytest.raises(ValueError, match="9 tensors, or 13"):
+        torch.ops.hifuse.batch_norm_act_gated(y, *gated[:10], None, None, None, 2, torch.float32, *params, None)
     with pytest.raises(ValueError, match=r"y must be \(10, 48\)"):
-        torch.ops.hifuse.batch_norm_stats_gated(y[:9], gated, 2, torch.float32, 1e-5, None, None, None, 0.1)
+        torch.ops.hifuse.batch_norm_stats_gated(y[:9], *gated_sources(gated, 2, torch.float32), 1e-5, None, None,
+                                                None, 0.1)
     with pytest.raises(ValueError, match="x_act must be one of"):
-        torch.ops.hifuse.batch_norm_act_gated_backward(grad, y, gated, 5, torch.float32, mean, invstd, *params, 0)
+        torch.ops.hifuse.batch_norm_act_gated_backward(grad, y, *gated_sources(gated, 5, torch.float32), *params)
+    with pytest.raises(ValueError, match="r_dtype must be"):
+        torch.ops.hifuse.batch_norm_act_gated(y, *gated_sources(gated, 2, torch.int32), *params, None)

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from helpers import DEVICE, FEATURE_SHAPES, feature, triton_device_or_skip
+from helpers import DEVICE, FEATURE_SHAPES, assert_pool_writes_the_cast, feature, triton_device_or_skip
 
 from hifuse_kernels.channel_pool import channel_pool, channel_pool_ref
 
@@ -56,24 +56,9 @@ def test_chain_sums_the_next_readers_gradient(channels_last, used):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_chain_writes_the_cast(tiles, dtype):
-    """``low_dtype``: the same pools, g handed on, and g cast to that dtype (the bits of
-    ``g.to(dtype)``, channels-last), taking no gradient; g's gradient as without it."""
+    """``low_dtype``: g cast by the pooling's pass (``helpers.assert_pool_writes_the_cast``)."""
     g = feature((2, 12, 5, 7), 6, True, device=DEVICE)
-    pooled, again, low = channel_pool(g, chain=True, stacked=True, low_dtype=dtype)
-    plain, again_plain = channel_pool(g, chain=True, stacked=True)
-    assert torch.equal(pooled, plain) and again.data_ptr() == g.data_ptr()
-    assert low.dtype == dtype and low.is_contiguous(memory_format=torch.channels_last)
-    assert torch.equal(low, g.detach().to(dtype)) and not low.requires_grad
-    w = torch.randn_like(g)
-    got = torch.autograd.grad(pooled.square().sum() + (again * w).sum(), g)[0]
-    ref = torch.autograd.grad(plain.square().sum() + (again_plain * w).sum(), g)[0]
-    assert torch.equal(got, ref)
-    rows = g.detach().permute(0, 2, 3, 1).reshape(2, 35, 12)
-    torch.library.opcheck(torch.ops.hifuse.channel_pool_cast.default, (rows, dtype))
-    with pytest.raises(ValueError, match="low_dtype takes chain"):
-        channel_pool(g, low_dtype=dtype)
-    with pytest.raises(ValueError, match="low_dtype must be"):
-        torch.ops.hifuse.channel_pool_cast(rows, torch.int32)
+    assert_pool_writes_the_cast(channel_pool, torch.ops.hifuse.channel_pool_cast, g, dtype, torch.int32, stacked=True)
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])

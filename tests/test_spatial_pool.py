@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from helpers import DEVICE, FEATURE_SHAPES, check_grads, feature, triton_device_or_skip
+from helpers import DEVICE, FEATURE_SHAPES, assert_pool_writes_the_cast, check_grads, feature, triton_device_or_skip
 
 from hifuse_kernels.spatial_pool import spatial_pool, spatial_pool_ref
 
@@ -47,24 +47,9 @@ def test_chain_sums_the_next_readers_gradient(channels_last, used):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_chain_writes_the_cast(tiles, dtype):
-    """``low_dtype``: the same map, l handed on, and l cast to that dtype (the bits of
-    ``l.to(dtype)``, channels-last), taking no gradient; l's gradient as without it."""
+    """``low_dtype``: l cast by the pooling's pass (``helpers.assert_pool_writes_the_cast``)."""
     l = feature((2, 12, 5, 7), 5, True, device=DEVICE)
-    pooled, again, low = spatial_pool(l, chain=True, low_dtype=dtype)
-    plain, again_plain = spatial_pool(l, chain=True)
-    assert torch.equal(pooled, plain) and again.data_ptr() == l.data_ptr()
-    assert low.dtype == dtype and low.is_contiguous(memory_format=torch.channels_last)
-    assert torch.equal(low, l.detach().to(dtype)) and not low.requires_grad
-    w = torch.randn_like(l)
-    got = torch.autograd.grad(pooled.square().sum() + (again * w).sum(), l)[0]
-    ref = torch.autograd.grad(plain.square().sum() + (again_plain * w).sum(), l)[0]
-    assert torch.equal(got, ref)
-    rows = l.detach().permute(0, 2, 3, 1).reshape(2, 35, 12)
-    torch.library.opcheck(torch.ops.hifuse.spatial_pool_cast.default, (rows, dtype))
-    with pytest.raises(ValueError, match="low_dtype takes chain"):
-        spatial_pool(l, low_dtype=dtype)
-    with pytest.raises(ValueError, match="low_dtype must be"):
-        torch.ops.hifuse.spatial_pool_cast(rows, torch.float64)
+    assert_pool_writes_the_cast(spatial_pool, torch.ops.hifuse.spatial_pool_cast, l, dtype, torch.float64)
 
 
 def test_backward_reads_a_strided_gradient():
