@@ -278,6 +278,16 @@ def _warmup_arg(arg):
     return 2 if isinstance(arg, torch.SymInt) else arg
 
 
+def _keyword_warmup_arg(arg):
+    if isinstance(arg, torch.Tensor):
+        arg = arg.dtype
+    if isinstance(arg, torch.dtype):
+        from triton.runtime.jit import MockTensor
+
+        return MockTensor(arg)
+    return arg
+
+
 _resident: dict[tuple, int | None] = {}
 
 
@@ -293,7 +303,9 @@ def resident_programs(kernel, args: tuple, launch: dict, device: torch.device) -
     if key not in _resident:
         try:
             with torch.cuda.device(index):
-                compiled = kernel.warmup(*map(_warmup_arg, args), grid=(1,), **launch)
+                # triton wraps the dtypes given for positional tensors, not keyword ones
+                kwargs = {k: _keyword_warmup_arg(v) for k, v in launch.items()}
+                compiled = kernel.warmup(*map(_warmup_arg, args), grid=(1,), **kwargs)
                 regs, shared, warps = kernel_resources(compiled)
             _resident[key] = programs_per_sm(regs, shared, warps, sm_limits(index))
         except Exception as err:  # noqa: BLE001 - the count falls back to the assumed one

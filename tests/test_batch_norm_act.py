@@ -322,6 +322,17 @@ def test_gated_residual_matches_the_given_residual(tiles, n, s, c, act, dtype, x
     """The ``_gated`` ops, which compute the residual r (norm3's result) on load from its
     sources and row statistics, give the bits the plain ops give with r written: statistics
     (and running statistics), the apply, and every backward output with the rebuilt apply."""
+    _assert_gated_matches(n, s, c, act, dtype, x_bn, opcheck=tiles == "device" and dtype == torch.float32 and c == 24)
+
+
+@pytest.mark.gpu
+def test_gated_residual_matches_cuda():
+    """The same at the first fusion block's size at batch 128 (bf16 projection, float32 g and
+    l), compiled for the GPU: the expressions of norm3's kernel give its bits in bn1's."""
+    _assert_gated_matches(128, 3136, 96, 2, torch.float32, True)
+
+
+def _assert_gated_matches(n, s, c, act, dtype, x_bn, opcheck=False):
     gated, r, y, bn, grad = _gated_inputs(n, s, c, act, dtype, x_bn)
     src = gated_sources(gated, act, r.dtype)
     bn2 = copy.deepcopy(bn)
@@ -345,12 +356,11 @@ def test_gated_residual_matches_the_given_residual(tiles, n, s, c, act, dtype, x
     for a, b in zip(have, (dy, dr, dw, db, rebuilt)):
         assert a.dtype == b.dtype and torch.equal(a, b)
     assert torch.ops.hifuse.batch_norm_act_gated_backward(grad, y, *src, *params)[4].numel() == 0
-    if tiles == "device" and dtype == torch.float32 and c == 24:
-        from torch.library import opcheck
-
-        opcheck(torch.ops.hifuse.batch_norm_stats_gated.default, (y, *src, 1e-5, None, None, None, 0.1))
-        opcheck(torch.ops.hifuse.batch_norm_act_gated.default, (y, *src, *params, torch.bfloat16))
-        opcheck(torch.ops.hifuse.batch_norm_act_gated_backward.default, (grad, y, *src, *params, torch.bfloat16))
+    if opcheck:
+        check = torch.library.opcheck
+        check(torch.ops.hifuse.batch_norm_stats_gated.default, (y, *src, 1e-5, None, None, None, 0.1))
+        check(torch.ops.hifuse.batch_norm_act_gated.default, (y, *src, *params, torch.bfloat16))
+        check(torch.ops.hifuse.batch_norm_act_gated_backward.default, (grad, y, *src, *params, torch.bfloat16))
 
 
 def test_gated_residual_bad_input():

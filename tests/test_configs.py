@@ -94,6 +94,11 @@ def test_reduction_programs_from_the_compiled_kernel(fake_gpu):
     assert len(light.warmups) == 2
     # without a kernel, the assumption: 2048 threads an SM of 16-warp programs
     assert _triton.reduction_programs(10**6, 2, cuda) == 4 * 132 // 2
+    # tensors given by keyword, as dtypes: triton's warmup takes them wrapped (it only wraps the
+    # positional ones itself)
+    _triton.reduction_programs(10**6, 2, cuda, kernel=light, args=args, launch=dict(launch, G=torch.bfloat16, S=7))
+    kwargs = light.warmups[-1][1]
+    assert kwargs["G"].dtype == torch.bfloat16 and type(kwargs["G"]).__name__ == "MockTensor" and kwargs["S"] == 7
 
 
 def test_reduction_programs_fall_back_when_the_compile_fails(fake_gpu):

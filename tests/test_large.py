@@ -21,7 +21,7 @@ import pytest
 import torch
 
 import hifuse_kernels
-from hifuse_kernels.batch_norm_act import batch_norm_act, batch_norm_act_ref
+from hifuse_kernels.batch_norm_act import batch_norm_act, batch_norm_act_ref, gated_sources
 from hifuse_kernels.channel_pool import channel_pool, channel_pool_ref
 from hifuse_kernels.dwconv_layer_norm import dwconv_layer_norm, dwconv_layer_norm_ref
 from hifuse_kernels.gated_layer_norm import gated_layer_norm, gated_layer_norm_ref
@@ -173,6 +173,30 @@ def test_batch_norm_act_past_2_31():
     torch.testing.assert_close(out[-1].float(), ref[-1].detach(), **BF16)
     torch.testing.assert_close(bn.running_mean, twin.running_mean, rtol=1e-3, atol=1e-4)
     torch.testing.assert_close(bn.running_var, twin.running_var, rtol=1e-3, atol=1e-4)
+
+
+def test_gated_batch_norm_past_2_31():
+    """bn1 computing norm3's result on load over more than 2**31 elements of it: the statistics
+    and the apply give the bits of the plain ops given the result (the last image compared)."""
+    n = _images(SIDE * SIDE * 3 * C)
+    _need(40)
+    s = SIDE * SIDE
+    g, l, x = (_randn(n, s, C) for _ in range(3))
+    cg, sg = torch.rand(n, C, device="cuda") + 0.5, (torch.rand(n, s, device="cuda") + 0.5).to(torch.bfloat16)
+    x_bn = [torch.randn(C, device="cuda"), torch.rand(C, device="cuda") + 0.5, torch.randn(C, device="cuda"),
+            torch.randn(C, device="cuda")]
+    w, b = torch.randn(3 * C, device="cuda"), torch.randn(3 * C, device="cuda")
+    r, mu, rstd, _ = torch.ops.hifuse.gated_layer_norm_bn(g, cg, l, sg, x, *x_bn, 2, w, b, 1e-6)
+    y = _randn(n * s, 3 * C)
+    src = gated_sources([g, cg, l, sg, x, mu, rstd, w, b, *x_bn], 2, r.dtype)
+    r = r.view(n * s, 3 * C)
+    stats = torch.ops.hifuse.batch_norm_stats(y, r, 1e-5, None, None, None, 0.1)
+    assert all(torch.equal(a, e) for a, e in zip(
+        torch.ops.hifuse.batch_norm_stats_gated(y, *src, 1e-5, None, None, None, 0.1), stats))
+    params = (stats[0], stats[1], torch.ones(3 * C, device="cuda"), torch.zeros(3 * C, device="cuda"), 0)
+    want = torch.ops.hifuse.batch_norm_act(y[-s:], r[-s:], *params, SIDE, SIDE, False, torch.bfloat16)
+    got = torch.ops.hifuse.batch_norm_act_gated(y, *src, *params, torch.bfloat16)
+    assert torch.equal(got[-s:], want)
 
 
 def test_residual_epilogues_past_2_31():
