@@ -296,6 +296,22 @@ def _bn(c):
     return bn, twin
 
 
+def _irmlp_front_inputs(c: int, n: int = 2, h: int = 3, w: int = 5) -> tuple:
+    """The fusion block's norm3 sources (the projection's output, g, l, the gates, norm3's
+    parameters), the IRMLP's conv1 and conv2 weights, the projection's and bn1's BatchNorms
+    (with twins) and the leaves whose gradients the tests compare."""
+    torch.manual_seed(0)
+    cl = dict(memory_format=torch.channels_last)
+    y_proj = _leaf(n, c, h, w)
+    g, l = (_leaf(n, c, h, w).detach().contiguous(**cl).requires_grad_() for _ in range(2))
+    cg, sg = _leaf(n, c, 1, 1), _leaf(n, 1, h, w)
+    w3, b3 = _leaf(3 * c, scale=0.5), _leaf(3 * c, scale=0.5)
+    w1, w2 = _leaf(3 * c, 3 * c, 3, 3, scale=0.2), _leaf(12 * c, 3 * c, scale=0.3)
+    bn_proj, bn1 = _bn(c), _bn(3 * c)
+    leaves = [y_proj, g, l, cg, sg, w3, b3, w1, w2] + [p for bn in (bn_proj[0], bn1[0]) for p in (bn.weight, bn.bias)]
+    return y_proj, g, l, cg, sg, w3, b3, w1, w2, bn_proj, bn1, leaves
+
+
 @pytest.mark.parametrize("keep_x, keep_out, keep_a", [(False, False, False), (False, False, True),
                                                       (True, True, True), (False, True, False)])
 def test_irmlp_front_from_gated_layer_norm(keep_x, keep_out, keep_a, monkeypatch):
@@ -310,16 +326,7 @@ def test_irmlp_front_from_gated_layer_norm(keep_x, keep_out, keep_a, monkeypatch
         op = getattr(torch.ops.hifuse, name)
         monkeypatch.setattr(torch.ops.hifuse, name,
                             lambda *a, _op=op, _name=name: runs.__setitem__(_name, runs[_name] + 1) or _op(*a))
-    torch.manual_seed(0)
-    n, c, h, w = 2, 4, 3, 5
-    cl = dict(memory_format=torch.channels_last)
-    y_proj = _leaf(n, c, h, w)
-    g, l = (_leaf(n, c, h, w).detach().contiguous(**cl).requires_grad_() for _ in range(2))
-    cg, sg = _leaf(n, c, 1, 1), _leaf(n, 1, h, w)
-    w3, b3 = _leaf(3 * c, scale=0.5), _leaf(3 * c, scale=0.5)
-    w1, w2 = _leaf(3 * c, 3 * c, 3, 3, scale=0.2), _leaf(12 * c, 3 * c, scale=0.3)
-    bn_proj, bn1 = _bn(c), _bn(3 * c)
-    leaves = [y_proj, g, l, cg, sg, w3, b3, w1, w2] + [p for bn in (bn_proj[0], bn1[0]) for p in (bn.weight, bn.bias)]
+    y_proj, g, l, cg, sg, w3, b3, w1, w2, bn_proj, bn1, leaves = _irmlp_front_inputs(4)
 
     def fused():
         bn_args = bna.apply_args(y_proj, bn_proj[0], "gelu")
@@ -336,7 +343,7 @@ def test_irmlp_front_from_gated_layer_norm(keep_x, keep_out, keep_a, monkeypatch
     def plain():
         x = gln.gated_layer_norm(g, cg, l, sg, bna.batch_norm_act(y_proj, bn_proj[1], "gelu"), w3, b3, 1e-6)
         a = bna.batch_norm_act(F.conv2d(x, w1, padding=1), bn1[1], None, residual=x)
-        return F.linear(a.permute(0, 2, 3, 1).reshape(-1, 3 * c), w2)
+        return F.linear(a.permute(0, 2, 3, 1).reshape(-1, w2.shape[1]), w2)
 
     _compare(fused, plain, leaves)
     torch.testing.assert_close(bn1[0].running_var, bn1[1].running_var)
@@ -354,16 +361,7 @@ def test_irmlp_front_computes_bn1_residual_on_load(keep_a, monkeypatch):
     calls = []
     op = torch.ops.hifuse.gated_layer_norm_bn
     monkeypatch.setattr(torch.ops.hifuse, "gated_layer_norm_bn", lambda *a: calls.append(a[-2:]) or op(*a))
-    torch.manual_seed(0)
-    n, c, h, w = 2, 16, 3, 5
-    cl = dict(memory_format=torch.channels_last)
-    y_proj = _leaf(n, c, h, w)
-    g, l = (_leaf(n, c, h, w).detach().contiguous(**cl).requires_grad_() for _ in range(2))
-    cg, sg = _leaf(n, c, 1, 1), _leaf(n, 1, h, w)
-    w3, b3 = _leaf(3 * c, scale=0.5), _leaf(3 * c, scale=0.5)
-    w1, w2 = _leaf(3 * c, 3 * c, 3, 3, scale=0.2), _leaf(12 * c, 3 * c, scale=0.3)
-    bn_proj, bn1 = _bn(c), _bn(3 * c)
-    leaves = [y_proj, g, l, cg, sg, w3, b3, w1, w2] + [p for bn in (bn_proj[0], bn1[0]) for p in (bn.weight, bn.bias)]
+    y_proj, g, l, cg, sg, w3, b3, w1, w2, bn_proj, bn1, leaves = _irmlp_front_inputs(16)
 
     def run(on_load, k):
         with torch.autocast(DEVICE, dtype=torch.bfloat16):
