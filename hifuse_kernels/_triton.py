@@ -364,6 +364,20 @@ if triton is not None:
         return 0.5 * y * (1.0 + tl.math.erf(y * 0.7071067811865476))
 
     @triton.jit
+    def gelu_add(y, r):
+        """gelu(y) + r, its last multiply and the add one explicit fused multiply-add: a GPU
+        compiler fuses them only where both sit in one basic block, so kernels that get r
+        after a branch would round otherwise than those that load it."""
+        return tl.fma(0.5 * y, 1.0 + tl.math.erf(y * 0.7071067811865476), r)
+
+    @triton.jit
+    def centred(v, gate, mean):
+        """v * gate - mean as one fused multiply-add, as a GPU compiler fuses it where both sit
+        in one basic block: spelt out, so that a kernel that computes the product in a branch
+        (``batch_norm_act._gated_residual``) rounds as norm3's kernel does."""
+        return tl.fma(v, gate, -mean)
+
+    @triton.jit
     def gelu_grad(y):
         """d gelu(y) / dy for fp32 y."""
         cdf = 0.5 * (1.0 + tl.math.erf(y * 0.7071067811865476))

@@ -69,7 +69,7 @@ def batch_norm_act_ref(x, bn: torch.nn.BatchNorm2d, act: str | None = None, resi
 
 
 if triton is not None:
-    from ._triton import gelu, gelu_grad
+    from ._triton import centred, gelu, gelu_add, gelu_grad
 
     # Helpers that take pointers return loaded values only, never offsets or tiles: torch.compile
     # reads the kernels' TTIR to find what they write, and counts every pointer passed to a call
@@ -79,7 +79,7 @@ if triton is not None:
         """The BatchNorm input of a tile in fp32: y, or gelu(y) + r."""
         v = tl.load(Y + offs, mask=m, other=0.0).to(tl.float32)
         if PROLOGUE:
-            v = gelu(v) + tl.load(R + offs, mask=m, other=0.0).to(tl.float32)
+            v = gelu_add(v, tl.load(R + offs, mask=m, other=0.0).to(tl.float32))
         return v
 
     @triton.jit
@@ -87,29 +87,31 @@ if triton is not None:
                         BLOCK_C: tl.constexpr, X_BN: tl.constexpr, X_ACT: tl.constexpr):
         """The residual r of a tile, ``hifuse::gated_layer_norm(_bn)``'s result (norm3) over
         rows of S positions an image, in fp32, computed from its sources and row statistics as
-        that op's forward computes it (the same bits; ``gated_layer_norm._gated_parts``): the
+        that op's forward computes it (the same bits; ``gated_layer_norm._gated_parts``, and
+        the gated parts centred by one fused multiply-add, ``_triton.centred``): the
         tile's channels lie in one of its three parts of CP channels (BLOCK_C divides CP)."""
         k = (tl.program_id(1) * BLOCK_C) // CP
         cc = c - k * CP
         rmask = rows < M
         offs = rows[:, None] * CP + cc[None, :]
+        mu = tl.load(LM + rows, mask=rmask, other=0.0)
         if k == 0:
             gate = tl.load(CG + (rows // S)[:, None] * CP + cc[None, :], mask=m, other=0.0).to(tl.float32)
-            v = tl.load(G + offs, mask=m, other=0.0).to(tl.float32) * gate
+            d = centred(tl.load(G + offs, mask=m, other=0.0).to(tl.float32), gate, mu[:, None])
         elif k == 1:
             gate = tl.load(SG + rows, mask=rmask, other=0.0).to(tl.float32)
-            v = tl.load(L + offs, mask=m, other=0.0).to(tl.float32) * gate[:, None]
+            d = centred(tl.load(L + offs, mask=m, other=0.0).to(tl.float32), gate[:, None], mu[:, None])
         else:
             v = tl.load(X + offs, mask=m, other=0.0).to(tl.float32)
             if X_BN:
                 mean, scale, shift = _affine(XM, XI, XW, XB, cc, cmask)
                 v = _act((v - mean[None, :]) * scale[None, :] + shift[None, :], X_ACT).to(
                     X.dtype.element_ty).to(tl.float32)
-        mu = tl.load(LM + rows, mask=rmask, other=0.0)
+            d = v - mu[:, None]
         rstd = tl.load(LR + rows, mask=rmask, other=0.0)
         w = tl.load(LW + c, mask=cmask, other=0.0).to(tl.float32)
         b = tl.load(LB + c, mask=cmask, other=0.0).to(tl.float32)
-        r = (v - mu[:, None]) * rstd[:, None] * w[None, :] + b[None, :]
+        r = d * rstd[:, None] * w[None, :] + b[None, :]
         return tl.where(m, r.to(RD.dtype.element_ty).to(tl.float32), 0.0)
 
     @triton.jit
@@ -188,7 +190,9 @@ if triton is not None:
     @triton.jit(do_not_specialize=["PROGRAMS"])
     def _stats_kernel(Y, R, MEAN_PART, M2_PART, COUNT_PART, M, C, PROGRAMS,
                       PROLOGUE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
-                      GATED: tl.constexpr = False, G=None, CG=None, L=None, SG=None, X=None, XM=None, XI=None, XW=None, XB=None, LM=None, LR=None, LW=None, LB=None, RD=None, S=1, CP=1, X_BN: tl.constexpr = False, X_ACT: tl.constexpr = 0):
+                      GATED: tl.constexpr = False, G=None, CG=None, L=None, SG=None, X=None, XM=None, XI=None,
+                      XW=None, XB=None, LM=None, LR=None, LW=None, LB=None, RD=None, S=1, CP=1,
+                      X_BN: tl.constexpr = False, X_ACT: tl.constexpr = 0):
         """Count, mean and M2 of this program's rows, in float64 (as eager's BatchNorm
         accumulates on a CPU): sums of the values shifted by its first block's mean, which
         keeps the sum of squares free of cancellation. GATED: the input is gelu(y) + r, r
@@ -201,7 +205,9 @@ if triton is not None:
         m = (rows < M)[:, None] & cmask[None, :]
         v = _load_input(Y, R, rows[:, None] * C + c[None, :], m, PROLOGUE)
         if GATED:
-            v = gelu(v) + _gated_residual(rows, c, m, cmask, M, G, CG, L, SG, X, XM, XI, XW, XB, LM, LR, LW, LB, RD, S, CP, BLOCK_C, X_BN, X_ACT)
+            r = _gated_residual(rows, c, m, cmask, M, G, CG, L, SG, X, XM, XI, XW, XB, LM, LR, LW, LB, RD, S, CP,
+                                BLOCK_C, X_BN, X_ACT)
+            v = gelu_add(v, r)
         v = v.to(tl.float64)
         count = (rows < M).to(tl.float64)
         shift = tl.sum(v, 0) / tl.sum(count, 0)
@@ -213,7 +219,9 @@ if triton is not None:
             m = (rows < M)[:, None] & cmask[None, :]
             v = _load_input(Y, R, rows[:, None] * C + c[None, :], m, PROLOGUE)
             if GATED:
-                v = gelu(v) + _gated_residual(rows, c, m, cmask, M, G, CG, L, SG, X, XM, XI, XW, XB, LM, LR, LW, LB, RD, S, CP, BLOCK_C, X_BN, X_ACT)
+                r = _gated_residual(rows, c, m, cmask, M, G, CG, L, SG, X, XM, XI, XW, XB, LM, LR, LW, LB, RD, S,
+                                    CP, BLOCK_C, X_BN, X_ACT)
+                v = gelu_add(v, r)
             v = v.to(tl.float64)
             d = tl.where(m, v - shift[None, :], 0.0)
             total += d
@@ -262,7 +270,10 @@ if triton is not None:
     @triton.jit
     def _apply_kernel(Y, R, MEAN, INVSTD, W, B, OUT, M, C,
                       PROLOGUE: tl.constexpr, ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
-                      SHORTCUT: tl.constexpr = False, SC=None, GATED: tl.constexpr = False, G=None, CG=None, L=None, SG=None, X=None, XM=None, XI=None, XW=None, XB=None, LM=None, LR=None, LW=None, LB=None, RD=None, S=1, CP=1, X_BN: tl.constexpr = False, X_ACT: tl.constexpr = 0):
+                      SHORTCUT: tl.constexpr = False, SC=None,
+                      GATED: tl.constexpr = False, G=None, CG=None, L=None, SG=None, X=None, XM=None, XI=None,
+                      XW=None, XB=None, LM=None, LR=None, LW=None, LB=None, RD=None, S=1, CP=1,
+                      X_BN: tl.constexpr = False, X_ACT: tl.constexpr = 0):
         """SHORTCUT: writes SC + act(bn(.)), the sum of the result rounded to OUT's dtype and SC
         (of that dtype), as eager's add after the BatchNorm computes it. GATED as in
         ``_stats_kernel``."""
@@ -270,7 +281,9 @@ if triton is not None:
         offs = rows[:, None] * C + c[None, :]
         v = _load_input(Y, R, offs, m, PROLOGUE)
         if GATED:
-            v = gelu(v) + _gated_residual(rows, c, m, cmask, M, G, CG, L, SG, X, XM, XI, XW, XB, LM, LR, LW, LB, RD, S, CP, BLOCK_C, X_BN, X_ACT)
+            r = _gated_residual(rows, c, m, cmask, M, G, CG, L, SG, X, XM, XI, XW, XB, LM, LR, LW, LB, RD, S, CP,
+                                BLOCK_C, X_BN, X_ACT)
+            v = gelu_add(v, r)
         mean, scale, shift = _affine(MEAN, INVSTD, W, B, c, cmask)
         z = (v - mean[None, :]) * scale[None, :] + shift[None, :]
         out = _act(z, ACT).to(OUT.dtype.element_ty)
@@ -304,7 +317,9 @@ if triton is not None:
         saved input; with GRAD2 the output's gradient is GR + G2 (two uses of it, summed on load)."""
         v = _load_input(Y, R, offs, m, PROLOGUE)
         if GATED:
-            v = gelu(v) + _gated_residual(rows, c, m, cmask, M, G, CG, L, SG, X, XM, XI, XW, XB, LM, LR, LW, LB, RD, S, CP, BLOCK_C, X_BN, X_ACT)
+            r = _gated_residual(rows, c, m, cmask, M, G, CG, L, SG, X, XM, XI, XW, XB, LM, LR, LW, LB, RD, S, CP,
+                                BLOCK_C, X_BN, X_ACT)
+            v = gelu_add(v, r)
         mean = tl.load(MEAN + c, mask=cmask, other=0.0)
         invstd = tl.load(INVSTD + c, mask=cmask, other=0.0)
         w = tl.load(W + c, mask=cmask, other=0.0).to(tl.float32)
@@ -317,7 +332,10 @@ if triton is not None:
     def _bwd_reduce_kernel(GR, Y, R, MEAN, INVSTD, W, B, SUM_DZ_PART, SUM_DZXH_PART, OUT, M, C, H, WIDTH, PROGRAMS,
                            G2, PROLOGUE: tl.constexpr, ACT: tl.constexpr, POOL: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, REBUILD: tl.constexpr = False,
-                           GRAD2: tl.constexpr = False, GATED: tl.constexpr = False, G=None, CG=None, L=None, SG=None, X=None, XM=None, XI=None, XW=None, XB=None, LM=None, LR=None, LW=None, LB=None, RD=None, S=1, CP=1, X_BN: tl.constexpr = False, X_ACT: tl.constexpr = 0):
+                           GRAD2: tl.constexpr = False,
+                           GATED: tl.constexpr = False, G=None, CG=None, L=None, SG=None, X=None, XM=None, XI=None,
+                           XW=None, XB=None, LM=None, LR=None, LW=None, LB=None, RD=None, S=1, CP=1,
+                           X_BN: tl.constexpr = False, X_ACT: tl.constexpr = 0):
         """With REBUILD (not with POOL) also writes the apply's output to OUT, computed as
         ``_apply_kernel`` computes it (the same bits), for a GEMM's weight gradient that reads
         it next: the pass that would rebuild it reads what this one reads. GRAD2: the output's
@@ -373,7 +391,10 @@ if triton is not None:
     def _bwd_apply_kernel(GR, Y, R, MEAN, INVSTD, W, B, SUM_DZ, SUM_DZXH, DY, DR, DYSUM_PART, M, C, H, WIDTH, G2,
                           PROLOGUE: tl.constexpr, ACT: tl.constexpr, POOL: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, DYSUM: tl.constexpr = False,
-                          GRAD2: tl.constexpr = False, GATED: tl.constexpr = False, G=None, CG=None, L=None, SG=None, X=None, XM=None, XI=None, XW=None, XB=None, LM=None, LR=None, LW=None, LB=None, RD=None, S=1, CP=1, X_BN: tl.constexpr = False, X_ACT: tl.constexpr = 0):
+                          GRAD2: tl.constexpr = False,
+                          GATED: tl.constexpr = False, G=None, CG=None, L=None, SG=None, X=None, XM=None, XI=None,
+                          XW=None, XB=None, LM=None, LR=None, LW=None, LB=None, RD=None, S=1, CP=1,
+                          X_BN: tl.constexpr = False, X_ACT: tl.constexpr = 0):
         """dy (and with PROLOGUE or GATED the residual's gradient); with DYSUM this row block's
         column sums of dy as written (the bias gradient of a GEMM that made y); GRAD2 and GATED
         as in ``_bwd_reduce_kernel``."""
@@ -528,7 +549,10 @@ def _apply_impl(y, residual, mean, invstd, weight, bias, act, height, width, poo
             y, r, mean, invstd, weight, bias, out, q, c, height, width, **flags, **launch
         )
         return out
-    dtype = result_dtype(y, residual, out_dtype) if gated is None else out_dtype or torch.promote_types(y.dtype, r_dtype)
+    if gated is None:
+        dtype = result_dtype(y, residual, out_dtype)
+    else:
+        dtype = out_dtype or torch.promote_types(y.dtype, r_dtype)
     out = torch.empty((m, c), device=y.device, dtype=dtype)
     launch = _launch("apply", m, y, residual, False, gated=gated)
     _triton.wrap_triton(_apply_kernel)[_grid(m, c, launch)](
@@ -688,7 +712,8 @@ def gated_problem(y: torch.Tensor, gated, x_act: int, r_dtype) -> str | None:
         if t.shape != shapes[name]:
             return f"{name} must be {shapes[name]} (g is (N, S, C)), got {tuple(t.shape)}"
         if not t.is_contiguous() or t.device != y.device:
-            return f"{name} must be contiguous and on {y.device}, got {'' if t.is_contiguous() else 'strided, '}{t.device}"
+            layout = "" if t.is_contiguous() else "strided, "
+            return f"{name} must be contiguous and on {y.device}, got {layout}{t.device}"
         if t.dtype not in SUPPORTED_DTYPES:
             return f"{name} must be float32, float16 or bfloat16, got {t.dtype}"
     if gated[5].dtype != torch.float32 or gated[6].dtype != torch.float32:
@@ -723,7 +748,9 @@ def gated_sources(gated: list, x_act: int, r_dtype: torch.dtype) -> tuple:
 def _gated_list(g, channel_gate, l, spatial_gate, x, ln_mean, ln_rstd, ln_weight, ln_bias, x_mean, x_invstd,
                 x_weight, x_bias) -> list:
     tensors = [g, channel_gate, l, spatial_gate, x, ln_mean, ln_rstd, ln_weight, ln_bias]
-    return tensors if x_mean is None else tensors + [x_mean, x_invstd, x_weight, x_bias]
+    x_bn = [x_mean, x_invstd, x_weight, x_bias]
+    # all four or none (a None left in makes gated_problem refuse a partial BatchNorm)
+    return tensors if all(t is None for t in x_bn) else tensors + x_bn
 
 
 @_triton.define_op("hifuse::batch_norm_stats_gated",

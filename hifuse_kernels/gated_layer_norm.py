@@ -40,7 +40,7 @@ def gated_layer_norm_ref(g, channel_gate, l, spatial_gate, x, weight, bias, eps:
 
 
 if triton is not None:
-    from ._triton import image_block, three_part_norm_grads
+    from ._triton import centred, image_block, three_part_norm_grads
     from .batch_norm_act import _act, _affine, _grad_terms
 
     @triton.jit
@@ -80,8 +80,8 @@ if triton is not None:
         za = g * cg[None, :]
         zb = lv * sg[:, None]
         mean = (tl.sum(za, 1) + tl.sum(zb, 1) + tl.sum(xv, 1)) / (3 * C)
-        da = tl.where(m, za - mean[:, None], 0.0)
-        db = tl.where(m, zb - mean[:, None], 0.0)
+        da = tl.where(m, centred(g, cg[None, :], mean[:, None]), 0.0)
+        db = tl.where(m, centred(lv, sg[:, None], mean[:, None]), 0.0)
         dx = tl.where(m, xv - mean[:, None], 0.0)
         var = (tl.sum(da * da, 1) + tl.sum(db * db, 1) + tl.sum(dx * dx, 1)) / (3 * C)
         rstd = 1.0 / tl.sqrt(var + eps)

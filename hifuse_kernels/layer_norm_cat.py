@@ -321,10 +321,16 @@ def _bn_pointers(rows: list[torch.Tensor], bn: list[torch.Tensor], bn_parts: int
     return out
 
 
+def bn_count(bn_parts: int) -> int:
+    """The parts a bit mask of at most MAX_PARTS names (bit counting torch.compile traces:
+    ``bin`` it does not, under torch 2.11)."""
+    return sum(bn_parts >> k & 1 for k in range(MAX_PARTS))
+
+
 def _bn_problem(rows: list[torch.Tensor], bn: list[torch.Tensor], bn_parts: int) -> str | None:
     if not 0 <= bn_parts < 1 << len(rows):
         return f"bn_parts must be a bit mask of the {len(rows)} parts, got {bn_parts}"
-    if len(bn) != 4 * bin(bn_parts).count("1"):
+    if len(bn) != 4 * bn_count(bn_parts):
         return f"bn takes four tensors (mean, invstd, weight, bias) per part in bn_parts, got {len(bn)}"
     for i in range(0, len(bn), 4):
         problem = bna.affine_problem(*bn[i:i + 4], rows[0].shape[1], rows[0].device, "BatchNorm ")
@@ -404,7 +410,7 @@ def _rows_backward_impl(grad, rows, weight, mean, rstd, bias, rebuild_dtype, bn=
     )
     grads = [torch.empty_like(t) for t in rows]
     part = torch.empty((2, programs, len(rows) * c), device=grad.device, dtype=torch.float32)
-    n_bn = bin(bn_parts).count("1") if sums else 0
+    n_bn = bn_count(bn_parts) if sums else 0
     bn_part = torch.empty((2, programs, n_bn * c) if n_bn else (0,), device=grad.device, dtype=torch.float64)
     _triton.wrap_triton(_rows_bwd_kernel)[_triton.grid(programs)](
         grad, *ptrs, weight, mean, rstd, *_three(grads), part[0], part[1], bias, out, *bn_ptrs,
@@ -504,7 +510,7 @@ def _(rows, bn, bn_parts, weight, bias, eps, out_dtype):
 def _(grad, rows, bn, bn_parts, weight, mean, rstd, bias, out_dtype, sums, ones=False):
     m, c = rows[0].shape
     params = weight.new_empty((2, weight.shape[0]), dtype=torch.float32)
-    sums = grad.new_empty((2, bin(bn_parts).count("1") * c if sums else 0), dtype=torch.float32)
+    sums = grad.new_empty((2, bn_count(bn_parts) * c if sums else 0), dtype=torch.float32)
     out = grad.new_empty((m, len(rows) * c + (ONES_PAD if ones else 0)), dtype=out_dtype)
     return [torch.empty_like(t) for t in rows], params, out, sums
 

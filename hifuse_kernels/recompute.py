@@ -208,7 +208,7 @@ class LayerNormCatBN:
 
     @staticmethod
     def split(args):
-        bn_parts, shared, n_bn = args[0], args[1], 4 * bin(args[0]).count("1")
+        bn_parts, shared, n_bn = args[0], args[1], 4 * lnc.bn_count(args[0])
         n_parts = len(args) - 6 - n_bn
         parts, bn = list(args[2:2 + n_parts]), list(args[2 + n_parts:2 + n_parts + n_bn])
         return bn_parts, shared, parts, bn, args[-4:]

@@ -376,8 +376,9 @@ def test_gated_residual_bad_input():
     for bad, match in cases:
         with pytest.raises(ValueError, match=match):
             torch.ops.hifuse.batch_norm_act_gated(y, *gated_sources(bad, 2, torch.float32), *params, None)
-    with pytest.raises(ValueError, match="9 tensors, or 13"):
-        torch.ops.hifuse.batch_norm_act_gated(y, *gated[:10], None, None, None, 2, torch.float32, *params, None)
+    for partial in ([*gated[:10], None, None, None], [*gated[:9], None, *gated[10:]]):
+        with pytest.raises(ValueError, match="9 tensors, or 13"):
+            torch.ops.hifuse.batch_norm_act_gated(y, *partial, 2, torch.float32, *params, None)
     with pytest.raises(ValueError, match=r"y must be \(10, 48\)"):
         torch.ops.hifuse.batch_norm_stats_gated(y[:9], *gated_sources(gated, 2, torch.float32), 1e-5, None, None,
                                                 None, 0.1)
