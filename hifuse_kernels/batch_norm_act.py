@@ -444,9 +444,10 @@ def _launch(name: str, rows: int, y: torch.Tensor, residual: torch.Tensor | None
     ``block_m`` rows (``device_tile``), or the launch table's for this device and shape, or a
     wide one. ``gated``: the GATED arguments, whose parts of CP channels each tile's channels
     lie in: the channel block halved until it divides CP, and to at most GATED_BLOCK_C on a GPU,
-    where the statistics and backward passes also take half their rows (computing r on load
-    takes registers: 64 x 64 tiles spilled in the statistics pass, 32 x 32 in the backward's
-    rebuilding one; 32 x 32 and 16 x 32 keep two programs an SM or more)."""
+    where the statistics pass also takes a quarter of its rows and the backward half (computing
+    r on load takes registers: 64 x 64 tiles spilled in the statistics pass, and under triton
+    3.6 32 x 32 ones too, as did 32 x 32 in the backward's rebuilding pass; 16 x 32 tiles keep
+    two programs an SM or more)."""
     c = y.shape[1]
     if _triton.wide():
         block_c = _triton.block_channels(c)
@@ -461,7 +462,7 @@ def _launch(name: str, rows: int, y: torch.Tensor, residual: torch.Tensor | None
         while gated["CP"] % launch["BLOCK_C"] or (not wide and launch["BLOCK_C"] > GATED_BLOCK_C):
             launch = dict(launch, BLOCK_C=launch["BLOCK_C"] // 2)
         if name in ("stats", "backward") and not wide:
-            launch = dict(launch, BLOCK_M=max(1, launch["BLOCK_M"] // 2))
+            launch = dict(launch, BLOCK_M=max(1, launch["BLOCK_M"] // (4 if name == "stats" else 2)))
     return launch
 
 

@@ -174,8 +174,9 @@ def cases(dtype: str):
     ungated = {"GATED": False, "X_BN": False, "X_ACT": 0}
     for src in ("dt", f32):  # the IRMLP's bn1 with norm3's result computed on load (g and l fp32 at stage 1)
         tiles = {}
-        # as bna._launch takes them: 32 channels, and half the rows but in the forward's apply
-        for name, block_m in (("stats", bna.BLOCK_M // 2), ("apply", bna.BLOCK_M), ("bwd", bna.BWD_BLOCK_M // 2)):
+        # as bna._launch takes them: 32 channels, and a quarter of the rows in the statistics pass,
+        # half in backward
+        for name, block_m in (("stats", bna.BLOCK_M // 4), ("apply", bna.BLOCK_M), ("bwd", bna.BWD_BLOCK_M // 2)):
             tiles[name] = {"BLOCK_M": block_m, "BLOCK_C": bna.GATED_BLOCK_C, "WARPS": bna.WARPS}
         gate = {"GATED": True, "X_BN": True, "X_ACT": 2, "PROLOGUE": False}
         io = dict(Y="dt", R="dt", G=src, CG=f32, L=src, SG="dt", X="dt", XM=f32, XI=f32, XW=f32, XB=f32, LM=f32,

@@ -142,7 +142,7 @@ def hand_on(m: nn.Module, call):
 
 def asked_to_hand_on(m: nn.Module) -> bool:
     """Whether m's fused forward, running now, is to hand its input on (``handed_on``)."""
-    return bool(_handing_on) and _handing_on[-1] is m
+    return len(_handing_on) > 0 and _handing_on[-1] is m  # torch 2.11's dynamo traces no bool(list)
 
 
 def handed_on(x: torch.Tensor) -> None:
