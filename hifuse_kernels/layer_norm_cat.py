@@ -292,7 +292,9 @@ if triton is not None:
         # BN_SUMS[s, pid, j * C:(j + 1) * C], j the part's place among the BatchNorm parts
         n_bn: tl.constexpr = (BN & 1) + (BN >> 1 & 1) + (BN >> 2 & 1) if SUMS else 0
         sums = pid.to(tl.int64) * (n_bn * C) + c
-        step = PROGRAMS.to(tl.int64) * (n_bn * C)
+        # the grid's size, not PROGRAMS.to(): torch 2.11's write analysis passes PROGRAMS as a
+        # plain int, which has no .to, and then counts every argument as written
+        step = tl.num_programs(0).to(tl.int64) * (n_bn * C)
         if (BN & 1) != 0 and SUMS:
             tl.store(BN_SUMS + sums, tl.sum(bn_dz_a.to(tl.float64), 0), mask=cmask)
             tl.store(BN_SUMS + step + sums, tl.sum(bn_dzxh_a.to(tl.float64), 0), mask=cmask)
