@@ -9,11 +9,13 @@ C and writes the normalised result, in the dtype of the GEMM that consumes it (u
 autocast the cast autocast would make happens in the store). Only per-position mean and
 rstd are saved.
 
-Backward first recomputes the convolution to get the LayerNorm input and writes the
-gradient of the convolution output (one pass), then a second kernel gathers, for every
-position, the nine neighbours of that gradient for the input gradient and accumulates the
-tap, conv-bias and LayerNorm weight/bias gradients into per-program partial sums. The
-partials are added in a fixed order afterwards: no atomics, identical bits on every run.
+Backward is one pass: walking down bands of image rows, a program recomputes the
+convolution for the LayerNorm's input, keeps the gradient of the convolution output for three
+rows at a time in a small buffer of its own (cache-resident, not a round trip through
+memory), and gathers from it, for every position, the nine neighbours of that gradient for the
+input gradient, accumulating the tap, conv-bias and LayerNorm weight/bias gradients into
+per-program partial sums. The partials are added in a fixed order afterwards: no atomics,
+identical bits on every run.
 
 Layers: reference, kernels, registered ops, autograd, functional entry point. The module
 using it is the fused ``LocalBlock`` (``hifuse.fused.local_branch``).
@@ -30,7 +32,6 @@ from ._triton import ONES_PAD, tl, triton
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_CHANNELS = 1024
 BLOCK_P = 8  # positions per program at most (fewer for many channels: _block_p)
-CONV_BLOCK_C = 256  # channels per program of the conv backward at most
 
 __all__ = ["dwconv_layer_norm", "dwconv_layer_norm_ref", "unsupported_reason"]
 
@@ -104,52 +105,6 @@ if triton is not None:
         tl.store(MEAN + pos, mean, mask=pmask)
         tl.store(RSTD + pos, rstd, mask=pmask)
 
-    # The backward kernels run on a fixed grid of PROGRAMS programs (``_triton.reduction_programs``),
-    # each looping over tiles pid, pid + PROGRAMS, ...: the weight gradients' partials are one row
-    # per program, not one per tile (at 8 positions a tile, 173 MB of tap partials a call).
-    @triton.jit(do_not_specialize=["PROGRAMS"])
-    def _bwd_norm_kernel(X, CW, CB, LW, GRAD, MEAN, RSTD, DY, PART_LW, PART_LB, LB, OUT, P, H, W, C, PROGRAMS,
-                         BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, REBUILD: tl.constexpr = False,
-                         PAD: tl.constexpr = 0):
-        """Gradient of the conv output (in DY's dtype: the GEMM's under autocast, as eager's),
-        and partial LayerNorm weight/bias gradients, accumulated as tiles and reduced over the
-        positions once at the end (a reduction across the tile per iteration costs a barrier).
-        With REBUILD it also writes the forward's output to OUT as ``_fwd_kernel`` computes it
-        (the same bits; PAD as there), for the weight gradient of the GEMM that read it: the
-        pass that would rebuild it reads what this one reads."""
-        pid = tl.program_id(0)
-        c = tl.arange(0, BLOCK_C)
-        cmask = c < C
-        lw = tl.load(LW + c, mask=cmask, other=0.0).to(tl.float32)
-        if REBUILD:
-            lb = tl.load(LB + c, mask=cmask, other=0.0).to(tl.float32)
-        acc_gx = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
-        acc_g = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
-        for t in range(pid, tl.cdiv(P, BLOCK_P), PROGRAMS):
-            h, w, pos, pmask = _positions(t, P, H, W, BLOCK_P)
-            m2 = pmask[:, None] & cmask[None, :]
-            y = _conv_tile(X, CW, CB, pos, h, w, pmask, c, H, W, C, BLOCK_P, BLOCK_C)
-            mean = tl.load(MEAN + pos, mask=pmask, other=0.0)
-            rstd = tl.load(RSTD + pos, mask=pmask, other=0.0)
-            xhat = tl.where(m2, (y - mean[:, None]) * rstd[:, None], 0.0)
-            here = pos[:, None] * C + c[None, :]
-            g = tl.load(GRAD + here, mask=m2, other=0.0).to(tl.float32)
-            gw = g * lw[None, :]
-            a = tl.sum(gw, 1) / C
-            b = tl.sum(gw * xhat, 1) / C
-            dy = tl.where(m2, rstd[:, None] * (gw - a[:, None] - xhat * b[:, None]), 0.0)
-            tl.store(DY + here, dy.to(DY.dtype.element_ty), mask=m2)
-            acc_gx += g * xhat
-            acc_g += g
-            if REBUILD:  # (y - mean) * rstd * lw + lb, as _fwd_kernel forms it (rows C + PAD wide)
-                rebuilt = (xhat * lw[None, :] + lb[None, :]).to(OUT.dtype.element_ty)
-                tl.store(OUT + here + (pos * PAD)[:, None], rebuilt, mask=m2)
-                if PAD > 0:
-                    ones_column(OUT + (pos * (C + PAD))[:, None], C, pmask, PAD)
-        part = pid.to(tl.int64) * (12 * C) + c  # rows of 12 C shared with the conv backward's partials
-        tl.store(PART_LW + part, tl.sum(acc_gx, 0), mask=cmask)
-        tl.store(PART_LB + part, tl.sum(acc_g, 0), mask=cmask)
-
     @triton.jit
     def _tap_grad(X, here, dy, h, w, pmask, cmask, ky: tl.constexpr, kx: tl.constexpr, H, W, C):
         """Tap (ky, kx)'s gradient terms over a tile: dy times the input each position read
@@ -158,57 +113,135 @@ if triton is not None:
         xv = tl.load(X + here + off, mask=ok[:, None] & cmask[None, :], other=0.0)
         return dy * xv.to(tl.float32)
 
-    @triton.jit(do_not_specialize=["PROGRAMS"])
-    def _bwd_conv_kernel(X, CW, DY, DX, DS, PART, P, H, W, C, PROGRAMS, HAS_DS: tl.constexpr,
-                         BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-        """Input gradient (transposed depthwise conv of DY, plus DS: the gradient x gets from
-        elsewhere, summed here rather than by a separate pass) and partial tap/bias gradients,
-        for the channel block program_id(1) (a depthwise conv needs no other channels). The
-        ten partials are accumulated as tiles and reduced over the positions once at the end."""
+    @triton.jit
+    def _slot_grad(SLOTS, h, w, pmask, c, cmask, ky: tl.constexpr, kx: tl.constexpr, H, W, C):
+        """The conv output's gradient at (h + 1 - ky, w + 1 - kx), which read the input at
+        (h, w) through tap (ky, kx), from its row's slot; zero outside the image."""
+        hh = h + 1 - ky
+        ww = w + 1 - kx
+        ok = pmask & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
+        at = SLOTS + ((hh + 3) % 3) * W * C + ww[:, None] * C + c[None, :]
+        return tl.load(at, mask=ok[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+
+    @triton.jit
+    def _add_row(row, start, acc, c, cmask, stride: tl.constexpr):
+        """Adds acc summed over its positions to row[start + c * stride]."""
+        at = row + start + c * stride
+        tl.store(at, tl.load(at, mask=cmask, other=0.0) + tl.sum(acc, 0), mask=cmask)
+
+    # The backward runs on a fixed grid of PROGRAMS programs (``_triton.reduction_programs``),
+    # each looping over units u = pid, pid + PROGRAMS, ...: a band of BAND rows of one image.
+    # A unit walks its rows top to bottom, one row of the conv output's gradient ahead: it
+    # computes the gradient of row r + 1 (all channels: the LayerNorm's backward needs whole
+    # rows) into one of three row slots of its own (3 W C values: they stay in cache), then
+    # gathers rows r - 1 .. r + 1 of the slots for the input gradient of row r (a transposed
+    # depthwise conv) and takes row r's tap gradients. The rows just above and below the band
+    # are computed again by the neighbouring units, about 2 / BAND more work, instead of the
+    # whole gradient written to memory and read back.
+    @triton.jit(do_not_specialize=["PROGRAMS", "BAND"])
+    def _bwd_kernel(X, CW, CB, LW, LB, GRAD, MEAN, RSTD, DS, DX, OUT, SLOTS, PART, N, H, W, C, BAND, PROGRAMS,
+                    HAS_DS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+                    REBUILD: tl.constexpr = False, PAD: tl.constexpr = 0):
+        """x's gradient (plus DS: the gradient x gets from elsewhere, summed here rather than
+        by a separate pass), and per program the partial tap, conv bias and LayerNorm
+        weight/bias gradients, in its row of 12 C of PART. With REBUILD the
+        forward's output is written to OUT as ``_fwd_kernel`` computes it (the same bits; rows
+        C + PAD wide)."""
         pid = tl.program_id(0)
-        c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        c = tl.arange(0, BLOCK_C)
         cmask = c < C
-        zero = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
-        g00, g01, g02, g10, g11, g12, g20, g21, g22, gb = zero, zero, zero, zero, zero, zero, zero, zero, zero, zero
-        for t in range(pid, tl.cdiv(P, BLOCK_P), PROGRAMS):
-            h, w, pos, pmask = _positions(t, P, H, W, BLOCK_P)
-            m2 = pmask[:, None] & cmask[None, :]
-            here = pos[:, None] * C + c[None, :]
-            dy_here = tl.load(DY + here, mask=m2, other=0.0).to(tl.float32)
-            gb += dy_here
-            dx = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
-            if HAS_DS:
-                dx += tl.load(DS + here, mask=m2, other=0.0).to(tl.float32)
-            for ky in tl.static_range(3):
-                for kx in tl.static_range(3):
-                    # Output (h', w') = (h - ky + 1, w - kx + 1) read this input through tap (ky, kx).
-                    off, ok = _neighbour(h, w, pmask, 1 - ky, 1 - kx, H, W, C)
-                    g = tl.load(DY + here + off, mask=ok[:, None] & cmask[None, :], other=0.0).to(tl.float32)
-                    tap = tl.load(CW + c * 9 + ky * 3 + kx, mask=cmask, other=0.0).to(tl.float32)
-                    dx += g * tap[None, :]
-            tl.store(DX + here, dx.to(DX.dtype.element_ty), mask=m2)
-            g00 += _tap_grad(X, here, dy_here, h, w, pmask, cmask, 0, 0, H, W, C)
-            g01 += _tap_grad(X, here, dy_here, h, w, pmask, cmask, 0, 1, H, W, C)
-            g02 += _tap_grad(X, here, dy_here, h, w, pmask, cmask, 0, 2, H, W, C)
-            g10 += _tap_grad(X, here, dy_here, h, w, pmask, cmask, 1, 0, H, W, C)
-            g11 += _tap_grad(X, here, dy_here, h, w, pmask, cmask, 1, 1, H, W, C)
-            g12 += _tap_grad(X, here, dy_here, h, w, pmask, cmask, 1, 2, H, W, C)
-            g20 += _tap_grad(X, here, dy_here, h, w, pmask, cmask, 2, 0, H, W, C)
-            g21 += _tap_grad(X, here, dy_here, h, w, pmask, cmask, 2, 1, H, W, C)
-            g22 += _tap_grad(X, here, dy_here, h, w, pmask, cmask, 2, 2, H, W, C)
-        # 10 C of the program's row of 12 C: the taps as the weight lays them out (C, 3, 3), then the bias
-        row = PART + pid.to(tl.int64) * (12 * C)
-        taps = row + c * 9
-        tl.store(taps, tl.sum(g00, 0), mask=cmask)
-        tl.store(taps + 1, tl.sum(g01, 0), mask=cmask)
-        tl.store(taps + 2, tl.sum(g02, 0), mask=cmask)
-        tl.store(taps + 3, tl.sum(g10, 0), mask=cmask)
-        tl.store(taps + 4, tl.sum(g11, 0), mask=cmask)
-        tl.store(taps + 5, tl.sum(g12, 0), mask=cmask)
-        tl.store(taps + 6, tl.sum(g20, 0), mask=cmask)
-        tl.store(taps + 7, tl.sum(g21, 0), mask=cmask)
-        tl.store(taps + 8, tl.sum(g22, 0), mask=cmask)
-        tl.store(row + 9 * C + c, tl.sum(gb, 0), mask=cmask)
+        slots = SLOTS + pid.to(tl.int64) * (3 * W * C)
+        part = PART + pid.to(tl.int64) * (12 * C)
+        for k in tl.static_range(10):  # the taps' and conv bias's partials start at zero (then added to
+            tl.store(part + k * C + c, tl.zeros((BLOCK_C,), dtype=tl.float32), mask=cmask)  # after a barrier)
+        # the LayerNorm's gradient terms, accumulated as tiles and reduced over the positions once at the end
+        acc_gx = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+        acc_g = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+        bands = tl.cdiv(H, BAND)
+        for u in range(pid, N * bands, PROGRAMS):
+            n = u // bands
+            r0 = (u % bands) * BAND
+            r1 = tl.minimum(r0 + BAND, H)
+            for hr in range(r0 - 1, r1 + 1):
+                if (hr >= 0) & (hr < H):  # the conv output's gradient, row hr (a halo row: some other unit's)
+                    owned = (hr >= r0) & (hr < r1)
+                    for w0 in range(0, W, BLOCK_P):
+                        w = w0 + tl.arange(0, BLOCK_P)
+                        pmask = w < W
+                        pos = ((n * H + hr) * W + w).to(tl.int64)  # int32 (positions < 2**31), then widened
+                        m2 = pmask[:, None] & cmask[None, :]
+                        y = _conv_tile(X, CW, CB, pos, hr, w, pmask, c, H, W, C, BLOCK_P, BLOCK_C)
+                        mean = tl.load(MEAN + pos, mask=pmask, other=0.0)
+                        rstd = tl.load(RSTD + pos, mask=pmask, other=0.0)
+                        xhat = tl.where(m2, (y - mean[:, None]) * rstd[:, None], 0.0)
+                        here = pos[:, None] * C + c[None, :]
+                        g = tl.load(GRAD + here, mask=m2, other=0.0).to(tl.float32)
+                        lw = tl.load(LW + c, mask=cmask, other=0.0).to(tl.float32)
+                        gw = g * lw[None, :]
+                        a = tl.sum(gw, 1) / C
+                        b = tl.sum(gw * xhat, 1) / C
+                        dy = tl.where(m2, rstd[:, None] * (gw - a[:, None] - xhat * b[:, None]), 0.0)
+                        # in the slot's dtype (the incoming gradient's: bf16 under autocast, as eager's)
+                        tl.store(slots + (hr % 3) * W * C + w[:, None] * C + c[None, :],
+                                 dy.to(SLOTS.dtype.element_ty), mask=m2)
+                        if owned:
+                            acc_gx += g * xhat
+                            acc_g += g
+                            if REBUILD:  # (y - mean) * rstd * lw + lb, as _fwd_kernel forms it
+                                lb = tl.load(LB + c, mask=cmask, other=0.0).to(tl.float32)
+                                rebuilt = (xhat * lw[None, :] + lb[None, :]).to(OUT.dtype.element_ty)
+                                tl.store(OUT + here + (pos * PAD)[:, None], rebuilt, mask=m2)
+                                if PAD > 0:
+                                    ones_column(OUT + (pos * (C + PAD))[:, None], C, pmask, PAD)
+                tl.debug_barrier()  # row hr's stores to its slot are seen by every thread
+                h = hr - 1
+                if h >= r0:  # x's gradient and the tap gradients, row h
+                    for w0 in range(0, W, BLOCK_P):
+                        w = w0 + tl.arange(0, BLOCK_P)
+                        pmask = w < W
+                        m2 = pmask[:, None] & cmask[None, :]
+                        here = ((n * H + h) * W + w).to(tl.int64)[:, None] * C + c[None, :]
+                        dx = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+                        if HAS_DS:
+                            dx += tl.load(DS + here, mask=m2, other=0.0).to(tl.float32)
+                        for ky in tl.static_range(3):
+                            for kx in tl.static_range(3):
+                                tap = tl.load(CW + c * 9 + ky * 3 + kx, mask=cmask, other=0.0).to(tl.float32)
+                                dx += _slot_grad(slots, h, w, pmask, c, cmask, ky, kx, H, W, C) * tap[None, :]
+                        tl.store(DX + here, dx.to(DX.dtype.element_ty), mask=m2)
+                    # a second walk over the row for the tap gradients: fewer values live at once
+                    zero = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+                    g00, g01, g02, g10, g11, g12, g20, g21, g22, gb = zero, zero, zero, zero, zero, zero, zero, zero, zero, zero
+                    for w0 in range(0, W, BLOCK_P):
+                        w = w0 + tl.arange(0, BLOCK_P)
+                        pmask = w < W
+                        here = ((n * H + h) * W + w).to(tl.int64)[:, None] * C + c[None, :]
+                        dy = _slot_grad(slots, h, w, pmask, c, cmask, 1, 1, H, W, C)
+                        gb += dy
+                        g00 += _tap_grad(X, here, dy, h, w, pmask, cmask, 0, 0, H, W, C)
+                        g01 += _tap_grad(X, here, dy, h, w, pmask, cmask, 0, 1, H, W, C)
+                        g02 += _tap_grad(X, here, dy, h, w, pmask, cmask, 0, 2, H, W, C)
+                        g10 += _tap_grad(X, here, dy, h, w, pmask, cmask, 1, 0, H, W, C)
+                        g11 += _tap_grad(X, here, dy, h, w, pmask, cmask, 1, 1, H, W, C)
+                        g12 += _tap_grad(X, here, dy, h, w, pmask, cmask, 1, 2, H, W, C)
+                        g20 += _tap_grad(X, here, dy, h, w, pmask, cmask, 2, 0, H, W, C)
+                        g21 += _tap_grad(X, here, dy, h, w, pmask, cmask, 2, 1, H, W, C)
+                        g22 += _tap_grad(X, here, dy, h, w, pmask, cmask, 2, 2, H, W, C)
+                    # the row's tap and conv bias gradients into the program's partials (the taps as
+                    # the weight lays them out, (C, 3, 3)): ten tiles held through a row, not the loop
+                    _add_row(part, 0, g00, c, cmask, 9)
+                    _add_row(part, 1, g01, c, cmask, 9)
+                    _add_row(part, 2, g02, c, cmask, 9)
+                    _add_row(part, 3, g10, c, cmask, 9)
+                    _add_row(part, 4, g11, c, cmask, 9)
+                    _add_row(part, 5, g12, c, cmask, 9)
+                    _add_row(part, 6, g20, c, cmask, 9)
+                    _add_row(part, 7, g21, c, cmask, 9)
+                    _add_row(part, 8, g22, c, cmask, 9)
+                    _add_row(part, 9 * C, gb, c, cmask, 1)
+                    tl.debug_barrier()  # row h's reads are done before a slot they read is written again
+        tl.store(part + 10 * C + c, tl.sum(acc_gx, 0), mask=cmask)
+        tl.store(part + 11 * C + c, tl.sum(acc_g, 0), mask=cmask)
 
 
 def _block_p(positions: int, c: int) -> int:
@@ -229,27 +262,45 @@ def _launch_tile(positions: int, c: int) -> dict:
     return dict(BLOCK_P=block_p, BLOCK_C=block_c, num_warps=max(4, min(16, block_p * block_c // 64)))
 
 
-def norm_backward_tile(positions: int, c: int) -> dict:
-    """The forward's tile on 8 warps up to 256 channels: on 16, triton 3.6 gave the norm
-    backward of an fp32 stream with a bf16 gradient 64 registers and spilled."""
-    tile = _launch_tile(positions, c)
-    return dict(tile, num_warps=8) if tile["BLOCK_C"] <= 256 and not _triton.wide() else tile
+def backward_tile(width: int, c: int) -> dict:
+    """The backward's tile: positions along one image row (at most its width) by all c
+    channels, one value a thread (two at 128 and 1024 channels), the compiled tiles that
+    spill under neither triton 3.6 nor 3.8 (``check_triton_compile.py``)."""
+    block_c = _triton.block_channels(c)
+    if _triton.wide():
+        return dict(BLOCK_P=min(_triton.next_power_of_2(width), _triton.wide_rows(block_c)), BLOCK_C=block_c,
+                    num_warps=4)
+    narrow = block_c <= 128  # one value a thread spilled there
+    block_p = max(1, min(_triton.next_power_of_2(width), (512 if narrow else 256) // block_c))
+    return dict(BLOCK_P=block_p, BLOCK_C=block_c, num_warps=max(4, min(16, block_p * block_c // (64 if narrow else 32))))
 
 
-def _launch(x, name: str = "forward", channels: int | None = None) -> tuple[tuple[int], dict]:
-    """Grid (position blocks) and tile of launch ``name`` over x's positions, ``channels`` a
-    program (default all of them; the kernels but the conv backward hold whole rows): the
-    default, or the launch table's for this device and shape."""
+def band_rows(n: int, h: int, programs: int) -> int:
+    """Rows of an image a backward unit takes, for ``programs`` programs: the band that
+    finishes first by a count of rows, each wave of units taking its band's rows twice (the
+    gradient pass and the input-gradient pass) and two halo rows (the largest band of the
+    fastest: whole images when they fill the GPU, thin bands for a few images)."""
+    def cost(band):
+        return -(-n * -(-h // band) // programs) * (2 * band + 2), -band
+
+    return min(range(1, h + 1), key=cost)
+
+
+def _launch(x, name: str = "forward") -> tuple[tuple[int], dict]:
+    """Grid (position blocks; the backward's is its own) and tile of launch ``name`` over x's
+    positions, whole rows of C channels a program: the default, or the launch table's for
+    this device and shape."""
     n, h, w, c = x.shape
-    tile = (norm_backward_tile if name == "norm_backward" else _launch_tile)(n * h * w, channels or c)
+    tile = backward_tile(w, c) if name == "backward" else _launch_tile(n * h * w, c)
     if not _triton.wide():
-        whole = channels is None
 
         def problem(config):
-            if whole and config["BLOCK_C"] != tile["BLOCK_C"]:
+            if config["BLOCK_C"] != tile["BLOCK_C"]:
                 return f"BLOCK_C={config['BLOCK_C']} must be {tile['BLOCK_C']} (whole rows)"
             return _configs.power_of_two_problem(config, "BLOCK_P", "BLOCK_C", high=4096)
 
+        if name == "backward":
+            tile = dict(tile, band=0)  # rows a unit takes; 0: the launcher's choice (``band_rows``)
         tile = _configs.launch_config(f"dwconv_layer_norm.{name}", f"{_configs.dtype_name(x.dtype)}/c{c}", tile,
                                       x.device, problem)
     return _triton.grid(triton.cdiv(n * h * w, tile["BLOCK_P"])), tile
@@ -288,40 +339,30 @@ def _bwd_op(
     that dtype (``ones``: with the ones column), the same bits, written by the norm backward's
     pass (``ln_bias``: the LayerNorm's, which it needs)."""
     n, h, w, c = x.shape
-    p = n * h * w
     rebuild = rebuild_dtype is not None
     if rebuild and ln_bias is None:
         raise ValueError("dwconv_layer_norm_backward: rebuilding the output takes the LayerNorm's bias")
     pad = ONES_PAD if ones and rebuild else 0
     out = torch.empty((n, h, w, c + pad) if rebuild else (0,), device=x.device, dtype=rebuild_dtype or x.dtype)
     ln_bias = ln_weight if ln_bias is None else ln_bias
-    grid, tile = _launch(x, "norm_backward")
-    tile = dict(tile, REBUILD=rebuild, PAD=pad)
-    progs = _triton.reduction_programs(grid[0], 1, x.device, kernel=_bwd_norm_kernel, launch=tile, args=(
-        x, conv_weight, conv_bias, ln_weight, grad, mean, rstd, grad.dtype, torch.float32, torch.float32, ln_bias, out,
-        p, h, w, c, 2))
-    f32 = dict(device=x.device, dtype=torch.float32)
-    # the conv output's gradient in the incoming gradient's dtype: bf16 under autocast, as eager's
-    dy = torch.empty(n, h, w, c, device=x.device, dtype=grad.dtype)
+    _grid, tile = _launch(x, "backward")
+    band = tile.pop("band", 0)
+    tile = dict(tile, HAS_DS=grad_x is not None, REBUILD=rebuild, PAD=pad)
+    args = (x, conv_weight, conv_bias, ln_weight, ln_bias, grad, mean, rstd, x.dtype, x.dtype, out, grad.dtype,
+            torch.float32, n, h, w, c, 2, 2)
+    if band <= 0:  # wide tiles: whole images (the interpreter pays per operation, not per program)
+        band = h if _triton.wide() else band_rows(n, h, _triton.reduction_programs(
+            n * h, 1, x.device, kernel=_bwd_kernel, launch=tile, args=args))
+    units = n * triton.cdiv(h, band)
+    progs = _triton.reduction_programs(units, 1, x.device, kernel=_bwd_kernel, launch=tile, args=args)
+    # each program's three rows of the conv output's gradient, in the incoming gradient's dtype
+    # (bf16 under autocast, as eager's)
+    slots = torch.empty(progs, 3, w, c, device=x.device, dtype=grad.dtype)
+    part = torch.empty(progs, 12 * c, device=x.device, dtype=torch.float32)
     dx = torch.empty_like(x)
-    # the conv backward in channel blocks of at most CONV_BLOCK_C: ten gradient tiles of 1024
-    # channels held across the loop spilled (triton 3.6), and 768 channels fill three of 256
-    conv_grid, conv_tile = _launch(x, "conv_backward", min(c, CONV_BLOCK_C))
-    lanes = triton.cdiv(c, conv_tile["BLOCK_C"])
-    flags = dict(HAS_DS=grad_x is not None, **conv_tile)
-    conv_progs = _triton.reduction_programs(conv_grid[0], lanes, x.device, kernel=_bwd_conv_kernel, launch=flags, args=(
-        x, conv_weight, grad.dtype, x.dtype, x.dtype, torch.float32, p, h, w, c, 2))
-    # one row of partials per program, both kernels on as many programs: the taps and conv bias
-    # (10 C), the LayerNorm weight and bias (2 C)
-    progs = max(progs, conv_progs)
-    part = torch.empty(progs, 12 * c, **f32)
-    _triton.wrap_triton(_bwd_norm_kernel)[(progs,)](
-        x, conv_weight, conv_bias, ln_weight, grad, mean, rstd, dy, part[:, 10 * c: 11 * c], part[:, 11 * c:], ln_bias,
-        out, p, h, w, c, progs, **tile,
-    )
-    _triton.wrap_triton(_bwd_conv_kernel)[(progs, lanes)](
-        x, conv_weight, dy, dx, dx if grad_x is None else grad_x.contiguous(), part[:, : 10 * c], p, h, w, c, progs,
-        **flags
+    _triton.wrap_triton(_bwd_kernel)[_triton.grid(progs)](
+        x, conv_weight, conv_bias, ln_weight, ln_bias, grad, mean, rstd, dx if grad_x is None else grad_x.contiguous(),
+        dx, out, slots, part, n, h, w, c, band, progs, **tile,
     )
     return dx, part.sum(0), out
 
@@ -411,6 +452,8 @@ def _argument_problem(x, conv_weight, conv_bias, ln_weight, ln_bias):
         return ValueError, f"C = {c} channels is more than the {MAX_CHANNELS} supported"
     if x.numel() // max(c, 1) >= 2**31:
         return ValueError, f"x has {x.numel() // c} positions (N * H * W); the kernels take fewer than 2**31"
+    if x.shape[2] * c >= 2**28:
+        return ValueError, f"an image row of x has {x.shape[2] * c} values (W * C); the kernels take fewer than 2**28"
     if conv_weight.shape != (c, 1, 3, 3):
         return ValueError, f"conv_weight must be ({c}, 1, 3, 3), got {tuple(conv_weight.shape)}"
     if any(t.shape != (c,) for t in (conv_bias, ln_weight, ln_bias)):

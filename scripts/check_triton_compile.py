@@ -143,20 +143,15 @@ def cases(dtype: str):
         for pad in (0, dln.ONES_PAD):  # with the ones column (the op's ``ones``)
             yield dln._fwd_kernel, dict(X=f32, CW=f32, CB=f32, LW=f32, LB=f32, OUT="dt", MEAN=f32, RSTD=f32), \
                 {**tiles, "PAD": pad}
-        norm = dln.norm_backward_tile(1 << 20, block_c)
-        norm = dict(BLOCK_P=norm["BLOCK_P"], BLOCK_C=block_c, WARPS=norm["num_warps"])
+    for c, width in ((96, 56), (192, 28), (384, 14), (768, 7)):  # HiFuse's stages at 224 x 224
+        tile = dln.backward_tile(width, c)
+        tiles = dict(BLOCK_P=tile["BLOCK_P"], BLOCK_C=tile["BLOCK_C"], WARPS=tile["num_warps"])
         for x in ("dt", f32):  # f32: under autocast, the fp32 stream with the GEMM's gradient
             for rebuild in (False, True):  # rebuild: the forward's output too, with the ones column
-                yield dln._bwd_norm_kernel, dict(X=x, CW=f32, CB=f32, LW=f32, GRAD="dt", MEAN=f32, RSTD=f32, DY="dt",
-                                                 PART_LW=f32, PART_LB=f32, LB=f32, OUT="dt"), \
-                    {**norm, "REBUILD": rebuild, "PAD": dln.ONES_PAD if rebuild else 0}
-    for c in (96, 192, 384, 768):  # the conv backward in channel blocks of at most dln.CONV_BLOCK_C
-        tile = dln._launch_tile(1 << 20, min(c, dln.CONV_BLOCK_C))
-        tiles = dict(BLOCK_P=tile["BLOCK_P"], BLOCK_C=tile["BLOCK_C"], WARPS=tile["num_warps"])
-        for x in ("dt", f32):
-            for has_ds in (False, True):  # with the stream's other gradient added in
-                yield dln._bwd_conv_kernel, dict(X=x, CW=f32, DY="dt", DX=x, DS=x, PART=f32), \
-                    {**tiles, "HAS_DS": has_ds}
+                for has_ds in (False, True):  # with the stream's other gradient added in
+                    yield dln._bwd_kernel, dict(X=x, CW=f32, CB=f32, LW=f32, LB=f32, GRAD="dt", MEAN=f32, RSTD=f32,
+                                                DS=x, DX=x, OUT="dt", SLOTS="dt", PART=f32), \
+                        {**tiles, "HAS_DS": has_ds, "REBUILD": rebuild, "PAD": dln.ONES_PAD if rebuild else 0}
     for n in (96, 192, 384, 768):  # the IRMLP's conv3 widths (K = 12 N), at triton's default num_stages (3)
         ce = {"PRECISION": prec, "UPCAST": False}
         gemm = lambda launch: {k: v for k, v in _as_warps(launch).items() if k != "num_stages"}  # noqa: E731

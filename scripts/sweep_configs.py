@@ -73,12 +73,10 @@ SPACES = {
     "gelu_linear.weight": dict(BLOCK_M=(32, 64, 128), BLOCK_N=(32, 64, 128), BLOCK_K=(32, 64, 128), num_warps=(4, 8),
                                num_stages=(2, 3)),
     "dwconv_layer_norm.forward": dict(BLOCK_P=(1, 2, 4, 8, 16), num_warps=(4, 8, 16)),
-    "dwconv_layer_norm.norm_backward": dict(BLOCK_P=(1, 2, 4, 8, 16), num_warps=(4, 8, 16)),
-    "dwconv_layer_norm.conv_backward": dict(BLOCK_P=(2, 4, 8, 16, 32), BLOCK_C=(32, 64, 128, 256),
-                                            num_warps=(4, 8, 16)),
+    "dwconv_layer_norm.backward": dict(BLOCK_P=(1, 2, 4, 8), num_warps=(4, 8, 16), band=(1, 2, 4, 7, 14, 28)),
 }
 # Candidate keys that are not tiles: the smoke run picks its second candidate by tile size.
-NOT_TILES = {"num_warps", "num_stages", "programs", "chunks"}
+NOT_TILES = {"num_warps", "num_stages", "programs", "chunks", "band"}
 
 
 # --------------------------------------------------------------------------- the shapes

@@ -67,16 +67,15 @@ def _dwconv_layer_norm():
     x, taps, vec, stat = p * c * BF16, 9 * c * BF16, c * BF16, p * F32
     forward = x + taps + 3 * vec + x + 2 * stat  # x, taps, conv bias, LN weight and bias in; out, mean, rstd
     zeros = 2 * stat  # zero gradients of mean and rstd, made by autograd
-    # backward: 2 programs; the conv output's gradient dy (bf16, the incoming gradient's dtype)
-    # and LN partials
-    norm = x + taps + 2 * vec + x + 2 * stat + p * c * BF16 + 2 * 2 * c * F32
-    # conv backward: tiles of 4 positions by 256 channels, 2 programs: dx, taps and bias partials
-    conv = x + taps + p * c * BF16 + x + 2 * 9 * c * F32 + 2 * c * F32
-    # both kernels' partials in the rows of one buffer, summed once, then a cast each
+    # backward, one kernel: 2 programs (bands of 4 rows), each with three rows of the conv
+    # output's gradient (bf16, the incoming gradient's dtype) and a row of 12 C partials; the
+    # LayerNorm's bias not given (its weight in its place), the other gradient of x neither (dx)
+    backward = x + taps + 2 * vec + x + 2 * stat + x + 2 * 3 * 7 * c * BF16 + 2 * 12 * c * F32
+    # the partials summed once, then a cast each
     glue = 2 * 12 * c * F32 + 12 * c * F32
     glue += (9 * c * F32 + taps) + 3 * (c * F32 + vec)
     least = 2 * (x + taps + 3 * vec) + 2 * x
-    return 10, forward + zeros + norm + conv + glue, least
+    return 9, forward + zeros + backward + glue, least
 
 
 def _gated_layer_norm():

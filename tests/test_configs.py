@@ -291,10 +291,9 @@ KERNELS = {
     "gelu_linear.weight": "gelu_linear._bwd_weight_kernel",
     "gelu_linear.backward": "gelu_linear._bwd_kernel",
     "dwconv_layer_norm.forward": "dwconv_layer_norm._fwd_kernel",
-    "dwconv_layer_norm.norm_backward": "dwconv_layer_norm._bwd_norm_kernel",
-    "dwconv_layer_norm.conv_backward": "dwconv_layer_norm._bwd_conv_kernel",
+    "dwconv_layer_norm.backward": "dwconv_layer_norm._bwd_kernel",
 }
-NOT_KERNEL_ARGS = {"programs", "chunks"}  # read by the launchers, not passed to the kernels
+NOT_KERNEL_ARGS = {"programs", "chunks", "band"}  # read by the launchers, not passed to the kernels
 # the smoke's conv3 (192 columns) takes gelu_linear's one-pass backward, not these two
 SMOKE_UNUSED = {"gelu_linear.input", "gelu_linear.weight"}
 
@@ -373,6 +372,7 @@ def test_launchers_read_the_table(table):
         "channel_pool.backward": {"fp32/c192/s16": {"BLOCK_S": 2, "BLOCK_C": 256, "num_warps": 8}},
         "spatial_pool.forward": {"fp32/c192": {"BLOCK_P": 2, "num_warps": 1}},
         "spatial_pool.backward": {"fp32/c192": {"BLOCK_P": 32, "num_warps": 2}},
+        "dwconv_layer_norm.backward": {"fp32/c192": {"BLOCK_P": 2, "num_warps": 4, "band": 1}},
     }
     table(kernels)
     with _device_tiles(), recorded_launches() as launches, warnings.catch_warnings():
@@ -390,11 +390,13 @@ def test_launchers_ignore_entries_they_would_run_wrongly(table):
         "spatial_pool.forward": {"fp32/c192": {"BLOCK_P": 3}},
         "channel_pool.forward": {"fp32/c192/s16": {"BLOCK_C": 48}},
         "gelu_residual.forward": {"fp32/fp32": {"BLOCK": 4, "tile": 2}},
+        "dwconv_layer_norm.backward": {"fp32/c192": {"band": -1}},
     })
     with _device_tiles(), recorded_launches() as launches, pytest.warns(_configs.ConfigWarning) as caught:
         _run_ops()
     messages = " ".join(str(w.message) for w in caught)
-    for problem in ("BM=8 must be a power of two in [16, 64]", "BLOCK_P=3", "BLOCK_C=48", "unknown keys ['tile']"):
+    for problem in ("BM=8 must be a power of two in [16, 64]", "BLOCK_P=3", "BLOCK_C=48", "unknown keys ['tile']",
+                    "band=-1 must be a positive integer"):
         assert problem in messages
     assert {kw["BM"] for kw in launches["window_attention._fwd_kernel"]} == {wa.FWD_ROWS}
 

@@ -124,6 +124,41 @@ def test_backward_rebuilds_the_output(tiles, shape, ones):
         torch.ops.hifuse.dwconv_layer_norm_backward(grad, x, cw, cb, lw, mean, rstd, None, None, torch.bfloat16)
 
 
+@pytest.mark.parametrize("shape", [(2, 9, 13, 96), (1, 5, 3, 768)])
+def test_backward_in_bands_of_rows(shape):
+    """The backward's units take bands of rows, computing the conv output's gradient again
+    for the rows just above and below: every band gives the input gradient's bits of whole
+    images, and the parameters' gradients of the reference."""
+    from hifuse_kernels import _configs
+
+    x, cw, cb, lw, lb = [t.detach() for t in _inputs(shape)]
+    out, mean, rstd = torch.ops.hifuse.dwconv_layer_norm(x, cw, cb, lw, lb, 1e-6, x.dtype)
+    grad, other = torch.randn_like(out), torch.randn_like(x)
+    ref_in = [t.clone().requires_grad_() for t in (x, cw, cb, lw, lb)]
+    ref = torch.autograd.grad(dwconv_layer_norm_ref(*ref_in), ref_in, grad)
+    c, h = shape[-1], shape[1]
+    results = {}
+    for band in (1, 2, 3, h):
+        with _triton.device_tiles(), _configs.forced({"dwconv_layer_norm.backward": {"band": band}}):
+            dx, params, _ = torch.ops.hifuse.dwconv_layer_norm_backward(grad, x, cw, cb, lw, mean, rstd, other)
+        results[band] = dx
+        got = (params[: 9 * c].view(c, 1, 3, 3), params[9 * c: 10 * c], params[10 * c: 11 * c], params[11 * c:])
+        torch.testing.assert_close(dx, ref[0] + other, rtol=1e-4, atol=5e-5)
+        for name, a, r in zip(NAMES[1:], got, ref[1:]):
+            torch.testing.assert_close(a, r, rtol=1e-4, atol=5e-5, msg=f"band {band}: {name}")
+    for band, dx in results.items():
+        assert torch.equal(dx, results[h]), band
+
+
+def test_band_rows():
+    """Whole images where they fill the programs, thinner bands for fewer images."""
+    from hifuse_kernels.dwconv_layer_norm import band_rows
+
+    assert band_rows(128, 56, 132) == 56 and band_rows(128, 7, 132) == 7
+    assert band_rows(32, 56, 132) == 14
+    assert band_rows(1, 56, 132) == 1 and band_rows(1, 1, 1) == 1
+
+
 def test_backward_deterministic_and_expanded_gradient():
     inputs = _inputs((2, 9, 13, 192))
     first = torch.autograd.grad(dwconv_layer_norm(*inputs).sum(), inputs)
@@ -145,6 +180,9 @@ def test_bad_input():
         dwconv_layer_norm(*big)
     with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
         dwconv_layer_norm(x.double(), cw, cb, lw, lb)
+    wide = x[:, :1, :1].expand(1, 1, 2**28 // 96 + 1, 96)  # no memory: refused before any launch
+    with pytest.raises(ValueError, match="W \\* C"):
+        dwconv_layer_norm(wide, cw, cb, lw, lb)
 
 
 @pytest.mark.parametrize("channels_last", [False, True])

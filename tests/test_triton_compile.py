@@ -102,15 +102,15 @@ def test_recorded_variants_follow_the_jit_rules(tmp_path):
     launches that differ only in values the JIT does not key on are one variant."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     pointer = {"pointer": "*bf16", "aligned": True}
-    args = dict(X=pointer, CW=pointer, CB=pointer, LW=pointer, GRAD=pointer, MEAN=pointer, RSTD=pointer, DY=pointer,
-                PART_LW=pointer, PART_LB={"pointer": "*fp32", "aligned": False}, LB=pointer, OUT=pointer, P={"int": 96},
-                H={"int": 7},
-                W={"int": 1}, C={"int": 96}, PROGRAMS={"int": 32}, BLOCK_P={"int": 8}, BLOCK_C={"int": 128})
-    launches = [{"kernel": "hifuse_kernels.dwconv_layer_norm._bwd_norm_kernel", "args": args,
+    args = dict(X=pointer, CW=pointer, CB=pointer, LW=pointer, LB=pointer, GRAD=pointer, MEAN=pointer, RSTD=pointer,
+                DS=pointer, DX=pointer, OUT=pointer, SLOTS=pointer, PART={"pointer": "*fp32", "aligned": False},
+                N={"int": 96}, H={"int": 7}, W={"int": 1}, C={"int": 96}, BAND={"int": 3}, PROGRAMS={"int": 32},
+                HAS_DS={"value": False}, BLOCK_P={"int": 8}, BLOCK_C={"int": 128})
+    launches = [{"kernel": "hifuse_kernels.dwconv_layer_norm._bwd_kernel", "args": args,
                  "options": {"num_warps": 8}, "launches": 1},
-                {"kernel": "hifuse_kernels.dwconv_layer_norm._bwd_norm_kernel",
-                 "args": {**args, "P": {"int": 160}, "PROGRAMS": {"int": 7}}, "options": {"num_warps": 8},
-                 "launches": 2}]
+                {"kernel": "hifuse_kernels.dwconv_layer_norm._bwd_kernel",
+                 "args": {**args, "N": {"int": 160}, "BAND": {"int": 1}, "PROGRAMS": {"int": 7}},
+                 "options": {"num_warps": 8}, "launches": 2}]
     path = tmp_path / "launches.json"
     path.write_text(json.dumps({"launches": launches}))
     code = f"""
@@ -122,6 +122,7 @@ print(sorted(names[i] for (i,) in v["attrs"]), v["constexprs"], v["signature"]["
 """
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    aligned = sorted(["X", "CW", "CB", "LW", "GRAD", "MEAN", "RSTD", "DY", "PART_LW", "LB", "OUT", "P", "C"])
-    # constexprs left out of a launch take the kernel's defaults
-    assert result.stdout.strip() == f"{aligned} {{'W': 1, 'BLOCK_P': 8, 'BLOCK_C': 128, 'REBUILD': False, 'PAD': 0}} i32 3"
+    aligned = sorted(["X", "CW", "CB", "LW", "LB", "GRAD", "MEAN", "RSTD", "DS", "DX", "OUT", "SLOTS", "N", "C"])
+    # constexprs left out of a launch take the kernel's defaults; BAND, not specialised, is not 1 there
+    want = "{'W': 1, 'HAS_DS': False, 'BLOCK_P': 8, 'BLOCK_C': 128, 'REBUILD': False, 'PAD': 0}"
+    assert result.stdout.strip() == f"{aligned} {want} i32 3"
