@@ -182,14 +182,15 @@ def wide_rows(cols: int, limit: int = 1024) -> int:
 
 
 def reduction_programs(blocks: int, lanes: int, device: torch.device, warps: int = 16, kernel=None,
-                       args: tuple = (), launch: dict | None = None) -> int:
+                       args: tuple = (), launch: dict | None = None, regs: int | None = None) -> int:
     """Programs along the row axis of a reduction over ``blocks`` row blocks and ``lanes``
     channel blocks, each looping over its share. On a GPU one wave: as many programs as the
     SMs hold at once (one program per block spent the time on scheduling and partials). With
     ``kernel`` given, with the ``args`` (tensors or their dtypes, ints) and ``launch``
     (constexprs, num_warps) it launches with, an SM's share comes from the compiled kernel's
-    registers and shared memory (``resident_programs``); without, 2048 threads an SM of
-    ``warps``-warp programs are assumed. With wide tiles one block each (the interpreter pays
+    registers and shared memory (``resident_programs``); without (or where it cannot be
+    compiled, as on a CPU), 2048 threads an SM of ``warps``-warp programs are assumed, or as
+    many as ``regs`` registers a thread allow where the kernel is known to take that many. With wide tiles one block each (the interpreter pays
     per operation, not per program); with the GPU's tiles in the interpreter two, so that
     tests run the loops, or a GPU's share under ``modelled_sms``."""
     if wide():
@@ -198,7 +199,8 @@ def reduction_programs(blocks: int, lanes: int, device: torch.device, warps: int
         cuda = device.type == "cuda"
         per_sm = resident_programs(kernel, args, launch or {}, device) if cuda and kernel is not None else None
         if per_sm is None:
-            per_sm = max(1, 2048 // (32 * (launch or {}).get("num_warps", warps)))
+            warps = (launch or {}).get("num_warps", warps)
+            per_sm = programs_per_sm(regs, 0, warps) if regs else max(1, 2048 // (32 * warps))
         sms = _sm_count(device.index) if cuda else _modelled_sms[0]
         return max(1, min(blocks, per_sm * sms // lanes))
     return min(blocks, 2)

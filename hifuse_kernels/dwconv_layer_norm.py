@@ -275,6 +275,9 @@ def backward_tile(width: int, c: int) -> dict:
     return dict(BLOCK_P=block_p, BLOCK_C=block_c, num_warps=max(4, min(16, block_p * block_c // (64 if narrow else 32))))
 
 
+BACKWARD_REGS = 128
+
+
 def band_rows(n: int, h: int, programs: int) -> int:
     """Rows of an image a backward unit takes, for ``programs`` programs: the band that
     finishes first by a count of rows, each wave of units taking its band's rows twice (the
@@ -350,11 +353,13 @@ def _bwd_op(
     tile = dict(tile, HAS_DS=grad_x is not None, REBUILD=rebuild, PAD=pad)
     args = (x, conv_weight, conv_bias, ln_weight, ln_bias, grad, mean, rstd, x.dtype, x.dtype, out, grad.dtype,
             torch.float32, n, h, w, c, 2, 2)
+    # where the compiled kernel's registers are not known (modelling a GPU on a CPU): the most
+    # the tiles take under triton 3.6 and 3.8 (check_triton_compile.py)
+    resident = dict(kernel=_bwd_kernel, launch=tile, args=args, regs=BACKWARD_REGS)
     if band <= 0:  # wide tiles: whole images (the interpreter pays per operation, not per program)
-        band = h if _triton.wide() else band_rows(n, h, _triton.reduction_programs(
-            n * h, 1, x.device, kernel=_bwd_kernel, launch=tile, args=args))
+        band = h if _triton.wide() else band_rows(n, h, _triton.reduction_programs(n * h, 1, x.device, **resident))
     units = n * triton.cdiv(h, band)
-    progs = _triton.reduction_programs(units, 1, x.device, kernel=_bwd_kernel, launch=tile, args=args)
+    progs = _triton.reduction_programs(units, 1, x.device, **resident)
     # each program's three rows of the conv output's gradient, in the incoming gradient's dtype
     # (bf16 under autocast, as eager's)
     slots = torch.empty(progs, 3, w, c, device=x.device, dtype=grad.dtype)
@@ -401,6 +406,7 @@ def _setup_context(ctx, inputs, output):
     x, conv_weight, conv_bias, ln_weight, _ln_bias, _eps, _out_dtype, *_ones = inputs
     _out, mean, rstd = output
     ctx.save_for_backward(x, conv_weight, conv_bias, ln_weight, mean, rstd)
+    ctx.set_materialize_grads(False)  # no zero gradients for the statistics
 
 
 def _backward(ctx, grad, _gm, _gr):

@@ -66,7 +66,6 @@ def _dwconv_layer_norm():
     p, c = 49, 768  # (1, 7, 7, 768) at stage 4, bf16 with bf16 parameters
     x, taps, vec, stat = p * c * BF16, 9 * c * BF16, c * BF16, p * F32
     forward = x + taps + 3 * vec + x + 2 * stat  # x, taps, conv bias, LN weight and bias in; out, mean, rstd
-    zeros = 2 * stat  # zero gradients of mean and rstd, made by autograd
     # backward, one kernel: 2 programs (bands of 4 rows), each with three rows of the conv
     # output's gradient (bf16, the incoming gradient's dtype) and a row of 12 C partials; the
     # LayerNorm's bias not given (its weight in its place), the other gradient of x neither (dx)
@@ -75,7 +74,7 @@ def _dwconv_layer_norm():
     glue = 2 * 12 * c * F32 + 12 * c * F32
     glue += (9 * c * F32 + taps) + 3 * (c * F32 + vec)
     least = 2 * (x + taps + 3 * vec) + 2 * x
-    return 9, forward + zeros + backward + glue, least
+    return 7, forward + backward + glue, least  # no zero gradients for mean and rstd
 
 
 def _gated_layer_norm():
