@@ -124,10 +124,10 @@ if triton is not None:
         return tl.load(at, mask=ok[:, None] & cmask[None, :], other=0.0).to(tl.float32)
 
     @triton.jit
-    def _add_row(row, start, acc, c, cmask, stride: tl.constexpr):
-        """Adds acc summed over its positions to row[start + c * stride]."""
+    def _add_row(row, start, acc, c, cmask, stride: tl.constexpr, first):
+        """Adds acc summed over its positions to row[start + c * stride] (``first``: stores it)."""
         at = row + start + c * stride
-        tl.store(at, tl.load(at, mask=cmask, other=0.0) + tl.sum(acc, 0), mask=cmask)
+        tl.store(at, tl.load(at, mask=cmask & (first == 0), other=0.0) + tl.sum(acc, 0), mask=cmask)
 
     # The backward runs on a fixed grid of PROGRAMS programs (``_triton.reduction_programs``),
     # each looping over units u = pid, pid + PROGRAMS, ...: a band of BAND rows of one image.
@@ -152,8 +152,13 @@ if triton is not None:
         cmask = c < C
         slots = SLOTS + pid.to(tl.int64) * (3 * W * C)
         part = PART + pid.to(tl.int64) * (12 * C)
-        for k in tl.static_range(10):  # the taps' and conv bias's partials start at zero (then added to
-            tl.store(part + k * C + c, tl.zeros((BLOCK_C,), dtype=tl.float32), mask=cmask)  # after a barrier)
+        # the taps' and conv bias's partials: zeroed here, then added to after a barrier, or (at
+        # 1024 channels) stored by the program's first row: whichever compiles without spilling
+        # at the width (ptxas picks the register budget; check_triton_compile.py)
+        ZEROED: tl.constexpr = BLOCK_C < 1024
+        if ZEROED:
+            for k in tl.static_range(10):
+                tl.store(part + k * C + c, tl.zeros((BLOCK_C,), dtype=tl.float32), mask=cmask)
         # the LayerNorm's gradient terms, accumulated as tiles and reduced over the positions once at the end
         acc_gx = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
         acc_g = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
@@ -196,6 +201,7 @@ if triton is not None:
                 tl.debug_barrier()  # row hr's stores to its slot are seen by every thread
                 h = hr - 1
                 if h >= r0:  # x's gradient and the tap gradients, row h
+                    first = (u == pid) & (h == r0) & (not ZEROED)  # the program's first row
                     for w0 in range(0, W, BLOCK_P):
                         w = w0 + tl.arange(0, BLOCK_P)
                         pmask = w < W
@@ -229,16 +235,16 @@ if triton is not None:
                         g22 += _tap_grad(X, here, dy, h, w, pmask, cmask, 2, 2, H, W, C)
                     # the row's tap and conv bias gradients into the program's partials (the taps as
                     # the weight lays them out, (C, 3, 3)): ten tiles held through a row, not the loop
-                    _add_row(part, 0, g00, c, cmask, 9)
-                    _add_row(part, 1, g01, c, cmask, 9)
-                    _add_row(part, 2, g02, c, cmask, 9)
-                    _add_row(part, 3, g10, c, cmask, 9)
-                    _add_row(part, 4, g11, c, cmask, 9)
-                    _add_row(part, 5, g12, c, cmask, 9)
-                    _add_row(part, 6, g20, c, cmask, 9)
-                    _add_row(part, 7, g21, c, cmask, 9)
-                    _add_row(part, 8, g22, c, cmask, 9)
-                    _add_row(part, 9 * C, gb, c, cmask, 1)
+                    _add_row(part, 0, g00, c, cmask, 9, first)
+                    _add_row(part, 1, g01, c, cmask, 9, first)
+                    _add_row(part, 2, g02, c, cmask, 9, first)
+                    _add_row(part, 3, g10, c, cmask, 9, first)
+                    _add_row(part, 4, g11, c, cmask, 9, first)
+                    _add_row(part, 5, g12, c, cmask, 9, first)
+                    _add_row(part, 6, g20, c, cmask, 9, first)
+                    _add_row(part, 7, g21, c, cmask, 9, first)
+                    _add_row(part, 8, g22, c, cmask, 9, first)
+                    _add_row(part, 9 * C, gb, c, cmask, 1, first)
                     tl.debug_barrier()  # row h's reads are done before a slot they read is written again
         tl.store(part + 10 * C + c, tl.sum(acc_gx, 0), mask=cmask)
         tl.store(part + 11 * C + c, tl.sum(acc_g, 0), mask=cmask)
@@ -263,16 +269,14 @@ def _launch_tile(positions: int, c: int) -> dict:
 
 
 def backward_tile(width: int, c: int) -> dict:
-    """The backward's tile: positions along one image row (at most its width) by all c
-    channels, one value a thread (two at 128 and 1024 channels), the compiled tiles that
-    spill under neither triton 3.6 nor 3.8 (``check_triton_compile.py``)."""
+    """The backward's tile: one position by all c channels, one value a thread (two at 1024
+    channels: 16 warps at most), on the fewest warps: tiles that spill under neither triton
+    3.6 nor 3.8 (``check_triton_compile.py``)."""
     block_c = _triton.block_channels(c)
     if _triton.wide():
         return dict(BLOCK_P=min(_triton.next_power_of_2(width), _triton.wide_rows(block_c)), BLOCK_C=block_c,
                     num_warps=4)
-    narrow = block_c <= 128  # one value a thread spilled there
-    block_p = max(1, min(_triton.next_power_of_2(width), (512 if narrow else 256) // block_c))
-    return dict(BLOCK_P=block_p, BLOCK_C=block_c, num_warps=max(4, min(16, block_p * block_c // (64 if narrow else 32))))
+    return dict(BLOCK_P=1, BLOCK_C=block_c, num_warps=max(4, min(16, block_c // 32)))
 
 
 BACKWARD_REGS = 128
