@@ -153,9 +153,10 @@ if triton is not None:
         slots = SLOTS + pid.to(tl.int64) * (3 * W * C)
         part = PART + pid.to(tl.int64) * (12 * C)
         # the taps' and conv bias's partials: zeroed here, then added to after a barrier, or (at
-        # 1024 channels) stored by the program's first row: whichever compiles without spilling
-        # at the width (ptxas picks the register budget; check_triton_compile.py)
-        ZEROED: tl.constexpr = BLOCK_C < 1024
+        # 1024 channels without REBUILD) stored by the program's first row: whichever of the two
+        # compiles without spilling for the variant (ptxas picks the register budget itself;
+        # check_triton_compile.py, triton 3.6 and 3.8)
+        ZEROED: tl.constexpr = (BLOCK_C < 1024) or REBUILD
         if ZEROED:
             for k in tl.static_range(10):
                 tl.store(part + k * C + c, tl.zeros((BLOCK_C,), dtype=tl.float32), mask=cmask)
