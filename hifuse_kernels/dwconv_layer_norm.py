@@ -281,6 +281,7 @@ def backward_tile(width: int, c: int) -> dict:
 
 
 BACKWARD_REGS = 128
+SLOT_BYTES = 16 << 20  # the backward programs' row slots at most, together (a third of an H100's L2)
 
 
 def band_rows(n: int, h: int, programs: int) -> int:
@@ -354,17 +355,22 @@ def _bwd_op(
     out = torch.empty((n, h, w, c + pad) if rebuild else (0,), device=x.device, dtype=rebuild_dtype or x.dtype)
     ln_bias = ln_weight if ln_bias is None else ln_bias
     _grid, tile = _launch(x, "backward")
-    band = tile.pop("band", 0)
+    band = tile.pop("band", 0)  # 0: chosen here
     tile = dict(tile, HAS_DS=grad_x is not None, REBUILD=rebuild, PAD=pad)
     args = (x, conv_weight, conv_bias, ln_weight, ln_bias, grad, mean, rstd, x.dtype, x.dtype, out, grad.dtype,
             torch.float32, n, h, w, c, 2, 2)
     # where the compiled kernel's registers are not known (modelling a GPU on a CPU): the most
     # the tiles take under triton 3.6 and 3.8 (check_triton_compile.py)
     resident = dict(kernel=_bwd_kernel, launch=tile, args=args, regs=BACKWARD_REGS)
-    if band <= 0:  # wide tiles: whole images (the interpreter pays per operation, not per program)
-        band = h if _triton.wide() else band_rows(n, h, _triton.reduction_programs(n * h, 1, x.device, **resident))
-    units = n * triton.cdiv(h, band)
-    progs = _triton.reduction_programs(units, 1, x.device, **resident)
+    if _triton.wide():  # whole images, a program each (the interpreter pays per operation, not per program)
+        band, progs = h, n
+    else:
+        # as many programs as the SMs hold, but no more than keep their slots within SLOT_BYTES,
+        # which stay in the GPU's L2 cache beside the streams read and written
+        most = min(_triton.reduction_programs(n * h, 1, x.device, **resident),
+                   max(1, SLOT_BYTES // (3 * w * c * grad.element_size())))
+        band = band or band_rows(n, h, most)
+        progs = min(n * triton.cdiv(h, band), most)
     # each program's three rows of the conv output's gradient, in the incoming gradient's dtype
     # (bf16 under autocast, as eager's)
     slots = torch.empty(progs, 3, w, c, device=x.device, dtype=grad.dtype)
