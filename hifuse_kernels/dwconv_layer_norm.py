@@ -31,7 +31,7 @@ from ._triton import ONES_PAD, tl, triton
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_CHANNELS = 1024
-BLOCK_P = 8  # positions per program at most (fewer for many channels: _block_p)
+BLOCK_P = 8  # positions per forward program at most (fewer for many channels: _block_p)
 
 __all__ = ["dwconv_layer_norm", "dwconv_layer_norm_ref", "unsupported_reason"]
 
@@ -254,10 +254,8 @@ if triton is not None:
 def _block_p(positions: int, c: int) -> int:
     if _triton.wide():
         return min(_triton.next_power_of_2(positions), _triton.wide_rows(_triton.block_channels(c)))
-    # a (BLOCK_P x BLOCK_C) tile of 1024 values, 2048 at 512 channels: with _launch's warps, 2 to
-    # 4 per thread, so the backward holds its tiles and nine taps in under 128 registers (8 per
-    # thread needed up to 255 at 256 and 512 channels; at 1024 channels, two rows of the bf16
-    # norm backward spilled under triton 3.8)
+    # the forward's (BLOCK_P x BLOCK_C) tile: 1024 values, 2048 at 512 channels, 2 to 4 a thread
+    # on _launch_tile's warps
     block_c = _triton.block_channels(c)
     return max(1, min(BLOCK_P, (2048 if block_c == 512 else 1024) // block_c))
 
