@@ -341,10 +341,10 @@ def _bwd_op(
     """x's gradient (plus ``grad_x``, x's shape: a gradient x receives from another use), the
     parameters' gradients in float32 as two vectors: the conv weight's (C, 3, 3) and bias's
     (10 C), the LayerNorm weight's and bias's (2 C), in one (12 C) vector that ``backward``
-    splits: both kernels write their partials into the rows of one buffer (the same number of
-    programs each), summed once; and with ``rebuild_dtype`` (else empty) the forward's output in
-    that dtype (``ones``: with the ones column), the same bits, written by the norm backward's
-    pass (``ln_bias``: the LayerNorm's, which it needs)."""
+    splits: the kernel's programs write a row of partials each, summed once; and with
+    ``rebuild_dtype`` (else empty) the forward's output in that dtype (``ones``: with the ones
+    column), the same bits, written by the kernel's gradient pass (``ln_bias``: the LayerNorm's,
+    which it needs)."""
     n, h, w, c = x.shape
     rebuild = rebuild_dtype is not None
     if rebuild and ln_bias is None:

@@ -96,7 +96,7 @@ def test_ones_column(tiles):
 
 def test_backward_adds_the_other_gradient_of_x():
     """``grad_x`` (what x receives from another use, e.g. a residual) is summed into dx by the
-    conv backward kernel, as adding it after does (to rounding)."""
+    backward kernel, as adding it after does (to rounding)."""
     x, cw, cb, lw, lb = [t.detach() for t in _inputs((2, 9, 13, 192))]
     out, mean, rstd = torch.ops.hifuse.dwconv_layer_norm(x, cw, cb, lw, lb, 1e-6, x.dtype)
     grad, other = torch.randn_like(out), torch.randn_like(x)
@@ -110,7 +110,7 @@ def test_backward_adds_the_other_gradient_of_x():
 @pytest.mark.parametrize("ones", [False, True])
 @pytest.mark.parametrize("shape", [(2, 5, 7, 96), (1, 3, 11, 100)])
 def test_backward_rebuilds_the_output(tiles, shape, ones):
-    """``rebuild_dtype``: the norm backward's pass also writes the forward's output (with the
+    """``rebuild_dtype``: the backward's gradient pass also writes the forward's output (with the
     ones column), the same bits; the gradients unchanged."""
     x, cw, cb, lw, lb = [t.detach() for t in _inputs(shape)]
     out, mean, rstd = torch.ops.hifuse.dwconv_layer_norm(x, cw, cb, lw, lb, 1e-6, torch.bfloat16, ones)
