@@ -190,9 +190,10 @@ def reduction_programs(blocks: int, lanes: int, device: torch.device, warps: int
     (constexprs, num_warps) it launches with, an SM's share comes from the compiled kernel's
     registers and shared memory (``resident_programs``); without (or where it cannot be
     compiled, as on a CPU), 2048 threads an SM of ``warps``-warp programs are assumed, or as
-    many as ``regs`` registers a thread allow where the kernel is known to take that many. With wide tiles one block each (the interpreter pays
-    per operation, not per program); with the GPU's tiles in the interpreter two, so that
-    tests run the loops, or a GPU's share under ``modelled_sms``."""
+    many as ``regs`` registers a thread allow where the kernel is known to take that many.
+    With wide tiles one block each (the interpreter pays per operation, not per program); with
+    the GPU's tiles in the interpreter two, so that tests run the loops, or a GPU's share
+    under ``modelled_sms``."""
     if wide():
         return blocks
     if device.type == "cuda" or _modelled_sms[0]:

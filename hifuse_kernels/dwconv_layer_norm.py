@@ -218,7 +218,8 @@ if triton is not None:
                         tl.store(DX + here, dx.to(DX.dtype.element_ty), mask=m2)
                     # a second walk over the row for the tap gradients: fewer values live at once
                     zero = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
-                    g00, g01, g02, g10, g11, g12, g20, g21, g22, gb = zero, zero, zero, zero, zero, zero, zero, zero, zero, zero
+                    g00, g01, g02, g10, g11, g12, g20, g21, g22 = zero, zero, zero, zero, zero, zero, zero, zero, zero
+                    gb = zero
                     for w0 in range(0, W, BLOCK_P):
                         w = w0 + tl.arange(0, BLOCK_P)
                         pmask = w < W
@@ -293,24 +294,23 @@ def band_rows(n: int, h: int, programs: int) -> int:
     return min(range(1, h + 1), key=cost)
 
 
-def _launch(x, name: str = "forward") -> tuple[tuple[int], dict]:
-    """Grid (position blocks; the backward's is its own) and tile of launch ``name`` over x's
-    positions, whole rows of C channels a program: the default, or the launch table's for
-    this device and shape."""
+def _launch_config(x, name: str) -> dict:
+    """The tile of launch ``name`` ("forward" or "backward") over x, whole rows of C channels a
+    program: the default, or the launch table's for this device and shape."""
     n, h, w, c = x.shape
     tile = backward_tile(w, c) if name == "backward" else _launch_tile(n * h * w, c)
-    if not _triton.wide():
+    if _triton.wide():
+        return tile
 
-        def problem(config):
-            if config["BLOCK_C"] != tile["BLOCK_C"]:
-                return f"BLOCK_C={config['BLOCK_C']} must be {tile['BLOCK_C']} (whole rows)"
-            return _configs.power_of_two_problem(config, "BLOCK_P", "BLOCK_C", high=4096)
+    def problem(config):
+        if config["BLOCK_C"] != tile["BLOCK_C"]:
+            return f"BLOCK_C={config['BLOCK_C']} must be {tile['BLOCK_C']} (whole rows)"
+        return _configs.power_of_two_problem(config, "BLOCK_P", "BLOCK_C", high=4096)
 
-        if name == "backward":
-            tile = dict(tile, band=0)  # rows a unit takes; 0: the launcher's choice (``band_rows``)
-        tile = _configs.launch_config(f"dwconv_layer_norm.{name}", f"{_configs.dtype_name(x.dtype)}/c{c}", tile,
-                                      x.device, problem)
-    return _triton.grid(triton.cdiv(n * h * w, tile["BLOCK_P"])), tile
+    if name == "backward":
+        tile = dict(tile, band=0)  # rows a unit takes; 0: the launcher's choice (``band_rows``)
+    return _configs.launch_config(f"dwconv_layer_norm.{name}", f"{_configs.dtype_name(x.dtype)}/c{c}", tile,
+                                  x.device, problem)
 
 
 @_triton.define_op("hifuse::dwconv_layer_norm", mutates_args=())
@@ -325,7 +325,8 @@ def _fwd_op(
     out = torch.empty((n, h, w, c + pad), device=x.device, dtype=out_dtype)
     mean = torch.empty(n, h, w, device=x.device, dtype=torch.float32)
     rstd = torch.empty_like(mean)
-    grid, tile = _launch(x)
+    tile = _launch_config(x, "forward")
+    grid = _triton.grid(triton.cdiv(n * h * w, tile["BLOCK_P"]))
     _triton.wrap_triton(_fwd_kernel)[grid](
         x, conv_weight, conv_bias, ln_weight, ln_bias, out, mean, rstd, n * h * w, h, w, c, eps, PAD=pad, **tile
     )
@@ -352,7 +353,7 @@ def _bwd_op(
     pad = ONES_PAD if ones and rebuild else 0
     out = torch.empty((n, h, w, c + pad) if rebuild else (0,), device=x.device, dtype=rebuild_dtype or x.dtype)
     ln_bias = ln_weight if ln_bias is None else ln_bias
-    _grid, tile = _launch(x, "backward")
+    tile = _launch_config(x, "backward")
     band = tile.pop("band", 0)  # 0: chosen here
     tile = dict(tile, HAS_DS=grad_x is not None, REBUILD=rebuild, PAD=pad)
     args = (x, conv_weight, conv_bias, ln_weight, ln_bias, grad, mean, rstd, x.dtype, x.dtype, out, grad.dtype,
