@@ -18,6 +18,9 @@ Counted:
 - bytes: for a Triton kernel every tensor argument once, whole (an upper bound where a kernel
   reads part of one); for an op its tensor inputs and outputs once each (an in-place op reads
   and writes its tensor);
+- tile traffic: for the Triton kernels whose module has a ``tile_traffic(kernel, args)``
+  (the GEMMs, whose programs load shared tiles again), the bytes its programs move between L2
+  and the SMs (``Ledger.tile_bytes``); every other kernel loads each element about once;
 - kinds: ``triton`` and ``native`` (the fused kernels), ``gemm`` (cuBLAS and cuDNN: matrix
   products and convolutions), ``optimizer`` and ``glue`` (copies, casts, fills, elementwise
   ops and reductions around them; ``cast`` is the part of it that changes a dtype).
@@ -32,6 +35,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -60,6 +64,8 @@ class Ledger:
     names: collections.Counter = field(default_factory=collections.Counter)  # (kind, name) -> launches
     name_bytes: collections.Counter = field(default_factory=collections.Counter)  # (kind, name) -> bytes
     casts: list = field(default_factory=lambda: [0, 0])  # launches, bytes
+    # name -> bytes between L2 and the SMs, for the kernels whose module models it
+    tile_bytes: collections.Counter = field(default_factory=collections.Counter)
     hifuse_ops: int = 0
     aten_ops: int = 0  # aten calls at dispatch, launching or not (host work)
 
@@ -70,6 +76,9 @@ class Ledger:
         self.name_bytes[kind, name] += nbytes
 
     def total(self, what: str, kind: str | None = None, where: str | None = None) -> int:
+        """Launches, bytes or (``tile_bytes``, of all kinds and places) tile traffic."""
+        if what == "tile_bytes":
+            return sum(self.tile_bytes.values())
         counter = self.launches if what == "launches" else self.bytes
         return sum(v for (k, w), v in counter.items() if (kind is None or k == kind) and (where is None or w == where))
 
@@ -199,6 +208,9 @@ class RecordLaunches:
             def __getitem__(_self, grid):
                 def launch(*args, **kwargs) -> None:
                     self.ledger.add("triton", self.where(), label, nbytes(tensors([args, kwargs.values()])))
+                    model = getattr(sys.modules.get(module), "tile_traffic", None)
+                    if model is not None:
+                        self.ledger.tile_bytes[label] += model(name, {**dict(zip(kernel.arg_names, args)), **kwargs})
                     if self.on_launch is not None:
                         self.on_launch(kernel, args, kwargs)
 

@@ -176,6 +176,8 @@ def time_op(benchmark, settings, call, inputs, direction, reads=None, updated=()
     grad) and record in extra_info, besides ``info``:
     - ``bytes_moved`` and ``launches``: counted from its launches, in one more call, and
       ``moved_by``: launches and bytes of each kernel or aten op it launched;
+    - ``tile_bytes``: of each GEMM kernel it launched, the bytes its programs move between L2
+      and the SMs (``byte_model``'s tile traffic), where its module models it;
     - ``bytes_min``: the least it must move (``byte_model.minimum``): ``reads`` (default
       ``inputs``; given where the impl is timed on other tensors than the op's, as the
       attention baselines on windows) and ``updated`` (buffers it updates in place), its
@@ -209,6 +211,8 @@ def time_op(benchmark, settings, call, inputs, direction, reads=None, updated=()
     info.update(direction=direction, bytes_moved=ledger.total("bytes"), bytes_min=minimum,
                 launches=ledger.total("launches"),
                 moved_by={name: [n, ledger.name_bytes[kind, name]] for (kind, name), n in ledger.names.items()})
+    if ledger.tile_bytes:
+        info["tile_bytes"] = dict(ledger.tile_bytes)
     if median is not None:
         info["gb_per_s"] = minimum / median / 1e9
     benchmark.extra_info.update(info)

@@ -174,10 +174,17 @@ def _rows_tile(m: int, block_m: int, cols: int) -> int:
     return block_m
 
 
-# Default tiles, warps and stages of the three kernels (sm90, triton 3.8,
-# ``check_triton_compile``): the GELU (an erf) of a loaded tile takes registers, so the tiles
-# are modest: 126 to 157 registers a thread in bf16/fp16 and 94 to 128 in fp32 (FMA
-# products), none spilled. The launch table (``_configs``) may replace them per device.
+# Default tiles, warps and stages (sm90, ``check_triton_compile``): the GELU (an erf) of a
+# loaded tile takes registers, so the tiles are modest, and what their programs load again
+# from L2 (``tile_traffic``) is several times h. Among the tiles that spill nothing under
+# triton 3.8 and 3.6, the defaults in bf16/fp16 are those that load least with as many warps
+# an SM as before: 128-row tiles in the forward (199 / 211 registers, one program an SM as
+# with 64 rows: W's tiles read half as often) and, on 16 warps, in the input gradient (127,
+# one program of 16 warps for two of 8); 64-wide K tiles in both weight-gradient kernels (G's
+# tiles read half as often: 122 registers, two programs an SM as with 32; the one-pass
+# kernel, with 32-row tiles, 128 / 241 at up to 128 columns, 199 / 252 at 256: as many
+# programs an SM as its 64 x 32 tiles). The launch table (``_configs``) may replace them per
+# device.
 
 
 def _tiles_problem(config: dict) -> str | None:
@@ -195,16 +202,16 @@ def _launch(name: str, m: int, n: int, k: int, dtype: torch.dtype, default: dict
 def fwd_launch(m: int, n: int, dtype: torch.dtype, k: int = 0, device: torch.device | None = None) -> dict:
     low = dtype != torch.float32
     block_n = min(128 if low else 64, _width(n))
-    default = dict(BLOCK_M=_rows_tile(m, 64, max(block_n, 32)), BLOCK_N=block_n, BLOCK_K=32, num_warps=8,
-                   num_stages=3)
+    default = dict(BLOCK_M=_rows_tile(m, 128 if low else 64, max(block_n, 32)), BLOCK_N=block_n, BLOCK_K=32,
+                   num_warps=8, num_stages=3)
     return default if device is None else _launch("forward", m, n, k, dtype, default, device)
 
 
 def bwd_input_launch(m: int, n: int, dtype: torch.dtype, k: int = 0, device: torch.device | None = None) -> dict:
     low = dtype != torch.float32
     block_k = 64 if low else 32
-    default = dict(BLOCK_M=_rows_tile(m, 64, block_k), BLOCK_N=min(64, _width(n)), BLOCK_K=block_k, num_warps=8,
-                   num_stages=3)
+    default = dict(BLOCK_M=_rows_tile(m, 128 if low else 64, block_k), BLOCK_N=min(64, _width(n)), BLOCK_K=block_k,
+                   num_warps=16 if low else 8, num_stages=3)
     return default if device is None else _launch("input", m, n, k, dtype, default, device)
 
 
@@ -223,17 +230,49 @@ def bwd_launch(m: int, n: int, dtype: torch.dtype, k: int = 0, device: torch.dev
             return f"BLOCK_N={config['BLOCK_N']} must cover the {n} columns"
         return _tiles_problem(config)
 
-    default = dict(BLOCK_M=_rows_tile(m, 64, max(block_n, 32)), BLOCK_N=block_n, BLOCK_K=32, num_warps=8,
-                   num_stages=3)
+    low = dtype != torch.float32
+    default = dict(BLOCK_M=_rows_tile(m, 32 if low else 64, max(block_n, 32)), BLOCK_N=block_n,
+                   BLOCK_K=64 if low else 32, num_warps=8, num_stages=3)
     return default if device is None else _launch("backward", m, n, k, dtype, default, device, problem)
 
 
 def bwd_weight_launch(m: int, n: int, dtype: torch.dtype, k: int = 0, device: torch.device | None = None) -> dict:
     low = dtype != torch.float32
     block_n = min(128 if low else 32, _width(n))
-    default = dict(BLOCK_M=_rows_tile(m, 64 if low else 32, 32), BLOCK_N=block_n, BLOCK_K=32, num_warps=8,
+    block_k = 64 if low else 32
+    default = dict(BLOCK_M=_rows_tile(m, 64 if low else 32, block_k), BLOCK_N=block_n, BLOCK_K=block_k, num_warps=8,
                    num_stages=3)
     return default if device is None else _launch("weight", m, n, k, dtype, default, device)
+
+
+def tile_traffic(kernel: str, args: dict) -> int:
+    """Bytes one launch of ``kernel`` (a name: ``_fwd_kernel`` ...) moves between L2 and the
+    SMs: each tile counted every time a program loads or stores it. ``args``: the launch's
+    arguments by parameter name (tensors, sizes and the BLOCK_* tiles).
+
+    A GEMM's programs load the tiles of both operands again for every tile of its output they
+    share: the forward reads h once per column tile and W once per row tile, the input gradient
+    G once per K tile and W once per row tile, the weight gradient G once per K tile and h once
+    per column tile, the one-pass backward G once per K tile (and W once per program). The
+    first read of each comes from memory; the others hit L2 when the programs that share a
+    tile run together, as the launches order them. What the byte model counts (each tensor
+    once) is the least of this."""
+    m, n, k = args["M"], args["N"], args["K"]
+    bm, bn, bk = args["BLOCK_M"], args["BLOCK_N"], args["BLOCK_K"]
+    size = {name: t.element_size() for name, t in args.items() if isinstance(t, torch.Tensor)}
+    row_tiles, col_tiles, k_tiles = triton.cdiv(m, bm), triton.cdiv(n, bn), triton.cdiv(k, bk)
+    if kernel == "_fwd_kernel":
+        bias = row_tiles * n * size["B"] if args.get("HAS_BIAS") else 0
+        return col_tiles * m * k * size["H"] + row_tiles * n * k * size["W"] + bias + m * n * size["OUT"]
+    if kernel == "_bwd_input_kernel":
+        return k_tiles * m * n * size["G"] + row_tiles * n * k * size["W"] + m * k * (size["H"] + size["DH"])
+    if kernel == "_bwd_weight_kernel":
+        return (k_tiles * m * n * size["G"] + col_tiles * m * k * size["H"]
+                + args["SPLITS"] * n * k * size["PART"])
+    if kernel == "_bwd_kernel":
+        return (k_tiles * m * n * size["G"] + args["SPLITS"] * n * k * (size["W"] + size["PART"])
+                + m * k * (size["H"] + size["DH"]))
+    raise ValueError(f"gelu_linear has no kernel {kernel!r}")
 
 
 @_triton.define_op("hifuse::gelu_linear", mutates_args=())

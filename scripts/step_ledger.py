@@ -9,6 +9,8 @@ inside the hifuse ops' implementations.
 
 What is counted, per step (forward, cross-entropy, backward, fused AdamW), besides launches
 and bytes by kind:
+- the GEMM kernels' tile traffic: what the programs of the Triton GEMMs move between L2 and
+  the SMs, each shared tile counted every time one loads it (``byte_model``);
 - block kinds: each launch is charged to the block whose forward made it, or whose forward
   made the autograd node that backward is running (stems and downsamples, global blocks,
   local blocks, fusion blocks; ``head`` for the classifier, the loss and the rest);
@@ -232,6 +234,7 @@ def _row(value, ledger: Ledger, cast_bytes: float) -> dict:
     for block in BLOCK_KINDS:
         row[f"{block} launches"] = value("launches", where=block)
         row[f"{block} glue GB"] = value("bytes", kind="glue", where=block) / 1e9
+    row["GEMM tiles GB via L2"] = value("tile_bytes") / 1e9  # byte_model's tile traffic
     row["cast launches"] = ledger.casts[0]
     row["cast GB"] = cast_bytes / 1e9
     row["hifuse op calls"] = ledger.hifuse_ops

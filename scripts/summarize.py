@@ -123,6 +123,24 @@ def byte_rows(records) -> list[str]:
     return lines
 
 
+def tile_rows(records) -> list[str]:
+    """The GEMM kernels' tile traffic (``tile_bytes``: bytes their programs move between L2
+    and the SMs) of each op benchmark that records it, beside what the byte model counts them
+    to move, as markdown table lines (the latest of each)."""
+    cases: dict[tuple, dict] = {}
+    for r in sorted(records, key=lambda r: r["when"]):
+        for kernel, tile in r["info"].get("tile_bytes", {}).items():
+            moved = r["info"]["moved_by"][kernel][1]
+            what = _what({**r, "params": {k: v for k, v in r["params"].items() if k != "direction"}})
+            cases[what, r["info"]["direction"], kernel] = (tile, moved)
+    if not cases:
+        return []
+    lines = ["| benchmark | direction | kernel | MB through L2 | MB moved | L2 / moved |", "|---|---|---|---|---|---|"]
+    for (what, direction, kernel), (tile, moved) in sorted(cases.items()):
+        lines.append(f"| {what} | {direction} | {kernel} | {tile / 1e6:.1f} | {moved / 1e6:.1f} | {tile / moved:.2f} |")
+    return lines
+
+
 def load(paths) -> list[dict]:
     """Every benchmark of these files: test, case (the parameters), params, info, ms (None for
     one counted, not timed: ``--count-only``), date, device."""
@@ -415,6 +433,10 @@ def main() -> None:
         versions.add(f"{h.get('device')}, torch {h.get('torch')}, CUDA {h.get('cuda')}, triton {h.get('triton')}")
     if args.bytes:
         lines = byte_rows(everything)
+        tiles = tile_rows(everything)
+        if tiles:
+            lines += ["", "GEMM kernels' tile traffic (modelled: each tile every time a program loads or stores it):",
+                      "", *tiles]
     else:
         columns = ("benchmark", "impl", "median ms", "GB/s moved", "GB/s min", "moved/min", "throughput", "peak MiB",
                    "device")

@@ -66,7 +66,7 @@ SPACES = {
     "spatial_pool.backward": dict(BLOCK_P=(1, 2, 4, 8, 16, 32), num_warps=(2, 4, 8, 16)),
     "gelu_linear.forward": dict(BLOCK_M=(32, 64, 128), BLOCK_N=(32, 64, 128), BLOCK_K=(32, 64), num_warps=(4, 8),
                                 num_stages=(2, 3, 4)),
-    "gelu_linear.input": dict(BLOCK_M=(32, 64, 128), BLOCK_N=(32, 64), BLOCK_K=(32, 64, 128), num_warps=(4, 8),
+    "gelu_linear.input": dict(BLOCK_M=(32, 64, 128), BLOCK_N=(32, 64), BLOCK_K=(32, 64, 128), num_warps=(4, 8, 16),
                               num_stages=(2, 3)),
     "gelu_linear.backward": dict(BLOCK_M=(32, 64, 128), BLOCK_N=(128, 256), BLOCK_K=(16, 32, 64), num_warps=(4, 8),
                                  num_stages=(2, 3, 4)),

@@ -250,3 +250,22 @@ def test_a_launch_counts_its_keyword_tensors():
     a, b = torch.empty(10), torch.empty(6, dtype=torch.bfloat16)
     RecordLaunches(ledger)(test_a_launch_counts_its_keyword_tensors)[(1,)](a, 3, S=b, T=a, BLOCK=4)
     assert ledger.total("bytes", "triton") == 10 * 4 + 6 * 2
+
+
+def test_a_gemm_launch_counts_its_tile_traffic():
+    """A Triton launch of a kernel whose module models its tile traffic (``tile_traffic``)
+    adds it to ``Ledger.tile_bytes``, its positional arguments named as the kernel names them."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import torch
+    from byte_model import Ledger, RecordLaunches
+
+    from hifuse_kernels import gelu_linear as gl
+
+    ledger = Ledger()
+    h, w, out = torch.empty(300, 1152, dtype=torch.bfloat16), torch.empty(96, 1152), torch.empty(300, 96)
+    tiles = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32)
+    RecordLaunches(ledger)(gl._fwd_kernel)[(3,)](h, w, w, out, 300, 96, 1152, HAS_BIAS=False, PRECISION="tf32",
+                                                 UPCAST=False, **tiles)
+    want = gl.tile_traffic("_fwd_kernel", dict(H=h, W=w, B=w, OUT=out, M=300, N=96, K=1152, HAS_BIAS=False, **tiles))
+    assert ledger.tile_bytes == {"gelu_linear._fwd_kernel": want}
+    assert ledger.total("tile_bytes") == want == 300 * 1152 * 2 + 3 * 96 * 1152 * 4 + 300 * 96 * 4

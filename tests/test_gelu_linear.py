@@ -107,3 +107,54 @@ def test_low_precision(dtype):
     for name, a, e, r in zip(("h", "weight", "bias"), got, eager_grads, want):
         assert a.dtype == (dtype if name == "h" else torch.float32), name
         assert err(a, r) <= 2 * err(e, r) + 1e-6, name
+
+
+def _walked_traffic(kernel: str, m: int, n: int, k: int, tiles: dict, splits: int, size: dict) -> int:
+    """What the programs of one launch load and store, walked program by program and loop
+    step by step as the kernel runs (masked elements not counted): ``tile_traffic``'s hand count."""
+    bm, bn, bk = tiles["BLOCK_M"], tiles["BLOCK_N"], tiles["BLOCK_K"]
+
+    def span(start, block, limit):
+        return max(0, min(block, limit - start))
+
+    rows, cols, ks = range(0, m, bm), range(0, n, bn), range(0, k, bk)
+    total = 0
+    if kernel == "_fwd_kernel":
+        for r in rows:
+            for c in cols:
+                total += sum(span(r, bm, m) * span(k0, bk, k) * size["H"] + span(c, bn, n) * span(k0, bk, k) * size["W"]
+                             for k0 in ks)
+                total += span(r, bm, m) * span(c, bn, n) * size["OUT"]
+    elif kernel == "_bwd_input_kernel":
+        for r in rows:
+            for k0 in ks:
+                total += sum(span(r, bm, m) * span(c, bn, n) * size["G"] + span(c, bn, n) * span(k0, bk, k) * size["W"]
+                             for c in cols)
+                total += span(r, bm, m) * span(k0, bk, k) * (size["H"] + size["DH"])
+    elif kernel == "_bwd_weight_kernel":
+        for c in cols:
+            for k0 in ks:
+                for s in range(splits):
+                    total += sum(span(r, bm, m) * (span(c, bn, n) * size["G"] + span(k0, bk, k) * size["H"])
+                                 for r in rows[s::splits])
+                    total += span(c, bn, n) * span(k0, bk, k) * size["PART"]
+    else:  # _bwd_kernel: W's column tile loaded once a program, G's rows whole
+        for k0 in ks:
+            for s in range(splits):
+                total += n * span(k0, bk, k) * (size["W"] + size["PART"])
+                total += sum(span(r, bm, m) * (n * size["G"] + span(k0, bk, k) * (size["H"] + size["DH"]))
+                             for r in rows[s::splits])
+    return total
+
+
+@pytest.mark.parametrize("kernel", ["_fwd_kernel", "_bwd_input_kernel", "_bwd_weight_kernel", "_bwd_kernel"])
+def test_tile_traffic_matches_a_walk_of_the_programs(kernel):
+    from hifuse_kernels.gelu_linear import tile_traffic
+
+    m, n, k, splits = 203, 70 if kernel == "_bwd_kernel" else 150, 333, 3
+    tiles = dict(BLOCK_M=32, BLOCK_N=128 if kernel == "_bwd_kernel" else 64, BLOCK_K=64)
+    size = dict(H=2, W=4, B=4, OUT=2, G=2, DH=2, PART=4)
+    params = {name: torch.empty(0, dtype={2: torch.bfloat16, 4: torch.float32}[b]) for name, b in size.items()}
+    got = tile_traffic(kernel, dict(params, M=m, N=n, K=k, SPLITS=splits, HAS_BIAS=False, **tiles))
+    assert got == _walked_traffic(kernel, m, n, k, tiles, splits, size)
+
