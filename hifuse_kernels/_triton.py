@@ -366,6 +366,12 @@ if triton is not None:
         """Exact (erf) GELU of fp32 y."""
         return 0.5 * y * (1.0 + tl.math.erf(y * 0.7071067811865476))
 
+    # A value that two kernels must compute alike (a normalisation's output in a forward and in
+    # a backward's rebuild, a BatchNorm applied by its own pass and on load by its reader) has
+    # its multiply-adds spelt as tl.fma: a GPU compiler fuses a * b + c only within one basic
+    # block, so a kernel that forms it after a branch would round otherwise. (The interpreter
+    # rounds twice either way.)
+
     @triton.jit
     def gelu_add(y, r):
         """gelu(y) + r, its last multiply and the add one explicit fused multiply-add: a GPU

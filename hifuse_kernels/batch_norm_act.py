@@ -105,13 +105,13 @@ if triton is not None:
             v = tl.load(X + offs, mask=m, other=0.0).to(tl.float32)
             if X_BN:
                 mean, scale, shift = _affine(XM, XI, XW, XB, cc, cmask)
-                v = _act((v - mean[None, :]) * scale[None, :] + shift[None, :], X_ACT).to(
+                v = _act(tl.fma(v - mean[None, :], scale[None, :], shift[None, :]), X_ACT).to(
                     X.dtype.element_ty).to(tl.float32)
             d = v - mu[:, None]
         rstd = tl.load(LR + rows, mask=rmask, other=0.0)
         w = tl.load(LW + c, mask=cmask, other=0.0).to(tl.float32)
         b = tl.load(LB + c, mask=cmask, other=0.0).to(tl.float32)
-        r = d * rstd[:, None] * w[None, :] + b[None, :]
+        r = tl.fma(d * rstd[:, None], w[None, :], b[None, :])
         return tl.where(m, r.to(RD.dtype.element_ty).to(tl.float32), 0.0)
 
     @triton.jit
@@ -155,7 +155,7 @@ if triton is not None:
         dz = grad * act'(z), z = x_hat * w + b (zero where masked; w and b unused without ACT).
         The ops that reduce a BatchNorm backward's sums in their own pass take them from here."""
         xhat = (v - mean[None, :]) * invstd[None, :]
-        dz = grad * _act_grad(xhat * w[None, :] + b[None, :], ACT)
+        dz = grad * _act_grad(tl.fma(xhat, w[None, :], b[None, :]), ACT)
         return xhat, tl.where(m, dz, 0.0)
 
     @triton.jit
@@ -285,7 +285,7 @@ if triton is not None:
                                 BLOCK_C, X_BN, X_ACT)
             v = gelu_add(v, r)
         mean, scale, shift = _affine(MEAN, INVSTD, W, B, c, cmask)
-        z = (v - mean[None, :]) * scale[None, :] + shift[None, :]
+        z = tl.fma(v - mean[None, :], scale[None, :], shift[None, :])
         out = _act(z, ACT).to(OUT.dtype.element_ty)
         if SHORTCUT:
             out = (out.to(tl.float32) + tl.load(SC + offs, mask=m, other=0.0).to(tl.float32)).to(OUT.dtype.element_ty)
@@ -305,7 +305,7 @@ if triton is not None:
         for i in tl.static_range(2):
             for j in tl.static_range(2):
                 v = _load_input(Y, R, (top + i * WIDTH + j)[:, None] * C + c[None, :], m, PROLOGUE)
-                acc += _act((v - mean[None, :]) * scale[None, :] + shift[None, :], ACT)
+                acc += _act(tl.fma(v - mean[None, :], scale[None, :], shift[None, :]), ACT)
         tl.store(OUT + q[:, None] * C + c[None, :], (acc * 0.25).to(OUT.dtype.element_ty), mask=m)
 
     @triton.jit
@@ -358,7 +358,7 @@ if triton is not None:
                 BLOCK_C, GATED, G, CG, L, SG, X, XM, XI, XW, XB, LM, LR, LW, LB, RD, S, CP, X_BN, X_ACT,
             )
             if REBUILD:
-                z = (v - mean[None, :]) * scale[None, :] + shift[None, :]
+                z = tl.fma(v - mean[None, :], scale[None, :], shift[None, :])
                 tl.store(OUT + offs, _act(z, ACT).to(OUT.dtype.element_ty), mask=m)
             dz64 = dz.to(tl.float64)
             sum_dz += dz64

@@ -97,7 +97,7 @@ if triton is not None:
         rstd = 1.0 / tl.sqrt(tl.sum(d * d, 1) / C + eps)
         lw = tl.load(LW + c, mask=cmask, other=0.0).to(tl.float32)
         lb = tl.load(LB + c, mask=cmask, other=0.0).to(tl.float32)
-        out = d * rstd[:, None] * lw[None, :] + lb[None, :]
+        out = tl.fma(d * rstd[:, None], lw[None, :], lb[None, :])
         at = OUT + pos[:, None] * (C + PAD)
         tl.store(at + c[None, :], out.to(OUT.dtype.element_ty), mask=pmask[:, None] & cmask[None, :])
         if PAD > 0:
@@ -195,7 +195,7 @@ if triton is not None:
                             acc_g += g
                             if REBUILD:  # (y - mean) * rstd * lw + lb, as _fwd_kernel forms it
                                 lb = tl.load(LB + c, mask=cmask, other=0.0).to(tl.float32)
-                                rebuilt = (xhat * lw[None, :] + lb[None, :]).to(OUT.dtype.element_ty)
+                                rebuilt = tl.fma(xhat, lw[None, :], lb[None, :]).to(OUT.dtype.element_ty)
                                 tl.store(OUT + here + (pos * PAD)[:, None], rebuilt, mask=m2)
                                 if PAD > 0:
                                     ones_column(OUT + (pos * (C + PAD))[:, None], C, pmask, PAD)

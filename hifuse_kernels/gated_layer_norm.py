@@ -58,7 +58,7 @@ if triton is not None:
         xv = tl.load(X + rows, mask=m, other=0.0).to(tl.float32)
         if X_BN:
             mean, scale, shift = _affine(XM, XI, XW, XB, c, cmask)
-            z = (xv - mean[None, :]) * scale[None, :] + shift[None, :]
+            z = tl.fma(xv - mean[None, :], scale[None, :], shift[None, :])
             xv = tl.where(m, _act(z, X_ACT).to(X.dtype.element_ty).to(tl.float32), 0.0)
         return g, cg, lv, sg, xv
 
@@ -90,7 +90,7 @@ if triton is not None:
             d = da if k == 0 else (db if k == 1 else dx)
             w = tl.load(W + k * C + c, mask=cmask, other=0.0).to(tl.float32)
             b = tl.load(B + k * C + c, mask=cmask, other=0.0).to(tl.float32)
-            y = d * rstd[:, None] * w[None, :] + b[None, :]
+            y = tl.fma(d * rstd[:, None], w[None, :], b[None, :])
             tl.store(OUT + out + k * C, y.to(OUT.dtype.element_ty), mask=m)
             if HAS_OUT2:
                 tl.store(OUT2 + out + k * C, y.to(OUT.dtype.element_ty).to(OUT2.dtype.element_ty), mask=m)
@@ -136,8 +136,8 @@ if triton is not None:
             rstd = tl.load(RSTD + p, mask=smask, other=0.0)
             out = p[:, None] * (3 * C) + c[None, :]
             # zhat and w * dy of the three parts
-            ha = tl.where(m, (g * cg[None, :] - mean[:, None]) * rstd[:, None], 0.0)
-            hb = tl.where(m, (lv * sg[:, None] - mean[:, None]) * rstd[:, None], 0.0)
+            ha = tl.where(m, centred(g, cg[None, :], mean[:, None]) * rstd[:, None], 0.0)
+            hb = tl.where(m, centred(lv, sg[:, None], mean[:, None]) * rstd[:, None], 0.0)
             hx = tl.where(m, (xv - mean[:, None]) * rstd[:, None], 0.0)
             dya = tl.load(GRAD + out, mask=m, other=0.0).to(tl.float32)
             dyb = tl.load(GRAD + out + C, mask=m, other=0.0).to(tl.float32)

@@ -176,15 +176,15 @@ def _rows_tile(m: int, block_m: int, cols: int) -> int:
 
 # Default tiles, warps and stages (sm90, ``check_triton_compile``): the GELU (an erf) of a
 # loaded tile takes registers, so the tiles are modest, and what their programs load again
-# from L2 (``tile_traffic``) is several times h. Among the tiles that spill nothing under
-# triton 3.8 and 3.6, the defaults in bf16/fp16 are those that load least with as many warps
-# an SM as before: 128-row tiles in the forward (199 / 211 registers, one program an SM as
-# with 64 rows: W's tiles read half as often) and, on 16 warps, in the input gradient (127,
-# one program of 16 warps for two of 8); 64-wide K tiles in both weight-gradient kernels (G's
-# tiles read half as often: 122 registers, two programs an SM as with 32; the one-pass
-# kernel, with 32-row tiles, 128 / 241 at up to 128 columns, 199 / 252 at 256: as many
-# programs an SM as its 64 x 32 tiles). The launch table (``_configs``) may replace them per
-# device.
+# from L2 (``tile_traffic``) is several times h. In bf16/fp16 they are, among the tiles that
+# spill nothing under triton 3.8 and 3.6, those that load least with at least as many warps
+# an SM as before, compiled as a HiFuse step launches them (registers under 3.8 / 3.6):
+# 128-row tiles in the forward (127 / 127, two programs an SM as with 64 rows: W's tiles read
+# half as often) and, on 16 warps, in the input gradient (62 / 62, two programs of 16 warps
+# for three of 8); 64-wide K tiles in both weight-gradient kernels (G's tiles read half as
+# often: 80 / 80, three programs an SM as with 32; the one-pass kernel takes 16-row tiles for
+# that, 79 / 79 at up to 128 columns, three programs as before, 145 / 185 at 256, one). The
+# launch table (``_configs``) may replace them per device.
 
 
 def _tiles_problem(config: dict) -> str | None:
@@ -231,7 +231,7 @@ def bwd_launch(m: int, n: int, dtype: torch.dtype, k: int = 0, device: torch.dev
         return _tiles_problem(config)
 
     low = dtype != torch.float32
-    default = dict(BLOCK_M=_rows_tile(m, 32 if low else 64, max(block_n, 32)), BLOCK_N=block_n,
+    default = dict(BLOCK_M=_rows_tile(m, 16 if low else 64, max(block_n, 32)), BLOCK_N=block_n,
                    BLOCK_K=64 if low else 32, num_warps=8, num_stages=3)
     return default if device is None else _launch("backward", m, n, k, dtype, default, device, problem)
 

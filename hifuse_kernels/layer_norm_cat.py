@@ -136,7 +136,7 @@ if triton is not None:
         """The part's value from its BatchNorm input v: the apply's output in the apply's dtype
         (the same bits as its store), back in fp32; zero where masked."""
         if ON:
-            z = (v - mean[None, :]) * scale[None, :] + shift[None, :]
+            z = tl.fma(v - mean[None, :], scale[None, :], shift[None, :])
             v = tl.where(m, z.to(dtype).to(tl.float32), 0.0)
         return v
 
@@ -171,7 +171,7 @@ if triton is not None:
             v = a if k == 0 else (b if k == 1 else d)
             w = tl.load(W + k * C + c, mask=cmask, other=0.0).to(tl.float32)
             bb = tl.load(BIAS + k * C + c, mask=cmask, other=0.0).to(tl.float32)
-            y = v * rstd[:, None] * w[None, :] + bb[None, :]
+            y = tl.fma(v * rstd[:, None], w[None, :], bb[None, :])
             tl.store(OUT + out + k * C, y.to(OUT.dtype.element_ty), mask=m)
         tl.store(MEAN + rows, mean, mask=rmask)
         tl.store(RSTD + rows, rstd, mask=rmask)
@@ -246,7 +246,7 @@ if triton is not None:
                     h = ha if k == 0 else (hb if k == 1 else hd)
                     w = w_a if k == 0 else (w_b if k == 1 else w_d)
                     bb = b_a if k == 0 else (b_b if k == 1 else b_d)
-                    v = h * w[None, :] + bb[None, :]
+                    v = tl.fma(h, w[None, :], bb[None, :])
                     if PAD > 0 and k == PARTS - 1 and not ONES_APART:
                         # the ones column and its zeros from the channel block's spare lanes (zero
                         # there): the launcher makes BLOCK_C hold C + PAD

@@ -100,7 +100,7 @@ if triton is not None:
         rstd = 1.0 / tl.sqrt(tl.sum(d * d, 1) / N + eps)
         lw = tl.load(LW + n, mask=nmask, other=0.0).to(tl.float32)
         lb = tl.load(LB + n, mask=nmask, other=0.0).to(tl.float32)
-        out = d * rstd[:, None] * lw[None, :] + lb[None, :]
+        out = tl.fma(d * rstd[:, None], lw[None, :], lb[None, :])
         tl.store(OUT + rows[:, None] * N + n[None, :], out.to(OUT.dtype.element_ty), mask=m)
         tl.store(MEAN + rows, mean, mask=rows < M)
         tl.store(RSTD + rows, rstd, mask=rows < M)

@@ -98,7 +98,7 @@ if triton is not None:
         rstd = 1.0 / tl.sqrt(tl.sum(d * d, 1) / C + eps)
         w = tl.load(W + c, mask=cmask, other=0.0).to(tl.float32)
         b = tl.load(B + c, mask=cmask, other=0.0).to(tl.float32)
-        normed = (d * rstd[:, None] * w[None, :] + b[None, :]).to(NORMED.dtype.element_ty)
+        normed = tl.fma(d * rstd[:, None], w[None, :], b[None, :]).to(NORMED.dtype.element_ty)
         if PAD > 0:
             at = NORMED + rows[:, None] * (C + PAD)
             tl.store(at + c[None, :], normed, mask=m)
@@ -154,7 +154,7 @@ if triton is not None:
             acc_w += g * xhat
             acc_b += g
             if REBUILD:  # (x - mean) * rstd * w + b, as _fwd_kernel forms it (rows C + PAD wide)
-                normed = (xhat * w_n[None, :] + b_n[None, :]).to(NORMED.dtype.element_ty)
+                normed = tl.fma(xhat, w_n[None, :], b_n[None, :]).to(NORMED.dtype.element_ty)
                 tl.store(NORMED + offs + (rows * PAD)[:, None], normed, mask=m)
                 if PAD > 0:
                     ones_column(NORMED + (rows * (C + PAD))[:, None], C, rows < M, PAD)
