@@ -58,9 +58,21 @@ def unsupported_reason(*tensors: torch.Tensor) -> str | None:
     return None
 
 
+def kernel(fn=None, **options):
+    """``triton.jit`` for a kernel that is launched, compiled under the name ``<op
+    file>_<function>`` (``gelu_linear_fwd_kernel``): a GPU profile names each launch after its
+    compiled kernel, and the op files' ``_fwd_kernel``s would share one row there."""
+
+    def jit(fn):
+        name = f"{fn.__module__.rsplit('.', 1)[-1]}_{fn.__name__.lstrip('_')}"
+        return triton.jit(fn, repr=lambda _specialization: name, **options)
+
+    return jit if fn is None else jit(fn)
+
+
 if triton is not None:
 
-    @triton.jit
+    @kernel
     def _loop_probe_kernel(OUT, N):
         total = 0
         for _ in range(0, N):

@@ -187,7 +187,7 @@ if triton is not None:
     # ... with float64 tile accumulators and reduces them across its rows once, so a call writes
     # PROGRAMS partials, not one per row block. PROGRAMS is not specialised on (its value only
     # steps the loop), so the variant compiled to count the resident programs is the one launched.
-    @triton.jit(do_not_specialize=["PROGRAMS"])
+    @_triton.kernel(do_not_specialize=["PROGRAMS"])
     def _stats_kernel(Y, R, MEAN_PART, M2_PART, COUNT_PART, M, C, PROGRAMS,
                       PROLOGUE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
                       GATED: tl.constexpr = False, G=None, CG=None, L=None, SG=None, X=None, XM=None, XI=None,
@@ -235,7 +235,7 @@ if triton is not None:
         tl.store(M2_PART + part, tl.where(m2 < 0.0, 0.0, m2), mask=cmask)  # not tl.maximum: it drops NaN
         tl.store(COUNT_PART + pid, n, mask=tl.program_id(1) == 0)
 
-    @triton.jit
+    @_triton.kernel
     def _stats_combine_kernel(MEAN_PART, M2_PART, COUNT_PART, MEAN, INVSTD, VAR, RUN_MEAN, RUN_VAR, NBT, C, PROGRAMS,
                               eps, momentum, UPDATE: tl.constexpr, BLOCK_C: tl.constexpr):
         """The programs' (count, mean, M2) combined in a fixed order (Chan et al.); the mean,
@@ -267,7 +267,7 @@ if triton is not None:
             tl.store(RUN_VAR + c, (running_var * keep + unbiased * momentum).to(RUN_VAR.dtype.element_ty), mask=cmask)
             tl.store(NBT, tl.load(NBT) + 1, mask=tl.program_id(0) == 0)
 
-    @triton.jit
+    @_triton.kernel
     def _apply_kernel(Y, R, MEAN, INVSTD, W, B, OUT, M, C,
                       PROLOGUE: tl.constexpr, ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
                       SHORTCUT: tl.constexpr = False, SC=None,
@@ -291,7 +291,7 @@ if triton is not None:
             out = (out.to(tl.float32) + tl.load(SC + offs, mask=m, other=0.0).to(tl.float32)).to(OUT.dtype.element_ty)
         tl.store(OUT + offs, out, mask=m)
 
-    @triton.jit
+    @_triton.kernel
     def _apply_pool_kernel(Y, R, MEAN, INVSTD, W, B, OUT, Q, C, H, WIDTH,
                            PROLOGUE: tl.constexpr, ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
         """act(bn(.)) averaged over 2x2 windows: only the pooled rows are written."""
@@ -328,7 +328,7 @@ if triton is not None:
         xhat, dz = _grad_terms(grad, v, mean, invstd, w, b, m, ACT)
         return xhat, dz, w * invstd, v
 
-    @triton.jit(do_not_specialize=["PROGRAMS"])
+    @_triton.kernel(do_not_specialize=["PROGRAMS"])
     def _bwd_reduce_kernel(GR, Y, R, MEAN, INVSTD, W, B, SUM_DZ_PART, SUM_DZXH_PART, OUT, M, C, H, WIDTH, PROGRAMS,
                            G2, PROLOGUE: tl.constexpr, ACT: tl.constexpr, POOL: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, REBUILD: tl.constexpr = False,
@@ -367,7 +367,7 @@ if triton is not None:
         tl.store(SUM_DZ_PART + part, tl.sum(sum_dz, 0), mask=cmask)
         tl.store(SUM_DZXH_PART + part, tl.sum(sum_dzxh, 0), mask=cmask)
 
-    @triton.jit
+    @_triton.kernel
     def _bwd_sums_kernel(SUM_DZ_PART, SUM_DZXH_PART, SUM_DZ, SUM_DZXH, DW, DB, C, PROGRAMS, BLOCK_C: tl.constexpr,
                          PARAMS: tl.constexpr = True):
         """The programs' partial sums added in a fixed order: the sums the apply pass takes
@@ -387,7 +387,7 @@ if triton is not None:
             tl.store(DW + c, dzxh.to(DW.dtype.element_ty), mask=cmask)
             tl.store(DB + c, dz.to(DB.dtype.element_ty), mask=cmask)
 
-    @triton.jit
+    @_triton.kernel
     def _bwd_apply_kernel(GR, Y, R, MEAN, INVSTD, W, B, SUM_DZ, SUM_DZXH, DY, DR, DYSUM_PART, M, C, H, WIDTH, G2,
                           PROLOGUE: tl.constexpr, ACT: tl.constexpr, POOL: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, DYSUM: tl.constexpr = False,

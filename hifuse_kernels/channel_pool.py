@@ -40,7 +40,7 @@ def channel_pool_ref(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 if triton is not None:
     from ._triton import image_block
 
-    @triton.jit
+    @_triton.kernel
     def _channel_pool_kernel(G, SUM, MAX, ARG, S, C, CHUNK, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, LOW=None,
                              HAS_LOW: tl.constexpr = False):
         """Partial sum, maximum and first position of the maximum over one chunk of positions;
@@ -80,7 +80,7 @@ if triton is not None:
         tl.store(MAX + part, best, mask=cmask)
         tl.store(ARG + part, where, mask=cmask)
 
-    @triton.jit
+    @_triton.kernel
     def _channel_pool_combine_kernel(SUM, MAX, ARG, AVG, BEST, OUT_ARG, S, C, CHUNKS, BLOCK_C: tl.constexpr):
         """The chunks' partials combined in chunk order: the average and maximum in g's dtype,
         and the position of the first chunk holding the maximum (a NaN, once seen, is it)."""
@@ -102,7 +102,7 @@ if triton is not None:
         tl.store(BEST + out, best.to(BEST.dtype.element_ty), mask=cmask)
         tl.store(OUT_ARG + out, where, mask=cmask)
 
-    @triton.jit
+    @_triton.kernel
     def _channel_pool_bwd_kernel(D_AVG, D_MAX, ARG, ACC, DG, S, C, HAS_ACC: tl.constexpr, BLOCK_S: tl.constexpr,
                                  BLOCK_C: tl.constexpr):
         n, s = image_block(S, BLOCK_S)

@@ -83,7 +83,7 @@ if triton is not None:
                 acc += v.to(tl.float32) * tap[None, :]
         return acc
 
-    @triton.jit
+    @_triton.kernel
     def _fwd_kernel(X, CW, CB, LW, LB, OUT, MEAN, RSTD, P, H, W, C, eps,
                     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, PAD: tl.constexpr = 0):
         """PAD > 0: the output rows are C + PAD wide, column C ones and the rest zeros, so that a
@@ -138,7 +138,7 @@ if triton is not None:
     # depthwise conv) and takes row r's tap gradients. The rows just above and below the band
     # are computed again by the neighbouring units, about 2 / BAND more work, instead of the
     # whole gradient written to memory and read back.
-    @triton.jit(do_not_specialize=["PROGRAMS", "BAND"])
+    @_triton.kernel(do_not_specialize=["PROGRAMS", "BAND"])
     def _bwd_kernel(X, CW, CB, LW, LB, GRAD, MEAN, RSTD, DS, DX, OUT, SLOTS, PART, N, H, W, C, BAND, PROGRAMS,
                     HAS_DS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
                     REBUILD: tl.constexpr = False, PAD: tl.constexpr = 0):

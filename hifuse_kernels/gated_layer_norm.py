@@ -62,7 +62,7 @@ if triton is not None:
             xv = tl.where(m, _act(z, X_ACT).to(X.dtype.element_ty).to(tl.float32), 0.0)
         return g, cg, lv, sg, xv
 
-    @triton.jit
+    @_triton.kernel
     def _gated_ln_kernel(G, CG, L, SG, X, W, B, OUT, OUT2, MEAN, RSTD, XM, XI, XW, XB, S, C, eps,
                          HAS_OUT2: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
                          X_BN: tl.constexpr = False, X_ACT: tl.constexpr = 0):
@@ -97,7 +97,7 @@ if triton is not None:
         tl.store(MEAN + p, mean, mask=smask)
         tl.store(RSTD + p, rstd, mask=smask)
 
-    @triton.jit(do_not_specialize=["PROGRAMS"])
+    @_triton.kernel(do_not_specialize=["PROGRAMS"])
     def _gated_ln_bwd_kernel(GRAD, GRAD2, G, CG, L, SG, X, W, MEAN, RSTD, DG, DL, DSG, DX,
                              PART_CG, PART_W, PART_B, XM, XI, XW, XB, S, C, PROGRAMS, HAS_GRAD2: tl.constexpr,
                              BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, X_BN: tl.constexpr = False,

@@ -63,7 +63,7 @@ if triton is not None:
         """P[r, c] of a row-major matrix with ``ld`` columns, zero outside the masks."""
         return tl.load(P + r[:, None].to(tl.int64) * ld + c[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
 
-    @triton.jit
+    @_triton.kernel
     def _fwd_kernel(H, W, B, OUT, M, N, K, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         """OUT tile (row tile, column tile) of program pid = row tile * column tiles + column
@@ -85,7 +85,7 @@ if triton is not None:
         tl.store(OUT + rm[:, None] * N + rn[None, :], acc.to(OUT.dtype.element_ty),
                  mask=mmask[:, None] & nmask[None, :])
 
-    @triton.jit
+    @_triton.kernel
     def _bwd_input_kernel(G, W, H, DH, M, N, K, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         """DH tile (row tile, column tile) = (G @ W) * gelu'(H), programs ordered as the
@@ -106,7 +106,7 @@ if triton is not None:
         da = acc.to(G.dtype.element_ty).to(tl.float32)
         tl.store(DH + offs, (da * gelu_grad(h)).to(DH.dtype.element_ty), mask=m2)
 
-    @triton.jit(do_not_specialize=["SPLITS"])
+    @_triton.kernel(do_not_specialize=["SPLITS"])
     def _bwd_weight_kernel(G, H, PART, M, N, K, SPLITS, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         """Partial G^T @ gelu(H) of the row tiles s, s + SPLITS, ... (s = program_id(1)) for the
@@ -127,7 +127,7 @@ if triton is not None:
         tl.store(PART + offs, acc, mask=nmask[:, None] & kmask[None, :])
 
 
-    @triton.jit(do_not_specialize=["SPLITS"])
+    @_triton.kernel(do_not_specialize=["SPLITS"])
     def _bwd_kernel(G, W, H, DH, PART, M, N, K, SPLITS, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         """Both gradients in one pass over h, for N <= BLOCK_N: the program of columns

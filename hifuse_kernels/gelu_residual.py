@@ -32,7 +32,7 @@ def gelu_residual_ref(y: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
 if triton is not None:
     from ._triton import gelu, gelu_grad
 
-    @triton.jit
+    @_triton.kernel
     def _fwd_kernel(Y, S, OUT, n, BLOCK: tl.constexpr):
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
@@ -40,7 +40,7 @@ if triton is not None:
         s = tl.load(S + offs, mask=mask, other=0.0).to(tl.float32)
         tl.store(OUT + offs, (s + gelu(y)).to(OUT.dtype.element_ty), mask=mask)
 
-    @triton.jit
+    @_triton.kernel
     def _bwd_kernel(G, Y, DY, n, BLOCK: tl.constexpr):
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n

@@ -140,7 +140,7 @@ if triton is not None:
             v = tl.where(m, z.to(dtype).to(tl.float32), 0.0)
         return v
 
-    @triton.jit
+    @_triton.kernel
     def _rows_fwd_kernel(A, B, D, W, BIAS, OUT, MEAN, RSTD, BN_MA, BN_IA, BN_WA, BN_BA, BN_MB, BN_IB, BN_WB, BN_BB,
                          BN_MD, BN_ID, BN_WD, BN_BD, M, C, eps, PARTS: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BN: tl.constexpr = 0):
@@ -176,7 +176,7 @@ if triton is not None:
         tl.store(MEAN + rows, mean, mask=rmask)
         tl.store(RSTD + rows, rstd, mask=rmask)
 
-    @triton.jit(do_not_specialize=["PROGRAMS"])
+    @_triton.kernel(do_not_specialize=["PROGRAMS"])
     def _rows_bwd_kernel(GRAD, A, B, D, W, MEAN, RSTD, DA, DB, DD, PART_W, PART_B, BIAS, OUT,
                          BN_MA, BN_IA, BN_WA, BN_BA, BN_MB, BN_IB, BN_WB, BN_BB, BN_MD, BN_ID, BN_WD, BN_BD,
                          BN_SUMS, M, C, PROGRAMS, PARTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,

@@ -84,7 +84,7 @@ if triton is not None:
         m = (rows < M)[:, None] & (n < N)[None, :]
         return tl.where(m, y.to(GEMM).to(tl.float32), 0.0), a
 
-    @triton.jit
+    @_triton.kernel
     def _fwd_kernel(X, WK, BIAS, LW, LB, OUT, MEAN, RSTD, M, HO, WO, CIN, sb, sh, sw, sc, K, N, eps,
                     GEMM: tl.constexpr, HAS_BIAS: tl.constexpr, KSIZE: tl.constexpr, UPCAST: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -105,7 +105,7 @@ if triton is not None:
         tl.store(MEAN + rows, mean, mask=rows < M)
         tl.store(RSTD + rows, rstd, mask=rows < M)
 
-    @triton.jit(do_not_specialize=["PROGRAMS"])
+    @_triton.kernel(do_not_specialize=["PROGRAMS"])
     def _bwd_kernel(X, WK, BIAS, LW, GRAD, MEAN, RSTD, PART_W, PART_B, PART_LW, PART_LB, M, HO, WO, CIN,
                     sb, sh, sw, sc, K, N, PROGRAMS, GEMM: tl.constexpr, HAS_BIAS: tl.constexpr,
                     KSIZE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,

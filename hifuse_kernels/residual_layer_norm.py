@@ -83,7 +83,7 @@ if triton is not None:
             x += gelu(tl.load(Y + offs, mask=m, other=0.0).to(tl.float32))
         return x
 
-    @triton.jit
+    @_triton.kernel
     def _fwd_kernel(Y, S, W, B, OUT, NORMED, MEAN, RSTD, M, C, H, WIDTH, eps,
                     PROLOGUE: tl.constexpr, PATCH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
                     PAD: tl.constexpr = 0):
@@ -111,7 +111,7 @@ if triton is not None:
         tl.store(MEAN + rows, mean, mask=rows < M)
         tl.store(RSTD + rows, rstd, mask=rows < M)
 
-    @triton.jit(do_not_specialize=["PROGRAMS"])
+    @_triton.kernel(do_not_specialize=["PROGRAMS"])
     def _bwd_kernel(DOUT, DNORMED, Y, S, W, MEAN, RSTD, DY, DS, PART_W, PART_B, B, NORMED, M, C, H, WIDTH, PROGRAMS,
                     PROLOGUE: tl.constexpr, HAS_DOUT: tl.constexpr, PATCH: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_C: tl.constexpr, REBUILD: tl.constexpr = False, PAD: tl.constexpr = 0):

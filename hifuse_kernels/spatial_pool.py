@@ -50,7 +50,7 @@ if triton is not None:
         best = tl.max(tl.where(m & (v == v), v, float("-inf")), 1)
         return tl.where(nan, float("nan"), best)
 
-    @triton.jit
+    @_triton.kernel
     def _spatial_pool_kernel(L, OUT, P, S, C, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, LOW=None,
                              HAS_LOW: tl.constexpr = False):
         """HAS_LOW: also writes l cast to LOW's dtype (for a GEMM that reads it next)."""
@@ -65,7 +65,7 @@ if triton is not None:
         tl.store(OUT + out, best.to(OUT.dtype.element_ty), mask=pmask)
         tl.store(OUT + out + S, mean.to(OUT.dtype.element_ty), mask=pmask)
 
-    @triton.jit
+    @_triton.kernel
     def _spatial_pool_bwd_kernel(L, D_OUT, ACC, DL, P, S, C, d_n, d_k, d_s, HAS_ACC: tl.constexpr,
                                  BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
         """D_OUT, (N, 2, S), is read through its strides (d_n, d_k, d_s): the 7x7 convolution

@@ -166,7 +166,7 @@ if triton is not None:
         xf = tl.dot(x, f, input_precision="ieee")
         return tl.dot(tl.trans(e), xf, input_precision="ieee")
 
-    @triton.jit
+    @_triton.kernel
     def _dense_bias_kernel(TABLE, INDEX, OUT, HEADS, ENTRIES, N, BLOCK: tl.constexpr):
         """out[h, k] = table[index[k], h] (index ENTRIES: 0, a padding row; beyond: -inf, a
         padding column), for the (bn x bn) scores of head program_id(0)."""
@@ -178,7 +178,7 @@ if triton is not None:
         v = tl.where(idx > ENTRIES, float("-inf"), v)
         tl.store(OUT + h.to(tl.int64) * N + k, v, mask=m)
 
-    @triton.jit
+    @_triton.kernel
     def _fwd_kernel(QKV, BIAS, REL, OUT, LSE,
                     H, W, Hp, Wp, n_win_w, n_win, C, heads, shift, scale,
                     s_b, s_h, s_w, o_b, o_h, o_w,
@@ -211,7 +211,7 @@ if triton is not None:
                      mask=realq[:, None] & dmask[None, :])
             tl.store(LSE + (wid.to(tl.int64) * heads + head) * BN + tq, m + tl.log(l), mask=validq)
 
-    @triton.jit
+    @_triton.kernel
     def _bwd_kernel(QKV, BIAS, REL, OUT, DOUT, LSE, DQKV, DBIAS_PART, DS_PART, DS_SLOT,
                     H, W, Hp, Wp, n_win_w, n_win, n_total, per_prog, C, heads, shift, scale,
                     s_b, s_h, s_w, o_b, o_h, o_w, g_b, g_h, g_w,

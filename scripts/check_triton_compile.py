@@ -3,7 +3,8 @@
 Catches what the CPU interpreter cannot: type errors, unsupported operations and layout
 problems that only show when Triton lowers a kernel to PTX and a cubin. Reports each kernel's
 registers per thread and spilled bytes (``ptxas -v`` on its PTX), and fails when a kernel
-spills or a memory-bound kernel needs more than MEMORY_BOUND_REGS registers. Usage:
+spills, a memory-bound kernel needs more than MEMORY_BOUND_REGS registers, or a kernel is
+not compiled under its op file's name (``_triton.kernel``). Usage:
 
     python scripts/check_triton_compile.py [--arch 90] [--jobs N]
 
@@ -388,6 +389,9 @@ def compile_case(job: tuple[int, str, int]) -> tuple[bool, str]:
     usage = (f"{use['regs']:3d} regs, {use['spill_stores']}/{use['spill_loads']} B spilled (stores/loads), "
              f"{use['stack']} B stack, {compiled.metadata.shared} B shared, {compiled.metadata.num_warps} warps")
     problems = usage_problems(module, use, SPILLS.get(spill_key(kernel, dtype, constexprs), 0))
+    expected = f"{module}_{kernel.fn.__name__.lstrip('_')}"
+    if compiled.metadata.name != expected:  # a GPU profile names launches after it
+        problems.append(f"compiled as {compiled.metadata.name}, not {expected}: define it with _triton.kernel")
     status = "FAIL" if problems else "ok  "
     return not problems, f"{status} {usage}  {name} ({time.time() - start:.1f}s){': ' + '; '.join(problems) if problems else ''}"
 
