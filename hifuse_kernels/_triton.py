@@ -61,7 +61,8 @@ def unsupported_reason(*tensors: torch.Tensor) -> str | None:
 def kernel(fn=None, **options):
     """``triton.jit`` for a kernel that is launched, compiled under the name ``<op
     file>_<function>`` (``gelu_linear_fwd_kernel``): a GPU profile names each launch after its
-    compiled kernel, and the op files' ``_fwd_kernel``s would share one row there."""
+    compiled kernel, and the op files' ``_fwd_kernel``s would share one row there. (Triton 3.6
+    keys its cache without the name: a binary cached before keeps the function's name.)"""
 
     def jit(fn):
         name = f"{fn.__module__.rsplit('.', 1)[-1]}_{fn.__name__.lstrip('_')}"
