@@ -746,12 +746,14 @@ def gated_sources(gated: list, x_act: int, r_dtype: torch.dtype) -> tuple:
     return (*gated[:9], *(gated[9:] or [None] * 4), x_act, r_dtype)
 
 
-def _gated_list(g, channel_gate, l, spatial_gate, x, ln_mean, ln_rstd, ln_weight, ln_bias, x_mean, x_invstd,
-                x_weight, x_bias) -> list:
-    tensors = [g, channel_gate, l, spatial_gate, x, ln_mean, ln_rstd, ln_weight, ln_bias]
-    x_bn = [x_mean, x_invstd, x_weight, x_bias]
+def _gated_kernel_args(name: str, y: torch.Tensor, sources: tuple, x_act: int, r_dtype: torch.dtype) -> dict:
+    """The kernels' GATED arguments (``_gated_args``) of a ``_gated`` op's 13 residual
+    sources (``gated_sources``' tensors), checked (``gated_problem``) in the op's ``name``."""
+    tensors, x_bn = list(sources[:9]), list(sources[9:])
     # all four or none (a None left in makes gated_problem refuse a partial BatchNorm)
-    return tensors if all(t is None for t in x_bn) else tensors + x_bn
+    gated = tensors if all(t is None for t in x_bn) else tensors + x_bn
+    _check_gated(name, y, gated, x_act, r_dtype)
+    return _gated_args(gated, x_act, r_dtype)
 
 
 @_triton.define_op("hifuse::batch_norm_stats_gated",
@@ -766,11 +768,9 @@ def _stats_gated_op(
     """``hifuse::batch_norm_stats`` of gelu(y) + r, r norm3's result in ``r_dtype`` computed
     on load from its sources (``gated_sources``; ``gated_problem``): the same values as with r
     given."""
-    gated = _gated_list(g, channel_gate, l, spatial_gate, x, ln_mean, ln_rstd, ln_weight, ln_bias, x_mean, x_invstd,
-                        x_weight, x_bias)
-    _check_gated("batch_norm_stats_gated", y, gated, x_act, r_dtype)
-    return _stats_impl(y, None, eps, running_mean, running_var, num_batches_tracked, momentum,
-                       _gated_args(gated, x_act, r_dtype))
+    gated = _gated_kernel_args("batch_norm_stats_gated", y, (g, channel_gate, l, spatial_gate, x, ln_mean, ln_rstd,
+                               ln_weight, ln_bias, x_mean, x_invstd, x_weight, x_bias), x_act, r_dtype)
+    return _stats_impl(y, None, eps, running_mean, running_var, num_batches_tracked, momentum, gated)
 
 
 @_triton.define_op("hifuse::batch_norm_act_gated", mutates_args=())
@@ -784,11 +784,9 @@ def _apply_gated_op(
     """``hifuse::batch_norm_act`` of gelu(y) + r, r as in ``hifuse::batch_norm_stats_gated``
     (no pooling). No autograd of its own: its backward is ``batch_norm_act_gated_backward``,
     whose residual gradient goes to norm3's backward (``recompute.BatchNormApplyGated``)."""
-    gated = _gated_list(g, channel_gate, l, spatial_gate, x, ln_mean, ln_rstd, ln_weight, ln_bias, x_mean, x_invstd,
-                        x_weight, x_bias)
-    _check_gated("batch_norm_act_gated", y, gated, x_act, r_dtype)
-    return _apply_impl(y, None, mean, invstd, weight, bias, act, 1, 1, False, out_dtype,
-                       gated=_gated_args(gated, x_act, r_dtype), r_dtype=r_dtype)
+    gated = _gated_kernel_args("batch_norm_act_gated", y, (g, channel_gate, l, spatial_gate, x, ln_mean, ln_rstd,
+                               ln_weight, ln_bias, x_mean, x_invstd, x_weight, x_bias), x_act, r_dtype)
+    return _apply_impl(y, None, mean, invstd, weight, bias, act, 1, 1, False, out_dtype, gated=gated, r_dtype=r_dtype)
 
 
 @_triton.define_op("hifuse::batch_norm_act_gated_backward", mutates_args=())
@@ -803,11 +801,10 @@ def _backward_gated_op(
     """(dy, dr, dweight, dbias, rebuilt) of ``hifuse::batch_norm_act_gated``, as
     ``hifuse::batch_norm_act_backward`` gives them with r given: dr as (M, 3C) rows of
     ``r_dtype``, rebuilt with ``rebuild_dtype`` (else empty)."""
-    gated = _gated_list(g, channel_gate, l, spatial_gate, x, ln_mean, ln_rstd, ln_weight, ln_bias, x_mean, x_invstd,
-                        x_weight, x_bias)
-    _check_gated("batch_norm_act_gated_backward", y, gated, x_act, r_dtype)
+    gated = _gated_kernel_args("batch_norm_act_gated_backward", y, (g, channel_gate, l, spatial_gate, x, ln_mean,
+                               ln_rstd, ln_weight, ln_bias, x_mean, x_invstd, x_weight, x_bias), x_act, r_dtype)
     dy, dr, dw, db, _, rebuilt = _backward_impl(grad, y, None, mean, invstd, weight, bias, act, 1, 1, False, False,
-                                                rebuild_dtype, None, _gated_args(gated, x_act, r_dtype), r_dtype)
+                                                rebuild_dtype, None, gated, r_dtype)
     return dy, dr, dw, db, rebuilt
 
 
