@@ -85,14 +85,17 @@ def test_bad_input():
         gelu_linear(h, "w", b)
 
 
+# 96 columns: the one-pass backward; 384: the input- and weight-gradient kernels
+@pytest.mark.parametrize("n", [96, 384])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_low_precision(dtype):
+def test_low_precision(dtype, n):
     """Under autocast's dtypes: within twice eager's own error against float64 (the rule the
-    suite uses), eager being autocast's GELU then GEMM. (The interpreter's kernels take the
-    same rounded operands to an fp32 product: its low-precision dot is wrong.)"""
+    suite uses), eager being autocast's GELU then GEMM, at the IRMLP's 12C -> C. (The
+    interpreter's kernels take the same rounded operands to an fp32 product: its
+    low-precision dot is wrong.)"""
     m = 4099 if DEVICE == "cuda" else 300
-    h, w, b = _inputs(m, 1152, 96, dtype=dtype)
-    grad = torch.randn(m, 96, device=DEVICE)
+    h, w, b = _inputs(m, 12 * n, n, dtype=dtype)
+    grad = torch.randn(m, n, device=DEVICE)
     ref_in = [t.detach().double().requires_grad_() for t in (h, w, b)]
     ref = gelu_linear_ref(*ref_in)
     want = torch.autograd.grad(ref, ref_in, grad.double())
