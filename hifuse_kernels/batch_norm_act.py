@@ -105,7 +105,7 @@ if triton is not None:
             v = tl.load(X + offs, mask=m, other=0.0).to(tl.float32)
             if X_BN:
                 mean, scale, shift = _affine(XM, XI, XW, XB, cc, cmask)
-                v = _act(tl.fma(v - mean[None, :], scale[None, :], shift[None, :]), X_ACT).to(
+                v = _act(_affined(v, mean, scale, shift), X_ACT).to(
                     X.dtype.element_ty).to(tl.float32)
             d = v - mu[:, None]
         rstd = tl.load(LR + rows, mask=rmask, other=0.0)
@@ -124,12 +124,19 @@ if triton is not None:
     @triton.jit
     def _affine(MEAN, INVSTD, W, B, c, cmask):
         """The apply's per-channel mean, scale invstd * weight and shift; its output is
-        ``_act((v - mean) * scale + shift)``. The ops that apply a BatchNorm on load
-        (``layer_norm_cat``, ``gated_layer_norm``) take it from here: the same bits."""
+        ``_act(_affined(v, mean, scale, shift))``. The ops that apply a BatchNorm on load
+        (``layer_norm_cat``, ``gated_layer_norm``) take both from here: the same bits."""
         mean = tl.load(MEAN + c, mask=cmask, other=0.0)
         scale = tl.load(INVSTD + c, mask=cmask, other=0.0) * tl.load(W + c, mask=cmask, other=0.0).to(tl.float32)
         shift = tl.load(B + c, mask=cmask, other=0.0).to(tl.float32)
         return mean, scale, shift
+
+    @triton.jit
+    def _affined(v, mean, scale, shift):
+        """(v - mean) * scale + shift of a tile, its channels along axis 1, as one fused
+        multiply-add (``_triton.gelu_add``'s reason): every kernel that applies a BatchNorm
+        takes it from here, so a reader that applies one on load gets the apply pass's bits."""
+        return tl.fma(v - mean[None, :], scale[None, :], shift[None, :])
 
     @triton.jit
     def _act(z, ACT: tl.constexpr):
@@ -285,7 +292,7 @@ if triton is not None:
                                 BLOCK_C, X_BN, X_ACT)
             v = gelu_add(v, r)
         mean, scale, shift = _affine(MEAN, INVSTD, W, B, c, cmask)
-        z = tl.fma(v - mean[None, :], scale[None, :], shift[None, :])
+        z = _affined(v, mean, scale, shift)
         out = _act(z, ACT).to(OUT.dtype.element_ty)
         if SHORTCUT:
             out = (out.to(tl.float32) + tl.load(SC + offs, mask=m, other=0.0).to(tl.float32)).to(OUT.dtype.element_ty)
@@ -305,7 +312,7 @@ if triton is not None:
         for i in tl.static_range(2):
             for j in tl.static_range(2):
                 v = _load_input(Y, R, (top + i * WIDTH + j)[:, None] * C + c[None, :], m, PROLOGUE)
-                acc += _act(tl.fma(v - mean[None, :], scale[None, :], shift[None, :]), ACT)
+                acc += _act(_affined(v, mean, scale, shift), ACT)
         tl.store(OUT + q[:, None] * C + c[None, :], (acc * 0.25).to(OUT.dtype.element_ty), mask=m)
 
     @triton.jit
@@ -358,7 +365,7 @@ if triton is not None:
                 BLOCK_C, GATED, G, CG, L, SG, X, XM, XI, XW, XB, LM, LR, LW, LB, RD, S, CP, X_BN, X_ACT,
             )
             if REBUILD:
-                z = tl.fma(v - mean[None, :], scale[None, :], shift[None, :])
+                z = _affined(v, mean, scale, shift)
                 tl.store(OUT + offs, _act(z, ACT).to(OUT.dtype.element_ty), mask=m)
             dz64 = dz.to(tl.float64)
             sum_dz += dz64

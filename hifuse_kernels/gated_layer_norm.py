@@ -41,7 +41,7 @@ def gated_layer_norm_ref(g, channel_gate, l, spatial_gate, x, weight, bias, eps:
 
 if triton is not None:
     from ._triton import centred, image_block, three_part_norm_grads
-    from .batch_norm_act import _act, _affine, _grad_terms
+    from .batch_norm_act import _act, _affine, _affined, _grad_terms
 
     @triton.jit
     def _gated_parts(G, CG, L, SG, X, XM, XI, XW, XB, n, p, c, m, cmask, C, X_BN: tl.constexpr,
@@ -58,7 +58,7 @@ if triton is not None:
         xv = tl.load(X + rows, mask=m, other=0.0).to(tl.float32)
         if X_BN:
             mean, scale, shift = _affine(XM, XI, XW, XB, c, cmask)
-            z = tl.fma(xv - mean[None, :], scale[None, :], shift[None, :])
+            z = _affined(xv, mean, scale, shift)
             xv = tl.where(m, _act(z, X_ACT).to(X.dtype.element_ty).to(tl.float32), 0.0)
         return g, cg, lv, sg, xv
 

@@ -90,7 +90,7 @@ def unsupported_reason(parts: Sequence[torch.Tensor], weight: torch.Tensor, bias
 
 if triton is not None:
     from ._triton import ones_column, three_part_norm_grads
-    from .batch_norm_act import _affine, _grad_terms
+    from .batch_norm_act import _affine, _affined, _grad_terms
 
     @triton.jit
     def _load_parts(A, B, D, offs, m, PARTS: tl.constexpr):
@@ -136,7 +136,7 @@ if triton is not None:
         """The part's value from its BatchNorm input v: the apply's output in the apply's dtype
         (the same bits as its store), back in fp32; zero where masked."""
         if ON:
-            z = tl.fma(v - mean[None, :], scale[None, :], shift[None, :])
+            z = _affined(v, mean, scale, shift)
             v = tl.where(m, z.to(dtype).to(tl.float32), 0.0)
         return v
 
