@@ -114,14 +114,23 @@ if triton is not None:
         return dy * xv.to(tl.float32)
 
     @triton.jit
-    def _slot_grad(SLOTS, h, w, pmask, c, cmask, ky: tl.constexpr, kx: tl.constexpr, H, W, C):
+    def _slot_grad(SLOTS, h, w, q, pmask, c, cmask, ky: tl.constexpr, kx: tl.constexpr, H, W, SW, C):
         """The conv output's gradient at (h + 1 - ky, w + 1 - kx), which read the input at
-        (h, w) through tap (ky, kx), from its row's slot; zero outside the image."""
+        (h, w) through tap (ky, kx), from its row's slot (SW positions wide, (h, w) at slot
+        column q); zero outside the image."""
         hh = h + 1 - ky
         ww = w + 1 - kx
         ok = pmask & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
-        at = SLOTS + ((hh + 3) % 3) * W * C + ww[:, None] * C + c[None, :]
+        at = SLOTS + ((hh + 3) % 3) * SW * C + (q + 1 - kx)[:, None] * C + c[None, :]
         return tl.load(at, mask=ok[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+
+    @triton.jit
+    def _lane(q, n, W, IMGS: tl.constexpr):
+        """Column and image of lane q of a backward unit's row (images n, n + 1, ... side by side)."""
+        if IMGS == 1:
+            return q, n
+        else:
+            return q % W, n + q // W
 
     @triton.jit
     def _add_row(row, start, acc, c, cmask, stride: tl.constexpr, first):
@@ -130,7 +139,8 @@ if triton is not None:
         tl.store(at, tl.load(at, mask=cmask & (first == 0), other=0.0) + tl.sum(acc, 0), mask=cmask)
 
     # The backward runs on a fixed grid of PROGRAMS programs (``_triton.reduction_programs``),
-    # each looping over units u = pid, pid + PROGRAMS, ...: a band of BAND rows of one image.
+    # each looping over units u = pid, pid + PROGRAMS, ...: a band of BAND rows of one image
+    # (of IMGS images side by side, under the interpreter, which pays per operation).
     # A unit walks its rows top to bottom, one row of the conv output's gradient ahead: it
     # computes the gradient of row r + 1 (all channels: the LayerNorm's backward needs whole
     # rows) into one of three row slots of its own (3 W C values: they stay in cache), then
@@ -141,7 +151,7 @@ if triton is not None:
     @_triton.kernel(do_not_specialize=["PROGRAMS", "BAND"])
     def _bwd_kernel(X, CW, CB, LW, LB, GRAD, MEAN, RSTD, DS, DX, OUT, SLOTS, PART, N, H, W, C, BAND, PROGRAMS,
                     HAS_DS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
-                    REBUILD: tl.constexpr = False, PAD: tl.constexpr = 0):
+                    REBUILD: tl.constexpr = False, PAD: tl.constexpr = 0, IMGS: tl.constexpr = 1):
         """x's gradient (plus DS: the gradient x gets from elsewhere, summed here rather than
         by a separate pass), and per program the partial tap, conv bias and LayerNorm
         weight/bias gradients, in its row of 12 C of PART. With REBUILD the
@@ -150,7 +160,8 @@ if triton is not None:
         pid = tl.program_id(0)
         c = tl.arange(0, BLOCK_C)
         cmask = c < C
-        slots = SLOTS + pid.to(tl.int64) * (3 * W * C)
+        SW = IMGS * W  # a slot row's positions
+        slots = SLOTS + pid.to(tl.int64) * (3 * SW * C)
         part = PART + pid.to(tl.int64) * (12 * C)
         # the taps' and conv bias's partials: zeroed here, then added to after a barrier, or (at
         # 1024 channels without REBUILD) stored by the program's first row: whichever of the two
@@ -164,17 +175,23 @@ if triton is not None:
         acc_gx = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
         acc_g = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
         bands = tl.cdiv(H, BAND)
-        for u in range(pid, N * bands, PROGRAMS):
-            n = u // bands
+        for u in range(pid, tl.cdiv(N, IMGS) * bands, PROGRAMS):
+            n = u // bands * IMGS
+            # a row's positions: lane q is column q % W of image n + q // W
+            if IMGS == 1:
+                span = W
+            else:
+                span = tl.minimum(N - n, IMGS) * W
             r0 = (u % bands) * BAND
             r1 = tl.minimum(r0 + BAND, H)
             for hr in range(r0 - 1, r1 + 1):
                 if (hr >= 0) & (hr < H):  # the conv output's gradient, row hr (a halo row: some other unit's)
                     owned = (hr >= r0) & (hr < r1)
-                    for w0 in range(0, W, BLOCK_P):
-                        w = w0 + tl.arange(0, BLOCK_P)
-                        pmask = w < W
-                        pos = ((n * H + hr) * W + w).to(tl.int64)  # int32 (positions < 2**31), then widened
+                    for w0 in range(0, span, BLOCK_P):
+                        q = w0 + tl.arange(0, BLOCK_P)
+                        w, img = _lane(q, n, W, IMGS)
+                        pmask = q < span
+                        pos = ((img * H + hr) * W + w).to(tl.int64)  # int32 (positions < 2**31), then widened
                         m2 = pmask[:, None] & cmask[None, :]
                         y = _conv_tile(X, CW, CB, pos, hr, w, pmask, c, H, W, C, BLOCK_P, BLOCK_C)
                         mean = tl.load(MEAN + pos, mask=pmask, other=0.0)
@@ -188,7 +205,7 @@ if triton is not None:
                         b = tl.sum(gw * xhat, 1) / C
                         dy = tl.where(m2, rstd[:, None] * (gw - a[:, None] - xhat * b[:, None]), 0.0)
                         # in the slot's dtype (the incoming gradient's: bf16 under autocast, as eager's)
-                        tl.store(slots + (hr % 3) * W * C + w[:, None] * C + c[None, :],
+                        tl.store(slots + (hr % 3) * SW * C + q[:, None] * C + c[None, :],
                                  dy.to(SLOTS.dtype.element_ty), mask=m2)
                         if owned:
                             acc_gx += g * xhat
@@ -203,28 +220,30 @@ if triton is not None:
                 h = hr - 1
                 if h >= r0:  # x's gradient and the tap gradients, row h
                     first = (u == pid) & (h == r0) & (not ZEROED)  # the program's first row
-                    for w0 in range(0, W, BLOCK_P):
-                        w = w0 + tl.arange(0, BLOCK_P)
-                        pmask = w < W
+                    for w0 in range(0, span, BLOCK_P):
+                        q = w0 + tl.arange(0, BLOCK_P)
+                        w, img = _lane(q, n, W, IMGS)
+                        pmask = q < span
                         m2 = pmask[:, None] & cmask[None, :]
-                        here = ((n * H + h) * W + w).to(tl.int64)[:, None] * C + c[None, :]
+                        here = ((img * H + h) * W + w).to(tl.int64)[:, None] * C + c[None, :]
                         dx = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
                         if HAS_DS:
                             dx += tl.load(DS + here, mask=m2, other=0.0).to(tl.float32)
                         for ky in tl.static_range(3):
                             for kx in tl.static_range(3):
                                 tap = tl.load(CW + c * 9 + ky * 3 + kx, mask=cmask, other=0.0).to(tl.float32)
-                                dx += _slot_grad(slots, h, w, pmask, c, cmask, ky, kx, H, W, C) * tap[None, :]
+                                dx += _slot_grad(slots, h, w, q, pmask, c, cmask, ky, kx, H, W, SW, C) * tap[None, :]
                         tl.store(DX + here, dx.to(DX.dtype.element_ty), mask=m2)
                     # a second walk over the row for the tap gradients: fewer values live at once
                     zero = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
                     g00, g01, g02, g10, g11, g12, g20, g21, g22 = zero, zero, zero, zero, zero, zero, zero, zero, zero
                     gb = zero
-                    for w0 in range(0, W, BLOCK_P):
-                        w = w0 + tl.arange(0, BLOCK_P)
-                        pmask = w < W
-                        here = ((n * H + h) * W + w).to(tl.int64)[:, None] * C + c[None, :]
-                        dy = _slot_grad(slots, h, w, pmask, c, cmask, 1, 1, H, W, C)
+                    for w0 in range(0, span, BLOCK_P):
+                        q = w0 + tl.arange(0, BLOCK_P)
+                        w, img = _lane(q, n, W, IMGS)
+                        pmask = q < span
+                        here = ((img * H + h) * W + w).to(tl.int64)[:, None] * C + c[None, :]
+                        dy = _slot_grad(slots, h, w, q, pmask, c, cmask, 1, 1, H, W, SW, C)
                         gb += dy
                         g00 += _tap_grad(X, here, dy, h, w, pmask, cmask, 0, 0, H, W, C)
                         g01 += _tap_grad(X, here, dy, h, w, pmask, cmask, 0, 1, H, W, C)
@@ -298,9 +317,9 @@ def _launch_config(x, name: str) -> dict:
     """The tile of launch ``name`` ("forward" or "backward") over x, whole rows of C channels a
     program: the default, or the launch table's for this device and shape."""
     n, h, w, c = x.shape
+    if _triton.wide():  # the backward's units: all images side by side (see _bwd_op)
+        return backward_tile(n * w, c) if name == "backward" else _launch_tile(n * h * w, c)
     tile = backward_tile(w, c) if name == "backward" else _launch_tile(n * h * w, c)
-    if _triton.wide():
-        return tile
 
     def problem(config):
         if config["BLOCK_C"] != tile["BLOCK_C"]:
@@ -361,8 +380,10 @@ def _bwd_op(
     # where the compiled kernel's registers are not known (modelling a GPU on a CPU): the most
     # the tiles take under triton 3.6 and 3.8 (check_triton_compile.py)
     resident = dict(kernel=_bwd_kernel, launch=tile, args=args, regs=BACKWARD_REGS)
-    if _triton.wide():  # whole images, a program each (the interpreter pays per operation, not per program)
-        band, progs = h, n
+    imgs = 1
+    if _triton.wide():  # one program, all images side by side (the interpreter pays per operation)
+        band, progs, imgs = h, 1, n
+        tile["IMGS"] = n
     else:
         # as many programs as the SMs hold, but no more than keep their slots within SLOT_BYTES,
         # which stay in the GPU's L2 cache beside the streams read and written
@@ -372,7 +393,7 @@ def _bwd_op(
         progs = min(n * triton.cdiv(h, band), most)
     # each program's three rows of the conv output's gradient, in the incoming gradient's dtype
     # (bf16 under autocast, as eager's)
-    slots = torch.empty(progs, 3, w, c, device=x.device, dtype=grad.dtype)
+    slots = torch.empty(progs, 3, imgs * w, c, device=x.device, dtype=grad.dtype)
     part = torch.empty(progs, 12 * c, device=x.device, dtype=torch.float32)
     dx = torch.empty_like(x)
     _triton.wrap_triton(_bwd_kernel)[_triton.grid(progs)](
