@@ -21,6 +21,11 @@ Only h is kept for backward, which the GELU's backward keeps in eager anyway. Ea
 reads h once per tile of the other operand's columns; the column tiles of one row tile run
 side by side, so the repeated reads come from L2.
 
+Where the launch table says so for a shape class (``gelu_linear.route``, ``gemm``: 2), the op
+computes as eager does instead: a GELU pass, then torch's GEMMs (cuBLAS on a GPU). Wide outputs
+take the GELU once per column tile here, and the GEMM library may outrun these kernels by more
+than the pass they save; the sweep (``scripts/sweep_configs.py``) times both on the GPU.
+
 Layers: reference, kernels, launchers, registered ops, autograd, functional entry point.
 Its user is the fused IRMLP (``hifuse.fused.fusion_block``).
 """
@@ -199,6 +204,23 @@ def _launch(name: str, m: int, n: int, k: int, dtype: torch.dtype, default: dict
                                   check)
 
 
+# How the op computes (``route``): the Triton kernels, or a GELU pass and the GEMM library's
+TRITON, LIBRARY = 1, 2
+
+
+def _route_problem(config: dict) -> str | None:
+    if config["gemm"] not in (TRITON, LIBRARY):
+        return f"gemm={config['gemm']} must be {TRITON} (Triton kernels) or {LIBRARY} (a GELU pass, then torch's GEMMs)"
+    return None
+
+
+def route(n: int, k: int, dtype: torch.dtype, device: torch.device) -> int:
+    """``TRITON`` or ``LIBRARY`` for (N, K) in ``dtype`` on ``device``: the launch table's
+    choice, Triton by default."""
+    return _configs.launch_config("gelu_linear.route", f"{_configs.dtype_name(dtype)}/n{n}/k{k}", dict(gemm=TRITON),
+                                  device, _route_problem)["gemm"]
+
+
 def fwd_launch(m: int, n: int, dtype: torch.dtype, k: int = 0, device: torch.device | None = None) -> dict:
     low = dtype != torch.float32
     block_n = min(128 if low else 64, _width(n))
@@ -279,6 +301,8 @@ def tile_traffic(kernel: str, args: dict) -> int:
 def _fwd_op(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     m, k = h.shape
     n = weight.shape[0]
+    if route(n, k, h.dtype, h.device) == LIBRARY:  # as eager under autocast: the weight and bias in h's dtype
+        return F.linear(F.gelu(h), weight.to(h.dtype), None if bias is None else bias.to(h.dtype))
     out = torch.empty((m, n), device=h.device, dtype=h.dtype)
     launch = fwd_launch(m, n, h.dtype, k, h.device)
     grid = _triton.grid(triton.cdiv(n, launch["BLOCK_N"]) * triton.cdiv(m, launch["BLOCK_M"]))
@@ -295,8 +319,11 @@ def _bwd_op(grad: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, with_bias
     """(dh in h's dtype, dweight in weight's, dbias in weight's: empty without ``with_bias``)."""
     m, k = h.shape
     n = weight.shape[0]
-    dh = torch.empty_like(h)
     db = grad.sum(0, dtype=weight.dtype) if with_bias else weight.new_empty((0,))
+    if route(n, k, h.dtype, h.device) == LIBRARY:  # eager's backward: its GEMMs in h's dtype
+        dh = torch.ops.aten.gelu_backward(grad @ weight.to(h.dtype), h)
+        return dh, (grad.t() @ F.gelu(h)).to(weight.dtype), db
+    dh = torch.empty_like(h)
     if fused_backward(n, h.dtype):
         launch = bwd_launch(m, n, h.dtype, k, h.device)
         flags = {**_precision(h), **launch}

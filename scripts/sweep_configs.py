@@ -2,7 +2,8 @@
 
 For every launch that reads the table (``hifuse_kernels._configs``) at the shapes of a
 HiFuse-Tiny training step (bf16 autocast, batch 128, 224 x 224 by default), this enumerates
-candidate configurations (tiles, warps, stages), compiles them in parallel over the
+candidate configurations (tiles, warps, stages; for ``gelu_linear``, also whether its Triton
+kernels or a GELU pass and torch's GEMMs compute it), compiles them in parallel over the
 machine's cores, times each with CUDA events (median of a few), checks that each gives the
 default's results (within float tolerance where it reduces in another order), and writes the
 winners into the table for this device (name, compute capability, SM count). A candidate
@@ -72,11 +73,17 @@ SPACES = {
                                  num_stages=(2, 3, 4)),
     "gelu_linear.weight": dict(BLOCK_M=(32, 64, 128), BLOCK_N=(32, 64, 128), BLOCK_K=(32, 64, 128), num_warps=(4, 8),
                                num_stages=(2, 3)),
+    # how gelu_linear computes: 1, its Triton kernels; 2, a GELU pass and torch's GEMMs (cuBLAS)
+    "gelu_linear.route": dict(gemm=(1, 2)),
     "dwconv_layer_norm.forward": dict(BLOCK_P=(1, 2, 4, 8, 16), num_warps=(4, 8, 16)),
     "dwconv_layer_norm.backward": dict(BLOCK_P=(1, 2, 4, 8), num_warps=(4, 8, 16), band=(1, 2, 4, 7, 14, 28)),
 }
 # Candidate keys that are not tiles: the smoke run picks its second candidate by tile size.
-NOT_TILES = {"num_warps", "num_stages", "programs", "chunks", "band"}
+NOT_TILES = {"num_warps", "num_stages", "programs", "chunks", "band", "gemm"}
+# Choices of how an op computes rather than how a kernel launches: timed after the op's
+# launches, with their winners for the same shape class; where another way than the default
+# wins, those winners are not written (no launch reads them).
+ROUTES = {"gelu_linear.route"}
 
 
 # --------------------------------------------------------------------------- the shapes
@@ -471,18 +478,22 @@ def main(argv=None) -> int:
         entries: dict[str, dict] = {}
         results: dict[str, dict] = {}
         skipped = 0
-        for (kernel, shape_class), p in problems.items():
+        for (kernel, shape_class), p in sorted(problems.items(), key=lambda item: item[0][0] in ROUTES):
             ranks = sorted(compiled.get((kernel, shape_class), ()))
             if 0 not in ranks or time.monotonic() > deadline(1.0):
                 skipped += 1
                 continue
             calls = [setups[ci][k] for ci, k in p["calls"]]
+            op = kernel.split(".")[0]
+            tuned = {} if kernel not in ROUTES else {
+                k: classes[shape_class] for k, classes in entries.items()
+                if k.split(".")[0] == op and k not in ROUTES and classes.get(shape_class)}
             timed, reference = [], None
             for rank in ranks:
                 if rank and time.monotonic() > deadline(1.0):
                     break
                 entry = p["candidates"][rank]
-                with _configs.forced({kernel: entry}):
+                with _configs.forced({**tuned, kernel: entry}):
                     outputs, ms = run_and_time(calls, args.reps, args.inner, cuda)
                 problem = None if reference is None else mismatch(outputs, reference)
                 if problem is not None:
@@ -496,6 +507,9 @@ def main(argv=None) -> int:
             entry = p["candidates"][best] if won else {}
             # None takes an entry an earlier sweep wrote off the table
             entries.setdefault(kernel, {})[shape_class] = entry if won else None
+            if kernel in ROUTES and won:
+                for k in tuned:
+                    entries[k][shape_class] = None
             results.setdefault(kernel, {})[shape_class] = dict(default_ms=round(base, 4), best_ms=round(best_ms, 4),
                                                                timed=len(timed))
             print(f"{kernel:28s} {shape_class:22s} default {base:8.3f} ms ({p['default']})  "

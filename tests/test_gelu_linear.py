@@ -112,6 +112,34 @@ def test_low_precision(dtype, n):
         assert err(a, r) <= 2 * err(e, r) + 1e-6, name
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n", [96, 300])
+def test_library_route(dtype, n):
+    """Where the launch table routes a shape to a GELU pass and torch's GEMMs, the op computes
+    as eager under autocast does (float32: as eager), and launches no kernel of its own."""
+    from hifuse_kernels import _configs, _triton
+
+    h, w, b = _inputs(37, 64, n, dtype=dtype)
+    grad = torch.randn(37, n, device=DEVICE).to(dtype)
+    with torch.autocast(DEVICE, dtype=dtype, enabled=dtype != torch.float32):
+        eager = gelu_linear_ref(h, w, b)
+    want = torch.autograd.grad(eager, (h, w, b), grad)
+    launched = []
+    wrap = _triton.wrap_triton
+    with _configs.forced({"gelu_linear.route": {"gemm": 2}}), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(_triton, "wrap_triton", lambda kernel: launched.append(kernel) or wrap(kernel))
+        out = gelu_linear(h, w, b)
+        got = torch.autograd.grad(out, (h, w, b), grad)
+    assert not launched
+    assert out.dtype == dtype and torch.equal(out, eager)
+    # the gradients within the GEMM dtype's rounding: the bias's is summed in float32 here, by
+    # eager in the GEMM's dtype, and eager's GEMMs may take their operands in another layout
+    for name, a, e in zip(("h", "weight", "bias"), got, want):
+        assert a.dtype == e.dtype, name
+        torch.testing.assert_close(a, e, rtol=1.6e-2 if dtype != torch.float32 else 1e-5, atol=1e-2 if name == "bias"
+                                   else 1e-5, msg=lambda m, name=name: f"{name}: {m}")
+
+
 def _walked_traffic(kernel: str, m: int, n: int, k: int, tiles: dict, splits: int, size: dict) -> int:
     """What the programs of one launch load and store, walked program by program and loop
     step by step as the kernel runs (masked elements not counted): ``tile_traffic``'s hand count."""
