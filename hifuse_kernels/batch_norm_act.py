@@ -55,6 +55,12 @@ POOL_BLOCK_M = 16
 BWD_BLOCK_M = 32
 COMBINE_WARPS = 2  # one channel block of the programs' partials per program
 GATED_BLOCK_C = 32  # channels per program where the residual is computed on load (``_launch``)
+# and bytes of y a thread loads at once there (four bf16 elements, two fp32): one element a
+# thread (16 warps on 16 x 32 tiles) loaded each operand in 2- and 4-byte scalars, two
+# programs of the reductions an SM; four load them in 8- and 16-byte vectors, 5 to 16 programs
+# an SM (registers under triton 3.8 and 3.6 up to 116; four fp32 elements spilled in the
+# statistics pass under 3.6)
+GATED_LOAD_BYTES = 8
 
 __all__ = ["apply_args", "batch_norm_act", "batch_norm_act_ref", "result_dtype", "unsupported_reason"]
 
@@ -450,27 +456,45 @@ def _launch(name: str, rows: int, y: torch.Tensor, residual: torch.Tensor | None
     """BLOCK_M, BLOCK_C and num_warps of launch ``name`` over ``rows`` rows: the GPU's tile of
     ``block_m`` rows (``device_tile``), or the launch table's for this device and shape, or a
     wide one. ``gated``: the GATED arguments, whose parts of CP channels each tile's channels
-    lie in: the channel block halved until it divides CP, and to at most GATED_BLOCK_C on a GPU,
-    where the statistics pass also takes a quarter of its rows and the backward half (computing
-    r on load takes registers: 64 x 64 tiles spilled in the statistics pass, and under triton
-    3.6 32 x 32 ones too, as did 32 x 32 in the backward's rebuilding pass; 16 x 32 tiles keep
-    two programs an SM or more)."""
+    lie in: a table entry's channel block must divide CP; the default's is halved until it
+    does, and to at most GATED_BLOCK_C on a GPU, where the statistics pass also takes a quarter
+    of its rows and the backward half (computing r on load takes registers: 64 x 64 tiles
+    spilled in the statistics pass, and under triton 3.6 32 x 32 ones too, as did 32 x 32 in
+    the backward's rebuilding pass), and as many warps as give each thread GATED_LOAD_BYTES of y
+    (``gated_tile``)."""
     c = y.shape[1]
     if _triton.wide():
         block_c = _triton.block_channels(c)
         launch = dict(BLOCK_M=min(_triton.next_power_of_2(rows), _triton.wide_rows(block_c)), BLOCK_C=block_c,
                       num_warps=WARPS)
-    else:
-        default = dict(**device_tile(block_m, c), num_warps=WARPS)
-        launch = _configs.launch_config(f"batch_norm_act.{name}", _shape_class(y, residual, pool, gated), default,
-                                        y.device, _tile_problem)
-    if gated:
-        wide = _triton.wide()
-        while gated["CP"] % launch["BLOCK_C"] or (not wide and launch["BLOCK_C"] > GATED_BLOCK_C):
-            launch = dict(launch, BLOCK_C=launch["BLOCK_C"] // 2)
-        if name in ("stats", "backward") and not wide:
-            launch = dict(launch, BLOCK_M=max(1, launch["BLOCK_M"] // (4 if name == "stats" else 2)))
-    return launch
+        if gated:
+            while gated["CP"] % launch["BLOCK_C"]:
+                launch = dict(launch, BLOCK_C=launch["BLOCK_C"] // 2)
+        return launch
+    default = dict(**device_tile(block_m, c), num_warps=WARPS)
+    kernel, shape_class = f"batch_norm_act.{name}", _shape_class(y, residual, pool, gated)
+    if not gated:
+        return _configs.launch_config(kernel, shape_class, default, y.device, _tile_problem)
+    cp = gated["CP"]
+
+    def problem(config):
+        if cp % config["BLOCK_C"]:
+            return f"BLOCK_C={config['BLOCK_C']} must divide the {cp} channels of each part of the residual"
+        return _tile_problem(config)
+
+    return _configs.launch_config(kernel, shape_class, gated_tile(name, default, cp, y.element_size()), y.device,
+                                  problem)
+
+
+def gated_tile(name: str, tile: dict, cp: int, itemsize: int) -> dict:
+    """The GPU's default tile of launch ``name`` where r is computed on load from parts of
+    ``cp`` channels, from the ungated ``tile``, for y of ``itemsize`` bytes an element (``_launch``)."""
+    block_c = tile["BLOCK_C"]
+    while cp % block_c or block_c > GATED_BLOCK_C:
+        block_c //= 2
+    block_m = max(1, tile["BLOCK_M"] // {"stats": 4, "backward": 2}.get(name, 1))
+    return dict(BLOCK_M=block_m, BLOCK_C=block_c,
+                num_warps=max(1, min(WARPS, block_m * block_c * itemsize // (32 * GATED_LOAD_BYTES))))
 
 
 def _grid(rows: int, c: int, launch: dict) -> tuple[int, int]:

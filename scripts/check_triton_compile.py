@@ -170,10 +170,10 @@ def cases(dtype: str):
     ungated = {"GATED": False, "X_BN": False, "X_ACT": 0}
     for src in ("dt", f32):  # the IRMLP's bn1 with norm3's result computed on load (g and l fp32 at stage 1)
         tiles = {}
-        # as bna._launch takes them: 32 channels, and a quarter of the rows in the statistics pass,
-        # half in backward
-        for name, block_m in (("stats", bna.BLOCK_M // 4), ("apply", bna.BLOCK_M), ("bwd", bna.BWD_BLOCK_M // 2)):
-            tiles[name] = {"BLOCK_M": block_m, "BLOCK_C": bna.GATED_BLOCK_C, "WARPS": bna.WARPS}
+        # as bna._launch takes them, at the first block's 96 channels a part
+        for name, block_m in (("stats", bna.BLOCK_M), ("apply", bna.BLOCK_M), ("backward", bna.BWD_BLOCK_M)):
+            tile = bna.gated_tile(name, bna.device_tile(block_m, 3 * 96), 96, 4 if dtype == "fp32" else 2)
+            tiles[name] = {"BLOCK_M": tile["BLOCK_M"], "BLOCK_C": tile["BLOCK_C"], "WARPS": tile["num_warps"]}
         gate = {"GATED": True, "X_BN": True, "X_ACT": 2, "PROLOGUE": False}
         io = dict(Y="dt", R="dt", G=src, CG=f32, L=src, SG="dt", X="dt", XM=f32, XI=f32, XW=f32, XB=f32, LM=f32,
                   LR=f32, LW=f32, LB=f32, RD=f32)
@@ -181,7 +181,7 @@ def cases(dtype: str):
             {**tiles["stats"], **gate}
         yield bna._apply_kernel, dict(**io, MEAN=f32, INVSTD=f32, W=f32, B=f32, OUT="dt", SC="dt"), \
             {**tiles["apply"], **gate, "ACT": 0, "SHORTCUT": False}
-        bwd = {**tiles["bwd"], **gate, "ACT": 0, "POOL": False, "GRAD2": False}
+        bwd = {**tiles["backward"], **gate, "ACT": 0, "POOL": False, "GRAD2": False}
         for rebuild in (False, True):
             yield bna._bwd_reduce_kernel, dict(GR="dt", **io, MEAN=f32, INVSTD=f32, W=f32, B=f32,
                                                SUM_DZ_PART="fp64", SUM_DZXH_PART="fp64", OUT="dt", G2="dt"), \

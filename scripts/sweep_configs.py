@@ -45,6 +45,7 @@ import triton  # noqa: E402
 
 import hifuse  # noqa: E402
 from hifuse_kernels import _configs, _triton  # noqa: E402
+from hifuse_kernels import batch_norm_act as bna  # noqa: E402
 from hifuse_kernels import window_attention as wa  # noqa: E402
 
 # Candidate values of each tunable, per launch; num_stages only where a kernel loops.
@@ -148,6 +149,32 @@ def cases(args, device: torch.device) -> list[tuple[str, callable]]:
             return [stats, apply, backward]
         return setup
 
+    def batch_norm_gated(st):
+        # the IRMLP's bn1 in the fused model: gelu(y) + r over 3C channels, r norm3's result
+        # computed on load from its sources (g and l float32 at the first block, as the model
+        # hands them; x the W/W3 GEMM's output with its BatchNorm applied on load)
+        def setup():
+            n, s, cp = b, st["r"] ** 2, st["c"]
+            src = f32 if st["first"] else act
+            parts = [randn(n, s, cp, dtype=src), randn(n, cp).sigmoid(), randn(n, s, cp, dtype=src),
+                     randn(n, s).sigmoid().to(act), randn(n, s, cp, dtype=act), randn(n, s, scale=0.1),
+                     randn(n, s, scale=0.1).abs() + 1, randn(3 * cp, scale=0.1) + 1, randn(3 * cp, scale=0.1),
+                     randn(cp, scale=0.1), randn(cp, scale=0.1).abs() + 1, randn(cp, scale=0.1) + 1,
+                     randn(cp, scale=0.1)]
+            sources = (*parts, bna.ACTIVATIONS["gelu"], f32)
+            y = randn(n * s, 3 * cp, dtype=act)
+            w, bias = randn(3 * cp, scale=0.1) + 1, randn(3 * cp, scale=0.1)
+            stats = lambda: torch.ops.hifuse.batch_norm_stats_gated(  # noqa: E731
+                y, *sources, 1e-5, None, None, None, 0.0)
+            mean, invstd, _var = stats()
+            apply = lambda: torch.ops.hifuse.batch_norm_act_gated(  # noqa: E731
+                y, *sources, mean, invstd, w, bias, 0, act)
+            grad = torch.randn_like(apply())
+            backward = lambda: torch.ops.hifuse.batch_norm_act_gated_backward(  # noqa: E731
+                grad, y, *sources, mean, invstd, w, bias, 0, act)
+            return [stats, apply, backward]
+        return setup
+
     def elementwise(st):
         y, s = randn(b, st["r"], st["r"], st["c"], dtype=act), randn(b, st["r"], st["r"], st["c"])
         grad = randn(b, st["r"], st["r"], st["c"], dtype=torch.promote_types(act, f32))
@@ -192,6 +219,7 @@ def cases(args, device: torch.device) -> list[tuple[str, callable]]:
         # and from the second block on Updim's (pooled, at twice the resolution)
         out.append((f"BatchNorm {c}, stage {i + 1}", batch_norm(rows, c, act_code=2)))
         out.append((f"BatchNorm {3 * c} + residual, stage {i + 1}", batch_norm(rows, 3 * c, residual=True)))
+        out.append((f"BatchNorm {3 * c} + residual computed on load, stage {i + 1}", batch_norm_gated(st)))
         out.append((f"BatchNorm 1, stage {i + 1}", batch_norm(rows, 1)))
         if not st["first"]:
             out.append((f"BatchNorm {c} pooled, stage {i + 1}",

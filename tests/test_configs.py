@@ -340,6 +340,33 @@ def _run_ops(c: int = 192, hw: int = 4, batch: int = 1) -> None:
         inputs = (x,) if r is None else (x, r)
         check(bna.batch_norm_act(x, fused, act, r, pool), bna.batch_norm_act_ref(x, eager, act, r, pool), inputs)
         torch.testing.assert_close(fused.running_var, eager.running_var)
+    _run_gated_batch_norm(gen, c, batch, hw * hw)
+
+
+def _run_gated_batch_norm(gen, c: int, n: int, s: int) -> None:
+    """The IRMLP's bn1 with its residual r computed on load from norm3's sources (parts of c
+    channels; the sweep's smoke case), against the plain ops given r."""
+    def plain(*shape, positive=False):
+        t = torch.randn(*shape, generator=gen)
+        return (t.abs() + 0.5 if positive else t).to(DEVICE)
+
+    g, l, xy = plain(n, s, c), plain(n, s, c), plain(n, s, c)
+    cg, sg, lw, lb = plain(n, c, positive=True), plain(n, s, positive=True), plain(3 * c), plain(3 * c)
+    x_bn = [plain(c), plain(c, positive=True), plain(c), plain(c)]
+    gelu = bna.ACTIVATIONS["gelu"]
+    r, mu, rstd, _ = torch.ops.hifuse.gated_layer_norm_bn(g, cg, l, sg, xy, *x_bn, gelu, lw, lb, 1e-6)
+    src = bna.gated_sources([g, cg, l, sg, xy, mu, rstd, lw, lb, *x_bn], gelu, r.dtype)
+    r, y, grad = r.view(n * s, 3 * c), plain(n * s, 3 * c), plain(n * s, 3 * c)
+    close = dict(rtol=1e-4, atol=1e-4)
+    want = torch.ops.hifuse.batch_norm_stats(y, r, 1e-5, None, None, None, 0.0)
+    torch.testing.assert_close(torch.ops.hifuse.batch_norm_stats_gated(y, *src, 1e-5, None, None, None, 0.0), want,
+                               **close)
+    params = (want[0], want[1], plain(3 * c, positive=True), plain(3 * c), 0)
+    torch.testing.assert_close(torch.ops.hifuse.batch_norm_act_gated(y, *src, *params, None),
+                               torch.ops.hifuse.batch_norm_act(y, r, *params, s, 1, False, None), **close)
+    dy, dr, dw, db, _, _ = torch.ops.hifuse.batch_norm_act_backward(grad, y, r, *params, s, 1, False, False)
+    torch.testing.assert_close(torch.ops.hifuse.batch_norm_act_gated_backward(grad, y, *src, *params)[:4],
+                               (dy, dr, dw, db), **close)
 
 
 def _assert_launched_with(launches: dict, kernels: dict) -> int:
@@ -371,7 +398,8 @@ def test_launchers_read_the_table(table):
         "batch_norm_act.stats": {"fp32/c192": {"BLOCK_M": 8, "BLOCK_C": 128, "num_warps": 4}},
         "batch_norm_act.apply": {"fp32/c576/res": {"BLOCK_M": 32, "BLOCK_C": 256}},
         "batch_norm_act.apply_pool": {"fp32/c192/pool": {"BLOCK_M": 4, "BLOCK_C": 32, "num_warps": 2}},
-        "batch_norm_act.backward": {"fp32/c1": {"BLOCK_M": 128, "BLOCK_C": 16, "num_warps": 4}},
+        "batch_norm_act.backward": {"fp32/c1": {"BLOCK_M": 128, "BLOCK_C": 16, "num_warps": 4},
+                                    "fp32/c576/gated": {"BLOCK_M": 8, "BLOCK_C": 64, "num_warps": 2}},
         "gelu_residual.forward": {"fp32/fp32": {"BLOCK": 64, "num_warps": 2}},
         "gelu_residual.backward": {"fp32/fp32": {"BLOCK": 32}},
         "channel_pool.forward": {"fp32/c192/s16": {"BLOCK_S": 4, "BLOCK_C": 32, "chunks": 3}},
@@ -385,7 +413,7 @@ def test_launchers_read_the_table(table):
     with _device_tiles(), recorded_launches() as launches, warnings.catch_warnings():
         warnings.simplefilter("error", _configs.ConfigWarning)
         _run_ops()
-    assert _assert_launched_with(launches, kernels) == len(kernels)
+    assert _assert_launched_with(launches, kernels) == sum(len(v) for v in kernels.values())
     # one backward program per head: it loops over every window
     assert all(kw["BK"] == 32 for kw in launches["window_attention._bwd_kernel"])
 
@@ -399,12 +427,13 @@ def test_launchers_ignore_entries_they_would_run_wrongly(table):
         "gelu_residual.forward": {"fp32/fp32": {"BLOCK": 4, "tile": 2}},
         "dwconv_layer_norm.backward": {"fp32/c192": {"band": -1}},
         "gelu_linear.route": {"fp32/n192/k384": {"gemm": 3}},
+        "batch_norm_act.stats": {"fp32/c576/gated": {"BLOCK_C": 128}},  # 128 does not divide 192
     })
     with _device_tiles(), recorded_launches() as launches, pytest.warns(_configs.ConfigWarning) as caught:
         _run_ops()
     messages = " ".join(str(w.message) for w in caught)
     for problem in ("BM=8 must be a power of two in [16, 64]", "BLOCK_P=3", "BLOCK_C=48", "unknown keys ['tile']",
-                    "band=-1 must be a positive integer", "gemm=3 must be 1"):
+                    "band=-1 must be a positive integer", "gemm=3 must be 1", "BLOCK_C=128 must divide the 192"):
         assert problem in messages
     assert {kw["BM"] for kw in launches["window_attention._fwd_kernel"]} == {wa.FWD_ROWS}
     assert "gelu_linear._fwd_kernel" in launches
