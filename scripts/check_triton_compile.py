@@ -13,7 +13,9 @@ every fresh tensor's is), which lets loads and stores be vectorised, and sizes n
 specialised (any shape). What a launch of given sizes compiles differs again: the JIT also
 specialises an int on divisibility by 16 (and on being 1). ``--launches FILE`` compiles
 exactly the variants of the launches recorded there, e.g. those of a HiFuse-Tiny training
-step (``step_ledger.py --launches``), and reports how many programs of each an SM holds:
+step (``step_ledger.py --launches``), and reports how many programs of each an SM holds and
+how wide its global loads are (``load_widths``: a memory-bound kernel whose threads load one
+2-byte element at a time keeps too few bytes in flight to reach the memory's bandwidth):
 
     TRITON_INTERPRET=1 python scripts/step_ledger.py --fused fused --at 32 --launches steps.json
     python scripts/check_triton_compile.py --launches steps.json
@@ -342,6 +344,19 @@ def resources(ptx: str, arch: int) -> dict[str, int]:
     return {k: int(m.group(1)) if m else 0 for k, m in found.items()}
 
 
+_ACCESS = re.compile(r"\bld\.global(?:\.[A-Za-z0-9_:]+)*?(?:\.v(\d))?\.[bfsu](8|16|32|64)\b")
+
+
+def load_widths(ptx: str) -> dict[int, int]:
+    """{bytes a thread loads: global load instructions} in the kernel's PTX (each instruction
+    once, however often it runs)."""
+    widths: dict[int, int] = {}
+    for vec, bits in _ACCESS.findall(ptx):
+        size = int(vec or 1) * int(bits) // 8
+        widths[size] = widths.get(size, 0) + 1
+    return dict(sorted(widths.items()))
+
+
 ALIGNED = [["tt.divisibility", 16]]  # the attribute Triton's JIT gives an aligned pointer or an int % 16 == 0
 
 
@@ -467,8 +482,10 @@ def compile_recorded(job: tuple[int, str, int]) -> tuple[bool, str]:
     warps = compiled.metadata.num_warps
     programs = _triton.programs_per_sm(use["regs"], compiled.metadata.shared, warps)
     problems = usage_problems(v["name"].split(".")[0], use)
+    widths = " ".join(f"{size}:{count}" for size, count in load_widths(compiled.asm["ptx"]).items())
     usage = (f"{use['regs']:3d} regs, {use['spill_stores']}/{use['spill_loads']} B spilled, "
-             f"{compiled.metadata.shared:6d} B shared, {warps:2d} warps, {programs:2d} programs/SM")
+             f"{compiled.metadata.shared:6d} B shared, {warps:2d} warps, {programs:2d} programs/SM, "
+             f"loads (B: count) {widths:22s}")
     return not problems, (f"{'FAIL' if problems else 'ok  '} {usage}  {v['launches']:4d} launches  {name}"
                           f"{': ' + '; '.join(problems) if problems else ''}")
 

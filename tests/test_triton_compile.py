@@ -90,8 +90,26 @@ def test_recorded_launches_compile_as_the_gpu_would_compile_them(tmp_path):
                             capture_output=True, text=True, env=env, timeout=900)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     lines = [line for line in result.stdout.splitlines() if line.startswith("ok ")]
-    assert lines and all("programs/SM" in line and "layer_norm_cat." in line for line in lines)
+    assert lines and all("programs/SM" in line and "loads (B: count) " in line and "layer_norm_cat." in line
+                         for line in lines)
     assert ", 0 failed" in result.stdout
+
+
+def test_load_widths_counts_global_loads_by_their_bytes_a_thread():
+    ptx = """
+        ld.global.v4.b32 { %r1, %r2, %r3, %r4 }, [ %rd1 + 0 ];
+        @%p1 ld.global.L1::evict_last.v2.b32 { %r5, %r6 }, [ %rd2 + 0 ];
+        ld.global.b16 { %rs1 }, [ %rd3 + 0 ];
+        ld.global.b16 { %rs2 }, [ %rd4 + 0 ];
+        ld.shared.v4.b32 { %r7, %r8, %r9, %r10 }, [ %r11 + 0 ];
+        st.global.v4.b32 [ %rd5 + 0 ], { %r1, %r2, %r3, %r4 };
+    """
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = f"import sys; sys.path.insert(0, {str(SCRIPT.parent)!r}); import check_triton_compile as c; " \
+           f"print(c.load_widths({ptx!r}))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "{2: 2, 8: 1, 16: 1}"
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
