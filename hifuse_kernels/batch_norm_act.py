@@ -57,9 +57,10 @@ COMBINE_WARPS = 2  # one channel block of the programs' partials per program
 GATED_BLOCK_C = 32  # channels per program where the residual is computed on load (``_launch``)
 # and bytes of y a thread loads at once there (four bf16 elements, two fp32): one element a
 # thread (16 warps on 16 x 32 tiles) loaded each operand in 2- and 4-byte scalars, two
-# programs of the reductions an SM; four load them in 8- and 16-byte vectors, 5 to 16 programs
-# an SM (registers under triton 3.8 and 3.6 up to 116; four fp32 elements spilled in the
-# statistics pass under 3.6)
+# programs of the reductions an SM; four load them in 8- and 16-byte vectors, and a bf16 step
+# holds 6, 7 and 12 programs an SM of the statistics, backward reduce and backward apply (80,
+# 72 and 40 registers under triton 3.8 and 3.6; four fp32 elements spilled in the statistics
+# pass under 3.6)
 GATED_LOAD_BYTES = 8
 
 __all__ = ["apply_args", "batch_norm_act", "batch_norm_act_ref", "result_dtype", "unsupported_reason"]
