@@ -154,7 +154,8 @@ def cases(dtype: str):
                 for has_ds in (False, True):  # with the stream's other gradient added in
                     yield dln._bwd_kernel, dict(X=x, CW=f32, CB=f32, LW=f32, LB=f32, GRAD="dt", MEAN=f32, RSTD=f32,
                                                 DS=x, DX=x, OUT="dt", SLOTS="dt", PART=f32), \
-                        {**tiles, "HAS_DS": has_ds, "REBUILD": rebuild, "PAD": dln.ONES_PAD if rebuild else 0}
+                        {**tiles, "HAS_DS": has_ds, "REBUILD": rebuild, "PAD": dln.ONES_PAD if rebuild else 0,
+                         "IMGS": 1}  # one image a unit on a GPU
     for n in (96, 192, 384, 768):  # the IRMLP's conv3 widths (K = 12 N), at triton's default num_stages (3)
         ce = {"PRECISION": prec, "UPCAST": False}
         gemm = lambda launch: {k: v for k, v in _as_warps(launch).items() if k != "num_stages"}  # noqa: E731
