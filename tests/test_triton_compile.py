@@ -142,5 +142,5 @@ print(sorted(names[i] for (i,) in v["attrs"]), v["constexprs"], v["signature"]["
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     aligned = sorted(["X", "CW", "CB", "LW", "LB", "GRAD", "MEAN", "RSTD", "DS", "DX", "OUT", "SLOTS", "N", "C"])
     # constexprs left out of a launch take the kernel's defaults; BAND, not specialised, is not 1 there
-    want = "{'W': 1, 'HAS_DS': False, 'BLOCK_P': 8, 'BLOCK_C': 128, 'REBUILD': False, 'PAD': 0}"
+    want = "{'W': 1, 'HAS_DS': False, 'BLOCK_P': 8, 'BLOCK_C': 128, 'REBUILD': False, 'PAD': 0, 'IMGS': 1}"
     assert result.stdout.strip() == f"{aligned} {want} i32 3"
