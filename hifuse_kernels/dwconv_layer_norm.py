@@ -300,6 +300,8 @@ def backward_tile(width: int, c: int) -> dict:
 
 BACKWARD_REGS = 128
 SLOT_BYTES = 16 << 20  # the backward programs' row slots at most, together (a third of an H100's L2)
+# slot elements of all images side by side (the interpreter's units) past which 32-bit offsets fail
+SIDE_BY_SIDE_LIMIT = 2**31
 
 
 def band_rows(n: int, h: int, programs: int) -> int:
@@ -381,9 +383,12 @@ def _bwd_op(
     # the tiles take under triton 3.6 and 3.8 (check_triton_compile.py)
     resident = dict(kernel=_bwd_kernel, launch=tile, args=args, regs=BACKWARD_REGS)
     imgs = 1
-    if _triton.wide():  # one program, all images side by side (the interpreter pays per operation)
-        band, progs, imgs = h, 1, n
-        tile["IMGS"] = n
+    if _triton.wide():
+        # whole images, all side by side in one program (the interpreter pays per operation, not
+        # per program) while the slots' offsets fit in 32 bits, else a program each
+        imgs = n if 3 * n * w * c < SIDE_BY_SIDE_LIMIT else 1
+        band, progs = h, n // imgs
+        tile["IMGS"] = imgs
     else:
         # as many programs as the SMs hold, but no more than keep their slots within SLOT_BYTES,
         # which stay in the GPU's L2 cache beside the streams read and written

@@ -150,6 +150,42 @@ def test_backward_in_bands_of_rows(shape):
         assert torch.equal(dx, results[h]), band
 
 
+@pytest.mark.skipif(not _triton.interpreting(), reason="the interpreter's launches")
+def test_interpreter_takes_the_images_side_by_side(monkeypatch):
+    """Under the interpreter the backward runs every image in one program, side by side, where
+    the slots' offsets fit in 32 bits, else a program an image: the same input gradient."""
+    from hifuse_kernels import dwconv_layer_norm as dln
+
+    x, cw, cb, lw, lb = [t.detach() for t in _inputs((3, 5, 6, 96))]
+    out, mean, rstd = torch.ops.hifuse.dwconv_layer_norm(x, cw, cb, lw, lb, 1e-6, x.dtype)
+    grad = torch.randn_like(out)
+    ref_in = [t.clone().requires_grad_() for t in (x, cw, cb, lw, lb)]
+    ref = torch.autograd.grad(dwconv_layer_norm_ref(*ref_in), ref_in, grad)
+    grids, wrap = [], _triton.wrap_triton
+
+    def recording(kernel):
+        launch = wrap(kernel)
+
+        class Grid:
+            def __getitem__(self, grid):
+                grids.append(grid)
+                return launch[grid]
+
+        return Grid()
+
+    results = []
+    for limit in (dln.SIDE_BY_SIDE_LIMIT, 1):
+        monkeypatch.setattr(dln, "SIDE_BY_SIDE_LIMIT", limit)
+        with monkeypatch.context() as mp:
+            mp.setattr(_triton, "wrap_triton", recording)
+            dx, params, _ = torch.ops.hifuse.dwconv_layer_norm_backward(grad, x, cw, cb, lw, mean, rstd)
+        results.append(dx)
+        torch.testing.assert_close(dx, ref[0], rtol=1e-4, atol=5e-5)
+        torch.testing.assert_close(params[: 9 * 96].view(96, 1, 3, 3), ref[1], rtol=1e-4, atol=5e-5)
+    assert [g[0] for g in grids] == [1, 3]
+    assert torch.equal(results[0], results[1])
+
+
 def test_band_rows():
     """Whole images where they fill the programs, thinner bands for fewer images."""
     from hifuse_kernels.dwconv_layer_norm import band_rows
