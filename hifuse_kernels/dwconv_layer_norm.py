@@ -125,12 +125,14 @@ if triton is not None:
         return tl.load(at, mask=ok[:, None] & cmask[None, :], other=0.0).to(tl.float32)
 
     @triton.jit
-    def _lane(q, n, W, IMGS: tl.constexpr):
-        """Column and image of lane q of a backward unit's row (images n, n + 1, ... side by side)."""
+    def _lanes(w0, n, span, W, BLOCK_P: tl.constexpr, IMGS: tl.constexpr):
+        """Lanes q = w0 .. w0 + BLOCK_P of a backward unit's row of ``span`` positions (images
+        n, n + 1, ... side by side): q, each lane's column and image, and which are in the row."""
+        q = w0 + tl.arange(0, BLOCK_P)
         if IMGS == 1:
-            return q, n
+            return q, q, n, q < span
         else:
-            return q % W, n + q // W
+            return q, q % W, n + q // W, q < span
 
     @triton.jit
     def _add_row(row, start, acc, c, cmask, stride: tl.constexpr, first):
@@ -188,9 +190,7 @@ if triton is not None:
                 if (hr >= 0) & (hr < H):  # the conv output's gradient, row hr (a halo row: some other unit's)
                     owned = (hr >= r0) & (hr < r1)
                     for w0 in range(0, span, BLOCK_P):
-                        q = w0 + tl.arange(0, BLOCK_P)
-                        w, img = _lane(q, n, W, IMGS)
-                        pmask = q < span
+                        q, w, img, pmask = _lanes(w0, n, span, W, BLOCK_P, IMGS)
                         pos = ((img * H + hr) * W + w).to(tl.int64)  # int32 (positions < 2**31), then widened
                         m2 = pmask[:, None] & cmask[None, :]
                         y = _conv_tile(X, CW, CB, pos, hr, w, pmask, c, H, W, C, BLOCK_P, BLOCK_C)
@@ -221,9 +221,7 @@ if triton is not None:
                 if h >= r0:  # x's gradient and the tap gradients, row h
                     first = (u == pid) & (h == r0) & (not ZEROED)  # the program's first row
                     for w0 in range(0, span, BLOCK_P):
-                        q = w0 + tl.arange(0, BLOCK_P)
-                        w, img = _lane(q, n, W, IMGS)
-                        pmask = q < span
+                        q, w, img, pmask = _lanes(w0, n, span, W, BLOCK_P, IMGS)
                         m2 = pmask[:, None] & cmask[None, :]
                         here = ((img * H + h) * W + w).to(tl.int64)[:, None] * C + c[None, :]
                         dx = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
@@ -239,9 +237,7 @@ if triton is not None:
                     g00, g01, g02, g10, g11, g12, g20, g21, g22 = zero, zero, zero, zero, zero, zero, zero, zero, zero
                     gb = zero
                     for w0 in range(0, span, BLOCK_P):
-                        q = w0 + tl.arange(0, BLOCK_P)
-                        w, img = _lane(q, n, W, IMGS)
-                        pmask = q < span
+                        q, w, img, pmask = _lanes(w0, n, span, W, BLOCK_P, IMGS)
                         here = ((img * H + h) * W + w).to(tl.int64)[:, None] * C + c[None, :]
                         dy = _slot_grad(slots, h, w, q, pmask, c, cmask, 1, 1, H, W, SW, C)
                         gb += dy

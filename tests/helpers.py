@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import zlib
@@ -230,3 +231,31 @@ def assert_pool_writes_the_cast(pool, op, t, dtype, bad_dtype, **kwargs):
         pool(t, low_dtype=dtype, **kwargs)
     with pytest.raises(ValueError, match="low_dtype must be"):
         op(rows, bad_dtype)
+
+
+@contextlib.contextmanager
+def recorded_launches():
+    """{kernel name ("op_file._kernel"): [launch kwargs, with its grid under "grid"]} of the
+    Triton launches inside the block (they still run)."""
+    from hifuse_kernels import _triton
+
+    launches: dict[str, list] = {}
+    wrap = _triton.wrap_triton
+
+    def recording(kernel):
+        wrapped = wrap(kernel)
+
+        class _Launch:
+            def __getitem__(self, grid):
+                def launch(*args, **kwargs):
+                    name = f"{kernel.fn.__module__.split('.')[-1]}.{kernel.fn.__name__}"
+                    launches.setdefault(name, []).append({**kwargs, "grid": grid})
+                    return wrapped[grid](*args, **kwargs)
+
+                return launch
+
+        return _Launch()
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(_triton, "wrap_triton", recording)
+        yield launches

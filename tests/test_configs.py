@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from helpers import DEVICE, triton_device_or_skip
+from helpers import DEVICE, recorded_launches, triton_device_or_skip
 from hifuse_kernels import _configs, _triton
 from hifuse_kernels import batch_norm_act as bna
 from hifuse_kernels import channel_pool as cp
@@ -245,31 +245,6 @@ def test_save_merges(tmp_path):
 # --------------------------------------------------------------------------- the launchers read it
 
 needs_kernels = triton_device_or_skip()
-
-
-@contextlib.contextmanager
-def recorded_launches():
-    """{kernel name: [launch kwargs]} of the Triton launches inside the block (they still run)."""
-    launches: dict[str, list] = {}
-    wrap = _triton.wrap_triton
-
-    def recording(kernel):
-        wrapped = wrap(kernel)
-
-        class _Launch:
-            def __getitem__(self, grid):
-                def launch(*args, **kwargs):
-                    name = f"{kernel.fn.__module__.split('.')[-1]}.{kernel.fn.__name__}"
-                    launches.setdefault(name, []).append(kwargs)
-                    return wrapped[grid](*args, **kwargs)
-
-                return launch
-
-        return _Launch()
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(_triton, "wrap_triton", recording)
-        yield launches
 
 
 # The table's launch names and the kernels they launch.

@@ -5,7 +5,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import hifuse
-from helpers import assert_autocast_within_eager_error, assert_model_matches_eager
+from helpers import assert_autocast_within_eager_error, assert_model_matches_eager, recorded_launches
 from hifuse.model import LocalBlock
 from hifuse_kernels import _triton
 from hifuse_kernels.dwconv_layer_norm import dwconv_layer_norm, dwconv_layer_norm_ref
@@ -161,24 +161,12 @@ def test_interpreter_takes_the_images_side_by_side(monkeypatch):
     grad = torch.randn_like(out)
     ref_in = [t.clone().requires_grad_() for t in (x, cw, cb, lw, lb)]
     ref = torch.autograd.grad(dwconv_layer_norm_ref(*ref_in), ref_in, grad)
-    grids, wrap = [], _triton.wrap_triton
-
-    def recording(kernel):
-        launch = wrap(kernel)
-
-        class Grid:
-            def __getitem__(self, grid):
-                grids.append(grid)
-                return launch[grid]
-
-        return Grid()
-
-    results = []
+    results, grids = [], []
     for limit in (dln.SIDE_BY_SIDE_LIMIT, 1):
         monkeypatch.setattr(dln, "SIDE_BY_SIDE_LIMIT", limit)
-        with monkeypatch.context() as mp:
-            mp.setattr(_triton, "wrap_triton", recording)
+        with recorded_launches() as launches:
             dx, params, _ = torch.ops.hifuse.dwconv_layer_norm_backward(grad, x, cw, cb, lw, mean, rstd)
+        grids += [kw["grid"] for kw in launches["dwconv_layer_norm._bwd_kernel"]]
         results.append(dx)
         torch.testing.assert_close(dx, ref[0], rtol=1e-4, atol=5e-5)
         torch.testing.assert_close(params[: 9 * 96].view(96, 1, 3, 3), ref[1], rtol=1e-4, atol=5e-5)

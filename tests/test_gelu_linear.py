@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from helpers import DEVICE, check_grads, triton_device_or_skip
+from helpers import DEVICE, check_grads, recorded_launches, triton_device_or_skip
 
 from hifuse_kernels.gelu_linear import gelu_linear, gelu_linear_ref
 
@@ -117,17 +117,14 @@ def test_low_precision(dtype, n):
 def test_library_route(dtype, n):
     """Where the launch table routes a shape to a GELU pass and torch's GEMMs, the op computes
     as eager under autocast does (float32: as eager), and launches no kernel of its own."""
-    from hifuse_kernels import _configs, _triton
+    from hifuse_kernels import _configs
 
     h, w, b = _inputs(37, 64, n, dtype=dtype)
     grad = torch.randn(37, n, device=DEVICE).to(dtype)
     with torch.autocast(DEVICE, dtype=dtype, enabled=dtype != torch.float32):
         eager = gelu_linear_ref(h, w, b)
     want = torch.autograd.grad(eager, (h, w, b), grad)
-    launched = []
-    wrap = _triton.wrap_triton
-    with _configs.forced({"gelu_linear.route": {"gemm": 2}}), pytest.MonkeyPatch.context() as mp:
-        mp.setattr(_triton, "wrap_triton", lambda kernel: launched.append(kernel) or wrap(kernel))
+    with _configs.forced({"gelu_linear.route": {"gemm": 2}}), recorded_launches() as launched:
         out = gelu_linear(h, w, b)
         got = torch.autograd.grad(out, (h, w, b), grad)
     assert not launched
