@@ -53,7 +53,14 @@ WARPS = 16
 # per element: smaller tiles keep them under 128 registers (scripts/check_triton_compile.py).
 POOL_BLOCK_M = 16
 BWD_BLOCK_M = 32
-COMBINE_WARPS = 2  # one channel block of the programs' partials per program
+# The combining kernels read the programs' (PROGRAMS, C) float64 partials, up to about 2000
+# rows, from L2. A loop over one row at a time waits a load's latency a row (ptxas unrolls it
+# four times); COMBINE_BLOCK partials loaded at once (8 a thread on 4 warps) wait one a tile.
+# Their channel blocks are narrower than the passes' (16 float64: a 128-byte line a row), so
+# that more programs share the reading.
+COMBINE_WARPS = 4
+COMBINE_BLOCK = 1024
+COMBINE_BLOCK_C = 16
 GATED_BLOCK_C = 32  # channels per program where the residual is computed on load (``_launch``)
 # and bytes of y a thread loads at once there (four bf16 elements, two fp32): one element a
 # thread (16 warps on 16 x 32 tiles) loaded each operand in 2- and 4-byte scalars, two
@@ -249,24 +256,40 @@ if triton is not None:
         tl.store(M2_PART + part, tl.where(m2 < 0.0, 0.0, m2), mask=cmask)  # not tl.maximum: it drops NaN
         tl.store(COUNT_PART + pid, n, mask=tl.program_id(1) == 0)
 
-    @_triton.kernel
+    @_triton.kernel(do_not_specialize=["PROGRAMS"])
     def _stats_combine_kernel(MEAN_PART, M2_PART, COUNT_PART, MEAN, INVSTD, VAR, RUN_MEAN, RUN_VAR, NBT, C, PROGRAMS,
-                              eps, momentum, UPDATE: tl.constexpr, BLOCK_C: tl.constexpr):
-        """The programs' (count, mean, M2) combined in a fixed order (Chan et al.); the mean,
-        biased variance and 1/sqrt(var + eps) written in float32; with UPDATE the running
-        mean and unbiased variance moved by ``momentum`` and ``num_batches_tracked`` + 1."""
+                              eps, momentum, UPDATE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+        """The programs' (count, mean, M2) combined: the count and mean as sums over all
+        programs, then M2 as the sum of each program's M2 and its count times its mean's squared
+        deviation from the whole mean, in float64, BLOCK_P programs' partials loaded at once and
+        summed in a fixed order; the mean, biased variance and 1/sqrt(var + eps) written in
+        float32; with UPDATE the running mean and unbiased variance moved by ``momentum`` and
+        ``num_batches_tracked`` + 1."""
         c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
         cmask = c < C
-        n = tl.load(COUNT_PART)
-        mean = tl.load(MEAN_PART + c, mask=cmask, other=0.0)
-        m2 = tl.load(M2_PART + c, mask=cmask, other=0.0)
-        for p in range(1, PROGRAMS):
-            k = tl.load(COUNT_PART + p)
-            total = n + k
-            delta = tl.load(MEAN_PART + p * C + c, mask=cmask, other=0.0) - mean
-            mean += delta * (k / total)
-            m2 += tl.load(M2_PART + p * C + c, mask=cmask, other=0.0) + delta * delta * (n * k / total)
-            n = total
+        lanes = tl.arange(0, BLOCK_P)
+        counts = tl.zeros((BLOCK_P,), dtype=tl.float64)
+        sums = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float64)
+        for p0 in range(0, PROGRAMS, BLOCK_P):
+            p = p0 + lanes
+            pmask = p < PROGRAMS
+            k = tl.load(COUNT_PART + p, mask=pmask, other=0.0)
+            mu = tl.load(MEAN_PART + p.to(tl.int64)[:, None] * C + c[None, :], mask=pmask[:, None] & cmask[None, :],
+                         other=0.0)
+            counts += k
+            sums += k[:, None] * mu
+        n = tl.sum(counts, 0)
+        mean = tl.sum(sums, 0) / n
+        squares = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float64)
+        for p0 in range(0, PROGRAMS, BLOCK_P):
+            p = p0 + lanes
+            pmask = p < PROGRAMS
+            m = pmask[:, None] & cmask[None, :]
+            offs = p.to(tl.int64)[:, None] * C + c[None, :]
+            k = tl.load(COUNT_PART + p, mask=pmask, other=0.0)
+            d = tl.load(MEAN_PART + offs, mask=m, other=0.0) - mean[None, :]
+            squares += tl.load(M2_PART + offs, mask=m, other=0.0) + k[:, None] * d * d
+        m2 = tl.sum(squares, 0)
         mean32 = mean.to(tl.float32)
         var32 = (m2 / n).to(tl.float32)
         tl.store(MEAN + c, mean32, mask=cmask)
@@ -381,20 +404,25 @@ if triton is not None:
         tl.store(SUM_DZ_PART + part, tl.sum(sum_dz, 0), mask=cmask)
         tl.store(SUM_DZXH_PART + part, tl.sum(sum_dzxh, 0), mask=cmask)
 
-    @_triton.kernel
+    @_triton.kernel(do_not_specialize=["PROGRAMS"])
     def _bwd_sums_kernel(SUM_DZ_PART, SUM_DZXH_PART, SUM_DZ, SUM_DZXH, DW, DB, C, PROGRAMS, BLOCK_C: tl.constexpr,
-                         PARAMS: tl.constexpr = True):
-        """The programs' partial sums added in a fixed order: the sums the apply pass takes
-        (float32) and with PARAMS the weight and bias gradients (in their dtypes)."""
+                         BLOCK_P: tl.constexpr, PARAMS: tl.constexpr = True):
+        """The programs' partial sums added in a fixed order, BLOCK_P programs' loaded at once:
+        the sums the apply pass takes (float32) and with PARAMS the weight and bias gradients
+        (in their dtypes)."""
         c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
         cmask = c < C
-        dz = tl.zeros((BLOCK_C,), dtype=tl.float64)
-        dzxh = tl.zeros((BLOCK_C,), dtype=tl.float64)
-        for p in range(0, PROGRAMS):
-            dz += tl.load(SUM_DZ_PART + p * C + c, mask=cmask, other=0.0)
-            dzxh += tl.load(SUM_DZXH_PART + p * C + c, mask=cmask, other=0.0)
-        dz = dz.to(tl.float32)
-        dzxh = dzxh.to(tl.float32)
+        lanes = tl.arange(0, BLOCK_P)
+        dz = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float64)
+        dzxh = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float64)
+        for p0 in range(0, PROGRAMS, BLOCK_P):
+            p = p0 + lanes
+            m = (p < PROGRAMS)[:, None] & cmask[None, :]
+            offs = p.to(tl.int64)[:, None] * C + c[None, :]
+            dz += tl.load(SUM_DZ_PART + offs, mask=m, other=0.0)
+            dzxh += tl.load(SUM_DZXH_PART + offs, mask=m, other=0.0)
+        dz = tl.sum(dz, 0).to(tl.float32)
+        dzxh = tl.sum(dzxh, 0).to(tl.float32)
         tl.store(SUM_DZ + c, dz, mask=cmask)
         tl.store(SUM_DZXH + c, dzxh, mask=cmask)
         if PARAMS:
@@ -538,10 +566,11 @@ def _stats_impl(y, residual, eps, running_mean, running_var, num_batches_tracked
     mean = torch.empty(c, device=y.device, dtype=torch.float32)
     invstd, var = torch.empty_like(mean), torch.empty_like(mean)
     update = running_mean is not None
-    _triton.wrap_triton(_stats_combine_kernel)[(grid[1],)](
+    blocks, combine = combine_launch(c)
+    _triton.wrap_triton(_stats_combine_kernel)[(blocks,)](
         mean_part, m2_part, count_part, mean, invstd, var, running_mean if update else mean,
         running_var if update else var, num_batches_tracked if update else count_part, c, programs, eps,
-        momentum, UPDATE=update, BLOCK_C=launch["BLOCK_C"], num_warps=COMBINE_WARPS,
+        momentum, UPDATE=update, **combine,
     )
     return mean, invstd, var
 
@@ -670,9 +699,9 @@ def _backward_impl(grad, y, residual, mean, invstd, weight, bias, act, height, w
     sum_dz = torch.empty(c, device=y.device, dtype=torch.float32)
     sum_dzxh = torch.empty_like(sum_dz)
     dw, db = torch.empty_like(weight), torch.empty_like(bias)
-    _triton.wrap_triton(_bwd_sums_kernel)[(grid[1],)](
-        sum_dz_part, sum_dzxh_part, sum_dz, sum_dzxh, dw, db, c, programs, BLOCK_C=flags["BLOCK_C"],
-        num_warps=COMBINE_WARPS,
+    blocks, combine = combine_launch(c)
+    _triton.wrap_triton(_bwd_sums_kernel)[(blocks,)](
+        sum_dz_part, sum_dzxh_part, sum_dz, sum_dzxh, dw, db, c, programs, **combine,
     )
     dy = torch.empty_like(y)
     if gated:
@@ -693,11 +722,18 @@ def combine_backward_sums(sum_dz_part: torch.Tensor, sum_dzxh_part: torch.Tensor
     order into float32 (C,) ``sum_dz`` and ``sum_dzxh``, as the backward adds its own (for a
     pass of another op that reduced them, ``layer_norm_cat_rows_bn_backward``)."""
     programs, c = sum_dz_part.shape
-    block_c = min(BLOCK_C, _triton.next_power_of_2(c))
-    _triton.wrap_triton(_bwd_sums_kernel)[(triton.cdiv(c, block_c),)](
-        sum_dz_part, sum_dzxh_part, sum_dz, sum_dzxh, sum_dz, sum_dz, c, programs, BLOCK_C=block_c, PARAMS=False,
-        num_warps=COMBINE_WARPS,
+    blocks, combine = combine_launch(c)
+    _triton.wrap_triton(_bwd_sums_kernel)[(blocks,)](
+        sum_dz_part, sum_dzxh_part, sum_dz, sum_dzxh, sum_dz, sum_dz, c, programs, PARAMS=False, **combine,
     )
+
+
+def combine_launch(c: int) -> tuple[int, dict]:
+    """Programs and launch options of the kernels combining the passes' (programs, C)
+    partials."""
+    block_c = min(COMBINE_BLOCK_C, _triton.next_power_of_2(c))
+    return triton.cdiv(c, block_c), dict(BLOCK_C=block_c, BLOCK_P=COMBINE_BLOCK // block_c,
+                                         num_warps=COMBINE_WARPS)
 
 
 # The IRMLP's bn1 normalises gelu(y) + r, r the fusion block's norm3 output (float32 under

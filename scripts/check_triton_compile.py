@@ -227,15 +227,16 @@ def cases(dtype: str):
                                                               SUM_DZ=f32, SUM_DZXH=f32, DY="dt", DR=io["R"],
                                                               DYSUM_PART=f32, G2=out), \
                                 {**bwd, "DYSUM": dysum, "GRAD2": grad2, **ungated}
-    for block_c in (bna.BLOCK_C, 1):  # the combining kernels take the channel block of the passes
+    for c in (96, 1):  # the combining kernels' channel blocks: 16 channels, and the spatial gate's one
+        _, combine = bna.combine_launch(c)
+        combine = dict(BLOCK_C=combine["BLOCK_C"], BLOCK_P=combine["BLOCK_P"], WARPS=combine["num_warps"])
         for params in (True, False):  # without the parameters' gradients: sums another op's pass reduced
             yield bna._bwd_sums_kernel, dict(SUM_DZ_PART="fp64", SUM_DZXH_PART="fp64", SUM_DZ=f32, SUM_DZXH=f32,
-                                             DW=f32, DB=f32), dict(BLOCK_C=block_c, WARPS=bna.COMBINE_WARPS,
-                                                                   PARAMS=params)
+                                             DW=f32, DB=f32), dict(**combine, PARAMS=params)
         for update in (False, True):
             yield bna._stats_combine_kernel, dict(MEAN_PART="fp64", M2_PART="fp64", COUNT_PART="fp64", MEAN=f32,
                                                   INVSTD=f32, VAR=f32, RUN_MEAN=f32, RUN_VAR=f32, NBT="i64"), \
-                dict(BLOCK_C=block_c, WARPS=bna.COMBINE_WARPS, UPDATE=update)
+                dict(**combine, UPDATE=update)
     for c in (96, 192, 384, 768):  # fp32 residual stream, dt GEMM output and normalised rows (autocast)
         rows = row_launch(c, 1, "BLOCK_M")
         for prologue, patch in ((False, 1), (True, 1), (False, 2)):  # patch 2: the local downsamples' order
