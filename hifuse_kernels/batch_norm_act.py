@@ -55,11 +55,11 @@ POOL_BLOCK_M = 16
 BWD_BLOCK_M = 32
 # The combining kernels read the programs' (PROGRAMS, C) float64 partials, up to about 2000
 # rows, from L2. A loop over one row at a time waits a load's latency a row (ptxas unrolls it
-# four times); COMBINE_BLOCK partials loaded at once (8 a thread on 4 warps) wait one a tile.
+# four times); COMBINE_BLOCK partials loaded at once (8 a thread on 8 warps) wait one a tile.
 # Their channel blocks are narrower than the passes' (16 float64: a 128-byte line a row), so
 # that more programs share the reading.
-COMBINE_WARPS = 4
-COMBINE_BLOCK = 1024
+COMBINE_WARPS = 8
+COMBINE_BLOCK = 2048
 COMBINE_BLOCK_C = 16
 GATED_BLOCK_C = 32  # channels per program where the residual is computed on load (``_launch``)
 # and bytes of y a thread loads at once there (four bf16 elements, two fp32): one element a
