@@ -44,14 +44,17 @@ if triton is not None:
     def _channel_pool_kernel(G, SUM, MAX, ARG, S, C, CHUNK, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, LOW=None,
                              HAS_LOW: tl.constexpr = False):
         """Partial sum, maximum and first position of the maximum over one chunk of positions;
-        HAS_LOW: also writes g cast to LOW's dtype (for a GEMM that reads it next)."""
+        HAS_LOW: also writes g cast to LOW's dtype (for a GEMM that reads it next). Each lane of
+        the tile keeps its own sum, maximum and the maximum's first position over the positions
+        it loads, reduced across the tile once at the end: reduced every step, the loop was
+        three cross-warp reductions (sum, NaN, arg-max) for two loads."""
         n = tl.program_id(0).to(tl.int64)
         c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         chunk = tl.program_id(2)
         cmask = c < C
-        total = tl.zeros((BLOCK_C,), dtype=tl.float32)
-        best = tl.full((BLOCK_C,), float("-inf"), dtype=tl.float32)
-        where = tl.zeros((BLOCK_C,), dtype=tl.int32)
+        total = tl.zeros((BLOCK_S, BLOCK_C), dtype=tl.float32)
+        best = tl.full((BLOCK_S, BLOCK_C), float("-inf"), dtype=tl.float32)
+        where = tl.zeros((BLOCK_S, BLOCK_C), dtype=tl.int32)
         start = chunk * CHUNK
         stop = tl.minimum(start + CHUNK, S)
         for s0 in range(start, stop, BLOCK_S):
@@ -62,19 +65,24 @@ if triton is not None:
             if HAS_LOW:
                 tl.store(LOW + offs, v.to(LOW.dtype.element_ty), mask=m)
             v = v.to(tl.float32)
-            total += tl.sum(v, 0)
-            # NaN is the maximum once seen (as in eager); tl.max would drop it, so it is
-            # tracked apart and the max taken over the other values
-            isnan = (v != v) & m
-            first_nan = tl.min(tl.where(isnan, s[:, None], S), 0)
-            v = tl.where(m & ~isnan, v, float("-inf"))
-            tile_best, tile_where = tl.max(v, 0, return_indices=True, return_indices_tie_break_left=True)
-            better = tile_best > best  # strictly: the first position of a maximum wins; never past a NaN
-            where = tl.where(better, s0 + tile_where, where)
-            best = tl.where(better, tile_best, best)
-            new_nan = (first_nan < S) & (best == best)
-            where = tl.where(new_nan, first_nan, where)
-            best = tl.where(new_nan, float("nan"), best)
+            total += v
+            # a lane's positions come in order: a strictly larger value keeps the first
+            # position of a maximum; NaN is the maximum once seen (as in eager), so a lane takes
+            # its first NaN and keeps it (no comparison with NaN is true)
+            take = m & ((v > best) | ((v != v) & (best == best)))
+            where = tl.where(take, s[:, None], where)
+            best = tl.where(take, v, best)
+        lane_nan = best != best
+        first_nan = tl.min(tl.where(lane_nan, where, S), 0)
+        best = tl.where(lane_nan, float("-inf"), best)
+        top = tl.max(best, 0)
+        # lanes that took nothing hold -inf at position 0: where every value is -inf the
+        # chunk's answer is 0, as it was reduced every step
+        at = tl.min(tl.where(best == top[None, :], where, S), 0)
+        nan = first_nan < S
+        total = tl.sum(total, 0)
+        best = tl.where(nan, float("nan"), top)
+        where = tl.where(nan, first_nan, at)
         part = (n * tl.num_programs(2) + chunk) * C + c
         tl.store(SUM + part, total, mask=cmask)
         tl.store(MAX + part, best, mask=cmask)
