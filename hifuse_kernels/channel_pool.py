@@ -28,6 +28,10 @@ from ._triton import tl, triton
 BLOCK_S = 32  # positions per step of the channel pooling loop
 POOL_CHUNKS = 8  # position chunks per image and channel block
 WARPS = 4  # Triton's default
+# The pooling keeps a sum, a maximum and its position for each of its tile's 32 x 64 lanes: on 8
+# warps 8 lanes a thread (about 80 registers; 4 warps took up to 143 where a launch's pointers
+# are not known to be aligned).
+POOL_WARPS = 8
 
 __all__ = ["channel_pool", "channel_pool_ref"]
 
@@ -138,8 +142,9 @@ def _launch(name: str, g: torch.Tensor) -> dict:
     if _triton.wide():
         block_c = _triton.block_channels(c)
         return dict(BLOCK_S=min(_triton.next_power_of_2(s), _triton.wide_rows(block_c)), BLOCK_C=block_c,
-                    num_warps=WARPS, **({"chunks": 1} if name == "forward" else {}))
-    default = dict(BLOCK_S=BLOCK_S, BLOCK_C=min(64, _triton.block_channels(c)), num_warps=WARPS)
+                    num_warps=POOL_WARPS if name == "forward" else WARPS, **({"chunks": 1} if name == "forward" else {}))
+    default = dict(BLOCK_S=BLOCK_S, BLOCK_C=min(64, _triton.block_channels(c)),
+                   num_warps=POOL_WARPS if name == "forward" else WARPS)
     if name == "forward":
         default["chunks"] = POOL_CHUNKS
     return _configs.launch_config(
