@@ -125,6 +125,9 @@ def cases(dtype: str):
     f32 = "fp32"
     fwd = {**attn, "BM": wa.FWD_ROWS, "WARPS": wa.FWD_WARPS}
     yield wa._dense_bias_kernel, dict(TABLE="dt", INDEX="i64", OUT=f32), dict(BLOCK=wa.DENSE_BLOCK)
+    yield wa._bwd_finish_kernel, dict(DS_PART=f32, DBIAS_PART=f32, DTABLE=f32, DBIAS="dt"), \
+        dict(TP=wa._offset_slots(slots), BD=32, BLOCK_P=wa.FINISH_BLOCK // wa.FINISH_OUTPUTS,
+             BLOCK_O=wa.FINISH_OUTPUTS, WARPS=wa.FINISH_WARPS)
     for d in wa.HEAD_DIMS:  # every supported head dim, shifted (the more registers) and not
         for shifted in (True, False):
             shape = {**attn, "D": d, "BD": d, "SHIFTED": shifted}
@@ -259,7 +262,8 @@ def cases(dtype: str):
                                     PART_B=f32, PART_LW=f32, PART_LB=f32), {**stem, "HAS_BIAS": has_bias}
     pool = dict(BLOCK_S=cp.BLOCK_S, BLOCK_C=64)
     for low in (False, True):  # with g's cast for its GEMM (the first fusion block's float32 g)
-        yield cp._channel_pool_kernel, dict(G="dt", SUM=f32, MAX=f32, ARG="i32", LOW="bf16"), {**pool, "HAS_LOW": low}
+        yield cp._channel_pool_kernel, dict(G="dt", SUM=f32, MAX=f32, ARG="i32", LOW="bf16"), \
+            {**pool, "HAS_LOW": low, "WARPS": cp.POOL_WARPS}
     yield cp._channel_pool_combine_kernel, dict(SUM=f32, MAX=f32, ARG="i32", AVG="dt", BEST="dt", OUT_ARG="i32"), \
         dict(BLOCK_C=64, WARPS=1)
     for acc in (False, True):  # with g's gradient from its next reader added in
