@@ -314,6 +314,38 @@ if triton is not None:
         tl.store(DBIAS_PART + part * 3 * BD + 2 * BD + d, dvb)
 
 
+    @_triton.kernel(do_not_specialize=["PROGS"])
+    def _bwd_finish_kernel(DS_PART, DBIAS_PART, DTABLE, DBIAS, PROGS, HEADS, SPAN, FIRST, D, C,
+                           TP: tl.constexpr, BD: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_O: tl.constexpr):
+        """The backward programs' partials added in a fixed order and written in the
+        parameters' layouts, one launch for what took two sums and two copies: the bias
+        table's gradient (entries x heads, SPAN x SPAN offsets from FIRST of each program's
+        (TP, TP) offset sums; none where SPAN is 0) and then the qkv bias's (3C,), in its
+        (3, heads, D) order, from the (heads, 3, BD) partials. A program takes BLOCK_O outputs
+        and BLOCK_P programs' partials of them at a time."""
+        o = tl.program_id(0) * BLOCK_O + tl.arange(0, BLOCK_O)
+        n_table = SPAN * SPAN * HEADS
+        in_table = o < n_table
+        entry = o // HEADS
+        span = tl.maximum(SPAN, 1)  # (no table: SPAN 0, in_table all false)
+        col_t = (o % HEADS) * (TP * TP) + (entry // span + FIRST) * TP + entry % span + FIRST
+        q = o - n_table
+        in_bias = (q >= 0) & (q < 3 * C)
+        col_b = ((q % C) // D * 3 + q // C) * BD + q % D
+        rows = tl.arange(0, BLOCK_P)
+        acc = tl.zeros((BLOCK_P, BLOCK_O), dtype=tl.float32)
+        for p0 in range(0, PROGS, BLOCK_P):
+            p = (p0 + rows).to(tl.int64)
+            pm = (p < PROGS)[:, None]
+            acc += tl.load(DS_PART + p[:, None] * (HEADS * TP * TP) + col_t[None, :], mask=pm & in_table[None, :],
+                           other=0.0)
+            acc += tl.load(DBIAS_PART + p[:, None] * (HEADS * 3 * BD) + col_b[None, :], mask=pm & in_bias[None, :],
+                           other=0.0)
+        total = tl.sum(acc, 0)
+        tl.store(DTABLE + o, total.to(DTABLE.dtype.element_ty), mask=in_table)
+        tl.store(DBIAS + q, total.to(DBIAS.dtype.element_ty), mask=in_bias)
+
+
 # --------------------------------------------------------------------------- launchers
 
 
@@ -473,6 +505,11 @@ BWD_FP32_WARPS = {16: 8, 32: 4, 64: 4}
 # (window, head) programs of the backward at most: enough to fill a GPU, few enough that the
 # per-program partial sums stay small; more windows are looped over inside a program.
 BWD_PROGRAMS = 1024
+# The backward's finishing pass: 16 outputs a program, 128 programs' partials of them loaded
+# at once (8 a thread on 8 warps).
+FINISH_OUTPUTS = 16
+FINISH_BLOCK = 2048
+FINISH_WARPS = 8
 # The forward's: queries in blocks of 16 rows keep every variant at 128 registers or fewer
 # (whole 64-row tiles needed up to 255 and spilled in fp32). Wide tiles (the interpreter's)
 # take whole windows everywhere.
@@ -570,15 +607,20 @@ def _window_attention_backward_op(
     shape = dict(WS=window, WP=g["slots"], BN=g["bn"], ON_CHIP=on_chip, TP=tp, D=g["d"], BD=g["bd"], SHIFTED=shift > 0,
                  PRECISION=_precision(qkv))
     _triton.wrap_triton(_bwd_kernel)[_triton.grid(progs, num_heads)](*args, **shape, **launch)
-    if on_chip:
-        # offset dh sits at dh + slots - 1; the table's entries run over dh = 1 - window .. window - 1
-        first = g["slots"] - window
-        sums = ds_part.sum(0)[:, first: first + 2 * window - 1, first: first + 2 * window - 1]
-    else:
+    span = 2 * window - 1
+    dtable = torch.empty(span * span, num_heads, device=qkv.device, dtype=table.dtype)  # (entries, heads)
+    dbias = torch.empty(3 * g["c"], device=qkv.device, dtype=qkv_bias.dtype)
+    if not on_chip:
         sums = _offset_sums_of(ds_slot.sum(0), window, g["slots"])
-    dtable = sums.permute(1, 2, 0).reshape(-1, num_heads).to(table.dtype).contiguous()  # (entries, heads)
-    # (progs, heads, 3, BD) -> (3, heads, D) -> (3C,) in the qkv layout
-    dbias = dbias_part.sum(0)[..., : g["d"]].permute(1, 0, 2).reshape(-1).to(qkv_bias.dtype)
+        dtable.copy_(sums.permute(1, 2, 0).reshape(-1, num_heads))
+    # offset dh sits at dh + slots - 1 of a program's sums; the table's entries run over
+    # dh = 1 - window .. window - 1
+    outputs = (span * span * num_heads if on_chip else 0) + 3 * g["c"]
+    _triton.wrap_triton(_bwd_finish_kernel)[(triton.cdiv(outputs, FINISH_OUTPUTS),)](
+        ds_part, dbias_part, dtable, dbias, progs, num_heads, span if on_chip else 0, g["slots"] - window, g["d"],
+        g["c"], TP=tp, BD=g["bd"], BLOCK_P=FINISH_BLOCK // FINISH_OUTPUTS, BLOCK_O=FINISH_OUTPUTS,
+        num_warps=FINISH_WARPS,
+    )
     return dqkv, dbias, dtable
 
 

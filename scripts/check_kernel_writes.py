@@ -64,6 +64,7 @@ WRITES = {
     | _rebuilt(k, "NORMED"),
     "channel_pool._channel_pool_kernel": lambda k: {"SUM", "MAX", "ARG"} | ({"LOW"} if k["HAS_LOW"] else set()),
     "window_attention._dense_bias_kernel": {"OUT"},
+    "window_attention._bwd_finish_kernel": {"DTABLE", "DBIAS"},
     "channel_pool._channel_pool_combine_kernel": {"AVG", "BEST", "OUT_ARG"},
     "channel_pool._channel_pool_bwd_kernel": {"DG"},
     "spatial_pool._spatial_pool_kernel": lambda k: {"OUT"} | ({"LOW"} if k["HAS_LOW"] else set()),

@@ -161,11 +161,11 @@ def _window_attention():
     # one backward program: its bias-table partial, dS summed by offset (16 x 16 a head)
     ds_part, dbias_part = heads * 16 * 16 * F32, heads * 3 * 32 * F32
     backward = qkv + qkv_bias + dense + out + lse + qkv + dbias_part + ds_part  # reads dO, not O
-    # the table's gradient: partials summed, the table's 13 x 13 offsets copied out as (169, heads)
-    d_table = 2 * ds_part + 2 * table
-    d_bias = 2 * dbias_part + 2 * dbias_part + (dbias_part + qkv_bias)  # sum, reorder, cast
+    # one finishing pass: the partials summed, the table's 13 x 13 offsets written as (169, heads)
+    # and the qkv bias's gradient in its order and dtype
+    finish = ds_part + dbias_part + table + qkv_bias
     least = 2 * (qkv + qkv_bias + table) + 2 * out
-    return 8, forward + backward + d_table + d_bias, least
+    return 4, forward + backward + finish, least
 
 
 # node id -> hand count (launches, bytes moved, least bytes), forward and backward in bf16
