@@ -139,12 +139,12 @@ def _launch(name: str, g: torch.Tensor) -> dict:
     forward's position chunks): the GPU's, or the launch table's for this device and shape,
     or a wide tile."""
     n, s, c = g.shape
+    warps = POOL_WARPS if name == "forward" else WARPS
     if _triton.wide():
         block_c = _triton.block_channels(c)
         return dict(BLOCK_S=min(_triton.next_power_of_2(s), _triton.wide_rows(block_c)), BLOCK_C=block_c,
-                    num_warps=POOL_WARPS if name == "forward" else WARPS, **({"chunks": 1} if name == "forward" else {}))
-    default = dict(BLOCK_S=BLOCK_S, BLOCK_C=min(64, _triton.block_channels(c)),
-                   num_warps=POOL_WARPS if name == "forward" else WARPS)
+                    num_warps=warps, **({"chunks": 1} if name == "forward" else {}))
+    default = dict(BLOCK_S=BLOCK_S, BLOCK_C=min(64, _triton.block_channels(c)), num_warps=warps)
     if name == "forward":
         default["chunks"] = POOL_CHUNKS
     return _configs.launch_config(
