@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from hifuse_kernels import _triton
+from hifuse_kernels import batch_norm_act as bna
 from hifuse_kernels.batch_norm_act import batch_norm_act, batch_norm_act_ref, gated_sources
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -57,6 +58,24 @@ def test_matches_batch_norm_module(tiles, shape, act, residual):
     inputs = [xs[0], *([rs[0]] if residual else []), bn.weight, bn.bias]
     ref_inputs = [xs[1], *([rs[1]] if residual else []), ref_bn.weight, ref_bn.bias]
     for k, (a, r) in enumerate(zip(torch.autograd.grad(out, inputs, grad), torch.autograd.grad(ref, ref_inputs, grad))):
+        torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-4, msg=f"gradient {k}")
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(getattr(bn, name), getattr(ref_bn, name), rtol=1e-6, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("shape, block", [((3, 70, 13, 11), 32), ((3, 1, 40, 50), 4)])
+def test_combining_kernels_take_the_partials_in_tiles(monkeypatch, device_tiles, shape, block):
+    """More programs' partials than a combining program loads at once, the last tile short
+    (7 and 14 partial rows in tiles of 2 at 16 channels; 6 in tiles of 4 at one channel): the
+    statistics, running statistics and gradients as eager's."""
+    monkeypatch.setattr(bna, "COMBINE_BLOCK", block)
+    with _triton.modelled_sms(8):
+        out, ref, bn, ref_bn, xs, _rs = _run_both(shape, "relu", False)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    grad = torch.randn_like(ref)
+    got = torch.autograd.grad(out, [xs[0], bn.weight, bn.bias], grad)
+    want = torch.autograd.grad(ref, [xs[1], ref_bn.weight, ref_bn.bias], grad)
+    for k, (a, r) in enumerate(zip(got, want)):
         torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-4, msg=f"gradient {k}")
     for name in ("running_mean", "running_var", "num_batches_tracked"):
         torch.testing.assert_close(getattr(bn, name), getattr(ref_bn, name), rtol=1e-6, atol=1e-6, msg=name)
