@@ -80,10 +80,12 @@ def _backward(monkeypatch, backward):
 @pytest.mark.parametrize("head_dim, shift", [(16, 3), (64, 0), (32, 3)])
 def test_backward_loops_over_windows(device_tiles, monkeypatch, head_dim, shift, backward):
     # Few backward programs, so each sums the bias gradient over several windows (2 x 3 x 4
-    # windows, 5 programs per head: the last one has fewer) at every supported head dim.
+    # windows, 5 programs per head: the last one has fewer) at every supported head dim; the
+    # finishing pass adds their partials two programs at a time (the last tile short).
     import hifuse_kernels.window_attention as wa
 
     monkeypatch.setattr(wa, "BWD_PROGRAMS", 5 * 2)
+    monkeypatch.setattr(wa, "FINISH_BLOCK", 2 * wa.FINISH_OUTPUTS)
     _backward(monkeypatch, backward)
     _assert_op_matches_reference(*_op_inputs(2, 20, 26, 2, head_dim=head_dim, seed=3), 2, shift)
 
