@@ -282,9 +282,12 @@ def fusion_forward(m: HFFBlock, l: torch.Tensor, g: torch.Tensor, f: torch.Tenso
         stats = channel_pool(g, check=False, stacked=True)
     spatial_gate = conv_bn_forward(m.spatial, pooled, then="sigmoid")
     # the shared SE MLP over the averages and maxima as one batch: one pass of each layer
-    # forward and backward, and no accumulation of its weight gradients
+    # forward and backward, and no accumulation of its weight gradients. Its two halves are
+    # added in its dtype, as eager adds its two results (a sum, which CUDA's autocast takes in
+    # float32, would cast first and round otherwise).
     n = g.shape[0]
-    channel_gate = torch.sigmoid(m.se(stats).view(2, n, *stats.shape[1:]).sum(0))
+    avg, best = m.se(stats).view(2, n, *stats.shape[1:]).unbind(0)
+    channel_gate = torch.sigmoid(best + avg)
 
     # without stochastic depth the IRMLP's last pass adds the shortcut (its result is never written)
     inactive = drop_path_inactive(m)
