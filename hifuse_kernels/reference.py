@@ -22,9 +22,8 @@ __all__ = [
 
 
 def activation(name: str | None):
-    """The elementwise function a fused op names: None (identity), "relu", "gelu" (exact) or
-    "sigmoid"."""
-    functions = {None: _identity, "relu": F.relu, "gelu": F.gelu, "sigmoid": torch.sigmoid}
+    """The elementwise function a fused op names: None (identity), "relu" or "gelu" (exact)."""
+    functions = {None: _identity, "relu": F.relu, "gelu": F.gelu}
     if name not in functions:
         raise ValueError(f"activation must be one of {list(functions)}, got {name!r}")
     return functions[name]

@@ -47,9 +47,8 @@ def folded_weights(m: ConvBN) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def conv_bn_forward(m: ConvBN, x: torch.Tensor, then: str | None = None, pool: bool = False) -> torch.Tensor:
-    """ConvBN followed by activation ``then`` ("gelu", "sigmoid" or None; fused into the
-    training BatchNorm) and, with ``pool``, a 2x2/2 average pooling (fused into the training
-    BatchNorm). Checked by ``fusion_check``."""
+    """ConvBN followed by activation ``then`` ("gelu" or None) and, with ``pool``, a 2x2/2
+    average pooling (fused into the training BatchNorm). Checked by ``fusion_check``."""
     act = "relu" if m.relu is not None else then
     bn = m.bn
     if folds(bn):
@@ -280,7 +279,7 @@ def fusion_forward(m: HFFBlock, l: torch.Tensor, g: torch.Tensor, f: torch.Tenso
     elif not chain:
         pooled = spatial_pool(l, check=False)
         stats = channel_pool(g, check=False, stacked=True)
-    spatial_gate = conv_bn_forward(m.spatial, pooled, then="sigmoid")
+    spatial_gate = torch.sigmoid(conv_bn_forward(m.spatial, pooled))
     # the shared SE MLP over the averages and maxima as one batch: one pass of each layer
     # forward and backward, and no accumulation of its weight gradients. Its two halves are
     # added in its dtype, as eager adds its two results (a sum, which CUDA's autocast takes in
