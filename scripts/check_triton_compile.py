@@ -231,8 +231,7 @@ def cases(dtype: str):
                                                               DYSUM_PART=f32, G2=out), \
                                 {**bwd, "DYSUM": dysum, "GRAD2": grad2, **ungated}
     for c in (96, 1):  # the combining kernels' channel blocks: 16 channels, and the spatial gate's one
-        _, combine = bna.combine_launch(c)
-        combine = dict(BLOCK_C=combine["BLOCK_C"], BLOCK_P=combine["BLOCK_P"], WARPS=combine["num_warps"])
+        combine = _as_warps(bna.combine_launch(c)[1])
         for params in (True, False):  # without the parameters' gradients: sums another op's pass reduced
             yield bna._bwd_sums_kernel, dict(SUM_DZ_PART="fp64", SUM_DZXH_PART="fp64", SUM_DZ=f32, SUM_DZXH=f32,
                                              DW=f32, DB=f32), dict(**combine, PARAMS=params)
