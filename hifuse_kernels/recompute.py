@@ -558,7 +558,7 @@ def _function(producer, sources=()):
 
     class Recomputed(torch.autograd.Function):
         @staticmethod
-        def forward(ctx, weight, bias, layout, keep, *flat):
+        def forward(ctx, weight, bias, layout, keep, bias_cancels, *flat):
             n_args = len(flat) - sum(n_src for _index, n_src in layout)
             a, aux = producer.make(*flat[:n_args])
             kept = list(flat)
@@ -573,6 +573,7 @@ def _function(producer, sources=()):
             weight, bias = cast_for_gemm(weight, bias, autocast_dtype(a))
             ctx.save_for_backward(weight, bias, *made, *remade, *tensors)
             ctx.layout, ctx.n_args, ctx.n_made, ctx.n_remade = layout, n_args, len(made), len(remade)
+            ctx.bias_cancels = bias_cancels
             return F.linear(a, weight, bias)
 
         @staticmethod
@@ -585,22 +586,26 @@ def _function(producer, sources=()):
             for source, (index, n_src) in zip(sources, ctx.layout):
                 args[index] = source.make(*flat[start:start + n_src])[0]
                 start += n_src
+            rest, tail = (None, None, None), [None] * (len(flat) - ctx.n_args)  # layout, keep, bias_cancels; sources
+            summed_bias = None if ctx.bias_cancels else bias
             if not made and hasattr(producer, "remake_grad"):
                 # a's gradient first: the producer's backward then rebuilds a in the pass that
                 # reads what rebuilding it reads, before the weight gradient takes it
                 da = _linear_input_grad(grad, weight, producer.dtype(*args))
-                if getattr(producer, "ONES", False) and bias is not None:
+                if getattr(producer, "ONES", False) and summed_bias is not None:
                     a, grads = producer.remake_grad(da, remade, *args, ones=True)
                 else:
                     a, grads = producer.remake_grad(da, remade, *args)
                 k = weight.shape[1]
                 # rows with a ones column: the weight-gradient GEMM gives the bias's gradient too
                 ones = a.view(-1, a.shape[-1]) if a.shape[-1] != k else None
-                _, dw, db = _linear_backward(grad, a[..., :k], weight, bias, *ctx.dtypes, a_ones=ones, a_grad=False)
-                return (dw, db, None, None, *grads, *[None] * (len(flat) - ctx.n_args))
+                _, dw, db = _linear_backward(grad, a[..., :k], weight, summed_bias, *ctx.dtypes, a_ones=ones,
+                                             a_grad=False)
+                return (dw, _cancelled(bias, ctx) if ctx.bias_cancels else db, *rest, *grads, *tail)
             a, aux = (made[0], tuple(made[1:])) if made else producer.make(*args)
-            da, dw, db = _linear_backward(grad, a, weight, bias, *ctx.dtypes)
-            return (dw, db, None, None, *producer.grad(da, aux, *args), *[None] * (len(flat) - ctx.n_args))
+            da, dw, db = _linear_backward(grad, a, weight, summed_bias, *ctx.dtypes)
+            return (dw, _cancelled(bias, ctx) if ctx.bias_cancels else db, *rest, *producer.grad(da, aux, *args),
+                    *tail)
 
     name = producer.__name__ + "".join("From" + source.__name__ for source in dict.fromkeys(sources))
     Recomputed.__name__ = Recomputed.__qualname__ = f"{name}Linear"
@@ -623,16 +628,29 @@ for _n in (1, 2, 3):  # every mix of parts applied first and parts whose BatchNo
 
 
 def linear(producer, args, weight: torch.Tensor, bias: torch.Tensor | None = None, rebuilt=(),
-           keep: bool = False) -> torch.Tensor:
+           keep: bool = False, bias_cancels: bool = False) -> torch.Tensor:
     """``F.linear(producer.make(*args)[0], weight, bias)``, keeping ``args`` instead of the input
     (``keep``: the input as well, as plain autograd would, so backward does not rebuild it).
 
     ``rebuilt``: ``(source, index, src)`` triples where ``args[index]`` is
-    ``source.make(*src)[0]``: kept as ``src`` only, its gradient still returned to it."""
+    ``source.make(*src)[0]``: kept as ``src`` only, its gradient still returned to it.
+    ``bias_cancels``: the result's one reader is a BatchNorm with batch statistics, whose mean
+    takes the bias away: the bias's gradient is zero, written as such (``_cancelled``)."""
     sources = tuple(source for source, _index, _src in rebuilt)
     layout = tuple((index, len(src)) for _source, index, src in rebuilt)
     srcs = [t for _source, _index, src in rebuilt for t in src]
-    return _FUNCTIONS[producer, sources].apply(weight, bias, layout, bool(keep), *args, *srcs)
+    return _FUNCTIONS[producer, sources].apply(weight, bias, layout, bool(keep), bool(bias_cancels), *args, *srcs)
+
+
+def _cancelled(bias: torch.Tensor | None, ctx) -> torch.Tensor | None:
+    """The gradient of a bias that a BatchNorm's batch mean takes away: zero in exact arithmetic
+    (the BatchNorm's input gradient sums to zero over its positions). Its column sum in floating
+    point is a rounding residue of that cancellation, noise that Adam would normalise into steps
+    of the learning rate's size; float64 gives about 1e-16 of the gradients' scale. Zero, in the
+    parameter's dtype (``ctx.dtypes[1]``)."""
+    if bias is None:
+        return None
+    return torch.zeros(bias.shape, dtype=ctx.dtypes[1], device=bias.device)
 
 
 class _GatedLayerNorm(torch.autograd.Function):
@@ -929,7 +947,8 @@ class _LinearBatchNorm(torch.autograd.Function):
     where the rebuild of the result for its reader leaves the GEMM's output, which backward
     takes instead of running the GEMM (None: it runs it). ``twice``: also returns the map once
     more (its storage) for a second reader, whose gradient of it the BatchNorm's backward adds
-    on load (no accumulation pass of autograd's)."""
+    on load (no accumulation pass of autograd's). The GEMM's bias has a zero gradient, which
+    the batch mean makes it (``_cancelled``)."""
 
     @staticmethod
     def forward(ctx, x, x_gemm, weight, bias, w_gemm, b_gemm, bn_weight, bn_bias, eps, act, height, width, pool,
@@ -984,20 +1003,18 @@ class _LinearBatchNorm(torch.autograd.Function):
             grad2 = grad2.permute(0, 2, 3, 1).contiguous().view(-1, grad.shape[1])
             if sums or grad2.dtype != grad_rows.dtype:
                 grad_rows, grad2 = grad_rows + grad2, None
-        # the GEMM's bias gradient, colsum(dy), summed by the kernel that writes dy
         if sums:
-            dy, dbw, dbb, dy_sum = summed_batch_norm_backward(grad_rows, y, mean, invstd, bn_weight, bn_bias, sums, act,
-                                                              height, width, pool, bias is not None)
+            dy, dbw, dbb, _ = summed_batch_norm_backward(grad_rows, y, mean, invstd, bn_weight, bn_bias, sums, act,
+                                                         height, width, pool)
         else:
-            dy, _dr, dbw, dbb, dy_sum, _ = torch.ops.hifuse.batch_norm_act_backward(
-                grad_rows, y, None, mean, invstd, bn_weight, bn_bias, act, height, width, pool, bias is not None, None,
-                grad2,
+            dy, _dr, dbw, dbb, _, _ = torch.ops.hifuse.batch_norm_act_backward(
+                grad_rows, y, None, mean, invstd, bn_weight, bn_bias, act, height, width, pool, False, None, grad2,
             )
         # grad_after: x's gradient from its next reader, made by that reader's backward for x
         # alone (the chain hands x to one reader), so the GEMM may add into it
         dx, dw, _ = _linear_backward(dy, x, weight, None, *ctx.dtypes, a_grad_into=grad_after)
-        db = None if bias is None else dy_sum.to(ctx.dtypes[1])
-        return dx, None, dw, db, None, None, dbw, dbb, *[None] * 16
+        # the batch mean takes the GEMM's bias away: its gradient is zero (colsum(dy) cancels)
+        return dx, None, dw, _cancelled(bias, ctx), None, None, dbw, dbb, *[None] * 16
 
 
 def linear_batch_norm(x, weight, bias, bn, act: str | None = None, pool: bool = False, gemm_dtype=None,
@@ -1049,20 +1066,21 @@ def linear_batch_norm(x, weight, bias, bn, act: str | None = None, pool: bool = 
 
 
 def norm_cat_linear(parts, sources, ln_weight, ln_bias, eps: float, out_dtype, weight, bias=None,
-                    keep: bool = False) -> torch.Tensor:
+                    keep: bool = False, bias_cancels: bool = False) -> torch.Tensor:
     """``linear(LayerNormCat, (*parts, ln_weight, ln_bias, eps, out_dtype), weight, bias)`` where
     each part is ``LinearBatchNorm.make(*source)[0]`` (``sources``: as ``linear_batch_norm``
     returns them), keeping the sources instead of the parts: neither they nor the normalised
     rows are kept (``keep``: both are, as plain autograd would keep them). A part whose source
     is a ``DeferredBatchNorm`` is its GEMM's output, normalised on load (``LayerNormCatBN``):
-    the BatchNorm's output is never written, in forward or in backward."""
+    the BatchNorm's output is never written, in forward or in backward. ``bias_cancels``: as
+    ``linear``'s."""
     deferred = [isinstance(s, DeferredBatchNorm) for s in sources]
     if not any(deferred):
         args = (*parts, ln_weight, ln_bias, float(eps), out_dtype)
         if keep:
-            return linear(LayerNormCat, args, weight, bias, keep=True)
+            return linear(LayerNormCat, args, weight, bias, keep=True, bias_cancels=bias_cancels)
         rebuilt = [(LinearBatchNorm, i, source) for i, source in enumerate(sources)]
-        return linear(LayerNormCat, args, weight, bias, rebuilt)
+        return linear(LayerNormCat, args, weight, bias, rebuilt, bias_cancels=bias_cancels)
     if keep:
         raise ValueError("norm_cat_linear: parts with a deferred BatchNorm are rebuilt, not kept")
     bn_parts = sum(1 << i for i, d in enumerate(deferred) if d)
@@ -1071,4 +1089,4 @@ def norm_cat_linear(parts, sources, ln_weight, ln_bias, eps: float, out_dtype, w
     args = (bn_parts, shared, *parts, *bn, ln_weight, ln_bias, float(eps), out_dtype)
     rebuilt = [(LinearStats, 2 + i, s.source) if d else (LinearBatchNorm, 2 + i, s)
                for i, (s, d) in enumerate(zip(sources, deferred))]
-    return linear(LayerNormCatBN, args, weight, bias, rebuilt)
+    return linear(LayerNormCatBN, args, weight, bias, rebuilt, bias_cancels=bias_cancels)

@@ -7,7 +7,7 @@ import torch
 
 import hifuse
 from helpers import assert_autocast_within_eager_error, assert_model_matches_eager, feature
-from hifuse.model import HFFBlock
+from hifuse.model import ConvBN, HFFBlock
 from hifuse_kernels import _triton
 from hifuse_kernels.layer_norm_cat import unsupported_reason as layer_norm_cat_unsupported
 
@@ -85,6 +85,29 @@ def test_block_matches_eager(position, train):
             _assert_within_eager_error(pf.grad, pe.grad, pd.grad, name)
     for (name, be), bf in zip(eager.named_buffers(), fused.buffers()):
         torch.testing.assert_close(bf, be, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_biases_before_batch_norms_get_zero_gradients(autocast):
+    """In training the batch mean takes the bias of each convolution before a BatchNorm away:
+    its gradient is zero, which the fused block writes as zero in the parameter's dtype (eager
+    writes the rounding residue of a column sum that cancels), and the other gradients stay
+    eager's."""
+    _skip_without_native()
+    torch.manual_seed(0)
+    block = HFFBlock(32).to(DEVICE).train()
+    _randomise_batch_norms(block)
+    inputs = _block_inputs(32, 2, 6, 5, True, channels_last=True)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=autocast), hifuse.use_fused(**FUSION_ONLY):
+        block(*inputs).float().square().sum().backward()
+    biased = [n for n, m in block.named_modules() if isinstance(m, ConvBN) and m.bn is not None and m.conv.bias is not None]
+    assert sorted(biased) == ["Updim", "W", "W3", "W_g", "W_l"]
+    for name in biased:
+        bias = getattr(block, name).conv.bias
+        if name == "W":  # the first block's projection; this one has Updim's part: W3
+            assert bias.grad is None
+            continue
+        assert bias.grad.dtype == bias.dtype and torch.equal(bias.grad, torch.zeros_like(bias)), name
 
 
 def test_block_with_stochastic_depth():

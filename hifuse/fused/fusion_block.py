@@ -36,6 +36,12 @@ def folds(bn) -> bool:
     return bn is not None and not bn.training and bn.running_var is not None
 
 
+def batch_statistics(bn) -> bool:
+    """Whether a BatchNorm normalises with its batch's statistics (training, or no running
+    statistics): then the bias of the convolution before it has a zero gradient."""
+    return bn is not None and (bn.training or bn.running_var is None)
+
+
 def folded_weights(m: ConvBN) -> tuple[torch.Tensor, torch.Tensor]:
     """conv + eval BatchNorm as one convolution's (weight, bias); cached while no gradient
     flows through them (in inference), recomputed when a parameter or statistic changes."""
@@ -86,7 +92,8 @@ def conv_bn_recomputed(m: ConvBN, producer, args, then: str | None = None, keep:
     pixels that backward rebuilds instead of keeping (``hifuse_kernels.recompute``; ``keep``:
     keeps them)."""
     act = "relu" if m.relu is not None else then
-    y = recompute.linear(producer, args, m.conv.weight.flatten(1), m.conv.bias, keep=keep).permute(0, 3, 1, 2)
+    y = recompute.linear(producer, args, m.conv.weight.flatten(1), m.conv.bias, keep=keep,
+                         bias_cancels=batch_statistics(m.bn)).permute(0, 3, 1, 2)
     return bna.batch_norm_act(y, m.bn, act, check=False)
 
 
@@ -266,7 +273,8 @@ def fusion_forward(m: HFFBlock, l: torch.Tensor, g: torch.Tensor, f: torch.Tenso
         x = conv_bn_forward(proj, normed, then="gelu")
     elif sources is not None:
         y = recompute.norm_cat_linear(parts, sources, norm.weight, norm.bias, norm.eps, out_dtype,
-                                      proj.conv.weight.flatten(1), proj.conv.bias, keep=keep_norm)
+                                      proj.conv.weight.flatten(1), proj.conv.bias, keep=keep_norm,
+                                      bias_cancels=batch_statistics(proj.bn))
         bn_args = bna.apply_args(y.permute(0, 3, 1, 2), proj.bn, "relu" if proj.relu is not None else "gelu")
     else:
         # the normalised concatenation is rebuilt in backward from the parts it keeps anyway
