@@ -1,5 +1,5 @@
-"""Fusion block: gated norm3, concat LayerNorm, gating statistics and the four blocks of
-HiFuse-Tiny, eager vs torch.compile vs fused.
+"""Fusion block: gated norm3, concat LayerNorm, gating statistics, the channel gate and the
+four blocks of HiFuse-Tiny, eager vs torch.compile vs fused.
 
 Shapes are the four fusion stages (56x56x96 .. 7x7x768 at 224x224, scaled with the
 benchmark image size) at the largest benchmark batch, channels-last activations.
@@ -17,6 +17,7 @@ import hifuse_kernels
 from conftest import DEVICE, DTYPES, run_timed, time_op
 from hifuse.model import HFFBlock
 from hifuse_kernels import _triton
+from hifuse_kernels.channel_gate import channel_gate, channel_gate_ref
 from hifuse_kernels.channel_pool import channel_pool, channel_pool_ref
 from hifuse_kernels.gated_layer_norm import gated_layer_norm, gated_layer_norm_ref
 from hifuse_kernels.spatial_pool import spatial_pool, spatial_pool_ref
@@ -102,6 +103,23 @@ def test_gate_pooling(benchmark, bench_settings, stage, which, impl, direction, 
            "spatial_pool": (spatial_pool_ref, spatial_pool)}
     fn = _pick(impl, *ops[which])
     time_op(benchmark, bench_settings, lambda: fn(x), [x], direction, stage=stage, op=which, batch=b, impl=impl,
+            dtype=dtype)
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
+@pytest.mark.parametrize("impl", ["eager", "compile", "fused"])
+@pytest.mark.parametrize("direction", ["fwd", "fwd_bwd"])
+def test_channel_gate(benchmark, bench_settings, stage, impl, direction, dtype):
+    """sigmoid(se(max) + se(avg)) of a stage's poolings, the SE MLP's weights (r = 16) in the
+    benchmark's dtype."""
+    b, c, _side = _op_case(bench_settings, stage, impl)
+    dt, grad = DTYPES[dtype], direction == "fwd_bwd"
+    avg, best = (torch.randn(b, c, 1, 1, device=DEVICE, dtype=dt, requires_grad=grad) for _ in range(2))
+    w1 = (torch.randn(c // 16, c, 1, 1, device=DEVICE) / c**0.5).to(dt).requires_grad_(grad)
+    w2 = (torch.randn(c, c // 16, 1, 1, device=DEVICE) / (c // 16) ** 0.5).to(dt).requires_grad_(grad)
+    fn = _pick(impl, channel_gate_ref, channel_gate)
+    inputs = [avg, best, w1, w2]
+    time_op(benchmark, bench_settings, lambda: fn(*inputs), inputs, direction, stage=stage, batch=b, impl=impl,
             dtype=dtype)
 
 

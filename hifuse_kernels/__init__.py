@@ -9,6 +9,7 @@ from . import (
     _ext,
     _triton,
     batch_norm_act,
+    channel_gate,
     channel_pool,
     dwconv_layer_norm,
     gated_layer_norm,
@@ -31,6 +32,7 @@ from ._triton import unsupported_reason as triton_unsupported_reason
 
 __all__ = [
     "batch_norm_act",
+    "channel_gate",
     "channel_pool",
     "dwconv_layer_norm",
     "gated_layer_norm",

@@ -50,6 +50,7 @@ from triton.compiler import ASTSource  # noqa: E402
 import hifuse_kernels._triton as _triton  # noqa: E402
 import hifuse_kernels.batch_norm_act as bna  # noqa: E402
 import hifuse_kernels.dwconv_layer_norm as dln  # noqa: E402
+import hifuse_kernels.channel_gate as cg  # noqa: E402
 import hifuse_kernels.channel_pool as cp  # noqa: E402
 import hifuse_kernels.gated_layer_norm as gln  # noqa: E402
 import hifuse_kernels.layer_norm_cat as lnc  # noqa: E402
@@ -268,6 +269,14 @@ def cases(dtype: str):
     for acc in (False, True):  # with g's gradient from its next reader added in
         yield cp._channel_pool_bwd_kernel, dict(D_AVG="dt", D_MAX="dt", ARG="i32", ACC=f32, DG=f32), \
             {**pool, "HAS_ACC": acc}
+    for c in (96, 768):  # the SE MLP's hidden widths 6 and 48; float32 poolings (the first block's) and dt
+        launch = _as_warps(cg._launch(c // 16))
+        for x in (f32, "dt"):
+            yield cg._fwd_kernel, dict(X=x, W1=f32, W2=f32, H="dt", GATE="dt"), {**launch, "UPCAST": False}
+            yield cg._bwd_kernel, dict(DGATE="dt", GATE="dt", H="dt", W1=f32, W2=f32, DS="dt", DH="dt", DX=x), \
+                {**launch, "UPCAST": False}
+            yield cg._bwd_weight_kernel, dict(X=x, DS="dt", H="dt", DH="dt", DW1=f32, DW2=f32), \
+                {**launch, "UPCAST": False}
     for c in (96, 192, 384, 768):  # launched as the op launches them, fp32 g and l with dt gates and X (autocast)
         rows = row_launch(c, 1, "BLOCK_P")
         for low in (False, True):  # with l's cast for its GEMM (the first fusion block's float32 l)

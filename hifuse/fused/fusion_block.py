@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from hifuse_kernels import batch_norm_act as bna
+from hifuse_kernels import channel_gate as cg
 from hifuse_kernels import gated_layer_norm as gln
 from hifuse_kernels import gelu_linear as gl
 from hifuse_kernels import gelu_residual as gr
@@ -208,8 +209,9 @@ def fusion_forward(m: HFFBlock, l: torch.Tensor, g: torch.Tensor, f: torch.Tenso
        the projection GEMM (``recompute.norm_cat_linear``), keeping neither the normalised rows
        nor the GEMM's output; x is never written: 4's LayerNorm applies the projection's
        BatchNorm + GELU as it loads the GEMM's output, in forward and backward;
-    3. the gates: spatial_pool(l) -> 7x7 conv + BatchNorm -> sigmoid, and channel_pool(g) -> SE
-       MLP -> sigmoid (PyTorch ops on small maps);
+    3. the gates: spatial_pool(l) -> 7x7 conv + BatchNorm -> sigmoid (PyTorch's convolution
+       and sigmoid on a one-channel map), and channel_pool(g) -> SE MLP -> sigmoid
+       (``channel_gate``: one kernel, two in backward);
     4. norm3 over [g * channel gate, l * spatial gate, x], never written whole
        (``gated_layer_norm``) and never kept: rerun once in backward (with x's BatchNorm
        apply), for bn1's residual and, in the same pass, conv1's input
@@ -288,13 +290,7 @@ def fusion_forward(m: HFFBlock, l: torch.Tensor, g: torch.Tensor, f: torch.Tenso
         pooled = spatial_pool(l, check=False)
         stats = channel_pool(g, check=False, stacked=True)
     spatial_gate = torch.sigmoid(conv_bn_forward(m.spatial, pooled))
-    # the shared SE MLP over the averages and maxima as one batch: one pass of each layer
-    # forward and backward, and no accumulation of its weight gradients. Its two halves are
-    # added in its dtype, as eager adds its two results (a sum, which CUDA's autocast takes in
-    # float32, would cast first and round otherwise).
-    n = g.shape[0]
-    avg, best = m.se(stats).view(2, n, *stats.shape[1:]).unbind(0)
-    channel_gate = torch.sigmoid(best + avg)
+    channel_gate = se_gate(m, stats)
 
     # without stochastic depth the IRMLP's last pass adds the shortcut (its result is never written)
     inactive = drop_path_inactive(m)
@@ -315,6 +311,24 @@ def fusion_forward(m: HFFBlock, l: torch.Tensor, g: torch.Tensor, f: torch.Tenso
         return tail(irmlp_forward(m.residual, None, src, shortcut=added))
     x = recompute.gated_layer_norm(src, keep=True)
     return tail(irmlp_forward(m.residual, x, shortcut=added))
+
+
+def se_gate(m: HFFBlock, stats: torch.Tensor) -> torch.Tensor:
+    """The channel gate sigmoid(se(max) + se(avg)) of g's poolings stacked as (2N, C, 1, 1),
+    averages first: one kernel forward and two backward (``hifuse_kernels.channel_gate``), where
+    the SE MLP is the published one (1x1 convolutions without bias around a ReLU); else the
+    shared SE MLP over both poolings as one batch, its two halves added in its dtype, as eager
+    adds its two results."""
+    first, relu, second = (list(m.se) + [None, None, None])[:3]
+    dtype = autocast_dtype(stats)
+    if (len(m.se) == 3 and all(type(c) is torch.nn.Conv2d and c.bias is None and c.kernel_size == (1, 1)
+                               and c.groups == 1 for c in (first, second)) and type(relu) is torch.nn.ReLU):
+        w1, w2 = first.weight.flatten(1), second.weight.flatten(1)
+        if cg.unsupported_reason(stats.flatten(1), w1, w2, dtype) is None:
+            return cg.channel_gate(stats, None, w1, w2, dtype, check=False)
+    n = stats.shape[0] // 2
+    avg, best = m.se(stats).view(2, n, *stats.shape[1:]).unbind(0)
+    return torch.sigmoid(best + avg)
 
 
 def _defers(m: HFFBlock, inputs, norm) -> bool:
