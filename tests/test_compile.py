@@ -19,7 +19,8 @@ import hifuse_kernels
 TRAINING_OPS = {
     "window_attention": 5, "window_attention_dense_bias": 5, "residual_layer_norm": 5, "patch_merge_norm": 3,
     "dwconv_layer_norm": 5, "gelu_residual": 5 + 4,
-    "layer_norm_cat_rows_bn": 4, "channel_pool": 4, "spatial_pool": 4, "gated_layer_norm_bn": 4, "gelu_linear": 4,
+    "layer_norm_cat_rows_bn": 4, "channel_pool": 4, "channel_gate": 4, "spatial_pool": 4, "gated_layer_norm_bn": 4,
+    "gelu_linear": 4,
     # W_l's and W_g's BatchNorms are applied by layer_norm_cat_rows_bn, W/W3's BatchNorm + GELU by
     # gated_layer_norm_bn (no batch_norm_act of their own)
     "batch_norm_stats": 27, "batch_norm_act": 27 - 8 - 4,
