@@ -43,7 +43,7 @@ from ._triton import tl, triton
 from .reference import activation
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-ACTIVATIONS = {None: 0, "relu": 1, "gelu": 2}
+ACTIVATIONS = {None: 0, "relu": 1, "gelu": 2, "sigmoid": 3}  # sigmoid: the spatial gate's
 BLOCK_M = 64  # rows (pixels) per program
 BLOCK_C = 64  # channels per program
 # 8 elements of each tile per thread: 16 per thread took up to 134 registers, which leaves one
@@ -158,6 +158,8 @@ if triton is not None:
             z = tl.where(z < 0.0, 0.0, z)  # not tl.maximum, which turns NaN into 0
         elif ACT == 2:
             z = gelu(z)
+        elif ACT == 3:
+            z = tl.sigmoid(z)
         return z
 
     @triton.jit
@@ -166,6 +168,9 @@ if triton is not None:
             d = tl.where(z > 0.0, 1.0, 0.0)
         elif ACT == 2:
             d = gelu_grad(z)
+        elif ACT == 3:
+            y = tl.sigmoid(z)
+            d = y * (1.0 - y)
         else:
             d = tl.full(z.shape, 1.0, tl.float32)
         return d
@@ -1022,7 +1027,7 @@ def batch_norm_act(
     (channels-last memory is read without copies); the result is channels-last.
 
     Args:
-        act: None, "relu" or "gelu" (exact).
+        act: None, "relu", "gelu" (exact) or "sigmoid".
         residual: with it, the BatchNorm input is gelu(x) + residual, never materialised.
         pool: average the result over 2x2 windows (stride 2, an odd last row or column
             dropped, as ``F.avg_pool2d``); the full-resolution result is never written.

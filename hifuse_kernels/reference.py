@@ -22,8 +22,9 @@ __all__ = [
 
 
 def activation(name: str | None):
-    """The elementwise function a fused op names: None (identity), "relu" or "gelu" (exact)."""
-    functions = {None: _identity, "relu": F.relu, "gelu": F.gelu}
+    """The elementwise function a fused op names: None (identity), "relu", "gelu" (exact) or
+    "sigmoid"."""
+    functions = {None: _identity, "relu": F.relu, "gelu": F.gelu, "sigmoid": torch.sigmoid}
     if name not in functions:
         raise ValueError(f"activation must be one of {list(functions)}, got {name!r}")
     return functions[name]

@@ -204,7 +204,7 @@ def cases(dtype: str):
             io = dict(Y="dt", R=f32 if prologue else "dt")
             yield bna._stats_kernel, dict(**io, MEAN_PART="fp64", M2_PART="fp64", COUNT_PART="fp64"), \
                 {**tile(bna.BLOCK_M), "PROLOGUE": prologue, **ungated}
-            for act in (0, 1, 2):
+            for act in (0, 1, 2, 3) if c == 1 else (0, 1, 2):  # sigmoid: the spatial gate's one channel
                 flags = {"PROLOGUE": prologue, "ACT": act}
                 out = "dt"  # with the prologue too: the IRMLP's bn1 writes conv2's GEMM dtype
                 yield bna._apply_kernel, dict(**io, MEAN=f32, INVSTD=f32, W=f32, B=f32, OUT=out, SC=out), \

@@ -47,7 +47,7 @@ def _run_both(shape, act, residual, channels_last=True, momentum=0.1, steps=1):
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("act", [None, "relu", "gelu"])
+@pytest.mark.parametrize("act", [None, "relu", "gelu", "sigmoid"])
 @pytest.mark.parametrize("residual", [False, True])
 def test_matches_batch_norm_module(tiles, shape, act, residual):
     out, ref, bn, ref_bn, xs, rs = _run_both(shape, act, residual)

@@ -54,8 +54,9 @@ def folded_weights(m: ConvBN) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def conv_bn_forward(m: ConvBN, x: torch.Tensor, then: str | None = None, pool: bool = False) -> torch.Tensor:
-    """ConvBN followed by activation ``then`` ("gelu" or None) and, with ``pool``, a 2x2/2
-    average pooling (fused into the training BatchNorm). Checked by ``fusion_check``."""
+    """ConvBN followed by activation ``then`` ("gelu", "sigmoid" or None; fused into the
+    training BatchNorm) and, with ``pool``, a 2x2/2 average pooling (fused into the training
+    BatchNorm). Checked by ``fusion_check``."""
     act = "relu" if m.relu is not None else then
     bn = m.bn
     if folds(bn):
@@ -209,8 +210,8 @@ def fusion_forward(m: HFFBlock, l: torch.Tensor, g: torch.Tensor, f: torch.Tenso
        the projection GEMM (``recompute.norm_cat_linear``), keeping neither the normalised rows
        nor the GEMM's output; x is never written: 4's LayerNorm applies the projection's
        BatchNorm + GELU as it loads the GEMM's output, in forward and backward;
-    3. the gates: spatial_pool(l) -> 7x7 conv + BatchNorm -> sigmoid (PyTorch's convolution
-       and sigmoid on a one-channel map), and channel_pool(g) -> SE MLP -> sigmoid
+    3. the gates: spatial_pool(l) -> 7x7 conv (PyTorch's, on a one-channel map) + BatchNorm
+       and sigmoid (one op in training), and channel_pool(g) -> SE MLP -> sigmoid
        (``channel_gate``: one kernel, two in backward);
     4. norm3 over [g * channel gate, l * spatial gate, x], never written whole
        (``gated_layer_norm``) and never kept: rerun once in backward (with x's BatchNorm
@@ -289,7 +290,7 @@ def fusion_forward(m: HFFBlock, l: torch.Tensor, g: torch.Tensor, f: torch.Tenso
     elif not chain:
         pooled = spatial_pool(l, check=False)
         stats = channel_pool(g, check=False, stacked=True)
-    spatial_gate = torch.sigmoid(conv_bn_forward(m.spatial, pooled))
+    spatial_gate = conv_bn_forward(m.spatial, pooled, then="sigmoid")
     channel_gate = se_gate(m, stats)
 
     # without stochastic depth the IRMLP's last pass adds the shortcut (its result is never written)
