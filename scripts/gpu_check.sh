@@ -152,7 +152,7 @@ blocks="test_global_blocks_tiny or test_local_blocks_tiny or test_fusion_blocks_
 bench blocks -k "($blocks) and not compile" "${ops[@]}"
 bench window_attention -k "test_window_attention and not blocks" "${ops[@]}"
 bench dwconv_layer_norm -k "test_dwconv_layer_norm and not blocks" "${ops[@]}"
-bench fusion_ops -k "test_gated_layer_norm or test_layer_norm_cat or test_gate_pooling or test_batch_norm_act or test_gelu_linear" \
+bench fusion_ops -k "test_gated_layer_norm or test_layer_norm_cat or test_gate_pooling or test_channel_gate or test_batch_norm_act or test_gelu_linear" \
   "${ops[@]}"
 # the copy bandwidth the memory-bound ops are held to (summarize.py: "% of copy"), and the
 # residual epilogues
