@@ -601,10 +601,10 @@ def _function(producer, sources=()):
                 ones = a.view(-1, a.shape[-1]) if a.shape[-1] != k else None
                 _, dw, db = _linear_backward(grad, a[..., :k], weight, summed_bias, *ctx.dtypes, a_ones=ones,
                                              a_grad=False)
-                return (dw, _cancelled(bias, ctx) if ctx.bias_cancels else db, *rest, *grads, *tail)
+                return (dw, _cancelled(bias, dw, ctx) if ctx.bias_cancels else db, *rest, *grads, *tail)
             a, aux = (made[0], tuple(made[1:])) if made else producer.make(*args)
             da, dw, db = _linear_backward(grad, a, weight, summed_bias, *ctx.dtypes)
-            return (dw, _cancelled(bias, ctx) if ctx.bias_cancels else db, *rest, *producer.grad(da, aux, *args),
+            return (dw, _cancelled(bias, dw, ctx) if ctx.bias_cancels else db, *rest, *producer.grad(da, aux, *args),
                     *tail)
 
     name = producer.__name__ + "".join("From" + source.__name__ for source in dict.fromkeys(sources))
@@ -642,15 +642,16 @@ def linear(producer, args, weight: torch.Tensor, bias: torch.Tensor | None = Non
     return _FUNCTIONS[producer, sources].apply(weight, bias, layout, bool(keep), bool(bias_cancels), *args, *srcs)
 
 
-def _cancelled(bias: torch.Tensor | None, ctx) -> torch.Tensor | None:
+def _cancelled(bias: torch.Tensor | None, dw: torch.Tensor, ctx) -> torch.Tensor | None:
     """The gradient of a bias that a BatchNorm's batch mean takes away: zero in exact arithmetic
     (the BatchNorm's input gradient sums to zero over its positions). Its column sum in floating
     point is a rounding residue of that cancellation, noise that Adam would normalise into steps
     of the learning rate's size; float64 gives about 1e-16 of the gradients' scale. Zero, in the
-    parameter's dtype (``ctx.dtypes[1]``)."""
+    parameter's dtype (``ctx.dtypes[1]``), taken as 0 times the weight gradient's first column
+    (``dw``, (out, in)): a channel whose gradient is not finite gets NaN, as eager's sum would."""
     if bias is None:
         return None
-    return torch.zeros(bias.shape, dtype=ctx.dtypes[1], device=bias.device)
+    return (dw[:, 0] * 0).to(ctx.dtypes[1])
 
 
 class _GatedLayerNorm(torch.autograd.Function):
@@ -1014,7 +1015,7 @@ class _LinearBatchNorm(torch.autograd.Function):
         # alone (the chain hands x to one reader), so the GEMM may add into it
         dx, dw, _ = _linear_backward(dy, x, weight, None, *ctx.dtypes, a_grad_into=grad_after)
         # the batch mean takes the GEMM's bias away: its gradient is zero (colsum(dy) cancels)
-        return dx, None, dw, _cancelled(bias, ctx), None, None, dbw, dbb, *[None] * 16
+        return dx, None, dw, _cancelled(bias, dw, ctx), None, None, dbw, dbb, *[None] * 16
 
 
 def linear_batch_norm(x, weight, bias, bn, act: str | None = None, pool: bool = False, gemm_dtype=None,
