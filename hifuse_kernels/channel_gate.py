@@ -164,13 +164,20 @@ if triton is not None:
                  mask=cmask[:, None] & rmask[None, :])
 
 
-def _launch(r: int) -> dict:
-    """Tiles of a launch: every hidden channel in one tile (r is C/16 in HiFuse: 6 to 48), and
-    as many channels a step as keep a weight tile to TILE values (registers)."""
+def _launch(n: int, c: int, r: int) -> dict:
+    """Tiles of a launch over n images of c channels: every hidden channel in one tile (r is
+    C/16 in HiFuse: 6 to 48), and as many channels a step as keep a weight tile to TILE values
+    (registers); with wide tiles (the interpreter) the images and channels in as few programs
+    and steps as fit."""
     block_r = max(16, _triton.next_power_of_2(r))
+    upcast = _triton.interpreter_launches()
+    if _triton.wide():
+        block_n = max(16, min(_triton.next_power_of_2(n), 256))
+        block_c = max(16, min(_triton.next_power_of_2(c), _triton.WIDE_VALUES // max(block_n, block_r)))
+        return dict(BLOCK_N=block_n, BLOCK_C=block_c, BLOCK_R=block_r, UPCAST=upcast, num_warps=WARPS)
     # 64 hidden lanes: the float32 weight gradients' two accumulators took 168 registers on 4 warps
-    return dict(BLOCK_N=BLOCK_N, BLOCK_C=max(16, TILE // block_r), BLOCK_R=block_r,
-                UPCAST=_triton.interpreter_launches(), num_warps=WARPS if block_r < 64 else 2 * WARPS)
+    return dict(BLOCK_N=BLOCK_N, BLOCK_C=max(16, TILE // block_r), BLOCK_R=block_r, UPCAST=upcast,
+                num_warps=WARPS if block_r < 64 else 2 * WARPS)
 
 
 def _gemm_dtype(stats: torch.Tensor, dtype: torch.dtype | None) -> torch.dtype:
@@ -185,9 +192,9 @@ def _channel_gate_op(stats: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
     n, (r, c) = stats.shape[0] // 2, w1.shape
     gate = stats.new_empty((n, c), dtype=dt)
     hidden = stats.new_empty((2 * n, r), dtype=dt)
-    launch = _launch(r)
-    _triton.wrap_triton(_fwd_kernel)[_triton.grid(triton.cdiv(n, BLOCK_N))](stats, w1, w2, hidden, gate, n, c, r,
-                                                                           **launch)
+    launch = _launch(n, c, r)
+    _triton.wrap_triton(_fwd_kernel)[_triton.grid(triton.cdiv(n, launch["BLOCK_N"]))](stats, w1, w2, hidden, gate,
+                                                                                     n, c, r, **launch)
     return gate, hidden
 
 
@@ -200,9 +207,9 @@ def _channel_gate_backward_op(grad: torch.Tensor, gate: torch.Tensor, hidden: to
     dh = torch.empty_like(hidden)
     dx = torch.empty_like(stats)
     dw1, dw2 = torch.empty_like(w1), torch.empty_like(w2)
-    launch = _launch(r)
-    _triton.wrap_triton(_bwd_kernel)[_triton.grid(triton.cdiv(n, BLOCK_N))](grad, gate, hidden, w1, w2, ds, dh, dx,
-                                                                           n, c, r, **launch)
+    launch = _launch(n, c, r)
+    _triton.wrap_triton(_bwd_kernel)[_triton.grid(triton.cdiv(n, launch["BLOCK_N"]))](
+        grad, gate, hidden, w1, w2, ds, dh, dx, n, c, r, **launch)
     _triton.wrap_triton(_bwd_weight_kernel)[_triton.grid(triton.cdiv(c, launch["BLOCK_C"]))](
         stats, ds, hidden, dh, dw1, dw2, n, c, r, **launch)
     return dx, dw1, dw2

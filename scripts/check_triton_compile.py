@@ -270,7 +270,7 @@ def cases(dtype: str):
         yield cp._channel_pool_bwd_kernel, dict(D_AVG="dt", D_MAX="dt", ARG="i32", ACC=f32, DG=f32), \
             {**pool, "HAS_ACC": acc}
     for c in (96, 768):  # the SE MLP's hidden widths 6 and 48; float32 poolings (the first block's) and dt
-        launch = _as_warps(cg._launch(c // 16))
+        launch = _as_warps(cg._launch(128, c, c // 16))
         for x in (f32, "dt"):
             yield cg._fwd_kernel, dict(X=x, W1=f32, W2=f32, H="dt", GATE="dt"), {**launch, "UPCAST": False}
             yield cg._bwd_kernel, dict(DGATE="dt", GATE="dt", H="dt", W1=f32, W2=f32, DS="dt", DH="dt", DX=x), \

@@ -44,7 +44,7 @@ SHAPES = [(1, 96, 6), (3, 48, 3), (17, 200, 12), (33, 768, 48)]
 
 
 @pytest.mark.parametrize("n,c,r", SHAPES)
-def test_matches_eager_in_float32(n, c, r):
+def test_matches_eager_in_float32(tiles, n, c, r):
     tensors, grad = _inputs(n, c, r)
     f64 = _run(channel_gate_ref, [t.double() for t in tensors], grad.double())
     eager = _run(channel_gate_ref, tensors, grad)
@@ -55,7 +55,7 @@ def test_matches_eager_in_float32(n, c, r):
 
 
 @pytest.mark.parametrize("n,c,r", SHAPES[:3])
-def test_gemms_in_bf16_follow_eager_under_autocast(n, c, r):
+def test_gemms_in_bf16_follow_eager_under_autocast(tiles, n, c, r):
     """The dtypes eager's autocast gives (a bf16 gate; float32 gradients of float32 poolings and
     weights), values within eager's own distance from float64."""
     tensors, grad = _inputs(n, c, r)
