@@ -54,14 +54,18 @@ if triton is not None:
         n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         return n.to(tl.int64), n < N
 
+    @triton.jit
+    def _hidden(R, BLOCK_R: tl.constexpr):
+        r = tl.arange(0, BLOCK_R)
+        return r, r < R
+
     @_triton.kernel
     def _fwd_kernel(X, W1, W2, H, GATE, N, C, R, UPCAST: tl.constexpr, BLOCK_N: tl.constexpr,
                     BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
         """The gates of BLOCK_N images from X's (2N, C) rows (the averages, then the maxima);
         writes the hidden layer H (2N, R) for backward. H's dtype is the GEMMs'."""
         n, nmask = _images(N, BLOCK_N)
-        r = tl.arange(0, BLOCK_R)
-        rmask = r < R
+        r, rmask = _hidden(R, BLOCK_R)
         dt = H.dtype.element_ty
         ha = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
         hm = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
@@ -100,8 +104,7 @@ if triton is not None:
         backward; both convolutions' outputs take it), the hidden layer's DH (2N, R), the
         same for both halves but where their ReLU was off, and the poolings' DX (2N, C)."""
         n, nmask = _images(N, BLOCK_N)
-        r = tl.arange(0, BLOCK_R)
-        rmask = r < R
+        r, rmask = _hidden(R, BLOCK_R)
         dt = H.dtype.element_ty
         acc = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
         for c0 in range(0, C, BLOCK_C):
@@ -140,8 +143,7 @@ if triton is not None:
         """Both weights' gradients over one block of C: sums over all 2N rows, in order."""
         c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
         cmask = c < C
-        r = tl.arange(0, BLOCK_R)
-        rmask = r < R
+        r, rmask = _hidden(R, BLOCK_R)
         dt = H.dtype.element_ty
         dw1 = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
         dw2 = tl.zeros((BLOCK_C, BLOCK_R), dtype=tl.float32)
@@ -295,7 +297,7 @@ def channel_gate(avg: torch.Tensor, best: torch.Tensor | None, w1: torch.Tensor,
     first, as (2N, C, 1, 1) or (2N, C). ``dtype``: the convolutions' dtype (autocast's, which
     the caller reads: the op runs outside autocast), else the inputs'."""
     if check:
-        if not all(isinstance(t, torch.Tensor) for t in (avg, w1, w2)) or not isinstance(best, (torch.Tensor, type(None))):
+        if not all(isinstance(t, torch.Tensor) for t in (avg, w1, w2, *([] if best is None else [best]))):
             raise TypeError("channel_gate: poolings and weights must be tensors")
         if best is not None and best.shape != avg.shape:
             raise ValueError(f"channel_gate: avg {tuple(avg.shape)} and best {tuple(best.shape)} differ")

@@ -396,8 +396,8 @@ class GatedLayerNormRows:
             dg, dcg, dl, dsg, dx, dw, db, sums = gln.backward_bn(grad, g, channel_gate, l, spatial_gate, y, x_bn, act,
                                                                  weight, mean, rstd, grad2, sums=True)
             rows, _residual, bn_mean, bn_invstd, bn_weight, bn_bias, act, height, width, pool, _ = src[11:]
-            dy, dbw, dbb, _ = summed_batch_norm_backward(dx.view(-1, dx.shape[-1]), rows, bn_mean, bn_invstd,
-                                                         bn_weight, bn_bias, sums, act, height, width, pool)
+            dy, dbw, dbb = summed_batch_norm_backward(dx.view(-1, dx.shape[-1]), rows, bn_mean, bn_invstd,
+                                                      bn_weight, bn_bias, sums, act, height, width, pool)
             return (None, None, None, dg, dcg, dl, dsg, None, dw, db, None, *BatchNormApply.grads(dy, None, dbw, dbb))
         dg, dcg, dl, dsg, dx, dw, db = gln.backward(grad, g, channel_gate, l, spatial_gate, x, weight, mean, rstd, grad2)
         dbn = BatchNormApply.grad(dx.view(-1, dx.shape[-1]), (), *src[11:])
@@ -430,15 +430,14 @@ class GatedLayerNorm:
 # --------------------------------------------------------------------------- autograd
 
 
-def summed_batch_norm_backward(grad, y, mean, invstd, weight, bias, sums, act, height, width, pool,
-                               dy_sum: bool = False) -> tuple:
-    """(dy, dweight, dbias, colsum(dy)) of a training BatchNorm's backward whose sums (of dz, of
-    dz * x_hat: float32 (C,) each) a pass of its reader reduced: its apply pass
+def summed_batch_norm_backward(grad, y, mean, invstd, weight, bias, sums, act, height, width, pool) -> tuple:
+    """(dy, dweight, dbias) of a training BatchNorm's backward whose sums (of dz, of dz * x_hat:
+    float32 (C,) each) a pass of its reader reduced: its apply pass
     (hifuse::batch_norm_act_backward_summed); the parameters' gradients are those sums in their
     dtypes (slices of one buffer, as DDP's gradient_as_bucket_view makes gradients: no copies)."""
-    dy, colsum = torch.ops.hifuse.batch_norm_act_backward_summed(grad, y, mean, invstd, weight, bias, sums[0], sums[1],
-                                                                 act, height, width, pool, dy_sum)
-    return dy, sums[1].to(weight.dtype), sums[0].to(bias.dtype), colsum
+    dy, _ = torch.ops.hifuse.batch_norm_act_backward_summed(grad, y, mean, invstd, weight, bias, sums[0], sums[1], act,
+                                                            height, width, pool)
+    return dy, sums[1].to(weight.dtype), sums[0].to(bias.dtype)
 
 
 def _split(args):
@@ -1005,8 +1004,8 @@ class _LinearBatchNorm(torch.autograd.Function):
             if sums or grad2.dtype != grad_rows.dtype:
                 grad_rows, grad2 = grad_rows + grad2, None
         if sums:
-            dy, dbw, dbb, _ = summed_batch_norm_backward(grad_rows, y, mean, invstd, bn_weight, bn_bias, sums, act,
-                                                         height, width, pool)
+            dy, dbw, dbb = summed_batch_norm_backward(grad_rows, y, mean, invstd, bn_weight, bn_bias, sums, act, height,
+                                                      width, pool)
         else:
             dy, _dr, dbw, dbb, _, _ = torch.ops.hifuse.batch_norm_act_backward(
                 grad_rows, y, None, mean, invstd, bn_weight, bn_bias, act, height, width, pool, False, None, grad2,

@@ -320,11 +320,12 @@ def se_gate(m: HFFBlock, stats: torch.Tensor) -> torch.Tensor:
     the SE MLP is the published one (1x1 convolutions without bias around a ReLU); else the
     shared SE MLP over both poolings as one batch, its two halves added in its dtype, as eager
     adds its two results."""
-    first, relu, second = (list(m.se) + [None, None, None])[:3]
-    dtype = autocast_dtype(stats)
-    if (len(m.se) == 3 and all(type(c) is torch.nn.Conv2d and c.bias is None and c.kernel_size == (1, 1)
-                               and c.groups == 1 for c in (first, second)) and type(relu) is torch.nn.ReLU):
-        w1, w2 = first.weight.flatten(1), second.weight.flatten(1)
+    se = list(m.se)
+    plain = [type(c) is torch.nn.Conv2d and c.bias is None and c.kernel_size == (1, 1) and c.groups == 1
+             for c in se[::2]]
+    if len(se) == 3 and type(se[1]) is torch.nn.ReLU and all(plain):
+        dtype = autocast_dtype(stats)
+        w1, w2 = se[0].weight.flatten(1), se[2].weight.flatten(1)
         if cg.unsupported_reason(stats.flatten(1), w1, w2, dtype) is None:
             return cg.channel_gate(stats, None, w1, w2, dtype, check=False)
     n = stats.shape[0] // 2
