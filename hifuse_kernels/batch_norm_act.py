@@ -34,6 +34,8 @@ fusion block's fused ``ConvBN`` and ``IRMLP`` paths (``hifuse.fused.fusion_block
 
 from __future__ import annotations
 
+import struct
+
 import torch
 import torch.nn.functional as F
 
@@ -263,13 +265,16 @@ if triton is not None:
 
     @_triton.kernel(do_not_specialize=["PROGRAMS"])
     def _stats_combine_kernel(MEAN_PART, M2_PART, COUNT_PART, MEAN, INVSTD, VAR, RUN_MEAN, RUN_VAR, NBT, C, PROGRAMS,
-                              eps, momentum, UPDATE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+                              eps, momentum, momentum_rest, UPDATE: tl.constexpr, BLOCK_C: tl.constexpr,
+                              BLOCK_P: tl.constexpr):
         """The programs' (count, mean, M2) combined: the count and mean as sums over all
         programs, then M2 as the sum of each program's M2 and its count times its mean's squared
         deviation from the whole mean, in float64, BLOCK_P programs' partials loaded at once and
         summed in a fixed order; the mean, biased variance and 1/sqrt(var + eps) written in
-        float32; with UPDATE the running mean and unbiased variance moved by ``momentum`` and
-        ``num_batches_tracked`` + 1."""
+        float32; with UPDATE the running mean and unbiased variance moved by the momentum
+        (``momentum`` + ``momentum_rest``: a float argument arrives in float32) in float64 and
+        rounded once, as eager's CPU update is (its CUDA update rounds each of its float32
+        products), and ``num_batches_tracked`` + 1."""
         c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
         cmask = c < C
         lanes = tl.arange(0, BLOCK_P)
@@ -301,12 +306,13 @@ if triton is not None:
         tl.store(VAR + c, var32, mask=cmask)
         tl.store(INVSTD + c, 1.0 / tl.sqrt_rn(var32 + eps), mask=cmask)
         if UPDATE:
-            keep = 1.0 - momentum
-            unbiased = (m2 / (n - 1.0)).to(tl.float32)
-            running_mean = tl.load(RUN_MEAN + c, mask=cmask, other=0.0).to(tl.float32)
-            running_var = tl.load(RUN_VAR + c, mask=cmask, other=0.0).to(tl.float32)
-            tl.store(RUN_MEAN + c, (running_mean * keep + mean32 * momentum).to(RUN_MEAN.dtype.element_ty), mask=cmask)
-            tl.store(RUN_VAR + c, (running_var * keep + unbiased * momentum).to(RUN_VAR.dtype.element_ty), mask=cmask)
+            rate = tl.cast(momentum, tl.float64) + tl.cast(momentum_rest, tl.float64)
+            keep = 1.0 - rate
+            running_mean = tl.load(RUN_MEAN + c, mask=cmask, other=0.0).to(tl.float64)
+            running_var = tl.load(RUN_VAR + c, mask=cmask, other=0.0).to(tl.float64)
+            tl.store(RUN_MEAN + c, (rate * mean + keep * running_mean).to(RUN_MEAN.dtype.element_ty), mask=cmask)
+            tl.store(RUN_VAR + c, (rate * (m2 / (n - 1.0)) + keep * running_var).to(RUN_VAR.dtype.element_ty),
+                     mask=cmask)
             tl.store(NBT, tl.load(NBT) + 1, mask=tl.program_id(0) == 0)
 
     @_triton.kernel
@@ -575,9 +581,15 @@ def _stats_impl(y, residual, eps, running_mean, running_var, num_batches_tracked
     _triton.wrap_triton(_stats_combine_kernel)[(blocks,)](
         mean_part, m2_part, count_part, mean, invstd, var, running_mean if update else mean,
         running_var if update else var, num_batches_tracked if update else count_part, c, programs, eps,
-        momentum, UPDATE=update, **combine,
+        *_float32_pair(momentum), UPDATE=update, **combine,
     )
     return mean, invstd, var
+
+
+def _float32_pair(value: float) -> tuple[float, float]:
+    """``value`` as float32 and the float32 rest: their sum in float64 is ``value`` to 2^-48."""
+    high = struct.unpack("f", struct.pack("f", value))[0]  # no tensor: no launch, no graph node
+    return high, value - high
 
 
 def _pooled_rows(m: int, height: int, width: int) -> int:

@@ -61,7 +61,7 @@ import hifuse_kernels.gelu_residual as gr  # noqa: E402
 import hifuse_kernels.residual_layer_norm as rln  # noqa: E402
 import hifuse_kernels.window_attention as wa  # noqa: E402
 
-FLOATS = {"scale", "eps", "momentum"}
+FLOATS = {"scale", "eps", "momentum", "momentum_rest"}
 # Every kernel but the window attention's streams memory and needs many resident warps to hide
 # its latency. Registers are given per program: at 128 a thread, 65536 per SM hold two 8-warp
 # programs (or one of 16 warps); at 134, one 8-warp program. More than this fails.
@@ -258,8 +258,8 @@ def cases(dtype: str):
     for has_bias in (False, True) if dtype != "fp32" else ():  # float32 GEMMs take the patch GEMM path
         yield pcn._fwd_kernel, dict(X=f32, WK=f32, BIAS=f32, LW=f32, LB=f32, OUT=f32, MEAN=f32, RSTD=f32), \
             {**stem, "HAS_BIAS": has_bias}
-        yield pcn._bwd_kernel, dict(X=f32, WK=f32, BIAS=f32, LW=f32, GRAD=f32, MEAN=f32, RSTD=f32, PART_W=f32,
-                                    PART_B=f32, PART_LW=f32, PART_LB=f32), {**stem, "HAS_BIAS": has_bias}
+        yield pcn._bwd_kernel, dict(X=f32, WK=f32, BIAS=f32, LW=f32, GRAD=f32, MEAN=f32, RSTD=f32, PART=f32), \
+            {**stem, "HAS_BIAS": has_bias}
     pool = dict(BLOCK_S=cp.BLOCK_S, BLOCK_C=64)
     for low in (False, True):  # with g's cast for its GEMM (the first fusion block's float32 g)
         yield cp._channel_pool_kernel, dict(G="dt", SUM=f32, MAX=f32, ARG="i32", LOW="bf16"), \

@@ -172,6 +172,23 @@ def test_running_statistics_over_steps(momentum):
         torch.testing.assert_close(getattr(bn, name), getattr(ref_bn, name), rtol=1e-6, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("momentum", [0.1, 0.3])
+def test_running_statistics_round_once(momentum):
+    """The running statistics move in float64 from the batch's float64 mean and M2 and are
+    rounded once (as eager's CPU update is): each equals that update made in float64 from the
+    same running values, rounded to float32. An update in float32 (four roundings) was a
+    float32 step off float64 where eager's CPU update is half of one."""
+    gen = torch.Generator().manual_seed(3)
+    y = torch.randn(3000, 7, generator=gen) * 3 + 1
+    run_mean, run_var = torch.randn(7, generator=gen), 0.5 + torch.rand(7, generator=gen)
+    mean, var, count = run_mean.clone(), run_var.clone(), torch.zeros((), dtype=torch.long)
+    torch.ops.hifuse.batch_norm_stats(y, None, 1e-5, mean, var, count, momentum)
+    y64 = y.double()
+    assert torch.equal(mean, (momentum * y64.mean(0) + (1 - momentum) * run_mean.double()).float())
+    assert torch.equal(var, (momentum * y64.var(0) + (1 - momentum) * run_var.double()).float())
+    assert int(count) == 1
+
+
 def test_nchw_input_and_expanded_gradient():
     out, ref, bn, ref_bn, xs, _ = _run_both((2, 40, 5, 3), "gelu", False, channels_last=False)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
