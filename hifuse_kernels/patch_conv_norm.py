@@ -106,13 +106,13 @@ if triton is not None:
         tl.store(RSTD + rows, rstd, mask=rows < M)
 
     @_triton.kernel(do_not_specialize=["PROGRAMS"])
-    def _bwd_kernel(X, WK, BIAS, LW, GRAD, MEAN, RSTD, PART_W, PART_B, PART_LW, PART_LB, M, HO, WO, CIN,
+    def _bwd_kernel(X, WK, BIAS, LW, GRAD, MEAN, RSTD, PART, M, HO, WO, CIN,
                     sb, sh, sw, sc, K, N, PROGRAMS, GEMM: tl.constexpr, HAS_BIAS: tl.constexpr,
                     KSIZE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
                     BLOCK_N: tl.constexpr):
         """On a fixed grid (``_triton.reduction_programs``): each program loops over row tiles
-        pid, pid + PROGRAMS, ... and writes one (K, N) partial of the weight gradient and one
-        row of the bias and LayerNorm partials."""
+        pid, pid + PROGRAMS, ... and writes its (K + 3, N) partial: the weight gradient's K rows,
+        then the bias's, the LayerNorm weight's and bias's (one sum adds them all up)."""
         pid = tl.program_id(0)
         kk = tl.arange(0, BLOCK_K)
         n = tl.arange(0, BLOCK_N)
@@ -140,12 +140,11 @@ if triton is not None:
             acc_b += tl.sum(dy.to(tl.float32), 0)
             acc_lw += tl.sum(g * xhat, 0)
             acc_lb += tl.sum(g, 0)
-        wpart = pid.to(tl.int64) * K * N + kk[:, None] * N + n[None, :]
-        tl.store(PART_W + wpart, acc_w, mask=(kk < K)[:, None] & nmask[None, :])
-        part = pid.to(tl.int64) * N + n
-        tl.store(PART_B + part, acc_b, mask=nmask)
-        tl.store(PART_LW + part, acc_lw, mask=nmask)
-        tl.store(PART_LB + part, acc_lb, mask=nmask)
+        part = PART + pid.to(tl.int64) * (K + 3) * N
+        tl.store(part + kk[:, None] * N + n[None, :], acc_w, mask=(kk < K)[:, None] & nmask[None, :])
+        tl.store(part + K * N + n, acc_b, mask=nmask)
+        tl.store(part + (K + 1) * N + n, acc_lw, mask=nmask)
+        tl.store(part + (K + 2) * N + n, acc_lb, mask=nmask)
 
 
 # --------------------------------------------------------------------------- ops
@@ -191,8 +190,9 @@ def _fwd_op(
 def _bwd_op(
     grad: torch.Tensor, x: torch.Tensor, wk: torch.Tensor, bias: torch.Tensor | None, ln_weight: torch.Tensor,
     mean: torch.Tensor, rstd: torch.Tensor, k: int, gemm_dtype: torch.dtype,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of ``wk``, the bias, the LayerNorm weight and bias, in float32."""
+) -> torch.Tensor:
+    """Gradients of ``wk`` ((K, N) rows), then of the bias, the LayerNorm weight and bias (a
+    row each), in float32, as one (K + 3, N) tensor: one sum of the programs' partials."""
     m, ho, wo, cin, strides = _geometry(x, k)
     kdim, n = wk.shape
     launch = _launch(x, k, n, gemm_dtype)
@@ -200,15 +200,13 @@ def _bwd_op(
     args = (x, wk, wk if bias is None else bias, ln_weight, grad, mean, rstd)
     programs = _triton.reduction_programs(
         triton.cdiv(m, BLOCK_M), 1, x.device, kernel=_bwd_kernel, launch=flags,
-        args=(*args, *[torch.float32] * 4, m, ho, wo, cin, *strides, kdim, n, 2),
+        args=(*args, torch.float32, m, ho, wo, cin, *strides, kdim, n, 2),
     )
-    f32 = dict(device=x.device, dtype=torch.float32)
-    part_w = torch.empty((programs, kdim, n), **f32)
-    part_b, part_lw, part_lb = (torch.empty((programs, n), **f32) for _ in range(3))
+    part = torch.empty((programs, kdim + 3, n), device=x.device, dtype=torch.float32)
     _triton.wrap_triton(_bwd_kernel)[_triton.grid(programs)](
-        *args, part_w, part_b, part_lw, part_lb, m, ho, wo, cin, *strides, kdim, n, programs, **flags,
+        *args, part, m, ho, wo, cin, *strides, kdim, n, programs, **flags,
     )
-    return part_w.sum(0), part_b.sum(0), part_lw.sum(0), part_lb.sum(0)
+    return part.sum(0)
 
 
 @_fwd_op.register_fake
@@ -220,9 +218,7 @@ def _(x, wk, bias, ln_weight, ln_bias, k, eps, gemm_dtype, out_dtype):
 
 @_bwd_op.register_fake
 def _(grad, x, wk, bias, ln_weight, mean, rstd, k, gemm_dtype):
-    f32 = dict(dtype=torch.float32)
-    return wk.new_empty(wk.shape, **f32), wk.new_empty((wk.shape[1],), **f32), \
-        wk.new_empty((wk.shape[1],), **f32), wk.new_empty((wk.shape[1],), **f32)
+    return wk.new_empty((wk.shape[0] + 3, wk.shape[1]), dtype=torch.float32)
 
 
 def _setup_context(ctx, inputs, output):
@@ -237,8 +233,9 @@ def _backward(ctx, grad, _gm, _gr):
     x, wk, bias, ln_weight, mean, rstd = ctx.saved_tensors
     if grad is None:
         return (None,) * 9
-    dwk, db, dlw, dlb = torch.ops.hifuse.patch_conv_norm_backward(grad.contiguous(), x, wk, bias, ln_weight, mean,
-                                                                  rstd, ctx.k, ctx.gemm_dtype)
+    grads = torch.ops.hifuse.patch_conv_norm_backward(grad.contiguous(), x, wk, bias, ln_weight, mean, rstd, ctx.k,
+                                                      ctx.gemm_dtype)
+    dwk, (db, dlw, dlb) = grads[:-3], grads[-3:]
     return (None, dwk.to(wk.dtype), None if bias is None else db.to(bias.dtype), dlw.to(ln_weight.dtype),
             dlb.to(ctx.ln_bias_dtype), None, None, None, None)
 

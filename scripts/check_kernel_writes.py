@@ -77,7 +77,7 @@ WRITES = {
         {"BN_SUMS"} if k["SUMS"] else set()),
     "layer_norm_cat._rows_fwd_kernel": {"OUT", "MEAN", "RSTD"},
     "patch_conv_norm._fwd_kernel": {"OUT", "MEAN", "RSTD"},
-    "patch_conv_norm._bwd_kernel": {"PART_W", "PART_B", "PART_LW", "PART_LB"},
+    "patch_conv_norm._bwd_kernel": {"PART"},
     "layer_norm_cat._rows_bwd_kernel": lambda k: {"DA", "PART_W", "PART_B"} | ({"DB"} if k["PARTS"] > 1 else set())
     | ({"DD"} if k["PARTS"] > 2 else set()) | _rebuilt(k, "OUT") | ({"BN_SUMS"} if k.get("BN") and k.get("SUMS", True) else set()),
 }
