@@ -441,16 +441,14 @@ if triton is not None:
             tl.store(DB + c, dz.to(DB.dtype.element_ty), mask=cmask)
 
     @_triton.kernel
-    def _bwd_apply_kernel(GR, Y, R, MEAN, INVSTD, W, B, SUM_DZ, SUM_DZXH, DY, DR, DYSUM_PART, M, C, H, WIDTH, G2,
+    def _bwd_apply_kernel(GR, Y, R, MEAN, INVSTD, W, B, SUM_DZ, SUM_DZXH, DY, DR, M, C, H, WIDTH, G2,
                           PROLOGUE: tl.constexpr, ACT: tl.constexpr, POOL: tl.constexpr,
-                          BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, DYSUM: tl.constexpr = False,
-                          GRAD2: tl.constexpr = False,
+                          BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, GRAD2: tl.constexpr = False,
                           GATED: tl.constexpr = False, G=None, CG=None, L=None, SG=None, X=None, XM=None, XI=None,
                           XW=None, XB=None, LM=None, LR=None, LW=None, LB=None, RD=None, S=1, CP=1,
                           X_BN: tl.constexpr = False, X_ACT: tl.constexpr = 0):
-        """dy (and with PROLOGUE or GATED the residual's gradient); with DYSUM this row block's
-        column sums of dy as written (the bias gradient of a GEMM that made y); GRAD2 and GATED
-        as in ``_bwd_reduce_kernel``."""
+        """dy (and with PROLOGUE or GATED the residual's gradient); GRAD2 and GATED as in
+        ``_bwd_reduce_kernel``."""
         rows, c, cmask, m = _tile(M, C, BLOCK_M, BLOCK_C)
         offs = rows[:, None] * C + c[None, :]
         xhat, dz, scale, _v = _bwd_recompute(
@@ -464,11 +462,7 @@ if triton is not None:
             tl.store(DR + offs, dv.to(DR.dtype.element_ty), mask=m)
             y = tl.load(Y + offs, mask=m, other=0.0).to(tl.float32)
             dv = dv * gelu_grad(y)
-        dy = dv.to(DY.dtype.element_ty)
-        tl.store(DY + offs, dy, mask=m)
-        if DYSUM:
-            part = tl.program_id(0).to(tl.int64) * C + c
-            tl.store(DYSUM_PART + part, tl.sum(tl.where(m, dy.to(tl.float32), 0.0), 0), mask=cmask)
+        tl.store(DY + offs, dv.to(DY.dtype.element_ty), mask=m)
 
 
 
@@ -669,21 +663,19 @@ def _shortcut_problem(y, residual, out_dtype, pool, shortcut) -> str | None:
 def _backward_op(
     grad: torch.Tensor, y: torch.Tensor, residual: torch.Tensor | None, mean: torch.Tensor,
     invstd: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, act: int, height: int, width: int,
-    pool: bool, dy_sum: bool = False, rebuild_dtype: torch.dtype | None = None, grad2: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dy, dresidual, dweight, dbias, colsum(dy), rebuilt): colsum(dy), with ``dy_sum`` (else
-    empty), in float32 from the apply kernel's partials: the bias gradient of the GEMM that made
-    y, with no pass of its own over dy; rebuilt, with ``rebuild_dtype`` (else empty; not with
-    ``pool``): ``hifuse::batch_norm_act``'s result in that dtype, the same bits, written by the
+    pool: bool, rebuild_dtype: torch.dtype | None = None, grad2: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dy, dresidual, dweight, dbias, rebuilt): rebuilt, with ``rebuild_dtype`` (else empty; not
+    with ``pool``): ``hifuse::batch_norm_act``'s result in that dtype, the same bits, written by the
     pass that reduces (for a GEMM's weight gradient that would otherwise rebuild it first).
     ``grad2`` (grad's shape and dtype): a second gradient of the result, from another use of
     it, added to grad on load."""
-    return _backward_impl(grad, y, residual, mean, invstd, weight, bias, act, height, width, pool, dy_sum,
-                          rebuild_dtype, grad2)
+    return _backward_impl(grad, y, residual, mean, invstd, weight, bias, act, height, width, pool, rebuild_dtype,
+                          grad2)
 
 
-def _backward_impl(grad, y, residual, mean, invstd, weight, bias, act, height, width, pool, dy_sum=False,
-                   rebuild_dtype=None, grad2=None, gated=None, r_dtype=None):
+def _backward_impl(grad, y, residual, mean, invstd, weight, bias, act, height, width, pool, rebuild_dtype=None,
+                   grad2=None, gated=None, r_dtype=None):
     """``gated``: the kernels' GATED arguments (``_gated_args``) of a residual of ``r_dtype``,
     residual None (not with ``pool``); dresidual then comes as (M, C) rows of that dtype."""
     m, c = y.shape
@@ -725,12 +717,11 @@ def _backward_impl(grad, y, residual, mean, invstd, weight, bias, act, height, w
         dr = torch.empty((m, c), device=y.device, dtype=r_dtype)
     else:
         dr = torch.empty_like(r) if residual is not None else torch.empty(0, device=y.device, dtype=y.dtype)
-    parts = torch.empty((grid[0] if dy_sum else 0, c), device=y.device, dtype=torch.float32)
     _triton.wrap_triton(_bwd_apply_kernel)[grid](
-        grad, y, r, mean, invstd, weight, bias, sum_dz, sum_dzxh, dy, dr, parts, m, c, height, width, g2, **flags,
-        DYSUM=dy_sum, GRAD2=grad2 is not None, **gated,
+        grad, y, r, mean, invstd, weight, bias, sum_dz, sum_dzxh, dy, dr, m, c, height, width, g2, **flags,
+        GRAD2=grad2 is not None, **gated,
     )
-    return dy, dr, dw, db, parts.sum(0) if dy_sum else parts.new_empty((0,)), rebuilt
+    return dy, dr, dw, db, rebuilt
 
 
 def combine_backward_sums(sum_dz_part: torch.Tensor, sum_dzxh_part: torch.Tensor, sum_dz: torch.Tensor,
@@ -888,9 +879,8 @@ def _backward_gated_op(
     ``r_dtype``, rebuilt with ``rebuild_dtype`` (else empty)."""
     gated = _gated_kernel_args("batch_norm_act_gated_backward", y, (g, channel_gate, l, spatial_gate, x, ln_mean,
                                ln_rstd, ln_weight, ln_bias, x_mean, x_invstd, x_weight, x_bias), x_act, r_dtype)
-    dy, dr, dw, db, _, rebuilt = _backward_impl(grad, y, None, mean, invstd, weight, bias, act, 1, 1, False, False,
-                                                rebuild_dtype, None, gated, r_dtype)
-    return dy, dr, dw, db, rebuilt
+    return _backward_impl(grad, y, None, mean, invstd, weight, bias, act, 1, 1, False, rebuild_dtype, None, gated,
+                          r_dtype)
 
 
 @_stats_gated_op.register_fake
@@ -917,9 +907,9 @@ def _(grad, y, *args):
 def _backward_summed_op(
     grad: torch.Tensor, y: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor, weight: torch.Tensor,
     bias: torch.Tensor, sum_dz: torch.Tensor, sum_dzxh: torch.Tensor, act: int, height: int, width: int,
-    pool: bool, dy_sum: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(dy, colsum(dy)) of ``hifuse::batch_norm_act_backward`` (no residual) given its sums,
+    pool: bool,
+) -> torch.Tensor:
+    """dy of ``hifuse::batch_norm_act_backward`` (no residual) given its sums,
     ``sum_dz`` = colsum(dz) and ``sum_dzxh`` = colsum(dz * x_hat) in float32, reduced by a pass
     that read grad and y anyway (``layer_norm_cat_rows_bn_backward``): the apply pass alone.
     The weight's and bias's gradients are those sums, in their dtypes."""
@@ -931,17 +921,15 @@ def _backward_summed_op(
     flags = dict(PROLOGUE=False, ACT=act, POOL=pool, **_launch("backward", m, y, None, pool, BWD_BLOCK_M))
     grid = _grid(m, c, flags)
     dy = torch.empty_like(y)
-    parts = torch.empty((grid[0] if dy_sum else 0, c), device=y.device, dtype=torch.float32)
     _triton.wrap_triton(_bwd_apply_kernel)[grid](
-        grad, y, y, mean, invstd, weight, bias, sum_dz, sum_dzxh, dy, dy, parts, m, c, height, width, grad, **flags,
-        DYSUM=dy_sum,
+        grad, y, y, mean, invstd, weight, bias, sum_dz, sum_dzxh, dy, dy, m, c, height, width, grad, **flags,
     )
-    return dy, parts.sum(0) if dy_sum else parts.new_empty((0,))
+    return dy
 
 
 @_backward_summed_op.register_fake
-def _(grad, y, mean, invstd, weight, bias, sum_dz, sum_dzxh, act, height, width, pool, dy_sum=False):
-    return torch.empty_like(y), y.new_empty((y.shape[1] if dy_sum else 0,), dtype=torch.float32)
+def _(grad, y, mean, invstd, weight, bias, sum_dz, sum_dzxh, act, height, width, pool):
+    return torch.empty_like(y)
 
 
 @_stats_op.register_fake
@@ -957,12 +945,10 @@ def _(y, residual, mean, invstd, weight, bias, act, height, width, pool, out_dty
 
 
 @_backward_op.register_fake
-def _(grad, y, residual, mean, invstd, weight, bias, act, height, width, pool, dy_sum=False, rebuild_dtype=None,
-      grad2=None):
+def _(grad, y, residual, mean, invstd, weight, bias, act, height, width, pool, rebuild_dtype=None, grad2=None):
     dr = torch.empty_like(residual) if residual is not None else y.new_empty((0,))
-    dsum = y.new_empty((y.shape[1] if dy_sum else 0,), dtype=torch.float32)
     rebuilt = y.new_empty(y.shape if rebuild_dtype is not None else (0,), dtype=rebuild_dtype or y.dtype)
-    return torch.empty_like(y), dr, torch.empty_like(weight), torch.empty_like(bias), dsum, rebuilt
+    return torch.empty_like(y), dr, torch.empty_like(weight), torch.empty_like(bias), rebuilt
 
 
 def _setup_context(ctx, inputs, output):
@@ -975,7 +961,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad):
     y, residual, mean, invstd, weight, bias = ctx.saved_tensors
-    dy, dr, dw, db, _, _ = torch.ops.hifuse.batch_norm_act_backward(
+    dy, dr, dw, db, _ = torch.ops.hifuse.batch_norm_act_backward(
         grad.contiguous(), y, residual, mean, invstd, weight, bias, *ctx.args
     )
     # mean and invstd are batch statistics: their gradients flow through the reduction

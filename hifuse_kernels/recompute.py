@@ -94,7 +94,7 @@ class BatchNormApply:
 
     @staticmethod
     def grad(grad_a, aux, y, residual, mean, invstd, weight, bias, act, height, width, pool, out_dtype):
-        dy, dr, dw, db, _, _ = torch.ops.hifuse.batch_norm_act_backward(
+        dy, dr, dw, db, _ = torch.ops.hifuse.batch_norm_act_backward(
             grad_a.contiguous(), y, residual, mean, invstd, weight, bias, act, height, width, pool
         )
         return BatchNormApply.grads(dy, dr if residual is not None else None, dw, db)
@@ -112,8 +112,8 @@ class BatchNormApply:
         args = (y, residual, mean, invstd, weight, bias, act, height, width, pool, out_dtype)
         if pool:
             return BatchNormApply.make(*args)[0], BatchNormApply.grad(grad_a, (), *args)
-        dy, dr, dw, db, _, a = torch.ops.hifuse.batch_norm_act_backward(
-            grad_a.contiguous(), y, residual, mean, invstd, weight, bias, act, height, width, pool, False,
+        dy, dr, dw, db, a = torch.ops.hifuse.batch_norm_act_backward(
+            grad_a.contiguous(), y, residual, mean, invstd, weight, bias, act, height, width, pool,
             BatchNormApply.dtype(*args),
         )
         return a, BatchNormApply.grads(dy, dr if residual is not None else None, dw, db)
@@ -435,8 +435,8 @@ def summed_batch_norm_backward(grad, y, mean, invstd, weight, bias, sums, act, h
     float32 (C,) each) a pass of its reader reduced: its apply pass
     (hifuse::batch_norm_act_backward_summed); the parameters' gradients are those sums in their
     dtypes (slices of one buffer, as DDP's gradient_as_bucket_view makes gradients: no copies)."""
-    dy, _ = torch.ops.hifuse.batch_norm_act_backward_summed(grad, y, mean, invstd, weight, bias, sums[0], sums[1], act,
-                                                            height, width, pool)
+    dy = torch.ops.hifuse.batch_norm_act_backward_summed(grad, y, mean, invstd, weight, bias, sums[0], sums[1], act,
+                                                         height, width, pool)
     return dy, sums[1].to(weight.dtype), sums[0].to(bias.dtype)
 
 
@@ -1007,8 +1007,8 @@ class _LinearBatchNorm(torch.autograd.Function):
             dy, dbw, dbb = summed_batch_norm_backward(grad_rows, y, mean, invstd, bn_weight, bn_bias, sums, act, height,
                                                       width, pool)
         else:
-            dy, _dr, dbw, dbb, _, _ = torch.ops.hifuse.batch_norm_act_backward(
-                grad_rows, y, None, mean, invstd, bn_weight, bn_bias, act, height, width, pool, False, None, grad2,
+            dy, _dr, dbw, dbb, _ = torch.ops.hifuse.batch_norm_act_backward(
+                grad_rows, y, None, mean, invstd, bn_weight, bn_bias, act, height, width, pool, None, grad2,
             )
         # grad_after: x's gradient from its next reader, made by that reader's backward for x
         # alone (the chain hands x to one reader), so the GEMM may add into it

@@ -57,8 +57,7 @@ WRITES = {
     "batch_norm_act._bwd_reduce_kernel": lambda k: {"SUM_DZ_PART", "SUM_DZXH_PART"} | _rebuilt(k, "OUT"),
     "batch_norm_act._bwd_sums_kernel": lambda k: {"SUM_DZ", "SUM_DZXH"} | ({"DW", "DB"} if k.get("PARAMS", True)
                                                                             else set()),
-    "batch_norm_act._bwd_apply_kernel": lambda k: {"DY"} | ({"DR"} if k["PROLOGUE"] or k.get("GATED") else set())
-    | ({"DYSUM_PART"} if k.get("DYSUM") else set()),
+    "batch_norm_act._bwd_apply_kernel": lambda k: {"DY"} | ({"DR"} if k["PROLOGUE"] or k.get("GATED") else set()),
     "residual_layer_norm._fwd_kernel": lambda k: {"NORMED", "MEAN", "RSTD"} | ({"OUT"} if k["PROLOGUE"] else set()),
     "residual_layer_norm._bwd_kernel": lambda k: {"DS", "PART_W", "PART_B"} | ({"DY"} if k["PROLOGUE"] else set())
     | _rebuilt(k, "NORMED"),

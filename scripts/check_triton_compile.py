@@ -194,8 +194,7 @@ def cases(dtype: str):
                                                SUM_DZ_PART="fp64", SUM_DZXH_PART="fp64", OUT="dt", G2="dt"), \
                 {**bwd, "REBUILD": rebuild}
         yield bna._bwd_apply_kernel, dict(GR="dt", **io, MEAN=f32, INVSTD=f32, W=f32, B=f32, SUM_DZ=f32,
-                                          SUM_DZXH=f32, DY="dt", DR=f32, DYSUM_PART=f32, G2="dt"), \
-            {**bwd, "DYSUM": False}
+                                          SUM_DZXH=f32, DY="dt", DR=f32, G2="dt"), bwd
     for c in (64, 1):  # every 1x1 convolution's BatchNorm, and the spatial gate's one channel
         def tile(block_m, c=c):
             return {**bna.device_tile(block_m, c), "WARPS": bna.WARPS}
@@ -225,12 +224,10 @@ def cases(dtype: str):
                                                                SUM_DZ_PART="fp64", SUM_DZXH_PART="fp64", OUT=out,
                                                                G2=out), \
                                 {**bwd, "REBUILD": rebuild, "GRAD2": grad2, **ungated}
-                    for dysum in (False, True):  # with the GEMM bias's partials (the fusion blocks' BatchNorms)
-                        for grad2 in two:
-                            yield bna._bwd_apply_kernel, dict(GR=out, **io, MEAN=f32, INVSTD=f32, W=f32, B=f32,
-                                                              SUM_DZ=f32, SUM_DZXH=f32, DY="dt", DR=io["R"],
-                                                              DYSUM_PART=f32, G2=out), \
-                                {**bwd, "DYSUM": dysum, "GRAD2": grad2, **ungated}
+                    for grad2 in two:
+                        yield bna._bwd_apply_kernel, dict(GR=out, **io, MEAN=f32, INVSTD=f32, W=f32, B=f32,
+                                                          SUM_DZ=f32, SUM_DZXH=f32, DY="dt", DR=io["R"], G2=out), \
+                            {**bwd, "GRAD2": grad2, **ungated}
     for c in (96, 1):  # the combining kernels' channel blocks: 16 channels, and the spatial gate's one
         combine = _as_warps(bna.combine_launch(c)[1])
         for params in (True, False):  # without the parameters' gradients: sums another op's pass reduced

@@ -339,7 +339,7 @@ def _run_gated_batch_norm(gen, c: int, n: int, s: int) -> None:
     params = (want[0], want[1], plain(3 * c, positive=True), plain(3 * c), 0)
     torch.testing.assert_close(torch.ops.hifuse.batch_norm_act_gated(y, *src, *params, None),
                                torch.ops.hifuse.batch_norm_act(y, r, *params, s, 1, False, None), **close)
-    dy, dr, dw, db, _, _ = torch.ops.hifuse.batch_norm_act_backward(grad, y, r, *params, s, 1, False, False)
+    dy, dr, dw, db, _ = torch.ops.hifuse.batch_norm_act_backward(grad, y, r, *params, s, 1, False)
     torch.testing.assert_close(torch.ops.hifuse.batch_norm_act_gated_backward(grad, y, *src, *params)[:4],
                                (dy, dr, dw, db), **close)
 

@@ -225,12 +225,11 @@ def test_batch_norm_of_x_applied_on_load(n, s, c, act, dtype):
     *have, sums = gln.backward_bn(grad, gt, cg, lt, sg, y.view(n, s, c), bn, act, w, ref[1], ref[2], grad2, sums=True)
     assert all(torch.equal(a, r) for a, r in zip(have, want))
     dx = have[4].view(-1, c)
-    dy, _, dbw, dbb, _, _ = torch.ops.hifuse.batch_norm_act_backward(dx, y, None, *bn, act, s, 1, False)
+    dy, _, dbw, dbb, _ = torch.ops.hifuse.batch_norm_act_backward(dx, y, None, *bn, act, s, 1, False)
     assert sums.shape == (2, c) and sums.dtype == torch.float32
     torch.testing.assert_close(sums[0], dbb.float(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(sums[1], dbw.float(), rtol=1e-5, atol=1e-5)
-    dy_given, _ = torch.ops.hifuse.batch_norm_act_backward_summed(dx, y, *bn, dbb.float(), dbw.float(), act, s, 1,
-                                                                  False)
+    dy_given = torch.ops.hifuse.batch_norm_act_backward_summed(dx, y, *bn, dbb.float(), dbw.float(), act, s, 1, False)
     assert torch.equal(dy_given, dy)
     if dtype == torch.float32 and act == 2:
         opcheck(torch.ops.hifuse.gated_layer_norm_bn_backward.default,

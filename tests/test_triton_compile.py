@@ -14,9 +14,12 @@ SCRIPT = Path(__file__).parents[1] / "scripts" / "check_triton_compile.py"
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 def test_kernels_compile_for_sm90():
+    # float32 and bfloat16 (the model's training dtypes): float16 variants are the bfloat16
+    # code with the other 16-bit type, and took a third of this test's 7 CPU minutes; the
+    # script's default compiles them too
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, str(SCRIPT), "--arch", "90"], capture_output=True, text=True,
-                            env=env, timeout=900)
+    result = subprocess.run([sys.executable, str(SCRIPT), "--arch", "90", "--dtypes", "fp32,bf16"],
+                            capture_output=True, text=True, env=env, timeout=900)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     assert ", 0 failed" in result.stdout
 

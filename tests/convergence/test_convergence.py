@@ -41,19 +41,35 @@ needs_gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 CONFIG = replace(trajectory.NARROW, device=DEVICE)
 
 
-@pytest.fixture(scope="module")
-def narrow_reference(tmp_path_factory, worker_id):
-    """The reference runs (about a minute and a half on one thread), made once for all
-    pytest-xdist workers: every run takes one thread, so any worker makes the same."""
+# Compiling changes how the ops are called, not what they compute: a few steps find a graph
+# that drops or misroutes a gradient, at a third of the interpreter's time of the full run.
+SHORT = replace(CONFIG, steps=8)
+
+
+def shared_reference(cfg: trajectory.Config, name: str, tmp_path_factory, worker_id) -> trajectory.Reference:
+    """``trajectory.reference(cfg)``, made once for all pytest-xdist workers (every run takes one
+    thread, so any worker makes the same) and loaded by the others."""
     if worker_id == "master":
-        return trajectory.reference(CONFIG)
+        return trajectory.reference(cfg)
     from filelock import FileLock
 
-    shared = tmp_path_factory.getbasetemp().parent / "narrow_reference.pt"
+    shared = tmp_path_factory.getbasetemp().parent / f"{name}.pt"
     with FileLock(f"{shared}.lock"):
         if not shared.exists():
-            torch.save(trajectory.reference(CONFIG), shared)
+            torch.save(trajectory.reference(cfg), shared)
         return torch.load(shared, weights_only=False)
+
+
+@pytest.fixture(scope="module")
+def narrow_reference(tmp_path_factory, worker_id):
+    """The 30-step reference runs: about a minute and a half on one thread."""
+    return shared_reference(CONFIG, "narrow_reference", tmp_path_factory, worker_id)
+
+
+@pytest.fixture(scope="module")
+def short_reference(tmp_path_factory, worker_id):
+    """The 8-step reference runs: about 25 s."""
+    return shared_reference(SHORT, "short_reference", tmp_path_factory, worker_id)
 
 
 def check(reference, *args, run: trajectory.Run | None = None, rms: bool = False, **kwargs) -> None:
@@ -85,29 +101,26 @@ def test_fused_training_follows_eager(narrow_reference):
         raise AssertionError(f"{failure}\n\nfused alone outside the rule: {named}") from None
 
 
-# Compiling changes how the ops are called, not what they compute: a few steps find a graph
-# that drops or misroutes a gradient, at a third of the interpreter's time of the full run.
-COMPILED = replace(CONFIG, steps=8)
-
-
 @needs_kernels
-def test_compiled_fused_training_follows_eager():
-    check(trajectory.reference(COMPILED), COMPILED, torch.float32, "all", compile="aot_eager")
+def test_compiled_fused_training_follows_eager(short_reference):
+    check(short_reference, SHORT, torch.float32, "all", compile="aot_eager")
 
 
-def test_the_rule_holds_eager_and_catches_a_wrong_step(narrow_reference):
+def test_the_rule_holds_eager_and_catches_a_wrong_step(short_reference):
     """A float32 eager run on inputs moved by one rounding step (as a correct fused run
     differs from eager) is within the rule; the same run with its fourth loss off by 1e-3
-    relatively (what a wrong kernel gives), or whose BatchNorm counted one batch less, is not."""
-    run = trajectory.train(CONFIG, torch.float32, noise_seed=21, noise=trajectory.ROUNDING)
-    assert not trajectory.violations(run, narrow_reference)
+    relatively (what a wrong kernel gives), or whose BatchNorm counted one batch less, is not
+    (over the compiled run's 8 steps: the 30-step reference is the fused run's alone, so no
+    worker waits for it)."""
+    run = trajectory.train(SHORT, torch.float32, noise_seed=21, noise=trajectory.ROUNDING)
+    assert not trajectory.violations(run, short_reference)
     worse = trajectory.Run(run.losses[:], dict(run.state), run.logits)
     worse.losses[3] *= 1 + 1e-3
     key = next(k for k in run.state if k.endswith("num_batches_tracked"))
     worse.state[key] = run.state[key] - 1
-    bad = trajectory.violations(worse, narrow_reference)
+    bad = trajectory.violations(worse, short_reference)
     assert any("step 4:" in line for line in bad) and any(key in line for line in bad)
-    f64 = narrow_reference.f64.losses
+    f64 = short_reference.f64.losses
     assert f64[-1] < 0.8 * f64[0]  # the data can be learnt
 
 
