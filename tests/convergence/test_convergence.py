@@ -61,9 +61,9 @@ def shared_reference(cfg: trajectory.Config, name: str, tmp_path_factory, worker
 
 
 @pytest.fixture(scope="module")
-def narrow_reference(tmp_path_factory, worker_id):
-    """The 30-step reference runs: about a minute and a half on one thread."""
-    return shared_reference(CONFIG, "narrow_reference", tmp_path_factory, worker_id)
+def narrow_reference():
+    """The 30-step reference runs (about a minute and a half on one thread): one test's alone."""
+    return trajectory.reference(CONFIG)
 
 
 @pytest.fixture(scope="module")
