@@ -221,11 +221,13 @@ def route(n: int, k: int, dtype: torch.dtype, device: torch.device) -> int:
                                   device, _route_problem)["gemm"]
 
 
-def _wide_tiles(n: int, k: int) -> tuple[int, int]:
-    """(BLOCK_N, BLOCK_K) of the two-kernel backward with wide tiles (the interpreter, which
-    pays per program and per loop step, not per value): up to 128 of each, where the GPU's
-    tiles made a HiFuse-Small weight gradient 2000 programs a call."""
-    return min(128, _width(n)), min(128, _width(k))
+def _wide_backward_launch(m: int, n: int, k: int) -> dict:
+    """Either kernel of the two-kernel backward with wide tiles (the interpreter, which pays per
+    program and per loop step, not per value): N and K tiles up to 128, where the GPU's tiles
+    made a HiFuse-Small weight gradient 2000 programs a call."""
+    block_n, block_k = min(128, _width(n)), min(128, _width(k))
+    return dict(BLOCK_M=_rows_tile(m, 64, max(block_n, block_k)), BLOCK_N=block_n, BLOCK_K=block_k, num_warps=8,
+                num_stages=3)
 
 
 def fwd_launch(m: int, n: int, dtype: torch.dtype, k: int = 0, device: torch.device | None = None) -> dict:
@@ -239,9 +241,7 @@ def fwd_launch(m: int, n: int, dtype: torch.dtype, k: int = 0, device: torch.dev
 def bwd_input_launch(m: int, n: int, dtype: torch.dtype, k: int = 0, device: torch.device | None = None) -> dict:
     low = dtype != torch.float32
     if _triton.wide() and k:
-        block_n, block_k = _wide_tiles(n, k)
-        return dict(BLOCK_M=_rows_tile(m, 64, max(block_n, block_k)), BLOCK_N=block_n, BLOCK_K=block_k, num_warps=8,
-                    num_stages=3)
+        return _wide_backward_launch(m, n, k)
     block_k = 64 if low else 32
     default = dict(BLOCK_M=_rows_tile(m, 128 if low else 64, block_k), BLOCK_N=min(64, _width(n)), BLOCK_K=block_k,
                    num_warps=16 if low else 8, num_stages=3)
@@ -272,9 +272,7 @@ def bwd_launch(m: int, n: int, dtype: torch.dtype, k: int = 0, device: torch.dev
 def bwd_weight_launch(m: int, n: int, dtype: torch.dtype, k: int = 0, device: torch.device | None = None) -> dict:
     low = dtype != torch.float32
     if _triton.wide() and k:
-        block_n, block_k = _wide_tiles(n, k)
-        return dict(BLOCK_M=_rows_tile(m, 64, max(block_n, block_k)), BLOCK_N=block_n, BLOCK_K=block_k, num_warps=8,
-                    num_stages=3)
+        return _wide_backward_launch(m, n, k)
     block_n = min(128 if low else 32, _width(n))
     block_k = 64 if low else 32
     default = dict(BLOCK_M=_rows_tile(m, 64 if low else 32, block_k), BLOCK_N=block_n, BLOCK_K=block_k, num_warps=8,

@@ -10,6 +10,10 @@ autocast (``test_*_on_textures_*``).
 Without a GPU the Triton kernels run in the interpreter, with its wide tiles (``_triton.wide``):
 a fused step of the narrow model takes about 10 s there, so the two fused runs take about 6
 CPU minutes. On a GPU the same runs take the GPU's tiles.
+
+A fused run outside the rule is run again on inputs moved by one rounding step and fails the
+test only if that run is outside the rule too: a correct run can take a knife edge that none
+of the 24 eager runs took (``trajectory``), a wrong kernel is off in both.
 """
 
 from __future__ import annotations
