@@ -181,7 +181,8 @@ def time_op(benchmark, settings, call, inputs, direction, reads=None, updated=()
     - ``bytes_min``: the least it must move (``byte_model.minimum``): ``reads`` (default
       ``inputs``; given where the impl is timed on other tensors than the op's, as the
       attention baselines on windows) and ``updated`` (buffers it updates in place), its
-      outputs and, with backward, their gradients and those of ``reads``;
+      outputs and, with backward, their gradients and those of ``reads``; ``bytes_read_min``:
+      ``reads`` alone, what a backward pass must read again besides the outputs' gradients;
     - ``gb_per_s``: bytes_min over the median time.
     Returns the median seconds. Under --count-only it is counted, not timed, and returns None
     (``counted_only`` in extra_info: what pytest-benchmark times then is the counting)."""
@@ -206,9 +207,10 @@ def time_op(benchmark, settings, call, inputs, direction, reads=None, updated=()
     else:
         median = run_timed(benchmark, run, settings["rounds"])
         ledger, (outs, input_grads) = byte_model.count(run)
-    minimum = byte_model.minimum(inputs if reads is None else reads, outs, updated,
-                                 output_grads if direction == "fwd_bwd" else None, input_grads)
+    reads = inputs if reads is None else reads
+    minimum = byte_model.minimum(reads, outs, updated, output_grads if direction == "fwd_bwd" else None, input_grads)
     info.update(direction=direction, bytes_moved=ledger.total("bytes"), bytes_min=minimum,
+                bytes_read_min=byte_model.size(reads),
                 launches=ledger.total("launches"),
                 moved_by={name: [n, ledger.name_bytes[kind, name]] for (kind, name), n in ledger.names.items()})
     if ledger.tile_bytes:

@@ -104,7 +104,11 @@ def rows(records, copy: dict[str, float]):
 
 def byte_rows(records) -> list[str]:
     """Each op benchmark's launches and bytes, moved and least, forward beside forward and
-    backward, as markdown table lines (counted or timed records alike; the latest of each)."""
+    backward, as markdown table lines (counted or timed records alike; the latest of each).
+    The backward alone is forward and backward less the forward: what it moved, against its
+    own least, the forward's reads read again (``bytes_read_min``), the outputs' gradients read
+    and the inputs' written; a record without ``bytes_read_min`` (before it was kept) leaves
+    it blank."""
     cases: dict[tuple, dict] = {}
     for r in sorted(records, key=lambda r: r["when"]):
         if "bytes_moved" in r["info"]:
@@ -112,13 +116,21 @@ def byte_rows(records) -> list[str]:
                    r["info"].get("impl", ""))
             cases.setdefault(key, {})[r["info"]["direction"]] = r["info"]
     lines = ["| benchmark | impl | fwd launches | fwd MB moved | fwd MB min | fwd moved/min | fwd+bwd launches | "
-             "fwd+bwd MB moved | fwd+bwd MB min | fwd+bwd moved/min |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "fwd+bwd MB moved | fwd+bwd MB min | fwd+bwd moved/min | bwd MB moved | bwd MB min | bwd moved/min |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for (what, impl), found in sorted(cases.items()):
         cells = []
         for direction in ("fwd", "fwd_bwd"):
             i = found.get(direction)
             cells += ([str(i["launches"]), f"{i['bytes_moved'] / 1e6:.1f}", f"{i['bytes_min'] / 1e6:.1f}",
                        f"{i['bytes_moved'] / i['bytes_min']:.2f}"] if i else ["", "", "", ""])
+        fwd, both = found.get("fwd"), found.get("fwd_bwd")
+        if fwd and both and "bytes_read_min" in both:
+            moved = both["bytes_moved"] - fwd["bytes_moved"]
+            least = both["bytes_min"] - fwd["bytes_min"] + both["bytes_read_min"]
+            cells += [f"{moved / 1e6:.1f}", f"{least / 1e6:.1f}", f"{moved / least:.2f}"]
+        else:
+            cells += ["", "", ""]
         lines.append(f"| {what} | {impl} | " + " | ".join(cells) + " |")
     return lines
 
@@ -413,7 +425,8 @@ def main() -> None:
     parser.add_argument("--device", help="--targets and --chart use this device's figures only "
                         "(default: the device of the newest file)")
     parser.add_argument("--bytes", action="store_true", help="the table of each op benchmark's launches and bytes, "
-                        "moved against least, instead (also of runs with --count-only)")
+                        "moved against least, forward, with backward and the backward alone, instead (also of "
+                        "runs with --count-only)")
     args = parser.parse_args()
     jsons = [f for f in args.files if f.suffix == ".json" and f.exists()]  # a glob that matched nothing stays as typed
     everything = load(jsons)

@@ -217,6 +217,13 @@ def test_bytes_match_the_hand_count(counted, node):
     assert (info["launches"], info["bytes_moved"], info["bytes_min"]) == (launches, moved, least)
 
 
+def test_backward_reads_the_inputs_again(counted):
+    """``bytes_read_min``, the forward's reads a backward alone reads again: the spatial
+    pooling's l, (1, 96, 8, 8) bf16."""
+    node = "test_fusion_block.py::test_gate_pooling[bf16-fwd_bwd-fused-spatial_pool-fu1]"
+    assert counted[node]["bytes_read_min"] == 64 * 96 * BF16
+
+
 @pytest.mark.parametrize("node", list(CASES))
 def test_eager_has_the_same_least_bytes(counted, node):
     fused, eager = counted[node], counted[_eager(node)]

@@ -251,6 +251,10 @@ def test_bytes_table_sets_forward_beside_backward(tmp_path):
         *[_op("test_gate_pooling", dict(direction=d, impl="fused", which="spatial_pool", stage="fu1"), 9.0, moved,
               least, n, counted=True)
           for d, moved, least, n in (("fwd", 2.0e6, 1.0e6, 1), ("fwd_bwd", 6.0e6, 2.4e6, 2))],
+        # a backward that reads its 0.8 MB input again: 3.0 - 1.6 + 0.8 MB at least, 3.6 moved
+        *[_op("test_gate_pooling", dict(direction=d, impl="fused", which="spatial_pool", stage="fu2"), 9.0, moved,
+              least, n, counted=True, bytes_read_min=0.8e6)
+          for d, moved, least, n in (("fwd", 2.0e6, 1.6e6, 1), ("fwd_bwd", 5.6e6, 3.0e6, 2))],
         _op("test_window_attention", dict(direction="fwd_bwd", impl="fused", stage="stage1"), 9.0, 1e6, 1e6, 8,
             counted=True),
         # two norms of one shape stay two rows
@@ -258,8 +262,10 @@ def test_bytes_table_sets_forward_beside_backward(tmp_path):
               shape=[128, 96, 56, 56]) for name in ("stem96", "down96")],
     ])
     rows = _rows(_run(counted, "--bytes").split("\n\n", 1)[1])
-    assert rows["gate_pooling spatial_pool fu1"][1:] == ["fused", "1", "2.0", "1.0", "2.00", "2", "6.0", "2.4", "2.50"]
-    assert rows["window_attention stage1"][1:] == ["fused", "", "", "", "", "8", "1.0", "1.0", "1.00"]
+    assert rows["gate_pooling spatial_pool fu1"][1:] == ["fused", "1", "2.0", "1.0", "2.00", "2", "6.0", "2.4", "2.50",
+                                                         "", "", ""]  # no bytes_read_min: no backward alone
+    assert rows["gate_pooling spatial_pool fu2"][10:] == ["3.6", "2.2", "1.64"]
+    assert rows["window_attention stage1"][1:] == ["fused", "", "", "", "", "8", "1.0", "1.0", "1.00", "", "", ""]
     assert {"layer_norm_cf stem96 (128, 96, 56, 56)", "layer_norm_cf down96 (128, 96, 56, 56)"} <= set(rows)
     # a counted run has no time: the main table says so, and the targets take none of it
     assert _rows(_run(counted).split("\n\n", 1)[1])["gate_pooling fwd spatial_pool fu1"][2] == "counted, not timed"
