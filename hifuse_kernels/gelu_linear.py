@@ -15,7 +15,10 @@ back for GELU's backward. Here three Triton GEMMs never materialise the GELU out
 
 Up to 256 output columns (the IRMLP's first two widths, where h is largest) both gradients
 come from one pass over h and g: a program keeps a column tile of W and accumulates its
-weight-gradient partial while writing the input gradient of its rows.
+weight-gradient partial while writing the input gradient of its rows. Wider, the launch table
+may ask for that pass too (``ONE_PASS``, up to 1024 columns): h is read once, not twice, but
+the columns are padded to a power of two (384 to 512, 768 to 1024: a third more products) and
+g is read once per narrower K tile; which is faster is for the sweep to time.
 
 Only h is kept for backward, which the GELU's backward keeps in eager anyway. Each kernel
 reads h once per tile of the other operand's columns; the column tiles of one row tile run
@@ -188,7 +191,8 @@ def _rows_tile(m: int, block_m: int, cols: int) -> int:
 # half as often) and, on 16 warps, in the input gradient (62 / 62, two programs of 16 warps
 # for three of 8); 64-wide K tiles in both weight-gradient kernels (G's tiles read half as
 # often: 80 / 80, three programs an SM as with 32; the one-pass kernel takes 16-row tiles for
-# that, 79 / 79 at up to 128 columns, three programs as before, 145 / 185 at 256, one). The
+# that: 128 / 196 registers at up to 128 columns, 200 / 255 at 256, one or two programs an SM;
+# the ``ONE_PASS`` route's 512 x 32 and 1024 x 16 tiles 200 / 206 and 180 / 228, one). The
 # launch table (``_configs``) may replace them per device.
 
 
@@ -205,20 +209,30 @@ def _launch(name: str, m: int, n: int, k: int, dtype: torch.dtype, default: dict
 
 
 # How the op computes (``route``): the Triton kernels, or a GELU pass and the GEMM library's
-TRITON, LIBRARY = 1, 2
+# GEMMs, or the Triton kernels with the backward in one pass where it is two kernels by default
+TRITON, LIBRARY, ONE_PASS = 1, 2, 3
+ONE_PASS_COLUMNS = 1024  # the most a one-pass program covers (a power of two at least n)
 
 
-def _route_problem(config: dict) -> str | None:
-    if config["gemm"] not in (TRITON, LIBRARY):
-        return f"gemm={config['gemm']} must be {TRITON} (Triton kernels) or {LIBRARY} (a GELU pass, then torch's GEMMs)"
-    return None
+def _route_problem(n: int, dtype: torch.dtype):
+    def problem(config: dict) -> str | None:
+        gemm = config["gemm"]
+        if gemm not in (TRITON, LIBRARY, ONE_PASS):
+            return (f"gemm={gemm} must be {TRITON} (Triton kernels), {LIBRARY} (a GELU pass, then torch's GEMMs) or "
+                    f"{ONE_PASS} (Triton kernels, the backward in one pass)")
+        if gemm == ONE_PASS and not 256 < n <= ONE_PASS_COLUMNS:
+            return f"gemm={ONE_PASS} (the backward in one pass) is for 257 to {ONE_PASS_COLUMNS} columns, not {n}"
+        if gemm == ONE_PASS and dtype == torch.float32 and not _triton.interpreter_launches():
+            return f"gemm={ONE_PASS} (the backward in one pass) is for bf16/fp16: float32's products spill there"
+        return None
+    return problem
 
 
 def route(n: int, k: int, dtype: torch.dtype, device: torch.device) -> int:
-    """``TRITON`` or ``LIBRARY`` for (N, K) in ``dtype`` on ``device``: the launch table's
-    choice, Triton by default."""
+    """``TRITON``, ``LIBRARY`` or ``ONE_PASS`` for (N, K) in ``dtype`` on ``device``: the launch
+    table's choice, Triton by default."""
     return _configs.launch_config("gelu_linear.route", f"{_configs.dtype_name(dtype)}/n{n}/k{k}", dict(gemm=TRITON),
-                                  device, _route_problem)["gemm"]
+                                  device, _route_problem(n, dtype))["gemm"]
 
 
 def _wide_backward_launch(m: int, n: int, k: int) -> dict:
@@ -248,24 +262,28 @@ def bwd_input_launch(m: int, n: int, dtype: torch.dtype, k: int = 0, device: tor
     return default if device is None else _launch("input", m, n, k, dtype, default, device)
 
 
-def fused_backward(n: int, dtype: torch.dtype) -> bool:
-    """Whether the backward is one pass (``_bwd_kernel``): up to 256 output columns in bf16/fp16
-    (128 to 184 registers on sm90, no spills); fp32 products spill there, so fp32 takes the two
-    kernels, but under the interpreter, which has no registers to spill (its tests run both)."""
-    return n <= 256 and (dtype != torch.float32 or _triton.interpreter_launches())
+def fused_backward(n: int, dtype: torch.dtype, one_pass: bool = False) -> bool:
+    """Whether the backward is one pass (``_bwd_kernel``): by default up to 256 output columns
+    in bf16/fp16; ``one_pass`` (the launch table's ``ONE_PASS`` route) up to 1024. fp32 products
+    spill there, so fp32 takes the two kernels, but under the interpreter, which has no registers
+    to spill (its tests run both)."""
+    return n <= (ONE_PASS_COLUMNS if one_pass else 256) and (dtype != torch.float32
+                                                              or _triton.interpreter_launches())
 
 
 def bwd_launch(m: int, n: int, dtype: torch.dtype, k: int = 0, device: torch.device | None = None) -> dict:
-    block_n = _width(n)
+    # every column in a program: past 256 the K tile narrows as the column tile widens, keeping
+    # the weight gradient's accumulator at 256 x 64
+    block_n = max(16, _triton.next_power_of_2(n))
 
     def problem(config):
         if config["BLOCK_N"] < n:
             return f"BLOCK_N={config['BLOCK_N']} must cover the {n} columns"
-        return _tiles_problem(config)
+        return _configs.power_of_two_problem(config, "BLOCK_M", "BLOCK_N", "BLOCK_K", low=16, high=ONE_PASS_COLUMNS)
 
     low = dtype != torch.float32
     default = dict(BLOCK_M=_rows_tile(m, 16 if low else 64, max(block_n, 32)), BLOCK_N=block_n,
-                   BLOCK_K=64 if low else 32, num_warps=8, num_stages=3)
+                   BLOCK_K=max(16, 64 * 256 // max(256, block_n)) if low else 32, num_warps=8, num_stages=3)
     return default if device is None else _launch("backward", m, n, k, dtype, default, device, problem)
 
 
@@ -333,11 +351,12 @@ def _bwd_op(grad: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, with_bias
     m, k = h.shape
     n = weight.shape[0]
     db = grad.sum(0, dtype=weight.dtype) if with_bias else weight.new_empty((0,))
-    if route(n, k, h.dtype, h.device) == LIBRARY:  # eager's backward: its GEMMs in h's dtype
+    way = route(n, k, h.dtype, h.device)
+    if way == LIBRARY:  # eager's backward: its GEMMs in h's dtype
         dh = torch.ops.aten.gelu_backward(grad @ weight.to(h.dtype), h)
         return dh, (grad.t() @ F.gelu(h)).to(weight.dtype), db
     dh = torch.empty_like(h)
-    if fused_backward(n, h.dtype):
+    if fused_backward(n, h.dtype, way == ONE_PASS):
         launch = bwd_launch(m, n, h.dtype, k, h.device)
         flags = {**_precision(h), **launch}
         k_tiles = triton.cdiv(k, launch["BLOCK_K"])

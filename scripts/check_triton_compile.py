@@ -169,7 +169,8 @@ def cases(dtype: str):
         yield gl._bwd_input_kernel, dict(G="dt", W=f32, H="dt", DH="dt"), \
             {**gemm(gl.bwd_input_launch(1 << 20, n, dt)), **ce}
         yield gl._bwd_weight_kernel, dict(G="dt", H="dt", PART=f32), {**gemm(gl.bwd_weight_launch(1 << 20, n, dt)), **ce}
-        if gl.fused_backward(n, dt):  # one pass: up to 256 columns in bf16/fp16
+        # one pass: up to 256 columns in bf16/fp16, wider where the table's route asks (ONE_PASS)
+        if gl.fused_backward(n, dt, one_pass=n > 256):
             yield gl._bwd_kernel, dict(G="dt", W=f32, H="dt", DH="dt", PART=f32), \
                 {**gemm(gl.bwd_launch(1 << 20, n, dt)), **ce}
     yield gr._fwd_kernel, dict(Y="dt", S=f32, OUT=f32), dict(BLOCK=gr.BLOCK)

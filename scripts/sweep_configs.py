@@ -3,10 +3,11 @@
 For every launch that reads the table (``hifuse_kernels._configs``) at the shapes of a
 HiFuse-Tiny training step (bf16 autocast, batch 128, 224 x 224 by default), this enumerates
 candidate configurations (tiles, warps, stages; for ``gelu_linear``, also whether its Triton
-kernels or a GELU pass and torch's GEMMs compute it), compiles them in parallel over the
-machine's cores, times each with CUDA events (median of a few), checks that each gives the
-default's results (within float tolerance where it reduces in another order), and writes the
-winners into the table for this device (name, compute capability, SM count). A candidate
+kernels, with the backward in one pass or two, or a GELU pass and torch's GEMMs compute it),
+compiles them in parallel over the machine's cores, times each with CUDA events (median of a
+few), checks that each gives the default's results (within float tolerance where it reduces
+in another order), and writes the winners into the table for this device (name, compute
+capability, SM count). A candidate
 must beat the default by --min-gain to be written; where none does, the class gets no entry
 and keeps the default. The whole run keeps to --budget-s: compiles get most of it, and
 candidates not compiled in time are not timed.
@@ -70,12 +71,13 @@ SPACES = {
                                 num_stages=(2, 3, 4)),
     "gelu_linear.input": dict(BLOCK_M=(32, 64, 128), BLOCK_N=(32, 64), BLOCK_K=(32, 64, 128), num_warps=(4, 8, 16),
                               num_stages=(2, 3)),
-    "gelu_linear.backward": dict(BLOCK_M=(32, 64, 128), BLOCK_N=(128, 256), BLOCK_K=(16, 32, 64), num_warps=(4, 8),
-                                 num_stages=(2, 3, 4)),
+    "gelu_linear.backward": dict(BLOCK_M=(16, 32, 64, 128), BLOCK_N=(128, 256, 512, 1024), BLOCK_K=(16, 32, 64),
+                                 num_warps=(4, 8), num_stages=(2, 3, 4)),
     "gelu_linear.weight": dict(BLOCK_M=(32, 64, 128), BLOCK_N=(32, 64, 128), BLOCK_K=(32, 64, 128), num_warps=(4, 8),
                                num_stages=(2, 3)),
-    # how gelu_linear computes: 1, its Triton kernels; 2, a GELU pass and torch's GEMMs (cuBLAS)
-    "gelu_linear.route": dict(gemm=(1, 2)),
+    # how gelu_linear computes: 1, its Triton kernels; 2, a GELU pass and torch's GEMMs (cuBLAS);
+    # 3, its Triton kernels with the backward in one pass past 256 columns
+    "gelu_linear.route": dict(gemm=(1, 2, 3)),
     "dwconv_layer_norm.forward": dict(BLOCK_P=(1, 2, 4, 8, 16), num_warps=(4, 8, 16)),
     # 2 warps: two values a thread at 128 channels (72 registers, and more programs an SM)
     "dwconv_layer_norm.backward": dict(BLOCK_P=(1, 2, 4, 8), num_warps=(2, 4, 8, 16), band=(1, 2, 4, 7, 14, 28)),

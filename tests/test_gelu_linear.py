@@ -85,10 +85,41 @@ def test_bad_input():
         gelu_linear(h, "w", b)
 
 
-# 96 columns: the one-pass backward; 384: the input- and weight-gradient kernels
-@pytest.mark.parametrize("n", [96, 384])
+@pytest.mark.parametrize("n", [300, 700])
+def test_one_pass_route(tiles, n):
+    """Where the launch table asks for the backward in one pass past 256 columns (``ONE_PASS``:
+    the columns padded to 512 or 1024), one kernel gives both gradients, and they match the
+    reference. (fp32: the interpreter's; on a GPU the route is bf16/fp16's, below.)"""
+    from hifuse_kernels import _configs
+    from hifuse_kernels.gelu_linear import ONE_PASS
+
+    if DEVICE == "cuda":
+        pytest.skip("fp32 takes the two kernels on a GPU (its one pass spills): test_low_precision covers the route")
+    h, w, b = _inputs(40, 48, n)
+    with _configs.forced({"gelu_linear.route": {"gemm": ONE_PASS}}), recorded_launches() as launched:
+        out = gelu_linear(h, w, b)
+        check_grads(out, gelu_linear_ref(h, w, b), [h, w, b], rtol=1e-5, atol=1e-5)
+    assert "gelu_linear._bwd_kernel" in launched and "gelu_linear._bwd_input_kernel" not in launched
+
+
+def test_one_pass_route_refused_where_it_does_not_apply():
+    """An entry asking for one pass at 256 columns or fewer (one pass already) or past 1024
+    (wider than a program covers), or for an unknown way, is refused with a warning, and the op
+    computes as by default."""
+    from hifuse_kernels import _configs
+    from hifuse_kernels.gelu_linear import ONE_PASS, TRITON, route
+
+    for n, gemm, problem in ((96, ONE_PASS, "257 to 1024 columns, not 96"), (2000, ONE_PASS, "not 2000"),
+                             (300, 4, "gemm=4 must be 1")):
+        with _configs.forced({"gelu_linear.route": {"gemm": gemm}}), pytest.warns(_configs.ConfigWarning, match=problem):
+            assert route(n, 48, torch.float32, torch.device(DEVICE)) == TRITON
+
+
+# 96 columns: the one-pass backward; 384: the input- and weight-gradient kernels, or with the
+# launch table's ONE_PASS route the one pass too
+@pytest.mark.parametrize("n, one_pass", [(96, False), (384, False), (384, True)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_low_precision(dtype, n):
+def test_low_precision(dtype, n, one_pass):
     """Under autocast's dtypes: within twice eager's own error against float64 (the rule the
     suite uses), eager being autocast's GELU then GEMM, at the IRMLP's 12C -> C. (The
     interpreter's kernels take the same rounded operands to an fp32 product: its
@@ -102,9 +133,13 @@ def test_low_precision(dtype, n):
     with torch.autocast(DEVICE, dtype=dtype):
         eager = gelu_linear_ref(h, w, b)
     eager_grads = torch.autograd.grad(eager, (h, w, b), grad.to(dtype))
-    out = gelu_linear(h, w, b)
+    from hifuse_kernels import _configs
+
+    with _configs.forced({"gelu_linear.route": {"gemm": 3} if one_pass else {}}), recorded_launches() as launched:
+        out = gelu_linear(h, w, b)
+        got = torch.autograd.grad(out, (h, w, b), grad.to(dtype))
     assert out.dtype == dtype
-    got = torch.autograd.grad(out, (h, w, b), grad.to(dtype))
+    assert ("gelu_linear._bwd_input_kernel" in launched) == (n > 256 and not one_pass)
     err = lambda a, r: (a.double() - r).abs().max().item()  # noqa: E731
     assert err(out, ref) <= 2 * err(eager, ref) + 1e-6
     for name, a, e, r in zip(("h", "weight", "bias"), got, eager_grads, want):
