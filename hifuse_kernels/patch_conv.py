@@ -77,8 +77,14 @@ def patch_conv(
     return patch_linear(patches.reshape(b, ho, wo, k * k * c), weight, bias)
 
 
+def patch_rows(weight: torch.Tensor) -> torch.Tensor:
+    """The (C_out, C_in, k, k) weight as the GEMM's (C_out, k*k*C_in) rows, each (kh, kw, C_in):
+    a view of a channels-last weight, else a copy."""
+    cout, c, k, _ = weight.shape
+    return weight.permute(0, 2, 3, 1).reshape(cout, k * k * c)
+
+
 def patch_linear(patches: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """The GEMM of ``patch_conv`` on patches already gathered as (B, H/k, W/k, k*k*C), each
     (kh, kw, C) with C contiguous."""
-    cout, c, k, _ = weight.shape
-    return F.linear(patches, weight.permute(0, 2, 3, 1).reshape(cout, k * k * c), bias)
+    return F.linear(patches, patch_rows(weight), bias)

@@ -25,7 +25,8 @@ A source is a producer used only for ``make``: it rebuilds a tensor that an auto
 in forward (gradients go through that op), for consumers that would otherwise keep it.
 
 ``linear(producer, args, weight, bias)`` applies the GEMM to ``make``'s result (``rebuilt``:
-one of ``args`` comes from a source too). More functions keep less by the same rule:
+one of ``args`` comes from a source too; ``Given``: the input itself, kept, for the casts and
+float32 gradients below). More functions keep less by the same rule:
 - ``linear_pair``: proj then fc1 keeps proj's input only;
 - ``dwconv_layer_norm_linear_residual``: the local block, whose stream gradient is summed by
   the convolution's backward kernel;
@@ -70,12 +71,26 @@ from . import weight_casts
 from .reference import CUDA_LIKE_DEVICES, autocast_dtype
 
 __all__ = ["BatchNormApply", "BatchNormApplyGated", "DeferredBatchNorm", "DwconvLayerNorm", "GatedLayerNorm",
-           "GatedLayerNormRows", "GatedResidual", "LayerNormCat", "LayerNormCatBN", "LinearBatchNorm", "LinearStats",
+           "GatedLayerNormRows", "Given", "GatedResidual", "LayerNormCat", "LayerNormCatBN", "LinearBatchNorm", "LinearStats",
            "dwconv_layer_norm_linear_residual", "gated_layer_norm", "gated_layer_norm_conv2d",
            "gated_layer_norm_source", "linear", "linear_batch_norm", "linear_pair", "norm_cat_linear",
            "residual_layer_norm_linear"]
 
 # --------------------------------------------------------------------------- producers
+
+
+class Given:
+    """The GEMM's input as given, kept: ``linear(Given, (x,), weight, bias)`` is ``F.linear``
+    whose weight and bias casts come from the forward's batch (``weight_casts``) and whose
+    float32 gradients come from the GEMMs and a float32 sum, not from cast passes."""
+
+    @staticmethod
+    def make(x):
+        return x, ()
+
+    @staticmethod
+    def grad(grad_a, aux, x):
+        return (grad_a,)
 
 
 class BatchNormApply:
@@ -612,7 +627,8 @@ def _function(producer, sources=()):
 
 
 # Built at import: Dynamo traces a Function class made before tracing.
-_FUNCTIONS = {(p, ()): _function(p) for p in (BatchNormApply, BatchNormApplyGated, DwconvLayerNorm, LayerNormCat)}
+_FUNCTIONS = {(p, ()): _function(p) for p in (Given, BatchNormApply, BatchNormApplyGated, DwconvLayerNorm,
+                                                LayerNormCat)}
 for _key in ((BatchNormApply, (GatedLayerNormRows,)), (BatchNormApply, (GatedLayerNormRowsShared,)),
              (LayerNormCat, (LinearBatchNorm,) * 2),
              (LayerNormCat, (LinearBatchNorm,) * 3)):

@@ -36,20 +36,26 @@ def cast(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if active is None or active[0] != dtype or reference._tracing():
         return weight.to(dtype)
     _dtype, casts, asked = active
-    # a parameter, or a whole view of a contiguous one in its element order (a 1x1
-    # convolution's weight flattened for its GEMM: the cast viewed alike holds the same values;
-    # a permuted view does not); a tensor made in this forward is not there next time
+    # a parameter, or a view of a whole one (a 1x1 convolution's weight flattened for its GEMM,
+    # a channels-last patch convolution's permuted to its memory order): the batch's cast has
+    # the parameter's strides, so the same view of it holds the same values. A part of a
+    # parameter is cast where it is asked for (the batch would cast all of it); a tensor made
+    # in this forward is not there next time.
     param = weight if weight._base is None else weight._base
     if not isinstance(param, torch.nn.Parameter) or (
-            param is not weight and not (param.is_contiguous() and weight.is_contiguous()
-                                         and weight.numel() == param.numel()
+            param is not weight and not (_dense(param) and weight.numel() == param.numel()
                                          and weight.storage_offset() == param.storage_offset())):
         return weight.to(dtype)
     asked[id(param)] = param
     entry = casts.get(id(param))
-    if entry is not None and entry[0] is param:
-        return entry[1].view(weight.shape)
+    if entry is not None and entry[0] is param and entry[1].stride() == param.stride():
+        return entry[1] if weight is param else entry[1].as_strided(weight.shape, weight.stride())
     return weight.to(dtype)
+
+
+def _dense(t: torch.Tensor) -> bool:
+    """Whether t fills its memory without gaps in a layout ``empty_like`` keeps."""
+    return t.is_contiguous() or (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last))
 
 
 @contextlib.contextmanager

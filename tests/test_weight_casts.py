@@ -57,14 +57,19 @@ def test_whole_views_of_parameters_share_the_batch():
         part = weight_casts.cast(w[1:], torch.bfloat16)
     assert flat.shape == (6, 4) and flat.data_ptr() == batched.data_ptr()
     assert part.data_ptr() != batched.data_ptr() and torch.equal(part, w.detach()[1:].to(torch.bfloat16))
-    # a channels-last 3x3 weight permuted to its memory order is a whole contiguous view, but
-    # not in the parameter's element order: cast where it is asked for, values kept
+    # a channels-last 3x3 weight permuted to its memory order (a patch convolution's GEMM
+    # rows), and its transpose: the batch's cast has the parameter's strides, so it is the same
+    # view of that cast, with the same values
     k = torch.nn.Parameter(torch.randn(4, 3, 3, 3).contiguous(memory_format=torch.channels_last))
     owner = Owner()
-    for _ in range(2):
+    for _ in range(2):  # the first forward asks for it, the second reads the batch
         with weight_casts.batch(owner, torch.bfloat16):
             rows = weight_casts.cast(k.permute(0, 2, 3, 1).reshape(4, 27), torch.bfloat16)
+            turned = weight_casts.cast(k.permute(0, 2, 3, 1).reshape(4, 27).t(), torch.bfloat16)
+            batched = weight_casts._state.active[1].get(id(k), (None, rows))[1]
+    assert rows.data_ptr() == turned.data_ptr() == batched.data_ptr() and batched.stride() == k.stride()
     assert torch.equal(rows, k.detach().permute(0, 2, 3, 1).reshape(4, 27).to(torch.bfloat16))
+    assert torch.equal(turned, rows.t())
 
 
 def test_outside_a_batch_and_while_tracing_casts_in_place(monkeypatch):

@@ -51,7 +51,10 @@ def patch_merging_forward(m: PatchMerging, x: torch.Tensor, h: int, w: int) -> t
     if chain:
         merged, after = merged
         handed_on(after)
-    return m.reduction(merged)
+    if autocast_dtype(x) is None:
+        return m.reduction(merged)
+    # the weight's cast from the forward's batch, its float32 gradient from the GEMM
+    return recompute.linear(recompute.Given, (merged,), m.reduction.weight, m.reduction.bias)
 
 
 # --------------------------------------------------------------------------- blocks

@@ -71,7 +71,8 @@ def downsample_forward(m: LocalDownsample, x: torch.Tensor) -> torch.Tensor:
         if chain:
             patches, after = patches
             handed_on(after.permute(0, 3, 1, 2))
-        out = patch_conv.patch_linear(patches, m.conv.weight, m.conv.bias)
+        # the weight's cast from the forward's batch, its float32 gradient from the GEMM
+        out = recompute.linear(recompute.Given, (patches,), patch_conv.patch_rows(m.conv.weight), m.conv.bias)
     else:
         nhwc = F.layer_norm(nhwc, (norm.dim,), norm.weight, norm.bias, norm.eps)
         out = patch_conv.patch_conv(nhwc, m.conv.weight, m.conv.bias, check=False)
