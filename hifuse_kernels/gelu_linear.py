@@ -191,9 +191,9 @@ def _rows_tile(m: int, block_m: int, cols: int) -> int:
 # half as often) and, on 16 warps, in the input gradient (62 / 62, two programs of 16 warps
 # for three of 8); 64-wide K tiles in both weight-gradient kernels (G's tiles read half as
 # often: 80 / 80, three programs an SM as with 32; the one-pass kernel takes 16-row tiles for
-# that: 128 / 196 registers at up to 128 columns, 200 / 255 at 256, one or two programs an SM;
-# the ``ONE_PASS`` route's 512 x 32 and 1024 x 16 tiles 200 / 206 and 180 / 228, one). The
-# launch table (``_configs``) may replace them per device.
+# that, 79 / 79 at up to 128 columns, three programs as before, 145 / 185 at 256, one; the
+# ``ONE_PASS`` route's 512 x 32 and 1024 x 16 tiles 138 / 137 and 137 / 137, one). The launch
+# table (``_configs``) may replace them per device.
 
 
 def _tiles_problem(config: dict) -> str | None:
@@ -277,13 +277,16 @@ def bwd_launch(m: int, n: int, dtype: torch.dtype, k: int = 0, device: torch.dev
     block_n = max(16, _triton.next_power_of_2(n))
 
     def problem(config):
-        if config["BLOCK_N"] < n:
-            return f"BLOCK_N={config['BLOCK_N']} must cover the {n} columns"
-        return _configs.power_of_two_problem(config, "BLOCK_M", "BLOCK_N", "BLOCK_K", low=16, high=ONE_PASS_COLUMNS)
+        if config["BLOCK_N"] != block_n:  # narrower misses columns, wider only pads
+            return f"BLOCK_N={config['BLOCK_N']} must be {block_n}, the power of two that covers the {n} columns"
+        return _configs.power_of_two_problem(config, "BLOCK_M", "BLOCK_K", low=16, high=256)
 
     low = dtype != torch.float32
-    default = dict(BLOCK_M=_rows_tile(m, 16 if low else 64, max(block_n, 32)), BLOCK_N=block_n,
-                   BLOCK_K=max(16, 64 * 256 // max(256, block_n)) if low else 32, num_warps=8, num_stages=3)
+    block_k = max(16, 64 * 256 // max(256, block_n)) if low else 32
+    if _triton.wide():  # the interpreter pays per program, not per register: 128-wide K tiles
+        block_k = max(block_k, min(128, _width(k)))
+    default = dict(BLOCK_M=_rows_tile(m, 16 if low else 64, max(block_n, 32)), BLOCK_N=block_n, BLOCK_K=block_k,
+                   num_warps=8, num_stages=3)
     return default if device is None else _launch("backward", m, n, k, dtype, default, device, problem)
 
 

@@ -5,8 +5,8 @@ runs, that is a launch per weight and per bias (about a hundred a HiFuse trainin
 ``batch(owner, dtype)`` the weights that ``owner``'s previous forward asked for are cast at
 the start by one ``torch._foreach_copy_`` (one multi-tensor kernel on a GPU, a few for many
 tensors), and ``cast`` hands those out; a weight not cast in advance is cast where it is asked
-for and, if it is a parameter (or a whole view of a contiguous one), joins the next forward's
-batch. The casts live for one forward: an op that needs one in backward saves it, so none goes
+for and, if it is a parameter (or a view of a whole contiguous or channels-last one), joins
+the next forward's batch. The casts live for one forward: an op that needs one in backward saves it, so none goes
 stale after an optimizer step, and the gradients still reach the parameters themselves.
 
 Nothing is batched while torch.compile traces (Inductor fuses the casts itself) or under a
@@ -48,8 +48,11 @@ def cast(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return weight.to(dtype)
     asked[id(param)] = param
     entry = casts.get(id(param))
-    if entry is not None and entry[0] is param and entry[1].stride() == param.stride():
-        return entry[1] if weight is param else entry[1].as_strided(weight.shape, weight.stride())
+    if entry is not None and entry[0] is param:
+        if weight is param:
+            return entry[1]
+        if entry[1].stride() == param.stride():
+            return entry[1].as_strided(weight.shape, weight.stride())
     return weight.to(dtype)
 
 

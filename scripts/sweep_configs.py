@@ -34,6 +34,7 @@ import random
 import statistics
 import sys
 import time
+import warnings
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -71,6 +72,7 @@ SPACES = {
                                 num_stages=(2, 3, 4)),
     "gelu_linear.input": dict(BLOCK_M=(32, 64, 128), BLOCK_N=(32, 64), BLOCK_K=(32, 64, 128), num_warps=(4, 8, 16),
                               num_stages=(2, 3)),
+    # BLOCK_N: the one valid value, the power of two covering N (one pass keeps every column)
     "gelu_linear.backward": dict(BLOCK_M=(16, 32, 64, 128), BLOCK_N=(128, 256, 512, 1024), BLOCK_K=(16, 32, 64),
                                  num_warps=(4, 8), num_stages=(2, 3, 4)),
     "gelu_linear.weight": dict(BLOCK_M=(32, 64, 128), BLOCK_N=(32, 64, 128), BLOCK_K=(32, 64, 128), num_warps=(4, 8),
@@ -88,6 +90,14 @@ NOT_TILES = {"num_warps", "num_stages", "programs", "chunks", "band", "gemm"}
 # launches, with their winners for the same shape class; where another way than the default
 # wins, those winners are not written (no launch reads them).
 ROUTES = {"gelu_linear.route"}
+
+
+def route_contexts() -> list[dict]:
+    """The default ({}), then each route forced to each of its other ways: the dry runs under
+    each find the launches that only that way makes (the first value in ``SPACES`` is the
+    default)."""
+    return [{}] + [{route: {key: value}} for route in sorted(ROUTES) for key, values in SPACES[route].items()
+                   for value in values[1:]]
 
 
 # --------------------------------------------------------------------------- the shapes
@@ -440,20 +450,25 @@ def main(argv=None) -> int:
         print(f"sweep_configs: {key}, batch {args.batch}, {args.image_size} x {args.image_size}, {args.dtype}",
               flush=True)
         all_cases = cases(args, device)
-        problems: dict[tuple, dict] = {}  # (kernel, class) -> default, check, calls [(case, index)]
+        # (kernel, class) -> default, check, calls [(case, index)], context: the routes forced
+        # while it is timed (a launch that only another way than the default makes)
+        problems: dict[tuple, dict] = {}
         dry: dict[int, list] = {}  # case -> its calls on the inputs of a dry run
         for ci, (_label, setup) in enumerate(all_cases):
             with _Recorder().active():
                 calls = dry[ci] = setup()
             for k, call in enumerate(calls):
-                record: list = []
-                with _Recorder().active(), consulted(record):
-                    call()
-                for kernel, shape_class, default, check in record:
-                    if only is None or kernel in only or kernel.split(".")[0] in only:
-                        p = problems.setdefault((kernel, shape_class), dict(default=default, check=check, calls=[]))
-                        if (ci, k) not in p["calls"]:
-                            p["calls"].append((ci, k))
+                for context in route_contexts():
+                    record: list = []
+                    with _Recorder().active(), consulted(record), _configs.forced(context), warnings.catch_warnings():
+                        warnings.simplefilter("ignore", _configs.ConfigWarning)  # a way refused at this shape
+                        call()
+                    for kernel, shape_class, default, check in record:
+                        if only is None or kernel in only or kernel.split(".")[0] in only:
+                            p = problems.setdefault((kernel, shape_class),
+                                                    dict(default=default, check=check, calls=[], context=context))
+                            if (ci, k) not in p["calls"]:
+                                p["calls"].append((ci, k))
         for p_key, p in problems.items():
             p["candidates"] = candidates(p_key[0], p["default"], p["check"], args.candidates, args.smoke)
         total = sum(len(p["candidates"]) for p in problems.values())
@@ -469,7 +484,7 @@ def main(argv=None) -> int:
                     if rank >= len(p["candidates"]):
                         continue
                     recorder = _Recorder()
-                    with recorder.active(), _configs.forced({p_key[0]: p["candidates"][rank]}):
+                    with recorder.active(), _configs.forced({**p["context"], p_key[0]: p["candidates"][rank]}):
                         for ci, k in p["calls"]:
                             dry[ci][k]()
                     found = compile_jobs(recorder.launches)
@@ -524,7 +539,7 @@ def main(argv=None) -> int:
                 if rank and time.monotonic() > deadline(1.0):
                     break
                 entry = p["candidates"][rank]
-                with _configs.forced({**tuned, kernel: entry}):
+                with _configs.forced({**p["context"], **tuned, kernel: entry}):
                     outputs, ms = run_and_time(calls, args.reps, args.inner, cuda)
                 problem = None if reference is None else mismatch(outputs, reference)
                 if problem is not None:
@@ -538,9 +553,18 @@ def main(argv=None) -> int:
             entry = p["candidates"][best] if won else {}
             # None takes an entry an earlier sweep wrote off the table
             entries.setdefault(kernel, {})[shape_class] = entry if won else None
-            if kernel in ROUTES and won:
+            if kernel in ROUTES:
+                # the winners of launches the chosen way does not make are not written (a
+                # library route makes none of the op's; one pass, no input or weight kernel;
+                # the default, no one-pass kernel past 256 columns)
+                record = []
+                with _Recorder().active(), consulted(record), _configs.forced({**tuned, kernel: entry}):
+                    for call in calls:
+                        call()
+                made = {k for k, *_rest in record}
                 for k in tuned:
-                    entries[k][shape_class] = None
+                    if k not in made:
+                        entries[k][shape_class] = None
             results.setdefault(kernel, {})[shape_class] = dict(default_ms=round(base, 4), best_ms=round(best_ms, 4),
                                                                timed=len(timed))
             print(f"{kernel:28s} {shape_class:22s} default {base:8.3f} ms ({p['default']})  "

@@ -143,12 +143,13 @@ def _stem_layer():
     out = 16 * 192 * BF16
     gemm = bias // 2 + rows + w // 2 + out  # one addmm over the 16 patches, bias included
     forward = norm + weight + gemm
-    d_bias = (out + bias // 2) + (bias // 2 + bias)  # sum, cast to f32
-    d_gemm = 2 * (out + w // 2 + rows) + (w // 2 + w)  # input and weight gradients, weight's cast to f32
+    d_bias = out + bias  # a float32 sum
+    # input gradient; weight gradient in float32 from the GEMM (a GPU's out_dtype)
+    d_gemm = (out + w // 2 + rows) + (out + rows + w)
     # LayerNorm backward: 2 programs; grad, x, weight, mean, rstd in; dx and partials out; one sum
     d_norm = rows + x + vec + 2 * 64 * F32 + x + 2 * 2 * vec + 2 * (2 * vec + vec)
     least = 2 * (x + 2 * vec + w + bias) + 2 * out
-    return 12, forward + d_bias + d_gemm + d_norm, least  # the LayerNorm backward reads its gradient as patches
+    return 10, forward + d_bias + d_gemm + d_norm, least  # the LayerNorm backward reads its gradient as patches
 
 
 def _window_attention():
