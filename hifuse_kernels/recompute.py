@@ -71,7 +71,8 @@ from . import weight_casts
 from .reference import CUDA_LIKE_DEVICES, autocast_dtype
 
 __all__ = ["BatchNormApply", "BatchNormApplyGated", "DeferredBatchNorm", "DwconvLayerNorm", "GatedLayerNorm",
-           "GatedLayerNormRows", "Given", "GatedResidual", "LayerNormCat", "LayerNormCatBN", "LinearBatchNorm", "LinearStats",
+           "GatedLayerNormRows", "GatedResidual", "Given", "LayerNormCat", "LayerNormCatBN", "LinearBatchNorm",
+           "LinearStats",
            "dwconv_layer_norm_linear_residual", "gated_layer_norm", "gated_layer_norm_conv2d",
            "gated_layer_norm_source", "linear", "linear_batch_norm", "linear_pair", "norm_cat_linear",
            "residual_layer_norm_linear"]

@@ -92,12 +92,12 @@ NOT_TILES = {"num_warps", "num_stages", "programs", "chunks", "band", "gemm"}
 ROUTES = {"gelu_linear.route"}
 
 
-def route_contexts() -> list[dict]:
-    """The default ({}), then each route forced to each of its other ways: the dry runs under
-    each find the launches that only that way makes (the first value in ``SPACES`` is the
-    default)."""
-    return [{}] + [{route: {key: value}} for route in sorted(ROUTES) for key, values in SPACES[route].items()
-                   for value in values[1:]]
+def route_contexts(kernels) -> list[dict]:
+    """Each route among ``kernels`` (those a call consulted) forced to each of its other ways:
+    a dry run under each finds the launches that only that way makes (the first value in
+    ``SPACES`` is the default)."""
+    return [{route: {key: value}} for route in sorted(ROUTES & set(kernels)) for key, values in SPACES[route].items()
+            for value in values[1:]]
 
 
 # --------------------------------------------------------------------------- the shapes
@@ -454,21 +454,27 @@ def main(argv=None) -> int:
         # while it is timed (a launch that only another way than the default makes)
         problems: dict[tuple, dict] = {}
         dry: dict[int, list] = {}  # case -> its calls on the inputs of a dry run
+
+        def dry_run(ci: int, k: int, context: dict) -> set:
+            """Record the problems of call k of case ci under ``context``; the kernels it consulted."""
+            record: list = []
+            with _Recorder().active(), consulted(record), _configs.forced(context), warnings.catch_warnings():
+                warnings.simplefilter("ignore", _configs.ConfigWarning)  # a way refused at this shape
+                dry[ci][k]()
+            for kernel, shape_class, default, check in record:
+                if only is None or kernel in only or kernel.split(".")[0] in only:
+                    p = problems.setdefault((kernel, shape_class),
+                                            dict(default=default, check=check, calls=[], context=context))
+                    if (ci, k) not in p["calls"]:
+                        p["calls"].append((ci, k))
+            return {kernel for kernel, *_rest in record}
+
         for ci, (_label, setup) in enumerate(all_cases):
             with _Recorder().active():
-                calls = dry[ci] = setup()
-            for k, call in enumerate(calls):
-                for context in route_contexts():
-                    record: list = []
-                    with _Recorder().active(), consulted(record), _configs.forced(context), warnings.catch_warnings():
-                        warnings.simplefilter("ignore", _configs.ConfigWarning)  # a way refused at this shape
-                        call()
-                    for kernel, shape_class, default, check in record:
-                        if only is None or kernel in only or kernel.split(".")[0] in only:
-                            p = problems.setdefault((kernel, shape_class),
-                                                    dict(default=default, check=check, calls=[], context=context))
-                            if (ci, k) not in p["calls"]:
-                                p["calls"].append((ci, k))
+                dry[ci] = setup()
+            for k in range(len(dry[ci])):
+                for context in route_contexts(dry_run(ci, k, {})):
+                    dry_run(ci, k, context)
         for p_key, p in problems.items():
             p["candidates"] = candidates(p_key[0], p["default"], p["check"], args.candidates, args.smoke)
         total = sum(len(p["candidates"]) for p in problems.values())

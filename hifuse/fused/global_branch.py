@@ -44,14 +44,15 @@ def patch_merging_forward(m: PatchMerging, x: torch.Tensor, h: int, w: int) -> t
     """Gather and LayerNorm(4C) in one native op; under autocast it writes the reduction
     GEMM's dtype, so no cast pass follows. Where ``common.hand_on`` asks, x is handed on
     through the op."""
-    gemm_dtype = autocast_dtype(x) if x.dtype == torch.float32 else None
+    autocast = autocast_dtype(x)
+    gemm_dtype = autocast if x.dtype == torch.float32 else None
     chain = asked_to_hand_on(m)
     merged = patch_merge_norm.patch_merge_norm(x, h, w, m.norm.weight, m.norm.bias, m.norm.eps, gemm_dtype,
                                                check=False, chain=chain)
     if chain:
         merged, after = merged
         handed_on(after)
-    if autocast_dtype(x) is None:
+    if autocast is None:
         return m.reduction(merged)
     # the weight's cast from the forward's batch, its float32 gradient from the GEMM
     return recompute.linear(recompute.Given, (merged,), m.reduction.weight, m.reduction.bias)
